@@ -1,0 +1,353 @@
+"""Number formats: two's complement fixed point and small IEEE-style floating point.
+
+A format is a frozen, hashable value. Its defining fields are validated once, on construction;
+every derived fact (largest value, epsilon, smallest normal, container dtype, ...) is computed
+from them, never tabulated per format.
+
+Values of a format are held in ordinary NumPy arrays: ``float32`` when every value of the format
+is exactly a float32 (the ``dtype`` property says which), ``float64`` otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from fractions import Fraction
+
+import numpy as np
+
+__all__ = [
+    "FixedFormat",
+    "FloatFormat",
+    "Format",
+    "FP64",
+    "FP32",
+    "TF32",
+    "FP16",
+    "BF16",
+    "FP8_E5M2",
+    "FP8_E4M3",
+]
+
+_INF_NAN = ("ieee", "fn")
+
+
+def _check_int(name: str, value, lo: int, hi: int, cls: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{cls}: {name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if not lo <= value <= hi:
+        raise ValueError(f"{cls}: {name} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def _code_dtype(bits: int) -> np.dtype:
+    for dt in (np.uint8, np.uint16, np.uint32, np.uint64):
+        if bits <= np.dtype(dt).itemsize * 8:
+            return np.dtype(dt)
+    raise AssertionError("formats are at most 64 bits wide")
+
+
+def _fits_float(sig_bits: int, lowest_exp: int, top_exp: int, dtype) -> bool:
+    """True if every ``c * 2**lowest_exp`` with ``c < 2**sig_bits`` below ``2**top_exp`` is exact."""
+    info = np.finfo(dtype)
+    p = info.nmant + 1  # significand precision
+    min_sub_exp = info.minexp - info.nmant  # exponent of the smallest subnormal
+    return sig_bits <= p and lowest_exp >= min_sub_exp and top_exp <= info.maxexp
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedFormat:
+    """Two's complement (or unsigned) fixed point: value = code * 2**-frac_length.
+
+    Parameters
+    ----------
+    word_length : int
+        Total number of bits, sign bit included, 1 to 64.
+    frac_length : int
+        Number of fractional bits; may be negative (coarser than integers) or larger than
+        ``word_length`` (all bits fractional).
+    signed : bool, default True
+        Two's complement when True, unsigned otherwise.
+
+    Notes
+    -----
+    Gupta et al.'s ``<IL, FL>`` is ``FixedFormat(IL + FL, FL)``: IL counts the sign bit.
+    Signed codes run from ``-2**(word_length-1)`` to ``2**(word_length-1) - 1``.
+
+    Examples
+    --------
+    >>> import fixedsim as fs
+    >>> q = fs.FixedFormat(16, 14)
+    >>> q, q.int_bits, q.eps, q.max, q.min
+    (Q<16,14>, 2, 6.103515625e-05, 1.99993896484375, -2.0)
+    """
+
+    word_length: int
+    frac_length: int
+    signed: bool = True
+
+    def __post_init__(self):
+        w = _check_int("word_length", self.word_length, 1, 64, "FixedFormat")
+        f = _check_int("frac_length", self.frac_length, -1024, 1074, "FixedFormat")
+        if not isinstance(self.signed, (bool, np.bool_)):
+            raise TypeError(f"FixedFormat: signed must be a bool, got {self.signed!r}")
+        object.__setattr__(self, "word_length", w)
+        object.__setattr__(self, "frac_length", f)
+        object.__setattr__(self, "signed", bool(self.signed))
+        if w - f > 1023:
+            raise ValueError(
+                f"FixedFormat: word_length - frac_length must be <= 1023 so that every value "
+                f"fits in float64, got {w} - {f} = {w - f}"
+            )
+
+    # -- identity ---------------------------------------------------------------------------
+    kind = "fixed"
+
+    def __repr__(self) -> str:
+        return f"{'' if self.signed else 'U'}Q<{self.word_length},{self.frac_length}>"
+
+    __str__ = __repr__
+
+    # -- derived facts ----------------------------------------------------------------------
+    @property
+    def int_bits(self) -> int:
+        """Integer bits, the sign bit included for signed formats (Gupta's IL)."""
+        return self.word_length - self.frac_length
+
+    @property
+    def frac_bits(self) -> int:
+        """Fractional bits (same as ``frac_length``)."""
+        return self.frac_length
+
+    @property
+    def width(self) -> int:
+        """Bits in a code."""
+        return self.word_length
+
+    @property
+    def max_code(self) -> int:
+        """Largest code, as a signed integer."""
+        return (1 << (self.word_length - self.signed)) - 1
+
+    @property
+    def min_code(self) -> int:
+        """Smallest code, as a signed integer (0 for unsigned formats)."""
+        return -(1 << (self.word_length - 1)) if self.signed else 0
+
+    @property
+    def eps(self) -> float:
+        """Quantum (distance between neighbours), ``2**-frac_length``; also ``ulp``."""
+        return math.ldexp(1.0, -self.frac_length)
+
+    ulp = eps
+
+    @property
+    def max(self) -> float:
+        """Largest value (rounded toward zero to float64 when the word exceeds 53 bits)."""
+        return _to_float_toward_zero(Fraction(self.max_code) * Fraction(2) ** -self.frac_length)
+
+    @property
+    def min(self) -> float:
+        """Most negative value (0.0 for unsigned formats)."""
+        return math.ldexp(float(self.min_code), -self.frac_length)
+
+    @property
+    def smallest(self) -> float:
+        """Smallest positive value, same as ``eps``."""
+        return self.eps
+
+    @property
+    def dtype(self) -> np.dtype:
+        """Container dtype: float32 when every value is exactly a float32, else float64."""
+        sig = self.word_length - self.signed
+        top = self.word_length - self.signed - self.frac_length
+        if _fits_float(sig, -self.frac_length, top, np.float32):
+            return np.dtype(np.float32)
+        return np.dtype(np.float64)
+
+    @property
+    def code_dtype(self) -> np.dtype:
+        """Unsigned integer dtype that holds a code (``to_bits`` output)."""
+        return _code_dtype(self.word_length)
+
+    @property
+    def exact_in_container(self) -> bool:
+        """True when every value is exactly representable in ``dtype`` (word <= 53 bits)."""
+        return self.word_length - self.signed <= 53
+
+
+@dataclasses.dataclass(frozen=True)
+class FloatFormat:
+    """Binary floating point with ``exp_bits`` exponent and ``man_bits`` stored mantissa bits.
+
+    Parameters
+    ----------
+    exp_bits : int
+        Exponent field width, 2 to 11. The bias is ``2**(exp_bits-1) - 1``.
+    man_bits : int
+        Stored mantissa (trailing significand) bits, 1 to 52; the precision is ``man_bits + 1``.
+    subnormals : bool, default True
+        When False, results below the smallest normal are flushed to a signed zero
+        (tininess detected after rounding).
+    inf_nan : {"ieee", "fn"}, default "ieee"
+        ``"ieee"``: the all-ones exponent encodes inf (mantissa 0) and NaN (mantissa != 0).
+        ``"fn"`` (finite, OCP FP8 E4M3 style): no infinities; only the all-ones exponent *and*
+        all-ones mantissa encode NaN, so the top binade holds normal numbers and ``max`` is larger.
+
+    Examples
+    --------
+    >>> import fixedsim as fs
+    >>> fs.FP16.max, fs.FP16.eps, fs.FP16.min_normal, fs.FP16.min_subnormal
+    (65504.0, 0.0009765625, 6.103515625e-05, 5.960464477539063e-08)
+    >>> fs.FloatFormat(4, 3, inf_nan="fn") == fs.FP8_E4M3, fs.FP8_E4M3.max
+    (True, 448.0)
+    """
+
+    exp_bits: int
+    man_bits: int
+    subnormals: bool = dataclasses.field(default=True, kw_only=True)
+    inf_nan: str = dataclasses.field(default="ieee", kw_only=True)
+
+    def __post_init__(self):
+        e = _check_int("exp_bits", self.exp_bits, 2, 11, "FloatFormat")
+        m = _check_int("man_bits", self.man_bits, 1, 52, "FloatFormat")
+        if not isinstance(self.subnormals, (bool, np.bool_)):
+            raise TypeError(f"FloatFormat: subnormals must be a bool, got {self.subnormals!r}")
+        if not isinstance(self.inf_nan, str) or self.inf_nan.lower() not in _INF_NAN:
+            raise ValueError(
+                f"FloatFormat: inf_nan must be 'ieee' (inf and NaN) or 'fn' (finite: no inf, "
+                f"one NaN pattern), got {self.inf_nan!r}"
+            )
+        object.__setattr__(self, "exp_bits", e)
+        object.__setattr__(self, "man_bits", m)
+        object.__setattr__(self, "subnormals", bool(self.subnormals))
+        object.__setattr__(self, "inf_nan", self.inf_nan.lower())
+        if self.inf_nan == "fn" and e == 2 and m == 1:
+            raise ValueError("FloatFormat: E2M1 'fn' would have no finite top binade; use 'ieee'")
+
+    kind = "float"
+
+    def __repr__(self) -> str:
+        base = _PRESET_NAMES.get((self.exp_bits, self.man_bits, self.inf_nan))
+        if base is None:
+            base = f"E{self.exp_bits}M{self.man_bits}" + ("fn" if self.inf_nan == "fn" else "")
+        return base if self.subnormals else base + "-ftz"
+
+    __str__ = __repr__
+
+    # -- derived facts ----------------------------------------------------------------------
+    @property
+    def has_inf(self) -> bool:
+        """True when the format encodes infinities."""
+        return self.inf_nan == "ieee"
+
+    @property
+    def bias(self) -> int:
+        """Exponent bias, ``2**(exp_bits-1) - 1``."""
+        return (1 << (self.exp_bits - 1)) - 1
+
+    @property
+    def precision(self) -> int:
+        """Significand precision in bits, ``man_bits + 1``."""
+        return self.man_bits + 1
+
+    @property
+    def width(self) -> int:
+        """Bits in a code: sign + exponent + mantissa."""
+        return 1 + self.exp_bits + self.man_bits
+
+    @property
+    def emin(self) -> int:
+        """Exponent of the smallest normal, ``1 - bias``."""
+        return 1 - self.bias
+
+    @property
+    def emax(self) -> int:
+        """Exponent of the largest finite value."""
+        top = (1 << self.exp_bits) - 1  # all-ones exponent field
+        return (top - 1 if self.has_inf else top) - self.bias
+
+    @property
+    def max_significand(self) -> int:
+        """Largest integer significand at ``emax`` (``max = max_significand * 2**(emax-man_bits)``)."""
+        full = (1 << (self.man_bits + 1)) - 1
+        return full if self.has_inf else full - 1
+
+    @property
+    def max(self) -> float:
+        """Largest finite value."""
+        return math.ldexp(float(self.max_significand), self.emax - self.man_bits)
+
+    @property
+    def min(self) -> float:
+        """Most negative finite value, ``-max``."""
+        return -self.max
+
+    @property
+    def eps(self) -> float:
+        """Distance from 1 to the next larger value, ``2**-man_bits``; also ``ulp``."""
+        return math.ldexp(1.0, -self.man_bits)
+
+    ulp = eps
+
+    @property
+    def min_normal(self) -> float:
+        """Smallest positive normal value, ``2**emin``."""
+        return math.ldexp(1.0, self.emin)
+
+    @property
+    def min_subnormal(self) -> float:
+        """Smallest positive subnormal, ``2**(emin - man_bits)`` (not a value when subnormals=False)."""
+        return math.ldexp(1.0, self.emin - self.man_bits)
+
+    @property
+    def smallest(self) -> float:
+        """Smallest positive value of the format."""
+        return self.min_subnormal if self.subnormals else self.min_normal
+
+    @property
+    def dtype(self) -> np.dtype:
+        """Container dtype: float32 when every value is exactly a float32, else float64."""
+        if _fits_float(self.precision, self.emin - self.man_bits, self.emax + 1, np.float32):
+            return np.dtype(np.float32)
+        return np.dtype(np.float64)
+
+    @property
+    def code_dtype(self) -> np.dtype:
+        """Unsigned integer dtype that holds a code (``to_bits`` output)."""
+        return _code_dtype(self.width)
+
+    @property
+    def exact_in_container(self) -> bool:
+        """Always True: every float format here fits float64."""
+        return True
+
+
+Format = FixedFormat | FloatFormat
+
+
+def _to_float_toward_zero(q: Fraction) -> float:
+    f = float(q)  # correctly rounded to nearest
+    if abs(Fraction(f)) > abs(q):
+        f = math.nextafter(f, 0.0)
+    return f
+
+
+FP64 = FloatFormat(11, 52)
+FP32 = FloatFormat(8, 23)
+TF32 = FloatFormat(8, 10)
+FP16 = FloatFormat(5, 10)
+BF16 = FloatFormat(8, 7)
+FP8_E5M2 = FloatFormat(5, 2)
+FP8_E4M3 = FloatFormat(4, 3, inf_nan="fn")
+
+_PRESET_NAMES = {
+    (11, 52, "ieee"): "FP64",
+    (8, 23, "ieee"): "FP32",
+    (8, 10, "ieee"): "TF32",
+    (5, 10, "ieee"): "FP16",
+    (8, 7, "ieee"): "BF16",
+    (5, 2, "ieee"): "FP8_E5M2",
+    (4, 3, "fn"): "FP8_E4M3",
+}
