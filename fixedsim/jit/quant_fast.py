@@ -1,0 +1,203 @@
+"""Fast quantizers for the common cases, bit-identical to :mod:`fixedsim.jit.quant`.
+
+* :func:`float_from_f32`: float32 input into a float format whose values are all float32
+  (every preset), subnormals on. Branch-free integer arithmetic on the input bits, one loop per
+  rounding mode so that the compiler vectorises it.
+* :func:`fixed_from_float`: float32/float64 input into a fixed-point format, when ``x * 2**f``
+  is exact in float64 (the caller checks the range). One loop per rounding mode.
+
+Neither counts events; :func:`fixedsim.quantize.quantize` uses the general kernel when asked for
+statistics. Both are checked bit for bit against the general kernel and the Fraction oracle.
+"""
+
+import numpy as np
+from numba import prange
+
+from .options import jit_inline, jit_parallel
+from .quant import CHUNK, ODD, OVF_SAT, OVF_WRAP, RDN, RNA, RNE, RTZ, RUP, SR, sr_limit
+from .rng import random_u64
+
+_U1 = np.uint64(1)
+
+
+@jit_inline
+def _f32_float_one(b, MODE, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg, infbits, rbits,
+                   key, i):
+    s = b & 0x80000000
+    a = b ^ s
+    neg = s != 0
+    ef = a >> 23
+    M = (a & 0x7FFFFF) | (0x800000 if ef != 0 else 0)
+    efc = ef if ef > 1 else 1
+    sh = sh0 + (lim - efc if lim > efc else 0)
+    shc = sh if sh < 25 else 25
+    rem = M & ((1 << shc) - 1)
+    lsb = (M >> shc) & 1
+    if MODE == RNE:
+        up = 2 * rem + lsb > (1 << shc)
+    elif MODE == RNA:
+        up = 2 * rem >= (1 << shc)
+    elif MODE == RTZ:
+        up = False
+    elif MODE == RDN:
+        up = neg and rem != 0
+    elif MODE == RUP:
+        up = (not neg) and rem != 0
+    elif MODE == ODD:
+        up = rem != 0 and lsb == 0
+    else:  # SR on the magnitude, as the general kernel does for floats
+        draw = random_u64(key, np.uint64(i)) >> np.uint64(64 - rbits)
+        urem = np.uint64(rem)
+        if sh <= rbits:
+            t = urem << np.uint64(rbits - sh)
+        elif sh - rbits < 64:
+            t = urem >> np.uint64(sh - rbits)
+        else:
+            t = np.uint64(0)
+        up = draw < t
+    upi = 1 if up else 0
+    if shc <= 23:
+        res = (a & ~((1 << shc) - 1)) + (upi << shc)
+    else:
+        res = qbits if up else 0
+    if res > maxbits:
+        res = ovbits_neg if neg else ovbits_pos
+    if a >= 0x7F800000:
+        res = a | 0x400000 if a > 0x7F800000 else infbits
+    return res | s
+
+
+@jit_parallel
+def float_from_f32(xb, ob, mode, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg, infbits,
+                   rbits, key):
+    """Quantize float32 bits ``xb`` into float32 bits ``ob`` (see module docstring).
+
+    ``sh0 = 23 - man_bits``; ``lim = emin + 127``; ``qbits``: bits of the smallest subnormal;
+    ``maxbits``: bits of max; ``ovbits_*``: result bits of an overflow by sign; ``infbits``: the
+    result bits of an infinite input. All int64; ``key`` uint64.
+    """
+    n = xb.size
+    nch = (n + CHUNK - 1) // CHUNK
+    for c in prange(nch):
+        lo = c * CHUNK
+        hi = min(n, lo + CHUNK)
+        if mode == RNE:
+            for i in range(lo, hi):
+                ob[i] = _f32_float_one(np.int64(xb[i]), RNE, sh0, lim, qbits, maxbits,
+                                       ovbits_pos, ovbits_neg, infbits, rbits, key, i)
+        elif mode == RNA:
+            for i in range(lo, hi):
+                ob[i] = _f32_float_one(np.int64(xb[i]), RNA, sh0, lim, qbits, maxbits,
+                                       ovbits_pos, ovbits_neg, infbits, rbits, key, i)
+        elif mode == RTZ:
+            for i in range(lo, hi):
+                ob[i] = _f32_float_one(np.int64(xb[i]), RTZ, sh0, lim, qbits, maxbits,
+                                       ovbits_pos, ovbits_neg, infbits, rbits, key, i)
+        elif mode == RDN:
+            for i in range(lo, hi):
+                ob[i] = _f32_float_one(np.int64(xb[i]), RDN, sh0, lim, qbits, maxbits,
+                                       ovbits_pos, ovbits_neg, infbits, rbits, key, i)
+        elif mode == RUP:
+            for i in range(lo, hi):
+                ob[i] = _f32_float_one(np.int64(xb[i]), RUP, sh0, lim, qbits, maxbits,
+                                       ovbits_pos, ovbits_neg, infbits, rbits, key, i)
+        elif mode == ODD:
+            for i in range(lo, hi):
+                ob[i] = _f32_float_one(np.int64(xb[i]), ODD, sh0, lim, qbits, maxbits,
+                                       ovbits_pos, ovbits_neg, infbits, rbits, key, i)
+        else:
+            for i in range(lo, hi):
+                ob[i] = _f32_float_one(np.int64(xb[i]), SR, sh0, lim, qbits, maxbits,
+                                       ovbits_pos, ovbits_neg, infbits, rbits, key, i)
+
+
+@jit_inline
+def _fixed_one(xv, MODE, up_scale, down_scale, cmax, cmin, ovf, wrap_mod, signed, rbits, key, i):
+    y = xv * up_scale  # exact: the caller checked the range
+    if MODE == RNE:
+        r = np.rint(y)
+    elif MODE == RNA:
+        t = np.trunc(y)
+        r = t + (np.copysign(1.0, y) if abs(y - t) >= 0.5 else 0.0)
+    elif MODE == RTZ:
+        r = np.trunc(y)
+    elif MODE == RDN:
+        r = np.floor(y)
+    elif MODE == RUP:
+        r = np.ceil(y)
+    elif MODE == ODD:
+        fl = np.floor(y)
+        r = y if fl == y else (fl if fl - 2.0 * np.floor(0.5 * fl) != 0.0 else fl + 1.0)
+    else:  # SR, value-based (two's complement): see quant.sr_limit
+        ay = abs(y)
+        fa = np.floor(ay)
+        z = (ay - fa) * 2.0**rbits if rbits < 64 else (ay - fa) * 18446744073709551616.0
+        t = np.uint64(np.floor(z))
+        cc = np.uint64(np.ceil(z))
+        draw = random_u64(key, np.uint64(i)) >> np.uint64(64 - rbits)
+        limit, below = sr_limit(t, cc, rbits, y < 0.0, True)
+        upm = (draw < limit) if below else (draw >= limit)
+        if fa == ay:
+            upm = False
+        r = np.copysign(fa + (1.0 if upm else 0.0), y)
+    if ovf == OVF_WRAP:
+        if abs(r) == np.inf:
+            r = 0.0  # |x| * 2**f beyond float64: a multiple of 2**900, so 0 modulo 2**64
+        else:
+            # r is an integer of at most 53 significant bits; reduce modulo 2**w exactly
+            r = r - wrap_mod * np.floor(r / wrap_mod)
+            if signed and r >= 0.5 * wrap_mod:
+                r = r - wrap_mod
+    else:
+        r = cmax if r > cmax else (cmin if r < cmin else r)
+    return r * down_scale + 0.0
+
+
+@jit_parallel
+def fixed_from_float(x, out, mode, up_scale, down_scale, cmax, cmin, ovf, wrap_mod, signed,
+                     rbits, key):
+    """Quantize ``x`` into a fixed-point format with codes in ``[cmin, cmax]``.
+
+    ``up_scale = 2**f``, ``down_scale = 2**-f``; ``wrap_mod = 2**w`` (float64). Returns the number
+    of NaN inputs, and of infinite inputs under WRAP (both invalid for fixed point).
+    """
+    n = x.size
+    nch = (n + CHUNK - 1) // CHUNK
+    bad = np.zeros(nch, np.int64)
+    for c in prange(nch):
+        lo = c * CHUNK
+        hi = min(n, lo + CHUNK)
+        nb = 0
+        if mode == RNE:
+            for i in range(lo, hi):
+                out[i] = _fixed_one(np.float64(x[i]), RNE, up_scale, down_scale, cmax, cmin, ovf,
+                                    wrap_mod, signed, rbits, key, i)
+        elif mode == RNA:
+            for i in range(lo, hi):
+                out[i] = _fixed_one(np.float64(x[i]), RNA, up_scale, down_scale, cmax, cmin, ovf,
+                                    wrap_mod, signed, rbits, key, i)
+        elif mode == RTZ:
+            for i in range(lo, hi):
+                out[i] = _fixed_one(np.float64(x[i]), RTZ, up_scale, down_scale, cmax, cmin, ovf,
+                                    wrap_mod, signed, rbits, key, i)
+        elif mode == RDN:
+            for i in range(lo, hi):
+                out[i] = _fixed_one(np.float64(x[i]), RDN, up_scale, down_scale, cmax, cmin, ovf,
+                                    wrap_mod, signed, rbits, key, i)
+        elif mode == RUP:
+            for i in range(lo, hi):
+                out[i] = _fixed_one(np.float64(x[i]), RUP, up_scale, down_scale, cmax, cmin, ovf,
+                                    wrap_mod, signed, rbits, key, i)
+        elif mode == ODD:
+            for i in range(lo, hi):
+                out[i] = _fixed_one(np.float64(x[i]), ODD, up_scale, down_scale, cmax, cmin, ovf,
+                                    wrap_mod, signed, rbits, key, i)
+        else:
+            for i in range(lo, hi):
+                out[i] = _fixed_one(np.float64(x[i]), SR, up_scale, down_scale, cmax, cmin, ovf,
+                                    wrap_mod, signed, rbits, key, i)
+        for i in range(lo, hi):
+            v = np.float64(x[i])
+            nb += 1 if (v != v or (ovf == OVF_WRAP and abs(v) == np.inf)) else 0
+        bad[c] = nb
+    return bad.sum()

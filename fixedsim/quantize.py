@@ -1,0 +1,368 @@
+"""Quantize arrays into a format, and convert between values and bit codes.
+
+:func:`quantize` checks and explains; the kernels in :mod:`fixedsim.jit.quant` compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import numbers
+
+import numpy as np
+
+from .formats import FixedFormat, FloatFormat
+from .jit import quant as _q
+from .jit import quant_fast as _qf
+from .rounding import Overflow, Rounding
+
+__all__ = ["quantize", "to_bits", "from_bits", "QuantStats", "resolve_overflow", "random_key"]
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantStats:
+    """Event counts of one :func:`quantize` call.
+
+    Attributes
+    ----------
+    size : int
+        Number of elements.
+    inexact : int
+        Elements whose result differs from the input (overflows included).
+    rounded_up : int
+        Elements whose result is larger than the input (the upper neighbour was chosen).
+    overflow : int
+        Elements whose rounded value lay outside the range, so the overflow rule applied
+        (saturated, wrapped or sent to infinity), infinite inputs saturated included.
+    underflow : int
+        Nonzero inputs whose result is zero.
+    subnormal : int
+        Results that are nonzero subnormal numbers (float formats).
+    nan : int
+        Results that are NaN.
+    """
+
+    size: int
+    inexact: int
+    rounded_up: int
+    overflow: int
+    underflow: int
+    subnormal: int
+    nan: int
+
+
+def _check_format(fmt):
+    if not isinstance(fmt, (FixedFormat, FloatFormat)):
+        raise TypeError(
+            f"fmt must be a fixedsim.FixedFormat or fixedsim.FloatFormat, got "
+            f"{type(fmt).__name__} {fmt!r}"
+        )
+    return fmt
+
+
+def resolve_overflow(fmt, overflow) -> Overflow:
+    """Return the overflow rule for ``fmt``: the default when ``overflow`` is None, else checked.
+
+    The default is SATURATE for fixed point and for formats without infinities ("fn"), and
+    INFINITY for IEEE-style floats.
+
+    Raises
+    ------
+    ValueError
+        WRAP on a float format, INFINITY on a format without infinities.
+    """
+    if overflow is None:
+        if isinstance(fmt, FloatFormat) and fmt.has_inf:
+            return Overflow.INFINITY
+        return Overflow.SATURATE
+    overflow = Overflow.coerce(overflow, what="overflow")
+    if overflow is Overflow.WRAP and isinstance(fmt, FloatFormat):
+        raise ValueError(
+            f"Overflow.WRAP is for fixed-point formats only (two's complement codes), got {fmt!r};"
+            " use SATURATE or INFINITY"
+        )
+    if overflow is Overflow.INFINITY and not (isinstance(fmt, FloatFormat) and fmt.has_inf):
+        raise ValueError(
+            f"Overflow.INFINITY needs a format with infinities, and {fmt!r} has none; "
+            "use SATURATE" + (" or WRAP" if isinstance(fmt, FixedFormat) else "")
+        )
+    return overflow
+
+
+def _check_random_bits(rounding: Rounding, random_bits) -> int:
+    if random_bits is None:
+        return 64
+    if rounding is not Rounding.STOCHASTIC:
+        raise ValueError(
+            f"random_bits applies to Rounding.STOCHASTIC only, got rounding={rounding!r}"
+        )
+    if isinstance(random_bits, bool) or not isinstance(random_bits, numbers.Integral):
+        raise TypeError(f"random_bits must be an int in [1, 64], got {random_bits!r}")
+    if not 1 <= random_bits <= 64:
+        raise ValueError(
+            f"random_bits must be in [1, 64] (the number of random bits added below the kept "
+            f"bits), got {random_bits}"
+        )
+    return int(random_bits)
+
+
+def random_key(seed) -> np.uint64:
+    """The 64-bit key of the counter-based random stream for one call.
+
+    ``seed`` may be an int (the same key every call: reproducible), a
+    :class:`numpy.random.Generator` (a fresh key drawn from it each call, so successive calls
+    differ yet a whole program is reproducible from the generator's seed), or None (fresh
+    entropy from the operating system).
+    """
+    if isinstance(seed, np.random.Generator):
+        return np.uint64(seed.integers(0, 2**64, dtype=np.uint64))
+    if seed is None:
+        return np.uint64(np.random.SeedSequence().generate_state(1, np.uint64)[0])
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(
+            f"seed must be None, a non-negative int or a numpy.random.Generator, got "
+            f"{type(seed).__name__} {seed!r}"
+        )
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    return np.uint64(np.random.SeedSequence(int(seed)).generate_state(1, np.uint64)[0])
+
+
+@functools.lru_cache(maxsize=512)
+def _kernel_params(fmt, rounding: Rounding, overflow: Overflow, random_bits: int):
+    P = np.zeros(_q.N_P, np.int64)
+    U = np.zeros(_q.N_U, np.uint64)
+    D = np.zeros(_q.N_D, np.float64)
+    P[_q.P_MODE] = int(rounding)
+    P[_q.P_OVF] = int(overflow)
+    P[_q.P_RBITS] = random_bits
+    if isinstance(fmt, FixedFormat):
+        P[_q.P_KIND] = _q.KIND_FIXED
+        P[_q.P_W] = fmt.word_length
+        P[_q.P_SIGNED] = int(fmt.signed)
+        P[_q.P_F] = fmt.frac_length
+        U[_q.U_PMAX] = fmt.max_code
+        U[_q.U_NMAG] = -fmt.min_code
+        U[_q.U_MASK] = (1 << fmt.word_length) - 1
+        D[_q.D_MAX] = fmt.max
+        D[_q.D_MIN] = fmt.min
+        D[_q.D_SCALE] = fmt.eps
+    else:
+        P[_q.P_KIND] = _q.KIND_FLOAT
+        P[_q.P_M] = fmt.man_bits
+        P[_q.P_EMIN] = fmt.emin
+        P[_q.P_SUBN] = int(fmt.subnormals)
+        P[_q.P_HASINF] = int(fmt.has_inf)
+        D[_q.D_MAX] = fmt.max
+        D[_q.D_MIN] = -fmt.max
+        D[_q.D_MINNORM] = fmt.min_normal
+    for a in (P, U, D):
+        a.setflags(write=False)
+    return P, U, D
+
+
+def _as_float_array(x, name="x") -> np.ndarray:
+    """``x`` as a C-contiguous float32 or float64 array, converted exactly or not at all."""
+    arr = np.asarray(x)
+    kind = arr.dtype.kind
+    if kind == "f":
+        if arr.dtype == np.float32 or arr.dtype == np.float64:
+            return np.ascontiguousarray(arr)
+        if arr.dtype.itemsize < 4:  # float16: exact in float32
+            return arr.astype(np.float32)
+        conv = arr.astype(np.float64)
+        same = (conv.astype(arr.dtype) == arr) | np.isnan(arr)
+        if not np.all(same):
+            raise ValueError(
+                f"{name} has dtype {arr.dtype} with values float64 cannot hold exactly; converting "
+                "them would round twice. Round to float64 yourself first if that is intended."
+            )
+        return conv
+    if kind in "iub":
+        conv = arr.astype(np.float64)
+        if kind != "b" and arr.size and arr.dtype.itemsize >= 8:
+            big = np.abs(conv) > 2.0**53
+            if np.any(big) and np.any(conv[big].astype(arr.dtype) != arr[big]):
+                bad = arr[big][conv[big].astype(arr.dtype) != arr[big]][0]
+                raise ValueError(
+                    f"{name} holds the integer {bad}, which float64 cannot hold exactly; "
+                    "quantizing it would round twice"
+                )
+        return conv
+    if kind == "O":
+        try:
+            return _as_float_array(np.asarray(arr.tolist(), dtype=np.float64), name)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"{name} must be real numbers; could not read it as floats: {err}") \
+                from None
+    raise TypeError(f"{name} must be a real array-like (float, int or bool), got dtype {arr.dtype}")
+
+
+def _f32_bits(v: float) -> int:
+    return int(np.float32(v).view(np.uint32))
+
+
+@functools.lru_cache(maxsize=512)
+def _fast_float_params(fmt: FloatFormat, rounding: Rounding, overflow: Overflow):
+    maxbits = _f32_bits(fmt.max)
+    inf = 0x7F800000
+    if overflow is Overflow.SATURATE:
+        pos = neg = maxbits
+    else:
+        pos = neg = inf
+        if rounding in (Rounding.TOWARD_ZERO, Rounding.ODD):
+            pos = neg = maxbits
+        elif rounding is Rounding.DOWN:
+            pos = maxbits
+        elif rounding is Rounding.UP:
+            neg = maxbits
+    infbits = maxbits if overflow is Overflow.SATURATE else inf
+    return (23 - fmt.man_bits, fmt.emin + 127, _f32_bits(fmt.min_subnormal), maxbits, pos, neg,
+            infbits)
+
+
+def _fast_path(arr: np.ndarray, fmt) -> str | None:
+    """Which fast kernel can serve this call bit-identically to the general one, if any."""
+    if isinstance(fmt, FloatFormat):
+        if arr.dtype == np.float32 and fmt.dtype == np.float32 and fmt.subnormals:
+            return "float_from_f32"
+        return None
+    f = fmt.frac_length
+    # x * 2**f must be exact in float64 (no underflow; overflow only to inf from float64 input)
+    if (arr.dtype == np.float32 and -925 <= f <= 896) or (arr.dtype == np.float64 and f >= 0):
+        return "fixed_from_float"
+    return None
+
+
+def _run(arr, fmt, rounding, overflow, rbits, key, want_stats):
+    """Quantize ``arr`` (float32/float64, C-contiguous); return (out, counts or None)."""
+    out = np.empty(arr.shape, fmt.dtype)
+    flat = arr.reshape(-1)
+    oflat = out.reshape(-1)
+    path = None if want_stats else _fast_path(arr, fmt)
+    mode = int(rounding)
+    if path == "float_from_f32":
+        _qf.float_from_f32(flat.view(np.uint32), oflat.view(np.uint32), mode,
+                           *_fast_float_params(fmt, rounding, overflow), rbits, key)
+        return out, None
+    if path == "fixed_from_float":
+        f = fmt.frac_length
+        bad = _qf.fixed_from_float(
+            flat, oflat, mode, 2.0**f, 2.0**-f, fmt.max * 2.0**f, fmt.min * 2.0**f,
+            int(overflow), 2.0**fmt.word_length, fmt.signed, rbits, key,
+        )
+        counts = np.zeros(_q.N_FLAGS, np.int64)
+        counts[_q.F_INVALID] = bad
+        return out, counts
+    P, U, D = _kernel_params(fmt, rounding, overflow, rbits)
+    if key:
+        U = U.copy()
+        U[_q.U_KEY] = key
+    if flat.dtype == np.float32:
+        counts = _q.quantize_f32(flat, flat.view(np.uint32), oflat, P, U, D)
+    else:
+        counts = _q.quantize_f64(flat, flat.view(np.uint64), oflat, P, U, D)
+    return out, counts.sum(axis=0)
+
+
+def quantize(
+    x,
+    fmt,
+    rounding=Rounding.NEAREST_EVEN,
+    overflow=None,
+    *,
+    seed=None,
+    random_bits=None,
+    stats=False,
+):
+    """Round every element of ``x`` into ``fmt`` with a single rounding.
+
+    Parameters
+    ----------
+    x : array_like
+        Real values: float16/32/64, integer or bool arrays, scalars, nested lists. Never modified.
+        Integers beyond 2**53 that float64 cannot hold exactly are refused (they would be
+        rounded twice).
+    fmt : FixedFormat or FloatFormat
+        Target format.
+    rounding : Rounding or str, default Rounding.NEAREST_EVEN
+        Rounding mode (see :class:`fixedsim.Rounding`).
+    overflow : Overflow or str, optional
+        Overflow rule. None means SATURATE for fixed point and for "fn" floats, INFINITY for
+        IEEE floats.
+    seed : None, int or numpy.random.Generator, optional
+        Source of the random stream for ``Rounding.STOCHASTIC``: the draw for element ``i``
+        (in C order) depends only on the seed, ``i`` and, for a Generator, how many keys were
+        drawn from it before. Identical at any thread count. Ignored by other modes.
+    random_bits : int, optional
+        STOCHASTIC only: model hardware that adds ``random_bits`` random bits below the kept
+        bits and truncates, so the probability of rounding up is
+        ``floor(frac * 2**random_bits) / 2**random_bits`` of the distance ``frac`` (in ulps)
+        to the lower neighbour. Default: 64 bits, which is exact whenever the discarded part
+        has at most 64 significant bits (always for float inputs into float formats of at
+        least 12 bits' worth of range below them; see docs/numerics.md).
+    stats : bool, default False
+        Also return a :class:`QuantStats` with event counts.
+
+    Returns
+    -------
+    y : numpy.ndarray
+        Same shape as ``x``, dtype ``fmt.dtype`` (float32 when every value of ``fmt`` is a
+        float32, else float64); every element is a value of ``fmt``.
+    stats : QuantStats
+        Only when ``stats=True``.
+
+    Raises
+    ------
+    TypeError
+        ``fmt`` is not a format; ``x`` is not real; a bad ``seed`` type.
+    ValueError
+        NaN into a fixed-point format; an infinity with WRAP; WRAP on a float format;
+        INFINITY on a format without infinities; ``random_bits`` outside [1, 64] or with a
+        deterministic mode; an unknown rounding name.
+
+    Examples
+    --------
+    >>> import fixedsim as fs
+    >>> fs.quantize([1.0009765625, 1.00146484375, 70000.0], fs.FP16)  # tie to even; overflow
+    array([1.   , 1.002,   inf], dtype=float32)
+    >>> fs.quantize([2.5, -2.5, 200.0], fs.FixedFormat(8, 0), "nearest_away")
+    array([  3.,  -3., 127.], dtype=float32)
+    >>> fs.quantize([200.0], fs.FixedFormat(8, 0), overflow="wrap")
+    array([-56.], dtype=float32)
+    """
+    fmt = _check_format(fmt)
+    rounding = Rounding.coerce(rounding, what="rounding")
+    overflow = resolve_overflow(fmt, overflow)
+    rbits = _check_random_bits(rounding, random_bits)
+    arr = _as_float_array(x)
+    key = random_key(seed) if rounding is Rounding.STOCHASTIC else np.uint64(0)
+    out, c = _run(arr, fmt, rounding, overflow, rbits, key, stats)
+    if c is not None and c[_q.F_INVALID]:
+        _raise_invalid(arr, fmt, overflow)
+    if stats:
+        return out, QuantStats(
+            size=int(arr.size),
+            inexact=int(c[_q.F_INEXACT]),
+            rounded_up=int(c[_q.F_UP]),
+            overflow=int(c[_q.F_OVERFLOW]),
+            underflow=int(c[_q.F_UNDERFLOW]),
+            subnormal=int(c[_q.F_SUBNORMAL]),
+            nan=int(c[_q.F_NAN]),
+        )
+    return out
+
+
+def _raise_invalid(arr, fmt, overflow):
+    flat = arr.reshape(-1)
+    nan = np.flatnonzero(np.isnan(flat))
+    if nan.size:
+        raise ValueError(
+            f"x holds NaN (first at flat index {nan[0]}, {nan.size} in all), which fixed-point "
+            f"format {fmt!r} cannot represent; replace or mask NaNs first"
+        )
+    inf = np.flatnonzero(np.isinf(flat))
+    raise ValueError(
+        f"x holds an infinity (first at flat index {inf[0]}), which {overflow!r} cannot wrap "
+        f"into {fmt!r}; use Overflow.SATURATE to clamp infinities"
+    )

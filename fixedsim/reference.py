@@ -1,0 +1,421 @@
+"""Exact reference rounding: the oracle that fast kernels are checked against.
+
+Everything here is computed on :class:`fractions.Fraction`, so no intermediate value is ever
+rounded. A rounding is done the way its definition reads: find the two neighbours
+``lo <= x <= hi`` of ``x`` on the format's grid (:func:`neighbours`), pick one by the rounding
+rule, then apply the format's range (the overflow rule, or the flush to zero of a format without
+subnormals). The code is written to be obviously correct, not fast: a few microseconds per value.
+
+The grid is *unbounded above*: a float format's grid continues past ``max`` with the quantum of
+the top binade (and with ``2**(E - man_bits)`` in every binade ``E`` beyond), a fixed-point grid
+continues past the largest code. Overflow is decided on the rounded value, as in IEEE 754.
+
+Results are Python floats whenever they are exactly a float64 (always for float formats), else
+:class:`~fractions.Fraction` (wide fixed-point formats). Zeros, infinities and NaN are floats.
+
+Examples
+--------
+>>> from fixedsim.formats import FP16, FP8_E4M3, FixedFormat
+>>> round_to_format(0.1, FP16)
+0.0999755859375
+>>> round_to_format(464.0, FP8_E4M3), round_to_format(1e9, FP16)
+(448.0, inf)
+>>> round_to_format(0.375, FixedFormat(8, 2), "toward_zero")
+0.25
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+
+from fixedsim.formats import FixedFormat, FloatFormat
+from fixedsim.rounding import Overflow, Rounding
+
+__all__ = ["round_to_format", "quantize", "encode", "decode", "values", "neighbours"]
+
+_FLAG_NAMES = ("inexact", "rounded_up", "overflow", "underflow", "subnormal", "nan")
+
+
+# -- small exact helpers -------------------------------------------------------------------------
+def _pow2(k: int) -> Fraction:
+    return Fraction(2) ** k
+
+
+def _floor_log2(a: Fraction) -> int:
+    """Exact ``floor(log2(a))`` for ``a > 0``."""
+    e = a.numerator.bit_length() - a.denominator.bit_length()  # floor(log2 a) is e or e - 1
+    return e - 1 if _pow2(e) > a else e
+
+
+def _exact(x) -> Fraction | float:
+    """``x`` as a Fraction when finite; NaN and infinities are returned as floats."""
+    if isinstance(x, (Fraction, int, np.integer)):
+        return Fraction(int(x)) if isinstance(x, np.integer) else Fraction(x)
+    if isinstance(x, (float, np.floating)):
+        x = float(x)
+        return Fraction(x) if math.isfinite(x) else x
+    raise TypeError(f"x must be an int, float or Fraction, got {type(x).__name__} {x!r}")
+
+
+def _negative(x) -> bool:
+    """Sign of ``x``, -0.0 and -nan included."""
+    if isinstance(x, (float, np.floating)):
+        return math.copysign(1.0, x) < 0
+    return x < 0
+
+
+def _out(v: Fraction) -> Fraction | float:
+    """``v`` as a float when that is exact, else the Fraction itself."""
+    f = float(v)
+    return f if Fraction(f) == v else v
+
+
+def _quantum(x: Fraction, fmt) -> Fraction:
+    """Distance between grid points around ``x`` (the grid of :func:`neighbours`)."""
+    if isinstance(fmt, FixedFormat):
+        return _pow2(-fmt.frac_length)
+    e = _floor_log2(abs(x)) if x != 0 else fmt.emin
+    if fmt.subnormals:
+        e = max(e, fmt.emin)
+    return _pow2(e - fmt.man_bits)
+
+
+def neighbours(x, fmt) -> tuple[Fraction, Fraction]:
+    """The grid points ``lo <= x <= hi`` next to a finite ``x`` (``lo == hi`` if x is on it).
+
+    The grid is unbounded above. For a fixed-point format it is every ``c * 2**-frac_length``.
+    For a float format, in the binade ``2**E <= |x| < 2**(E+1)`` the quantum is
+    ``2**(max(E, emin) - man_bits)``, or ``2**(E - man_bits)`` without subnormals (then the
+    grid is unbounded below too; results under ``2**emin`` are flushed afterwards).
+
+    Examples
+    --------
+    >>> from fixedsim.formats import FP8_E4M3, FixedFormat
+    >>> neighbours(460, FP8_E4M3)
+    (Fraction(448, 1), Fraction(480, 1))
+    >>> neighbours(-0.3, FixedFormat(8, 2))
+    (Fraction(-1, 2), Fraction(-1, 4))
+    """
+    x = _exact(x)
+    if isinstance(x, float):
+        raise ValueError(f"neighbours: x must be finite, got {x}")
+    q = _quantum(x, fmt)
+    lo = math.floor(x / q) * q
+    return (lo, lo) if lo == x else (lo, lo + q)
+
+
+def _pick(x: Fraction, lo: Fraction, hi: Fraction, q: Fraction, mode, draw, bits) -> Fraction:
+    """Choose ``lo`` or ``hi`` (quantum ``q`` at x) for ``lo < x < hi`` by the rounding rule."""
+    lo_is_even = (lo / q) % 2 == 0  # integer significands of lo and hi differ by one
+    even, odd = (lo, hi) if lo_is_even else (hi, lo)
+    small, large = (lo, hi) if abs(lo) < abs(hi) else (hi, lo)
+    if mode in (Rounding.NEAREST_EVEN, Rounding.NEAREST_AWAY):
+        if x - lo != hi - x:
+            return lo if x - lo < hi - x else hi
+        return even if mode == Rounding.NEAREST_EVEN else large
+    if mode == Rounding.TOWARD_ZERO:
+        return small
+    if mode == Rounding.DOWN:
+        return lo
+    if mode == Rounding.UP:
+        return hi
+    if mode == Rounding.ODD:
+        return odd
+    # STOCHASTIC: hardware adds `bits` random bits below the kept bits, then truncates.
+    return hi if draw < math.floor((x - lo) / (hi - lo) * 2**bits) else lo
+
+
+def _check_args(fmt, rounding, overflow, draw, random_bits):
+    rounding = Rounding.coerce(rounding, what="rounding")
+    if overflow is None:
+        overflow_ = Overflow.INFINITY if getattr(fmt, "has_inf", False) else Overflow.SATURATE
+    else:
+        overflow_ = Overflow.coerce(overflow, what="overflow")
+    if not isinstance(fmt, (FixedFormat, FloatFormat)):
+        raise TypeError(f"fmt must be a FixedFormat or FloatFormat, got {fmt!r}")
+    if isinstance(fmt, FloatFormat) and overflow_ == Overflow.WRAP:
+        raise ValueError(f"overflow WRAP is for fixed-point formats only, not {fmt}")
+    if overflow_ == Overflow.INFINITY and not getattr(fmt, "has_inf", False):
+        raise ValueError(f"overflow INFINITY needs a format with infinities, {fmt} has none")
+    if random_bits is not None:
+        if rounding != Rounding.STOCHASTIC:
+            raise ValueError(f"random_bits is only meaningful with STOCHASTIC, not {rounding}")
+        if isinstance(random_bits, bool) or not isinstance(random_bits, (int, np.integer)) \
+                or not 1 <= random_bits <= 64:
+            raise ValueError(f"random_bits must be an int in 1..64, got {random_bits!r}")
+    bits = 64 if random_bits is None else int(random_bits)
+    if rounding == Rounding.STOCHASTIC:
+        if draw is None:
+            raise ValueError("STOCHASTIC rounding needs a draw (an int in [0, 2**random_bits))")
+        if isinstance(draw, bool) or not isinstance(draw, (int, np.integer)) \
+                or not 0 <= draw < 2**bits:
+            raise ValueError(f"draw must be an int in [0, 2**{bits}), got {draw!r}")
+        draw = int(draw)
+    return rounding, overflow_, draw, bits
+
+
+def round_to_format(x, fmt, rounding=Rounding.NEAREST_EVEN, overflow=None, *, draw=None,
+                    random_bits=None, flags=False):
+    """Round ``x`` exactly to ``fmt`` (single rounding, then the range of the format).
+
+    Parameters
+    ----------
+    x : int, float or Fraction
+        The exact value; floats may be NaN, +-inf or -0.0.
+    fmt : FixedFormat or FloatFormat
+    rounding : Rounding or str, default NEAREST_EVEN
+    overflow : Overflow or str, optional
+        Default SATURATE for fixed point and "fn" floats, INFINITY for "ieee" floats.
+    draw : int, optional
+        STOCHASTIC only (ignored otherwise): a uniform integer in ``[0, 2**random_bits)``.
+        The result is ``hi`` iff ``draw < floor((x - lo) / (hi - lo) * 2**random_bits)``.
+    random_bits : int, optional
+        STOCHASTIC only: random bits in the draw, 1 to 64; default 64.
+    flags : bool, default False
+        Also return a dict of bools: ``inexact`` (result != x), ``rounded_up`` (result > x),
+        ``overflow`` (the overflow rule applied: the rounding on the unbounded grid is out of
+        range, or x is infinite and the result finite), ``underflow`` (x finite, nonzero, and
+        the result zero), ``subnormal`` (float result finite, nonzero, below ``2**emin``),
+        ``nan`` (result NaN).
+
+    Returns
+    -------
+    float or Fraction, or (value, dict) with ``flags=True``
+        A float when exactly a float64, else a Fraction. Fixed-point zero is ``+0.0``; float
+        zeros keep the sign of x; NaN keeps its sign.
+
+    Raises
+    ------
+    ValueError
+        NaN into a fixed format; inf with WRAP; WRAP on a float format; INFINITY on a fixed or
+        "fn" format; ``random_bits`` with a deterministic rounding or outside 1..64;
+        STOCHASTIC without a ``draw`` (or with one out of range).
+
+    Examples
+    --------
+    >>> from fixedsim.formats import FP16, FixedFormat
+    >>> round_to_format(65520.0, FP16), round_to_format(65520.0, FP16, "toward_zero")
+    (inf, 65504.0)
+    >>> round_to_format(130, FixedFormat(8, 0), overflow="wrap")
+    -126.0
+    >>> round_to_format(0.4, FixedFormat(8, 2), "stochastic", draw=0, random_bits=1)
+    0.5
+    >>> v, f = round_to_format(-1e-9, FP16, flags=True)
+    >>> v, f["inexact"], f["underflow"], f["rounded_up"], f["overflow"]
+    (-0.0, True, True, True, False)
+    """
+    rounding, overflow, draw, bits = _check_args(fmt, rounding, overflow, draw, random_bits)
+    ex = _exact(x)
+    over = False
+    if isinstance(fmt, FixedFormat):
+        result, over = _round_fixed(ex, fmt, rounding, overflow, draw, bits)
+    else:
+        result, over = _round_float(ex, _negative(x), fmt, rounding, overflow, draw, bits)
+    if not flags:
+        return result
+    is_nan = isinstance(result, float) and math.isnan(result)
+    x_nan = isinstance(ex, float) and math.isnan(ex)
+    finite_nonzero = isinstance(ex, Fraction) and ex != 0
+    res_finite = not isinstance(result, float) or math.isfinite(result)
+    f = dict.fromkeys(_FLAG_NAMES, False)
+    f["nan"] = is_nan
+    if not x_nan:
+        f["inexact"] = result != ex
+        f["rounded_up"] = result > ex
+        f["overflow"] = over
+        f["underflow"] = finite_nonzero and result == 0
+        f["subnormal"] = (isinstance(fmt, FloatFormat) and res_finite and result != 0
+                          and abs(result) < fmt.min_normal)
+    return result, f
+
+
+def _round_fixed(x, fmt: FixedFormat, rounding, overflow, draw, bits):
+    q = _pow2(-fmt.frac_length)
+    if isinstance(x, float):  # NaN or inf
+        if math.isnan(x):
+            raise ValueError(f"cannot round NaN to the fixed-point format {fmt}")
+        if overflow == Overflow.WRAP:
+            raise ValueError(f"cannot WRAP an infinity into {fmt}; use SATURATE")
+        return _out((fmt.max_code if x > 0 else fmt.min_code) * q), True
+    lo, hi = neighbours(x, fmt)
+    code = int((lo if lo == hi else _pick(x, lo, hi, q, rounding, draw, bits)) / q)
+    over = not fmt.min_code <= code <= fmt.max_code
+    if over and overflow == Overflow.SATURATE:
+        code = min(max(code, fmt.min_code), fmt.max_code)
+    elif over:  # WRAP: keep the low word_length bits, read them as two's complement if signed
+        code %= 2**fmt.word_length
+        if fmt.signed and code >= 2 ** (fmt.word_length - 1):
+            code -= 2**fmt.word_length
+    return (0.0 if code == 0 else _out(code * q)), over
+
+
+def _round_float(x, negative: bool, fmt: FloatFormat, rounding, overflow, draw, bits):
+    sign = -1.0 if negative else 1.0
+    if isinstance(x, float):  # NaN or inf
+        if math.isnan(x):
+            return math.copysign(math.nan, sign), False
+        if overflow == Overflow.INFINITY:
+            return x, False
+        return math.copysign(fmt.max, sign), True
+    lo, hi = neighbours(x, fmt)
+    v = lo if lo == hi else _pick(x, lo, hi, _quantum(x, fmt), rounding, draw, bits)
+    if not fmt.subnormals and abs(v) < _pow2(fmt.emin):
+        v = 0  # flush; tininess after rounding
+    if v == 0:
+        return math.copysign(0.0, sign), False
+    if abs(v) <= Fraction(fmt.max):
+        return float(v), False
+    big = math.copysign(math.inf, sign)
+    if overflow == Overflow.SATURATE or rounding in (Rounding.TOWARD_ZERO, Rounding.ODD):
+        return math.copysign(fmt.max, sign), True
+    if rounding == Rounding.DOWN:
+        return (fmt.max if sign > 0 else big), True
+    if rounding == Rounding.UP:
+        return (big if sign > 0 else -fmt.max), True
+    return big, True  # nearest modes and STOCHASTIC
+
+
+def quantize(x, fmt, rounding=Rounding.NEAREST_EVEN, overflow=None, *, draws=None,
+             random_bits=None):
+    """Elementwise :func:`round_to_format` over an array.
+
+    Parameters
+    ----------
+    x : array_like
+    fmt, rounding, overflow, random_bits
+        As for :func:`round_to_format`.
+    draws : array_like of int, optional
+        STOCHASTIC only: one draw per element (broadcast to the shape of ``x``).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64, or object (holding Fractions) if some result is not exactly a float64.
+
+    Examples
+    --------
+    >>> from fixedsim.formats import FixedFormat
+    >>> quantize([0.375, -0.375], FixedFormat(8, 2), "down")
+    array([ 0.25, -0.5 ])
+    """
+    x = np.asarray(x)
+    d = None if draws is None else np.broadcast_to(np.asarray(draws, dtype=object), x.shape)
+    out = np.empty(x.shape, dtype=object)
+    for idx in np.ndindex(x.shape):
+        draw = None if d is None else d[idx]
+        out[idx] = round_to_format(x[idx].item() if x.dtype != object else x[idx], fmt, rounding,
+                                   overflow, draw=draw, random_bits=random_bits)
+    if all(isinstance(v, float) for v in out.flat):
+        return out.astype(np.float64)
+    return out
+
+
+def encode(value, fmt) -> int:
+    """Unsigned integer code of a value exactly representable in ``fmt``.
+
+    Fixed point: the ``word_length``-bit two's complement code. Float: sign, biased exponent,
+    mantissa. NaN gets the canonical code (sign kept): all-ones exponent and the quiet bit for
+    "ieee", all-ones exponent and mantissa for "fn". Subnormal values are encoded also for
+    formats with ``subnormals=False`` (the encoding exists; rounding never produces them).
+
+    Examples
+    --------
+    >>> from fixedsim.formats import FP16, FixedFormat
+    >>> hex(encode(1.0, FP16)), hex(encode(-0.0, FP16)), encode(-1, FixedFormat(8, 0))
+    ('0x3c00', '0x8000', 255)
+    """
+    v = _exact(value)
+    if isinstance(fmt, FixedFormat):
+        if isinstance(v, float):
+            raise ValueError(f"{value!r} is not a value of the fixed-point format {fmt}")
+        code = v / _pow2(-fmt.frac_length)
+        if code.denominator != 1 or not fmt.min_code <= code <= fmt.max_code:
+            raise ValueError(f"{value!r} is not exactly representable in {fmt}")
+        return int(code) % 2**fmt.word_length
+    e, m = fmt.exp_bits, fmt.man_bits
+    top = 2**e - 1  # all-ones exponent field
+    sign = (1 << (e + m)) if _negative(value) else 0
+    if isinstance(v, float) and math.isnan(v):
+        return sign | (top << m) | ((1 << (m - 1)) if fmt.has_inf else 2**m - 1)
+    if isinstance(v, float):
+        if not fmt.has_inf:
+            raise ValueError(f"{fmt} has no infinities, cannot encode {value!r}")
+        return sign | (top << m)
+    if v == 0:
+        return sign
+    a = abs(v)
+    exp = max(_floor_log2(a), fmt.emin)
+    sig = a / _pow2(exp - m)
+    if sig.denominator != 1 or a > Fraction(fmt.max):
+        raise ValueError(f"{value!r} is not exactly representable in {fmt}")
+    if sig < 2**m:  # subnormal
+        return sign | int(sig)
+    return sign | ((exp + fmt.bias) << m) | (int(sig) - 2**m)
+
+
+def decode(code, fmt):
+    """Value of an unsigned integer code in ``[0, 2**fmt.width)``; inverse of :func:`encode`.
+
+    Codes with a zero exponent field and a nonzero mantissa decode to their subnormal value
+    even for formats with ``subnormals=False`` (the encoding exists; rounding never makes it).
+
+    Examples
+    --------
+    >>> from fixedsim.formats import FP8_E4M3, FP16, FixedFormat
+    >>> decode(0x7BFF, FP16), decode(0x7E, FP8_E4M3), decode(0x7F, FP8_E4M3)
+    (65504.0, 448.0, nan)
+    >>> decode(0xFF, FixedFormat(8, 2))
+    -0.25
+    """
+    if isinstance(code, bool) or not isinstance(code, (int, np.integer)) \
+            or not 0 <= int(code) < 2**fmt.width:
+        raise ValueError(f"code must be an int in [0, 2**{fmt.width}), got {code!r}")
+    code = int(code)
+    if isinstance(fmt, FixedFormat):
+        if fmt.signed and code >= 2 ** (fmt.word_length - 1):
+            code -= 2**fmt.word_length
+        return 0.0 if code == 0 else _out(code * _pow2(-fmt.frac_length))
+    e, m = fmt.exp_bits, fmt.man_bits
+    sign = -1.0 if code >> (e + m) else 1.0
+    exp_field, man = (code >> m) & (2**e - 1), code & (2**m - 1)
+    if exp_field == 2**e - 1:
+        if fmt.has_inf:
+            return math.copysign(math.inf if man == 0 else math.nan, sign)
+        if man == 2**m - 1:
+            return math.copysign(math.nan, sign)
+    if exp_field == 0:
+        mag = man * _pow2(fmt.emin - m)
+    else:
+        mag = (2**m + man) * _pow2(exp_field - fmt.bias - m)
+    return math.copysign(float(mag), sign)
+
+
+def values(fmt) -> list:
+    """Sorted list of every finite value of ``fmt`` (width 16 bits at most), zero once.
+
+    For formats without subnormals the subnormal encodings are left out: they are not values
+    that rounding produces.
+
+    Examples
+    --------
+    >>> from fixedsim.formats import FixedFormat, FloatFormat
+    >>> values(FixedFormat(3, 1))
+    [-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5]
+    >>> values(FloatFormat(2, 1))[5:]
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0]
+    """
+    if fmt.width > 16:
+        raise ValueError(f"values() lists formats of at most 16 bits, {fmt} has {fmt.width}")
+    if isinstance(fmt, FixedFormat):
+        q = _pow2(-fmt.frac_length)
+        return [0.0 if c == 0 else _out(c * q) for c in range(fmt.min_code, fmt.max_code + 1)]
+    positive = []
+    for code in range(2 ** (fmt.width - 1)):  # sign bit clear
+        v = decode(code, fmt)
+        if math.isfinite(v) and (v == 0 or fmt.subnormals or v >= fmt.min_normal):
+            positive.append(v)
+    positive.sort()
+    return [-v for v in reversed(positive) if v != 0] + positive
