@@ -1,0 +1,39 @@
+"""fixedsim: bit-exact emulation of fixed-point and low-precision floating-point arithmetic.
+
+The public names, re-exported; see docs/ for the numerics semantics.
+"""
+
+from .formats import (
+    BF16,
+    FP8_E4M3,
+    FP8_E5M2,
+    FP16,
+    FP32,
+    FP64,
+    TF32,
+    FixedFormat,
+    FloatFormat,
+)
+from .quantize import QuantStats, from_bits, quantize, to_bits
+from .rounding import Overflow, Rounding
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BF16",
+    "FP8_E4M3",
+    "FP8_E5M2",
+    "FP16",
+    "FP32",
+    "FP64",
+    "TF32",
+    "FixedFormat",
+    "FloatFormat",
+    "Overflow",
+    "QuantStats",
+    "Rounding",
+    "__version__",
+    "from_bits",
+    "quantize",
+    "to_bits",
+]

@@ -324,8 +324,8 @@ def quantize(
     Examples
     --------
     >>> import fixedsim as fs
-    >>> fs.quantize([1.0009765625, 1.00146484375, 70000.0], fs.FP16)  # tie to even; overflow
-    array([1.   , 1.002,   inf], dtype=float32)
+    >>> fs.quantize([1.00048828125, 1.00146484375, 70000.0], fs.FP16)  # ties to even; overflow
+    array([1.       , 1.0019531,       inf], dtype=float32)
     >>> fs.quantize([2.5, -2.5, 200.0], fs.FixedFormat(8, 0), "nearest_away")
     array([  3.,  -3., 127.], dtype=float32)
     >>> fs.quantize([200.0], fs.FixedFormat(8, 0), overflow="wrap")
@@ -366,3 +366,191 @@ def _raise_invalid(arr, fmt, overflow):
         f"x holds an infinity (first at flat index {inf[0]}), which {overflow!r} cannot wrap "
         f"into {fmt!r}; use Overflow.SATURATE to clamp infinities"
     )
+
+
+def _container_bits(arr: np.ndarray):
+    """(unsigned bit view, exponent bits, mantissa bits) of a float32/float64 array."""
+    if arr.dtype == np.float32:
+        return arr.view(np.uint32).astype(np.uint64), 8, 23
+    return arr.view(np.uint64), 11, 52
+
+
+def to_bits(x, fmt) -> np.ndarray:
+    """Unsigned integer codes of values that ``fmt`` represents exactly.
+
+    Parameters
+    ----------
+    x : array_like
+        Values of ``fmt`` (for example the output of :func:`quantize`).
+    fmt : FixedFormat or FloatFormat
+
+    Returns
+    -------
+    numpy.ndarray
+        Codes, dtype ``fmt.code_dtype`` (the smallest unsigned type that holds ``fmt.width``
+        bits). Fixed point: the two's complement code in ``word_length`` bits. Float: sign,
+        biased exponent, mantissa. A NaN keeps its sign and the top ``man_bits`` bits of its
+        payload (the quiet bit is set if they are all zero); "fn" formats have one NaN code per
+        sign (all exponent and mantissa bits set).
+
+    Raises
+    ------
+    ValueError
+        If some value is not exactly representable in ``fmt`` (quantize first).
+
+    Examples
+    --------
+    >>> import fixedsim as fs
+    >>> [hex(c) for c in fs.to_bits([1.0, -2.0, 65504.0], fs.FP16)]
+    ['0x3c00', '0xc000', '0x7bff']
+    >>> fs.to_bits([-0.25, 0.75], fs.FixedFormat(8, 2))
+    array([255,   3], dtype=uint8)
+    """
+    fmt = _check_format(fmt)
+    arr = _as_float_array(x)
+    q = quantize(arr, fmt, overflow=Overflow.SATURATE) if not (
+        isinstance(fmt, FixedFormat) and np.isnan(arr).any()) else None
+    if q is None:
+        i = int(np.flatnonzero(np.isnan(arr.reshape(-1)))[0])
+        raise ValueError(f"to_bits: x holds NaN (flat index {i}), which {fmt!r} cannot represent")
+    same = (q == arr) | (np.isnan(q) & np.isnan(arr))
+    same &= np.signbit(q) == np.signbit(arr)
+    if isinstance(fmt, FloatFormat):
+        same |= np.isinf(arr) & fmt.has_inf
+    if not np.all(same):
+        i = int(np.flatnonzero(~same.reshape(-1))[0])
+        raise ValueError(
+            f"to_bits: x[{i}] (flat index) = {float(arr.reshape(-1)[i])!r} is not a value of {fmt!r}; "
+            f"round it first with fixedsim.quantize(x, {fmt!r}, ...)"
+        )
+    if isinstance(fmt, FixedFormat):
+        c = arr.astype(np.float64) * 2.0**fmt.frac_length
+        if fmt.signed:
+            codes = c.astype(np.int64).view(np.uint64)
+        else:
+            codes = c.astype(np.uint64)
+        return (codes & np.uint64((1 << fmt.word_length) - 1)).astype(fmt.code_dtype)
+    return _float_to_bits(arr, fmt)
+
+
+def _float_to_bits(arr, fmt: FloatFormat) -> np.ndarray:
+    m, e = fmt.man_bits, fmt.exp_bits
+    u64 = np.uint64
+    bits, in_e, in_m = _container_bits(arr)
+    sign = (bits >> u64(in_e + in_m)) << u64(e + m)
+    top = u64((1 << e) - 1)
+    with np.errstate(all="ignore"):
+        mag = np.abs(arr.astype(np.float64))
+        frac_in, exp_in = np.frexp(mag)  # mag = frac_in * 2**exp_in, frac_in in [0.5, 1)
+    E = exp_in.astype(np.int64) - 1
+    normal = E >= fmt.emin
+    # integer significand at the quantum of the format (exact: the value is representable)
+    eq = np.where(normal, E, fmt.emin) - m
+    sig = np.ldexp(mag, -eq.astype(np.int32)) if mag.size else mag
+    sig = np.where(np.isfinite(sig), sig, 0).astype(np.uint64)
+    biased = np.where(normal, E + fmt.bias, 0).astype(np.uint64)
+    mant = np.where(normal, sig - (u64(1) << u64(m)), sig)
+    codes = (biased << u64(m)) | mant
+    codes = np.where(mag == 0, u64(0), codes)
+    if fmt.has_inf:
+        codes = np.where(np.isinf(mag), top << u64(m), codes)
+        payload = (bits & u64((1 << in_m) - 1)) >> u64(in_m - m)
+        payload = np.where(payload == 0, u64(1) << u64(m - 1), payload)
+        codes = np.where(np.isnan(mag), (top << u64(m)) | payload, codes)
+    else:
+        codes = np.where(np.isnan(mag), (top << u64(m)) | u64((1 << m) - 1), codes)
+    return (codes | sign).astype(fmt.code_dtype)
+
+
+def from_bits(codes, fmt) -> np.ndarray:
+    """Values of unsigned integer codes; the inverse of :func:`to_bits`.
+
+    Parameters
+    ----------
+    codes : array_like of int
+        Codes in ``[0, 2**fmt.width)``.
+    fmt : FixedFormat or FloatFormat
+
+    Returns
+    -------
+    numpy.ndarray
+        Values, dtype ``fmt.dtype``. NaN codes give NaNs with the same sign and payload (in the
+        top mantissa bits of the container). Codes with a zero exponent field in a format with
+        ``subnormals=False`` decode to their subnormal value (the encoding exists; rounding into
+        the format never produces it).
+
+    Raises
+    ------
+    ValueError
+        Codes outside ``[0, 2**width)``; fixed-point codes whose value float64 cannot hold
+        (word lengths above 53 bits).
+
+    Examples
+    --------
+    >>> import fixedsim as fs
+    >>> fs.from_bits([0x3C00, 0x0001, 0x7C00], fs.FP16)
+    array([1.0000000e+00, 5.9604645e-08,           inf], dtype=float32)
+    >>> fs.from_bits([0x80, 0x7F], fs.FixedFormat(8, 4))
+    array([-8.    ,  7.9375], dtype=float32)
+    """
+    fmt = _check_format(fmt)
+    c = np.asarray(codes)
+    if c.dtype.kind not in "iu" and not (c.dtype.kind == "O" and c.size == 0):
+        if c.dtype.kind == "O" and all(isinstance(v, numbers.Integral) for v in c.reshape(-1)):
+            pass
+        else:
+            raise TypeError(f"codes must be integers, got dtype {c.dtype}")
+    width = fmt.width
+    if c.size:
+        lo, hi = int(c.min()), int(c.max())
+        if lo < 0 or hi >= (1 << width):
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"codes must be in [0, 2**{width}) for {fmt!r}, got {bad}"
+            )
+    u = c.astype(np.uint64)
+    u64 = np.uint64
+    if isinstance(fmt, FixedFormat):
+        w = fmt.word_length
+        if fmt.signed:
+            s = (u << u64(64 - w)).view(np.int64) >> np.int64(64 - w)
+        else:
+            s = u
+        v = s.astype(np.float64)
+        if fmt.word_length - fmt.signed > 53:
+            back = v.astype(s.dtype)
+            big = (np.abs(v) >= 2.0**63) if fmt.signed else (v >= 2.0**64)
+            inexact = big | (back != s)
+            if np.any(inexact):
+                i = int(np.flatnonzero(inexact.reshape(-1))[0])
+                raise ValueError(
+                    f"from_bits: code {int(u.reshape(-1)[i])} of {fmt!r} is a value float64 "
+                    "cannot hold exactly"
+                )
+        return np.ldexp(v, -fmt.frac_length).astype(fmt.dtype)
+    m, e = fmt.man_bits, fmt.exp_bits
+    neg = ((u >> u64(e + m)) & u64(1)).astype(bool)
+    ef = ((u >> u64(m)) & u64((1 << e) - 1)).astype(np.int64)
+    mant = u & u64((1 << m) - 1)
+    top = (1 << e) - 1
+    sig = np.where(ef > 0, mant + (u64(1) << u64(m)), mant).astype(np.float64)
+    exp = np.where(ef > 0, ef, 1) - fmt.bias - m
+    mag = np.ldexp(sig, exp.astype(np.int32))
+    if fmt.has_inf:
+        is_nan = (ef == top) & (mant != 0)
+        mag = np.where((ef == top) & (mant == 0), np.inf, mag)
+    else:
+        is_nan = (ef == top) & (mant == u64((1 << m) - 1))
+    with np.errstate(over="ignore"):  # the top binade of "ieee" formats decodes below
+        val = np.where(neg, -mag, mag).astype(fmt.dtype)
+    if np.any(is_nan):
+        vb = val.view(np.uint32 if fmt.dtype == np.float32 else np.uint64)
+        in_m = 23 if fmt.dtype == np.float32 else 52
+        in_e = 8 if fmt.dtype == np.float32 else 11
+        nan_bits = (
+            (neg.astype(np.uint64) << u64(in_e + in_m))
+            | (u64((1 << in_e) - 1) << u64(in_m))
+            | (mant << u64(in_m - m))
+        )
+        vb[is_nan] = nan_bits[is_nan].astype(vb.dtype)
+    return val

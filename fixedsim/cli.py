@@ -1,0 +1,76 @@
+"""The ``fixedsim`` command line (argparse subcommands)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main"]
+
+
+def _cmd_verify(args) -> int:
+    from tqdm import tqdm
+
+    from .verify import FORMATS, verify_format
+
+    names = list(FORMATS) if args.formats == ["all"] else args.formats
+    total = args.sample if args.sample is not None else 1 << 32
+    what = f"a seeded sample of {args.sample:,}" if args.sample is not None else "all 2**32"
+    print(f"fixedsim verify: NEAREST_EVEN from {what} float32 inputs, bit for bit")
+    results = []
+    for name in names:
+        with tqdm(total=total, desc=name, unit="in", unit_scale=True, disable=args.quiet,
+                  file=sys.stderr) as bar:
+            results.append(verify_format(name, sample=args.sample, seed=args.seed,
+                                         progress=bar.update))
+    ref = {"fp16": "numpy float16", "bf16": "ml_dtypes bfloat16",
+           "fp8_e4m3": "ml_dtypes float8_e4m3fn", "fp8_e5m2": "ml_dtypes float8_e5m2"}
+    print(f"{'format':10} {'reference':24} {'inputs':>14} {'mismatches':>10} "
+          f"{'NaN payload':>11} {'sat vs NaN':>10} {'seconds':>8}")
+    for r in results:
+        print(f"{r.name:10} {ref[r.name]:24} {r.checked:>14,} {r.mismatches:>10,} "
+              f"{r.nan_payload_only:>11,} {r.saturated_vs_nan:>10,} {r.seconds:>8.1f}")
+        if r.first_mismatch:
+            print(f"  first mismatch: input bits {r.first_mismatch[0]}: fixedsim "
+                  f"{r.first_mismatch[1]!r}, reference {r.first_mismatch[2]!r}")
+    print("'NaN payload': both NaN with the same sign, payload bits differ (not compared).\n"
+          "'sat vs NaN': FP8_E4M3 has no inf; ml_dtypes gives NaN on overflow, fixedsim "
+          "saturates to +-448 (its default), checked exactly.")
+    bad = sum(not r.ok for r in results)
+    print("OK: every input agrees bit for bit" if not bad else f"FAILED: {bad} format(s) differ")
+    return 1 if bad else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="fixedsim", description=__doc__)
+    p.add_argument("--version", action="version", version=f"fixedsim {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    v = sub.add_parser(
+        "verify",
+        help="check quantize against numpy/ml_dtypes casts over every float32 input",
+        description="Round every float32 input (or a sample) to FP16, BF16, FP8_E4M3 and "
+        "FP8_E5M2 with NEAREST_EVEN and compare bit for bit with numpy's float16 cast and "
+        "ml_dtypes.",
+    )
+    v.add_argument("--sample", type=int, default=None, metavar="N",
+                   help="check N seeded random float32 inputs instead of all 2**32")
+    v.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
+    v.add_argument("--formats", nargs="+", default=["all"],
+                   choices=["all", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2"])
+    v.add_argument("--quiet", action="store_true", help="no progress bar")
+    v.set_defaults(func=_cmd_verify)
+    return p
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``fixedsim`` console script."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "sample", None) is not None and args.sample < 1:
+        build_parser().error("--sample must be a positive number of inputs")
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
