@@ -223,8 +223,11 @@ class FloatFormat:
         object.__setattr__(self, "man_bits", m)
         object.__setattr__(self, "subnormals", bool(self.subnormals))
         object.__setattr__(self, "inf_nan", self.inf_nan.lower())
-        if self.inf_nan == "fn" and e == 2 and m == 1:
-            raise ValueError("FloatFormat: E2M1 'fn' would have no finite top binade; use 'ieee'")
+        if self.inf_nan == "fn" and e == 11:
+            raise ValueError(
+                "FloatFormat: an 'fn' format with 11 exponent bits has values beyond float64; "
+                "use exp_bits <= 10 or inf_nan='ieee'"
+            )
 
     kind = "float"
 

@@ -234,9 +234,24 @@ def _fast_path(arr: np.ndarray, fmt) -> str | None:
     return None
 
 
-def _run(arr, fmt, rounding, overflow, rbits, key, want_stats):
+def _check_out(out, arr, fmt):
+    if out is None:
+        return np.empty(arr.shape, fmt.dtype)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+    if out.shape != arr.shape or out.dtype != fmt.dtype or not out.flags.c_contiguous \
+            or not out.flags.writeable:
+        raise ValueError(
+            f"out must be a writeable C-contiguous array of shape {arr.shape} and dtype "
+            f"{fmt.dtype} (the container of {fmt!r}), got shape {out.shape}, dtype {out.dtype}"
+            + ("" if out.flags.c_contiguous else ", not C-contiguous")
+        )
+    return out
+
+
+def _run(arr, fmt, rounding, overflow, rbits, key, want_stats, out=None):
     """Quantize ``arr`` (float32/float64, C-contiguous); return (out, counts or None)."""
-    out = np.empty(arr.shape, fmt.dtype)
+    out = _check_out(out, arr, fmt)
     flat = arr.reshape(-1)
     oflat = out.reshape(-1)
     path = None if want_stats else _fast_path(arr, fmt)
@@ -249,7 +264,8 @@ def _run(arr, fmt, rounding, overflow, rbits, key, want_stats):
         f = fmt.frac_length
         bad = _qf.fixed_from_float(
             flat, oflat, mode, 2.0**f, 2.0**-f, fmt.max * 2.0**f, fmt.min * 2.0**f,
-            int(overflow), 2.0**fmt.word_length, fmt.signed, rbits, key,
+            int(overflow), np.uint64((1 << fmt.word_length) - 1), fmt.word_length, fmt.signed,
+            rbits, key,
         )
         counts = np.zeros(_q.N_FLAGS, np.int64)
         counts[_q.F_INVALID] = bad
@@ -274,6 +290,7 @@ def quantize(
     seed=None,
     random_bits=None,
     stats=False,
+    out=None,
 ):
     """Round every element of ``x`` into ``fmt`` with a single rounding.
 
@@ -303,6 +320,9 @@ def quantize(
         least 12 bits' worth of range below them; see docs/numerics.md).
     stats : bool, default False
         Also return a :class:`QuantStats` with event counts.
+    out : numpy.ndarray, optional
+        Where to write the result: C-contiguous, shape of ``x``, dtype ``fmt.dtype``. Saves
+        the allocation (and its page faults) in loops; may be ``x`` itself to round in place.
 
     Returns
     -------
@@ -337,7 +357,7 @@ def quantize(
     rbits = _check_random_bits(rounding, random_bits)
     arr = _as_float_array(x)
     key = random_key(seed) if rounding is Rounding.STOCHASTIC else np.uint64(0)
-    out, c = _run(arr, fmt, rounding, overflow, rbits, key, stats)
+    out, c = _run(arr, fmt, rounding, overflow, rbits, key, stats, out)
     if c is not None and c[_q.F_INVALID]:
         _raise_invalid(arr, fmt, overflow)
     if stats:
@@ -408,7 +428,9 @@ def to_bits(x, fmt) -> np.ndarray:
     """
     fmt = _check_format(fmt)
     arr = _as_float_array(x)
-    q = quantize(arr, fmt, overflow=Overflow.SATURATE) if not (
+    # a format without subnormals still has their encodings (from_bits decodes them)
+    enc = dataclasses.replace(fmt, subnormals=True) if isinstance(fmt, FloatFormat) else fmt
+    q = quantize(arr, enc, overflow=Overflow.SATURATE) if not (
         isinstance(fmt, FixedFormat) and np.isnan(arr).any()) else None
     if q is None:
         i = int(np.flatnonzero(np.isnan(arr.reshape(-1)))[0])
@@ -518,8 +540,9 @@ def from_bits(codes, fmt) -> np.ndarray:
             s = u
         v = s.astype(np.float64)
         if fmt.word_length - fmt.signed > 53:
-            back = v.astype(s.dtype)
-            big = (np.abs(v) >= 2.0**63) if fmt.signed else (v >= 2.0**64)
+            big = v >= (2.0**63 if fmt.signed else 2.0**64)  # rounded up past the type
+            with np.errstate(invalid="ignore"):
+                back = np.where(big, 0, v).astype(s.dtype)
             inexact = big | (back != s)
             if np.any(inexact):
                 i = int(np.flatnonzero(inexact.reshape(-1))[0])

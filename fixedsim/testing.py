@@ -96,7 +96,9 @@ def float_formats(draw, max_exp_bits: int = 8, max_man_bits: int = 23,
         return dataclasses.replace(fmt, subnormals=bool(sub))
     kinds = ["ieee", "fn"] if max_exp_bits > 2 or max_man_bits > 1 else ["ieee"]
     kind = draw(st.sampled_from(kinds)) if inf_nan is None else inf_nan
-    e = draw(st.integers(3 if kind == "fn" and max_man_bits == 1 else 2, max_exp_bits))
+    # an 11-bit "fn" exponent puts max beyond float64 (FloatFormat.max overflows): left out
+    top_e = min(max_exp_bits, 10) if kind == "fn" else max_exp_bits
+    e = draw(st.integers(3 if kind == "fn" and max_man_bits == 1 else 2, top_e))
     m = draw(st.integers(2 if kind == "fn" and e == 2 else 1, max_man_bits))  # no E2M1 "fn"
     sub = draw(st.booleans()) if subnormals is None else subnormals
     return FloatFormat(e, m, subnormals=bool(sub), inf_nan=kind)
@@ -270,7 +272,7 @@ def register_profiles() -> str:
     The profile loaded is named by the environment variable ``FIXEDSIM_HYPOTHESIS_PROFILE``
     (default "dev"); its name is returned.
     """
-    settings.register_profile("dev", max_examples=100)
+    settings.register_profile("dev", max_examples=100, deadline=None)
     settings.register_profile("ci", derandomize=True, max_examples=200, deadline=None,
                               print_blob=True)
     settings.register_profile("thorough", max_examples=2000, deadline=None)

@@ -59,11 +59,12 @@ def _probe_inputs(fmt, dtype) -> np.ndarray:
     codes = [decode(c, fmt) for c in range(2**fmt.width)]
     finite = values(fmt)
     half_top = Fraction(2) ** (fmt.emax - fmt.man_bits - 1)
-    mids = [(Fraction(a) + Fraction(b)) / 2 for a, b in zip(finite, finite[1:])]
+    mids = [(Fraction(a) + Fraction(b)) / 2 for a, b in zip(finite, finite[1:], strict=False)]
     mids += [Fraction(fmt.max) + half_top, -Fraction(fmt.max) - half_top]
     typ = np.dtype(dtype).type
     mids_arr = np.array([float(q) for q in mids], dtype=dtype)
-    assert all(Fraction(float(a)) == q for a, q in zip(mids_arr, mids)), "midpoints not exact"
+    exact = [Fraction(float(a)) == q for a, q in zip(mids_arr, mids, strict=True)]
+    assert all(exact), "midpoints not exact in dtype"
     inf = typ(np.inf)
     extra = np.array([1e30, -1e30, 1e-30, -1e-30, 0.0, -0.0], dtype=dtype)
     return np.concatenate([np.array(codes, dtype=dtype), mids_arr, np.nextafter(mids_arr, inf),
@@ -78,7 +79,8 @@ def _compare_with_cast(fmt, dtype):
     their_codes = theirs.view(code_dt)
     their_nan = np.isnan(theirs.astype(np.float64))
     checked = 0
-    for xi, code, tnan in zip(x.tolist(), their_codes.tolist(), their_nan.tolist()):
+    for xi, code, tnan in zip(x.tolist(), their_codes.tolist(), their_nan.tolist(),
+                                   strict=True):
         ours, fl = round_to_format(xi, fmt, flags=True)
         if fmt == FP8_E4M3 and tnan and not math.isnan(xi):
             # ml_dtypes gives NaN on overflow; our default is SATURATE
@@ -108,7 +110,7 @@ def test_fp16_float32_inputs_against_numpy():
     with np.errstate(over="ignore"):
         codes = x.astype(np.float16).view(np.uint16).tolist()
     assert all(encode(round_to_format(float(v), FP16), FP16) == c
-               for v, c in zip(x, codes) if not math.isnan(v))
+               for v, c in zip(x, codes, strict=True) if not math.isnan(v))
 
 
 def test_ml_dtypes_double_rounds_from_float64():
@@ -147,7 +149,7 @@ def test_decode_matches_numpy_and_ml_dtypes(fmt):
     codes = np.arange(2**fmt.width, dtype=CODE_DTYPE[fmt.width])
     with np.errstate(invalid="ignore"):
         theirs = codes.view(ML_DTYPES[fmt]).astype(np.float64)
-    for code, t in zip(codes.tolist(), theirs.tolist()):
+    for code, t in zip(codes.tolist(), theirs.tolist(), strict=True):
         ours = decode(code, fmt)
         if math.isnan(t):
             assert _is_nan(ours)

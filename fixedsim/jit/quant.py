@@ -46,7 +46,7 @@ _U0 = np.uint64(0)
 _U1 = np.uint64(1)
 _U63 = np.uint64(63)
 _U64 = np.uint64(64)
-_ALL = np.uint64(0xFFFFFFFFFFFFFFFF)
+_TWO53 = np.uint64(1 << 53)
 
 
 @jit_inline
@@ -111,6 +111,21 @@ def _round_shift(M, sh, mode, neg, rbits, key, idx, value_based):
             limit, below = sr_limit(t, c, rbits, neg, value_based)
             up = (draw < limit) if below else (draw >= limit)
     return kept + _U1 if up else kept
+
+
+@jit_inline
+def u64_to_f64_rtz(mag):
+    """uint64 ``mag`` as float64, rounded toward zero (exact up to 2**53).
+
+    Only wide fixed-point codes (above 53 bits) reach the rounding: the float64 container then
+    holds the largest value not beyond the code (docs/numerics.md, "containers").
+    """
+    if mag > _TWO53:
+        k = np.uint64(0)
+        while (mag >> k) >= _TWO53:
+            k += _U1
+        mag = (mag >> k) << k
+    return np.float64(mag)
 
 
 @jit_inline
@@ -182,11 +197,14 @@ def _quantize_fields(x, neg, ef, frac, in_m, in_bias, in_top, P, U, D, idx):
             w = P[P_W]
             if P[P_SIGNED] != 0:
                 sc = np.int64(code << np.uint64(64 - w)) >> np.int64(64 - w)
-                val = np.float64(sc) * D[D_SCALE]
+                if sc < 0:
+                    val = -u64_to_f64_rtz(_U0 - np.uint64(sc)) * D[D_SCALE]
+                else:
+                    val = u64_to_f64_rtz(np.uint64(sc)) * D[D_SCALE]
                 if big or (neg and C > U[U_NMAG]) or ((not neg) and C > U[U_PMAX]):
                     flags |= 1 << F_OVERFLOW
             else:
-                val = np.float64(code) * D[D_SCALE]
+                val = u64_to_f64_rtz(code) * D[D_SCALE]
                 if big or (neg and C != _U0) or C > U[U_PMAX]:
                     flags |= 1 << F_OVERFLOW
         else:  # saturate

@@ -14,7 +14,7 @@ import numpy as np
 from numba import prange
 
 from .options import jit_inline, jit_parallel
-from .quant import CHUNK, ODD, OVF_SAT, OVF_WRAP, RDN, RNA, RNE, RTZ, RUP, SR, sr_limit
+from .quant import CHUNK, ODD, OVF_SAT, OVF_WRAP, RDN, RNA, RNE, RTZ, RUP, SR, sr_limit, u64_to_f64_rtz
 from .rng import random_u64
 
 _U1 = np.uint64(1)
@@ -112,7 +112,8 @@ def float_from_f32(xb, ob, mode, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_ne
 
 
 @jit_inline
-def _fixed_one(xv, MODE, up_scale, down_scale, cmax, cmin, ovf, wrap_mod, signed, rbits, key, i):
+def _fixed_one(xv, MODE, up_scale, down_scale, cmax, cmin, ovf, mask, w, signed, rbits, key,
+               i):
     y = xv * up_scale  # exact: the caller checked the range
     if MODE == RNE:
         r = np.rint(y)
@@ -141,63 +142,96 @@ def _fixed_one(xv, MODE, up_scale, down_scale, cmax, cmin, ovf, wrap_mod, signed
             upm = False
         r = np.copysign(fa + (1.0 if upm else 0.0), y)
     if ovf == OVF_WRAP:
-        if abs(r) == np.inf:
-            r = 0.0  # |x| * 2**f beyond float64: a multiple of 2**900, so 0 modulo 2**64
+        a = abs(r)
+        if a == np.inf:
+            a = 0.0  # |x| * 2**f beyond float64: a multiple of 2**900, so 0 modulo 2**64
+        elif a >= 18446744073709551616.0:
+            # a and the multiple of 2**64 share a's ulp (>= 2**12): the difference is exact
+            a = a - 18446744073709551616.0 * np.floor(a / 18446744073709551616.0)
+        c = np.uint64(a)  # exact: an integer below 2**64
+        if r < 0.0:
+            c = np.uint64(0) - c
+        c = c & mask
+        if signed and (c >> np.uint64(w - 1)) != np.uint64(0):
+            r = -u64_to_f64_rtz(((np.uint64(0) - c) & mask))  # the negative code's magnitude
         else:
-            # r is an integer of at most 53 significant bits; reduce modulo 2**w exactly
-            r = r - wrap_mod * np.floor(r / wrap_mod)
-            if signed and r >= 0.5 * wrap_mod:
-                r = r - wrap_mod
+            r = u64_to_f64_rtz(c)
     else:
         r = cmax if r > cmax else (cmin if r < cmin else r)
     return r * down_scale + 0.0
 
 
+@jit_inline
+def _fixed_chunk(x, out, lo, hi, MODE, WRAP, up_scale, down_scale, cmax, cmin, mask, w, signed,
+                 rbits, key):
+    for i in range(lo, hi):
+        out[i] = _fixed_one(np.float64(x[i]), MODE, up_scale, down_scale, cmax, cmin, WRAP, mask,
+                            w, signed, rbits, key, i)
+
+
 @jit_parallel
-def fixed_from_float(x, out, mode, up_scale, down_scale, cmax, cmin, ovf, wrap_mod, signed,
+def fixed_from_float(x, out, mode, up_scale, down_scale, cmax, cmin, ovf, mask, w, signed,
                      rbits, key):
     """Quantize ``x`` into a fixed-point format with codes in ``[cmin, cmax]``.
 
-    ``up_scale = 2**f``, ``down_scale = 2**-f``; ``wrap_mod = 2**w`` (float64). Returns the number
-    of NaN inputs, and of infinite inputs under WRAP (both invalid for fixed point).
+    ``up_scale = 2**f``, ``down_scale = 2**-f``; ``mask = 2**w - 1`` (uint64). Returns the number
+    of NaN inputs, and of infinite inputs under WRAP (both invalid for fixed point). One loop per
+    (rounding mode, wrap or saturate), so that each is compiled without branches on them.
     """
     n = x.size
     nch = (n + CHUNK - 1) // CHUNK
     bad = np.zeros(nch, np.int64)
+    wrap = ovf == OVF_WRAP
     for c in prange(nch):
         lo = c * CHUNK
         hi = min(n, lo + CHUNK)
-        nb = 0
-        if mode == RNE:
-            for i in range(lo, hi):
-                out[i] = _fixed_one(np.float64(x[i]), RNE, up_scale, down_scale, cmax, cmin, ovf,
-                                    wrap_mod, signed, rbits, key, i)
-        elif mode == RNA:
-            for i in range(lo, hi):
-                out[i] = _fixed_one(np.float64(x[i]), RNA, up_scale, down_scale, cmax, cmin, ovf,
-                                    wrap_mod, signed, rbits, key, i)
-        elif mode == RTZ:
-            for i in range(lo, hi):
-                out[i] = _fixed_one(np.float64(x[i]), RTZ, up_scale, down_scale, cmax, cmin, ovf,
-                                    wrap_mod, signed, rbits, key, i)
-        elif mode == RDN:
-            for i in range(lo, hi):
-                out[i] = _fixed_one(np.float64(x[i]), RDN, up_scale, down_scale, cmax, cmin, ovf,
-                                    wrap_mod, signed, rbits, key, i)
-        elif mode == RUP:
-            for i in range(lo, hi):
-                out[i] = _fixed_one(np.float64(x[i]), RUP, up_scale, down_scale, cmax, cmin, ovf,
-                                    wrap_mod, signed, rbits, key, i)
-        elif mode == ODD:
-            for i in range(lo, hi):
-                out[i] = _fixed_one(np.float64(x[i]), ODD, up_scale, down_scale, cmax, cmin, ovf,
-                                    wrap_mod, signed, rbits, key, i)
+        if wrap:
+            if mode == RNE:
+                _fixed_chunk(x, out, lo, hi, RNE, OVF_WRAP, up_scale, down_scale, cmax, cmin,
+                             mask, w, signed, rbits, key)
+            elif mode == RNA:
+                _fixed_chunk(x, out, lo, hi, RNA, OVF_WRAP, up_scale, down_scale, cmax, cmin,
+                             mask, w, signed, rbits, key)
+            elif mode == RTZ:
+                _fixed_chunk(x, out, lo, hi, RTZ, OVF_WRAP, up_scale, down_scale, cmax, cmin,
+                             mask, w, signed, rbits, key)
+            elif mode == RDN:
+                _fixed_chunk(x, out, lo, hi, RDN, OVF_WRAP, up_scale, down_scale, cmax, cmin,
+                             mask, w, signed, rbits, key)
+            elif mode == RUP:
+                _fixed_chunk(x, out, lo, hi, RUP, OVF_WRAP, up_scale, down_scale, cmax, cmin,
+                             mask, w, signed, rbits, key)
+            elif mode == ODD:
+                _fixed_chunk(x, out, lo, hi, ODD, OVF_WRAP, up_scale, down_scale, cmax, cmin,
+                             mask, w, signed, rbits, key)
+            else:
+                _fixed_chunk(x, out, lo, hi, SR, OVF_WRAP, up_scale, down_scale, cmax, cmin,
+                             mask, w, signed, rbits, key)
         else:
-            for i in range(lo, hi):
-                out[i] = _fixed_one(np.float64(x[i]), SR, up_scale, down_scale, cmax, cmin, ovf,
-                                    wrap_mod, signed, rbits, key, i)
+            if mode == RNE:
+                _fixed_chunk(x, out, lo, hi, RNE, OVF_SAT, up_scale, down_scale, cmax, cmin,
+                             mask, w, signed, rbits, key)
+            elif mode == RNA:
+                _fixed_chunk(x, out, lo, hi, RNA, OVF_SAT, up_scale, down_scale, cmax, cmin,
+                             mask, w, signed, rbits, key)
+            elif mode == RTZ:
+                _fixed_chunk(x, out, lo, hi, RTZ, OVF_SAT, up_scale, down_scale, cmax, cmin,
+                             mask, w, signed, rbits, key)
+            elif mode == RDN:
+                _fixed_chunk(x, out, lo, hi, RDN, OVF_SAT, up_scale, down_scale, cmax, cmin,
+                             mask, w, signed, rbits, key)
+            elif mode == RUP:
+                _fixed_chunk(x, out, lo, hi, RUP, OVF_SAT, up_scale, down_scale, cmax, cmin,
+                             mask, w, signed, rbits, key)
+            elif mode == ODD:
+                _fixed_chunk(x, out, lo, hi, ODD, OVF_SAT, up_scale, down_scale, cmax, cmin,
+                             mask, w, signed, rbits, key)
+            else:
+                _fixed_chunk(x, out, lo, hi, SR, OVF_SAT, up_scale, down_scale, cmax, cmin,
+                             mask, w, signed, rbits, key)
+        nb = 0
         for i in range(lo, hi):
             v = np.float64(x[i])
-            nb += 1 if (v != v or (ovf == OVF_WRAP and abs(v) == np.inf)) else 0
+            nb += 1 if (v != v or (wrap and abs(v) == np.inf)) else 0
         bad[c] = nb
     return bad.sum()

@@ -1,0 +1,263 @@
+"""Side-by-side throughput of ``fixedsim.quantize`` and other emulators, in Melem/s.
+
+    python benchmarks/quantize.py [--n N] [--repeats R] [--threads T] [--quick] [--markdown PATH]
+
+Every implementation maps float32 to float32 values of the format. Each case has one fixed
+input, ``standard_normal(n) * max / 4`` from its own seed (about 60 per million overflow;
+BF16: ``max / 16``, to keep the float32 input finite). One warm-up call (Numba compiles or
+loads its cache), then the best of ``R`` timed calls: ``n / best time``.
+
+Checks: fixedsim's round-to-nearest-even output must equal numpy's / ml_dtypes' casts bit for
+bit (Q<16,8>: numpy ``clip(rint(x * 256), min_code, max_code) / 256 + 0``; E4M3: except
+where ml_dtypes gives NaN and fixedsim saturates to +-448). A stochastic result must be one
+of the two neighbours of its input (``Rounding.DOWN`` / ``UP``); ``z`` compares the number
+rounded up with its expectation. APyTypes results are compared with fixedsim's and reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import sys
+import time
+
+import ml_dtypes
+import numba
+import numpy as np
+
+import fixedsim as fs
+
+RNE, SR = fs.Rounding.NEAREST_EVEN, fs.Rounding.STOCHASTIC
+Q16_8 = fs.FixedFormat(16, 8)
+SEED = 20240601
+APY_SLOW_S, APY_SLICE = 20.0, 1_000_000
+OTHERS = ("numpy", "ml_dtypes", "apytypes", "pychop", "qtorch")
+FORMATS = [("FP16", fs.FP16), ("BF16", fs.BF16), ("FP8 E4M3", fs.FP8_E4M3),
+           ("FP8 E5M2", fs.FP8_E5M2), ("Q<16,8>", Q16_8)]
+CASES = [(f"{label} {r}", fmt, mode) for label, fmt in FORMATS
+         for r, mode in (("RNE", RNE), ("SR", SR))]
+CASTS = [  # plain round-to-nearest-even casts: the references
+    (fs.FP16, "numpy", np.float16), (fs.BF16, "ml_dtypes", ml_dtypes.bfloat16),
+    (fs.FP8_E4M3, "ml_dtypes", ml_dtypes.float8_e4m3fn),
+    (fs.FP8_E5M2, "ml_dtypes", ml_dtypes.float8_e5m2),
+]
+
+
+def optional(name):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+apy, pychop, qtorch_quant = optional("apytypes"), optional("pychop"), optional("qtorch.quant")
+
+
+def apy_fn(fmt, rounding):
+    Q = apy.QuantizationMode
+    if isinstance(fmt, fs.FixedFormat):
+        # 16 integer and 48 fraction bits hold every input exactly (|x| < 2**15), except values
+        # below 2**-25, which round to 0 in Q<16,8> with or without this first step.
+        q = Q.RND_CONV if rounding is RNE else Q.STOCH_WEIGHTED
+        ib = fmt.word_length - fmt.frac_length
+        return lambda x: apy.APyFixedArray.from_float(x, int_bits=16, frac_bits=48).cast(
+            int_bits=ib, frac_bits=fmt.frac_length, quantization=q,
+            overflow=apy.OverflowMode.SAT).to_numpy().astype(np.float32)
+    e, m = fmt.exp_bits, fmt.man_bits
+    if rounding is RNE:  # from_float rounds to nearest even
+        return lambda x: apy.APyFloatArray.from_float(x, e, m).to_numpy().astype(np.float32)
+    return lambda x: apy.APyFloatArray.from_float(x, 8, 23).cast(
+        e, m, quantization=Q.STOCH_WEIGHTED).to_numpy().astype(np.float32)
+
+
+def pychop_fn(fmt, rounding):
+    if isinstance(fmt, fs.FixedFormat):
+        return None  # n/a
+    ch = pychop.Chop(exp_bits=fmt.exp_bits, sig_bits=fmt.man_bits,
+                     rmode=1 if rounding is RNE else 5)
+    return lambda x: np.asarray(ch(x), dtype=np.float32)
+
+
+def qtorch_fn(fmt, rounding):
+    import torch
+
+    mode = "nearest" if rounding is RNE else "stochastic"
+    if isinstance(fmt, fs.FixedFormat):
+        f, args = qtorch_quant.fixed_point_quantize, (fmt.word_length, fmt.frac_length)
+    else:
+        f, args = qtorch_quant.float_quantize, (fmt.exp_bits, fmt.man_bits)
+    return lambda x: f(torch.from_numpy(x), *args, rounding=mode).numpy()
+
+
+def rne_reference(fmt):
+    """(library, float32 -> float32 function) rounding to nearest even into ``fmt``."""
+    if isinstance(fmt, fs.FixedFormat):  # x * 2**f is exact; rint ties to even; + 0: no -0
+        s, lo, hi = np.float32(2.0**fmt.frac_length), fmt.min_code, fmt.max_code
+        return "numpy", lambda x: np.clip(np.rint(x * s), lo, hi) / s + np.float32(0)
+    lib, dt = next((lib, dt) for f, lib, dt in CASTS if f is fmt)
+
+    def cast(x):
+        with np.errstate(over="ignore"):
+            return x.astype(dt).astype(np.float32)
+    return lib, cast
+
+
+def implementations(fmt, rounding):
+    impls = {"fixedsim": lambda x: fs.quantize(x, fmt, rounding, seed=SEED)}
+    if rounding is RNE:
+        lib, fn = rne_reference(fmt)
+        impls[lib] = fn
+    for lib, mod, make in (("apytypes", apy, apy_fn), ("pychop", pychop, pychop_fn),
+                           ("qtorch", qtorch_quant, qtorch_fn)):
+        try:
+            impls[lib] = make(fmt, rounding) if mod is not None else None
+        except Exception as err:  # an API this script does not know: report, go on
+            print(f"  {lib}: skipped ({type(err).__name__}: {err})", file=sys.stderr)
+    return {k: v for k, v in impls.items() if v is not None}
+
+
+def timed(fn, x, repeats):
+    def once():
+        t0 = time.perf_counter()
+        fn(x)
+        return time.perf_counter() - t0
+    return min(once() for _ in range(repeats))
+
+
+def same_bits(a, b):
+    return a.view(np.uint32) == b.view(np.uint32)
+
+
+def sr_check(x, y, fmt):
+    """(elements not in {down, up}, z-score of the number rounded up)."""
+    lo = fs.quantize(x, fmt, fs.Rounding.DOWN)
+    hi = fs.quantize(x, fmt, fs.Rounding.UP)
+    bad = int(np.count_nonzero(~(same_bits(y, lo) | same_bits(y, hi))))
+    gap = np.isfinite(lo) & np.isfinite(hi) & (lo != hi)
+    p = (x[gap].astype(np.float64) - lo[gap]) / (hi[gap].astype(np.float64) - lo[gap])
+    ups = np.count_nonzero(same_bits(y[gap], hi[gap]))
+    return bad, (ups - p.sum()) / np.sqrt(max((p * (1 - p)).sum(), 1e-300))
+
+
+def check(name, x, fmt, rounding, outs, failures):
+    """Text for the check column; appends to ``failures`` when fixedsim is wrong."""
+    y = outs["fixedsim"]
+    if rounding is SR:
+        bad, z = sr_check(x, y, fmt)
+        if bad:
+            failures.append(f"{name}: {bad} results are neither neighbour of the input")
+        return f"{bad} off, z={z:+.1f}"
+    ref = outs[rne_reference(fmt)[0]]
+    diff = ~same_bits(y, ref)
+    excused = np.zeros_like(diff)
+    if fmt is fs.FP8_E4M3:  # ml_dtypes: NaN on overflow; fixedsim saturates
+        excused = np.isnan(ref) & np.isfinite(x) & (y == np.copysign(np.float32(fmt.max), x))
+    bad = int(np.count_nonzero(diff & ~excused))
+    if bad:
+        i = int(np.flatnonzero(diff & ~excused)[0])
+        failures.append(f"{name}: {bad} elements differ from the reference, first x={x[i]!r} "
+                        f"fixedsim={y[i]!r} reference={ref[i]!r}")
+        return f"MISMATCH {bad}"
+    n_exc = int(np.count_nonzero(excused))
+    return f"exact ({n_exc} NaN->+-448)" if n_exc else "bit-exact"
+
+
+def apy_diff(x, fmt, rounding, outs):
+    if "apytypes" not in outs:
+        return "n/a"
+    if rounding is SR:
+        return "{} off, z={:+.1f}".format(*sr_check(x, outs["apytypes"], fmt))
+    return str(int(np.count_nonzero(~same_bits(outs["apytypes"], outs["fixedsim"]))))
+
+
+def header(args):
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(l.split(":", 1)[1].strip() for l in fh if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    vers = [f"{m.__name__} {m.__version__}" for m in (np, numba, ml_dtypes, apy) if m]
+    return (f"{platform.platform()}, {cpu}, {numba.get_num_threads()} numba threads; "
+            f"{', '.join(vers)}; n={args.n:,}, best of {args.repeats}")
+
+
+def rate(r):
+    return "n/a" if r is None else (f"{r:.1f}" if r < 100 else f"{r:.0f}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=10_000_000, help="elements per case")
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls; the best counts")
+    ap.add_argument("--threads", type=int, help="numba (and APyTypes) thread count")
+    ap.add_argument("--markdown", metavar="PATH", help="also write the table as Markdown")
+    ap.add_argument("--quick", action="store_true", help="n=1,000,000 and 3 repeats")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.n, args.repeats = 1_000_000, 3
+    if args.threads:
+        numba.set_num_threads(args.threads)
+        if apy is not None:
+            apy.reset_thread_pool(args.threads)
+    if apy is not None:
+        apy.set_float_quantization_seed(SEED)
+        apy.set_fixed_quantization_seed(SEED)
+    print(header(args), flush=True)
+    cols = ["case", "fixedsim", *OTHERS, "fixedsim/best", "check", "apytypes diff"]
+    rows, notes, failures = [], [], []
+    for k, (name, fmt, rounding) in enumerate(CASES):
+        scale = fmt.max / (16 if fmt is fs.BF16 else 4)
+        x = (np.random.default_rng([SEED, k]).standard_normal(args.n) * scale).astype(np.float32)
+        rates, outs = {}, {}
+        for lib, fn in implementations(fmt, rounding).items():
+            t0 = time.perf_counter()
+            try:
+                outs[lib] = fn(x)  # warm-up; its result is the one checked
+            except Exception as err:
+                print(f"  {name} {lib}: failed ({type(err).__name__}: {err})", file=sys.stderr)
+                continue
+            xt = x
+            if lib == "apytypes" and time.perf_counter() - t0 > APY_SLOW_S and args.n > APY_SLICE:
+                xt = x[:APY_SLICE]
+                notes.append(f"{name}: APyTypes timed on the first {APY_SLICE:,} elements "
+                             f"(one call on {args.n:,} took over {APY_SLOW_S:.0f} s).")
+            rates[lib] = xt.size / timed(fn, xt, args.repeats) / 1e6
+        other = max((v for lib, v in rates.items() if lib != "fixedsim"), default=None)
+        ratio = f"{rates['fixedsim'] / other:.2f}x" if other and "fixedsim" in rates else "n/a"
+        row = [name, rate(rates.get("fixedsim")), *(rate(rates.get(o)) for o in OTHERS), ratio,
+               check(name, x, fmt, rounding, outs, failures),
+               apy_diff(x, fmt, rounding, outs)]
+        rows.append(row)
+        print(f"  {name}: done", file=sys.stderr, flush=True)
+        del x, outs
+    notes += [
+        "Melem/s = n / best time; float32 in, float32 out (any conversion back included).",
+        "check: RNE vs numpy/ml_dtypes bit for bit (Q<16,8>: numpy clip(rint(x*256))/256 + 0); "
+        "SR: results that are neither neighbour ('off'), z-score of the round-up count (|z|<3 ok).",
+        "apytypes diff: elements whose bits differ from fixedsim (RNE), or the SR check.",
+        "APyTypes floats are IEEE-style (top exponent = inf/NaN): its E4M3 has max 240, not the "
+        "OCP e4m3fn 448, so it differs wherever |x| >= 248.",
+        "pychop / qtorch: n/a when not importable.",
+    ]
+    widths = [max(len(r[i]) for r in [cols, *rows]) for i in range(len(cols))]
+    fmt_row = " | ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
+    print("\nThroughput in Melem/s\n" + fmt_row.format(*cols))
+    print("-+-".join("-" * w for w in widths))
+    for r in rows:
+        print(fmt_row.format(*r))
+    print("\n" + "\n".join(f"* {s}" for s in notes))
+    if args.markdown:
+        md = [header(args), "", "| " + " | ".join(cols) + " |",
+              "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|"]
+        md += ["| " + " | ".join(r) + " |" for r in rows]
+        md += [""] + [f"* {s}" for s in notes]
+        with open(args.markdown, "w") as fh:
+            fh.write("\n".join(md) + "\n")
+    if failures:
+        sys.exit("fixedsim check failed:\n" + "\n".join(failures))
+
+
+if __name__ == "__main__":
+    main()
