@@ -49,7 +49,7 @@ def _code_dtype(bits: int) -> np.dtype:
 
 
 def _fits_float(sig_bits: int, lowest_exp: int, top_exp: int, dtype) -> bool:
-    """True if every ``c * 2**lowest_exp`` with ``c < 2**sig_bits`` below ``2**top_exp`` is exact."""
+    """True if every ``c * 2**lowest_exp``, ``c < 2**sig_bits``, below ``2**top_exp`` is exact."""
     info = np.finfo(dtype)
     p = info.nmant + 1  # significand precision
     min_sub_exp = info.minexp - info.nmant  # exponent of the smallest subnormal
@@ -273,7 +273,7 @@ class FloatFormat:
 
     @property
     def max_significand(self) -> int:
-        """Largest integer significand at ``emax`` (``max = max_significand * 2**(emax-man_bits)``)."""
+        """Largest significand at ``emax``: ``max == max_significand * 2**(emax - man_bits)``."""
         full = (1 << (self.man_bits + 1)) - 1
         return full if self.has_inf else full - 1
 
@@ -301,7 +301,7 @@ class FloatFormat:
 
     @property
     def min_subnormal(self) -> float:
-        """Smallest positive subnormal, ``2**(emin - man_bits)`` (not a value when subnormals=False)."""
+        """Smallest subnormal, ``2**(emin - man_bits)`` (not a value if subnormals=False)."""
         return math.ldexp(1.0, self.emin - self.man_bits)
 
     @property

@@ -167,7 +167,7 @@ def _as_float_array(x, name="x") -> np.ndarray:
     kind = arr.dtype.kind
     if kind == "f":
         if arr.dtype == np.float32 or arr.dtype == np.float64:
-            return np.ascontiguousarray(arr)
+            return arr if arr.flags.c_contiguous else arr.copy(order="C")
         if arr.dtype.itemsize < 4:  # float16: exact in float32
             return arr.astype(np.float32)
         conv = arr.astype(np.float64)
@@ -181,9 +181,11 @@ def _as_float_array(x, name="x") -> np.ndarray:
     if kind in "iub":
         conv = arr.astype(np.float64)
         if kind != "b" and arr.size and arr.dtype.itemsize >= 8:
-            big = np.abs(conv) > 2.0**53
-            if np.any(big) and np.any(conv[big].astype(arr.dtype) != arr[big]):
-                bad = arr[big][conv[big].astype(arr.dtype) != arr[big]][0]
+            big = np.abs(conv) >= 2.0**53
+            with np.errstate(invalid="ignore"):  # 2**64 does not cast back to uint64
+                back = conv[big].astype(arr.dtype)
+            if np.any(back != arr[big]) or np.any(conv[big] >= 2.0**64):
+                bad = arr[big][(back != arr[big]) | (conv[big] >= 2.0**64)][0]
                 raise ValueError(
                     f"{name} holds the integer {bad}, which float64 cannot hold exactly; "
                     "quantizing it would round twice"
@@ -442,7 +444,8 @@ def to_bits(x, fmt) -> np.ndarray:
     if not np.all(same):
         i = int(np.flatnonzero(~same.reshape(-1))[0])
         raise ValueError(
-            f"to_bits: x[{i}] (flat index) = {float(arr.reshape(-1)[i])!r} is not a value of {fmt!r}; "
+            f"to_bits: x[{i}] (flat index) = {float(arr.reshape(-1)[i])!r} is not a value of "
+            f"{fmt!r}; "
             f"round it first with fixedsim.quantize(x, {fmt!r}, ...)"
         )
     if isinstance(fmt, FixedFormat):

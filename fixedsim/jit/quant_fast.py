@@ -14,7 +14,20 @@ import numpy as np
 from numba import prange
 
 from .options import jit_inline, jit_parallel
-from .quant import CHUNK, ODD, OVF_SAT, OVF_WRAP, RDN, RNA, RNE, RTZ, RUP, SR, sr_limit, u64_to_f64_rtz
+from .quant import (
+    CHUNK,
+    ODD,
+    OVF_SAT,
+    OVF_WRAP,
+    RDN,
+    RNA,
+    RNE,
+    RTZ,
+    RUP,
+    SR,
+    sr_limit,
+    u64_to_f64_rtz,
+)
 from .rng import random_u64
 
 _U1 = np.uint64(1)
@@ -153,7 +166,7 @@ def _fixed_one(xv, MODE, up_scale, down_scale, cmax, cmin, ovf, mask, w, signed,
             c = np.uint64(0) - c
         c = c & mask
         if signed and (c >> np.uint64(w - 1)) != np.uint64(0):
-            r = -u64_to_f64_rtz(((np.uint64(0) - c) & mask))  # the negative code's magnitude
+            r = -u64_to_f64_rtz((np.uint64(0) - c) & mask)  # the negative code's magnitude
         else:
             r = u64_to_f64_rtz(c)
     else:
