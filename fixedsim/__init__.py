@@ -3,6 +3,7 @@
 The public names, re-exported; see docs/ for the numerics semantics.
 """
 
+from .arith import add, div, fma, mul, sub
 from .formats import (
     BF16,
     FP8_E4M3,
@@ -33,7 +34,12 @@ __all__ = [
     "QuantStats",
     "Rounding",
     "__version__",
+    "add",
+    "div",
+    "fma",
     "from_bits",
+    "mul",
     "quantize",
+    "sub",
     "to_bits",
 ]

@@ -1,23 +1,42 @@
 """Shared helpers for the tests: bit-for-bit comparison of value arrays."""
 
+import math
+from fractions import Fraction
+
 import numpy as np
 
 
-def canonical_bits(a) -> np.ndarray:
+def float_toward_zero(v):
+    """An oracle result as a float64 container value: Fractions (wide fixed point) toward zero.
+
+    A fixed-point value wider than 53 bits may not be a float64; fixedsim returns the largest
+    float64 not beyond it, as docs/numerics.md says.
+    """
+    if isinstance(v, float):
+        return v
+    f = float(v)
+    return math.nextafter(f, 0.0) if abs(Fraction(f)) > abs(v) else f
+
+
+def canonical_bits(a, nan_sign=True) -> np.ndarray:
     """float64 bit patterns of ``a`` with every NaN replaced by the quiet NaN of its sign."""
     a = np.asarray(a, dtype=np.float64)
     bits = a.view(np.uint64).copy()
     nan = np.isnan(a)
-    bits[nan] = np.where(np.signbit(a[nan]), np.uint64(0xFFF8000000000000),
-                         np.uint64(0x7FF8000000000000))
+    neg = np.signbit(a[nan]) & nan_sign
+    bits[nan] = np.where(neg, np.uint64(0xFFF8000000000000), np.uint64(0x7FF8000000000000))
     return bits
 
 
-def assert_same_bits(actual, expected, err_msg=""):
-    """Equal bit for bit as float64 (signed zeros distinguished), NaN compared by sign only."""
+def assert_same_bits(actual, expected, err_msg="", nan_sign=True):
+    """Equal bit for bit as float64 (signed zeros distinguished), NaN compared by sign only.
+
+    ``nan_sign=False`` ignores the sign of NaNs too (IEEE 754 leaves the sign of a NaN made by
+    an invalid operation unspecified).
+    """
     actual, expected = np.asarray(actual), np.asarray(expected)
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    a, e = canonical_bits(actual), canonical_bits(expected)
+    a, e = canonical_bits(actual, nan_sign), canonical_bits(expected, nan_sign)
     if not np.array_equal(a, e):
         bad = np.flatnonzero((a != e).reshape(-1))
         i = bad[0]

@@ -5,7 +5,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from helpers import assert_same_bits
+from helpers import assert_same_bits, float_toward_zero
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -28,13 +28,6 @@ def oracle(x, fmt, rounding, overflow, draws=None, random_bits=None):
     if y.dtype == object:
         y = np.array([float_toward_zero(v) for v in y.reshape(-1)]).reshape(y.shape)
     return y
-
-
-def float_toward_zero(v):
-    if isinstance(v, float):
-        return v
-    f = float(v)
-    return math.nextafter(f, 0.0) if abs(Fraction(f)) > abs(v) else f
 
 
 def _valid(fmt, x):

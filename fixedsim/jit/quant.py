@@ -16,6 +16,8 @@ Each kernel returns per-chunk event counts (columns ``F_*``), so counting is rac
 independent of the number of threads; the caller sums them.
 """
 
+import math
+
 import numpy as np
 from numba import prange
 
@@ -307,3 +309,24 @@ def quantize_f64(x, xb, out, P, U, D):
             if fl != 0:
                 _count(counts, c, fl)
     return counts
+
+
+@jit_inline
+def quantize_value(x, P, U, D, idx):
+    """Quantize one float64 ``x`` (no bit view needed): ``_quantize_fields`` on its IEEE fields."""
+    neg = math.copysign(1.0, x) < 0.0
+    if x != x:
+        return _quantize_fields(x, neg, 2047, 1, 52, 1023, 2047, P, U, D, idx)
+    a = abs(x)
+    if a == np.inf:
+        return _quantize_fields(x, neg, 2047, 0, 52, 1023, 2047, P, U, D, idx)
+    if a == 0.0:
+        return _quantize_fields(x, neg, 0, 0, 52, 1023, 2047, P, U, D, idx)
+    if a >= 2.2250738585072014e-308:
+        m, ex = math.frexp(a)
+        ef = ex + 1022
+        frac = np.int64(m * 9007199254740992.0) - (np.int64(1) << 52)
+    else:
+        ef = 0
+        frac = np.int64(a * 2.0**1000 * 2.0**74)
+    return _quantize_fields(x, neg, ef, frac, 52, 1023, 2047, P, U, D, idx)

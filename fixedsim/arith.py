@@ -1,0 +1,237 @@
+"""Correctly rounded elementwise arithmetic in a format: add, sub, mul, div, fma.
+
+Each result is the exact real result of the operation on the given operands, rounded **once**
+into ``fmt`` with the chosen rounding and overflow rule, exactly as :func:`fixedsim.quantize`
+rounds an exact value (see docs/numerics.md). Operands are taken as they are (quantize them
+first to model operands in a format); they broadcast against each other like NumPy operands.
+
+The kernels in :mod:`fixedsim.jit.arith` capture the exact result with error-free
+transformations; the few elements they cannot prove exact are computed with
+:mod:`fixedsim.reference` on fractions (same random draw), so every element is exact.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+
+from . import reference
+from .formats import _to_float_toward_zero
+from .jit import arith as _ka
+from .jit import quant as _q
+from .jit.rng import random_u64_array
+from .quantize import (
+    QuantStats,
+    _as_float_array,
+    _check_format,
+    _check_random_bits,
+    _kernel_params,
+    random_key,
+    resolve_overflow,
+)
+from .rounding import Rounding
+
+__all__ = ["add", "sub", "mul", "div", "fma"]
+
+_OPS = {"add": _ka.OP_ADD, "mul": _ka.OP_MUL, "div": _ka.OP_DIV, "fma": _ka.OP_FMA}
+
+
+def _exact(op: str, x: float, y: float, z: float, rounding: Rounding):
+    """The exact result: a Fraction, or a float for IEEE specials and signed zeros."""
+    if not all(math.isfinite(v) for v in (x, y, z)) or (op == "div" and y == 0):
+        with np.errstate(all="ignore"):  # IEEE specials are exact
+            f = {"add": np.add, "mul": np.multiply, "div": np.divide}
+            if op == "fma":
+                return float(np.float64(x) * np.float64(y) + np.float64(z))
+            return float(f[op](np.float64(x), np.float64(y)))
+    fx, fy = Fraction(x), Fraction(y)
+    if op == "div":
+        v = fx / fy
+    elif op == "mul":
+        v = fx * fy
+    elif op == "add":
+        v = fx + fy
+    else:
+        v = fx * fy + Fraction(z)
+    if v != 0:
+        return v
+    # IEEE 754 signs of exact zeros
+    if op in ("mul", "div"):
+        return math.copysign(0.0, x) * math.copysign(1.0, y)
+    s1 = math.copysign(1.0, x * y if op == "fma" else x)
+    s2 = math.copysign(1.0, z if op == "fma" else y)
+    if s1 == s2:
+        return math.copysign(0.0, s1)
+    return -0.0 if rounding is Rounding.DOWN else 0.0
+
+
+def _apply(op, operands, fmt, rounding, overflow, seed, random_bits, stats):
+    fmt = _check_format(fmt)
+    rounding = Rounding.coerce(rounding, what="rounding")
+    overflow = resolve_overflow(fmt, overflow)
+    rbits = _check_random_bits(rounding, random_bits)
+    arrs = [_as_float_array(v, name) for v, name in zip(operands, "abc", strict=False)]
+    try:
+        arrs = np.broadcast_arrays(*arrs)
+    except ValueError:
+        shapes = ", ".join(str(np.shape(a)) for a in arrs)
+        raise ValueError(f"{op}: operands do not broadcast together: shapes {shapes}") from None
+    shape = arrs[0].shape
+    flat = [np.ascontiguousarray(a, dtype=np.float64).reshape(-1) for a in arrs]
+    if len(flat) == 2:
+        flat.append(flat[1])
+    P, U, D = _kernel_params(fmt, rounding, overflow, rbits)
+    Psr = _kernel_params(fmt, Rounding.NEAREST_EVEN, overflow, rbits)[0]
+    key = random_key(seed) if rounding is Rounding.STOCHASTIC else np.uint64(0)
+    U = U.copy()
+    U[_q.U_KEY] = key
+    out = np.empty(shape, fmt.dtype)
+    oflat = out.reshape(-1)
+    precise = (fmt.word_length <= 51) if fmt.kind == "fixed" else (fmt.man_bits <= 50)
+    if precise:
+        wrap_lim = math.ldexp(1.0, 51 - fmt.frac_length) if fmt.kind == "fixed" else 0.0
+        counts, slow = _ka.arith(_OPS[op], *flat, oflat, P, Psr, U, D, int(rounding), rbits,
+                                 wrap_lim)
+        c = counts.sum(axis=0)
+        slow_idx = np.flatnonzero(slow)
+    else:  # more than 51 significant bits: no room for round-to-odd; exact arithmetic
+        c = np.zeros(_q.N_FLAGS, np.int64)
+        slow_idx = np.arange(oflat.size)
+    if c[_q.F_INVALID]:
+        raise ValueError(
+            f"{op}: a result is NaN (or an infinity with WRAP), which fixed-point format "
+            f"{fmt!r} cannot represent"
+        )
+    if slow_idx.size:
+        draws = None
+        if rounding is Rounding.STOCHASTIC:
+            draws = random_u64_array(key, 0, oflat.size)[slow_idx] >> np.uint64(64 - rbits)
+        for j, i in enumerate(slow_idx):
+            x, y, z = (float(f[i]) for f in flat)
+            v = _exact(op, x, y, z, rounding)
+            if fmt.kind == "fixed" and v != v:
+                raise ValueError(f"{op}: a result is NaN, which fixed-point format {fmt!r} "
+                                 "cannot represent")
+            res, fl = reference.round_to_format(
+                v, fmt, rounding, overflow, flags=True,
+                draw=None if draws is None else int(draws[j]),
+                random_bits=random_bits)
+            oflat[i] = res if isinstance(res, float) else _to_float_toward_zero(res)
+            for name, col in (("inexact", _q.F_INEXACT), ("rounded_up", _q.F_UP),
+                              ("overflow", _q.F_OVERFLOW), ("underflow", _q.F_UNDERFLOW),
+                              ("subnormal", _q.F_SUBNORMAL), ("nan", _q.F_NAN)):
+                c[col] += fl[name]
+    if stats:
+        return out, QuantStats(size=int(out.size), inexact=int(c[_q.F_INEXACT]),
+                               rounded_up=int(c[_q.F_UP]), overflow=int(c[_q.F_OVERFLOW]),
+                               underflow=int(c[_q.F_UNDERFLOW]),
+                               subnormal=int(c[_q.F_SUBNORMAL]), nan=int(c[_q.F_NAN]))
+    return out
+
+
+_PARAMS = """
+    fmt : FixedFormat or FloatFormat
+        Format of the result.
+    rounding : Rounding or str, default NEAREST_EVEN
+        Applied once, to the exact result.
+    overflow : Overflow or str, optional
+        As for :func:`fixedsim.quantize` (None: SATURATE for fixed point and "fn" floats,
+        INFINITY for IEEE floats).
+    seed, random_bits
+        STOCHASTIC rounding, as for :func:`fixedsim.quantize` (element ``i`` of the broadcast
+        result gets draw ``i``).
+    stats : bool, default False
+        Also return a :class:`fixedsim.QuantStats` of the rounding.
+
+    Returns
+    -------
+    numpy.ndarray
+        The broadcast shape, dtype ``fmt.dtype``.
+"""
+
+
+def add(a, b, fmt, rounding=Rounding.NEAREST_EVEN, overflow=None, *, seed=None,
+        random_bits=None, stats=False):
+    return _apply("add", (a, b), fmt, rounding, overflow, seed, random_bits, stats)
+
+
+def sub(a, b, fmt, rounding=Rounding.NEAREST_EVEN, overflow=None, *, seed=None,
+        random_bits=None, stats=False):
+    b = np.negative(_as_float_array(b, "b"))  # negation is exact
+    return _apply("add", (a, b), fmt, rounding, overflow, seed, random_bits, stats)
+
+
+def mul(a, b, fmt, rounding=Rounding.NEAREST_EVEN, overflow=None, *, seed=None,
+        random_bits=None, stats=False):
+    return _apply("mul", (a, b), fmt, rounding, overflow, seed, random_bits, stats)
+
+
+def div(a, b, fmt, rounding=Rounding.NEAREST_EVEN, overflow=None, *, seed=None,
+        random_bits=None, stats=False):
+    return _apply("div", (a, b), fmt, rounding, overflow, seed, random_bits, stats)
+
+
+def fma(a, b, c, fmt, rounding=Rounding.NEAREST_EVEN, overflow=None, *, seed=None,
+        random_bits=None, stats=False):
+    return _apply("fma", (a, b, c), fmt, rounding, overflow, seed, random_bits, stats)
+
+
+add.__doc__ = """``a + b`` rounded once into ``fmt``.
+
+    Parameters
+    ----------
+    a, b : array_like
+        Operands (broadcast together).""" + _PARAMS + """
+    Examples
+    --------
+    >>> import fixedsim as fs
+    >>> fs.add([1.0, 1.0], [2**-11, 3 * 2**-11], fs.FP16)     # ties to even
+    array([1.       , 1.0019531], dtype=float32)
+    >>> fs.add(60000.0, 10000.0, fs.FP16, "toward_zero")
+    array(65504., dtype=float32)
+"""
+sub.__doc__ = """``a - b`` rounded once into ``fmt`` (an exact zero is +0, or -0 rounding DOWN).
+
+    Parameters
+    ----------
+    a, b : array_like
+        Operands (broadcast together).""" + _PARAMS
+mul.__doc__ = """``a * b`` rounded once into ``fmt``.
+
+    Parameters
+    ----------
+    a, b : array_like
+        Operands (broadcast together).""" + _PARAMS + """
+    Examples
+    --------
+    >>> import fixedsim as fs
+    >>> fs.mul(0.1, 3.0, fs.FixedFormat(8, 4), "up")
+    array(0.3125, dtype=float32)
+"""
+div.__doc__ = """``a / b`` rounded once into ``fmt`` (``x/0`` is an infinity, ``0/0`` NaN, as IEEE).
+
+    Parameters
+    ----------
+    a, b : array_like
+        Operands (broadcast together).""" + _PARAMS + """
+    Examples
+    --------
+    >>> import fixedsim as fs
+    >>> fs.div(1.0, 3.0, fs.BF16, "odd"), fs.div(1.0, 3.0, fs.BF16, "down")
+    (array(0.33398438, dtype=float32), array(0.33203125, dtype=float32))
+"""
+fma.__doc__ = """``a * b + c`` rounded once into ``fmt`` (no rounding of the product).
+
+    Parameters
+    ----------
+    a, b, c : array_like
+        Operands (broadcast together).""" + _PARAMS + """
+    Examples
+    --------
+    >>> import fixedsim as fs
+    >>> x = 1 + 2**-8
+    >>> fs.fma(x, x, -1.0, fs.FP16), fs.add(fs.mul(x, x, fs.FP16), -1.0, fs.FP16)
+    (array(0.00782776, dtype=float32), array(0.0078125, dtype=float32))
+"""

@@ -1,0 +1,257 @@
+"""Correctly rounded elementwise add, multiply, divide and fused multiply-add.
+
+Each element's exact result ``V`` is first captured without error as ``hi + lo`` (``hi`` the
+float64 nearest ``V``) with error-free transformations: TwoSum for sums, the exact float64
+product of two float32-exact operands (at most 48 significant bits), the exact division
+remainder ``a - q*b``. Then ``V`` is rounded once into the format:
+
+* deterministic modes: ``V`` rounded to odd at 53 bits, then rounded into the format by the
+  quantize kernel; exact for every format of at most 51 significant bits (round-to-odd at two or
+  more extra bits makes the second rounding correct);
+* STOCHASTIC: the neighbours of ``V`` and ``floor(frac * 2**r)`` are computed exactly from
+  ``hi`` and ``lo``, the draw is compared, and the chosen neighbour goes through the quantize
+  kernel for the range (overflow, flush to zero).
+
+Where these arguments do not hold (operands of more than 24 significant bits in a product or
+quotient, float64 overflow of ``hi``, wrapped values beyond 2**51 quanta, a division whose
+stochastic decision lies within one rounding of a boundary), the element is flagged and the
+caller computes it exactly with :mod:`fixedsim.reference` from the same random draw.
+"""
+
+import math
+
+import numpy as np
+from numba import prange
+
+from .options import jit_inline, jit_parallel
+from .quant import (
+    CHUNK,
+    F_INEXACT,
+    F_UNDERFLOW,
+    F_UP,
+    KIND_FIXED,
+    N_FLAGS,
+    OVF_WRAP,
+    P_EMIN,
+    P_F,
+    P_KIND,
+    P_M,
+    P_OVF,
+    P_SUBN,
+    RDN,
+    SR,
+    U_KEY,
+    quantize_value,
+    sr_limit,
+)
+from .rng import random_u64
+
+OP_ADD, OP_MUL, OP_DIV, OP_FMA = range(4)
+_TWO63 = 9223372036854775808.0
+
+
+@jit_inline
+def two_sum(a, b):
+    """``s + e == a + b`` exactly, ``s = fl(a + b)`` (Knuth)."""
+    s = a + b
+    bp = s - a
+    ap = s - bp
+    return s, (a - ap) + (b - bp)
+
+
+@jit_inline
+def _f32_exact(v):
+    return np.float64(np.float32(v)) == v
+
+
+@jit_inline
+def _is_odd(h):
+    """Last significand bit of the finite nonzero float64 ``h``."""
+    a = abs(h)
+    if a < 2.2250738585072014e-308:
+        k = a * 2.0**1000 * 2.0**74
+    else:
+        m, ex = math.frexp(a)
+        k = m * 9007199254740992.0
+    return k - 2.0 * np.floor(0.5 * k) != 0.0
+
+
+@jit_inline
+def round_to_odd(hi, lo):
+    """``hi + lo`` rounded to odd at float64 precision (``hi`` the nearest float64)."""
+    if lo == 0.0 or _is_odd(hi):
+        return hi
+    return np.nextafter(hi, np.inf if lo > 0.0 else -np.inf)
+
+
+@jit_inline
+def _to_u64(x):
+    """Nonnegative integer-valued float64 ``x <= 2**64`` as uint64 (2**64 wraps to 0)."""
+    if x >= _TWO63:
+        return np.uint64(x - _TWO63) + np.uint64(1 << 63)
+    return np.uint64(x)
+
+
+@jit_inline
+def _add_i(t, k):
+    return t + np.uint64(k) if k >= 0 else t - np.uint64(-k)
+
+
+@jit_inline
+def floor_sum(x1, x2, approx):
+    """floor(x1 + x2) as uint64, for 0 <= x1 <= 2**64 a float and |x2| small beside x1's grid.
+
+    Exact when ``x2`` is exact. With ``approx`` (``x2`` is within half an ulp of the true value)
+    also returns True when the true floor might differ (caller falls back to exact arithmetic).
+    """
+    amb = False
+    if abs(x2) >= 1.0:  # then x1 is an integer
+        f2 = np.floor(x2)
+        if approx:
+            u = np.nextafter(abs(x2), np.inf) - abs(x2)
+            amb = (x2 - f2 <= u) or (f2 + 1.0 - x2 <= u)
+        return _add_i(_to_u64(x1), np.int64(f2)), amb
+    f = np.floor(x1)
+    rs, re = two_sum(x1 - f, x2)
+    adj = 0
+    if rs > 1.0 or (rs == 1.0 and re >= 0.0):
+        adj = 1
+    elif rs < 0.0 or (rs == 0.0 and re < 0.0):
+        adj = -1
+    if approx and x2 != 0.0:
+        u = np.nextafter(abs(x2), np.inf) - abs(x2)
+        amb = abs(rs) <= u or abs(rs - 1.0) <= u
+    return _add_i(_to_u64(f), adj), amb
+
+
+@jit_inline
+def _sr_choose(hi, lo, approx, P, rbits, key, idx):
+    """Stochastically chosen neighbour of ``V = hi + lo`` (an exact grid value), ambiguous flag."""
+    xr = round_to_odd(hi, lo)
+    draw = random_u64(key, idx) >> np.uint64(64 - rbits)
+    if P[P_KIND] == KIND_FIXED:  # two's complement: the value is truncated
+        f = P[P_F]
+        lo_g = math.ldexp(np.floor(math.ldexp(xr, f)), -f)
+        x1 = math.ldexp(hi - lo_g, rbits + f)
+        x2 = math.ldexp(lo, rbits + f)
+        if lo != 0.0 and x2 == 0.0:
+            return 0.0, True
+        t, amb = floor_sum(x1, x2, approx)
+        return (lo_g + math.ldexp(1.0, -f) if draw < t else lo_g), amb
+    # sign-magnitude float: the magnitude is truncated
+    sgn = -1.0 if xr < 0.0 else 1.0
+    mag = abs(xr)
+    m = P[P_M]
+    emin = P[P_EMIN]
+    _, ex = math.frexp(mag)
+    E = ex - 1
+    if P[P_SUBN] != 0:
+        eq = (E if E > emin else emin) - m
+    else:
+        if E < emin - 1:  # whichever neighbour, the result is flushed to zero
+            return sgn * 0.0, False
+        eq = E - m
+    lo_g = math.ldexp(np.floor(math.ldexp(mag, -eq)), eq)
+    x1 = math.ldexp(abs(hi) - lo_g, rbits - eq)
+    x2 = math.ldexp(sgn * lo, rbits - eq)
+    if lo != 0.0 and x2 == 0.0:
+        return 0.0, True
+    t, amb = floor_sum(x1, x2, approx)
+    limit, below = sr_limit(t, t, rbits, False, False)
+    up = (draw < limit) if below else (draw >= limit)
+    return sgn * (lo_g + math.ldexp(1.0, eq) if up else lo_g), amb
+
+
+@jit_inline
+def _zero_sign(za, zb, mode):
+    """Sign of an exact zero sum of two zero-or-cancelling terms with signs za, zb (IEEE)."""
+    if za == zb:
+        return -0.0 if za else 0.0
+    return -0.0 if mode == RDN else 0.0
+
+
+@jit_parallel
+def arith(op, a, b, c, out, P, Psr, U, D, mode, rbits, wrap_lim):
+    """``out[i] = round(a[i] op b[i] (+ c[i]))``; returns (per-chunk counts, slow-path mask).
+
+    ``Psr`` is ``P`` with NEAREST_EVEN as the mode (used to range a stochastically chosen
+    grid value). ``wrap_lim``: magnitude above which a wrapped fixed-point result is left to the
+    exact fallback.
+    """
+    n = out.size
+    nch = (n + CHUNK - 1) // CHUNK
+    counts = np.zeros((nch, N_FLAGS), np.int64)
+    slow = np.zeros(n, np.uint8)
+    key = U[U_KEY]
+    wrap = P[P_KIND] == KIND_FIXED and P[P_OVF] == OVF_WRAP
+    for ch in prange(nch):
+        for i in range(ch * CHUNK, min(n, ch * CHUNK + CHUNK)):
+            x = a[i]
+            y = b[i]
+            z = c[i]
+            idx = np.uint64(i)
+            if op == OP_ADD:
+                r = x + y
+            elif op == OP_MUL:
+                r = x * y
+            elif op == OP_DIV:
+                r = x / y if y != 0.0 else (np.nan if x == 0.0 or x != x else
+                                            math.copysign(np.inf, x) * math.copysign(1.0, y))
+            else:
+                r = x * y + z
+            finite_in = abs(x) < np.inf and abs(y) < np.inf and abs(z) < np.inf
+            if not finite_in or (op == OP_DIV and y == 0.0):
+                v, fl = quantize_value(r, P, U, D, idx)  # IEEE specials are exact
+                out[i] = v
+                for k in range(N_FLAGS):
+                    counts[ch, k] += (fl >> k) & 1
+                continue
+            ok = True
+            approx = False
+            hi = r
+            lo = 0.0
+            if op == OP_ADD:
+                hi, lo = two_sum(x, y)
+                if hi == 0.0 and lo == 0.0:
+                    hi = _zero_sign(math.copysign(1.0, x) < 0, math.copysign(1.0, y) < 0, mode)
+            elif op == OP_MUL:
+                ok = _f32_exact(x) and _f32_exact(y)
+            elif op == OP_DIV:
+                ok = _f32_exact(x) and _f32_exact(y)
+                if ok and x != 0.0:
+                    cc = 134217729.0 * r  # Veltkamp split of the quotient, 26 + 26 bits
+                    qh = cc - (cc - r)
+                    ql = r - qh
+                    rem = (x - qh * y) - ql * y  # exact: the remainder is representable
+                    lo = rem / y
+                    approx = True
+            else:
+                ok = _f32_exact(x) and _f32_exact(y)
+                if ok:
+                    p = x * y
+                    hi, lo = two_sum(p, z)
+                    if hi == 0.0 and lo == 0.0:
+                        hi = _zero_sign(math.copysign(1.0, p) < 0, math.copysign(1.0, z) < 0,
+                                        mode)
+            if not ok or abs(hi) == np.inf or (wrap and abs(hi) >= wrap_lim):
+                slow[i] = 1
+                continue
+            if mode == SR:
+                g, amb = _sr_choose(hi, lo, approx, P, rbits, key, idx)
+                if amb:
+                    slow[i] = 1
+                    continue
+                v, fl = quantize_value(g, Psr, U, D, idx)
+                fl &= ~((1 << F_INEXACT) | (1 << F_UP))
+                if not (lo == 0.0 and v == hi):
+                    fl |= 1 << F_INEXACT
+                if v > hi or (v == hi and lo < 0.0):
+                    fl |= 1 << F_UP
+                if v == 0.0 and (hi != 0.0 or lo != 0.0):
+                    fl |= 1 << F_UNDERFLOW
+            else:
+                v, fl = quantize_value(round_to_odd(hi, lo), P, U, D, idx)
+            out[i] = v
+            for k in range(N_FLAGS):
+                counts[ch, k] += (fl >> k) & 1
+    return counts, slow

@@ -1,0 +1,179 @@
+"""add/sub/mul/div/fma: one correct rounding of the exact result, against the Fraction oracle."""
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from helpers import assert_same_bits, float_toward_zero
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fixedsim as fs
+from fixedsim import reference
+from fixedsim.jit.rng import random_u64_array
+from fixedsim.quantize import random_key
+from fixedsim.testing import boundary_values, formats, overflows, roundings
+
+OPS = {"add": 2, "sub": 2, "mul": 2, "div": 2, "fma": 3}
+
+
+def expected(op, operands, fmt, rounding, overflow, seed, random_bits):
+    """The oracle: exact Fraction result (IEEE specials natively, they are exact), one rounding."""
+    rounding = fs.Rounding.coerce(rounding)
+    n = len(operands[0])
+    r = 64 if random_bits is None else random_bits
+    draws = random_u64_array(random_key(seed), 0, n) >> np.uint64(64 - r) \
+        if rounding is fs.Rounding.STOCHASTIC else [None] * n
+    out = []
+    for i in range(n):
+        x, y, *rest = (float(o[i]) for o in operands)
+        z = rest[0] if rest else 0.0
+        if op == "sub":
+            y = -y
+        special = not all(math.isfinite(v) for v in (x, y, z)) or (op == "div" and y == 0)
+        if special:
+            with np.errstate(all="ignore"):
+                v = {"add": x + y, "sub": x + y, "mul": x * y,
+                     "fma": x * y + z}.get(op, None)
+                if op == "div":
+                    v = float(np.float64(x) / np.float64(y))
+        else:
+            fx, fy, fz = Fraction(x), Fraction(y), Fraction(z)
+            v = (fx / fy if op == "div" else fx * fy + fz if op == "fma"
+                 else fx * fy if op == "mul" else fx + fy)
+            if v == 0:  # IEEE signs of exact zeros
+                if op in ("mul", "div"):
+                    v = math.copysign(0.0, x) * math.copysign(1.0, y)
+                else:
+                    t = math.copysign(1.0, x * y) if op == "fma" else math.copysign(1.0, x)
+                    u = math.copysign(1.0, y if op != "fma" else z)
+                    if t == u:
+                        v = math.copysign(0.0, t)
+                    else:
+                        v = -0.0 if rounding is fs.Rounding.DOWN else 0.0
+        d = None if draws[i] is None else int(draws[i])
+        res = reference.round_to_format(v, fmt, rounding, overflow, draw=d,
+                                        random_bits=random_bits)
+        out.append(float_toward_zero(res))
+    return np.array(out)
+
+
+def call(op, operands, fmt, rounding, overflow, seed=None, random_bits=None, stats=False):
+    return getattr(fs, op)(*operands, fmt, rounding, overflow, seed=seed,
+                           random_bits=random_bits, stats=stats)
+
+
+@st.composite
+def arith_cases(draw):
+    fmt = draw(formats())
+    op = draw(st.sampled_from(sorted(OPS)))
+    rounding = draw(roundings())
+    overflow = draw(overflows(fmt))
+    n = draw(st.integers(1, 12))
+    fixed = isinstance(fmt, fs.FixedFormat)
+    elem = st.one_of(
+        boundary_values(fmt, allow_nan=not fixed, allow_infinity=not fixed),
+        boundary_values(fmt, allow_nan=not fixed, allow_infinity=not fixed, dtype=np.float32),
+        st.floats(-4, 4, width=32, allow_subnormal=False),
+    )
+    operands = [np.array(draw(st.lists(elem, min_size=n, max_size=n)))
+                for _ in range(OPS[op])]
+    return op, operands, fmt, rounding, overflow
+
+
+def _fixed_invalid(op, operands, fmt, overflow):
+    """Operands whose exact result is NaN (or inf with WRAP): a fixed format must refuse them."""
+    if not isinstance(fmt, fs.FixedFormat):
+        return False
+    with np.errstate(all="ignore"):
+        x, y, *rest = operands
+        y = -y if op == "sub" else y
+        r = {"add": x + y, "sub": x + y, "mul": x * y, "div": x / y,
+             "fma": x * y + (rest[0] if rest else 0)}[op]
+        finite = np.isfinite(x) & np.isfinite(y) & (np.isfinite(rest[0]) if rest else True)
+        if op == "div":
+            finite &= y != 0
+    bad = np.isnan(r) & ~finite
+    if overflow is fs.Overflow.WRAP:
+        bad |= np.isinf(r) & ~finite
+    return bool(bad.any())
+
+
+@given(arith_cases(), st.integers(0, 2**31), st.sampled_from([None, 3, 17, 64]))
+def test_matches_oracle(case, seed, random_bits):
+    op, operands, fmt, rounding, overflow = case
+    if rounding is not fs.Rounding.STOCHASTIC:
+        random_bits = None
+    if _fixed_invalid(op, operands, fmt, overflow):
+        with pytest.raises(ValueError, match="cannot represent"):
+            call(op, operands, fmt, rounding, overflow, seed, random_bits)
+        return
+    y, s = call(op, operands, fmt, rounding, overflow, seed, random_bits, stats=True)
+    exp = expected(op, operands, fmt, rounding, overflow, seed, random_bits)
+    assert_same_bits(y, exp, f"{op} {fmt} {rounding} {overflow}", nan_sign=False)
+    assert s.size == y.size
+
+
+def test_specials_follow_ieee():
+    inf, nan = np.inf, np.nan
+    assert_same_bits(fs.add([inf, inf, 1.0], [-inf, 1.0, nan], fs.FP16), [nan, inf, nan],
+                     nan_sign=False)
+    assert_same_bits(fs.div([1.0, -1.0, 0.0, 1.0], [0.0, 0.0, 0.0, -0.0], fs.FP16),
+                     [inf, -inf, nan, -inf], nan_sign=False)
+    assert_same_bits(fs.mul([0.0, -2.0], [inf, 0.0], fs.FP16), [nan, -0.0], nan_sign=False)
+    assert_same_bits(fs.div([1.0], [0.0], fs.FP8_E4M3), [448.0])  # no inf: saturates
+    assert_same_bits(fs.sub([1.0, -0.0], [1.0, 0.0], fs.FP16), [0.0, -0.0])
+    assert_same_bits(fs.sub([1.0], [1.0], fs.FP16, "down"), [-0.0])
+    with pytest.raises(ValueError, match="cannot represent"):
+        fs.div(0.0, 0.0, fs.FixedFormat(8, 2))
+
+
+def test_fma_rounds_once():
+    x = 1 + 2**-8
+    assert fs.fma(x, x, -1.0, fs.FP16) == 2**-7 + 2**-16
+    assert fs.add(fs.mul(x, x, fs.FP16), -1.0, fs.FP16) == 2**-7
+
+
+def test_fma_beyond_float64_exactness():
+    """a*b + c whose exact value float64 cannot hold: double rounding would give 1 + 2**-10."""
+    a = 1 + 2**-11  # FP16 tie position relative to 1 after the product
+    c = -(2.0**-40)
+    got = fs.fma(a, 1.0, c, fs.FP16)  # exact: just below the tie -> rounds down
+    assert got == 1.0
+
+
+def test_wide_operands_take_the_exact_path():
+    a = np.array([1 + 2**-40, 3.0])
+    b = np.array([1 + 2**-45, 1 / 3])
+    assert_same_bits(fs.mul(a, b, fs.FP32, "up"),
+                     expected("mul", [a, b], fs.FP32, "up", None, None, None))
+    assert_same_bits(fs.div(a, b, fs.FP64, "down"),
+                     expected("div", [a, b], fs.FP64, "down", None, None, None))
+
+
+def test_broadcasting_and_errors():
+    assert fs.add(np.ones((3, 1)), np.ones(4), fs.FP16).shape == (3, 4)
+    with pytest.raises(ValueError, match="do not broadcast"):
+        fs.add(np.ones(3), np.ones(4), fs.FP16)
+    with pytest.raises(TypeError, match="fmt must be"):
+        fs.add(1.0, 2.0, "FP16")
+    with pytest.raises(ValueError, match="unknown rounding"):
+        fs.mul(1.0, 2.0, fs.FP16, "nearest")
+
+
+@pytest.mark.parametrize("op", ["add", "mul", "div", "fma"])
+def test_stochastic_is_unbiased(op):
+    n = 100_000
+    args = {"add": (np.full(n, 1.0), np.full(n, 2**-12)), "mul": (np.full(n, 1 / 3),
+            np.full(n, 3.0)), "div": (np.full(n, 1.0), np.full(n, 3.0)),
+            "fma": (np.full(n, 1 / 3), np.full(n, 3.0), np.full(n, 2**-13))}[op]
+    exact = {"add": Fraction(1) + Fraction(2) ** -12,
+             "mul": Fraction(1 / 3) * 3, "div": Fraction(1, 3),
+             "fma": Fraction(1 / 3) * 3 + Fraction(2) ** -13}[op]
+    y = getattr(fs, op)(*args, fs.BF16, "stochastic", seed=4)
+    lo, hi = (float(v) for v in reference.neighbours(exact, fs.BF16))
+    p = float((exact - Fraction(lo)) / (Fraction(hi) - Fraction(lo)))
+    ups = np.count_nonzero(y == hi)
+    assert np.count_nonzero((y != hi) & (y != lo)) == 0
+    assert abs(ups - n * p) <= 6 * math.sqrt(n * p * (1 - p)) + 1e-9
