@@ -232,8 +232,12 @@ def main(argv=None):
         rows.append(row)
         print(f"  {name}: done", file=sys.stderr, flush=True)
         del x, outs
+    xc = np.random.default_rng(SEED).standard_normal(args.n).astype(np.float32)
+    ceiling = xc.size / timed(np.copy, xc, args.repeats) / 1e6
     notes += [
         "Melem/s = n / best time; float32 in, float32 out (any conversion back included).",
+        f"Memory ceiling on this machine: np.copy of the same float32 input (allocate, read, "
+        f"write) runs at {ceiling:.0f} Melem/s.",
         "check: RNE vs numpy/ml_dtypes bit for bit (Q<16,8>: numpy clip(rint(x*256))/256 + 0); "
         "SR: results that are neither neighbour ('off'), z-score of the round-up count (|z|<3 ok).",
         "apytypes diff: elements whose bits differ from fixedsim (RNE), or the SR check.",

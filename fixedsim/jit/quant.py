@@ -276,15 +276,16 @@ def quantize_f32(x, xb, out, P, U, D):
     for c in prange(nch):
         lo = c * CHUNK
         hi = min(n, lo + CHUNK)
-        for i in range(lo, hi):
-            b = xb[i]
+        xs, bs, os = x[lo:hi], xb[lo:hi], out[lo:hi]  # slices: nonnegative loop indices
+        for j in range(xs.size):
+            b = bs[j]
             neg = (b >> np.uint32(31)) != 0
             ef = np.int64((b >> np.uint32(23)) & np.uint32(0xFF))
             frac = np.int64(b & np.uint32(0x7FFFFF))
             v, fl = _quantize_fields(
-                np.float64(x[i]), neg, ef, frac, 23, 127, 255, P, U, D, np.uint64(i)
+                np.float64(xs[j]), neg, ef, frac, 23, 127, 255, P, U, D, np.uint64(lo + j)
             )
-            out[i] = v
+            os[j] = v
             if fl != 0:
                 _count(counts, c, fl)
     return counts
@@ -299,13 +300,15 @@ def quantize_f64(x, xb, out, P, U, D):
     for c in prange(nch):
         lo = c * CHUNK
         hi = min(n, lo + CHUNK)
-        for i in range(lo, hi):
-            b = xb[i]
+        xs, bs, os = x[lo:hi], xb[lo:hi], out[lo:hi]  # slices: nonnegative loop indices
+        for j in range(xs.size):
+            b = bs[j]
             neg = (b >> np.uint64(63)) != _U0
             ef = np.int64((b >> np.uint64(52)) & np.uint64(0x7FF))
             frac = np.int64(b & np.uint64(0xFFFFFFFFFFFFF))
-            v, fl = _quantize_fields(x[i], neg, ef, frac, 52, 1023, 2047, P, U, D, np.uint64(i))
-            out[i] = v
+            v, fl = _quantize_fields(xs[j], neg, ef, frac, 52, 1023, 2047, P, U, D,
+                                     np.uint64(lo + j))
+            os[j] = v
             if fl != 0:
                 _count(counts, c, fl)
     return counts

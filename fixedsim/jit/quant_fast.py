@@ -94,34 +94,37 @@ def float_from_f32(xb, ob, mode, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_ne
     for c in prange(nch):
         lo = c * CHUNK
         hi = min(n, lo + CHUNK)
+        # slices: loop indices from 0 are provably nonnegative, so the loops vectorise
+        xs = xb[lo:hi]
+        os = ob[lo:hi]
         if mode == RNE:
-            for i in range(lo, hi):
-                ob[i] = _f32_float_one(np.int64(xb[i]), RNE, sh0, lim, qbits, maxbits,
-                                       ovbits_pos, ovbits_neg, infbits, rbits, key, i)
+            for j in range(xs.size):
+                os[j] = _f32_float_one(np.int64(xs[j]), RNE, sh0, lim, qbits, maxbits,
+                                       ovbits_pos, ovbits_neg, infbits, rbits, key, lo + j)
         elif mode == RNA:
-            for i in range(lo, hi):
-                ob[i] = _f32_float_one(np.int64(xb[i]), RNA, sh0, lim, qbits, maxbits,
-                                       ovbits_pos, ovbits_neg, infbits, rbits, key, i)
+            for j in range(xs.size):
+                os[j] = _f32_float_one(np.int64(xs[j]), RNA, sh0, lim, qbits, maxbits,
+                                       ovbits_pos, ovbits_neg, infbits, rbits, key, lo + j)
         elif mode == RTZ:
-            for i in range(lo, hi):
-                ob[i] = _f32_float_one(np.int64(xb[i]), RTZ, sh0, lim, qbits, maxbits,
-                                       ovbits_pos, ovbits_neg, infbits, rbits, key, i)
+            for j in range(xs.size):
+                os[j] = _f32_float_one(np.int64(xs[j]), RTZ, sh0, lim, qbits, maxbits,
+                                       ovbits_pos, ovbits_neg, infbits, rbits, key, lo + j)
         elif mode == RDN:
-            for i in range(lo, hi):
-                ob[i] = _f32_float_one(np.int64(xb[i]), RDN, sh0, lim, qbits, maxbits,
-                                       ovbits_pos, ovbits_neg, infbits, rbits, key, i)
+            for j in range(xs.size):
+                os[j] = _f32_float_one(np.int64(xs[j]), RDN, sh0, lim, qbits, maxbits,
+                                       ovbits_pos, ovbits_neg, infbits, rbits, key, lo + j)
         elif mode == RUP:
-            for i in range(lo, hi):
-                ob[i] = _f32_float_one(np.int64(xb[i]), RUP, sh0, lim, qbits, maxbits,
-                                       ovbits_pos, ovbits_neg, infbits, rbits, key, i)
+            for j in range(xs.size):
+                os[j] = _f32_float_one(np.int64(xs[j]), RUP, sh0, lim, qbits, maxbits,
+                                       ovbits_pos, ovbits_neg, infbits, rbits, key, lo + j)
         elif mode == ODD:
-            for i in range(lo, hi):
-                ob[i] = _f32_float_one(np.int64(xb[i]), ODD, sh0, lim, qbits, maxbits,
-                                       ovbits_pos, ovbits_neg, infbits, rbits, key, i)
+            for j in range(xs.size):
+                os[j] = _f32_float_one(np.int64(xs[j]), ODD, sh0, lim, qbits, maxbits,
+                                       ovbits_pos, ovbits_neg, infbits, rbits, key, lo + j)
         else:
-            for i in range(lo, hi):
-                ob[i] = _f32_float_one(np.int64(xb[i]), SR, sh0, lim, qbits, maxbits,
-                                       ovbits_pos, ovbits_neg, infbits, rbits, key, i)
+            for j in range(xs.size):
+                os[j] = _f32_float_one(np.int64(xs[j]), SR, sh0, lim, qbits, maxbits,
+                                       ovbits_pos, ovbits_neg, infbits, rbits, key, lo + j)
 
 
 @jit_inline
@@ -177,9 +180,11 @@ def _fixed_one(xv, MODE, up_scale, down_scale, cmax, cmin, ovf, mask, w, signed,
 @jit_inline
 def _fixed_chunk(x, out, lo, hi, MODE, WRAP, up_scale, down_scale, cmax, cmin, mask, w, signed,
                  rbits, key):
-    for i in range(lo, hi):
-        out[i] = _fixed_one(np.float64(x[i]), MODE, up_scale, down_scale, cmax, cmin, WRAP, mask,
-                            w, signed, rbits, key, i)
+    xs = x[lo:hi]  # slices: indices from 0 let the loop vectorise
+    os = out[lo:hi]
+    for j in range(xs.size):
+        os[j] = _fixed_one(np.float64(xs[j]), MODE, up_scale, down_scale, cmax, cmin, WRAP, mask,
+                           w, signed, rbits, key, lo + j)
 
 
 @jit_parallel
@@ -243,8 +248,9 @@ def fixed_from_float(x, out, mode, up_scale, down_scale, cmax, cmin, ovf, mask, 
                 _fixed_chunk(x, out, lo, hi, SR, OVF_SAT, up_scale, down_scale, cmax, cmin,
                              mask, w, signed, rbits, key)
         nb = 0
-        for i in range(lo, hi):
-            v = np.float64(x[i])
+        xs = x[lo:hi]
+        for j in range(xs.size):
+            v = np.float64(xs[j])
             nb += 1 if (v != v or (wrap and abs(v) == np.inf)) else 0
         bad[c] = nb
     return bad.sum()
