@@ -185,11 +185,16 @@ def arith(op, a, b, c, out, P, Psr, U, D, mode, rbits, wrap_lim):
     key = U[U_KEY]
     wrap = P[P_KIND] == KIND_FIXED and P[P_OVF] == OVF_WRAP
     for ch in prange(nch):
-        for i in range(ch * CHUNK, min(n, ch * CHUNK + CHUNK)):
-            x = a[i]
-            y = b[i]
-            z = c[i]
-            idx = np.uint64(i)
+        lo_i = ch * CHUNK
+        hi_i = min(n, lo_i + CHUNK)
+        # slices: loop indices from 0 are provably nonnegative (no wraparound code)
+        aa, bb, cc_, oo, ss = a[lo_i:hi_i], b[lo_i:hi_i], c[lo_i:hi_i], out[lo_i:hi_i], \
+            slow[lo_i:hi_i]
+        for i in range(aa.size):
+            x = aa[i]
+            y = bb[i]
+            z = cc_[i]
+            idx = np.uint64(lo_i + i)
             if op == OP_ADD:
                 r = x + y
             elif op == OP_MUL:
@@ -202,7 +207,7 @@ def arith(op, a, b, c, out, P, Psr, U, D, mode, rbits, wrap_lim):
             finite_in = abs(x) < np.inf and abs(y) < np.inf and abs(z) < np.inf
             if not finite_in or (op == OP_DIV and y == 0.0):
                 v, fl = quantize_value(r, P, U, D, idx)  # IEEE specials are exact
-                out[i] = v
+                oo[i] = v
                 for k in range(N_FLAGS):
                     counts[ch, k] += (fl >> k) & 1
                 continue
@@ -234,12 +239,12 @@ def arith(op, a, b, c, out, P, Psr, U, D, mode, rbits, wrap_lim):
                         hi = _zero_sign(math.copysign(1.0, p) < 0, math.copysign(1.0, z) < 0,
                                         mode)
             if not ok or abs(hi) == np.inf or (wrap and abs(hi) >= wrap_lim):
-                slow[i] = 1
+                ss[i] = 1
                 continue
             if mode == SR:
                 g, amb = _sr_choose(hi, lo, approx, P, rbits, key, idx)
                 if amb:
-                    slow[i] = 1
+                    ss[i] = 1
                     continue
                 v, fl = quantize_value(g, Psr, U, D, idx)
                 fl &= ~((1 << F_INEXACT) | (1 << F_UP))
@@ -251,7 +256,7 @@ def arith(op, a, b, c, out, P, Psr, U, D, mode, rbits, wrap_lim):
                     fl |= 1 << F_UNDERFLOW
             else:
                 v, fl = quantize_value(round_to_odd(hi, lo), P, U, D, idx)
-            out[i] = v
+            oo[i] = v
             for k in range(N_FLAGS):
                 counts[ch, k] += (fl >> k) & 1
     return counts, slow
