@@ -264,11 +264,15 @@ def _run(arr, fmt, rounding, overflow, rbits, key, want_stats, out=None):
         return out, None
     if path == "fixed_from_float":
         f = fmt.frac_length
-        bad = _qf.fixed_from_float(
-            flat, oflat, mode, 2.0**f, 2.0**-f, fmt.max * 2.0**f, fmt.min * 2.0**f,
-            int(overflow), np.uint64((1 << fmt.word_length) - 1), fmt.word_length, fmt.signed,
-            rbits, key,
-        )
+        if overflow is Overflow.WRAP:  # round unclamped to float64 codes, then wrap them
+            codes = np.empty(flat.shape, np.float64)
+            bad = _qf.fixed_from_float(flat, codes, mode, 2.0**f, 1.0, np.inf, -np.inf, rbits,
+                                       key)
+            bad += _qf.wrap_codes(flat, codes, oflat, np.uint64((1 << fmt.word_length) - 1),
+                                  fmt.word_length, fmt.signed, 2.0**-f)
+        else:
+            bad = _qf.fixed_from_float(flat, oflat, mode, 2.0**f, 2.0**-f, fmt.max * 2.0**f,
+                                       fmt.min * 2.0**f, rbits, key)
         counts = np.zeros(_q.N_FLAGS, np.int64)
         counts[_q.F_INVALID] = bad
         return out, counts

@@ -23,7 +23,7 @@ import math
 import numpy as np
 from numba import prange
 
-from .options import jit_inline, jit_parallel
+from .options import jit, jit_inline, jit_parallel
 from .quant import (
     CHUNK,
     F_INEXACT,
@@ -124,7 +124,7 @@ def floor_sum(x1, x2, approx):
     return _add_i(_to_u64(f), adj), amb
 
 
-@jit_inline
+@jit
 def _sr_choose(hi, lo, approx, P, rbits, key, idx):
     """Stochastically chosen neighbour of ``V = hi + lo`` (an exact grid value), ambiguous flag."""
     xr = round_to_odd(hi, lo)

@@ -21,7 +21,7 @@ import math
 import numpy as np
 from numba import prange
 
-from .options import jit_inline, jit_parallel
+from .options import jit, jit_inline, jit_parallel
 from .rng import random_u64
 
 # P fields
@@ -314,8 +314,7 @@ def quantize_f64(x, xb, out, P, U, D):
     return counts
 
 
-@jit_inline
-def quantize_value(x, P, U, D, idx):
+def _quantize_value(x, P, U, D, idx):
     """Quantize one float64 ``x`` (no bit view needed): ``_quantize_fields`` on its IEEE fields."""
     neg = math.copysign(1.0, x) < 0.0
     if x != x:
@@ -333,3 +332,8 @@ def quantize_value(x, P, U, D, idx):
         ef = 0
         frac = np.int64(a * 2.0**1000 * 2.0**74)
     return _quantize_fields(x, neg, ef, frac, 52, 1023, 2047, P, U, D, idx)
+
+
+#: :func:`_quantize_value` as a called function: callers that use it in several places (the
+#: elementwise arithmetic kernel) would take minutes to compile with it inlined in each.
+quantize_value = jit(_quantize_value)

@@ -4,7 +4,8 @@
   (every preset), subnormals on. Branch-free integer arithmetic on the input bits, one loop per
   rounding mode so that the compiler vectorises it.
 * :func:`fixed_from_float`: float32/float64 input into a fixed-point format, when ``x * 2**f``
-  is exact in float64 (the caller checks the range). One loop per rounding mode.
+  is exact in float64 (the caller checks the range). One loop per rounding mode. Under WRAP
+  it runs unclamped into a float64 buffer of codes and :func:`wrap_codes` wraps them.
 
 Neither counts events; :func:`fixedsim.quantize.quantize` uses the general kernel when asked for
 statistics. Both are checked bit for bit against the general kernel and the Fraction oracle.
@@ -17,8 +18,6 @@ from .options import jit_inline, jit_parallel
 from .quant import (
     CHUNK,
     ODD,
-    OVF_SAT,
-    OVF_WRAP,
     RDN,
     RNA,
     RNE,
@@ -29,8 +28,6 @@ from .quant import (
     u64_to_f64_rtz,
 )
 from .rng import random_u64
-
-_U1 = np.uint64(1)
 
 
 @jit_inline
@@ -128,8 +125,7 @@ def float_from_f32(xb, ob, mode, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_ne
 
 
 @jit_inline
-def _fixed_one(xv, MODE, up_scale, down_scale, cmax, cmin, ovf, mask, w, signed, rbits, key,
-               i):
+def _fixed_one(xv, MODE, up_scale, down_scale, cmax, cmin, rbits, key, i):
     y = xv * up_scale  # exact: the caller checked the range
     if MODE == RNE:
         r = np.rint(y)
@@ -157,100 +153,103 @@ def _fixed_one(xv, MODE, up_scale, down_scale, cmax, cmin, ovf, mask, w, signed,
         if fa == ay:
             upm = False
         r = np.copysign(fa + (1.0 if upm else 0.0), y)
-    if ovf == OVF_WRAP:
-        a = abs(r)
-        if a == np.inf:
-            a = 0.0  # |x| * 2**f beyond float64: a multiple of 2**900, so 0 modulo 2**64
-        elif a >= 18446744073709551616.0:
-            # a and the multiple of 2**64 share a's ulp (>= 2**12): the difference is exact
-            a = a - 18446744073709551616.0 * np.floor(a / 18446744073709551616.0)
-        c = np.uint64(a)  # exact: an integer below 2**64
-        if r < 0.0:
-            c = np.uint64(0) - c
-        c = c & mask
-        if signed and (c >> np.uint64(w - 1)) != np.uint64(0):
-            r = -u64_to_f64_rtz((np.uint64(0) - c) & mask)  # the negative code's magnitude
-        else:
-            r = u64_to_f64_rtz(c)
-    else:
-        r = cmax if r > cmax else (cmin if r < cmin else r)
+    r = cmax if r > cmax else (cmin if r < cmin else r)
     return r * down_scale + 0.0
 
 
 @jit_inline
-def _fixed_chunk(x, out, lo, hi, MODE, WRAP, up_scale, down_scale, cmax, cmin, mask, w, signed,
-                 rbits, key):
+def _fixed_chunk(x, out, lo, hi, MODE, up_scale, down_scale, cmax, cmin, rbits, key):
     xs = x[lo:hi]  # slices: indices from 0 let the loop vectorise
     os = out[lo:hi]
     for j in range(xs.size):
-        os[j] = _fixed_one(np.float64(xs[j]), MODE, up_scale, down_scale, cmax, cmin, WRAP, mask,
-                           w, signed, rbits, key, lo + j)
+        os[j] = _fixed_one(np.float64(xs[j]), MODE, up_scale, down_scale, cmax, cmin, rbits, key,
+                           lo + j)
 
 
 @jit_parallel
-def fixed_from_float(x, out, mode, up_scale, down_scale, cmax, cmin, ovf, mask, w, signed,
-                     rbits, key):
+def fixed_from_float(x, out, mode, up_scale, down_scale, cmax, cmin, rbits, key):
     """Quantize ``x`` into a fixed-point format with codes in ``[cmin, cmax]``.
 
-    ``up_scale = 2**f``, ``down_scale = 2**-f``; ``mask = 2**w - 1`` (uint64). Returns the number
-    of NaN inputs, and of infinite inputs under WRAP (both invalid for fixed point). One loop per
-    (rounding mode, wrap or saturate), so that each is compiled without branches on them.
+    Saturating overflow; for WRAP the caller passes infinite bounds, ``down_scale = 1`` and a
+    float64 ``out``, then calls :func:`wrap_codes`. ``up_scale = 2**f``. Returns the number of
+    NaN inputs (invalid for fixed point). One loop per rounding mode, each compiled with the
+    mode as a constant.
     """
     n = x.size
     nch = (n + CHUNK - 1) // CHUNK
     bad = np.zeros(nch, np.int64)
-    wrap = ovf == OVF_WRAP
     for c in prange(nch):
         lo = c * CHUNK
         hi = min(n, lo + CHUNK)
-        if wrap:
-            if mode == RNE:
-                _fixed_chunk(x, out, lo, hi, RNE, OVF_WRAP, up_scale, down_scale, cmax, cmin,
-                             mask, w, signed, rbits, key)
-            elif mode == RNA:
-                _fixed_chunk(x, out, lo, hi, RNA, OVF_WRAP, up_scale, down_scale, cmax, cmin,
-                             mask, w, signed, rbits, key)
-            elif mode == RTZ:
-                _fixed_chunk(x, out, lo, hi, RTZ, OVF_WRAP, up_scale, down_scale, cmax, cmin,
-                             mask, w, signed, rbits, key)
-            elif mode == RDN:
-                _fixed_chunk(x, out, lo, hi, RDN, OVF_WRAP, up_scale, down_scale, cmax, cmin,
-                             mask, w, signed, rbits, key)
-            elif mode == RUP:
-                _fixed_chunk(x, out, lo, hi, RUP, OVF_WRAP, up_scale, down_scale, cmax, cmin,
-                             mask, w, signed, rbits, key)
-            elif mode == ODD:
-                _fixed_chunk(x, out, lo, hi, ODD, OVF_WRAP, up_scale, down_scale, cmax, cmin,
-                             mask, w, signed, rbits, key)
-            else:
-                _fixed_chunk(x, out, lo, hi, SR, OVF_WRAP, up_scale, down_scale, cmax, cmin,
-                             mask, w, signed, rbits, key)
+        if mode == RNE:
+            _fixed_chunk(x, out, lo, hi, RNE, up_scale, down_scale, cmax, cmin, rbits, key)
+        elif mode == RNA:
+            _fixed_chunk(x, out, lo, hi, RNA, up_scale, down_scale, cmax, cmin, rbits, key)
+        elif mode == RTZ:
+            _fixed_chunk(x, out, lo, hi, RTZ, up_scale, down_scale, cmax, cmin, rbits, key)
+        elif mode == RDN:
+            _fixed_chunk(x, out, lo, hi, RDN, up_scale, down_scale, cmax, cmin, rbits, key)
+        elif mode == RUP:
+            _fixed_chunk(x, out, lo, hi, RUP, up_scale, down_scale, cmax, cmin, rbits, key)
+        elif mode == ODD:
+            _fixed_chunk(x, out, lo, hi, ODD, up_scale, down_scale, cmax, cmin, rbits, key)
         else:
-            if mode == RNE:
-                _fixed_chunk(x, out, lo, hi, RNE, OVF_SAT, up_scale, down_scale, cmax, cmin,
-                             mask, w, signed, rbits, key)
-            elif mode == RNA:
-                _fixed_chunk(x, out, lo, hi, RNA, OVF_SAT, up_scale, down_scale, cmax, cmin,
-                             mask, w, signed, rbits, key)
-            elif mode == RTZ:
-                _fixed_chunk(x, out, lo, hi, RTZ, OVF_SAT, up_scale, down_scale, cmax, cmin,
-                             mask, w, signed, rbits, key)
-            elif mode == RDN:
-                _fixed_chunk(x, out, lo, hi, RDN, OVF_SAT, up_scale, down_scale, cmax, cmin,
-                             mask, w, signed, rbits, key)
-            elif mode == RUP:
-                _fixed_chunk(x, out, lo, hi, RUP, OVF_SAT, up_scale, down_scale, cmax, cmin,
-                             mask, w, signed, rbits, key)
-            elif mode == ODD:
-                _fixed_chunk(x, out, lo, hi, ODD, OVF_SAT, up_scale, down_scale, cmax, cmin,
-                             mask, w, signed, rbits, key)
-            else:
-                _fixed_chunk(x, out, lo, hi, SR, OVF_SAT, up_scale, down_scale, cmax, cmin,
-                             mask, w, signed, rbits, key)
+            _fixed_chunk(x, out, lo, hi, SR, up_scale, down_scale, cmax, cmin, rbits, key)
         nb = 0
         xs = x[lo:hi]
         for j in range(xs.size):
             v = np.float64(xs[j])
-            nb += 1 if (v != v or (wrap and abs(v) == np.inf)) else 0
+            nb += 1 if v != v else 0
+        bad[c] = nb
+    return bad.sum()
+
+
+@jit_parallel
+def wrap_codes(x, r, out, mask, w, signed, down_scale):
+    """WRAP pass after :func:`fixed_from_float` ran unclamped: ``r`` holds the rounded codes.
+
+    Keeps the low ``w`` bits of each code (two's complement when ``signed``) and scales it to
+    the value. Returns the number of infinite inputs (an infinity cannot be wrapped).
+    """
+    n = x.size
+    nch = (n + CHUNK - 1) // CHUNK
+    bad = np.zeros(nch, np.int64)
+    two64 = 18446744073709551616.0
+    for c in prange(nch):
+        lo = c * CHUNK
+        hi = min(n, lo + CHUNK)
+        xs, rs, os = x[lo:hi], r[lo:hi], out[lo:hi]  # slices: nonnegative loop indices
+        nb = 0
+        if w <= 53:  # codes and their differences are exact in float64: branch-free
+            m = 2.0**w
+            for j in range(xs.size):
+                inf_in = abs(np.float64(xs[j])) == np.inf
+                nb += 1 if inf_in else 0
+                rr = 0.0 if (inf_in or abs(rs[j]) == np.inf) else rs[j]
+                k = rr - m * np.floor(rr / m)  # in [0, 2**w): exact, it is representable
+                if signed and k >= 0.5 * m:
+                    k = k - m
+                os[j] = k * down_scale + 0.0
+            bad[c] = nb
+            continue
+        for j in range(xs.size):
+            a = abs(rs[j])
+            if abs(np.float64(xs[j])) == np.inf:
+                nb += 1
+                a = 0.0
+            elif a == np.inf:
+                a = 0.0  # |x| * 2**f beyond float64: a multiple of 2**900, so 0 modulo 2**64
+            elif a >= two64:
+                # a and the multiple of 2**64 share a's ulp (>= 2**12): the difference is exact
+                a = a - two64 * np.floor(a / two64)
+            code = np.uint64(a)  # exact: an integer below 2**64
+            if rs[j] < 0.0:
+                code = np.uint64(0) - code
+            code = code & mask
+            if signed and (code >> np.uint64(w - 1)) != np.uint64(0):
+                v = -u64_to_f64_rtz((np.uint64(0) - code) & mask)  # magnitude of the negative
+            else:
+                v = u64_to_f64_rtz(code)
+            os[j] = v * down_scale + 0.0
         bad[c] = nb
     return bad.sum()
