@@ -319,11 +319,11 @@ def quantize(
         drawn from it before. Identical at any thread count. Ignored by other modes.
     random_bits : int, optional
         STOCHASTIC only: model hardware that adds ``random_bits`` random bits below the kept
-        bits and truncates, so the probability of rounding up is
-        ``floor(frac * 2**random_bits) / 2**random_bits`` of the distance ``frac`` (in ulps)
-        to the lower neighbour. Default: 64 bits, which is exact whenever the discarded part
-        has at most 64 significant bits (always for float inputs into float formats of at
-        least 12 bits' worth of range below them; see docs/numerics.md).
+        bits and truncates. The probability of moving away from the truncated neighbour is
+        then ``floor(frac * 2**random_bits) / 2**random_bits``, ``frac`` in [0, 1) the distance
+        from it in quanta (of the magnitude for floats, of the value for fixed point). Default
+        64, which is exact whenever ``frac`` has at most 64 significant bits (every float32
+        input into a float format; see docs/numerics.md).
     stats : bool, default False
         Also return a :class:`QuantStats` with event counts.
     out : numpy.ndarray, optional

@@ -25,9 +25,15 @@ import os
 from fractions import Fraction
 
 import numpy as np
-from hypothesis import settings
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
+
+try:
+    from hypothesis import settings
+    from hypothesis import strategies as st
+    from hypothesis.extra import numpy as hnp
+except ImportError as err:  # pragma: no cover - hypothesis is a test dependency
+    raise ImportError(
+        "fixedsim.testing needs hypothesis: pip install hypothesis (or fixedsim[test])"
+    ) from err
 
 from fixedsim.formats import (
     BF16,

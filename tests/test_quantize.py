@@ -286,6 +286,25 @@ def test_input_is_never_modified_and_shapes_are_kept():
     assert fs.quantize(np.zeros((0, 3)), fs.FixedFormat(8, 1)).shape == (0, 3)
 
 
+def test_out_argument():
+    x = np.random.default_rng(2).standard_normal((3, 4)).astype(np.float32)
+    expected = fs.quantize(x, fs.FP16)
+    buf = np.empty((3, 4), np.float32)
+    assert fs.quantize(x, fs.FP16, out=buf) is buf
+    assert_same_bits(buf, expected)
+    y = x.copy()
+    fs.quantize(y, fs.FP16, out=y)  # in place
+    assert_same_bits(y, expected)
+    with pytest.raises(ValueError, match="shape \\(3, 4\\) and dtype float32"):
+        fs.quantize(x, fs.FP16, out=np.empty((4, 3), np.float32))
+    with pytest.raises(ValueError, match="dtype float32"):
+        fs.quantize(x, fs.FP16, out=np.empty((3, 4), np.float64))
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        fs.quantize(x, fs.FP16, out=np.empty((4, 3), np.float32).T)
+    with pytest.raises(TypeError, match="numpy.ndarray"):
+        fs.quantize(x, fs.FP16, out=[0.0] * 12)
+
+
 def test_accepts_lists_ints_bools_and_float16():
     assert_same_bits(fs.quantize([1, 2, 3], fs.FixedFormat(4, 0)), [1.0, 2.0, 3.0])
     assert_same_bits(fs.quantize(np.array([True, False]), fs.FP8_E4M3), [1.0, 0.0])
