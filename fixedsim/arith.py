@@ -178,12 +178,12 @@ def fma(a, b, c, fmt, rounding=Rounding.NEAREST_EVEN, overflow=None, *, seed=Non
     return _apply("fma", (a, b, c), fmt, rounding, overflow, seed, random_bits, stats)
 
 
-add.__doc__ = """``a + b`` rounded once into ``fmt``.
+def _doc(summary: str, operands: str, examples: str = "") -> str:
+    return (f"{summary}\n\n    Parameters\n    ----------\n    {operands} : array_like\n"
+            f"        Operands (broadcast together).{_PARAMS}{examples}")
 
-    Parameters
-    ----------
-    a, b : array_like
-        Operands (broadcast together).""" + _PARAMS + """
+
+add.__doc__ = _doc("``a + b`` rounded once into ``fmt``.", "a, b", """
     Examples
     --------
     >>> import fixedsim as fs
@@ -191,47 +191,30 @@ add.__doc__ = """``a + b`` rounded once into ``fmt``.
     array([1.       , 1.0019531], dtype=float32)
     >>> fs.add(60000.0, 10000.0, fs.FP16, "toward_zero")
     array(65504., dtype=float32)
-"""
-sub.__doc__ = """``a - b`` rounded once into ``fmt`` (an exact zero is +0, or -0 rounding DOWN).
-
-    Parameters
-    ----------
-    a, b : array_like
-        Operands (broadcast together).""" + _PARAMS
-mul.__doc__ = """``a * b`` rounded once into ``fmt``.
-
-    Parameters
-    ----------
-    a, b : array_like
-        Operands (broadcast together).""" + _PARAMS + """
+""")
+sub.__doc__ = _doc("``a - b`` rounded once into ``fmt`` (an exact zero is +0, or -0 rounding "
+                   "DOWN).", "a, b")
+mul.__doc__ = _doc("``a * b`` rounded once into ``fmt``.", "a, b", """
     Examples
     --------
     >>> import fixedsim as fs
     >>> fs.mul(0.1, 3.0, fs.FixedFormat(8, 4), "up")
     array(0.3125, dtype=float32)
-"""
-div.__doc__ = """``a / b`` rounded once into ``fmt`` (``x/0`` is an infinity, ``0/0`` NaN, as IEEE).
-
-    Parameters
-    ----------
-    a, b : array_like
-        Operands (broadcast together).""" + _PARAMS + """
+""")
+div.__doc__ = _doc("``a / b`` rounded once into ``fmt`` (``x/0`` is an infinity, ``0/0`` NaN, "
+                   "as IEEE).", "a, b", """
     Examples
     --------
     >>> import fixedsim as fs
     >>> fs.div(1.0, 3.0, fs.BF16, "odd"), fs.div(1.0, 3.0, fs.BF16, "down")
     (array(0.33398438, dtype=float32), array(0.33203125, dtype=float32))
-"""
-fma.__doc__ = """``a * b + c`` rounded once into ``fmt`` (no rounding of the product).
-
-    Parameters
-    ----------
-    a, b, c : array_like
-        Operands (broadcast together).""" + _PARAMS + """
+""")
+fma.__doc__ = _doc("``a * b + c`` rounded once into ``fmt`` (no rounding of the product).",
+                   "a, b, c", """
     Examples
     --------
     >>> import fixedsim as fs
     >>> x = 1 + 2**-8
     >>> fs.fma(x, x, -1.0, fs.FP16), fs.add(fs.mul(x, x, fs.FP16), -1.0, fs.FP16)
     (array(0.00782776, dtype=float32), array(0.0078125, dtype=float32))
-"""
+""")
