@@ -223,11 +223,17 @@ def _fast_float_params(fmt: FloatFormat, rounding: Rounding, overflow: Overflow)
             infbits)
 
 
-def _fast_path(arr: np.ndarray, fmt) -> str | None:
+def _fast_path(arr: np.ndarray, fmt, rounding: Rounding) -> str | None:
     """Which fast kernel can serve this call bit-identically to the general one, if any."""
     if isinstance(fmt, FloatFormat):
-        if arr.dtype == np.float32 and fmt.dtype == np.float32 and fmt.subnormals:
+        if fmt.dtype != np.float32 or not fmt.subnormals:
+            return None
+        if arr.dtype == np.float32:
             return "float_from_f32"
+        # round to odd at float32 precision first: needs 2 spare bits and quanta >= 2**-147
+        if rounding is not Rounding.STOCHASTIC and fmt.man_bits <= 21 \
+                and fmt.emin - fmt.man_bits >= -147:
+            return "float_from_f64"
         return None
     f = fmt.frac_length
     # x * 2**f must be exact in float64 (no underflow; overflow only to inf from float64 input)
@@ -256,11 +262,15 @@ def _run(arr, fmt, rounding, overflow, rbits, key, want_stats, out=None):
     out = _check_out(out, arr, fmt)
     flat = arr.reshape(-1)
     oflat = out.reshape(-1)
-    path = None if want_stats else _fast_path(arr, fmt)
+    path = None if want_stats else _fast_path(arr, fmt, rounding)
     mode = int(rounding)
     if path == "float_from_f32":
         _qf.float_from_f32(flat.view(np.uint32), oflat.view(np.uint32), mode,
                            *_fast_float_params(fmt, rounding, overflow), rbits, key)
+        return out, None
+    if path == "float_from_f64":
+        _qf.float_from_f64(flat, oflat.view(np.uint32), mode,
+                           *_fast_float_params(fmt, rounding, overflow))
         return out, None
     if path == "fixed_from_float":
         f = fmt.frac_length

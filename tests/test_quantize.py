@@ -59,7 +59,7 @@ def test_float32_inputs_match_oracle(case):
     fmt, rounding, overflow, x = case
     y = fs.quantize(x, fmt, rounding, overflow)
     assert_same_bits(y, oracle(x.astype(np.float64), fmt, rounding, overflow),
-                     f"{fmt} {rounding} {overflow} path={_fast_path(x, fmt)}")
+                     f"{fmt} {rounding} {overflow} path={_fast_path(x, fmt, rounding)}")
 
 
 @given(cases(np.float32), st.sampled_from([np.float32, np.float64]))

@@ -3,6 +3,8 @@
 * :func:`float_from_f32`: float32 input into a float format whose values are all float32
   (every preset), subnormals on. Branch-free integer arithmetic on the input bits, one loop per
   rounding mode so that the compiler vectorises it.
+* :func:`float_from_f64`: float64 input into such a format of at most 22 significant bits,
+  deterministic modes: round to odd at float32 precision, then the float32 kernel.
 * :func:`fixed_from_float`: float32/float64 input into a fixed-point format, when ``x * 2**f``
   is exact in float64 (the caller checks the range). One loop per rounding mode. Under WRAP
   it runs unclamped into a float64 buffer of codes and :func:`wrap_codes` wraps them.
@@ -14,6 +16,7 @@ statistics. Both are checked bit for bit against the general kernel and the Frac
 import numpy as np
 from numba import prange
 
+from .bits import round_to_odd_f32
 from .options import jit_inline, jit_parallel
 from .quant import (
     CHUNK,
@@ -122,6 +125,49 @@ def float_from_f32(xb, ob, mode, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_ne
             for j in range(xs.size):
                 os[j] = _f32_float_one(np.int64(xs[j]), SR, sh0, lim, qbits, maxbits,
                                        ovbits_pos, ovbits_neg, infbits, rbits, key, lo + j)
+
+
+@jit_parallel
+def float_from_f64(x, ob, mode, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg, infbits):
+    """Quantize float64 ``x`` into float32 bits ``ob``, deterministic modes only.
+
+    Each input is first rounded to odd at float32 precision, which keeps the correct rounding
+    for formats of at most 22 significant bits whose quantum is at least ``2**-147`` (the
+    caller checks); the bits then go through the float32 kernel. Arguments as for
+    :func:`float_from_f32`.
+    """
+    n = x.size
+    nch = (n + CHUNK - 1) // CHUNK
+    key = np.uint64(0)
+    for c in prange(nch):
+        lo = c * CHUNK
+        hi = min(n, lo + CHUNK)
+        xs = x[lo:hi]  # slices: loop indices from 0 are nonnegative, so the loops vectorise
+        os = ob[lo:hi]
+        if mode == RNE:
+            for j in range(xs.size):
+                os[j] = _f32_float_one(round_to_odd_f32(xs[j]), RNE, sh0, lim, qbits, maxbits,
+                                       ovbits_pos, ovbits_neg, infbits, 64, key, lo + j)
+        elif mode == RNA:
+            for j in range(xs.size):
+                os[j] = _f32_float_one(round_to_odd_f32(xs[j]), RNA, sh0, lim, qbits, maxbits,
+                                       ovbits_pos, ovbits_neg, infbits, 64, key, lo + j)
+        elif mode == RTZ:
+            for j in range(xs.size):
+                os[j] = _f32_float_one(round_to_odd_f32(xs[j]), RTZ, sh0, lim, qbits, maxbits,
+                                       ovbits_pos, ovbits_neg, infbits, 64, key, lo + j)
+        elif mode == RDN:
+            for j in range(xs.size):
+                os[j] = _f32_float_one(round_to_odd_f32(xs[j]), RDN, sh0, lim, qbits, maxbits,
+                                       ovbits_pos, ovbits_neg, infbits, 64, key, lo + j)
+        elif mode == RUP:
+            for j in range(xs.size):
+                os[j] = _f32_float_one(round_to_odd_f32(xs[j]), RUP, sh0, lim, qbits, maxbits,
+                                       ovbits_pos, ovbits_neg, infbits, 64, key, lo + j)
+        else:
+            for j in range(xs.size):
+                os[j] = _f32_float_one(round_to_odd_f32(xs[j]), ODD, sh0, lim, qbits, maxbits,
+                                       ovbits_pos, ovbits_neg, infbits, 64, key, lo + j)
 
 
 @jit_inline
