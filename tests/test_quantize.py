@@ -119,6 +119,22 @@ def test_fast_kernels_equal_general_kernel_on_random_bit_patterns(fmt, rounding)
             assert_same_bits(fast, general, f"{fmt} {rounding} {overflow} {xx.dtype}")
 
 
+@pytest.mark.parametrize("fmt", [fs.FP16, fs.BF16, fs.TF32, fs.FP8_E4M3, fs.FP8_E5M2,
+                                 fs.FloatFormat(3, 4), fs.FloatFormat(8, 21)], ids=repr)
+def test_float64_fast_path_equals_general_kernel(fmt):
+    """Round to odd at float32 precision, then the float32 kernel: every float64 pattern class."""
+    rng = np.random.default_rng(3)
+    bits = rng.integers(0, 2**64, 1 << 17, dtype=np.uint64)
+    x = np.concatenate([bits.view(np.float64), rng.standard_normal(1 << 14) * fmt.max / 8,
+                        np.nextafter(fs.quantize(rng.standard_normal(1 << 14), fmt)
+                                     .astype(np.float64), np.inf)])
+    for rounding in DETERMINISTIC:
+        assert _fast_path(x, fmt, rounding) == "float_from_f64"
+        fast = fs.quantize(x, fmt, rounding)
+        general, _ = fs.quantize(x, fmt, rounding, stats=True)
+        assert_same_bits(fast, general, f"{fmt} {rounding}")
+
+
 def test_every_fp16_value_and_midpoint_matches_numpy_cast():
     """All FP16 values, all midpoints between neighbours, and each nudged by one float64 ulp."""
     codes = np.arange(1 << 16, dtype=np.uint16)
