@@ -332,8 +332,10 @@ def quantize(
         bits and truncates. The probability of moving away from the truncated neighbour is
         then ``floor(frac * 2**random_bits) / 2**random_bits``, ``frac`` in [0, 1) the distance
         from it in quanta (of the magnitude for floats, of the value for fixed point). Default
-        64, which is exact whenever ``frac`` has at most 64 significant bits (every float32
-        input into a float format; see docs/numerics.md).
+        64, which is exact whenever ``frac`` is a multiple of ``2**-64`` (every normal-range
+        input into a float format; the exceptions are inputs more than 64 binades below the
+        quantum, whose probability is truncated by less than ``2**-64``; see
+        docs/numerics.md).
     stats : bool, default False
         Also return a :class:`QuantStats` with event counts.
     out : numpy.ndarray, optional
