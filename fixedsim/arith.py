@@ -23,13 +23,13 @@ from .jit import arith as _ka
 from .jit import quant as _q
 from .jit.rng import random_u64_array
 from .quantize import (
-    QuantStats,
     _as_float_array,
     _check_format,
     _check_random_bits,
     _kernel_params,
     random_key,
     resolve_overflow,
+    stats_from_counts,
 )
 from .rounding import Rounding
 
@@ -124,10 +124,7 @@ def _apply(op, operands, fmt, rounding, overflow, seed, random_bits, stats):
                               ("subnormal", _q.F_SUBNORMAL), ("nan", _q.F_NAN)):
                 c[col] += fl[name]
     if stats:
-        return out, QuantStats(size=int(out.size), inexact=int(c[_q.F_INEXACT]),
-                               rounded_up=int(c[_q.F_UP]), overflow=int(c[_q.F_OVERFLOW]),
-                               underflow=int(c[_q.F_UNDERFLOW]),
-                               subnormal=int(c[_q.F_SUBNORMAL]), nan=int(c[_q.F_NAN]))
+        return out, stats_from_counts(c, out.size)
     return out
 
 

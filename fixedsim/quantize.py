@@ -51,6 +51,13 @@ class QuantStats:
     nan: int
 
 
+def stats_from_counts(c: np.ndarray, size: int) -> QuantStats:
+    """A :class:`QuantStats` from a kernel's event counts (columns ``fixedsim.jit.quant.F_*``)."""
+    return QuantStats(size=int(size), inexact=int(c[_q.F_INEXACT]), rounded_up=int(c[_q.F_UP]),
+                      overflow=int(c[_q.F_OVERFLOW]), underflow=int(c[_q.F_UNDERFLOW]),
+                      subnormal=int(c[_q.F_SUBNORMAL]), nan=int(c[_q.F_NAN]))
+
+
 def _check_format(fmt):
     if not isinstance(fmt, (FixedFormat, FloatFormat)):
         raise TypeError(
@@ -207,18 +214,12 @@ def _f32_bits(v: float) -> int:
 @functools.lru_cache(maxsize=512)
 def _fast_float_params(fmt: FloatFormat, rounding: Rounding, overflow: Overflow):
     maxbits = _f32_bits(fmt.max)
-    inf = 0x7F800000
     if overflow is Overflow.SATURATE:
-        pos = neg = maxbits
-    else:
-        pos = neg = inf
-        if rounding in (Rounding.TOWARD_ZERO, Rounding.ODD):
-            pos = neg = maxbits
-        elif rounding is Rounding.DOWN:
-            pos = maxbits
-        elif rounding is Rounding.UP:
-            neg = maxbits
-    infbits = maxbits if overflow is Overflow.SATURATE else inf
+        pos = neg = infbits = maxbits
+    else:  # the IEEE rule per mode, from the same function the general kernel uses
+        pos = _f32_bits(_q.overflow_value(int(rounding), False, fmt.max))
+        neg = _f32_bits(_q.overflow_value(int(rounding), True, fmt.max))
+        infbits = 0x7F800000
     return (23 - fmt.man_bits, fmt.emin + 127, _f32_bits(fmt.min_subnormal), maxbits, pos, neg,
             infbits)
 
@@ -291,9 +292,9 @@ def _run(arr, fmt, rounding, overflow, rbits, key, want_stats, out=None):
         U = U.copy()
         U[_q.U_KEY] = key
     if flat.dtype == np.float32:
-        counts = _q.quantize_f32(flat, flat.view(np.uint32), oflat, P, U, D)
+        counts = _q.quantize_bits(flat, flat.view(np.uint32), oflat, P, U, D, 23, 8)
     else:
-        counts = _q.quantize_f64(flat, flat.view(np.uint64), oflat, P, U, D)
+        counts = _q.quantize_bits(flat, flat.view(np.uint64), oflat, P, U, D, 52, 11)
     return out, counts.sum(axis=0)
 
 
@@ -379,15 +380,7 @@ def quantize(
     if c is not None and c[_q.F_INVALID]:
         _raise_invalid(arr, fmt, overflow)
     if stats:
-        return out, QuantStats(
-            size=int(arr.size),
-            inexact=int(c[_q.F_INEXACT]),
-            rounded_up=int(c[_q.F_UP]),
-            overflow=int(c[_q.F_OVERFLOW]),
-            underflow=int(c[_q.F_UNDERFLOW]),
-            subnormal=int(c[_q.F_SUBNORMAL]),
-            nan=int(c[_q.F_NAN]),
-        )
+        return out, stats_from_counts(c, arr.size)
     return out
 
 

@@ -131,7 +131,7 @@ def u64_to_f64_rtz(mag):
 
 
 @jit_inline
-def _overflow_value(mode, neg, dmax):
+def overflow_value(mode, neg, dmax):
     """IEEE 754 result of an overflow under rounding ``mode`` (magnitude; caller applies sign)."""
     if mode == RTZ or mode == ODD:
         return dmax
@@ -250,7 +250,7 @@ def _quantize_fields(x, neg, ef, frac, in_m, in_bias, in_top, P, U, D, idx):
                 if ovf == OVF_SAT:
                     mag = D[D_MAX]
                 else:
-                    mag = _overflow_value(mode, neg, D[D_MAX])
+                    mag = overflow_value(mode, neg, D[D_MAX])
             elif mag < D[D_MINNORM]:
                 flags |= 1 << F_SUBNORMAL
         val = -mag if neg else mag
@@ -268,45 +268,28 @@ def _count(counts, c, flags):
 
 
 @jit_parallel
-def quantize_f32(x, xb, out, P, U, D):
-    """Quantize float32 ``x`` (``xb`` its uint32 view) into ``out``; return per-chunk counts."""
+def quantize_bits(x, xb, out, P, U, D, in_m, in_e):
+    """Quantize float ``x`` (``xb`` its unsigned bit view) into ``out``; return per-chunk counts.
+
+    ``in_m``, ``in_e``: mantissa and exponent bits of the input (23, 8 for float32; 52, 11 for
+    float64). The fields are read in uint64 whatever the input width.
+    """
     n = x.size
     nch = (n + CHUNK - 1) // CHUNK
     counts = np.zeros((nch, N_FLAGS), np.int64)
+    top = (1 << in_e) - 1
+    bias = (1 << (in_e - 1)) - 1
+    man_mask = (_U1 << np.uint64(in_m)) - _U1
     for c in prange(nch):
         lo = c * CHUNK
         hi = min(n, lo + CHUNK)
         xs, bs, os = x[lo:hi], xb[lo:hi], out[lo:hi]  # slices: nonnegative loop indices
         for j in range(xs.size):
-            b = bs[j]
-            neg = (b >> np.uint32(31)) != 0
-            ef = np.int64((b >> np.uint32(23)) & np.uint32(0xFF))
-            frac = np.int64(b & np.uint32(0x7FFFFF))
-            v, fl = _quantize_fields(
-                np.float64(xs[j]), neg, ef, frac, 23, 127, 255, P, U, D, np.uint64(lo + j)
-            )
-            os[j] = v
-            if fl != 0:
-                _count(counts, c, fl)
-    return counts
-
-
-@jit_parallel
-def quantize_f64(x, xb, out, P, U, D):
-    """Quantize float64 ``x`` (``xb`` its uint64 view) into ``out``; return per-chunk counts."""
-    n = x.size
-    nch = (n + CHUNK - 1) // CHUNK
-    counts = np.zeros((nch, N_FLAGS), np.int64)
-    for c in prange(nch):
-        lo = c * CHUNK
-        hi = min(n, lo + CHUNK)
-        xs, bs, os = x[lo:hi], xb[lo:hi], out[lo:hi]  # slices: nonnegative loop indices
-        for j in range(xs.size):
-            b = bs[j]
-            neg = (b >> np.uint64(63)) != _U0
-            ef = np.int64((b >> np.uint64(52)) & np.uint64(0x7FF))
-            frac = np.int64(b & np.uint64(0xFFFFFFFFFFFFF))
-            v, fl = _quantize_fields(xs[j], neg, ef, frac, 52, 1023, 2047, P, U, D,
+            b = np.uint64(bs[j])
+            neg = (b >> np.uint64(in_m + in_e)) != _U0
+            ef = np.int64((b >> np.uint64(in_m)) & np.uint64(top))
+            frac = np.int64(b & man_mask)
+            v, fl = _quantize_fields(np.float64(xs[j]), neg, ef, frac, in_m, bias, top, P, U, D,
                                      np.uint64(lo + j))
             os[j] = v
             if fl != 0:
