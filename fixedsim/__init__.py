@@ -3,6 +3,7 @@
 The public names, re-exported; see docs/ for the numerics semantics.
 """
 
+from . import counters
 from .arith import add, div, fma, mul, sub
 from .formats import (
     BF16,
@@ -15,12 +16,15 @@ from .formats import (
     FixedFormat,
     FloatFormat,
 )
+from .matmul import Accumulator, MatmulSpec, matmul
 from .quantize import QuantStats, from_bits, quantize, to_bits
 from .rounding import Overflow, Rounding
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Accumulator",
+    "MatmulSpec",
     "BF16",
     "FP8_E4M3",
     "FP8_E5M2",
@@ -35,8 +39,10 @@ __all__ = [
     "Rounding",
     "__version__",
     "add",
+    "counters",
     "div",
     "fma",
+    "matmul",
     "from_bits",
     "mul",
     "quantize",

@@ -427,3 +427,162 @@ def values(fmt) -> list:
             positive.append(v)
     positive.sort()
     return [-v for v in reversed(positive) if v != 0] + positive
+
+
+# -- matrix products -----------------------------------------------------------------------------
+#: Stages of a matrix product whose roundings draw random bits, in the order of their keys.
+STAGE_INPUT_A, STAGE_INPUT_B, STAGE_PRODUCT, STAGE_ACCUMULATOR, STAGE_OUTPUT = range(5)
+
+
+def _exact_product(x: float, y: float):
+    """``x * y`` exactly: a Fraction, or a float for IEEE specials and signed zeros."""
+    if not (math.isfinite(x) and math.isfinite(y)):
+        return x * y  # IEEE: inf * 0 is NaN
+    if x == 0 or y == 0:
+        return math.copysign(0.0, x) * math.copysign(1.0, y)
+    return Fraction(x) * Fraction(y)
+
+
+def exact_sum(terms, rounding=Rounding.NEAREST_EVEN):
+    """The exact sum of ``terms`` (floats and Fractions), with IEEE 754 specials and zero signs.
+
+    A term that is an infinity or NaN makes the sum the IEEE sum of those terms (``inf - inf``
+    is NaN). An exact zero sum is ``-0.0`` when every term is a zero and all are ``-0.0``, or
+    when ``rounding`` is DOWN and some term is ``-0.0`` or nonzero; else ``+0.0`` (the rule of
+    IEEE 754 addition, extended to many terms).
+
+    Examples
+    --------
+    >>> exact_sum([0.5, Fraction(1, 3)])
+    Fraction(5, 6)
+    >>> exact_sum([-0.0, -0.0]), exact_sum([1.0, -1.0]), exact_sum([1.0, -1.0], "down")
+    (-0.0, 0.0, -0.0)
+    """
+    rounding = Rounding.coerce(rounding, what="rounding")
+    specials = [t for t in terms if isinstance(t, float) and not math.isfinite(t)]
+    if specials:
+        return float(sum(specials))
+    s = sum((Fraction(t) for t in terms), Fraction(0))
+    if s != 0:
+        return s
+    zeros_only = all(t == 0 for t in terms)
+    negs = [math.copysign(1.0, t) < 0 for t in terms if isinstance(t, float) and t == 0]
+    if zeros_only and terms and all(negs) and len(negs) == len(terms):
+        return -0.0
+    if rounding is Rounding.DOWN and (not zeros_only or any(negs)):
+        return -0.0
+    return 0.0
+
+
+def dot(a_row, b_col, spec, *, draw=None, index=0, events=None):
+    """One output element of ``fixedsim.matmul`` computed exactly, step by step.
+
+    This is the definition the kernels are tested against: products in order ``k = 0..K-1``,
+    each exact or rounded into ``spec.product``; an exact sum (``spec.accumulator is None``)
+    or a running sum starting at ``+0.0`` to which each block of ``block`` consecutive products
+    is added exactly and rounded once into the accumulator format; then one rounding into
+    ``spec.output`` (into float64 when both accumulator and output are None; none when only the
+    output is None).
+
+    Parameters
+    ----------
+    a_row, b_col : sequence of float
+        The (already quantized) operands: row ``i`` of ``a``, column ``j`` of ``b``.
+    spec : MatmulSpec
+        Read by attribute: ``product``, ``product_rounding``, ``accumulator`` (with ``fmt``,
+        ``rounding``, ``overflow``, ``block``, ``random_bits``), ``output``,
+        ``output_rounding``, ``random_bits``.
+    draw : callable, optional
+        ``draw(stage, i)`` returns the random integer of the ``i``-th stochastic rounding of
+        ``stage`` (:data:`STAGE_PRODUCT` with ``i = index * K + k``,
+        :data:`STAGE_ACCUMULATOR` with ``i = index * nblocks + t``, :data:`STAGE_OUTPUT`
+        with ``i = index``). Needed only when a stage rounds stochastically.
+    index : int
+        The flat index of this output element.
+    events : dict, optional
+        If given, the flags of every rounding (see :func:`round_to_format`) are counted into
+        ``events[stage][flag]``.
+
+    Returns
+    -------
+    float or Fraction
+    """
+    from fixedsim.formats import FP64
+
+    K = len(a_row)
+    if len(b_col) != K:
+        raise ValueError(f"a_row has {K} elements, b_col {len(b_col)}")
+
+    def rnd(stage, v, fmt, rounding, i, overflow=None, random_bits=None):
+        sr = rounding is Rounding.STOCHASTIC
+        r, fl = round_to_format(v, fmt, rounding, overflow, draw=draw(stage, i) if sr else None,
+                                random_bits=random_bits if sr else None, flags=True)
+        if events is not None:
+            ev = events.setdefault(stage, {})
+            for name, on in fl.items():
+                ev[name] = ev.get(name, 0) + int(on)
+        return r
+
+    prods = []
+    for k in range(K):
+        p = _exact_product(float(a_row[k]), float(b_col[k]))
+        if spec.product is not None:
+            p = rnd(STAGE_PRODUCT, p, spec.product, spec.product_rounding, index * K + k,
+                    random_bits=spec.random_bits)
+        prods.append(p)
+    acc = spec.accumulator
+    if acc is None:
+        v = exact_sum([0.0, *prods], spec.output_rounding)
+        out = spec.output if spec.output is not None else FP64
+    else:
+        s = 0.0
+        nblocks = -(-K // acc.block)
+        for t in range(nblocks):
+            v = exact_sum([s, *prods[t * acc.block:(t + 1) * acc.block]], acc.rounding)
+            s = rnd(STAGE_ACCUMULATOR, v, acc.fmt, acc.rounding, index * nblocks + t,
+                    acc.overflow, acc.random_bits)
+        if spec.output is None:
+            return s
+        v, out = s, spec.output
+    return rnd(STAGE_OUTPUT, v, out, spec.output_rounding, index,
+               random_bits=spec.random_bits)
+
+
+def matmul(a, b, spec, *, draw=None):
+    """``fixedsim.matmul(a, b, spec)`` computed exactly, element by element, as float64.
+
+    Inputs are rounded into ``spec.input`` with :func:`round_to_format` (draws of stages
+    :data:`STAGE_INPUT_A` / :data:`STAGE_INPUT_B` indexed by the flat element index), then each
+    output element is :func:`dot`. Values that are not float64 (wide fixed point) are given
+    toward zero, as the kernels' float64 containers hold them.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+
+    def quant(x, stage):
+        if spec.input is None:
+            return x
+        r = spec.input_rounding
+        sr = r is Rounding.STOCHASTIC
+        flat = [round_to_format(float(v), spec.input, r,
+                                random_bits=spec.random_bits if sr else None,
+                                draw=draw(stage, i) if sr else None)
+                for i, v in enumerate(x.reshape(-1))]
+        return np.array([_container(v) for v in flat], dtype=np.float64).reshape(x.shape)
+
+    qa, qb = quant(a, STAGE_INPUT_A), quant(b, STAGE_INPUT_B)
+    A = qa.reshape(int(np.prod(qa.shape[:-1])), qa.shape[-1])
+    N = qb.shape[1]
+    out = np.empty((A.shape[0], N))
+    for r in range(A.shape[0]):
+        for j in range(N):
+            out[r, j] = _container(dot(A[r], qb[:, j], spec, draw=draw, index=r * N + j))
+    return out.reshape(*a.shape[:-1], N)
+
+
+def _container(v) -> float:
+    """``v`` as float64, toward zero when it is not one (wide fixed point)."""
+    if isinstance(v, float):
+        return v
+    f = float(v)
+    return math.nextafter(f, 0.0) if abs(Fraction(f)) > abs(v) else f

@@ -36,7 +36,9 @@ from .quant import (
     P_F,
     P_KIND,
     P_M,
+    P_MODE,
     P_OVF,
+    P_RBITS,
     P_SUBN,
     RDN,
     SR,
@@ -162,6 +164,35 @@ def _sr_choose(hi, lo, approx, P, rbits, key, idx):
     return sgn * (lo_g + math.ldexp(1.0, eq) if up else lo_g), amb
 
 
+@jit
+def round_exact(hi, lo, approx, P, Psr, U, D, idx):
+    """Round ``V = hi + lo`` once into the format of ``P`` (a rounding of :mod:`.quant`).
+
+    ``hi`` is a float64 and ``|lo|`` is below the gap from ``hi`` to its neighbour in the
+    direction of ``lo``; ``lo`` is exact, or (``approx``) within half an ulp of ``V - hi``.
+    Deterministic modes round ``V`` to odd at 53 bits and then into the format (exact for
+    formats of at most 51 significant bits); STOCHASTIC compares the draw with the exact
+    fraction of ``V`` (draw index ``idx``) and ranges the chosen neighbour with ``Psr``.
+    Returns ``(value, flags, ambiguous)``; ``ambiguous`` (only with ``approx``): the stochastic
+    decision could not be proved, the caller must compute exactly.
+    """
+    if P[P_MODE] == SR:
+        g, amb = _sr_choose(hi, lo, approx, P, P[P_RBITS], U[U_KEY], idx)
+        if amb:
+            return 0.0, 0, True
+        v, fl = quantize_value(g, Psr, U, D, idx)
+        fl &= ~((1 << F_INEXACT) | (1 << F_UP))
+        if not (lo == 0.0 and v == hi):
+            fl |= 1 << F_INEXACT
+        if v > hi or (v == hi and lo < 0.0):
+            fl |= 1 << F_UP
+        if v == 0.0 and (hi != 0.0 or lo != 0.0):
+            fl |= 1 << F_UNDERFLOW
+        return v, fl, False
+    v, fl = quantize_value(round_to_odd(hi, lo), P, U, D, idx)
+    return v, fl, False
+
+
 @jit_inline
 def _zero_sign(za, zb, mode):
     """Sign of an exact zero sum of two zero-or-cancelling terms with signs za, zb (IEEE)."""
@@ -182,7 +213,6 @@ def arith(op, a, b, c, out, P, Psr, U, D, mode, rbits, wrap_lim):
     nch = (n + CHUNK - 1) // CHUNK
     counts = np.zeros((nch, N_FLAGS), np.int64)
     slow = np.zeros(n, np.uint8)
-    key = U[U_KEY]
     wrap = P[P_KIND] == KIND_FIXED and P[P_OVF] == OVF_WRAP
     for ch in prange(nch):
         lo_i = ch * CHUNK
@@ -241,21 +271,10 @@ def arith(op, a, b, c, out, P, Psr, U, D, mode, rbits, wrap_lim):
             if not ok or abs(hi) == np.inf or (wrap and abs(hi) >= wrap_lim):
                 ss[i] = 1
                 continue
-            if mode == SR:
-                g, amb = _sr_choose(hi, lo, approx, P, rbits, key, idx)
-                if amb:
-                    ss[i] = 1
-                    continue
-                v, fl = quantize_value(g, Psr, U, D, idx)
-                fl &= ~((1 << F_INEXACT) | (1 << F_UP))
-                if not (lo == 0.0 and v == hi):
-                    fl |= 1 << F_INEXACT
-                if v > hi or (v == hi and lo < 0.0):
-                    fl |= 1 << F_UP
-                if v == 0.0 and (hi != 0.0 or lo != 0.0):
-                    fl |= 1 << F_UNDERFLOW
-            else:
-                v, fl = quantize_value(round_to_odd(hi, lo), P, U, D, idx)
+            v, fl, amb = round_exact(hi, lo, approx, P, Psr, U, D, idx)
+            if amb:
+                ss[i] = 1
+                continue
             oo[i] = v
             for k in range(N_FLAGS):
                 counts[ch, k] += (fl >> k) & 1

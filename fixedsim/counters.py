@@ -1,0 +1,166 @@
+"""Operation and event counters of the emulated arithmetic.
+
+Every :func:`fixedsim.matmul` and :func:`fixedsim.conv2d` call counts, exactly, its
+multiply-accumulates, the roundings done at each stage (inputs, products, accumulator, output)
+and what they did (inexact, overflow, underflow, subnormal, NaN), and which kernel ran. The
+counts of a call are returned with ``stats=True``, and added to every active :func:`record`
+block::
+
+    with fixedsim.counters.record() as c:
+        y = fixedsim.matmul(a, b, spec)
+    print(c.macs, c.accumulator.overflow, c.paths)
+
+Counting is always on: the counts come out of the kernels' own loops (per row, race-free), and
+on the fast paths from checks that cost a few instructions per multiply-accumulate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+
+import numpy as np
+
+from .jit import quant as _q
+
+__all__ = ["StageCounts", "Counters", "record"]
+
+_FIELDS = ("roundings", "inexact", "overflow", "underflow", "subnormal", "nan")
+
+
+@dataclasses.dataclass
+class StageCounts:
+    """Roundings done by one stage, and what they did.
+
+    Attributes
+    ----------
+    roundings : int
+        Rounding operations performed (one per element quantized, per product rounded, per
+        accumulator block added, per output element).
+    inexact : int
+        Roundings whose result differs from the exact value.
+    overflow : int
+        Roundings whose result was out of range, so the overflow rule applied (saturations,
+        wraps, or results sent to infinity).
+    underflow : int
+        Nonzero exact values rounded to zero.
+    subnormal : int
+        Results that are nonzero subnormal numbers.
+    nan : int
+        Results that are NaN.
+    """
+
+    roundings: int = 0
+    inexact: int = 0
+    overflow: int = 0
+    underflow: int = 0
+    subnormal: int = 0
+    nan: int = 0
+
+    @classmethod
+    def from_flags(cls, flags: np.ndarray, roundings: int) -> StageCounts:
+        """From a kernel's event counts (columns ``fixedsim.jit.quant.F_*``)."""
+        return cls(roundings=int(roundings), inexact=int(flags[_q.F_INEXACT]),
+                   overflow=int(flags[_q.F_OVERFLOW]), underflow=int(flags[_q.F_UNDERFLOW]),
+                   subnormal=int(flags[_q.F_SUBNORMAL]), nan=int(flags[_q.F_NAN]))
+
+    def __iadd__(self, other: StageCounts) -> StageCounts:
+        for f in _FIELDS:
+            setattr(self, f, getattr(self, f) + getattr(other, f))
+        return self
+
+
+_STAGES = ("input", "product", "accumulator", "output")
+
+
+@dataclasses.dataclass
+class Counters:
+    """Counts of one or more matrix products.
+
+    Attributes
+    ----------
+    calls : int
+        Number of :func:`fixedsim.matmul`/:func:`fixedsim.conv2d` calls counted.
+    macs : int
+        Multiply-accumulates of the products (``M * N * K`` per matrix product, batches
+        included), whichever kernel computed them.
+    input, product, accumulator, output : StageCounts
+        The roundings of each stage.
+    paths : dict
+        How many calls each kernel served (``"exact_blas"``, ``"fp32_chain"``,
+        ``"general"``), and ``"reference"``: output elements computed exactly in Python
+        because no kernel could prove its result.
+    """
+
+    calls: int = 0
+    macs: int = 0
+    input: StageCounts = dataclasses.field(default_factory=StageCounts)
+    product: StageCounts = dataclasses.field(default_factory=StageCounts)
+    accumulator: StageCounts = dataclasses.field(default_factory=StageCounts)
+    output: StageCounts = dataclasses.field(default_factory=StageCounts)
+    paths: dict = dataclasses.field(default_factory=dict)
+
+    def __iadd__(self, other: Counters) -> Counters:
+        self.calls += other.calls
+        self.macs += other.macs
+        for s in _STAGES:
+            getattr(self, s).__iadd__(getattr(other, s))
+        for k, v in other.paths.items():
+            self.paths[k] = self.paths.get(k, 0) + v
+        return self
+
+    def __add__(self, other: Counters) -> Counters:
+        out = Counters()
+        out += self
+        out += other
+        return out
+
+    def as_dict(self) -> dict:
+        """Flat dict (``"accumulator.overflow"`` ...), e.g. for a CSV row."""
+        d = {"calls": self.calls, "macs": self.macs}
+        for s in _STAGES:
+            for f in _FIELDS:
+                d[f"{s}.{f}"] = getattr(getattr(self, s), f)
+        for k, v in sorted(self.paths.items()):
+            d[f"paths.{k}"] = v
+        return d
+
+
+_local = threading.local()
+
+
+def _active() -> list:
+    if not hasattr(_local, "stack"):
+        _local.stack = []
+    return _local.stack
+
+
+@contextlib.contextmanager
+def record():
+    """Collect the :class:`Counters` of every matrix product in the block (this thread).
+
+    Blocks nest: an inner block's counts also reach the outer ones.
+
+    Examples
+    --------
+    >>> import numpy as np, fixedsim as fs
+    >>> spec = fs.MatmulSpec(accumulator=fs.Accumulator(fs.FP16))
+    >>> with fs.counters.record() as c:
+    ...     _ = fs.matmul(np.ones((2, 3)), np.ones((3, 4)), spec)
+    >>> c.calls, c.macs, c.accumulator.roundings, c.paths
+    (1, 24, 24, {'general': 1})
+    """
+    c = Counters()
+    stack = _active()
+    stack.append(c)
+    try:
+        yield c
+    finally:
+        stack.remove(c)
+
+
+def _publish(c: Counters) -> None:
+    """Add ``c`` to every active :func:`record` block."""
+    for r in _active():
+        r += c

@@ -1,0 +1,554 @@
+"""Matrix products and convolutions computed the way a multiply-accumulate array computes them.
+
+:class:`MatmulSpec` names every rounding of a matrix product; :func:`matmul` and
+:func:`conv2d` compute it bit for bit. The semantics are those of
+:func:`fixedsim.reference.dot` (see docs/matmul.md):
+
+1. the inputs are quantized to ``spec.input`` with ``spec.input_rounding`` (None: taken as
+   they are);
+2. each product ``a[i, k] * b[k, j]`` is exact, or rounded into ``spec.product``;
+3. accumulation: exact when ``spec.accumulator`` is None; else, for ``k = 0..K-1`` in order,
+   each block of ``block`` consecutive products is summed exactly and added to the running sum
+   (which starts at +0) with one rounding into the accumulator format, per its rounding and
+   overflow rule (``block=1``: a chain of fused multiply-adds);
+4. one rounding into ``spec.output`` with ``spec.output_rounding`` (output None: the
+   accumulator's value; with no accumulator either, the exact sum rounded into float64).
+
+Which kernel computes a call is an implementation detail that never changes a bit
+(:mod:`fixedsim.counters` records it): exact fixed-point-like accumulation runs on float64 BLAS
+when a bound proves every partial sum an integer below 2**53; an FP32 fused-multiply-add chain
+with products exact in float32 runs as a float32 loop that keeps the order; everything else
+runs in the general kernel of :mod:`fixedsim.jit.gemm`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+import numpy as np
+
+from . import counters as _counters
+from . import reference
+from .formats import FP32, FP64, FixedFormat, FloatFormat, _to_float_toward_zero
+from .jit import gemm as _g
+from .jit import quant as _q
+from .jit.rng import random_u64_array
+from .quantize import (
+    _as_float_array,
+    _check_format,
+    _check_random_bits,
+    _kernel_params,
+    _run,
+    random_key,
+    resolve_overflow,
+)
+from .rounding import Overflow, Rounding
+
+__all__ = ["Accumulator", "MatmulSpec", "matmul", "stage_keys"]
+
+_RNE = Rounding.NEAREST_EVEN
+
+#: Fast paths on (tests turn them off to compare with the general kernel).
+_FAST_PATHS = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Accumulator:
+    """The running sum of a multiply-accumulate array.
+
+    Parameters
+    ----------
+    fmt : FixedFormat or FloatFormat
+        Format of the running sum.
+    rounding : Rounding or str, default NEAREST_EVEN
+        Rounding of each addition into ``fmt``.
+    overflow : Overflow or str, optional
+        Applied at every step: SATURATE or WRAP for fixed point (default SATURATE);
+        INFINITY (IEEE default) or SATURATE for floats.
+    block : int, default 1
+        Products summed exactly before each rounding: 1 is a chain of fused multiply-adds,
+        larger values model the exact dot-product units of matrix engines.
+    random_bits : int, optional
+        STOCHASTIC only: random bits per rounding (1 to 64, default 64).
+
+    Examples
+    --------
+    >>> import fixedsim as fs
+    >>> fs.Accumulator(fs.FixedFormat(24, 16), "toward_zero", "wrap")
+    Accumulator(Q<24,16>, TOWARD_ZERO, WRAP, block=1)
+    """
+
+    fmt: FixedFormat | FloatFormat
+    rounding: Rounding = _RNE
+    overflow: Overflow | None = None
+    block: int = 1
+    random_bits: int | None = None
+
+    def __post_init__(self):
+        fmt = _check_format(self.fmt)
+        rounding = Rounding.coerce(self.rounding, what="Accumulator rounding")
+        object.__setattr__(self, "fmt", fmt)
+        object.__setattr__(self, "rounding", rounding)
+        object.__setattr__(self, "overflow", resolve_overflow(fmt, self.overflow))
+        if isinstance(self.block, bool) or not isinstance(self.block, numbers.Integral):
+            raise TypeError(f"Accumulator block must be an int >= 1, got {self.block!r}")
+        if self.block < 1:
+            raise ValueError(f"Accumulator block must be >= 1 (products summed exactly per "
+                             f"rounding), got {self.block}")
+        object.__setattr__(self, "block", int(self.block))
+        if self.random_bits is not None:
+            _check_random_bits(rounding, self.random_bits)
+
+    def __repr__(self):
+        rb = "" if self.random_bits is None else f", random_bits={self.random_bits}"
+        return (f"Accumulator({self.fmt!r}, {self.rounding.name}, {self.overflow.name}, "
+                f"block={self.block}{rb})")
+
+
+def _fmt_or_none(v, name):
+    if v is None:
+        return None
+    try:
+        return _check_format(v)
+    except TypeError:
+        raise TypeError(f"MatmulSpec {name} must be a FixedFormat, a FloatFormat or None, "
+                        f"got {v!r}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulSpec:
+    """Every rounding of a matrix product (see the module docstring and docs/matmul.md).
+
+    Parameters
+    ----------
+    input : FixedFormat or FloatFormat, optional
+        Both operands are quantized to it first (None: taken as they are).
+    product : FixedFormat or FloatFormat, optional
+        Each product is rounded into it (None: exact).
+    accumulator : Accumulator, FixedFormat or FloatFormat, optional
+        The running sum (a format means ``Accumulator(fmt)``); None: exact accumulation.
+    output : FixedFormat or FloatFormat, optional
+        The result is rounded once into it. None: the accumulator's values; with no
+        accumulator either, the exact sums rounded into float64.
+    output_rounding : Rounding or str, default NEAREST_EVEN
+    seed : int, numpy.random.Generator or None
+        Random stream of the stochastic stages, as for :func:`fixedsim.quantize` (an int: the
+        same draws every call; a Generator: fresh draws per call; None: fresh entropy).
+    input_rounding, product_rounding : Rounding or str, default NEAREST_EVEN
+    random_bits : int, optional
+        Random bits of the stochastic input, product and output roundings (default 64).
+
+    Raises
+    ------
+    ValueError
+        A rounding given for a stage that does not round (``input_rounding`` without
+        ``input``, ``product_rounding`` without ``product``, ``output_rounding`` other than
+        NEAREST_EVEN with an accumulator and no output), ``random_bits`` with no stochastic
+        stage.
+
+    Examples
+    --------
+    >>> import fixedsim as fs
+    >>> fs.MatmulSpec(input=fs.FP16, accumulator=fs.FP32, output=fs.FP16)
+    MatmulSpec(input=FP16, accumulator=Accumulator(FP32, NEAREST_EVEN, INFINITY, block=1), \
+output=FP16)
+    """
+
+    input: FixedFormat | FloatFormat | None = None
+    product: FixedFormat | FloatFormat | None = None
+    accumulator: Accumulator | None = None
+    output: FixedFormat | FloatFormat | None = None
+    output_rounding: Rounding = _RNE
+    seed: object = None
+    input_rounding: Rounding = _RNE
+    product_rounding: Rounding = _RNE
+    random_bits: int | None = None
+
+    def __post_init__(self):
+        for name in ("input", "product", "output"):
+            object.__setattr__(self, name, _fmt_or_none(getattr(self, name), name))
+        acc = self.accumulator
+        if acc is not None and not isinstance(acc, Accumulator):
+            acc = Accumulator(_fmt_or_none(acc, "accumulator"))
+        object.__setattr__(self, "accumulator", acc)
+        for name in ("output_rounding", "input_rounding", "product_rounding"):
+            object.__setattr__(self, name, Rounding.coerce(getattr(self, name), what=name))
+        for stage, rnd in (("input", "input_rounding"), ("product", "product_rounding")):
+            if getattr(self, stage) is None and getattr(self, rnd) is not _RNE:
+                raise ValueError(f"MatmulSpec {rnd}={getattr(self, rnd).name} has no effect: "
+                                 f"{stage} is None (nothing is rounded there)")
+        if self.output is None and acc is not None and self.output_rounding is not _RNE:
+            raise ValueError(f"MatmulSpec output_rounding={self.output_rounding.name} has no "
+                             "effect: output is None, so the result is the accumulator's value")
+        if self.random_bits is not None:
+            if Rounding.STOCHASTIC not in self._stage_roundings():
+                raise ValueError("MatmulSpec random_bits applies to stochastic input, product "
+                                 "or output rounding, and none of them is STOCHASTIC")
+            _check_random_bits(Rounding.STOCHASTIC, self.random_bits)
+        if not (self.seed is None or isinstance(self.seed, np.random.Generator)):
+            random_key(self.seed)  # type and range check
+
+    def _stage_roundings(self):
+        r = []
+        if self.input is not None:
+            r.append(self.input_rounding)
+        if self.product is not None:
+            r.append(self.product_rounding)
+        if self.output is not None or self.accumulator is None:
+            r.append(self.output_rounding)
+        return r
+
+    @property
+    def stochastic(self) -> bool:
+        """Does any stage round stochastically (so a seed matters)?"""
+        acc = self.accumulator
+        return (Rounding.STOCHASTIC in self._stage_roundings()
+                or (acc is not None and acc.rounding is Rounding.STOCHASTIC))
+
+    @property
+    def result_format(self):
+        """Format of the result: ``output``, else the accumulator's, else FP64."""
+        if self.output is not None:
+            return self.output
+        return self.accumulator.fmt if self.accumulator is not None else FP64
+
+    def __repr__(self):
+        parts = []
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v != f.default:
+                parts.append(f"{f.name}={v.name if isinstance(v, Rounding) else repr(v)}")
+        return f"MatmulSpec({', '.join(parts)})"
+
+
+# -- data checks that choose a kernel ------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Bits:
+    """Finite nonzero values of an array as integers ``C * 2**lsb``: sizes that bound them."""
+
+    finite: bool
+    sig: int  # most significant bits of any value
+    lsb: int  # smallest exponent of a last set bit
+    top: int  # every |value| < 2**top
+    span: int  # every |value| < 2**(lsb + span): the integer codes have at most span bits
+
+    @classmethod
+    def of(cls, x: np.ndarray) -> _Bits:
+        finite = bool(np.isfinite(x).all())
+        v = np.abs(x[np.isfinite(x) & (x != 0)])
+        if v.size == 0:
+            return cls(finite, 0, 0, -1075, 0)
+        m, e = np.frexp(v)
+        mi = (m * 2.0**53).astype(np.int64)
+        low = mi & -mi
+        tz = np.frexp(low.astype(np.float64))[1] - 1
+        lsb = int((e - 53 + tz).min())
+        top = int(e.max())
+        return cls(finite, int((53 - tz).max()), lsb, top, top - lsb)
+
+
+def _stage_params(fmt, rounding, overflow, rbits, key):
+    P, U, D = _kernel_params(fmt, rounding, overflow, rbits)
+    Psr = _kernel_params(fmt, _RNE, overflow, rbits)[0]
+    U = U.copy()
+    U[_q.U_KEY] = key
+    prec = (fmt.word_length <= 51) if isinstance(fmt, FixedFormat) else (fmt.man_bits <= 50)
+    wrap = (math.ldexp(1.0, 51 - fmt.frac_length)
+            if isinstance(fmt, FixedFormat) and overflow is Overflow.WRAP else 0.0)
+    return P, Psr, U, D, prec, wrap
+
+
+def _check_operands(a, b):
+    a = _as_float_array(a, "a")
+    b = _as_float_array(b, "b")
+    if a.ndim < 2:
+        raise ValueError(f"matmul: a must have shape (M, K) or (..., M, K), got {a.shape}")
+    if b.ndim != 2:
+        raise ValueError(f"matmul: b must have shape (K, N), got {b.shape}")
+    if a.shape[-1] != b.shape[0]:
+        raise ValueError(f"matmul: shapes do not match: a {a.shape} has K={a.shape[-1]}, "
+                         f"b {b.shape} has K={b.shape[0]}")
+    return a, b
+
+
+def _check_finite_for_fixed(spec, a, b):
+    fixed = [(name, f) for name, f in (
+        ("input", spec.input), ("product", spec.product),
+        ("accumulator", spec.accumulator.fmt if spec.accumulator else None),
+        ("output", spec.output)) if isinstance(f, FixedFormat)]
+    if not fixed:
+        return
+    for arr, name in ((a, "a"), (b, "b")):
+        if not np.isfinite(arr).all():
+            stage, f = fixed[0]
+            raise ValueError(f"matmul: {name} contains NaN or infinity, which the fixed-point "
+                             f"format {f!r} (spec.{stage}) cannot represent")
+
+
+def _quantize_input(x, fmt, rounding, rbits, key, counts):
+    if fmt is None:
+        return np.ascontiguousarray(x, dtype=np.float64)
+    arr = np.ascontiguousarray(x)
+    out, c = _run(arr, fmt, rounding, resolve_overflow(fmt, None), rbits, key, True)
+    counts += _counters.StageCounts.from_flags(c, arr.size)
+    return out.astype(np.float64, copy=False)
+
+
+def stage_keys(seed) -> np.ndarray:
+    """The random keys of the five stochastic stages of a matrix product, from one seed.
+
+    Stage ``s`` (:data:`fixedsim.reference.STAGE_INPUT_A` ... ``STAGE_OUTPUT``) draws
+    ``random_u64(keys[s], i) >> (64 - random_bits)`` for its ``i``-th rounding, where
+    ``keys = random_u64(random_key(seed), 0..4)`` (:mod:`fixedsim.jit.rng`).
+    """
+    return random_u64_array(random_key(seed), 0, 5)
+
+
+def matmul(a, b, spec: MatmulSpec | None = None, *, seed=None, stats=False):
+    """Matrix product ``a @ b`` computed as ``spec`` says, bit for bit.
+
+    Parameters
+    ----------
+    a : array_like, shape (M, K) or (..., M, K)
+    b : array_like, shape (K, N)
+    spec : MatmulSpec, optional
+        Default ``MatmulSpec()``: exact products and sums, one rounding into float64.
+    seed : int, numpy.random.Generator, optional
+        Overrides ``spec.seed`` for this call (e.g. a fresh seed per training step).
+    stats : bool, default False
+        Also return the call's :class:`fixedsim.counters.Counters`.
+
+    Returns
+    -------
+    numpy.ndarray, shape (..., M, N)
+        dtype of the container of ``spec.result_format`` (float32 when exact in it).
+
+    Raises
+    ------
+    ValueError
+        Shapes that do not match; NaN or infinity where a fixed-point format is in the spec.
+
+    Notes
+    -----
+    Random draws (STOCHASTIC stages): each stage has its own key derived from the seed; the
+    draw of a rounding is indexed by the operand element (inputs), ``o * K + k`` (products),
+    ``o * nblocks + t`` (accumulator block ``t``) or ``o`` (output), ``o`` the flat index of
+    the output element, so results do not depend on threads or on the kernel chosen.
+
+    Examples
+    --------
+    >>> import numpy as np, fixedsim as fs
+    >>> a = np.array([[1.0, 2.0**-11, 2.0**-11]])
+    >>> b = np.ones((3, 1))
+    >>> fs.matmul(a, b, fs.MatmulSpec(output=fs.FP16))           # exact sum, one rounding
+    array([[1.0009766]], dtype=float32)
+    >>> fs.matmul(a, b, fs.MatmulSpec(accumulator=fs.FP16))      # FP16 FMA chain: both lost
+    array([[1.]], dtype=float32)
+    >>> fs.matmul(a, b, fs.MatmulSpec(accumulator=fs.Accumulator(fs.FP16, block=4)))
+    array([[1.0009766]], dtype=float32)
+    """
+    spec = MatmulSpec() if spec is None else spec
+    if not isinstance(spec, MatmulSpec):
+        raise TypeError(f"matmul: spec must be a MatmulSpec, got {type(spec).__name__}")
+    a, b = _check_operands(a, b)
+    _check_finite_for_fixed(spec, a, b)
+    c = _counters.Counters(calls=1)
+    keys = stage_keys(spec.seed if seed is None else seed) if spec.stochastic else \
+        np.zeros(5, np.uint64)
+    rb = 64 if spec.random_bits is None else spec.random_bits
+    aq = _quantize_input(a, spec.input, spec.input_rounding, rb, keys[0], c.input)
+    bq = _quantize_input(b, spec.input, spec.input_rounding, rb, keys[1], c.input)
+    batch = a.shape[:-2]
+    M, K = a.shape[-2:]
+    N = b.shape[1]
+    A = aq.reshape(int(np.prod(batch, dtype=np.int64)) * M, K)
+    R = A.shape[0]
+    c.macs = R * N * K
+    res = _product(A, bq, spec, keys, rb, c)
+    _counters._publish(c)
+    out = res.reshape(*batch, M, N)
+    return (out, c) if stats else out
+
+
+def _product(A, B, spec, keys, rb, c):
+    """``(R, N)`` result of the 2-D product in the result format's container; counts into c."""
+    R, K = A.shape
+    N = B.shape[1]
+    acc = spec.accumulator
+    ba, bb = _Bits.of(A), _Bits.of(B)
+    nblocks = -(-K // acc.block) if acc is not None else 0
+    if acc is not None:
+        c.accumulator.roundings += R * N * nblocks
+    if spec.product is not None:
+        c.product.roundings += R * N * K
+    out = None
+    if _FAST_PATHS and spec.product is None and ba.finite and bb.finite:
+        out = _exact_blas(A, B, spec, ba, bb, keys, rb, c)
+        if out is None:
+            out = _fp32_chain(A, B, spec, ba, bb, keys, rb, c)
+    if out is None:
+        out = _general(A, B, spec, ba, bb, keys, rb, c)
+    return out
+
+
+def _round_output(vals, spec, keys, rb, c):
+    """Round exact float64 values (flat output order) into the output format, counting."""
+    fmt = spec.output if spec.output is not None else FP64
+    out, f = _run(np.ascontiguousarray(vals), fmt, spec.output_rounding,
+                  resolve_overflow(fmt, None), rb, keys[4], True)
+    c.output += _counters.StageCounts.from_flags(f, vals.size)
+    return out
+
+
+def _exact_blas(A, B, spec, ba, bb, keys, rb, c):
+    """Exact accumulation of scaled-integer data on float64 BLAS, or None when not provable.
+
+    The operands are integers times ``2**lsb``; a chunk of ``Kc`` products of integer codes
+    below ``2**span`` sums to less than ``2**53`` in every order, so BLAS is exact; chunks are
+    summed in int64. An accumulator qualifies when no block can round or overflow in it.
+    """
+    acc = spec.accumulator
+    R, K = A.shape
+    N = B.shape[1]
+    if ba.top == -1075 or bb.top == -1075 or K == 0:
+        return None  # all zeros: signs of zero follow the general rule
+    bound_bits = ba.span + bb.span
+    if bound_bits > 52 or bound_bits + math.log2(K) >= 62:
+        return None
+    lsb = ba.lsb + bb.lsb
+    if lsb < -1022 or ba.top + bb.top + math.log2(K) > 1000:
+        return None
+    if acc is not None:
+        f = acc.fmt
+        if not isinstance(f, FixedFormat) or f.frac_length < -lsb:
+            return None
+        bound = math.ldexp(K, ba.top + bb.top)
+        if bound > f.max or -bound < f.min:
+            return None
+    out_fmt = spec.result_format
+    if acc is None and isinstance(out_fmt, FloatFormat) and spec.output_rounding is Rounding.DOWN:
+        return None  # the sign of an exact zero would depend on cancellation
+    Ca = np.ldexp(A, -ba.lsb)
+    Cb = np.ldexp(B, -bb.lsb)
+    kc = max(1, int(2.0**53 // 2.0**bound_bits))
+    if kc >= K:
+        T = Ca @ Cb
+        big = np.abs(T) >= 2.0**53
+    else:
+        Ti = np.zeros((R, N), np.int64)
+        for k0 in range(0, K, kc):
+            Ti += (Ca[:, k0:k0 + kc] @ Cb[k0:k0 + kc]).astype(np.int64)
+        big = np.abs(Ti) >= 2**53
+        T = Ti.astype(np.float64)
+    if big.any():
+        return None
+    vals = np.ldexp(T, lsb) + 0.0  # exact; +0.0 turns -0 into +0 (IEEE sum of zeros)
+    c.paths["exact_blas"] = c.paths.get("exact_blas", 0) + 1
+    if acc is not None:
+        vals = vals.astype(acc.fmt.dtype)
+        if spec.output is None:
+            return vals
+        vals = vals.astype(np.float64)
+    return _round_output(vals.reshape(-1), spec, keys, rb, c).reshape(R, N)
+
+
+def _fp32_chain(A, B, spec, ba, bb, keys, rb, c):
+    """An FP32 FMA chain (RNE, IEEE overflow, block 1) whose products are exact in float32.
+
+    ``fl32(acc + fl32(a*b))`` is then exactly the one rounding of ``acc + a*b``, so a float32
+    loop vectorised over the outputs, keeping ``k`` in order, is bit-identical to the model.
+    """
+    acc = spec.accumulator
+    if (acc is None or acc.fmt != FP32 or acc.rounding is not _RNE or acc.block != 1
+            or acc.overflow is not Overflow.INFINITY):
+        return None
+    # every operand float32-exact, every product exact in float32 (no rounding, no underflow,
+    # no overflow)
+    for x in (ba, bb):
+        if x.sig > 24 or (x.top != -1075 and (x.lsb < -149 or x.top > 128)):
+            return None
+    if ba.sig + bb.sig > 24 or (ba.top != -1075 and bb.top != -1075 and (
+            ba.lsb + bb.lsb < -149 or ba.top + bb.top > 127)):
+        return None
+    R, K = A.shape
+    out = np.empty((R, B.shape[1]), np.float32)
+    flags = _g.gemm_f32_chain(A.astype(np.float32), np.ascontiguousarray(B, np.float32), out)
+    c.accumulator += _counters.StageCounts.from_flags(flags.sum(axis=0), 0)
+    c.paths["fp32_chain"] = c.paths.get("fp32_chain", 0) + 1
+    if spec.output is None:
+        return out
+    return _round_output(out.reshape(-1).astype(np.float64), spec, keys, rb, c).reshape(out.shape)
+
+
+def _general(A, B, spec, ba, bb, keys, rb, c):
+    acc = spec.accumulator
+    R, K = A.shape
+    N = B.shape[1]
+    prod_exact = (ba.sig + bb.sig <= 53 and ba.lsb + bb.lsb >= -1074
+                  and ba.top + bb.top <= 1023)
+    stages = []
+    pf = spec.product if spec.product is not None else FP64
+    stages.append(_stage_params(pf, spec.product_rounding, resolve_overflow(pf, None), rb,
+                                keys[2]))
+    if acc is not None:
+        stages.append(_stage_params(acc.fmt, acc.rounding, acc.overflow,
+                                    64 if acc.random_bits is None else acc.random_bits,
+                                    keys[3]))
+    else:
+        stages.append(stages[0])
+    of = spec.output if spec.output is not None else FP64
+    stages.append(_stage_params(of, spec.output_rounding, resolve_overflow(of, None), rb,
+                                keys[4]))
+    sP, sPsr, sU, sD = (np.ascontiguousarray(np.stack([s[i] for s in stages]))
+                        for i in range(4))
+    prec = np.array([s[4] for s in stages])
+    wrap = np.array([s[5] for s in stages])
+    out = np.empty((R, N), np.float64)
+    counts, slow = _g.gemm_general(
+        np.ascontiguousarray(A), np.ascontiguousarray(B.T), out, 0, prod_exact, sP, sPsr, sU,
+        sD, prec, wrap, spec.product is not None, 0 if acc is None else 1,
+        1 if acc is None else acc.block, spec.output is not None)
+    tot = counts.sum(axis=0)
+    if tot[:, _q.F_INVALID].any():
+        raise ValueError("matmul: a NaN or infinity reached a fixed-point format of the spec "
+                         "(an infinite product or sum, or an infinity with WRAP)")
+    c.paths["general"] = c.paths.get("general", 0) + 1
+    idx = np.argwhere(slow)
+    if idx.size:
+        c.paths["reference"] = c.paths.get("reference", 0) + len(idx)
+        _fallback(A, B, spec, keys, rb, idx, out, tot)
+    c.product += _counters.StageCounts.from_flags(tot[0], 0)
+    if acc is not None:
+        c.accumulator += _counters.StageCounts.from_flags(tot[1], 0)
+    if acc is None or spec.output is not None:
+        c.output += _counters.StageCounts.from_flags(tot[2], R * N)
+    fmt = spec.result_format
+    return out.astype(fmt.dtype) if fmt.dtype != np.float64 else out
+
+
+_FLAG_COLS = (("inexact", _q.F_INEXACT), ("rounded_up", _q.F_UP), ("overflow", _q.F_OVERFLOW),
+              ("underflow", _q.F_UNDERFLOW), ("subnormal", _q.F_SUBNORMAL), ("nan", _q.F_NAN))
+
+
+def _fallback(A, B, spec, keys, rb, idx, out, tot):
+    """Elements no kernel could prove: :func:`fixedsim.reference.dot` with the same draws."""
+    R, K = A.shape
+    N = B.shape[1]
+    acc = spec.accumulator
+    shift = {reference.STAGE_PRODUCT: 64 - rb, reference.STAGE_OUTPUT: 64 - rb,
+             reference.STAGE_ACCUMULATOR: 64 - (acc.random_bits or 64) if acc else 0}
+
+    def draw(stage, i):
+        return int(random_u64_array(keys[stage], i, 1)[0] >> np.uint64(shift[stage]))
+
+    row = {reference.STAGE_PRODUCT: 0, reference.STAGE_ACCUMULATOR: 1,
+           reference.STAGE_OUTPUT: 2}
+    for r, j in idx:
+        events = {}
+        v = reference.dot(A[r], B[:, j], spec, draw=draw, index=int(r * N + j), events=events)
+        out[r, j] = v if isinstance(v, float) else _to_float_toward_zero(v)
+        for stage, fl in events.items():
+            for name, col in _FLAG_COLS:
+                tot[row[stage], col] += fl.get(name, 0)

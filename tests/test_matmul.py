@@ -1,0 +1,346 @@
+"""fixedsim.matmul against the exact sequential oracle (fixedsim.reference.dot), bit for bit."""
+
+import importlib
+
+import numpy as np
+import pytest
+from helpers import assert_same_bits
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fixedsim as fs
+from fixedsim import reference
+from fixedsim.jit.rng import random_u64_array
+from fixedsim.testing import roundings
+
+mm = importlib.import_module("fixedsim.matmul")  # the module (fixedsim.matmul is the function)
+
+FIXED_IN = [fs.FixedFormat(8, 4), fs.FixedFormat(12, 6), fs.FixedFormat(16, 8),
+            fs.FixedFormat(8, 8, signed=False)]
+FLOAT_IN = [fs.FP16, fs.BF16, fs.FP8_E4M3, fs.FP8_E5M2]
+FIXED_ACC = [fs.FixedFormat(16, 8), fs.FixedFormat(24, 12), fs.FixedFormat(12, 4),
+             fs.FixedFormat(32, 16), fs.FixedFormat(20, 14)]
+FLOAT_ACC = [fs.FP32, fs.FP16, fs.BF16, fs.TF32]
+ALL_ROUNDINGS = list(fs.Rounding)
+
+
+def ref_draw(spec, seed):
+    """The oracle's draws: the same stage keys and indices as the kernels."""
+    keys = mm.stage_keys(seed)
+    bits = {s: spec.random_bits or 64 for s in range(5)}
+    if spec.accumulator is not None:
+        bits[reference.STAGE_ACCUMULATOR] = spec.accumulator.random_bits or 64
+
+    def draw(stage, i):
+        return int(random_u64_array(keys[stage], i, 1)[0] >> np.uint64(64 - bits[stage]))
+
+    return draw
+
+
+def check(a, b, spec, seed=7):
+    got = mm.matmul(a, b, spec, seed=seed)
+    want = reference.matmul(a, b, spec, draw=ref_draw(spec, seed))
+    assert got.dtype == spec.result_format.dtype
+    assert_same_bits(got.astype(np.float64), want, err_msg=f"{spec!r}\na={a!r}\nb={b!r}",
+                     nan_sign=False)
+    return got
+
+
+@st.composite
+def matrices(draw, scale=4.0, max_k=20, specials=False, shape=None):
+    m, k, n = shape or (draw(st.integers(1, 3)), draw(st.integers(0, max_k)),
+                        draw(st.integers(1, 3)))
+    elems = st.one_of(
+        st.floats(-scale, scale, allow_nan=False, allow_infinity=False),
+        st.sampled_from([0.0, -0.0, 1.0, -1.0, scale, -scale, 2.0**-20, 0.5 + 2.0**-12]),
+        st.floats(-scale * 64, scale * 64, allow_nan=False, allow_infinity=False),
+    )
+    if specials:
+        elems = st.one_of(elems, st.sampled_from([np.inf, -np.inf, np.nan]))
+
+    def mat(r, c):
+        return np.array(draw(st.lists(elems, min_size=r * c, max_size=r * c)),
+                        dtype=np.float64).reshape(r, c)
+
+    return mat(m, k), mat(k, n)
+
+
+def accumulators(fmts, blocks=(1, 2, 4, 16)):
+    @st.composite
+    def acc(draw):
+        fmt = draw(st.sampled_from(fmts))
+        rnd = draw(roundings())
+        if isinstance(fmt, fs.FixedFormat):
+            ovf = draw(st.sampled_from([fs.Overflow.SATURATE, fs.Overflow.WRAP]))
+        else:
+            ovf = draw(st.sampled_from([None, fs.Overflow.SATURATE]))
+        rb = draw(st.sampled_from([None, 3])) if rnd is fs.Rounding.STOCHASTIC else None
+        return fs.Accumulator(fmt, rnd, ovf, draw(st.sampled_from(blocks)), random_bits=rb)
+
+    return acc()
+
+
+# -- the issue's combinations, against the oracle -------------------------------------------------
+@given(st.sampled_from(FIXED_IN), st.one_of(st.none(), accumulators(FIXED_ACC)),
+       st.sampled_from(FIXED_IN + [None]), st.sampled_from(ALL_ROUNDINGS), matrices(max_k=24))
+def test_fixed_inputs_exact_saturating_wrapping(inp, acc, out, out_rnd, ab):
+    if out is None and acc is not None:
+        out_rnd = fs.Rounding.NEAREST_EVEN
+    check(*ab, fs.MatmulSpec(input=inp, accumulator=acc, output=out, output_rounding=out_rnd))
+
+
+@given(st.sampled_from([fs.FP16, fs.BF16]), accumulators([fs.FP32, fs.FP16], (1, 4, 16)),
+       st.sampled_from([None, fs.FP16, fs.BF16, fs.FP32]), st.sampled_from(ALL_ROUNDINGS),
+       matrices(max_k=40, scale=300.0))
+def test_fp16_bf16_inputs_fp32_fp16_accumulators(inp, acc, out, out_rnd, ab):
+    if out is None:
+        out_rnd = fs.Rounding.NEAREST_EVEN
+    check(*ab, fs.MatmulSpec(input=inp, accumulator=acc, output=out, output_rounding=out_rnd))
+
+
+@given(st.sampled_from([fs.FP8_E4M3, fs.FP8_E5M2]), accumulators([fs.FP16, fs.FP32]),
+       st.sampled_from([fs.FP8_E4M3, fs.FP16, None]), matrices(max_k=24, scale=200.0))
+def test_fp8_inputs(inp, acc, out, ab):
+    check(*ab, fs.MatmulSpec(input=inp, accumulator=acc, output=out))
+
+
+@given(st.sampled_from(FLOAT_IN + FIXED_IN + [None]),
+       st.sampled_from(FLOAT_IN + FIXED_IN + [fs.FP32]), st.sampled_from(ALL_ROUNDINGS),
+       st.one_of(st.none(), accumulators(FLOAT_ACC + FIXED_ACC)), matrices(max_k=12))
+def test_every_output_rounding(inp, out, out_rnd, acc, ab):
+    check(*ab, fs.MatmulSpec(input=inp, accumulator=acc, output=out, output_rounding=out_rnd,
+                             random_bits=5 if out_rnd is fs.Rounding.STOCHASTIC else None))
+
+
+@given(st.sampled_from(FLOAT_IN + [fs.FixedFormat(8, 4), fs.FixedFormat(16, 12)]),
+       st.sampled_from(ALL_ROUNDINGS),
+       st.one_of(st.none(), accumulators(FLOAT_ACC + FIXED_ACC)), matrices(max_k=12))
+def test_product_rounding(prod, prod_rnd, acc, ab):
+    check(*ab, fs.MatmulSpec(input=fs.FP16, product=prod, product_rounding=prod_rnd,
+                             accumulator=acc, output=fs.FP32))
+
+
+@given(st.sampled_from(FLOAT_IN + [None]), st.one_of(st.none(), accumulators(FLOAT_ACC)),
+       st.sampled_from([None, fs.FP16, fs.FP32]), matrices(max_k=10, specials=True))
+def test_infinities_and_nans(inp, acc, out, ab):
+    check(*ab, fs.MatmulSpec(input=inp, accumulator=acc, output=out))
+
+
+@given(st.sampled_from([fs.FP16, fs.BF16, None]), st.sampled_from(ALL_ROUNDINGS),
+       matrices(max_k=12, scale=1e3))
+def test_stochastic_inputs_and_raw_float64(inp, rnd, ab):
+    out = fs.FP16 if inp is None else None
+    rnd_in = rnd if inp is not None else fs.Rounding.NEAREST_EVEN
+    check(*ab, fs.MatmulSpec(input=inp, input_rounding=rnd_in, output=out))
+
+
+@settings(max_examples=30)
+@given(accumulators(FLOAT_ACC + FIXED_ACC), matrices(max_k=20))
+def test_general_kernel_alone(acc, ab):
+    """The general kernel (fast paths off) agrees with the oracle on the same cases."""
+    old = mm._FAST_PATHS
+    mm._FAST_PATHS = False
+    try:
+        check(*ab, fs.MatmulSpec(input=fs.FP16, accumulator=acc, output=fs.FP32))
+        check(*ab, fs.MatmulSpec(input=fs.FixedFormat(12, 6), accumulator=None,
+                                 output=fs.FixedFormat(16, 8)))
+    finally:
+        mm._FAST_PATHS = old
+
+
+# -- fast paths: the same bits and the same counts as the general kernel -------------------------
+def both_paths(a, b, spec, seed=3):
+    fast, cf = mm.matmul(a, b, spec, seed=seed, stats=True)
+    old = mm._FAST_PATHS
+    mm._FAST_PATHS = False
+    try:
+        slow, cs = mm.matmul(a, b, spec, seed=seed, stats=True)
+    finally:
+        mm._FAST_PATHS = old
+    assert_same_bits(fast.astype(np.float64), slow.astype(np.float64), err_msg=repr(spec))
+    assert fast.dtype == slow.dtype
+    for stage in ("input", "product", "accumulator", "output"):
+        assert getattr(cf, stage) == getattr(cs, stage), (stage, spec)
+    assert "general" in cs.paths
+    return cf.paths
+
+
+@pytest.mark.parametrize("shape", [(7, 33, 9), (2, 3, 50, 17), (1, 0, 3)])
+@pytest.mark.parametrize("acc", [None, fs.Accumulator(fs.FixedFormat(40, 16)),
+                                 fs.Accumulator(fs.FixedFormat(32, 16), block=8)])
+@pytest.mark.parametrize("out_rnd", ["nearest_even", "stochastic", "toward_zero"])
+def test_exact_blas_path_matches_general(shape, acc, out_rnd):
+    rng = np.random.default_rng(1)
+    a = rng.normal(0, 3, shape[:-1])
+    b = rng.normal(0, 3, shape[-2:])
+    spec = fs.MatmulSpec(input=fs.FixedFormat(12, 8), accumulator=acc,
+                         output=fs.FixedFormat(16, 6), output_rounding=out_rnd)
+    paths = both_paths(a, b, spec)
+    if shape[-2]:
+        assert "exact_blas" in paths
+
+
+def test_exact_blas_splits_k_under_2_53():
+    """Codes of 25 bits: chunks of 8 products keep BLAS exact; chunks are summed in int64."""
+    rng = np.random.default_rng(2)
+    f = fs.FixedFormat(26, 0)
+    a = rng.integers(-2**25 + 1, 2**25, (5, 40)).astype(np.float64)
+    b = rng.integers(-2**25 + 1, 2**25, (40, 6)).astype(np.float64)
+    spec = fs.MatmulSpec(input=f, output=fs.FP32)
+    assert both_paths(a, b, spec) == {"exact_blas": 1}
+    exact = a.astype(object) @ b.astype(object)
+    want = np.array([[float(np.float32(float(v))) for v in row] for row in exact])
+    assert_same_bits(fs.matmul(a, b, spec).astype(np.float64), want)
+
+
+@pytest.mark.parametrize("inp", [fs.FP16, fs.BF16, fs.FP8_E4M3])
+@pytest.mark.parametrize("out", [None, fs.FP16, fs.BF16])
+def test_fp32_chain_path_matches_general(inp, out):
+    rng = np.random.default_rng(4)
+    a = rng.normal(0, 1, (9, 70)) * np.exp2(rng.integers(-30, 12, (9, 70)))
+    b = rng.normal(0, 1, (70, 13))
+    spec = fs.MatmulSpec(input=inp, accumulator=fs.FP32, output=out)
+    assert both_paths(a, b, spec) == {"fp32_chain": 1}
+
+
+def test_fp32_chain_overflow_and_subnormal_counts():
+    a = np.array([[6e4, 6e4, -6e4, 2.0**-24, 2.0**-24]])
+    b = np.array([[6e4], [6e4], [6e4], [2.0**-24], [-2.0**-24]])
+    big = np.array([[3e38 / 6e4 * 0 + 1e38 / 6e4 * 0]])  # unused; keeps shapes readable
+    del big
+    paths = both_paths(a * 1.0, b, fs.MatmulSpec(input=fs.FP16, accumulator=fs.FP32))
+    assert paths == {"fp32_chain": 1}
+    # FP32 overflow: products of BF16 values near 2**127 are not exact in float32 -> general
+    spec = fs.MatmulSpec(input=fs.BF16, accumulator=fs.FP32)
+    y, c = fs.matmul([[2.0**100, 2.0**100]], [[2.0**27], [2.0**27]], spec, stats=True)
+    assert np.isinf(y).all() and c.accumulator.overflow == 1
+
+
+def test_fp16_fp32_fma_chain_is_a_float32_loop():
+    """FP16 x FP16 with an FP32 block-1 accumulator is a plain sequential float32 FMA loop."""
+    rng = np.random.default_rng(5)
+    a = fs.quantize(rng.normal(0, 10, (6, 200)), fs.FP16)
+    b = fs.quantize(rng.normal(0, 10, (200, 5)), fs.FP16)
+    want = np.zeros((6, 5), np.float32)
+    for i in range(6):
+        for j in range(5):
+            acc = np.float32(0)
+            for k in range(200):
+                acc = np.float32(acc + a[i, k] * b[k, j])  # product exact in float32
+            want[i, j] = acc
+    spec = fs.MatmulSpec(input=fs.FP16, accumulator=fs.FP32)
+    assert_same_bits(fs.matmul(a, b, spec), want)
+    old = mm._FAST_PATHS
+    mm._FAST_PATHS = False
+    try:
+        assert_same_bits(fs.matmul(a, b, spec), want)
+    finally:
+        mm._FAST_PATHS = old
+
+
+@given(st.sampled_from(FIXED_IN), matrices(max_k=30))
+def test_exact_fixed_equals_integer_matmul_on_codes(fmt, ab):
+    a, b = ab
+    spec = fs.MatmulSpec(input=fmt)
+    got = fs.matmul(a, b, spec)
+    ca = fs.to_bits(fs.quantize(a, fmt), fmt).astype(np.int64)
+    cb = fs.to_bits(fs.quantize(b, fmt), fmt).astype(np.int64)
+    if fmt.signed:
+        w = fmt.word_length
+        ca = np.where(ca >= 2 ** (w - 1), ca - 2**w, ca)
+        cb = np.where(cb >= 2 ** (w - 1), cb - 2**w, cb)
+    want = np.ldexp((ca @ cb).astype(np.float64), -2 * fmt.frac_length)
+    assert_same_bits(got, want + 0.0)
+
+
+# -- semantics spelled out ------------------------------------------------------------------------
+def test_three_meanings_of_an_fp16_accumulator():
+    """numpy (FP32 sum, one rounding), per-step FP16 rounding, and double rounding differ."""
+    a = np.array([[1.0] + [2.0**-12] * 16])
+    b = np.ones((17, 1))
+    one_rounding = fs.matmul(a, b, fs.MatmulSpec(input=fs.FP16, accumulator=fs.FP32,
+                                                 output=fs.FP16))
+    per_step = fs.matmul(a, b, fs.MatmulSpec(input=fs.FP16, accumulator=fs.FP16))
+    assert one_rounding[0, 0] == 1.00390625 and per_step[0, 0] == 1.0
+
+
+def test_batched_and_counters():
+    rng = np.random.default_rng(6)
+    a = rng.normal(size=(2, 3, 4, 5))
+    b = rng.normal(size=(5, 6))
+    spec = fs.MatmulSpec(input=fs.FP16, accumulator=fs.Accumulator(fs.FP16, block=2),
+                         output=fs.FP16)
+    with fs.counters.record() as outer:
+        y, c = fs.matmul(a, b, spec, stats=True)
+        with fs.counters.record() as inner:
+            fs.matmul(a, b, spec)
+    assert y.shape == (2, 3, 4, 6)
+    assert c.macs == 2 * 3 * 4 * 5 * 6 and c.calls == 1
+    assert c.input.roundings == a.size + b.size
+    assert c.accumulator.roundings == 2 * 3 * 4 * 6 * 3
+    assert c.output.roundings == y.size
+    assert inner.calls == 1 and outer.calls == 2 and outer.macs == 2 * c.macs
+    for i in range(2):
+        assert_same_bits(y[i], fs.matmul(a[i], b, spec), err_msg="batch slices")
+
+
+def test_seed_semantics():
+    rng = np.random.default_rng(8)
+    a, b = rng.normal(size=(4, 9)), rng.normal(size=(9, 4))
+    spec = fs.MatmulSpec(accumulator=fs.Accumulator(fs.FP8_E5M2, "stochastic"), seed=11)
+    y1, y2 = fs.matmul(a, b, spec), fs.matmul(a, b, spec)
+    assert_same_bits(y1, y2)
+    g = np.random.default_rng(0)
+    z1, z2 = fs.matmul(a, b, spec, seed=g), fs.matmul(a, b, spec, seed=g)
+    assert not np.array_equal(z1, z2)
+
+
+def test_thread_count_does_not_change_bits():
+    import numba
+
+    rng = np.random.default_rng(9)
+    a, b = rng.normal(size=(16, 40)), rng.normal(size=(40, 8))
+    spec = fs.MatmulSpec(input=fs.BF16, accumulator=fs.Accumulator(fs.BF16, "stochastic",
+                                                                    block=4), seed=1)
+    y2 = fs.matmul(a, b, spec)
+    old = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        y1 = fs.matmul(a, b, spec)
+    finally:
+        numba.set_num_threads(old)
+    assert_same_bits(y1, y2)
+
+
+# -- bad input --------------------------------------------------------------------------------------
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="K=3.*K=4"):
+        fs.matmul(np.ones((2, 3)), np.ones((4, 2)))
+    with pytest.raises(ValueError, match="b must have shape"):
+        fs.matmul(np.ones((2, 3)), np.ones((2, 3, 2)))
+    with pytest.raises(ValueError, match="a must have shape"):
+        fs.matmul(np.ones(3), np.ones((3, 2)))
+    with pytest.raises(ValueError, match=r"a contains NaN.*Q<8,4>.*spec.input"):
+        fs.matmul([[np.nan]], [[1.0]], fs.MatmulSpec(input=fs.FixedFormat(8, 4)))
+    with pytest.raises(ValueError, match=r"b contains NaN.*spec.accumulator"):
+        fs.matmul([[1.0]], [[np.inf]], fs.MatmulSpec(accumulator=fs.FixedFormat(8, 4)))
+    with pytest.raises(ValueError, match="block must be >= 1"):
+        fs.Accumulator(fs.FP16, block=0)
+    with pytest.raises(TypeError, match="block must be an int"):
+        fs.Accumulator(fs.FP16, block=2.0)
+    with pytest.raises(ValueError, match="WRAP"):
+        fs.Accumulator(fs.FP16, overflow="wrap")
+    with pytest.raises(ValueError, match="input_rounding"):
+        fs.MatmulSpec(input_rounding="stochastic")
+    with pytest.raises(ValueError, match="product_rounding"):
+        fs.MatmulSpec(product_rounding="up")
+    with pytest.raises(ValueError, match="output_rounding=DOWN has no effect"):
+        fs.MatmulSpec(accumulator=fs.FP16, output_rounding="down")
+    with pytest.raises(ValueError, match="random_bits"):
+        fs.MatmulSpec(output=fs.FP16, random_bits=8)
+    with pytest.raises(TypeError, match="spec must be a MatmulSpec"):
+        fs.matmul([[1.0]], [[1.0]], fs.FP16)
+    with pytest.raises(TypeError, match="accumulator"):
+        fs.MatmulSpec(accumulator="fp16")
+    with pytest.raises(ValueError, match="random_bits"):
+        fs.Accumulator(fs.FP16, random_bits=4)
