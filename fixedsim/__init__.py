@@ -16,7 +16,14 @@ from .formats import (
     FixedFormat,
     FloatFormat,
 )
-from .matmul import Accumulator, MatmulSpec, matmul
+from .matmul import (
+    Accumulator,
+    MatmulSpec,
+    conv2d,
+    conv2d_grad_input,
+    conv2d_grad_weight,
+    matmul,
+)
 from .quantize import QuantStats, from_bits, quantize, to_bits
 from .rounding import Overflow, Rounding
 
@@ -39,6 +46,9 @@ __all__ = [
     "Rounding",
     "__version__",
     "add",
+    "conv2d",
+    "conv2d_grad_input",
+    "conv2d_grad_weight",
     "counters",
     "div",
     "fma",

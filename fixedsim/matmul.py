@@ -32,6 +32,7 @@ import numpy as np
 from . import counters as _counters
 from . import reference
 from .formats import FP32, FP64, FixedFormat, FloatFormat, _to_float_toward_zero
+from .jit import conv as _conv
 from .jit import gemm as _g
 from .jit import quant as _q
 from .jit.rng import random_u64_array
@@ -39,6 +40,8 @@ from .quantize import (
     _as_float_array,
     _check_format,
     _check_random_bits,
+    _f32_bits,
+    _fast_float_params,
     _kernel_params,
     _run,
     random_key,
@@ -46,7 +49,8 @@ from .quantize import (
 )
 from .rounding import Overflow, Rounding
 
-__all__ = ["Accumulator", "MatmulSpec", "matmul", "stage_keys"]
+__all__ = ["Accumulator", "MatmulSpec", "matmul", "conv2d", "conv2d_grad_input",
+           "conv2d_grad_weight", "stage_keys"]
 
 _RNE = Rounding.NEAREST_EVEN
 
@@ -260,6 +264,17 @@ def _stage_params(fmt, rounding, overflow, rbits, key):
     return P, Psr, U, D, prec, wrap
 
 
+def _setup(op, spec, seed):
+    """Checked spec, stage keys, random bits and a fresh Counters for one call."""
+    spec = MatmulSpec() if spec is None else spec
+    if not isinstance(spec, MatmulSpec):
+        raise TypeError(f"{op}: spec must be a MatmulSpec, got {type(spec).__name__}")
+    keys = stage_keys(spec.seed if seed is None else seed) if spec.stochastic else \
+        np.zeros(5, np.uint64)
+    rb = 64 if spec.random_bits is None else spec.random_bits
+    return spec, keys, rb, _counters.Counters(calls=1)
+
+
 def _check_operands(a, b):
     a = _as_float_array(a, "a")
     b = _as_float_array(b, "b")
@@ -273,17 +288,17 @@ def _check_operands(a, b):
     return a, b
 
 
-def _check_finite_for_fixed(spec, a, b):
+def _check_finite_for_fixed(spec, a, b, op="matmul", names=("a", "b")):
     fixed = [(name, f) for name, f in (
         ("input", spec.input), ("product", spec.product),
         ("accumulator", spec.accumulator.fmt if spec.accumulator else None),
         ("output", spec.output)) if isinstance(f, FixedFormat)]
     if not fixed:
         return
-    for arr, name in ((a, "a"), (b, "b")):
+    for arr, name in zip((a, b), names, strict=True):
         if not np.isfinite(arr).all():
             stage, f = fixed[0]
-            raise ValueError(f"matmul: {name} contains NaN or infinity, which the fixed-point "
+            raise ValueError(f"{op}: {name} contains NaN or infinity, which the fixed-point "
                              f"format {f!r} (spec.{stage}) cannot represent")
 
 
@@ -349,15 +364,9 @@ def matmul(a, b, spec: MatmulSpec | None = None, *, seed=None, stats=False):
     >>> fs.matmul(a, b, fs.MatmulSpec(accumulator=fs.Accumulator(fs.FP16, block=4)))
     array([[1.0009766]], dtype=float32)
     """
-    spec = MatmulSpec() if spec is None else spec
-    if not isinstance(spec, MatmulSpec):
-        raise TypeError(f"matmul: spec must be a MatmulSpec, got {type(spec).__name__}")
+    spec, keys, rb, c = _setup("matmul", spec, seed)
     a, b = _check_operands(a, b)
     _check_finite_for_fixed(spec, a, b)
-    c = _counters.Counters(calls=1)
-    keys = stage_keys(spec.seed if seed is None else seed) if spec.stochastic else \
-        np.zeros(5, np.uint64)
-    rb = 64 if spec.random_bits is None else spec.random_bits
     aq = _quantize_input(a, spec.input, spec.input_rounding, rb, keys[0], c.input)
     bq = _quantize_input(b, spec.input, spec.input_rounding, rb, keys[1], c.input)
     batch = a.shape[:-2]
@@ -386,8 +395,9 @@ def _product(A, B, spec, keys, rb, c):
     out = None
     if _FAST_PATHS and spec.product is None and ba.finite and bb.finite:
         out = _exact_blas(A, B, spec, ba, bb, keys, rb, c)
-        if out is None:
-            out = _fp32_chain(A, B, spec, ba, bb, keys, rb, c)
+        for path in (_fp32_chain, _float_chain, _fixed_chain):
+            if out is None:
+                out = path(A, B, spec, ba, bb, keys, rb, c)
     if out is None:
         out = _general(A, B, spec, ba, bb, keys, rb, c)
     return out
@@ -454,6 +464,25 @@ def _exact_blas(A, B, spec, ba, bb, keys, rb, c):
     return _round_output(vals.reshape(-1), spec, keys, rb, c).reshape(R, N)
 
 
+def _f32_products_exact(ba, bb) -> bool:
+    """Every operand is float32-exact and every product exact in float32 (no rounding, no
+    underflow, no overflow)."""
+    for x in (ba, bb):
+        if x.sig > 24 or (x.top != -1075 and (x.lsb < -149 or x.top > 128)):
+            return False
+    return not (ba.sig + bb.sig > 24 or (ba.top != -1075 and bb.top != -1075 and (
+        ba.lsb + bb.lsb < -149 or ba.top + bb.top > 127)))
+
+
+def _chain_result(out, flags, path, spec, keys, rb, c):
+    """Counts of a chain kernel's accumulator, then the output rounding (if any)."""
+    c.accumulator += _counters.StageCounts.from_flags(flags.sum(axis=0), 0)
+    c.paths[path] = c.paths.get(path, 0) + 1
+    if spec.output is None:
+        return out
+    return _round_output(out.reshape(-1).astype(np.float64), spec, keys, rb, c).reshape(out.shape)
+
+
 def _fp32_chain(A, B, spec, ba, bb, keys, rb, c):
     """An FP32 FMA chain (RNE, IEEE overflow, block 1) whose products are exact in float32.
 
@@ -462,24 +491,55 @@ def _fp32_chain(A, B, spec, ba, bb, keys, rb, c):
     """
     acc = spec.accumulator
     if (acc is None or acc.fmt != FP32 or acc.rounding is not _RNE or acc.block != 1
-            or acc.overflow is not Overflow.INFINITY):
+            or acc.overflow is not Overflow.INFINITY or not _f32_products_exact(ba, bb)):
         return None
-    # every operand float32-exact, every product exact in float32 (no rounding, no underflow,
-    # no overflow)
-    for x in (ba, bb):
-        if x.sig > 24 or (x.top != -1075 and (x.lsb < -149 or x.top > 128)):
-            return None
-    if ba.sig + bb.sig > 24 or (ba.top != -1075 and bb.top != -1075 and (
-            ba.lsb + bb.lsb < -149 or ba.top + bb.top > 127)):
-        return None
-    R, K = A.shape
-    out = np.empty((R, B.shape[1]), np.float32)
+    out = np.empty((A.shape[0], B.shape[1]), np.float32)
     flags = _g.gemm_f32_chain(A.astype(np.float32), np.ascontiguousarray(B, np.float32), out)
-    c.accumulator += _counters.StageCounts.from_flags(flags.sum(axis=0), 0)
-    c.paths["fp32_chain"] = c.paths.get("fp32_chain", 0) + 1
-    if spec.output is None:
-        return out
-    return _round_output(out.reshape(-1).astype(np.float64), spec, keys, rb, c).reshape(out.shape)
+    return _chain_result(out, flags, "fp32_chain", spec, keys, rb, c)
+
+
+def _float_chain(A, B, spec, ba, bb, keys, rb, c):
+    """An FMA chain (block 1, deterministic rounding) into a float format of at most 21
+    significand bits inside float32's range, products exact in float32: TwoSum, round to odd
+    at 24 bits, then the branch-free float32 quantizer, vectorised over the outputs."""
+    acc = spec.accumulator
+    f = acc.fmt if acc is not None else None
+    if (not isinstance(f, FloatFormat) or acc.block != 1
+            or acc.rounding is Rounding.STOCHASTIC or f.man_bits > 21 or f.emin < -126
+            or f.emax > 127 or not f.subnormals or not _f32_products_exact(ba, bb)):
+        return None
+    out = np.empty((A.shape[0], B.shape[1]), np.float32)
+    flags = _g.gemm_chain_float(A.astype(np.float32), np.ascontiguousarray(B, np.float32), out,
+                                int(acc.rounding),
+                                *_fast_float_params(f, acc.rounding, acc.overflow),
+                                _f32_bits(f.min_normal))
+    return _chain_result(out, flags, "float_chain", spec, keys, rb, c)
+
+
+def _fixed_chain(A, B, spec, ba, bb, keys, rb, c):
+    """An FMA chain (block 1) into a fixed-point accumulator, operands integers times powers of
+    two: codes in float64, every intermediate an integer below 2**52, so each step's rounding,
+    saturation or wrap is exact float64 arithmetic, vectorised over the outputs."""
+    acc = spec.accumulator
+    f = acc.fmt if acc is not None else None
+    if (not isinstance(f, FixedFormat) or acc.block != 1 or ba.top == -1075
+            or bb.top == -1075):
+        return None
+    d = -(ba.lsb + bb.lsb) - f.frac_length  # acc quantum / product quantum = 2**d
+    up = max(0, -d)  # acc grid finer than the products: scale the products' codes up
+    if (ba.span + bb.span + up > 51 or f.word_length + max(d, 0) > 51
+            or ba.lsb + bb.lsb < -1022):
+        return None
+    Ca = np.ldexp(A, -ba.lsb + up)
+    Cb = np.ascontiguousarray(np.ldexp(B, -bb.lsb))
+    R, N = A.shape[0], B.shape[1]
+    codes = np.empty((R, N))
+    flags = _g.gemm_chain_fixed(Ca, Cb, codes, 0, int(acc.rounding), max(d, 0),
+                                float(f.min_code), float(f.max_code),
+                                acc.overflow is Overflow.WRAP, 2.0**f.word_length,
+                                acc.random_bits or 64, keys[3])
+    vals = np.ldexp(codes, -f.frac_length).astype(f.dtype)
+    return _chain_result(vals, flags, "fixed_chain", spec, keys, rb, c)
 
 
 def _general(A, B, spec, ba, bb, keys, rb, c):
@@ -552,3 +612,171 @@ def _fallback(A, B, spec, keys, rb, idx, out, tot):
         for stage, fl in events.items():
             for name, col in _FLAG_COLS:
                 tot[row[stage], col] += fl.get(name, 0)
+
+
+# -- convolution ----------------------------------------------------------------------------------
+def _pair(v, name, low):
+    vals = (v, v) if isinstance(v, numbers.Integral) else (
+        tuple(v) if isinstance(v, (tuple, list)) else (v,))
+    if len(vals) != 2 or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
+                                 for t in vals):
+        raise TypeError(f"conv2d: {name} must be an int or a pair of ints, got {v!r}")
+    if min(vals) < low:
+        raise ValueError(f"conv2d: {name} must be >= {low}, got {v!r}")
+    return int(vals[0]), int(vals[1])
+
+
+def _conv_geometry(x_shape, w_shape, stride, padding, op="conv2d"):
+    if len(x_shape) != 4:
+        raise ValueError(f"{op}: x must have shape (N, C, H, W), got {tuple(x_shape)}")
+    if len(w_shape) != 4:
+        raise ValueError(f"{op}: w must have shape (O, C, kh, kw), got {tuple(w_shape)}")
+    if x_shape[1] != w_shape[1]:
+        raise ValueError(f"{op}: x has C={x_shape[1]} channels, w expects C={w_shape[1]}")
+    sh, sw = _pair(stride, "stride", 1)
+    ph, pw = _pair(padding, "padding", 0)
+    kh, kw = w_shape[2:]
+    Ho = (x_shape[2] + 2 * ph - kh) // sh + 1
+    Wo = (x_shape[3] + 2 * pw - kw) // sw + 1
+    if kh < 1 or kw < 1 or Ho < 1 or Wo < 1:
+        raise ValueError(f"{op}: a {kh}x{kw} kernel does not fit the {x_shape[2]}x{x_shape[3]} "
+                         f"image with padding {(ph, pw)}")
+    return (sh, sw), (ph, pw), Ho, Wo
+
+
+def _im2col(x, kh, kw, stride, padding, Ho, Wo):
+    N, C = x.shape[:2]
+    cols = np.empty((N * Ho * Wo, C * kh * kw), np.float64)
+    _conv.im2col(np.ascontiguousarray(x, np.float64), kh, kw, *stride, *padding, cols)
+    return cols
+
+
+def _conv_core(xq, wq, spec, keys, rb, c, stride, padding, Ho, Wo):
+    """``conv2d`` of quantized operands: im2col, then the modelled matrix product."""
+    N, O = xq.shape[0], wq.shape[0]
+    kh, kw = wq.shape[2:]
+    cols = _im2col(xq, kh, kw, stride, padding, Ho, Wo)
+    c.macs = cols.shape[0] * O * cols.shape[1]
+    res = _product(cols, np.ascontiguousarray(wq.reshape(O, -1).T), spec, keys, rb, c)
+    return np.ascontiguousarray(res.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2))
+
+
+def _quantize_pair(op, spec, a, b, names, keys, rb, c):
+    _check_finite_for_fixed(spec, a, b, op, names)
+    return (_quantize_input(a, spec.input, spec.input_rounding, rb, keys[0], c.input),
+            _quantize_input(b, spec.input, spec.input_rounding, rb, keys[1], c.input))
+
+
+def _done(out, c, stats):
+    _counters._publish(c)
+    return (out, c) if stats else out
+
+
+def conv2d(x, w, spec: MatmulSpec | None = None, stride=1, padding=0, *, seed=None,
+           stats=False):
+    """2-D convolution (cross-correlation, as in CNNs) computed as ``spec`` says, bit for bit.
+
+    ``y[n, o, ho, wo] = sum over (c, i, j) of x[n, c, ho*s - p + i, wo*s - p + j] * w[o, c, i, j]``
+    with zero padding, computed as ``matmul(im2col(x), w.reshape(O, K).T, spec)``: the dot
+    product of each output runs over ``K = C*kh*kw`` in the order (channel, kernel row, kernel
+    column), which is part of the contract (it decides what every accumulator sees).
+
+    Parameters
+    ----------
+    x : array_like, shape (N, C, H, W)
+    w : array_like, shape (O, C, kh, kw)
+    spec : MatmulSpec, optional
+        ``spec.input`` quantizes ``x`` and ``w`` (before im2col: each pixel is rounded once;
+        draw indices are the flat indices of ``x`` and ``w``).
+    stride, padding : int or (int, int)
+    seed, stats
+        As for :func:`matmul`. Output draw index ``o``: the flat index in (n, ho, wo, o) order.
+
+    Returns
+    -------
+    numpy.ndarray, shape (N, O, Ho, Wo)
+
+    Examples
+    --------
+    >>> import numpy as np, fixedsim as fs
+    >>> x = np.arange(16.0).reshape(1, 1, 4, 4)
+    >>> w = np.ones((1, 1, 2, 2))
+    >>> fs.conv2d(x, w, fs.MatmulSpec(output=fs.FP16), stride=2)
+    array([[[[10., 18.],
+             [42., 50.]]]], dtype=float32)
+    """
+    spec, keys, rb, c = _setup("conv2d", spec, seed)
+    x = _as_float_array(x, "x")
+    w = _as_float_array(w, "w")
+    stride, padding, Ho, Wo = _conv_geometry(x.shape, w.shape, stride, padding)
+    xq, wq = _quantize_pair("conv2d", spec, x, w, ("x", "w"), keys, rb, c)
+    return _done(_conv_core(xq, wq, spec, keys, rb, c, stride, padding, Ho, Wo), c, stats)
+
+
+def conv2d_grad_weight(x, grad_y, w_shape, spec: MatmulSpec | None = None, stride=1, padding=0,
+                       *, seed=None, stats=False):
+    """Gradient of :func:`conv2d` with respect to ``w``, as one modelled matrix product.
+
+    ``dw[o, (c, i, j)] = sum over (n, ho, wo) of grad_y[n, o, ho, wo] * x[n, c, ...]``:
+    ``matmul(grad_y as (O, N*Ho*Wo), im2col(x), spec)``, ``K`` in the order (n, ho, wo).
+    ``spec.input`` quantizes ``grad_y`` (stage A) and ``x`` (stage B).
+
+    Returns
+    -------
+    numpy.ndarray, shape ``w_shape``
+    """
+    spec, keys, rb, c = _setup("conv2d_grad_weight", spec, seed)
+    x = _as_float_array(x, "x")
+    gy = _as_float_array(grad_y, "grad_y")
+    w_shape = tuple(int(v) for v in w_shape)
+    stride, padding, Ho, Wo = _conv_geometry(x.shape, w_shape, stride, padding,
+                                             "conv2d_grad_weight")
+    O = w_shape[0]
+    if gy.shape != (x.shape[0], O, Ho, Wo):
+        raise ValueError(f"conv2d_grad_weight: grad_y must have shape "
+                         f"{(x.shape[0], O, Ho, Wo)}, got {gy.shape}")
+    gq, xq = _quantize_pair("conv2d_grad_weight", spec, gy, x, ("grad_y", "x"), keys, rb, c)
+    cols = _im2col(xq, w_shape[2], w_shape[3], stride, padding, Ho, Wo)
+    A = np.ascontiguousarray(gq.transpose(1, 0, 2, 3).reshape(O, -1))
+    c.macs = O * cols.shape[0] * cols.shape[1]
+    return _done(_product(A, cols, spec, keys, rb, c).reshape(w_shape), c, stats)
+
+
+def conv2d_grad_input(grad_y, w, x_shape, spec: MatmulSpec | None = None, stride=1, padding=0,
+                      *, seed=None, stats=False):
+    """Gradient of :func:`conv2d` with respect to ``x``, as one modelled convolution.
+
+    The transposed convolution: ``grad_y`` is spread onto a zero grid with the stride, padded
+    by ``kh - 1 - padding``, and convolved (stride 1) with the kernels flipped and with input
+    and output channels swapped, so each ``dx`` element is one dot product over
+    ``(o, kh-1-i, kw-1-j)`` run through ``spec``'s accumulator. With stride > 1 the
+    inserted zeros are multiplied too (and counted as MACs), as in a transposed-convolution
+    engine. ``spec.input`` quantizes ``grad_y`` (stage A) and ``w`` (stage B).
+
+    Returns
+    -------
+    numpy.ndarray, shape ``x_shape``
+    """
+    op = "conv2d_grad_input"
+    gy = _as_float_array(grad_y, "grad_y")
+    w = _as_float_array(w, "w")
+    x_shape = tuple(int(v) for v in x_shape)
+    (sh, sw), (ph, pw), Ho, Wo = _conv_geometry(x_shape, w.shape, stride, padding, op)
+    N, C, H, W = x_shape
+    O, _, kh, kw = w.shape
+    if gy.shape != (N, O, Ho, Wo):
+        raise ValueError(f"{op}: grad_y must have shape {(N, O, Ho, Wo)}, got {gy.shape}")
+    spec, keys, rb, c = _setup(op, spec, seed)
+    gq, wq = _quantize_pair(op, spec, gy, w, ("grad_y", "w"), keys, rb, c)
+    # Zp[n, o, ho*s + kh-1-p, wo*s + kw-1-p] = grad_y: the zero-spread, padded gradient
+    Zp = np.zeros((N, O, H + kh - 1, W + kw - 1))
+    r0, q0 = kh - 1 - ph, kw - 1 - pw
+    hos = [ho for ho in range(Ho) if 0 <= ho * sh + r0 < H + kh - 1]
+    wos = [wo for wo in range(Wo) if 0 <= wo * sw + q0 < W + kw - 1]
+    if hos and wos:
+        Zp[:, :, hos[0] * sh + r0:hos[-1] * sh + r0 + 1:sh,
+           wos[0] * sw + q0:wos[-1] * sw + q0 + 1:sw] = \
+            gq[:, :, hos[0]:hos[-1] + 1, wos[0]:wos[-1] + 1]
+    wf = np.ascontiguousarray(wq.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+    out = _conv_core(Zp, wf, spec, keys, rb, c, (1, 1), (0, 0), H, W)
+    return _done(out, c, stats)

@@ -177,3 +177,11 @@ def test_stochastic_is_unbiased(op):
     ups = np.count_nonzero(y == hi)
     assert np.count_nonzero((y != hi) & (y != lo)) == 0
     assert abs(ups - n * p) <= 6 * math.sqrt(n * p * (1 - p)) + 1e-9
+
+
+def test_stochastic_keeps_the_sign_of_an_exact_zero():
+    """-0 + -0 is -0 and x - x rounding DOWN is -0 under every mode, STOCHASTIC included."""
+    for rnd in fs.Rounding:
+        assert np.signbit(fs.add(-0.0, -0.0, fs.FP16, rnd, seed=1))
+        assert np.signbit(fs.fma(-0.0, 1.0, -0.0, fs.BF16, rnd, seed=1))
+    assert np.signbit(fs.sub(1.0, 1.0, fs.FP16, "down"))

@@ -312,7 +312,7 @@ def test_thread_count_does_not_change_bits():
     assert_same_bits(y1, y2)
 
 
-# -- bad input --------------------------------------------------------------------------------------
+# -- bad input ------------------------------------------------------------------------------------
 def test_bad_input_is_named():
     with pytest.raises(ValueError, match="K=3.*K=4"):
         fs.matmul(np.ones((2, 3)), np.ones((4, 2)))
@@ -344,3 +344,32 @@ def test_bad_input_is_named():
         fs.MatmulSpec(accumulator="fp16")
     with pytest.raises(ValueError, match="random_bits"):
         fs.Accumulator(fs.FP16, random_bits=4)
+
+
+@pytest.mark.parametrize("rnd", [r for r in fs.Rounding if r is not fs.Rounding.STOCHASTIC])
+@pytest.mark.parametrize("acc", [fs.FP16, fs.BF16, fs.FP8_E4M3, fs.FP8_E5M2, fs.TF32,
+                                 fs.FloatFormat(5, 3)])
+@pytest.mark.parametrize("ovf", [None, "saturate"])
+def test_float_chain_path_matches_general(rnd, acc, ovf):
+    rng = np.random.default_rng(10)
+    a = fs.quantize(rng.normal(0, 4, (5, 60)) * np.exp2(rng.integers(-14, 8, (5, 60))), fs.FP16)
+    b = fs.quantize(rng.normal(0, 4, (60, 11)), fs.FP8_E4M3)
+    a[0, :10] = 6e4  # overflow of the accumulator ...
+    a[-1, :] = 2.0**117  # ... and of the float32 sum: products up to 2**126, exact
+    b[:, 0] = 448.0
+    spec = fs.MatmulSpec(accumulator=fs.Accumulator(acc, rnd, ovf), output=fs.FP16)
+    assert both_paths(a, b, spec) == {"float_chain": 1}
+
+
+@pytest.mark.parametrize("rnd", list(fs.Rounding))
+@pytest.mark.parametrize("acc", [fs.FixedFormat(16, 8), fs.FixedFormat(24, 16),
+                                 fs.FixedFormat(12, 10), fs.FixedFormat(20, 20, signed=False)])
+@pytest.mark.parametrize("ovf", ["saturate", "wrap"])
+def test_fixed_chain_path_matches_general(rnd, acc, ovf):
+    rng = np.random.default_rng(11)
+    inp = fs.FixedFormat(10, 6)
+    a = fs.quantize(rng.normal(0, 3, (6, 50)), inp)
+    b = fs.quantize(rng.normal(0, 3, (50, 7)), inp)
+    rb = 5 if rnd is fs.Rounding.STOCHASTIC else None
+    spec = fs.MatmulSpec(accumulator=fs.Accumulator(acc, rnd, ovf, random_bits=rb))
+    assert both_paths(a, b, spec) == {"fixed_chain": 1}

@@ -176,7 +176,7 @@ def round_exact(hi, lo, approx, P, Psr, U, D, idx):
     Returns ``(value, flags, ambiguous)``; ``ambiguous`` (only with ``approx``): the stochastic
     decision could not be proved, the caller must compute exactly.
     """
-    if P[P_MODE] == SR:
+    if P[P_MODE] == SR and (lo != 0.0 or hi != 0.0):  # (an exact zero keeps its sign)
         g, amb = _sr_choose(hi, lo, approx, P, P[P_RBITS], U[U_KEY], idx)
         if amb:
             return 0.0, 0, True

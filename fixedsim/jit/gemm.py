@@ -20,7 +20,24 @@ from numba import prange
 
 from .arith import round_exact, two_sum
 from .options import jit, jit_inline, jit_parallel
-from .quant import F_INEXACT, F_OVERFLOW, F_SUBNORMAL, N_FLAGS, P_MODE, RDN, quantize_value
+from .quant import (
+    F_INEXACT,
+    F_OVERFLOW,
+    F_SUBNORMAL,
+    F_UNDERFLOW,
+    N_FLAGS,
+    ODD,
+    P_MODE,
+    RDN,
+    RNA,
+    RNE,
+    RTZ,
+    RUP,
+    SR,
+    quantize_value,
+)
+from .quant_fast import f32_float_one
+from .rng import random_u64
 
 #: Longest expansion the kernel keeps (components of 53 bits: covers every exponent range).
 CAP = 48
@@ -307,13 +324,270 @@ def gemm_f32_chain(A, B, out):
                 a0 = acc[j]
                 p = x * bk[j]
                 s = a0 + p
-                fin = abs(a0) < np.inf
-                inexact[j] += fin and ((s - a0 != p) or (s - p != a0))
-                over[j] += fin and not abs(s) < np.inf
-                subn[j] += s != 0 and abs(s) < _F32_MIN_NORMAL
+                fin = np.int32(abs(a0) < np.inf)  # 0/1 integers: branch-free, vectorises
+                inexact[j] += fin * (np.int32(s - a0 != p) | np.int32(s - p != a0))
+                over[j] += fin * np.int32(abs(s) == np.inf)
+                subn[j] += np.int32(s != 0) * np.int32(abs(s) < _F32_MIN_NORMAL)
                 acc[j] = s
         out[r] = acc
         counts[r, F_INEXACT] = inexact.sum()
         counts[r, F_OVERFLOW] = over.sum()
         counts[r, F_SUBNORMAL] = subn.sum()
+    return counts
+
+
+@jit_inline
+def _chain_float_step(a0, p, MODE, sh0, lim, qbits, maxbits, ovp, ovn, infb, minnorm):
+    """One FMA-chain step ``round(a0 + p)`` into a float format, float32 lanes.
+
+    ``a0`` (a format value) and ``p`` (an exact product) are float32; the exact sum is
+    ``s + e`` (TwoSum), rounded to odd at 24 bits in the bit pattern, then rounded into the
+    format by :func:`fixedsim.jit.quant_fast.f32_float_one`. Returns the new sum and the
+    flags (inexact, overflow, underflow, subnormal) as 0/1 ints.
+    """
+    s = a0 + p
+    bp = s - a0
+    e = (a0 - (s - bp)) + (p - bp)
+    sb = np.int64(np.float32(s).view(np.uint32))
+    sign = sb & 0x80000000
+    mag = sb ^ sign
+    # 0/1 integers rather than booleans: the loop stays branch-free and vectorises
+    a0fin = np.int64(abs(a0) < np.inf)
+    sinf = np.int64(mag == 0x7F800000)
+    inexact = np.int64(e != 0) * a0fin * (1 - sinf)
+    down = inexact * np.int64((e < 0) != (sign != 0))  # the exact sum is nearer zero than s
+    ro = ((mag - down) | inexact) | sign
+    ovf32 = sinf * a0fin  # float32 overflow of a finite sum: beyond the format
+    ro = ro + ovf32 * ((0x7F7FFFFF | sign) - ro)
+    res, over = f32_float_one(ro, MODE, sh0, lim, qbits, maxbits, ovp, ovn, infb, 64,
+                              np.uint64(0), 0)
+    rmag = res & 0x7FFFFFFF
+    fl_inexact = a0fin * (inexact | ovf32 | np.int64(res != ro))
+    fl_over = a0fin * (np.int64(over) | ovf32)
+    fl_under = a0fin * np.int64(rmag == 0) * np.int64((ro & 0x7FFFFFFF) != 0)
+    fl_sub = a0fin * np.int64(rmag != 0) * np.int64(rmag < minnorm)
+    return (np.uint32(res).view(np.float32), np.int32(fl_inexact), np.int32(fl_over),
+            np.int32(fl_under), np.int32(fl_sub))
+
+
+@jit_parallel
+def gemm_chain_float(A, B, out, mode, sh0, lim, qbits, maxbits, ovp, ovn, infb, minnorm):
+    """FMA chain into a float format of at most 21 significand bits inside float32's range.
+
+    Products ``A[r, k] * B[k, j]`` must be exact in float32 (the caller checks). ``acc[j] =
+    round(acc[j] + A[r, k] * B[k, j])`` for ``k`` in order, vectorised over ``j``, one loop per
+    deterministic rounding mode. Parameters of the format as for
+    :func:`fixedsim.jit.quant_fast.float_from_f32`; ``minnorm``: bits of the smallest normal.
+    Returns per-row counts, as the general kernel counts the accumulator stage.
+    """
+    R, K = A.shape
+    N = B.shape[1]
+    counts = np.zeros((R, N_FLAGS), np.int64)
+    for r in prange(R):
+        acc = np.zeros(N, np.float32)
+        ci = np.zeros(N, np.int32)
+        co = np.zeros(N, np.int32)
+        cu = np.zeros(N, np.int32)
+        cs = np.zeros(N, np.int32)
+        ar = A[r]
+        for k in range(K):
+            x = ar[k]
+            bk = B[k]
+            if mode == RNE:
+                for j in range(N):
+                    v, f1, f2, f3, f4 = _chain_float_step(acc[j], x * bk[j], RNE, sh0, lim,
+                                                          qbits, maxbits, ovp, ovn, infb,
+                                                          minnorm)
+                    acc[j] = v
+                    ci[j] += f1
+                    co[j] += f2
+                    cu[j] += f3
+                    cs[j] += f4
+            elif mode == RNA:
+                for j in range(N):
+                    v, f1, f2, f3, f4 = _chain_float_step(acc[j], x * bk[j], RNA, sh0, lim,
+                                                          qbits, maxbits, ovp, ovn, infb,
+                                                          minnorm)
+                    acc[j] = v
+                    ci[j] += f1
+                    co[j] += f2
+                    cu[j] += f3
+                    cs[j] += f4
+            elif mode == RTZ:
+                for j in range(N):
+                    v, f1, f2, f3, f4 = _chain_float_step(acc[j], x * bk[j], RTZ, sh0, lim,
+                                                          qbits, maxbits, ovp, ovn, infb,
+                                                          minnorm)
+                    acc[j] = v
+                    ci[j] += f1
+                    co[j] += f2
+                    cu[j] += f3
+                    cs[j] += f4
+            elif mode == RDN:
+                for j in range(N):
+                    v, f1, f2, f3, f4 = _chain_float_step(acc[j], x * bk[j], RDN, sh0, lim,
+                                                          qbits, maxbits, ovp, ovn, infb,
+                                                          minnorm)
+                    acc[j] = v
+                    ci[j] += f1
+                    co[j] += f2
+                    cu[j] += f3
+                    cs[j] += f4
+            elif mode == RUP:
+                for j in range(N):
+                    v, f1, f2, f3, f4 = _chain_float_step(acc[j], x * bk[j], RUP, sh0, lim,
+                                                          qbits, maxbits, ovp, ovn, infb,
+                                                          minnorm)
+                    acc[j] = v
+                    ci[j] += f1
+                    co[j] += f2
+                    cu[j] += f3
+                    cs[j] += f4
+            else:
+                for j in range(N):
+                    v, f1, f2, f3, f4 = _chain_float_step(acc[j], x * bk[j], ODD, sh0, lim,
+                                                          qbits, maxbits, ovp, ovn, infb,
+                                                          minnorm)
+                    acc[j] = v
+                    ci[j] += f1
+                    co[j] += f2
+                    cu[j] += f3
+                    cs[j] += f4
+        out[r] = acc
+        counts[r, F_INEXACT] = ci.sum()
+        counts[r, F_OVERFLOW] = co.sum()
+        counts[r, F_UNDERFLOW] = cu.sum()
+        counts[r, F_SUBNORMAL] = cs.sum()
+    return counts
+
+
+@jit_inline
+def _chain_fixed_step(S, P, MODE, scale, inv, dbits, qmin, qmax, wrap, span, rbits, key, idx):
+    """One step of a fixed-point FMA chain on integer codes held in float64.
+
+    ``T = S * scale + P`` is the exact sum in units of the product quantum (``scale =
+    2**dbits``); the new code is ``T / scale`` rounded per ``MODE`` (``inv = 1/scale``), then
+    saturated, or wrapped into ``[qmin, qmax]`` (``span = 2**w``). Returns the code and the
+    flags (inexact, overflow, underflow) as 0/1 ints.
+    """
+    T = S * scale + P
+    x = T * inv
+    if MODE == RNE:
+        q = np.rint(x)
+    elif MODE == RNA:
+        q = np.copysign(np.floor(np.abs(x) + 0.5), x)  # exact: |x| + 0.5 < 2**52
+    elif MODE == RTZ:
+        q = np.trunc(x)
+    elif MODE == RDN:
+        q = np.floor(x)
+    elif MODE == RUP:
+        q = np.ceil(x)
+    elif MODE == ODD:
+        t = np.trunc(x)
+        q = t + (np.float64(t != x) * np.float64(np.fmod(t, 2.0) == 0.0)) * np.copysign(1.0, x)
+    else:  # SR, value-based (two's complement): up iff draw < floor(frac * 2**rbits)
+        fl = np.floor(x)
+        frac = np.uint64(T - fl * scale)  # in [0, 2**d), exact
+        if rbits >= dbits:
+            t = frac << np.uint64(rbits - dbits)
+        else:
+            t = frac >> np.uint64(dbits - rbits)
+        draw = random_u64(key, idx) >> np.uint64(64 - rbits)
+        q = fl + np.float64(draw < t)
+    over = np.int64(q > qmax) | np.int64(q < qmin)
+    if wrap:
+        q = q - span * np.floor((q - qmin) / span)
+    else:
+        q = np.minimum(np.maximum(q, qmin), qmax)
+    inexact = np.int64(q != x)
+    under = np.int64(q == 0.0) * np.int64(T != 0.0)
+    return q, inexact, over, under
+
+
+@jit_parallel
+def gemm_chain_fixed(A, B, out, base, mode, dbits, qmin, qmax, wrap, span, rbits, key):
+    """FMA chain into a fixed-point accumulator, on integer codes held in float64.
+
+    ``A`` (R, K) and ``B`` (K, N) hold integer codes whose products, and every ``S * scale +
+    P``, are below 2**53 (the caller checks); the accumulator code ``S`` starts at 0 and takes
+    ``round((S * scale + A[r, k] * B[k, j]) / scale)`` for ``k`` in order, saturated or wrapped,
+    vectorised over ``j`` (one loop per deterministic mode). Returns the codes in ``out`` and
+    per-row counts (inexact, overflow, underflow). ``base``: flat index of ``out[0, 0]`` for the
+    stochastic draws (``(base + r*N + j) * K + k``).
+    """
+    R, K = A.shape
+    N = B.shape[1]
+    scale = 2.0**dbits
+    inv = 1.0 / scale
+    counts = np.zeros((R, N_FLAGS), np.int64)
+    for r in prange(R):
+        acc = np.zeros(N)
+        ci = np.zeros(N, np.int64)
+        co = np.zeros(N, np.int64)
+        cu = np.zeros(N, np.int64)
+        ar = A[r]
+        for k in range(K):
+            x = ar[k]
+            bk = B[k]
+            if mode == RNE:
+                for j in range(N):
+                    q, f1, f2, f3 = _chain_fixed_step(acc[j], x * bk[j], RNE, scale, inv, dbits,
+                                                      qmin, qmax, wrap, span, rbits, key, 0)
+                    acc[j] = q
+                    ci[j] += f1
+                    co[j] += f2
+                    cu[j] += f3
+            elif mode == RNA:
+                for j in range(N):
+                    q, f1, f2, f3 = _chain_fixed_step(acc[j], x * bk[j], RNA, scale, inv, dbits,
+                                                      qmin, qmax, wrap, span, rbits, key, 0)
+                    acc[j] = q
+                    ci[j] += f1
+                    co[j] += f2
+                    cu[j] += f3
+            elif mode == RTZ:
+                for j in range(N):
+                    q, f1, f2, f3 = _chain_fixed_step(acc[j], x * bk[j], RTZ, scale, inv, dbits,
+                                                      qmin, qmax, wrap, span, rbits, key, 0)
+                    acc[j] = q
+                    ci[j] += f1
+                    co[j] += f2
+                    cu[j] += f3
+            elif mode == RDN:
+                for j in range(N):
+                    q, f1, f2, f3 = _chain_fixed_step(acc[j], x * bk[j], RDN, scale, inv, dbits,
+                                                      qmin, qmax, wrap, span, rbits, key, 0)
+                    acc[j] = q
+                    ci[j] += f1
+                    co[j] += f2
+                    cu[j] += f3
+            elif mode == RUP:
+                for j in range(N):
+                    q, f1, f2, f3 = _chain_fixed_step(acc[j], x * bk[j], RUP, scale, inv, dbits,
+                                                      qmin, qmax, wrap, span, rbits, key, 0)
+                    acc[j] = q
+                    ci[j] += f1
+                    co[j] += f2
+                    cu[j] += f3
+            elif mode == ODD:
+                for j in range(N):
+                    q, f1, f2, f3 = _chain_fixed_step(acc[j], x * bk[j], ODD, scale, inv, dbits,
+                                                      qmin, qmax, wrap, span, rbits, key, 0)
+                    acc[j] = q
+                    ci[j] += f1
+                    co[j] += f2
+                    cu[j] += f3
+            else:
+                for j in range(N):
+                    idx = (np.uint64(base + r * N + j)) * np.uint64(K) + np.uint64(k)
+                    q, f1, f2, f3 = _chain_fixed_step(acc[j], x * bk[j], SR, scale, inv, dbits,
+                                                      qmin, qmax, wrap, span, rbits, key, idx)
+                    acc[j] = q
+                    ci[j] += f1
+                    co[j] += f2
+                    cu[j] += f3
+        out[r] = acc
+        counts[r, F_INEXACT] = ci.sum()
+        counts[r, F_OVERFLOW] = co.sum()
+        counts[r, F_UNDERFLOW] = cu.sum()
     return counts

@@ -34,8 +34,9 @@ from .rng import random_u64
 
 
 @jit_inline
-def _f32_float_one(b, MODE, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg, infbits, rbits,
-                   key, i):
+def f32_float_one(b, MODE, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg, infbits, rbits,
+                  key, i):
+    """float32 bits ``b`` (int64) rounded into the format: (result bits, overflowed)."""
     s = b & 0x80000000
     a = b ^ s
     neg = s != 0
@@ -73,11 +74,19 @@ def _f32_float_one(b, MODE, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg, in
         res = (a & ~((1 << shc) - 1)) + (upi << shc)
     else:
         res = qbits if up else 0
-    if res > maxbits:
+    over = res > maxbits
+    if over:
         res = ovbits_neg if neg else ovbits_pos
     if a >= 0x7F800000:
         res = a | 0x400000 if a > 0x7F800000 else infbits
-    return res | s
+    return res | s, over
+
+
+@jit_inline
+def _f32_float_one(b, MODE, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg, infbits, rbits,
+                   key, i):
+    return f32_float_one(b, MODE, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg, infbits,
+                         rbits, key, i)[0]
 
 
 @jit_parallel

@@ -1,0 +1,168 @@
+"""conv2d and its two backward products: geometry, K order and rounding, against definitions."""
+
+import itertools
+
+import numpy as np
+import pytest
+from helpers import assert_same_bits
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fixedsim as fs
+from fixedsim import reference
+from fixedsim.jit.rng import random_u64_array
+from fixedsim.matmul import stage_keys
+
+ACC_SPECS = [
+    fs.MatmulSpec(),
+    fs.MatmulSpec(input=fs.FP16, accumulator=fs.FP16, output=fs.FP16),
+    fs.MatmulSpec(input=fs.BF16, accumulator=fs.Accumulator(fs.BF16, "stochastic", block=4),
+                  seed=5),
+    fs.MatmulSpec(input=fs.FixedFormat(8, 4), accumulator=fs.Accumulator(
+        fs.FixedFormat(10, 4), "toward_zero", "wrap")),
+]
+
+
+def pad_get(x, n, c, h, w):
+    H, W = x.shape[2:]
+    return float(x[n, c, h, w]) if 0 <= h < H and 0 <= w < W else 0.0
+
+
+def draw_for(spec, seed):
+    keys = stage_keys(seed)
+    acc_bits = (spec.accumulator.random_bits or 64) if spec.accumulator else 64
+
+    def draw(stage, i):
+        bits = acc_bits if stage == reference.STAGE_ACCUMULATOR else (spec.random_bits or 64)
+        return int(random_u64_array(keys[stage], i, 1)[0] >> np.uint64(64 - bits))
+
+    return draw
+
+
+@st.composite
+def conv_case(draw):
+    n, c, o = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    s, p = draw(st.integers(1, 3)), draw(st.integers(0, 2))
+    h = draw(st.integers(max(1, kh - 2 * p), 6))
+    w = draw(st.integers(max(1, kw - 2 * p), 6))
+    vals = st.integers(-8, 8).map(lambda v: v / 4)
+    x = np.array(draw(st.lists(vals, min_size=n * c * h * w, max_size=n * c * h * w)))
+    wt = np.array(draw(st.lists(vals, min_size=o * c * kh * kw, max_size=o * c * kh * kw)))
+    spec = draw(st.sampled_from(ACC_SPECS))
+    return x.reshape(n, c, h, w), wt.reshape(o, c, kh, kw), s, p, spec
+
+
+@settings(max_examples=40)
+@given(conv_case())
+def test_conv2d_is_the_modelled_dot_in_c_kh_kw_order(case):
+    x, w, s, p, spec = case
+    y = fs.conv2d(x, w, spec, stride=s, padding=p, seed=3)
+    xq = fs.quantize(x, spec.input, spec.input_rounding) if spec.input else x
+    wq = fs.quantize(w, spec.input, spec.input_rounding) if spec.input else w
+    N, C, H, W = x.shape
+    O, _, kh, kw = w.shape
+    Ho, Wo = y.shape[2:]
+    draw = draw_for(spec, 3)
+    for n, ho, wo, o in itertools.product(range(N), range(Ho), range(Wo), range(O)):
+        row = [pad_get(xq, n, c, ho * s - p + i, wo * s - p + j)
+               for c, i, j in itertools.product(range(C), range(kh), range(kw))]
+        col = [float(wq[o, c, i, j]) for c, i, j in itertools.product(range(C), range(kh),
+                                                                       range(kw))]
+        index = ((n * Ho + ho) * Wo + wo) * O + o
+        want = reference.dot(row, col, spec, draw=draw, index=index)
+        assert_same_bits(np.float64(y[n, o, ho, wo]), np.float64(want),
+                         err_msg=f"{spec} at {(n, o, ho, wo)}")
+
+
+def direct_grads(x, w, gy, s, p):
+    """Gradients of sum(conv2d(x, w) * gy) by their definitions (float64, exact here)."""
+    N, C, H, W = x.shape
+    O, _, kh, kw = w.shape
+    Ho, Wo = gy.shape[2:]
+    gx = np.zeros_like(x)
+    gw = np.zeros_like(w)
+    for n, o, ho, wo, c, i, j in itertools.product(range(N), range(O), range(Ho), range(Wo),
+                                                   range(C), range(kh), range(kw)):
+        h, v = ho * s - p + i, wo * s - p + j
+        if 0 <= h < H and 0 <= v < W:
+            gx[n, c, h, v] += gy[n, o, ho, wo] * w[o, c, i, j]
+            gw[o, c, i, j] += gy[n, o, ho, wo] * x[n, c, h, v]
+    return gx, gw
+
+
+@settings(max_examples=40)
+@given(conv_case())
+def test_backward_products_are_the_gradients(case):
+    """With exact accumulation (small dyadic data: every sum exact) the products are exact."""
+    x, w, s, p, _ = case
+    y = fs.conv2d(x, w, stride=s, padding=p)
+    gy = np.round(np.sin(np.arange(y.size)).reshape(y.shape) * 8) / 8
+    gx_want, gw_want = direct_grads(x, w, gy, s, p)
+    gx = fs.conv2d_grad_input(gy, w, x.shape, stride=s, padding=p)
+    gw = fs.conv2d_grad_weight(x, gy, w.shape, stride=s, padding=p)
+    assert_same_bits(gx + 0.0, gx_want + 0.0)
+    assert_same_bits(gw + 0.0, gw_want + 0.0)
+
+
+@settings(max_examples=25)
+@given(conv_case())
+def test_grad_input_runs_o_and_the_flipped_kernel_through_the_accumulator(case):
+    """Each dx element is reference.dot over (o, kh-1-i, kw-1-j) of the zero-spread grad_y."""
+    x, w, s, p, spec = case
+    y = fs.conv2d(x, w, stride=s, padding=p)
+    gy = np.round(np.cos(np.arange(y.size)).reshape(y.shape) * 16) / 4
+    gx = fs.conv2d_grad_input(gy, w, x.shape, spec, stride=s, padding=p, seed=2)
+    gq = fs.quantize(gy, spec.input, spec.input_rounding) if spec.input else gy
+    wq = fs.quantize(w, spec.input, spec.input_rounding) if spec.input else w
+    N, C, H, W = x.shape
+    O, _, kh, kw = w.shape
+    Ho, Wo = gy.shape[2:]
+
+    def spread(n, o, u, v):  # the zero-spread gradient at padded position (u, v)
+        hu, hv = u - (kh - 1 - p), v - (kw - 1 - p)
+        if hu % s or hv % s or not (0 <= hu // s < Ho and 0 <= hv // s < Wo):
+            return 0.0
+        return float(gq[n, o, hu // s, hv // s])
+
+    draw = draw_for(spec, 2)
+    for n, c, h, v in itertools.product(range(N), range(C), range(H), range(W)):
+        ks = list(itertools.product(range(O), range(kh), range(kw)))
+        row = [spread(n, o, h + i, v + j) for o, i, j in ks]
+        col = [float(wq[o, c, kh - 1 - i, kw - 1 - j]) for o, i, j in ks]
+        index = ((n * H + h) * W + v) * C + c
+        want = reference.dot(row, col, spec, draw=draw, index=index)
+        assert_same_bits(np.float64(gx[n, c, h, v]), np.float64(want),
+                         err_msg=f"{spec} at {(n, c, h, v)}")
+
+
+def test_conv_counters():
+    x = np.ones((2, 3, 5, 5))
+    w = np.ones((4, 3, 3, 3))
+    spec = fs.MatmulSpec(input=fs.FP16, accumulator=fs.Accumulator(fs.FP16, block=9))
+    y, c = fs.conv2d(x, w, spec, padding=1, stats=True)
+    assert y.shape == (2, 4, 5, 5)
+    assert c.macs == 2 * 5 * 5 * 4 * 27 and c.input.roundings == x.size + w.size
+    assert c.accumulator.roundings == y.size * 3
+
+
+def test_conv_bad_input():
+    x, w = np.ones((1, 2, 4, 4)), np.ones((3, 2, 3, 3))
+    with pytest.raises(ValueError, match="C=2 channels, w expects C=3"):
+        fs.conv2d(x, np.ones((3, 3, 3, 3)))
+    with pytest.raises(ValueError, match="does not fit"):
+        fs.conv2d(x, np.ones((3, 2, 5, 5)))
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        fs.conv2d(x, w, stride=0)
+    with pytest.raises(ValueError, match="padding must be >= 0"):
+        fs.conv2d(x, w, padding=-1)
+    with pytest.raises(TypeError, match="stride must be an int"):
+        fs.conv2d(x, w, stride=1.5)
+    with pytest.raises(ValueError, match=r"x must have shape \(N, C, H, W\)"):
+        fs.conv2d(np.ones((2, 4, 4)), w)
+    with pytest.raises(ValueError, match="grad_y must have shape"):
+        fs.conv2d_grad_input(np.ones((1, 3, 3, 3)), w, x.shape)
+    with pytest.raises(ValueError, match="grad_y must have shape"):
+        fs.conv2d_grad_weight(x, np.ones((1, 3, 3, 3)), w.shape)
+    with pytest.raises(ValueError, match=r"x contains NaN.*Q<8,4>"):
+        fs.conv2d(x * np.nan, w, fs.MatmulSpec(input=fs.FixedFormat(8, 4)))
