@@ -76,6 +76,10 @@ class Accumulator:
         larger values model the exact dot-product units of matrix engines.
     random_bits : int, optional
         STOCHASTIC only: random bits per rounding (1 to 64, default 64).
+    via : FloatFormat, optional
+        A wider register the sum passes through: each step is rounded to nearest-even into
+        ``via`` first, then into ``fmt`` (the double rounding of a kernel that adds in FP32
+        and stores FP16). None: one rounding per step.
 
     Examples
     --------
@@ -89,6 +93,7 @@ class Accumulator:
     overflow: Overflow | None = None
     block: int = 1
     random_bits: int | None = None
+    via: FloatFormat | None = None
 
     def __post_init__(self):
         fmt = _check_format(self.fmt)
@@ -104,11 +109,14 @@ class Accumulator:
         object.__setattr__(self, "block", int(self.block))
         if self.random_bits is not None:
             _check_random_bits(rounding, self.random_bits)
+        if self.via is not None and not isinstance(self.via, FloatFormat):
+            raise TypeError(f"Accumulator via must be a FloatFormat or None, got {self.via!r}")
 
     def __repr__(self):
         rb = "" if self.random_bits is None else f", random_bits={self.random_bits}"
+        via = "" if self.via is None else f", via={self.via!r}"
         return (f"Accumulator({self.fmt!r}, {self.rounding.name}, {self.overflow.name}, "
-                f"block={self.block}{rb})")
+                f"block={self.block}{rb}{via})")
 
 
 def _fmt_or_none(v, name):
@@ -432,7 +440,7 @@ def _exact_blas(A, B, spec, ba, bb, keys, rb, c):
         return None
     if acc is not None:
         f = acc.fmt
-        if not isinstance(f, FixedFormat) or f.frac_length < -lsb:
+        if not isinstance(f, FixedFormat) or f.frac_length < -lsb or acc.via is not None:
             return None
         bound = math.ldexp(K, ba.top + bb.top)
         if bound > f.max or -bound < f.min:
@@ -491,7 +499,8 @@ def _fp32_chain(A, B, spec, ba, bb, keys, rb, c):
     """
     acc = spec.accumulator
     if (acc is None or acc.fmt != FP32 or acc.rounding is not _RNE or acc.block != 1
-            or acc.overflow is not Overflow.INFINITY or not _f32_products_exact(ba, bb)):
+            or acc.via is not None or acc.overflow is not Overflow.INFINITY
+            or not _f32_products_exact(ba, bb)):
         return None
     out = np.empty((A.shape[0], B.shape[1]), np.float32)
     flags = _g.gemm_f32_chain(A.astype(np.float32), np.ascontiguousarray(B, np.float32), out)
@@ -504,7 +513,7 @@ def _float_chain(A, B, spec, ba, bb, keys, rb, c):
     at 24 bits, then the branch-free float32 quantizer, vectorised over the outputs."""
     acc = spec.accumulator
     f = acc.fmt if acc is not None else None
-    if (not isinstance(f, FloatFormat) or acc.block != 1
+    if (not isinstance(f, FloatFormat) or acc.block != 1 or acc.via is not None
             or acc.rounding is Rounding.STOCHASTIC or f.man_bits > 21 or f.emin < -126
             or f.emax > 127 or not f.subnormals or not _f32_products_exact(ba, bb)):
         return None
@@ -522,7 +531,8 @@ def _fixed_chain(A, B, spec, ba, bb, keys, rb, c):
     saturation or wrap is exact float64 arithmetic, vectorised over the outputs."""
     acc = spec.accumulator
     f = acc.fmt if acc is not None else None
-    if (not isinstance(f, FixedFormat) or acc.block != 1 or ba.top == -1075
+    if (not isinstance(f, FixedFormat) or acc.block != 1 or acc.via is not None
+            or ba.top == -1075
             or bb.top == -1075):
         return None
     d = -(ba.lsb + bb.lsb) - f.frac_length  # acc quantum / product quantum = 2**d
@@ -561,6 +571,8 @@ def _general(A, B, spec, ba, bb, keys, rb, c):
     of = spec.output if spec.output is not None else FP64
     stages.append(_stage_params(of, spec.output_rounding, resolve_overflow(of, None), rb,
                                 keys[4]))
+    via = acc.via if acc is not None and acc.via is not None else FP64
+    stages.append(_stage_params(via, _RNE, resolve_overflow(via, None), 64, np.uint64(0)))
     sP, sPsr, sU, sD = (np.ascontiguousarray(np.stack([s[i] for s in stages]))
                         for i in range(4))
     prec = np.array([s[4] for s in stages])
@@ -569,7 +581,8 @@ def _general(A, B, spec, ba, bb, keys, rb, c):
     counts, slow = _g.gemm_general(
         np.ascontiguousarray(A), np.ascontiguousarray(B.T), out, 0, prod_exact, sP, sPsr, sU,
         sD, prec, wrap, spec.product is not None, 0 if acc is None else 1,
-        1 if acc is None else acc.block, spec.output is not None)
+        1 if acc is None else acc.block, spec.output is not None,
+        acc is not None and acc.via is not None)
     tot = counts.sum(axis=0)
     if tot[:, _q.F_INVALID].any():
         raise ValueError("matmul: a NaN or infinity reached a fixed-point format of the spec "

@@ -490,7 +490,7 @@ def dot(a_row, b_col, spec, *, draw=None, index=0, events=None):
         The (already quantized) operands: row ``i`` of ``a``, column ``j`` of ``b``.
     spec : MatmulSpec
         Read by attribute: ``product``, ``product_rounding``, ``accumulator`` (with ``fmt``,
-        ``rounding``, ``overflow``, ``block``, ``random_bits``), ``output``,
+        ``rounding``, ``overflow``, ``block``, ``random_bits``, ``via``), ``output``,
         ``output_rounding``, ``random_bits``.
     draw : callable, optional
         ``draw(stage, i)`` returns the random integer of the ``i``-th stochastic rounding of
@@ -539,6 +539,8 @@ def dot(a_row, b_col, spec, *, draw=None, index=0, events=None):
         nblocks = -(-K // acc.block)
         for t in range(nblocks):
             v = exact_sum([s, *prods[t * acc.block:(t + 1) * acc.block]], acc.rounding)
+            if getattr(acc, "via", None) is not None:
+                v = round_to_format(v, acc.via)
             s = rnd(STAGE_ACCUMULATOR, v, acc.fmt, acc.rounding, index * nblocks + t,
                     acc.overflow, acc.random_bits)
         if spec.output is None:

@@ -373,3 +373,27 @@ def test_fixed_chain_path_matches_general(rnd, acc, ovf):
     rb = 5 if rnd is fs.Rounding.STOCHASTIC else None
     spec = fs.MatmulSpec(accumulator=fs.Accumulator(acc, rnd, ovf, random_bits=rb))
     assert both_paths(a, b, spec) == {"fixed_chain": 1}
+
+
+@given(st.sampled_from([fs.FP16, fs.BF16, fs.FP8_E5M2]), st.sampled_from(ALL_ROUNDINGS),
+       st.sampled_from([1, 3]), matrices(max_k=16, scale=50.0))
+def test_accumulator_via_a_wider_register(fmt, rnd, block, ab):
+    acc = fs.Accumulator(fmt, rnd, block=block, via=fs.FP32)
+    check(*ab, fs.MatmulSpec(input=fs.FP16, accumulator=acc))
+
+
+def test_naive_kernel_double_rounds_through_fp32():
+    """acc16 = fp16(fp32(acc16 + a*b)) is Accumulator(FP16, via=FP32), not the FMA chain."""
+    rng = np.random.default_rng(0)
+    a = fs.quantize(rng.standard_normal((64, 64)), fs.FP16)
+    b = fs.quantize(rng.standard_normal((64, 64)), fs.FP16)
+    naive = np.zeros((64, 64), np.float32)
+    for k in range(64):  # the product is exact in float32; the sum rounds twice
+        naive = fs.quantize(naive + np.outer(a[:, k], b[k]), fs.FP16)
+    via = fs.matmul(a, b, fs.MatmulSpec(accumulator=fs.Accumulator(fs.FP16, via=fs.FP32)))
+    chain = fs.matmul(a, b, fs.MatmulSpec(accumulator=fs.FP16))
+    assert_same_bits(via, naive)
+    assert (chain != naive).sum() > 0
+    numpy16 = (a.astype(np.float16) @ b.astype(np.float16)).astype(np.float32)
+    assert_same_bits(fs.matmul(a, b, fs.MatmulSpec(accumulator=fs.FP32, output=fs.FP16)),
+                     numpy16)

@@ -154,13 +154,14 @@ def _check(hi, lo, prec, wrap_lim):
 
 @jit
 def dot_element(a, b, oidx, prod_exact, stage_P, stage_Psr, stage_U, stage_D, prec, wrap_lim,
-                has_prod, acc_mode, block, has_out, e, tmp, counts):
+                has_prod, acc_mode, block, has_out, has_via, e, tmp, counts):
     """One output element, as :func:`fixedsim.reference.dot`; returns ``(value, ok)``.
 
     ``stage_*[s]`` are the kernel parameters of stage ``s`` (0 product, 1 accumulator,
-    2 output); ``prec[s]``: the format has at most 51 significant bits; ``wrap_lim[s]``: the
-    magnitude beyond which a wrapped value is left to the caller (0: no wrap). ``acc_mode``:
-    0 exact accumulation, 1 rounded per block. ``counts`` (stages x flags) is added to.
+    2 output, 3 the accumulator's ``via`` register, used when ``has_via``); ``prec[s]``: the
+    format has at most 51 significant bits; ``wrap_lim[s]``: the magnitude beyond which a
+    wrapped value is left to the caller (0: no wrap). ``acc_mode``: 0 exact accumulation,
+    1 rounded per block. ``counts`` (stages x flags) is added to.
     """
     K = a.size
     nblocks = (K + block - 1) // block if acc_mode == 1 else 1
@@ -244,6 +245,13 @@ def dot_element(a, b, oidx, prod_exact, stage_P, stage_Psr, stage_U, stage_D, pr
                 return 0.0, False
             if hi == 0.0 and lo == 0.0:
                 hi = _zero_sum(allneg, anyneg, nonzero, mode_a)
+            if has_via and st == 1:  # round to nearest-even into the wider register first
+                if not _check(hi, lo, prec[3], 0.0):
+                    return 0.0, False
+                hi, fl, amb = round_exact(hi, lo, approx, stage_P[3], stage_Psr[3], stage_U[3],
+                                          stage_D[3], aidx)
+                lo = 0.0
+                approx = False
             if not _check(hi, lo, prec[st], wrap_lim[st]):
                 return 0.0, False
             v, fl, amb = round_exact(hi, lo, approx, stage_P[st], stage_Psr[st], stage_U[st],
@@ -267,7 +275,7 @@ def dot_element(a, b, oidx, prod_exact, stage_P, stage_Psr, stage_U, stage_D, pr
 
 @jit_parallel
 def gemm_general(A, BT, out, base, prod_exact, stage_P, stage_Psr, stage_U, stage_D, prec,
-                 wrap_lim, has_prod, acc_mode, block, has_out):
+                 wrap_lim, has_prod, acc_mode, block, has_out, has_via):
     """``out[r, j]`` = :func:`dot_element` of row ``A[r]`` and row ``BT[j]`` (B transposed).
 
     Parallel over rows. ``base``: flat output index of ``out[0, 0]`` (draw indices). Returns
@@ -286,7 +294,7 @@ def gemm_general(A, BT, out, base, prod_exact, stage_P, stage_Psr, stage_U, stag
             c[:, :] = 0
             v, ok = dot_element(ar, BT[j], base + r * N + j, prod_exact, stage_P, stage_Psr,
                                 stage_U, stage_D, prec, wrap_lim, has_prod, acc_mode, block,
-                                has_out, e, tmp, c)
+                                has_out, has_via, e, tmp, c)
             if ok:
                 out[r, j] = v
                 counts[r] += c
