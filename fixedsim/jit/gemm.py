@@ -19,6 +19,7 @@ import numpy as np
 from numba import prange
 
 from .arith import round_exact, two_sum
+from .bits import f32_bits, f32_from_bits
 from .options import jit, jit_inline, jit_parallel
 from .quant import (
     F_INEXACT,
@@ -356,7 +357,7 @@ def _chain_float_step(a0, p, MODE, sh0, lim, qbits, maxbits, ovp, ovn, infb, min
     s = a0 + p
     bp = s - a0
     e = (a0 - (s - bp)) + (p - bp)
-    sb = np.int64(np.float32(s).view(np.uint32))
+    sb = np.int64(f32_bits(s))
     sign = sb & 0x80000000
     mag = sb ^ sign
     # 0/1 integers rather than booleans: the loop stays branch-free and vectorises
@@ -374,7 +375,7 @@ def _chain_float_step(a0, p, MODE, sh0, lim, qbits, maxbits, ovp, ovn, infb, min
     fl_over = a0fin * (np.int64(over) | ovf32)
     fl_under = a0fin * np.int64(rmag == 0) * np.int64((ro & 0x7FFFFFFF) != 0)
     fl_sub = a0fin * np.int64(rmag != 0) * np.int64(rmag < minnorm)
-    return (np.uint32(res).view(np.float32), np.int32(fl_inexact), np.int32(fl_over),
+    return (f32_from_bits(res), np.int32(fl_inexact), np.int32(fl_over),
             np.int32(fl_under), np.int32(fl_sub))
 
 
