@@ -149,7 +149,7 @@ def record():
     >>> with fs.counters.record() as c:
     ...     _ = fs.matmul(np.ones((2, 3)), np.ones((3, 4)), spec)
     >>> c.calls, c.macs, c.accumulator.roundings, c.paths
-    (1, 24, 24, {'general': 1})
+    (1, 24, 24, {'float_chain': 1})
     """
     c = Counters()
     stack = _active()
