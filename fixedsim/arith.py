@@ -23,6 +23,7 @@ from .jit import arith as _ka
 from .jit import quant as _q
 from .jit.rng import random_u64_array
 from .quantize import (
+    FLAG_COLUMNS,
     _as_float_array,
     _check_format,
     _check_random_bits,
@@ -119,9 +120,7 @@ def _apply(op, operands, fmt, rounding, overflow, seed, random_bits, stats):
                 draw=None if draws is None else int(draws[j]),
                 random_bits=random_bits)
             oflat[i] = res if isinstance(res, float) else _to_float_toward_zero(res)
-            for name, col in (("inexact", _q.F_INEXACT), ("rounded_up", _q.F_UP),
-                              ("overflow", _q.F_OVERFLOW), ("underflow", _q.F_UNDERFLOW),
-                              ("subnormal", _q.F_SUBNORMAL), ("nan", _q.F_NAN)):
+            for name, col in FLAG_COLUMNS:
                 c[col] += fl[name]
     if stats:
         return out, stats_from_counts(c, out.size)

@@ -37,6 +37,7 @@ from .jit import gemm as _g
 from .jit import quant as _q
 from .jit.rng import random_u64_array
 from .quantize import (
+    FLAG_COLUMNS,
     _as_float_array,
     _check_format,
     _check_random_bits,
@@ -601,10 +602,6 @@ def _general(A, B, spec, ba, bb, keys, rb, c):
     return out.astype(fmt.dtype) if fmt.dtype != np.float64 else out
 
 
-_FLAG_COLS = (("inexact", _q.F_INEXACT), ("rounded_up", _q.F_UP), ("overflow", _q.F_OVERFLOW),
-              ("underflow", _q.F_UNDERFLOW), ("subnormal", _q.F_SUBNORMAL), ("nan", _q.F_NAN))
-
-
 def _fallback(A, B, spec, keys, rb, idx, out, tot):
     """Elements no kernel could prove: :func:`fixedsim.reference.dot` with the same draws."""
     R, K = A.shape
@@ -623,7 +620,7 @@ def _fallback(A, B, spec, keys, rb, idx, out, tot):
         v = reference.dot(A[r], B[:, j], spec, draw=draw, index=int(r * N + j), events=events)
         out[r, j] = v if isinstance(v, float) else _to_float_toward_zero(v)
         for stage, fl in events.items():
-            for name, col in _FLAG_COLS:
+            for name, col in FLAG_COLUMNS:
                 tot[row[stage], col] += fl.get(name, 0)
 
 

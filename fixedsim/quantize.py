@@ -51,6 +51,11 @@ class QuantStats:
     nan: int
 
 
+#: (flag name of :func:`fixedsim.reference.round_to_format`, kernel event column) pairs.
+FLAG_COLUMNS = (("inexact", _q.F_INEXACT), ("rounded_up", _q.F_UP), ("overflow", _q.F_OVERFLOW),
+                ("underflow", _q.F_UNDERFLOW), ("subnormal", _q.F_SUBNORMAL), ("nan", _q.F_NAN))
+
+
 def stats_from_counts(c: np.ndarray, size: int) -> QuantStats:
     """A :class:`QuantStats` from a kernel's event counts (columns ``fixedsim.jit.quant.F_*``)."""
     return QuantStats(size=int(size), inexact=int(c[_q.F_INEXACT]), rounded_up=int(c[_q.F_UP]),

@@ -31,7 +31,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from fixedsim.formats import FixedFormat, FloatFormat
+from fixedsim.formats import FixedFormat, FloatFormat, _to_float_toward_zero
 from fixedsim.rounding import Overflow, Rounding
 
 __all__ = ["round_to_format", "quantize", "encode", "decode", "values", "neighbours"]
@@ -409,7 +409,7 @@ def values(fmt) -> list:
 
     Examples
     --------
-    >>> from fixedsim.formats import FixedFormat, FloatFormat
+    >>> from fixedsim.formats import FixedFormat, FloatFormat, _to_float_toward_zero
     >>> values(FixedFormat(3, 1))
     [-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5]
     >>> values(FloatFormat(2, 1))[5:]
@@ -550,6 +550,11 @@ def dot(a_row, b_col, spec, *, draw=None, index=0, events=None):
                random_bits=spec.random_bits)
 
 
+def _container(v) -> float:
+    """``v`` as float64, toward zero when it is not one (wide fixed point)."""
+    return v if isinstance(v, float) else _to_float_toward_zero(v)
+
+
 def matmul(a, b, spec, *, draw=None):
     """``fixedsim.matmul(a, b, spec)`` computed exactly, element by element, as float64.
 
@@ -581,10 +586,3 @@ def matmul(a, b, spec, *, draw=None):
             out[r, j] = _container(dot(A[r], qb[:, j], spec, draw=draw, index=r * N + j))
     return out.reshape(*a.shape[:-1], N)
 
-
-def _container(v) -> float:
-    """``v`` as float64, toward zero when it is not one (wide fixed point)."""
-    if isinstance(v, float):
-        return v
-    f = float(v)
-    return math.nextafter(f, 0.0) if abs(Fraction(f)) > abs(v) else f
