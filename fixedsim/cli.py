@@ -41,6 +41,53 @@ def _cmd_verify(args) -> int:
     return 1 if bad else 0
 
 
+def _cmd_train(args) -> int:
+    import json
+    import pathlib
+
+    from .nn import Policy
+    from .nn.train import TrainConfig, TrainingDiverged, load_run, train
+
+    out = pathlib.Path(args.out) if args.out else None
+    try:
+        if args.resume:
+            out = pathlib.Path(args.resume)
+            config, policy = load_run(out)
+        else:
+            policy = Policy.parse(args.policy)
+            kw = {k: getattr(args, k) for k in _TRAIN_OPTIONS if getattr(args, k) is not None}
+            if args.model_options:
+                kw["model_options"] = json.loads(args.model_options)
+            config = TrainConfig(model=args.model, **kw)
+    except (ValueError, FileNotFoundError, json.JSONDecodeError) as err:
+        print(f"fixedsim train: error: {err}", file=sys.stderr)
+        return 2
+    print(f"fixedsim train: {config.model} on {config.data}, {config.epochs} epoch(s), "
+          f"batch {config.batch_size}, {config.optimizer} lr {config.lr:g} ({config.schedule}), "
+          f"seed {config.seed}")
+    print(policy.describe())
+    try:
+        res = train(config, policy, out, resume=bool(args.resume), progress=not args.quiet)
+    except TrainingDiverged as err:
+        print(f"fixedsim train: {err}", file=sys.stderr)
+        return 3
+    except (FileExistsError, FileNotFoundError, ValueError) as err:
+        print(f"fixedsim train: error: {err}", file=sys.stderr)
+        return 2
+    if res.history:
+        last = res.history[-1]
+        best = max(r["test_acc"] for r in res.history)
+        secs = sum(r["seconds"] for r in res.history)
+        print(f"done: final test accuracy {100 * last['test_acc']:.2f}% (best "
+              f"{100 * best:.2f}%), test loss {last['test_loss']:.4f}, {secs:.1f} s"
+              + (f"; run written to {out}" if out else ""))
+    return 0
+
+
+_TRAIN_OPTIONS = ("data", "train_size", "test_size", "epochs", "batch_size", "optimizer", "lr",
+                  "momentum", "nesterov", "weight_decay", "schedule", "seed")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -61,6 +108,40 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["all", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2"])
     v.add_argument("--quiet", action="store_true", help="no progress bar")
     v.set_defaults(func=_cmd_verify)
+
+    t = sub.add_parser(
+        "train",
+        help="train a model under a numerics policy",
+        description="Train a network from scratch with every tensor and product rounded as the "
+        "policy says; writes the config, history.csv, counters.csv, a checkpoint per epoch and "
+        "curves.png to --out. See docs/training.md.",
+    )
+    t.add_argument("--model", default="lenet", choices=["mlp", "lenet", "cifarnet"])
+    t.add_argument("--model-options", default=None, metavar="JSON",
+                   help='model constructor options as JSON, e.g. \'{"hidden": 64}\'')
+    t.add_argument("--policy", default="float32",
+                   help="float32, fp16, bf16, fp8, exact, fixed:WL:FL[:ROUNDING] or a "
+                   ".toml/.json policy file (default float32)")
+    t.add_argument("--data", default=None,
+                   help="embedded (default), fashion-mnist, mnist5k, synthetic or a folder of "
+                   "IDX files")
+    t.add_argument("--train-size", type=int, default=None, help="use the first N training images")
+    t.add_argument("--test-size", type=int, default=None, help="use the first N test images")
+    t.add_argument("--epochs", type=int, default=None, help="default 3")
+    t.add_argument("--batch-size", type=int, default=None, help="default 64")
+    t.add_argument("--optimizer", choices=["sgd", "adam"], default=None, help="default sgd")
+    t.add_argument("--lr", type=float, default=None, help="base learning rate (default 0.05)")
+    t.add_argument("--momentum", type=float, default=None, help="SGD momentum (default 0.9)")
+    t.add_argument("--nesterov", action="store_true", default=None)
+    t.add_argument("--weight-decay", type=float, default=None)
+    t.add_argument("--schedule", default=None,
+                   help="constant (default), step:EPOCHS:GAMMA or cosine:EPOCHS[:MIN_LR]")
+    t.add_argument("--seed", type=int, default=None, help="run seed (default 0)")
+    t.add_argument("--out", default=None, metavar="RUN_DIR", help="write the run here")
+    t.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue the interrupted run in RUN_DIR (its stored config and policy)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=_cmd_train)
     return p
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from fractions import Fraction
 
 import numpy as np
@@ -27,6 +28,7 @@ __all__ = [
     "BF16",
     "FP8_E5M2",
     "FP8_E4M3",
+    "parse_format",
 ]
 
 _INF_NAN = ("ieee", "fn")
@@ -354,3 +356,62 @@ _PRESET_NAMES = {
     (5, 2, "ieee"): "FP8_E5M2",
     (4, 3, "fn"): "FP8_E4M3",
 }
+
+
+_FIXED_RE = re.compile(r"^(U?)Q<\s*(-?\d+)\s*,\s*(-?\d+)\s*>$")
+_FLOAT_RE = re.compile(r"^E(\d+)M(\d+)(FN)?$")
+
+
+def parse_format(text) -> Format:
+    """The format a string names: the inverse of ``repr`` of a format.
+
+    Parameters
+    ----------
+    text : str or FixedFormat or FloatFormat
+        ``"Q<16,14>"`` (signed fixed point, word and fractional length), ``"UQ<8,8>"``
+        (unsigned), a preset name (``"FP32"``, ``"FP16"``, ``"BF16"``, ``"TF32"``,
+        ``"FP8_E4M3"``, ``"FP8_E5M2"``, ``"FP64"``), ``"E5M2"``/``"E4M3fn"`` (exponent and
+        mantissa bits, ``fn``: finite), any of them followed by ``-ftz`` (no subnormals).
+        Case is ignored. A format is returned as it is.
+
+    Raises
+    ------
+    ValueError
+        The string names no format, or names one with invalid fields.
+
+    Examples
+    --------
+    >>> import fixedsim as fs
+    >>> from fixedsim.formats import parse_format
+    >>> parse_format("Q<16,14>"), parse_format("fp16"), parse_format("E4M3fn")
+    (Q<16,14>, FP16, FP8_E4M3)
+    >>> parse_format(repr(fs.FloatFormat(5, 2, subnormals=False)))
+    FP8_E5M2-ftz
+    """
+    if isinstance(text, (FixedFormat, FloatFormat)):
+        return text
+    if not isinstance(text, str):
+        raise TypeError(f"a format must be a FixedFormat, a FloatFormat or its name, "
+                        f"got {type(text).__name__} {text!r}")
+    s = text.strip().upper().replace(" ", "")
+    ftz = s.endswith("-FTZ")
+    if ftz:
+        s = s[:-4]
+    m = _FIXED_RE.match(s)
+    try:
+        if m:
+            if ftz:
+                raise ValueError("-ftz applies to float formats only")
+            return FixedFormat(int(m.group(2)), int(m.group(3)), signed=not m.group(1))
+        by_name = {name: key for key, name in _PRESET_NAMES.items()}
+        if s in by_name:
+            e, mb, inf_nan = by_name[s]
+            return FloatFormat(e, mb, subnormals=not ftz, inf_nan=inf_nan)
+        m = _FLOAT_RE.match(s)
+        if m:
+            return FloatFormat(int(m.group(1)), int(m.group(2)), subnormals=not ftz,
+                               inf_nan="fn" if m.group(3) else "ieee")
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"format {text!r}: {err}") from None
+    raise ValueError(f"unknown format {text!r}; expected Q<word,frac>, UQ<word,frac>, ExMy, "
+                     f"ExMyfn or one of {', '.join(_PRESET_NAMES.values())} (optionally -ftz)")

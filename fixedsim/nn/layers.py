@@ -1,0 +1,513 @@
+"""Layers with forward and hand-written backward passes, under a numerics :class:`Policy`.
+
+Every product of a Linear or Conv2d layer goes through :func:`fixedsim.matmul` /
+:func:`fixedsim.conv2d` (and their gradient forms) with the policy's spec; every tensor a layer
+writes is rounded into its role: outputs into ``activations``, input errors into ``errors``,
+parameter gradients into ``weight_grads``. What a layer computes elementwise beyond the
+products (bias addition, pooling averages, batch normalisation, softmax) is computed in float64
+and rounded once into the role; the bias is added to the exact (or accumulated) product with a
+single rounding (:func:`fixedsim.add`). See docs/training.md.
+
+Shapes: Linear takes ``(N, in_features)``; Conv2d, pooling and BatchNorm2d take
+``(N, C, H, W)``. Linear's weight is ``(in_features, out_features)`` so that the forward
+product is ``x @ W`` with ``K = in_features``; Conv2d's is ``(O, C, kh, kw)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from ..matmul import MatmulSpec, conv2d, conv2d_grad_input, conv2d_grad_weight, matmul
+from ..rounding import Rounding
+from .core import Context, Module, Parameter
+
+__all__ = ["Linear", "Conv2d", "ReLU", "MaxPool2d", "AvgPool2d", "Flatten", "Dropout",
+           "BatchNorm2d", "SoftmaxCrossEntropy", "Sequential"]
+
+
+def _operands_rounded(spec: MatmulSpec) -> MatmulSpec:
+    """``spec`` with its input stage removed (the layer rounded the operands itself)."""
+    if spec.input is None:
+        return spec
+    s = dataclasses.replace(spec, input=None, input_rounding=Rounding.NEAREST_EVEN,
+                            random_bits=None)
+    if spec.random_bits is not None and Rounding.STOCHASTIC in s._stage_roundings():
+        s = dataclasses.replace(s, random_bits=spec.random_bits)
+    return s
+
+
+def _check_x(x, ndim, layer):
+    x = np.asarray(x)
+    if x.ndim != ndim:
+        raise ValueError(f"{layer}: expected a {ndim}-D input, got shape {x.shape}")
+    return x
+
+
+def _count(n, name, low=1):
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {n!r}")
+    return int(n)
+
+
+def _grad_in(layer, grad_y, shape_attr="_out_shape"):
+    """``grad_y`` as an array, checked against the shape of the layer's last output.
+
+    A backward pass needs the forward pass's cache, and an error of another shape would
+    broadcast silently in the elementwise layers.
+    """
+    shape = getattr(layer, shape_attr, None)
+    kind = type(layer).__name__
+    if shape is None:
+        raise RuntimeError(f"{kind}: backward before forward (layer {layer.name!r} has no "
+                           "cached forward pass)")
+    grad_y = np.asarray(grad_y)
+    if grad_y.shape != shape:
+        raise ValueError(f"{kind}: grad_y must have shape {shape} (the output of layer "
+                         f"{layer.name!r}), got {grad_y.shape}")
+    return grad_y
+
+
+class _Product(Module):
+    """Shared machinery of Linear and Conv2d: weight, optional bias, rounded operand copies."""
+
+    def __init__(self, weight_shape, fan_in, bias, rng):
+        rng = np.random.default_rng(rng)
+        bound = math.sqrt(6.0 / fan_in)  # He et al. 2015, uniform form, for ReLU networks
+        self.weight = Parameter("weight", rng.uniform(-bound, bound, weight_shape))
+        self.bias = Parameter("bias", np.zeros(weight_shape[0] if len(weight_shape) == 4
+                                               else weight_shape[1])) if bias else None
+        self._cache = None
+
+    def parameters(self):
+        return [self.weight] + ([self.bias] if self.bias is not None else [])
+
+    def _forward_operands(self, x, ctx):
+        spec = ctx.policy.forward
+        xq = ctx.round_operand(spec, x, self.name, "forward.x")
+        wq = ctx.round_operand(spec, self.weight.value, self.name, "forward.w")
+        return xq, wq, _operands_rounded(spec)
+
+    def _finish_forward(self, z, bias_view, ctx):
+        if self.bias is None:
+            return ctx.round("activations", z, self.name)
+        return ctx.add_into("activations", z, bias_view, self.name, "activations")
+
+    def _bias_grad(self, g2d, ctx):
+        """Bias gradient: the column sums of ``g2d`` as a product with a row of ones, so they
+        pass through the weight-gradient accumulator like every other gradient."""
+        ones = np.ones((1, g2d.shape[0]))
+        db = ctx.product(matmul, ctx.policy.grad_weight, self.name, "grad_bias", ones, g2d)
+        self.bias.grad = ctx.round("weight_grads", db.reshape(-1), self.name, "grad_bias")
+
+
+class Linear(_Product):
+    """``y = x @ W + b``, W of shape ``(in_features, out_features)``.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+    bias : bool, default True
+    rng : int or numpy.random.Generator, optional
+        Initialisation: W uniform in ``+-sqrt(6 / in_features)`` (He), b zero.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, rng=None):
+        self.in_features = _count(in_features, "Linear in_features")
+        self.out_features = _count(out_features, "Linear out_features")
+        super().__init__((self.in_features, self.out_features), self.in_features, bias, rng)
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"
+
+    def forward(self, x, ctx: Context):
+        x = _check_x(x, 2, "Linear")
+        if x.shape[1] != self.in_features:
+            raise ValueError(f"Linear: expected {self.in_features} input features, "
+                             f"got shape {x.shape}")
+        xq, wq, spec = self._forward_operands(x, ctx)
+        z = ctx.product(matmul, spec, self.name, "forward", xq, wq)
+        self._cache = (xq, wq)
+        self._out_shape = z.shape
+        return self._finish_forward(z, None if self.bias is None else self.bias.value, ctx)
+
+    def backward(self, grad_y, ctx: Context, need_input_grad: bool = True):
+        grad_y = _grad_in(self, grad_y)
+        xq, wq = self._cache
+        p = ctx.policy
+        dw = ctx.product(matmul, p.grad_weight, self.name, "grad_weight", xq.T, grad_y)
+        self.weight.grad = ctx.round("weight_grads", dw, self.name)
+        if self.bias is not None:
+            self._bias_grad(grad_y, ctx)
+        if not need_input_grad:
+            return None
+        dx = ctx.product(matmul, p.grad_input, self.name, "grad_input", grad_y, wq.T)
+        return ctx.round("errors", dx, self.name)
+
+
+class Conv2d(_Product):
+    """2-D convolution (cross-correlation) with zero padding; K order (channel, row, column).
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+    kernel_size : int or (int, int)
+    stride, padding : int or (int, int)
+    bias : bool, default True
+    rng : int or numpy.random.Generator, optional
+        Initialisation: uniform in ``+-sqrt(6 / (C * kh * kw))`` (He), bias zero.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 bias: bool = True, rng=None):
+        self.in_channels = _count(in_channels, "Conv2d in_channels")
+        self.out_channels = _count(out_channels, "Conv2d out_channels")
+        kh, kw = (kernel_size, kernel_size) if np.isscalar(kernel_size) else kernel_size
+        self.kernel_size = (_count(kh, "Conv2d kernel_size"), _count(kw, "Conv2d kernel_size"))
+        _pair(stride, "Conv2d stride")
+        _pair(padding, "Conv2d padding", low=0)
+        self.stride, self.padding = stride, padding
+        shape = (self.out_channels, self.in_channels, *self.kernel_size)
+        super().__init__(shape, self.in_channels * kh * kw, bias, rng)
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}")
+
+    def forward(self, x, ctx: Context):
+        x = _check_x(x, 4, "Conv2d")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"Conv2d: expected {self.in_channels} input channels, "
+                             f"got shape {x.shape}")
+        xq, wq, spec = self._forward_operands(x, ctx)
+        z = ctx.product(conv2d, spec, self.name, "forward", xq, wq, stride=self.stride,
+                        padding=self.padding)
+        self._cache = (xq, wq)
+        self._out_shape = z.shape
+        b = None if self.bias is None else self.bias.value.reshape(1, -1, 1, 1)
+        return self._finish_forward(z, b, ctx)
+
+    def backward(self, grad_y, ctx: Context, need_input_grad: bool = True):
+        grad_y = _grad_in(self, grad_y)
+        xq, wq = self._cache
+        p = ctx.policy
+        kw = dict(stride=self.stride, padding=self.padding)
+        dw = ctx.product(conv2d_grad_weight, p.grad_weight, self.name, "grad_weight", xq,
+                         grad_y, wq.shape, **kw)
+        self.weight.grad = ctx.round("weight_grads", dw, self.name)
+        if self.bias is not None:
+            self._bias_grad(grad_y.transpose(0, 2, 3, 1).reshape(-1, grad_y.shape[1]), ctx)
+        if not need_input_grad:
+            return None
+        dx = ctx.product(conv2d_grad_input, p.grad_input, self.name, "grad_input", grad_y, wq,
+                         xq.shape, **kw)
+        return ctx.round("errors", dx, self.name)
+
+
+class ReLU(Module):
+    """``max(x, 0)``; exact in every format, so nothing is rounded. NaN stays NaN, so that a
+    diverging network is seen rather than hidden."""
+
+    def forward(self, x, ctx: Context):
+        x = np.asarray(x)
+        self._mask = ~(x <= 0)  # positive values and NaN pass
+        self._out_shape = x.shape
+        return np.where(self._mask, x, np.zeros((), x.dtype))
+
+    def backward(self, grad_y, ctx: Context, need_input_grad: bool = True):
+        grad_y = _grad_in(self, grad_y)
+        return np.where(self._mask, grad_y, np.zeros((), grad_y.dtype))
+
+
+class Flatten(Module):
+    """``(N, ...)`` to ``(N, prod(...))``, row-major."""
+
+    def forward(self, x, ctx: Context):
+        x = np.asarray(x)
+        if x.ndim < 1:
+            raise ValueError("Flatten: expected an input with a batch axis, got a scalar")
+        self._shape = x.shape
+        y = x.reshape(x.shape[0], -1)
+        self._out_shape = y.shape
+        return y
+
+    def backward(self, grad_y, ctx: Context, need_input_grad: bool = True):
+        return _grad_in(self, grad_y).reshape(self._shape)
+
+
+def _windows(x, k, s):
+    """View ``(N, C, Ho, Wo, kh, kw)`` of the pooling windows of ``x``."""
+    N, C, H, W = x.shape
+    (kh, kw), (sh, sw) = k, s
+    Ho, Wo = (H - kh) // sh + 1, (W - kw) // sw + 1
+    if Ho < 1 or Wo < 1:
+        raise ValueError(f"pooling window {k} larger than the input {(H, W)}")
+    st = x.strides
+    return np.lib.stride_tricks.as_strided(
+        x, (N, C, Ho, Wo, kh, kw), (st[0], st[1], st[2] * sh, st[3] * sw, st[2], st[3]),
+        writeable=False)
+
+
+def _pair(v, name, low=1):
+    v = (v, v) if np.isscalar(v) else tuple(v)
+    if len(v) != 2:
+        raise ValueError(f"{name} must be an int or a pair, got {v!r}")
+    return _count(v[0], name, low), _count(v[1], name, low)
+
+
+class _Pool(Module):
+    def __init__(self, kernel_size, stride=None):
+        self.kernel_size = _pair(kernel_size, f"{type(self).__name__} kernel_size")
+        self.stride = _pair(stride if stride is not None else kernel_size,
+                            f"{type(self).__name__} stride")
+
+    def extra_repr(self):
+        return f"kernel_size={self.kernel_size}, stride={self.stride}"
+
+    def _spread(self, g, shape, dtype):
+        """Sum window contributions ``g`` (N, C, Ho, Wo, kh, kw) back onto the input grid."""
+        N, C, Ho, Wo, kh, kw = g.shape
+        (sh, sw) = self.stride
+        dx = np.zeros(shape, np.float64)
+        for i in range(kh):
+            for j in range(kw):
+                dx[:, :, i:i + sh * (Ho - 1) + 1:sh, j:j + sw * (Wo - 1) + 1:sw] += g[..., i, j]
+        return dx
+
+    @property
+    def _overlap(self):
+        return self.stride[0] < self.kernel_size[0] or self.stride[1] < self.kernel_size[1]
+
+
+class MaxPool2d(_Pool):
+    """Maximum over each window (stride defaults to the window size); exact.
+
+    Backward routes each output error to the first maximal input of its window (row-major);
+    where windows overlap, the errors an input receives are summed and rounded into ``errors``.
+    """
+
+    def forward(self, x, ctx: Context):
+        x = np.ascontiguousarray(_check_x(x, 4, "MaxPool2d"))
+        win = _windows(x, self.kernel_size, self.stride)
+        flat = win.reshape(*win.shape[:4], -1)
+        self._arg = flat.argmax(axis=-1)
+        self._shape, self._dtype = x.shape, x.dtype
+        self._out_shape = self._arg.shape
+        return np.take_along_axis(flat, self._arg[..., None], -1)[..., 0]
+
+    def backward(self, grad_y, ctx: Context, need_input_grad: bool = True):
+        grad_y = _grad_in(self, grad_y)
+        kh, kw = self.kernel_size
+        g = np.zeros((*grad_y.shape, kh * kw), np.float64)
+        np.put_along_axis(g, self._arg[..., None], grad_y[..., None], -1)
+        dx = self._spread(g.reshape(*grad_y.shape, kh, kw), self._shape, grad_y.dtype)
+        if self._overlap:
+            return ctx.round("errors", dx, self.name)
+        return dx.astype(grad_y.dtype)
+
+
+class AvgPool2d(_Pool):
+    """Mean over each window, computed in float64 and rounded once into ``activations``."""
+
+    def forward(self, x, ctx: Context):
+        x = np.ascontiguousarray(_check_x(x, 4, "AvgPool2d"))
+        self._shape = x.shape
+        win = _windows(x.astype(np.float64), self.kernel_size, self.stride)
+        self._out_shape = win.shape[:4]
+        return ctx.round("activations", win.mean(axis=(-2, -1)), self.name)
+
+    def backward(self, grad_y, ctx: Context, need_input_grad: bool = True):
+        grad_y = _grad_in(self, grad_y)
+        kh, kw = self.kernel_size
+        g = np.broadcast_to((grad_y.astype(np.float64) / (kh * kw))[..., None, None],
+                            (*grad_y.shape, kh, kw))
+        return ctx.round("errors", self._spread(g, self._shape, grad_y.dtype), self.name)
+
+
+class Dropout(Module):
+    """Inverted dropout: in training, zero each element with probability ``p`` and scale the
+    rest by ``1 / (1 - p)`` (rounded into ``activations``); the identity in evaluation.
+
+    The mask is drawn from the step's random stream (``Context.key(name, "dropout")``).
+    """
+
+    def __init__(self, p: float = 0.5):
+        if not (isinstance(p, (int, float)) and 0 <= p < 1):
+            raise ValueError(f"Dropout p must be in [0, 1), got {p!r}")
+        self.p = float(p)
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+    def forward(self, x, ctx: Context):
+        x = np.asarray(x)
+        self._out_shape = x.shape
+        if not ctx.training or self.p == 0:
+            self._mask = None
+            return x
+        rng = np.random.default_rng(ctx.key(self.name, "dropout"))
+        self._mask = rng.random(x.shape) >= self.p
+        # in float64, then one rounding (x / (1 - p) of a float32 x would round twice)
+        xs = np.asarray(x, np.float64) / (1 - self.p)
+        return ctx.round("activations", np.where(self._mask, xs, 0.0), self.name)
+
+    def backward(self, grad_y, ctx: Context, need_input_grad: bool = True):
+        grad_y = _grad_in(self, grad_y)
+        if self._mask is None:
+            return grad_y
+        gs = np.asarray(grad_y, np.float64) / (1 - self.p)
+        return ctx.round("errors", np.where(self._mask, gs, 0.0), self.name)
+
+
+class BatchNorm2d(Module):
+    """Batch normalisation over (N, H, W) per channel (Ioffe and Szegedy 2015).
+
+    Statistics, normalisation and the affine map are computed in float64 and rounded once
+    into ``activations``; in evaluation the running mean and (unbiased) variance are used.
+
+    Parameters
+    ----------
+    num_features : int
+    eps : float, default 1e-5
+    momentum : float, default 0.1
+        ``running = (1 - momentum) * running + momentum * batch`` (float64 buffers).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
+        self.num_features = _count(num_features, "BatchNorm2d num_features")
+        self.eps, self.momentum = float(eps), float(momentum)
+        self.gamma = Parameter("gamma", np.ones(self.num_features))
+        self.beta = Parameter("beta", np.zeros(self.num_features))
+        self.running_mean = np.zeros(self.num_features)
+        self.running_var = np.ones(self.num_features)
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+    def parameters(self):
+        return [self.gamma, self.beta]
+
+    def buffers(self) -> dict:
+        return {"running_mean": self.running_mean, "running_var": self.running_var}
+
+    def forward(self, x, ctx: Context):
+        x = _check_x(x, 4, "BatchNorm2d").astype(np.float64)
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"BatchNorm2d: expected {self.num_features} channels, "
+                             f"got shape {x.shape}")
+        g = self.gamma.value.astype(np.float64).reshape(1, -1, 1, 1)
+        b = self.beta.value.astype(np.float64).reshape(1, -1, 1, 1)
+        if ctx.training:
+            mean = x.mean(axis=(0, 2, 3))
+            var = x.var(axis=(0, 2, 3))
+            m = x.size // x.shape[1]
+            self.running_mean[:] = (1 - self.momentum) * self.running_mean + self.momentum * mean
+            self.running_var[:] = ((1 - self.momentum) * self.running_var
+                                   + self.momentum * var * m / max(m - 1, 1))
+        else:
+            mean, var = self.running_mean, self.running_var
+        inv = 1.0 / np.sqrt(var + self.eps)
+        xhat = (x - mean.reshape(1, -1, 1, 1)) * inv.reshape(1, -1, 1, 1)
+        self._cache = (xhat, inv, bool(ctx.training))
+        self._out_shape = xhat.shape
+        return ctx.round("activations", g * xhat + b, self.name)
+
+    def backward(self, grad_y, ctx: Context, need_input_grad: bool = True):
+        grad_y = _grad_in(self, grad_y)
+        xhat, inv, batch_stats = self._cache
+        dy = grad_y.astype(np.float64)
+        self.gamma.grad = ctx.round("weight_grads", (dy * xhat).sum(axis=(0, 2, 3)), self.name,
+                                    "grad_gamma")
+        self.beta.grad = ctx.round("weight_grads", dy.sum(axis=(0, 2, 3)), self.name,
+                                   "grad_beta")
+        if not need_input_grad:
+            return None
+        g = self.gamma.value.astype(np.float64).reshape(1, -1, 1, 1)
+        dxhat = dy * g
+        if batch_stats:  # the batch mean and variance depend on x too
+            mean_d = dxhat.mean(axis=(0, 2, 3), keepdims=True)
+            mean_dx = (dxhat * xhat).mean(axis=(0, 2, 3), keepdims=True)
+            dx = (dxhat - mean_d - xhat * mean_dx) * inv.reshape(1, -1, 1, 1)
+        else:  # running statistics: an affine map of x
+            dx = dxhat * inv.reshape(1, -1, 1, 1)
+        return ctx.round("errors", dx, self.name)
+
+
+class SoftmaxCrossEntropy(Module):
+    """Mean softmax cross-entropy of logits ``(N, classes)`` against integer labels.
+
+    The loss and the softmax are computed in float64 (log-sum-exp shifted by the row maximum).
+    ``backward`` returns ``loss_scale * (softmax - onehot) / N`` rounded into ``errors``.
+    """
+
+    name = "loss"
+
+    def forward(self, logits, labels, ctx: Context) -> float:
+        z = _check_x(logits, 2, "SoftmaxCrossEntropy").astype(np.float64)
+        labels = np.asarray(labels)
+        if labels.shape != (z.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"SoftmaxCrossEntropy: labels must be {z.shape[0]} integers, "
+                             f"got {labels.dtype} of shape {labels.shape}")
+        if labels.size and (labels.min() < 0 or labels.max() >= z.shape[1]):
+            raise ValueError(f"SoftmaxCrossEntropy: labels must lie in [0, {z.shape[1]})")
+        zmax = z.max(axis=1, keepdims=True)
+        e = np.exp(z - zmax)
+        s = e.sum(axis=1, keepdims=True)
+        logp = z - zmax - np.log(s)
+        self._p = e / s
+        self._labels = labels
+        return float(-logp[np.arange(z.shape[0]), labels].mean())
+
+    def __call__(self, logits, labels, ctx: Context) -> float:
+        return self.forward(logits, labels, ctx)
+
+    def backward(self, ctx: Context, scale: float = 1.0):
+        if getattr(self, "_p", None) is None:
+            raise RuntimeError("SoftmaxCrossEntropy: backward before forward")
+        g = self._p.copy()
+        g[np.arange(g.shape[0]), self._labels] -= 1.0
+        return ctx.round("errors", g * (scale / g.shape[0]), self.name)
+
+
+class Sequential(Module):
+    """Layers applied in order; names them ``"0.conv2d"``, ``"1.relu"``, ...
+
+    The input is rounded into ``activations`` first. ``backward`` runs the layers in reverse
+    and skips the input gradient of the first layer (nothing needs it).
+    """
+
+    def __init__(self, *layers: Module):
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Module):
+                raise TypeError(f"Sequential: item {i} is not a fixedsim.nn layer: {layer!r}")
+            layer.name = f"{i}.{type(layer).__name__.lower()}"
+        self.layers = list(layers)
+
+    def parameters(self):
+        return [p for layer in self.layers for p in layer.parameters()]
+
+    def named_parameters(self) -> dict:
+        return {f"{layer.name}.{p.name}": p for layer in self.layers
+                for p in layer.parameters()}
+
+    def buffers(self) -> dict:
+        return {f"{layer.name}.{k}": v for layer in self.layers
+                if hasattr(layer, "buffers") for k, v in layer.buffers().items()}
+
+    def forward(self, x, ctx: Context):
+        x = ctx.round("activations", x, "input")
+        for layer in self.layers:
+            x = layer.forward(x, ctx)
+        return x
+
+    def backward(self, grad_y, ctx: Context, need_input_grad: bool = False):
+        g = grad_y
+        for i in range(len(self.layers) - 1, -1, -1):
+            g = self.layers[i].backward(g, ctx, need_input_grad=need_input_grad or i > 0)
+        return g
+
+    def __repr__(self):
+        inner = "\n".join(f"  ({layer.name}) {layer!r}" for layer in self.layers)
+        return f"Sequential(\n{inner}\n)"

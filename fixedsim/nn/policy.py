@@ -1,0 +1,577 @@
+"""The numerics policy of a training run: a format and a rounding for every role a tensor plays.
+
+A :class:`Policy` is plain data (frozen, comparable, printable). It says
+
+- for every *role* (weights, activations, backpropagated errors, weight gradients, the weight
+  update, momentum) where such a tensor is stored and how a value is rounded into it
+  (:class:`Role`);
+- for each of the three products of a layer (forward, input gradient, weight gradient) the
+  :class:`fixedsim.MatmulSpec` of the multiply-accumulate array that computes it;
+- the loss scaling (:class:`LossScale`), for formats whose range cannot hold small gradients.
+
+See docs/training.md for the meaning of each role, step by step, with the presets' sources.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+
+from ..formats import BF16, FP8_E4M3, FP8_E5M2, FP16, FP32, FixedFormat, FloatFormat, parse_format
+from ..matmul import Accumulator, MatmulSpec
+from ..quantize import _check_random_bits, quantize, resolve_overflow
+from ..rounding import Overflow, Rounding
+
+__all__ = ["Role", "LossScale", "Policy", "ROLES", "PRODUCTS"]
+
+_RNE = Rounding.NEAREST_EVEN
+
+#: The roles a tensor plays in training, in the order they appear in a policy.
+ROLES = ("weights", "activations", "errors", "weight_grads", "update", "momentum")
+#: The three products of a layer, each with its MatmulSpec.
+PRODUCTS = ("forward", "grad_input", "grad_weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class Role:
+    """Where a tensor is stored and how a value is rounded when it is written there.
+
+    Parameters
+    ----------
+    fmt : FixedFormat, FloatFormat, str or None
+        The storage format (a string is parsed by :func:`fixedsim.formats.parse_format`).
+        None: values are kept as computed (float64 results stay float64): no rounding.
+    rounding : Rounding or str, default NEAREST_EVEN
+    overflow : Overflow or str, optional
+        As in :func:`fixedsim.quantize` (None: SATURATE for fixed point, INFINITY for IEEE floats).
+    random_bits : int, optional
+        STOCHASTIC only: random bits per rounding.
+
+    Examples
+    --------
+    >>> import numpy as np, fixedsim as fs
+    >>> r = fs.nn.Role("Q<8,4>", "toward_zero")
+    >>> r
+    Role(Q<8,4>, TOWARD_ZERO)
+    >>> r.apply(np.array([0.1, -0.1, 100.0]))
+    array([ 0.0625, -0.0625,  7.9375], dtype=float32)
+    """
+
+    fmt: FixedFormat | FloatFormat | None = None
+    rounding: Rounding = _RNE
+    overflow: Overflow | None = None
+    random_bits: int | None = None
+
+    def __post_init__(self):
+        if self.fmt is not None:
+            object.__setattr__(self, "fmt", parse_format(self.fmt))
+        object.__setattr__(self, "rounding", Rounding.coerce(self.rounding, what="Role rounding"))
+        if self.overflow is not None:
+            object.__setattr__(self, "overflow",
+                               Overflow.coerce(self.overflow, what="Role overflow"))
+        if self.fmt is None and (self.rounding is not _RNE or self.overflow is not None
+                                 or self.random_bits is not None):
+            raise ValueError("Role: a rounding, overflow or random_bits without a format has no "
+                             "effect (fmt=None keeps values as computed)")
+        if self.random_bits is not None and self.rounding is not Rounding.STOCHASTIC:
+            raise ValueError("Role: random_bits applies to STOCHASTIC rounding only")
+        if self.fmt is not None:
+            # The checks quantize makes (e.g. WRAP on a float format), without running a
+            # kernel: constructing a role stays cheap.
+            resolve_overflow(self.fmt, self.overflow)
+            _check_random_bits(self.rounding, self.random_bits)
+
+    @property
+    def stochastic(self) -> bool:
+        """Does writing into this role draw random numbers?"""
+        return self.fmt is not None and self.rounding is Rounding.STOCHASTIC
+
+    def apply(self, x, seed=None, *, stats=False):
+        """Round ``x`` into the role (``x`` itself, as an array, when ``fmt`` is None).
+
+        Parameters
+        ----------
+        x : array_like
+        seed : int, optional
+            Random stream of a STOCHASTIC role (see :func:`fixedsim.quantize`).
+        stats : bool, default False
+            Also return the :class:`fixedsim.QuantStats` (None when ``fmt`` is None).
+        """
+        if self.fmt is None:
+            import numpy as np
+
+            out = np.asarray(x)
+            return (out, None) if stats else out
+        return quantize(x, self.fmt, self.rounding, self.overflow, seed=seed,
+                        random_bits=self.random_bits, stats=stats)
+
+    def __repr__(self):
+        if self.fmt is None:
+            return "Role(None)"
+        extra = "" if self.overflow is None else f", {self.overflow.name}"
+        extra += "" if self.random_bits is None else f", random_bits={self.random_bits}"
+        return f"Role({self.fmt!r}, {self.rounding.name}{extra})"
+
+    def to_dict(self) -> dict:
+        """Plain data (JSON/TOML): format and enums as strings, unset fields left out."""
+        if self.fmt is None:
+            return {}
+        d = {"format": repr(self.fmt), "rounding": self.rounding.name.lower()}
+        if self.overflow is not None:
+            d["overflow"] = self.overflow.name.lower()
+        if self.random_bits is not None:
+            d["random_bits"] = self.random_bits
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "role") -> Role:
+        """Inverse of :meth:`to_dict`; unknown keys are an error naming ``where``."""
+        _check_keys(d, {"format", "rounding", "overflow", "random_bits"}, where)
+        return _build(cls, where, fmt=d.get("format"), rounding=d.get("rounding", "nearest_even"),
+                      overflow=d.get("overflow"), random_bits=d.get("random_bits"))
+
+
+@dataclasses.dataclass(frozen=True)
+class LossScale:
+    """Multiply the loss by ``scale`` before backward, divide the weight gradients after.
+
+    Parameters
+    ----------
+    init : float, default 65536.0
+        The first scale (a power of two keeps the scaling exact).
+    dynamic : bool, default True
+        Dynamic scaling: a step whose gradients hold an inf or NaN is skipped and the scale
+        multiplied by ``backoff``; after ``growth_interval`` good steps in a row it is multiplied
+        by ``growth``. Static (False): the scale never changes and overflowed steps are
+        still skipped.
+    growth, backoff : float, default 2.0 and 0.5
+    growth_interval : int, default 2000
+
+    Notes
+    -----
+    Defaults follow the dynamic loss scaling of Micikevicius et al., "Mixed precision
+    training", ICLR 2018, with the constants of common mixed-precision trainers.
+    """
+
+    init: float = 65536.0
+    dynamic: bool = True
+    growth: float = 2.0
+    backoff: float = 0.5
+    growth_interval: int = 2000
+
+    def __post_init__(self):
+        for name in ("init", "growth"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and math.isfinite(v) and v > 0):
+                raise ValueError(f"LossScale {name} must be a positive finite number, got {v!r}")
+        if not (isinstance(self.backoff, (int, float)) and not isinstance(self.backoff, bool)
+                and 0 < self.backoff <= 1):
+            raise ValueError(f"LossScale backoff must be in (0, 1], got {self.backoff!r}")
+        if (isinstance(self.growth_interval, bool) or not isinstance(self.growth_interval, int)
+                or self.growth_interval < 1):
+            raise ValueError(f"LossScale growth_interval must be an int >= 1, "
+                             f"got {self.growth_interval!r}")
+        if not isinstance(self.dynamic, bool):
+            raise TypeError(f"LossScale dynamic must be a bool, got {self.dynamic!r}")
+        object.__setattr__(self, "init", float(self.init))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "loss_scale") -> LossScale:
+        _check_keys(d, {f.name for f in dataclasses.fields(cls)}, where)
+        return _build(cls, where, **d)
+
+
+def _spec_to_dict(s: MatmulSpec) -> dict:
+    d = {}
+    for name in ("input", "product", "output"):
+        if getattr(s, name) is not None:
+            d[name] = repr(getattr(s, name))
+    for name in ("input_rounding", "product_rounding", "output_rounding"):
+        if getattr(s, name) is not _RNE:
+            d[name] = getattr(s, name).name.lower()
+    if s.random_bits is not None:
+        d["random_bits"] = s.random_bits
+    a = s.accumulator
+    if a is not None:
+        ad = {"format": repr(a.fmt), "rounding": a.rounding.name.lower(),
+              "overflow": a.overflow.name.lower(), "block": a.block}
+        if a.random_bits is not None:
+            ad["random_bits"] = a.random_bits
+        if a.via is not None:
+            ad["via"] = repr(a.via)
+        d["accumulator"] = ad
+    return d
+
+
+def _spec_from_dict(d: dict, where: str) -> MatmulSpec:
+    keys = {"input", "product", "output", "accumulator", "input_rounding", "product_rounding",
+            "output_rounding", "random_bits"}
+    _check_keys(d, keys, where)
+    kw = dict(d)
+    for name in ("input", "product", "output"):
+        if name in kw:
+            kw[name] = _build(parse_format, f"{where}.{name}", kw[name])
+    if "accumulator" in kw:
+        a = kw["accumulator"]
+        if isinstance(a, str):
+            a = {"format": a}
+        if not isinstance(a, dict):
+            raise ValueError(f"{where}.accumulator: expected a table or a format name, got {a!r}")
+        _check_keys(a, {"format", "rounding", "overflow", "block", "random_bits", "via"},
+                    f"{where}.accumulator")
+        if "format" not in a:
+            raise ValueError(f"{where}.accumulator: 'format' is required")
+        via = a.get("via")
+        kw["accumulator"] = _build(
+            Accumulator, f"{where}.accumulator",
+            _build(parse_format, f"{where}.accumulator.format", a["format"]),
+            a.get("rounding", "nearest_even"), a.get("overflow"), a.get("block", 1),
+            random_bits=a.get("random_bits"),
+            via=None if via is None else _build(parse_format, f"{where}.accumulator.via", via))
+    return _build(MatmulSpec, where, **kw)
+
+
+def _check_keys(d, allowed, where):
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected a table (dict), got {type(d).__name__} {d!r}")
+    unknown = sorted(set(d) - set(allowed))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                         f"allowed: {', '.join(sorted(allowed))}")
+
+
+def _build(factory, where, *args, **kw):
+    try:
+        return factory(*args, **kw)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def _role(fmt, rounding=_RNE) -> Role:
+    return Role(fmt, rounding)
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Formats and roundings of every tensor and product in training.
+
+    Parameters
+    ----------
+    name : str
+        A label (kept in run records).
+    weights : Role
+        The stored parameters. Initial values and every updated value ``w - step`` are rounded
+        into it (Gupta et al.'s stochastic rounding of the update is ``weights`` with
+        STOCHASTIC rounding).
+    activations : Role
+        Every layer output in the forward pass (and the network input).
+    errors : Role
+        Backpropagated errors: the gradient of the loss with respect to each activation.
+    weight_grads : Role
+        Gradients of the weights and biases (the outputs of the weight-gradient products).
+    update : Role
+        The step ``lr * direction`` before it is subtracted from the weights.
+    momentum : Role
+        Optimizer state (momentum buffer; Adam's moments).
+    forward, grad_input, grad_weight : MatmulSpec
+        The multiply-accumulate arrays of the three products of a Linear or Conv2d layer.
+        ``forward.input`` rounds the layer input and the weights for the product; the backward
+        products reuse those rounded copies, as hardware reuses its low-precision weight copy.
+        A spec's ``seed`` must be None: the trainer seeds each call.
+    loss_scale : LossScale, optional
+    master_note : str
+        Free text describing where the preset comes from (documentation only).
+
+    Examples
+    --------
+    >>> import fixedsim as fs
+    >>> p = fs.nn.Policy.fixed(16, 14, "stochastic")
+    >>> p.weights, p.errors
+    (Role(Q<16,14>, STOCHASTIC), Role(Q<16,14>, STOCHASTIC))
+    >>> fs.nn.Policy.from_dict(p.to_dict()) == p
+    True
+    """
+
+    name: str = "custom"
+    weights: Role = Role()
+    activations: Role = Role()
+    errors: Role = Role()
+    weight_grads: Role = Role()
+    update: Role = Role()
+    momentum: Role = Role()
+    forward: MatmulSpec = MatmulSpec()
+    grad_input: MatmulSpec = MatmulSpec()
+    grad_weight: MatmulSpec = MatmulSpec()
+    loss_scale: LossScale | None = None
+    master_note: str = dataclasses.field(default="", compare=False)
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Policy name must be a non-empty string, got {self.name!r}")
+        for r in ROLES:
+            if not isinstance(getattr(self, r), Role):
+                raise TypeError(f"Policy {r} must be a fixedsim.nn.Role, "
+                                f"got {getattr(self, r)!r}")
+        for p in PRODUCTS:
+            s = getattr(self, p)
+            if not isinstance(s, MatmulSpec):
+                raise TypeError(f"Policy {p} must be a fixedsim.MatmulSpec, got {s!r}")
+            if s.seed is not None:
+                raise ValueError(f"Policy {p}: the spec's seed must be None (each training "
+                                 "step seeds its products)")
+        if self.loss_scale is not None and not isinstance(self.loss_scale, LossScale):
+            raise TypeError(f"Policy loss_scale must be a LossScale or None, "
+                            f"got {self.loss_scale!r}")
+
+    # -- presets ------------------------------------------------------------------------------
+    @classmethod
+    def exact(cls) -> Policy:
+        """Float64 everywhere, every product sum exact and rounded once into float64.
+
+        The reference for gradient checks: no role rounds below float64.
+        """
+        return cls(name="exact", master_note="float64 values, exactly accumulated products")
+
+    @classmethod
+    def float32(cls) -> Policy:
+        """IEEE single precision: every role FP32 round-to-nearest-even, FP32 FMA chains.
+
+        Every product is a chain of float32 fused multiply-adds in ``k`` order, the way a
+        sequential float32 kernel computes it.
+        """
+        r = _role(FP32)
+        chain = MatmulSpec(accumulator=Accumulator(FP32))
+        return cls(name="float32", weights=r, activations=r, errors=r, weight_grads=r,
+                   update=r, momentum=r, forward=chain, grad_input=chain, grad_weight=chain,
+                   master_note="IEEE 754 binary32 throughout")
+
+    @classmethod
+    def fixed(cls, word_length: int = 16, frac_length: int = 14,
+              rounding: Rounding | str = Rounding.STOCHASTIC) -> Policy:
+        """Gupta et al., ICML 2015: fixed point ``<IL, FL>`` everywhere, exact accumulation.
+
+        Weights, activations, errors, weight gradients and momentum are
+        ``FixedFormat(word_length, frac_length)`` (``IL = word_length - frac_length`` counts the
+        sign bit), rounded with ``rounding``; products accumulate exactly (the FPGA's wide
+        accumulators) and are rounded once, into the role of their result; the updated weight
+        ``w - lr * grad`` is rounded into the weight format, stochastically when ``rounding``
+        is STOCHASTIC. The step itself is not rounded separately (it reaches the weights in
+        the same single rounding).
+        """
+        fmt = _build(FixedFormat, "Policy.fixed", word_length, frac_length)
+        rounding = Rounding.coerce(rounding, what="Policy.fixed rounding")
+        r = _role(fmt, rounding)
+        exact = MatmulSpec()
+        return cls(name=f"fixed<{word_length},{frac_length}>:{rounding.name.lower()}",
+                   weights=r, activations=r, errors=r, weight_grads=r, momentum=r,
+                   forward=exact, grad_input=exact, grad_weight=exact,
+                   master_note="Gupta, Agrawal, Gopalakrishnan, Narayanan, 'Deep learning with "
+                               "limited numerical precision', ICML 2015")
+
+    @classmethod
+    def fp16_mixed(cls, loss_scale: LossScale | float | str | None = "dynamic") -> Policy:
+        """Micikevicius et al., ICLR 2018: FP16 storage and products, FP32 accumulation and
+        master weights, loss scaling.
+
+        Parameters
+        ----------
+        loss_scale : LossScale, float, "dynamic" or None
+            A number: a static scale; "dynamic": :class:`LossScale` defaults; None: none.
+        """
+        h = _role(FP16)
+        s = MatmulSpec(input=FP16, accumulator=Accumulator(FP32))
+        chain = MatmulSpec(accumulator=Accumulator(FP32))
+        return cls(name="fp16_mixed", weights=_role(FP32), activations=h, errors=h,
+                   weight_grads=h, momentum=_role(FP32), forward=s, grad_input=chain,
+                   grad_weight=chain, loss_scale=_loss_scale(loss_scale),
+                   master_note="Micikevicius et al., 'Mixed precision training', ICLR 2018")
+
+    @classmethod
+    def bf16(cls) -> Policy:
+        """BF16 storage and products, FP32 accumulation and master weights, no loss scaling
+        (BF16 has FP32's exponent range; Kalamkar et al. 2019)."""
+        b = _role(BF16)
+        s = MatmulSpec(input=BF16, accumulator=Accumulator(FP32))
+        chain = MatmulSpec(accumulator=Accumulator(FP32))
+        return cls(name="bf16", weights=_role(FP32), activations=b, errors=b, weight_grads=b,
+                   momentum=_role(FP32), forward=s, grad_input=chain, grad_weight=chain,
+                   master_note="Kalamkar et al., 'A study of BFLOAT16 for deep learning "
+                               "training', 2019")
+
+    @classmethod
+    def fp8(cls, loss_scale: LossScale | float | str | None = "dynamic") -> Policy:
+        """FP8 training: E4M3 weights and activations in the forward product, E5M2 errors,
+        FP32 accumulation, FP32 master weights and weight gradients, loss scaling
+        (Micikevicius et al., 'FP8 formats for deep learning', 2022, without per-tensor
+        scaling factors)."""
+        fwd = MatmulSpec(input=FP8_E4M3, accumulator=Accumulator(FP32))
+        chain = MatmulSpec(accumulator=Accumulator(FP32))
+        return cls(name="fp8", weights=_role(FP32), activations=_role(FP8_E4M3),
+                   errors=_role(FP8_E5M2), weight_grads=_role(FP32), momentum=_role(FP32),
+                   forward=fwd, grad_input=chain, grad_weight=chain,
+                   loss_scale=_loss_scale(loss_scale),
+                   master_note="Micikevicius et al., 'FP8 formats for deep learning', 2022")
+
+    # -- plain data ---------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """Nested plain data (strings, numbers, tables) for JSON and TOML."""
+        d = {"name": self.name}
+        for r in ROLES:
+            d[r] = getattr(self, r).to_dict()
+        for p in PRODUCTS:
+            d[p] = _spec_to_dict(getattr(self, p))
+        if self.loss_scale is not None:
+            d["loss_scale"] = self.loss_scale.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "policy") -> Policy:
+        """Inverse of :meth:`to_dict`. Roles and products left out are None / exact; an
+        unknown key or a bad value raises ValueError naming it."""
+        _check_keys(d, {"name", "loss_scale", *ROLES, *PRODUCTS}, where)
+        kw = {"name": d.get("name", "custom")}
+        for r in ROLES:
+            if r in d:
+                kw[r] = Role.from_dict(d[r], f"{where}.{r}")
+        for p in PRODUCTS:
+            if p in d:
+                kw[p] = _spec_from_dict(d[p], f"{where}.{p}")
+        if "loss_scale" in d:
+            kw["loss_scale"] = LossScale.from_dict(d["loss_scale"], f"{where}.loss_scale")
+        return _build(cls, where, **kw)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    def save(self, path) -> None:
+        """Write the policy as JSON (``.json``) or TOML (``.toml``)."""
+        path = pathlib.Path(path)
+        if path.suffix == ".toml":
+            path.write_text(_to_toml(self.to_dict()))
+        else:
+            path.write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path) -> Policy:
+        """Read a policy file (``.toml`` or ``.json``); errors name the file and the key."""
+        path = pathlib.Path(path)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise ValueError(f"policy file {path}: {err.strerror}") from None
+        try:
+            if path.suffix == ".toml":
+                data = _toml_loads(text)
+            else:
+                data = json.loads(text)
+        except ValueError as err:
+            raise ValueError(f"policy file {path}: not valid {path.suffix[1:] or 'JSON'}: "
+                             f"{err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"policy file {path}: expected a table (dict) at the top level, "
+                             f"got {type(data).__name__}")
+        if "policy" in data and len(data) == 1:
+            data = data["policy"]
+        return cls.from_dict(data, where=str(path))
+
+    @classmethod
+    def parse(cls, text: str) -> Policy:
+        """A policy from its command-line name.
+
+        ``float32``, ``fp16`` (= ``fp16_mixed``), ``bf16``, ``fp8``, ``exact``,
+        ``fixed:WL:FL[:ROUNDING]`` (rounding default ``stochastic``), or the path of a ``.toml``
+        or ``.json`` policy file.
+
+        Examples
+        --------
+        >>> import fixedsim as fs
+        >>> fs.nn.Policy.parse("fixed:16:14:nearest_even").weights
+        Role(Q<16,14>, NEAREST_EVEN)
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"policy must be a string, got {text!r}")
+        t = text.strip()
+        simple = {"float32": cls.float32, "fp32": cls.float32, "fp16": cls.fp16_mixed,
+                  "fp16_mixed": cls.fp16_mixed, "bf16": cls.bf16, "fp8": cls.fp8,
+                  "exact": cls.exact}
+        if t.lower() in simple:
+            return simple[t.lower()]()
+        if t.lower().startswith("fixed:"):
+            parts = t.split(":")[1:]
+            if len(parts) not in (2, 3):
+                raise ValueError(f"policy {text!r}: expected fixed:WORD_LENGTH:FRAC_LENGTH"
+                                 f"[:ROUNDING]")
+            try:
+                wl, fl = int(parts[0]), int(parts[1])
+            except ValueError:
+                raise ValueError(f"policy {text!r}: word and fractional lengths must be "
+                                 "integers") from None
+            rnd = parts[2] if len(parts) == 3 else "stochastic"
+            try:
+                return cls.fixed(wl, fl, rnd)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"policy {text!r}: {err}") from None
+        if t.endswith((".toml", ".json")) or pathlib.Path(t).exists():
+            return cls.load(t)
+        raise ValueError(f"unknown policy {text!r}; expected float32, fp16, bf16, fp8, exact, "
+                         f"fixed:WL:FL[:ROUNDING] or a .toml/.json policy file")
+
+    def describe(self) -> str:
+        """A multi-line table of roles and products (what ``print`` of a run shows)."""
+        lines = [f"Policy {self.name!r}"]
+        for r in ROLES:
+            lines.append(f"  {r:13} {getattr(self, r)!r}")
+        for p in PRODUCTS:
+            lines.append(f"  {p:13} {getattr(self, p)!r}")
+        if self.loss_scale is not None:
+            lines.append(f"  {'loss_scale':13} {self.loss_scale!r}")
+        return "\n".join(lines)
+
+
+def _loss_scale(v) -> LossScale | None:
+    if v is None or isinstance(v, LossScale):
+        return v
+    if isinstance(v, str):
+        if v.lower() == "dynamic":
+            return LossScale()
+        raise ValueError(f"loss_scale must be a number, 'dynamic', a LossScale or None, "
+                         f"got {v!r}")
+    return LossScale(init=v, dynamic=False)
+
+
+def _toml_loads(text: str) -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    return tomllib.loads(text)
+
+
+def _to_toml(d: dict) -> str:
+    """TOML for the policy's shape: top-level scalars, then tables nested at most twice."""
+    def val(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        # A TOML basic string: JSON's escapes are TOML's, but TOML has no surrogate-pair
+        # escapes (json's ensure_ascii writes characters beyond U+FFFF as two), and DEL
+        # must be escaped.
+        return json.dumps(str(v), ensure_ascii=False).replace("\x7f", "\\u007f")
+
+    out = [f"{k} = {val(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.append(f"\n[{k}]")
+            out += [f"{k2} = {val(v2)}" for k2, v2 in v.items() if not isinstance(v2, dict)]
+            for k2, v2 in v.items():
+                if isinstance(v2, dict):
+                    out.append(f"\n[{k}.{k2}]")
+                    out += [f"{k3} = {val(v3)}" for k3, v3 in v2.items()]
+    return "\n".join(out) + "\n"

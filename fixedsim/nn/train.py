@@ -1,0 +1,503 @@
+"""The training loop: mini-batch training under a policy, evaluation, history, checkpoints.
+
+:func:`train` runs a :class:`TrainConfig` under a :class:`~fixedsim.nn.Policy`. Everything
+random derives from ``config.seed``: the initial weights (the model's seed), the order of the
+training images in each epoch (``SeedSequence([seed, 1, epoch])``) and every stochastic
+rounding and dropout mask (``Context`` keys of ``(seed, phase, step, layer, purpose)``). A run
+written to a directory keeps a checkpoint of the last finished epoch; :func:`train` with
+``resume=True`` continues from it and produces exactly the bits of a run that never stopped.
+
+A non-finite or exploding training loss stops the run with :class:`TrainingDiverged`; the last
+good checkpoint and the history up to it stay on disk.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+from .. import data as _data
+from .core import Context, LayerCounters, Parameter
+from .layers import SoftmaxCrossEntropy
+from .models import build
+from .optim import SGD, Adam, parse_schedule
+from .policy import Policy
+
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train", "evaluate",
+           "HISTORY_COLUMNS", "load_run"]
+
+#: Columns of ``history.csv``, in order (counter totals follow them).
+HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "lr",
+                   "loss_scale", "skipped_steps", "steps")
+
+CHECKPOINT = "checkpoint.npz"
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN/infinite or exceeded ``TrainConfig.max_loss``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """What to train and how; plain data, saved with every run.
+
+    Parameters
+    ----------
+    model : str
+        ``"mlp"``, ``"lenet"`` or ``"cifarnet"`` (:func:`fixedsim.nn.build`).
+    model_options : dict
+        Keyword arguments of the model constructor (e.g. ``{"hidden": [256]}``).
+    data : str
+        A data set name or folder (:func:`fixedsim.data.load`): ``"embedded"``,
+        ``"fashion-mnist"``, ``"mnist5k"``, ``"synthetic"`` or a directory of IDX files.
+    train_size, test_size : int, optional
+        Use only the first images of each part (the shipped subsets are in random,
+        stratified order).
+    epochs : int
+    batch_size : int
+    optimizer : {"sgd", "adam"}
+    lr : float
+        The base learning rate; ``schedule`` scales it.
+    momentum, nesterov, weight_decay : SGD settings (``weight_decay`` also for Adam).
+    schedule : str
+        ``"constant"``, ``"step:EPOCHS:GAMMA"``, ``"cosine:EPOCHS[:MIN_LR]"``.
+    seed : int
+        The run seed (weights, shuffling, stochastic rounding).
+    eval_batch_size : int
+    max_loss : float
+        A mean training loss above it (or NaN/inf) stops the run as diverged.
+    """
+
+    model: str = "lenet"
+    model_options: dict = dataclasses.field(default_factory=dict)
+    data: str = "embedded"
+    train_size: int | None = None
+    test_size: int | None = None
+    epochs: int = 3
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    seed: int = 0
+    eval_batch_size: int = 1000
+    max_loss: float = 1e3
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"TrainConfig {name} must be an int >= 1, got {v!r}")
+        for name in ("train_size", "test_size"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"TrainConfig {name} must be an int >= 1 or None, got {v!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"TrainConfig seed must be an int >= 0, got {self.seed!r}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"TrainConfig optimizer must be 'sgd' or 'adam', "
+                             f"got {self.optimizer!r}")
+        if not isinstance(self.model_options, dict):
+            raise ValueError(f"TrainConfig model_options must be a dict, "
+                             f"got {self.model_options!r}")
+        if not (isinstance(self.max_loss, (int, float)) and self.max_loss > 0):
+            raise ValueError(f"TrainConfig max_loss must be > 0, got {self.max_loss!r}")
+        parse_schedule(self.schedule)  # validates
+        self.make_optimizer({"check": Parameter("check", np.zeros(1))})  # validates lr, ...
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config") -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                             f"allowed: {', '.join(sorted(names))}")
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: {err}") from None
+
+    def make_optimizer(self, params):
+        if self.optimizer == "adam":
+            return Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        return SGD(params, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov,
+                   weight_decay=self.weight_decay)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes
+    ----------
+    history : list of dict
+        One row per epoch (:data:`HISTORY_COLUMNS`, then counter totals).
+    model : fixedsim.nn.Sequential
+        The trained model.
+    counters : dict of str to LayerCounters
+        Per-layer counts of the last epoch (training and evaluation).
+    out : pathlib.Path or None
+        The run directory.
+    """
+
+    history: list
+    model: object
+    counters: dict
+    out: pathlib.Path | None
+
+
+class _Scaler:
+    """Loss-scaling state (static or dynamic), per :class:`~fixedsim.nn.LossScale`."""
+
+    def __init__(self, ls):
+        self.ls = ls
+        self.scale = ls.init if ls is not None else 1.0
+        self.good = 0
+
+    def update(self, finite: bool) -> bool:
+        """Record a step's gradient check; True when the step is to be applied (a step
+        with non-finite gradients never is)."""
+        if self.ls is None:
+            return finite
+        if not finite:
+            if self.ls.dynamic:
+                self.scale *= self.ls.backoff
+            self.good = 0
+            return False
+        self.good += 1
+        if self.ls.dynamic and self.good >= self.ls.growth_interval:
+            self.scale *= self.ls.growth
+            self.good = 0
+        return True
+
+
+def _load_data(config: TrainConfig, data=None):
+    ds = data if data is not None else _data.load(config.data)
+    xtr, ytr, xte, yte = ds.x_train, ds.y_train, ds.x_test, ds.y_test
+    if config.train_size is not None:
+        xtr, ytr = xtr[:config.train_size], ytr[:config.train_size]
+    if config.test_size is not None:
+        xte, yte = xte[:config.test_size], yte[:config.test_size]
+    return ds, xtr, ytr, xte, yte
+
+
+def evaluate(model, policy: Policy, x, y, *, seed: int = 0, epoch: int = 0,
+             batch_size: int = 1000, counters: dict | None = None):
+    """Mean loss and accuracy of ``model`` on ``(x, y)`` in evaluation mode, under ``policy``.
+
+    Stochastic roundings draw from the evaluation phase of the run's streams (``epoch`` keys
+    them), so an evaluation never perturbs training.
+    """
+    lossf = SoftmaxCrossEntropy()
+    total_loss, correct = 0.0, 0
+    for i, start in enumerate(range(0, len(x), batch_size)):
+        ctx = Context(policy, seed=seed, step=epoch * 1_000_000 + i, training=False, phase=1)
+        logits = model.forward(x[start:start + batch_size], ctx)
+        yb = y[start:start + batch_size]
+        total_loss += lossf(logits, yb, ctx) * len(yb)
+        correct += int((np.asarray(logits).argmax(axis=1) == yb).sum())
+        if counters is not None:
+            _merge(counters, ctx.counters)
+    n = max(len(x), 1)
+    return total_loss / n, correct / n
+
+
+def _merge(into: dict, new: dict) -> None:
+    for k, v in new.items():
+        into.setdefault(k, LayerCounters()).__iadd__(v)
+
+
+def _totals(counters: dict) -> dict:
+    tot = LayerCounters()
+    for v in counters.values():
+        tot += v
+    return tot.as_dict()
+
+
+def _init_weights(model, policy, seed):
+    ctx = Context(policy, seed=seed, step=0, phase=2)
+    for name, p in model.named_parameters().items():
+        p.value = ctx.round("weights", p.value, "init", name)
+
+
+def _atomic_write(path: pathlib.Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _history_csv(history) -> str:
+    cols = list(HISTORY_COLUMNS)
+    for row in history:
+        cols += [k for k in row if k not in cols]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    for row in history:
+        w.writerow(row)
+    return buf.getvalue()
+
+
+def _save_checkpoint(out, model, opt, scaler, epoch, step, history, counters_rows):
+    arrays = {f"param/{k}": p.value for k, p in model.named_parameters().items()}
+    arrays.update({f"buffer/{k}": v for k, v in model.buffers().items()})
+    scalars = {}
+    for k, v in opt.state_dict().items():
+        if np.ndim(v) == 0:  # exact in JSON: ints, and floats by their shortest repr
+            scalars[k] = v.item() if isinstance(v, np.generic) else v
+        else:
+            arrays[f"optim/{k}"] = np.asarray(v)
+    meta = {"epoch": epoch, "step": step, "scale": scaler.scale, "good": scaler.good,
+            "optim": scalars, "history": history, "counters": counters_rows}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    _atomic_write(out / CHECKPOINT, lambda f: np.savez(f, **arrays))
+    text = _history_csv(history)
+    _atomic_write(out / "history.csv", lambda f: f.write(text.encode()))
+    if counters_rows:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(counters_rows[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows(counters_rows)
+        _atomic_write(out / "counters.csv", lambda f: f.write(buf.getvalue().encode()))
+
+
+def _load_checkpoint(out, model, opt, scaler):
+    with np.load(out / CHECKPOINT) as z:
+        meta = json.loads(bytes(z["meta"]).decode())
+        for k, p in model.named_parameters().items():
+            p.value = z[f"param/{k}"].copy()
+        for k, v in model.buffers().items():
+            v[...] = z[f"buffer/{k}"]
+        opt.load_state_dict({**meta["optim"], **{k[len("optim/"):]: z[k] for k in z.files
+                                                 if k.startswith("optim/")}})
+    scaler.scale, scaler.good = meta["scale"], meta["good"]
+    return meta
+
+
+def _provenance() -> dict:
+    import platform
+
+    from .. import __version__
+
+    commit = None
+    try:
+        import subprocess
+
+        here = pathlib.Path(__file__).resolve().parent
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                                text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        import numba
+
+        threads = numba.get_num_threads()
+    except Exception:  # pragma: no cover - numba always present
+        threads = None
+    return {"fixedsim_version": __version__, "git_commit": commit,
+            "python": platform.python_version(), "numpy": np.__version__,
+            "machine": platform.node(), "platform": platform.platform(),
+            "numba_threads": threads}
+
+
+def load_run(out) -> tuple[TrainConfig, Policy]:
+    """The config and policy of a run directory (written by :func:`train`)."""
+    out = pathlib.Path(out)
+    path = out / "run.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{out} is not a fixedsim run directory (no run.json)")
+    d = json.loads(path.read_text())
+    return (TrainConfig.from_dict(d["config"], f"{path} config"),
+            Policy.from_dict(d["policy"], f"{path} policy"))
+
+
+def train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = False,
+          progress: bool = True, data=None, log=None, stop_after_epoch: int | None = None):
+    """Train ``config.model`` on ``config.data`` under ``policy``.
+
+    Parameters
+    ----------
+    config : TrainConfig
+    policy : Policy
+    out : path, optional
+        Run directory: ``run.json`` (config, policy, provenance), ``history.csv``,
+        ``counters.csv`` (per layer and epoch), ``checkpoint.npz`` (after every epoch, written
+        atomically) and ``curves.png``. None: nothing is written.
+    resume : bool
+        Continue the run in ``out`` from its checkpoint; ``config`` and ``policy`` must equal
+        the stored ones. Without a checkpoint the run starts from the beginning.
+    progress : bool
+        Show a progress bar (tqdm, on stderr).
+    data : fixedsim.data.Dataset, optional
+        Use this data set instead of loading ``config.data``.
+    log : callable, optional
+        Called with one line of text per epoch (default: print to stdout when ``progress``).
+    stop_after_epoch : int, optional
+        Stop (as if interrupted) after this epoch is checkpointed; for tests and staging.
+
+    Returns
+    -------
+    TrainResult
+
+    Raises
+    ------
+    TrainingDiverged
+        The training loss became NaN/inf or exceeded ``config.max_loss``; the checkpoint and
+        history of the last good epoch are kept.
+    """
+    from tqdm import tqdm
+
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {config!r}")
+    if not isinstance(policy, Policy):
+        raise TypeError(f"policy must be a Policy, got {policy!r}")
+    if log is None:
+        log = print if progress else (lambda line: None)
+    ds, xtr, ytr, xte, yte = _load_data(config, data)
+    model = build(config.model, seed=config.seed, in_shape=xtr.shape[1:],
+                  classes=len(ds.classes), **config.model_options)
+    _init_weights(model, policy, config.seed)
+    params = model.named_parameters()
+    opt = config.make_optimizer(params)
+    schedule = parse_schedule(config.schedule)
+    scaler = _Scaler(policy.loss_scale)
+    lossf = SoftmaxCrossEntropy()
+    history, counter_rows, start_epoch, step = [], [], 0, 0
+
+    if out is not None:
+        out = pathlib.Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        record = {"config": config.to_dict(), "policy": policy.to_dict(),
+                  "data": {"name": ds.name, "source": ds.source, "train": len(xtr),
+                           "test": len(xte)}}
+        if resume and (out / "run.json").is_file():
+            stored_config, stored_policy = load_run(out)
+            if stored_config != config or stored_policy != policy:
+                raise ValueError(f"--resume {out}: the config or policy differs from the run "
+                                 "stored there; resume with the stored ones")
+            if (out / CHECKPOINT).is_file():
+                meta = _load_checkpoint(out, model, opt, scaler)
+                start_epoch, step = meta["epoch"] + 1, meta["step"]
+                history, counter_rows = meta["history"], meta["counters"]
+                log(f"resuming {out} after epoch {meta['epoch'] + 1} (step {step})")
+        elif (out / CHECKPOINT).is_file() and not resume:
+            raise FileExistsError(f"{out} already holds a run; use resume=True (--resume) to "
+                                  "continue it or choose another directory")
+        record["provenance"] = _provenance()
+        text = json.dumps(record, indent=2, default=str)
+        _atomic_write(out / "run.json", lambda f: f.write(text.encode()))
+
+    n = len(xtr)
+    steps_per_epoch = -(-n // config.batch_size)
+    counters: dict = {}
+    for epoch in range(start_epoch, config.epochs):
+        t0 = time.perf_counter()
+        counters = {}
+        order = np.random.default_rng(np.random.SeedSequence([config.seed, 1, epoch])) \
+            .permutation(n)
+        tot_loss, correct, skipped, seen = 0.0, 0, 0, 0
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
+                   disable=not progress, file=sys.stderr, leave=False, unit="batch")
+        for i in range(steps_per_epoch):
+            idx = order[i * config.batch_size:(i + 1) * config.batch_size]
+            xb, yb = xtr[idx], ytr[idx]
+            ctx = Context(policy, seed=config.seed, step=step, training=True)
+            logits = model.forward(xb, ctx)
+            loss = lossf(logits, yb, ctx)
+            if not math.isfinite(loss) or loss > config.max_loss:
+                bar.close()
+                _merge(counters, ctx.counters)
+                raise TrainingDiverged(
+                    f"training diverged at epoch {epoch + 1}, step {step}: loss {loss:.4g} "
+                    f"({'not finite' if not math.isfinite(loss) else f'> max_loss {config.max_loss:g}'})"
+                    f" under policy {policy.name!r}; "
+                    + (f"the checkpoint of the last good epoch is in {out}" if out is not None
+                       and history else "no epoch finished"))
+            scale = scaler.scale
+            model.backward(lossf.backward(ctx, scale), ctx)
+            finite = all(bool(np.isfinite(p.grad).all()) for p in params.values())
+            if scaler.update(finite):
+                opt.lr = schedule(config.lr, epoch + i / steps_per_epoch)
+                opt.step(ctx, grad_scale=scale)
+            else:
+                skipped += 1
+            _merge(counters, ctx.counters)
+            tot_loss += loss * len(yb)
+            correct += int((np.asarray(logits).argmax(axis=1) == yb).sum())
+            seen += len(yb)
+            step += 1
+            bar.set_postfix(loss=f"{tot_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+            bar.update()
+        bar.close()
+        test_loss, test_acc = evaluate(model, policy, xte, yte, seed=config.seed, epoch=epoch,
+                                       batch_size=config.eval_batch_size, counters=counters)
+        row = {"epoch": epoch + 1, "train_loss": tot_loss / seen, "train_acc": correct / seen,
+               "test_loss": test_loss, "test_acc": test_acc,
+               "seconds": time.perf_counter() - t0,
+               "lr": schedule(config.lr, epoch + 1), "loss_scale": scaler.scale,
+               "skipped_steps": skipped, "steps": steps_per_epoch}
+        row.update(_totals(counters))
+        history.append(row)
+        for layer, lc in counters.items():
+            counter_rows.append({"epoch": epoch + 1, "layer": layer, **lc.as_dict()})
+        counter_rows = _uniform(counter_rows)
+        log(f"epoch {epoch + 1}/{config.epochs}: train loss {row['train_loss']:.4f} "
+            f"acc {row['train_acc']:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f} | "
+            f"{row['seconds']:.1f} s" + (f" | {skipped} steps skipped" if skipped else ""))
+        if out is not None:
+            _save_checkpoint(out, model, opt, scaler, epoch, step, history, counter_rows)
+            plot_history(history, out / "curves.png", title=f"{config.model} · {policy.name}")
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+            break
+    return TrainResult(history=history, model=model, counters=counters, out=out)
+
+
+def _uniform(rows):
+    """Give every counters row the same keys (missing counts are 0)."""
+    keys = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    return [{k: r.get(k, 0) for k in keys} for r in rows]
+
+
+def plot_history(history, path, title: str = ""):
+    """Loss and accuracy per epoch (training and test) as a PNG/PDF figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [r["epoch"] for r in history]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4), constrained_layout=True)
+    a1.plot(ep, [r["train_loss"] for r in history], "o-", label="train")
+    a1.plot(ep, [r["test_loss"] for r in history], "s--", label="test")
+    a1.set_xlabel("epoch")
+    a1.set_ylabel("cross-entropy loss")
+    a1.legend()
+    a2.plot(ep, [100 * r["train_acc"] for r in history], "o-", label="train")
+    a2.plot(ep, [100 * r["test_acc"] for r in history], "s--", label="test")
+    a2.set_xlabel("epoch")
+    a2.set_ylabel("accuracy (%)")
+    a2.legend()
+    if title:
+        fig.suptitle(title)
+    tmp = pathlib.Path(path)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
