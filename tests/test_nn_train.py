@@ -183,3 +183,33 @@ def test_cli_train_and_resume(tmp_path, capsys):
     assert main(["train", "--policy", "fixed:16", "--quiet"]) == 2
     assert "fixed:WORD_LENGTH" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "nothing"), "--quiet"]) == 2
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from fixedsim.nn import Role  # noqa: E402
+
+
+@settings(deadline=None, max_examples=60)
+@given(fmt=st.sampled_from([fs.FixedFormat(16, 14), fs.FixedFormat(8, 3), fs.FP16, fs.BF16,
+                            fs.FP8_E5M2, fs.FP32]),
+       rounding=st.sampled_from(["nearest_even", "nearest_away", "toward_zero", "down", "up",
+                                 "odd", "stochastic"]),
+       a=st.lists(st.floats(-1e6, 1e6, allow_subnormal=True), min_size=6, max_size=6),
+       b=st.lists(st.floats(-1e6, 1e6), min_size=3, max_size=3),
+       scale=st.integers(-60, 10))
+def test_add_into_fast_path_is_fs_add_bit_for_bit(fmt, rounding, a, b, scale):
+    """Context.add_into (the bias addition) quantizes float64 sums when they are exact:
+    identical bits, draws and counts to fs.add's single rounding, for exact and inexact sums."""
+    pol = Policy(name="t", activations=Role(fmt, rounding))
+    a = np.ldexp(np.array(a).reshape(2, 3), scale)
+    b = np.array(b)
+    ctx = Context(pol, seed=3)
+    got = ctx.add_into("activations", a, b, "layer", "bias")
+    want, qs = fs.add(a, b, fmt, rounding, seed=ctx.key("layer", "bias"), stats=True)
+    assert got.dtype == want.dtype
+    assert got.tobytes() == want.tobytes()
+    c = ctx.counters["layer"].roles["activations"]
+    assert (c.roundings, c.inexact, c.overflow, c.underflow, c.nan) == \
+        (qs.size, qs.inexact, qs.overflow, qs.underflow, qs.nan)
