@@ -99,6 +99,7 @@ def test_run_directory(tiny, tmp_path):
     rec = json.loads((out / "run.json").read_text())
     assert rec["provenance"]["fixedsim_version"] == fs.__version__
     assert load_run(out) == (cfg, pol)
+    assert Policy.load(out / "policy.toml") == pol
     layers = {r["layer"] for r in csv.DictReader(open(out / "counters.csv"))}
     assert {"1.linear", "3.linear", "optim"} <= layers
     with pytest.raises(FileExistsError, match="resume"):

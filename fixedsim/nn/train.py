@@ -329,7 +329,8 @@ def load_run(out) -> tuple[TrainConfig, Policy]:
 
 
 def train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = False,
-          progress: bool = True, data=None, log=None, stop_after_epoch: int | None = None):
+          progress: bool = True, data=None, log=None, stop_after_epoch: int | None = None,
+          blas_threads: int | None = 1):
     """Train ``config.model`` on ``config.data`` under ``policy``.
 
     Parameters
@@ -337,7 +338,8 @@ def train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = False
     config : TrainConfig
     policy : Policy
     out : path, optional
-        Run directory: ``run.json`` (config, policy, provenance), ``history.csv``,
+        Run directory: ``run.json`` (config, policy, provenance), ``policy.toml``,
+        ``history.csv``,
         ``counters.csv`` (per layer and epoch), ``checkpoint.npz`` (after every epoch, written
         atomically) and ``curves.png``. None: nothing is written.
     resume : bool
@@ -351,6 +353,12 @@ def train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = False
         Called with one line of text per epoch (default: print to stdout when ``progress``).
     stop_after_epoch : int, optional
         Stop (as if interrupted) after this epoch is checkpointed; for tests and staging.
+    blas_threads : int or None, default 1
+        Limit of the BLAS thread pool during the run (threadpoolctl; None: unchanged). One
+        thread keeps OpenBLAS from competing with the Numba kernels for the cores: the
+        products of a training step are small, and on 2 busy cores a multi-threaded OpenBLAS
+        made them an order of magnitude slower. Results do not depend on it (BLAS is used
+        only where it is exact).
 
     Returns
     -------
@@ -362,6 +370,19 @@ def train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = False
         The training loss became NaN/inf or exceeded ``config.max_loss``; the checkpoint and
         history of the last good epoch are kept.
     """
+    from threadpoolctl import threadpool_limits
+
+    if blas_threads is None:
+        return _train(config, policy, out, resume=resume, progress=progress, data=data,
+                      log=log, stop_after_epoch=stop_after_epoch)
+    with threadpool_limits(limits=blas_threads, user_api="blas"):
+        return _train(config, policy, out, resume=resume, progress=progress, data=data,
+                      log=log, stop_after_epoch=stop_after_epoch)
+
+
+def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = False,
+           progress: bool = True, data=None, log=None, stop_after_epoch: int | None = None):
+    """The loop of :func:`train`."""
     from tqdm import tqdm
 
     if not isinstance(config, TrainConfig):
@@ -403,6 +424,7 @@ def train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = False
         record["provenance"] = _provenance()
         text = json.dumps(record, indent=2, default=str)
         _atomic_write(out / "run.json", lambda f: f.write(text.encode()))
+        policy.save(out / "policy.toml")  # reusable as --policy RUN_DIR/policy.toml
 
     n = len(xtr)
     steps_per_epoch = -(-n // config.batch_size)
