@@ -67,7 +67,8 @@ def _cmd_train(args) -> int:
           f"seed {config.seed}")
     print(policy.describe())
     try:
-        res = train(config, policy, out, resume=bool(args.resume), progress=not args.quiet)
+        res = train(config, policy, out, resume=bool(args.resume), progress=not args.quiet,
+                    log=print)
     except TrainingDiverged as err:
         print(f"fixedsim train: {err}", file=sys.stderr)
         return 3
@@ -81,6 +82,56 @@ def _cmd_train(args) -> int:
         print(f"done: final test accuracy {100 * last['test_acc']:.2f}% (best "
               f"{100 * best:.2f}%), test loss {last['test_loss']:.4f}, {secs:.1f} s"
               + (f"; run written to {out}" if out else ""))
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from .study import StudyError, load_study, run_study
+
+    try:
+        study = load_study(args.study)
+    except StudyError as err:
+        print(f"fixedsim sweep: error: {err}", file=sys.stderr)
+        return 2
+    print(study.describe())
+    if args.dry_run:
+        for run in study.runs:
+            print(f"  {run.run_id}  seed {run.seed:>10}  {run.label}")
+        print(f"dry run: {len(study.runs)} run(s) validated, data loads; nothing was run")
+        return 0
+    try:
+        res = run_study(study, args.out, workers=args.workers, scheduler=args.scheduler,
+                        resume=args.resume, progress=not args.quiet,
+                        numba_threads=args.numba_threads)
+    except StudyError as err:
+        print(f"fixedsim sweep: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        out = args.out or study.default_out()
+        print(f"\nfixedsim sweep: interrupted; the finished runs are recorded in {out}; "
+              f"continue with: fixedsim sweep {args.study} --out {out} --resume",
+              file=sys.stderr)
+        return 130
+    ok = sum(r["status"] == "ok" for r in res.records)
+    print(f"done: {len(res.ran)} run(s) now ({len(res.failed)} failed), {len(res.skipped)} "
+          f"skipped as already done; {ok}/{len(study.runs)} ok in {res.out / 'results.csv'}; "
+          f"`fixedsim report {res.out}` for tables and figures")
+    return 0 if res.ok else 1
+
+
+def _cmd_report(args) -> int:
+    from .study import StudyError, report
+
+    try:
+        rep = report(args.dir, metric=args.metric, x=args.x, hue=args.hue,
+                     figures=not args.no_figures)
+    except StudyError as err:
+        print(f"fixedsim report: error: {err}", file=sys.stderr)
+        return 2
+    print(rep.markdown if args.format == "md" else rep.csv, end="")
+    print(f"wrote {args.dir}/report.md, {args.dir}/summary.csv"
+          + (f" and {len(rep.figures)} figure file(s) in {args.dir}/figures/"
+             if rep.figures else ""), file=sys.stderr)
     return 0
 
 
@@ -140,9 +191,69 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, metavar="RUN_DIR", help="write the run here")
     t.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue the interrupted run in RUN_DIR (its stored config and policy)")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--quiet", action="store_true",
+                   help="no progress bar (the line per epoch is still printed)")
     t.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser(
+        "sweep",
+        help="run a study: a grid of training runs, locally or on a Dask cluster",
+        description="Validate the study file, then run every grid point (in local worker "
+        "processes, or on a Dask cluster with --scheduler) and record one row per finished run "
+        "in OUT/results.csv, atomically; --resume continues an interrupted sweep. Exit status "
+        "0: all runs ok, 1: some failed, 2: bad study or arguments. See docs/sweeps.md.",
+    )
+    s.add_argument("study", metavar="STUDY.toml", help="the study file")
+    s.add_argument("--workers", type=_positive, default=None, metavar="N",
+                   help="local worker processes (default [study] workers, else the CPUs); "
+                   "1 runs in this process")
+    s.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="run on the Dask cluster at this scheduler address (tcp://host:port)")
+    s.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder (default [study] out, else results/STEM beside the "
+                   "study file)")
+    s.add_argument("--resume", action="store_true",
+                   help="continue the sweep in --out: skip runs recorded ok, re-run the others")
+    s.add_argument("--numba-threads", type=_positive, default=None, metavar="N",
+                   help="Numba threads per run (default [study] numba_threads, else 1)")
+    s.add_argument("--dry-run", action="store_true",
+                   help="validate the study and list its runs; run nothing")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_sweep)
+
+    r = sub.add_parser(
+        "report",
+        help="tables and figures from a sweep's output folder",
+        description="Mean ± std over replicates per configuration, printed and written to "
+        "DIR/report.md and DIR/summary.csv; figures (PNG and PDF) in DIR/figures/: test error "
+        "vs epoch, final test error vs fractional bits per rounding mode (fixed-point "
+        "policies), and METRIC vs each sweep axis (or --x).",
+    )
+    r.add_argument("dir", metavar="DIR", help="the sweep's output folder")
+    r.add_argument("--metric", default="final_test_acc",
+                   help="metric of the axis figures (default final_test_acc; also "
+                   "best_test_acc, final_test_error, final_test_loss, seconds, ...)")
+    r.add_argument("--x", default=None, metavar="AXIS",
+                   help="x axis of the metric figure: a sweep axis or frac_length, "
+                   "word_length, rounding, policy_name, model (default: each sweep axis)")
+    r.add_argument("--hue", default=None, metavar="AXIS",
+                   help="one line per value of this column (default: per combination of the "
+                   "other axes)")
+    r.add_argument("--format", choices=["md", "csv"], default="md",
+                   help="what to print (both files are always written)")
+    r.add_argument("--no-figures", action="store_true", help="tables only")
+    r.set_defaults(func=_cmd_report)
     return p
+
+
+def _positive(text) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
 
 
 def main(argv=None) -> int:

@@ -33,7 +33,7 @@ from .optim import SGD, Adam, parse_schedule
 from .policy import Policy
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train", "evaluate",
-           "HISTORY_COLUMNS", "load_run"]
+           "HISTORY_COLUMNS", "load_run", "provenance"]
 
 #: Columns of ``history.csv``, in order (counter totals follow them).
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "lr",
@@ -291,7 +291,9 @@ def _load_checkpoint(out, model, opt, scaler):
     return meta
 
 
-def _provenance() -> dict:
+def provenance() -> dict:
+    """Where a result comes from: fixedsim version, git commit (when run from a checkout),
+    Python and NumPy versions, machine, platform and Numba threads."""
     import platform
 
     from .. import __version__
@@ -421,7 +423,7 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
         elif (out / CHECKPOINT).is_file() and not resume:
             raise FileExistsError(f"{out} already holds a run; use resume=True (--resume) to "
                                   "continue it or choose another directory")
-        record["provenance"] = _provenance()
+        record["provenance"] = provenance()
         text = json.dumps(record, indent=2, default=str)
         _atomic_write(out / "run.json", lambda f: f.write(text.encode()))
         policy.save(out / "policy.toml")  # reusable as --policy RUN_DIR/policy.toml
