@@ -2,6 +2,7 @@
 
     python benchmarks/matmul.py [--sizes N ...] [--repeat R] [--threads T] [--quick]
                                 [--max-seconds S] [--apy-max-size N] [--markdown PATH]
+                                [--cpu-time]
 
 Square products ``(n, n) @ (n, n)``; GFLOP/s = ``2 * n**3 / best time`` for every
 implementation (the same count whatever the emulated arithmetic costs). Each case has fixed
@@ -19,6 +20,9 @@ conversion from numpy is outside the timed region, and its result is not convert
 APyTypes with an accumulator context runs at ~0.1 GFLOP/s (~0.01 stochastic), so it is only
 timed at sizes <= ``--apy-max-size``. A run whose estimated time (warm-up + ``R`` calls, from the
 previous size's best time times the size ratio cubed) exceeds ``--max-seconds`` is skipped.
+``--cpu-time`` times with the process's CPU time instead of the wall clock: on a shared machine
+it does not count the time the process waits for a CPU (use it with ``--threads 1``: with
+more threads it adds the threads' times up, spinning BLAS workers included).
 
 Checks: the exact fixed-point result must equal numpy's ``clip(rint(a64 @ b64 * 256)) / 256``
 bit for bit (that float64 product is exact: every partial sum is an integer multiple of 2**-16
@@ -46,6 +50,7 @@ Q16_8 = fs.FixedFormat(16, 8)
 Q24_16 = fs.FixedFormat(24, 16)
 CHECK_N = 64
 MIN_TIME = 0.25  # seconds of timed calls at least, per run
+CLOCK = time.perf_counter  # --cpu-time: time.process_time
 
 
 def optional(name):
@@ -85,9 +90,14 @@ def apy_exact_fixed(a, b):
                                 overflow=O.SAT)
 
 
-def apy_float_ctx(exp_bits, man_bits, mode, out=None):
+def apy_fp32(a, b):
+    return (apy.APyFloatArray.from_float(a, exp_bits=8, man_bits=23),
+            apy.APyFloatArray.from_float(b, exp_bits=8, man_bits=23))
+
+
+def apy_float_ctx(exp_bits, man_bits, mode, out=None, inputs=None):
     def make(a, b):
-        A, B = apy_fp16(a, b)
+        A, B = (inputs or apy_fp16)(a, b)
         q = getattr(apy.QuantizationMode, mode)
 
         def run():
@@ -152,6 +162,12 @@ CASES = [
     Case("block16", "FP16 in, FP16 acc, block 16", fs.FP16,
          fs.MatmulSpec(accumulator=fs.Accumulator(fs.FP16, block=16)),
          (Ref("none (no equivalent)", None),)),
+    # last, so that the cases above keep their seeds (data seed = case index)
+    Case("fp32d", "FP32 in, FP32 FMA chain", fs.FP32,
+         fs.MatmulSpec(accumulator=fs.FP32),
+         (Ref("numpy float32 BLAS", numpy_ref(np.float32)),
+          Ref("APyTypes FP32 acc ctx", apy_float_ctx(8, 23, "RND_CONV", inputs=apy_fp32),
+              True))),
 ]
 TARGETS = [  # (text, case key, reference or None for an absolute rate, bound, size or None)
     ("exact fixed point: fixedsim / numpy float64 BLAS >= 0.5", "fixed", "numpy float64 BLAS",
@@ -176,9 +192,9 @@ def best_time(fn, repeat, budget):
     ``budget`` s are spent."""
     times, t_start = [], time.perf_counter()
     while True:
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(CLOCK() - t0)
         spent = time.perf_counter() - t_start
         if spent > budget or (len(times) >= repeat and spent >= MIN_TIME):
             return min(times), len(times)
@@ -223,6 +239,15 @@ def apy_agreement():
     lines.append(f"APyTypes FP32 accumulator context + cast to FP16 vs "
                  f"MatmulSpec(accumulator=FP32, output=FP16): {d} differing elements "
                  f"(FP16 x FP16 products are exact in FP32, so product rounding is moot).")
+    f = [fs.quantize(rng.standard_normal((CHECK_N, CHECK_N)), fs.FP32).astype(np.float64)
+         for _ in range(2)]
+    ctx32 = apy_float_ctx(8, 23, "RND_CONV", inputs=apy_fp32)(*f)().to_numpy()
+    d_acc = n_diff(fs.matmul(*f, fs.MatmulSpec(accumulator=fs.FP32)), ctx32)
+    d_prod = n_diff(fs.matmul(*f, fs.MatmulSpec(product=fs.FP32, accumulator=fs.FP32)), ctx32)
+    lines.append(f"APyTypes FP32 accumulator context (RND_CONV) vs fixedsim on {CHECK_N}x"
+                 f"{CHECK_N} FP32 inputs (products not exact in FP32), differing elements: "
+                 f"MatmulSpec(accumulator=FP32) {d_acc}, MatmulSpec(product=FP32, "
+                 f"accumulator=FP32) {d_prod}.")
     d = n_diff(fs.matmul(*q, fs.MatmulSpec(output=Q16_8)), apy_exact_fixed(*q)().to_numpy())
     lines.append(f"APyTypes exact fixed product + cast vs MatmulSpec(output=Q<16,8>): {d} "
                  f"differing elements.")
@@ -272,6 +297,7 @@ def machine_facts(args):
             f"threads; BLAS: {blas}",
             f"versions: {', '.join(vers)}",
             f"load average at start: {load}",
+            f"clock: {'process CPU time' if args.cpu_time else 'wall clock'}; "
             f"sizes {args.sizes}, best of >= {args.repeat} calls (and >= {MIN_TIME} s) after "
             f"a warm-up call (and >= {MIN_TIME} s), --max-seconds "
             f"{args.max_seconds:g}, --apy-max-size {args.apy_max_size}"]
@@ -325,7 +351,12 @@ def main(argv=None):
                     help="largest size timed with an APyTypes accumulator context")
     ap.add_argument("--markdown", metavar="PATH", help="also write the report as Markdown")
     ap.add_argument("--quick", action="store_true", help="smoke run: size 64, 2 repeats")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time with the process's CPU time (robust on a busy machine; use "
+                         "with --threads 1)")
     args = ap.parse_args(argv)
+    global CLOCK
+    CLOCK = time.process_time if args.cpu_time else time.perf_counter
     if args.quick:
         args.sizes, args.repeat = [64], 2
     args.sizes = sorted(set(args.sizes))

@@ -17,7 +17,9 @@
 Which kernel computes a call is an implementation detail that never changes a bit
 (:mod:`fixedsim.counters` records it): exact fixed-point-like accumulation runs on float64 BLAS
 when a bound proves every partial sum an integer below 2**53; an FP32 fused-multiply-add chain
-with products exact in float32 runs as a float32 loop that keeps the order; everything else
+with products exact in float32 runs as a float32 loop that keeps the order, and one with
+products exact only in float64 (float32 data) as a float64 TwoSum loop rounding to odd; other
+block-1 chains into small float or fixed-point formats have their own loops; everything else
 runs in the general kernel of :mod:`fixedsim.jit.gemm`.
 """
 
@@ -249,17 +251,11 @@ class _Bits:
 
     @classmethod
     def of(cls, x: np.ndarray) -> _Bits:
-        finite = bool(np.isfinite(x).all())
-        v = np.abs(x[np.isfinite(x) & (x != 0)])
-        if v.size == 0:
-            return cls(finite, 0, 0, -1075, 0)
-        m, e = np.frexp(v)
-        mi = (m * 2.0**53).astype(np.int64)
-        low = mi & -mi
-        tz = np.frexp(low.astype(np.float64))[1] - 1
-        lsb = int((e - 53 + tz).min())
-        top = int(e.max())
-        return cls(finite, int((53 - tz).max()), lsb, top, top - lsb)
+        nonfinite, sig, lsb, top = _g.operand_bits(
+            np.ascontiguousarray(x, dtype=np.float64).reshape(-1))
+        if top == -4096:  # no finite nonzero value
+            return cls(nonfinite == 0, 0, 0, -1075, 0)
+        return cls(nonfinite == 0, int(sig), int(lsb), int(top), int(top - lsb))
 
 
 def _stage_params(fmt, rounding, overflow, rbits, key):
@@ -404,7 +400,7 @@ def _product(A, B, spec, keys, rb, c):
     out = None
     if _FAST_PATHS and spec.product is None and ba.finite and bb.finite:
         out = _exact_blas(A, B, spec, ba, bb, keys, rb, c)
-        for path in (_fp32_chain, _float_chain, _fixed_chain):
+        for path in (_fp32_chain, _fp32_chain64, _float_chain, _fixed_chain):
             if out is None:
                 out = path(A, B, spec, ba, bb, keys, rb, c)
     if out is None:
@@ -501,11 +497,37 @@ def _fp32_chain(A, B, spec, ba, bb, keys, rb, c):
     acc = spec.accumulator
     if (acc is None or acc.fmt != FP32 or acc.rounding is not _RNE or acc.block != 1
             or acc.via is not None or acc.overflow is not Overflow.INFINITY
-            or not _f32_products_exact(ba, bb)):
+            or not _f32_products_exact(ba, bb) or A.shape[1] >= 2**30):
         return None
     out = np.empty((A.shape[0], B.shape[1]), np.float32)
     flags = _g.gemm_f32_chain(A.astype(np.float32), np.ascontiguousarray(B, np.float32), out)
     return _chain_result(out, flags, "fp32_chain", spec, keys, rb, c)
+
+
+def _f64_products_exact(ba, bb) -> bool:
+    """Every product exact in float64 and far from its range (the sums of a chain too)."""
+    if ba.top == -1075 or bb.top == -1075:
+        return True  # products all zero
+    return (ba.sig + bb.sig <= 53 and ba.lsb + bb.lsb >= -1022
+            and ba.top + bb.top <= 1000)
+
+
+def _fp32_chain64(A, B, spec, ba, bb, keys, rb, c):
+    """An FP32 FMA chain (block 1, deterministic rounding, IEEE or saturating overflow) whose
+    products are exact in float64 but not necessarily in float32 (float32 data, wide fixed
+    point): TwoSum in float64, round to odd at 53 bits, then the float32 cast corrected by one
+    ulp for the directed modes; vectorised over the outputs, ``k`` in order."""
+    acc = spec.accumulator
+    if (acc is None or acc.fmt != FP32 or acc.block != 1 or acc.via is not None
+            or acc.rounding is Rounding.STOCHASTIC or not _f64_products_exact(ba, bb)
+            or A.shape[1] >= 2**30):
+        return None
+    _, _, _, _, ovp, ovn, _ = _fast_float_params(FP32, acc.rounding, acc.overflow)
+    out = np.empty((A.shape[0], B.shape[1]), np.float32)
+    flags = _g.gemm_chain32(np.ascontiguousarray(A, np.float64),
+                            np.ascontiguousarray(B, np.float64), out, int(acc.rounding), ovp,
+                            ovn)
+    return _chain_result(out, flags, "fp32_chain64", spec, keys, rb, c)
 
 
 def _float_chain(A, B, spec, ba, bb, keys, rb, c):

@@ -44,8 +44,9 @@ def test_no_view_inside_kernels():
         if name != "bits.py":
             assert ".view(" not in src, f"{name} takes an array view inside a kernel"
     bits = SOURCES["bits.py"]
-    assert bits.count(".view(") == 2
+    assert bits.count(".view(") == 4
     assert "np.float32(v).view(np.uint32)" in bits and "np.uint32(b).view(np.float32)" in bits
+    assert "np.float64(v).view(np.int64)" in bits and "np.int64(b).view(np.float64)" in bits
 
 
 def test_views_passed_in_give_correct_bits_in_parallel():

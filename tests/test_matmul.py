@@ -395,3 +395,149 @@ def test_naive_kernel_double_rounds_through_fp32():
     numpy16 = (a.astype(np.float16) @ b.astype(np.float16)).astype(np.float32)
     assert_same_bits(fs.matmul(a, b, fs.MatmulSpec(accumulator=fs.FP32, output=fs.FP16)),
                      numpy16)
+
+
+# -- FP32 chain on products exact only in float64 (fp32_chain64) ----------------------------------
+F32_SPECIAL = [0.0, -0.0, 1.0, -1.0, 2.0**-24, -(2.0**-24), 3 * 2.0**-25, 1.0 + 2.0**-23,
+               0.5 + 2.0**-24, 2.0**-149, -(2.0**-149), 2.0**-126, 3 * 2.0**-127,
+               float(np.finfo(np.float32).max), -float(np.finfo(np.float32).max), 2.0**64,
+               2.0**-64, 2.0**100, -(2.0**-100), 1.0 / 3.0]
+
+
+@st.composite
+def f32_matrices(draw, max_k=12):
+    """Arbitrary float32 values (subnormals, huge, ties, cancellations): products need float64."""
+    m, k, n = draw(st.integers(1, 3)), draw(st.integers(0, max_k)), draw(st.integers(1, 3))
+    if draw(st.booleans()):
+        elems = st.one_of(st.floats(width=32, allow_nan=False, allow_infinity=False),
+                          st.floats(-4.0, 4.0, width=32),
+                          st.sampled_from(F32_SPECIAL).map(lambda v: float(np.float32(v))))
+    else:  # few-bit values on nearby scales: sums land on float32 midpoints (ties)
+        elems = st.builds(lambda sg, m, e: sg * m * 2.0**e, st.sampled_from([1.0, -1.0]),
+                          st.sampled_from([1.0, 3.0, 0.75, 1.0 + 2.0**-23, 1.0 - 2.0**-24]),
+                          st.sampled_from([0, -1, -12, -13, -24, -25]))
+
+    def mat(r, c):
+        return np.array(draw(st.lists(elems, min_size=r * c, max_size=r * c)),
+                        dtype=np.float32).reshape(r, c)
+
+    return mat(m, k), mat(k, n)
+
+
+DETERMINISTIC = [r for r in fs.Rounding if r is not fs.Rounding.STOCHASTIC]
+
+
+@settings(max_examples=300)
+@given(st.sampled_from(DETERMINISTIC), st.sampled_from([None, fs.Overflow.SATURATE]),
+       st.sampled_from([None, fs.FP16, fs.BF16]), f32_matrices())
+def test_fp32_chain64_matches_general(rnd, ovf, out, ab):
+    spec = fs.MatmulSpec(accumulator=fs.Accumulator(fs.FP32, rnd, ovf), output=out)
+    paths = both_paths(*ab, spec)
+    assert set(paths) <= {"fp32_chain", "fp32_chain64"} and len(paths) == 1
+
+
+@settings(max_examples=40)
+@given(st.sampled_from(DETERMINISTIC), st.sampled_from([None, fs.Overflow.SATURATE]),
+       f32_matrices(max_k=6))
+def test_fp32_chain64_matches_the_oracle(rnd, ovf, ab):
+    check(*ab, fs.MatmulSpec(accumulator=fs.Accumulator(fs.FP32, rnd, ovf)))
+
+
+@pytest.mark.parametrize("rnd", DETERMINISTIC)
+@pytest.mark.parametrize("ovf", [None, "saturate"])
+def test_fp32_chain64_ties_overflow_zeros(rnd, ovf):
+    """Crafted rows: exact ties, round to zero, overflow and back, cancellation to zero."""
+    big = float(np.finfo(np.float32).max)
+    a = np.array([[1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+                  [2.0**-100, 2.0**-100, 2.0**-100, -(2.0**-100), 1.0, 1.0],
+                  [big, big, -big, -big, -big, 1.0],
+                  [1.0, -1.0, 0.0, -0.0, 1.0 + 2.0**-23, 1.0],
+                  [-0.0, -0.0, 0.0, 0.0, 0.0, 0.0]], np.float32)
+    b = np.array([[1.0, 2.0**-24, 3.0],
+                  [2.0**-24, 2.0**-24, 1.0 / 3.0],
+                  [3 * 2.0**-25, 2.0**-60, -1.0],
+                  [-(2.0**-48), 0.0, 2.0**40],
+                  [1.0 + 2.0**-23, -0.0, 1.0],
+                  [-0.0, 0.0, 2.0**-149]], np.float32)
+    spec = fs.MatmulSpec(accumulator=fs.Accumulator(fs.FP32, rnd, ovf))
+    assert both_paths(a, b, spec) == {"fp32_chain64": 1}
+    check(a, b, spec)
+
+
+def test_fp32_chain64_wide_fixed_point_inputs():
+    """Q<16,8> x Q<16,8> products have up to 32 bits: exact in float64, not in float32."""
+    rng = np.random.default_rng(12)
+    a = rng.normal(0, 30, (7, 90))
+    b = rng.normal(0, 30, (90, 5))
+    for rnd in DETERMINISTIC:
+        spec = fs.MatmulSpec(input=fs.FixedFormat(16, 8),
+                             accumulator=fs.Accumulator(fs.FP32, rnd), output=fs.FP16)
+        assert both_paths(a, b, spec) == {"fp32_chain64": 1}
+
+
+# -- the operand scan that chooses the kernels ----------------------------------------------------
+def bits_numpy(x):
+    """The former numpy implementation of ``_Bits.of`` (several passes), kept as the oracle."""
+    finite = bool(np.isfinite(x).all())
+    v = np.abs(x[np.isfinite(x) & (x != 0)])
+    if v.size == 0:
+        return mm._Bits(finite, 0, 0, -1075, 0)
+    m, e = np.frexp(v)
+    mi = (m * 2.0**53).astype(np.int64)
+    low = mi & -mi
+    tz = np.frexp(low.astype(np.float64))[1] - 1
+    lsb = int((e - 53 + tz).min())
+    top = int(e.max())
+    return mm._Bits(finite, int((53 - tz).max()), lsb, top, top - lsb)
+
+
+@settings(max_examples=300)
+@given(st.sampled_from([np.float64, np.float32]), st.data())
+def test_operand_scan_matches_numpy(dtype, data):
+    from hypothesis.extra import numpy as hnp
+
+    width = 64 if dtype is np.float64 else 32
+    elems = st.one_of(
+        st.floats(width=width),  # zeros, subnormals, infinities, NaN, huge
+        st.sampled_from([0.0, -0.0, 5e-324, 2.0**-1022, 2.0**-149, 1.0, -3.0, 2.0**-126]),
+        st.integers(-2**20, 2**20).map(float))
+    shape = data.draw(hnp.array_shapes(min_dims=1, max_dims=2, min_side=0, max_side=40))
+    with np.errstate(all="ignore"):  # float32 casts of the sampled float64 values
+        x = data.draw(hnp.arrays(dtype, shape, elements=elems.map(lambda v: dtype(v))))
+    assert mm._Bits.of(x) == bits_numpy(x)
+
+
+def test_operand_scan_large_and_chunked():
+    """Several chunks of the parallel scan: the combined fields are those of the whole array."""
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal(100_003) * np.exp2(rng.integers(-1060, 1000, 100_003))
+    x[::7] = 0.0
+    x[5] = np.ldexp(3.0, -1074)
+    assert mm._Bits.of(x) == bits_numpy(x)
+    x[99_999] = np.nan
+    assert mm._Bits.of(x) == bits_numpy(x)
+    assert mm._Bits.of(np.zeros((3, 0))) == bits_numpy(np.zeros((3, 0)))
+
+
+@st.composite
+def bf16_scaled_matrices(draw, max_k=12):
+    """BF16-like values (8 significant bits) on scales where FP32 sums overflow or become
+    subnormal while every product stays exact in float32."""
+    m, k, n = draw(st.integers(1, 4)), draw(st.integers(0, max_k)), draw(st.integers(1, 3))
+    elems = st.builds(lambda sg, c, e: sg * c * 2.0**e, st.sampled_from([1.0, -1.0]),
+                      st.integers(128, 255).map(lambda c: c / 128.0),
+                      st.sampled_from([-66, -64, -40, -1, 0, 20, 60, 62]))
+
+    def mat(r, c):
+        return np.array(draw(st.lists(elems, min_size=r * c, max_size=r * c))).reshape(r, c)
+
+    return mat(m, k), mat(k, n)
+
+
+@settings(max_examples=150)
+@given(bf16_scaled_matrices())
+def test_fp32_chain_lean_and_rare_rows_match_general(ab):
+    """Rows whose sums stay normal run the lean kernel; the others are recomputed counting
+    overflows and subnormals: both equal the general kernel, counts included."""
+    paths = both_paths(*ab, fs.MatmulSpec(accumulator=fs.FP32))
+    assert paths == {"fp32_chain": 1}

@@ -37,3 +37,15 @@ def round_to_odd_f32(x):
     if back != x and x == x and abs(x) != np.inf and (b & 1) == 0:
         b = b + 1 if abs(x) > abs(back) else b - 1
     return b
+
+
+@jit_inline
+def f64_bits(v):
+    """The bit pattern of float64 ``v`` as int64 (negative values have the sign bit set)."""
+    return np.float64(v).view(np.int64)
+
+
+@jit_inline
+def f64_from_bits(b):
+    """The float64 whose bit pattern is the int64 ``b``."""
+    return np.int64(b).view(np.float64)

@@ -19,9 +19,10 @@ import numpy as np
 from numba import prange
 
 from .arith import round_exact, two_sum
-from .bits import f32_bits, f32_from_bits
+from .bits import f32_bits, f32_from_bits, f64_bits, f64_from_bits
 from .options import jit, jit_inline, jit_parallel
 from .quant import (
+    CHUNK,
     F_INEXACT,
     F_OVERFLOW,
     F_SUBNORMAL,
@@ -304,28 +305,134 @@ def gemm_general(A, BT, out, base, prod_exact, stage_P, stage_Psr, stage_U, stag
     return counts, slow
 
 
+@jit_inline
+def _exponent_of_pow2(v):
+    """``log2(v)`` for an integer ``v`` that is a power of two below 2**53."""
+    return (f64_bits(np.float64(v)) >> 52) - 1023
+
+
+@jit
+def operand_bits(x):
+    """One pass over float64 ``x`` (1-D, contiguous): the fields of ``fixedsim.matmul._Bits``.
+
+    Each finite nonzero ``|x| = C * 2**lsb`` with ``C`` odd; returns ``(nonfinite, sig, lsb,
+    top)``: the number of infinities and NaNs, the most significant bits of any ``C``, the
+    smallest ``lsb``, and the largest ``top`` with ``|x| < 2**top`` (frexp's exponent);
+    ``top == -4096`` when no element is finite and nonzero. Serial (about 0.1 ms for 512x512):
+    a parallel kernel called right after a BLAS call would wait for OpenBLAS's spinning workers.
+    """
+    n = x.size
+    nch = (n + CHUNK - 1) // CHUNK
+    bad = np.zeros(nch, np.int64)
+    sig = np.zeros(nch, np.int64)
+    lsb = np.zeros(nch, np.int64)
+    top = np.zeros(nch, np.int64)
+    for c in range(nch):
+        lo = c * CHUNK
+        xs = x[lo:min(n, lo + CHUNK)]  # a slice: indices from 0 let the loop vectorise
+        nb = 0
+        smax = 0
+        lmin = 4096
+        tmax = -4096
+        for i in range(xs.size):
+            b = f64_bits(xs[i])
+            ef = (b >> 52) & 0x7FF
+            frac = b & 0xFFFFFFFFFFFFF
+            normal = np.int64(ef != 0)
+            # significand as an integer (the hidden bit for normal numbers), its exponent
+            m = frac | (normal << 52)
+            tz = _exponent_of_pow2(m & -m)  # m == 0 (a zero) gives garbage, masked below
+            hb = (f64_bits(np.float64(m)) >> 52) - 1023  # floor(log2 m): m exact in float64
+            e_min = ef - normal  # the exponent of the last place: 2**(e_min - 1074)
+            l_el = e_min - 1074 + tz
+            t_el = e_min - 1074 + hb + 1
+            s_el = hb - tz + 1
+            use = np.int64(ef != 0x7FF) & np.int64(m != 0)
+            nb += np.int64(ef == 0x7FF)
+            lmin = min(lmin, l_el + (1 - use) * 8192)
+            tmax = max(tmax, t_el - (1 - use) * 8192)
+            smax = max(smax, s_el * use)
+        bad[c] = nb
+        sig[c] = smax
+        lsb[c] = lmin
+        top[c] = tmax
+    return bad.sum(), sig.max() if nch else 0, lsb.min() if nch else 4096, \
+        top.max() if nch else -4096
+
+
 _F32_MIN_NORMAL = np.float32(2.0**-126)
+
+
+@jit_inline
+def _f32_lean(a0, p):
+    """One float32 FMA-chain step for a finite ``a0``: the sum, its inexact flag, and
+    ``rare`` (an infinite or subnormal sum: the caller recomputes the row, counting those)."""
+    s = a0 + p
+    inexact = np.int32(s - a0 != p) | np.int32(s - p != a0)
+    t = abs(s)
+    rare = np.int32(t == np.inf) | (np.int32(s != 0) & np.int32(t < _F32_MIN_NORMAL))
+    return s, inexact, rare
+
+
+@jit_inline
+def _f32_row_lean(acc, cnt, ar, B):
+    """The row's chain, four steps per pass over the outputs (the sum stays in a register
+    between them). ``cnt[j]`` counts inexact steps in its low 30 bits; bit 30 is set when a
+    step was rare (see :func:`_f32_lean`)."""
+    K = ar.size
+    K4 = K - K % 4
+    for k in range(0, K4, 4):
+        x0, x1, x2, x3 = ar[k], ar[k + 1], ar[k + 2], ar[k + 3]
+        b0, b1, b2, b3 = B[k], B[k + 1], B[k + 2], B[k + 3]
+        for j in range(acc.size):
+            s, c0, q0 = _f32_lean(acc[j], x0 * b0[j])
+            s, c1, q1 = _f32_lean(s, x1 * b1[j])
+            s, c2, q2 = _f32_lean(s, x2 * b2[j])
+            s, c3, q3 = _f32_lean(s, x3 * b3[j])
+            acc[j] = s
+            cnt[j] = (cnt[j] + ((c0 + c1) + (c2 + c3))) | (((q0 | q1) | (q2 | q3)) << 30)
+    for k in range(K4, K):
+        x = ar[k]
+        bk = B[k]
+        for j in range(acc.size):
+            s, c0, q0 = _f32_lean(acc[j], x * bk[j])
+            acc[j] = s
+            cnt[j] = (cnt[j] + c0) | (q0 << 30)
 
 
 @jit_parallel
 def gemm_f32_chain(A, B, out):
     """FP32 fused-multiply-add chain, products exact in float32: ``out = A @ B`` in order.
 
-    ``acc[j] = fl32(acc[j] + A[r, k] * B[k, j])`` for ``k = 0..K-1``, vectorised over ``j``;
-    with exact products each step is one correct rounding of ``acc + a*b``. Returns per-row
-    counts of the accumulator roundings (inexact, overflow, subnormal), as the general kernel
-    counts them: a step from a finite sum is inexact when neither of the exact-difference
-    checks of Fast2Sum recovers the other operand.
+    ``acc[j] = fl32(acc[j] + A[r, k] * B[k, j])`` for ``k = 0..K-1`` (``K < 2**30``),
+    vectorised over ``j``; with exact products each step is one correct rounding of
+    ``acc + a*b``. Returns per-row counts of the accumulator roundings (inexact, overflow,
+    subnormal), as the general kernel counts them: a step from a finite sum is inexact when
+    neither of the exact-difference checks of Fast2Sum recovers the other operand. A row runs
+    :func:`_f32_row_lean` first; a row with an infinite or subnormal sum is run again here,
+    counting every event.
     """
     R, K = A.shape
     N = B.shape[1]
     counts = np.zeros((R, N_FLAGS), np.int64)
     for r in prange(R):
         acc = np.zeros(N, np.float32)
+        cnt = np.zeros(N, np.int32)
+        ar = A[r]
+        _f32_row_lean(acc, cnt, ar, B)
+        rare = 0
+        inexact = 0
+        for j in range(N):
+            rare += cnt[j] >> 30
+            inexact += cnt[j] & 0x3FFFFFFF
+        if rare == 0:
+            out[r] = acc
+            counts[r, F_INEXACT] = inexact
+            continue
+        acc[:] = 0
         inexact = np.zeros(N, np.int32)
         over = np.zeros(N, np.int32)
         subn = np.zeros(N, np.int32)
-        ar = A[r]
         for k in range(K):
             x = ar[k]
             bk = B[k]
@@ -342,6 +449,209 @@ def gemm_f32_chain(A, B, out):
         counts[r, F_INEXACT] = inexact.sum()
         counts[r, F_OVERFLOW] = over.sum()
         counts[r, F_SUBNORMAL] = subn.sum()
+    return counts
+
+
+_TWO128 = 2.0**128
+
+
+@jit_inline
+def _chain32_step(a0, p, MODE, ovp, ovn):
+    """One FP32 FMA-chain step ``round(a0 + p)``, float64 lanes, any deterministic mode.
+
+    ``a0`` is the running sum (a float32 value, or an infinity, held in float64) and ``p`` an
+    exact product in float64. The exact sum is ``s + e`` (TwoSum; under DOWN ``s`` is computed
+    as ``-((-a0) - p)``, which gives the same nonzero sums and IEEE's sign of an exact zero
+    for that mode); ``x`` is it rounded to odd at 53 bits, so rounding ``x`` to float32's 24
+    bits is the correct rounding of ``s + e``. The float32 cast rounds ``x`` to nearest even
+    (IEEE overflow and subnormals included); the other modes move that result one float32 ulp
+    (an integer step on the magnitude bits) after comparing it with ``x``. A magnitude at or
+    beyond the pattern of infinity, or ``|x| >= 2**128``, overflows: the result is then
+    ``ovp``/``ovn`` (magnitude bits by sign). An infinite ``a0`` stays as it is, uncounted.
+    Returns the new sum and the flags (inexact, overflow, underflow, subnormal) as 0/1 ints.
+    """
+    if MODE == RDN:
+        s = -((-a0) - p)
+    else:
+        s = a0 + p
+    bp = s - a0
+    e = (a0 - (s - bp)) + (p - bp)
+    # round to odd at 53 bits; 0/1 integers rather than booleans keep the loop branch-free
+    sb = f64_bits(s)
+    mag = sb & 0x7FFFFFFFFFFFFFFF
+    inexact = np.int64(e != 0.0)
+    down = inexact * (np.int64(e < 0.0) ^ np.int64(s < 0.0))  # the exact sum is nearer zero
+    x = f64_from_bits(((mag - down) | inexact) | (sb ^ mag))
+    r = np.float32(x)  # nearest even, IEEE overflow
+    rb = np.int64(f32_bits(r))
+    m32 = rb & 0x7FFFFFFF
+    s32 = rb ^ m32
+    neg = np.int64(s32 != 0)
+    back = np.float64(r)
+    if MODE == RNE:
+        cm = m32
+    elif MODE == RNA:  # away from zero at an exact tie, where the cast went to even (down)
+        ax = abs(x)
+        ab = abs(back)
+        an = np.float64(f32_from_bits(m32 + 1))
+        cm = m32 + np.int64(ab < ax) * np.int64(ax + ax == ab + an)
+    elif MODE == RTZ:
+        cm = m32 - np.int64(abs(back) > abs(x))
+    elif MODE == RDN:
+        cm = m32 + np.int64(back > x) * (2 * neg - 1)
+    elif MODE == RUP:
+        cm = m32 + np.int64(back < x) * (1 - 2 * neg)
+    else:  # ODD: an inexact even result moves toward x
+        d = np.int64(back != x) * (1 - (m32 & 1))
+        cm = m32 + d * (2 * np.int64(abs(back) < abs(x)) - 1)
+    ovf = np.int64(abs(x) >= _TWO128) | np.int64(cm >= 0x7F800000)
+    rm = cm + ovf * ((ovp + neg * (ovn - ovp)) - cm)
+    res = np.float64(f32_from_bits(rm | s32))
+    fin = np.int64(abs(a0) < np.inf)
+    f_inexact = fin * np.int64(res != x)
+    f_over = fin * ovf
+    f_under = fin * np.int64(rm == 0) * np.int64(x != 0.0)
+    f_sub = fin * np.int64(rm != 0) * np.int64(rm < 0x800000)
+    resb = f64_bits(res)
+    v = f64_from_bits(resb ^ ((resb ^ f64_bits(a0)) & (fin - 1)))  # a0 when it is infinite
+    return v, np.int32(f_inexact), np.int32(f_over), np.int32(f_under), np.int32(f_sub)
+
+
+@jit_inline
+def _chain32_pass(acc, ci, co, cu, cs, x, bk, MODE, ovp, ovn):
+    """``acc[j] = round(acc[j] + x * bk[j])`` for every ``j`` (indices from 0: vectorises)."""
+    for j in range(acc.size):
+        v, f1, f2, f3, f4 = _chain32_step(acc[j], x * bk[j], MODE, ovp, ovn)
+        acc[j] = v
+        ci[j] += f1
+        co[j] += f2
+        cu[j] += f3
+        cs[j] += f4
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+_F32_TINY = 2.0**-126
+
+
+@jit_inline
+def _chain32_lean(a0, p, MODE):
+    """:func:`_chain32_step` for a finite ``a0`` when nothing overflows or goes below the
+    smallest normal: returns the new sum, its inexact flag and ``rare`` (0/1 ints). ``rare``
+    is 1 whenever the rounded value may overflow, be subnormal or underflow (``|x|`` beyond
+    float32's max, or nonzero below its smallest normal); the caller then recomputes the row
+    with the full step, so the counts of those events need not be kept here."""
+    if MODE == RDN:
+        s = -((-a0) - p)
+    else:
+        s = a0 + p
+    bp = s - a0
+    e = (a0 - (s - bp)) + (p - bp)
+    sb = f64_bits(s)
+    mag = sb & 0x7FFFFFFFFFFFFFFF
+    inexact = np.int64(e != 0.0)
+    down = inexact & (np.int64(e < 0.0) ^ np.int64(s < 0.0))
+    x = f64_from_bits(((mag - down) | inexact) | (sb ^ mag))
+    r = np.float32(x)
+    back = np.float64(r)
+    ax = abs(x)
+    rare = np.int64(ax > _F32_MAX) | (np.int64(ax < _F32_TINY) & np.int64(ax != 0.0))
+    if MODE == RNE:
+        return back, np.int64(back != x), rare
+    rb = np.int64(f32_bits(r))
+    m32 = rb & 0x7FFFFFFF
+    s32 = rb ^ m32
+    if MODE == RNA:
+        ab = abs(back)
+        an = np.float64(f32_from_bits(m32 + 1))
+        cm = m32 + (np.int64(ab < ax) & np.int64(ax + ax == ab + an))
+    elif MODE == RTZ:
+        cm = m32 - np.int64(abs(back) > ax)
+    elif MODE == RDN:  # magnitude down for a positive value, up for a negative one
+        d = np.int64(back > x)
+        cm = m32 + (d ^ -(1 - (s32 >> 31))) + (1 - (s32 >> 31))
+    elif MODE == RUP:  # magnitude up for a positive value, down for a negative one
+        d = np.int64(back < x)
+        cm = m32 + (d ^ -(s32 >> 31)) + (s32 >> 31)
+    else:  # ODD
+        d = np.int64(back != x) & (1 - (m32 & 1))
+        up = np.int64(abs(back) < ax)
+        cm = m32 + (d & up) - (d & (1 - up))
+    res = np.float64(f32_from_bits(cm | s32))
+    return res, np.int64(res != x), rare
+
+
+@jit_inline
+def _chain32_lean1(acc, cnt, x, bk, MODE):
+    for j in range(acc.size):
+        v, i0, r0 = _chain32_lean(acc[j], x * bk[j], MODE)
+        acc[j] = v
+        cnt[j] += i0 + (r0 << 32)
+
+
+@jit_inline
+def _chain32_row_lean(acc, cnt, ar, B, MODE):
+    for k in range(ar.size):
+        _chain32_lean1(acc, cnt, ar[k], B[k], MODE)
+
+
+@jit
+def _chain32_row_full(acc, ci, co, cu, cs, ar, B, mode, ovp, ovn):
+    """The row again, every event counted (``mode`` a runtime value: rows with rare events)."""
+    for k in range(ar.size):
+        _chain32_pass(acc, ci, co, cu, cs, ar[k], B[k], mode, ovp, ovn)
+
+
+@jit_parallel
+def gemm_chain32(A, B, out, mode, ovp, ovn):
+    """FP32 fused-multiply-add chain, products exact in float64: ``out = A @ B`` in order.
+
+    ``acc[j] = round(acc[j] + A[r, k] * B[k, j])`` into FP32 for ``k = 0..K-1`` (``A``, ``B``
+    float64 whose products are exact; the caller checks), vectorised over ``j``, one loop per
+    deterministic rounding mode. A row first runs :func:`_chain32_lean` (four steps per pass
+    over the outputs, counting only inexact steps); a row where an overflow, subnormal or
+    underflow may have happened is recomputed with :func:`_chain32_step`, which counts every
+    event. ``ovp``/``ovn``: magnitude bits of an overflowed result by sign. Returns per-row
+    counts, as the general kernel counts the accumulator stage.
+    """
+    R, K = A.shape
+    N = B.shape[1]
+    counts = np.zeros((R, N_FLAGS), np.int64)
+    for r in prange(R):
+        acc = np.zeros(N)
+        cnt = np.zeros(N, np.int64)
+        ar = A[r]
+        if mode == RNE:
+            _chain32_row_lean(acc, cnt, ar, B, RNE)
+        elif mode == RNA:
+            _chain32_row_lean(acc, cnt, ar, B, RNA)
+        elif mode == RTZ:
+            _chain32_row_lean(acc, cnt, ar, B, RTZ)
+        elif mode == RDN:
+            _chain32_row_lean(acc, cnt, ar, B, RDN)
+        elif mode == RUP:
+            _chain32_row_lean(acc, cnt, ar, B, RUP)
+        else:
+            _chain32_row_lean(acc, cnt, ar, B, ODD)
+        rare = 0
+        inexact = 0
+        for j in range(N):
+            rare += cnt[j] >> 32
+            inexact += cnt[j] & 0xFFFFFFFF
+        if rare != 0:
+            acc[:] = 0.0
+            ci = np.zeros(N, np.int32)
+            co = np.zeros(N, np.int32)
+            cu = np.zeros(N, np.int32)
+            cs = np.zeros(N, np.int32)
+            _chain32_row_full(acc, ci, co, cu, cs, ar, B, mode, ovp, ovn)
+            counts[r, F_INEXACT] = ci.sum()
+            counts[r, F_OVERFLOW] = co.sum()
+            counts[r, F_UNDERFLOW] = cu.sum()
+            counts[r, F_SUBNORMAL] = cs.sum()
+        else:
+            counts[r, F_INEXACT] = inexact
+        for j in range(N):
+            out[r, j] = np.float32(acc[j])
     return counts
 
 
