@@ -30,13 +30,13 @@ def mlp(seed: int = 0, in_features: int = 784, hidden=(1000, 1000), classes: int
     return Sequential(*layers)
 
 
-def lenet(seed: int = 0, in_shape=(1, 28, 28), channels=(8, 16), hidden: int = 128,
+def lenet(seed: int = 0, in_shape=(1, 28, 28), channels=(16, 32), hidden: int = 128,
           classes: int = 10) -> Sequential:
     """LeNet-style CNN: two 5x5 convolutions, each with ReLU and 2x2 max-pooling, one hidden
     fully connected layer.
 
-    For 28x28 inputs: conv 5x5 (8) -> 24x24 -> pool -> 12x12 -> conv 5x5 (16) -> 8x8 -> pool ->
-    4x4 -> 256 -> 128 -> 10.
+    For 28x28 inputs: conv 5x5 (16) -> 24x24 -> pool -> 12x12 -> conv 5x5 (32) -> 8x8 -> pool ->
+    4x4 -> 512 -> 128 -> 10.
     """
     rng = np.random.default_rng(seed)
     C, H, W = in_shape
