@@ -40,8 +40,8 @@ def _params(result):
 def _same_history(h1, h2):
     assert len(h1) == len(h2)
     for a, b in zip(h1, h2):
-        assert {k: v for k, v in a.items() if k != "seconds"} == \
-            {k: v for k, v in b.items() if k != "seconds"}
+        assert {k: v for k, v in a.items() if not k.endswith("seconds")} == \
+            {k: v for k, v in b.items() if not k.endswith("seconds")}  # timings differ
 
 
 POLICIES = [Policy.fixed(16, 12, "stochastic"), Policy.float32(), Policy.fp16_mixed()]

@@ -53,10 +53,15 @@ class LayerCounters:
         Every matrix product of the layer (forward and backward), with MACs and which kernel ran.
     roles : dict of str to fixedsim.counters.StageCounts
         Roundings into each role (``"activations"``, ``"errors"``, ...) by this layer.
+    forward_seconds, backward_seconds : float
+        Wall time of the layer's forward and backward passes (measured by
+        :class:`~fixedsim.nn.Sequential`).
     """
 
     products: _counters.Counters = dataclasses.field(default_factory=_counters.Counters)
     roles: dict = dataclasses.field(default_factory=dict)
+    forward_seconds: float = 0.0
+    backward_seconds: float = 0.0
 
     def count_role(self, role: str, qs) -> None:
         if qs is None:
@@ -67,6 +72,8 @@ class LayerCounters:
 
     def __iadd__(self, other: LayerCounters) -> LayerCounters:
         self.products += other.products
+        self.forward_seconds += other.forward_seconds
+        self.backward_seconds += other.backward_seconds
         for k, v in other.roles.items():
             self.roles.setdefault(k, _counters.StageCounts()).__iadd__(v)
         return self
@@ -78,6 +85,8 @@ class LayerCounters:
         for role, s in sorted(self.roles.items()):
             for f in dataclasses.fields(s):
                 d[f"{role}.{f.name}"] = getattr(s, f.name)
+        d["forward_seconds"] = self.forward_seconds
+        d["backward_seconds"] = self.backward_seconds
         return d
 
 
@@ -136,8 +145,10 @@ class Context:
         self.layer_counters(layer).count_role(role, qs)
         return out
 
-    def add_into(self, role: str, a, b, layer: str, purpose: str) -> np.ndarray:
-        """``a + b`` rounded once into ``role`` (exactly, as :func:`fixedsim.add`)."""
+    def add_into(self, role: str, a, b, layer: str, purpose: str,
+                 count_as: str | None = None) -> np.ndarray:
+        """``a + b`` rounded once into ``role`` (exactly, as :func:`fixedsim.add`), seeded by
+        ``key(layer, purpose)`` and counted for ``count_as`` (default ``layer``)."""
         from ..arith import add
 
         r = getattr(self.policy, role)
@@ -157,7 +168,7 @@ class Context:
         else:
             out, qs = add(a, b, r.fmt, r.rounding, r.overflow, seed=seed,
                           random_bits=r.random_bits, stats=True)
-        self.layer_counters(layer).count_role(role, qs)
+        self.layer_counters(count_as or layer).count_role(role, qs)
         return out
 
     def product(self, fn, spec: MatmulSpec, layer: str, purpose: str, *args, **kw):

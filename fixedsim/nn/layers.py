@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 import numpy as np
 
@@ -499,13 +500,18 @@ class Sequential(Module):
     def forward(self, x, ctx: Context):
         x = ctx.round("activations", x, "input")
         for layer in self.layers:
+            t0 = time.perf_counter()
             x = layer.forward(x, ctx)
+            ctx.layer_counters(layer.name).forward_seconds += time.perf_counter() - t0
         return x
 
     def backward(self, grad_y, ctx: Context, need_input_grad: bool = False):
         g = grad_y
         for i in range(len(self.layers) - 1, -1, -1):
-            g = self.layers[i].backward(g, ctx, need_input_grad=need_input_grad or i > 0)
+            t0 = time.perf_counter()
+            layer = self.layers[i]
+            g = layer.backward(g, ctx, need_input_grad=need_input_grad or i > 0)
+            ctx.layer_counters(layer.name).backward_seconds += time.perf_counter() - t0
         return g
 
     def __repr__(self):

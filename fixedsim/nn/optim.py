@@ -29,7 +29,6 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .. import arith as _arith
 from .core import Context, Parameter
 
 __all__ = [
@@ -126,15 +125,6 @@ class Optimizer:
         ctx.layer_counters(COUNTER_KEY).count_role(role_name, qs)
         return out
 
-    def _arith(self, ctx: Context, role_name: str, op, operands, name: str, purpose: str):
-        """``op(*operands)`` (a :mod:`fixedsim.arith` function) rounded once into the role."""
-        role = getattr(ctx.policy, role_name)
-        out, qs = op(*operands, role.fmt, role.rounding, role.overflow,
-                     seed=self._seed(ctx, role, name, purpose), random_bits=role.random_bits,
-                     stats=True)
-        ctx.layer_counters(COUNTER_KEY).count_role(role_name, qs)
-        return out
-
     def _grad(self, name: str, p: Parameter, grad_scale: float) -> np.ndarray:
         if p.grad is None:
             raise ValueError(f"parameter {name!r} has no gradient (run backward before step)")
@@ -152,7 +142,11 @@ class Optimizer:
         if role.fmt is None:
             p.value = w.astype(np.float64) - step
         else:
-            p.value = self._arith(ctx, "weights", _arith.sub, (w, step), name, "weights")
+            # w + (-step) is w - step in IEEE arithmetic, zero signs included; add_into
+            # quantizes the float64 difference when it is exact (same bits and draws as
+            # fs.sub), else calls fs.add.
+            p.value = ctx.add_into("weights", w, -np.asarray(step), f"optim.{name}", "weights",
+                                   count_as=COUNTER_KEY)
 
     def _check_step_args(self, ctx, grad_scale) -> float:
         if not isinstance(ctx, Context):

@@ -448,10 +448,11 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
             if not math.isfinite(loss) or loss > config.max_loss:
                 bar.close()
                 _merge(counters, ctx.counters)
+                why = ("not finite" if not math.isfinite(loss)
+                       else f"> max_loss {config.max_loss:g}")
                 raise TrainingDiverged(
                     f"training diverged at epoch {epoch + 1}, step {step}: loss {loss:.4g} "
-                    f"({'not finite' if not math.isfinite(loss) else f'> max_loss {config.max_loss:g}'})"
-                    f" under policy {policy.name!r}; "
+                    f"({why}) under policy {policy.name!r}; "
                     + (f"the checkpoint of the last good epoch is in {out}" if out is not None
                        and history else "no epoch finished"))
             scale = scaler.scale
