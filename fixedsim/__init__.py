@@ -29,6 +29,17 @@ from .rounding import Overflow, Rounding
 
 __version__ = "0.1.0"
 
+#: Subpackages loaded on first use (``fs.nn.Policy``, ``fs.data.load``, ``fs.study``).
+_LAZY = ("data", "nn", "study")
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "Accumulator",
     "MatmulSpec",
@@ -50,6 +61,9 @@ __all__ = [
     "conv2d_grad_input",
     "conv2d_grad_weight",
     "counters",
+    "data",
+    "nn",
+    "study",
     "div",
     "fma",
     "matmul",
