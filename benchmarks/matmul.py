@@ -168,6 +168,10 @@ CASES = [
          (Ref("numpy float32 BLAS", numpy_ref(np.float32)),
           Ref("APyTypes FP32 acc ctx", apy_float_ctx(8, 23, "RND_CONV", inputs=apy_fp32),
               True))),
+    Case("fp32x", "FP32 in, exact sum, -> FP32", fs.FP32,
+         fs.MatmulSpec(output=fs.FP32),
+         (Ref("numpy float32 BLAS", numpy_ref(np.float32)),
+          Ref("numpy float64 BLAS", numpy_ref(np.float64)))),
 ]
 TARGETS = [  # (text, case key, reference or None for an absolute rate, bound, size or None)
     ("exact fixed point: fixedsim / numpy float64 BLAS >= 0.5", "fixed", "numpy float64 BLAS",

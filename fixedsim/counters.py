@@ -89,8 +89,9 @@ class Counters:
         The roundings of each stage.
     paths : dict
         How many calls each kernel served (``"exact_blas"``, ``"fp32_chain"``,
-        ``"fp32_chain64"``, ``"float_chain"``, ``"fixed_chain"``, ``"general"``), and
-        ``"reference"``: output elements computed exactly in Python
+        ``"fp32_chain64"``, ``"float_chain"``, ``"fixed_chain"``, ``"exact_filtered"``,
+        ``"general"``); ``"exact_filtered_general"``: output elements that path handed to the
+        general kernel; and ``"reference"``: output elements computed exactly in Python
         because no kernel could prove its result.
     """
 

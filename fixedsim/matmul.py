@@ -400,7 +400,7 @@ def _product(A, B, spec, keys, rb, c):
     out = None
     if _FAST_PATHS and spec.product is None and ba.finite and bb.finite:
         out = _exact_blas(A, B, spec, ba, bb, keys, rb, c)
-        for path in (_fp32_chain, _fp32_chain64, _float_chain, _fixed_chain):
+        for path in (_exact_filtered, _fp32_chain, _fp32_chain64, _float_chain, _fixed_chain):
             if out is None:
                 out = path(A, B, spec, ba, bb, keys, rb, c)
     if out is None:
@@ -467,6 +467,103 @@ def _exact_blas(A, B, spec, ba, bb, keys, rb, c):
             return vals
         vals = vals.astype(np.float64)
     return _round_output(vals.reshape(-1), spec, keys, rb, c).reshape(R, N)
+
+
+def _exact_filtered(A, B, spec, ba, bb, keys, rb, c):
+    """Exact accumulation rounded once into a float output (deterministic rounding), products
+    exact in float64 (float32 data): float64 BLAS and a filter that proves the rounding, or
+    None when it does not apply.
+
+    ``S = A @ B`` in float64 BLAS: the products are exact, so whatever order, blocking or
+    fused multiply-adds BLAS uses, ``|S - exact| <= gamma(K) * sum|a_k b_k|``, ``gamma(K) =
+    K u / (1 - K u)``, ``u = 2**-53`` (no partial sum underflows: every one is a multiple of
+    ``2**(lsb_a + lsb_b) >= 2**-960``, and none overflows). ``sum|a_k b_k|`` is bounded by
+    ``||a|| ||b||`` (Cauchy-Schwarz, norms in float64) and the radius used is ``2 (K + 2) u``
+    times that bound, about twice what is needed. Each element whose interval decides the
+    rounding (:func:`fixedsim.jit.gemm.round_filtered`) takes that value and those events.
+    The others are summed again with a compensated dot product
+    (:func:`fixedsim.jit.gemm.dot2_at`, error ``u |sum| + gamma(K)**2 sum|a_k b_k|``) and
+    filtered again; an element whose products are all zero is a signed zero (as in the
+    general kernel: -0 only for DOWN with a negative zero product); what is left (sums on or
+    within about ``2**-52`` of a rounding boundary: exact values of the output format, ties)
+    is recomputed by the general kernel, element by element (:func:`fixedsim.jit.gemm.gemm_general_at`).
+    """
+    f = spec.output
+    R, K = A.shape
+    N = B.shape[1]
+    if (spec.accumulator is not None or spec.product is not None
+            or not isinstance(f, FloatFormat) or f.man_bits > 50
+            or spec.output_rounding is Rounding.STOCHASTIC or R == 0 or N == 0 or K == 0
+            or K > 2**30 or ba.top == -1075 or bb.top == -1075):
+        return None
+    if (ba.sig + bb.sig > 53 or ba.lsb + bb.lsb < -960
+            or ba.top + bb.top + math.log2(K) > 1000):
+        return None
+    P, _, U, D, _, _ = _stage_params(f, spec.output_rounding, resolve_overflow(f, None), rb,
+                                     keys[4])
+    A = np.ascontiguousarray(A, np.float64)
+    B = np.ascontiguousarray(B, np.float64)
+    S = A @ B
+    radius = 2.0 * (K + 2) * 2.0**-53
+    out = np.empty((R, N), np.float64)
+    fail = np.zeros((R, N), np.uint8)
+    if (2 * min(ba.lsb, bb.lsb) >= -960
+            and 2 * max(ba.top, bb.top) + math.log2(K) <= 1000):  # squares stay normal
+        na = np.sqrt(np.einsum("ik,ik->i", A, A))
+        nb = np.sqrt(np.einsum("kj,kj->j", B, B))
+        flags, nfail = _g.round_filtered(S, na, nb, radius, P, U, D, out, fail)
+    else:
+        fail[:] = 1
+        flags, nfail = np.zeros(_q.N_FLAGS, np.int64), R * N
+    n_general = 0
+    if nfail:
+        fr, fj = np.nonzero(fail)
+        BT = np.ascontiguousarray(B.T)
+        hi, lo, T = np.empty(fr.size), np.empty(fr.size), np.empty(fr.size)
+        _g.dot2_at(A, BT, fr, fj, hi, lo, T)
+        res = hi + lo
+        g = K * 2.0**-53 / (1.0 - K * 2.0**-53)
+        err = 2.0 * (2.0**-53 * np.abs(res) + g * g * T) + 2.0**-1020
+        o2 = np.empty((fr.size, 1))
+        fail2 = np.zeros((fr.size, 1), np.uint8)
+        fl2, nfail = _g.round_filtered(res.reshape(-1, 1), err, np.ones(1), 1.0, P, U, D, o2,
+                                       fail2)
+        flags = flags + fl2
+        ok = fail2[:, 0] == 0
+        out[fr[ok], fj[ok]] = o2[ok, 0]
+        zero = T == 0.0  # every product a signed zero: the sum is an exact zero
+        if zero.any():
+            zr, zj = fr[zero], fj[zero]
+            val = np.zeros(zr.size)
+            if spec.output_rounding is Rounding.DOWN:  # -0 if any product is -0
+                zrows, zi = np.unique(zr, return_inverse=True)
+                sa = np.signbit(A[zrows]).astype(np.float64)
+                sb = np.signbit(B).astype(np.float64)
+                nneg = (sa @ (1.0 - sb) + (1.0 - sa) @ sb)[zi, zj]
+                val[nneg > 0] = -0.0
+            out[zr, zj] = val
+            nfail -= zr.size
+        left = ~ok & ~zero
+        if nfail:
+            gr = np.ascontiguousarray(fr[left], np.int64)
+            gj = np.ascontiguousarray(fj[left], np.int64)
+            vals = np.empty(gr.size)
+            counts, slow = _g.gemm_general_at(A, BT, gr, gj, vals,
+                                              *_general_args(spec, ba, bb, keys, rb))
+            tot = counts.sum(axis=0)
+            out[gr, gj] = vals
+            idx = np.flatnonzero(slow)
+            if idx.size:
+                c.paths["reference"] = c.paths.get("reference", 0) + idx.size
+                _fallback(A, B, spec, keys, rb, np.stack([gr[idx], gj[idx]], axis=1), out,
+                          tot)
+            flags = flags + tot[2]
+            n_general = gr.size
+    c.paths["exact_filtered"] = c.paths.get("exact_filtered", 0) + 1
+    if n_general:
+        c.paths["exact_filtered_general"] = c.paths.get("exact_filtered_general", 0) + n_general
+    c.output += _counters.StageCounts.from_flags(flags, R * N)
+    return out.astype(f.dtype) if f.dtype != np.float64 else out
 
 
 def _f32_products_exact(ba, bb) -> bool:
@@ -575,10 +672,10 @@ def _fixed_chain(A, B, spec, ba, bb, keys, rb, c):
     return _chain_result(vals, flags, "fixed_chain", spec, keys, rb, c)
 
 
-def _general(A, B, spec, ba, bb, keys, rb, c):
+def _general_args(spec, ba, bb, keys, rb):
+    """The spec-dependent arguments of :func:`fixedsim.jit.gemm.gemm_general` (after ``out``
+    and ``base``)."""
     acc = spec.accumulator
-    R, K = A.shape
-    N = B.shape[1]
     prod_exact = (ba.sig + bb.sig <= 53 and ba.lsb + bb.lsb >= -1074
                   and ba.top + bb.top <= 1023)
     stages = []
@@ -600,12 +697,18 @@ def _general(A, B, spec, ba, bb, keys, rb, c):
                         for i in range(4))
     prec = np.array([s[4] for s in stages])
     wrap = np.array([s[5] for s in stages])
+    return (prod_exact, sP, sPsr, sU, sD, prec, wrap, spec.product is not None,
+            0 if acc is None else 1, 1 if acc is None else acc.block, spec.output is not None,
+            acc is not None and acc.via is not None)
+
+
+def _general(A, B, spec, ba, bb, keys, rb, c):
+    acc = spec.accumulator
+    R, K = A.shape
+    N = B.shape[1]
     out = np.empty((R, N), np.float64)
-    counts, slow = _g.gemm_general(
-        np.ascontiguousarray(A), np.ascontiguousarray(B.T), out, 0, prod_exact, sP, sPsr, sU,
-        sD, prec, wrap, spec.product is not None, 0 if acc is None else 1,
-        1 if acc is None else acc.block, spec.output is not None,
-        acc is not None and acc.via is not None)
+    counts, slow = _g.gemm_general(np.ascontiguousarray(A), np.ascontiguousarray(B.T), out, 0,
+                                   *_general_args(spec, ba, bb, keys, rb))
     tot = counts.sum(axis=0)
     if tot[:, _q.F_INVALID].any():
         raise ValueError("matmul: a NaN or infinity reached a fixed-point format of the spec "

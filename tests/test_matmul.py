@@ -541,3 +541,88 @@ def test_fp32_chain_lean_and_rare_rows_match_general(ab):
     overflows and subnormals: both equal the general kernel, counts included."""
     paths = both_paths(*ab, fs.MatmulSpec(accumulator=fs.FP32))
     assert paths == {"fp32_chain": 1}
+
+
+# -- exact accumulation of float32 data rounded once (exact_filtered) -----------------------------
+FILTER_OUT = [fs.FP32, fs.FP16, fs.BF16, fs.FP8_E4M3, fs.FP8_E5M2]
+FILTERED = {"exact_filtered", "exact_filtered_general", "reference"}
+
+
+@st.composite
+def f32_wide_matrices(draw, max_k=14):
+    """float32 data for exact sums: huge dynamic range, few-bit values on nearby scales (ties
+    and exact results), small integers, cancellation to zero, scales whose sums are subnormal
+    or overflow in FP16/FP32."""
+    m, k, n = draw(st.integers(1, 4)), draw(st.integers(1, max_k)), draw(st.integers(1, 4))
+    kind = draw(st.sampled_from(["any", "ties", "ints", "scaled"]))
+    if kind == "any":
+        elems = st.one_of(st.floats(width=32, allow_nan=False, allow_infinity=False),
+                          st.floats(-4.0, 4.0, width=32),
+                          st.sampled_from(F32_SPECIAL).map(lambda v: float(np.float32(v))))
+    elif kind == "ties":
+        elems = st.builds(lambda sg, m, e: sg * m * 2.0**e, st.sampled_from([1.0, -1.0]),
+                          st.sampled_from([1.0, 3.0, 0.75, 1.0 + 2.0**-23, 1.0 - 2.0**-24]),
+                          st.sampled_from([0, -1, -11, -12, -24, -25, -60]))
+    elif kind == "ints":
+        elems = st.one_of(st.integers(-8, 8).map(float), st.sampled_from([2.0**-70, 2.0**40]))
+    else:
+        e = draw(st.sampled_from([-80, -70, -62, -14, 7, 8, 60, 63]))
+        elems = st.builds(lambda v: float(np.float32(v * 2.0**e)), st.floats(-2.0, 2.0))
+
+    def mat(r, c):
+        return np.array(draw(st.lists(elems, min_size=r * c, max_size=r * c)),
+                        dtype=np.float32).reshape(r, c)
+
+    a, b = mat(m, k), mat(k, n)
+    if draw(st.booleans()):  # a row that cancels to an exact zero
+        a[0] = np.concatenate([a[0, : k // 2], -a[0, : k // 2], a[0, 2 * (k // 2):] * 0])
+        b[: 2 * (k // 2)] = np.concatenate([b[: k // 2], b[: k // 2]])
+    return a, b
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(DETERMINISTIC), st.sampled_from(FILTER_OUT), f32_wide_matrices())
+def test_exact_filtered_matches_general(rnd, out, ab):
+    spec = fs.MatmulSpec(output=out, output_rounding=rnd)
+    paths = both_paths(*ab, spec)
+    if ab[0].any() and ab[1].any():  # all-zero operands: the general kernel (signs of zero)
+        assert set(paths) <= FILTERED | {"exact_blas"}, paths
+        assert len(set(paths) & {"exact_filtered", "exact_blas"}) == 1, paths
+
+
+def test_exact_filtered_taken_on_plain_float32():
+    rng = np.random.default_rng(21)
+    a = rng.standard_normal((12, 40)).astype(np.float32)
+    b = rng.standard_normal((40, 12)).astype(np.float32)
+    for out in FILTER_OUT:
+        for rnd in DETERMINISTIC:
+            spec = fs.MatmulSpec(output=out, output_rounding=rnd)
+            assert both_paths(a, b, spec) == {"exact_filtered": 1}
+    x = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    _, c = fs.conv2d(x, w, fs.MatmulSpec(output=fs.FP32), padding=1, stats=True)
+    assert "exact_filtered" in c.paths
+
+
+@pytest.mark.parametrize("rnd", DETERMINISTIC)
+@pytest.mark.parametrize("out", [fs.FP32, fs.FP16, fs.BF16])
+def test_exact_filtered_recomputes_undecided_elements(rnd, out):
+    """Sums that are exact ties or exact values of the output, all-zero products (signed
+    zeros), cancellations and overflow: those elements fail the filter and are recomputed."""
+    m = out.man_bits
+    big = float(np.float32(out.max))
+    a = np.array([[1.0, 2.0**-(m + 1), 0.0, 0.0],  # a tie of the output format
+                  [1.0, 2.0**-(m + 1), 2.0**-60, 0.0],  # just above the tie
+                  [3.0, 5.0, 0.0, 0.0],  # an exact small integer
+                  [-0.0, 0.0, -0.0, 0.0],  # all products zero
+                  [1.0 / 3.0, -1.0 / 3.0, 0.0, 0.0],  # cancels to an exact zero
+                  [big, big, 0.0, 0.0],  # overflows
+                  [2.0**-100, 0.0, 0.0, 2.0**60]], np.float32)  # a wide span: no exact_blas
+    b = np.array([[1.0, -1.0, 0.0],
+                  [1.0, -1.0, -0.0],
+                  [1.0, 1.0, 2.0**-24],
+                  [1.0, -0.0, 3.0]], np.float32)
+    spec = fs.MatmulSpec(output=out, output_rounding=rnd)
+    paths = both_paths(a, b, spec)
+    assert paths["exact_filtered"] == 1 and paths["exact_filtered_general"] >= 4
+    check(a, b, spec)

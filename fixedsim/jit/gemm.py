@@ -24,6 +24,7 @@ from .options import jit, jit_inline, jit_parallel
 from .quant import (
     CHUNK,
     F_INEXACT,
+    F_NAN,
     F_OVERFLOW,
     F_SUBNORMAL,
     F_UNDERFLOW,
@@ -36,6 +37,7 @@ from .quant import (
     RTZ,
     RUP,
     SR,
+    _quantize_value,
     quantize_value,
 )
 from .quant_fast import f32_float_one
@@ -303,6 +305,111 @@ def gemm_general(A, BT, out, base, prod_exact, stage_P, stage_Psr, stage_U, stag
             else:
                 slow[r, j] = 1
     return counts, slow
+
+
+@jit_parallel
+def gemm_general_at(A, BT, rows, cols, out, prod_exact, stage_P, stage_Psr, stage_U, stage_D,
+                    prec, wrap_lim, has_prod, acc_mode, block, has_out, has_via):
+    """``out[i]`` = :func:`dot_element` of row ``A[rows[i]]`` and row ``BT[cols[i]]``: the
+    general kernel on a list of output elements (draw index ``rows[i] * N + cols[i]``).
+
+    Parallel over the list. Returns per-element counts (elements x stages x flags) and the
+    mask of elements left to the caller, as :func:`gemm_general`.
+    """
+    n = rows.size
+    N = BT.shape[0]
+    counts = np.zeros((n, N_STAGES, N_FLAGS), np.int64)
+    slow = np.zeros(n, np.uint8)
+    for i in prange(n):
+        e = np.empty(CAP)
+        tmp = np.empty(CAP)
+        c = np.zeros((N_STAGES, N_FLAGS), np.int64)
+        r = rows[i]
+        j = cols[i]
+        v, ok = dot_element(A[r], BT[j], r * N + j, prod_exact, stage_P, stage_Psr, stage_U,
+                            stage_D, prec, wrap_lim, has_prod, acc_mode, block, has_out,
+                            has_via, e, tmp, c)
+        if ok:
+            out[i] = v
+            counts[i] += c
+        else:
+            slow[i] = 1
+    return counts, slow
+
+
+@jit
+def dot2_at(A, BT, rows, cols, hi, lo, t):
+    """Compensated dot products (Ogita, Rump and Oishi's Dot2 with exact products) of the
+    listed elements: ``hi[i] + lo[i]`` approximates ``A[rows[i]] . BT[cols[i]]`` with
+    ``|fl(hi + lo) - exact| <= u |fl(hi + lo)| + gamma(K)**2 * sum|a_k b_k|``, and ``t[i]``
+    is ``sum|a_k b_k|`` in float64. Every product must be exact in float64 (and every sum
+    far from underflow and overflow). Serial: it runs right after a BLAS call."""
+    K = A.shape[1]
+    for i in range(rows.size):
+        ar = A[rows[i]]
+        br = BT[cols[i]]
+        s = 0.0
+        c = 0.0
+        a = 0.0
+        for k in range(K):
+            p = ar[k] * br[k]
+            x = s + p
+            z = x - s
+            c += (s - (x - z)) + (p - z)
+            s = x
+            a += abs(p)
+        hi[i] = s
+        lo[i] = c
+        t[i] = a
+
+
+#: the scalar quantizer inlined into :func:`round_filtered` (one call site, hot loop)
+_quantize_value_inline = jit_inline(_quantize_value)
+
+_KEEP = (1 << F_OVERFLOW) | (1 << F_UNDERFLOW) | (1 << F_SUBNORMAL) | (1 << F_NAN)
+
+
+@jit
+def round_filtered(S, wa, wb, c, P, U, D, out, fail):
+    """Round exact sums known only within a bound, when the bound decides the rounding.
+
+    The exact sum of element ``(r, j)`` lies within ``c * wa[r] * wb[j]`` of ``S[r, j]``
+    (``S``, ``wa``, ``wb`` finite, nonnegative weights). With ``[lo, hi]`` that interval
+    widened outward by one float64 ulp, the element is decided when ``lo`` and ``hi`` round
+    (deterministic mode, parameters ``P, U, D``) to the same value ``v`` with the same
+    overflow, underflow, subnormal and NaN events, ``0`` is not in ``[lo, hi]`` and ``v`` is
+    not in it either: every rounding is monotone and these events are monotone in the
+    magnitude, so the exact sum rounds to ``v``, inexactly, with those events. Decided
+    elements are written to ``out`` and counted; the others are marked in ``fail`` (uint8).
+    Serial (it runs right after a BLAS call). Returns ``(counts, number of failures)``.
+    """
+    R, N = S.shape
+    counts = np.zeros(N_FLAGS, np.int64)
+    nfail = 0
+    idx = np.uint64(0)
+    for r in range(R):
+        for j in range(N):
+            s = S[r, j]
+            w = wa[r] * wb[j]
+            ok = False
+            if w > 0.0 and w < np.inf and abs(s) < np.inf:
+                err = c * w
+                lo = np.nextafter(s - err, -np.inf)
+                hi = np.nextafter(s + err, np.inf)
+                if (lo > 0.0 or hi < 0.0) and abs(lo) < np.inf and abs(hi) < np.inf:
+                    vl, fl = _quantize_value_inline(lo, P, U, D, idx)
+                    vh, fh = _quantize_value_inline(hi, P, U, D, idx)
+                    if (vl == vh and (fl & _KEEP) == (fh & _KEEP)
+                            and not (lo <= vl and vl <= hi)):
+                        out[r, j] = vl
+                        ok = True
+                        f = (fl & _KEEP) | (1 << F_INEXACT)
+                        for k in range(N_FLAGS):
+                            counts[k] += (f >> k) & 1
+            if not ok:
+                fail[r, j] = 1
+                nfail += 1
+    return counts, nfail
 
 
 @jit_inline
@@ -670,6 +777,11 @@ def _chain_float_step(a0, p, MODE, sh0, lim, qbits, maxbits, ovp, ovn, infb, min
     sb = np.int64(f32_bits(s))
     sign = sb & 0x80000000
     mag = sb ^ sign
+    # an exact zero sum rounding DOWN is -0 unless both terms are +0 (IEEE 754; float32
+    # addition, to nearest, gave +0 for x + (-x) and for +0 + -0)
+    zneg = (np.int64(MODE == RDN) * np.int64(mag == 0)
+            * np.int64((np.int64(f32_bits(a0)) | np.int64(f32_bits(p))) != 0))
+    sign = sign | (zneg << 31)
     # 0/1 integers rather than booleans: the loop stays branch-free and vectorises
     a0fin = np.int64(abs(a0) < np.inf)
     sinf = np.int64(mag == 0x7F800000)
