@@ -32,7 +32,7 @@ from .quantize import (
     resolve_overflow,
     stats_from_counts,
 )
-from .rounding import Rounding
+from .rounding import Overflow, Rounding
 
 __all__ = ["add", "sub", "mul", "div", "fma"]
 
@@ -112,9 +112,11 @@ def _apply(op, operands, fmt, rounding, overflow, seed, random_bits, stats):
         for j, i in enumerate(slow_idx):
             x, y, z = (float(f[i]) for f in flat)
             v = _exact(op, x, y, z, rounding)
-            if fmt.kind == "fixed" and v != v:
-                raise ValueError(f"{op}: a result is NaN, which fixed-point format {fmt!r} "
-                                 "cannot represent")
+            if fmt.kind == "fixed" and (v != v or (overflow is Overflow.WRAP
+                                                   and isinstance(v, float)
+                                                   and math.isinf(v))):
+                raise ValueError(f"{op}: a result is NaN (or an infinity with WRAP), which "
+                                 f"fixed-point format {fmt!r} cannot represent")
             res, fl = reference.round_to_format(
                 v, fmt, rounding, overflow, flags=True,
                 draw=None if draws is None else int(draws[j]),
