@@ -185,3 +185,15 @@ def test_stochastic_keeps_the_sign_of_an_exact_zero():
         assert np.signbit(fs.add(-0.0, -0.0, fs.FP16, rnd, seed=1))
         assert np.signbit(fs.fma(-0.0, 1.0, -0.0, fs.BF16, rnd, seed=1))
     assert np.signbit(fs.sub(1.0, 1.0, fs.FP16, "down"))
+
+
+@pytest.mark.parametrize("fmt", [fs.FixedFormat(1, 0), fs.FixedFormat(8, 2), fs.FixedFormat(16, 14)])
+def test_stochastic_tiny_negative_sum_rounds_to_zero(fmt):
+    """-2**-1074 is 2**-1074 above the next quantum down, so stochastic rounding goes to 0
+    except with probability ~2**-1074 (the kernel once lost that gap in ``hi - lo_grid``)."""
+    for seed in range(8):
+        got = fs.add(np.zeros(4), np.full(4, -5e-324), fmt, "stochastic", seed=seed)
+        exp = expected("add", [np.zeros(4), np.full(4, -5e-324)], fmt,
+                       fs.Rounding.STOCHASTIC, fs.Overflow.SATURATE, seed, None)
+        assert_same_bits(got, exp, nan_sign=False)
+        assert not got.any()

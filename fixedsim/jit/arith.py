@@ -134,11 +134,15 @@ def _sr_choose(hi, lo, approx, P, rbits, key, idx):
     if P[P_KIND] == KIND_FIXED:  # two's complement: the value is truncated
         f = P[P_F]
         lo_g = math.ldexp(np.floor(math.ldexp(xr, f)), -f)
-        x1 = math.ldexp(hi - lo_g, rbits + f)
-        x2 = math.ldexp(lo, rbits + f)
-        if lo != 0.0 and x2 == 0.0:
+        # V - lo_g = d + e + lo exactly: hi - lo_g is inexact when |hi| is far below the
+        # quantum and negative (lo_g = -quantum), e.g. -2**-1074 - (-1)
+        d, e = two_sum(hi, -lo_g)
+        r, r_err = two_sum(e, lo)
+        x1 = math.ldexp(d, rbits + f)
+        x2 = math.ldexp(r, rbits + f)
+        if r != 0.0 and x2 == 0.0:
             return 0.0, True
-        t, amb = floor_sum(x1, x2, approx)
+        t, amb = floor_sum(x1, x2, approx or r_err != 0.0)
         return (lo_g + math.ldexp(1.0, -f) if draw < t else lo_g), amb
     # sign-magnitude float: the magnitude is truncated
     sgn = -1.0 if xr < 0.0 else 1.0
