@@ -486,7 +486,8 @@ def _exact_filtered(A, B, spec, ba, bb, keys, rb, c):
     filtered again; an element whose products are all zero is a signed zero (as in the
     general kernel: -0 only for DOWN with a negative zero product); what is left (sums on or
     within about ``2**-52`` of a rounding boundary: exact values of the output format, ties)
-    is recomputed by the general kernel, element by element (:func:`fixedsim.jit.gemm.gemm_general_at`).
+    is recomputed by the general kernel, element by element
+    (:func:`fixedsim.jit.gemm.gemm_general_at`).
     """
     f = spec.output
     R, K = A.shape

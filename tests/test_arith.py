@@ -187,7 +187,8 @@ def test_stochastic_keeps_the_sign_of_an_exact_zero():
     assert np.signbit(fs.sub(1.0, 1.0, fs.FP16, "down"))
 
 
-@pytest.mark.parametrize("fmt", [fs.FixedFormat(1, 0), fs.FixedFormat(8, 2), fs.FixedFormat(16, 14)])
+@pytest.mark.parametrize("fmt", [fs.FixedFormat(1, 0), fs.FixedFormat(8, 2),
+                                 fs.FixedFormat(16, 14)])
 def test_stochastic_tiny_negative_sum_rounds_to_zero(fmt):
     """-2**-1074 is 2**-1074 above the next quantum down, so stochastic rounding goes to 0
     except with probability ~2**-1074 (the kernel once lost that gap in ``hi - lo_grid``)."""

@@ -39,7 +39,7 @@ def _params(result):
 
 def _same_history(h1, h2):
     assert len(h1) == len(h2)
-    for a, b in zip(h1, h2):
+    for a, b in zip(h1, h2, strict=True):
         assert {k: v for k, v in a.items() if not k.endswith("seconds")} == \
             {k: v for k, v in b.items() if not k.endswith("seconds")}  # timings differ
 
