@@ -214,3 +214,16 @@ def test_add_into_fast_path_is_fs_add_bit_for_bit(fmt, rounding, a, b, scale):
     c = ctx.counters["layer"].roles["activations"]
     assert (c.roundings, c.inexact, c.overflow, c.underflow, c.nan) == \
         (qs.size, qs.inexact, qs.overflow, qs.underflow, qs.nan)
+
+
+def test_cifarnet_trains_on_three_channel_images():
+    """cifarnet (conv + BatchNorm stages, dropout) runs a whole training loop, BatchNorm's
+    running statistics included, on 3-channel images."""
+    ds = fdata.synthetic(n_train=64, n_test=32, shape=(3, 16, 16), classes=3, seed=1)
+    cfg = TrainConfig(model="cifarnet", model_options={"channels": [4, 8], "hidden": 16,
+                                                       "dropout": 0.25},
+                      epochs=2, batch_size=16, lr=0.05, seed=2)
+    res = train(cfg, Policy.float32(), progress=False, data=ds)
+    assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
+    bn = res.model.layers[1]
+    assert type(bn).__name__ == "BatchNorm2d" and not np.allclose(bn.running_mean, 0)
