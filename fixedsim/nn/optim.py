@@ -30,6 +30,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from .core import Context, Parameter
+from .policy import _build, _check_keys
 
 __all__ = [
     "Optimizer", "SGD", "Adam", "Schedule", "ConstantLR", "StepLR", "CosineLR",
@@ -655,12 +656,6 @@ def schedule_from_dict(d: Mapping) -> Schedule:
                          f"{', '.join(_SCHEDULES)}, got {d!r}")
     cls = _SCHEDULES[d["name"]]
     kw = {k: v for k, v in d.items() if k != "name"}
-    allowed = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(kw) - allowed)
-    if unknown:
-        raise ValueError(f"schedule {d['name']!r}: unknown key(s) {unknown}; allowed: "
-                         f"{sorted(allowed)}")
-    try:
-        return cls(**kw)
-    except TypeError as err:
-        raise ValueError(f"schedule {d['name']!r}: {err}") from None
+    where = f"schedule {d['name']!r}"
+    _check_keys(kw, {f.name for f in dataclasses.fields(cls)}, where)
+    return _build(cls, where, **kw)

@@ -30,7 +30,7 @@ from .core import Context, LayerCounters, Parameter
 from .layers import SoftmaxCrossEntropy
 from .models import build
 from .optim import SGD, Adam, parse_schedule
-from .policy import Policy
+from .policy import Policy, _build, _check_keys
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train", "evaluate",
            "HISTORY_COLUMNS", "load_run", "provenance"]
@@ -121,15 +121,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "config") -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
-                             f"allowed: {', '.join(sorted(names))}")
-        try:
-            return cls(**d)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{where}: {err}") from None
+        """Inverse of :meth:`to_dict`; an unknown key or a bad value raises ValueError
+        naming ``where``."""
+        _check_keys(d, {f.name for f in dataclasses.fields(cls)}, where)
+        return _build(cls, where, **d)
 
     def make_optimizer(self, params):
         if self.optimizer == "adam":
