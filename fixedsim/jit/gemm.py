@@ -801,6 +801,24 @@ def _chain_float_step(a0, p, MODE, sh0, lim, qbits, maxbits, ovp, ovn, infb, min
             np.int32(fl_under), np.int32(fl_sub))
 
 
+@jit_inline
+def _chain_float_row(acc, ci, co, cu, cs, ar, B, MODE, sh0, lim, qbits, maxbits, ovp, ovn, infb,
+                     minnorm):
+    """One row of :func:`gemm_chain_float` for a literal ``MODE``: ``k`` in order, each step
+    vectorised over the outputs ``j`` (indices from 0)."""
+    for k in range(ar.size):
+        x = ar[k]
+        bk = B[k]
+        for j in range(acc.size):
+            v, f1, f2, f3, f4 = _chain_float_step(acc[j], x * bk[j], MODE, sh0, lim, qbits,
+                                                  maxbits, ovp, ovn, infb, minnorm)
+            acc[j] = v
+            ci[j] += f1
+            co[j] += f2
+            cu[j] += f3
+            cs[j] += f4
+
+
 @jit_parallel
 def gemm_chain_float(A, B, out, mode, sh0, lim, qbits, maxbits, ovp, ovn, infb, minnorm):
     """FMA chain into a float format of at most 21 significand bits inside float32's range.
@@ -821,69 +839,24 @@ def gemm_chain_float(A, B, out, mode, sh0, lim, qbits, maxbits, ovp, ovn, infb, 
         cu = np.zeros(N, np.int32)
         cs = np.zeros(N, np.int32)
         ar = A[r]
-        for k in range(K):
-            x = ar[k]
-            bk = B[k]
-            if mode == RNE:
-                for j in range(N):
-                    v, f1, f2, f3, f4 = _chain_float_step(acc[j], x * bk[j], RNE, sh0, lim,
-                                                          qbits, maxbits, ovp, ovn, infb,
-                                                          minnorm)
-                    acc[j] = v
-                    ci[j] += f1
-                    co[j] += f2
-                    cu[j] += f3
-                    cs[j] += f4
-            elif mode == RNA:
-                for j in range(N):
-                    v, f1, f2, f3, f4 = _chain_float_step(acc[j], x * bk[j], RNA, sh0, lim,
-                                                          qbits, maxbits, ovp, ovn, infb,
-                                                          minnorm)
-                    acc[j] = v
-                    ci[j] += f1
-                    co[j] += f2
-                    cu[j] += f3
-                    cs[j] += f4
-            elif mode == RTZ:
-                for j in range(N):
-                    v, f1, f2, f3, f4 = _chain_float_step(acc[j], x * bk[j], RTZ, sh0, lim,
-                                                          qbits, maxbits, ovp, ovn, infb,
-                                                          minnorm)
-                    acc[j] = v
-                    ci[j] += f1
-                    co[j] += f2
-                    cu[j] += f3
-                    cs[j] += f4
-            elif mode == RDN:
-                for j in range(N):
-                    v, f1, f2, f3, f4 = _chain_float_step(acc[j], x * bk[j], RDN, sh0, lim,
-                                                          qbits, maxbits, ovp, ovn, infb,
-                                                          minnorm)
-                    acc[j] = v
-                    ci[j] += f1
-                    co[j] += f2
-                    cu[j] += f3
-                    cs[j] += f4
-            elif mode == RUP:
-                for j in range(N):
-                    v, f1, f2, f3, f4 = _chain_float_step(acc[j], x * bk[j], RUP, sh0, lim,
-                                                          qbits, maxbits, ovp, ovn, infb,
-                                                          minnorm)
-                    acc[j] = v
-                    ci[j] += f1
-                    co[j] += f2
-                    cu[j] += f3
-                    cs[j] += f4
-            else:
-                for j in range(N):
-                    v, f1, f2, f3, f4 = _chain_float_step(acc[j], x * bk[j], ODD, sh0, lim,
-                                                          qbits, maxbits, ovp, ovn, infb,
-                                                          minnorm)
-                    acc[j] = v
-                    ci[j] += f1
-                    co[j] += f2
-                    cu[j] += f3
-                    cs[j] += f4
+        if mode == RNE:
+            _chain_float_row(acc, ci, co, cu, cs, ar, B, RNE, sh0, lim, qbits, maxbits, ovp, ovn,
+                             infb, minnorm)
+        elif mode == RNA:
+            _chain_float_row(acc, ci, co, cu, cs, ar, B, RNA, sh0, lim, qbits, maxbits, ovp, ovn,
+                             infb, minnorm)
+        elif mode == RTZ:
+            _chain_float_row(acc, ci, co, cu, cs, ar, B, RTZ, sh0, lim, qbits, maxbits, ovp, ovn,
+                             infb, minnorm)
+        elif mode == RDN:
+            _chain_float_row(acc, ci, co, cu, cs, ar, B, RDN, sh0, lim, qbits, maxbits, ovp, ovn,
+                             infb, minnorm)
+        elif mode == RUP:
+            _chain_float_row(acc, ci, co, cu, cs, ar, B, RUP, sh0, lim, qbits, maxbits, ovp, ovn,
+                             infb, minnorm)
+        else:
+            _chain_float_row(acc, ci, co, cu, cs, ar, B, ODD, sh0, lim, qbits, maxbits, ovp, ovn,
+                             infb, minnorm)
         out[r] = acc
         counts[r, F_INEXACT] = ci.sum()
         counts[r, F_OVERFLOW] = co.sum()
@@ -935,6 +908,28 @@ def _chain_fixed_step(S, P, MODE, scale, inv, dbits, qmin, qmax, wrap, span, rbi
     return q, inexact, over, under
 
 
+@jit_inline
+def _chain_fixed_row(acc, ci, co, cu, ar, B, MODE, scale, inv, dbits, qmin, qmax, wrap, span,
+                     rbits, key, row0):
+    """One row of :func:`gemm_chain_fixed` for a literal ``MODE``: ``k`` in order, each step
+    vectorised over the outputs ``j``; the stochastic draw of ``(j, k)`` is indexed
+    ``(row0 + j) * K + k`` (``row0``: flat index of the row's first output)."""
+    K = ar.size
+    for k in range(K):
+        x = ar[k]
+        bk = B[k]
+        for j in range(acc.size):
+            idx = np.uint64(0)
+            if MODE == SR:
+                idx = np.uint64(row0 + j) * np.uint64(K) + np.uint64(k)
+            q, f1, f2, f3 = _chain_fixed_step(acc[j], x * bk[j], MODE, scale, inv, dbits, qmin,
+                                              qmax, wrap, span, rbits, key, idx)
+            acc[j] = q
+            ci[j] += f1
+            co[j] += f2
+            cu[j] += f3
+
+
 @jit_parallel
 def gemm_chain_fixed(A, B, out, base, mode, dbits, qmin, qmax, wrap, span, rbits, key):
     """FMA chain into a fixed-point accumulator, on integer codes held in float64.
@@ -957,66 +952,28 @@ def gemm_chain_fixed(A, B, out, base, mode, dbits, qmin, qmax, wrap, span, rbits
         co = np.zeros(N, np.int64)
         cu = np.zeros(N, np.int64)
         ar = A[r]
-        for k in range(K):
-            x = ar[k]
-            bk = B[k]
-            if mode == RNE:
-                for j in range(N):
-                    q, f1, f2, f3 = _chain_fixed_step(acc[j], x * bk[j], RNE, scale, inv, dbits,
-                                                      qmin, qmax, wrap, span, rbits, key, 0)
-                    acc[j] = q
-                    ci[j] += f1
-                    co[j] += f2
-                    cu[j] += f3
-            elif mode == RNA:
-                for j in range(N):
-                    q, f1, f2, f3 = _chain_fixed_step(acc[j], x * bk[j], RNA, scale, inv, dbits,
-                                                      qmin, qmax, wrap, span, rbits, key, 0)
-                    acc[j] = q
-                    ci[j] += f1
-                    co[j] += f2
-                    cu[j] += f3
-            elif mode == RTZ:
-                for j in range(N):
-                    q, f1, f2, f3 = _chain_fixed_step(acc[j], x * bk[j], RTZ, scale, inv, dbits,
-                                                      qmin, qmax, wrap, span, rbits, key, 0)
-                    acc[j] = q
-                    ci[j] += f1
-                    co[j] += f2
-                    cu[j] += f3
-            elif mode == RDN:
-                for j in range(N):
-                    q, f1, f2, f3 = _chain_fixed_step(acc[j], x * bk[j], RDN, scale, inv, dbits,
-                                                      qmin, qmax, wrap, span, rbits, key, 0)
-                    acc[j] = q
-                    ci[j] += f1
-                    co[j] += f2
-                    cu[j] += f3
-            elif mode == RUP:
-                for j in range(N):
-                    q, f1, f2, f3 = _chain_fixed_step(acc[j], x * bk[j], RUP, scale, inv, dbits,
-                                                      qmin, qmax, wrap, span, rbits, key, 0)
-                    acc[j] = q
-                    ci[j] += f1
-                    co[j] += f2
-                    cu[j] += f3
-            elif mode == ODD:
-                for j in range(N):
-                    q, f1, f2, f3 = _chain_fixed_step(acc[j], x * bk[j], ODD, scale, inv, dbits,
-                                                      qmin, qmax, wrap, span, rbits, key, 0)
-                    acc[j] = q
-                    ci[j] += f1
-                    co[j] += f2
-                    cu[j] += f3
-            else:
-                for j in range(N):
-                    idx = (np.uint64(base + r * N + j)) * np.uint64(K) + np.uint64(k)
-                    q, f1, f2, f3 = _chain_fixed_step(acc[j], x * bk[j], SR, scale, inv, dbits,
-                                                      qmin, qmax, wrap, span, rbits, key, idx)
-                    acc[j] = q
-                    ci[j] += f1
-                    co[j] += f2
-                    cu[j] += f3
+        row0 = base + r * N
+        if mode == RNE:
+            _chain_fixed_row(acc, ci, co, cu, ar, B, RNE, scale, inv, dbits, qmin, qmax,
+                             wrap, span, rbits, key, row0)
+        elif mode == RNA:
+            _chain_fixed_row(acc, ci, co, cu, ar, B, RNA, scale, inv, dbits, qmin, qmax,
+                             wrap, span, rbits, key, row0)
+        elif mode == RTZ:
+            _chain_fixed_row(acc, ci, co, cu, ar, B, RTZ, scale, inv, dbits, qmin, qmax,
+                             wrap, span, rbits, key, row0)
+        elif mode == RDN:
+            _chain_fixed_row(acc, ci, co, cu, ar, B, RDN, scale, inv, dbits, qmin, qmax,
+                             wrap, span, rbits, key, row0)
+        elif mode == RUP:
+            _chain_fixed_row(acc, ci, co, cu, ar, B, RUP, scale, inv, dbits, qmin, qmax,
+                             wrap, span, rbits, key, row0)
+        elif mode == ODD:
+            _chain_fixed_row(acc, ci, co, cu, ar, B, ODD, scale, inv, dbits, qmin, qmax,
+                             wrap, span, rbits, key, row0)
+        else:
+            _chain_fixed_row(acc, ci, co, cu, ar, B, SR, scale, inv, dbits, qmin, qmax,
+                             wrap, span, rbits, key, row0)
         out[r] = acc
         counts[r, F_INEXACT] = ci.sum()
         counts[r, F_OVERFLOW] = co.sum()
