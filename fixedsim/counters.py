@@ -24,7 +24,7 @@ import numpy as np
 
 from .jit import quant as _q
 
-__all__ = ["StageCounts", "Counters", "record"]
+__all__ = ["StageCounts", "Counters", "ReuseCounts", "record"]
 
 _FIELDS = ("roundings", "inexact", "overflow", "underflow", "subnormal", "nan")
 
@@ -126,6 +126,78 @@ class Counters:
                 d[f"{s}.{f}"] = getattr(getattr(self, s), f)
         for k, v in sorted(self.paths.items()):
             d[f"paths.{k}"] = v
+        return d
+
+
+@dataclasses.dataclass
+class ReuseCounts:
+    """What Adaptive Deep Reuse did in a layer (:mod:`fixedsim.reuse`), summed over calls.
+
+    Attributes
+    ----------
+    calls : int
+        Reused forward products.
+    rows : int
+        Row sub-vectors clustered (rows times blocks, summed over calls).
+    clusters : int
+        Clusters formed (summed over blocks and calls); ``remain_ratio = clusters / rows``.
+    macs, dense_macs : int
+        Forward multiply-accumulates performed, and those of the dense layer.
+    backward_macs, backward_dense_macs : int
+        The same for the backward products (weight and input gradients).
+    hash_ops : int
+        Multiply-adds of the hashing projections (rows times K times H).
+    centroid_adds, gather_adds : int
+        Additions forming centroid sums, and adding per-cluster results into outputs.
+    hits : int
+        Row sub-vectors whose forward product was computed for another.
+    table_hits : int
+        Row sub-vectors that took a centroid kept from an earlier batch (cross-batch scope).
+    dense_path : int
+        Forward calls whose spec (an accumulator chain) made the product dense.
+    """
+
+    calls: int = 0
+    rows: int = 0
+    clusters: int = 0
+    macs: int = 0
+    dense_macs: int = 0
+    backward_macs: int = 0
+    backward_dense_macs: int = 0
+    hash_ops: int = 0
+    centroid_adds: int = 0
+    gather_adds: int = 0
+    hits: int = 0
+    table_hits: int = 0
+    dense_path: int = 0
+
+    @property
+    def remain_ratio(self) -> float:
+        """``clusters / rows`` (1.0 when nothing was clustered)."""
+        return self.clusters / self.rows if self.rows else 1.0
+
+    def add_stats(self, st) -> None:
+        """Add one :class:`fixedsim.reuse.ReuseStats`."""
+        self.calls += 1
+        self.rows += st.rows * st.blocks
+        self.clusters += int(st.clusters.sum())
+        self.macs += st.macs
+        self.dense_macs += st.dense_macs
+        self.hash_ops += st.hash_ops
+        self.centroid_adds += st.centroid_adds
+        self.gather_adds += st.gather_adds
+        self.hits += st.hits
+        self.table_hits += st.table_hits
+        self.dense_path += st.path == "dense"
+
+    def __iadd__(self, other: ReuseCounts) -> ReuseCounts:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        return self
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["remain_ratio"] = self.remain_ratio
         return d
 
 

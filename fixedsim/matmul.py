@@ -386,12 +386,25 @@ def matmul(a, b, spec: MatmulSpec | None = None, *, seed=None, stats=False):
     return (out, c) if stats else out
 
 
-def _product(A, B, spec, keys, rb, c):
-    """``(R, N)`` result of the 2-D product in the result format's container; counts into c."""
-    R, K = A.shape
+def _product(A, B, spec, keys, rb, c, mm=None, ba=None):
+    """``(R, N)`` result of the 2-D product in the result format's container; counts into c.
+
+    ``mm(scale, Bs, k0, k1)``, when given, must return ``ldexp(A, scale)[:, k0:k1] @
+    Bs[k0:k1]`` computed some other way (the centroid products of :mod:`fixedsim.reuse`); the
+    exact-accumulation paths use it instead of the product of ``A`` (which is any summation
+    order of the same exact products, so their proofs hold). The other paths use ``A``,
+    which may then be given as a ``(shape, make)`` pair, ``make()`` building it only when a
+    path needs it, with ``ba`` its :class:`_Bits`.
+    """
+    if isinstance(A, tuple):
+        (R, K), make = A
+        A = np.broadcast_to(np.float64(0), (R, K))  # its shape only, until a path needs it
+    else:
+        R, K = A.shape
+        make = None
     N = B.shape[1]
     acc = spec.accumulator
-    ba, bb = _Bits.of(A), _Bits.of(B)
+    ba, bb = _Bits.of(A) if ba is None else ba, _Bits.of(B)
     nblocks = -(-K // acc.block) if acc is not None else 0
     if acc is not None:
         c.accumulator.roundings += R * N * nblocks
@@ -399,11 +412,17 @@ def _product(A, B, spec, keys, rb, c):
         c.product.roundings += R * N * K
     out = None
     if _FAST_PATHS and spec.product is None and ba.finite and bb.finite:
-        out = _exact_blas(A, B, spec, ba, bb, keys, rb, c)
-        for path in (_exact_filtered, _fp32_chain, _fp32_chain64, _float_chain, _fixed_chain):
+        out = _exact_blas(A, B, spec, ba, bb, keys, rb, c, mm)
+        if out is None and make is not None:
+            A, make = make(), None
+        if out is None:
+            out = _exact_filtered(A, B, spec, ba, bb, keys, rb, c, mm)
+        for path in (_fp32_chain, _fp32_chain64, _float_chain, _fixed_chain):
             if out is None:
                 out = path(A, B, spec, ba, bb, keys, rb, c)
     if out is None:
+        if make is not None:
+            A = make()
         out = _general(A, B, spec, ba, bb, keys, rb, c)
     return out
 
@@ -417,7 +436,14 @@ def _round_output(vals, spec, keys, rb, c):
     return out
 
 
-def _exact_blas(A, B, spec, ba, bb, keys, rb, c):
+def _dense_mm(A):
+    """The ``mm`` of :func:`_product` for a plain operand ``A``."""
+    def mm(scale, Bs, k0, k1):
+        return np.ldexp(A[:, k0:k1], scale) @ Bs[k0:k1]
+    return mm
+
+
+def _exact_blas(A, B, spec, ba, bb, keys, rb, c, mm=None):
     """Exact accumulation of scaled-integer data on float64 BLAS, or None when not provable.
 
     The operands are integers times ``2**lsb``; a chunk of ``Kc`` products of integer codes
@@ -445,22 +471,26 @@ def _exact_blas(A, B, spec, ba, bb, keys, rb, c):
     out_fmt = spec.result_format
     if acc is None and isinstance(out_fmt, FloatFormat) and spec.output_rounding is Rounding.DOWN:
         return None  # the sign of an exact zero would depend on cancellation
-    Ca = np.ldexp(A, -ba.lsb)
+    mm = mm or _dense_mm(A)
     Cb = np.ldexp(B, -bb.lsb)
     kc = max(1, int(2.0**53 // 2.0**bound_bits))
     if kc >= K:
-        T = Ca @ Cb
+        T = mm(-ba.lsb, Cb, 0, K)
         big = np.abs(T) >= 2.0**53
     else:
         Ti = np.zeros((R, N), np.int64)
         for k0 in range(0, K, kc):
-            Ti += (Ca[:, k0:k0 + kc] @ Cb[k0:k0 + kc]).astype(np.int64)
+            Ti += mm(-ba.lsb, Cb, k0, min(K, k0 + kc)).astype(np.int64)
         big = np.abs(Ti) >= 2**53
         T = Ti.astype(np.float64)
     if big.any():
         return None
     vals = np.ldexp(T, lsb) + 0.0  # exact; +0.0 turns -0 into +0 (IEEE sum of zeros)
     c.paths["exact_blas"] = c.paths.get("exact_blas", 0) + 1
+    if acc is None and spec.output is None:  # into float64, where the exact sum already is
+        sub = int(np.count_nonzero(np.abs(vals) < FP64.min_normal) - np.count_nonzero(vals == 0))
+        c.output += _counters.StageCounts(roundings=vals.size, subnormal=sub)
+        return vals
     if acc is not None:
         vals = vals.astype(acc.fmt.dtype)
         if spec.output is None:
@@ -469,7 +499,7 @@ def _exact_blas(A, B, spec, ba, bb, keys, rb, c):
     return _round_output(vals.reshape(-1), spec, keys, rb, c).reshape(R, N)
 
 
-def _exact_filtered(A, B, spec, ba, bb, keys, rb, c):
+def _exact_filtered(A, B, spec, ba, bb, keys, rb, c, mm=None):
     """Exact accumulation rounded once into a float output (deterministic rounding), products
     exact in float64 (float32 data): float64 BLAS and a filter that proves the rounding, or
     None when it does not apply.
@@ -504,7 +534,7 @@ def _exact_filtered(A, B, spec, ba, bb, keys, rb, c):
                                      keys[4])
     A = np.ascontiguousarray(A, np.float64)
     B = np.ascontiguousarray(B, np.float64)
-    S = A @ B
+    S = A @ B if mm is None else mm(0, B, 0, K)
     radius = 2.0 * (K + 2) * 2.0**-53
     out = np.empty((R, N), np.float64)
     fail = np.zeros((R, N), np.uint8)

@@ -56,12 +56,15 @@ class LayerCounters:
     forward_seconds, backward_seconds : float
         Wall time of the layer's forward and backward passes (measured by
         :class:`~fixedsim.nn.Sequential`).
+    reuse : fixedsim.counters.ReuseCounts
+        What Adaptive Deep Reuse did in the layer (all zero without reuse).
     """
 
     products: _counters.Counters = dataclasses.field(default_factory=_counters.Counters)
     roles: dict = dataclasses.field(default_factory=dict)
     forward_seconds: float = 0.0
     backward_seconds: float = 0.0
+    reuse: _counters.ReuseCounts = dataclasses.field(default_factory=_counters.ReuseCounts)
 
     def count_role(self, role: str, qs) -> None:
         if qs is None:
@@ -74,6 +77,7 @@ class LayerCounters:
         self.products += other.products
         self.forward_seconds += other.forward_seconds
         self.backward_seconds += other.backward_seconds
+        self.reuse += other.reuse
         for k, v in other.roles.items():
             self.roles.setdefault(k, _counters.StageCounts()).__iadd__(v)
         return self
@@ -85,6 +89,8 @@ class LayerCounters:
         for role, s in sorted(self.roles.items()):
             for f in dataclasses.fields(s):
                 d[f"{role}.{f.name}"] = getattr(s, f.name)
+        if self.reuse.calls:
+            d.update({f"reuse.{k}": v for k, v in self.reuse.as_dict().items()})
         d["forward_seconds"] = self.forward_seconds
         d["backward_seconds"] = self.backward_seconds
         return d
@@ -130,6 +136,13 @@ class Context:
         purpose) only."""
         ss = np.random.SeedSequence([self.seed, self.phase, self.step,
                                      zlib.crc32(layer.encode()), zlib.crc32(purpose.encode())])
+        return int(ss.generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+    def run_key(self, layer: str, purpose: str) -> int:
+        """A 64-bit seed of (seed, layer, purpose) only: the same at every step (the
+        hyperplanes of a layer's reuse hashing, which must not change between batches)."""
+        ss = np.random.SeedSequence([self.seed, zlib.crc32(layer.encode()),
+                                     zlib.crc32(purpose.encode())])
         return int(ss.generate_state(1, np.uint64)[0] >> np.uint64(1))
 
     def layer_counters(self, layer: str) -> LayerCounters:

@@ -21,7 +21,8 @@ import time
 
 import numpy as np
 
-from ..matmul import MatmulSpec, conv2d, conv2d_grad_input, conv2d_grad_weight, matmul
+from ..matmul import (MatmulSpec, _im2col, conv2d, conv2d_grad_input, conv2d_grad_weight,
+                      matmul)
 from ..rounding import Rounding
 from .core import Context, Module, Parameter
 
@@ -72,7 +73,11 @@ def _grad_in(layer, grad_y, shape_attr="_out_shape"):
 
 
 class _Product(Module):
-    """Shared machinery of Linear and Conv2d: weight, optional bias, rounded operand copies."""
+    """Shared machinery of Linear and Conv2d: weight, optional bias, rounded operand copies,
+    and Adaptive Deep Reuse of the forward product when ``reuse`` is set."""
+
+    #: The layer's :class:`fixedsim.reuse.Reuse` setting (None: dense products).
+    reuse = None
 
     def __init__(self, weight_shape, fan_in, bias, rng):
         rng = np.random.default_rng(rng)
@@ -90,6 +95,66 @@ class _Product(Module):
         xq = ctx.round_operand(spec, x, self.name, "forward.x")
         wq = ctx.round_operand(spec, self.weight.value, self.name, "forward.w")
         return xq, wq, _operands_rounded(spec)
+
+    def set_reuse(self, reuse) -> None:
+        """Set (or with None, remove) the layer's :class:`fixedsim.reuse.Reuse` setting.
+
+        A cross-batch setting keeps its :class:`fixedsim.reuse.ReuseTable` while the scope
+        stays cross-batch with the same ``L`` and ``H``; any other change empties it.
+        """
+        from ..reuse import Reuse, ReuseTable
+
+        if reuse is not None and not isinstance(reuse, Reuse):
+            raise TypeError(f"reuse must be a fixedsim.reuse.Reuse or None, got {reuse!r}")
+        old = self.reuse
+        keep = (reuse is not None and old is not None and reuse.scope == "cross_batch"
+                and old.scope == "cross_batch" and (reuse.L, reuse.H) == (old.L, old.H))
+        if not keep:
+            self.reuse_table = ReuseTable() if reuse is not None and \
+                reuse.scope == "cross_batch" else None
+        self.reuse = reuse
+
+    def _reuse_forward(self, X2d, W2d, spec, ctx, groups):
+        """The forward product ``X2d @ W2d`` through :func:`fixedsim.reuse.reuse_matmul`."""
+        from ..reuse import reuse_matmul
+
+        r = self.reuse
+        original = ctx.policy.forward
+        centroid_fmt = original.input if original.input is not None else \
+            ctx.policy.activations.fmt
+        table = self.reuse_table if r.scope == "cross_batch" else None
+        y, st = reuse_matmul(
+            X2d, W2d, r.L, r.H, seed=ctx.run_key(self.name, "reuse"), spec=spec,
+            groups=groups if r.scope == "input" else None, table=table,
+            weights_key=None if ctx.training else (self.weight.value, spec),
+            centroid_format=centroid_fmt,
+            product_seed=ctx.key(self.name, "forward") if spec.stochastic else 0)
+        lc = ctx.layer_counters(self.name)
+        lc.products += st.counters
+        lc.reuse.add_stats(st)
+        self._clustering = st.clustering
+        return y
+
+    def _reuse_backward(self, G, W2d, ctx, need_input_grad):
+        """Weight gradient (over the clusters) and, when asked, the input gradient through
+        the centroids, of the reused forward product; returns ``(dW2d, dX2d or None)``."""
+        from ..reuse import reuse_grad_input, reuse_grad_weight
+
+        p, cl = ctx.policy, self._clustering
+        lc = ctx.layer_counters(self.name)
+        dense = cl.rows * cl.K * G.shape[1]
+        dW, c = reuse_grad_weight(cl, G, p.grad_weight, seed=ctx.key(self.name, "grad_weight"))
+        lc.products += c
+        lc.reuse.backward_macs += c.macs
+        lc.reuse.backward_dense_macs += dense
+        dX = None
+        if need_input_grad and self.reuse.input_grad == "centroid":
+            dX, c = reuse_grad_input(cl, G, W2d, p.grad_input,
+                                     seed=ctx.key(self.name, "grad_input"))
+            lc.products += c
+            lc.reuse.backward_macs += c.macs
+            lc.reuse.backward_dense_macs += dense
+        return dW, dX
 
     def _finish_forward(self, z, bias_view, ctx):
         if self.bias is None:
@@ -129,7 +194,11 @@ class Linear(_Product):
             raise ValueError(f"Linear: expected {self.in_features} input features, "
                              f"got shape {x.shape}")
         xq, wq, spec = self._forward_operands(x, ctx)
-        z = ctx.product(matmul, spec, self.name, "forward", xq, wq)
+        self._reused = self.reuse is not None
+        if self._reused:
+            z = self._reuse_forward(xq, wq, spec, ctx, np.arange(len(xq)))
+        else:
+            z = ctx.product(matmul, spec, self.name, "forward", xq, wq)
         self._cache = (xq, wq)
         self._out_shape = z.shape
         return self._finish_forward(z, None if self.bias is None else self.bias.value, ctx)
@@ -138,13 +207,18 @@ class Linear(_Product):
         grad_y = _grad_in(self, grad_y)
         xq, wq = self._cache
         p = ctx.policy
-        dw = ctx.product(matmul, p.grad_weight, self.name, "grad_weight", xq.T, grad_y)
+        dx = None
+        if self._reused:
+            dw, dx = self._reuse_backward(grad_y, wq, ctx, need_input_grad)
+        else:
+            dw = ctx.product(matmul, p.grad_weight, self.name, "grad_weight", xq.T, grad_y)
         self.weight.grad = ctx.round("weight_grads", dw, self.name)
         if self.bias is not None:
             self._bias_grad(grad_y, ctx)
         if not need_input_grad:
             return None
-        dx = ctx.product(matmul, p.grad_input, self.name, "grad_input", grad_y, wq.T)
+        if dx is None:
+            dx = ctx.product(matmul, p.grad_input, self.name, "grad_input", grad_y, wq.T)
         return ctx.round("errors", dx, self.name)
 
 
@@ -183,8 +257,12 @@ class Conv2d(_Product):
             raise ValueError(f"Conv2d: expected {self.in_channels} input channels, "
                              f"got shape {x.shape}")
         xq, wq, spec = self._forward_operands(x, ctx)
-        z = ctx.product(conv2d, spec, self.name, "forward", xq, wq, stride=self.stride,
-                        padding=self.padding)
+        self._reused = self.reuse is not None
+        if self._reused:
+            z = self._conv_reuse_forward(xq, wq, spec, ctx)
+        else:
+            z = ctx.product(conv2d, spec, self.name, "forward", xq, wq, stride=self.stride,
+                            padding=self.padding)
         self._cache = (xq, wq)
         self._out_shape = z.shape
         b = None if self.bias is None else self.bias.value.reshape(1, -1, 1, 1)
@@ -195,16 +273,50 @@ class Conv2d(_Product):
         xq, wq = self._cache
         p = ctx.policy
         kw = dict(stride=self.stride, padding=self.padding)
-        dw = ctx.product(conv2d_grad_weight, p.grad_weight, self.name, "grad_weight", xq,
-                         grad_y, wq.shape, **kw)
+        G = grad_y.transpose(0, 2, 3, 1).reshape(-1, grad_y.shape[1])
+        dx = None
+        if self._reused:
+            W2d = np.ascontiguousarray(wq.reshape(wq.shape[0], -1).T)
+            dW2d, dcols = self._reuse_backward(G, W2d, ctx, need_input_grad)
+            dw = np.ascontiguousarray(dW2d.T).reshape(wq.shape)
+            if dcols is not None:
+                dx = _col2im(dcols, xq.shape, self.kernel_size, self.stride, self.padding)
+        else:
+            dw = ctx.product(conv2d_grad_weight, p.grad_weight, self.name, "grad_weight", xq,
+                             grad_y, wq.shape, **kw)
         self.weight.grad = ctx.round("weight_grads", dw, self.name)
         if self.bias is not None:
-            self._bias_grad(grad_y.transpose(0, 2, 3, 1).reshape(-1, grad_y.shape[1]), ctx)
+            self._bias_grad(G, ctx)
         if not need_input_grad:
             return None
-        dx = ctx.product(conv2d_grad_input, p.grad_input, self.name, "grad_input", grad_y, wq,
-                         xq.shape, **kw)
+        if dx is None:
+            dx = ctx.product(conv2d_grad_input, p.grad_input, self.name, "grad_input", grad_y,
+                             wq, xq.shape, **kw)
         return ctx.round("errors", dx, self.name)
+
+    def _conv_reuse_forward(self, xq, wq, spec, ctx):
+        """Forward convolution as a reused product of the im2col matrix (rows (n, ho, wo))."""
+        (sh, sw), (ph, pw) = _pair(self.stride, "stride"), _pair(self.padding, "padding", 0)
+        N, _, H, W = xq.shape
+        kh, kw = self.kernel_size
+        Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+        if Ho < 1 or Wo < 1:
+            raise ValueError(f"Conv2d: a {kh}x{kw} kernel does not fit the {H}x{W} input")
+        cols = _im2col(xq, kh, kw, (sh, sw), (ph, pw), Ho, Wo)
+        W2d = np.ascontiguousarray(wq.reshape(wq.shape[0], -1).T)
+        groups = np.repeat(np.arange(N), Ho * Wo)
+        y = self._reuse_forward(cols, W2d, spec, ctx, groups)
+        return np.ascontiguousarray(y.reshape(N, Ho, Wo, -1).transpose(0, 3, 1, 2))
+
+
+def _col2im(cols, x_shape, kernel_size, stride, padding):
+    """The adjoint of im2col: patch errors summed (float64) back onto the input grid."""
+    from ..jit.conv import col2im
+
+    (sh, sw), (ph, pw) = _pair(stride, "stride"), _pair(padding, "padding", 0)
+    dx = np.zeros(x_shape)
+    col2im(np.ascontiguousarray(cols, np.float64), *kernel_size, sh, sw, ph, pw, dx)
+    return dx
 
 
 class ReLU(Module):

@@ -27,7 +27,8 @@ import numpy as np
 
 from .. import data as _data
 from .core import Context, LayerCounters, Parameter
-from .layers import SoftmaxCrossEntropy
+from ..reuse.schedules import parse_reuse
+from .layers import Conv2d, Linear, SoftmaxCrossEntropy
 from .models import build
 from .optim import SGD, Adam, parse_schedule
 from .policy import Policy, _build, _check_keys
@@ -75,6 +76,12 @@ class TrainConfig:
     eval_batch_size : int
     max_loss : float
         A mean training loss above it (or NaN/inf) stops the run as diverged.
+    reuse : str
+        Adaptive Deep Reuse of the layers' forward products (:func:`fixedsim.reuse.schedules.
+        parse_reuse`): ``""`` (none), ``"L=25,H=8[,scope=...]"``, ``"adaptive:..."`` or
+        ``"cr-off:..."``.
+    reuse_layers : {"conv", "linear", "all"}
+        Which product layers the reuse setting applies to.
     """
 
     model: str = "lenet"
@@ -93,6 +100,8 @@ class TrainConfig:
     seed: int = 0
     eval_batch_size: int = 1000
     max_loss: float = 1e3
+    reuse: str = ""
+    reuse_layers: str = "conv"
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -114,6 +123,10 @@ class TrainConfig:
         if not (isinstance(self.max_loss, (int, float)) and self.max_loss > 0):
             raise ValueError(f"TrainConfig max_loss must be > 0, got {self.max_loss!r}")
         parse_schedule(self.schedule)  # validates
+        parse_reuse(self.reuse)
+        if self.reuse_layers not in ("conv", "linear", "all"):
+            raise ValueError(f"TrainConfig reuse_layers must be 'conv', 'linear' or 'all', "
+                             f"got {self.reuse_layers!r}")
         self.make_optimizer({"check": Parameter("check", np.zeros(1))})  # validates lr, ...
 
     def to_dict(self) -> dict:
@@ -147,12 +160,16 @@ class TrainResult:
         Per-layer counts of the last epoch (training and evaluation).
     out : pathlib.Path or None
         The run directory.
+    reuse : list of dict
+        With ``config.reuse``: one row per step and reused layer (remain ratio, MACs
+        performed and dense, hashing, hits, the setting), as written to ``reuse.csv``.
     """
 
     history: list
     model: object
     counters: dict
     out: pathlib.Path | None
+    reuse: list = dataclasses.field(default_factory=list)
 
 
 class _Scaler:
@@ -250,7 +267,30 @@ def _history_csv(history) -> str:
     return buf.getvalue()
 
 
-def _save_checkpoint(out, model, opt, scaler, epoch, step, history, counters_rows):
+def _reuse_targets(model, which):
+    """The Conv2d/Linear layers a reuse setting applies to."""
+    kinds = {"conv": (Conv2d,), "linear": (Linear,), "all": (Conv2d, Linear)}[which]
+    return [m for m in getattr(model, "layers", []) if isinstance(m, kinds)]
+
+
+def _reuse_rows(ctx, targets, epoch, step, setting):
+    rows = []
+    for layer in targets:
+        lc = ctx.counters.get(layer.name)
+        if lc is None or not lc.reuse.calls:
+            continue
+        r = lc.reuse
+        rows.append({"epoch": epoch + 1, "step": step, "layer": layer.name,
+                     "setting": str(setting), "remain_ratio": r.remain_ratio,
+                     "macs": r.macs, "dense_macs": r.dense_macs,
+                     "backward_macs": r.backward_macs,
+                     "backward_dense_macs": r.backward_dense_macs, "hash_ops": r.hash_ops,
+                     "hits": r.hits, "table_hits": r.table_hits})
+    return rows
+
+
+def _save_checkpoint(out, model, opt, scaler, epoch, step, history, counters_rows,
+                     reuse=None):
     arrays = {f"param/{k}": p.value for k, p in model.named_parameters().items()}
     arrays.update({f"buffer/{k}": v for k, v in model.buffers().items()})
     scalars = {}
@@ -261,6 +301,13 @@ def _save_checkpoint(out, model, opt, scaler, epoch, step, history, counters_row
             arrays[f"optim/{k}"] = np.asarray(v)
     meta = {"epoch": epoch, "step": step, "scale": scaler.scale, "good": scaler.good,
             "optim": scalars, "history": history, "counters": counters_rows}
+    if reuse is not None:
+        sched, targets, reuse_rows = reuse
+        meta["reuse"] = {"schedule": sched.state_dict(), "rows": reuse_rows}
+        for layer in targets:
+            if getattr(layer, "reuse_table", None) is not None:
+                for k, v in layer.reuse_table.state_dict().items():
+                    arrays[f"reuse/{layer.name}/{k}"] = v
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     _atomic_write(out / CHECKPOINT, lambda f: np.savez(f, **arrays))
     text = _history_csv(history)
@@ -271,6 +318,29 @@ def _save_checkpoint(out, model, opt, scaler, epoch, step, history, counters_row
         w.writeheader()
         w.writerows(counters_rows)
         _atomic_write(out / "counters.csv", lambda f: f.write(buf.getvalue().encode()))
+    if reuse is not None and reuse[2]:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(reuse[2][0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows(reuse[2])
+        _atomic_write(out / "reuse.csv", lambda f: f.write(buf.getvalue().encode()))
+
+
+def _load_reuse(out, meta, sched, targets):
+    """Restore the reuse schedule and the cross-batch tables of a checkpoint."""
+    state = meta.get("reuse")
+    if state is None:
+        return []
+    sched.load_state_dict(state["schedule"])
+    for layer in targets:
+        layer.set_reuse(sched.current())
+    with np.load(out / CHECKPOINT) as z:
+        for layer in targets:
+            prefix = f"reuse/{layer.name}/"
+            tab = {k[len(prefix):]: z[k] for k in z.files if k.startswith(prefix)}
+            if tab and getattr(layer, "reuse_table", None) is not None:
+                layer.reuse_table.load_state_dict(tab)
+    return state["rows"]
 
 
 def _load_checkpoint(out, model, opt, scaler):
@@ -398,6 +468,11 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
     scaler = _Scaler(policy.loss_scale)
     lossf = SoftmaxCrossEntropy()
     history, counter_rows, start_epoch, step = [], [], 0, 0
+    reuse_sched = parse_reuse(config.reuse)
+    reuse_targets = _reuse_targets(model, config.reuse_layers)
+    for layer in reuse_targets:
+        layer.set_reuse(reuse_sched.current())
+    reuse_rows: list = []
 
     if out is not None:
         out = pathlib.Path(out)
@@ -414,6 +489,7 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
                 meta = _load_checkpoint(out, model, opt, scaler)
                 start_epoch, step = meta["epoch"] + 1, meta["step"]
                 history, counter_rows = meta["history"], meta["counters"]
+                reuse_rows = _load_reuse(out, meta, reuse_sched, reuse_targets)
                 log(f"resuming {out} after epoch {meta['epoch'] + 1} (step {step})")
         elif (out / CHECKPOINT).is_file() and not resume:
             raise FileExistsError(f"{out} already holds a run; use resume=True (--resume) to "
@@ -459,6 +535,13 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
             else:
                 skipped += 1
             _merge(counters, ctx.counters)
+            if config.reuse:
+                reuse_rows += _reuse_rows(ctx, reuse_targets, epoch, step,
+                                          reuse_sched.current())
+                if reuse_sched.observe(step, loss):
+                    for layer in reuse_targets:
+                        layer.set_reuse(reuse_sched.current())
+                    log(f"step {step}: reuse now {reuse_sched.current() or 'dense'}")
             tot_loss += loss * len(yb)
             correct += int((np.asarray(logits).argmax(axis=1) == yb).sum())
             seen += len(yb)
@@ -482,11 +565,14 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
             f"acc {row['train_acc']:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f} | "
             f"{row['seconds']:.1f} s" + (f" | {skipped} steps skipped" if skipped else ""))
         if out is not None:
-            _save_checkpoint(out, model, opt, scaler, epoch, step, history, counter_rows)
+            _save_checkpoint(out, model, opt, scaler, epoch, step, history, counter_rows,
+                             (reuse_sched, reuse_targets, reuse_rows) if config.reuse
+                             else None)
             plot_history(history, out / "curves.png", title=f"{config.model} · {policy.name}")
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
-    return TrainResult(history=history, model=model, counters=counters, out=out)
+    return TrainResult(history=history, model=model, counters=counters, out=out,
+                       reuse=reuse_rows)
 
 
 def _uniform(rows):
