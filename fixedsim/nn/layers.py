@@ -21,8 +21,7 @@ import time
 
 import numpy as np
 
-from ..matmul import (MatmulSpec, _im2col, conv2d, conv2d_grad_input, conv2d_grad_weight,
-                      matmul)
+from ..matmul import MatmulSpec, _im2col, conv2d, conv2d_grad_input, conv2d_grad_weight, matmul
 from ..rounding import Rounding
 from .core import Context, Module, Parameter
 

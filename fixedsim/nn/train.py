@@ -26,8 +26,8 @@ import time
 import numpy as np
 
 from .. import data as _data
-from .core import Context, LayerCounters, Parameter
 from ..reuse.schedules import parse_reuse
+from .core import Context, LayerCounters, Parameter
 from .layers import Conv2d, Linear, SoftmaxCrossEntropy
 from .models import build
 from .optim import SGD, Adam, parse_schedule

@@ -7,8 +7,18 @@ setting a Conv2d or Linear layer takes; :mod:`fixedsim.reuse.schedules` changes 
 goes. See docs/reuse.md.
 """
 
-from .core import (MAX_H, Clustering, Reuse, ReuseStats, ReuseTable, cluster, hyperplanes,
-                   reuse_grad_input, reuse_grad_weight, reuse_matmul)
+from .core import (
+                   MAX_H,
+                   Clustering,
+                   Reuse,
+                   ReuseStats,
+                   ReuseTable,
+                   cluster,
+                   hyperplanes,
+                   reuse_grad_input,
+                   reuse_grad_weight,
+                   reuse_matmul,
+)
 
 __all__ = ["MAX_H", "Clustering", "Reuse", "ReuseStats", "ReuseTable", "cluster", "hyperplanes",
            "reuse_grad_input", "reuse_grad_weight", "reuse_matmul"]

@@ -34,8 +34,16 @@ import numpy as np
 from .. import counters as _counters
 from ..formats import FP32, FixedFormat, FloatFormat
 from ..jit import lsh as _lsh
-from ..matmul import (MatmulSpec, _Bits, _check_finite_for_fixed, _check_operands, _product,
-                      _quantize_input, _setup, matmul)
+from ..matmul import (
+    MatmulSpec,
+    _Bits,
+    _check_finite_for_fixed,
+    _check_operands,
+    _product,
+    _quantize_input,
+    _setup,
+    matmul,
+)
 from ..quantize import _as_float_array, quantize
 from ..rounding import Rounding
 

@@ -216,8 +216,9 @@ def parse_reuse(text: str) -> ReuseSchedule:
     Examples
     --------
     >>> from fixedsim.reuse.schedules import parse_reuse
-    >>> parse_reuse("adaptive:L=75,H=4;L=25,H=8;dense:window=20")
-    Adaptive(['L=75,H=4,scope=batch,input_grad=centroid', 'L=25,H=8,scope=batch,input_grad=centroid', 'dense'])
+    >>> s = parse_reuse("adaptive:L=75,H=4;L=25,H=8;dense:window=20")
+    >>> s.stages[0], s.window
+    (Reuse(L=75, H=4, scope='batch', input_grad='centroid'), 20)
     """
     if not isinstance(text, str):
         raise ValueError(f"reuse must be a string, got {text!r}")
