@@ -136,7 +136,8 @@ def _cmd_report(args) -> int:
 
 
 _TRAIN_OPTIONS = ("data", "train_size", "test_size", "epochs", "batch_size", "optimizer", "lr",
-                  "momentum", "nesterov", "weight_decay", "schedule", "seed")
+                  "momentum", "nesterov", "weight_decay", "schedule", "seed", "reuse",
+                  "reuse_layers")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--schedule", default=None,
                    help="constant (default), step:EPOCHS:GAMMA or cosine:EPOCHS[:MIN_LR]")
     t.add_argument("--seed", type=int, default=None, help="run seed (default 0)")
+    t.add_argument("--reuse", default=None, metavar="SETTING",
+                   help="Adaptive Deep Reuse of the conv layers: L=25,H=8[,scope=...], "
+                        "adaptive:STAGE;...;dense[:window=N] or cr-off:L=..,H=.. "
+                        "(docs/reuse.md)")
+    t.add_argument("--reuse-layers", default=None, choices=["conv", "linear", "all"],
+                   help="which layers --reuse applies to (default conv)")
     t.add_argument("--out", default=None, metavar="RUN_DIR", help="write the run here")
     t.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue the interrupted run in RUN_DIR (its stored config and policy)")

@@ -139,17 +139,23 @@ class _Product(Module):
         the centroids, of the reused forward product; returns ``(dW2d, dX2d or None)``."""
         from ..reuse import reuse_grad_input, reuse_grad_weight
 
+        from ..formats import FP32, FloatFormat
+
         p, cl = ctx.policy, self._clustering
         lc = ctx.layer_counters(self.name)
         dense = cl.rows * cl.K * G.shape[1]
-        dW, c = reuse_grad_weight(cl, G, p.grad_weight, seed=ctx.key(self.name, "grad_weight"))
+        # float errors: the cluster sums are held in FP32 (sums of fixed-point errors are
+        # exact in float64 and kept so)
+        sf = FP32 if isinstance(p.errors.fmt, FloatFormat) else None
+        dW, c = reuse_grad_weight(cl, G, p.grad_weight, seed=ctx.key(self.name, "grad_weight"),
+                                  sum_format=sf)
         lc.products += c
         lc.reuse.backward_macs += c.macs
         lc.reuse.backward_dense_macs += dense
         dX = None
         if need_input_grad and self.reuse.input_grad == "centroid":
             dX, c = reuse_grad_input(cl, G, W2d, p.grad_input,
-                                     seed=ctx.key(self.name, "grad_input"))
+                                     seed=ctx.key(self.name, "grad_input"), sum_format=sf)
             lc.products += c
             lc.reuse.backward_macs += c.macs
             lc.reuse.backward_dense_macs += dense

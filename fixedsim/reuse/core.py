@@ -277,14 +277,15 @@ class Clustering:
             Xt[:, k0:k1] = c[ids]
         return Xt
 
-    def member_sums(self, G: np.ndarray) -> list:
-        """``[sum of G's rows over each cluster's members]`` per block, float64, row order."""
+    def member_sums(self, G: np.ndarray, fmt=None) -> list:
+        """``[sum of G's rows over each cluster's members]`` per block: float64, row order,
+        then rounded once to nearest even into ``fmt`` when it is given."""
         G = np.ascontiguousarray(G, np.float64)
         out = []
         for ids, counts in zip(self.ids, self.counts, strict=True):
             s = np.zeros((len(counts), G.shape[1]))
             _lsh.cluster_sums(G, 0, ids, s)
-            out.append(s)
+            out.append(_round_centroids(s, fmt))
         return out
 
 
@@ -590,7 +591,8 @@ def _per_block_product(op, A_list, B_list, spec, seed):
     return outs, tot
 
 
-def reuse_grad_weight(cl: Clustering, grad_y, spec: MatmulSpec | None = None, *, seed=None):
+def reuse_grad_weight(cl: Clustering, grad_y, spec: MatmulSpec | None = None, *, seed=None,
+                      sum_format=None):
     """Weight gradient of a reused product, over the clusters only.
 
     ``dW[k0:k1] = centroids_b^T @ G_b`` per block, ``G_b`` the output errors summed over each
@@ -606,6 +608,9 @@ def reuse_grad_weight(cl: Clustering, grad_y, spec: MatmulSpec | None = None, *,
     spec : MatmulSpec, optional
     seed : int, optional
         Block ``b``'s stochastic stages are seeded from ``[seed, b]``.
+    sum_format : format, optional
+        The summed errors ``G_b`` are rounded to nearest even into it (None: kept in float64;
+        a float32 machine would hold them in FP32).
 
     Returns
     -------
@@ -616,7 +621,7 @@ def reuse_grad_weight(cl: Clustering, grad_y, spec: MatmulSpec | None = None, *,
     G = _as_float_array(grad_y, "grad_y")
     if G.shape[0] != cl.rows:
         raise ValueError(f"reuse_grad_weight: grad_y must have {cl.rows} rows, got {G.shape}")
-    sums = cl.member_sums(G)
+    sums = cl.member_sums(G, sum_format)
     outs, c = _per_block_product("reuse_grad_weight", [C.T for C in cl.centroids], sums,
                                  spec or MatmulSpec(), seed)
     dW = np.concatenate([np.asarray(o, np.float64) for o in outs], axis=0) if outs else \
@@ -624,14 +629,16 @@ def reuse_grad_weight(cl: Clustering, grad_y, spec: MatmulSpec | None = None, *,
     return dW.astype(np.result_type(*outs)) if outs else dW, c
 
 
-def reuse_grad_input(cl: Clustering, grad_y, W, spec: MatmulSpec | None = None, *, seed=None):
+def reuse_grad_input(cl: Clustering, grad_y, W, spec: MatmulSpec | None = None, *, seed=None,
+                     sum_format=None):
     """Input gradient of a reused product through the centroids, over the clusters only.
 
     Every member of a cluster gets ``(G_b @ W_b^T) / n``, ``G_b`` the cluster's summed output
     errors (float64, row order) and ``n`` its size: ``matmul(G_b, W[k0:k1].T, spec) / n`` per
     block (the division in float64, after the spec's rounding, so that the product's operands
     stay those of the errors' format), then given to every member. This is the gradient of the
-    reused forward with respect to ``X`` (the codes are locally constant).
+    reused forward with respect to ``X`` (the codes are locally constant). ``seed`` and
+    ``sum_format`` as for :func:`reuse_grad_weight`.
 
     Returns
     -------
@@ -644,7 +651,7 @@ def reuse_grad_input(cl: Clustering, grad_y, W, spec: MatmulSpec | None = None, 
     if G.shape[0] != cl.rows or W.shape != (cl.K, G.shape[1]):
         raise ValueError(f"reuse_grad_input: grad_y must be ({cl.rows}, N) and W ({cl.K}, N); "
                          f"got {G.shape} and {W.shape}")
-    sums = cl.member_sums(G)
+    sums = cl.member_sums(G, sum_format)
     B = [np.ascontiguousarray(W[k0:k1].T) for k0, k1 in cl.bounds]
     outs, c = _per_block_product("reuse_grad_input", sums, B, spec or MatmulSpec(), seed)
     dX = np.empty((cl.rows, cl.K))
