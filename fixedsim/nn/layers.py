@@ -137,9 +137,8 @@ class _Product(Module):
     def _reuse_backward(self, G, W2d, ctx, need_input_grad):
         """Weight gradient (over the clusters) and, when asked, the input gradient through
         the centroids, of the reused forward product; returns ``(dW2d, dX2d or None)``."""
-        from ..reuse import reuse_grad_input, reuse_grad_weight
-
         from ..formats import FP32, FloatFormat
+        from ..reuse import reuse_grad_input, reuse_grad_weight
 
         p, cl = ctx.policy, self._clustering
         lc = ctx.layer_counters(self.name)
