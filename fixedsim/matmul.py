@@ -413,6 +413,8 @@ def _product(A, B, spec, keys, rb, c, mm=None, ba=None):
     out = None
     if _FAST_PATHS and spec.product is None and ba.finite and bb.finite:
         out = _exact_blas(A, B, spec, ba, bb, keys, rb, c, mm)
+        if out is None and mm is not None and hasattr(mm, "reset"):
+            mm.reset()  # a declined exact_blas pass: only the path that answers counts
         if out is None and make is not None:
             A, make = make(), None
         if out is None:

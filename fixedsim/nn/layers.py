@@ -100,6 +100,8 @@ class _Product(Module):
 
         A cross-batch setting keeps its :class:`fixedsim.reuse.ReuseTable` while the scope
         stays cross-batch with the same ``L`` and ``H``; any other change empties it.
+        Evaluation passes (``ctx.training`` False) use a table of their own,
+        ``reuse_eval_table``, so that test data never reach the centroids training uses.
         """
         from ..reuse import Reuse, ReuseTable
 
@@ -109,8 +111,9 @@ class _Product(Module):
         keep = (reuse is not None and old is not None and reuse.scope == "cross_batch"
                 and old.scope == "cross_batch" and (reuse.L, reuse.H) == (old.L, old.H))
         if not keep:
-            self.reuse_table = ReuseTable() if reuse is not None and \
-                reuse.scope == "cross_batch" else None
+            cross = reuse is not None and reuse.scope == "cross_batch"
+            self.reuse_table = ReuseTable() if cross else None
+            self.reuse_eval_table = ReuseTable() if cross else None
         self.reuse = reuse
 
     def _reuse_forward(self, X2d, W2d, spec, ctx, groups):
@@ -121,7 +124,9 @@ class _Product(Module):
         original = ctx.policy.forward
         centroid_fmt = original.input if original.input is not None else \
             ctx.policy.activations.fmt
-        table = self.reuse_table if r.scope == "cross_batch" else None
+        table = None
+        if r.scope == "cross_batch":
+            table = self.reuse_table if ctx.training else self.reuse_eval_table
         y, st = reuse_matmul(
             X2d, W2d, r.L, r.H, seed=ctx.run_key(self.name, "reuse"), spec=spec,
             groups=groups if r.scope == "input" else None, table=table,

@@ -212,8 +212,12 @@ def evaluate(model, policy: Policy, x, y, *, seed: int = 0, epoch: int = 0,
     """Mean loss and accuracy of ``model`` on ``(x, y)`` in evaluation mode, under ``policy``.
 
     Stochastic roundings draw from the evaluation phase of the run's streams (``epoch`` keys
-    them), so an evaluation never perturbs training.
+    them), so an evaluation never perturbs training. Layers with cross-batch reuse start the
+    evaluation with an empty evaluation table (so it does not depend on earlier ones).
     """
+    for layer in getattr(model, "layers", []):
+        if getattr(layer, "reuse_eval_table", None) is not None:
+            layer.reuse_eval_table.clear()
     lossf = SoftmaxCrossEntropy()
     total_loss, correct = 0.0, 0
     for i, start in enumerate(range(0, len(x), batch_size)):

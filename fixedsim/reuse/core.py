@@ -17,7 +17,8 @@ Semantics (docs/reuse.md). For ``Y = X W`` with ``X`` of shape ``(R, K)``:
    the dense product, bit for bit.
 
 Where the spec's sum is exact (no product rounding, no accumulator: wide accumulation and one
-rounding, Gupta's hardware; or float data with exact accumulation into a float output) the
+rounding, Gupta's hardware; or float data with exact accumulation into a float output; not
+DOWN rounding into float64, where the sign of an exact zero depends on how the sum cancels) the
 product is computed per cluster, ``centroid_b @ W_b``, once, and given to every member: that is
 where the multiply-accumulates are saved. Under an accumulator chain every output's rounded
 running sum depends on each product in order, so nothing can be shared without changing the
@@ -151,6 +152,17 @@ def hyperplanes(seed: int, k0: int, k1: int, H: int) -> np.ndarray:
     return rng.standard_normal((k1 - k0, H))
 
 
+def _same_key(a, b) -> bool:
+    """Weights keys match: the same object, or tuples whose arrays are the same objects and
+    whose other items are equal."""
+    if a is b:
+        return True
+    if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b):
+        return all(x is y or (not isinstance(x, np.ndarray) and not isinstance(y, np.ndarray)
+                              and x == y) for x, y in zip(a, b, strict=True))
+    return False
+
+
 class ReuseTable:
     """Clusters kept across batches (the cross-batch scope, cluster reuse "CR").
 
@@ -198,7 +210,7 @@ class ReuseTable:
         self._blocks[key] = (codes[order], np.ascontiguousarray(centroids[order]))
 
     def _check_weights(self, weights_key):
-        if weights_key is None or weights_key is not self._weights_key:
+        if weights_key is None or not _same_key(weights_key, self._weights_key):
             self._results.clear()
             self._weights_key = weights_key
         return weights_key is not None
@@ -283,7 +295,7 @@ class Clustering:
         G = np.ascontiguousarray(G, np.float64)
         out = []
         for ids, counts in zip(self.ids, self.counts, strict=True):
-            s = np.zeros((len(counts), G.shape[1]))
+            s = np.full((len(counts), G.shape[1]), -0.0)  # -0.0 + x == x, signs included
             _lsh.cluster_sums(G, 0, ids, s)
             out.append(_round_centroids(s, fmt))
         return out
@@ -358,7 +370,7 @@ def cluster(X, L: int, H: int, *, seed: int = 0, groups=None, table: ReuseTable 
         np.minimum.at(first, ids, np.arange(R)) if R else None
         ccodes = codes[first]
         counts = np.bincount(ids, minlength=n).astype(np.int64)
-        sums = np.zeros((n, k1 - k0))
+        sums = np.full((n, k1 - k0), -0.0)  # -0.0 + x == x: a one-row cluster is the row
         _lsh.cluster_sums(X64, k0, ids, sums)
         cents = _round_centroids(sums / counts[:, None], centroid_format)
         if table is not None:
@@ -433,10 +445,14 @@ class _ClusterProduct:
 
     def __init__(self, cl: Clustering, B, table, weights_key):
         self.cl, self.B = cl, B
+        self.reset()
+        self.table = table if table is not None and table._check_weights(weights_key) else None
+
+    def reset(self):
+        """Forget the counts of a pass whose path then declined (its work is redone)."""
         self.used = False
         self.macs = 0
         self.result_hits = 0
-        self.table = table if table is not None and table._check_weights(weights_key) else None
 
     def __call__(self, scale, Bs, k0, k1):
         self.used = True
@@ -506,8 +522,9 @@ def reuse_matmul(X, W, L: int, H: int, *, seed: int = 0, spec: MatmulSpec | None
     table : ReuseTable, optional
         The cross-batch scope: centroids (and products) kept from earlier calls.
     weights_key : object, optional
-        With a table: an object that stands for ``W`` (compared by identity); a table's
-        stored products are reused only while the same object is passed.
+        With a table: an object that stands for ``W`` (compared by identity; a tuple matches
+        a tuple whose arrays are the same objects and whose other items are equal); a table's
+        stored products are reused only while the same key is passed.
     centroid_format : format or None, optional
         What the centroids are rounded into (to nearest even); None keeps the float64 mean.
         Default: ``spec.input`` when set, else FP32 when ``X`` is float32 (a centroid is

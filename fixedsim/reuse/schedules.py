@@ -20,6 +20,7 @@ losses seen (and of ``state_dict``), so that a resumed run makes the same decisi
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from .core import Reuse
 
@@ -44,7 +45,8 @@ class ReuseSchedule:
     def __init__(self, window: int = 50, min_delta: float = 0.01):
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"schedule window must be an int >= 1, got {window!r}")
-        if not isinstance(min_delta, (int, float)) or min_delta < 0:
+        if not isinstance(min_delta, (int, float)) or not math.isfinite(min_delta) \
+                or min_delta < 0:
             raise ValueError(f"schedule min_delta must be >= 0, got {min_delta!r}")
         self.window, self.min_delta = window, float(min_delta)
         self._sum, self._n, self._prev = 0.0, 0, None
