@@ -898,6 +898,38 @@ def test_layer_evaluation_reuses_stored_products():
     assert second.macs == 0  # "with the stored product when the weights have not changed"
 
 
+def test_evaluation_never_extends_the_training_table():
+    """Test data must not reach the centroids training uses: evaluation has its own table,
+    emptied by ``evaluate`` before each evaluation."""
+    from fixedsim.nn.train import evaluate
+
+    rng = np.random.default_rng(29)
+    policy = nn.Policy.fixed(16, 12, "nearest_even")
+    conv = _rounded_layer("conv", policy, rng)
+    conv.set_reuse(Reuse(6, 3, scope="cross_batch"))
+    x = fs.quantize(rng.uniform(-1, 1, (2, 2, 5, 5)), Q16_12)
+    conv.forward(x, nn.Context(policy, step=0, training=True))
+    before = conv.reuse_table.state_dict()
+    assert len(conv.reuse_table) > 0
+    x_test = fs.quantize(rng.uniform(-1, 1, (3, 2, 5, 5)), Q16_12)
+    conv.forward(x_test, nn.Context(policy, step=0, training=False, phase=1))
+    after = conv.reuse_table.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert_identical(after[k], before[k])
+    assert len(conv.reuse_eval_table) > 0
+    model = nn.Sequential(conv, nn.Flatten())
+    model.layers[0].name = "conv"  # Sequential renames it; keep the tables' layer
+    x_other = fs.quantize(rng.uniform(-1, 1, (1, 2, 5, 5)), Q16_12)
+    evaluate(model, policy, x_other, np.zeros(1, np.int64), batch_size=1)
+    alone = len(conv.reuse_eval_table)
+    evaluate(model, policy, x_test, np.zeros(3, np.int64), batch_size=3)
+    n = len(conv.reuse_eval_table)
+    evaluate(model, policy, x_other, np.zeros(1, np.int64), batch_size=1)
+    assert n > alone  # so that a table kept from the previous evaluation would show
+    assert len(conv.reuse_eval_table) == alone  # emptied first, not the union
+
+
 # -- 8. schedules -------------------------------------------------------------------------------
 def test_parse_reuse_forms():
     for text in ("", "none", "dense", "  "):
