@@ -35,14 +35,14 @@ HS = [2, 4, 6, 8, 10, 12, 16, 20, 24, 32]
 
 def _model(args):
     import fixedsim.nn as nn
-    from fixedsim.nn.train import TrainConfig, _load_checkpoint, train
+    from fixedsim.nn.train import TrainConfig, _load_checkpoint, load_run, train
 
     run = pathlib.Path(args.run) if args.run else args.out / "lenet"
     if not (run / "checkpoint.npz").is_file():
         cfg = TrainConfig(model="lenet", data="embedded", epochs=3, batch_size=32, lr=0.02,
                           schedule="cosine:3", seed=0)
         train(cfg, nn.Policy.float32(), out=run, progress=False)
-    config, policy = nn.load_run(run)
+    config, policy = load_run(run)
     model = nn.build(config.model, seed=config.seed, in_shape=(1, 28, 28), classes=10,
                      **config.model_options)
     opt = config.make_optimizer(model.named_parameters())
