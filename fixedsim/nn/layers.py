@@ -157,7 +157,7 @@ class _Product(Module):
         lc.reuse.backward_macs += c.macs
         lc.reuse.backward_dense_macs += dense
         dX = None
-        if need_input_grad and self.reuse.input_grad == "centroid":
+        if need_input_grad and self._reused.input_grad == "centroid":
             dX, c = reuse_grad_input(cl, G, W2d, p.grad_input,
                                      seed=ctx.key(self.name, "grad_input"), sum_format=sf)
             lc.products += c
@@ -203,7 +203,7 @@ class Linear(_Product):
             raise ValueError(f"Linear: expected {self.in_features} input features, "
                              f"got shape {x.shape}")
         xq, wq, spec = self._forward_operands(x, ctx)
-        self._reused = self.reuse is not None
+        self._reused = self.reuse  # the setting of this forward pass, for its backward
         if self._reused:
             z = self._reuse_forward(xq, wq, spec, ctx, np.arange(len(xq)))
         else:
@@ -266,7 +266,7 @@ class Conv2d(_Product):
             raise ValueError(f"Conv2d: expected {self.in_channels} input channels, "
                              f"got shape {x.shape}")
         xq, wq, spec = self._forward_operands(x, ctx)
-        self._reused = self.reuse is not None
+        self._reused = self.reuse  # the setting of this forward pass, for its backward
         if self._reused:
             z = self._conv_reuse_forward(xq, wq, spec, ctx)
         else:
