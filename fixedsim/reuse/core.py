@@ -423,6 +423,8 @@ class ReuseStats:
         Whether the product was computed per cluster or densely on the reconstructed matrix.
     counters : fixedsim.counters.Counters
         The product's counters (its ``macs`` are ``macs`` above).
+    clustering : Clustering
+        The clusters used (for the backward pass).
     """
 
     remain_ratio: float
@@ -438,6 +440,7 @@ class ReuseStats:
     table_hits: int
     path: str
     counters: _counters.Counters
+    clustering: Clustering | None = None
 
 
 class _ClusterProduct:
@@ -533,14 +536,15 @@ def reuse_matmul(X, W, L: int, H: int, *, seed: int = 0, spec: MatmulSpec | None
         The seed of the product's stochastic stages (default ``spec.seed``), as ``seed`` of
         :func:`fixedsim.matmul`.
     clustering : Clustering, optional
-        Clusters found before (of the input-rounded ``X``); skips the hashing.
+        Clusters found before (of the input-rounded ``X``); skips the hashing (and counts
+        none: ``hash_ops``, ``centroid_adds`` and ``table_hits`` are 0).
 
     Returns
     -------
     Y : numpy.ndarray, shape (R, N)
         ``matmul(Xt, W, spec)`` bit for bit, ``Xt`` the reconstructed input (module notes).
     stats : ReuseStats
-        With ``stats.clustering`` set to the :class:`Clustering` used (for the backward pass).
+        Including ``stats.clustering``, the :class:`Clustering` used (for the backward pass).
 
     Examples
     --------
@@ -568,7 +572,8 @@ def reuse_matmul(X, W, L: int, H: int, *, seed: int = 0, spec: MatmulSpec | None
     if isinstance(fmt, str) and fmt == "spec":
         fmt = spec.input if spec.input is not None else (FP32 if X.dtype == np.float32
                                                           else None)
-    if clustering is None:
+    hashed = clustering is None
+    if hashed:
         clustering = cluster(Xq, L, H, seed=seed, groups=groups, table=table,
                              centroid_format=fmt)
     elif clustering.rows != X.shape[0] or clustering.K != X.shape[1]:
@@ -589,10 +594,11 @@ def reuse_matmul(X, W, L: int, H: int, *, seed: int = 0, spec: MatmulSpec | None
     c.macs = macs
     _counters._publish(c)
     st = ReuseStats(remain_ratio=cl.remain_ratio, rows=R, blocks=nb, clusters=clusters,
-                    macs=macs, dense_macs=dense, hash_ops=cl.hash_ops, centroid_adds=R * K,
-                    gather_adds=gather, hits=int(R * nb - clusters.sum()) + mm.result_hits,
-                    table_hits=cl.table_hits, path=path, counters=c)
-    st.clustering = cl
+                    macs=macs, dense_macs=dense, hash_ops=cl.hash_ops if hashed else 0,
+                    centroid_adds=R * K if hashed else 0, gather_adds=gather,
+                    hits=int(R * nb - clusters.sum()) + mm.result_hits,
+                    table_hits=cl.table_hits if hashed else 0, path=path, counters=c,
+                    clustering=cl)
     return Y, st
 
 
