@@ -163,6 +163,24 @@ def _same_key(a, b) -> bool:
     return False
 
 
+def _positions(stored, codes):
+    """Positions of ``codes`` in the sorted codes of ``stored = (codes, rows)`` (-1 where
+    absent, or everywhere when ``stored`` is None)."""
+    if stored is None or not len(stored[0]):
+        return np.full(codes.shape, -1, np.int64)
+    pos = np.minimum(np.searchsorted(stored[0], codes), len(stored[0]) - 1)
+    return np.where(stored[0][pos] == codes, pos, -1)
+
+
+def _merged(stored, codes, rows):
+    """``stored = (sorted codes, rows)`` (or None) with new ``codes`` and their ``rows``."""
+    if stored is not None:
+        codes = np.concatenate([stored[0], codes])
+        rows = np.concatenate([stored[1], rows])
+    order = np.argsort(codes, kind="stable")
+    return codes[order], np.ascontiguousarray(rows[order])
+
+
 class ReuseTable:
     """Clusters kept across batches (the cross-batch scope, cluster reuse "CR").
 
@@ -194,20 +212,10 @@ class ReuseTable:
     def _lookup(self, key, codes):
         """Positions of ``codes`` in the table's block ``key`` (-1 where absent)."""
         stored = self._blocks.get(key)
-        if stored is None or not len(stored[0]):
-            return np.full(codes.shape, -1, np.int64), stored
-        pos = np.searchsorted(stored[0], codes)
-        pos = np.minimum(pos, len(stored[0]) - 1)
-        found = stored[0][pos] == codes
-        return np.where(found, pos, -1), stored
+        return _positions(stored, codes), stored
 
     def _add(self, key, codes, centroids):
-        stored = self._blocks.get(key)
-        if stored is not None:
-            codes = np.concatenate([stored[0], codes])
-            centroids = np.concatenate([stored[1], centroids])
-        order = np.argsort(codes, kind="stable")
-        self._blocks[key] = (codes[order], np.ascontiguousarray(centroids[order]))
+        self._blocks[key] = _merged(self._blocks.get(key), codes, centroids)
 
     def _check_weights(self, weights_key):
         if weights_key is None or not _same_key(weights_key, self._weights_key):
@@ -479,29 +487,22 @@ class _ClusterProduct:
             stored = self.table._results.get(rkey)
             if stored is not None:
                 codes = cl.codes[b]
-                pos = np.minimum(np.searchsorted(stored[0], codes), max(len(stored[0]) - 1, 0))
-                have = (stored[0][pos] == codes) if len(stored[0]) else np.zeros(n, bool)
+                pos = _positions(stored, codes)
+                have = pos >= 0
                 T = np.empty((n, Bs.shape[1]))
                 T[have] = stored[1][pos[have]]
                 miss = ~have
                 if miss.any():
                     T[miss] = np.ldexp(C[miss], scale) @ Bs[s0:s1]
-                    self._store(rkey, codes[miss], T[miss], stored)
+                    self.table._results[rkey] = _merged(stored, codes[miss], T[miss])
                 self.macs += int(miss.sum()) * (s1 - s0) * Bs.shape[1]
                 self.result_hits += int(have.sum())
                 return T
         T = np.ldexp(C, scale) @ Bs[s0:s1]
         self.macs += n * (s1 - s0) * Bs.shape[1]
         if rkey is not None:
-            self._store(rkey, cl.codes[b], T, None)
+            self.table._results[rkey] = _merged(None, cl.codes[b], T)
         return T
-
-    def _store(self, rkey, codes, T, stored):
-        if stored is not None:
-            codes = np.concatenate([stored[0], codes])
-            T = np.concatenate([stored[1], T])
-        order = np.argsort(codes, kind="stable")
-        self.table._results[rkey] = (codes[order], T[order])
 
 
 def reuse_matmul(X, W, L: int, H: int, *, seed: int = 0, spec: MatmulSpec | None = None,
