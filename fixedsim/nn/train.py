@@ -317,17 +317,18 @@ def _save_checkpoint(out, model, opt, scaler, epoch, step, history, counters_row
     text = _history_csv(history)
     _atomic_write(out / "history.csv", lambda f: f.write(text.encode()))
     if counters_rows:
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(counters_rows[0]), lineterminator="\n")
-        w.writeheader()
-        w.writerows(counters_rows)
-        _atomic_write(out / "counters.csv", lambda f: f.write(buf.getvalue().encode()))
+        _write_rows(out / "counters.csv", counters_rows)
     if reuse is not None and reuse[2]:
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(reuse[2][0]), lineterminator="\n")
-        w.writeheader()
-        w.writerows(reuse[2])
-        _atomic_write(out / "reuse.csv", lambda f: f.write(buf.getvalue().encode()))
+        _write_rows(out / "reuse.csv", reuse[2])
+
+
+def _write_rows(path, rows):
+    """Rows of equal keys as a CSV file, written atomically."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    _atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
 
 
 def _load_reuse(out, meta, sched, targets):
