@@ -1,4 +1,4 @@
-"""Shared helpers for the tests: bit-for-bit comparison of value arrays."""
+"""Shared helpers for the tests: bit-for-bit comparison of value arrays, central differences."""
 
 import math
 from fractions import Fraction
@@ -44,3 +44,21 @@ def assert_same_bits(actual, expected, err_msg="", nan_sign=True):
             f"{bad.size} of {a.size} differ; first at flat index {i}: "
             f"got {actual.reshape(-1)[i]!r}, expected {expected.reshape(-1)[i]!r} {err_msg}"
         )
+
+
+def numeric_grad(f, arr, coords=None, h=1e-6):
+    """Central differences of the scalar ``f()`` w.r.t. ``arr`` (perturbed in place), at the
+    flat indices ``coords`` (all when None)."""
+    flat = arr.reshape(-1)
+    assert np.shares_memory(flat, arr)
+    idx = range(flat.size) if coords is None else coords
+    out = {}
+    for i in idx:
+        old = flat[i]
+        flat[i] = old + h
+        fp = f()
+        flat[i] = old - h
+        fm = f()
+        flat[i] = old
+        out[i] = (fp - fm) / (2 * h)
+    return out

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import numeric_grad
 
 import fixedsim as fs
 from fixedsim import nn
@@ -32,24 +33,6 @@ RTOL = 1e-6  # see the module docstring
 def exact_ctx(**kw):
     return nn.Context(nn.Policy.exact(), seed=kw.pop("seed", 0), step=kw.pop("step", 0),
                       training=kw.pop("training", True))
-
-
-def numeric_grad(f, arr, coords=None, h=H):
-    """Central differences of the scalar ``f()`` w.r.t. ``arr`` (perturbed in place), at the
-    flat indices ``coords`` (all when None)."""
-    flat = arr.reshape(-1)
-    assert np.shares_memory(flat, arr)
-    idx = range(flat.size) if coords is None else coords
-    out = {}
-    for i in idx:
-        old = flat[i]
-        flat[i] = old + h
-        fp = f()
-        flat[i] = old - h
-        fm = f()
-        flat[i] = old
-        out[i] = (fp - fm) / (2 * h)
-    return out
 
 
 def assert_grad(f, arr, analytic, coords=None, rtol=RTOL, what=""):

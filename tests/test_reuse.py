@@ -25,6 +25,7 @@ import json
 import numba
 import numpy as np
 import pytest
+from helpers import numeric_grad
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -622,15 +623,8 @@ def _fd_check(f, arr, analytic, rng, what, coords_limit=12):
     assert np.shares_memory(flat, arr)
     idx = np.arange(flat.size) if flat.size <= coords_limit else \
         np.sort(rng.choice(flat.size, coords_limit, replace=False))
-    num = np.empty(idx.size)
-    for j, i in enumerate(idx):
-        old = flat[i]
-        flat[i] = old + FD_H
-        fp = f()
-        flat[i] = old - FD_H
-        fm = f()
-        flat[i] = old
-        num[j] = (fp - fm) / (2 * FD_H)
+    fd = numeric_grad(f, arr, idx, FD_H)
+    num = np.array([fd[i] for i in idx])
     scale = max(1.0, float(np.abs(analytic).max()))
     err = float(np.abs(num - analytic.reshape(-1)[idx]).max()) / scale
     assert err < FD_RTOL, f"{what}: relative error {err:.3g}"

@@ -375,7 +375,7 @@ def cluster(X, L: int, H: int, *, seed: int = 0, groups=None, table: ReuseTable 
         ids = np.empty(R, np.int64)
         n = _lsh.first_ids(key, ids)
         first = np.full(n, R, np.int64)
-        np.minimum.at(first, ids, np.arange(R)) if R else None
+        np.minimum.at(first, ids, np.arange(R))  # each cluster's first row
         ccodes = codes[first]
         counts = np.bincount(ids, minlength=n).astype(np.int64)
         sums = np.full((n, k1 - k0), -0.0)  # -0.0 + x == x: a one-row cluster is the row
@@ -603,7 +603,7 @@ def reuse_matmul(X, W, L: int, H: int, *, seed: int = 0, spec: MatmulSpec | None
     return Y, st
 
 
-def _per_block_product(op, A_list, B_list, spec, seed):
+def _per_block_product(A_list, B_list, spec, seed):
     """One :func:`fixedsim.matmul` per block; block ``b`` seeded ``[seed, b]``."""
     outs, tot = [], _counters.Counters()
     for b, (A, B) in enumerate(zip(A_list, B_list, strict=True)):
@@ -646,7 +646,7 @@ def reuse_grad_weight(cl: Clustering, grad_y, spec: MatmulSpec | None = None, *,
     if G.shape[0] != cl.rows:
         raise ValueError(f"reuse_grad_weight: grad_y must have {cl.rows} rows, got {G.shape}")
     sums = cl.member_sums(G, sum_format)
-    outs, c = _per_block_product("reuse_grad_weight", [C.T for C in cl.centroids], sums,
+    outs, c = _per_block_product([C.T for C in cl.centroids], sums,
                                  spec or MatmulSpec(), seed)
     dW = np.concatenate([np.asarray(o, np.float64) for o in outs], axis=0) if outs else \
         np.zeros((0, G.shape[1]))
@@ -677,7 +677,7 @@ def reuse_grad_input(cl: Clustering, grad_y, W, spec: MatmulSpec | None = None, 
                          f"got {G.shape} and {W.shape}")
     sums = cl.member_sums(G, sum_format)
     B = [np.ascontiguousarray(W[k0:k1].T) for k0, k1 in cl.bounds]
-    outs, c = _per_block_product("reuse_grad_input", sums, B, spec or MatmulSpec(), seed)
+    outs, c = _per_block_product(sums, B, spec or MatmulSpec(), seed)
     dX = np.empty((cl.rows, cl.K))
     for (k0, k1), ids, n, o in zip(cl.bounds, cl.ids, cl.counts, outs, strict=True):
         dX[:, k0:k1] = (np.asarray(o, np.float64) / n[:, None])[ids]
