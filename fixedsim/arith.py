@@ -68,6 +68,22 @@ def _exact(op: str, x: float, y: float, z: float, rounding: Rounding):
     return -0.0 if rounding is Rounding.DOWN else 0.0
 
 
+#: Use :func:`fixedsim.jit.arith.add_fixed_grid` where it applies (tests switch it off to
+#: compare it with the general kernel).
+_GRID_ADD = True
+
+
+def _grid_params(op, fmt, overflow):
+    """``(up, down, cmax, cmin)`` for the grid-aligned sum kernel, or None where it does not
+    apply (not a sum, not a saturating fixed-point format, a quantum whose scalings are not
+    finite powers of two)."""
+    if not (_GRID_ADD and op == "add" and fmt.kind == "fixed"
+            and overflow is Overflow.SATURATE and abs(fmt.frac_length) < 1000):
+        return None
+    f = fmt.frac_length
+    return math.ldexp(1.0, f), math.ldexp(1.0, -f), float(fmt.max_code), float(fmt.min_code)
+
+
 def _apply(op, operands, fmt, rounding, overflow, seed, random_bits, stats):
     fmt = _check_format(fmt)
     rounding = Rounding.coerce(rounding, what="rounding")
@@ -92,9 +108,16 @@ def _apply(op, operands, fmt, rounding, overflow, seed, random_bits, stats):
     oflat = out.reshape(-1)
     precise = (fmt.word_length <= 51) if fmt.kind == "fixed" else (fmt.man_bits <= 50)
     if precise:
-        wrap_lim = math.ldexp(1.0, 51 - fmt.frac_length) if fmt.kind == "fixed" else 0.0
-        counts, slow = _ka.arith(_OPS[op], *flat, oflat, P, Psr, U, D, int(rounding), rbits,
-                                 wrap_lim)
+        # 2**51 quanta; beyond float64's range (a coarse quantum) nothing reaches it
+        wrap_lim = (math.ldexp(1.0, 51 - fmt.frac_length) if 51 - fmt.frac_length < 1024
+                    else math.inf) if fmt.kind == "fixed" else 0.0
+        grid = _grid_params(op, fmt, overflow)
+        if grid is not None:  # a weight plus a step, say: see _ka.add_fixed_grid
+            counts, slow = _ka.add_fixed_grid(flat[0], flat[1], oflat, P, Psr, U, D,
+                                              int(rounding), rbits, *grid, wrap_lim)
+        else:
+            counts, slow = _ka.arith(_OPS[op], *flat, oflat, P, Psr, U, D, int(rounding),
+                                     rbits, wrap_lim)
         c = counts.sum(axis=0)
         slow_idx = np.flatnonzero(slow)
     else:  # more than 51 significant bits: no room for round-to-odd; exact arithmetic

@@ -946,5 +946,29 @@ def conv2d_grad_input(grad_y, w, x_shape, spec: MatmulSpec | None = None, stride
            wos[0] * sw + q0:wos[-1] * sw + q0 + 1:sw] = \
             gq[:, :, hos[0]:hos[-1] + 1, wos[0]:wos[-1] + 1]
     wf = np.ascontiguousarray(wq.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
-    out = _conv_core(Zp, wf, spec, keys, rb, c, (1, 1), (0, 0), H, W)
-    return _done(out, c, stats)
+    R, K = N * H * W, O * kh * kw
+    c.macs = R * C * K
+    G = np.zeros_like(gq)  # the entries of grad_y that reach the image (all, but for padding
+    if hos and wos:        # wider than the kernel)
+        G[:, :, hos[0]:hos[-1] + 1, wos[0]:wos[-1] + 1] = \
+            gq[:, :, hos[0]:hos[-1] + 1, wos[0]:wos[-1] + 1]
+
+    def mm(scale, Bs, k0, k1):
+        """The exact paths' product without the zero grid: ``grad_y @ w`` over the output
+        channels, then col2im adds each pixel's contributions (another summation order of
+        the same exact products; columns outside ``[k0, k1)`` are zeroed)."""
+        Wb = Bs.reshape(O, kh, kw, C)
+        if (k0, k1) != (0, K):
+            keep = np.zeros(K)
+            keep[k0:k1] = 1.0
+            Wb = Wb * keep.reshape(O, kh, kw, 1)
+        W2 = np.ascontiguousarray(Wb[:, ::-1, ::-1, :].transpose(0, 3, 1, 2)).reshape(O, -1)
+        P = np.ldexp(G, scale).transpose(0, 2, 3, 1).reshape(N * Ho * Wo, O) @ W2
+        dx = np.zeros((N, C, H, W))
+        _conv.col2im(P, kh, kw, sh, sw, ph, pw, dx)
+        return dx.transpose(0, 2, 3, 1).reshape(R, C)
+
+    res = _product(((R, K), lambda: _im2col(Zp, kh, kw, (1, 1), (0, 0), H, W)),
+                   np.ascontiguousarray(wf.reshape(C, -1).T), spec, keys, rb, c, mm=mm,
+                   ba=_Bits.of(Zp))
+    return _done(np.ascontiguousarray(res.reshape(N, H, W, C).transpose(0, 3, 1, 2)), c, stats)

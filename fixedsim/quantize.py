@@ -242,8 +242,10 @@ def _fast_path(arr: np.ndarray, fmt, rounding: Rounding) -> str | None:
             return "float_from_f64"
         return None
     f = fmt.frac_length
-    # x * 2**f must be exact in float64 (no underflow; overflow only to inf from float64 input)
-    if (arr.dtype == np.float32 and -925 <= f <= 896) or (arr.dtype == np.float64 and f >= 0):
+    # x * 2**f must be exact in float64 (no underflow; overflow only to inf from float64
+    # input), and 2**f finite
+    if (arr.dtype == np.float32 and -925 <= f <= 896) or (arr.dtype == np.float64
+                                                          and 0 <= f <= 1023):
         return "fixed_from_float"
     return None
 
@@ -263,12 +265,19 @@ def _check_out(out, arr, fmt):
     return out
 
 
+#: Let the fixed-point fast kernel count events for ``stats=True`` (tests switch it off to
+#: compare its counts with the general kernel's).
+_FAST_STATS = True
+
+
 def _run(arr, fmt, rounding, overflow, rbits, key, want_stats, out=None):
     """Quantize ``arr`` (float32/float64, C-contiguous); return (out, counts or None)."""
     out = _check_out(out, arr, fmt)
     flat = arr.reshape(-1)
     oflat = out.reshape(-1)
-    path = None if want_stats else _fast_path(arr, fmt, rounding)
+    path = _fast_path(arr, fmt, rounding)
+    if want_stats and (path != "fixed_from_float" or fmt.word_length > 53 or not _FAST_STATS):
+        path = None  # the fixed-point kernel counts events (codes exact in float64)
     mode = int(rounding)
     if path == "float_from_f32":
         _qf.float_from_f32(flat.view(np.uint32), oflat.view(np.uint32), mode,
@@ -282,15 +291,15 @@ def _run(arr, fmt, rounding, overflow, rbits, key, want_stats, out=None):
         f = fmt.frac_length
         if overflow is Overflow.WRAP:  # round unclamped to float64 codes, then wrap them
             codes = np.empty(flat.shape, np.float64)
-            bad = _qf.fixed_from_float(flat, codes, mode, 2.0**f, 1.0, np.inf, -np.inf, rbits,
-                                       key)
-            bad += _qf.wrap_codes(flat, codes, oflat, np.uint64((1 << fmt.word_length) - 1),
-                                  fmt.word_length, fmt.signed, 2.0**-f)
+            first = _qf.fixed_from_float(flat, codes, mode, 2.0**f, 1.0, np.inf, -np.inf,
+                                         rbits, key)
+            counts = _qf.wrap_codes(flat, codes, oflat, np.uint64((1 << fmt.word_length) - 1),
+                                    fmt.word_length, fmt.signed, 2.0**-f,
+                                    float(fmt.max_code), float(fmt.min_code))
+            counts[_q.F_INVALID] += first[_q.F_INVALID]  # NaN inputs; the rest counts the wrap
         else:
-            bad = _qf.fixed_from_float(flat, oflat, mode, 2.0**f, 2.0**-f, fmt.max * 2.0**f,
-                                       fmt.min * 2.0**f, rbits, key)
-        counts = np.zeros(_q.N_FLAGS, np.int64)
-        counts[_q.F_INVALID] = bad
+            counts = _qf.fixed_from_float(flat, oflat, mode, 2.0**f, 2.0**-f, fmt.max * 2.0**f,
+                                          fmt.min * 2.0**f, rbits, key)
         return out, counts
     P, U, D = _kernel_params(fmt, rounding, overflow, rbits)
     if key:

@@ -13,7 +13,7 @@ import fixedsim as fs
 from fixedsim import reference
 from fixedsim.jit.rng import random_u64_array
 from fixedsim.quantize import random_key
-from fixedsim.testing import boundary_values, formats, overflows, roundings
+from fixedsim.testing import boundary_values, fixed_formats, formats, overflows, roundings
 
 OPS = {"add": 2, "sub": 2, "mul": 2, "div": 2, "fma": 3}
 
@@ -187,6 +187,23 @@ def test_stochastic_keeps_the_sign_of_an_exact_zero():
     assert np.signbit(fs.sub(1.0, 1.0, fs.FP16, "down"))
 
 
+@pytest.mark.parametrize("random_bits", [1, 3])
+@pytest.mark.parametrize("frac_length", [-1, -5])
+def test_stochastic_tiny_negative_sum_with_few_random_bits(frac_length, random_bits):
+    """-2**-1074 lies a whole quantum (minus 2**-1074) above the lower neighbour; with r
+    random bits it goes down with probability 2**-r (the kernel once scaled it to -0 when
+    the quantum is coarse, frac_length < 0, and took it for zero)."""
+    fmt = fs.FixedFormat(4, frac_length)
+    a, b = np.zeros(64), np.full(64, -5e-324)
+    for seed in range(4):
+        got = fs.add(a, b, fmt, "stochastic", seed=seed, random_bits=random_bits)
+        exp = expected("add", [a, b], fmt, fs.Rounding.STOCHASTIC, fs.Overflow.SATURATE, seed,
+                       random_bits)
+        assert_same_bits(got, exp)
+        assert_same_bits(fs.add(b, a, fmt, "stochastic", seed=seed, random_bits=random_bits),
+                         exp)
+
+
 @pytest.mark.parametrize("fmt", [fs.FixedFormat(1, 0), fs.FixedFormat(8, 2),
                                  fs.FixedFormat(16, 14)])
 def test_stochastic_tiny_negative_sum_rounds_to_zero(fmt):
@@ -198,3 +215,69 @@ def test_stochastic_tiny_negative_sum_rounds_to_zero(fmt):
                        fs.Rounding.STOCHASTIC, fs.Overflow.SATURATE, seed, None)
         assert_same_bits(got, exp, nan_sign=False)
         assert not got.any()
+
+
+@st.composite
+def grid_sums(draw):
+    """A saturating fixed format, ``a`` on its grid and ``b`` anywhere (a weight and a step):
+    the case :func:`fixedsim.jit.arith.add_fixed_grid` takes without the general kernel."""
+    fmt = draw(fixed_formats(max_word_length=51))
+    n = draw(st.integers(1, 12))
+    on_grid = boundary_values(fmt, allow_nan=False, allow_infinity=False).map(
+        lambda v: float(fs.quantize(v, fmt)))
+    step = st.one_of(
+        boundary_values(fmt, allow_nan=False, allow_infinity=False),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.floats(-fmt.ulp * 4, fmt.ulp * 4),
+        st.sampled_from([0.0, -0.0, 5e-324, -5e-324, fmt.ulp / 2, -fmt.ulp / 2, np.inf]),
+    )
+    a = np.array(draw(st.lists(on_grid, min_size=n, max_size=n)))
+    b = np.array(draw(st.lists(step, min_size=n, max_size=n)))
+    if draw(st.booleans()):
+        a, b = b, a
+    return fmt, a, b
+
+
+@given(grid_sums(), roundings(), st.integers(0, 2**31), st.sampled_from([None, 1, 17, 64]))
+def test_grid_aligned_sums_match_oracle_and_general_kernel(case, rounding, seed, random_bits):
+    """The grid-aligned sum kernel (one operand on the fixed-point grid): every value equals
+    the oracle's, and values and event counts equal the general kernel's, bit for bit."""
+    import fixedsim.arith as fa
+
+    fmt, a, b = case
+    if rounding is not fs.Rounding.STOCHASTIC:
+        random_bits = None
+    sat = fs.Overflow.SATURATE
+    if _fixed_invalid("add", [a, b], fmt, sat):
+        return
+    got, s = fs.add(a, b, fmt, rounding, sat, seed=seed, random_bits=random_bits, stats=True)
+    exp = expected("add", [a, b], fmt, rounding, sat, seed, random_bits)
+    assert_same_bits(got, exp, f"{fmt} {rounding}")
+    fa._GRID_ADD = False
+    try:
+        gen, sg = fs.add(a, b, fmt, rounding, sat, seed=seed, random_bits=random_bits,
+                         stats=True)
+    finally:
+        fa._GRID_ADD = True
+    assert_same_bits(got, gen, f"{fmt} {rounding}")
+    assert s == sg
+
+
+def test_grid_aligned_sum_decisions():
+    """Q<8,2> (quantum 1/4): 1/8 beyond a grid value is a tie, broken per mode from the
+    parity and the sign of the lower neighbour; the range saturates and counts an overflow."""
+    fmt = fs.FixedFormat(8, 2)
+    a = np.array([0.25, 0.5, -0.25, -0.5, 31.75, -32.0])
+    b = np.array([0.125, 0.125, -0.125, -0.125, 0.125, -0.125])
+    want = {"nearest_even": [0.5, 0.5, -0.5, -0.5, 31.75, -32.0],
+            "nearest_away": [0.5, 0.75, -0.5, -0.75, 31.75, -32.0],
+            "toward_zero": [0.25, 0.5, -0.25, -0.5, 31.75, -32.0],
+            "down": [0.25, 0.5, -0.5, -0.75, 31.75, -32.0],
+            "up": [0.5, 0.75, -0.25, -0.5, 31.75, -32.0],
+            "odd": [0.25, 0.75, -0.25, -0.75, 31.75, -32.0]}
+    for mode, w in want.items():
+        y, s = fs.add(a, b, fmt, mode, stats=True)
+        assert_same_bits(y, np.array(w, np.float32), mode)
+        assert s.inexact == 6
+    y, s = fs.add(a, b, fmt, "up", stats=True)
+    assert s.overflow == 1 and s.rounded_up == 5  # 31.875 rounds up to 32: saturates to 31.75

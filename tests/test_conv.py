@@ -113,9 +113,13 @@ def test_grad_input_runs_o_and_the_flipped_kernel_through_the_accumulator(case):
     y = fs.conv2d(x, w, stride=s, padding=p)
     gy = np.round(np.cos(np.arange(y.size)).reshape(y.shape) * 16) / 4
     gx = fs.conv2d_grad_input(gy, w, x.shape, spec, stride=s, padding=p, seed=2)
+    assert_grad_input_is_the_modelled_dot(gx, gy, w, x.shape, s, p, spec, 2)
+
+
+def assert_grad_input_is_the_modelled_dot(gx, gy, w, x_shape, s, p, spec, seed):
     gq = fs.quantize(gy, spec.input, spec.input_rounding) if spec.input else gy
     wq = fs.quantize(w, spec.input, spec.input_rounding) if spec.input else w
-    N, C, H, W = x.shape
+    N, C, H, W = x_shape
     O, _, kh, kw = w.shape
     Ho, Wo = gy.shape[2:]
 
@@ -125,7 +129,7 @@ def test_grad_input_runs_o_and_the_flipped_kernel_through_the_accumulator(case):
             return 0.0
         return float(gq[n, o, hu // s, hv // s])
 
-    draw = draw_for(spec, 2)
+    draw = draw_for(spec, seed)
     for n, c, h, v in itertools.product(range(N), range(C), range(H), range(W)):
         ks = list(itertools.product(range(O), range(kh), range(kw)))
         row = [spread(n, o, h + i, v + j) for o, i, j in ks]
@@ -134,6 +138,33 @@ def test_grad_input_runs_o_and_the_flipped_kernel_through_the_accumulator(case):
         want = reference.dot(row, col, spec, draw=draw, index=index)
         assert_same_bits(np.float64(gx[n, c, h, v]), np.float64(want),
                          err_msg=f"{spec} at {(n, c, h, v)}")
+
+
+@pytest.mark.parametrize("spec", [fs.MatmulSpec(), fs.MatmulSpec(output=fs.FP32),
+                                  fs.MatmulSpec(output=fs.FixedFormat(16, 2), seed=4,
+                                                output_rounding="stochastic")], ids=repr)
+@pytest.mark.parametrize("wide", [False, True])
+@pytest.mark.parametrize("s, p", [(1, 0), (2, 1), (1, 2), (3, 4)])
+def test_grad_input_exact_paths_without_the_zero_grid(spec, wide, s, p):
+    """The exact-accumulation paths compute the input gradient as grad_y @ w and col2im
+    (no zero-spread operand), in chunks of the K dimension when the codes are wide (25-bit
+    integers: chunks of 8 products): bit for bit the modelled dot product of every element,
+    signed zeros of all-zero sums included."""
+    rng = np.random.default_rng(s * 10 + p)
+    x_shape = (2, 2, 5, 4)
+    w = rng.integers(-4, 5, (3, 2, 3, 3)).astype(np.float64)
+    Ho = (5 + 2 * p - 3) // s + 1
+    Wo = (4 + 2 * p - 3) // s + 1
+    gy = rng.integers(-6, 7, (2, 3, Ho, Wo)).astype(np.float64) / 8
+    gy[0, :, 0, :] = 0.0  # rows of zero products
+    if wide:
+        w = w * (2.0**24 + 1)
+        gy = gy * (2.0**21 + 3)
+    gx, c = fs.conv2d_grad_input(gy, w, x_shape, spec, stride=s, padding=p, seed=4,
+                                 stats=True)
+    if spec.output is not fs.FP32 or not wide:
+        assert c.paths == {"exact_blas": 1}
+    assert_grad_input_is_the_modelled_dot(gx, gy, w, x_shape, s, p, spec, 4)
 
 
 def test_conv_counters():

@@ -1,5 +1,6 @@
 """quantize against the Fraction oracle, bit for bit, on every path; inputs, shapes and errors."""
 
+import importlib
 import math
 from fractions import Fraction
 
@@ -15,6 +16,7 @@ from fixedsim.jit.rng import random_u64_array
 from fixedsim.quantize import _fast_path, random_key
 from fixedsim.testing import arrays, boundary_values, formats, overflows, roundings
 
+_QMOD = importlib.import_module("fixedsim.quantize")  # the module (fs.quantize is the function)
 DETERMINISTIC = [r for r in fs.Rounding if r is not fs.Rounding.STOCHASTIC]
 
 
@@ -64,7 +66,8 @@ def test_float32_inputs_match_oracle(case):
 
 @given(cases(np.float32), st.sampled_from([np.float32, np.float64]))
 def test_stats_path_matches_fast_path_and_oracle_flags(case, dtype):
-    """stats=True runs the general kernel: same bits as the fast one, counts as the oracle's."""
+    """stats=True (the general kernel, or the fixed-point fast kernel counting events): same
+    bits as stats=False, counts as the oracle's."""
     fmt, rounding, overflow, x = case
     x = x.astype(dtype)
     y, stats = fs.quantize(x, fmt, rounding, overflow, stats=True)
@@ -102,8 +105,9 @@ def test_stochastic_matches_oracle_with_the_same_draws(case, seed, random_bits, 
                                  fs.FixedFormat(16, 8), fs.FixedFormat(12, 14, signed=False),
                                  fs.FixedFormat(64, 60), fs.FixedFormat(8, -3)])
 @pytest.mark.parametrize("rounding", list(fs.Rounding))
-def test_fast_kernels_equal_general_kernel_on_random_bit_patterns(fmt, rounding):
-    """Every float32 bit pattern class (random 2**16 of them): fast path == general kernel."""
+def test_fast_kernels_equal_general_kernel_on_random_bit_patterns(fmt, rounding, monkeypatch):
+    """Every float32 bit pattern class (random 2**16 of them): fast path == general kernel,
+    values and (where the fast kernel counts them) event counts."""
     rng = np.random.default_rng(7)
     x = rng.integers(0, 2**32, 1 << 16, dtype=np.uint64).astype(np.uint32).view(np.float32)
     x = np.concatenate([x, rng.standard_normal(1 << 14).astype(np.float32)])
@@ -114,9 +118,28 @@ def test_fast_kernels_equal_general_kernel_on_random_bit_patterns(fmt, rounding)
         with np.errstate(invalid="ignore"):  # signalling NaNs in the random bit patterns
             x64 = x.astype(np.float64)
         for xx in (x, x64):
+            what = f"{fmt} {rounding} {overflow} {xx.dtype}"
             fast = fs.quantize(xx, fmt, rounding, overflow, seed=3)
-            general, _ = fs.quantize(xx, fmt, rounding, overflow, seed=3, stats=True)
-            assert_same_bits(fast, general, f"{fmt} {rounding} {overflow} {xx.dtype}")
+            counted, sf = fs.quantize(xx, fmt, rounding, overflow, seed=3, stats=True)
+            monkeypatch.setattr(_QMOD, "_FAST_STATS", False)
+            general, sg = fs.quantize(xx, fmt, rounding, overflow, seed=3, stats=True)
+            monkeypatch.setattr(_QMOD, "_FAST_STATS", True)
+            assert_same_bits(fast, general, what)
+            assert_same_bits(counted, general, what)
+            assert sf == sg, what
+
+
+@pytest.mark.parametrize("frac_length", [1000, 1023, 1024, 1060, 1074, -973, -1015])
+def test_extreme_frac_lengths_match_oracle(frac_length):
+    """Quanta near float64's limits: 2**frac_length itself may not be a float64 (the fast
+    fixed-point kernel once overflowed computing it)."""
+    fmt = fs.FixedFormat(8, frac_length)
+    x = np.array([0.0, -0.0, 5e-324, -5e-324, 1e-310, 3 * fmt.ulp, -2.5 * fmt.ulp, 1.0, -1e300])
+    for rounding in DETERMINISTIC:
+        fast = fs.quantize(x, fmt, rounding)
+        general, _ = fs.quantize(x, fmt, rounding, stats=True)
+        assert_same_bits(fast, oracle(x, fmt, rounding, fs.Overflow.SATURATE), f"{rounding}")
+        assert_same_bits(general, fast, f"{rounding}")
 
 
 @pytest.mark.parametrize("fmt", [fs.FP16, fs.BF16, fs.TF32, fs.FP8_E4M3, fs.FP8_E5M2,

@@ -27,6 +27,7 @@ from .options import jit, jit_inline, jit_parallel
 from .quant import (
     CHUNK,
     F_INEXACT,
+    F_OVERFLOW,
     F_UNDERFLOW,
     F_UP,
     KIND_FIXED,
@@ -40,7 +41,12 @@ from .quant import (
     P_OVF,
     P_RBITS,
     P_SUBN,
+    ODD,
     RDN,
+    RNA,
+    RNE,
+    RTZ,
+    RUP,
     SR,
     U_KEY,
     quantize_value,
@@ -133,7 +139,10 @@ def _sr_choose(hi, lo, approx, P, rbits, key, idx):
     draw = random_u64(key, idx) >> np.uint64(64 - rbits)
     if P[P_KIND] == KIND_FIXED:  # two's complement: the value is truncated
         f = P[P_F]
-        lo_g = math.ldexp(np.floor(math.ldexp(xr, f)), -f)
+        fl_ = np.floor(math.ldexp(xr, f))
+        if fl_ == 0.0 and xr < 0.0:  # a tiny negative value scaled to -0 (coarse quantum)
+            fl_ = -1.0
+        lo_g = math.ldexp(fl_, -f)
         # V - lo_g = d + e + lo exactly: hi - lo_g is inexact when |hi| is far below the
         # quantum and negative (lo_g = -quantum), e.g. -2**-1074 - (-1)
         d, e = two_sum(hi, -lo_g)
@@ -205,6 +214,55 @@ def _zero_sign(za, zb, mode):
     return -0.0 if mode == RDN else 0.0
 
 
+@jit
+def arith_one(op, x, y, z, idx, P, Psr, U, D, mode, wrap, wrap_lim):
+    """One element of :func:`arith`: ``(value, flags, slow)``; ``slow``: left to the caller's
+    exact fallback (``value`` and ``flags`` are then meaningless)."""
+    if op == OP_ADD:
+        r = x + y
+    elif op == OP_MUL:
+        r = x * y
+    elif op == OP_DIV:
+        r = x / y if y != 0.0 else (np.nan if x == 0.0 or x != x else
+                                    math.copysign(np.inf, x) * math.copysign(1.0, y))
+    else:
+        r = x * y + z
+    finite_in = abs(x) < np.inf and abs(y) < np.inf and abs(z) < np.inf
+    if not finite_in or (op == OP_DIV and y == 0.0):
+        v, fl = quantize_value(r, P, U, D, idx)  # IEEE specials are exact
+        return v, fl, False
+    ok = True
+    approx = False
+    hi = r
+    lo = 0.0
+    if op == OP_ADD:
+        hi, lo = two_sum(x, y)
+        if hi == 0.0 and lo == 0.0:
+            hi = _zero_sign(math.copysign(1.0, x) < 0, math.copysign(1.0, y) < 0, mode)
+    elif op == OP_MUL:
+        ok = _f32_exact(x) and _f32_exact(y)
+    elif op == OP_DIV:
+        ok = _f32_exact(x) and _f32_exact(y)
+        if ok and x != 0.0:
+            cc = 134217729.0 * r  # Veltkamp split of the quotient, 26 + 26 bits
+            qh = cc - (cc - r)
+            ql = r - qh
+            rem = (x - qh * y) - ql * y  # exact: the remainder is representable
+            lo = rem / y
+            approx = True
+    else:
+        ok = _f32_exact(x) and _f32_exact(y)
+        if ok:
+            p = x * y
+            hi, lo = two_sum(p, z)
+            if hi == 0.0 and lo == 0.0:
+                hi = _zero_sign(math.copysign(1.0, p) < 0, math.copysign(1.0, z) < 0, mode)
+    if not ok or abs(hi) == np.inf or (wrap and abs(hi) >= wrap_lim):
+        return 0.0, 0, True
+    v, fl, amb = round_exact(hi, lo, approx, P, Psr, U, D, idx)
+    return v, fl, amb
+
+
 @jit_parallel
 def arith(op, a, b, c, out, P, Psr, U, D, mode, rbits, wrap_lim):
     """``out[i] = round(a[i] op b[i] (+ c[i]))``; returns (per-chunk counts, slow-path mask).
@@ -225,61 +283,144 @@ def arith(op, a, b, c, out, P, Psr, U, D, mode, rbits, wrap_lim):
         aa, bb, cc_, oo, ss = a[lo_i:hi_i], b[lo_i:hi_i], c[lo_i:hi_i], out[lo_i:hi_i], \
             slow[lo_i:hi_i]
         for i in range(aa.size):
-            x = aa[i]
-            y = bb[i]
-            z = cc_[i]
-            idx = np.uint64(lo_i + i)
-            if op == OP_ADD:
-                r = x + y
-            elif op == OP_MUL:
-                r = x * y
-            elif op == OP_DIV:
-                r = x / y if y != 0.0 else (np.nan if x == 0.0 or x != x else
-                                            math.copysign(np.inf, x) * math.copysign(1.0, y))
-            else:
-                r = x * y + z
-            finite_in = abs(x) < np.inf and abs(y) < np.inf and abs(z) < np.inf
-            if not finite_in or (op == OP_DIV and y == 0.0):
-                v, fl = quantize_value(r, P, U, D, idx)  # IEEE specials are exact
-                oo[i] = v
-                for k in range(N_FLAGS):
-                    counts[ch, k] += (fl >> k) & 1
-                continue
-            ok = True
-            approx = False
-            hi = r
-            lo = 0.0
-            if op == OP_ADD:
-                hi, lo = two_sum(x, y)
-                if hi == 0.0 and lo == 0.0:
-                    hi = _zero_sign(math.copysign(1.0, x) < 0, math.copysign(1.0, y) < 0, mode)
-            elif op == OP_MUL:
-                ok = _f32_exact(x) and _f32_exact(y)
-            elif op == OP_DIV:
-                ok = _f32_exact(x) and _f32_exact(y)
-                if ok and x != 0.0:
-                    cc = 134217729.0 * r  # Veltkamp split of the quotient, 26 + 26 bits
-                    qh = cc - (cc - r)
-                    ql = r - qh
-                    rem = (x - qh * y) - ql * y  # exact: the remainder is representable
-                    lo = rem / y
-                    approx = True
-            else:
-                ok = _f32_exact(x) and _f32_exact(y)
-                if ok:
-                    p = x * y
-                    hi, lo = two_sum(p, z)
-                    if hi == 0.0 and lo == 0.0:
-                        hi = _zero_sign(math.copysign(1.0, p) < 0, math.copysign(1.0, z) < 0,
-                                        mode)
-            if not ok or abs(hi) == np.inf or (wrap and abs(hi) >= wrap_lim):
-                ss[i] = 1
-                continue
-            v, fl, amb = round_exact(hi, lo, approx, P, Psr, U, D, idx)
-            if amb:
+            v, fl, s = arith_one(op, aa[i], bb[i], cc_[i], np.uint64(lo_i + i), P, Psr, U, D,
+                                 mode, wrap, wrap_lim)
+            if s:
                 ss[i] = 1
                 continue
             oo[i] = v
             for k in range(N_FLAGS):
                 counts[ch, k] += (fl >> k) & 1
+    return counts, slow
+
+
+_TWO52 = 4503599627370496.0
+_TWO64 = 18446744073709551616.0
+
+
+@jit_inline
+def _grid_add_one(x, y, MODE, up, down, cmax, cmin, rbits, key, idx):
+    """``x + y`` into a saturating fixed-point format of quantum ``down = 2**-f`` (``up =
+    2**f``; codes in ``[cmin, cmax]``) when ``x`` lies on the grid: ``(value, ok, inexact,
+    rounded_up, overflow, underflow)``, the last five 0/1 integers.
+
+    With ``x = X q`` (``X`` an integer) and ``y/q = T + phi`` (``T = floor(y/q)``, ``0 <= phi
+    < 1``, both exact in float64 while ``|y/q| < 2**52``), the exact sum is ``(N + phi) q``
+    with the integer ``N = X + T``: every rounding mode decides from ``N``'s parity and sign
+    and ``phi`` alone (STOCHASTIC: up iff the draw is below ``floor(phi * 2**rbits)``, the
+    rule of :func:`round_exact`). ``ok`` is 0 when ``x`` is off the grid, a scaling is
+    inexact or ``phi`` is (``t`` negative and far below the quantum: ``1 - 2**-1074``); the
+    caller then takes the general path. Branch-free, so that a loop of it vectorises.
+    """
+    X = x * up
+    t = y * up
+    T = np.floor(t)
+    phi, e = two_sum(t, -T)
+    ok = (np.int64(abs(X) <= _TWO52) & np.int64(X == np.floor(X)) & np.int64(X * down == x)
+          & np.int64(abs(t) < _TWO52) & np.int64(t * down == y) & np.int64(e == 0.0))
+    N = X + T if ok != 0 else 0.0  # no NaN reaches the integer conversions below
+    phi = phi if ok != 0 else 0.0
+    if MODE == RNE:
+        up_ = np.int64(phi > 0.5) | (np.int64(phi == 0.5) & (np.int64(N) & 1))
+    elif MODE == RNA:
+        up_ = np.int64(phi > 0.5) | (np.int64(phi == 0.5) & np.int64(N >= 0.0))
+    elif MODE == RTZ:
+        up_ = np.int64(phi > 0.0) & np.int64(N < 0.0)
+    elif MODE == RDN:
+        up_ = np.int64(0)
+    elif MODE == RUP:
+        up_ = np.int64(phi > 0.0)
+    elif MODE == ODD:
+        up_ = np.int64(phi > 0.0) & (1 - (np.int64(N) & 1))
+    else:  # SR
+        z = phi * (2.0**rbits if rbits < 64 else _TWO64)  # exact: a power-of-two scaling
+        lim = np.floor(z)
+        big = np.int64(lim >= 9223372036854775808.0)
+        limit = np.uint64(lim - np.float64(big) * 9223372036854775808.0) + (np.uint64(big) << 63)
+        draw = random_u64(key, idx) >> np.uint64(64 - rbits)
+        up_ = np.int64(draw < limit)
+    n0 = N + np.float64(up_)
+    n = min(max(n0, cmin), cmax)
+    # an exact zero sum is +0 in a fixed format, with no event
+    nonzero = np.int64(N != 0.0) | np.int64(phi != 0.0)
+    inexact = np.int64(phi != 0.0) | np.int64(n != N)
+    return (n * down + 0.0, ok, inexact, inexact & np.int64(n > N), np.int64(n != n0),
+            np.int64(n == 0.0) & nonzero)
+
+
+@jit_inline
+def _grid_add_chunk(a, b, out, counts, slow, ch, lo_i, hi_i, MODE, P, Psr, U, D, up, down,
+                    cmax, cmin, rbits, wrap_lim):
+    aa, bb, oo, ss = a[lo_i:hi_i], b[lo_i:hi_i], out[lo_i:hi_i], slow[lo_i:hi_i]
+    key = U[U_KEY]
+    ok = np.empty(aa.size, np.uint8)
+    n_inexact = 0
+    n_up = 0
+    n_over = 0
+    n_under = 0
+    for i in range(aa.size):  # every element as if ``a`` were on the grid (vectorises)
+        v, k, i0, u0, o0, z0 = _grid_add_one(aa[i], bb[i], MODE, up, down, cmax, cmin, rbits,
+                                             key, np.uint64(lo_i + i))
+        oo[i] = v
+        ok[i] = k
+        n_inexact += i0 & k
+        n_up += u0 & k
+        n_over += o0 & k
+        n_under += z0 & k
+    counts[ch, F_INEXACT] += n_inexact
+    counts[ch, F_UP] += n_up
+    counts[ch, F_OVERFLOW] += n_over
+    counts[ch, F_UNDERFLOW] += n_under
+    for i in range(aa.size):  # the rest: ``b`` on the grid, else the general path
+        if ok[i] != 0:
+            continue
+        idx = np.uint64(lo_i + i)
+        x = aa[i]
+        y = bb[i]
+        v, k, i0, u0, o0, z0 = _grid_add_one(y, x, MODE, up, down, cmax, cmin, rbits, key, idx)
+        if k != 0:
+            fl = (i0 << F_INEXACT) | (u0 << F_UP) | (o0 << F_OVERFLOW) | (z0 << F_UNDERFLOW)
+        else:
+            v, fl, s = arith_one(OP_ADD, x, y, y, idx, P, Psr, U, D, MODE, False, wrap_lim)
+            if s:
+                ss[i] = 1
+                continue
+        oo[i] = v
+        for k in range(N_FLAGS):
+            counts[ch, k] += (fl >> k) & 1
+
+
+@jit_parallel
+def add_fixed_grid(a, b, out, P, Psr, U, D, mode, rbits, up, down, cmax, cmin, wrap_lim):
+    """:func:`arith` for ``OP_ADD`` into a saturating fixed-point format, with the fast
+    :func:`_grid_add_one` for elements where one operand lies on the format's grid (a weight
+    plus a step). Same results, flags, draws and slow-path mask as :func:`arith`."""
+    n = out.size
+    nch = (n + CHUNK - 1) // CHUNK
+    counts = np.zeros((nch, N_FLAGS), np.int64)
+    slow = np.zeros(n, np.uint8)
+    for ch in prange(nch):
+        lo_i = ch * CHUNK
+        hi_i = min(n, lo_i + CHUNK)
+        if mode == RNE:
+            _grid_add_chunk(a, b, out, counts, slow, ch, lo_i, hi_i, RNE, P, Psr, U, D, up,
+                            down, cmax, cmin, rbits, wrap_lim)
+        elif mode == RNA:
+            _grid_add_chunk(a, b, out, counts, slow, ch, lo_i, hi_i, RNA, P, Psr, U, D, up,
+                            down, cmax, cmin, rbits, wrap_lim)
+        elif mode == RTZ:
+            _grid_add_chunk(a, b, out, counts, slow, ch, lo_i, hi_i, RTZ, P, Psr, U, D, up,
+                            down, cmax, cmin, rbits, wrap_lim)
+        elif mode == RDN:
+            _grid_add_chunk(a, b, out, counts, slow, ch, lo_i, hi_i, RDN, P, Psr, U, D, up,
+                            down, cmax, cmin, rbits, wrap_lim)
+        elif mode == RUP:
+            _grid_add_chunk(a, b, out, counts, slow, ch, lo_i, hi_i, RUP, P, Psr, U, D, up,
+                            down, cmax, cmin, rbits, wrap_lim)
+        elif mode == ODD:
+            _grid_add_chunk(a, b, out, counts, slow, ch, lo_i, hi_i, ODD, P, Psr, U, D, up,
+                            down, cmax, cmin, rbits, wrap_lim)
+        else:
+            _grid_add_chunk(a, b, out, counts, slow, ch, lo_i, hi_i, SR, P, Psr, U, D, up,
+                            down, cmax, cmin, rbits, wrap_lim)
     return counts, slow

@@ -20,6 +20,12 @@ from .bits import round_to_odd_f32
 from .options import jit_inline, jit_parallel
 from .quant import (
     CHUNK,
+    F_INEXACT,
+    F_INVALID,
+    F_OVERFLOW,
+    F_UNDERFLOW,
+    F_UP,
+    N_FLAGS,
     ODD,
     RDN,
     RNA,
@@ -208,17 +214,41 @@ def _fixed_one(xv, MODE, up_scale, down_scale, cmax, cmin, rbits, key, i):
         if fa == ay:
             upm = False
         r = np.copysign(fa + (1.0 if upm else 0.0), y)
-    r = cmax if r > cmax else (cmin if r < cmin else r)
-    return r * down_scale + 0.0
+    rc = min(max(r, cmin), cmax)
+    return rc * down_scale + 0.0, np.int64(rc != r)
 
 
 @jit_inline
-def _fixed_chunk(x, out, lo, hi, MODE, up_scale, down_scale, cmax, cmin, rbits, key):
+def _event_counts(xv, v):
+    """The rounding events of a fixed-point result ``v`` of the input ``xv``, as the general
+    kernel counts them (0/1 integers): inexact, rounded up, underflow (a nonzero input that
+    became zero)."""
+    inexact = np.int64(v != xv)
+    return inexact, inexact & np.int64(v > xv), np.int64(v == 0.0) & np.int64(xv != 0.0)
+
+
+@jit_inline
+def _fixed_chunk(x, out, lo, hi, MODE, up_scale, down_scale, cmax, cmin, rbits, key, counts,
+                 c):
     xs = x[lo:hi]  # slices: indices from 0 let the loop vectorise
     os = out[lo:hi]
+    n_inexact = 0
+    n_up = 0
+    n_over = 0
+    n_under = 0
     for j in range(xs.size):
-        os[j] = _fixed_one(np.float64(xs[j]), MODE, up_scale, down_scale, cmax, cmin, rbits, key,
-                           lo + j)
+        xv = np.float64(xs[j])
+        v, ovf = _fixed_one(xv, MODE, up_scale, down_scale, cmax, cmin, rbits, key, lo + j)
+        os[j] = v
+        i0, u0, z0 = _event_counts(xv, v)
+        n_inexact += i0
+        n_up += u0
+        n_under += z0
+        n_over += ovf
+    counts[c, F_INEXACT] = n_inexact
+    counts[c, F_UP] = n_up
+    counts[c, F_OVERFLOW] = n_over
+    counts[c, F_UNDERFLOW] = n_under
 
 
 @jit_parallel
@@ -226,49 +256,58 @@ def fixed_from_float(x, out, mode, up_scale, down_scale, cmax, cmin, rbits, key)
     """Quantize ``x`` into a fixed-point format with codes in ``[cmin, cmax]``.
 
     Saturating overflow; for WRAP the caller passes infinite bounds, ``down_scale = 1`` and a
-    float64 ``out``, then calls :func:`wrap_codes`. ``up_scale = 2**f``. Returns the number of
-    NaN inputs (invalid for fixed point). One loop per rounding mode, each compiled with the
-    mode as a constant.
+    float64 ``out``, then calls :func:`wrap_codes`. ``up_scale = 2**f``. Returns the event
+    counts (columns ``F_*`` of :mod:`.quant`, as the general kernel counts them; with WRAP
+    only the NaN inputs, invalid for fixed point, are meaningful). One loop per rounding mode,
+    each compiled with the mode as a constant.
     """
     n = x.size
     nch = (n + CHUNK - 1) // CHUNK
-    bad = np.zeros(nch, np.int64)
+    counts = np.zeros((nch, N_FLAGS), np.int64)
     for c in prange(nch):
         lo = c * CHUNK
         hi = min(n, lo + CHUNK)
         if mode == RNE:
-            _fixed_chunk(x, out, lo, hi, RNE, up_scale, down_scale, cmax, cmin, rbits, key)
+            _fixed_chunk(x, out, lo, hi, RNE, up_scale, down_scale, cmax, cmin, rbits, key,
+                         counts, c)
         elif mode == RNA:
-            _fixed_chunk(x, out, lo, hi, RNA, up_scale, down_scale, cmax, cmin, rbits, key)
+            _fixed_chunk(x, out, lo, hi, RNA, up_scale, down_scale, cmax, cmin, rbits, key,
+                         counts, c)
         elif mode == RTZ:
-            _fixed_chunk(x, out, lo, hi, RTZ, up_scale, down_scale, cmax, cmin, rbits, key)
+            _fixed_chunk(x, out, lo, hi, RTZ, up_scale, down_scale, cmax, cmin, rbits, key,
+                         counts, c)
         elif mode == RDN:
-            _fixed_chunk(x, out, lo, hi, RDN, up_scale, down_scale, cmax, cmin, rbits, key)
+            _fixed_chunk(x, out, lo, hi, RDN, up_scale, down_scale, cmax, cmin, rbits, key,
+                         counts, c)
         elif mode == RUP:
-            _fixed_chunk(x, out, lo, hi, RUP, up_scale, down_scale, cmax, cmin, rbits, key)
+            _fixed_chunk(x, out, lo, hi, RUP, up_scale, down_scale, cmax, cmin, rbits, key,
+                         counts, c)
         elif mode == ODD:
-            _fixed_chunk(x, out, lo, hi, ODD, up_scale, down_scale, cmax, cmin, rbits, key)
+            _fixed_chunk(x, out, lo, hi, ODD, up_scale, down_scale, cmax, cmin, rbits, key,
+                         counts, c)
         else:
-            _fixed_chunk(x, out, lo, hi, SR, up_scale, down_scale, cmax, cmin, rbits, key)
+            _fixed_chunk(x, out, lo, hi, SR, up_scale, down_scale, cmax, cmin, rbits, key,
+                         counts, c)
         nb = 0
         xs = x[lo:hi]
         for j in range(xs.size):
             v = np.float64(xs[j])
             nb += 1 if v != v else 0
-        bad[c] = nb
-    return bad.sum()
+        counts[c, F_INVALID] = nb
+    return counts.sum(axis=0)
 
 
 @jit_parallel
-def wrap_codes(x, r, out, mask, w, signed, down_scale):
+def wrap_codes(x, r, out, mask, w, signed, down_scale, cmax, cmin):
     """WRAP pass after :func:`fixed_from_float` ran unclamped: ``r`` holds the rounded codes.
 
     Keeps the low ``w`` bits of each code (two's complement when ``signed``) and scales it to
-    the value. Returns the number of infinite inputs (an infinity cannot be wrapped).
+    the value. Returns the event counts (columns ``F_*``): a code beyond ``[cmin, cmax]``
+    overflowed; an infinite input is invalid (an infinity cannot be wrapped).
     """
     n = x.size
     nch = (n + CHUNK - 1) // CHUNK
-    bad = np.zeros(nch, np.int64)
+    counts = np.zeros((nch, N_FLAGS), np.int64)
     two64 = 18446744073709551616.0
     for c in prange(nch):
         lo = c * CHUNK
@@ -285,26 +324,40 @@ def wrap_codes(x, r, out, mask, w, signed, down_scale):
                 if signed and k >= 0.5 * m:
                     k = k - m
                 os[j] = k * down_scale + 0.0
-            bad[c] = nb
-            continue
+        else:
+            for j in range(xs.size):
+                a = abs(rs[j])
+                if abs(np.float64(xs[j])) == np.inf:
+                    nb += 1
+                    a = 0.0
+                elif a == np.inf:
+                    a = 0.0  # |x| * 2**f beyond float64: a multiple of 2**900, so 0 mod 2**64
+                elif a >= two64:
+                    # a and the multiple of 2**64 share a's ulp (>= 2**12): the difference is
+                    # exact
+                    a = a - two64 * np.floor(a / two64)
+                code = np.uint64(a)  # exact: an integer below 2**64
+                if rs[j] < 0.0:
+                    code = np.uint64(0) - code
+                code = code & mask
+                if signed and (code >> np.uint64(w - 1)) != np.uint64(0):
+                    v = -u64_to_f64_rtz((np.uint64(0) - code) & mask)  # magnitude of the negative
+                else:
+                    v = u64_to_f64_rtz(code)
+                os[j] = v * down_scale + 0.0
+        n_inexact = 0
+        n_up = 0
+        n_over = 0
+        n_under = 0
         for j in range(xs.size):
-            a = abs(rs[j])
-            if abs(np.float64(xs[j])) == np.inf:
-                nb += 1
-                a = 0.0
-            elif a == np.inf:
-                a = 0.0  # |x| * 2**f beyond float64: a multiple of 2**900, so 0 modulo 2**64
-            elif a >= two64:
-                # a and the multiple of 2**64 share a's ulp (>= 2**12): the difference is exact
-                a = a - two64 * np.floor(a / two64)
-            code = np.uint64(a)  # exact: an integer below 2**64
-            if rs[j] < 0.0:
-                code = np.uint64(0) - code
-            code = code & mask
-            if signed and (code >> np.uint64(w - 1)) != np.uint64(0):
-                v = -u64_to_f64_rtz((np.uint64(0) - code) & mask)  # magnitude of the negative
-            else:
-                v = u64_to_f64_rtz(code)
-            os[j] = v * down_scale + 0.0
-        bad[c] = nb
-    return bad.sum()
+            i0, u0, z0 = _event_counts(np.float64(xs[j]), np.float64(os[j]))
+            n_inexact += i0
+            n_up += u0
+            n_under += z0
+            n_over += np.int64(rs[j] > cmax) | np.int64(rs[j] < cmin)
+        counts[c, F_INEXACT] = n_inexact
+        counts[c, F_UP] = n_up
+        counts[c, F_OVERFLOW] = n_over
+        counts[c, F_UNDERFLOW] = n_under
+        counts[c, F_INVALID] = nb
+    return counts.sum(axis=0)
