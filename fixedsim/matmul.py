@@ -599,12 +599,21 @@ def _exact_filtered(A, B, spec, ba, bb, keys, rb, c, mm=None):
     return out.astype(f.dtype) if f.dtype != np.float64 else out
 
 
+#: Run FP32 nearest-even chains on float32 data with the FMA instruction (tests switch it
+#: off to compare with the float64 kernel).
+_FMA32 = True
+
+
+def _f32_exact(b) -> bool:
+    """Every value of the operand is a float32 (finite, in float32's range and precision)."""
+    return b.finite and (b.top == -1075 or (b.sig <= 24 and b.lsb >= -149 and b.top <= 128))
+
+
 def _f32_products_exact(ba, bb) -> bool:
     """Every operand is float32-exact and every product exact in float32 (no rounding, no
     underflow, no overflow)."""
-    for x in (ba, bb):
-        if x.sig > 24 or (x.top != -1075 and (x.lsb < -149 or x.top > 128)):
-            return False
+    if not (_f32_exact(ba) and _f32_exact(bb)):
+        return False
     return not (ba.sig + bb.sig > 24 or (ba.top != -1075 and bb.top != -1075 and (
         ba.lsb + bb.lsb < -149 or ba.top + bb.top > 127)))
 
@@ -654,9 +663,14 @@ def _fp32_chain64(A, B, spec, ba, bb, keys, rb, c):
         return None
     _, _, _, _, ovp, ovn, _ = _fast_float_params(FP32, acc.rounding, acc.overflow)
     out = np.empty((A.shape[0], B.shape[1]), np.float32)
-    flags = _g.gemm_chain32(np.ascontiguousarray(A, np.float64),
-                            np.ascontiguousarray(B, np.float64), out, int(acc.rounding), ovp,
-                            ovn)
+    B64 = np.ascontiguousarray(B, np.float64)
+    if (_FMA32 and acc.rounding is _RNE and acc.overflow is Overflow.INFINITY
+            and _f32_exact(ba) and _f32_exact(bb)):  # the FMA instruction is the model
+        flags = _g.gemm_fma32(np.ascontiguousarray(A, np.float32),
+                              np.ascontiguousarray(B, np.float32), B64, out, ovp, ovn)
+    else:
+        flags = _g.gemm_chain32(np.ascontiguousarray(A, np.float64), B64, out,
+                                int(acc.rounding), ovp, ovn)
     return _chain_result(out, flags, "fp32_chain64", spec, keys, rb, c)
 
 

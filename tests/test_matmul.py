@@ -464,6 +464,35 @@ def test_fp32_chain64_ties_overflow_zeros(rnd, ovf):
     check(a, b, spec)
 
 
+@pytest.mark.parametrize("scale", ["normal", "wide", "rare"])
+def test_fp32_fma_kernel_equals_the_float64_kernel(scale):
+    """Nearest even on float32 data runs the FMA instruction (gemm_fma32): the same bits and
+    counts as the float64 TwoSum kernel, rows with overflows, subnormals and underflows
+    (recomputed by the counting step) included."""
+    rng = np.random.default_rng(5)
+    shape_a, shape_b = (37, 70), (70, 45)
+    if scale == "normal":
+        a, b = rng.standard_normal(shape_a), rng.standard_normal(shape_b)
+    else:
+        lo, hi = (-60, 60) if scale == "wide" else (-75, 66)
+        a = rng.standard_normal(shape_a) * 2.0 ** rng.integers(lo, hi, shape_a)
+        b = rng.standard_normal(shape_b) * 2.0 ** rng.integers(lo, hi, shape_b)
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    a[3, ::2] = -a[3, 1::2]  # cancellations to exact zeros
+    spec = fs.MatmulSpec(accumulator=fs.FP32)
+    got, cg = mm.matmul(a, b, spec, stats=True)
+    mm._FMA32 = False
+    try:
+        want, cw = mm.matmul(a, b, spec, stats=True)
+    finally:
+        mm._FMA32 = True
+    assert cg.paths == cw.paths == {"fp32_chain64": 1}
+    assert_same_bits(got, want)
+    assert cg.accumulator == cw.accumulator
+    if scale == "rare":
+        assert cg.accumulator.overflow and cg.accumulator.subnormal
+
+
 def test_fp32_chain64_wide_fixed_point_inputs():
     """Q<16,8> x Q<16,8> products have up to 32 bits: exact in float64, not in float32."""
     rng = np.random.default_rng(12)

@@ -1,4 +1,4 @@
-"""Scalar bit casts between float32 and uint32.
+"""Scalar bit casts between float32 and uint32, and the float32 fused multiply-add.
 
 These reinterpret one scalar (an LLVM bitcast); they take no array view. Array views are taken
 by the callers of the parallel kernels and passed in (the Numba 0.68 hazard: an ``arr.view``
@@ -6,8 +6,26 @@ inside a ``parallel=True`` function gave wrong results).
 """
 
 import numpy as np
+from numba import types
+from numba.core.extending import intrinsic
 
 from .options import jit_inline
+
+
+@intrinsic
+def fma32(typingctx, a, b, c):
+    """``a * b + c`` in float32 with one rounding (to nearest even): LLVM's ``llvm.fma.f32``,
+    the FMA instruction where the CPU has one, else a correctly rounded library ``fmaf``
+    (never a separate multiply and add). An intrinsic builds IR at compile time: it is not a
+    kernel, and the shared options apply to the kernels that call it."""
+    f32 = types.float32
+    if (a, b, c) != (f32, f32, f32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fma(*args)
+
+    return f32(f32, f32, f32), codegen
 
 
 @jit_inline

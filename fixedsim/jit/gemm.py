@@ -19,7 +19,7 @@ import numpy as np
 from numba import prange
 
 from .arith import round_exact, two_sum
-from .bits import f32_bits, f32_from_bits, f64_bits, f64_from_bits
+from .bits import f32_bits, f32_from_bits, f64_bits, f64_from_bits, fma32
 from .options import jit, jit_inline, jit_parallel
 from .quant import (
     CHUNK,
@@ -759,6 +759,88 @@ def gemm_chain32(A, B, out, mode, ovp, ovn):
             counts[r, F_INEXACT] = inexact
         for j in range(N):
             out[r, j] = np.float32(acc[j])
+    return counts
+
+
+@jit_inline
+def _fma32_lean(a0, x, b):
+    """One FP32 FMA-chain step on float32 operands, nearest even: the hardware FMA gives the
+    sum; float64 tells whether it was exact (the product is exact there, and the float64
+    sum ``s`` is exact iff both differences of Fast2Sum recover the other operand; then the
+    step is exact iff the float32 result equals ``s``). Returns the sum, the inexact flag and
+    ``rare`` (an infinite, subnormal or underflowed sum: the caller recomputes the row)."""
+    r = fma32(x, b, a0)
+    p = np.float64(x) * np.float64(b)
+    a = np.float64(a0)
+    s = a + p
+    inexact = np.int32(s - a != p) | np.int32(s - p != a) | np.int32(np.float64(r) != s)
+    t = abs(r)
+    rare = np.int32(t == np.inf) | (np.int32(t < _F32_MIN_NORMAL) & np.int32(s != 0.0))
+    return r, inexact, rare
+
+
+@jit_inline
+def _fma32_row_lean(acc, cnt, ar, B):
+    """:func:`_f32_row_lean` with :func:`_fma32_lean` steps (four per pass over the outputs)."""
+    K = ar.size
+    K4 = K - K % 4
+    for k in range(0, K4, 4):
+        x0, x1, x2, x3 = ar[k], ar[k + 1], ar[k + 2], ar[k + 3]
+        b0, b1, b2, b3 = B[k], B[k + 1], B[k + 2], B[k + 3]
+        for j in range(acc.size):
+            s, c0, q0 = _fma32_lean(acc[j], x0, b0[j])
+            s, c1, q1 = _fma32_lean(s, x1, b1[j])
+            s, c2, q2 = _fma32_lean(s, x2, b2[j])
+            s, c3, q3 = _fma32_lean(s, x3, b3[j])
+            acc[j] = s
+            cnt[j] = (cnt[j] + ((c0 + c1) + (c2 + c3))) | (((q0 | q1) | (q2 | q3)) << 30)
+    for k in range(K4, K):
+        x = ar[k]
+        bk = B[k]
+        for j in range(acc.size):
+            s, c0, q0 = _fma32_lean(acc[j], x, bk[j])
+            acc[j] = s
+            cnt[j] = (cnt[j] + c0) | (q0 << 30)
+
+
+@jit_parallel
+def gemm_fma32(A, B, B64, out, ovp, ovn):
+    """FP32 fused-multiply-add chain on float32 operands, nearest even, IEEE overflow:
+    ``out = A @ B`` in order, with the FMA instruction (:func:`fixedsim.jit.bits.fma32`),
+    vectorised over the outputs. ``B64`` is ``B`` in float64. Returns per-row counts as
+    :func:`gemm_chain32` does; a row with an infinite, subnormal or underflowed sum is
+    recomputed with its counting step (:func:`_chain32_row_full`)."""
+    R, K = A.shape
+    N = B.shape[1]
+    counts = np.zeros((R, N_FLAGS), np.int64)
+    for r in prange(R):
+        acc = np.zeros(N, np.float32)
+        cnt = np.zeros(N, np.int32)
+        _fma32_row_lean(acc, cnt, A[r], B)
+        rare = 0
+        inexact = 0
+        for j in range(N):
+            rare += cnt[j] >> 30
+            inexact += cnt[j] & 0x3FFFFFFF
+        if rare == 0:
+            out[r] = acc
+            counts[r, F_INEXACT] = inexact
+            continue
+        acc64 = np.zeros(N)
+        ci = np.zeros(N, np.int32)
+        co = np.zeros(N, np.int32)
+        cu = np.zeros(N, np.int32)
+        cs = np.zeros(N, np.int32)
+        ar = np.empty(K)
+        for k in range(K):
+            ar[k] = np.float64(A[r, k])
+        _chain32_row_full(acc64, ci, co, cu, cs, ar, B64, RNE, ovp, ovn)
+        counts[r, F_INEXACT] = ci.sum()
+        counts[r, F_OVERFLOW] = co.sum()
+        counts[r, F_UNDERFLOW] = cu.sum()
+        counts[r, F_SUBNORMAL] = cs.sum()
+        for j in range(N):
+            out[r, j] = np.float32(acc64[j])
     return counts
 
 
