@@ -187,6 +187,40 @@ def test_maxpool_routes_to_first_maximum_and_sums_overlaps():
     np.testing.assert_array_equal(g, [[[[3.0, 0.0], [0.0, 0.0]]]])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kernel,stride", [(2, None), ((2, 3), (3, 2)), (3, 1), ((3, 2), (2, 4))])
+def test_maxpool_kernel_matches_numpy_argmax(kernel, stride, dtype):
+    """The pooling kernel against numpy's formulation (window views, argmax: the first NaN,
+    else the first maximum, -0 and +0 tied), values and routed errors bit for bit."""
+    from helpers import assert_same_bits
+
+    rng = np.random.default_rng(11)
+    x = rng.integers(-3, 4, (3, 2, 9, 10)).astype(dtype)  # many ties
+    x[x == 0] = np.where(rng.random(np.count_nonzero(x == 0)) < 0.5, -0.0, 0.0)
+    x[0, 0, rng.integers(0, 9, 5), rng.integers(0, 10, 5)] = np.nan
+    x[1, 1] = -np.inf
+    layer = nn.MaxPool2d(kernel, stride)
+    ctx = exact_ctx()
+    y = layer(x, ctx)
+    win = np.lib.stride_tricks.sliding_window_view(x, layer.kernel_size, axis=(2, 3))
+    win = win[:, :, ::layer.stride[0], ::layer.stride[1]]
+    flat = win.reshape(*win.shape[:4], -1)
+    arg = flat.argmax(axis=-1)
+    assert y.dtype == dtype
+    assert_same_bits(y, np.take_along_axis(flat, arg[..., None], -1)[..., 0])
+    np.testing.assert_array_equal(layer._arg, arg)
+    gy = rng.standard_normal(y.shape).astype(dtype)
+    gy[0, 0, 0, 0] = -0.0
+    gx = layer.backward(gy, ctx)
+    if not layer._overlap:
+        want = np.zeros(x.shape)
+        kh, kw = layer.kernel_size
+        sh, sw = layer.stride
+        for (n, c, ho, wo), a in np.ndenumerate(arg):
+            want[n, c, ho * sh + a // kw, wo * sw + a % kw] += gy[n, c, ho, wo]
+        assert_same_bits(gx, want.astype(dtype))
+
+
 @pytest.mark.parametrize("kernel,stride", [(2, None), (3, 1), ((2, 3), (1, 2))])
 def test_avgpool_gradients(kernel, stride):
     rng = np.random.default_rng(9)

@@ -411,23 +411,36 @@ class MaxPool2d(_Pool):
     """
 
     def forward(self, x, ctx: Context):
+        from ..jit.pool import maxpool_forward
+
         x = np.ascontiguousarray(_check_x(x, 4, "MaxPool2d"))
         win = _windows(x, self.kernel_size, self.stride)
-        flat = win.reshape(*win.shape[:4], -1)
-        self._arg = flat.argmax(axis=-1)
+        shape = win.shape[:4]
         self._shape, self._dtype = x.shape, x.dtype
-        self._out_shape = self._arg.shape
+        self._out_shape = shape
+        if x.dtype in (np.float32, np.float64):
+            out = np.empty(shape, x.dtype)
+            self._arg = np.empty(shape, np.int64)
+            maxpool_forward(x, *self.kernel_size, *self.stride, out, self._arg)
+            return out
+        flat = win.reshape(*shape, -1)  # other dtypes: numpy, the same rule
+        self._arg = flat.argmax(axis=-1)
         return np.take_along_axis(flat, self._arg[..., None], -1)[..., 0]
 
     def backward(self, grad_y, ctx: Context, need_input_grad: bool = True):
+        from ..jit.pool import maxpool_route
+
         grad_y = _grad_in(self, grad_y)
         kh, kw = self.kernel_size
+        if not self._overlap:
+            dx = np.zeros(self._shape, np.float64)
+            maxpool_route(np.ascontiguousarray(grad_y, np.float64), self._arg, kw, *self.stride,
+                          dx)
+            return dx.astype(grad_y.dtype)
         g = np.zeros((*grad_y.shape, kh * kw), np.float64)
         np.put_along_axis(g, self._arg[..., None], grad_y[..., None], -1)
         dx = self._spread(g.reshape(*grad_y.shape, kh, kw), self._shape, grad_y.dtype)
-        if self._overlap:
-            return ctx.round("errors", dx, self.name)
-        return dx.astype(grad_y.dtype)
+        return ctx.round("errors", dx, self.name)
 
 
 class AvgPool2d(_Pool):

@@ -1,0 +1,47 @@
+"""Max pooling: each window's first maximal element (row-major, NaN counting as the largest,
+as ``numpy.argmax``) and the routing of the errors back to it."""
+
+from numba import prange
+
+from .options import jit_parallel
+
+
+@jit_parallel
+def maxpool_forward(x, kh, kw, sh, sw, out, arg):
+    """``out[n, c, ho, wo]`` = the maximum of the window at ``(ho*sh, wo*sw)``; ``arg`` its
+    index ``i*kw + j`` in the window: the first NaN if there is one, else the first maximum
+    (``-0.0`` and ``+0.0`` tie). Parallel over (image, channel)."""
+    N, C = x.shape[:2]
+    Ho, Wo = out.shape[2:]
+    for nc in prange(N * C):
+        n = nc // C
+        c = nc - n * C
+        for ho in range(Ho):
+            for wo in range(Wo):
+                h0 = ho * sh
+                w0 = wo * sw
+                best = x[n, c, h0, w0]
+                bi = 0
+                for i in range(kh):
+                    for j in range(kw):
+                        v = x[n, c, h0 + i, w0 + j]
+                        if best == best and (v != v or v > best):
+                            best = v
+                            bi = i * kw + j
+                out[n, c, ho, wo] = best
+                arg[n, c, ho, wo] = bi
+
+
+@jit_parallel
+def maxpool_route(g, arg, kw, sh, sw, dx):
+    """Non-overlapping windows: ``dx`` (zeros on entry) receives each window's error at its
+    argument, plus ``+0.0`` (as a sum onto a zero grid gives: ``-0.0`` becomes ``+0.0``)."""
+    N, C, Ho, Wo = g.shape
+    for nc in prange(N * C):
+        n = nc // C
+        c = nc - n * C
+        for ho in range(Ho):
+            for wo in range(Wo):
+                a = arg[n, c, ho, wo]
+                i = a // kw
+                dx[n, c, ho * sh + i, wo * sw + (a - i * kw)] = g[n, c, ho, wo] + 0.0
