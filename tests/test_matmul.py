@@ -373,6 +373,23 @@ def test_fixed_chain_path_matches_general(rnd, acc, ovf):
     assert both_paths(a, b, spec) == {"fixed_chain": 1}
 
 
+@pytest.mark.parametrize("rnd", ["nearest_even", "stochastic", "down"])
+@pytest.mark.parametrize("ovf", ["saturate", "wrap"])
+def test_fixed_chain_without_rounding_lean_and_clipped_rows(rnd, ovf):
+    """Q<16,8> x Q<16,8> into Q<24,16>: the accumulator has the products' quantum, so no step
+    rounds and rows run the lean kernel; rows whose sums leave the range (every other row,
+    scaled up) are recomputed with the counting step. Both equal the general kernel, counts
+    included."""
+    rng = np.random.default_rng(12)
+    q = fs.FixedFormat(16, 8)
+    a = fs.quantize(rng.normal(0, 1, (8, 67)) * np.array([1.0, 9.0] * 4)[:, None], q)
+    b = fs.quantize(rng.normal(0, 1, (67, 9)), q)
+    spec = fs.MatmulSpec(accumulator=fs.Accumulator(fs.FixedFormat(24, 16), rnd, ovf))
+    assert both_paths(a, b, spec) == {"fixed_chain": 1}
+    _, c = fs.matmul(a, b, spec, stats=True)
+    assert 0 < c.accumulator.overflow
+
+
 @given(st.sampled_from([fs.FP16, fs.BF16, fs.FP8_E5M2]), st.sampled_from(ALL_ROUNDINGS),
        st.sampled_from([1, 3]), matrices(max_k=16, scale=50.0))
 def test_accumulator_via_a_wider_register(fmt, rnd, block, ab):

@@ -1012,6 +1012,39 @@ def _chain_fixed_row(acc, ci, co, cu, ar, B, MODE, scale, inv, dbits, qmin, qmax
             cu[j] += f3
 
 
+@jit_inline
+def _chain_fixed_row_exact(acc, clip, ar, B, qmin, qmax):
+    """A row of :func:`gemm_chain_fixed` when the accumulator's quantum is the products'
+    (``dbits == 0``): no step rounds, so a step is ``min(max(S + P, qmin), qmax)``, four per
+    pass over the outputs (the sum stays in a register). ``clip[j]`` becomes nonzero when a
+    sum left the range: the caller then recomputes the row with the counting step."""
+    K = ar.size
+    K4 = K - K % 4
+    for k in range(0, K4, 4):
+        x0, x1, x2, x3 = ar[k], ar[k + 1], ar[k + 2], ar[k + 3]
+        b0, b1, b2, b3 = B[k], B[k + 1], B[k + 2], B[k + 3]
+        for j in range(acc.size):
+            t0 = acc[j] + x0 * b0[j]
+            s0 = min(max(t0, qmin), qmax)
+            t1 = s0 + x1 * b1[j]
+            s1 = min(max(t1, qmin), qmax)
+            t2 = s1 + x2 * b2[j]
+            s2 = min(max(t2, qmin), qmax)
+            t3 = s2 + x3 * b3[j]
+            s3 = min(max(t3, qmin), qmax)
+            acc[j] = s3
+            clip[j] |= ((np.int64(s0 != t0) | np.int64(s1 != t1))
+                        | (np.int64(s2 != t2) | np.int64(s3 != t3)))
+    for k in range(K4, K):
+        x = ar[k]
+        bk = B[k]
+        for j in range(acc.size):
+            t = acc[j] + x * bk[j]
+            v = min(max(t, qmin), qmax)
+            acc[j] = v
+            clip[j] |= np.int64(v != t)
+
+
 @jit_parallel
 def gemm_chain_fixed(A, B, out, base, mode, dbits, qmin, qmax, wrap, span, rbits, key):
     """FMA chain into a fixed-point accumulator, on integer codes held in float64.
@@ -1035,6 +1068,13 @@ def gemm_chain_fixed(A, B, out, base, mode, dbits, qmin, qmax, wrap, span, rbits
         cu = np.zeros(N, np.int64)
         ar = A[r]
         row0 = base + r * N
+        if dbits == 0:  # nothing rounds (SR draws cannot matter): the lean row first
+            clip = np.zeros(N, np.int64)
+            _chain_fixed_row_exact(acc, clip, ar, B, qmin, qmax)
+            if clip.sum() == 0:
+                out[r] = acc
+                continue
+            acc[:] = 0.0
         if mode == RNE:
             _chain_fixed_row(acc, ci, co, cu, ar, B, RNE, scale, inv, dbits, qmin, qmax,
                              wrap, span, rbits, key, row0)
