@@ -84,6 +84,14 @@ def _grid_params(op, fmt, overflow):
     return math.ldexp(1.0, f), math.ldexp(1.0, -f), float(fmt.max_code), float(fmt.min_code)
 
 
+def _on_grid(v, up):
+    """How many of ``v`` are integers once scaled by ``up`` (a sample decides the order of
+    the operands of the grid-aligned sum kernel; each element is checked there)."""
+    with np.errstate(all="ignore"):
+        s = v * up
+        return int(np.count_nonzero(s == np.floor(s)))
+
+
 def _apply(op, operands, fmt, rounding, overflow, seed, random_bits, stats):
     fmt = _check_format(fmt)
     rounding = Rounding.coerce(rounding, what="rounding")
@@ -113,8 +121,11 @@ def _apply(op, operands, fmt, rounding, overflow, seed, random_bits, stats):
                     else math.inf) if fmt.kind == "fixed" else 0.0
         grid = _grid_params(op, fmt, overflow)
         if grid is not None:  # a weight plus a step, say: see _ka.add_fixed_grid
-            counts, slow = _ka.add_fixed_grid(flat[0], flat[1], oflat, P, Psr, U, D,
-                                              int(rounding), rbits, *grid, wrap_lim)
+            x, y = flat[0], flat[1]
+            if _on_grid(y[:64], grid[0]) > _on_grid(x[:64], grid[0]):
+                x, y = y, x  # the kernel wants the grid operand first (a sum commutes)
+            counts, slow = _ka.add_fixed_grid(x, y, oflat, P, Psr, U, D, int(rounding), rbits,
+                                              *grid, wrap_lim)
         else:
             counts, slow = _ka.arith(_OPS[op], *flat, oflat, P, Psr, U, D, int(rounding),
                                      rbits, wrap_lim)

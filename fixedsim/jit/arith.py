@@ -371,20 +371,15 @@ def _grid_add_chunk(a, b, out, counts, slow, ch, lo_i, hi_i, MODE, P, Psr, U, D,
     counts[ch, F_UP] += n_up
     counts[ch, F_OVERFLOW] += n_over
     counts[ch, F_UNDERFLOW] += n_under
-    for i in range(aa.size):  # the rest: ``b`` on the grid, else the general path
+    for i in range(aa.size):  # the rest (``a`` off the grid): the general path
         if ok[i] != 0:
             continue
         idx = np.uint64(lo_i + i)
-        x = aa[i]
-        y = bb[i]
-        v, k, i0, u0, o0, z0 = _grid_add_one(y, x, MODE, up, down, cmax, cmin, rbits, key, idx)
-        if k != 0:
-            fl = (i0 << F_INEXACT) | (u0 << F_UP) | (o0 << F_OVERFLOW) | (z0 << F_UNDERFLOW)
-        else:
-            v, fl, s = arith_one(OP_ADD, x, y, y, idx, P, Psr, U, D, MODE, False, wrap_lim)
-            if s:
-                ss[i] = 1
-                continue
+        v, fl, s = arith_one(OP_ADD, aa[i], bb[i], bb[i], idx, P, Psr, U, D, MODE, False,
+                             wrap_lim)
+        if s:
+            ss[i] = 1
+            continue
         oo[i] = v
         for k in range(N_FLAGS):
             counts[ch, k] += (fl >> k) & 1
@@ -393,8 +388,9 @@ def _grid_add_chunk(a, b, out, counts, slow, ch, lo_i, hi_i, MODE, P, Psr, U, D,
 @jit_parallel
 def add_fixed_grid(a, b, out, P, Psr, U, D, mode, rbits, up, down, cmax, cmin, wrap_lim):
     """:func:`arith` for ``OP_ADD`` into a saturating fixed-point format, with the fast
-    :func:`_grid_add_one` for elements where one operand lies on the format's grid (a weight
-    plus a step). Same results, flags, draws and slow-path mask as :func:`arith`."""
+    :func:`_grid_add_one` for elements whose ``a`` lies on the format's grid (a weight plus
+    a step; the caller puts the operand more often on the grid first), :func:`arith_one` for
+    the others. Same results, flags, draws and slow-path mask as :func:`arith`."""
     n = out.size
     nch = (n + CHUNK - 1) // CHUNK
     counts = np.zeros((nch, N_FLAGS), np.int64)
