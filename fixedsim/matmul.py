@@ -418,8 +418,10 @@ def _product(A, B, spec, keys, rb, c, mm=None, ba=None):
         if out is None and make is not None:
             A, make = make(), None
         if out is None:
+            out = _zero_products(A, B, spec, ba, bb, keys, rb, c)
+        if out is None:
             out = _exact_filtered(A, B, spec, ba, bb, keys, rb, c, mm)
-        for path in (_fp32_chain, _fp32_chain64, _float_chain, _fixed_chain):
+        for path in (_fp32_chain, _fp32_chain64, _float_chain, _fixed_chain, _sr_chain):
             if out is None:
                 out = path(A, B, spec, ba, bb, keys, rb, c)
     if out is None:
@@ -501,6 +503,30 @@ def _exact_blas(A, B, spec, ba, bb, keys, rb, c, mm=None):
     return _round_output(vals.reshape(-1), spec, keys, rb, c).reshape(R, N)
 
 
+def _zero_products(A, B, spec, ba, bb, keys, rb, c):
+    """Exact accumulation when one operand is all zeros (a dead layer: every activation or
+    error zero), or None. Every sum is an exact zero: the running sum starts at ``+0``, so,
+    as in the general kernel, it is ``-0`` only rounding DOWN with some product ``-0`` (the
+    signs of the products, ``signbit(a) xor signbit(b)``, counted with one 0/1 matrix
+    product)."""
+    R, K = A.shape
+    if (spec.accumulator is not None or spec.product is not None or K == 0
+            or (ba.top != -1075 and bb.top != -1075)):
+        return None
+    if spec.output_rounding is Rounding.DOWN:
+        sa = np.signbit(A).astype(np.float64)
+        sb = np.signbit(B).astype(np.float64)
+        neg = sa @ (1.0 - sb) + (1.0 - sa) @ sb  # negative products per output, exact
+        vals = np.where(neg > 0, -0.0, 0.0)
+    else:
+        vals = np.zeros((R, B.shape[1]))
+    c.paths["zero_products"] = c.paths.get("zero_products", 0) + 1
+    if spec.output is None:
+        c.output += _counters.StageCounts(roundings=vals.size)
+        return vals
+    return _round_output(vals.reshape(-1), spec, keys, rb, c).reshape(vals.shape)
+
+
 def _exact_filtered(A, B, spec, ba, bb, keys, rb, c, mm=None):
     """Exact accumulation rounded once into a float output (deterministic rounding), products
     exact in float64 (float32 data): float64 BLAS and a filter that proves the rounding, or
@@ -578,20 +604,9 @@ def _exact_filtered(A, B, spec, ba, bb, keys, rb, c, mm=None):
             nfail -= zr.size
         left = ~ok & ~zero
         if nfail:
-            gr = np.ascontiguousarray(fr[left], np.int64)
-            gj = np.ascontiguousarray(fj[left], np.int64)
-            vals = np.empty(gr.size)
-            counts, slow = _g.gemm_general_at(A, BT, gr, gj, vals,
-                                              *_general_args(spec, ba, bb, keys, rb))
-            tot = counts.sum(axis=0)
-            out[gr, gj] = vals
-            idx = np.flatnonzero(slow)
-            if idx.size:
-                c.paths["reference"] = c.paths.get("reference", 0) + idx.size
-                _fallback(A, B, spec, keys, rb, np.stack([gr[idx], gj[idx]], axis=1), out,
-                          tot)
+            tot = _general_at(A, B, spec, ba, bb, keys, rb, fr[left], fj[left], out, c, BT)
             flags = flags + tot[2]
-            n_general = gr.size
+            n_general = int(left.sum())
     c.paths["exact_filtered"] = c.paths.get("exact_filtered", 0) + 1
     if n_general:
         c.paths["exact_filtered_general"] = c.paths.get("exact_filtered_general", 0) + n_general
@@ -717,6 +732,59 @@ def _fixed_chain(A, B, spec, ba, bb, keys, rb, c):
                                 acc.random_bits or 64, keys[3])
     vals = np.ldexp(codes, -f.frac_length).astype(f.dtype)
     return _chain_result(vals, flags, "fixed_chain", spec, keys, rb, c)
+
+
+def _sr_chain(A, B, spec, ba, bb, keys, rb, c):
+    """A stochastically rounded float accumulator (any block, no ``via``, subnormals on),
+    products exact in float64: block sums and the running sum in float64, each sum's
+    exactness checked with TwoSum, the exact sum's magnitude truncated on its bits and rounded
+    up against the same draw as the general kernel; vectorised over the outputs, ``k`` in
+    order. Elements whose sums are not exact in float64, or that overflow to infinity, are
+    recomputed by the general kernel."""
+    acc = spec.accumulator
+    f = acc.fmt if acc is not None else None
+    if (not isinstance(f, FloatFormat) or acc.rounding is not Rounding.STOCHASTIC
+            or acc.via is not None or not f.subnormals or f.man_bits > 51 or f.emin < -1021
+            or f.emax > 1023 or not _f64_products_exact(ba, bb) or A.shape[1] >= 2**31):
+        return None
+
+    def bits(v):
+        return int(np.float64(v).view(np.int64))
+
+    R, N = A.shape[0], B.shape[1]
+    vals = np.empty((R, N))
+    A = np.ascontiguousarray(A, np.float64)
+    B = np.ascontiguousarray(B, np.float64)
+    counts, bad = _g.gemm_chain_sr(A, B, vals, 0, acc.block, 52 - f.man_bits, f.emin + 1023,
+                                   bits(f.min_subnormal), bits(f.max), bits(f.min_normal),
+                                   acc.overflow is Overflow.SATURATE, acc.random_bits or 64,
+                                   keys[3])
+    flags = counts.sum(axis=0)
+    if bad.any():
+        rows, cols = np.nonzero(bad)
+        flags = flags + _general_at(A, B, MatmulSpec(accumulator=acc), ba, bb, keys, rb, rows,
+                                    cols, vals, c)[1]
+        c.paths["sr_chain_general"] = c.paths.get("sr_chain_general", 0) + rows.size
+    return _chain_result(vals.astype(f.dtype), flags[None, :], "sr_chain", spec, keys, rb, c)
+
+
+def _general_at(A, B, spec, ba, bb, keys, rb, rows, cols, out, c, BT=None):
+    """The general kernel on the output elements ``(rows[i], cols[i])`` alone (the oracle
+    where it cannot prove one): their values into ``out``, their counts returned (stages x
+    flags). ``A`` float64, C-contiguous; ``BT`` the transposed ``B`` if already made."""
+    rows = np.ascontiguousarray(rows, np.int64)
+    cols = np.ascontiguousarray(cols, np.int64)
+    BT = np.ascontiguousarray(B.T) if BT is None else BT
+    vals = np.empty(rows.size)
+    counts, slow = _g.gemm_general_at(A, BT, rows, cols, vals,
+                                      *_general_args(spec, ba, bb, keys, rb))
+    tot = counts.sum(axis=0)
+    out[rows, cols] = vals
+    idx = np.flatnonzero(slow)
+    if idx.size:
+        c.paths["reference"] = c.paths.get("reference", 0) + idx.size
+        _fallback(A, B, spec, keys, rb, np.stack([rows[idx], cols[idx]], axis=1), out, tot)
+    return tot
 
 
 def _general_args(spec, ba, bb, keys, rb):

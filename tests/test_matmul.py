@@ -165,6 +165,23 @@ def both_paths(a, b, spec, seed=3):
     return cf.paths
 
 
+@pytest.mark.parametrize("spec", [fs.MatmulSpec(), fs.MatmulSpec(output_rounding="down"),
+                                  fs.MatmulSpec(output=fs.FP16, output_rounding="down"),
+                                  fs.MatmulSpec(output=fs.FixedFormat(8, 4), seed=2,
+                                                output_rounding="stochastic"),
+                                  fs.MatmulSpec(input=fs.FixedFormat(8, 4))], ids=repr)
+def test_an_all_zero_operand_takes_the_zero_path(spec):
+    """A dead layer's product (one operand all zeros, of both signs): signed zeros and counts
+    as the general kernel gives them, without it."""
+    rng = np.random.default_rng(4)
+    a = np.where(rng.random((6, 40)) < 0.5, -0.0, 0.0)
+    a[1] = -0.0  # rows of -0 only
+    b = rng.normal(0, 1, (40, 5))
+    b[:, 2] = np.abs(b[:, 2])  # a column of positive values: -0 products in row 1
+    for x, y in ((a, b), (b.T, a.T)):
+        assert both_paths(x, y, spec) == {"zero_products": 1}
+
+
 @pytest.mark.parametrize("shape", [(7, 33, 9), (2, 3, 50, 17), (1, 0, 3)])
 @pytest.mark.parametrize("acc", [None, fs.Accumulator(fs.FixedFormat(40, 16)),
                                  fs.Accumulator(fs.FixedFormat(32, 16), block=8)])
@@ -234,6 +251,63 @@ def test_fp16_fp32_fma_chain_is_a_float32_loop():
         assert_same_bits(fs.matmul(a, b, spec), want)
     finally:
         mm._FAST_PATHS = old
+
+
+@st.composite
+def sr_accumulators(draw):
+    fmt = draw(st.sampled_from([fs.FP16, fs.BF16, fs.FP32, fs.TF32, fs.FP8_E4M3,
+                                fs.FP8_E5M2]))
+    return fs.Accumulator(fmt, "stochastic", draw(st.sampled_from([None, fs.Overflow.SATURATE])),
+                          draw(st.sampled_from([1, 2, 3, 16])),
+                          random_bits=draw(st.sampled_from([None, 1, 3, 24, 63])))
+
+
+@settings(max_examples=60)
+@given(st.sampled_from([fs.FP16, fs.BF16, fs.FP8_E5M2, None]), sr_accumulators(),
+       st.sampled_from([None, fs.FP16]), matrices(max_k=40, scale=300.0), st.integers(0, 99))
+def test_sr_chain_path_matches_general(inp, acc, out, ab, seed):
+    """The stochastic float accumulator kernel: the general kernel's bits, draws and counts,
+    for every block size, random_bits and overflow rule; sums it cannot prove exact in
+    float64 (raw float64 data, far exponents) go back to the general kernel."""
+    a, b = ab
+    if inp is None:  # float32 data: products exact in float64, sums not always
+        a, b = a.astype(np.float32), b.astype(np.float32)
+    paths = both_paths(a, b, fs.MatmulSpec(input=inp, accumulator=acc, output=out), seed)
+    assert "sr_chain" in paths
+
+
+@pytest.mark.parametrize("acc", [fs.Accumulator(fs.FP16, "stochastic"),
+                                 fs.Accumulator(fs.FP16, "stochastic", block=3),
+                                 fs.Accumulator(fs.FP8_E4M3, "stochastic", block=2),
+                                 fs.Accumulator(fs.FP16, "stochastic", "saturate", block=4)])
+def test_sr_chain_edges(acc):
+    """Overflow (to infinity, or saturating), subnormal and underflowing sums, signed zeros,
+    and sums not exact in float64 (handed to the general kernel), against the general kernel
+    and the oracle."""
+    rng = np.random.default_rng(11)
+    a = (rng.normal(0, 1, (12, 30)) * np.exp2(rng.integers(-40, 9, (12, 30)))).astype(np.float32)
+    b = (rng.normal(0, 1, (30, 9)) * np.exp2(rng.integers(-40, 9, (30, 9)))).astype(np.float32)
+    a[0] = -0.0
+    a[1, ::2] = 0.0
+    a[2] = 6e4
+    b[:, 3] = np.abs(b[:, 3])
+    spec = fs.MatmulSpec(accumulator=acc)
+    paths = both_paths(a, b, spec)
+    assert paths["sr_chain"] == 1 and paths.get("sr_chain_general", 0) > 0
+    check(a, b, spec)
+    y, c = fs.matmul(a, b, spec, seed=3, stats=True)
+    assert c.accumulator.overflow > 0 and c.accumulator.underflow + c.accumulator.subnormal > 0
+    # sums exactly at the smallest normal, the smallest subnormal and the largest value
+    f = acc.fmt
+    a = np.array([[f.min_normal, f.min_subnormal, f.max, f.min_normal / 2]])
+    b = np.eye(4)
+    assert both_paths(a, b, spec) == {"sr_chain": 1}
+    y, c = fs.matmul(a, b, spec, stats=True)
+    assert_same_bits(y, a.astype(f.dtype))
+    # the running sum of column j is a[0, j] from the block holding k = j on (the subnormal
+    # columns are 1 and 3), and exact at every step
+    sub = sum((t + 1) * acc.block > j for j in (1, 3) for t in range(-(-4 // acc.block)))
+    assert c.accumulator.inexact == 0 and c.accumulator.subnormal == sub
 
 
 @given(st.sampled_from(FIXED_IN), matrices(max_k=30))

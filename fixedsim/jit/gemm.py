@@ -41,7 +41,7 @@ from .quant import (
     quantize_value,
 )
 from .quant_fast import f32_float_one
-from .rng import random_u64
+from .rng import GAMMA, mix64, random_u64
 
 #: Longest expansion the kernel keeps (components of 53 bits: covers every exponent range).
 CAP = 48
@@ -1101,3 +1101,131 @@ def gemm_chain_fixed(A, B, out, base, mode, dbits, qmin, qmax, wrap, span, rbits
         counts[r, F_OVERFLOW] = co.sum()
         counts[r, F_UNDERFLOW] = cu.sum()
     return counts
+
+
+
+_SIGN64 = np.int64(-0x7FFFFFFFFFFFFFFF - 1)
+_MAG64 = np.int64(0x7FFFFFFFFFFFFFFF)
+_NAN64 = np.int64(0x7FF8000000000000)
+
+
+@jit_inline
+def _sr_chain_step(a0, p, sh0, lim, qbits, maxbits, minnorm, saturate, rbits, z):
+    """``a0 + p`` stochastically rounded into a float format, on float64 bits.
+
+    ``a0`` (a format value) and ``p`` (a product or block sum) are float64. The sum ``t`` is
+    exact when TwoSum's error is zero; its magnitude is truncated to the format's quantum at
+    ``t``'s exponent (``sh`` bits dropped: ``sh0 = 52 - man_bits`` in the normal range, more
+    below ``lim``, the float64 biased exponent of the format's smallest normal) and rounded
+    up when the draw (``mix64(z)``, its top ``rbits``) is below ``floor(dropped fraction *
+    2**rbits)``, exactly as the general kernel rounds an exact value stochastically.
+    ``qbits``, ``maxbits``, ``minnorm``: float64 bits of the format's smallest subnormal,
+    largest value and smallest normal.
+
+    Returns the new value and two packed counters: ``inexact + (overflow << 32)`` and
+    ``underflow + (subnormal << 32)``. A sum that is not exact, not finite, or overflows to
+    infinity (not ``saturate``) returns NaN, which every later step keeps (NaN in, NaN out):
+    the caller leaves that element to the general kernel.
+    """
+    t = a0 + p
+    bp = t - a0
+    e = (a0 - (t - bp)) + (p - bp)
+    b = f64_bits(t)
+    s = b & _SIGN64
+    a = b & _MAG64
+    ef = a >> 52
+    M = (a & 0xFFFFFFFFFFFFF) | (np.int64(ef != 0) << 52)
+    efc = ef if ef > 1 else np.int64(1)
+    sh = sh0 + (lim - efc if lim > efc else 0)
+    shc = sh if sh < 54 else 54
+    rem = np.uint64(M & ((np.int64(1) << shc) - 1))
+    # floor(fraction * 2**rbits) = rem shifted by rbits - sh (branch-free: rem < 2**54, so a
+    # right shift of 63 clears it as any larger one would)
+    left = rbits - sh if rbits > sh else np.int64(0)
+    right = sh - rbits if sh > rbits else np.int64(0)
+    right = right if right < 63 else np.int64(63)
+    tt = (rem << np.uint64(left)) >> np.uint64(right)
+    draw = mix64(z) >> np.uint64(64 - rbits)
+    up = np.int64(draw < tt)
+    big = np.int64(shc > 52)  # the whole significand lies below the quantum
+    res = (a & ~((np.int64(1) << shc) - 1)) + (up << shc)
+    res = res + big * (qbits * up - res)
+    over = np.int64(res > maxbits)
+    res = res + over * (maxbits - res)
+    bad = (np.int64(e != 0.0) | np.int64(a >= 0x7FF0000000000000)
+           | (over * np.int64(not saturate)))
+    inexact = np.int64(res != a)
+    under = np.int64(res == 0) * np.int64(a != 0)
+    sub = np.int64(res != 0) * np.int64(res < minnorm)
+    res = (res | s) + bad * (_NAN64 - (res | s))
+    return f64_from_bits(res), inexact + (over << 32), under + (sub << 32)
+
+
+@jit_parallel
+def gemm_chain_sr(A, B, out, base, block, sh0, lim, qbits, maxbits, minnorm, saturate, rbits,
+                  key):
+    """Stochastically rounded accumulation into a float format, products exact in float64.
+
+    ``acc[j] = SR(acc[j] + sum of the block's products)`` for each block of ``block``
+    consecutive ``k`` in order (``block = 1``: an FMA chain), vectorised over ``j``; the draw of
+    block ``t`` of output ``o = base + r*N + j`` is indexed ``o * nblocks + t``, as in the
+    general kernel (the stream state is stepped by ``GAMMA`` per block). Block sums are
+    float64 sums whose exactness TwoSum checks. Returns per-row counts (of the elements
+    computed here) and the mask of elements left to the caller (a sum not exact in float64,
+    an infinity): their values in ``out`` are meaningless.
+    """
+    R, K = A.shape
+    N = B.shape[1]
+    nb = (K + block - 1) // block
+    counts = np.zeros((R, N_FLAGS), np.int64)
+    bad = np.zeros((R, N), np.uint8)
+    lo32 = np.int64(0xFFFFFFFF)
+    for r in prange(R):
+        acc = np.zeros(N)
+        bs = np.zeros(N)
+        c1 = np.zeros(N, np.int64)
+        c2 = np.zeros(N, np.int64)
+        zr = np.empty(N, np.uint64)
+        for j in range(N):  # stream state of draw index (base + r*N + j) * nb
+            zr[j] = key + (np.uint64(base + r * N + j) * np.uint64(nb) + np.uint64(1)) * GAMMA
+        for t in range(nb):
+            k0 = t * block
+            k1 = min(K, k0 + block)
+            x = A[r, k0]
+            bk = B[k0]
+            tg = np.uint64(t) * GAMMA
+            if block == 1:
+                for j in range(N):
+                    v, f1, f2 = _sr_chain_step(acc[j], x * bk[j], sh0, lim, qbits, maxbits,
+                                               minnorm, saturate, rbits, zr[j] + tg)
+                    acc[j] = v
+                    c1[j] += f1
+                    c2[j] += f2
+                continue
+            for j in range(N):
+                bs[j] = x * bk[j]
+            for k in range(k0 + 1, k1):
+                x = A[r, k]
+                bk = B[k]
+                for j in range(N):  # a block sum that is not exact poisons the sum: NaN
+                    p = x * bk[j]
+                    s = bs[j] + p
+                    bp = s - bs[j]
+                    e = (bs[j] - (s - bp)) + (p - bp)
+                    bs[j] = s if e == 0.0 else np.nan
+            for j in range(N):
+                v, f1, f2 = _sr_chain_step(acc[j], bs[j], sh0, lim, qbits, maxbits, minnorm,
+                                           saturate, rbits, zr[j] + tg)
+                acc[j] = v
+                c1[j] += f1
+                c2[j] += f2
+        for j in range(N):
+            if acc[j] != acc[j]:
+                bad[r, j] = 1
+            else:
+                counts[r, F_INEXACT] += c1[j] & lo32
+                counts[r, F_OVERFLOW] += c1[j] >> 32
+                counts[r, F_UNDERFLOW] += c2[j] & lo32
+                counts[r, F_SUBNORMAL] += c2[j] >> 32
+            out[r, j] = acc[j]
+    return counts, bad

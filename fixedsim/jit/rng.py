@@ -20,12 +20,20 @@ _ONE = np.uint64(1)
 
 
 @jit_inline
-def random_u64(key, i):
-    """64 random bits for element ``i`` under ``key`` (both uint64)."""
-    z = key + (i + _ONE) * GAMMA
+def mix64(z):
+    """The SplitMix64 finaliser of the stream state ``z = key + (i + 1) * GAMMA`` (uint64).
+
+    A kernel that draws for ``i, i + d, i + 2d, ...`` can step ``z`` by ``d * GAMMA`` (wrapping)
+    instead of multiplying each index again."""
     z = (z ^ (z >> _S30)) * _M1
     z = (z ^ (z >> _S27)) * _M2
     return z ^ (z >> _S31)
+
+
+@jit_inline
+def random_u64(key, i):
+    """64 random bits for element ``i`` under ``key`` (both uint64)."""
+    return mix64(key + (i + _ONE) * GAMMA)
 
 
 @jit
