@@ -421,7 +421,8 @@ def _product(A, B, spec, keys, rb, c, mm=None, ba=None):
             out = _zero_products(A, B, spec, ba, bb, keys, rb, c)
         if out is None:
             out = _exact_filtered(A, B, spec, ba, bb, keys, rb, c, mm)
-        for path in (_fp32_chain, _fp32_chain64, _float_chain, _fixed_chain, _sr_chain):
+        for path in (_fp32_chain, _fp32_chain64, _float_chain, _fixed_chain,
+                     _float_chain64):
             if out is None:
                 out = path(A, B, spec, ba, bb, keys, rb, c)
     if out is None:
@@ -734,16 +735,16 @@ def _fixed_chain(A, B, spec, ba, bb, keys, rb, c):
     return _chain_result(vals, flags, "fixed_chain", spec, keys, rb, c)
 
 
-def _sr_chain(A, B, spec, ba, bb, keys, rb, c):
-    """A stochastically rounded float accumulator (any block, no ``via``, subnormals on),
+def _float_chain64(A, B, spec, ba, bb, keys, rb, c):
+    """A float accumulator (any block, no ``via``, subnormals on) in every mode but DOWN,
     products exact in float64: block sums and the running sum in float64, each sum's
-    exactness checked with TwoSum, the exact sum's magnitude truncated on its bits and rounded
-    up against the same draw as the general kernel; vectorised over the outputs, ``k`` in
-    order. Elements whose sums are not exact in float64, or that overflow to infinity, are
-    recomputed by the general kernel."""
+    exactness checked with TwoSum, the exact sum rounded on its bits (stochastically against
+    the general kernel's draws); vectorised over the outputs, ``k`` in order. Elements whose
+    sums are not exact in float64, or that overflow without saturating, are recomputed by
+    the general kernel. (DOWN is left out: the sign of a zero sum would need more state.)"""
     acc = spec.accumulator
     f = acc.fmt if acc is not None else None
-    if (not isinstance(f, FloatFormat) or acc.rounding is not Rounding.STOCHASTIC
+    if (not isinstance(f, FloatFormat) or acc.rounding is Rounding.DOWN
             or acc.via is not None or not f.subnormals or f.man_bits > 51 or f.emin < -1021
             or f.emax > 1023 or not _f64_products_exact(ba, bb) or A.shape[1] >= 2**31):
         return None
@@ -755,17 +756,19 @@ def _sr_chain(A, B, spec, ba, bb, keys, rb, c):
     vals = np.empty((R, N))
     A = np.ascontiguousarray(A, np.float64)
     B = np.ascontiguousarray(B, np.float64)
-    counts, bad = _g.gemm_chain_sr(A, B, vals, 0, acc.block, 52 - f.man_bits, f.emin + 1023,
-                                   bits(f.min_subnormal), bits(f.max), bits(f.min_normal),
-                                   acc.overflow is Overflow.SATURATE, acc.random_bits or 64,
-                                   keys[3])
+    counts, bad = _g.gemm_chain_f64(A, B, vals, 0, acc.block, int(acc.rounding),
+                                    52 - f.man_bits, f.emin + 1023, bits(f.min_subnormal),
+                                    bits(f.max), bits(f.min_normal),
+                                    acc.overflow is Overflow.SATURATE, acc.random_bits or 64,
+                                    keys[3])
     flags = counts.sum(axis=0)
     if bad.any():
         rows, cols = np.nonzero(bad)
         flags = flags + _general_at(A, B, MatmulSpec(accumulator=acc), ba, bb, keys, rb, rows,
                                     cols, vals, c)[1]
-        c.paths["sr_chain_general"] = c.paths.get("sr_chain_general", 0) + rows.size
-    return _chain_result(vals.astype(f.dtype), flags[None, :], "sr_chain", spec, keys, rb, c)
+        c.paths["float_chain64_general"] = c.paths.get("float_chain64_general", 0) + rows.size
+    return _chain_result(vals.astype(f.dtype), flags[None, :], "float_chain64", spec, keys, rb,
+                         c)
 
 
 def _general_at(A, B, spec, ba, bb, keys, rb, rows, cols, out, c, BT=None):

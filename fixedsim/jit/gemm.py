@@ -1104,28 +1104,31 @@ def gemm_chain_fixed(A, B, out, base, mode, dbits, qmin, qmax, wrap, span, rbits
 
 
 
+
 _SIGN64 = np.int64(-0x7FFFFFFFFFFFFFFF - 1)
 _MAG64 = np.int64(0x7FFFFFFFFFFFFFFF)
 _NAN64 = np.int64(0x7FF8000000000000)
 
 
 @jit_inline
-def _sr_chain_step(a0, p, sh0, lim, qbits, maxbits, minnorm, saturate, rbits, z):
-    """``a0 + p`` stochastically rounded into a float format, on float64 bits.
+def _chain64_step(a0, p, STOCH, mode, sh0, lim, qbits, maxbits, minnorm, saturate, rbits, z):
+    """``a0 + p`` rounded into a float format on float64 bits, every mode but DOWN.
 
     ``a0`` (a format value) and ``p`` (a product or block sum) are float64. The sum ``t`` is
-    exact when TwoSum's error is zero; its magnitude is truncated to the format's quantum at
+    exact when TwoSum's error is zero; its magnitude is cut at the format's quantum at
     ``t``'s exponent (``sh`` bits dropped: ``sh0 = 52 - man_bits`` in the normal range, more
     below ``lim``, the float64 biased exponent of the format's smallest normal) and rounded
-    up when the draw (``mix64(z)``, its top ``rbits``) is below ``floor(dropped fraction *
-    2**rbits)``, exactly as the general kernel rounds an exact value stochastically.
-    ``qbits``, ``maxbits``, ``minnorm``: float64 bits of the format's smallest subnormal,
-    largest value and smallest normal.
+    up as ``mode`` says, from the dropped bits ``rem`` and the last kept bit, as the float32
+    quantizer does. ``STOCH`` (a literal, ``mode`` is then SR): up when the draw
+    (``mix64(z)``, its top ``rbits``) is below ``floor(dropped fraction * 2**rbits)``,
+    exactly as the general kernel rounds an exact value stochastically. ``qbits``,
+    ``maxbits``, ``minnorm``: float64 bits of the format's smallest subnormal, largest value
+    and smallest normal.
 
     Returns the new value and two packed counters: ``inexact + (overflow << 32)`` and
-    ``underflow + (subnormal << 32)``. A sum that is not exact, not finite, or overflows to
-    infinity (not ``saturate``) returns NaN, which every later step keeps (NaN in, NaN out):
-    the caller leaves that element to the general kernel.
+    ``underflow + (subnormal << 32)``. A sum that is not exact, not finite, or overflows
+    without ``saturate`` returns NaN, which every later step keeps (NaN in, NaN out): the
+    caller leaves that element to the general kernel.
     """
     t = a0 + p
     bp = t - a0
@@ -1138,17 +1141,26 @@ def _sr_chain_step(a0, p, sh0, lim, qbits, maxbits, minnorm, saturate, rbits, z)
     efc = ef if ef > 1 else np.int64(1)
     sh = sh0 + (lim - efc if lim > efc else 0)
     shc = sh if sh < 54 else 54
-    rem = np.uint64(M & ((np.int64(1) << shc) - 1))
-    # floor(fraction * 2**rbits) = rem shifted by rbits - sh (branch-free: rem < 2**54, so a
-    # right shift of 63 clears it as any larger one would)
-    left = rbits - sh if rbits > sh else np.int64(0)
-    right = sh - rbits if sh > rbits else np.int64(0)
-    right = right if right < 63 else np.int64(63)
-    tt = (rem << np.uint64(left)) >> np.uint64(right)
-    draw = mix64(z) >> np.uint64(64 - rbits)
-    up = np.int64(draw < tt)
+    half = np.int64(1) << shc  # twice the weight of the highest dropped bit
+    rem = M & (half - 1)
+    if STOCH:
+        # floor(fraction * 2**rbits) = rem shifted by rbits - sh (branch-free: rem < 2**54,
+        # so a right shift of 63 clears it as any larger one would)
+        left = rbits - sh if rbits > sh else np.int64(0)
+        right = sh - rbits if sh > rbits else np.int64(0)
+        right = right if right < 63 else np.int64(63)
+        tt = (np.uint64(rem) << np.uint64(left)) >> np.uint64(right)
+        draw = mix64(z) >> np.uint64(64 - rbits)
+        up = np.int64(draw < tt)
+    else:
+        lsb = (M >> shc) & 1
+        nz = np.int64(rem != 0)
+        up = np.int64(2 * rem + lsb > half) if mode == RNE else (
+            np.int64(2 * rem >= half) if mode == RNA else (
+                nz * (1 - np.int64(s != 0)) if mode == RUP else (
+                    nz * (1 - lsb) if mode == ODD else np.int64(0))))
     big = np.int64(shc > 52)  # the whole significand lies below the quantum
-    res = (a & ~((np.int64(1) << shc) - 1)) + (up << shc)
+    res = (a & ~(half - 1)) + (up << shc)
     res = res + big * (qbits * up - res)
     over = np.int64(res > maxbits)
     res = res + over * (maxbits - res)
@@ -1161,18 +1173,59 @@ def _sr_chain_step(a0, p, sh0, lim, qbits, maxbits, minnorm, saturate, rbits, z)
     return f64_from_bits(res), inexact + (over << 32), under + (sub << 32)
 
 
-@jit_parallel
-def gemm_chain_sr(A, B, out, base, block, sh0, lim, qbits, maxbits, minnorm, saturate, rbits,
-                  key):
-    """Stochastically rounded accumulation into a float format, products exact in float64.
+@jit_inline
+def _chain64_blocks(A, B, r, acc, bs, c1, c2, zr, block, STOCH, mode, sh0, lim, qbits, maxbits,
+                    minnorm, saturate, rbits):
+    """One row of :func:`gemm_chain_f64` (``STOCH`` a literal)."""
+    K = A.shape[1]
+    N = acc.size
+    nb = (K + block - 1) // block
+    for t in range(nb):
+        k0 = t * block
+        k1 = min(K, k0 + block)
+        x = A[r, k0]
+        bk = B[k0]
+        tg = np.uint64(t) * GAMMA
+        if block == 1:
+            for j in range(N):
+                v, f1, f2 = _chain64_step(acc[j], x * bk[j], STOCH, mode, sh0, lim, qbits,
+                                          maxbits, minnorm, saturate, rbits, zr[j] + tg)
+                acc[j] = v
+                c1[j] += f1
+                c2[j] += f2
+            continue
+        for j in range(N):
+            bs[j] = x * bk[j]
+        for k in range(k0 + 1, k1):
+            x = A[r, k]
+            bk = B[k]
+            for j in range(N):  # a block sum that is not exact poisons the sum: NaN
+                p = x * bk[j]
+                sj = bs[j] + p
+                bp = sj - bs[j]
+                e = (bs[j] - (sj - bp)) + (p - bp)
+                bs[j] = sj if e == 0.0 else np.nan
+        for j in range(N):
+            v, f1, f2 = _chain64_step(acc[j], bs[j], STOCH, mode, sh0, lim, qbits, maxbits,
+                                      minnorm, saturate, rbits, zr[j] + tg)
+            acc[j] = v
+            c1[j] += f1
+            c2[j] += f2
 
-    ``acc[j] = SR(acc[j] + sum of the block's products)`` for each block of ``block``
-    consecutive ``k`` in order (``block = 1``: an FMA chain), vectorised over ``j``; the draw of
-    block ``t`` of output ``o = base + r*N + j`` is indexed ``o * nblocks + t``, as in the
-    general kernel (the stream state is stepped by ``GAMMA`` per block). Block sums are
-    float64 sums whose exactness TwoSum checks. Returns per-row counts (of the elements
-    computed here) and the mask of elements left to the caller (a sum not exact in float64,
-    an infinity): their values in ``out`` are meaningless.
+
+@jit_parallel
+def gemm_chain_f64(A, B, out, base, block, mode, sh0, lim, qbits, maxbits, minnorm, saturate,
+                   rbits, key):
+    """Accumulation into a float format in any mode but DOWN, products exact in float64.
+
+    ``acc[j] = round(acc[j] + sum of the block's products)`` for each block of ``block``
+    consecutive ``k`` in order (``block = 1``: an FMA chain), vectorised over ``j``, by
+    :func:`_chain64_step`. Stochastic draws: block ``t`` of output ``o = base + r*N + j`` is
+    indexed ``o * nblocks + t``, as in the general kernel (the stream state is stepped by
+    ``GAMMA`` per block). Block sums are float64 sums whose exactness TwoSum checks (the
+    zero sign of a float64 sum to nearest is the model's in these modes). Returns per-row
+    counts (of the elements computed here) and the mask of elements left to the caller (a sum
+    not exact in float64, an overflow to infinity): their values in ``out`` are meaningless.
     """
     R, K = A.shape
     N = B.shape[1]
@@ -1188,37 +1241,12 @@ def gemm_chain_sr(A, B, out, base, block, sh0, lim, qbits, maxbits, minnorm, sat
         zr = np.empty(N, np.uint64)
         for j in range(N):  # stream state of draw index (base + r*N + j) * nb
             zr[j] = key + (np.uint64(base + r * N + j) * np.uint64(nb) + np.uint64(1)) * GAMMA
-        for t in range(nb):
-            k0 = t * block
-            k1 = min(K, k0 + block)
-            x = A[r, k0]
-            bk = B[k0]
-            tg = np.uint64(t) * GAMMA
-            if block == 1:
-                for j in range(N):
-                    v, f1, f2 = _sr_chain_step(acc[j], x * bk[j], sh0, lim, qbits, maxbits,
-                                               minnorm, saturate, rbits, zr[j] + tg)
-                    acc[j] = v
-                    c1[j] += f1
-                    c2[j] += f2
-                continue
-            for j in range(N):
-                bs[j] = x * bk[j]
-            for k in range(k0 + 1, k1):
-                x = A[r, k]
-                bk = B[k]
-                for j in range(N):  # a block sum that is not exact poisons the sum: NaN
-                    p = x * bk[j]
-                    s = bs[j] + p
-                    bp = s - bs[j]
-                    e = (bs[j] - (s - bp)) + (p - bp)
-                    bs[j] = s if e == 0.0 else np.nan
-            for j in range(N):
-                v, f1, f2 = _sr_chain_step(acc[j], bs[j], sh0, lim, qbits, maxbits, minnorm,
-                                           saturate, rbits, zr[j] + tg)
-                acc[j] = v
-                c1[j] += f1
-                c2[j] += f2
+        if mode == SR:
+            _chain64_blocks(A, B, r, acc, bs, c1, c2, zr, block, True, mode, sh0, lim, qbits,
+                            maxbits, minnorm, saturate, rbits)
+        else:
+            _chain64_blocks(A, B, r, acc, bs, c1, c2, zr, block, False, mode, sh0, lim, qbits,
+                            maxbits, minnorm, saturate, rbits)
         for j in range(N):
             if acc[j] != acc[j]:
                 bad[r, j] = 1
