@@ -168,6 +168,16 @@ def test_bad_config():
         TrainConfig(schedule="linear")
     with pytest.raises(ValueError, match="unknown key"):
         TrainConfig.from_dict({"epochs": 1, "epoch": 2})
+    with pytest.raises(ValueError, match="model_options must hold JSON values"):
+        TrainConfig(model_options={"hidden": np.int64(3)})
+
+
+def test_model_options_survive_the_json_round_trip():
+    """A tuple in model_options is held as a list: the config read back from run.json equals
+    the one given (resume compares them), and the model is the same."""
+    cfg = TrainConfig(model="mlp", model_options={"hidden": (12, 8)})
+    assert cfg.model_options == {"hidden": [12, 8]}
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
 def test_cli_train_and_resume(tmp_path, capsys):

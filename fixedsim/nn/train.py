@@ -56,7 +56,8 @@ class TrainConfig:
     model : str
         ``"mlp"``, ``"lenet"`` or ``"cifarnet"`` (:func:`fixedsim.nn.build`).
     model_options : dict
-        Keyword arguments of the model constructor (e.g. ``{"hidden": [256]}``).
+        Keyword arguments of the model constructor (e.g. ``{"hidden": [256]}``), JSON values:
+        tuples are held as lists, so a config equals itself read back from ``run.json``.
     data : str
         A data set name or folder (:func:`fixedsim.data.load`): ``"embedded"``,
         ``"fashion-mnist"``, ``"mnist5k"``, ``"synthetic"`` or a directory of IDX files.
@@ -120,6 +121,12 @@ class TrainConfig:
         if not isinstance(self.model_options, dict):
             raise ValueError(f"TrainConfig model_options must be a dict, "
                              f"got {self.model_options!r}")
+        try:  # stored as JSON in run.json: hold it as JSON gives it back (tuples as lists)
+            opts = json.loads(json.dumps(self.model_options, allow_nan=False))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"TrainConfig model_options must hold JSON values (numbers, "
+                             f"strings, lists, dicts), got {self.model_options!r}: {e}") from None
+        object.__setattr__(self, "model_options", opts)
         if not (isinstance(self.max_loss, (int, float)) and self.max_loss > 0):
             raise ValueError(f"TrainConfig max_loss must be > 0, got {self.max_loss!r}")
         parse_schedule(self.schedule)  # validates
