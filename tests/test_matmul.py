@@ -393,6 +393,27 @@ def test_thread_count_does_not_change_bits():
     assert_same_bits(y1, y2)
 
 
+def test_small_outputs_round_on_one_thread_and_restore_the_count():
+    """The output rounding of a small product runs on one Numba thread (a parallel kernel
+    right after BLAS waits for OpenBLAS's spinning workers); the caller's count is restored
+    and the bits are those of the parallel kernel."""
+    import numba
+
+    rng = np.random.default_rng(10)
+    a, b = rng.normal(size=(40, 30)), rng.normal(size=(30, 20))
+    spec = fs.MatmulSpec(input=fs.FixedFormat(12, 6), output=fs.FixedFormat(10, 4),
+                         output_rounding="stochastic", seed=5)
+    before = numba.get_num_threads()
+    y = fs.matmul(a, b, spec)
+    assert numba.get_num_threads() == before
+    old = mm._SERIAL_OUTPUT
+    mm._SERIAL_OUTPUT = 0
+    try:
+        assert_same_bits(fs.matmul(a, b, spec), y)
+    finally:
+        mm._SERIAL_OUTPUT = old
+
+
 # -- bad input ------------------------------------------------------------------------------------
 def test_bad_input_is_named():
     with pytest.raises(ValueError, match="K=3.*K=4"):
