@@ -45,6 +45,7 @@ from .quantize import (
     _check_format,
     _check_random_bits,
     _f32_bits,
+    _f64_bits,
     _fast_float_params,
     _kernel_params,
     _run,
@@ -769,16 +770,13 @@ def _float_chain64(A, B, spec, ba, bb, keys, rb, c):
             or f.emax > 1023 or not _f64_products_exact(ba, bb) or A.shape[1] >= 2**31):
         return None
 
-    def bits(v):
-        return int(np.float64(v).view(np.int64))
-
     R, N = A.shape[0], B.shape[1]
     vals = np.empty((R, N))
     A = np.ascontiguousarray(A, np.float64)
     B = np.ascontiguousarray(B, np.float64)
     counts, bad = _g.gemm_chain_f64(A, B, vals, 0, acc.block, int(acc.rounding),
-                                    52 - f.man_bits, f.emin + 1023, bits(f.min_subnormal),
-                                    bits(f.max), bits(f.min_normal),
+                                    52 - f.man_bits, f.emin + 1023, _f64_bits(f.min_subnormal),
+                                    _f64_bits(f.max), _f64_bits(f.min_normal),
                                     acc.overflow is Overflow.SATURATE, acc.random_bits or 64,
                                     keys[3])
     flags = counts.sum(axis=0)

@@ -216,6 +216,10 @@ def _f32_bits(v: float) -> int:
     return int(np.float32(v).view(np.uint32))
 
 
+def _f64_bits(v: float) -> int:
+    return int(np.float64(v).view(np.int64))
+
+
 @functools.lru_cache(maxsize=512)
 def _fast_float_params(fmt: FloatFormat, rounding: Rounding, overflow: Overflow):
     maxbits = _f32_bits(fmt.max)

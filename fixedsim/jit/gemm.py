@@ -1103,8 +1103,6 @@ def gemm_chain_fixed(A, B, out, base, mode, dbits, qmin, qmax, wrap, span, rbits
     return counts
 
 
-
-
 _SIGN64 = np.int64(-0x7FFFFFFFFFFFFFFF - 1)
 _MAG64 = np.int64(0x7FFFFFFFFFFFFFFF)
 _NAN64 = np.int64(0x7FF8000000000000)
