@@ -1128,9 +1128,7 @@ def _chain64_step(a0, p, STOCH, mode, sh0, lim, qbits, maxbits, minnorm, saturat
     without ``saturate`` returns NaN, which every later step keeps (NaN in, NaN out): the
     caller leaves that element to the general kernel.
     """
-    t = a0 + p
-    bp = t - a0
-    e = (a0 - (t - bp)) + (p - bp)
+    t, e = two_sum(a0, p)
     b = f64_bits(t)
     s = b & _SIGN64
     a = b & _MAG64
@@ -1198,10 +1196,7 @@ def _chain64_blocks(A, B, r, acc, bs, c1, c2, zr, block, STOCH, mode, sh0, lim, 
             x = A[r, k]
             bk = B[k]
             for j in range(N):  # a block sum that is not exact poisons the sum: NaN
-                p = x * bk[j]
-                sj = bs[j] + p
-                bp = sj - bs[j]
-                e = (bs[j] - (sj - bp)) + (p - bp)
+                sj, e = two_sum(bs[j], x * bk[j])
                 bs[j] = sj if e == 0.0 else np.nan
         for j in range(N):
             v, f1, f2 = _chain64_step(acc[j], bs[j], STOCH, mode, sh0, lim, qbits, maxbits,
