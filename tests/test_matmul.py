@@ -463,6 +463,78 @@ def test_float_chain_path_matches_general(rnd, acc, ovf):
     assert both_paths(a, b, spec) == {"float_chain": 1}
 
 
+@st.composite
+def fp16_chain_matrices(draw):
+    """FP16 values (products exact in float32) on scales chosen per row and per column, so
+    that some elements' chains stay in the accumulator's normal range (the lean steps of
+    ``float_chain``), some become subnormal, underflow, overflow or cancel to signed zeros
+    (recomputed element by element), and some rows are mostly rare (recomputed whole); rows
+    not a multiple of four, ties and exact zeros included."""
+    m, k, n = draw(st.integers(1, 9)), draw(st.integers(0, 24)), draw(st.integers(1, 40))
+    sig = st.one_of(st.integers(-2048, 2048).map(lambda c: c / 1024.0),
+                    st.sampled_from([0.0, -0.0, 1.0, -1.0, 1.5, 1.0 + 2.0**-10, 0.75]))
+    scales = st.sampled_from([-24, -14, -9, -4, 0, 0, 0, 3, 7, 14])
+
+    def mat(r, c, per_row):
+        s = np.exp2(np.array(draw(st.lists(scales, min_size=r if per_row else c,
+                                           max_size=r if per_row else c)), float))
+        v = np.array(draw(st.lists(sig, min_size=r * c, max_size=r * c)), float).reshape(r, c)
+        return fs.quantize(v * (s[:, None] if per_row else s[None, :]), fs.FP16)
+
+    return mat(m, k, True), mat(k, n, False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(fp16_chain_matrices(), roundings(include_stochastic=False),
+       st.sampled_from([fs.FP16, fs.BF16, fs.FP8_E5M2, fs.FloatFormat(5, 3)]),
+       st.sampled_from([None, "saturate"]))
+def test_float_chain_lean_and_rare_elements_match_general(ab, rnd, acc, ovf):
+    """The lean four-row pass and both recomputations of its marked elements give the general
+    kernel's bits and counts."""
+    spec = fs.MatmulSpec(accumulator=fs.Accumulator(acc, rnd, ovf))
+    assert both_paths(*ab, spec) == {"float_chain": 1}
+
+
+def test_float_chain_rare_columns_and_rows():
+    """One subnormal column among many (element-by-element recomputation), whole rows of
+    subnormal or overflowing sums (row recomputation), and rows beyond a multiple of four."""
+    rng = np.random.default_rng(21)
+    a = fs.quantize(rng.standard_normal((7, 50)), fs.FP16)
+    b = fs.quantize(rng.standard_normal((50, 48)), fs.FP16)
+    b[:, 3] = fs.quantize(b[:, 3] * 2.0**-20, fs.FP16)
+    a[2] = fs.quantize(a[2] * 2.0**-14, fs.FP16)
+    a[5] = fs.quantize(a[5] * 2.0**13, fs.FP16)
+    for rnd in fs.Rounding:
+        if rnd is not fs.Rounding.STOCHASTIC:
+            spec = fs.MatmulSpec(accumulator=fs.Accumulator(fs.FP16, rnd))
+            assert both_paths(a, b, spec) == {"float_chain": 1}
+    _, c = fs.matmul(a, b, spec, stats=True)
+    assert c.accumulator.subnormal > 0 and c.accumulator.overflow > 0
+
+
+@pytest.mark.parametrize("acc", [fs.FP16, fs.FP8_E5M2, fs.FloatFormat(5, 3), fs.FloatFormat(6, 5)])
+@pytest.mark.parametrize("ovf", [None, "saturate"])
+def test_float_chain_edges(acc, ovf):
+    """Sums at the edges of the lean steps' range: the largest value, just beyond it (rounding
+    down to it or overflowing, by mode), the smallest normal and just below it, exact zeros
+    of both signs, ties; each chain in its own row, in every deterministic mode."""
+    big, tiny, u = acc.max, acc.min_normal, acc.min_subnormal
+    ulp = 2.0**(acc.emax - acc.man_bits)  # the quantum at the largest binade
+    h = 2.0**-(acc.man_bits + 1)  # half the quantum at 1
+    chains = [[big, 0.0], [big, u], [big, ulp / 2], [big, ulp / 4], [big - ulp, ulp / 2],
+              [big - ulp, ulp], [tiny, -u], [tiny, u], [tiny + u, -u], [tiny, -tiny],
+              [-tiny, tiny], [-0.0, -0.0], [-0.0, 0.0], [tiny * 2, -tiny - u], [1.0, h],
+              [1.0 + 2 * h, h], [1.0, h / 2], [1.0, 3 * h / 2]]
+    chains += [[-x for x in c] for c in chains]
+    a = np.array(chains)
+    assert np.array_equal(a.astype(np.float32), a), "products exact in float32"
+    b = np.ones((2, 3))
+    for rnd in fs.Rounding:
+        if rnd is not fs.Rounding.STOCHASTIC:
+            spec = fs.MatmulSpec(accumulator=fs.Accumulator(acc, rnd, ovf))
+            assert both_paths(a, b, spec) == {"float_chain": 1}, rnd
+
+
 @pytest.mark.parametrize("rnd", list(fs.Rounding))
 @pytest.mark.parametrize("acc", [fs.FixedFormat(16, 8), fs.FixedFormat(24, 16),
                                  fs.FixedFormat(12, 10), fs.FixedFormat(20, 20, signed=False)])

@@ -883,16 +883,92 @@ def _chain_float_step(a0, p, MODE, sh0, lim, qbits, maxbits, ovp, ovn, infb, min
             np.int32(fl_under), np.int32(fl_sub))
 
 
+_I32 = np.int32
+#: Rare elements (NaN-marked by the lean pass) of a row beyond which :func:`gemm_chain_float`
+#: recomputes the whole row, vectorised, rather than element by element.
+_FLOAT_CHAIN_RARE_ROW = 16
+
+
 @jit_inline
-def _chain_float_row(acc, ci, co, cu, cs, ar, B, MODE, sh0, lim, qbits, maxbits, ovp, ovn, infb,
-                     minnorm):
-    """One row of :func:`gemm_chain_float` for a literal ``MODE``: ``k`` in order, each step
-    vectorised over the outputs ``j`` (indices from 0)."""
+def _chain_float_lean(a0, p, MODE, lsb, span, minnorm):
+    """:func:`_chain_float_step` where the sum stays in the format's normal range.
+
+    Same TwoSum and rounding to odd, then the magnitude ``m`` is rounded at the format's
+    normal quantum (``lsb``: its bit in the float32 pattern) with 32-bit integers only (each
+    expression cast back to int32: Numba would widen it to int64, halving the vector width).
+    A step is kept when ``m`` is zero or ``minnorm <= m <= minnorm + span`` (the format's
+    smallest normal and largest value: the rounded value is then normal and finite, so the
+    step is inexact or exact and nothing else); otherwise, and for a NaN ``a0``, the step
+    returns NaN, which every later step keeps: the caller recomputes that element counting
+    every event. Returns the new sum and the inexact flag (int32 0/1).
+    """
+    if MODE == RDN:  # IEEE's zero sign for DOWN: -0 unless both terms are +0
+        s = -((-a0) - p)
+    else:
+        s = a0 + p
+    bp = s - a0
+    e = (a0 - (s - bp)) + (p - bp)
+    sb = _I32(f32_bits(s))
+    sign = _I32(sb & _I32(-0x80000000))
+    mag = _I32(sb ^ sign)
+    inexact = _I32(e != 0)
+    down = _I32(inexact & _I32(_I32(e < 0) ^ _I32(sign != 0)))
+    m = _I32(_I32(mag - down) | inexact)  # rounded to odd at 24 bits
+    mask = _I32(lsb - _I32(1))
+    cut = _I32(m & _I32(~mask))
+    if MODE == RNE:
+        r = _I32(_I32(_I32(m + _I32(mask >> _I32(1))) + _I32(_I32(m & lsb) != _I32(0)))
+                 & _I32(~mask))
+    elif MODE == RNA:
+        r = _I32(_I32(m + _I32(_I32(mask >> _I32(1)) + _I32(1))) & _I32(~mask))
+    elif MODE == RTZ:
+        r = cut
+    elif MODE == RUP:
+        r = _I32(_I32(m + _I32(mask & _I32(~_I32(sign >> _I32(31))))) & _I32(~mask))
+    elif MODE == RDN:
+        r = _I32(_I32(m + _I32(mask & _I32(sign >> _I32(31)))) & _I32(~mask))
+    else:  # ODD: an inexact cut gets its last bit set
+        r = _I32(cut | lsb) if _I32(m & mask) != _I32(0) else cut
+    keep = (np.uint32(_I32(m - minnorm)) <= np.uint32(span)) | (m == _I32(0))
+    v = _I32(r | sign) if keep else _I32(0x7FC00000)
+    return f32_from_bits(v), _I32(r != m)
+
+
+@jit_inline
+def _chain_float_rows(a0, a1, a2, a3, c0, c1, c2, c3, A, rows, B, MODE, lsb, span, minnorm):
+    """Four rows of :func:`gemm_chain_float` (``rows``), lean steps, ``k`` in order: each pass
+    over the outputs carries four independent chains, so that their latencies overlap and
+    each ``B[k, j]`` is loaded once."""
+    i0, i1, i2, i3 = rows[0], rows[1], rows[2], rows[3]
+    for k in range(A.shape[1]):
+        x0, x1, x2, x3 = A[i0, k], A[i1, k], A[i2, k], A[i3, k]
+        bk = B[k]
+        for j in range(a0.size):
+            b = bk[j]
+            s0, f0 = _chain_float_lean(a0[j], x0 * b, MODE, lsb, span, minnorm)
+            s1, f1 = _chain_float_lean(a1[j], x1 * b, MODE, lsb, span, minnorm)
+            s2, f2 = _chain_float_lean(a2[j], x2 * b, MODE, lsb, span, minnorm)
+            s3, f3 = _chain_float_lean(a3[j], x3 * b, MODE, lsb, span, minnorm)
+            a0[j] = s0
+            a1[j] = s1
+            a2[j] = s2
+            a3[j] = s3
+            c0[j] += f0
+            c1[j] += f1
+            c2[j] += f2
+            c3[j] += f3
+
+
+@jit
+def _chain_float_row_full(acc, ci, co, cu, cs, ar, B, mode, sh0, lim, qbits, maxbits, ovp, ovn,
+                          infb, minnorm):
+    """One row with :func:`_chain_float_step`, every event counted (``mode`` a runtime value:
+    rows with many rare steps)."""
     for k in range(ar.size):
         x = ar[k]
         bk = B[k]
         for j in range(acc.size):
-            v, f1, f2, f3, f4 = _chain_float_step(acc[j], x * bk[j], MODE, sh0, lim, qbits,
+            v, f1, f2, f3, f4 = _chain_float_step(acc[j], x * bk[j], mode, sh0, lim, qbits,
                                                   maxbits, ovp, ovn, infb, minnorm)
             acc[j] = v
             ci[j] += f1
@@ -901,49 +977,89 @@ def _chain_float_row(acc, ci, co, cu, cs, ar, B, MODE, sh0, lim, qbits, maxbits,
             cs[j] += f4
 
 
+@jit
+def _chain_float_elem(ar, B, j, counts, mode, sh0, lim, qbits, maxbits, ovp, ovn, infb,
+                      minnorm):
+    """One output element with :func:`_chain_float_step`; adds its counts to ``counts``."""
+    acc = np.float32(0.0)
+    for k in range(ar.size):
+        acc, f1, f2, f3, f4 = _chain_float_step(acc, ar[k] * B[k, j], mode, sh0, lim, qbits,
+                                                maxbits, ovp, ovn, infb, minnorm)
+        counts[F_INEXACT] += f1
+        counts[F_OVERFLOW] += f2
+        counts[F_UNDERFLOW] += f3
+        counts[F_SUBNORMAL] += f4
+    return acc
+
+
 @jit_parallel
 def gemm_chain_float(A, B, out, mode, sh0, lim, qbits, maxbits, ovp, ovn, infb, minnorm):
     """FMA chain into a float format of at most 21 significand bits inside float32's range.
 
     Products ``A[r, k] * B[k, j]`` must be exact in float32 (the caller checks). ``acc[j] =
-    round(acc[j] + A[r, k] * B[k, j])`` for ``k`` in order, vectorised over ``j``, one loop per
-    deterministic rounding mode. Parameters of the format as for
-    :func:`fixedsim.jit.quant_fast.float_from_f32`; ``minnorm``: bits of the smallest normal.
-    Returns per-row counts, as the general kernel counts the accumulator stage.
+    round(acc[j] + A[r, k] * B[k, j])`` for ``k`` in order, vectorised over ``j``. Rows run
+    four at a time (the last group repeats the last row) with the lean step
+    :func:`_chain_float_lean`, one loop per deterministic rounding mode; an element it marks
+    (a sum below the format's normal range, beyond its largest value, or not finite) is
+    recomputed with :func:`_chain_float_step`, which counts every event: element by element,
+    or the whole row when more than ``1/_FLOAT_CHAIN_RARE_ROW`` of it is marked. Parameters of
+    the format as for :func:`fixedsim.jit.quant_fast.float_from_f32`; ``minnorm``: bits of the
+    smallest normal. Returns per-row counts, as the general kernel counts the accumulator
+    stage.
     """
     R, K = A.shape
     N = B.shape[1]
     counts = np.zeros((R, N_FLAGS), np.int64)
-    for r in prange(R):
-        acc = np.zeros(N, np.float32)
-        ci = np.zeros(N, np.int32)
-        co = np.zeros(N, np.int32)
-        cu = np.zeros(N, np.int32)
-        cs = np.zeros(N, np.int32)
-        ar = A[r]
+    lsb = _I32(1 << sh0)
+    span = _I32(maxbits - minnorm)
+    mn = _I32(minnorm)
+    for g in prange((R + 3) // 4):
+        rows = np.empty(4, np.int64)
+        for i in range(4):
+            rows[i] = min(4 * g + i, R - 1)
+        acc = np.zeros((4, N), np.float32)
+        cnt = np.zeros((4, N), np.int32)
+        a0, a1, a2, a3 = acc[0], acc[1], acc[2], acc[3]
+        c0, c1, c2, c3 = cnt[0], cnt[1], cnt[2], cnt[3]
         if mode == RNE:
-            _chain_float_row(acc, ci, co, cu, cs, ar, B, RNE, sh0, lim, qbits, maxbits, ovp, ovn,
-                             infb, minnorm)
+            _chain_float_rows(a0, a1, a2, a3, c0, c1, c2, c3, A, rows, B, RNE, lsb, span, mn)
         elif mode == RNA:
-            _chain_float_row(acc, ci, co, cu, cs, ar, B, RNA, sh0, lim, qbits, maxbits, ovp, ovn,
-                             infb, minnorm)
+            _chain_float_rows(a0, a1, a2, a3, c0, c1, c2, c3, A, rows, B, RNA, lsb, span, mn)
         elif mode == RTZ:
-            _chain_float_row(acc, ci, co, cu, cs, ar, B, RTZ, sh0, lim, qbits, maxbits, ovp, ovn,
-                             infb, minnorm)
+            _chain_float_rows(a0, a1, a2, a3, c0, c1, c2, c3, A, rows, B, RTZ, lsb, span, mn)
         elif mode == RDN:
-            _chain_float_row(acc, ci, co, cu, cs, ar, B, RDN, sh0, lim, qbits, maxbits, ovp, ovn,
-                             infb, minnorm)
+            _chain_float_rows(a0, a1, a2, a3, c0, c1, c2, c3, A, rows, B, RDN, lsb, span, mn)
         elif mode == RUP:
-            _chain_float_row(acc, ci, co, cu, cs, ar, B, RUP, sh0, lim, qbits, maxbits, ovp, ovn,
-                             infb, minnorm)
+            _chain_float_rows(a0, a1, a2, a3, c0, c1, c2, c3, A, rows, B, RUP, lsb, span, mn)
         else:
-            _chain_float_row(acc, ci, co, cu, cs, ar, B, ODD, sh0, lim, qbits, maxbits, ovp, ovn,
-                             infb, minnorm)
-        out[r] = acc
-        counts[r, F_INEXACT] = ci.sum()
-        counts[r, F_OVERFLOW] = co.sum()
-        counts[r, F_UNDERFLOW] = cu.sum()
-        counts[r, F_SUBNORMAL] = cs.sum()
+            _chain_float_rows(a0, a1, a2, a3, c0, c1, c2, c3, A, rows, B, ODD, lsb, span, mn)
+        for i in range(min(4, R - 4 * g)):
+            r = rows[i]
+            ar = A[r]
+            rare = 0
+            for j in range(N):
+                rare += np.int64(acc[i, j] != acc[i, j])
+            if rare * _FLOAT_CHAIN_RARE_ROW > N:
+                row = np.zeros(N, np.float32)
+                ci = np.zeros(N, np.int32)
+                co = np.zeros(N, np.int32)
+                cu = np.zeros(N, np.int32)
+                cs = np.zeros(N, np.int32)
+                _chain_float_row_full(row, ci, co, cu, cs, ar, B, mode, sh0, lim, qbits,
+                                      maxbits, ovp, ovn, infb, minnorm)
+                out[r] = row
+                counts[r, F_INEXACT] = ci.sum()
+                counts[r, F_OVERFLOW] = co.sum()
+                counts[r, F_UNDERFLOW] = cu.sum()
+                counts[r, F_SUBNORMAL] = cs.sum()
+                continue
+            for j in range(N):
+                if acc[i, j] != acc[i, j]:
+                    out[r, j] = _chain_float_elem(ar, B, j, counts[r], mode, sh0, lim, qbits,
+                                                  maxbits, ovp, ovn, infb, minnorm)
+                else:
+                    out[r, j] = acc[i, j]
+                    counts[r, F_INEXACT] += cnt[i, j]
     return counts
 
 
