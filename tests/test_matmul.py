@@ -620,6 +620,34 @@ def f32_matrices(draw, max_k=12):
 DETERMINISTIC = [r for r in fs.Rounding if r is not fs.Rounding.STOCHASTIC]
 
 
+@pytest.mark.parametrize("data,rnd,ovf,path", [
+    (fs.BF16, "nearest_even", None, "fp32_chain"),  # float32 loop: products exact in float32
+    (None, "nearest_even", None, "fp32_chain64"),  # float32 data: the FMA instruction
+    (None, "nearest_even", "saturate", "fp32_chain64"),  # float64 lanes from here on
+    (None, "up", None, "fp32_chain64"),
+    (None, "toward_zero", "saturate", "fp32_chain64"),
+    (fs.BF16, "odd", None, "fp32_chain64")])
+def test_fp32_chains_rare_columns_and_rows(data, rnd, ovf, path):
+    """FP32 chains, four rows at a time: a column of subnormal sums among many (recomputed
+    element by element), rows of subnormal or overflowing sums (recomputed whole), and rows
+    beyond a multiple of four, in each FP32 chain kernel."""
+    rng = np.random.default_rng(22)
+    a = ((0.5 + abs(rng.standard_normal((7, 50)))) * rng.choice([-1, 1], (7, 50))
+         ).astype(np.float32)
+    b = (0.5 + abs(rng.standard_normal((50, 48)))).astype(np.float32)
+    b[:, 3] *= np.float32(2.0**-127)
+    a[5] = 1.875 * 2.0**123
+    if data is None:
+        a[2] *= np.float32(2.0**-130)
+    else:  # its products with the tiny column would not be exact in float32
+        a[2] = a[5]
+    a, b = (x if data is None else fs.quantize(x, data).astype(np.float32) for x in (a, b))
+    spec = fs.MatmulSpec(accumulator=fs.Accumulator(fs.FP32, rnd, ovf))
+    assert both_paths(a, b, spec) == {path: 1}
+    _, c = fs.matmul(a, b, spec, stats=True)
+    assert c.accumulator.subnormal > 0 and c.accumulator.overflow > 0
+
+
 @settings(max_examples=300)
 @given(st.sampled_from(DETERMINISTIC), st.sampled_from([None, fs.Overflow.SATURATE]),
        st.sampled_from([None, fs.FP16, fs.BF16]), f32_matrices())

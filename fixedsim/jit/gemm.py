@@ -467,95 +467,160 @@ def operand_bits(x):
         top.max() if nch else -4096
 
 
+_I32 = np.int32
+#: Rare (NaN-marked) elements of a row beyond which a four-row chain kernel recomputes the
+#: whole row, vectorised, rather than element by element (see :func:`_finish_rows`).
+_RARE_ROW = 16
+
+
+@jit_inline
+def _group_rows(g, R):
+    """The four rows of group ``g`` of a four-row chain kernel (the last group repeats row
+    ``R - 1``) and how many of them are distinct."""
+    rows = np.empty(4, np.int64)
+    for i in range(4):
+        rows[i] = min(4 * g + i, R - 1)
+    return rows, min(4, R - 4 * g)
+
+
+@jit_inline
+def _lean_rows(acc, cnt, A, rows, B, step, MODE, L):
+    """Four rows' chains ``acc[i, j] = step(acc[i, j], A[rows[i], k], B[k, j])``, ``k`` in
+    order, each pass over the outputs ``j`` carrying the four independent chains (their
+    latencies overlap, and each ``B[k, j]`` is loaded once). ``step(a0, x, b, MODE, L)``
+    returns the new sum, or NaN for a step it leaves to the counting recomputation, and its
+    inexact flag, added to ``cnt``."""
+    a0, a1, a2, a3 = acc[0], acc[1], acc[2], acc[3]
+    c0, c1, c2, c3 = cnt[0], cnt[1], cnt[2], cnt[3]
+    i0, i1, i2, i3 = rows[0], rows[1], rows[2], rows[3]
+    for k in range(A.shape[1]):
+        x0, x1, x2, x3 = A[i0, k], A[i1, k], A[i2, k], A[i3, k]
+        bk = B[k]
+        for j in range(a0.size):
+            b = bk[j]
+            s0, f0 = step(a0[j], x0, b, MODE, L)
+            s1, f1 = step(a1[j], x1, b, MODE, L)
+            s2, f2 = step(a2[j], x2, b, MODE, L)
+            s3, f3 = step(a3[j], x3, b, MODE, L)
+            a0[j] = s0
+            a1[j] = s1
+            a2[j] = s2
+            a3[j] = s3
+            c0[j] += f0
+            c1[j] += f1
+            c2[j] += f2
+            c3[j] += f3
+
+
+@jit_inline
+def _finish_rows(acc, cnt, A, B, rows, n, out, counts, row_full, elem_full, P):
+    """Results and counts of the first ``n`` rows of a :func:`_lean_rows` pass: an element the
+    lean steps marked (NaN) is recomputed by ``elem_full(ar, B, j, counts_row, P)``, counting
+    every event; a row with more than ``1/_RARE_ROW`` of its elements marked is recomputed
+    whole by ``row_full(ar, B, out_row, counts_row, P)`` (vectorised)."""
+    N = acc.shape[1]
+    for i in range(n):
+        r = rows[i]
+        rare = 0
+        for j in range(N):
+            rare += np.int64(acc[i, j] != acc[i, j])
+        if rare * _RARE_ROW > N:
+            row_full(A[r], B, out[r], counts[r], P)
+            continue
+        for j in range(N):
+            if acc[i, j] != acc[i, j]:
+                out[r, j] = elem_full(A[r], B, j, counts[r], P)
+            else:
+                out[r, j] = acc[i, j]
+                counts[r, F_INEXACT] += cnt[i, j]
+
+
 _F32_MIN_NORMAL = np.float32(2.0**-126)
+_F32_INF = np.float32(np.inf)
 
 
 @jit_inline
-def _f32_lean(a0, p):
-    """One float32 FMA-chain step for a finite ``a0``: the sum, its inexact flag, and
-    ``rare`` (an infinite or subnormal sum: the caller recomputes the row, counting those)."""
+def _f32_lean(a0, x, b, MODE, L):
+    """One float32 FMA-chain step ``a0 + x*b`` (the product exact in float32), nearest even:
+    the sum and its inexact flag (neither exact-difference check of Fast2Sum recovers the
+    other operand). An infinite or subnormal sum, or a NaN ``a0``, gives NaN: the element is
+    recomputed by :func:`_f32_full` steps, which count those events."""
+    p = x * b
     s = a0 + p
-    inexact = np.int32(s - a0 != p) | np.int32(s - p != a0)
+    inexact = _I32((s - a0 != p) | (s - p != a0))
     t = abs(s)
-    rare = np.int32(t == np.inf) | (np.int32(s != 0) & np.int32(t < _F32_MIN_NORMAL))
-    return s, inexact, rare
+    keep = (t < _F32_INF) & ((t >= _F32_MIN_NORMAL) | (s == np.float32(0.0)))
+    return (s if keep else np.float32(np.nan)), inexact
 
 
 @jit_inline
-def _f32_row_lean(acc, cnt, ar, B):
-    """The row's chain, four steps per pass over the outputs (the sum stays in a register
-    between them). ``cnt[j]`` counts inexact steps in its low 30 bits; bit 30 is set when a
-    step was rare (see :func:`_f32_lean`)."""
-    K = ar.size
-    K4 = K - K % 4
-    for k in range(0, K4, 4):
-        x0, x1, x2, x3 = ar[k], ar[k + 1], ar[k + 2], ar[k + 3]
-        b0, b1, b2, b3 = B[k], B[k + 1], B[k + 2], B[k + 3]
-        for j in range(acc.size):
-            s, c0, q0 = _f32_lean(acc[j], x0 * b0[j])
-            s, c1, q1 = _f32_lean(s, x1 * b1[j])
-            s, c2, q2 = _f32_lean(s, x2 * b2[j])
-            s, c3, q3 = _f32_lean(s, x3 * b3[j])
-            acc[j] = s
-            cnt[j] = (cnt[j] + ((c0 + c1) + (c2 + c3))) | (((q0 | q1) | (q2 | q3)) << 30)
-    for k in range(K4, K):
+def _f32_full(a0, p):
+    """One float32 FMA-chain step with its counts (0/1 int32: inexact, overflow, subnormal),
+    as the general kernel counts them: an infinite ``a0`` stays as it is, uncounted."""
+    s = a0 + p
+    fin = _I32(abs(a0) < _F32_INF)  # 0/1 integers: branch-free, vectorises
+    inexact = fin * (_I32(s - a0 != p) | _I32(s - p != a0))
+    over = fin * _I32(abs(s) == _F32_INF)
+    subn = _I32(s != 0) * _I32(abs(s) < _F32_MIN_NORMAL)
+    return s, inexact, over, subn
+
+
+@jit
+def _f32_row_full(ar, B, orow, crow, P):
+    """One row of :func:`gemm_f32_chain` by :func:`_f32_full`, vectorised."""
+    N = orow.size
+    acc = np.zeros(N, np.float32)
+    inexact = np.zeros(N, np.int32)
+    over = np.zeros(N, np.int32)
+    subn = np.zeros(N, np.int32)
+    for k in range(ar.size):
         x = ar[k]
         bk = B[k]
-        for j in range(acc.size):
-            s, c0, q0 = _f32_lean(acc[j], x * bk[j])
+        for j in range(N):
+            s, f1, f2, f3 = _f32_full(acc[j], x * bk[j])
             acc[j] = s
-            cnt[j] = (cnt[j] + c0) | (q0 << 30)
+            inexact[j] += f1
+            over[j] += f2
+            subn[j] += f3
+    orow[:] = acc
+    crow[F_INEXACT] += inexact.sum()
+    crow[F_OVERFLOW] += over.sum()
+    crow[F_SUBNORMAL] += subn.sum()
+
+
+@jit
+def _f32_elem(ar, B, j, crow, P):
+    """One element of :func:`gemm_f32_chain` by :func:`_f32_full`."""
+    acc = np.float32(0.0)
+    for k in range(ar.size):
+        acc, f1, f2, f3 = _f32_full(acc, ar[k] * B[k, j])
+        crow[F_INEXACT] += f1
+        crow[F_OVERFLOW] += f2
+        crow[F_SUBNORMAL] += f3
+    return acc
 
 
 @jit_parallel
 def gemm_f32_chain(A, B, out):
     """FP32 fused-multiply-add chain, products exact in float32: ``out = A @ B`` in order.
 
-    ``acc[j] = fl32(acc[j] + A[r, k] * B[k, j])`` for ``k = 0..K-1`` (``K < 2**30``),
-    vectorised over ``j``; with exact products each step is one correct rounding of
-    ``acc + a*b``. Returns per-row counts of the accumulator roundings (inexact, overflow,
-    subnormal), as the general kernel counts them: a step from a finite sum is inexact when
-    neither of the exact-difference checks of Fast2Sum recovers the other operand. A row runs
-    :func:`_f32_row_lean` first; a row with an infinite or subnormal sum is run again here,
-    counting every event.
+    ``acc[j] = fl32(acc[j] + A[r, k] * B[k, j])`` for ``k = 0..K-1`` (``K < 2**31``),
+    vectorised over ``j``, four rows at a time (:func:`_lean_rows`); with exact products each
+    step is one correct rounding of ``acc + a*b``. Returns per-row counts of the accumulator
+    roundings (inexact, overflow, subnormal), as the general kernel counts them: a step from
+    a finite sum is inexact when neither of the exact-difference checks of Fast2Sum recovers
+    the other operand. Elements with an infinite or subnormal sum are recomputed counting
+    every event (:func:`_finish_rows`).
     """
     R, K = A.shape
     N = B.shape[1]
     counts = np.zeros((R, N_FLAGS), np.int64)
-    for r in prange(R):
-        acc = np.zeros(N, np.float32)
-        cnt = np.zeros(N, np.int32)
-        ar = A[r]
-        _f32_row_lean(acc, cnt, ar, B)
-        rare = 0
-        inexact = 0
-        for j in range(N):
-            rare += cnt[j] >> 30
-            inexact += cnt[j] & 0x3FFFFFFF
-        if rare == 0:
-            out[r] = acc
-            counts[r, F_INEXACT] = inexact
-            continue
-        acc[:] = 0
-        inexact = np.zeros(N, np.int32)
-        over = np.zeros(N, np.int32)
-        subn = np.zeros(N, np.int32)
-        for k in range(K):
-            x = ar[k]
-            bk = B[k]
-            for j in range(N):
-                a0 = acc[j]
-                p = x * bk[j]
-                s = a0 + p
-                fin = np.int32(abs(a0) < np.inf)  # 0/1 integers: branch-free, vectorises
-                inexact[j] += fin * (np.int32(s - a0 != p) | np.int32(s - p != a0))
-                over[j] += fin * np.int32(abs(s) == np.inf)
-                subn[j] += np.int32(s != 0) * np.int32(abs(s) < _F32_MIN_NORMAL)
-                acc[j] = s
-        out[r] = acc
-        counts[r, F_INEXACT] = inexact.sum()
-        counts[r, F_OVERFLOW] = over.sum()
-        counts[r, F_SUBNORMAL] = subn.sum()
+    for g in prange((R + 3) // 4):
+        rows, n = _group_rows(g, R)
+        acc = np.zeros((4, N), np.float32)
+        cnt = np.zeros((4, N), np.int32)
+        _lean_rows(acc, cnt, A, rows, B, _f32_lean, RNE, 0)
+        _finish_rows(acc, cnt, A, B, rows, n, out, counts, _f32_row_full, _f32_elem, 0)
     return counts
 
 
@@ -624,16 +689,48 @@ def _chain32_step(a0, p, MODE, ovp, ovn):
     return v, np.int32(f_inexact), np.int32(f_over), np.int32(f_under), np.int32(f_sub)
 
 
-@jit_inline
-def _chain32_pass(acc, ci, co, cu, cs, x, bk, MODE, ovp, ovn):
-    """``acc[j] = round(acc[j] + x * bk[j])`` for every ``j`` (indices from 0: vectorises)."""
-    for j in range(acc.size):
-        v, f1, f2, f3, f4 = _chain32_step(acc[j], x * bk[j], MODE, ovp, ovn)
-        acc[j] = v
-        ci[j] += f1
-        co[j] += f2
-        cu[j] += f3
-        cs[j] += f4
+@jit
+def _chain32_row_full(ar, B, orow, crow, P):
+    """One row by :func:`_chain32_step`, every event counted, vectorised (``P = (mode, ovp,
+    ovn, B64)``: ``B64``, ``B`` in float64, is the one used)."""
+    mode, ovp, ovn, B64 = P
+    N = orow.size
+    acc = np.zeros(N)
+    ci = np.zeros(N, np.int32)
+    co = np.zeros(N, np.int32)
+    cu = np.zeros(N, np.int32)
+    cs = np.zeros(N, np.int32)
+    for k in range(ar.size):
+        x = np.float64(ar[k])
+        bk = B64[k]
+        for j in range(N):
+            v, f1, f2, f3, f4 = _chain32_step(acc[j], x * bk[j], mode, ovp, ovn)
+            acc[j] = v
+            ci[j] += f1
+            co[j] += f2
+            cu[j] += f3
+            cs[j] += f4
+    for j in range(N):
+        orow[j] = acc[j]
+    crow[F_INEXACT] += ci.sum()
+    crow[F_OVERFLOW] += co.sum()
+    crow[F_UNDERFLOW] += cu.sum()
+    crow[F_SUBNORMAL] += cs.sum()
+
+
+@jit
+def _chain32_elem(ar, B, j, crow, P):
+    """One element by :func:`_chain32_step` (``P`` as for :func:`_chain32_row_full`)."""
+    mode, ovp, ovn, B64 = P
+    acc = 0.0
+    for k in range(ar.size):
+        acc, f1, f2, f3, f4 = _chain32_step(acc, np.float64(ar[k]) * B64[k, j], mode, ovp,
+                                            ovn)
+        crow[F_INEXACT] += f1
+        crow[F_OVERFLOW] += f2
+        crow[F_UNDERFLOW] += f3
+        crow[F_SUBNORMAL] += f4
+    return acc
 
 
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -641,12 +738,13 @@ _F32_TINY = 2.0**-126
 
 
 @jit_inline
-def _chain32_lean(a0, p, MODE):
-    """:func:`_chain32_step` for a finite ``a0`` when nothing overflows or goes below the
-    smallest normal: returns the new sum, its inexact flag and ``rare`` (0/1 ints). ``rare``
-    is 1 whenever the rounded value may overflow, be subnormal or underflow (``|x|`` beyond
-    float32's max, or nonzero below its smallest normal); the caller then recomputes the row
-    with the full step, so the counts of those events need not be kept here."""
+def _chain32_lean(a0, x, b, MODE, L):
+    """:func:`_chain32_step` of ``a0 + x*b`` when nothing overflows or goes below the smallest
+    normal: returns the new sum and its inexact flag (0/1). The sum is NaN (and stays NaN:
+    :func:`_lean_rows`) whenever the rounded value may overflow, be subnormal or underflow
+    (``|x|`` beyond float32's max, or nonzero below its smallest normal), or ``a0`` is NaN;
+    the recomputation counts those events."""
+    p = x * b
     if MODE == RDN:
         s = -((-a0) - p)
     else:
@@ -661,9 +759,9 @@ def _chain32_lean(a0, p, MODE):
     r = np.float32(x)
     back = np.float64(r)
     ax = abs(x)
-    rare = np.int64(ax > _F32_MAX) | (np.int64(ax < _F32_TINY) & np.int64(ax != 0.0))
+    keep = (ax <= _F32_MAX) & ((ax >= _F32_TINY) | (ax == 0.0))
     if MODE == RNE:
-        return back, np.int64(back != x), rare
+        return (back if keep else np.nan), np.int64(back != x)
     rb = np.int64(f32_bits(r))
     m32 = rb & 0x7FFFFFFF
     s32 = rb ^ m32
@@ -684,28 +782,7 @@ def _chain32_lean(a0, p, MODE):
         up = np.int64(abs(back) < ax)
         cm = m32 + (d & up) - (d & (1 - up))
     res = np.float64(f32_from_bits(cm | s32))
-    return res, np.int64(res != x), rare
-
-
-@jit_inline
-def _chain32_lean1(acc, cnt, x, bk, MODE):
-    for j in range(acc.size):
-        v, i0, r0 = _chain32_lean(acc[j], x * bk[j], MODE)
-        acc[j] = v
-        cnt[j] += i0 + (r0 << 32)
-
-
-@jit_inline
-def _chain32_row_lean(acc, cnt, ar, B, MODE):
-    for k in range(ar.size):
-        _chain32_lean1(acc, cnt, ar[k], B[k], MODE)
-
-
-@jit
-def _chain32_row_full(acc, ci, co, cu, cs, ar, B, mode, ovp, ovn):
-    """The row again, every event counted (``mode`` a runtime value: rows with rare events)."""
-    for k in range(ar.size):
-        _chain32_pass(acc, ci, co, cu, cs, ar[k], B[k], mode, ovp, ovn)
+    return (res if keep else np.nan), np.int64(res != x)
 
 
 @jit_parallel
@@ -713,134 +790,73 @@ def gemm_chain32(A, B, out, mode, ovp, ovn):
     """FP32 fused-multiply-add chain, products exact in float64: ``out = A @ B`` in order.
 
     ``acc[j] = round(acc[j] + A[r, k] * B[k, j])`` into FP32 for ``k = 0..K-1`` (``A``, ``B``
-    float64 whose products are exact; the caller checks), vectorised over ``j``, one loop per
-    deterministic rounding mode. A row first runs :func:`_chain32_lean` (four steps per pass
-    over the outputs, counting only inexact steps); a row where an overflow, subnormal or
-    underflow may have happened is recomputed with :func:`_chain32_step`, which counts every
-    event. ``ovp``/``ovn``: magnitude bits of an overflowed result by sign. Returns per-row
-    counts, as the general kernel counts the accumulator stage.
+    float64 whose products are exact; the caller checks), vectorised over ``j``, four rows at
+    a time (:func:`_lean_rows`) by :func:`_chain32_lean`, one loop per deterministic rounding
+    mode; an element where an overflow, subnormal or underflow may have happened is
+    recomputed with :func:`_chain32_step`, which counts every event (:func:`_finish_rows`).
+    ``ovp``/``ovn``: magnitude bits of an overflowed result by sign. Returns per-row counts,
+    as the general kernel counts the accumulator stage.
     """
     R, K = A.shape
     N = B.shape[1]
     counts = np.zeros((R, N_FLAGS), np.int64)
-    for r in prange(R):
-        acc = np.zeros(N)
-        cnt = np.zeros(N, np.int64)
-        ar = A[r]
+    P = (mode, ovp, ovn, B)
+    for g in prange((R + 3) // 4):
+        rows, n = _group_rows(g, R)
+        acc = np.zeros((4, N))
+        cnt = np.zeros((4, N), np.int64)
         if mode == RNE:
-            _chain32_row_lean(acc, cnt, ar, B, RNE)
+            _lean_rows(acc, cnt, A, rows, B, _chain32_lean, RNE, 0)
         elif mode == RNA:
-            _chain32_row_lean(acc, cnt, ar, B, RNA)
+            _lean_rows(acc, cnt, A, rows, B, _chain32_lean, RNA, 0)
         elif mode == RTZ:
-            _chain32_row_lean(acc, cnt, ar, B, RTZ)
+            _lean_rows(acc, cnt, A, rows, B, _chain32_lean, RTZ, 0)
         elif mode == RDN:
-            _chain32_row_lean(acc, cnt, ar, B, RDN)
+            _lean_rows(acc, cnt, A, rows, B, _chain32_lean, RDN, 0)
         elif mode == RUP:
-            _chain32_row_lean(acc, cnt, ar, B, RUP)
+            _lean_rows(acc, cnt, A, rows, B, _chain32_lean, RUP, 0)
         else:
-            _chain32_row_lean(acc, cnt, ar, B, ODD)
-        rare = 0
-        inexact = 0
-        for j in range(N):
-            rare += cnt[j] >> 32
-            inexact += cnt[j] & 0xFFFFFFFF
-        if rare != 0:
-            acc[:] = 0.0
-            ci = np.zeros(N, np.int32)
-            co = np.zeros(N, np.int32)
-            cu = np.zeros(N, np.int32)
-            cs = np.zeros(N, np.int32)
-            _chain32_row_full(acc, ci, co, cu, cs, ar, B, mode, ovp, ovn)
-            counts[r, F_INEXACT] = ci.sum()
-            counts[r, F_OVERFLOW] = co.sum()
-            counts[r, F_UNDERFLOW] = cu.sum()
-            counts[r, F_SUBNORMAL] = cs.sum()
-        else:
-            counts[r, F_INEXACT] = inexact
-        for j in range(N):
-            out[r, j] = np.float32(acc[j])
+            _lean_rows(acc, cnt, A, rows, B, _chain32_lean, ODD, 0)
+        _finish_rows(acc, cnt, A, B, rows, n, out, counts, _chain32_row_full, _chain32_elem, P)
     return counts
 
 
 @jit_inline
-def _fma32_lean(a0, x, b):
+def _fma32_lean(a0, x, b, MODE, L):
     """One FP32 FMA-chain step on float32 operands, nearest even: the hardware FMA gives the
     sum; float64 tells whether it was exact (the product is exact there, and the float64
     sum ``s`` is exact iff both differences of Fast2Sum recover the other operand; then the
-    step is exact iff the float32 result equals ``s``). Returns the sum, the inexact flag and
-    ``rare`` (an infinite, subnormal or underflowed sum: the caller recomputes the row)."""
+    step is exact iff the float32 result equals ``s``). Returns the sum and the inexact flag;
+    the sum is NaN for an infinite, subnormal or underflowed result or a NaN ``a0`` (the
+    element is recomputed counting those events)."""
     r = fma32(x, b, a0)
     p = np.float64(x) * np.float64(b)
     a = np.float64(a0)
     s = a + p
-    inexact = np.int32(s - a != p) | np.int32(s - p != a) | np.int32(np.float64(r) != s)
+    inexact = _I32(s - a != p) | _I32(s - p != a) | _I32(np.float64(r) != s)
     t = abs(r)
-    rare = np.int32(t == np.inf) | (np.int32(t < _F32_MIN_NORMAL) & np.int32(s != 0.0))
-    return r, inexact, rare
-
-
-@jit_inline
-def _fma32_row_lean(acc, cnt, ar, B):
-    """:func:`_f32_row_lean` with :func:`_fma32_lean` steps (four per pass over the outputs)."""
-    K = ar.size
-    K4 = K - K % 4
-    for k in range(0, K4, 4):
-        x0, x1, x2, x3 = ar[k], ar[k + 1], ar[k + 2], ar[k + 3]
-        b0, b1, b2, b3 = B[k], B[k + 1], B[k + 2], B[k + 3]
-        for j in range(acc.size):
-            s, c0, q0 = _fma32_lean(acc[j], x0, b0[j])
-            s, c1, q1 = _fma32_lean(s, x1, b1[j])
-            s, c2, q2 = _fma32_lean(s, x2, b2[j])
-            s, c3, q3 = _fma32_lean(s, x3, b3[j])
-            acc[j] = s
-            cnt[j] = (cnt[j] + ((c0 + c1) + (c2 + c3))) | (((q0 | q1) | (q2 | q3)) << 30)
-    for k in range(K4, K):
-        x = ar[k]
-        bk = B[k]
-        for j in range(acc.size):
-            s, c0, q0 = _fma32_lean(acc[j], x, bk[j])
-            acc[j] = s
-            cnt[j] = (cnt[j] + c0) | (q0 << 30)
+    keep = (t < _F32_INF) & ((t >= _F32_MIN_NORMAL) | (s == 0.0))
+    return (r if keep else np.float32(np.nan)), inexact
 
 
 @jit_parallel
 def gemm_fma32(A, B, B64, out, ovp, ovn):
     """FP32 fused-multiply-add chain on float32 operands, nearest even, IEEE overflow:
     ``out = A @ B`` in order, with the FMA instruction (:func:`fixedsim.jit.bits.fma32`),
-    vectorised over the outputs. ``B64`` is ``B`` in float64. Returns per-row counts as
-    :func:`gemm_chain32` does; a row with an infinite, subnormal or underflowed sum is
-    recomputed with its counting step (:func:`_chain32_row_full`)."""
+    vectorised over the outputs, four rows at a time (:func:`_lean_rows`). ``B64`` is ``B``
+    in float64. Returns per-row counts as :func:`gemm_chain32` does; an element with an
+    infinite, subnormal or underflowed sum is recomputed by its counting step
+    (:func:`_chain32_step`)."""
     R, K = A.shape
     N = B.shape[1]
     counts = np.zeros((R, N_FLAGS), np.int64)
-    for r in prange(R):
-        acc = np.zeros(N, np.float32)
-        cnt = np.zeros(N, np.int32)
-        _fma32_row_lean(acc, cnt, A[r], B)
-        rare = 0
-        inexact = 0
-        for j in range(N):
-            rare += cnt[j] >> 30
-            inexact += cnt[j] & 0x3FFFFFFF
-        if rare == 0:
-            out[r] = acc
-            counts[r, F_INEXACT] = inexact
-            continue
-        acc64 = np.zeros(N)
-        ci = np.zeros(N, np.int32)
-        co = np.zeros(N, np.int32)
-        cu = np.zeros(N, np.int32)
-        cs = np.zeros(N, np.int32)
-        ar = np.empty(K)
-        for k in range(K):
-            ar[k] = np.float64(A[r, k])
-        _chain32_row_full(acc64, ci, co, cu, cs, ar, B64, RNE, ovp, ovn)
-        counts[r, F_INEXACT] = ci.sum()
-        counts[r, F_OVERFLOW] = co.sum()
-        counts[r, F_UNDERFLOW] = cu.sum()
-        counts[r, F_SUBNORMAL] = cs.sum()
-        for j in range(N):
-            out[r, j] = np.float32(acc64[j])
+    P = (RNE, ovp, ovn, B64)
+    for g in prange((R + 3) // 4):
+        rows, n = _group_rows(g, R)
+        acc = np.zeros((4, N), np.float32)
+        cnt = np.zeros((4, N), np.int32)
+        _lean_rows(acc, cnt, A, rows, B, _fma32_lean, RNE, 0)
+        _finish_rows(acc, cnt, A, B, rows, n, out, counts, _chain32_row_full, _chain32_elem, P)
     return counts
 
 
@@ -883,15 +899,10 @@ def _chain_float_step(a0, p, MODE, sh0, lim, qbits, maxbits, ovp, ovn, infb, min
             np.int32(fl_under), np.int32(fl_sub))
 
 
-_I32 = np.int32
-#: Rare elements (NaN-marked by the lean pass) of a row beyond which :func:`gemm_chain_float`
-#: recomputes the whole row, vectorised, rather than element by element.
-_FLOAT_CHAIN_RARE_ROW = 16
-
-
 @jit_inline
-def _chain_float_lean(a0, p, MODE, lsb, span, minnorm):
-    """:func:`_chain_float_step` where the sum stays in the format's normal range.
+def _chain_float_lean(a0, x, b, MODE, L):
+    """:func:`_chain_float_step` of ``a0 + x*b`` where the sum stays in the format's normal
+    range (``L = (lsb, span, minnorm)``).
 
     Same TwoSum and rounding to odd, then the magnitude ``m`` is rounded at the format's
     normal quantum (``lsb``: its bit in the float32 pattern) with 32-bit integers only (each
@@ -899,9 +910,10 @@ def _chain_float_lean(a0, p, MODE, lsb, span, minnorm):
     A step is kept when ``m`` is zero or ``minnorm <= m <= minnorm + span`` (the format's
     smallest normal and largest value: the rounded value is then normal and finite, so the
     step is inexact or exact and nothing else); otherwise, and for a NaN ``a0``, the step
-    returns NaN, which every later step keeps: the caller recomputes that element counting
-    every event. Returns the new sum and the inexact flag (int32 0/1).
+    returns NaN, which every later step keeps. Returns the new sum and the inexact flag.
     """
+    lsb, span, minnorm = L
+    p = x * b
     if MODE == RDN:  # IEEE's zero sign for DOWN: -0 unless both terms are +0
         s = -((-a0) - p)
     else:
@@ -934,40 +946,21 @@ def _chain_float_lean(a0, p, MODE, lsb, span, minnorm):
     return f32_from_bits(v), _I32(r != m)
 
 
-@jit_inline
-def _chain_float_rows(a0, a1, a2, a3, c0, c1, c2, c3, A, rows, B, MODE, lsb, span, minnorm):
-    """Four rows of :func:`gemm_chain_float` (``rows``), lean steps, ``k`` in order: each pass
-    over the outputs carries four independent chains, so that their latencies overlap and
-    each ``B[k, j]`` is loaded once."""
-    i0, i1, i2, i3 = rows[0], rows[1], rows[2], rows[3]
-    for k in range(A.shape[1]):
-        x0, x1, x2, x3 = A[i0, k], A[i1, k], A[i2, k], A[i3, k]
-        bk = B[k]
-        for j in range(a0.size):
-            b = bk[j]
-            s0, f0 = _chain_float_lean(a0[j], x0 * b, MODE, lsb, span, minnorm)
-            s1, f1 = _chain_float_lean(a1[j], x1 * b, MODE, lsb, span, minnorm)
-            s2, f2 = _chain_float_lean(a2[j], x2 * b, MODE, lsb, span, minnorm)
-            s3, f3 = _chain_float_lean(a3[j], x3 * b, MODE, lsb, span, minnorm)
-            a0[j] = s0
-            a1[j] = s1
-            a2[j] = s2
-            a3[j] = s3
-            c0[j] += f0
-            c1[j] += f1
-            c2[j] += f2
-            c3[j] += f3
-
-
 @jit
-def _chain_float_row_full(acc, ci, co, cu, cs, ar, B, mode, sh0, lim, qbits, maxbits, ovp, ovn,
-                          infb, minnorm):
-    """One row with :func:`_chain_float_step`, every event counted (``mode`` a runtime value:
-    rows with many rare steps)."""
+def _chain_float_row_full(ar, B, orow, crow, P):
+    """One row with :func:`_chain_float_step`, every event counted, vectorised (``P``: the
+    kernel's runtime parameters, mode first)."""
+    mode, sh0, lim, qbits, maxbits, ovp, ovn, infb, minnorm = P
+    N = orow.size
+    acc = np.zeros(N, np.float32)
+    ci = np.zeros(N, np.int32)
+    co = np.zeros(N, np.int32)
+    cu = np.zeros(N, np.int32)
+    cs = np.zeros(N, np.int32)
     for k in range(ar.size):
         x = ar[k]
         bk = B[k]
-        for j in range(acc.size):
+        for j in range(N):
             v, f1, f2, f3, f4 = _chain_float_step(acc[j], x * bk[j], mode, sh0, lim, qbits,
                                                   maxbits, ovp, ovn, infb, minnorm)
             acc[j] = v
@@ -975,20 +968,25 @@ def _chain_float_row_full(acc, ci, co, cu, cs, ar, B, mode, sh0, lim, qbits, max
             co[j] += f2
             cu[j] += f3
             cs[j] += f4
+    orow[:] = acc
+    crow[F_INEXACT] += ci.sum()
+    crow[F_OVERFLOW] += co.sum()
+    crow[F_UNDERFLOW] += cu.sum()
+    crow[F_SUBNORMAL] += cs.sum()
 
 
 @jit
-def _chain_float_elem(ar, B, j, counts, mode, sh0, lim, qbits, maxbits, ovp, ovn, infb,
-                      minnorm):
-    """One output element with :func:`_chain_float_step`; adds its counts to ``counts``."""
+def _chain_float_elem(ar, B, j, crow, P):
+    """One output element with :func:`_chain_float_step`; adds its counts to ``crow``."""
+    mode, sh0, lim, qbits, maxbits, ovp, ovn, infb, minnorm = P
     acc = np.float32(0.0)
     for k in range(ar.size):
         acc, f1, f2, f3, f4 = _chain_float_step(acc, ar[k] * B[k, j], mode, sh0, lim, qbits,
                                                 maxbits, ovp, ovn, infb, minnorm)
-        counts[F_INEXACT] += f1
-        counts[F_OVERFLOW] += f2
-        counts[F_UNDERFLOW] += f3
-        counts[F_SUBNORMAL] += f4
+        crow[F_INEXACT] += f1
+        crow[F_OVERFLOW] += f2
+        crow[F_UNDERFLOW] += f3
+        crow[F_SUBNORMAL] += f4
     return acc
 
 
@@ -997,12 +995,11 @@ def gemm_chain_float(A, B, out, mode, sh0, lim, qbits, maxbits, ovp, ovn, infb, 
     """FMA chain into a float format of at most 21 significand bits inside float32's range.
 
     Products ``A[r, k] * B[k, j]`` must be exact in float32 (the caller checks). ``acc[j] =
-    round(acc[j] + A[r, k] * B[k, j])`` for ``k`` in order, vectorised over ``j``. Rows run
-    four at a time (the last group repeats the last row) with the lean step
-    :func:`_chain_float_lean`, one loop per deterministic rounding mode; an element it marks
-    (a sum below the format's normal range, beyond its largest value, or not finite) is
-    recomputed with :func:`_chain_float_step`, which counts every event: element by element,
-    or the whole row when more than ``1/_FLOAT_CHAIN_RARE_ROW`` of it is marked. Parameters of
+    round(acc[j] + A[r, k] * B[k, j])`` for ``k`` in order, vectorised over ``j``: four rows
+    at a time (:func:`_lean_rows`) with the lean step :func:`_chain_float_lean`, one loop per
+    deterministic rounding mode; the elements it leaves (a sum below the format's normal
+    range, beyond its largest value, or not finite) are recomputed with
+    :func:`_chain_float_step`, which counts every event (:func:`_finish_rows`). Parameters of
     the format as for :func:`fixedsim.jit.quant_fast.float_from_f32`; ``minnorm``: bits of the
     smallest normal. Returns per-row counts, as the general kernel counts the accumulator
     stage.
@@ -1010,56 +1007,26 @@ def gemm_chain_float(A, B, out, mode, sh0, lim, qbits, maxbits, ovp, ovn, infb, 
     R, K = A.shape
     N = B.shape[1]
     counts = np.zeros((R, N_FLAGS), np.int64)
-    lsb = _I32(1 << sh0)
-    span = _I32(maxbits - minnorm)
-    mn = _I32(minnorm)
+    L = (_I32(1 << sh0), _I32(maxbits - minnorm), _I32(minnorm))
+    P = (mode, sh0, lim, qbits, maxbits, ovp, ovn, infb, minnorm)
     for g in prange((R + 3) // 4):
-        rows = np.empty(4, np.int64)
-        for i in range(4):
-            rows[i] = min(4 * g + i, R - 1)
+        rows, n = _group_rows(g, R)
         acc = np.zeros((4, N), np.float32)
         cnt = np.zeros((4, N), np.int32)
-        a0, a1, a2, a3 = acc[0], acc[1], acc[2], acc[3]
-        c0, c1, c2, c3 = cnt[0], cnt[1], cnt[2], cnt[3]
         if mode == RNE:
-            _chain_float_rows(a0, a1, a2, a3, c0, c1, c2, c3, A, rows, B, RNE, lsb, span, mn)
+            _lean_rows(acc, cnt, A, rows, B, _chain_float_lean, RNE, L)
         elif mode == RNA:
-            _chain_float_rows(a0, a1, a2, a3, c0, c1, c2, c3, A, rows, B, RNA, lsb, span, mn)
+            _lean_rows(acc, cnt, A, rows, B, _chain_float_lean, RNA, L)
         elif mode == RTZ:
-            _chain_float_rows(a0, a1, a2, a3, c0, c1, c2, c3, A, rows, B, RTZ, lsb, span, mn)
+            _lean_rows(acc, cnt, A, rows, B, _chain_float_lean, RTZ, L)
         elif mode == RDN:
-            _chain_float_rows(a0, a1, a2, a3, c0, c1, c2, c3, A, rows, B, RDN, lsb, span, mn)
+            _lean_rows(acc, cnt, A, rows, B, _chain_float_lean, RDN, L)
         elif mode == RUP:
-            _chain_float_rows(a0, a1, a2, a3, c0, c1, c2, c3, A, rows, B, RUP, lsb, span, mn)
+            _lean_rows(acc, cnt, A, rows, B, _chain_float_lean, RUP, L)
         else:
-            _chain_float_rows(a0, a1, a2, a3, c0, c1, c2, c3, A, rows, B, ODD, lsb, span, mn)
-        for i in range(min(4, R - 4 * g)):
-            r = rows[i]
-            ar = A[r]
-            rare = 0
-            for j in range(N):
-                rare += np.int64(acc[i, j] != acc[i, j])
-            if rare * _FLOAT_CHAIN_RARE_ROW > N:
-                row = np.zeros(N, np.float32)
-                ci = np.zeros(N, np.int32)
-                co = np.zeros(N, np.int32)
-                cu = np.zeros(N, np.int32)
-                cs = np.zeros(N, np.int32)
-                _chain_float_row_full(row, ci, co, cu, cs, ar, B, mode, sh0, lim, qbits,
-                                      maxbits, ovp, ovn, infb, minnorm)
-                out[r] = row
-                counts[r, F_INEXACT] = ci.sum()
-                counts[r, F_OVERFLOW] = co.sum()
-                counts[r, F_UNDERFLOW] = cu.sum()
-                counts[r, F_SUBNORMAL] = cs.sum()
-                continue
-            for j in range(N):
-                if acc[i, j] != acc[i, j]:
-                    out[r, j] = _chain_float_elem(ar, B, j, counts[r], mode, sh0, lim, qbits,
-                                                  maxbits, ovp, ovn, infb, minnorm)
-                else:
-                    out[r, j] = acc[i, j]
-                    counts[r, F_INEXACT] += cnt[i, j]
+            _lean_rows(acc, cnt, A, rows, B, _chain_float_lean, ODD, L)
+        _finish_rows(acc, cnt, A, B, rows, n, out, counts, _chain_float_row_full,
+                     _chain_float_elem, P)
     return counts
 
 
