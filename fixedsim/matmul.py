@@ -676,8 +676,23 @@ def _fp32_chain(A, B, spec, ba, bb, keys, rb, c):
             or not _f32_products_exact(ba, bb) or A.shape[1] >= 2**30):
         return None
     out = np.empty((A.shape[0], B.shape[1]), np.float32)
-    flags = _g.gemm_f32_chain(A.astype(np.float32), np.ascontiguousarray(B, np.float32), out)
+    flags = _g.gemm_f32_chain(A.astype(np.float32), np.ascontiguousarray(B, np.float32), out,
+                              _f32_chain_safe(ba, bb, A.shape[1]))
     return _chain_result(out, flags, "fp32_chain", spec, keys, rb, c)
+
+
+def _f32_chain_safe(ba, bb, K) -> bool:
+    """No partial sum of a float32 chain of these exact products can be subnormal or overflow.
+
+    Every product is a multiple of ``2**L``, ``L = ba.lsb + bb.lsb``, and so is every partial
+    sum (an exact sum of multiples, or a float32 rounding of one, which is coarser): a nonzero
+    one is at least ``2**L``, normal when ``L >= -126``. Every partial sum is at most the sum
+    of the products' magnitudes rounded up along the way, below ``K * 2**(ba.top + bb.top)``
+    times a factor close to 1, so below ``2**127`` when ``ba.top + bb.top + bitlen(K) <= 126``.
+    """
+    if ba.top == -1075 or bb.top == -1075:
+        return True
+    return ba.lsb + bb.lsb >= -126 and ba.top + bb.top + int(K).bit_length() <= 126
 
 
 def _f64_products_exact(ba, bb) -> bool:

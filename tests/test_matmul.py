@@ -475,13 +475,17 @@ def fp16_chain_matrices(draw):
                     st.sampled_from([0.0, -0.0, 1.0, -1.0, 1.5, 1.0 + 2.0**-10, 0.75]))
     scales = st.sampled_from([-24, -14, -9, -4, 0, 0, 0, 3, 7, 14])
 
-    def mat(r, c, per_row):
-        s = np.exp2(np.array(draw(st.lists(scales, min_size=r if per_row else c,
-                                           max_size=r if per_row else c)), float))
-        v = np.array(draw(st.lists(sig, min_size=r * c, max_size=r * c)), float).reshape(r, c)
-        return fs.quantize(v * (s[:, None] if per_row else s[None, :]), fs.FP16)
+    def exps(size, choices=scales):
+        return np.exp2(np.array(draw(st.lists(choices, min_size=size, max_size=size)), float))
 
-    return mat(m, k, True), mat(k, n, False)
+    def values(r, c):
+        return np.array(draw(st.lists(sig, min_size=r * c, max_size=r * c)), float).reshape(r, c)
+
+    # a's scale: per row, times per k (a sum meeting a product 2**30 times larger, or smaller)
+    sa = exps(m, st.sampled_from([-12, -4, 0, 3, 7]))[:, None] * exps(
+        k, st.sampled_from([-12, 0, 0, 6]))[None, :]
+    return (fs.quantize(values(m, k) * sa, fs.FP16),
+            fs.quantize(values(k, n) * exps(n)[None, :], fs.FP16))
 
 
 @settings(max_examples=60, deadline=None)
@@ -493,6 +497,38 @@ def test_float_chain_lean_and_rare_elements_match_general(ab, rnd, acc, ovf):
     kernel's bits and counts."""
     spec = fs.MatmulSpec(accumulator=fs.Accumulator(acc, rnd, ovf))
     assert both_paths(*ab, spec) == {"float_chain": 1}
+
+
+@settings(max_examples=40, deadline=None)
+@given(fp16_chain_matrices())
+def test_fp32_chain_safe_rows_match_general(ab):
+    """FP16 data into an FP32 chain: the operands' bits prove that no sum is subnormal or
+    infinite, and the four-row, four-step kernel without those checks gives the general
+    kernel's bits and counts."""
+    a, b = ab
+    assert mm._f32_chain_safe(mm._Bits.of(a), mm._Bits.of(b), a.shape[1])
+    assert both_paths(a, b, fs.MatmulSpec(accumulator=fs.FP32)) == {"fp32_chain": 1}
+
+
+@pytest.mark.parametrize("k", [1, 3, 4, 7])
+def test_fp32_chain_safe_at_its_bounds(k):
+    """At the bounds of the proof: products that are multiples of 2**-126 (every nonzero sum
+    normal, however they cancel) and magnitudes whose sums approach 2**126."""
+    rng = np.random.default_rng(k)
+    tiny = rng.choice([-1.0, 1.0], (6, k)) * rng.integers(1, 256, (6, k)) * 2.0**-70
+    small = rng.choice([-1.0, 1.0], (k, 5)) * rng.integers(1, 256, (k, 5)) * 2.0**-56
+    tiny[0, 0], small[0, 0] = 2.0**-70, 2.0**-56  # lsb -70 + -56 = -126 exactly
+    top = 126 - int(k).bit_length()  # the largest ba.top + bb.top the proof allows
+    big = rng.choice([-1.0, 1.0], (6, k)) * (2.0**(top // 2) - 2.0**(top // 2 - 8))
+    large = np.full((k, 5), 2.0**(top - top // 2) - 2.0**(top - top // 2 - 8))
+    for a, b in ((tiny, small), (big, large), (np.abs(big), large)):
+        ba, bb = mm._Bits.of(a), mm._Bits.of(b)
+        assert mm._f32_chain_safe(ba, bb, k), (ba, bb)
+        assert both_paths(a, b, fs.MatmulSpec(accumulator=fs.FP32)) == {"fp32_chain": 1}
+        _, c = fs.matmul(a, b, fs.MatmulSpec(accumulator=fs.FP32), stats=True)
+        assert c.accumulator.subnormal == c.accumulator.overflow == 0
+    assert not mm._f32_chain_safe(mm._Bits.of(tiny / 2), mm._Bits.of(small), k)
+    assert not mm._f32_chain_safe(mm._Bits.of(big * 2), mm._Bits.of(large * 2), k)
 
 
 def test_float_chain_rare_columns_and_rows():

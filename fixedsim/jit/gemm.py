@@ -600,8 +600,77 @@ def _f32_elem(ar, B, j, crow, P):
     return acc
 
 
+@jit_inline
+def _f32_exact_step(a0, p):
+    """``a0 + p`` in float32 and its inexact flag (the steps of :func:`_f32_safe_rows`)."""
+    s = a0 + p
+    return s, _I32(s - a0 != p) | _I32(s - p != a0)
+
+
+@jit_inline
+def _f32_safe_rows(acc, cnt, A, rows, B):
+    """Four rows of :func:`gemm_f32_chain` when no sum can be infinite or subnormal: no check
+    for them, and four steps of each row per pass over the outputs (the four sums stay in
+    registers between them; the four rows' chains are independent, so their latencies
+    overlap)."""
+    a0, a1, a2, a3 = acc[0], acc[1], acc[2], acc[3]
+    c0, c1, c2, c3 = cnt[0], cnt[1], cnt[2], cnt[3]
+    i0, i1, i2, i3 = rows[0], rows[1], rows[2], rows[3]
+    K = A.shape[1]
+    K4 = K - K % 4
+    for k in range(0, K4, 4):
+        x00, x01, x02, x03 = A[i0, k], A[i0, k + 1], A[i0, k + 2], A[i0, k + 3]
+        x10, x11, x12, x13 = A[i1, k], A[i1, k + 1], A[i1, k + 2], A[i1, k + 3]
+        x20, x21, x22, x23 = A[i2, k], A[i2, k + 1], A[i2, k + 2], A[i2, k + 3]
+        x30, x31, x32, x33 = A[i3, k], A[i3, k + 1], A[i3, k + 2], A[i3, k + 3]
+        b0, b1, b2, b3 = B[k], B[k + 1], B[k + 2], B[k + 3]
+        for j in range(a0.size):
+            y0, y1, y2, y3 = b0[j], b1[j], b2[j], b3[j]
+            s, f0 = _f32_exact_step(a0[j], x00 * y0)
+            s, f1 = _f32_exact_step(s, x01 * y1)
+            s, f2 = _f32_exact_step(s, x02 * y2)
+            s, f3 = _f32_exact_step(s, x03 * y3)
+            a0[j] = s
+            c0[j] += (f0 + f1) + (f2 + f3)
+            s, f0 = _f32_exact_step(a1[j], x10 * y0)
+            s, f1 = _f32_exact_step(s, x11 * y1)
+            s, f2 = _f32_exact_step(s, x12 * y2)
+            s, f3 = _f32_exact_step(s, x13 * y3)
+            a1[j] = s
+            c1[j] += (f0 + f1) + (f2 + f3)
+            s, f0 = _f32_exact_step(a2[j], x20 * y0)
+            s, f1 = _f32_exact_step(s, x21 * y1)
+            s, f2 = _f32_exact_step(s, x22 * y2)
+            s, f3 = _f32_exact_step(s, x23 * y3)
+            a2[j] = s
+            c2[j] += (f0 + f1) + (f2 + f3)
+            s, f0 = _f32_exact_step(a3[j], x30 * y0)
+            s, f1 = _f32_exact_step(s, x31 * y1)
+            s, f2 = _f32_exact_step(s, x32 * y2)
+            s, f3 = _f32_exact_step(s, x33 * y3)
+            a3[j] = s
+            c3[j] += (f0 + f1) + (f2 + f3)
+    for k in range(K4, K):
+        x0, x1, x2, x3 = A[i0, k], A[i1, k], A[i2, k], A[i3, k]
+        bk = B[k]
+        for j in range(a0.size):
+            y = bk[j]
+            s, f0 = _f32_exact_step(a0[j], x0 * y)
+            a0[j] = s
+            c0[j] += f0
+            s, f1 = _f32_exact_step(a1[j], x1 * y)
+            a1[j] = s
+            c1[j] += f1
+            s, f2 = _f32_exact_step(a2[j], x2 * y)
+            a2[j] = s
+            c2[j] += f2
+            s, f3 = _f32_exact_step(a3[j], x3 * y)
+            a3[j] = s
+            c3[j] += f3
+
+
 @jit_parallel
-def gemm_f32_chain(A, B, out):
+def gemm_f32_chain(A, B, out, safe):
     """FP32 fused-multiply-add chain, products exact in float32: ``out = A @ B`` in order.
 
     ``acc[j] = fl32(acc[j] + A[r, k] * B[k, j])`` for ``k = 0..K-1`` (``K < 2**31``),
@@ -610,7 +679,8 @@ def gemm_f32_chain(A, B, out):
     roundings (inexact, overflow, subnormal), as the general kernel counts them: a step from
     a finite sum is inexact when neither of the exact-difference checks of Fast2Sum recovers
     the other operand. Elements with an infinite or subnormal sum are recomputed counting
-    every event (:func:`_finish_rows`).
+    every event (:func:`_finish_rows`). ``safe``: the caller proved that no sum can be
+    infinite or subnormal; :func:`_f32_safe_rows` then runs without those checks.
     """
     R, K = A.shape
     N = B.shape[1]
@@ -619,7 +689,10 @@ def gemm_f32_chain(A, B, out):
         rows, n = _group_rows(g, R)
         acc = np.zeros((4, N), np.float32)
         cnt = np.zeros((4, N), np.int32)
-        _lean_rows(acc, cnt, A, rows, B, _f32_lean, RNE, 0)
+        if safe:
+            _f32_safe_rows(acc, cnt, A, rows, B)
+        else:
+            _lean_rows(acc, cnt, A, rows, B, _f32_lean, RNE, 0)
         _finish_rows(acc, cnt, A, B, rows, n, out, counts, _f32_row_full, _f32_elem, 0)
     return counts
 
