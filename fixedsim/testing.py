@@ -20,6 +20,7 @@ Examples
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from fractions import Fraction
@@ -149,14 +150,25 @@ def _bracket(t: Fraction, dtype) -> tuple:
         return (a, a) if float(a) == t else (a, np.nextafter(a, inf))
 
 
-@st.composite
-def _significands(draw, lo: int, hi: int):
+# Strategies are built once and reused (cached per format): building hypothesis strategies
+# inside every draw cost more than drawing from them.
+@functools.cache
+def _significands(lo: int, hi: int):
     """Integers in ``[lo, hi]``, often at or next to either end."""
     edge = [lo, lo + 1, hi - 1, hi]
-    return draw(st.one_of(st.sampled_from([k for k in edge if lo <= k <= hi]),
-                          st.integers(lo, hi)))
+    return st.one_of(st.sampled_from([k for k in edge if lo <= k <= hi]), st.integers(lo, hi))
 
 
+@functools.cache
+def _exponents(fmt):
+    """Exponents of :func:`_grid_point`: near a range edge, or anywhere from below the
+    smallest to beyond the largest."""
+    low_e = fmt.emin - (0 if fmt.subnormals else fmt.man_bits + 2)
+    return st.one_of(st.sampled_from([low_e, fmt.emin - 1, fmt.emin, fmt.emax, fmt.emax + 1]),
+                     st.integers(low_e, fmt.emax + 2))
+
+
+@functools.cache
 @st.composite
 def _grid_point(draw, fmt) -> Fraction:
     """A nonnegative point of the unbounded grid of ``fmt``, near a range edge or anywhere."""
@@ -165,12 +177,28 @@ def _grid_point(draw, fmt) -> Fraction:
         top = 2 ** (fmt.word_length - fmt.signed)
         return draw(_significands(0, top + 2)) * q
     m = fmt.man_bits
-    low_e = fmt.emin - (0 if fmt.subnormals else m + 2)
-    e = draw(st.one_of(st.sampled_from([low_e, fmt.emin - 1, fmt.emin, fmt.emax, fmt.emax + 1]),
-                       st.integers(low_e, fmt.emax + 2)))
+    e = draw(_exponents(fmt))
     if e < fmt.emin and fmt.subnormals:  # the subnormal range, one quantum throughout
         return draw(_significands(0, 2**m - 1)) * Fraction(2) ** (fmt.emin - m)
     return draw(_significands(2**m, 2 ** (m + 1) - 1)) * Fraction(2) ** (e - m)
+
+
+_KINDS = st.sampled_from(["grid", "grid", "midpoint", "midpoint", "edge", "special"])
+_PICK4 = st.integers(0, 3)
+
+
+@functools.cache
+def _specials(allow_nan: bool, allow_infinity: bool):
+    """Signed zeros, and infinities and NaN where allowed."""
+    specials = [0.0, -0.0]
+    specials += [math.inf, -math.inf] if allow_infinity else []
+    specials += [math.nan] if allow_nan else []
+    return st.sampled_from(specials)
+
+
+@functools.cache
+def _edges(fmt):
+    return st.sampled_from(_special_targets(fmt))
 
 
 def _special_targets(fmt) -> list[Fraction]:
@@ -208,14 +236,11 @@ def boundary_values(draw, fmt, allow_nan: bool | None = None, allow_infinity: bo
     is_float = isinstance(fmt, FloatFormat)
     allow_nan = is_float if allow_nan is None else allow_nan
     allow_infinity = is_float if allow_infinity is None else allow_infinity
-    specials = [0.0, -0.0]
-    specials += [math.inf, -math.inf] if allow_infinity else []
-    specials += [math.nan] if allow_nan else []
-    kind = draw(st.sampled_from(["grid", "grid", "midpoint", "midpoint", "edge", "special"]))
+    kind = draw(_KINDS)
     if kind == "special":
-        return draw(st.sampled_from(specials))
+        return draw(_specials(bool(allow_nan), bool(allow_infinity)))
     if kind == "edge":
-        target = draw(st.sampled_from(_special_targets(fmt)))
+        target = draw(_edges(fmt))
     else:
         target = draw(_grid_point(fmt))
         if kind == "midpoint":
@@ -229,7 +254,7 @@ def boundary_values(draw, fmt, allow_nan: bool | None = None, allow_infinity: bo
     inf = typ(np.inf)
     with np.errstate(over="ignore"):
         nudged = [np.nextafter(a, -inf), np.nextafter(b, inf)]
-    x = float(draw(st.sampled_from([a, b, *nudged])))
+    x = float([a, b, *nudged][draw(_PICK4)])
     if math.isinf(x) and not allow_infinity:
         x = math.copysign(float(np.finfo(dtype).max), x)
     return x
