@@ -513,6 +513,23 @@ def _lean_rows(acc, cnt, A, rows, B, step, MODE, L):
 
 
 @jit_inline
+def _lean_row_by_row(acc, cnt, A, rows, B, step, MODE, L):
+    """:func:`_lean_rows` one row after the other, one step per pass over the outputs: for a
+    step too large for four copies of it to be worth their compile time."""
+    for i in range(4):
+        ai = acc[i]
+        ci = cnt[i]
+        r = rows[i]
+        for k in range(A.shape[1]):
+            x = A[r, k]
+            bk = B[k]
+            for j in range(ai.size):
+                s, f = step(ai[j], x, bk[j], MODE, L)
+                ai[j] = s
+                ci[j] += f
+
+
+@jit_inline
 def _finish_rows(acc, cnt, A, B, rows, n, out, counts, row_full, elem_full, P):
     """Results and counts of the first ``n`` rows of a :func:`_lean_rows` pass: an element the
     lean steps marked (NaN) is recomputed by ``elem_full(ar, B, j, counts_row, P)``, counting
@@ -863,10 +880,11 @@ def gemm_chain32(A, B, out, mode, ovp, ovn):
     """FP32 fused-multiply-add chain, products exact in float64: ``out = A @ B`` in order.
 
     ``acc[j] = round(acc[j] + A[r, k] * B[k, j])`` into FP32 for ``k = 0..K-1`` (``A``, ``B``
-    float64 whose products are exact; the caller checks), vectorised over ``j``, four rows at
-    a time (:func:`_lean_rows`) by :func:`_chain32_lean`, one loop per deterministic rounding
-    mode; an element where an overflow, subnormal or underflow may have happened is
-    recomputed with :func:`_chain32_step`, which counts every event (:func:`_finish_rows`).
+    float64 whose products are exact; the caller checks), vectorised over ``j``, row by row
+    (:func:`_lean_row_by_row`: four copies of this step per mode took 18 s more to compile,
+    for 0-12% of speed) by :func:`_chain32_lean`, one loop per deterministic rounding mode;
+    an element where an overflow, subnormal or underflow may have happened is recomputed with
+    :func:`_chain32_step`, which counts every event (:func:`_finish_rows`).
     ``ovp``/``ovn``: magnitude bits of an overflowed result by sign. Returns per-row counts,
     as the general kernel counts the accumulator stage.
     """
@@ -879,17 +897,17 @@ def gemm_chain32(A, B, out, mode, ovp, ovn):
         acc = np.zeros((4, N))
         cnt = np.zeros((4, N), np.int64)
         if mode == RNE:
-            _lean_rows(acc, cnt, A, rows, B, _chain32_lean, RNE, 0)
+            _lean_row_by_row(acc, cnt, A, rows, B, _chain32_lean, RNE, 0)
         elif mode == RNA:
-            _lean_rows(acc, cnt, A, rows, B, _chain32_lean, RNA, 0)
+            _lean_row_by_row(acc, cnt, A, rows, B, _chain32_lean, RNA, 0)
         elif mode == RTZ:
-            _lean_rows(acc, cnt, A, rows, B, _chain32_lean, RTZ, 0)
+            _lean_row_by_row(acc, cnt, A, rows, B, _chain32_lean, RTZ, 0)
         elif mode == RDN:
-            _lean_rows(acc, cnt, A, rows, B, _chain32_lean, RDN, 0)
+            _lean_row_by_row(acc, cnt, A, rows, B, _chain32_lean, RDN, 0)
         elif mode == RUP:
-            _lean_rows(acc, cnt, A, rows, B, _chain32_lean, RUP, 0)
+            _lean_row_by_row(acc, cnt, A, rows, B, _chain32_lean, RUP, 0)
         else:
-            _lean_rows(acc, cnt, A, rows, B, _chain32_lean, ODD, 0)
+            _lean_row_by_row(acc, cnt, A, rows, B, _chain32_lean, ODD, 0)
         _finish_rows(acc, cnt, A, B, rows, n, out, counts, _chain32_row_full, _chain32_elem, P)
     return counts
 
