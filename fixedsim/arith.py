@@ -112,6 +112,7 @@ def _apply(op, operands, fmt, rounding, overflow, seed, random_bits, stats):
     key = random_key(seed) if rounding is Rounding.STOCHASTIC else np.uint64(0)
     U = U.copy()
     U[_q.U_KEY] = key
+    U.setflags(write=False)  # parameters are read-only everywhere: one compiled signature
     out = np.empty(shape, fmt.dtype)
     oflat = out.reshape(-1)
     precise = (fmt.word_length <= 51) if fmt.kind == "fixed" else (fmt.man_bits <= 50)

@@ -253,8 +253,9 @@ class _Bits:
 
     @classmethod
     def of(cls, x: np.ndarray) -> _Bits:
-        nonfinite, sig, lsb, top = _g.operand_bits(
-            np.ascontiguousarray(x, dtype=np.float64).reshape(-1))
+        flat = np.ascontiguousarray(x, dtype=np.float64).reshape(-1).view()
+        flat.setflags(write=False)  # always read-only: one compiled signature
+        nonfinite, sig, lsb, top = _g.operand_bits(flat)
         if top == -4096:  # no finite nonzero value
             return cls(nonfinite == 0, 0, 0, -1075, 0)
         return cls(nonfinite == 0, int(sig), int(lsb), int(top), int(top - lsb))
@@ -265,6 +266,7 @@ def _stage_params(fmt, rounding, overflow, rbits, key):
     Psr = _kernel_params(fmt, _RNE, overflow, rbits)[0]
     U = U.copy()
     U[_q.U_KEY] = key
+    U.setflags(write=False)  # parameters are read-only everywhere: one compiled signature
     prec = (fmt.word_length <= 51) if isinstance(fmt, FixedFormat) else (fmt.man_bits <= 50)
     wrap = (math.ldexp(1.0, 51 - fmt.frac_length)
             if isinstance(fmt, FixedFormat) and overflow is Overflow.WRAP else 0.0)
@@ -849,6 +851,8 @@ def _general_args(spec, ba, bb, keys, rb):
     stages.append(_stage_params(via, _RNE, resolve_overflow(via, None), 64, np.uint64(0)))
     sP, sPsr, sU, sD = (np.ascontiguousarray(np.stack([s[i] for s in stages]))
                         for i in range(4))
+    for arr in (sP, sPsr, sU, sD):  # read-only as every parameter array: the helpers they
+        arr.setflags(write=False)   # reach (round_exact, ...) compile once for all callers
     prec = np.array([s[4] for s in stages])
     wrap = np.array([s[5] for s in stages])
     return (prod_exact, sP, sPsr, sU, sD, prec, wrap, spec.product is not None,

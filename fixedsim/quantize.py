@@ -309,6 +309,7 @@ def _run(arr, fmt, rounding, overflow, rbits, key, want_stats, out=None):
     if key:
         U = U.copy()
         U[_q.U_KEY] = key
+        U.setflags(write=False)  # read-only as the cached ones: one compiled signature
     if flat.dtype == np.float32:
         counts = _q.quantize_bits(flat, flat.view(np.uint32), oflat, P, U, D, 23, 8)
     else:

@@ -375,8 +375,10 @@ def _grid_add_chunk(a, b, out, counts, slow, ch, lo_i, hi_i, MODE, P, Psr, U, D,
         if ok[i] != 0:
             continue
         idx = np.uint64(lo_i + i)
-        v, fl, s = arith_one(OP_ADD, aa[i], bb[i], bb[i], idx, P, Psr, U, D, MODE, False,
-                             wrap_lim)
+        # op, mode and wrap as plain (not literal) values: the call then shares the one
+        # compiled arith_one instead of compiling one per literal mode
+        v, fl, s = arith_one(np.int64(OP_ADD), aa[i], bb[i], bb[i], idx, P, Psr, U, D,
+                             np.int64(MODE), np.bool_(False), wrap_lim)
         if s:
             ss[i] = 1
             continue

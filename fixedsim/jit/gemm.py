@@ -210,8 +210,8 @@ def dot_element(a, b, oidx, prod_exact, stage_P, stage_Psr, stage_U, stage_D, pr
                 else:
                     if not _check(ph, pl, prec[0], wrap_lim[0]):
                         return 0.0, False
-                    ph, fl, amb = round_exact(ph, pl, False, Pp, stage_Psr[0], stage_U[0],
-                                              stage_D[0], pidx)
+                    ph, fl, amb = round_exact(ph, pl, np.bool_(False), Pp, stage_Psr[0],
+                                              stage_U[0], stage_D[0], pidx)
                 _count(counts, 0, fl)
                 pl = 0.0
             if not abs(ph) < np.inf:
@@ -272,7 +272,8 @@ def dot_element(a, b, oidx, prod_exact, stage_P, stage_Psr, stage_U, stage_D, pr
     else:
         if not _check(s, 0.0, prec[2], wrap_lim[2]):
             return 0.0, False
-        v, fl, amb = round_exact(s, 0.0, False, Po, stage_Psr[2], stage_U[2], stage_D[2], oi)
+        v, fl, amb = round_exact(s, 0.0, np.bool_(False), Po, stage_Psr[2], stage_U[2],
+                                 stage_D[2], oi)
     _count(counts, 2, fl)
     return v, True
 
