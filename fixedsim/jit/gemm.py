@@ -1087,14 +1087,15 @@ def gemm_chain_float(A, B, out, mode, sh0, lim, qbits, maxbits, ovp, ovn, infb, 
     """FMA chain into a float format of at most 21 significand bits inside float32's range.
 
     Products ``A[r, k] * B[k, j]`` must be exact in float32 (the caller checks). ``acc[j] =
-    round(acc[j] + A[r, k] * B[k, j])`` for ``k`` in order, vectorised over ``j``: four rows
-    at a time (:func:`_lean_rows`) with the lean step :func:`_chain_float_lean`, one loop per
-    deterministic rounding mode; the elements it leaves (a sum below the format's normal
-    range, beyond its largest value, or not finite) are recomputed with
-    :func:`_chain_float_step`, which counts every event (:func:`_finish_rows`). Parameters of
-    the format as for :func:`fixedsim.jit.quant_fast.float_from_f32`; ``minnorm``: bits of the
-    smallest normal. Returns per-row counts, as the general kernel counts the accumulator
-    stage.
+    round(acc[j] + A[r, k] * B[k, j])`` for ``k`` in order, vectorised over ``j``, with the
+    lean step :func:`_chain_float_lean`, one loop per deterministic rounding mode: four rows
+    per pass (:func:`_lean_rows`) to nearest even, row by row (:func:`_lean_row_by_row`) in
+    the other modes (four copies of the step in all six loops took 25 s to compile). The
+    elements it leaves (a sum below the format's normal range, beyond its largest value, or
+    not finite) are recomputed with :func:`_chain_float_step`, which counts every event
+    (:func:`_finish_rows`). Parameters of the format as for
+    :func:`fixedsim.jit.quant_fast.float_from_f32`; ``minnorm``: bits of the smallest normal.
+    Returns per-row counts, as the general kernel counts the accumulator stage.
     """
     R, K = A.shape
     N = B.shape[1]
@@ -1105,18 +1106,18 @@ def gemm_chain_float(A, B, out, mode, sh0, lim, qbits, maxbits, ovp, ovn, infb, 
         rows, n = _group_rows(g, R)
         acc = np.zeros((4, N), np.float32)
         cnt = np.zeros((4, N), np.int32)
-        if mode == RNE:
+        if mode == RNE:  # the hardware default: four chains per pass
             _lean_rows(acc, cnt, A, rows, B, _chain_float_lean, RNE, L)
-        elif mode == RNA:
-            _lean_rows(acc, cnt, A, rows, B, _chain_float_lean, RNA, L)
+        elif mode == RNA:  # the others row by row: a sixth of the compile time each
+            _lean_row_by_row(acc, cnt, A, rows, B, _chain_float_lean, RNA, L)
         elif mode == RTZ:
-            _lean_rows(acc, cnt, A, rows, B, _chain_float_lean, RTZ, L)
+            _lean_row_by_row(acc, cnt, A, rows, B, _chain_float_lean, RTZ, L)
         elif mode == RDN:
-            _lean_rows(acc, cnt, A, rows, B, _chain_float_lean, RDN, L)
+            _lean_row_by_row(acc, cnt, A, rows, B, _chain_float_lean, RDN, L)
         elif mode == RUP:
-            _lean_rows(acc, cnt, A, rows, B, _chain_float_lean, RUP, L)
+            _lean_row_by_row(acc, cnt, A, rows, B, _chain_float_lean, RUP, L)
         else:
-            _lean_rows(acc, cnt, A, rows, B, _chain_float_lean, ODD, L)
+            _lean_row_by_row(acc, cnt, A, rows, B, _chain_float_lean, ODD, L)
         _finish_rows(acc, cnt, A, B, rows, n, out, counts, _chain_float_row_full,
                      _chain_float_elem, P)
     return counts
