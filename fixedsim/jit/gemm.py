@@ -485,16 +485,16 @@ def _group_rows(g, R):
 
 
 @jit_inline
-def _lean_rows(acc, cnt, A, rows, B, step, MODE, L):
+def _lean_rows(acc, cnt, A, rows, B, step, MODE, L, k0=0):
     """Four rows' chains ``acc[i, j] = step(acc[i, j], A[rows[i], k], B[k, j])``, ``k`` in
-    order, each pass over the outputs ``j`` carrying the four independent chains (their
+    order from ``k0``, each pass over the outputs ``j`` carrying the four independent chains (their
     latencies overlap, and each ``B[k, j]`` is loaded once). ``step(a0, x, b, MODE, L)``
     returns the new sum, or NaN for a step it leaves to the counting recomputation, and its
     inexact flag, added to ``cnt``."""
     a0, a1, a2, a3 = acc[0], acc[1], acc[2], acc[3]
     c0, c1, c2, c3 = cnt[0], cnt[1], cnt[2], cnt[3]
     i0, i1, i2, i3 = rows[0], rows[1], rows[2], rows[3]
-    for k in range(A.shape[1]):
+    for k in range(k0, A.shape[1]):
         x0, x1, x2, x3 = A[i0, k], A[i1, k], A[i2, k], A[i3, k]
         bk = B[k]
         for j in range(a0.size):
@@ -558,14 +558,20 @@ _F32_INF = np.float32(np.inf)
 
 
 @jit_inline
+def _f32_add(a0, p):
+    """``a0 + p`` in float32 and its inexact flag (int32 0/1): neither exact-difference check
+    of Fast2Sum recovers the other operand (exact for finite operands in either order)."""
+    s = a0 + p
+    return s, _I32((s - a0 != p) | (s - p != a0))
+
+
+@jit_inline
 def _f32_lean(a0, x, b, MODE, L):
     """One float32 FMA-chain step ``a0 + x*b`` (the product exact in float32), nearest even:
     the sum and its inexact flag (neither exact-difference check of Fast2Sum recovers the
     other operand). An infinite or subnormal sum, or a NaN ``a0``, gives NaN: the element is
     recomputed by :func:`_f32_full` steps, which count those events."""
-    p = x * b
-    s = a0 + p
-    inexact = _I32((s - a0 != p) | (s - p != a0))
+    s, inexact = _f32_add(a0, x * b)
     t = abs(s)
     keep = (t < _F32_INF) & ((t >= _F32_MIN_NORMAL) | (s == np.float32(0.0)))
     return (s if keep else np.float32(np.nan)), inexact
@@ -575,9 +581,9 @@ def _f32_lean(a0, x, b, MODE, L):
 def _f32_full(a0, p):
     """One float32 FMA-chain step with its counts (0/1 int32: inexact, overflow, subnormal),
     as the general kernel counts them: an infinite ``a0`` stays as it is, uncounted."""
-    s = a0 + p
+    s, f = _f32_add(a0, p)
     fin = _I32(abs(a0) < _F32_INF)  # 0/1 integers: branch-free, vectorises
-    inexact = fin * (_I32(s - a0 != p) | _I32(s - p != a0))
+    inexact = fin * f
     over = fin * _I32(abs(s) == _F32_INF)
     subn = _I32(s != 0) * _I32(abs(s) < _F32_MIN_NORMAL)
     return s, inexact, over, subn
@@ -619,10 +625,21 @@ def _f32_elem(ar, B, j, crow, P):
 
 
 @jit_inline
-def _f32_exact_step(a0, p):
-    """``a0 + p`` in float32 and its inexact flag (the steps of :func:`_f32_safe_rows`)."""
-    s = a0 + p
-    return s, _I32(s - a0 != p) | _I32(s - p != a0)
+def _f32_safe_step(a0, x, b, MODE, L):
+    """:func:`_f32_add` of ``a0 + x*b``: the step of :func:`_lean_rows` where no sum can be
+    infinite or subnormal."""
+    return _f32_add(a0, x * b)
+
+
+@jit_inline
+def _f32_add4(a0, x0, x1, x2, x3, y0, y1, y2, y3):
+    """Four :func:`_f32_add` steps ``a0 + x0*y0 + ... + x3*y3`` in order, and how many were
+    inexact."""
+    s, f0 = _f32_add(a0, x0 * y0)
+    s, f1 = _f32_add(s, x1 * y1)
+    s, f2 = _f32_add(s, x2 * y2)
+    s, f3 = _f32_add(s, x3 * y3)
+    return s, (f0 + f1) + (f2 + f3)
 
 
 @jit_inline
@@ -630,7 +647,7 @@ def _f32_safe_rows(acc, cnt, A, rows, B):
     """Four rows of :func:`gemm_f32_chain` when no sum can be infinite or subnormal: no check
     for them, and four steps of each row per pass over the outputs (the four sums stay in
     registers between them; the four rows' chains are independent, so their latencies
-    overlap)."""
+    overlap). The last ``K % 4`` steps run one per pass (:func:`_lean_rows`)."""
     a0, a1, a2, a3 = acc[0], acc[1], acc[2], acc[3]
     c0, c1, c2, c3 = cnt[0], cnt[1], cnt[2], cnt[3]
     i0, i1, i2, i3 = rows[0], rows[1], rows[2], rows[3]
@@ -644,47 +661,19 @@ def _f32_safe_rows(acc, cnt, A, rows, B):
         b0, b1, b2, b3 = B[k], B[k + 1], B[k + 2], B[k + 3]
         for j in range(a0.size):
             y0, y1, y2, y3 = b0[j], b1[j], b2[j], b3[j]
-            s, f0 = _f32_exact_step(a0[j], x00 * y0)
-            s, f1 = _f32_exact_step(s, x01 * y1)
-            s, f2 = _f32_exact_step(s, x02 * y2)
-            s, f3 = _f32_exact_step(s, x03 * y3)
+            s, f = _f32_add4(a0[j], x00, x01, x02, x03, y0, y1, y2, y3)
             a0[j] = s
-            c0[j] += (f0 + f1) + (f2 + f3)
-            s, f0 = _f32_exact_step(a1[j], x10 * y0)
-            s, f1 = _f32_exact_step(s, x11 * y1)
-            s, f2 = _f32_exact_step(s, x12 * y2)
-            s, f3 = _f32_exact_step(s, x13 * y3)
+            c0[j] += f
+            s, f = _f32_add4(a1[j], x10, x11, x12, x13, y0, y1, y2, y3)
             a1[j] = s
-            c1[j] += (f0 + f1) + (f2 + f3)
-            s, f0 = _f32_exact_step(a2[j], x20 * y0)
-            s, f1 = _f32_exact_step(s, x21 * y1)
-            s, f2 = _f32_exact_step(s, x22 * y2)
-            s, f3 = _f32_exact_step(s, x23 * y3)
+            c1[j] += f
+            s, f = _f32_add4(a2[j], x20, x21, x22, x23, y0, y1, y2, y3)
             a2[j] = s
-            c2[j] += (f0 + f1) + (f2 + f3)
-            s, f0 = _f32_exact_step(a3[j], x30 * y0)
-            s, f1 = _f32_exact_step(s, x31 * y1)
-            s, f2 = _f32_exact_step(s, x32 * y2)
-            s, f3 = _f32_exact_step(s, x33 * y3)
+            c2[j] += f
+            s, f = _f32_add4(a3[j], x30, x31, x32, x33, y0, y1, y2, y3)
             a3[j] = s
-            c3[j] += (f0 + f1) + (f2 + f3)
-    for k in range(K4, K):
-        x0, x1, x2, x3 = A[i0, k], A[i1, k], A[i2, k], A[i3, k]
-        bk = B[k]
-        for j in range(a0.size):
-            y = bk[j]
-            s, f0 = _f32_exact_step(a0[j], x0 * y)
-            a0[j] = s
-            c0[j] += f0
-            s, f1 = _f32_exact_step(a1[j], x1 * y)
-            a1[j] = s
-            c1[j] += f1
-            s, f2 = _f32_exact_step(a2[j], x2 * y)
-            a2[j] = s
-            c2[j] += f2
-            s, f3 = _f32_exact_step(a3[j], x3 * y)
-            a3[j] = s
-            c3[j] += f3
+            c3[j] += f
+    _lean_rows(acc, cnt, A, rows, B, _f32_safe_step, RNE, 0, K4)
 
 
 @jit_parallel
