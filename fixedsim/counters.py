@@ -10,8 +10,12 @@ block::
         y = fixedsim.matmul(a, b, spec)
     print(c.macs, c.accumulator.overflow, c.paths)
 
-Counting is always on: the counts come out of the kernels' own loops (per row, race-free), and
-on the fast paths from checks that cost a few instructions per multiply-accumulate.
+Counting is on by default: whenever a call's counts can be read (``stats=True``, or inside a
+:func:`record` block), they are exact; they come out of the kernels' own loops (per row,
+race-free), and on the fast paths from checks that cost a few instructions per
+multiply-accumulate. When nothing can read them, a kernel may skip the checks that only count
+events: the FP32 FMA chains then run the FMA instruction alone, several times faster (its
+result is the same, bit for bit; see ``docs/performance.md``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
+from typing import ClassVar
 
 import numpy as np
 
@@ -102,6 +107,10 @@ class Counters:
     accumulator: StageCounts = dataclasses.field(default_factory=StageCounts)
     output: StageCounts = dataclasses.field(default_factory=StageCounts)
     paths: dict = dataclasses.field(default_factory=dict)
+
+    #: Whether anything reads this call's events (set per call by :mod:`fixedsim.matmul`):
+    #: when not, a kernel may leave them uncounted.
+    _read: ClassVar[bool] = True
 
     def __iadd__(self, other: Counters) -> Counters:
         self.calls += other.calls
@@ -232,6 +241,11 @@ def record():
         yield c
     finally:
         stack.remove(c)
+
+
+def _recording() -> bool:
+    """Whether a :func:`record` block is active in this thread."""
+    return bool(_active())
 
 
 def _publish(c: Counters) -> None:

@@ -273,15 +273,18 @@ def _stage_params(fmt, rounding, overflow, rbits, key):
     return P, Psr, U, D, prec, wrap
 
 
-def _setup(op, spec, seed):
-    """Checked spec, stage keys, random bits and a fresh Counters for one call."""
+def _setup(op, spec, seed, stats):
+    """Checked spec, stage keys, random bits and a fresh Counters for one call; its events
+    are read when ``stats`` or a :func:`fixedsim.counters.record` block is active."""
     spec = MatmulSpec() if spec is None else spec
     if not isinstance(spec, MatmulSpec):
         raise TypeError(f"{op}: spec must be a MatmulSpec, got {type(spec).__name__}")
     keys = stage_keys(spec.seed if seed is None else seed) if spec.stochastic else \
         np.zeros(5, np.uint64)
     rb = 64 if spec.random_bits is None else spec.random_bits
-    return spec, keys, rb, _counters.Counters(calls=1)
+    c = _counters.Counters(calls=1)
+    c._read = bool(stats) or _counters._recording()
+    return spec, keys, rb, c
 
 
 def _check_operands(a, b):
@@ -373,7 +376,7 @@ def matmul(a, b, spec: MatmulSpec | None = None, *, seed=None, stats=False):
     >>> fs.matmul(a, b, fs.MatmulSpec(accumulator=fs.Accumulator(fs.FP16, block=4)))
     array([[1.0009766]], dtype=float32)
     """
-    spec, keys, rb, c = _setup("matmul", spec, seed)
+    spec, keys, rb, c = _setup("matmul", spec, seed, stats)
     a, b = _check_operands(a, b)
     _check_finite_for_fixed(spec, a, b)
     aq = _quantize_input(a, spec.input, spec.input_rounding, rb, keys[0], c.input)
@@ -674,6 +677,7 @@ def _fp32_chain(A, B, spec, ba, bb, keys, rb, c):
 
     ``fl32(acc + fl32(a*b))`` is then exactly the one rounding of ``acc + a*b``, so a float32
     loop vectorised over the outputs, keeping ``k`` in order, is bit-identical to the model.
+    Its steps count their events unless nobody reads them (:func:`_f32_chain_how`).
     """
     acc = spec.accumulator
     if (acc is None or acc.fmt != FP32 or acc.rounding is not _RNE or acc.block != 1
@@ -681,9 +685,19 @@ def _fp32_chain(A, B, spec, ba, bb, keys, rb, c):
             or not _f32_products_exact(ba, bb) or A.shape[1] >= 2**30):
         return None
     out = np.empty((A.shape[0], B.shape[1]), np.float32)
+    how = _f32_chain_how(c, _f32_chain_safe(ba, bb, A.shape[1]))
     flags = _g.gemm_f32_chain(A.astype(np.float32), np.ascontiguousarray(B, np.float32), out,
-                              _f32_chain_safe(ba, bb, A.shape[1]))
+                              how)
     return _chain_result(out, flags, "fp32_chain", spec, keys, rb, c)
+
+
+def _f32_chain_how(c, safe) -> int:
+    """How :func:`fixedsim.jit.gemm.gemm_f32_chain` runs for a call counting into ``c``:
+    uncounted (the FMA instruction alone) when nothing reads ``c``'s events, else counting,
+    with no checks for infinite or subnormal sums when ``safe``."""
+    if not c._read:
+        return _g.F32_UNCOUNTED
+    return _g.F32_SAFE if safe else _g.F32_CHECKED
 
 
 def _f32_chain_safe(ba, bb, K) -> bool:
@@ -720,9 +734,14 @@ def _fp32_chain64(A, B, spec, ba, bb, keys, rb, c):
         return None
     _, _, _, _, ovp, ovn, _ = _fast_float_params(FP32, acc.rounding, acc.overflow)
     out = np.empty((A.shape[0], B.shape[1]), np.float32)
+    fma = (_FMA32 and acc.rounding is _RNE and acc.overflow is Overflow.INFINITY
+           and _f32_exact(ba) and _f32_exact(bb))  # the FMA instruction is the model
+    if fma and not c._read:  # nothing reads the counts: the instruction alone
+        flags = _g.gemm_f32_chain(np.ascontiguousarray(A, np.float32),
+                                  np.ascontiguousarray(B, np.float32), out, _g.F32_UNCOUNTED)
+        return _chain_result(out, flags, "fp32_chain64", spec, keys, rb, c)
     B64 = np.ascontiguousarray(B, np.float64)
-    if (_FMA32 and acc.rounding is _RNE and acc.overflow is Overflow.INFINITY
-            and _f32_exact(ba) and _f32_exact(bb)):  # the FMA instruction is the model
+    if fma:
         flags = _g.gemm_fma32(np.ascontiguousarray(A, np.float32),
                               np.ascontiguousarray(B, np.float32), B64, out, ovp, ovn)
     else:
@@ -998,7 +1017,7 @@ def conv2d(x, w, spec: MatmulSpec | None = None, stride=1, padding=0, *, seed=No
     array([[[[10., 18.],
              [42., 50.]]]], dtype=float32)
     """
-    spec, keys, rb, c = _setup("conv2d", spec, seed)
+    spec, keys, rb, c = _setup("conv2d", spec, seed, stats)
     x = _as_float_array(x, "x")
     w = _as_float_array(w, "w")
     stride, padding, Ho, Wo = _conv_geometry(x.shape, w.shape, stride, padding)
@@ -1018,7 +1037,7 @@ def conv2d_grad_weight(x, grad_y, w_shape, spec: MatmulSpec | None = None, strid
     -------
     numpy.ndarray, shape ``w_shape``
     """
-    spec, keys, rb, c = _setup("conv2d_grad_weight", spec, seed)
+    spec, keys, rb, c = _setup("conv2d_grad_weight", spec, seed, stats)
     x = _as_float_array(x, "x")
     gy = _as_float_array(grad_y, "grad_y")
     w_shape = tuple(int(v) for v in w_shape)
@@ -1059,7 +1078,7 @@ def conv2d_grad_input(grad_y, w, x_shape, spec: MatmulSpec | None = None, stride
     O, _, kh, kw = w.shape
     if gy.shape != (N, O, Ho, Wo):
         raise ValueError(f"{op}: grad_y must have shape {(N, O, Ho, Wo)}, got {gy.shape}")
-    spec, keys, rb, c = _setup(op, spec, seed)
+    spec, keys, rb, c = _setup(op, spec, seed, stats)
     gq, wq = _quantize_pair(op, spec, gy, w, ("grad_y", "w"), keys, rb, c)
     # Zp[n, o, ho*s + kh-1-p, wo*s + kw-1-p] = grad_y: the zero-spread, padded gradient
     Zp = np.zeros((N, O, H + kh - 1, W + kw - 1))

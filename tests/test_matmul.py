@@ -150,7 +150,10 @@ def test_general_kernel_alone(acc, ab):
 
 # -- fast paths: the same bits and the same counts as the general kernel -------------------------
 def both_paths(a, b, spec, seed=3):
+    """The fast path's bits and counts equal the general kernel's, and its bits are the same
+    when nothing reads its counts (kernels may then skip counting)."""
     fast, cf = mm.matmul(a, b, spec, seed=seed, stats=True)
+    unread = mm.matmul(a, b, spec, seed=seed)
     old = mm._FAST_PATHS
     mm._FAST_PATHS = False
     try:
@@ -158,7 +161,8 @@ def both_paths(a, b, spec, seed=3):
     finally:
         mm._FAST_PATHS = old
     assert_same_bits(fast.astype(np.float64), slow.astype(np.float64), err_msg=repr(spec))
-    assert fast.dtype == slow.dtype
+    assert_same_bits(unread.astype(np.float64), slow.astype(np.float64), err_msg=repr(spec))
+    assert fast.dtype == slow.dtype == unread.dtype
     for stage in ("input", "product", "accumulator", "output"):
         assert getattr(cf, stage) == getattr(cs, stage), (stage, spec)
     assert "general" in cs.paths
@@ -748,6 +752,32 @@ def test_fp32_fma_kernel_equals_the_float64_kernel(scale):
     assert cg.accumulator == cw.accumulator
     if scale == "rare":
         assert cg.accumulator.overflow and cg.accumulator.subnormal
+
+
+@pytest.mark.parametrize("data", ["fp16", "float32"])
+def test_fp32_chains_count_only_when_read(monkeypatch, data):
+    """The FP32 FMA chains run uncounted (the FMA instruction alone) exactly when nothing can
+    read the call's counts: no ``stats=True`` and no active record block. The bits are the
+    same either way (``both_paths`` checks that on every fast-path test)."""
+    rng = np.random.default_rng(9)
+    a, b = rng.standard_normal((6, 33)), rng.standard_normal((33, 5))
+    a, b = ((fs.quantize(x, fs.FP16) if data == "fp16" else x).astype(np.float32)
+            for x in (a, b))
+    spec = fs.MatmulSpec(accumulator=fs.FP32)
+    ran = []
+    for name in ("gemm_f32_chain", "gemm_fma32"):
+        kernel = getattr(mm._g, name)
+        monkeypatch.setattr(mm._g, name, lambda *args, _k=kernel, _n=name: (
+            ran.append((_n, args[-1] if _n == "gemm_f32_chain" else None)), _k(*args))[1])
+    counted = ("gemm_f32_chain", mm._g.F32_SAFE) if data == "fp16" else ("gemm_fma32", None)
+    want, c = fs.matmul(a, b, spec, stats=True)
+    assert ran.pop() == counted and c.accumulator.inexact > 0
+    assert_same_bits(fs.matmul(a, b, spec), want)
+    assert ran.pop() == ("gemm_f32_chain", mm._g.F32_UNCOUNTED)
+    with fs.counters.record() as rec:
+        assert_same_bits(fs.matmul(a, b, spec), want)
+    assert ran.pop() == counted and rec.accumulator == c.accumulator
+    assert not ran
 
 
 def test_fp32_chain64_wide_fixed_point_inputs():

@@ -643,11 +643,26 @@ def _f32_add4(a0, x0, x1, x2, x3, y0, y1, y2, y3):
 
 
 @jit_inline
-def _f32_safe_rows(acc, cnt, A, rows, B):
-    """Four rows of :func:`gemm_f32_chain` when no sum can be infinite or subnormal: no check
-    for them, and four steps of each row per pass over the outputs (the four sums stay in
-    registers between them; the four rows' chains are independent, so their latencies
-    overlap). The last ``K % 4`` steps run one per pass (:func:`_lean_rows`)."""
+def _f32_fma_step(a0, x, b, MODE, L):
+    """The FMA instruction ``fl32(a0 + x*b)``, IEEE 754 in every case (subnormal and
+    infinite sums included), uncounted: the step of :func:`_lean_rows` that counts nothing."""
+    return fma32(x, b, a0), _I32(0)
+
+
+@jit_inline
+def _f32_fma4(a0, x0, x1, x2, x3, y0, y1, y2, y3):
+    """Four :func:`_f32_fma_step` steps in order, uncounted."""
+    return fma32(x3, y3, fma32(x2, y2, fma32(x1, y1, fma32(x0, y0, a0)))), _I32(0)
+
+
+@jit_inline
+def _f32_rows4(acc, cnt, A, rows, B, step4, step):
+    """Four rows of :func:`gemm_f32_chain` without checks for infinite or subnormal sums:
+    four steps of each row per pass over the outputs (the four sums stay in registers between
+    them; the four rows' chains are independent, so their latencies overlap), by
+    ``step4(a0, x0, x1, x2, x3, y0, y1, y2, y3)``, which returns the sum and how many steps
+    were inexact. The last ``K % 4`` steps run one per pass (:func:`_lean_rows` with
+    ``step``)."""
     a0, a1, a2, a3 = acc[0], acc[1], acc[2], acc[3]
     c0, c1, c2, c3 = cnt[0], cnt[1], cnt[2], cnt[3]
     i0, i1, i2, i3 = rows[0], rows[1], rows[2], rows[3]
@@ -661,33 +676,46 @@ def _f32_safe_rows(acc, cnt, A, rows, B):
         b0, b1, b2, b3 = B[k], B[k + 1], B[k + 2], B[k + 3]
         for j in range(a0.size):
             y0, y1, y2, y3 = b0[j], b1[j], b2[j], b3[j]
-            s, f = _f32_add4(a0[j], x00, x01, x02, x03, y0, y1, y2, y3)
+            s, f = step4(a0[j], x00, x01, x02, x03, y0, y1, y2, y3)
             a0[j] = s
             c0[j] += f
-            s, f = _f32_add4(a1[j], x10, x11, x12, x13, y0, y1, y2, y3)
+            s, f = step4(a1[j], x10, x11, x12, x13, y0, y1, y2, y3)
             a1[j] = s
             c1[j] += f
-            s, f = _f32_add4(a2[j], x20, x21, x22, x23, y0, y1, y2, y3)
+            s, f = step4(a2[j], x20, x21, x22, x23, y0, y1, y2, y3)
             a2[j] = s
             c2[j] += f
-            s, f = _f32_add4(a3[j], x30, x31, x32, x33, y0, y1, y2, y3)
+            s, f = step4(a3[j], x30, x31, x32, x33, y0, y1, y2, y3)
             a3[j] = s
             c3[j] += f
-    _lean_rows(acc, cnt, A, rows, B, _f32_safe_step, RNE, 0, K4)
+    _lean_rows(acc, cnt, A, rows, B, step, RNE, 0, K4)
+
+
+#: How :func:`gemm_f32_chain` runs: checking every sum (counting overflows and subnormals),
+#: without those checks (the caller proved that no sum can be infinite or subnormal), or
+#: counting nothing (nobody reads the counts).
+F32_CHECKED, F32_SAFE, F32_UNCOUNTED = 0, 1, 2
 
 
 @jit_parallel
-def gemm_f32_chain(A, B, out, safe):
-    """FP32 fused-multiply-add chain, products exact in float32: ``out = A @ B`` in order.
+def gemm_f32_chain(A, B, out, how):
+    """FP32 fused-multiply-add chain on float32 operands: ``out = A @ B`` in order.
 
     ``acc[j] = fl32(acc[j] + A[r, k] * B[k, j])`` for ``k = 0..K-1`` (``K < 2**31``),
-    vectorised over ``j``, four rows at a time (:func:`_lean_rows`); with exact products each
-    step is one correct rounding of ``acc + a*b``. Returns per-row counts of the accumulator
-    roundings (inexact, overflow, subnormal), as the general kernel counts them: a step from
-    a finite sum is inexact when neither of the exact-difference checks of Fast2Sum recovers
-    the other operand. Elements with an infinite or subnormal sum are recomputed counting
-    every event (:func:`_finish_rows`). ``safe``: the caller proved that no sum can be
-    infinite or subnormal; :func:`_f32_safe_rows` then runs without those checks.
+    vectorised over ``j``, four rows at a time. ``how``:
+
+    - ``F32_CHECKED`` and ``F32_SAFE`` need products exact in float32 (the caller checks);
+      each step is then one correct rounding of ``acc + a*b``, which a float32 addition
+      gives. They return per-row counts of the accumulator roundings (inexact, overflow,
+      subnormal), as the general kernel counts them: a step from a finite sum is inexact when
+      neither of the exact-difference checks of Fast2Sum recovers the other operand.
+      ``F32_CHECKED`` runs :func:`_lean_rows`, and recomputes the elements with an infinite
+      or subnormal sum counting every event (:func:`_finish_rows`); ``F32_SAFE``, when the
+      caller proved that no sum can be infinite or subnormal, runs :func:`_f32_rows4`
+      without those checks.
+    - ``F32_UNCOUNTED`` runs the FMA instruction (:func:`fixedsim.jit.bits.fma32`), one
+      correct IEEE 754 rounding per step whatever the products, in :func:`_f32_rows4`, and
+      returns zero counts: for a caller whose counts nobody reads.
     """
     R, K = A.shape
     N = B.shape[1]
@@ -696,8 +724,13 @@ def gemm_f32_chain(A, B, out, safe):
         rows, n = _group_rows(g, R)
         acc = np.zeros((4, N), np.float32)
         cnt = np.zeros((4, N), np.int32)
-        if safe:
-            _f32_safe_rows(acc, cnt, A, rows, B)
+        if how == F32_UNCOUNTED:
+            _f32_rows4(acc, cnt, A, rows, B, _f32_fma4, _f32_fma_step)
+            for i in range(n):
+                out[rows[i]] = acc[i]
+            continue
+        if how == F32_SAFE:
+            _f32_rows4(acc, cnt, A, rows, B, _f32_add4, _f32_safe_step)
         else:
             _lean_rows(acc, cnt, A, rows, B, _f32_lean, RNE, 0)
         _finish_rows(acc, cnt, A, B, rows, n, out, counts, _f32_row_full, _f32_elem, 0)

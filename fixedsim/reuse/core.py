@@ -562,7 +562,7 @@ def reuse_matmul(X, W, L: int, H: int, *, seed: int = 0, spec: MatmulSpec | None
     >>> st.remain_ratio, st.macs, st.dense_macs, st.path
     (0.4, 8, 20, 'reuse')
     """
-    spec, keys, rb, c = _setup("reuse_matmul", spec, product_seed)
+    spec, keys, rb, c = _setup("reuse_matmul", spec, product_seed, True)
     X, W = _check_operands(X, W)
     if X.ndim != 2:
         raise ValueError(f"reuse_matmul: X must have shape (R, K), got {X.shape}")
