@@ -444,7 +444,8 @@ _SERIAL_OUTPUT = 2**20
 
 
 def _round_output(vals, spec, keys, rb, c):
-    """Round exact float64 values (flat output order) into the output format, counting.
+    """Round exact float64 values (flat output order) into the output format, counting when
+    anything reads the counts (otherwise the quantizer may take a kernel that does not count).
 
     Small outputs are rounded on one Numba thread: the values often come straight from a
     BLAS call, whose OpenBLAS workers spin for a while after it, and a parallel kernel
@@ -453,7 +454,7 @@ def _round_output(vals, spec, keys, rb, c):
     """
     fmt = spec.output if spec.output is not None else FP64
     args = (np.ascontiguousarray(vals), fmt, spec.output_rounding, resolve_overflow(fmt, None),
-            rb, keys[4], True)
+            rb, keys[4], c._read)
     if vals.size < _SERIAL_OUTPUT:
         threads = numba.get_num_threads()
         numba.set_num_threads(1)
@@ -463,7 +464,8 @@ def _round_output(vals, spec, keys, rb, c):
             numba.set_num_threads(threads)
     else:
         out, f = _run(*args)
-    c.output += _counters.StageCounts.from_flags(f, vals.size)
+    if f is not None:
+        c.output += _counters.StageCounts.from_flags(f, vals.size)
     return out
 
 
