@@ -269,8 +269,8 @@ def _check_out(out, arr, fmt):
     return out
 
 
-#: Let the fixed-point fast kernel count events for ``stats=True`` (tests switch it off to
-#: compare its counts with the general kernel's).
+#: Let the fast kernels count events for ``stats=True`` (tests switch it off to compare their
+#: counts with the general kernel's).
 _FAST_STATS = True
 
 
@@ -280,17 +280,21 @@ def _run(arr, fmt, rounding, overflow, rbits, key, want_stats, out=None):
     flat = arr.reshape(-1)
     oflat = out.reshape(-1)
     path = _fast_path(arr, fmt, rounding)
-    if want_stats and (path != "fixed_from_float" or fmt.word_length > 53 or not _FAST_STATS):
-        path = None  # the fixed-point kernel counts events (codes exact in float64)
+    if want_stats and (not _FAST_STATS or (path == "fixed_from_float"
+                                           and fmt.word_length > 53)):
+        path = None  # the fixed-point kernel counts events when its codes are exact in float64
     mode = int(rounding)
-    if path == "float_from_f32":
-        _qf.float_from_f32(flat.view(np.uint32), oflat.view(np.uint32), mode,
-                           *_fast_float_params(fmt, rounding, overflow), rbits, key)
-        return out, None
-    if path == "float_from_f64":
-        _qf.float_from_f64(flat, oflat.view(np.uint32), mode,
-                           *_fast_float_params(fmt, rounding, overflow))
-        return out, None
+    if path in ("float_from_f32", "float_from_f64"):
+        minnorm = _f32_bits(fmt.min_normal)
+        if path == "float_from_f32":
+            counts = _qf.float_from_f32(flat.view(np.uint32), oflat.view(np.uint32), mode,
+                                        *_fast_float_params(fmt, rounding, overflow), rbits, key,
+                                        bool(want_stats), minnorm)
+        else:
+            counts = _qf.float_from_f64(flat, oflat.view(np.uint32), mode,
+                                        *_fast_float_params(fmt, rounding, overflow),
+                                        bool(want_stats), minnorm)
+        return out, (counts if want_stats else None)
     if path == "fixed_from_float":
         f = fmt.frac_length
         if overflow is Overflow.WRAP:  # round unclamped to float64 codes, then wrap them

@@ -110,7 +110,8 @@ def test_fast_kernels_equal_general_kernel_on_random_bit_patterns(fmt, rounding,
     values and (where the fast kernel counts them) event counts."""
     rng = np.random.default_rng(7)
     x = rng.integers(0, 2**32, 1 << 16, dtype=np.uint64).astype(np.uint32).view(np.float32)
-    x = np.concatenate([x, rng.standard_normal(1 << 14).astype(np.float32)])
+    x = np.concatenate([x, rng.standard_normal(1 << 14).astype(np.float32),
+                        np.array([np.inf, -np.inf, np.nan, 0.0, -0.0], np.float32)])
     for overflow in ([fs.Overflow.SATURATE, fs.Overflow.WRAP]
                      if isinstance(fmt, fs.FixedFormat) else [None, fs.Overflow.SATURATE]):
         if isinstance(fmt, fs.FixedFormat):
@@ -144,18 +145,32 @@ def test_extreme_frac_lengths_match_oracle(frac_length):
 
 @pytest.mark.parametrize("fmt", [fs.FP16, fs.BF16, fs.TF32, fs.FP8_E4M3, fs.FP8_E5M2,
                                  fs.FloatFormat(3, 4), fs.FloatFormat(8, 21)], ids=repr)
-def test_float64_fast_path_equals_general_kernel(fmt):
-    """Round to odd at float32 precision, then the float32 kernel: every float64 pattern class."""
+def test_float64_fast_path_equals_general_kernel(fmt, monkeypatch):
+    """Round to odd at float32 precision, then the float32 kernel: every float64 pattern class,
+    values and event counts."""
     rng = np.random.default_rng(3)
     bits = rng.integers(0, 2**64, 1 << 17, dtype=np.uint64)
     x = np.concatenate([bits.view(np.float64), rng.standard_normal(1 << 14) * fmt.max / 8,
                         np.nextafter(fs.quantize(rng.standard_normal(1 << 14), fmt)
-                                     .astype(np.float64), np.inf)])
-    for rounding in DETERMINISTIC:
-        assert _fast_path(x, fmt, rounding) == "float_from_f64"
-        fast = fs.quantize(x, fmt, rounding)
-        general, _ = fs.quantize(x, fmt, rounding, stats=True)
-        assert_same_bits(fast, general, f"{fmt} {rounding}")
+                                     .astype(np.float64), np.inf),
+                        [np.inf, -np.inf, np.nan, 0.0, -0.0, fmt.max, -fmt.max,
+                         fmt.min_subnormal / 2, -fmt.min_subnormal / 2, fmt.min_normal]])
+    for overflow in (None, fs.Overflow.SATURATE):
+        for rounding in DETERMINISTIC:
+            what = f"{fmt} {rounding} {overflow}"
+            assert _fast_path(x, fmt, rounding) == "float_from_f64"
+            fast = fs.quantize(x, fmt, rounding, overflow)
+            counted, sf = fs.quantize(x, fmt, rounding, overflow, stats=True)
+            monkeypatch.setattr(_QMOD, "_FAST_STATS", False)
+            general, sg = fs.quantize(x, fmt, rounding, overflow, stats=True)
+            monkeypatch.setattr(_QMOD, "_FAST_STATS", True)
+            assert_same_bits(fast, general, what)
+            assert_same_bits(counted, general, what)
+            assert sf == sg, what
+            assert sf.nan and sf.inexact and sf.overflow and sf.subnormal, what
+            # every event occurs, but DOWN rounds up only by saturating, ODD never to zero
+            assert sf.rounded_up or (rounding is fs.Rounding.DOWN and not overflow), what
+            assert sf.underflow or rounding is fs.Rounding.ODD, what
 
 
 def test_every_fp16_value_and_midpoint_matches_numpy_cast():

@@ -9,20 +9,24 @@
   is exact in float64 (the caller checks the range). One loop per rounding mode. Under WRAP
   it runs unclamped into a float64 buffer of codes and :func:`wrap_codes` wraps them.
 
-Neither counts events; :func:`fixedsim.quantize.quantize` uses the general kernel when asked for
-statistics. Both are checked bit for bit against the general kernel and the Fraction oracle.
+Each can count the events of its roundings as the general kernel does (``stats=True``; the
+float kernels in a second pass over each chunk, from the inputs, the results and the overflow
+flags). All are checked bit for bit, counts included, against the general kernel, and against
+the Fraction oracle.
 """
 
 import numpy as np
 from numba import prange
 
-from .bits import round_to_odd_f32
+from .bits import f32_from_bits, round_to_odd_f32
 from .options import jit_inline, jit_parallel
 from .quant import (
     CHUNK,
     F_INEXACT,
     F_INVALID,
+    F_NAN,
     F_OVERFLOW,
+    F_SUBNORMAL,
     F_UNDERFLOW,
     F_UP,
     N_FLAGS,
@@ -89,100 +93,190 @@ def f32_float_one(b, MODE, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg, inf
 
 
 @jit_inline
-def _f32_float_one(b, MODE, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg, infbits, rbits,
-                   key, i):
-    return f32_float_one(b, MODE, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg, infbits,
-                         rbits, key, i)[0]
+def _f32_chunk(xs, os, ov, lo, MODE, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg, infbits,
+               rbits, key):
+    """One chunk of :func:`float_from_f32`: the result bits into ``os``, the overflow flags
+    (0/1) into ``ov``."""
+    for j in range(xs.size):
+        r, over = f32_float_one(np.int64(xs[j]), MODE, sh0, lim, qbits, maxbits, ovbits_pos,
+                                ovbits_neg, infbits, rbits, key, lo + j)
+        os[j] = r
+        ov[j] = np.uint8(over)
+
+
+@jit_inline
+def _f32_events(xs, os, ov, minnorm, counts, c):
+    """The events of a chunk of :func:`float_from_f32` (float32 input bits ``xs``, result bits
+    ``os``, overflow flags ``ov``), as the general kernel counts them, into ``counts[c]``:
+    inexact (a value changed; not a NaN), rounded up (the value grew: a smaller magnitude of a
+    negative input), overflow (a finite input rounded beyond the largest value, or an infinite
+    one saturated), underflow (a nonzero input rounded to zero), subnormal (a nonzero result
+    below the smallest normal ``minnorm``, as bits) and NaN inputs. Branch-free 0/1 integers."""
+    n_inexact = 0
+    n_up = 0
+    n_over = 0
+    n_under = 0
+    n_sub = 0
+    n_nan = 0
+    for j in range(xs.size):
+        b = np.int64(xs[j])
+        r = np.int64(os[j])
+        a = b & 0x7FFFFFFF
+        ra = r & 0x7FFFFFFF
+        neg = (b >> 31) & 1
+        nan_in = np.int64(a > 0x7F800000)
+        fin = np.int64(a < 0x7F800000)
+        inexact = np.int64(r != b) & (1 - nan_in)
+        n_inexact += inexact
+        n_up += inexact & (neg * np.int64(ra < a) + (1 - neg) * np.int64(ra > a))
+        n_over += (fin & np.int64(ov[j])) | ((1 - fin - nan_in) & inexact)
+        n_under += fin & np.int64(a != 0) & np.int64(ra == 0)
+        n_sub += np.int64(ra != 0) & np.int64(ra < minnorm)
+        n_nan += nan_in
+    _put_events(counts, c, n_inexact, n_up, n_over, n_under, n_sub, n_nan)
+
+
+@jit_inline
+def _put_events(counts, c, n_inexact, n_up, n_over, n_under, n_sub, n_nan):
+    counts[c, F_INEXACT] = n_inexact
+    counts[c, F_UP] = n_up
+    counts[c, F_OVERFLOW] = n_over
+    counts[c, F_UNDERFLOW] = n_under
+    counts[c, F_SUBNORMAL] = n_sub
+    counts[c, F_NAN] = n_nan
 
 
 @jit_parallel
 def float_from_f32(xb, ob, mode, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg, infbits,
-                   rbits, key):
+                   rbits, key, count, minnorm):
     """Quantize float32 bits ``xb`` into float32 bits ``ob`` (see module docstring).
 
     ``sh0 = 23 - man_bits``; ``lim = emin + 127``; ``qbits``: bits of the smallest subnormal;
     ``maxbits``: bits of max; ``ovbits_*``: result bits of an overflow by sign; ``infbits``: the
-    result bits of an infinite input. All int64; ``key`` uint64.
+    result bits of an infinite input. All int64; ``key`` uint64. ``count``: also count the
+    events (:func:`_f32_events`; ``minnorm``: bits of the smallest normal). Returns the event
+    counts (columns ``F_*``; zeros when not counting).
     """
     n = xb.size
     nch = (n + CHUNK - 1) // CHUNK
+    counts = np.zeros((nch, N_FLAGS), np.int64)
     for c in prange(nch):
         lo = c * CHUNK
         hi = min(n, lo + CHUNK)
         # slices: loop indices from 0 are provably nonnegative, so the loops vectorise
         xs = xb[lo:hi]
         os = ob[lo:hi]
+        ov = np.empty(hi - lo, np.uint8)
         if mode == RNE:
-            for j in range(xs.size):
-                os[j] = _f32_float_one(np.int64(xs[j]), RNE, sh0, lim, qbits, maxbits,
-                                       ovbits_pos, ovbits_neg, infbits, rbits, key, lo + j)
+            _f32_chunk(xs, os, ov, lo, RNE, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
+                       infbits, rbits, key)
         elif mode == RNA:
-            for j in range(xs.size):
-                os[j] = _f32_float_one(np.int64(xs[j]), RNA, sh0, lim, qbits, maxbits,
-                                       ovbits_pos, ovbits_neg, infbits, rbits, key, lo + j)
+            _f32_chunk(xs, os, ov, lo, RNA, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
+                       infbits, rbits, key)
         elif mode == RTZ:
-            for j in range(xs.size):
-                os[j] = _f32_float_one(np.int64(xs[j]), RTZ, sh0, lim, qbits, maxbits,
-                                       ovbits_pos, ovbits_neg, infbits, rbits, key, lo + j)
+            _f32_chunk(xs, os, ov, lo, RTZ, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
+                       infbits, rbits, key)
         elif mode == RDN:
-            for j in range(xs.size):
-                os[j] = _f32_float_one(np.int64(xs[j]), RDN, sh0, lim, qbits, maxbits,
-                                       ovbits_pos, ovbits_neg, infbits, rbits, key, lo + j)
+            _f32_chunk(xs, os, ov, lo, RDN, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
+                       infbits, rbits, key)
         elif mode == RUP:
-            for j in range(xs.size):
-                os[j] = _f32_float_one(np.int64(xs[j]), RUP, sh0, lim, qbits, maxbits,
-                                       ovbits_pos, ovbits_neg, infbits, rbits, key, lo + j)
+            _f32_chunk(xs, os, ov, lo, RUP, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
+                       infbits, rbits, key)
         elif mode == ODD:
-            for j in range(xs.size):
-                os[j] = _f32_float_one(np.int64(xs[j]), ODD, sh0, lim, qbits, maxbits,
-                                       ovbits_pos, ovbits_neg, infbits, rbits, key, lo + j)
+            _f32_chunk(xs, os, ov, lo, ODD, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
+                       infbits, rbits, key)
         else:
-            for j in range(xs.size):
-                os[j] = _f32_float_one(np.int64(xs[j]), SR, sh0, lim, qbits, maxbits,
-                                       ovbits_pos, ovbits_neg, infbits, rbits, key, lo + j)
+            _f32_chunk(xs, os, ov, lo, SR, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
+                       infbits, rbits, key)
+        if count:
+            _f32_events(xs, os, ov, minnorm, counts, c)
+    return counts.sum(axis=0)
+
+
+@jit_inline
+def _f64_chunk(xs, os, ov, lo, MODE, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
+               infbits):
+    """One chunk of :func:`float_from_f64`, as :func:`_f32_chunk`."""
+    key = np.uint64(0)
+    for j in range(xs.size):
+        r, over = f32_float_one(round_to_odd_f32(xs[j]), MODE, sh0, lim, qbits, maxbits,
+                                ovbits_pos, ovbits_neg, infbits, 64, key, lo + j)
+        os[j] = r
+        ov[j] = np.uint8(over)
+
+
+_TWO128 = 2.0**128
+
+
+@jit_inline
+def _f64_events(xs, os, ov, minnorm, counts, c):
+    """:func:`_f32_events` for float64 inputs ``xs`` (values compared as float64)."""
+    n_inexact = 0
+    n_up = 0
+    n_over = 0
+    n_under = 0
+    n_sub = 0
+    n_nan = 0
+    for j in range(xs.size):
+        x = xs[j]
+        r = np.int64(os[j])
+        v = np.float64(f32_from_bits(r))
+        ra = r & 0x7FFFFFFF
+        nan_in = np.int64(x != x)
+        fin = np.int64(abs(x) < np.inf)
+        inexact = np.int64(v != x) & (1 - nan_in)
+        n_inexact += inexact
+        n_up += inexact & np.int64(v > x)
+        # beyond float32's range the value rounded to odd is float32's max, whose rounding may
+        # stay in range (to zero): every rounding of such an |x| >= 2**128 overflows
+        n_over += (fin & (np.int64(ov[j]) | np.int64(abs(x) >= _TWO128))) | (
+            (1 - fin - nan_in) & inexact)
+        n_under += fin & np.int64(x != 0.0) & np.int64(ra == 0)
+        n_sub += np.int64(ra != 0) & np.int64(ra < minnorm)
+        n_nan += nan_in
+    _put_events(counts, c, n_inexact, n_up, n_over, n_under, n_sub, n_nan)
 
 
 @jit_parallel
-def float_from_f64(x, ob, mode, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg, infbits):
+def float_from_f64(x, ob, mode, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg, infbits,
+                   count, minnorm):
     """Quantize float64 ``x`` into float32 bits ``ob``, deterministic modes only.
 
     Each input is first rounded to odd at float32 precision, which keeps the correct rounding
     for formats of at most 22 significant bits whose quantum is at least ``2**-147`` (the
-    caller checks); the bits then go through the float32 kernel. Arguments as for
+    caller checks); the bits then go through the float32 kernel. Arguments and counts as for
     :func:`float_from_f32`.
     """
     n = x.size
     nch = (n + CHUNK - 1) // CHUNK
-    key = np.uint64(0)
+    counts = np.zeros((nch, N_FLAGS), np.int64)
     for c in prange(nch):
         lo = c * CHUNK
         hi = min(n, lo + CHUNK)
         xs = x[lo:hi]  # slices: loop indices from 0 are nonnegative, so the loops vectorise
         os = ob[lo:hi]
+        ov = np.empty(hi - lo, np.uint8)
         if mode == RNE:
-            for j in range(xs.size):
-                os[j] = _f32_float_one(round_to_odd_f32(xs[j]), RNE, sh0, lim, qbits, maxbits,
-                                       ovbits_pos, ovbits_neg, infbits, 64, key, lo + j)
+            _f64_chunk(xs, os, ov, lo, RNE, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
+                       infbits)
         elif mode == RNA:
-            for j in range(xs.size):
-                os[j] = _f32_float_one(round_to_odd_f32(xs[j]), RNA, sh0, lim, qbits, maxbits,
-                                       ovbits_pos, ovbits_neg, infbits, 64, key, lo + j)
+            _f64_chunk(xs, os, ov, lo, RNA, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
+                       infbits)
         elif mode == RTZ:
-            for j in range(xs.size):
-                os[j] = _f32_float_one(round_to_odd_f32(xs[j]), RTZ, sh0, lim, qbits, maxbits,
-                                       ovbits_pos, ovbits_neg, infbits, 64, key, lo + j)
+            _f64_chunk(xs, os, ov, lo, RTZ, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
+                       infbits)
         elif mode == RDN:
-            for j in range(xs.size):
-                os[j] = _f32_float_one(round_to_odd_f32(xs[j]), RDN, sh0, lim, qbits, maxbits,
-                                       ovbits_pos, ovbits_neg, infbits, 64, key, lo + j)
+            _f64_chunk(xs, os, ov, lo, RDN, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
+                       infbits)
         elif mode == RUP:
-            for j in range(xs.size):
-                os[j] = _f32_float_one(round_to_odd_f32(xs[j]), RUP, sh0, lim, qbits, maxbits,
-                                       ovbits_pos, ovbits_neg, infbits, 64, key, lo + j)
+            _f64_chunk(xs, os, ov, lo, RUP, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
+                       infbits)
         else:
-            for j in range(xs.size):
-                os[j] = _f32_float_one(round_to_odd_f32(xs[j]), ODD, sh0, lim, qbits, maxbits,
-                                       ovbits_pos, ovbits_neg, infbits, 64, key, lo + j)
+            _f64_chunk(xs, os, ov, lo, ODD, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
+                       infbits)
+        if count:
+            _f64_events(xs, os, ov, minnorm, counts, c)
+    return counts.sum(axis=0)
 
 
 @jit_inline
