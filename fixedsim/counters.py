@@ -13,9 +13,10 @@ block::
 Counting is on by default: whenever a call's counts can be read (``stats=True``, or inside a
 :func:`record` block), they are exact; they come out of the kernels' own loops (per row,
 race-free), and on the fast paths from checks that cost a few instructions per
-multiply-accumulate. When nothing can read them, a kernel may skip the checks that only count
-events: the FP32 FMA chains then run the FMA instruction alone, several times faster (its
-result is the same, bit for bit; see ``docs/performance.md``).
+multiply-accumulate. When nothing can read them, a kernel may skip the work that only counts
+events: the FP32 FMA chains then run the FMA instruction alone, several times faster, and the
+stochastic float chain drops its event flags (results are the same, bit for bit; see
+``docs/matmul.md``).
 """
 
 from __future__ import annotations

@@ -803,7 +803,8 @@ def _float_chain64(A, B, spec, ba, bb, keys, rb, c):
     exactness checked with TwoSum, the exact sum rounded on its bits (stochastically against
     the general kernel's draws); vectorised over the outputs, ``k`` in order. Elements whose
     sums are not exact in float64, or that overflow without saturating, are recomputed by
-    the general kernel. (DOWN is left out: the sign of a zero sum would need more state.)"""
+    the general kernel. (DOWN is left out: the sign of a zero sum would need more state.)
+    Stochastic rounding counts its events only when they are read."""
     acc = spec.accumulator
     f = acc.fmt if acc is not None else None
     if (not isinstance(f, FloatFormat) or acc.rounding is Rounding.DOWN
@@ -819,7 +820,7 @@ def _float_chain64(A, B, spec, ba, bb, keys, rb, c):
                                     52 - f.man_bits, f.emin + 1023, _f64_bits(f.min_subnormal),
                                     _f64_bits(f.max), _f64_bits(f.min_normal),
                                     acc.overflow is Overflow.SATURATE, acc.random_bits or 64,
-                                    keys[3])
+                                    keys[3], c._read)
     flags = counts.sum(axis=0)
     if bad.any():
         rows, cols = np.nonzero(bad)

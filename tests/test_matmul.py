@@ -780,6 +780,26 @@ def test_fp32_chains_count_only_when_read(monkeypatch, data):
     assert not ran
 
 
+def test_stochastic_chain_counts_only_when_read(monkeypatch):
+    """The float64-lane kernel skips counting stochastic steps exactly when nothing can read
+    the counts; the bits (draws included) are the same either way."""
+    rng = np.random.default_rng(10)
+    a, b = (fs.quantize(rng.standard_normal(s), fs.FP16) for s in ((5, 40), (40, 7)))
+    spec = fs.MatmulSpec(accumulator=fs.Accumulator(fs.FP16, "stochastic"), seed=4)
+    ran = []
+    kernel = mm._g.gemm_chain_f64
+    monkeypatch.setattr(mm._g, "gemm_chain_f64",
+                        lambda *args: (ran.append(args[-1]), kernel(*args))[1])
+    want, c = fs.matmul(a, b, spec, stats=True)
+    assert ran.pop() is True and c.accumulator.inexact > 0
+    assert_same_bits(fs.matmul(a, b, spec), want)
+    assert ran.pop() is False
+    with fs.counters.record() as rec:
+        assert_same_bits(fs.matmul(a, b, spec), want)
+    assert ran.pop() is True and rec.accumulator == c.accumulator
+    assert not ran
+
+
 def test_fp32_chain64_wide_fixed_point_inputs():
     """Q<16,8> x Q<16,8> products have up to 32 bits: exact in float64, not in float32."""
     rng = np.random.default_rng(12)
