@@ -766,7 +766,7 @@ def _float_chain(A, B, spec, ba, bb, keys, rb, c):
     flags = _g.gemm_chain_float(A.astype(np.float32), np.ascontiguousarray(B, np.float32), out,
                                 int(acc.rounding),
                                 *_fast_float_params(f, acc.rounding, acc.overflow),
-                                _f32_bits(f.min_normal))
+                                _f32_bits(f.min_normal), c._read)
     return _chain_result(out, flags, "float_chain", spec, keys, rb, c)
 
 

@@ -780,16 +780,21 @@ def test_fp32_chains_count_only_when_read(monkeypatch, data):
     assert not ran
 
 
-def test_stochastic_chain_counts_only_when_read(monkeypatch):
-    """The float64-lane kernel skips counting stochastic steps exactly when nothing can read
-    the counts; the bits (draws included) are the same either way."""
+@pytest.mark.parametrize("kernel,acc", [
+    ("gemm_chain_f64", fs.Accumulator(fs.FP16, "stochastic")),
+    ("gemm_chain_f64", fs.Accumulator(fs.BF16, "stochastic", block=3)),
+    ("gemm_chain_float", fs.Accumulator(fs.FP16)),
+    ("gemm_chain_float", fs.Accumulator(fs.BF16, "toward_zero"))])
+def test_float_chains_count_only_when_read(monkeypatch, kernel, acc):
+    """The float-accumulator kernels are told to count exactly when something can read the
+    counts (nearest even and stochastic rounding then skip the work that only counts); the
+    bits (draws included) are the same either way."""
     rng = np.random.default_rng(10)
     a, b = (fs.quantize(rng.standard_normal(s), fs.FP16) for s in ((5, 40), (40, 7)))
-    spec = fs.MatmulSpec(accumulator=fs.Accumulator(fs.FP16, "stochastic"), seed=4)
+    spec = fs.MatmulSpec(accumulator=acc, seed=4)
     ran = []
-    kernel = mm._g.gemm_chain_f64
-    monkeypatch.setattr(mm._g, "gemm_chain_f64",
-                        lambda *args: (ran.append(args[-1]), kernel(*args))[1])
+    run = getattr(mm._g, kernel)
+    monkeypatch.setattr(mm._g, kernel, lambda *args: (ran.append(args[-1]), run(*args))[1])
     want, c = fs.matmul(a, b, spec, stats=True)
     assert ran.pop() is True and c.accumulator.inexact > 0
     assert_same_bits(fs.matmul(a, b, spec), want)

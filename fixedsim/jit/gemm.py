@@ -1060,6 +1060,13 @@ def _chain_float_lean(a0, x, b, MODE, L):
     return f32_from_bits(v), _I32(r != m)
 
 
+@jit_inline
+def _chain_float_lean_uncounted(a0, x, b, MODE, L):
+    """:func:`_chain_float_lean` without its inexact flag (the compiler drops its work): for a
+    caller whose counts nobody reads."""
+    return _chain_float_lean(a0, x, b, MODE, L)[0], _I32(0)
+
+
 @jit
 def _chain_float_row_full(ar, B, orow, crow, P):
     """One row with :func:`_chain_float_step`, every event counted, vectorised (``P``: the
@@ -1105,7 +1112,8 @@ def _chain_float_elem(ar, B, j, crow, P):
 
 
 @jit_parallel
-def gemm_chain_float(A, B, out, mode, sh0, lim, qbits, maxbits, ovp, ovn, infb, minnorm):
+def gemm_chain_float(A, B, out, mode, sh0, lim, qbits, maxbits, ovp, ovn, infb, minnorm,
+                     count):
     """FMA chain into a float format of at most 21 significand bits inside float32's range.
 
     Products ``A[r, k] * B[k, j]`` must be exact in float32 (the caller checks). ``acc[j] =
@@ -1117,7 +1125,9 @@ def gemm_chain_float(A, B, out, mode, sh0, lim, qbits, maxbits, ovp, ovn, infb, 
     not finite) are recomputed with :func:`_chain_float_step`, which counts every event
     (:func:`_finish_rows`). Parameters of the format as for
     :func:`fixedsim.jit.quant_fast.float_from_f32`; ``minnorm``: bits of the smallest normal.
-    Returns per-row counts, as the general kernel counts the accumulator stage.
+    Returns per-row counts, as the general kernel counts the accumulator stage. ``count``
+    false, for a caller whose counts nobody reads: nearest even then skips counting the
+    inexact steps of the lean pass (its counts are incomplete; about 8% faster).
     """
     R, K = A.shape
     N = B.shape[1]
@@ -1128,8 +1138,10 @@ def gemm_chain_float(A, B, out, mode, sh0, lim, qbits, maxbits, ovp, ovn, infb, 
         rows, n = _group_rows(g, R)
         acc = np.zeros((4, N), np.float32)
         cnt = np.zeros((4, N), np.int32)
-        if mode == RNE:  # the hardware default: four chains per pass
+        if mode == RNE and count:  # the hardware default: four chains per pass
             _lean_rows(acc, cnt, A, rows, B, _chain_float_lean, RNE, L)
+        elif mode == RNE:
+            _lean_rows(acc, cnt, A, rows, B, _chain_float_lean_uncounted, RNE, L)
         elif mode == RNA:  # the others row by row: a sixth of the compile time each
             _lean_row_by_row(acc, cnt, A, rows, B, _chain_float_lean, RNA, L)
         elif mode == RTZ:
