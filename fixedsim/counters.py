@@ -15,7 +15,7 @@ Counting is on by default: whenever a call's counts can be read (``stats=True``,
 race-free), and on the fast paths from checks that cost a few instructions per
 multiply-accumulate. When nothing can read them, a kernel may skip the work that only counts
 events: the FP32 FMA chains then run the FMA instruction alone, several times faster, and the
-stochastic float chain drops its event flags (results are the same, bit for bit; see
+other float chains drop their event flags (results are the same, bit for bit; see
 ``docs/matmul.md``).
 """
 
