@@ -755,7 +755,8 @@ def _fp32_chain64(A, B, spec, ba, bb, keys, rb, c):
 def _float_chain(A, B, spec, ba, bb, keys, rb, c):
     """An FMA chain (block 1, deterministic rounding) into a float format of at most 21
     significand bits inside float32's range, products exact in float32: TwoSum, round to odd
-    at 24 bits, then the branch-free float32 quantizer, vectorised over the outputs."""
+    at 24 bits, then the branch-free float32 quantizer, vectorised over the outputs. Nearest
+    even counts its inexact steps only when the counts are read."""
     acc = spec.accumulator
     f = acc.fmt if acc is not None else None
     if (not isinstance(f, FloatFormat) or acc.block != 1 or acc.via is not None

@@ -661,8 +661,8 @@ def _f32_rows4(acc, cnt, A, rows, B, step4, step):
     four steps of each row per pass over the outputs (the four sums stay in registers between
     them; the four rows' chains are independent, so their latencies overlap), by
     ``step4(a0, x0, x1, x2, x3, y0, y1, y2, y3)``, which returns the sum and how many steps
-    were inexact. The last ``K % 4`` steps run one per pass (:func:`_lean_rows` with
-    ``step``)."""
+    were inexact (zero when uncounted). The last ``K % 4`` steps run one per pass
+    (:func:`_lean_rows` with ``step``)."""
     a0, a1, a2, a3 = acc[0], acc[1], acc[2], acc[3]
     c0, c1, c2, c3 = cnt[0], cnt[1], cnt[2], cnt[3]
     i0, i1, i2, i3 = rows[0], rows[1], rows[2], rows[3]
