@@ -105,13 +105,29 @@ def _f32_chunk(xs, os, ov, lo, MODE, sh0, lim, qbits, maxbits, ovbits_pos, ovbit
 
 
 @jit_inline
-def _f32_events(xs, os, ov, minnorm, counts, c):
-    """The events of a chunk of :func:`float_from_f32` (float32 input bits ``xs``, result bits
-    ``os``, overflow flags ``ov``), as the general kernel counts them, into ``counts[c]``:
-    inexact (a value changed; not a NaN), rounded up (the value grew: a smaller magnitude of a
-    negative input), overflow (a finite input rounded beyond the largest value, or an infinite
-    one saturated), underflow (a nonzero input rounded to zero), subnormal (a nonzero result
-    below the smallest normal ``minnorm``, as bits) and NaN inputs. Branch-free 0/1 integers."""
+def _f32_value(b):
+    """The value of float32 bits ``b``, as float64 (an input of :func:`float_from_f32`)."""
+    return np.float64(f32_from_bits(b))
+
+
+@jit_inline
+def _f64_value(x):
+    """An input of :func:`float_from_f64`, as it is."""
+    return x
+
+
+_TWO128 = 2.0**128
+
+
+@jit_inline
+def _float_events(xs, os, ov, minnorm, counts, c, value):
+    """The events of a chunk of :func:`float_from_f32` or :func:`float_from_f64` (inputs
+    ``xs``, whose values ``value(xs[j])`` gives as float64; result bits ``os``; overflow flags
+    ``ov``), as the general kernel counts them, into ``counts[c]``: inexact (a value changed;
+    not a NaN), rounded up (the value grew), overflow (a finite input rounded beyond the
+    largest value, or an infinite one saturated), underflow (a nonzero input rounded to zero),
+    subnormal (a nonzero result below the smallest normal ``minnorm``, as bits) and NaN
+    inputs. Branch-free 0/1 integers."""
     n_inexact = 0
     n_up = 0
     n_over = 0
@@ -119,25 +135,22 @@ def _f32_events(xs, os, ov, minnorm, counts, c):
     n_sub = 0
     n_nan = 0
     for j in range(xs.size):
-        b = np.int64(xs[j])
+        x = value(xs[j])
         r = np.int64(os[j])
-        a = b & 0x7FFFFFFF
+        v = np.float64(f32_from_bits(r))
         ra = r & 0x7FFFFFFF
-        neg = (b >> 31) & 1
-        nan_in = np.int64(a > 0x7F800000)
-        fin = np.int64(a < 0x7F800000)
-        inexact = np.int64(r != b) & (1 - nan_in)
+        nan_in = np.int64(x != x)
+        fin = np.int64(abs(x) < np.inf)
+        inexact = np.int64(v != x) & (1 - nan_in)
         n_inexact += inexact
-        n_up += inexact & (neg * np.int64(ra < a) + (1 - neg) * np.int64(ra > a))
-        n_over += (fin & np.int64(ov[j])) | ((1 - fin - nan_in) & inexact)
-        n_under += fin & np.int64(a != 0) & np.int64(ra == 0)
+        n_up += np.int64(v > x)  # implies inexact (and no NaN)
+        # beyond float32's range (float64 inputs) the value rounded to odd is float32's max,
+        # whose rounding may stay in range (to zero): every rounding of |x| >= 2**128 overflows
+        n_over += (fin & (np.int64(ov[j]) | np.int64(abs(x) >= _TWO128))) | (
+            (1 - fin - nan_in) & inexact)
+        n_under += fin & np.int64(x != 0.0) & np.int64(ra == 0)
         n_sub += np.int64(ra != 0) & np.int64(ra < minnorm)
         n_nan += nan_in
-    _put_events(counts, c, n_inexact, n_up, n_over, n_under, n_sub, n_nan)
-
-
-@jit_inline
-def _put_events(counts, c, n_inexact, n_up, n_over, n_under, n_sub, n_nan):
     counts[c, F_INEXACT] = n_inexact
     counts[c, F_UP] = n_up
     counts[c, F_OVERFLOW] = n_over
@@ -154,7 +167,7 @@ def float_from_f32(xb, ob, mode, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_ne
     ``sh0 = 23 - man_bits``; ``lim = emin + 127``; ``qbits``: bits of the smallest subnormal;
     ``maxbits``: bits of max; ``ovbits_*``: result bits of an overflow by sign; ``infbits``: the
     result bits of an infinite input. All int64; ``key`` uint64. ``count``: also count the
-    events (:func:`_f32_events`; ``minnorm``: bits of the smallest normal). Returns the event
+    events (:func:`_float_events`; ``minnorm``: bits of the smallest normal). Returns the event
     counts (columns ``F_*``; zeros when not counting).
     """
     n = xb.size
@@ -189,7 +202,7 @@ def float_from_f32(xb, ob, mode, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_ne
             _f32_chunk(xs, os, ov, lo, SR, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
                        infbits, rbits, key)
         if count:
-            _f32_events(xs, os, ov, minnorm, counts, c)
+            _float_events(xs, os, ov, minnorm, counts, c, _f32_value)
     return counts.sum(axis=0)
 
 
@@ -203,38 +216,6 @@ def _f64_chunk(xs, os, ov, lo, MODE, sh0, lim, qbits, maxbits, ovbits_pos, ovbit
                                 ovbits_pos, ovbits_neg, infbits, 64, key, lo + j)
         os[j] = r
         ov[j] = np.uint8(over)
-
-
-_TWO128 = 2.0**128
-
-
-@jit_inline
-def _f64_events(xs, os, ov, minnorm, counts, c):
-    """:func:`_f32_events` for float64 inputs ``xs`` (values compared as float64)."""
-    n_inexact = 0
-    n_up = 0
-    n_over = 0
-    n_under = 0
-    n_sub = 0
-    n_nan = 0
-    for j in range(xs.size):
-        x = xs[j]
-        r = np.int64(os[j])
-        v = np.float64(f32_from_bits(r))
-        ra = r & 0x7FFFFFFF
-        nan_in = np.int64(x != x)
-        fin = np.int64(abs(x) < np.inf)
-        inexact = np.int64(v != x) & (1 - nan_in)
-        n_inexact += inexact
-        n_up += inexact & np.int64(v > x)
-        # beyond float32's range the value rounded to odd is float32's max, whose rounding may
-        # stay in range (to zero): every rounding of such an |x| >= 2**128 overflows
-        n_over += (fin & (np.int64(ov[j]) | np.int64(abs(x) >= _TWO128))) | (
-            (1 - fin - nan_in) & inexact)
-        n_under += fin & np.int64(x != 0.0) & np.int64(ra == 0)
-        n_sub += np.int64(ra != 0) & np.int64(ra < minnorm)
-        n_nan += nan_in
-    _put_events(counts, c, n_inexact, n_up, n_over, n_under, n_sub, n_nan)
 
 
 @jit_parallel
@@ -275,7 +256,7 @@ def float_from_f64(x, ob, mode, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg
             _f64_chunk(xs, os, ov, lo, ODD, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
                        infbits)
         if count:
-            _f64_events(xs, os, ov, minnorm, counts, c)
+            _float_events(xs, os, ov, minnorm, counts, c, _f64_value)
     return counts.sum(axis=0)
 
 
