@@ -756,7 +756,10 @@ def _float_chain(A, B, spec, ba, bb, keys, rb, c):
     """An FMA chain (block 1, deterministic rounding) into a float format of at most 21
     significand bits inside float32's range, products exact in float32: TwoSum, round to odd
     at 24 bits, then the branch-free float32 quantizer, vectorised over the outputs. Nearest
-    even counts its inexact steps only when the counts are read."""
+    even counts its inexact steps only when the counts are read; unread, into a format of
+    narrow range (:func:`_narrow_params`), it runs the FMA instruction in float64 and one
+    rounding per step (:func:`fixedsim.jit.gemm.gemm_chain_narrow`), and the counting kernel
+    recomputes only the rows where a sum overflows."""
     acc = spec.accumulator
     f = acc.fmt if acc is not None else None
     if (not isinstance(f, FloatFormat) or acc.block != 1 or acc.via is not None
@@ -764,11 +767,55 @@ def _float_chain(A, B, spec, ba, bb, keys, rb, c):
             or f.emax > 127 or not f.subnormals or not _f32_products_exact(ba, bb)):
         return None
     out = np.empty((A.shape[0], B.shape[1]), np.float32)
-    flags = _g.gemm_chain_float(A.astype(np.float32), np.ascontiguousarray(B, np.float32), out,
-                                int(acc.rounding),
+    rows = None
+    narrow = _narrow_params(f) if acc.rounding is _RNE and not c._read else None
+    if narrow is not None:  # nobody reads the counts: the FMA instruction, then one rounding
+        over = _g.gemm_chain_narrow(np.ascontiguousarray(A, np.float64),
+                                    np.ascontiguousarray(B, np.float64), out, *narrow)
+        if not over.any():
+            return _chain_result(out, np.zeros((1, _q.N_FLAGS), np.int64), "float_chain",
+                                 spec, keys, rb, c)
+        rows = np.flatnonzero(over)  # rows with an overflow: the counting kernel's
+    sub = out if rows is None else np.empty((rows.size, out.shape[1]), np.float32)
+    flags = _g.gemm_chain_float((A if rows is None else A[rows]).astype(np.float32),
+                                np.ascontiguousarray(B, np.float32), sub, int(acc.rounding),
                                 *_fast_float_params(f, acc.rounding, acc.overflow),
                                 _f32_bits(f.min_normal), c._read)
+    if rows is not None:
+        out[rows] = sub
     return _chain_result(out, flags, "float_chain", spec, keys, rb, c)
+
+
+def _narrow_params(f):
+    """``(minnorm, off, top)`` of :func:`fixedsim.jit.gemm.gemm_chain_narrow` for the float
+    format ``f`` (at most 21 significand bits, subnormals on), or None when ``f``'s range is
+    too wide for the kernel's proof: ``2**(emax + 1)`` must be at most ``2**53 * u``, ``u``
+    its smallest subnormal.
+
+    The proof, for a step whose FMA result ``s = fl64(x)``, ``x = a + p``, has ``|s| <
+    2**emax`` (``a`` the running sum, a format value and so a multiple of ``u``; ``p`` the
+    exact product, of at most 24 significant bits, exponent ``e_p``; the kernel marks the
+    other rows, which the counting kernel recomputes, overflows among them):
+
+    - The kernel rounds ``s`` correctly into the format (:func:`fixedsim.jit.gemm._narrow_step`:
+      adding and subtracting a constant whose float64 quantum is the format's quantum at
+      ``s``).
+    - Rounding ``s`` rather than ``x`` changes nothing. It could only if ``s`` were a
+      midpoint ``mu`` between two format values (exponent ``e``) with ``0 < |x - mu| <=
+      2**(e - 53)``, half float64's quantum there. But ``x - mu`` is a multiple of the
+      smallest of ``u`` (from ``a``), ``2**(e_p - 23)`` (from ``p``) and ``mu``'s quantum
+      (``2**(e - P)``, ``P`` the format's significand bits, or ``u/2`` below the smallest
+      normal), and each of these exceeds ``2**(e - 53)``: ``u`` because ``|mu| < 2**emax``,
+      ``mu``'s quantum by far (``P <= 22``). Unless ``e_p <= e - 30``: then ``|p| < 2**(e -
+      29)``, and ``a`` would lie within ``2**(e - 28)`` of ``mu``, nearer than any format
+      value is to a midpoint.
+
+    FP16 (``2**16 <= 2**29``) and the FP8 formats qualify; BF16 and TF32 do not.
+    """
+    if 2.0**(f.emax + 1) > 2.0**53 * f.min_subnormal:
+        return None
+    return (_f64_bits(f.min_normal), _f64_bits(1.5 * 2.0**(52 - f.man_bits)) - _f64_bits(1.0),
+            _f64_bits(2.0**f.emax))
 
 
 def _fixed_chain(A, B, spec, ba, bb, keys, rb, c):

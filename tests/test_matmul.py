@@ -494,7 +494,8 @@ def fp16_chain_matrices(draw):
 
 @settings(max_examples=60, deadline=None)
 @given(fp16_chain_matrices(), roundings(include_stochastic=False),
-       st.sampled_from([fs.FP16, fs.BF16, fs.FP8_E5M2, fs.FloatFormat(5, 3)]),
+       st.sampled_from([fs.FP16, fs.BF16, fs.FP8_E5M2, fs.FP8_E4M3, fs.FloatFormat(5, 3),
+                        fs.FloatFormat(5, 21)]),
        st.sampled_from([None, "saturate"]))
 def test_float_chain_lean_and_rare_elements_match_general(ab, rnd, acc, ovf):
     """The lean four-row pass and both recomputations of its marked elements give the general
@@ -573,6 +574,84 @@ def test_float_chain_edges(acc, ovf):
         if rnd is not fs.Rounding.STOCHASTIC:
             spec = fs.MatmulSpec(accumulator=fs.Accumulator(acc, rnd, ovf))
             assert both_paths(a, b, spec) == {"float_chain": 1}, rnd
+
+
+NARROW = [fs.FP16, fs.FP8_E5M2, fs.FP8_E4M3, fs.FloatFormat(5, 3), fs.FloatFormat(5, 21),
+          fs.FloatFormat(4, 21)]
+
+
+def narrow_chain(f, a):
+    """``gemm_chain_narrow`` on rows ``a`` times a column of ones: each row's chain, in order."""
+    A = np.ascontiguousarray(a, np.float64)
+    out = np.empty((A.shape[0], 1), np.float32)
+    over = mm._g.gemm_chain_narrow(A, np.ones((A.shape[1], 1)), out, *mm._narrow_params(f))
+    return out[:, 0], over
+
+
+@pytest.mark.parametrize("f", NARROW, ids=repr)
+def test_narrow_chain_rounds_every_tie(f):
+    """One step from zero: the kernel's rounding is the quantizer's on every midpoint of the
+    smallest normal binade, of [1, 2) and of the binade below ``2**emax`` (all of them up to
+    12 significand bits, 2**15 drawn for more), on every subnormal midpoint, and on their
+    float64 neighbours; negative values underflowing to -0 included. Alone (K = 1, the tail
+    loop) and as the last of four steps after zero products (the four-step loop)."""
+    rng = np.random.default_rng(3)
+    P = f.man_bits + 1
+    odd = np.arange(1, 2**P, 2, dtype=np.float64)  # (2m + 1): midpoints in units of q/2
+    if odd.size > 2**11:
+        odd = np.union1d(rng.choice(odd, 2**15, replace=False), [1.0, 2.0**P - 1])
+    mids = [odd * f.min_subnormal / 2]  # below the smallest normal: the quantum is u
+    for e in (f.emin, 0, f.emax - 1):
+        mids.append(2.0**e + odd * 2.0**(e - P))  # quantum 2**(e + 1 - P) at binade e
+    v = np.concatenate(mids)
+    v = np.concatenate([v, np.nextafter(v, 0), np.nextafter(v, np.inf), [0.0]])
+    v = np.concatenate([v, -v])
+    want = fs.quantize(v, f)
+    want[v == 0] = 0.0  # +0 + -0 is +0 (IEEE 754's sign of an exact zero sum)
+    assert np.count_nonzero(np.signbit(want) & (want == 0)) == 2  # -u/2 and above: -0
+    for zeros in (0, 3):
+        a = np.zeros((v.size, zeros + 1))
+        a[:, -1] = v
+        got, over = narrow_chain(f, a)
+        assert not over.any()
+        assert_same_bits(got, want, err_msg=f"{f!r} after {zeros} zero products")
+
+
+@pytest.mark.parametrize("f", NARROW, ids=repr)
+def test_narrow_chain_marks_rows_reaching_the_top_binade(f):
+    """A row is marked (and its chain left to the counting kernel) exactly when one of its
+    sums reaches ``2**emax``: just below it, passing through it, overflowing and coming
+    back, cancelling to +0 and underflowing to -0. The matmul gives the general kernel's
+    bits, IEEE and saturating, with rows beyond a multiple of four."""
+    top = 2.0**f.emax
+    q = 2.0**(f.emax - 1 - f.man_bits)  # the quantum below the top binade
+    u = f.min_subnormal
+    rows = [([top / 2 - q / 2, top / 2 - q / 2, 0.0, 0.0, 0.0], False),  # the largest below
+            ([top / 2 - q / 2, top / 2 - q / 2, q / 2, 0.0, 0.0], True),  # a tie, up to top
+            ([top, -top, 1.0, 0.0, 0.0], True),
+            ([f.max, f.max, -f.max, -f.max, 1.0], True),  # overflow, then back
+            ([1.0, -1.0, -u / 4, -0.0, -0.0], False),  # to +0, then -0
+            ([u, u, -u, top - q, q - top], False)]
+    a = np.array([r for r, _ in rows])
+    assert np.array_equal(a.astype(np.float32), a), "products exact in float32"
+    got, over = narrow_chain(f, a)
+    assert over.tolist() == [m for _, m in rows]
+    assert got[0] == top - q and got[5] == 0 and not np.signbit(got[5])  # u absorbed
+    assert got[4] == 0 and np.signbit(got[4])
+    for k in (5, 4, 3):  # the four-step loop and its tail, each alone and both
+        for ovf in (None, "saturate"):
+            spec = fs.MatmulSpec(accumulator=fs.Accumulator(f, overflow=ovf))
+            assert both_paths(a[:, :k], np.ones((k, 2)), spec) == {"float_chain": 1}
+
+
+def test_narrow_params_only_for_narrow_formats():
+    """FP16 and FP8 get the narrow kernel; BF16, TF32 and a 6-bit exponent do not (their
+    range is too wide for its proof); the bound is ``2**(emax + 1) <= 2**53 * u``."""
+    for f in NARROW:
+        assert mm._narrow_params(f) is not None, f
+    for f in (fs.BF16, fs.TF32, fs.FloatFormat(6, 5), fs.FloatFormat(6, 2)):
+        assert mm._narrow_params(f) is None, f
+    assert 2.0**(fs.FloatFormat(5, 21).emax + 1) == 2.0**51 * fs.FloatFormat(5, 21).min_subnormal
 
 
 @pytest.mark.parametrize("rnd", list(fs.Rounding))
@@ -780,28 +859,35 @@ def test_fp32_chains_count_only_when_read(monkeypatch, data):
     assert not ran
 
 
-@pytest.mark.parametrize("kernel,acc", [
-    ("gemm_chain_f64", fs.Accumulator(fs.FP16, "stochastic")),
-    ("gemm_chain_f64", fs.Accumulator(fs.BF16, "stochastic", block=3)),
-    ("gemm_chain_float", fs.Accumulator(fs.FP16)),
-    ("gemm_chain_float", fs.Accumulator(fs.BF16, "toward_zero"))])
-def test_float_chains_count_only_when_read(monkeypatch, kernel, acc):
+@pytest.mark.parametrize("kernel,unread,acc", [
+    ("gemm_chain_f64", "gemm_chain_f64", fs.Accumulator(fs.FP16, "stochastic")),
+    ("gemm_chain_f64", "gemm_chain_f64", fs.Accumulator(fs.BF16, "stochastic", block=3)),
+    ("gemm_chain_float", "gemm_chain_narrow", fs.Accumulator(fs.FP16)),
+    ("gemm_chain_float", "gemm_chain_narrow", fs.Accumulator(fs.FP8_E5M2)),
+    ("gemm_chain_float", "gemm_chain_float", fs.Accumulator(fs.BF16)),
+    ("gemm_chain_float", "gemm_chain_float", fs.Accumulator(fs.FloatFormat(6, 5))),
+    ("gemm_chain_float", "gemm_chain_float", fs.Accumulator(fs.FP16, "toward_zero"))])
+def test_float_chains_count_only_when_read(monkeypatch, kernel, unread, acc):
     """The float-accumulator kernels are told to count exactly when something can read the
     counts (nearest even and stochastic rounding then skip the work that only counts); the
-    bits (draws included) are the same either way."""
+    bits (draws included) are the same either way. Unread, a nearest-even chain into a
+    format of narrow range (FP16, FP8; not BF16 or a 6-bit exponent) runs the uncounted
+    float64 kernel instead."""
     rng = np.random.default_rng(10)
     a, b = (fs.quantize(rng.standard_normal(s), fs.FP16) for s in ((5, 40), (40, 7)))
     spec = fs.MatmulSpec(accumulator=acc, seed=4)
     ran = []
-    run = getattr(mm._g, kernel)
-    monkeypatch.setattr(mm._g, kernel, lambda *args: (ran.append(args[-1]), run(*args))[1])
+    for name in {kernel, unread}:
+        run = getattr(mm._g, name)
+        monkeypatch.setattr(mm._g, name, lambda *args, _r=run, _n=name: (
+            ran.append((_n, args[-1] if _n != "gemm_chain_narrow" else False)), _r(*args))[1])
     want, c = fs.matmul(a, b, spec, stats=True)
-    assert ran.pop() is True and c.accumulator.inexact > 0
+    assert ran.pop() == (kernel, True) and c.accumulator.inexact > 0
     assert_same_bits(fs.matmul(a, b, spec), want)
-    assert ran.pop() is False
+    assert ran.pop() == (unread, False)
     with fs.counters.record() as rec:
         assert_same_bits(fs.matmul(a, b, spec), want)
-    assert ran.pop() is True and rec.accumulator == c.accumulator
+    assert ran.pop() == (kernel, True) and rec.accumulator == c.accumulator
     assert not ran
 
 

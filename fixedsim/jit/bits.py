@@ -1,4 +1,4 @@
-"""Scalar bit casts between float32 and uint32, and the float32 fused multiply-add.
+"""Scalar bit casts between floats and integers, and the fused multiply-add.
 
 These reinterpret one scalar (an LLVM bitcast); they take no array view. Array views are taken
 by the callers of the parallel kernels and passed in (the Numba 0.68 hazard: an ``arr.view``
@@ -13,19 +13,19 @@ from .options import jit_inline
 
 
 @intrinsic
-def fma32(typingctx, a, b, c):
-    """``a * b + c`` in float32 with one rounding (to nearest even): LLVM's ``llvm.fma.f32``,
-    the FMA instruction where the CPU has one, else a correctly rounded library ``fmaf``
-    (never a separate multiply and add). An intrinsic builds IR at compile time: it is not a
-    kernel, and the shared options apply to the kernels that call it."""
-    f32 = types.float32
-    if (a, b, c) != (f32, f32, f32):
+def fma(typingctx, a, b, c):
+    """``a * b + c`` with one rounding (to nearest even), in float32 or float64 (all three
+    arguments of one type): LLVM's ``llvm.fma``, the FMA instruction where the CPU has one,
+    else a correctly rounded library ``fmaf``/``fma`` (never a separate multiply and add).
+    An intrinsic builds IR at compile time: it is not a kernel, and the shared options apply
+    to the kernels that call it."""
+    if a not in (types.float32, types.float64) or (b, c) != (a, a):
         return None
 
     def codegen(context, builder, signature, args):
         return builder.fma(*args)
 
-    return f32(f32, f32, f32), codegen
+    return a(a, a, a), codegen
 
 
 @jit_inline

@@ -19,7 +19,7 @@ import numpy as np
 from numba import prange
 
 from .arith import round_exact, two_sum
-from .bits import f32_bits, f32_from_bits, f64_bits, f64_from_bits, fma32
+from .bits import f32_bits, f32_from_bits, f64_bits, f64_from_bits, fma
 from .options import jit, jit_inline, jit_parallel
 from .quant import (
     CHUNK,
@@ -646,13 +646,13 @@ def _f32_add4(a0, x0, x1, x2, x3, y0, y1, y2, y3):
 def _f32_fma_step(a0, x, b, MODE, L):
     """The FMA instruction ``fl32(a0 + x*b)``, IEEE 754 in every case (subnormal and
     infinite sums included), uncounted: the step of :func:`_lean_rows` that counts nothing."""
-    return fma32(x, b, a0), _I32(0)
+    return fma(x, b, a0), _I32(0)
 
 
 @jit_inline
 def _f32_fma4(a0, x0, x1, x2, x3, y0, y1, y2, y3):
     """Four :func:`_f32_fma_step` steps in order, uncounted."""
-    return fma32(x3, y3, fma32(x2, y2, fma32(x1, y1, fma32(x0, y0, a0)))), _I32(0)
+    return fma(x3, y3, fma(x2, y2, fma(x1, y1, fma(x0, y0, a0)))), _I32(0)
 
 
 @jit_inline
@@ -713,7 +713,7 @@ def gemm_f32_chain(A, B, out, how):
       or subnormal sum counting every event (:func:`_finish_rows`); ``F32_SAFE``, when the
       caller proved that no sum can be infinite or subnormal, runs :func:`_f32_rows4`
       without those checks.
-    - ``F32_UNCOUNTED`` runs the FMA instruction (:func:`fixedsim.jit.bits.fma32`), one
+    - ``F32_UNCOUNTED`` runs the FMA instruction (:func:`fixedsim.jit.bits.fma`), one
       correct IEEE 754 rounding per step whatever the products, in :func:`_f32_rows4`, and
       returns zero counts: for a caller whose counts nobody reads.
     """
@@ -943,7 +943,7 @@ def _fma32_lean(a0, x, b, MODE, L):
     step is exact iff the float32 result equals ``s``). Returns the sum and the inexact flag;
     the sum is NaN for an infinite, subnormal or underflowed result or a NaN ``a0`` (the
     element is recomputed counting those events)."""
-    r = fma32(x, b, a0)
+    r = fma(x, b, a0)
     p = np.float64(x) * np.float64(b)
     a = np.float64(a0)
     s = a + p
@@ -956,7 +956,7 @@ def _fma32_lean(a0, x, b, MODE, L):
 @jit_parallel
 def gemm_fma32(A, B, B64, out, ovp, ovn):
     """FP32 fused-multiply-add chain on float32 operands, nearest even, IEEE overflow:
-    ``out = A @ B`` in order, with the FMA instruction (:func:`fixedsim.jit.bits.fma32`),
+    ``out = A @ B`` in order, with the FMA instruction (:func:`fixedsim.jit.bits.fma`),
     vectorised over the outputs, four rows at a time (:func:`_lean_rows`). ``B64`` is ``B``
     in float64. Returns per-row counts as :func:`gemm_chain32` does; an element with an
     infinite, subnormal or underflowed sum is recomputed by its counting step
@@ -1155,6 +1155,84 @@ def gemm_chain_float(A, B, out, mode, sh0, lim, qbits, maxbits, ovp, ovn, infb, 
         _finish_rows(acc, cnt, A, B, rows, n, out, counts, _chain_float_row_full,
                      _chain_float_elem, P)
     return counts
+
+
+_SIGN64 = np.int64(-0x8000000000000000)
+_EXP64 = np.int64(0x7FF0000000000000)
+
+
+@jit_inline
+def _narrow_step(a0, x, b, P):
+    """One nearest-even FMA-chain step ``round(a0 + x*b)`` into a float format of narrow
+    range, float64 lanes (``P = (minnorm, off)``, see :func:`gemm_chain_narrow`).
+
+    The FMA instruction gives the sum ``s``; ``h`` is the bit pattern of ``2**e``, ``s``'s
+    binade (its exponent field). ``M = 1.5 * 2**(53 - P) * max(2**e, minnorm)`` (its bits are
+    ``max(h, minnorm) + off``, integer operations) has float64 quantum ``2**(e + 1 - P)``,
+    the format's quantum at ``s`` (its smallest subnormal below ``minnorm``), so ``(s + M) -
+    M`` is ``s`` rounded to the format, nearest even, computed exactly. The result gets ``s``'s
+    sign bit: a sum that underflows to zero keeps its sign, as does an exact zero (IEEE 754's
+    sign, the model's). Returns the new sum and ``h``.
+    """
+    minnorm, off = P
+    s = fma(x, b, a0)
+    sb = f64_bits(s)
+    h = sb & _EXP64
+    M = f64_from_bits(max(h, minnorm) + off)
+    return f64_from_bits(f64_bits((s + M) - M) | (sb & _SIGN64)), h
+
+
+@jit_parallel
+def gemm_chain_narrow(A, B, out, minnorm, off, top):
+    """Nearest-even FMA chain into a float format of narrow range, counting nothing: ``out =
+    A @ B`` in order, ``acc[j] = round(acc[j] + A[r, k] * B[k, j])``, for a caller whose
+    counts nobody reads.
+
+    ``A`` and ``B`` are float64 whose products are exact in float32; the format has at most 21
+    significand bits and subnormals, and its range is narrow (``matmul._narrow_params``,
+    which gives the proof that each :func:`_narrow_step` is the model's rounding while no sum
+    reaches the format's top binade). ``minnorm`` and ``top`` are the bit patterns of its
+    smallest normal and of ``2**emax``; ``off`` that of ``1.5 * 2**(53 - P)`` less that of 1
+    (``P`` significand bits). Four rows at a time share each ``B[k:k+4]``; each row's pass over
+    the outputs takes four steps, its sums staying in registers between them. Returns, per
+    row, whether a sum reached ``2**emax``: the caller recomputes those rows (overflows among
+    them); their ``out`` is meaningless.
+    """
+    R, K = A.shape
+    N = B.shape[1]
+    K4 = K - K % 4
+    P = (minnorm, off)
+    over = np.zeros(R, np.bool_)
+    for g in prange((R + 3) // 4):
+        n = min(4, R - 4 * g)
+        acc = np.zeros((n, N))
+        big = np.zeros((n, N), np.int64)  # the largest binade of each chain's sums
+        for k in range(0, K4, 4):
+            b0, b1, b2, b3 = B[k], B[k + 1], B[k + 2], B[k + 3]
+            for i in range(n):
+                r = 4 * g + i
+                x0, x1, x2, x3 = A[r, k], A[r, k + 1], A[r, k + 2], A[r, k + 3]
+                ai, hi = acc[i], big[i]
+                for j in range(N):
+                    a, h0 = _narrow_step(ai[j], x0, b0[j], P)
+                    a, h1 = _narrow_step(a, x1, b1[j], P)
+                    a, h2 = _narrow_step(a, x2, b2[j], P)
+                    a, h3 = _narrow_step(a, x3, b3[j], P)
+                    ai[j] = a
+                    hi[j] = max(max(max(h0, h1), max(h2, h3)), hi[j])
+        for i in range(n):
+            r = 4 * g + i
+            ai, hi = acc[i], big[i]
+            for k in range(K4, K):
+                x, bk = A[r, k], B[k]
+                for j in range(N):
+                    a, h = _narrow_step(ai[j], x, bk[j], P)
+                    ai[j] = a
+                    hi[j] = max(h, hi[j])
+            for j in range(N):
+                out[r, j] = ai[j]
+            over[r] = hi.max() >= top
+    return over
 
 
 @jit_inline
