@@ -759,7 +759,7 @@ def _float_chain(A, B, spec, ba, bb, keys, rb, c):
     even counts its inexact steps only when the counts are read; unread, into a format of
     narrow range (:func:`_narrow_params`), it runs the FMA instruction in float64 and one
     rounding per step (:func:`fixedsim.jit.gemm.gemm_chain_narrow`), and the counting kernel
-    recomputes only the rows where a sum overflows."""
+    recomputes only the rows where a sum reaches the format's top binade."""
     acc = spec.accumulator
     f = acc.fmt if acc is not None else None
     if (not isinstance(f, FloatFormat) or acc.block != 1 or acc.via is not None
@@ -775,7 +775,7 @@ def _float_chain(A, B, spec, ba, bb, keys, rb, c):
         if not over.any():
             return _chain_result(out, np.zeros((1, _q.N_FLAGS), np.int64), "float_chain",
                                  spec, keys, rb, c)
-        rows = np.flatnonzero(over)  # rows with an overflow: the counting kernel's
+        rows = np.flatnonzero(over)  # a sum reached 2**emax: the counting kernel's rows
     sub = out if rows is None else np.empty((rows.size, out.shape[1]), np.float32)
     flags = _g.gemm_chain_float((A if rows is None else A[rows]).astype(np.float32),
                                 np.ascontiguousarray(B, np.float32), sub, int(acc.rounding),
@@ -805,10 +805,10 @@ def _narrow_params(f):
       2**(e - 53)``, half float64's quantum there. But ``x - mu`` is a multiple of the
       smallest of ``u`` (from ``a``), ``2**(e_p - 23)`` (from ``p``) and ``mu``'s quantum
       (``2**(e - P)``, ``P`` the format's significand bits, or ``u/2`` below the smallest
-      normal), and each of these exceeds ``2**(e - 53)``: ``u`` because ``|mu| < 2**emax``,
-      ``mu``'s quantum by far (``P <= 22``). Unless ``e_p <= e - 30``: then ``|p| < 2**(e -
-      29)``, and ``a`` would lie within ``2**(e - 28)`` of ``mu``, nearer than any format
-      value is to a midpoint.
+      normal), and each of these exceeds ``2**(e - 53)``: ``u`` because ``|mu| < 2**emax <=
+      2**52 * u``, ``mu``'s quantum by far (``P <= 22``). Unless ``e_p <= e - 30``: then
+      ``|p| < 2**(e - 29)``, and ``a`` would lie within ``2**(e - 28)`` of ``mu``, nearer
+      than any format value is to a midpoint.
 
     FP16 (``2**16 <= 2**29``) and the FP8 formats qualify; BF16 and TF32 do not.
     """

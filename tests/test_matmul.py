@@ -631,7 +631,10 @@ def test_narrow_chain_marks_rows_reaching_the_top_binade(f):
             ([top, -top, 1.0, 0.0, 0.0], True),
             ([f.max, f.max, -f.max, -f.max, 1.0], True),  # overflow, then back
             ([1.0, -1.0, -u / 4, -0.0, -0.0], False),  # to +0, then -0
-            ([u, u, -u, top - q, q - top], False)]
+            ([u, u, -u, top - q, q - top], False),
+            ([1.0, 1.0, 4 * f.max, -4 * f.max, 1.0], True),  # at the third step, then back
+            ([1.0, 1.0, 1.0, 4 * f.max, -4 * f.max], True),  # at the fourth, back in the tail
+            ([0.5, 0.25, 0.125, 0.0625, 1.0], False)]
     a = np.array([r for r, _ in rows])
     assert np.array_equal(a.astype(np.float32), a), "products exact in float32"
     got, over = narrow_chain(f, a)
@@ -707,6 +710,33 @@ def test_naive_kernel_double_rounds_through_fp32():
     numpy16 = (a.astype(np.float16) @ b.astype(np.float16)).astype(np.float32)
     assert_same_bits(fs.matmul(a, b, fs.MatmulSpec(accumulator=fs.FP32, output=fs.FP16)),
                      numpy16)
+
+
+@pytest.mark.parametrize("scale", ["normal", "wide"])
+def test_naive_kernel_in_float64_is_the_fma_chain(scale):
+    """acc16 = fp16(fp64(acc16) + fp64(a*b)) on FP16 data is the FMA chain bit for bit: the
+    float64 sum rounds, but never onto an FP16 midpoint (``matmul._narrow_params``). Sums
+    that underflow, reach the top binade and overflow to infinity included (numpy's float64 ->
+    float16 cast is the rounding), as is ``via=FP64``."""
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((24, 64)), rng.standard_normal((64, 24))
+    if scale == "wide":
+        a *= np.exp2(rng.integers(-20, 9, a.shape))
+        b *= np.exp2(rng.integers(-16, 7, b.shape))
+    a, b = fs.quantize(a, fs.FP16), fs.quantize(b, fs.FP16)
+    naive = np.zeros((24, 24), np.float16)
+    with np.errstate(over="ignore"):
+        for k in range(64):
+            naive = (naive.astype(np.float64) + np.outer(a[:, k], b[k]).astype(np.float64)
+                     ).astype(np.float16)
+    for spec in (fs.MatmulSpec(accumulator=fs.FP16),
+                 fs.MatmulSpec(accumulator=fs.Accumulator(fs.FP16, via=fs.FP64))):
+        assert_same_bits(fs.matmul(a, b, spec), naive.astype(np.float32), nan_sign=False)
+        assert_same_bits(fs.matmul(a, b, spec, stats=True)[0], naive.astype(np.float32),
+                         nan_sign=False)
+    if scale == "wide":
+        _, c = fs.matmul(a, b, fs.MatmulSpec(accumulator=fs.FP16), stats=True)
+        assert c.accumulator.overflow and c.accumulator.subnormal and c.accumulator.underflow
 
 
 # -- FP32 chain on products exact only in float64 (fp32_chain64) ----------------------------------
