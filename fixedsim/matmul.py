@@ -444,8 +444,10 @@ _SERIAL_OUTPUT = 2**20
 
 
 def _round_output(vals, spec, keys, rb, c):
-    """Round exact float64 values (flat output order) into the output format, counting when
-    anything reads the counts (otherwise the quantizer may take a kernel that does not count).
+    """Round exact values (flat output order; float64, or float32 where they all are float32
+    values, which the quantizer's float32 kernels take about 5x faster) into the output
+    format, counting when anything reads the counts (otherwise the quantizer may take a
+    kernel that does not count).
 
     Small outputs are rounded on one Numba thread: the values often come straight from a
     BLAS call, whose OpenBLAS workers spin for a while after it, and a parallel kernel
@@ -671,7 +673,7 @@ def _chain_result(out, flags, path, spec, keys, rb, c):
     c.paths[path] = c.paths.get(path, 0) + 1
     if spec.output is None:
         return out
-    return _round_output(out.reshape(-1).astype(np.float64), spec, keys, rb, c).reshape(out.shape)
+    return _round_output(out.reshape(-1), spec, keys, rb, c).reshape(out.shape)
 
 
 def _fp32_chain(A, B, spec, ba, bb, keys, rb, c):
