@@ -647,6 +647,19 @@ def test_narrow_chain_marks_rows_reaching_the_top_binade(f):
             assert both_paths(a[:, :k], np.ones((k, 2)), spec) == {"float_chain": 1}
 
 
+@pytest.mark.parametrize("shapes", [((3, 4), (4, 0)), ((0, 4), (4, 3)), ((3, 0), (0, 3))])
+def test_narrow_chain_empty_shapes(shapes):
+    """No rows, no columns or no products: the kernel's shapes at their edges."""
+    a, b = (np.full(s, 1.5) for s in shapes)
+    assert both_paths(a, b, fs.MatmulSpec(accumulator=fs.FP16)) == {"float_chain": 1}
+    A = np.full(shapes[0], 1.5)
+    out = np.empty((shapes[0][0], shapes[1][1]), np.float32)
+    over = mm._g.gemm_chain_narrow(A, np.full(shapes[1], 1.5), out,
+                                   *mm._narrow_params(fs.FP16))
+    assert over.shape == (shapes[0][0],) and not over.any()
+    assert_same_bits(out, np.zeros_like(out) + 2.25 * shapes[0][1])
+
+
 def test_narrow_params_only_for_narrow_formats():
     """FP16 and FP8 get the narrow kernel; BF16, TF32 and a 6-bit exponent do not (their
     range is too wide for its proof); the bound is ``2**(emax + 1) <= 2**53 * u``."""
@@ -715,9 +728,10 @@ def test_naive_kernel_double_rounds_through_fp32():
 @pytest.mark.parametrize("scale", ["normal", "wide"])
 def test_naive_kernel_in_float64_is_the_fma_chain(scale):
     """acc16 = fp16(fp64(acc16) + fp64(a*b)) on FP16 data is the FMA chain bit for bit: the
-    float64 sum rounds, but never onto an FP16 midpoint (``matmul._narrow_params``). Sums
-    that underflow, reach the top binade and overflow to infinity included (numpy's float64 ->
-    float16 cast is the rounding), as is ``via=FP64``."""
+    float64 sum may round, but never onto an FP16 midpoint from off it
+    (``matmul._narrow_params``). Sums that underflow, reach the top binade and overflow to
+    infinity included (numpy's float64 -> float16 cast is the rounding), as is
+    ``via=FP64``."""
     rng = np.random.default_rng(1)
     a, b = rng.standard_normal((24, 64)), rng.standard_normal((64, 24))
     if scale == "wide":

@@ -1231,7 +1231,7 @@ def gemm_chain_narrow(A, B, out, minnorm, off, top):
                     hi[j] = max(h, hi[j])
             for j in range(N):
                 out[r, j] = ai[j]
-            over[r] = hi.max() >= top
+            over[r] = N > 0 and hi.max() >= top
     return over
 
 
