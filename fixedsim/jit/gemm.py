@@ -1229,9 +1229,11 @@ def gemm_chain_narrow(A, B, out, minnorm, off, top):
                     a, h = _narrow_step(ai[j], x, bk[j], P)
                     ai[j] = a
                     hi[j] = max(h, hi[j])
+            m = 0
             for j in range(N):
                 out[r, j] = ai[j]
-            over[r] = N > 0 and hi.max() >= top
+                m = max(m, hi[j])
+            over[r] = m >= top
     return over
 
 
