@@ -14,9 +14,9 @@ Counting is on by default: whenever a call's counts can be read (``stats=True``,
 :func:`record` block), they are exact; they come out of the kernels' own loops (per row,
 race-free), and on the fast paths from checks that cost a few instructions per
 multiply-accumulate. When nothing can read them, a kernel may skip the work that only counts
-events: the FP32 FMA chains then run the FMA instruction alone, several times faster, and the
-other float chains drop their event flags (results are the same, bit for bit; see
-``docs/matmul.md``).
+events: the FP32 FMA chains then run the FMA instruction alone, several times faster, the FP16
+and FP8 chains to nearest even a float64 kernel that only rounds, and the other float chains
+drop their event flags (results are the same, bit for bit; see ``docs/matmul.md``).
 """
 
 from __future__ import annotations
