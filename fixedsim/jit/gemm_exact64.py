@@ -1,0 +1,285 @@
+"""Kernels of correctly rounded float64 dot products on float64 BLAS (Ozaki's error-free
+splitting): the splitting of the operands into integer slices and the filter that rounds each
+output from its double-double value and proven error bound.
+
+The proof is in :mod:`fixedsim.matmul.exact64`; these kernels trust their inputs. Notation:
+``beta`` bits per slice, ``T = 2**beta``, ``t = 2**-beta``. A row ``x`` of ``A`` (a column of
+``B``) with ``max |x| < 2**e`` is scaled to ``u = x * 2**(beta - e)`` (``|u| < T``) and split
+``u = a1 + a2 t + r t`` with ``a1 = RN(u)``, ``a2 = RN((u - a1) T)`` integers (``|a1| <= T``,
+``|a2| <= T/2``, ``|r| <= 1/2``), each step exact.
+"""
+
+import math
+
+import numpy as np
+from numba import prange
+
+from .arith import two_sum
+from .bits import f64_bits, f64_from_bits
+from .options import jit_inline, jit_parallel
+from .quant import ODD, RDN, RNA, RNE, RTZ, RUP
+
+#: Adding and subtracting it rounds a float64 of magnitude below 2**51 to the nearest integer
+#: (ties to even): the sum lies in [2**52, 2**53), where the float64 quantum is 1.
+_C52 = 1.5 * 2.0**52
+_MINNORM = 2.0**-1022
+#: Columns of B that one task of :func:`split_cols` handles.
+_COLS = 64
+#: Bounds the error of a float64 dot product from underflow (any length below 2**70).
+_ETA = 2.0**-1000
+_U4 = 4.0 * 2.0**-53
+
+# result of :func:`_decide` that leaves the element to the caller
+_FAIL = (0.0, 0, False)
+
+__all__ = ["split_rows", "split_cols", "finish"]
+
+
+@jit_inline
+def _scales(m, beta):
+    """``(e, s1, s2, inv)`` for a row whose largest magnitude is ``m``: ``m < 2**e``
+    (``e = 0`` for ``m = 0``), ``s1 * s2 = 2**(beta - e)`` as two factors that are floats and
+    exact in turn, and ``inv = 2**(e - beta)`` when scaling down (else 0)."""
+    e = math.frexp(m)[1]
+    sh = beta - e
+    sa = min(sh, 1000)
+    inv = math.ldexp(1.0, -sh) if sh < 0 else 0.0
+    return e, math.ldexp(1.0, sa), math.ldexp(1.0, sh - sa), inv
+
+
+@jit_inline
+def _split_value(u, T, t):
+    """``(a1, a2, r)`` with ``u = a1 + a2 t + r t`` exactly (``|u| < T <= 2**26``)."""
+    a1 = (u + _C52) - _C52
+    u2 = (u - a1) * T
+    a2 = (u2 + _C52) - _C52
+    return a1, a2, (u2 - a2) * t
+
+
+@jit_inline
+def _lossy(x, u, inv):
+    """Scaling ``x`` down to ``u`` lost bits (``u`` subnormal and not ``x * 2**-s``)."""
+    return inv != 0.0 and abs(u) < _MINNORM and u * inv != x
+
+
+@jit_parallel
+def split_rows(X, beta, c1, c12, c2, tail, nrm, mx, e, bad):
+    """Split each row of ``X`` (n, K) at its own scale (``A``'s side), parallel over rows.
+
+    Writes ``c1 = a1``, ``c2 = a2``, ``c12 = a1 + a2`` (n, K), ``tail[:, :K] = u`` and
+    ``tail[:, K:] = r t`` (n, 2K), ``nrm[i] = sum |u|`` (float64 sum), ``mx[i] = max |r t|``,
+    ``e[i]`` the row's exponent and ``bad[i] = 1`` when scaling a value lost bits.
+    """
+    n, K = X.shape
+    T = math.ldexp(1.0, beta)
+    t = math.ldexp(1.0, -beta)
+    for i in prange(n):
+        x = X[i]
+        m = 0.0
+        for k in range(K):
+            m = max(m, abs(x[k]))
+        ei, s1, s2, inv = _scales(m, beta)
+        acc = 0.0
+        top = 0.0
+        lossy = False
+        for k in range(K):
+            u = x[k] * s1 * s2
+            lossy = lossy or _lossy(x[k], u, inv)
+            a1, a2, r = _split_value(u, T, t)
+            c1[i, k] = a1
+            c2[i, k] = a2
+            c12[i, k] = a1 + a2
+            tail[i, k] = u
+            tail[i, K + k] = r
+            acc += abs(u)
+            top = max(top, abs(r))
+        nrm[i] = acc
+        mx[i] = top
+        e[i] = ei
+        bad[i] = lossy
+
+
+@jit_parallel
+def split_cols(X, beta, c1, c12, c2, tail, nrm, mx, e, bad):
+    """Split each column of ``X`` (K, n) at its own scale (``B``'s side), parallel over blocks
+    of columns.
+
+    Writes ``c1 = b1``, ``c2 = b2``, ``c12 = b1 + b2`` (K, n), ``tail[:K] = r t`` and
+    ``tail[K:] = b1 + b2 t`` (2K, n), ``nrm[j] = sum |b1 + b2 t|`` (float64 sum),
+    ``mx[j] = max |r t|``, ``e[j]`` the column's exponent, ``bad[j] = 1`` when scaling a value
+    lost bits.
+    """
+    K, n = X.shape
+    T = math.ldexp(1.0, beta)
+    t = math.ldexp(1.0, -beta)
+    for blk in prange((n + _COLS - 1) // _COLS):
+        j0 = blk * _COLS
+        w = min(n, j0 + _COLS) - j0
+        m = np.zeros(w)
+        for k in range(K):
+            for jj in range(w):
+                m[jj] = max(m[jj], abs(X[k, j0 + jj]))
+        s1 = np.empty(w)
+        s2 = np.empty(w)
+        inv = np.empty(w)
+        for jj in range(w):
+            ej, a, b, c = _scales(m[jj], beta)
+            e[j0 + jj] = ej
+            s1[jj] = a
+            s2[jj] = b
+            inv[jj] = c
+        acc = np.zeros(w)
+        top = np.zeros(w)
+        lossy = np.zeros(w, np.bool_)
+        for k in range(K):
+            for jj in range(w):
+                x = X[k, j0 + jj]
+                u = x * s1[jj] * s2[jj]
+                lossy[jj] = lossy[jj] or _lossy(x, u, inv[jj])
+                a1, a2, r = _split_value(u, T, t)
+                v12 = a1 + a2 * t
+                c1[k, j0 + jj] = a1
+                c2[k, j0 + jj] = a2
+                c12[k, j0 + jj] = a1 + a2
+                tail[k, j0 + jj] = r
+                tail[K + k, j0 + jj] = v12
+                acc[jj] += abs(v12)
+                top[jj] = max(top[jj], abs(r))
+        for jj in range(w):
+            nrm[j0 + jj] = acc[jj]
+            mx[j0 + jj] = top[jj]
+            bad[j0 + jj] = lossy[jj]
+
+
+@jit_inline
+def _decide(H, L, E, sc, p53, mode, emin, emax):
+    """Round ``x = (H + L + d) * 2**sc``, ``|d| <= E``, into the float format of ``53`` (or,
+    ``p53`` false, ``52``) significand bits with exponents ``emin..emax``, when the bound
+    decides it: ``(value, inexact, True)``; ``(0.0, 0, False)`` otherwise.
+
+    ``H = fl(H + L)``. Decided: an exact zero (``H = 0``, ``E = 0``; ``+0`` unless DOWN); an
+    exact ``H`` on the grid; or ``x`` strictly between two consecutive float64 values (and, to
+    nearest at 53 bits, on a known side of their midpoint), with ``x``'s binade strictly inside
+    ``emin..emax`` so that no overflow, underflow or subnormal result can occur.
+    """
+    if H == 0.0:
+        if E == 0.0 and mode != RDN:
+            return 0.0, 0, True
+        return _FAIL
+    neg = H < 0.0
+    h = abs(H)
+    l = -L if neg else L
+    if not h >= _MINNORM:
+        return _FAIL
+    b = f64_bits(h)
+    ef = ((b >> 52) & 0x7FF) - 1023 + sc
+    if ef <= emin or ef >= emax:
+        return _FAIL
+    shift = np.int64(sc) << 52
+    if E == 0.0 and l == 0.0:  # exact
+        if p53 or (b & 1) == 0:
+            v = f64_from_bits(b + shift)
+            return (-v if neg else v), 0, True
+        return _FAIL  # a tie of the 52-bit grid
+    lo = np.nextafter(l - E, -np.inf)
+    hi = np.nextafter(l + E, np.inf)
+    hp = np.nextafter(h, np.inf)
+    hm = np.nextafter(h, 0.0)
+    up = hp - h
+    dn = h - hm
+    if lo > 0.0 and hi < up:
+        above = True  # h < x < hp
+    elif hi < 0.0 and lo > -dn:
+        above = False  # hm < x < h
+    else:
+        return _FAIL
+    # g0 < x < g1: the neighbouring values of the format; near: the nearer one (None: unknown)
+    near_known = True
+    if p53:
+        if above:
+            g0, g1 = h, hp
+            half = 0.5 * up
+        else:
+            g0, g1 = hm, h
+            half = -0.5 * dn
+        near = g0
+        if lo > half:
+            near = g1
+        elif not hi < half:
+            near_known = False
+    else:  # the 52-bit grid: the float64 values with an even last bit; odd ones are midpoints
+        odd = (b & 1) == 1
+        if above:
+            if odd:
+                g0, g1, near = hm, hp, hp
+            else:
+                g0, g1, near = h, np.nextafter(hp, np.inf), h
+        else:
+            if odd:
+                g0, g1, near = hm, hp, hm
+            else:
+                g0, g1, near = np.nextafter(hm, 0.0), h, h
+    if mode == RNE or mode == RNA:
+        if not near_known:
+            return _FAIL
+        v = near
+    elif mode == RTZ:
+        v = g0
+    elif mode == RDN:
+        v = g1 if neg else g0
+    elif mode == RUP:
+        v = g0 if neg else g1
+    elif mode == ODD:
+        last = f64_bits(g0) if p53 else f64_bits(g0) >> 1
+        v = g0 if (last & 1) == 1 else g1
+    else:
+        return _FAIL
+    v = f64_from_bits(f64_bits(v) + shift)
+    return (-v if neg else v), 1, True
+
+
+@jit_parallel
+def finish(P11, PM, P22, T, nA, mA, ea, badA, nB, mB, eb, badB, beta, crad, p53, mode, emin,
+           emax, out, fail):
+    """Each output from its slice products, rounded when its error bound decides it.
+
+    ``P11 = a1 @ b1``, ``PM = (a1 + a2) @ (b1 + b2)``, ``P22 = a2 @ b2`` (exact),
+    ``T`` the float64 product of the tails (shape (0, 0) when it is zero); ``nA, mA`` and
+    ``nB, mB`` the sums and maxima of :func:`split_rows` and :func:`split_cols`; ``crad`` the
+    float64 dot product's relative error bound, doubled. The element ``(r, j)`` is
+    ``(P11 + (PM - P11 - P22) t + P22 t**2 + T) * 2**(ea[r] + eb[j] - 2 beta)`` up to
+    ``crad * (nA[r] mB[j] + mA[r] nB[j])`` (times the same power of two). Decided elements are
+    written to ``out``; the others (and those of bad rows or columns) are marked in ``fail``.
+    Parallel over rows. Returns the inexact results per row.
+    """
+    R, N = P11.shape
+    t = math.ldexp(1.0, -beta)
+    t2 = t * t
+    has_t = T.shape[0] == R and T.shape[1] == N
+    inexact = np.zeros(R, np.int64)
+    for r in prange(R):
+        cnt = 0
+        for j in range(N):
+            if badA[r] or badB[j]:
+                fail[r, j] = 1
+                continue
+            p11 = P11[r, j]
+            p22 = P22[r, j]
+            cross = PM[r, j] - (p11 + p22)
+            s, e1 = two_sum(p11, cross * t)
+            s, e2 = two_sum(s, p22 * t2)
+            x3 = T[r, j] if has_t else 0.0
+            s, e3 = two_sum(s, x3)
+            H, L = two_sum(s, (e1 + e2) + e3)
+            S = nA[r] * mB[j] + mA[r] * nB[j]
+            E = crad * S + _U4 * (abs(e1) + abs(e2) + abs(e3))
+            if S > 0.0:
+                E += _ETA
+            v, inx, ok = _decide(H, L, E, ea[r] + eb[j] - 2 * beta, p53, mode, emin, emax)
+            if ok:
+                out[r, j] = v
+                cnt += inx
+            else:
+                fail[r, j] = 1
+        inexact[r] = cnt
+    return inexact

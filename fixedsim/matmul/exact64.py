@@ -1,0 +1,229 @@
+"""Correctly rounded float64 dot products on float64 BLAS: the ``exact_ozaki`` row of the
+path table.
+
+It computes exact accumulation (no accumulator, no product rounding) rounded once into
+float64 (``output`` None) or into a float output of 52 or 53 significand bits (``man_bits``
+51 or 52, too wide for ``exact_filtered``'s float64 bound), in every deterministic rounding,
+of any finite operands (float64 data, whose products are not exact in float64, or float32
+data). Five BLAS calls' worth of float64 matrix products, then one pass over the outputs.
+
+Method: Ozaki, Ogita, Oishi and Rump's error-free splitting (2012; Ootomo, Ozaki and Yokota
+2024 for the integer-slice form), with Karatsuba's three products for the four leading slice
+pairs and a floating-point product, with a proven error bound, for everything below them.
+
+Proof. Write ``u = 2**-53``, ``gamma(n) = n u / (1 - n u)``; ``beta`` is the largest integer
+with ``9 K 4**beta <= 2**55`` (21 for K = 512, 20 for K = 1024), ``T = 2**beta``, ``t = 1/T``.
+
+1. *Scaling.* Row ``r`` of ``A`` has ``max |A[r, k]| < 2**e_r`` and column ``j`` of ``B``
+   ``max |B[k, j]| < 2**f_j``. ``U = A[r] * 2**(beta - e_r)`` and ``V = B[:, j] *
+   2**(beta - f_j)`` are exact (power-of-two scalings; a value scaled down into the
+   subnormal range that loses bits marks its row or column, whose elements go to the general
+   kernel), ``|U|, |V| < T``, and the exact sum is ``x = 2**(e_r + f_j - 2 beta) * sum_k U_k
+   V_k``.
+2. *Splitting.* ``a1 = (U + C) - C``, ``C = 1.5 * 2**52``: ``U + C`` lies in ``[2**52,
+   2**53)`` where the float64 quantum is 1, so ``a1`` is ``U`` rounded to an integer and
+   the subtraction is exact; ``|a1| <= T``. ``U - a1`` is exact (``a1`` is 0 or within a
+   factor 2 of ``U``: Sterbenz), ``u2 = (U - a1) T`` is exact, ``a2 = RN(u2)`` the same way
+   (``|a2| <= T/2``), and ``Ur = (u2 - a2) t = U - a1 - a2 t`` is exact (a multiple of
+   ``U``'s quantum below ``t/2``). So ``U = U12 + Ur``, ``U12 = a1 + a2 t`` (at most
+   ``2 beta + 1 <= 53`` bits: exact), and likewise ``V = V12 + Vr`` with ``b1, b2``.
+3. *Identity.* ``U V = U12 V12 + U Vr + Ur V12`` (expand ``(U12 + Ur)(V12 + Vr)``), and
+   ``sum U12 V12 = P11 + t (PM - P11 - P22) + t**2 P22`` with the integer products ``P11 =
+   a1 . b1``, ``P22 = a2 . b2``, ``PM = (a1 + a2) . (b1 + b2)`` (Karatsuba).
+4. *The integer products are exact in BLAS.* Every product and every partial sum, in any
+   order, with or without fused multiply-adds or blocking, is an integer of magnitude at most
+   ``K (1.5 T)**2 <= 2**53``, hence a float64, so no operation rounds. ``P11 + P22`` (at most
+   ``1.25 K T**2``) and ``PM - (P11 + P22)`` (equal to ``a1 . b2 + a2 . b1``, at most
+   ``K T**2``) are integers below ``2**53``: exact. The scalings by ``t`` and ``t**2`` are
+   exact (no underflow: ``t**2 >= 2**-52``).
+5. *The tail.* ``Tl = [U | Ur] @ [Vr ; V12]`` (one BLAS product over ``2K`` terms; over
+   ``K`` terms or none when ``Vr`` or ``Ur`` is zero throughout) is within ``gamma(2K) S +
+   2K 2**-1074`` of ``sum U Vr + Ur V12`` in any summation order (Higham, Thm 3.1; gradual
+   underflow adds at most half a subnormal quantum per product), ``S = sum |U||Vr| +
+   |Ur||V12| <= nA_r mB_j + mA_r nB_j``: the float64 sums ``nA = sum |U|``, ``nB = sum
+   |V12|`` (each below the true sum over ``1 - gamma(K)``) and the maxima ``mA = max |Ur|``,
+   ``mB = max |Vr|``. The kernel uses ``crad = 2 gamma(2K)``: the factor 2 covers
+   ``1 / (1 - gamma(K))`` and the roundings of the bound's own evaluation; it adds
+   ``2**-1000`` when the bound is nonzero. A zero bound means every tail product is an exact
+   zero (``nA_r >= T/2`` for a nonzero row, so a product of nonzero factors does not
+   underflow to 0), so ``Tl`` is exactly 0.
+6. *Accumulation.* TwoSum is exact: ``s + e1 + e2 + e3 = P11 + t cross + t**2 P22 + Tl``
+   exactly; ``e = fl(fl(e1 + e2) + e3)`` is within ``2u(1 + u)(|e1| + |e2| + |e3|)`` of
+   ``e1 + e2 + e3``, and ``(H, L) = TwoSum(s, e)`` is exact. So ``sum U V`` lies within ``E =
+   crad S + 4u (|e1| + |e2| + |e3|) (+ 2**-1000)`` of ``H + L``, ``H = fl(H + L)``.
+7. *Rounding* (:func:`fixedsim.jit.gemm_exact64._decide`). Scaling by ``2**sc``, ``sc =
+   e_r + f_j - 2 beta``, keeps the float64 grid and the ``p``-bit grid of the output
+   (``p = man_bits + 1``) as long as values stay normal, so the decision is made on ``H + L``
+   and the result scaled: it is taken only when ``H``'s binade at the output's scale lies
+   strictly between ``emin`` and ``emax``; every candidate and the exact sum then lie in
+   ``[2**emin, 2**emax]``: no overflow, underflow or subnormal event is possible. With
+   ``[lo, hi]`` the interval ``L -+ E`` widened outward by one float64 ulp, the element is
+   decided when ``0 < lo`` and ``hi`` is below the gap to the next float64 (or the mirror
+   image below ``H``): the exact sum then lies strictly between two consecutive float64
+   values ``f0 < f1``. For ``p = 53`` these are its neighbours in the format; to nearest,
+   the side of their midpoint must also be decided. For ``p = 52`` the format's values are
+   the float64 values with an even last bit and the odd ones are its midpoints, so one of
+   ``f0, f1`` is a neighbour and the other the midpoint, which decides every mode. The result
+   is inexact (it is not on the float64 grid), with no other event. ``E = 0`` and ``L = 0``
+   is an exact result (``p = 52`` only on an even last bit); ``H = 0`` with ``E = 0`` is an
+   exact zero sum, which the general kernel makes ``+0`` unless it rounds DOWN (whose sign
+   depends on the products: left to it).
+8. Everything else (sums within about ``E`` of a float64 value or, to nearest, of a midpoint;
+   exact zeros rounded DOWN; results near the ends of the exponent range; bad rows or
+   columns) is computed by the general kernel, element by element
+   (:func:`fixedsim.matmul.core._general_at`, which hands what it cannot prove to the Fraction
+   oracle); ``Counters.paths["exact_ozaki_general"]`` counts those elements.
+
+For standard normal data at K = 512 the bound is about ``2**-79`` of the sum, so about one
+element in 10**7 goes to the general kernel; at K = 1024 about twice that.
+
+The operand ``mm`` (the centroid products of :mod:`fixedsim.reuse`) is not used: the row reads
+``A`` itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numba
+import numpy as np
+
+from .. import counters as _counters
+from ..formats import FP64, FloatFormat
+from ..jit import gemm_exact64 as _gz
+from ..jit import quant as _q
+from ..rounding import Rounding
+from .core import _general_at
+
+NAME = "exact_ozaki"
+
+COMPUTES = ("exact accumulation rounded once into float64 (or a float output of 52 or 53 "
+            "significand bits), deterministic rounding, any finite data: integer slices on "
+            "float64 BLAS (Ozaki's splitting), then a filter")
+
+PROOF = ("the slices' products are integers below 2**53 in every order, so BLAS computes them "
+         "exactly; the rest is one float64 product within gamma(2K) of its value; the "
+         "double-double sum and that bound decide the rounding, or the element goes to the "
+         "general kernel")
+
+#: Fewer elements than this (outputs plus operands) run their kernels on one Numba thread:
+#: they often follow a BLAS call, whose OpenBLAS workers spin for a while after it.
+_SERIAL = 2**20
+
+
+def beta_for(K: int) -> int:
+    """Bits per slice for ``K`` terms: the largest ``beta`` with ``9 K 4**beta <= 2**55``, so
+    that ``K`` products of integers of magnitude up to ``1.5 * 2**beta`` sum below ``2**53``
+    in every order (0 when none)."""
+    beta = 25
+    while beta > 0 and 9 * K * 4**beta > 2**55:
+        beta -= 1
+    return beta
+
+
+def declines(p) -> str | None:
+    """None when this row applies to ``p``; otherwise the first rule it fails, in words."""
+    spec, ba, bb = p.spec, p.ba, p.bb
+    f = spec.output
+    R, K = p.A.shape if not hasattr(p, "R") else (p.R, p.K)
+    N = p.B.shape[1]
+    checks = (
+        (spec.product is not None, "products are rounded (spec.product is set)"),
+        (spec.accumulator is not None, "there is an accumulator (spec.accumulator is set)"),
+        (f is not None and not isinstance(f, FloatFormat), "the output is not a float format"),
+        (isinstance(f, FloatFormat) and f.man_bits <= 50,
+         "the output has at most 50 fraction bits (exact_filtered's case)"),
+        (spec.output_rounding is Rounding.STOCHASTIC, "the output rounding is stochastic"),
+        (not (ba.finite and bb.finite), "an operand holds an infinity or a NaN"),
+        (R == 0 or N == 0 or K == 0, "the product is empty (no output or no products)"),
+        (ba.top == -1075 or bb.top == -1075, "an operand is all zeros"),
+        (K > 2**40, "K > 2**40 (no slice width keeps the slice products exact)"),
+    )
+    for cond, why in checks:
+        if cond:
+            return why
+    return None
+
+
+@contextlib.contextmanager
+def _threads_for(size):
+    """One Numba thread for small problems (see :data:`_SERIAL`); the bits do not depend on
+    the thread count."""
+    if size >= _SERIAL:
+        yield
+        return
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(threads)
+
+
+def _read_only(x):
+    """A read-only float64 C-contiguous view (one compiled signature for every caller)."""
+    v = np.ascontiguousarray(x, np.float64).view()
+    v.setflags(write=False)
+    return v
+
+
+def _split(X, beta, rows):
+    """The slices of ``X``: rows of A (``rows``) or columns of B, see
+    :mod:`fixedsim.jit.gemm_exact64`."""
+    n = X.shape[0] if rows else X.shape[1]
+    K = X.shape[1] if rows else X.shape[0]
+    shape = (n, K) if rows else (K, n)
+    c1, c12, c2 = np.empty(shape), np.empty(shape), np.empty(shape)
+    tail = np.empty((n, 2 * K) if rows else (2 * K, n))
+    nrm, mx = np.empty(n), np.empty(n)
+    e, bad = np.empty(n, np.int64), np.empty(n, np.uint8)
+    (_gz.split_rows if rows else _gz.split_cols)(X, beta, c1, c12, c2, tail, nrm, mx, e, bad)
+    return c1, c12, c2, tail, nrm, mx, e, bad
+
+
+def run(p) -> np.ndarray:
+    """The ``(R, N)`` float64 result, counts added to ``p.c`` (see the module docstring for
+    the proof). Never declines at run time: elements the bound cannot decide go to the
+    general kernel."""
+    spec, c = p.spec, p.c
+    A, B = _read_only(p.A), _read_only(p.B)
+    R, K = A.shape
+    N = B.shape[1]
+    f = spec.output if spec.output is not None else FP64
+    beta = beta_for(K)
+    small = R * N + (R + N) * K
+    with _threads_for(small):
+        a1, a12, a2, ta, nA, mA, ea, badA = _split(A, beta, True)
+        b1, b12, b2, tb, nB, mB, eb, badB = _split(B, beta, False)
+    P11 = a1 @ b1
+    PM = a12 @ b12
+    P22 = a2 @ b2
+    tail_a, tail_b = bool(mA.any()), bool(mB.any())  # Ur, Vr not all zero
+    if tail_a and tail_b:
+        Tl = ta @ tb
+    elif tail_b:
+        Tl = ta[:, :K] @ tb[:K]  # U @ Vr
+    elif tail_a:
+        Tl = ta[:, K:] @ tb[K:]  # Ur @ V12
+    else:
+        Tl = np.zeros((0, 0))
+    n2 = 2.0 * K * 2.0**-53
+    crad = 2.0 * n2 / (1.0 - n2) * (1.0 + 2.0**-40)  # 2 gamma(2K), rounded up
+    out = np.empty((R, N))
+    fail = np.zeros((R, N), np.uint8)
+    with _threads_for(small):
+        inexact = _gz.finish(P11, PM, P22, Tl, nA, mA, ea, badA, nB, mB, eb, badB, beta,
+                             crad, f.man_bits == 52, int(spec.output_rounding), f.emin,
+                             f.emax, out, fail)
+    flags = np.zeros(_q.N_FLAGS, np.int64)
+    flags[_q.F_INEXACT] = inexact.sum()
+    rows, cols = np.nonzero(fail)
+    if rows.size:
+        tot = _general_at(np.ascontiguousarray(p.A, np.float64), B, spec, p.ba, p.bb, p.keys,
+                          p.rb, rows, cols, out, c)
+        flags += tot[2]
+    c.paths[NAME] = c.paths.get(NAME, 0) + 1
+    if rows.size:
+        c.paths[NAME + "_general"] = c.paths.get(NAME + "_general", 0) + int(rows.size)
+    c.output += _counters.StageCounts.from_flags(flags, R * N)
+    return out.astype(f.dtype) if f.dtype != np.float64 else out
