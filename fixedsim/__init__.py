@@ -22,6 +22,7 @@ from .matmul import (
     conv2d,
     conv2d_grad_input,
     conv2d_grad_weight,
+    explain,
     matmul,
 )
 from .quantize import QuantStats, from_bits, quantize, to_bits

@@ -13,7 +13,9 @@ from fixedsim import reference
 from fixedsim.jit.rng import random_u64_array
 from fixedsim.testing import roundings
 
-mm = importlib.import_module("fixedsim.matmul")  # the module (fixedsim.matmul is the function)
+mm = importlib.import_module("fixedsim.matmul")  # the package (fixedsim.matmul is the function)
+from fixedsim.jit import gemm_float, gemm_fp32  # noqa: E402
+from fixedsim.matmul import core as mcore  # noqa: E402
 
 FIXED_IN = [fs.FixedFormat(8, 4), fs.FixedFormat(12, 6), fs.FixedFormat(16, 8),
             fs.FixedFormat(8, 8, signed=False)]
@@ -37,8 +39,8 @@ def ref_draw(spec, seed):
     return draw
 
 
-def check(a, b, spec, seed=7):
-    got = mm.matmul(a, b, spec, seed=seed)
+def check(a, b, spec, seed=7, path=None):
+    got = mm.matmul(a, b, spec, seed=seed, path=path)
     want = reference.matmul(a, b, spec, draw=ref_draw(spec, seed))
     assert got.dtype == spec.result_format.dtype
     assert_same_bits(got.astype(np.float64), want, err_msg=f"{spec!r}\na={a!r}\nb={b!r}",
@@ -138,14 +140,9 @@ def test_stochastic_inputs_and_raw_float64(inp, rnd, ab):
 @given(accumulators(FLOAT_ACC + FIXED_ACC), matrices(max_k=20))
 def test_general_kernel_alone(acc, ab):
     """The general kernel (fast paths off) agrees with the oracle on the same cases."""
-    old = mm._FAST_PATHS
-    mm._FAST_PATHS = False
-    try:
-        check(*ab, fs.MatmulSpec(input=fs.FP16, accumulator=acc, output=fs.FP32))
-        check(*ab, fs.MatmulSpec(input=fs.FixedFormat(12, 6), accumulator=None,
-                                 output=fs.FixedFormat(16, 8)))
-    finally:
-        mm._FAST_PATHS = old
+    check(*ab, fs.MatmulSpec(input=fs.FP16, accumulator=acc, output=fs.FP32), path="general")
+    check(*ab, fs.MatmulSpec(input=fs.FixedFormat(12, 6), accumulator=None,
+                             output=fs.FixedFormat(16, 8)), path="general")
 
 
 # -- fast paths: the same bits and the same counts as the general kernel -------------------------
@@ -154,12 +151,7 @@ def both_paths(a, b, spec, seed=3):
     when nothing reads its counts (kernels may then skip counting)."""
     fast, cf = mm.matmul(a, b, spec, seed=seed, stats=True)
     unread = mm.matmul(a, b, spec, seed=seed)
-    old = mm._FAST_PATHS
-    mm._FAST_PATHS = False
-    try:
-        slow, cs = mm.matmul(a, b, spec, seed=seed, stats=True)
-    finally:
-        mm._FAST_PATHS = old
+    slow, cs = mm.matmul(a, b, spec, seed=seed, stats=True, path="general")
     assert_same_bits(fast.astype(np.float64), slow.astype(np.float64), err_msg=repr(spec))
     assert_same_bits(unread.astype(np.float64), slow.astype(np.float64), err_msg=repr(spec))
     assert fast.dtype == slow.dtype == unread.dtype
@@ -249,12 +241,7 @@ def test_fp16_fp32_fma_chain_is_a_float32_loop():
             want[i, j] = acc
     spec = fs.MatmulSpec(input=fs.FP16, accumulator=fs.FP32)
     assert_same_bits(fs.matmul(a, b, spec), want)
-    old = mm._FAST_PATHS
-    mm._FAST_PATHS = False
-    try:
-        assert_same_bits(fs.matmul(a, b, spec), want)
-    finally:
-        mm._FAST_PATHS = old
+    assert_same_bits(fs.matmul(a, b, spec, path="general"), want)
 
 
 @st.composite
@@ -397,7 +384,7 @@ def test_thread_count_does_not_change_bits():
     assert_same_bits(y1, y2)
 
 
-def test_small_outputs_round_on_one_thread_and_restore_the_count():
+def test_small_outputs_round_on_one_thread_and_restore_the_count(monkeypatch):
     """The output rounding of a small product runs on one Numba thread (a parallel kernel
     right after BLAS waits for OpenBLAS's spinning workers); the caller's count is restored
     and the bits are those of the parallel kernel."""
@@ -410,12 +397,8 @@ def test_small_outputs_round_on_one_thread_and_restore_the_count():
     before = numba.get_num_threads()
     y = fs.matmul(a, b, spec)
     assert numba.get_num_threads() == before
-    old = mm._SERIAL_OUTPUT
-    mm._SERIAL_OUTPUT = 0
-    try:
-        assert_same_bits(fs.matmul(a, b, spec), y)
-    finally:
-        mm._SERIAL_OUTPUT = old
+    monkeypatch.setattr(mcore, "_SERIAL_OUTPUT", 0)  # the size threshold: every output parallel
+    assert_same_bits(fs.matmul(a, b, spec), y)
 
 
 # -- bad input ------------------------------------------------------------------------------------
@@ -511,7 +494,7 @@ def test_fp32_chain_safe_rows_match_general(ab):
     infinite, and the four-row, four-step kernel without those checks gives the general
     kernel's bits and counts."""
     a, b = ab
-    assert mm._f32_chain_safe(mm._Bits.of(a), mm._Bits.of(b), a.shape[1])
+    assert mcore._f32_chain_safe(mcore._Bits.of(a), mcore._Bits.of(b), a.shape[1])
     assert both_paths(a, b, fs.MatmulSpec(accumulator=fs.FP32)) == {"fp32_chain": 1}
 
 
@@ -527,13 +510,13 @@ def test_fp32_chain_safe_at_its_bounds(k):
     big = rng.choice([-1.0, 1.0], (6, k)) * (2.0**(top // 2) - 2.0**(top // 2 - 8))
     large = np.full((k, 5), 2.0**(top - top // 2) - 2.0**(top - top // 2 - 8))
     for a, b in ((tiny, small), (big, large), (np.abs(big), large)):
-        ba, bb = mm._Bits.of(a), mm._Bits.of(b)
-        assert mm._f32_chain_safe(ba, bb, k), (ba, bb)
+        ba, bb = mcore._Bits.of(a), mcore._Bits.of(b)
+        assert mcore._f32_chain_safe(ba, bb, k), (ba, bb)
         assert both_paths(a, b, fs.MatmulSpec(accumulator=fs.FP32)) == {"fp32_chain": 1}
         _, c = fs.matmul(a, b, fs.MatmulSpec(accumulator=fs.FP32), stats=True)
         assert c.accumulator.subnormal == c.accumulator.overflow == 0
-    assert not mm._f32_chain_safe(mm._Bits.of(tiny / 2), mm._Bits.of(small), k)
-    assert not mm._f32_chain_safe(mm._Bits.of(big * 2), mm._Bits.of(large * 2), k)
+    assert not mcore._f32_chain_safe(mcore._Bits.of(tiny / 2), mcore._Bits.of(small), k)
+    assert not mcore._f32_chain_safe(mcore._Bits.of(big * 2), mcore._Bits.of(large * 2), k)
 
 
 def test_float_chain_rare_columns_and_rows():
@@ -584,7 +567,7 @@ def narrow_chain(f, a):
     """``gemm_chain_narrow`` on rows ``a`` times a column of ones: each row's chain, in order."""
     A = np.ascontiguousarray(a, np.float64)
     out = np.empty((A.shape[0], 1), np.float32)
-    over = mm._g.gemm_chain_narrow(A, np.ones((A.shape[1], 1)), out, *mm._narrow_params(f))
+    over = gemm_float.gemm_chain_narrow(A, np.ones((A.shape[1], 1)), out, *mcore._narrow_params(f))
     return out[:, 0], over
 
 
@@ -654,8 +637,8 @@ def test_narrow_chain_empty_shapes(shapes):
     assert both_paths(a, b, fs.MatmulSpec(accumulator=fs.FP16)) == {"float_chain": 1}
     A = np.full(shapes[0], 1.5)
     out = np.empty((shapes[0][0], shapes[1][1]), np.float32)
-    over = mm._g.gemm_chain_narrow(A, np.full(shapes[1], 1.5), out,
-                                   *mm._narrow_params(fs.FP16))
+    over = gemm_float.gemm_chain_narrow(A, np.full(shapes[1], 1.5), out,
+                                   *mcore._narrow_params(fs.FP16))
     assert over.shape == (shapes[0][0],) and not over.any()
     assert_same_bits(out, np.zeros_like(out) + 2.25 * shapes[0][1])
 
@@ -664,9 +647,9 @@ def test_narrow_params_only_for_narrow_formats():
     """FP16 and FP8 get the narrow kernel; BF16, TF32 and a 6-bit exponent do not (their
     range is too wide for its proof); the bound is ``2**(emax + 1) <= 2**53 * u``."""
     for f in NARROW:
-        assert mm._narrow_params(f) is not None, f
+        assert mcore._narrow_params(f) is not None, f
     for f in (fs.BF16, fs.TF32, fs.FloatFormat(6, 5), fs.FloatFormat(6, 2)):
-        assert mm._narrow_params(f) is None, f
+        assert mcore._narrow_params(f) is None, f
     assert 2.0**(fs.FloatFormat(5, 21).emax + 1) == 2.0**51 * fs.FloatFormat(5, 21).min_subnormal
 
 
@@ -785,7 +768,7 @@ DETERMINISTIC = [r for r in fs.Rounding if r is not fs.Rounding.STOCHASTIC]
 
 @pytest.mark.parametrize("data,rnd,ovf,path", [
     (fs.BF16, "nearest_even", None, "fp32_chain"),  # float32 loop: products exact in float32
-    (None, "nearest_even", None, "fp32_chain64"),  # float32 data: the FMA instruction
+    (None, "nearest_even", None, "fp32_fma"),  # float32 data: the FMA instruction
     (None, "nearest_even", "saturate", "fp32_chain64"),  # float64 lanes from here on
     (None, "up", None, "fp32_chain64"),
     (None, "toward_zero", "saturate", "fp32_chain64"),
@@ -817,7 +800,7 @@ def test_fp32_chains_rare_columns_and_rows(data, rnd, ovf, path):
 def test_fp32_chain64_matches_general(rnd, ovf, out, ab):
     spec = fs.MatmulSpec(accumulator=fs.Accumulator(fs.FP32, rnd, ovf), output=out)
     paths = both_paths(*ab, spec)
-    assert set(paths) <= {"fp32_chain", "fp32_chain64"} and len(paths) == 1
+    assert set(paths) <= {"fp32_chain", "fp32_fma", "fp32_chain64"} and len(paths) == 1
 
 
 @settings(max_examples=40)
@@ -844,7 +827,8 @@ def test_fp32_chain64_ties_overflow_zeros(rnd, ovf):
                   [1.0 + 2.0**-23, -0.0, 1.0],
                   [-0.0, 0.0, 2.0**-149]], np.float32)
     spec = fs.MatmulSpec(accumulator=fs.Accumulator(fs.FP32, rnd, ovf))
-    assert both_paths(a, b, spec) == {"fp32_chain64": 1}
+    want = "fp32_fma" if (rnd, ovf) == (fs.Rounding.NEAREST_EVEN, None) else "fp32_chain64"
+    assert both_paths(a, b, spec) == {want: 1}
     check(a, b, spec)
 
 
@@ -865,12 +849,8 @@ def test_fp32_fma_kernel_equals_the_float64_kernel(scale):
     a[3, ::2] = -a[3, 1::2]  # cancellations to exact zeros
     spec = fs.MatmulSpec(accumulator=fs.FP32)
     got, cg = mm.matmul(a, b, spec, stats=True)
-    mm._FMA32 = False
-    try:
-        want, cw = mm.matmul(a, b, spec, stats=True)
-    finally:
-        mm._FMA32 = True
-    assert cg.paths == cw.paths == {"fp32_chain64": 1}
+    want, cw = mm.matmul(a, b, spec, stats=True, path="fp32_chain64")
+    assert cg.paths == {"fp32_fma": 1} and cw.paths == {"fp32_chain64": 1}
     assert_same_bits(got, want)
     assert cg.accumulator == cw.accumulator
     if scale == "rare":
@@ -889,14 +869,14 @@ def test_fp32_chains_count_only_when_read(monkeypatch, data):
     spec = fs.MatmulSpec(accumulator=fs.FP32)
     ran = []
     for name in ("gemm_f32_chain", "gemm_fma32"):
-        kernel = getattr(mm._g, name)
-        monkeypatch.setattr(mm._g, name, lambda *args, _k=kernel, _n=name: (
+        kernel = getattr(gemm_fp32, name)
+        monkeypatch.setattr(gemm_fp32, name, lambda *args, _k=kernel, _n=name: (
             ran.append((_n, args[-1] if _n == "gemm_f32_chain" else None)), _k(*args))[1])
-    counted = ("gemm_f32_chain", mm._g.F32_SAFE) if data == "fp16" else ("gemm_fma32", None)
+    counted = ("gemm_f32_chain", gemm_fp32.F32_SAFE) if data == "fp16" else ("gemm_fma32", None)
     want, c = fs.matmul(a, b, spec, stats=True)
     assert ran.pop() == counted and c.accumulator.inexact > 0
     assert_same_bits(fs.matmul(a, b, spec), want)
-    assert ran.pop() == ("gemm_f32_chain", mm._g.F32_UNCOUNTED)
+    assert ran.pop() == ("gemm_f32_chain", gemm_fp32.F32_UNCOUNTED)
     with fs.counters.record() as rec:
         assert_same_bits(fs.matmul(a, b, spec), want)
     assert ran.pop() == counted and rec.accumulator == c.accumulator
@@ -922,8 +902,8 @@ def test_float_chains_count_only_when_read(monkeypatch, kernel, unread, acc):
     spec = fs.MatmulSpec(accumulator=acc, seed=4)
     ran = []
     for name in {kernel, unread}:
-        run = getattr(mm._g, name)
-        monkeypatch.setattr(mm._g, name, lambda *args, _r=run, _n=name: (
+        run = getattr(gemm_float, name)
+        monkeypatch.setattr(gemm_float, name, lambda *args, _r=run, _n=name: (
             ran.append((_n, args[-1] if _n != "gemm_chain_narrow" else False)), _r(*args))[1])
     want, c = fs.matmul(a, b, spec, stats=True)
     assert ran.pop() == (kernel, True) and c.accumulator.inexact > 0
@@ -943,7 +923,8 @@ def test_fp32_chain64_wide_fixed_point_inputs():
     for rnd in DETERMINISTIC:
         spec = fs.MatmulSpec(input=fs.FixedFormat(16, 8),
                              accumulator=fs.Accumulator(fs.FP32, rnd), output=fs.FP16)
-        assert both_paths(a, b, spec) == {"fp32_chain64": 1}
+        want = "fp32_fma" if rnd is fs.Rounding.NEAREST_EVEN else "fp32_chain64"
+        assert both_paths(a, b, spec) == {want: 1}
 
 
 # -- the operand scan that chooses the kernels ----------------------------------------------------
@@ -952,14 +933,14 @@ def bits_numpy(x):
     finite = bool(np.isfinite(x).all())
     v = np.abs(x[np.isfinite(x) & (x != 0)])
     if v.size == 0:
-        return mm._Bits(finite, 0, 0, -1075, 0)
+        return mcore._Bits(finite, 0, 0, -1075, 0)
     m, e = np.frexp(v)
     mi = (m * 2.0**53).astype(np.int64)
     low = mi & -mi
     tz = np.frexp(low.astype(np.float64))[1] - 1
     lsb = int((e - 53 + tz).min())
     top = int(e.max())
-    return mm._Bits(finite, int((53 - tz).max()), lsb, top, top - lsb)
+    return mcore._Bits(finite, int((53 - tz).max()), lsb, top, top - lsb)
 
 
 @settings(max_examples=300)
@@ -975,7 +956,7 @@ def test_operand_scan_matches_numpy(dtype, data):
     shape = data.draw(hnp.array_shapes(min_dims=1, max_dims=2, min_side=0, max_side=40))
     with np.errstate(all="ignore"):  # float32 casts of the sampled float64 values
         x = data.draw(hnp.arrays(dtype, shape, elements=elems.map(lambda v: dtype(v))))
-    assert mm._Bits.of(x) == bits_numpy(x)
+    assert mcore._Bits.of(x) == bits_numpy(x)
 
 
 def test_operand_scan_large_and_chunked():
@@ -984,10 +965,10 @@ def test_operand_scan_large_and_chunked():
     x = rng.standard_normal(100_003) * np.exp2(rng.integers(-1060, 1000, 100_003))
     x[::7] = 0.0
     x[5] = np.ldexp(3.0, -1074)
-    assert mm._Bits.of(x) == bits_numpy(x)
+    assert mcore._Bits.of(x) == bits_numpy(x)
     x[99_999] = np.nan
-    assert mm._Bits.of(x) == bits_numpy(x)
-    assert mm._Bits.of(np.zeros((3, 0))) == bits_numpy(np.zeros((3, 0)))
+    assert mcore._Bits.of(x) == bits_numpy(x)
+    assert mcore._Bits.of(np.zeros((3, 0))) == bits_numpy(np.zeros((3, 0)))
 
 
 @st.composite

@@ -21,7 +21,8 @@ import time
 
 import numpy as np
 
-from ..matmul import MatmulSpec, _im2col, conv2d, conv2d_grad_input, conv2d_grad_weight, matmul
+from ..matmul import MatmulSpec, conv2d, conv2d_grad_input, conv2d_grad_weight, matmul
+from ..matmul.engine import im2col as _im2col
 from ..rounding import Rounding
 from .core import Context, Module, Parameter
 

@@ -35,16 +35,8 @@ import numpy as np
 from .. import counters as _counters
 from ..formats import FP32, FixedFormat, FloatFormat
 from ..jit import lsh as _lsh
-from ..matmul import (
-    MatmulSpec,
-    _Bits,
-    _check_finite_for_fixed,
-    _check_operands,
-    _product,
-    _quantize_input,
-    _setup,
-    matmul,
-)
+from ..matmul import MatmulSpec, matmul
+from ..matmul import engine as _engine
 from ..quantize import _as_float_array, quantize
 from ..rounding import Rounding
 
@@ -452,7 +444,7 @@ class ReuseStats:
 
 
 class _ClusterProduct:
-    """The ``mm`` of :func:`fixedsim.matmul._product` computed per cluster."""
+    """The ``mm`` of :func:`fixedsim.matmul.engine.product` computed per cluster."""
 
     def __init__(self, cl: Clustering, B, table, weights_key):
         self.cl, self.B = cl, B
@@ -562,13 +554,13 @@ def reuse_matmul(X, W, L: int, H: int, *, seed: int = 0, spec: MatmulSpec | None
     >>> st.remain_ratio, st.macs, st.dense_macs, st.path
     (0.4, 8, 20, 'reuse')
     """
-    spec, keys, rb, c = _setup("reuse_matmul", spec, product_seed, True)
-    X, W = _check_operands(X, W)
+    spec, keys, rb, c = _engine.setup("reuse_matmul", spec, product_seed, True)
+    X, W = _engine.check_operands(X, W)
     if X.ndim != 2:
         raise ValueError(f"reuse_matmul: X must have shape (R, K), got {X.shape}")
-    _check_finite_for_fixed(spec, X, W, "reuse_matmul", ("X", "W"))
-    Xq = _quantize_input(X, spec.input, spec.input_rounding, rb, keys[0], c.input)
-    Wq = _quantize_input(W, spec.input, spec.input_rounding, rb, keys[1], c.input)
+    _engine.check_finite_for_fixed(spec, X, W, "reuse_matmul", ("X", "W"))
+    Xq = _engine.quantize_operand(X, spec.input, spec.input_rounding, rb, keys[0], c.input)
+    Wq = _engine.quantize_operand(W, spec.input, spec.input_rounding, rb, keys[1], c.input)
     fmt = centroid_format
     if isinstance(fmt, str) and fmt == "spec":
         fmt = spec.input if spec.input is not None else (FP32 if X.dtype == np.float32
@@ -583,8 +575,8 @@ def reuse_matmul(X, W, L: int, H: int, *, seed: int = 0, spec: MatmulSpec | None
     R, K = Xq.shape
     N = Wq.shape[1]
     mm = _ClusterProduct(cl, Wq, table, weights_key)
-    ba = _Bits.of(np.concatenate([C.reshape(-1) for C in cl.centroids])) if K else None
-    Y = _product(((R, K), cl.reconstruct), Wq, spec, keys, rb, c, mm=mm, ba=ba)
+    ba = _engine.Bits.of(np.concatenate([C.reshape(-1) for C in cl.centroids])) if K else None
+    Y = _engine.product(((R, K), cl.reconstruct), Wq, spec, keys, rb, c, mm=mm, ba=ba)
     nb = len(cl.bounds)
     dense = R * K * N
     clusters = cl.clusters

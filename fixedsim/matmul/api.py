@@ -1,0 +1,332 @@
+"""The public calls: :func:`matmul`, :func:`explain` and the convolutions (im2col, then the
+modelled matrix product)."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from .. import counters as _counters
+from ..jit import conv as _conv
+from ..quantize import (
+    _as_float_array,
+)
+from .core import (
+    _Bits,
+    _check_finite_for_fixed,
+    _check_operands,
+    _quantize_input,
+    _setup,
+)
+from .paths import Product, compute, explain_product
+from .spec import MatmulSpec
+
+
+def matmul(a, b, spec: MatmulSpec | None = None, *, seed=None, stats=False, path=None):
+    """Matrix product ``a @ b`` computed as ``spec`` says, bit for bit.
+
+    Parameters
+    ----------
+    a : array_like, shape (M, K) or (..., M, K)
+    b : array_like, shape (K, N)
+    spec : MatmulSpec, optional
+        Default ``MatmulSpec()``: exact products and sums, one rounding into float64.
+    seed : int, numpy.random.Generator, optional
+        Overrides ``spec.seed`` for this call (e.g. a fresh seed per training step).
+    stats : bool, default False
+        Also return the call's :class:`fixedsim.counters.Counters`.
+    path : str, optional
+        Run this row of the path table (:data:`fixedsim.matmul.PATHS`) instead of the first
+        that applies, e.g. ``"general"``; the bits are the same (that is what the table's
+        tests check). ValueError when the row does not apply, saying why.
+
+    Returns
+    -------
+    numpy.ndarray, shape (..., M, N)
+        dtype of the container of ``spec.result_format`` (float32 when exact in it).
+
+    Raises
+    ------
+    ValueError
+        Shapes that do not match; NaN or infinity where a fixed-point format is in the spec;
+        a ``path`` that is unknown or does not apply.
+
+    Notes
+    -----
+    Random draws (STOCHASTIC stages): each stage has its own key derived from the seed; the
+    draw of a rounding is indexed by the operand element (inputs), ``o * K + k`` (products),
+    ``o * nblocks + t`` (accumulator block ``t``) or ``o`` (output), ``o`` the flat index of
+    the output element, so results do not depend on threads or on the kernel chosen.
+
+    Examples
+    --------
+    >>> import numpy as np, fixedsim as fs
+    >>> a = np.array([[1.0, 2.0**-11, 2.0**-11]])
+    >>> b = np.ones((3, 1))
+    >>> fs.matmul(a, b, fs.MatmulSpec(output=fs.FP16))           # exact sum, one rounding
+    array([[1.0009766]], dtype=float32)
+    >>> fs.matmul(a, b, fs.MatmulSpec(accumulator=fs.FP16))      # FP16 FMA chain: both lost
+    array([[1.]], dtype=float32)
+    >>> fs.matmul(a, b, fs.MatmulSpec(accumulator=fs.Accumulator(fs.FP16, block=4)))
+    array([[1.0009766]], dtype=float32)
+    """
+    spec, keys, rb, c = _setup("matmul", spec, seed, stats)
+    a, b = _check_operands(a, b)
+    _check_finite_for_fixed(spec, a, b)
+    aq = _quantize_input(a, spec.input, spec.input_rounding, rb, keys[0], c.input)
+    bq = _quantize_input(b, spec.input, spec.input_rounding, rb, keys[1], c.input)
+    batch = a.shape[:-2]
+    M, K = a.shape[-2:]
+    N = b.shape[1]
+    A = aq.reshape(int(np.prod(batch, dtype=np.int64)) * M, K)
+    R = A.shape[0]
+    c.macs = R * N * K
+    res = _product(A, bq, spec, keys, rb, c, path=path)
+    _counters._publish(c)
+    out = res.reshape(*batch, M, N)
+    return (out, c) if stats else out
+
+
+def explain(a, b, spec: MatmulSpec | None = None, *, seed=None):
+    """Which kernel computes ``matmul(a, b, spec)``, and why each faster one declined.
+
+    The operands are quantized to ``spec.input`` as :func:`matmul` would (with ``seed`` for
+    a stochastic input rounding) and scanned; the rows of :data:`fixedsim.matmul.PATHS` are
+    asked in order; no product is computed.
+
+    Returns
+    -------
+    Explanation
+        ``.path`` the name of the row that runs, ``.declined`` the ``(name, reason)`` of each
+        row before it; ``str()`` of it is a readable report.
+
+    Examples
+    --------
+    >>> import numpy as np, fixedsim as fs
+    >>> a = np.array([[0.5, 0.25]]); b = np.array([[1.0], [3.0]])
+    >>> e = fs.explain(a, b, fs.MatmulSpec(input=fs.FP16, accumulator=fs.FP32))
+    >>> e.path
+    'fp32_chain'
+    >>> print(fs.explain(a, b, fs.MatmulSpec(product=fs.FP16)))   # doctest: +ELLIPSIS
+    exact_blas: declined: products are rounded (spec.product is set)
+    ...
+    general: runs: every spec: ...
+      proof: ...
+    """
+    spec, keys, rb, c = _setup("explain", spec, seed, False)
+    a, b = _check_operands(a, b)
+    _check_finite_for_fixed(spec, a, b, "explain")
+    aq = _quantize_input(a, spec.input, spec.input_rounding, rb, keys[0], c.input)
+    bq = _quantize_input(b, spec.input, spec.input_rounding, rb, keys[1], c.input)
+    A = aq.reshape(-1, aq.shape[-1])
+    return explain_product(Product(A, bq, spec, keys, rb, c))
+
+
+def _product(A, B, spec, keys, rb, c, mm=None, ba=None, path=None):
+    """``(R, N)`` result of the 2-D product in the result format's container; counts into c.
+
+    ``A`` may be given as a ``((R, K), make)`` pair, ``make()`` building it only when a path
+    needs it, with ``ba`` its :class:`~fixedsim.matmul.core._Bits`; ``mm`` as for
+    :class:`~fixedsim.matmul.paths.Product`. ``path``: a row of the table by name (None: the
+    first that applies).
+    """
+    p = Product(A, B, spec, keys, rb, c, mm=mm, ba=ba)
+    acc = spec.accumulator
+    if acc is not None:
+        c.accumulator.roundings += p.R * p.N * -(-p.K // acc.block)
+    if spec.product is not None:
+        c.product.roundings += p.R * p.N * p.K
+    return compute(p, path)
+
+
+# -- convolution ----------------------------------------------------------------------------------
+def _pair(v, name, low):
+    vals = (v, v) if isinstance(v, numbers.Integral) else (
+        tuple(v) if isinstance(v, (tuple, list)) else (v,))
+    if len(vals) != 2 or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
+                                 for t in vals):
+        raise TypeError(f"conv2d: {name} must be an int or a pair of ints, got {v!r}")
+    if min(vals) < low:
+        raise ValueError(f"conv2d: {name} must be >= {low}, got {v!r}")
+    return int(vals[0]), int(vals[1])
+
+
+def _conv_geometry(x_shape, w_shape, stride, padding, op="conv2d"):
+    if len(x_shape) != 4:
+        raise ValueError(f"{op}: x must have shape (N, C, H, W), got {tuple(x_shape)}")
+    if len(w_shape) != 4:
+        raise ValueError(f"{op}: w must have shape (O, C, kh, kw), got {tuple(w_shape)}")
+    if x_shape[1] != w_shape[1]:
+        raise ValueError(f"{op}: x has C={x_shape[1]} channels, w expects C={w_shape[1]}")
+    sh, sw = _pair(stride, "stride", 1)
+    ph, pw = _pair(padding, "padding", 0)
+    kh, kw = w_shape[2:]
+    Ho = (x_shape[2] + 2 * ph - kh) // sh + 1
+    Wo = (x_shape[3] + 2 * pw - kw) // sw + 1
+    if kh < 1 or kw < 1 or Ho < 1 or Wo < 1:
+        raise ValueError(f"{op}: a {kh}x{kw} kernel does not fit the {x_shape[2]}x{x_shape[3]} "
+                         f"image with padding {(ph, pw)}")
+    return (sh, sw), (ph, pw), Ho, Wo
+
+
+def _im2col(x, kh, kw, stride, padding, Ho, Wo):
+    N, C = x.shape[:2]
+    cols = np.empty((N * Ho * Wo, C * kh * kw), np.float64)
+    _conv.im2col(np.ascontiguousarray(x, np.float64), kh, kw, *stride, *padding, cols)
+    return cols
+
+
+def _conv_core(xq, wq, spec, keys, rb, c, stride, padding, Ho, Wo):
+    """``conv2d`` of quantized operands: im2col, then the modelled matrix product."""
+    N, O = xq.shape[0], wq.shape[0]
+    kh, kw = wq.shape[2:]
+    cols = _im2col(xq, kh, kw, stride, padding, Ho, Wo)
+    c.macs = cols.shape[0] * O * cols.shape[1]
+    res = _product(cols, np.ascontiguousarray(wq.reshape(O, -1).T), spec, keys, rb, c)
+    return np.ascontiguousarray(res.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2))
+
+
+def _quantize_pair(op, spec, a, b, names, keys, rb, c):
+    _check_finite_for_fixed(spec, a, b, op, names)
+    return (_quantize_input(a, spec.input, spec.input_rounding, rb, keys[0], c.input),
+            _quantize_input(b, spec.input, spec.input_rounding, rb, keys[1], c.input))
+
+
+def _done(out, c, stats):
+    _counters._publish(c)
+    return (out, c) if stats else out
+
+
+def conv2d(x, w, spec: MatmulSpec | None = None, stride=1, padding=0, *, seed=None,
+           stats=False):
+    """2-D convolution (cross-correlation, as in CNNs) computed as ``spec`` says, bit for bit.
+
+    ``y[n, o, ho, wo] = sum over (c, i, j) of x[n, c, ho*s - p + i, wo*s - p + j] * w[o, c, i, j]``
+    with zero padding, computed as ``matmul(im2col(x), w.reshape(O, K).T, spec)``: the dot
+    product of each output runs over ``K = C*kh*kw`` in the order (channel, kernel row, kernel
+    column), which is part of the contract (it decides what every accumulator sees).
+
+    Parameters
+    ----------
+    x : array_like, shape (N, C, H, W)
+    w : array_like, shape (O, C, kh, kw)
+    spec : MatmulSpec, optional
+        ``spec.input`` quantizes ``x`` and ``w`` (before im2col: each pixel is rounded once;
+        draw indices are the flat indices of ``x`` and ``w``).
+    stride, padding : int or (int, int)
+    seed, stats
+        As for :func:`matmul`. Output draw index ``o``: the flat index in (n, ho, wo, o) order.
+
+    Returns
+    -------
+    numpy.ndarray, shape (N, O, Ho, Wo)
+
+    Examples
+    --------
+    >>> import numpy as np, fixedsim as fs
+    >>> x = np.arange(16.0).reshape(1, 1, 4, 4)
+    >>> w = np.ones((1, 1, 2, 2))
+    >>> fs.conv2d(x, w, fs.MatmulSpec(output=fs.FP16), stride=2)
+    array([[[[10., 18.],
+             [42., 50.]]]], dtype=float32)
+    """
+    spec, keys, rb, c = _setup("conv2d", spec, seed, stats)
+    x = _as_float_array(x, "x")
+    w = _as_float_array(w, "w")
+    stride, padding, Ho, Wo = _conv_geometry(x.shape, w.shape, stride, padding)
+    xq, wq = _quantize_pair("conv2d", spec, x, w, ("x", "w"), keys, rb, c)
+    return _done(_conv_core(xq, wq, spec, keys, rb, c, stride, padding, Ho, Wo), c, stats)
+
+
+def conv2d_grad_weight(x, grad_y, w_shape, spec: MatmulSpec | None = None, stride=1, padding=0,
+                       *, seed=None, stats=False):
+    """Gradient of :func:`conv2d` with respect to ``w``, as one modelled matrix product.
+
+    ``dw[o, (c, i, j)] = sum over (n, ho, wo) of grad_y[n, o, ho, wo] * x[n, c, ...]``:
+    ``matmul(grad_y as (O, N*Ho*Wo), im2col(x), spec)``, ``K`` in the order (n, ho, wo).
+    ``spec.input`` quantizes ``grad_y`` (stage A) and ``x`` (stage B).
+
+    Returns
+    -------
+    numpy.ndarray, shape ``w_shape``
+    """
+    spec, keys, rb, c = _setup("conv2d_grad_weight", spec, seed, stats)
+    x = _as_float_array(x, "x")
+    gy = _as_float_array(grad_y, "grad_y")
+    w_shape = tuple(int(v) for v in w_shape)
+    stride, padding, Ho, Wo = _conv_geometry(x.shape, w_shape, stride, padding,
+                                             "conv2d_grad_weight")
+    O = w_shape[0]
+    if gy.shape != (x.shape[0], O, Ho, Wo):
+        raise ValueError(f"conv2d_grad_weight: grad_y must have shape "
+                         f"{(x.shape[0], O, Ho, Wo)}, got {gy.shape}")
+    gq, xq = _quantize_pair("conv2d_grad_weight", spec, gy, x, ("grad_y", "x"), keys, rb, c)
+    cols = _im2col(xq, w_shape[2], w_shape[3], stride, padding, Ho, Wo)
+    A = np.ascontiguousarray(gq.transpose(1, 0, 2, 3).reshape(O, -1))
+    c.macs = O * cols.shape[0] * cols.shape[1]
+    return _done(_product(A, cols, spec, keys, rb, c).reshape(w_shape), c, stats)
+
+
+def conv2d_grad_input(grad_y, w, x_shape, spec: MatmulSpec | None = None, stride=1, padding=0,
+                      *, seed=None, stats=False):
+    """Gradient of :func:`conv2d` with respect to ``x``, as one modelled convolution.
+
+    The transposed convolution: ``grad_y`` is spread onto a zero grid with the stride, padded
+    by ``kh - 1 - padding``, and convolved (stride 1) with the kernels flipped and with input
+    and output channels swapped, so each ``dx`` element is one dot product over
+    ``(o, kh-1-i, kw-1-j)`` run through ``spec``'s accumulator. With stride > 1 the
+    inserted zeros are multiplied too (and counted as MACs), as in a transposed-convolution
+    engine. ``spec.input`` quantizes ``grad_y`` (stage A) and ``w`` (stage B).
+
+    Returns
+    -------
+    numpy.ndarray, shape ``x_shape``
+    """
+    op = "conv2d_grad_input"
+    gy = _as_float_array(grad_y, "grad_y")
+    w = _as_float_array(w, "w")
+    x_shape = tuple(int(v) for v in x_shape)
+    (sh, sw), (ph, pw), Ho, Wo = _conv_geometry(x_shape, w.shape, stride, padding, op)
+    N, C, H, W = x_shape
+    O, _, kh, kw = w.shape
+    if gy.shape != (N, O, Ho, Wo):
+        raise ValueError(f"{op}: grad_y must have shape {(N, O, Ho, Wo)}, got {gy.shape}")
+    spec, keys, rb, c = _setup(op, spec, seed, stats)
+    gq, wq = _quantize_pair(op, spec, gy, w, ("grad_y", "w"), keys, rb, c)
+    # Zp[n, o, ho*s + kh-1-p, wo*s + kw-1-p] = grad_y: the zero-spread, padded gradient
+    Zp = np.zeros((N, O, H + kh - 1, W + kw - 1))
+    r0, q0 = kh - 1 - ph, kw - 1 - pw
+    hos = [ho for ho in range(Ho) if 0 <= ho * sh + r0 < H + kh - 1]
+    wos = [wo for wo in range(Wo) if 0 <= wo * sw + q0 < W + kw - 1]
+    if hos and wos:
+        Zp[:, :, hos[0] * sh + r0:hos[-1] * sh + r0 + 1:sh,
+           wos[0] * sw + q0:wos[-1] * sw + q0 + 1:sw] = \
+            gq[:, :, hos[0]:hos[-1] + 1, wos[0]:wos[-1] + 1]
+    wf = np.ascontiguousarray(wq.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+    R, K = N * H * W, O * kh * kw
+    c.macs = R * C * K
+    G = np.zeros_like(gq)  # the entries of grad_y that reach the image (all, but for padding
+    if hos and wos:        # wider than the kernel)
+        G[:, :, hos[0]:hos[-1] + 1, wos[0]:wos[-1] + 1] = \
+            gq[:, :, hos[0]:hos[-1] + 1, wos[0]:wos[-1] + 1]
+
+    def mm(scale, Bs, k0, k1):
+        """The exact paths' product without the zero grid: ``grad_y @ w`` over the output
+        channels, then col2im adds each pixel's contributions (another summation order of
+        the same exact products; columns outside ``[k0, k1)`` are zeroed)."""
+        Wb = Bs.reshape(O, kh, kw, C)
+        if (k0, k1) != (0, K):
+            keep = np.zeros(K)
+            keep[k0:k1] = 1.0
+            Wb = Wb * keep.reshape(O, kh, kw, 1)
+        W2 = np.ascontiguousarray(Wb[:, ::-1, ::-1, :].transpose(0, 3, 1, 2)).reshape(O, -1)
+        P = np.ldexp(G, scale).transpose(0, 2, 3, 1).reshape(N * Ho * Wo, O) @ W2
+        dx = np.zeros((N, C, H, W))
+        _conv.col2im(P, kh, kw, sh, sw, ph, pw, dx)
+        return dx.transpose(0, 2, 3, 1).reshape(R, C)
+
+    res = _product(((R, K), lambda: _im2col(Zp, kh, kw, (1, 1), (0, 0), H, W)),
+                   np.ascontiguousarray(wf.reshape(C, -1).T), spec, keys, rb, c, mm=mm,
+                   ba=_Bits.of(Zp))
+    return _done(np.ascontiguousarray(res.reshape(N, H, W, C).transpose(0, 3, 1, 2)), c, stats)

@@ -1,0 +1,208 @@
+"""The specification of a matrix product: :class:`MatmulSpec` and :class:`Accumulator`."""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+import numpy as np
+
+from ..formats import FP64, FixedFormat, FloatFormat
+from ..jit.rng import random_u64_array
+from ..quantize import (
+    _check_format,
+    _check_random_bits,
+    random_key,
+    resolve_overflow,
+)
+from ..rounding import Overflow, Rounding
+
+_RNE = Rounding.NEAREST_EVEN
+
+
+@dataclasses.dataclass(frozen=True)
+class Accumulator:
+    """The running sum of a multiply-accumulate array.
+
+    Parameters
+    ----------
+    fmt : FixedFormat or FloatFormat
+        Format of the running sum.
+    rounding : Rounding or str, default NEAREST_EVEN
+        Rounding of each addition into ``fmt``.
+    overflow : Overflow or str, optional
+        Applied at every step: SATURATE or WRAP for fixed point (default SATURATE);
+        INFINITY (IEEE default) or SATURATE for floats.
+    block : int, default 1
+        Products summed exactly before each rounding: 1 is a chain of fused multiply-adds,
+        larger values model the exact dot-product units of matrix engines.
+    random_bits : int, optional
+        STOCHASTIC only: random bits per rounding (1 to 64, default 64).
+    via : FloatFormat, optional
+        A wider register the sum passes through: each step is rounded to nearest-even into
+        ``via`` first, then into ``fmt`` (the double rounding of a kernel that adds in FP32
+        and stores FP16). None: one rounding per step.
+
+    Examples
+    --------
+    >>> import fixedsim as fs
+    >>> fs.Accumulator(fs.FixedFormat(24, 16), "toward_zero", "wrap")
+    Accumulator(Q<24,16>, TOWARD_ZERO, WRAP, block=1)
+    """
+
+    fmt: FixedFormat | FloatFormat
+    rounding: Rounding = _RNE
+    overflow: Overflow | None = None
+    block: int = 1
+    random_bits: int | None = None
+    via: FloatFormat | None = None
+
+    def __post_init__(self):
+        fmt = _check_format(self.fmt)
+        rounding = Rounding.coerce(self.rounding, what="Accumulator rounding")
+        object.__setattr__(self, "fmt", fmt)
+        object.__setattr__(self, "rounding", rounding)
+        object.__setattr__(self, "overflow", resolve_overflow(fmt, self.overflow))
+        if isinstance(self.block, bool) or not isinstance(self.block, numbers.Integral):
+            raise TypeError(f"Accumulator block must be an int >= 1, got {self.block!r}")
+        if self.block < 1:
+            raise ValueError(f"Accumulator block must be >= 1 (products summed exactly per "
+                             f"rounding), got {self.block}")
+        object.__setattr__(self, "block", int(self.block))
+        if self.random_bits is not None:
+            _check_random_bits(rounding, self.random_bits)
+        if self.via is not None and not isinstance(self.via, FloatFormat):
+            raise TypeError(f"Accumulator via must be a FloatFormat or None, got {self.via!r}")
+
+    def __repr__(self):
+        rb = "" if self.random_bits is None else f", random_bits={self.random_bits}"
+        via = "" if self.via is None else f", via={self.via!r}"
+        return (f"Accumulator({self.fmt!r}, {self.rounding.name}, {self.overflow.name}, "
+                f"block={self.block}{rb}{via})")
+
+
+def _fmt_or_none(v, name):
+    if v is None:
+        return None
+    try:
+        return _check_format(v)
+    except TypeError:
+        raise TypeError(f"MatmulSpec {name} must be a FixedFormat, a FloatFormat or None, "
+                        f"got {v!r}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulSpec:
+    """Every rounding of a matrix product (see the module docstring and docs/matmul.md).
+
+    Parameters
+    ----------
+    input : FixedFormat or FloatFormat, optional
+        Both operands are quantized to it first (None: taken as they are).
+    product : FixedFormat or FloatFormat, optional
+        Each product is rounded into it (None: exact).
+    accumulator : Accumulator, FixedFormat or FloatFormat, optional
+        The running sum (a format means ``Accumulator(fmt)``); None: exact accumulation.
+    output : FixedFormat or FloatFormat, optional
+        The result is rounded once into it. None: the accumulator's values; with no
+        accumulator either, the exact sums rounded into float64.
+    output_rounding : Rounding or str, default NEAREST_EVEN
+    seed : int, numpy.random.Generator or None
+        Random stream of the stochastic stages, as for :func:`fixedsim.quantize` (an int: the
+        same draws every call; a Generator: fresh draws per call; None: fresh entropy).
+    input_rounding, product_rounding : Rounding or str, default NEAREST_EVEN
+    random_bits : int, optional
+        Random bits of the stochastic input, product and output roundings (default 64).
+
+    Raises
+    ------
+    ValueError
+        A rounding given for a stage that does not round (``input_rounding`` without
+        ``input``, ``product_rounding`` without ``product``, ``output_rounding`` other than
+        NEAREST_EVEN with an accumulator and no output), ``random_bits`` with no stochastic
+        stage.
+
+    Examples
+    --------
+    >>> import fixedsim as fs
+    >>> fs.MatmulSpec(input=fs.FP16, accumulator=fs.FP32, output=fs.FP16)
+    MatmulSpec(input=FP16, accumulator=Accumulator(FP32, NEAREST_EVEN, INFINITY, block=1), \
+output=FP16)
+    """
+
+    input: FixedFormat | FloatFormat | None = None
+    product: FixedFormat | FloatFormat | None = None
+    accumulator: Accumulator | None = None
+    output: FixedFormat | FloatFormat | None = None
+    output_rounding: Rounding = _RNE
+    seed: object = None
+    input_rounding: Rounding = _RNE
+    product_rounding: Rounding = _RNE
+    random_bits: int | None = None
+
+    def __post_init__(self):
+        for name in ("input", "product", "output"):
+            object.__setattr__(self, name, _fmt_or_none(getattr(self, name), name))
+        acc = self.accumulator
+        if acc is not None and not isinstance(acc, Accumulator):
+            acc = Accumulator(_fmt_or_none(acc, "accumulator"))
+        object.__setattr__(self, "accumulator", acc)
+        for name in ("output_rounding", "input_rounding", "product_rounding"):
+            object.__setattr__(self, name, Rounding.coerce(getattr(self, name), what=name))
+        for stage, rnd in (("input", "input_rounding"), ("product", "product_rounding")):
+            if getattr(self, stage) is None and getattr(self, rnd) is not _RNE:
+                raise ValueError(f"MatmulSpec {rnd}={getattr(self, rnd).name} has no effect: "
+                                 f"{stage} is None (nothing is rounded there)")
+        if self.output is None and acc is not None and self.output_rounding is not _RNE:
+            raise ValueError(f"MatmulSpec output_rounding={self.output_rounding.name} has no "
+                             "effect: output is None, so the result is the accumulator's value")
+        if self.random_bits is not None:
+            if Rounding.STOCHASTIC not in self._stage_roundings():
+                raise ValueError("MatmulSpec random_bits applies to stochastic input, product "
+                                 "or output rounding, and none of them is STOCHASTIC")
+            _check_random_bits(Rounding.STOCHASTIC, self.random_bits)
+        if not (self.seed is None or isinstance(self.seed, np.random.Generator)):
+            random_key(self.seed)  # type and range check
+
+    def _stage_roundings(self):
+        r = []
+        if self.input is not None:
+            r.append(self.input_rounding)
+        if self.product is not None:
+            r.append(self.product_rounding)
+        if self.output is not None or self.accumulator is None:
+            r.append(self.output_rounding)
+        return r
+
+    @property
+    def stochastic(self) -> bool:
+        """Does any stage round stochastically (so a seed matters)?"""
+        acc = self.accumulator
+        return (Rounding.STOCHASTIC in self._stage_roundings()
+                or (acc is not None and acc.rounding is Rounding.STOCHASTIC))
+
+    @property
+    def result_format(self):
+        """Format of the result: ``output``, else the accumulator's, else FP64."""
+        if self.output is not None:
+            return self.output
+        return self.accumulator.fmt if self.accumulator is not None else FP64
+
+    def __repr__(self):
+        parts = []
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v != f.default:
+                parts.append(f"{f.name}={v.name if isinstance(v, Rounding) else repr(v)}")
+        return f"MatmulSpec({', '.join(parts)})"
+
+
+
+def stage_keys(seed) -> np.ndarray:
+    """The random keys of the five stochastic stages of a matrix product, from one seed.
+
+    Stage ``s`` (:data:`fixedsim.reference.STAGE_INPUT_A` ... ``STAGE_OUTPUT``) draws
+    ``random_u64(keys[s], i) >> (64 - random_bits)`` for its ``i``-th rounding, where
+    ``keys = random_u64(random_key(seed), 0..4)`` (:mod:`fixedsim.jit.rng`).
+    """
+    return random_u64_array(random_key(seed), 0, 5)
