@@ -24,6 +24,7 @@ from .quant import (
     N_FLAGS,
     P_MODE,
     RDN,
+    SR,
     quantize_value,
 )
 
@@ -78,15 +79,17 @@ def expansion_hilo(e, n, tmp):
 
     ``hi`` is a float64 with ``|V - hi|`` below the gap to its neighbour towards ``V``; ``lo``
     is ``V - hi`` exactly, or (``approx``) rounded to nearest. ``ok`` is False when that could
-    not be established (the caller falls back to exact arithmetic).
+    not be established (the caller falls back to exact arithmetic). ``coarse``: ``lo`` has the
+    sign of ``V - hi`` and is nonzero, but is only within one ulp of it (enough for the
+    deterministic roundings, not for a stochastic one: the caller falls back then).
     """
     if n == 0:
-        return 0.0, 0.0, False, True
+        return 0.0, 0.0, False, True, False
     if n == 1:
-        return e[0], 0.0, False, True
+        return e[0], 0.0, False, True, False
     if n == 2:
         hi, lo = two_sum(e[1], e[0])
-        return hi, lo, False, True
+        return hi, lo, False, True, False
     hi = 0.0
     for i in range(n):
         hi += e[i]
@@ -95,9 +98,9 @@ def expansion_hilo(e, n, tmp):
             tmp[i] = e[i]
         m = grow(tmp, n, -hi)
         if m < 0:
-            return 0.0, 0.0, False, False
+            return 0.0, 0.0, False, False, False
         if m == 0:
-            return hi, 0.0, False, True
+            return hi, 0.0, False, True, False
         approx = False
         if m == 1:
             lo = tmp[0]
@@ -111,9 +114,16 @@ def expansion_hilo(e, n, tmp):
         if m <= 2:
             gap = abs(np.nextafter(hi, math.copysign(np.inf, lo)) - hi)
             if abs(lo) < gap:
-                return hi, lo, approx, True
+                return hi, lo, approx, True, False
+        elif hi + lo == hi and 2.0 * abs(lo) < abs(
+                np.nextafter(hi, math.copysign(np.inf, lo)) - hi):
+            # three or more components left, all below half an ulp of hi (so hi would not
+            # move): lo, their sum from the smallest up, has the sign of the largest (it
+            # outweighs the others in a nonoverlapping expansion) and is nonzero, which is
+            # all a deterministic rounding reads; it is only faithful, so ``coarse``
+            return hi, lo, True, True, True
         hi = hi + lo
-    return 0.0, 0.0, False, False
+    return 0.0, 0.0, False, False, False
 
 
 @jit_inline
@@ -228,8 +238,8 @@ def dot_element(a, b, oidx, prod_exact, stage_P, stage_Psr, stage_U, stage_D, pr
         if has_sp:
             v, fl = quantize_value(sp, stage_P[st], stage_U[st], stage_D[st], aidx)
         else:
-            hi, lo, approx, ok = expansion_hilo(e, n, tmp)
-            if not ok:
+            hi, lo, approx, ok, coarse = expansion_hilo(e, n, tmp)
+            if not ok or (coarse and stage_P[st][P_MODE] == SR):
                 return 0.0, False
             if hi == 0.0 and lo == 0.0:
                 hi = _zero_sum(allneg, anyneg, nonzero, mode_a)

@@ -1,0 +1,158 @@
+"""The path table (fixedsim.matmul.PATHS): every row against the general kernel and the oracle,
+the oracle's share on ordinary data, explain() and matmul(path=...)."""
+
+import numpy as np
+import pytest
+from helpers import assert_same_bits
+
+import fixedsim as fs
+from fixedsim import reference
+from fixedsim.matmul import PATHS, explain
+
+Q8_4, Q12_8, Q16_6, Q16_8 = (fs.FixedFormat(8, 4), fs.FixedFormat(12, 8), fs.FixedFormat(16, 6),
+                             fs.FixedFormat(16, 8))
+
+
+def ordinary(kind, shape, rng):
+    """Data a network sees: normal, uniform, ReLU activations, small backpropagated errors."""
+    if kind == "normal":
+        return rng.standard_normal(shape)
+    if kind == "uniform":
+        return rng.uniform(-1, 1, shape)
+    if kind == "relu":
+        return np.maximum(rng.standard_normal(shape), 0.0)
+    return 1e-3 * rng.standard_normal(shape) * rng.uniform(0.1, 1, shape[-1])
+
+
+#: One spec per row under which that row runs on ordinary data, and how the data is made (the
+#: operands' container: float64 values, or float32 ones). A new row must add its case here.
+ROW_CASES = {
+    "exact_blas": (fs.MatmulSpec(input=Q12_8, output=Q16_6), np.float64),
+    "zero_products": (fs.MatmulSpec(output=fs.FP16), "zeros"),
+    "exact_filtered": (fs.MatmulSpec(output=fs.FP16), np.float32),
+    "fp32_chain": (fs.MatmulSpec(input=fs.FP16, accumulator=fs.FP32), np.float64),
+    "fp32_fma": (fs.MatmulSpec(accumulator=fs.FP32), np.float32),
+    "fp32_chain64": (fs.MatmulSpec(accumulator=fs.Accumulator(fs.FP32, "toward_zero")),
+                     np.float32),
+    "float_chain": (fs.MatmulSpec(input=fs.BF16, accumulator=fs.BF16, output=fs.FP32),
+                    np.float64),
+    "fixed_chain": (fs.MatmulSpec(input=Q8_4, accumulator=fs.Accumulator(Q16_6, "stochastic"),
+                                  seed=3), np.float64),
+    "float_chain64": (fs.MatmulSpec(input=fs.FP16,
+                                    accumulator=fs.Accumulator(fs.FP16, "stochastic", block=4),
+                                    seed=5), np.float64),
+    "general": (fs.MatmulSpec(input=fs.FP16, product=fs.FP16, accumulator=fs.FP16), np.float64),
+}
+
+
+def row_case(name, kind, shape=(9, 40, 7), seed=0):
+    spec, data = ROW_CASES[name]
+    rng = np.random.default_rng(seed)
+    R, K, N = shape
+    a, b = ordinary(kind, (R, K), rng), ordinary(kind, (K, N), rng)
+    if kind == "errors" and isinstance(spec.input, fs.FixedFormat):
+        a, b = a * 200, b * 200  # errors scaled into the fixed-point range, as loss scaling does
+    if isinstance(data, str):  # a dead layer: every activation zero, of both signs
+        a = np.where(rng.random((R, K)) < 0.5, -0.0, 0.0)
+    else:
+        a, b = a.astype(data), b.astype(data)
+    return spec, a, b
+
+
+def test_every_row_has_a_case():
+    """A row added to the table without a case here would go untested."""
+    assert set(ROW_CASES) == {r.name for r in PATHS}
+    assert PATHS[-1].name == "general"
+    assert len({r.name for r in PATHS}) == len(PATHS)
+    for r in PATHS:
+        assert len(r.computes) > 20 and len(r.proof) > 20, r.name
+
+
+@pytest.mark.parametrize("kind", ["normal", "uniform", "relu", "errors"])
+@pytest.mark.parametrize("name", [r.name for r in PATHS])
+def test_row_matches_the_general_kernel(name, kind):
+    """Each row, where it applies, gives the general kernel's bits and counts, counted or
+    not; the Fraction oracle computes no element of ordinary data (its share is zero for
+    every row), and a row's own fallback to the general kernel stays under 1%."""
+    spec, a, b = row_case(name, kind)
+    assert explain(a, b, spec).path == name
+    got, c = fs.matmul(a, b, spec, stats=True)
+    unread = fs.matmul(a, b, spec)
+    forced = fs.matmul(a, b, spec, path=name)
+    want, cw = fs.matmul(a, b, spec, stats=True, path="general")
+    for y in (got, unread, forced):
+        assert y.dtype == want.dtype
+        assert_same_bits(y.astype(np.float64), want.astype(np.float64), err_msg=name)
+    for stage in ("input", "product", "accumulator", "output"):
+        assert getattr(c, stage) == getattr(cw, stage), stage
+    assert c.paths.get(name) == 1
+    outputs = got.size
+    assert c.paths.get("reference", 0) == 0
+    assert c.paths.get(f"{name}_general", 0) <= 0.01 * outputs
+    if name != "general":
+        assert cw.paths.get("reference", 0) == 0
+
+
+@pytest.mark.parametrize("name", [r.name for r in PATHS if not ROW_CASES[r.name][0].stochastic])
+def test_row_matches_the_oracle(name):
+    """Each deterministic row's case against fixedsim.reference, on a small product."""
+    spec, a, b = row_case(name, "normal", shape=(4, 12, 3), seed=1)
+    assert explain(a, b, spec).path == name
+    got = fs.matmul(a, b, spec)
+    want = reference.matmul(a, b, spec)
+    assert_same_bits(got.astype(np.float64), want)
+
+
+def test_explain_says_why_each_faster_row_declined():
+    a = np.ones((2, 3))
+    b = np.ones((3, 2))
+    e = explain(a, b, fs.MatmulSpec(product=fs.FP16))
+    assert e.path == "general"
+    assert [n for n, _ in e.declined] == [r.name for r in PATHS[:-1]]
+    assert all(why == "products are rounded (spec.product is set)" for _, why in e.declined)
+    text = str(e)
+    assert text.splitlines()[0].startswith("exact_blas: declined: products are rounded")
+    assert "general: runs:" in text and "proof:" in text
+    e = explain(a, b, fs.MatmulSpec(input=fs.FP16, accumulator=fs.Accumulator(fs.FP32, "up")))
+    reasons = dict(e.declined)
+    assert reasons["fp32_chain"] == "the accumulator does not round to nearest even"
+    assert reasons["exact_blas"] == "the accumulator is not fixed point"
+    assert e.path == "fp32_chain64"
+    e = explain(np.array([[np.inf, 1.0]]), np.ones((2, 1)), fs.MatmulSpec(accumulator=fs.FP32))
+    assert dict(e.declined)["fp32_fma"] == "an operand holds an infinity or a NaN"
+    assert fs.matmul.explain is fs.explain is explain
+
+
+def test_explain_follows_input_quantization():
+    """The rows see the operands as quantized by spec.input: float64 data quantized to FP16
+    takes the FP16 rows."""
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((3, 5)), rng.standard_normal((5, 2))
+    assert explain(a, b, fs.MatmulSpec(accumulator=fs.FP32)).path != "fp32_chain"
+    assert explain(a, b, fs.MatmulSpec(input=fs.FP16, accumulator=fs.FP32)).path == "fp32_chain"
+
+
+def test_forced_path_that_declines_or_is_unknown_raises():
+    a, b = np.ones((2, 3)), np.ones((3, 2))
+    with pytest.raises(ValueError, match=r"path 'fp32_chain' does not apply: there is no "
+                                         r"accumulator"):
+        fs.matmul(a, b, fs.MatmulSpec(output=fs.FP16), path="fp32_chain")
+    with pytest.raises(ValueError, match=r"unknown path 'fastest'; the paths are exact_blas, "):
+        fs.matmul(a, b, path="fastest")
+    with pytest.raises(TypeError, match="spec must be a MatmulSpec"):
+        explain(a, b, "fp16")
+
+
+@pytest.mark.parametrize("rnd", ["nearest_even", "toward_zero", "down", "odd"])
+def test_general_kernel_rounds_long_residuals_without_the_oracle(rnd):
+    """Exact sums of float32 products leave expansions whose residual below the rounded sum
+    has three or more components; the general kernel rounds them itself (their sum has the
+    residual's sign, all a deterministic rounding reads) and matches the oracle."""
+    rng = np.random.default_rng(8)
+    a = rng.standard_normal((6, 40)).astype(np.float32)
+    b = rng.standard_normal((40, 5)).astype(np.float32)
+    for out in (fs.FP16, fs.FP32, fs.BF16):
+        spec = fs.MatmulSpec(output=out, output_rounding=rnd)
+        got, c = fs.matmul(a, b, spec, stats=True, path="general")
+        assert "reference" not in c.paths
+        assert_same_bits(got.astype(np.float64), reference.matmul(a, b, spec))
