@@ -15,16 +15,14 @@ import numpy as np
 from numba import prange
 
 from .arith import two_sum
-from .bits import f64_bits, f64_from_bits
-from .options import jit_inline, jit_parallel
+from .bits import f64_bits, f64_from_bits, fma
+from .options import jit, jit_inline, jit_parallel
 from .quant import ODD, RDN, RNA, RNE, RTZ, RUP
 
 #: Adding and subtracting it rounds a float64 of magnitude below 2**51 to the nearest integer
 #: (ties to even): the sum lies in [2**52, 2**53), where the float64 quantum is 1.
 _C52 = 1.5 * 2.0**52
 _MINNORM = 2.0**-1022
-#: Columns of B that one task of :func:`split_cols` handles.
-_COLS = 64
 #: Bounds the error of a float64 dot product from underflow (any length below 2**70).
 _ETA = 2.0**-1000
 _U4 = 4.0 * 2.0**-53
@@ -32,7 +30,7 @@ _U4 = 4.0 * 2.0**-53
 # result of :func:`_decide` that leaves the element to the caller
 _FAIL = (0.0, 0, False)
 
-__all__ = ["split_rows", "split_cols", "finish"]
+__all__ = ["split", "finish", "refine_at"]
 
 
 @jit_inline
@@ -63,12 +61,15 @@ def _lossy(x, u, inv):
 
 
 @jit_parallel
-def split_rows(X, beta, c1, c12, c2, tail, nrm, mx, e, bad):
-    """Split each row of ``X`` (n, K) at its own scale (``A``'s side), parallel over rows.
+def split(X, beta, side, c1, c12, c2, tail, nrm, mx, e, bad):
+    """Split each row of ``X`` (n, K) at its own scale: rows of ``A`` (``side`` 0) or of
+    ``B`` transposed (``side`` 1). Parallel over rows.
 
-    Writes ``c1 = a1``, ``c2 = a2``, ``c12 = a1 + a2`` (n, K), ``tail[:, :K] = u`` and
-    ``tail[:, K:] = r t`` (n, 2K), ``nrm[i] = sum |u|`` (float64 sum), ``mx[i] = max |r t|``,
-    ``e[i]`` the row's exponent and ``bad[i] = 1`` when scaling a value lost bits.
+    Writes the integer slices ``c1 = a1``, ``c2 = a2``, ``c12 = a1 + a2`` (n, K), the row's
+    exponent ``e[i]``, ``bad[i] = 1`` when scaling a value lost bits, and the tail operands
+    (n, 2K): for ``A``, ``tail = [U12 | Ur]``, ``nrm = sum |U12|``, ``mx = max |Ur|``; for
+    ``B``, ``tail = [Vr | V]``, ``nrm = sum |V|``, ``mx = max |Vr|`` (``U12 = a1 + a2 t``,
+    ``Ur = r t``; sums in float64), so that ``tail_A @ tail_B.T = sum U12 Vr + Ur V``.
     """
     n, K = X.shape
     T = math.ldexp(1.0, beta)
@@ -89,9 +90,15 @@ def split_rows(X, beta, c1, c12, c2, tail, nrm, mx, e, bad):
             c1[i, k] = a1
             c2[i, k] = a2
             c12[i, k] = a1 + a2
-            tail[i, k] = u
-            tail[i, K + k] = r
-            acc += abs(u)
+            if side == 0:
+                w = a1 + a2 * t
+                tail[i, k] = w
+                tail[i, K + k] = r
+            else:
+                w = u
+                tail[i, k] = r
+                tail[i, K + k] = u
+            acc += abs(w)
             top = max(top, abs(r))
         nrm[i] = acc
         mx[i] = top
@@ -99,59 +106,7 @@ def split_rows(X, beta, c1, c12, c2, tail, nrm, mx, e, bad):
         bad[i] = lossy
 
 
-@jit_parallel
-def split_cols(X, beta, c1, c12, c2, tail, nrm, mx, e, bad):
-    """Split each column of ``X`` (K, n) at its own scale (``B``'s side), parallel over blocks
-    of columns.
-
-    Writes ``c1 = b1``, ``c2 = b2``, ``c12 = b1 + b2`` (K, n), ``tail[:K] = r t`` and
-    ``tail[K:] = b1 + b2 t`` (2K, n), ``nrm[j] = sum |b1 + b2 t|`` (float64 sum),
-    ``mx[j] = max |r t|``, ``e[j]`` the column's exponent, ``bad[j] = 1`` when scaling a value
-    lost bits.
-    """
-    K, n = X.shape
-    T = math.ldexp(1.0, beta)
-    t = math.ldexp(1.0, -beta)
-    for blk in prange((n + _COLS - 1) // _COLS):
-        j0 = blk * _COLS
-        w = min(n, j0 + _COLS) - j0
-        m = np.zeros(w)
-        for k in range(K):
-            for jj in range(w):
-                m[jj] = max(m[jj], abs(X[k, j0 + jj]))
-        s1 = np.empty(w)
-        s2 = np.empty(w)
-        inv = np.empty(w)
-        for jj in range(w):
-            ej, a, b, c = _scales(m[jj], beta)
-            e[j0 + jj] = ej
-            s1[jj] = a
-            s2[jj] = b
-            inv[jj] = c
-        acc = np.zeros(w)
-        top = np.zeros(w)
-        lossy = np.zeros(w, np.bool_)
-        for k in range(K):
-            for jj in range(w):
-                x = X[k, j0 + jj]
-                u = x * s1[jj] * s2[jj]
-                lossy[jj] = lossy[jj] or _lossy(x, u, inv[jj])
-                a1, a2, r = _split_value(u, T, t)
-                v12 = a1 + a2 * t
-                c1[k, j0 + jj] = a1
-                c2[k, j0 + jj] = a2
-                c12[k, j0 + jj] = a1 + a2
-                tail[k, j0 + jj] = r
-                tail[K + k, j0 + jj] = v12
-                acc[jj] += abs(v12)
-                top[jj] = max(top[jj], abs(r))
-        for jj in range(w):
-            nrm[j0 + jj] = acc[jj]
-            mx[j0 + jj] = top[jj]
-            bad[j0 + jj] = lossy[jj]
-
-
-@jit_inline
+@jit
 def _decide(H, L, E, sc, p53, mode, emin, emax):
     """Round ``x = (H + L + d) * 2**sc``, ``|d| <= E``, into the float format of ``53`` (or,
     ``p53`` false, ``52``) significand bits with exponents ``emin..emax``, when the bound
@@ -159,8 +114,10 @@ def _decide(H, L, E, sc, p53, mode, emin, emax):
 
     ``H = fl(H + L)``. Decided: an exact zero (``H = 0``, ``E = 0``; ``+0`` unless DOWN); an
     exact ``H`` on the grid; or ``x`` strictly between two consecutive float64 values (and, to
-    nearest at 53 bits, on a known side of their midpoint), with ``x``'s binade strictly inside
-    ``emin..emax`` so that no overflow, underflow or subnormal result can occur.
+    nearest at 53 bits, on a known side of their midpoint), found by comparing ``fl(L - E)``
+    and ``fl(L + E)`` with float64 thresholds (strict comparisons: rounding is monotone),
+    with ``x``'s binade strictly inside ``emin..emax`` so that no overflow, underflow or
+    subnormal result can occur.
     """
     if H == 0.0:
         if E == 0.0 and mode != RDN:
@@ -181,10 +138,12 @@ def _decide(H, L, E, sc, p53, mode, emin, emax):
             v = f64_from_bits(b + shift)
             return (-v if neg else v), 0, True
         return _FAIL  # a tie of the 52-bit grid
-    lo = np.nextafter(l - E, -np.inf)
-    hi = np.nextafter(l + E, np.inf)
-    hp = np.nextafter(h, np.inf)
-    hm = np.nextafter(h, 0.0)
+    # rounding to nearest is monotone: fl(l - E) > c implies l - E > c, and fl(l + E) < c
+    # implies l + E < c, for every float64 c (each threshold below is one)
+    lo = l - E
+    hi = l + E
+    hp = f64_from_bits(b + 1)  # h is normal and far below the largest float64
+    hm = f64_from_bits(b - 1)
     up = hp - h
     dn = h - hm
     if lo > 0.0 and hi < up:
@@ -213,12 +172,12 @@ def _decide(H, L, E, sc, p53, mode, emin, emax):
             if odd:
                 g0, g1, near = hm, hp, hp
             else:
-                g0, g1, near = h, np.nextafter(hp, np.inf), h
+                g0, g1, near = h, f64_from_bits(b + 2), h
         else:
             if odd:
                 g0, g1, near = hm, hp, hm
             else:
-                g0, g1, near = np.nextafter(hm, 0.0), h, h
+                g0, g1, near = f64_from_bits(b - 2), h, h
     if mode == RNE or mode == RNA:
         if not near_known:
             return _FAIL
@@ -238,6 +197,52 @@ def _decide(H, L, E, sc, p53, mode, emin, emax):
     return (-v if neg else v), 1, True
 
 
+@jit
+def refine_at(ta, tb, rows, cols, ea, eb, beta, crad, p53, mode, emin, emax, out, fail):
+    """The listed elements again, from the scaled operands, by a compensated dot product
+    (Ogita, Rump and Oishi's Dot2, kept as the unevaluated pair ``p + s``): serial, for the
+    few elements :func:`finish` left.
+
+    ``U = ta[r, :K] + ta[r, K:]``, ``V = tb[j, K:]`` (:func:`split`'s tails; the sum is
+    exact: the scaled row). TwoProduct
+    (an FMA) and TwoSum give ``sum U V = p + sum(q_k + r_k)`` exactly; the float64 sum ``s``
+    of the ``2K - 1`` error terms is within ``gamma(2K) sum(|q_k| + |r_k|)`` of theirs, plus
+    the FMA's own rounding, at most ``u |r_k|`` and half a subnormal quantum each. The bound
+    used is ``crad * sum(|q_k| + |r_k|)`` (``crad >= 2 gamma(2K)``) plus ``2**-1000`` when
+    some product is nonzero (an underflowing one may have rounded to zero). Decided elements
+    are written to ``out`` and their ``fail`` mark cleared.
+    Returns the number of inexact results.
+    """
+    K = ta.shape[1] // 2
+    cnt = 0
+    for i in range(rows.size):
+        r = rows[i]
+        j = cols[i]
+        p = 0.0
+        s = 0.0
+        w = 0.0
+        nz = False
+        for k in range(K):
+            x = ta[r, k] + ta[r, K + k]
+            y = tb[j, K + k]
+            nz = nz or (x != 0.0 and y != 0.0)
+            h = x * y
+            e = fma(x, y, -h)
+            p, q = two_sum(p, h)
+            s += q + e
+            w += abs(q) + abs(e)
+        H, L = two_sum(p, s)
+        E = crad * w
+        if nz:
+            E += _ETA
+        v, inx, ok = _decide(H, L, E, ea[r] + eb[j] - 2 * beta, p53, mode, emin, emax)
+        if ok:
+            out[r, j] = v
+            fail[r, j] = 0
+            cnt += inx
+    return cnt
+
+
 @jit_parallel
 def finish(P11, PM, P22, T, nA, mA, ea, badA, nB, mB, eb, badB, beta, crad, p53, mode, emin,
            emax, out, fail):
@@ -245,7 +250,7 @@ def finish(P11, PM, P22, T, nA, mA, ea, badA, nB, mB, eb, badB, beta, crad, p53,
 
     ``P11 = a1 @ b1``, ``PM = (a1 + a2) @ (b1 + b2)``, ``P22 = a2 @ b2`` (exact),
     ``T`` the float64 product of the tails (shape (0, 0) when it is zero); ``nA, mA`` and
-    ``nB, mB`` the sums and maxima of :func:`split_rows` and :func:`split_cols`; ``crad`` the
+    ``nB, mB`` the sums and maxima of :func:`split` for ``A`` and ``B``; ``crad`` the
     float64 dot product's relative error bound, doubled. The element ``(r, j)`` is
     ``(P11 + (PM - P11 - P22) t + P22 t**2 + T) * 2**(ea[r] + eb[j] - 2 beta)`` up to
     ``crad * (nA[r] mB[j] + mA[r] nB[j])`` (times the same power of two). Decided elements are
