@@ -68,6 +68,7 @@ __all__ = [
     "div",
     "fma",
     "matmul",
+    "explain",
     "from_bits",
     "mul",
     "quantize",

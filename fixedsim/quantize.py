@@ -137,7 +137,29 @@ def random_key(seed) -> np.uint64:
         )
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
-    return np.uint64(np.random.SeedSequence(int(seed)).generate_state(1, np.uint64)[0])
+    return np.uint64(seed_word(seed))
+
+
+def seed_word(*words) -> int:
+    """The first 64-bit word of ``numpy.random.SeedSequence(words)``: the one way fixedsim
+    derives a key or a seed from integers (a seed, a step, a layer's CRC, a block index).
+
+    :func:`random_key` is ``seed_word(seed)``; :func:`child_seed` its top 63 bits; a study's
+    run seed its low 32 bits.
+
+    Examples
+    --------
+    >>> seed_word(1, 2) == int(np.random.SeedSequence([1, 2]).generate_state(1, np.uint64)[0])
+    True
+    """
+    return int(np.random.SeedSequence([int(w) for w in words]).generate_state(1, np.uint64)[0])
+
+
+def child_seed(*words) -> int:
+    """A non-negative int seed (63 bits) of the integers ``words``: ``seed_word(*words) >> 1``,
+    for a stream that must be a function of those integers only (a layer's draws at a step, a
+    block of a product)."""
+    return seed_word(*words) >> 1
 
 
 @functools.lru_cache(maxsize=512)

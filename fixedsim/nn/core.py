@@ -15,6 +15,7 @@ import numpy as np
 
 from .. import counters as _counters
 from ..matmul import MatmulSpec
+from ..quantize import child_seed
 from ..rounding import Rounding
 from .policy import Policy
 
@@ -134,16 +135,13 @@ class Context:
     def key(self, layer: str, purpose: str) -> int:
         """The 64-bit seed of one random stream: a function of (seed, phase, step, layer,
         purpose) only."""
-        ss = np.random.SeedSequence([self.seed, self.phase, self.step,
-                                     zlib.crc32(layer.encode()), zlib.crc32(purpose.encode())])
-        return int(ss.generate_state(1, np.uint64)[0] >> np.uint64(1))
+        return child_seed(self.seed, self.phase, self.step, zlib.crc32(layer.encode()),
+                          zlib.crc32(purpose.encode()))
 
     def run_key(self, layer: str, purpose: str) -> int:
         """A 64-bit seed of (seed, layer, purpose) only: the same at every step (the
         hyperplanes of a layer's reuse hashing, which must not change between batches)."""
-        ss = np.random.SeedSequence([self.seed, zlib.crc32(layer.encode()),
-                                     zlib.crc32(purpose.encode())])
-        return int(ss.generate_state(1, np.uint64)[0] >> np.uint64(1))
+        return child_seed(self.seed, zlib.crc32(layer.encode()), zlib.crc32(purpose.encode()))
 
     def layer_counters(self, layer: str) -> LayerCounters:
         return self.counters.setdefault(layer, LayerCounters())

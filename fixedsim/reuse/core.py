@@ -37,7 +37,7 @@ from ..formats import FP32, FixedFormat, FloatFormat
 from ..jit import lsh as _lsh
 from ..matmul import MatmulSpec, matmul
 from ..matmul import engine as _engine
-from ..quantize import _as_float_array, quantize
+from ..quantize import _as_float_array, child_seed, quantize
 from ..rounding import Rounding
 
 __all__ = ["Reuse", "ReuseStats", "ReuseTable", "Clustering", "cluster", "hyperplanes",
@@ -599,8 +599,7 @@ def _per_block_product(A_list, B_list, spec, seed):
     """One :func:`fixedsim.matmul` per block; block ``b`` seeded ``[seed, b]``."""
     outs, tot = [], _counters.Counters()
     for b, (A, B) in enumerate(zip(A_list, B_list, strict=True)):
-        s = None if not spec.stochastic else np.random.SeedSequence([int(seed or 0), b])
-        s = None if s is None else int(s.generate_state(1, np.uint64)[0] >> np.uint64(1))
+        s = child_seed(int(seed or 0), b) if spec.stochastic else None
         y, c = matmul(A, B, spec, seed=s, stats=True)
         outs.append(y)
         tot += c

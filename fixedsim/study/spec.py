@@ -25,7 +25,7 @@ import math
 import os
 import pathlib
 
-import numpy as np
+from ..quantize import seed_word
 
 __all__ = ["StudyError", "RunSpec", "Study", "load_study", "parse_study", "run_id_of",
            "derive_seed", "TOP_KEYS", "STUDY_KEYS"]
@@ -220,8 +220,7 @@ def run_id_of(identity: dict) -> str:
 
 def derive_seed(study_seed: int, run_id: str) -> int:
     """The training seed of a run: the first word of ``SeedSequence([study_seed, run_id])``."""
-    ss = np.random.SeedSequence([int(study_seed), int(run_id, 16)])
-    return int(ss.generate_state(1, np.uint32)[0])
+    return seed_word(study_seed, int(run_id, 16)) & 0xFFFFFFFF
 
 
 # -- reading ------------------------------------------------------------------------------------
