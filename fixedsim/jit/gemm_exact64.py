@@ -12,11 +12,10 @@ The proof is in :mod:`fixedsim.matmul.exact64`; these kernels trust their inputs
 import math
 
 import numpy as np
-from numba import prange
 
 from .arith import two_sum
 from .bits import f64_bits, f64_from_bits, fma
-from .options import jit, jit_inline, jit_parallel
+from .options import jit, jit_inline
 from .quant import ODD, RDN, RNA, RNE, RTZ, RUP
 
 #: Adding and subtracting it rounds a float64 of magnitude below 2**51 to the nearest integer
@@ -26,6 +25,7 @@ _MINNORM = 2.0**-1022
 #: Bounds the error of a float64 dot product from underflow (any length below 2**70).
 _ETA = 2.0**-1000
 _U4 = 4.0 * 2.0**-53
+_ABS = np.int64(0x7FFFFFFFFFFFFFFF)
 
 # result of :func:`_decide` that leaves the element to the caller
 _FAIL = (0.0, 0, False)
@@ -54,16 +54,11 @@ def _split_value(u, T, t):
     return a1, a2, (u2 - a2) * t
 
 
-@jit_inline
-def _lossy(x, u, inv):
-    """Scaling ``x`` down to ``u`` lost bits (``u`` subnormal and not ``x * 2**-s``)."""
-    return inv != 0.0 and abs(u) < _MINNORM and u * inv != x
-
-
-@jit_parallel
+@jit
 def split(X, beta, side, c1, c12, c2, tail, nrm, mx, e, bad):
     """Split each row of ``X`` (n, K) at its own scale: rows of ``A`` (``side`` 0) or of
-    ``B`` transposed (``side`` 1). Parallel over rows.
+    ``B`` transposed (``side`` 1). Serial: it runs between BLAS calls, whose OpenBLAS workers
+    spin for a while after each (a parallel kernel then waits for a CPU).
 
     Writes the integer slices ``c1 = a1``, ``c2 = a2``, ``c12 = a1 + a2`` (n, K), the row's
     exponent ``e[i]``, ``bad[i] = 1`` when scaling a value lost bits, and the tail operands
@@ -74,32 +69,28 @@ def split(X, beta, side, c1, c12, c2, tail, nrm, mx, e, bad):
     n, K = X.shape
     T = math.ldexp(1.0, beta)
     t = math.ldexp(1.0, -beta)
-    for i in prange(n):
+    for i in range(n):
         x = X[i]
         m = 0.0
         for k in range(K):
             m = max(m, abs(x[k]))
         ei, s1, s2, inv = _scales(m, beta)
+        d1, d2, d12, tl = c1[i], c2[i], c12[i], tail[i]
+        lossy = False
+        for k in range(K):  # branch-free: vectorised
+            u = x[k] * s1 * s2
+            lossy |= (inv != 0.0) & (abs(u) < _MINNORM) & (u * inv != x[k])
+            a1, a2, r = _split_value(u, T, t)
+            d1[k] = a1
+            d2[k] = a2
+            d12[k] = a1 + a2
+            tl[k] = a1 + a2 * t if side == 0 else r
+            tl[K + k] = r if side == 0 else u
         acc = 0.0
         top = 0.0
-        lossy = False
         for k in range(K):
-            u = x[k] * s1 * s2
-            lossy = lossy or _lossy(x[k], u, inv)
-            a1, a2, r = _split_value(u, T, t)
-            c1[i, k] = a1
-            c2[i, k] = a2
-            c12[i, k] = a1 + a2
-            if side == 0:
-                w = a1 + a2 * t
-                tail[i, k] = w
-                tail[i, K + k] = r
-            else:
-                w = u
-                tail[i, k] = r
-                tail[i, K + k] = u
-            acc += abs(w)
-            top = max(top, abs(r))
+            acc += abs(tl[k] if side == 0 else tl[K + k])
+            top = max(top, abs(tl[K + k] if side == 0 else tl[k]))
         nrm[i] = acc
         mx[i] = top
         e[i] = ei
@@ -243,7 +234,7 @@ def refine_at(ta, tb, rows, cols, ea, eb, beta, crad, p53, mode, emin, emax, out
     return cnt
 
 
-@jit_parallel
+@jit
 def finish(P11, PM, P22, T, nA, mA, ea, badA, nB, mB, eb, badB, beta, crad, p53, mode, emin,
            emax, out, fail):
     """Each output from its slice products, rounded when its error bound decides it.
@@ -255,15 +246,19 @@ def finish(P11, PM, P22, T, nA, mA, ea, badA, nB, mB, eb, badB, beta, crad, p53,
     ``(P11 + (PM - P11 - P22) t + P22 t**2 + T) * 2**(ea[r] + eb[j] - 2 beta)`` up to
     ``crad * (nA[r] mB[j] + mA[r] nB[j])`` (times the same power of two). Decided elements are
     written to ``out``; the others (and those of bad rows or columns) are marked in ``fail``.
-    Parallel over rows. Returns the inexact results per row.
+    Returns the number of inexact results.
+
+    The usual element (53 bits, ``E < |L|``, ``|L| + E`` below a quarter of ``H``'s ulp, a
+    binade well inside the range) is rounded inline: the exact sum lies strictly between
+    ``H`` and its float64 neighbour on ``L``'s side, nearer ``H``; the others go through
+    :func:`_decide`. Serial (it runs right after BLAS calls).
     """
     R, N = P11.shape
     t = math.ldexp(1.0, -beta)
     t2 = t * t
     has_t = T.shape[0] == R and T.shape[1] == N
-    inexact = np.zeros(R, np.int64)
-    for r in prange(R):
-        cnt = 0
+    cnt = 0
+    for r in range(R):
         for j in range(N):
             if badA[r] or badB[j]:
                 fail[r, j] = 1
@@ -280,11 +275,37 @@ def finish(P11, PM, P22, T, nA, mA, ea, badA, nB, mB, eb, badB, beta, crad, p53,
             E = crad * S + _U4 * (abs(e1) + abs(e2) + abs(e3))
             if S > 0.0:
                 E += _ETA
-            v, inx, ok = _decide(H, L, E, ea[r] + eb[j] - 2 * beta, p53, mode, emin, emax)
+            sc = ea[r] + eb[j] - 2 * beta
+            b = f64_bits(H) & _ABS
+            ex = b >> 52
+            ef = ex - 1023 + sc
+            aL = abs(L)
+            if (p53 and ex > 60 and ef > emin and ef < emax and E < aL
+                    and aL + E < f64_from_bits((ex - 54) << 52)):
+                neg = H < 0.0
+                if mode == RNE or mode == RNA:
+                    v = b
+                else:
+                    # x between H and its neighbour on L's side: magnitudes g0 < x < g1
+                    above = (L > 0.0) != neg
+                    g0 = b if above else b - 1
+                    g1 = g0 + 1
+                    if mode == RTZ:
+                        v = g0
+                    elif mode == RDN:
+                        v = g1 if neg else g0
+                    elif mode == RUP:
+                        v = g0 if neg else g1
+                    else:  # ODD
+                        v = g0 if (g0 & 1) == 1 else g1
+                y = f64_from_bits(v + (np.int64(sc) << 52))
+                out[r, j] = -y if neg else y
+                cnt += 1
+                continue
+            v, inx, ok = _decide(H, L, E, sc, p53, mode, emin, emax)
             if ok:
                 out[r, j] = v
                 cnt += inx
             else:
                 fail[r, j] = 1
-        inexact[r] = cnt
-    return inexact
+    return cnt

@@ -91,9 +91,6 @@ The operand ``mm`` (the centroid products of :mod:`fixedsim.reuse`) is not used:
 
 from __future__ import annotations
 
-import contextlib
-
-import numba
 import numpy as np
 
 from .. import counters as _counters
@@ -114,10 +111,9 @@ PROOF = ("the slices' products are integers below 2**53 in every order, so BLAS 
          "double-double sum and that bound decide the rounding, or the element goes to the "
          "general kernel")
 
-#: Fewer elements than this (outputs plus operands) run their kernels on one Numba thread:
-#: they often follow a BLAS call, whose OpenBLAS workers spin for a while after it.
-_SERIAL = 2**20
-
+#: Rows of A split and multiplied together: the work arrays of one block (five slices of
+#: ``A``'s rows, four products) stay below about this many float64 values.
+_BLOCK_VALUES = 2**22
 
 def beta_for(K: int) -> int:
     """Bits per slice for ``K`` terms: the largest ``beta`` with ``9 K 4**beta <= 2**55``, so
@@ -153,21 +149,6 @@ def declines(p) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def _threads_for(size):
-    """One Numba thread for small problems (see :data:`_SERIAL`); the bits do not depend on
-    the thread count."""
-    if size >= _SERIAL:
-        yield
-        return
-    threads = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(threads)
-
-
 def _read_only(x):
     """A read-only float64 C-contiguous view (one compiled signature for every caller)."""
     v = np.ascontiguousarray(x, np.float64).view()
@@ -175,61 +156,72 @@ def _read_only(x):
     return v
 
 
-def _split(X, beta, side):
-    """The slices of the rows of ``X`` (``A``, side 0, or ``B`` transposed, side 1): see
+def _split(X, beta, side, into=None):
+    """The slices of the rows of ``X`` (``A``, side 0, or ``B`` transposed, side 1), into the
+    arrays ``into`` when given (at least as many rows): see
     :func:`fixedsim.jit.gemm_exact64.split`."""
     n, K = X.shape
-    c1, c12, c2 = np.empty((n, K)), np.empty((n, K)), np.empty((n, K))
-    tail = np.empty((n, 2 * K))
-    nrm, mx = np.empty(n), np.empty(n)
-    e, bad = np.empty(n, np.int64), np.empty(n, np.uint8)
+    if into is None:
+        into = _work(n, K)
+    c1, c12, c2, tail, nrm, mx, e, bad = (w[:n] for w in into)
     _gz.split(X, beta, side, c1, c12, c2, tail, nrm, mx, e, bad)
     return c1, c12, c2, tail, nrm, mx, e, bad
 
 
+def _work(n, K):
+    """Uninitialised arrays for :func:`_split` of ``n`` rows of ``K`` values."""
+    return (np.empty((n, K)), np.empty((n, K)), np.empty((n, K)), np.empty((n, 2 * K)),
+            np.empty(n), np.empty(n), np.empty(n, np.int64), np.empty(n, np.uint8))
+
+
 def run(p) -> np.ndarray:
-    """The ``(R, N)`` float64 result, counts added to ``p.c`` (see the module docstring for
-    the proof). Never declines at run time: elements the bound cannot decide go to the
-    general kernel."""
+    """The ``(R, N)`` result, counts added to ``p.c`` (see the module docstring for the
+    proof). Never declines at run time: elements the bounds cannot decide go to the general
+    kernel. ``A`` runs in blocks of rows (:data:`_BLOCK_VALUES`), ``B`` is split once."""
     spec, c = p.spec, p.c
     A, B = _read_only(p.A), _read_only(p.B)
     R, K = A.shape
     N = B.shape[1]
     f = spec.output if spec.output is not None else FP64
+    p53, mode = f.man_bits == 52, int(spec.output_rounding)
     beta = beta_for(K)
-    small = R * N + (R + N) * K
-    with _threads_for(small):
-        a1, a12, a2, ta, nA, mA, ea, badA = _split(A, beta, 0)
-        b1, b12, b2, tb, nB, mB, eb, badB = _split(_read_only(B.T), beta, 1)
-    P11 = a1 @ b1.T
-    PM = a12 @ b12.T
-    P22 = a2 @ b2.T
-    tail_a, tail_b = bool(mA.any()), bool(mB.any())  # Ur, Vr not all zero
-    if tail_a and tail_b:
-        Tl = ta @ tb.T  # U12 @ Vr + Ur @ V
-    elif tail_b:
-        Tl = ta[:, :K] @ tb[:, :K].T  # U12 @ Vr
-    elif tail_a:
-        Tl = ta[:, K:] @ tb[:, K:].T  # Ur @ V
-    else:
-        Tl = np.zeros((0, 0))
     n2 = 2.0 * K * 2.0**-53
     crad = 2.0 * n2 / (1.0 - n2) * (1.0 + 2.0**-40)  # 2 gamma(2K), rounded up
+    b1, b12, b2, tb, nB, mB, eb, badB = _split(_read_only(B.T), beta, 1)
+    tail_b = bool(mB.any())  # Vr not all zero
+    rows_per = max(1, min(R, _BLOCK_VALUES // (5 * K + 4 * N)))
+    work = _work(rows_per, K)
+    P11, PM, P22, Tl = (np.empty((rows_per, N)) for _ in range(4))
     out = np.empty((R, N))
     fail = np.zeros((R, N), np.uint8)
-    with _threads_for(small):
-        inexact = _gz.finish(P11, PM, P22, Tl, nA, mA, ea, badA, nB, mB, eb, badB, beta,
-                             crad, f.man_bits == 52, int(spec.output_rounding), f.emin,
-                             f.emax, out, fail)
+    inexact = 0
+    for r0 in range(0, R, rows_per):
+        m = min(R, r0 + rows_per) - r0
+        a1, a12, a2, ta, nA, mA, ea, badA = _split(A[r0:r0 + m], beta, 0, work)
+        np.matmul(a1, b1.T, out=P11[:m])
+        np.matmul(a12, b12.T, out=PM[:m])
+        np.matmul(a2, b2.T, out=P22[:m])
+        tail_a = bool(mA.any())  # Ur not all zero
+        T = Tl[:m]
+        if tail_a and tail_b:
+            np.matmul(ta, tb.T, out=T)  # U12 @ Vr + Ur @ V
+        elif tail_b:
+            np.matmul(ta[:, :K], tb[:, :K].T, out=T)  # U12 @ Vr
+        elif tail_a:
+            np.matmul(ta[:, K:], tb[:, K:].T, out=T)  # Ur @ V
+        else:
+            T = Tl[:0, :0]
+        ob, fb = out[r0:r0 + m], fail[r0:r0 + m]
+        inexact += _gz.finish(P11[:m], PM[:m], P22[:m], T, nA, mA, ea, badA, nB, mB, eb, badB,
+                              beta, crad, p53, mode, f.emin, f.emax, ob, fb)
+        rows, cols = np.nonzero(fb)
+        ok = (badA[rows] == 0) & (badB[cols] == 0)  # the scaled operands are exact there
+        if ok.any():
+            inexact += _gz.refine_at(ta, tb, rows[ok], cols[ok], ea, eb, beta, crad, p53, mode,
+                                     f.emin, f.emax, ob, fb)
     flags = np.zeros(_q.N_FLAGS, np.int64)
-    flags[_q.F_INEXACT] = inexact.sum()
+    flags[_q.F_INEXACT] = inexact
     rows, cols = np.nonzero(fail)
-    ok = (badA[rows] == 0) & (badB[cols] == 0)  # the scaled operands are exact there
-    if ok.any():
-        flags[_q.F_INEXACT] += _gz.refine_at(ta, tb, rows[ok], cols[ok], ea, eb, beta, crad,
-                                             f.man_bits == 52, int(spec.output_rounding),
-                                             f.emin, f.emax, out, fail)
-        rows, cols = np.nonzero(fail)
     if rows.size:
         tot = _general_at(np.ascontiguousarray(p.A, np.float64),
                           np.ascontiguousarray(p.B, np.float64), spec, p.ba, p.bb, p.keys,
