@@ -66,9 +66,12 @@ def _cmd_train(args) -> int:
           f"batch {config.batch_size}, {config.optimizer} lr {config.lr:g} ({config.schedule}), "
           f"seed {config.seed}")
     print(policy.describe())
+    from . import counters
+
     try:
-        res = train(config, policy, out, resume=bool(args.resume), progress=not args.quiet,
-                    log=print)
+        with counters.record(steps=args.count_steps):
+            res = train(config, policy, out, resume=bool(args.resume), progress=not args.quiet,
+                        log=print)
     except TrainingDiverged as err:
         print(f"fixedsim train: {err}", file=sys.stderr)
         return 3
@@ -195,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(docs/reuse.md)")
     t.add_argument("--reuse-layers", default=None, choices=["conv", "linear", "all"],
                    help="which layers --reuse applies to (default conv)")
+    t.add_argument("--count-steps", action="store_true",
+                   help="count the per-step events of every product in counters.csv (an "
+                        "accumulator's inexact, overflowing, subnormal steps); costs time")
     t.add_argument("--out", default=None, metavar="RUN_DIR", help="write the run here")
     t.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue the interrupted run in RUN_DIR (its stored config and policy)")

@@ -10,13 +10,21 @@ block::
         y = fixedsim.matmul(a, b, spec)
     print(c.macs, c.accumulator.overflow, c.paths)
 
-Counting is on by default: whenever a call's counts can be read (``stats=True``, or inside a
-:func:`record` block), they are exact; they come out of the kernels' own loops (per row,
-race-free), and on the fast paths from checks that cost a few instructions per
-multiply-accumulate. When nothing can read them, a kernel may skip the work that only counts
-events: the FP32 FMA chains then run the FMA instruction alone, several times faster, the FP16
-and FP8 chains to nearest even a float64 kernel that only rounds, and the other float chains
-drop their event flags (results are the same, bit for bit; see ``docs/matmul.md``).
+What a call counts depends on who reads it:
+
+- nothing (no ``stats=True``, no :func:`record` block): the counts are invisible, and the
+  kernels skip the work that only counts (results are the same, bit for bit);
+- ``stats=True`` or ``record()``: the counts whose cost does not grow with the number of
+  multiply-accumulates, exactly: calls, MACs, the roundings of every stage, the events of the
+  input and output roundings (saturations at the output among them) and the kernels that ran.
+  The events of the per-step stages, product and accumulator (a step's inexact sum, overflow,
+  underflow, subnormal), are then ``None``: not counted;
+- ``stats="steps"`` or ``record(steps=True)``: every event of every stage, per-step ones
+  included, exactly. Counting an FMA chain's inexact steps costs more than the chain itself
+  (an FP32 chain on float32 data runs about 10x slower counted), so it is asked for.
+
+Training records what ``stats=True`` gives unless it runs in a ``record(steps=True)`` block
+(``fixedsim train --count-steps``, a study's ``count_steps = true``).
 """
 
 from __future__ import annotations
@@ -55,14 +63,18 @@ class StageCounts:
         Results that are nonzero subnormal numbers.
     nan : int
         Results that are NaN.
+
+    The event counts (all but ``roundings``) are None where they were not counted (the
+    product and accumulator stages unless per-step events were asked for: see the module
+    docstring); a sum with None is None.
     """
 
     roundings: int = 0
-    inexact: int = 0
-    overflow: int = 0
-    underflow: int = 0
-    subnormal: int = 0
-    nan: int = 0
+    inexact: int | None = 0
+    overflow: int | None = 0
+    underflow: int | None = 0
+    subnormal: int | None = 0
+    nan: int | None = 0
 
     @classmethod
     def from_flags(cls, flags: np.ndarray, roundings: int) -> StageCounts:
@@ -73,8 +85,14 @@ class StageCounts:
 
     def __iadd__(self, other: StageCounts) -> StageCounts:
         for f in _FIELDS:
-            setattr(self, f, getattr(self, f) + getattr(other, f))
+            x, y = getattr(self, f), getattr(other, f)
+            setattr(self, f, None if x is None or y is None else x + y)
         return self
+
+    def forget_events(self) -> None:
+        """Mark the event counts as not counted (None); ``roundings`` stays."""
+        for f in _FIELDS[1:]:
+            setattr(self, f, None)
 
 
 _STAGES = ("input", "product", "accumulator", "output")
@@ -112,6 +130,9 @@ class Counters:
     #: Whether anything reads this call's events (set per call by :mod:`fixedsim.matmul`):
     #: when not, a kernel may leave them uncounted.
     _read: ClassVar[bool] = True
+    #: Whether the per-step events (product and accumulator stages) are asked for: when not,
+    #: a kernel skips counting them and the call reports them as None.
+    _steps: ClassVar[bool] = True
 
     def __iadd__(self, other: Counters) -> Counters:
         self.calls += other.calls
@@ -221,10 +242,17 @@ def _active() -> list:
 
 
 @contextlib.contextmanager
-def record():
+def record(steps: bool = False):
     """Collect the :class:`Counters` of every matrix product in the block (this thread).
 
     Blocks nest: an inner block's counts also reach the outer ones.
+
+    Parameters
+    ----------
+    steps : bool, default False
+        Also count the per-step events (product and accumulator stages) of every call made
+        in the block, inner blocks included; otherwise they are None (see the module
+        docstring).
 
     Examples
     --------
@@ -232,21 +260,41 @@ def record():
     >>> spec = fs.MatmulSpec(accumulator=fs.Accumulator(fs.FP16))
     >>> with fs.counters.record() as c:
     ...     _ = fs.matmul(np.ones((2, 3)), np.ones((3, 4)), spec)
-    >>> c.calls, c.macs, c.accumulator.roundings, c.paths
-    (1, 24, 24, {'float_chain': 1})
+    >>> c.calls, c.macs, c.accumulator.roundings, c.accumulator.inexact, c.paths
+    (1, 24, 24, None, {'float_chain': 1})
+    >>> with fs.counters.record(steps=True) as c:
+    ...     _ = fs.matmul(np.full((2, 3), 0.1), np.ones((3, 4)), spec)
+    >>> c.accumulator.roundings, c.accumulator.inexact
+    (24, 16)
     """
+    if not isinstance(steps, bool):
+        raise TypeError(f"record: steps must be True or False, got {steps!r}")
     c = Counters()
     stack = _active()
     stack.append(c)
+    steps_stack = _steps_active()
+    steps_stack.append(steps)
     try:
         yield c
     finally:
         stack.remove(c)
+        steps_stack.remove(steps)
+
+
+def _steps_active() -> list:
+    if not hasattr(_local, "steps"):
+        _local.steps = []
+    return _local.steps
 
 
 def _recording() -> bool:
     """Whether a :func:`record` block is active in this thread."""
     return bool(_active())
+
+
+def _recording_steps() -> bool:
+    """Whether a :func:`record` block asking for per-step events is active in this thread."""
+    return any(_steps_active())
 
 
 def _publish(c: Counters) -> None:

@@ -149,9 +149,9 @@ def test_general_kernel_alone(acc, ab):
 def both_paths(a, b, spec, seed=3):
     """The fast path's bits and counts equal the general kernel's, and its bits are the same
     when nothing reads its counts (kernels may then skip counting)."""
-    fast, cf = mm.matmul(a, b, spec, seed=seed, stats=True)
+    fast, cf = mm.matmul(a, b, spec, seed=seed, stats="steps")
     unread = mm.matmul(a, b, spec, seed=seed)
-    slow, cs = mm.matmul(a, b, spec, seed=seed, stats=True, path="general")
+    slow, cs = mm.matmul(a, b, spec, seed=seed, stats="steps", path="general")
     assert_same_bits(fast.astype(np.float64), slow.astype(np.float64), err_msg=repr(spec))
     assert_same_bits(unread.astype(np.float64), slow.astype(np.float64), err_msg=repr(spec))
     assert fast.dtype == slow.dtype == unread.dtype
@@ -223,7 +223,7 @@ def test_fp32_chain_overflow_and_subnormal_counts():
     assert paths == {"fp32_chain": 1}
     # FP32 overflow: products of BF16 values near 2**127 are not exact in float32 -> general
     spec = fs.MatmulSpec(input=fs.BF16, accumulator=fs.FP32)
-    y, c = fs.matmul([[2.0**100, 2.0**100]], [[2.0**27], [2.0**27]], spec, stats=True)
+    y, c = fs.matmul([[2.0**100, 2.0**100]], [[2.0**27], [2.0**27]], spec, stats="steps")
     assert np.isinf(y).all() and c.accumulator.overflow == 1
 
 
@@ -295,14 +295,14 @@ def test_float_chain64_edges(acc):
     paths = both_paths(a, b, spec)
     assert paths["float_chain64"] == 1 and paths.get("float_chain64_general", 0) > 0
     check(a, b, spec)
-    y, c = fs.matmul(a, b, spec, seed=3, stats=True)
+    y, c = fs.matmul(a, b, spec, seed=3, stats="steps")
     assert c.accumulator.overflow > 0 and c.accumulator.underflow + c.accumulator.subnormal > 0
     # sums exactly at the smallest normal, the smallest subnormal and the largest value
     f = acc.fmt
     a = np.array([[f.min_normal, f.min_subnormal, f.max, f.min_normal / 2]])
     b = np.eye(4)
     assert both_paths(a, b, spec) == {"float_chain64": 1}
-    y, c = fs.matmul(a, b, spec, stats=True)
+    y, c = fs.matmul(a, b, spec, stats="steps")
     assert_same_bits(y, a.astype(f.dtype))
     # the running sum of column j is a[0, j] from the block holding k = j on (the subnormal
     # columns are 1 and 3), and exact at every step
@@ -343,7 +343,7 @@ def test_batched_and_counters():
     spec = fs.MatmulSpec(input=fs.FP16, accumulator=fs.Accumulator(fs.FP16, block=2),
                          output=fs.FP16)
     with fs.counters.record() as outer:
-        y, c = fs.matmul(a, b, spec, stats=True)
+        y, c = fs.matmul(a, b, spec, stats="steps")
         with fs.counters.record() as inner:
             fs.matmul(a, b, spec)
     assert y.shape == (2, 3, 4, 6)
@@ -513,7 +513,7 @@ def test_fp32_chain_safe_at_its_bounds(k):
         ba, bb = mcore._Bits.of(a), mcore._Bits.of(b)
         assert mcore._f32_chain_safe(ba, bb, k), (ba, bb)
         assert both_paths(a, b, fs.MatmulSpec(accumulator=fs.FP32)) == {"fp32_chain": 1}
-        _, c = fs.matmul(a, b, fs.MatmulSpec(accumulator=fs.FP32), stats=True)
+        _, c = fs.matmul(a, b, fs.MatmulSpec(accumulator=fs.FP32), stats="steps")
         assert c.accumulator.subnormal == c.accumulator.overflow == 0
     assert not mcore._f32_chain_safe(mcore._Bits.of(tiny / 2), mcore._Bits.of(small), k)
     assert not mcore._f32_chain_safe(mcore._Bits.of(big * 2), mcore._Bits.of(large * 2), k)
@@ -532,7 +532,7 @@ def test_float_chain_rare_columns_and_rows():
         if rnd is not fs.Rounding.STOCHASTIC:
             spec = fs.MatmulSpec(accumulator=fs.Accumulator(fs.FP16, rnd))
             assert both_paths(a, b, spec) == {"float_chain": 1}
-    _, c = fs.matmul(a, b, spec, stats=True)
+    _, c = fs.matmul(a, b, spec, stats="steps")
     assert c.accumulator.subnormal > 0 and c.accumulator.overflow > 0
 
 
@@ -680,7 +680,7 @@ def test_fixed_chain_without_rounding_lean_and_clipped_rows(rnd, ovf):
     b = fs.quantize(rng.normal(0, 1, (67, 9)), q)
     spec = fs.MatmulSpec(accumulator=fs.Accumulator(fs.FixedFormat(24, 16), rnd, ovf))
     assert both_paths(a, b, spec) == {"fixed_chain": 1}
-    _, c = fs.matmul(a, b, spec, stats=True)
+    _, c = fs.matmul(a, b, spec, stats="steps")
     assert 0 < c.accumulator.overflow
 
 
@@ -729,10 +729,10 @@ def test_naive_kernel_in_float64_is_the_fma_chain(scale):
     for spec in (fs.MatmulSpec(accumulator=fs.FP16),
                  fs.MatmulSpec(accumulator=fs.Accumulator(fs.FP16, via=fs.FP64))):
         assert_same_bits(fs.matmul(a, b, spec), naive.astype(np.float32), nan_sign=False)
-        assert_same_bits(fs.matmul(a, b, spec, stats=True)[0], naive.astype(np.float32),
+        assert_same_bits(fs.matmul(a, b, spec, stats="steps")[0], naive.astype(np.float32),
                          nan_sign=False)
     if scale == "wide":
-        _, c = fs.matmul(a, b, fs.MatmulSpec(accumulator=fs.FP16), stats=True)
+        _, c = fs.matmul(a, b, fs.MatmulSpec(accumulator=fs.FP16), stats="steps")
         assert c.accumulator.overflow and c.accumulator.subnormal and c.accumulator.underflow
 
 
@@ -790,7 +790,7 @@ def test_fp32_chains_rare_columns_and_rows(data, rnd, ovf, path):
     a, b = (x if data is None else fs.quantize(x, data).astype(np.float32) for x in (a, b))
     spec = fs.MatmulSpec(accumulator=fs.Accumulator(fs.FP32, rnd, ovf))
     assert both_paths(a, b, spec) == {path: 1}
-    _, c = fs.matmul(a, b, spec, stats=True)
+    _, c = fs.matmul(a, b, spec, stats="steps")
     assert c.accumulator.subnormal > 0 and c.accumulator.overflow > 0
 
 
@@ -848,8 +848,8 @@ def test_fp32_fma_kernel_equals_the_float64_kernel(scale):
     a, b = a.astype(np.float32), b.astype(np.float32)
     a[3, ::2] = -a[3, 1::2]  # cancellations to exact zeros
     spec = fs.MatmulSpec(accumulator=fs.FP32)
-    got, cg = mm.matmul(a, b, spec, stats=True)
-    want, cw = mm.matmul(a, b, spec, stats=True, path="fp32_chain64")
+    got, cg = mm.matmul(a, b, spec, stats="steps")
+    want, cw = mm.matmul(a, b, spec, stats="steps", path="fp32_chain64")
     assert cg.paths == {"fp32_fma": 1} and cw.paths == {"fp32_chain64": 1}
     assert_same_bits(got, want)
     assert cg.accumulator == cw.accumulator
@@ -860,7 +860,7 @@ def test_fp32_fma_kernel_equals_the_float64_kernel(scale):
 @pytest.mark.parametrize("data", ["fp16", "float32"])
 def test_fp32_chains_count_only_when_read(monkeypatch, data):
     """The FP32 FMA chains run uncounted (the FMA instruction alone) exactly when nothing can
-    read the call's counts: no ``stats=True`` and no active record block. The bits are the
+    read the call's counts: no ``stats="steps"`` and no active record block. The bits are the
     same either way (``both_paths`` checks that on every fast-path test)."""
     rng = np.random.default_rng(9)
     a, b = rng.standard_normal((6, 33)), rng.standard_normal((33, 5))
@@ -873,11 +873,11 @@ def test_fp32_chains_count_only_when_read(monkeypatch, data):
         monkeypatch.setattr(gemm_fp32, name, lambda *args, _k=kernel, _n=name: (
             ran.append((_n, args[-1] if _n == "gemm_f32_chain" else None)), _k(*args))[1])
     counted = ("gemm_f32_chain", gemm_fp32.F32_SAFE) if data == "fp16" else ("gemm_fma32", None)
-    want, c = fs.matmul(a, b, spec, stats=True)
+    want, c = fs.matmul(a, b, spec, stats="steps")
     assert ran.pop() == counted and c.accumulator.inexact > 0
     assert_same_bits(fs.matmul(a, b, spec), want)
     assert ran.pop() == ("gemm_f32_chain", gemm_fp32.F32_UNCOUNTED)
-    with fs.counters.record() as rec:
+    with fs.counters.record(steps=True) as rec:
         assert_same_bits(fs.matmul(a, b, spec), want)
     assert ran.pop() == counted and rec.accumulator == c.accumulator
     assert not ran
@@ -905,11 +905,11 @@ def test_float_chains_count_only_when_read(monkeypatch, kernel, unread, acc):
         run = getattr(gemm_float, name)
         monkeypatch.setattr(gemm_float, name, lambda *args, _r=run, _n=name: (
             ran.append((_n, args[-1] if _n != "gemm_chain_narrow" else False)), _r(*args))[1])
-    want, c = fs.matmul(a, b, spec, stats=True)
+    want, c = fs.matmul(a, b, spec, stats="steps")
     assert ran.pop() == (kernel, True) and c.accumulator.inexact > 0
     assert_same_bits(fs.matmul(a, b, spec), want)
     assert ran.pop() == (unread, False)
-    with fs.counters.record() as rec:
+    with fs.counters.record(steps=True) as rec:
         assert_same_bits(fs.matmul(a, b, spec), want)
     assert ran.pop() == (kernel, True) and rec.accumulator == c.accumulator
     assert not ran
@@ -1052,7 +1052,7 @@ def test_exact_filtered_taken_on_plain_float32():
             assert both_paths(a, b, spec) == {"exact_filtered": 1}
     x = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
     w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
-    _, c = fs.conv2d(x, w, fs.MatmulSpec(output=fs.FP32), padding=1, stats=True)
+    _, c = fs.conv2d(x, w, fs.MatmulSpec(output=fs.FP32), padding=1, stats="steps")
     assert "exact_filtered" in c.paths
 
 

@@ -76,10 +76,10 @@ def test_row_matches_the_general_kernel(name, kind):
     every row), and a row's own fallback to the general kernel stays under 1%."""
     spec, a, b = row_case(name, kind)
     assert explain(a, b, spec).path == name
-    got, c = fs.matmul(a, b, spec, stats=True)
+    got, c = fs.matmul(a, b, spec, stats="steps")
     unread = fs.matmul(a, b, spec)
     forced = fs.matmul(a, b, spec, path=name)
-    want, cw = fs.matmul(a, b, spec, stats=True, path="general")
+    want, cw = fs.matmul(a, b, spec, stats="steps", path="general")
     for y in (got, unread, forced):
         assert y.dtype == want.dtype
         assert_same_bits(y.astype(np.float64), want.astype(np.float64), err_msg=name)
@@ -153,6 +153,47 @@ def test_general_kernel_rounds_long_residuals_without_the_oracle(rnd):
     b = rng.standard_normal((40, 5)).astype(np.float32)
     for out in (fs.FP16, fs.FP32, fs.BF16):
         spec = fs.MatmulSpec(output=out, output_rounding=rnd)
-        got, c = fs.matmul(a, b, spec, stats=True, path="general")
+        got, c = fs.matmul(a, b, spec, stats="steps", path="general")
         assert "reference" not in c.paths
         assert_same_bits(got.astype(np.float64), reference.matmul(a, b, spec))
+
+
+@pytest.mark.parametrize("name", ["fp32_chain", "fp32_fma", "float_chain", "float_chain64",
+                                  "fixed_chain", "general"])
+def test_stats_true_counts_all_but_the_per_step_events(name):
+    """``stats=True`` gives the counts that do not grow with the MACs exactly (calls, MACs,
+    every stage's roundings, input and output events, paths) and None for the product and
+    accumulator events; ``stats="steps"`` and ``record(steps=True)`` count those too. The
+    bits are the same."""
+    spec, a, b = row_case(name, "normal")
+    y, cheap = fs.matmul(a, b, spec, stats=True)
+    z, full = fs.matmul(a, b, spec, stats="steps")
+    assert_same_bits(y.astype(np.float64), z.astype(np.float64))
+    assert (cheap.calls, cheap.macs, cheap.paths) == (full.calls, full.macs, full.paths)
+    assert cheap.input == full.input and cheap.output == full.output
+    for stage in ("product", "accumulator"):
+        c, f = getattr(cheap, stage), getattr(full, stage)
+        assert c.roundings == f.roundings
+        assert c.inexact is c.overflow is c.underflow is c.subnormal is c.nan is None
+        assert None not in (f.inexact, f.overflow, f.underflow, f.subnormal, f.nan)
+    assert full.accumulator.roundings > 0 and full.accumulator.inexact > 0
+    with fs.counters.record(steps=True) as outer:
+        with fs.counters.record() as inner:  # an outer block asking for steps rules
+            fs.matmul(a, b, spec)
+    assert outer.accumulator == inner.accumulator == full.accumulator
+    with fs.counters.record() as rec:
+        fs.matmul(a, b, spec)
+    assert rec.accumulator.inexact is None and rec.output == full.output
+    total = fs.counters.Counters()
+    total += full
+    total += cheap
+    assert total.accumulator.inexact is None and total.accumulator.roundings == 2 * (
+        full.accumulator.roundings)
+
+
+def test_stats_must_be_a_known_value():
+    with pytest.raises(ValueError, match=r"stats must be False, True or 'steps'.*got 'all'"):
+        fs.matmul(np.ones((1, 1)), np.ones((1, 1)), stats="all")
+    with pytest.raises(TypeError, match="record: steps must be True or False"):
+        with fs.counters.record(steps="yes"):
+            pass

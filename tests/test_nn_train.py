@@ -237,3 +237,26 @@ def test_cifarnet_trains_on_three_channel_images():
     assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
     bn = res.model.layers[1]
     assert type(bn).__name__ == "BatchNorm2d" and not np.allclose(bn.running_mean, 0)
+
+
+def test_cli_train_counts_per_step_events_when_asked(tmp_path):
+    """``counters.csv`` leaves the accumulator's per-step events empty (not counted) unless
+    ``--count-steps`` asks for them; the weights are the same either way."""
+    import csv
+
+    base = ["train", "--model", "mlp", "--model-options", '{"hidden": [8]}', "--data",
+            "synthetic", "--train-size", "64", "--test-size", "32", "--epochs", "1",
+            "--batch-size", "32", "--policy", "fp16", "--quiet"]
+    rows = {}
+    for flag in ([], ["--count-steps"]):
+        out = tmp_path / ("steps" if flag else "cheap")
+        assert main(base + flag + ["--out", str(out)]) == 0
+        with open(out / "counters.csv") as f:
+            rows[bool(flag)] = list(csv.DictReader(f))
+    cheap, full = rows[False], rows[True]
+    assert any(int(r["calls"]) for r in cheap)
+    assert all(r["products.accumulator.inexact"] == "" for r in cheap if int(r["calls"]))
+    assert sum(int(r["products.accumulator.inexact"]) for r in full) > 0
+    for c, f in zip(cheap, full, strict=True):
+        assert c["products.accumulator.roundings"] == f["products.accumulator.roundings"]
+        assert c["products.output.roundings"] == f["products.output.roundings"]

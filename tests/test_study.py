@@ -410,3 +410,13 @@ def test_docs_example_is_a_valid_study(tmp_path):
     assert len(study.runs) == 9 * 2 * 3 and study.name == "gupta-mlp"
     assert study.runs[0].train["model_options"] == {"hidden": [1000, 1000]}
     assert all(r.policy["momentum"]["rounding"] == "nearest_even" for r in study.runs)
+
+
+def test_count_steps_is_a_study_setting_outside_run_identity():
+    base = {"train": {"model": "mlp", "epochs": 1}, "grid": {"train": {"lr": [0.1, 0.2]}}}
+    plain = parse_study(base)
+    counted = parse_study({**base, "study": {"count_steps": True}})
+    assert not plain.count_steps and counted.count_steps
+    assert [r.run_id for r in plain.runs] == [r.run_id for r in counted.runs]
+    with pytest.raises(StudyError, match=r"study.count_steps: expected true or false, got 'yes'"):
+        parse_study({**base, "study": {"count_steps": "yes"}})

@@ -34,8 +34,10 @@ def matmul(a, b, spec: MatmulSpec | None = None, *, seed=None, stats=False, path
         Default ``MatmulSpec()``: exact products and sums, one rounding into float64.
     seed : int, numpy.random.Generator, optional
         Overrides ``spec.seed`` for this call (e.g. a fresh seed per training step).
-    stats : bool, default False
-        Also return the call's :class:`fixedsim.counters.Counters`.
+    stats : bool or "steps", default False
+        Also return the call's :class:`fixedsim.counters.Counters`; ``"steps"``: with the
+        per-step events of the product and accumulator stages counted too (they cost more than
+        the product itself on some paths; with True they are None).
     path : str, optional
         Run this row of the path table (:data:`fixedsim.matmul.PATHS`) instead of the first
         that applies, e.g. ``"general"``; the bits are the same (that is what the table's
@@ -137,7 +139,11 @@ def _product(A, B, spec, keys, rb, c, mm=None, ba=None, path=None):
         c.accumulator.roundings += p.R * p.N * -(-p.K // acc.block)
     if spec.product is not None:
         c.product.roundings += p.R * p.N * p.K
-    return compute(p, path)
+    out = compute(p, path)
+    if not c._steps:  # the per-step events were not asked for: not counted (None)
+        c.product.forget_events()
+        c.accumulator.forget_events()
+    return out
 
 
 # -- convolution ----------------------------------------------------------------------------------

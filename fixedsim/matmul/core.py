@@ -13,7 +13,6 @@ from .. import counters as _counters
 from .. import reference
 from ..formats import FP64, FixedFormat, _to_float_toward_zero
 from ..jit import gemm_exact as _gx
-from ..jit import gemm_fp32 as _g32
 from ..jit import gemm_general as _gg
 from ..jit import quant as _q
 from ..jit.rng import random_u64_array
@@ -66,7 +65,11 @@ def _stage_params(fmt, rounding, overflow, rbits, key):
 
 def _setup(op, spec, seed, stats):
     """Checked spec, stage keys, random bits and a fresh Counters for one call; its events
-    are read when ``stats`` or a :func:`fixedsim.counters.record` block is active."""
+    are read when ``stats`` or a :func:`fixedsim.counters.record` block is active, its
+    per-step events when ``stats == "steps"`` or a ``record(steps=True)`` block is."""
+    if not (stats is True or stats is False or (isinstance(stats, str) and stats == "steps")):
+        raise ValueError(f"{op}: stats must be False, True or 'steps' (per-step events "
+                         f"counted too), got {stats!r}")
     spec = MatmulSpec() if spec is None else spec
     if not isinstance(spec, MatmulSpec):
         raise TypeError(f"{op}: spec must be a MatmulSpec, got {type(spec).__name__}")
@@ -75,6 +78,7 @@ def _setup(op, spec, seed, stats):
     rb = 64 if spec.random_bits is None else spec.random_bits
     c = _counters.Counters(calls=1)
     c._read = bool(stats) or _counters._recording()
+    c._steps = stats == "steps" or _counters._recording_steps()
     return spec, keys, rb, c
 
 
@@ -178,16 +182,6 @@ def _chain_result(out, flags, path, spec, keys, rb, c):
     if spec.output is None:
         return out
     return _round_output(out.reshape(-1), spec, keys, rb, c).reshape(out.shape)
-
-
-
-def _f32_chain_how(c, safe) -> int:
-    """How :func:`fixedsim.jit.gemm.gemm_f32_chain` runs for a call counting into ``c``:
-    uncounted (the FMA instruction alone) when nothing reads ``c``'s events, else counting,
-    with no checks for infinite or subnormal sums when ``safe``."""
-    if not c._read:
-        return _g32.F32_UNCOUNTED
-    return _g32.F32_SAFE if safe else _g32.F32_CHECKED
 
 
 def _f32_chain_safe(ba, bb, K) -> bool:

@@ -68,8 +68,10 @@ class Product:
     rb : int
         Random bits of the stochastic input, product and output roundings.
     c : fixedsim.counters.Counters
-        The call's counts; a row adds its own (``c._read`` says whether anything reads
-        them, in which case a row must count every event; otherwise it may skip counting).
+        The call's counts; a row adds its own. ``c._read`` says whether anything reads
+        them (a row must then count the output's events), ``c._steps`` whether the per-step
+        events of the product and accumulator stages are asked for (a row must then count
+        them; otherwise it may skip them, and the call reports them as None).
     mm : callable or None
         ``mm(scale, Bs, k0, k1)`` returns ``ldexp(A, scale)[:, k0:k1] @ Bs[k0:k1]`` computed
         some other way (the centroid products of :mod:`fixedsim.reuse`, the zero-free product
@@ -408,7 +410,7 @@ def _f32_chain_how(c, safe) -> int:
     """How :func:`fixedsim.jit.gemm_fp32.gemm_f32_chain` runs for a call counting into ``c``:
     uncounted (the FMA instruction alone) when nothing reads ``c``'s events, else counting,
     with no checks for infinite or subnormal sums when ``safe``."""
-    if not c._read:
+    if not c._steps:
         return _g32.F32_UNCOUNTED
     return _g32.F32_SAFE if safe else _g32.F32_CHECKED
 
@@ -438,7 +440,7 @@ def _fp32_fma(p):
     out = np.empty((p.R, p.N), np.float32)
     A32 = np.ascontiguousarray(p.A, np.float32)
     B32 = np.ascontiguousarray(p.B, np.float32)
-    if not p.c._read:  # nothing reads the counts: the instruction alone
+    if not p.c._steps:  # nothing reads the steps' events: the instruction alone
         flags = _g32.gemm_f32_chain(A32, B32, out, _g32.F32_UNCOUNTED)
     else:
         _, _, _, _, ovp, ovn, _ = _fast_float_params(FP32, p.acc.rounding, p.acc.overflow)
@@ -487,7 +489,7 @@ def _float_chain(p):
     f = acc.fmt
     out = np.empty((p.R, p.N), np.float32)
     rows = None
-    narrow = _narrow_params(f) if acc.rounding is _RNE and not p.c._read else None
+    narrow = _narrow_params(f) if acc.rounding is _RNE and not p.c._steps else None
     if narrow is not None:  # nobody reads the counts: the FMA instruction, then one rounding
         over = _gf.gemm_chain_narrow(np.ascontiguousarray(A, np.float64),
                                      np.ascontiguousarray(B, np.float64), out, *narrow)
@@ -499,7 +501,7 @@ def _float_chain(p):
     flags = _gf.gemm_chain_float((A if rows is None else A[rows]).astype(np.float32),
                                  np.ascontiguousarray(B, np.float32), sub, int(acc.rounding),
                                  *_fast_float_params(f, acc.rounding, acc.overflow),
-                                 _f32_bits(f.min_normal), p.c._read)
+                                 _f32_bits(f.min_normal), p.c._steps)
     if rows is not None:
         out[rows] = sub
     return _chain_result(out, flags, "float_chain", p.spec, p.keys, p.rb, p.c)
@@ -581,7 +583,7 @@ def _float_chain64(p):
                                      52 - f.man_bits, f.emin + 1023, _f64_bits(f.min_subnormal),
                                      _f64_bits(f.max), _f64_bits(f.min_normal),
                                      acc.overflow is Overflow.SATURATE, acc.random_bits or 64,
-                                     p.keys[3], p.c._read)
+                                     p.keys[3], p.c._steps)
     flags = counts.sum(axis=0)
     if bad.any():
         rows, cols = np.nonzero(bad)

@@ -25,6 +25,7 @@ import shutil
 import sys
 import time
 
+from .. import counters as _counters
 from .spec import RunSpec, Study, StudyError, _load_dataset
 
 __all__ = ["run_study", "execute_run", "SweepResult", "load_records", "write_tables",
@@ -154,7 +155,8 @@ def execute_run(task: dict, data=None) -> dict:
     task : dict
         ``run_id``, ``train`` and ``policy`` dicts, ``axes``, ``replicate``, ``study_seed``,
         ``study``, ``index``, ``run_dir`` (str or None), ``resume`` (continue from the run
-        directory's checkpoint), ``numba_threads``, ``blas_threads``, ``executor``.
+        directory's checkpoint), ``numba_threads``, ``blas_threads``, ``executor``,
+        ``count_steps`` (optional: per-step events counted, see :func:`fixedsim.counters.record`).
     data : fixedsim.data.Dataset, optional
         The data set, when the caller has it (otherwise loaded once per process).
 
@@ -184,7 +186,7 @@ def execute_run(task: dict, data=None) -> dict:
         if task.get("resume") and run_dir is not None:
             before = _partial_history(run_dir)
             resumed_from = len(before) if before else None
-        with _blas_limits(blas):
+        with _blas_limits(blas), _counters.record(steps=bool(task.get("count_steps"))):
             res = train(config, policy, run_dir, resume=bool(task.get("resume")),
                         progress=False, data=ds, log=lambda line: None)
         history = res.history
@@ -315,7 +317,8 @@ def _task(run: RunSpec, study: Study, out: pathlib.Path, resume: bool, numba_thr
             "replicate": run.replicate, "study_seed": run.study_seed, "study": study.name,
             "index": run.index, "run_dir": str(run_dir),
             "resume": resume and (run_dir / "checkpoint.npz").is_file(),
-            "numba_threads": numba_threads, "blas_threads": 1, "executor": executor}
+            "numba_threads": numba_threads, "blas_threads": 1, "executor": executor,
+            "count_steps": study.count_steps}
 
 
 def _headline(rec: dict, done: int, total: int) -> str:

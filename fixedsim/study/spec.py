@@ -2,7 +2,8 @@
 
 A study file (TOML) has up to five top-level parts::
 
-    [study]             name, seed, description, replicates, numba_threads, workers, out
+    [study]             name, seed, description, replicates, numba_threads, workers, out,
+                        count_steps
     [train]             TrainConfig fields (every one but ``seed``), values only
     policy = ...        the base policy: a preset string, a policy file, or a table
     [policy_overrides]  dotted keys into the policy table, values only
@@ -33,7 +34,8 @@ __all__ = ["StudyError", "RunSpec", "Study", "load_study", "parse_study", "run_i
 #: The top-level keys of a study file.
 TOP_KEYS = ("study", "train", "policy", "policy_overrides", "grid")
 #: The keys of the ``[study]`` table.
-STUDY_KEYS = ("name", "seed", "description", "replicates", "numba_threads", "workers", "out")
+STUDY_KEYS = ("name", "seed", "description", "replicates", "numba_threads", "workers", "out",
+              "count_steps")
 #: The first part of every ``[grid]`` key.
 GRID_ROOTS = ("policy", "train", "replicate")
 
@@ -124,6 +126,10 @@ class Study:
         Grid key -> list of labels of its values, in file order.
     runs : list of RunSpec
         Every grid point, in grid order.
+    count_steps : bool
+        Count the per-step events of every product (the accumulator's inexact, overflowing,
+        subnormal steps; :func:`fixedsim.counters.record` with ``steps=True``) in each run's
+        counters; not part of a run's identity (False: they are left out, and cost nothing).
     """
 
     path: pathlib.Path | None
@@ -136,6 +142,7 @@ class Study:
     axes: dict
     runs: list
     data_checked: bool = False
+    count_steps: bool = False
 
     def __len__(self) -> int:
         return len(self.runs)
@@ -397,6 +404,10 @@ def parse_study(data: dict, path=None) -> Study:
     workers = st.get("workers")
     if workers is not None:
         _check_int(workers, "study.workers", where, 1)
+    count_steps = st.get("count_steps", False)
+    if not isinstance(count_steps, bool):
+        raise StudyError(f"{where}: study.count_steps: expected true or false, got "
+                         f"{count_steps!r}")
     out = st.get("out")
     if out is not None:
         if not isinstance(out, str) or not out:
@@ -494,7 +505,7 @@ def parse_study(data: dict, path=None) -> Study:
         runs.append(run)
     return Study(path=path, name=name.strip(), description=description, seed=seed,
                  numba_threads=numba_threads, workers=workers, out=out,
-                 axes={k: list(axes[k][1]) for k in keys}, runs=runs)
+                 axes={k: list(axes[k][1]) for k in keys}, runs=runs, count_steps=count_steps)
 
 
 def _check_train_key(k, fields, where, key=None):
