@@ -182,6 +182,35 @@ CASES = [
     Case("fp32dc", "FP32 in, FP32 FMA chain, counted", fs.FP32,
          fs.MatmulSpec(accumulator=fs.FP32),
          (Ref("numpy float32 BLAS", numpy_ref(np.float32)),), counted=True),
+    # every spec on a fast path: the default spec, exact sums into narrow outputs, rounded
+    # products, and one more counted chain
+    Case("f64", "float64 data, default spec (exact, -> float64)", fs.FP64, fs.MatmulSpec(),
+         (Ref("numpy float64 BLAS", numpy_ref(np.float64)),)),
+    Case("x16", "FP32 in, exact sum, -> FP16", fs.FP32, fs.MatmulSpec(output=fs.FP16),
+         (Ref("numpy float32 BLAS", numpy_ref(np.float32)),)),
+    Case("xbf16", "FP32 in, exact sum, -> BF16", fs.FP32, fs.MatmulSpec(output=fs.BF16),
+         (Ref("numpy float32 BLAS", numpy_ref(np.float32)),)),
+    Case("x8", "FP32 in, exact sum, -> FP8 E4M3", fs.FP32, fs.MatmulSpec(output=fs.FP8_E4M3),
+         (Ref("numpy float32 BLAS", numpy_ref(np.float32)),)),
+    Case("h16", "FP16 in, exact sum, -> FP16", fs.FP16, fs.MatmulSpec(output=fs.FP16),
+         (Ref("numpy float32 BLAS", numpy_ref(np.float32)),)),
+    Case("bf16p", "BF16 in, BF16 products, FP32 chain", fs.BF16,
+         fs.MatmulSpec(product=fs.BF16, accumulator=fs.FP32),
+         (Ref("numpy float32 BLAS", numpy_ref(np.float32)),)),
+    Case("fp16px", "FP16 in, FP16 products, exact sum, -> FP16", fs.FP16,
+         fs.MatmulSpec(product=fs.FP16, output=fs.FP16),
+         (Ref("numpy float32 BLAS", numpy_ref(np.float32)),)),
+    Case("qp", "Q<16,8> in, Q<24,12> products, Q<32,16> saturating chain", Q16_8,
+         fs.MatmulSpec(product=fs.FixedFormat(24, 12),
+                       accumulator=fs.Accumulator(fs.FixedFormat(32, 16))),
+         (Ref("numpy float64 BLAS", numpy_ref(np.float64)),)),
+    Case("sr16p", "FP16 in, stochastic FP16 products, FP32 chain", fs.FP16,
+         fs.MatmulSpec(product=fs.FP16, product_rounding="stochastic", accumulator=fs.FP32,
+                       seed=0),
+         (Ref("numpy float32 BLAS", numpy_ref(np.float32)),)),
+    Case("fp16c", "FP16 in, FP16 FMA chain, counted", fs.FP16,
+         fs.MatmulSpec(accumulator=fs.FP16),
+         (Ref("numpy float32 BLAS", numpy_ref(np.float32)),), counted=True),
 ]
 TARGETS = [  # (text, case key, reference or None for an absolute rate, bound, size or None)
     ("exact fixed point: fixedsim / numpy float64 BLAS >= 0.5", "fixed", "numpy float64 BLAS",
@@ -191,6 +220,26 @@ TARGETS = [  # (text, case key, reference or None for an absolute rate, bound, s
     ("FP16 accumulator >= 8 GFLOP/s at 512", "fp16", None, 8.0, 512),
     ("Q<24,16> saturating accumulator >= 8 GFLOP/s at 512", "sat", None, 8.0, 512),
     ("stochastic FP16 accumulator >= 2 GFLOP/s at 512", "sr", None, 2.0, 512),
+    ("default spec, float64 data: fixedsim / numpy float64 BLAS >= 0.1", "f64",
+     "numpy float64 BLAS", 0.1, None),
+    ("FP32 data, exact -> FP32: fixedsim / numpy float32 BLAS >= 0.3", "fp32x",
+     "numpy float32 BLAS", 0.3, None),
+    ("FP32 data, exact -> FP16: fixedsim / numpy float32 BLAS >= 0.3", "x16",
+     "numpy float32 BLAS", 0.3, None),
+    ("FP32 data, exact -> BF16: fixedsim / numpy float32 BLAS >= 0.3", "xbf16",
+     "numpy float32 BLAS", 0.3, None),
+    ("FP32 data, exact -> FP8 E4M3: fixedsim / numpy float32 BLAS >= 0.3", "x8",
+     "numpy float32 BLAS", 0.3, None),
+    ("FP16 data, exact -> FP16: fixedsim / numpy float32 BLAS >= 0.3", "h16",
+     "numpy float32 BLAS", 0.3, None),
+    ("FP16 products, FP16 chain >= 2 GFLOP/s at 512", "fp16p", None, 2.0, 512),
+    ("BF16 products, FP32 chain >= 2 GFLOP/s at 512", "bf16p", None, 2.0, 512),
+    ("FP16 products, exact sum >= 2 GFLOP/s at 512", "fp16px", None, 2.0, 512),
+    ("Q<24,12> products, Q<32,16> chain >= 2 GFLOP/s at 512", "qp", None, 2.0, 512),
+    ("stochastic FP16 products, FP32 chain >= 2 GFLOP/s at 512", "sr16p", None, 2.0, 512),
+    ("FP16 in, FP32 chain: counted / uncounted >= 0.5", "fp32c", "case:fp32", 0.5, None),
+    ("FP32 in, FP32 chain: counted / uncounted >= 0.5", "fp32dc", "case:fp32d", 0.5, None),
+    ("FP16 chain: counted / uncounted >= 0.5", "fp16c", "case:fp16", 0.5, None),
 ]
 
 
@@ -268,7 +317,7 @@ def apy_agreement():
     sat = fs.MatmulSpec(accumulator=fs.Accumulator(Q24_16, overflow="saturate"))
     for label, scale in (("N(0,1) inputs", 1.0), ("inputs x8, so partial sums overflow", 8.0)):
         qs = [fs.quantize(np.clip(x * scale, -127, 127), Q16_8).astype(np.float64) for x in q]
-        r, c = fs.matmul(*qs, sat, stats=True)
+        r, c = fs.matmul(*qs, sat, stats="steps")
         d = n_diff(r, apy_fixed_sat_ctx(*qs)().to_numpy())
         lines.append(f"APyTypes Q<24,16> SAT accumulator context vs fixedsim's saturating "
                      f"Q<24,16> chain, {label}: {d} differing elements (fixedsim saturated "
@@ -402,8 +451,9 @@ def main(argv=None):
                 return out
             r_fs, cell_fs, out = runner.run((case.name, "fixedsim"), n, fixedsim_call)
             rates[(case.key, n, "fixedsim")] = r_fs
-            if r_fs is not None and "stats" not in res:  # the paths, from one untimed call
-                res["stats"] = fs.matmul(a, b, case.spec, stats=True)[1]
+            if r_fs is not None and (case.key == "sat" or "stats" not in res):
+                # the paths (and the saturations), from one untimed call
+                res["stats"] = fs.matmul(a, b, case.spec, stats="steps")[1]
             if "stats" in res:
                 c = res["stats"]
                 p = ", ".join(f"{k_}" for k_ in sorted(c.paths))
@@ -435,7 +485,8 @@ def main(argv=None):
         for n in ([size] if size else args.sizes):
             r = rates.get((key, n, "fixedsim"))
             if ref is not None:
-                r_ref = rates.get((key, n, ref))
+                r_ref = rates.get((ref[5:], n, "fixedsim") if ref.startswith("case:") else
+                                  (key, n, ref))
                 v = r / r_ref if r and r_ref else None
                 shown = f"{v:.3g}x ({rate(r)} vs {rate(r_ref)})" if v is not None else None
             else:
@@ -452,8 +503,9 @@ def main(argv=None):
         "fixedsim's timed call is fs.matmul(a, b, spec), as a user calls it: nothing reads its "
         "counts, so a kernel may skip counting (the FP32 FMA chains then run the FMA "
         "instruction alone). The cases marked 'counted' time fs.matmul(a, b, spec, stats=True) "
-        "instead (the counts are read, so every step is checked, as inside a "
-        "fixedsim.counters.record() block and in training).",
+        "instead (the counts are read, as inside a fixedsim.counters.record() block and in "
+        "training; per-step events are not asked for, so the chains need not check every "
+        "step). A target 'case:KEY' compares with case KEY's fixedsim rate.",
         "numpy BLAS gets the same values as float64 / float32 arrays (converted outside the "
         "timed region); it is a speed yardstick, not the same arithmetic (its own summation "
         "order, no modelled rounding).",
