@@ -26,6 +26,8 @@ _MINNORM = 2.0**-1022
 _ETA = 2.0**-1000
 _U4 = 4.0 * 2.0**-53
 _ABS = np.int64(0x7FFFFFFFFFFFFFFF)
+_MANT = np.int64(0xFFFFFFFFFFFFF)
+_SIGN = np.int64(-0x8000000000000000)
 
 # result of :func:`_decide` that leaves the element to the caller
 _FAIL = (0.0, 0, False)
@@ -235,77 +237,87 @@ def refine_at(ta, tb, rows, cols, ea, eb, beta, crad, p53, mode, emin, emax, out
 
 
 @jit
-def finish(P11, PM, P22, T, nA, mA, ea, badA, nB, mB, eb, badB, beta, crad, p53, mode, emin,
-           emax, out, fail):
+def finish(P11, PM, P22, T, nA, mA, ea, xA, nB, mB, eb, xB, beta, crad, p53, mode, emin, emax,
+           out, fail):
     """Each output from its slice products, rounded when its error bound decides it.
 
     ``P11 = a1 @ b1``, ``PM = (a1 + a2) @ (b1 + b2)``, ``P22 = a2 @ b2`` (exact),
-    ``T`` the float64 product of the tails (shape (0, 0) when it is zero); ``nA, mA`` and
-    ``nB, mB`` the sums and maxima of :func:`split` for ``A`` and ``B``; ``crad`` the
-    float64 dot product's relative error bound, doubled. The element ``(r, j)`` is
-    ``(P11 + (PM - P11 - P22) t + P22 t**2 + T) * 2**(ea[r] + eb[j] - 2 beta)`` up to
-    ``crad * (nA[r] mB[j] + mA[r] nB[j])`` (times the same power of two). Decided elements are
-    written to ``out``; the others (and those of bad rows or columns) are marked in ``fail``.
-    Returns the number of inexact results.
+    ``T`` the float64 product of the tails; ``nA, mA`` and ``nB, mB`` the sums and maxima of
+    :func:`split` for ``A`` and ``B``; ``crad`` the float64 dot product's relative error
+    bound, doubled; ``xA``, ``xB``: infinity for a row or column whose scaling lost bits (its
+    elements are left undecided), else 0. The element ``(r, j)`` is ``(P11 + (PM - P11 - P22)
+    t + P22 t**2 + T) * 2**(ea[r] + eb[j] - 2 beta)`` up to ``crad * (nA[r] mB[j] + mA[r]
+    nB[j])`` (times the same power of two). Decided elements are written to ``out``; the
+    others are marked in ``fail``. Returns the number of inexact results.
 
-    The usual element (53 bits, ``E < |L|``, ``|L| + E`` below a quarter of ``H``'s ulp, a
-    binade well inside the range) is rounded inline: the exact sum lies strictly between
-    ``H`` and its float64 neighbour on ``L``'s side, nearer ``H``; the others go through
-    :func:`_decide`. Serial (it runs right after BLAS calls).
+    The usual element (53 bits, ``E < |L|``, ``|L| + E`` below half the gap from ``H`` to its
+    float64 neighbour on ``L``'s side, a binade well inside the range) is rounded inline: the
+    exact sum lies strictly between ``H`` and that neighbour, nearer ``H``; the others go
+    through :func:`_decide`. Serial (it runs right after BLAS calls).
     """
     R, N = P11.shape
     t = math.ldexp(1.0, -beta)
     t2 = t * t
-    has_t = T.shape[0] == R and T.shape[1] == N
+    near = mode == RNE or mode == RNA
+    rup, rdn, odd = mode == RUP, mode == RDN, mode == ODD
     cnt = 0
+    slow = 0
     for r in range(R):
-        for j in range(N):
-            if badA[r] or badB[j]:
-                fail[r, j] = 1
-                continue
+        for j in range(N):  # branch-free: the rounding is a choice of bits
             p11 = P11[r, j]
             p22 = P22[r, j]
             cross = PM[r, j] - (p11 + p22)
             s, e1 = two_sum(p11, cross * t)
             s, e2 = two_sum(s, p22 * t2)
-            x3 = T[r, j] if has_t else 0.0
-            s, e3 = two_sum(s, x3)
+            s, e3 = two_sum(s, T[r, j])
             H, L = two_sum(s, (e1 + e2) + e3)
             S = nA[r] * mB[j] + mA[r] * nB[j]
-            E = crad * S + _U4 * (abs(e1) + abs(e2) + abs(e3))
-            if S > 0.0:
-                E += _ETA
+            E = (crad * S + _U4 * (abs(e1) + abs(e2) + abs(e3)) + _ETA * (S > 0.0)
+                 + (xA[r] + xB[j]))
             sc = ea[r] + eb[j] - 2 * beta
-            b = f64_bits(H) & _ABS
+            hb = f64_bits(H)
+            b = hb & _ABS
             ex = b >> 52
             ef = ex - 1023 + sc
             aL = abs(L)
-            if (p53 and ex > 60 and ef > emin and ef < emax and E < aL
-                    and aL + E < f64_from_bits((ex - 54) << 52)):
-                neg = H < 0.0
-                if mode == RNE or mode == RNA:
-                    v = b
-                else:
-                    # x between H and its neighbour on L's side: magnitudes g0 < x < g1
-                    above = (L > 0.0) != neg
-                    g0 = b if above else b - 1
-                    g1 = g0 + 1
-                    if mode == RTZ:
-                        v = g0
-                    elif mode == RDN:
-                        v = g1 if neg else g0
-                    elif mode == RUP:
-                        v = g0 if neg else g1
-                    else:  # ODD
-                        v = g0 if (g0 & 1) == 1 else g1
-                y = f64_from_bits(v + (np.int64(sc) << 52))
-                out[r, j] = -y if neg else y
-                cnt += 1
-                continue
-            v, inx, ok = _decide(H, L, E, sc, p53, mode, emin, emax)
-            if ok:
-                out[r, j] = v
-                cnt += inx
-            else:
-                fail[r, j] = 1
+            above = (f64_bits(L) ^ hb) >= 0  # |x| > |H| (L has H's sign; L != 0 below)
+            # half the gap from |H| to its float64 neighbour on x's side (a quarter of H's
+            # ulp below a power of two)
+            half = ex - 53 - np.int64((not above) & ((b & _MANT) == 0))
+            ok = (p53 & (ex > 60) & (ef > emin) & (ef < emax) & (E < aL)
+                  & (aL + E < f64_from_bits(half << 52)))
+            # magnitudes g0 < |x| < g1: H and its neighbour on x's side
+            g0 = b - np.int64(not above)
+            neg = hb < 0
+            up = (rup & (not neg)) | (rdn & neg) | (odd & ((g0 & 1) == 0))
+            v = b if near else g0 + np.int64(up)
+            out[r, j] = f64_from_bits((v + (np.int64(sc) << 52)) | (hb & _SIGN))
+            fail[r, j] = not ok
+            cnt += ok
+            slow += not ok
+    if slow:  # the others: the full decision
+        for r in range(R):
+            for j in range(N):
+                if fail[r, j]:
+                    cnt += _finish_one(P11[r, j], PM[r, j], P22[r, j], T[r, j],
+                                       nA[r] * mB[j] + mA[r] * nB[j], xA[r] + xB[j],
+                                       ea[r] + eb[j] - 2 * beta, t, crad, p53, mode, emin,
+                                       emax, out, fail, r, j)
     return cnt
+
+
+@jit
+def _finish_one(p11, pm, p22, tl, S, x, sc, t, crad, p53, mode, emin, emax, out, fail, r, j):
+    """:func:`finish` for one element through :func:`_decide`: 1 if decided inexact."""
+    cross = pm - (p11 + p22)
+    s, e1 = two_sum(p11, cross * t)
+    s, e2 = two_sum(s, p22 * (t * t))
+    s, e3 = two_sum(s, tl)
+    H, L = two_sum(s, (e1 + e2) + e3)
+    E = crad * S + _U4 * (abs(e1) + abs(e2) + abs(e3)) + _ETA * (S > 0.0) + x
+    v, inx, ok = _decide(H, L, E, sc, p53, mode, emin, emax)
+    if ok:
+        out[r, j] = v
+        fail[r, j] = 0
+        return inx
+    return 0

@@ -188,6 +188,7 @@ def run(p) -> np.ndarray:
     n2 = 2.0 * K * 2.0**-53
     crad = 2.0 * n2 / (1.0 - n2) * (1.0 + 2.0**-40)  # 2 gamma(2K), rounded up
     b1, b12, b2, tb, nB, mB, eb, badB = _split(_read_only(B.T), beta, 1)
+    xB = np.where(badB, np.inf, 0.0)  # columns left to the general kernel
     tail_b = bool(mB.any())  # Vr not all zero
     rows_per = max(1, min(R, _BLOCK_VALUES // (5 * K + 4 * N)))
     work = _work(rows_per, K)
@@ -210,10 +211,11 @@ def run(p) -> np.ndarray:
         elif tail_a:
             np.matmul(ta[:, K:], tb[:, K:].T, out=T)  # Ur @ V
         else:
-            T = Tl[:0, :0]
+            T[:] = 0.0
         ob, fb = out[r0:r0 + m], fail[r0:r0 + m]
-        inexact += _gz.finish(P11[:m], PM[:m], P22[:m], T, nA, mA, ea, badA, nB, mB, eb, badB,
-                              beta, crad, p53, mode, f.emin, f.emax, ob, fb)
+        inexact += _gz.finish(P11[:m], PM[:m], P22[:m], T, nA, mA, ea,
+                              np.where(badA, np.inf, 0.0), nB, mB, eb, xB, beta, crad, p53, mode,
+                              f.emin, f.emax, ob, fb)
         rows, cols = np.nonzero(fb)
         ok = (badA[rows] == 0) & (badB[cols] == 0)  # the scaled operands are exact there
         if ok.any():
