@@ -30,6 +30,7 @@ ROW_CASES = {
     "exact_blas": (fs.MatmulSpec(input=Q12_8, output=Q16_6), np.float64),
     "zero_products": (fs.MatmulSpec(output=fs.FP16), "zeros"),
     "exact_filtered": (fs.MatmulSpec(output=fs.FP16), np.float32),
+    "exact_ozaki": (fs.MatmulSpec(), np.float64),
     "fp32_chain": (fs.MatmulSpec(input=fs.FP16, accumulator=fs.FP32), np.float64),
     "fp32_fma": (fs.MatmulSpec(accumulator=fs.FP32), np.float32),
     "fp32_chain64": (fs.MatmulSpec(accumulator=fs.Accumulator(fs.FP32, "toward_zero")),
@@ -89,7 +90,10 @@ def test_row_matches_the_general_kernel(name, kind):
     outputs = got.size
     assert c.paths.get("reference", 0) == 0
     assert c.paths.get(f"{name}_general", 0) <= 0.01 * outputs
-    if name != "general":
+    fmt = spec.result_format
+    if name != "general" and not (isinstance(fmt, fs.FloatFormat) and fmt.man_bits > 50):
+        # (the general kernel leaves an inexact sum rounded into a 53-bit format, float64,
+        # to the oracle: that is what exact_ozaki is for)
         assert cw.paths.get("reference", 0) == 0
 
 

@@ -35,6 +35,7 @@ from ..jit import gemm_fp32 as _g32
 from ..jit import quant as _q
 from ..quantize import _f32_bits, _f64_bits, _fast_float_params, resolve_overflow
 from ..rounding import Overflow, Rounding
+from . import exact64 as _exact64
 from .core import (
     _Bits,
     _chain_result,
@@ -623,6 +624,15 @@ PATHS: tuple[Path, ...] = (
          "interval rounds to one value takes it; the others are summed again (Dot2) and "
          "filtered, then left to the general kernel",
          _exact_filtered_declines, _exact_filtered),
+    Path(_exact64.NAME,
+         f"{_EXACT} rounded once into float64 (the default spec) or another float output of 52 "
+         "or 53 significand bits, deterministic rounding, any finite data (float64 products "
+         "need not be exact): error-free integer slices on float64 BLAS (Ozaki's scheme), "
+         "then a filter",
+         "the slice products are integers below 2**53, exact in any summation order; the tail "
+         "below them has a proven bound; an element whose bound decides the rounding takes "
+         "it, the others are summed again (Dot2) and decided, then left to the general kernel",
+         _exact64.declines, _exact64.run),
     Path("fp32_chain",
          "an FP32 FMA chain (nearest even, IEEE overflow) whose products are exact in "
          "float32: a float32 loop over the outputs, k in order",
