@@ -75,24 +75,39 @@ def split(X, beta, side, c1, c12, c2, tail, nrm, mx, e, bad):
         x = X[i]
         m = 0.0
         for k in range(K):
-            m = max(m, abs(x[k]))
+            v = abs(x[k])
+            m = v if v > m else m
         ei, s1, s2, inv = _scales(m, beta)
-        d1, d2, d12, tl = c1[i], c2[i], c12[i], tail[i]
+        d1, d2, d12 = c1[i], c2[i], c12[i]
+        lo, hi = tail[i, :K], tail[i, K:]
+        u = hi if side == 1 else d12  # the scaled row (kept in V's place for B)
+        # short loops over few arrays: each one vectorises
+        for k in range(K):
+            u[k] = x[k] * s1 * s2
         lossy = False
-        for k in range(K):  # branch-free: vectorised
-            u = x[k] * s1 * s2
-            lossy |= (inv != 0.0) & (abs(u) < _MINNORM) & (u * inv != x[k])
-            a1, a2, r = _split_value(u, T, t)
-            d1[k] = a1
-            d2[k] = a2
-            d12[k] = a1 + a2
-            tl[k] = a1 + a2 * t if side == 0 else r
-            tl[K + k] = r if side == 0 else u
+        if inv != 0.0:  # scaled down: a value may have lost bits in the subnormal range
+            for k in range(K):
+                lossy |= (abs(u[k]) < _MINNORM) & (u[k] * inv != x[k])
+        for k in range(K):
+            d1[k] = (u[k] + _C52) - _C52
+        for k in range(K):
+            d2[k] = ((u[k] - d1[k]) * T + _C52) - _C52
+        rt = hi if side == 0 else lo  # r t: Ur for A, Vr for B
+        for k in range(K):
+            rt[k] = ((u[k] - d1[k]) * T - d2[k]) * t
+        if side == 0:
+            for k in range(K):
+                lo[k] = d1[k] + d2[k] * t
+        for k in range(K):
+            d12[k] = d1[k] + d2[k]
+        w = lo if side == 0 else hi  # U12 for A, V for B
         acc = 0.0
         top = 0.0
         for k in range(K):
-            acc += abs(tl[k] if side == 0 else tl[K + k])
-            top = max(top, abs(tl[K + k] if side == 0 else tl[k]))
+            acc += abs(w[k])
+        for k in range(K):
+            v = abs(rt[k])
+            top = v if v > top else top
         nrm[i] = acc
         mx[i] = top
         e[i] = ei

@@ -91,6 +91,8 @@ The operand ``mm`` (the centroid products of :mod:`fixedsim.reuse`) is not used:
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from .. import counters as _counters
@@ -114,6 +116,35 @@ PROOF = ("the slices' products are integers below 2**53 in every order, so BLAS 
 #: Rows of A split and multiplied together: the work arrays of one block (five slices of
 #: ``A``'s rows, four products) stay below about this many float64 values.
 _BLOCK_VALUES = 2**22
+
+#: Work space (float64 values) a thread keeps between calls. Fresh memory costs a page fault
+#: per 4 KiB on first touch (about 2 us each on the machine of docs/performance.md: 5 ms for
+#: the 10 MiB of one 512x512 operand's slices, more than the BLAS product): calls whose work
+#: arrays fit reuse the thread's buffer. 64 MiB at most; larger calls allocate their own.
+_KEEP_VALUES = 2**23
+
+_scratch = threading.local()
+
+
+def _workspace(n):
+    """``n`` float64 values of work space: this thread's kept buffer when ``n`` fits
+    :data:`_KEEP_VALUES` (grown to ``n`` if smaller), else a fresh array."""
+    if n > _KEEP_VALUES:
+        return np.empty(n)
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.size < n:
+        buf = _scratch.buf = np.empty(n)
+    return buf[:n]
+
+
+def _carve(buf, *shapes):
+    """C-contiguous float64 arrays of the given shapes, one after the other in ``buf``."""
+    out, at = [], 0
+    for shape in shapes:
+        size = int(np.prod(shape))
+        out.append(buf[at:at + size].reshape(shape))
+        at += size
+    return out
 
 def beta_for(K: int) -> int:
     """Bits per slice for ``K`` terms: the largest ``beta`` with ``9 K 4**beta <= 2**55``, so
@@ -158,20 +189,16 @@ def _read_only(x):
 
 def _split(X, beta, side, into=None):
     """The slices of the rows of ``X`` (``A``, side 0, or ``B`` transposed, side 1), into the
-    arrays ``into`` when given (at least as many rows): see
-    :func:`fixedsim.jit.gemm_exact64.split`."""
+    three ``(n, K)`` and one ``(n, 2K)`` float64 arrays ``into`` when given (at least ``n``
+    rows): see :func:`fixedsim.jit.gemm_exact64.split`."""
     n, K = X.shape
     if into is None:
-        into = _work(n, K)
-    c1, c12, c2, tail, nrm, mx, e, bad = (w[:n] for w in into)
+        into = (np.empty((n, K)), np.empty((n, K)), np.empty((n, K)), np.empty((n, 2 * K)))
+    c1, c12, c2, tail = (w[:n] for w in into)
+    nrm, mx = np.empty(n), np.empty(n)
+    e, bad = np.empty(n, np.int64), np.empty(n, np.uint8)
     _gz.split(X, beta, side, c1, c12, c2, tail, nrm, mx, e, bad)
     return c1, c12, c2, tail, nrm, mx, e, bad
-
-
-def _work(n, K):
-    """Uninitialised arrays for :func:`_split` of ``n`` rows of ``K`` values."""
-    return (np.empty((n, K)), np.empty((n, K)), np.empty((n, K)), np.empty((n, 2 * K)),
-            np.empty(n), np.empty(n), np.empty(n, np.int64), np.empty(n, np.uint8))
 
 
 def run(p) -> np.ndarray:
@@ -187,12 +214,17 @@ def run(p) -> np.ndarray:
     beta = beta_for(K)
     n2 = 2.0 * K * 2.0**-53
     crad = 2.0 * n2 / (1.0 - n2) * (1.0 + 2.0**-40)  # 2 gamma(2K), rounded up
-    b1, b12, b2, tb, nB, mB, eb, badB = _split(_read_only(B.T), beta, 1)
+    rows_per = max(1, min(R, _BLOCK_VALUES // (5 * K + 4 * N)))
+    buf = _workspace(6 * N * K + rows_per * (5 * K + 4 * N))
+    BT, b1, b12, b2, tb, a1, a12, a2, ta, P11, PM, P22, Tl = _carve(
+        buf, (N, K), (N, K), (N, K), (N, K), (N, 2 * K), (rows_per, K), (rows_per, K),
+        (rows_per, K), (rows_per, 2 * K), (rows_per, N), (rows_per, N), (rows_per, N),
+        (rows_per, N))
+    np.copyto(BT, B.T)
+    b1, b12, b2, tb, nB, mB, eb, badB = _split(_read_only(BT), beta, 1, (b1, b12, b2, tb))
     xB = np.where(badB, np.inf, 0.0)  # columns left to the general kernel
     tail_b = bool(mB.any())  # Vr not all zero
-    rows_per = max(1, min(R, _BLOCK_VALUES // (5 * K + 4 * N)))
-    work = _work(rows_per, K)
-    P11, PM, P22, Tl = (np.empty((rows_per, N)) for _ in range(4))
+    work = (a1, a12, a2, ta)
     out = np.empty((R, N))
     fail = np.zeros((R, N), np.uint8)
     inexact = 0
