@@ -227,11 +227,13 @@ def test_refinement_decides_small_sums():
     out = np.empty((3, 3))
     fail = np.zeros((3, 3), np.uint8)
     crad = 4.0 * K * 2.0**-53
-    gz.finish(A1 @ B1.T, A12 @ B12.T, A2 @ B2.T, ta @ tb.T, nA, mA, ea, badA, nB, mB, eb, badB,
-              beta, crad, True, 0, -1022, 1023, out, fail)
+    n_inexact, n_left = gz.finish(A1 @ B1.T, A12 @ B12.T, A2 @ B2.T, ta @ tb.T, nA, mA, ea,
+                                  np.zeros(3), nB, mB, eb, np.zeros(3), beta, crad, True, 0,
+                                  -1022, 1023, out, fail)
     rows, cols = np.nonzero(fail)
-    assert rows.size >= 1  # the first bound leaves the small sums
-    gz.refine_at(ta, tb, rows, cols, ea, eb, beta, crad, True, 0, -1022, 1023, out, fail)
+    assert n_left == rows.size >= 1 and n_inexact == 9 - n_left  # the small sums are left
+    assert gz.refine_at(ta, tb, rows, cols, ea, eb, beta, crad, True, 0, -1022, 1023, out,
+                        fail) == (n_left, 0)
     assert not fail.any()
     c = check(a, b, spec)
     assert general_share(c) == 0

@@ -218,11 +218,12 @@ def refine_at(ta, tb, rows, cols, ea, eb, beta, crad, p53, mode, emin, emax, out
     the FMA's own rounding, at most ``u |r_k|`` and half a subnormal quantum each. The bound
     used is ``crad * sum(|q_k| + |r_k|)`` (``crad >= 2 gamma(2K)``) plus ``2**-1000`` when
     some product is nonzero (an underflowing one may have rounded to zero). Decided elements
-    are written to ``out`` and their ``fail`` mark cleared.
-    Returns the number of inexact results.
+    are written to ``out`` and their ``fail`` mark cleared. Returns the numbers of inexact
+    results and of elements left.
     """
     K = ta.shape[1] // 2
     cnt = 0
+    left = rows.size
     for i in range(rows.size):
         r = rows[i]
         j = cols[i]
@@ -248,7 +249,8 @@ def refine_at(ta, tb, rows, cols, ea, eb, beta, crad, p53, mode, emin, emax, out
             out[r, j] = v
             fail[r, j] = 0
             cnt += inx
-    return cnt
+            left -= 1
+    return cnt, left
 
 
 @jit
@@ -263,7 +265,7 @@ def finish(P11, PM, P22, T, nA, mA, ea, xA, nB, mB, eb, xB, beta, crad, p53, mod
     elements are left undecided), else 0. The element ``(r, j)`` is ``(P11 + (PM - P11 - P22)
     t + P22 t**2 + T) * 2**(ea[r] + eb[j] - 2 beta)`` up to ``crad * (nA[r] mB[j] + mA[r]
     nB[j])`` (times the same power of two). Decided elements are written to ``out``; the
-    others are marked in ``fail``. Returns the number of inexact results.
+    others are marked in ``fail``. Returns the numbers of inexact results and of elements left.
 
     The usual element (53 bits, ``E < |L|``, ``|L| + E`` below half the gap from ``H`` to its
     float64 neighbour on ``L``'s side, a binade well inside the range) is rounded inline: the
@@ -314,16 +316,19 @@ def finish(P11, PM, P22, T, nA, mA, ea, xA, nB, mB, eb, xB, beta, crad, p53, mod
         for r in range(R):
             for j in range(N):
                 if fail[r, j]:
-                    cnt += _finish_one(P11[r, j], PM[r, j], P22[r, j], T[r, j],
-                                       nA[r] * mB[j] + mA[r] * nB[j], xA[r] + xB[j],
-                                       ea[r] + eb[j] - 2 * beta, t, crad, p53, mode, emin,
-                                       emax, out, fail, r, j)
-    return cnt
+                    inx = _finish_one(P11[r, j], PM[r, j], P22[r, j], T[r, j],
+                                      nA[r] * mB[j] + mA[r] * nB[j], xA[r] + xB[j],
+                                      ea[r] + eb[j] - 2 * beta, t, crad, p53, mode, emin,
+                                      emax, out, fail, r, j)
+                    cnt += max(inx, 0)
+                    slow -= inx >= 0
+    return cnt, slow
 
 
 @jit
 def _finish_one(p11, pm, p22, tl, S, x, sc, t, crad, p53, mode, emin, emax, out, fail, r, j):
-    """:func:`finish` for one element through :func:`_decide`: 1 if decided inexact."""
+    """:func:`finish` for one element through :func:`_decide`: 1 if decided inexact, 0 if
+    decided exact, -1 if left undecided."""
     cross = pm - (p11 + p22)
     s, e1 = two_sum(p11, cross * t)
     s, e2 = two_sum(s, p22 * (t * t))
@@ -335,4 +340,4 @@ def _finish_one(p11, pm, p22, tl, S, x, sc, t, crad, p53, mode, emin, emax, out,
         out[r, j] = v
         fail[r, j] = 0
         return inx
-    return 0
+    return -1

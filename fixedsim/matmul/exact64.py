@@ -138,12 +138,11 @@ def _workspace(n):
 
 
 def _carve(buf, *shapes):
-    """C-contiguous float64 arrays of the given shapes, one after the other in ``buf``."""
+    """C-contiguous float64 arrays of the given 2-D shapes, one after the other in ``buf``."""
     out, at = [], 0
-    for shape in shapes:
-        size = int(np.prod(shape))
-        out.append(buf[at:at + size].reshape(shape))
-        at += size
+    for n, m in shapes:
+        out.append(buf[at:at + n * m].reshape(n, m))
+        at += n * m
     return out
 
 def beta_for(K: int) -> int:
@@ -227,7 +226,7 @@ def run(p) -> np.ndarray:
     work = (a1, a12, a2, ta)
     out = np.empty((R, N))
     fail = np.zeros((R, N), np.uint8)
-    inexact = 0
+    inexact = left = 0
     for r0 in range(0, R, rows_per):
         m = min(R, r0 + rows_per) - r0
         a1, a12, a2, ta, nA, mA, ea, badA = _split(A[r0:r0 + m], beta, 0, work)
@@ -245,17 +244,20 @@ def run(p) -> np.ndarray:
         else:
             T[:] = 0.0
         ob, fb = out[r0:r0 + m], fail[r0:r0 + m]
-        inexact += _gz.finish(P11[:m], PM[:m], P22[:m], T, nA, mA, ea,
-                              np.where(badA, np.inf, 0.0), nB, mB, eb, xB, beta, crad, p53, mode,
-                              f.emin, f.emax, ob, fb)
-        rows, cols = np.nonzero(fb)
-        ok = (badA[rows] == 0) & (badB[cols] == 0)  # the scaled operands are exact there
-        if ok.any():
-            inexact += _gz.refine_at(ta, tb, rows[ok], cols[ok], ea, eb, beta, crad, p53, mode,
-                                     f.emin, f.emax, ob, fb)
+        n_inexact, n_left = _gz.finish(P11[:m], PM[:m], P22[:m], T, nA, mA, ea,
+                                       np.where(badA, np.inf, 0.0), nB, mB, eb, xB, beta, crad,
+                                       p53, mode, f.emin, f.emax, ob, fb)
+        inexact += n_inexact
+        if n_left:
+            rows, cols = np.nonzero(fb)
+            ok = (badA[rows] == 0) & (badB[cols] == 0)  # the scaled operands are exact there
+            n_inexact, n_left = _gz.refine_at(ta, tb, rows[ok], cols[ok], ea, eb, beta, crad,
+                                              p53, mode, f.emin, f.emax, ob, fb)
+            inexact += n_inexact
+            left += n_left + int((~ok).sum())
     flags = np.zeros(_q.N_FLAGS, np.int64)
     flags[_q.F_INEXACT] = inexact
-    rows, cols = np.nonzero(fail)
+    rows, cols = np.nonzero(fail) if left else (np.zeros(0, np.int64),) * 2
     if rows.size:
         tot = _general_at(np.ascontiguousarray(p.A, np.float64),
                           np.ascontiguousarray(p.B, np.float64), spec, p.ba, p.bb, p.keys,
