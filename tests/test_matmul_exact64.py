@@ -6,6 +6,7 @@ once the table has it, ``fs.matmul(a, b, spec, stats=True, path="exact_ozaki")``
 ``path="general"`` does the same.
 """
 
+import concurrent.futures
 import math
 import types
 from fractions import Fraction
@@ -310,6 +311,31 @@ def test_blocks_of_rows_give_the_same_bits(monkeypatch, rnd):
     assert c1.paths == cb.paths == c6.paths
     assert general_share(c1) >= 9  # row 17; an exact sum or tie of the integer rows may add
     check(a[[0, 13, 17]], b, spec)
+
+
+def test_work_space_kept_or_fresh_and_per_thread(monkeypatch):
+    """The bits do not depend on the work space: a thread's kept buffer reused across shapes,
+    fresh arrays for calls too large to keep, smaller blocks to fit it, and two threads
+    running at once (each its own buffer)."""
+    rng = np.random.default_rng(11)
+    cases = [(rng.standard_normal((300, 20)), rng.standard_normal((20, 10))),
+             (rng.standard_normal((5, 9)) * 1e-200, rng.standard_normal((9, 4)) * 1e150)]
+    spec = fs.MatmulSpec()
+    want = [run_row(a, b, spec)[0] for a, b in cases]
+    for a, b in cases[::-1] + cases:  # shapes change under a kept buffer
+        assert_same_bits(run_row(a, b, spec)[0], want[[x is a for x, _ in cases].index(True)])
+    monkeypatch.setattr(exact64, "_KEEP_VALUES", 6 * 20 * 10 + 150 * (5 * 20 + 4 * 10))
+    exact64._scratch.buf = None
+    assert_same_bits(run_row(*cases[0], spec)[0], want[0])  # blocks of 150 rows to fit
+    assert exact64._scratch.buf.size == exact64._KEEP_VALUES
+    monkeypatch.setattr(exact64, "_KEEP_VALUES", 10)
+    assert_same_bits(run_row(*cases[0], spec)[0], want[0])  # fresh arrays
+    monkeypatch.undo()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(run_row, a, b, spec) for _ in range(4) for a, b in cases]
+        for i, fut in enumerate(futures):
+            assert_same_bits(fut.result()[0], want[i % 2])
+    assert_same_bits(want[1], reference.matmul(*cases[1], spec))
 
 
 # -- when the row applies ------------------------------------------------------------------------

@@ -3,8 +3,8 @@ splitting): the splitting of the operands into integer slices and the filter tha
 output from its double-double value and proven error bound.
 
 The proof is in :mod:`fixedsim.matmul.exact64`; these kernels trust their inputs. Notation:
-``beta`` bits per slice, ``T = 2**beta``, ``t = 2**-beta``. A row ``x`` of ``A`` (a column of
-``B``) with ``max |x| < 2**e`` is scaled to ``u = x * 2**(beta - e)`` (``|u| < T``) and split
+``beta`` bits per slice, ``T = 2**beta``, ``t = 2**-beta``. A row ``x`` of ``A`` (of ``B``
+transposed) with ``max |x| < 2**e`` is scaled to ``u = x * 2**(beta - e)`` (``|u| < T``) and split
 ``u = a1 + a2 t + r t`` with ``a1 = RN(u)``, ``a2 = RN((u - a1) T)`` integers (``|a1| <= T``,
 ``|a2| <= T/2``, ``|r| <= 1/2``), each step exact.
 """
@@ -45,15 +45,6 @@ def _scales(m, beta):
     sa = min(sh, 1000)
     inv = math.ldexp(1.0, -sh) if sh < 0 else 0.0
     return e, math.ldexp(1.0, sa), math.ldexp(1.0, sh - sa), inv
-
-
-@jit_inline
-def _split_value(u, T, t):
-    """``(a1, a2, r)`` with ``u = a1 + a2 t + r t`` exactly (``|u| < T <= 2**26``)."""
-    a1 = (u + _C52) - _C52
-    u2 = (u - a1) * T
-    a2 = (u2 + _C52) - _C52
-    return a1, a2, (u2 - a2) * t
 
 
 @jit
@@ -212,8 +203,8 @@ def refine_at(ta, tb, rows, cols, ea, eb, beta, crad, p53, mode, emin, emax, out
     few elements :func:`finish` left.
 
     ``U = ta[r, :K] + ta[r, K:]``, ``V = tb[j, K:]`` (:func:`split`'s tails; the sum is
-    exact: the scaled row). TwoProduct
-    (an FMA) and TwoSum give ``sum U V = p + sum(q_k + r_k)`` exactly; the float64 sum ``s``
+    exact: the scaled row). TwoProduct (an FMA) and TwoSum give ``sum U V = p + sum(q_k +
+    r_k)`` exactly; the float64 sum ``s``
     of the ``2K - 1`` error terms is within ``gamma(2K) sum(|q_k| + |r_k|)`` of theirs, plus
     the FMA's own rounding, at most ``u |r_k|`` and half a subnormal quantum each. The bound
     used is ``crad * sum(|q_k| + |r_k|)`` (``crad >= 2 gamma(2K)``) plus ``2**-1000`` when

@@ -5,7 +5,9 @@ It computes exact accumulation (no accumulator, no product rounding) rounded onc
 float64 (``output`` None) or into a float output of 52 or 53 significand bits (``man_bits``
 51 or 52, too wide for ``exact_filtered``'s float64 bound), in every deterministic rounding,
 of any finite operands (float64 data, whose products are not exact in float64, or float32
-data). Five BLAS calls' worth of float64 matrix products, then one pass over the outputs.
+data). Five BLAS products' worth of work (three over ``K`` terms, one over ``2K``), two
+passes over the operands before and one over the outputs after, all serial (they run between
+BLAS calls, whose OpenBLAS workers spin for a while after each).
 
 Method: Ozaki, Ogita, Oishi and Rump's error-free splitting (2012; Ootomo, Ozaki and Yokota
 2024 for the integer-slice form), with Karatsuba's three products for the four leading slice
@@ -32,7 +34,9 @@ with ``9 K 4**beta <= 2**55`` (21 for K = 512, 20 for K = 1024), ``T = 2**beta``
    a1 . b1``, ``P22 = a2 . b2``, ``PM = (a1 + a2) . (b1 + b2)`` (Karatsuba).
 4. *The integer products are exact in BLAS.* Every product and every partial sum, in any
    order, with or without fused multiply-adds or blocking, is an integer of magnitude at most
-   ``K (1.5 T)**2 <= 2**53``, hence a float64, so no operation rounds. ``P11 + P22`` (at most
+   ``K (1.5 T)**2 <= 2**53``, hence a float64, so no operation rounds (BLAS computes each
+   element as a sum of the ``K`` products in some order, as every BLAS that numpy links
+   does; a Strassen-like product would void this and step 5). ``P11 + P22`` (at most
    ``1.25 K T**2``) and ``PM - (P11 + P22)`` (equal to ``a1 . b2 + a2 . b1``, at most
    ``K T**2``) are integers below ``2**53``: exact. The scalings by ``t`` and ``t**2`` are
    exact (no underflow: ``t**2 >= 2**-52``).
@@ -61,7 +65,9 @@ with ``9 K 4**beta <= 2**55`` (21 for K = 512, 20 for K = 1024), ``T = 2**beta``
    next float64 (or the mirror image below ``|H|``); since rounding to nearest is monotone
    and the thresholds are float64 values, the strict comparisons hold for the exact
    ``L -+ E`` too, and the exact sum lies strictly between two consecutive float64 values
-   ``f0 < f1``. For ``p = 53`` these are its neighbours in the format; to nearest,
+   ``f0 < f1`` (:func:`fixedsim.jit.gemm_exact64.finish` takes the usual case inline: ``H``
+   and its neighbour on ``L``'s side, ``|L| + E`` below half their gap, so nearest is ``H``).
+   For ``p = 53`` these are its neighbours in the format; to nearest,
    the side of their midpoint must also be decided. For ``p = 52`` the format's values are
    the float64 values with an even last bit and the odd ones are its midpoints, so one of
    ``f0, f1`` is a neighbour and the other the midpoint, which decides every mode. The result
@@ -84,6 +90,12 @@ with ``9 K 4**beta <= 2**55`` (21 for K = 512, 20 for K = 1024), ``T = 2**beta``
 
 On standard normal data the first bound decides all but about 10**-5 of the elements
 (K = 1024); the refinement decides those.
+
+Memory: ``B``'s slices take ``6 K N`` float64 values; ``A`` runs in blocks of rows whose
+slices and products take at most ``2**22`` values (:data:`_BLOCK_VALUES`). A thread keeps its
+work space between calls when it fits 64 MiB (:data:`_KEEP_VALUES`), because first touches of
+fresh memory cost more than the products on small operands; the blocks are made smaller
+(down to 128 rows) to fit it.
 
 The operand ``mm`` (the centroid products of :mod:`fixedsim.reuse`) is not used: the row reads
 ``A`` itself.
@@ -213,7 +225,11 @@ def run(p) -> np.ndarray:
     beta = beta_for(K)
     n2 = 2.0 * K * 2.0**-53
     crad = 2.0 * n2 / (1.0 - n2) * (1.0 + 2.0**-40)  # 2 gamma(2K), rounded up
-    rows_per = max(1, min(R, _BLOCK_VALUES // (5 * K + 4 * N)))
+    per_row = 5 * K + 4 * N  # one row of A's block: its slices and its four products
+    rows_per = max(1, min(R, _BLOCK_VALUES // per_row))
+    fit = (_KEEP_VALUES - 6 * N * K) // per_row  # rows that keep the work in this thread's
+    if min(R, 128) <= fit < rows_per:           # buffer: smaller blocks, no fresh memory
+        rows_per = fit
     buf = _workspace(6 * N * K + rows_per * (5 * K + 4 * N))
     BT, b1, b12, b2, tb, a1, a12, a2, ta, P11, PM, P22, Tl = _carve(
         buf, (N, K), (N, K), (N, K), (N, K), (N, 2 * K), (rows_per, K), (rows_per, K),
