@@ -1,0 +1,244 @@
+"""Kernels of the ``exact_filtered`` path: exact sums, known within a proven bound, rounded
+once into a float format (the proof is in :mod:`fixedsim.matmul.filtered`).
+
+* :func:`col_norms`: the Euclidean norms of the rows of ``A`` and the columns of ``B``.
+* :func:`filter_round`: for each element, either the proof that the bound decides its
+  rounding, with that rounding and its events, or a mark (vectorised, on the bits).
+* :func:`filter_round_at`: the same decision for listed values, by rounding both ends of the
+  interval with the general scalar quantizer (any float format, any range).
+* :func:`dot2_at`: compensated dot products of listed elements.
+"""
+
+import numpy as np
+from numba import prange
+
+from .bits import f64_bits, f64_from_bits
+from .options import jit, jit_inline, jit_parallel
+from .quant import (
+    F_INEXACT,
+    F_NAN,
+    F_OVERFLOW,
+    F_SUBNORMAL,
+    F_UNDERFLOW,
+    N_FLAGS,
+    ODD,
+    RDN,
+    RNA,
+    RNE,
+    RUP,
+    quantize_value,
+)
+
+#: ``pi`` fields of :func:`filter_round` (int64)
+I_M, I_EMIN, I_SUBN, I_MODE, I_RELAX, I_COUNT = range(6)
+N_I = 6
+#: ``pd`` fields (float64): largest value, smallest normal, the magnitudes an overflow of a
+#: positive and of a negative value gives (the IEEE rule of the mode, or the largest value)
+D_MAX, D_MINNORM, D_OVP, D_OVN = range(4)
+N_D = 4
+#: columns of the per-row counts: decided (each inexact), overflow, subnormal, marked
+C_DECIDED, C_OVERFLOW, C_SUBNORMAL, C_MARKED = range(4)
+N_C = 4
+
+_ABS = 0x7FFFFFFFFFFFFFFF
+_FRAC = (1 << 52) - 1
+_PAD = 2.0**-1000  # added to a scaled bound: covers its rounding if it underflowed
+
+
+@jit_parallel
+def col_norms(A, B, na, nb):
+    """``na[r] = ||A[r, :]||`` and ``nb[j] = ||B[:, j]||`` in float64 (each sum of squares in
+    some order, then one square root). ``A`` is (R, K), ``B`` is (K, N), both C-contiguous."""
+    R, K = A.shape
+    N = B.shape[1]
+    for r in prange(R):
+        ar = A[r]
+        s0 = 0.0
+        s1 = 0.0
+        s2 = 0.0
+        s3 = 0.0
+        k4 = K - K % 4
+        for k in range(0, k4, 4):  # four partial sums: the additions' latencies overlap
+            s0 += ar[k] * ar[k]
+            s1 += ar[k + 1] * ar[k + 1]
+            s2 += ar[k + 2] * ar[k + 2]
+            s3 += ar[k + 3] * ar[k + 3]
+        for k in range(k4, K):
+            s0 += ar[k] * ar[k]
+        na[r] = np.sqrt((s0 + s1) + (s2 + s3))
+    acc = np.zeros(N)
+    for k in range(K):
+        br = B[k]
+        for j in range(N):
+            acc[j] += br[j] * br[j]
+    for j in range(N):
+        nb[j] = np.sqrt(acc[j])
+
+
+@jit_inline
+def _cell(x, lo_b, shift_b, d0):
+    """The fields of :func:`filter_round` for the sum ``x``: ``(neg, ab, inr, d, half, v,
+    scale)``: its sign, magnitude bits, whether its binade is handled, ``d`` (half the
+    format's quantum is ``half = 2**d`` ulps of ``x``), its offset ``v`` above the format's
+    value below it (in ulps), and ``1 / ulp`` (a binade out of range is taken as ``[1, 2)``)."""
+    b = f64_bits(x)
+    neg = b < 0
+    ab = b & _ABS
+    Eb = ab >> 52
+    inr = Eb >= lo_b and Eb < 2023  # also excludes zero, infinities, NaN
+    Eb = Eb if inr else 1023
+    d = d0 + max(shift_b - Eb, 0)
+    half = np.int64(1) << d
+    v = ab & (2 * half - 1)
+    scale = f64_from_bits((2098 - Eb) << 52)  # 2**(52 - E)
+    return neg, ab, inr, d, half, v, scale
+
+
+@jit_inline
+def _rounded(neg, ab, d, half, v, near, up_neg, up_pos, odd, pd):
+    """The rounding of a sum whose interval :func:`filter_round` decided, from its fields:
+    ``(value, overflow, subnormal)``."""
+    trunc = ab & ~(2 * half - 1)
+    up = (((v >> d) & 1) & near) | (up_neg if neg else up_pos)
+    res = (trunc + (up << (d + 1))) | (odd << (d + 1))
+    mag = f64_from_bits(res)
+    over = mag > pd[D_MAX]
+    sub = mag < pd[D_MINNORM]
+    mag = (pd[D_OVN] if neg else pd[D_OVP]) if over else mag
+    return (-mag if neg else mag), over, sub
+
+
+@jit_parallel
+def filter_round(S, wa, wb, c, pi, pd, out, fail, counts):
+    """Round the exact sums ``x[r, j]``, known only to lie within ``e = c * wa[r] * wb[j]`` of
+    ``S[r, j]``, into a float format, wherever that bound decides the rounding.
+
+    The format has ``m = pi[I_M]`` fraction bits (at most 50), smallest normal exponent
+    ``emin``, subnormals (``pi[I_SUBN]``) or not; ``pi[I_MODE]`` is a deterministic mode. On
+    the bits of ``|S|`` (binade ``E``, ulp ``2**(E - 52)``): the format's quantum there is
+    ``2 * half`` ulps, ``half = 2**d``, ``d = 51 - m + max(emin - E, 0)`` (no ``max`` without
+    subnormals); ``v`` is ``|S|``'s offset above the format's value below it, ``trunc``;
+    ``w = e / ulp`` (plus a pad). Decided, strictly (``pi[I_RELAX] == 0``): ``vh = v mod
+    half`` has ``vh > w`` and ``vh + w < half``: the interval holds no value of the format and
+    no midpoint. Relaxed (``pi[I_RELAX] == 1``, nearest modes whose counts nobody reads):
+    ``|v - half| > w`` (no midpoint) and ``v + half / 2 > w`` (not the midpoint below
+    ``trunc``, nor the finer one below a binade's first value). The proof is in
+    :mod:`fixedsim.matmul.filtered`. Handled here: ``E`` from ``max(emin - m, -900)``
+    (``max(emin, -900)`` without subnormals) to 999, where every rounding is ``trunc`` or
+    ``trunc`` plus a quantum, nonzero and not flushed. Results go to ``out`` (float32 or
+    float64 container); undecided or out-of-range elements are marked in ``fail`` (uint8);
+    ``counts[r]`` gets row ``r``'s counts (columns ``C_*``; the events only when
+    ``pi[I_COUNT]``). Parallel over rows (independent outputs).
+    """
+    R, N = S.shape
+    m = pi[I_M]
+    subn = pi[I_SUBN] != 0
+    mode = pi[I_MODE]
+    relax = pi[I_RELAX] != 0
+    count = pi[I_COUNT] != 0
+    d0 = 51 - m
+    emin_b = pi[I_EMIN] + 1023  # biased
+    shift_b = emin_b if subn else -4096  # binades below it have the subnormal quantum
+    lo_b = max(emin_b - m if subn else emin_b, 123)
+    near = np.int64(mode == RNE or mode == RNA)
+    up_neg = np.int64(mode == RDN)
+    up_pos = np.int64(mode == RUP)
+    odd = np.int64(mode == ODD)
+    for r in prange(R):
+        cr = c * wa[r]
+        srow = S[r]
+        orow = out[r]
+        frow = fail[r]
+        n_ok = 0
+        n_over = 0
+        n_sub = 0
+        if relax:  # two loops rather than a select in one: each stays lean
+            for j in range(N):
+                neg, ab, inr, d, half, v, scale = _cell(srow[j], lo_b, shift_b, d0)
+                w = (cr * wb[j]) * scale + _PAD
+                vf = np.float64(v)
+                hf = np.float64(half)
+                ok = inr and abs(vf - hf) > w and vf + 0.5 * hf > w
+                orow[j] = _rounded(neg, ab, d, half, v, near, up_neg, up_pos, odd, pd)[0]
+                frow[j] = 0 if ok else 1
+                n_ok += np.int64(ok)
+        else:
+            for j in range(N):
+                neg, ab, inr, d, half, v, scale = _cell(srow[j], lo_b, shift_b, d0)
+                w = (cr * wb[j]) * scale + _PAD
+                vhf = np.float64(v & (half - 1))
+                ok = inr and vhf > w and vhf + w < np.float64(half)
+                val, over, sub = _rounded(neg, ab, d, half, v, near, up_neg, up_pos, odd, pd)
+                orow[j] = val
+                frow[j] = 0 if ok else 1
+                n_ok += np.int64(ok)
+                if count:
+                    n_over += np.int64(ok and over)
+                    n_sub += np.int64(ok and sub)
+        counts[r, C_DECIDED] = n_ok
+        counts[r, C_OVERFLOW] = n_over
+        counts[r, C_SUBNORMAL] = n_sub
+        counts[r, C_MARKED] = N - n_ok
+
+
+_KEEP = (1 << F_OVERFLOW) | (1 << F_UNDERFLOW) | (1 << F_SUBNORMAL) | (1 << F_NAN)
+
+
+@jit
+def filter_round_at(s, e, strict, P, U, D, out, ok):
+    """Round the exact sums ``x[i]``, known to lie within ``e[i]`` of ``s[i]``, where that
+    decides the rounding (any float format and range; deterministic mode; parameters ``P, U,
+    D`` of the general quantizer). With ``[lo, hi]`` that interval widened outward by one
+    float64 ulp: decided when ``0`` is not in it and ``lo`` and ``hi`` round to the same ``v``
+    with the same overflow, underflow, subnormal and NaN events (roundings and these events
+    are monotone in the magnitude, so all of ``[lo, hi]`` does), and, when ``strict``, ``v``
+    is not in it (so the rounding is inexact). Writes ``out[i]`` and ``ok[i]`` (uint8);
+    returns the event counts of the decided elements (columns ``F_*``). Serial: few elements.
+    """
+    counts = np.zeros(N_FLAGS, np.int64)
+    idx = np.uint64(0)
+    for i in range(s.size):
+        x = s[i]
+        err = e[i]
+        ok[i] = 0
+        if not (err >= 0.0 and err < np.inf and abs(x) < np.inf):
+            continue
+        lo = np.nextafter(x - err, -np.inf)
+        hi = np.nextafter(x + err, np.inf)
+        if not ((lo > 0.0 or hi < 0.0) and abs(lo) < np.inf and abs(hi) < np.inf):
+            continue
+        vl, fl = quantize_value(lo, P, U, D, idx)
+        vh, fh = quantize_value(hi, P, U, D, idx)
+        if vl == vh and (fl & _KEEP) == (fh & _KEEP) and not (strict and lo <= vl <= hi):
+            out[i] = vl
+            ok[i] = 1
+            f = (fl & _KEEP) | (1 << F_INEXACT)
+            for k in range(N_FLAGS):
+                counts[k] += (f >> k) & 1
+    return counts
+
+
+@jit
+def dot2_at(A, BT, rows, cols, hi, lo, t):
+    """Compensated dot products (Ogita, Rump and Oishi's Dot2 on exact products) of the
+    listed elements: ``hi[i] + lo[i]`` approximates ``A[rows[i]] . BT[cols[i]]`` with
+    ``|fl(hi + lo) - exact| <= u |exact| + gamma(K)**2 * sum|a_k b_k|``, and ``t[i]`` is
+    ``sum|a_k b_k|`` in float64. Every product must be exact in float64 (and every sum far
+    from overflow). Serial: few elements, right after a BLAS call."""
+    K = A.shape[1]
+    for i in range(rows.size):
+        ar = A[rows[i]]
+        br = BT[cols[i]]
+        s = 0.0
+        e = 0.0
+        a = 0.0
+        for k in range(K):
+            p = ar[k] * br[k]
+            x = s + p
+            z = x - s
+            e += (s - (x - z)) + (p - z)
+            s = x
+            a += abs(p)
+        hi[i] = s
+        lo[i] = e
+        t[i] = a

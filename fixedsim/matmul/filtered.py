@@ -1,0 +1,256 @@
+"""The ``exact_filtered`` row of the path table: exact sums rounded once into a float output.
+
+Spec: no accumulator, no product rounding, ``spec.output`` a float format of at most 51
+significand bits (FP32, TF32, BF16, FP16, the FP8 formats, ...), a deterministic
+``output_rounding``; operands finite, every product exact in float64 (float32, FP16 or BF16
+data). The result of element ``(r, j)`` is the one rounding of the exact sum ``x = sum_k
+a_k b_k`` (``a = A[r]``, ``b = B[:, j]``).
+
+How, and why it is exact
+------------------------
+1. ``S = A @ B`` on float64 BLAS. Every product ``a_k b_k`` is exact in float64 (at most 53
+   significant bits, ``lsb_a + lsb_b >= -960`` so no product is subnormal, and ``top_a + top_b
+   + log2 K <= 1000`` so no sum overflows). Whatever order, blocking or fused multiply-adds
+   BLAS uses, ``S`` is a sum of these ``K`` exact terms by additions that each round once to
+   nearest (an FMA ``fl(s + a*b)`` is such an addition, as ``a*b`` is exact; a sum that is
+   subnormal is exact), and each term passes through at most ``K`` of them, so
+   ``|S - x| <= gamma(K) * T``, ``gamma(K) = K u / (1 - K u)``, ``u = 2**-53``,
+   ``T = sum_k |a_k b_k|`` (Higham, *Accuracy and Stability*, (3.5)). The same holds for the
+   ``mm`` of a convolution's or a reuse layer's product (another order of the same exact
+   products). BLAS is assumed to use the classical algorithm (sums of the products; no
+   Strassen-like recombination), as OpenBLAS, MKL and BLIS do.
+2. The bound, per row and column: ``T <= ||a|| ||b||`` (Cauchy-Schwarz). The norms are
+   computed in float64 (:func:`fixedsim.jit.gemm_filtered.col_norms`, squares normal and
+   finite by the range conditions): ``fl(sum a_k^2) >= (1 - gamma(K + 1)) ||a||^2`` and the
+   square root rounds by at most ``u``, so ``||a|| ||b|| <= na nb / ((1 - u)^2 (1 -
+   gamma(K + 1)))``. The radius used is ``e = fl(fl(c na) nb)``, ``c = K u (1 + 2**-16)``
+   (``K <= 2**30``, so ``K u <= 2**-23``: the factor ``1 + 2**-16`` exceeds every ``1/(1 -
+   ...)`` and ``(1 - u)^-k`` above by far), hence ``e >= gamma(K) T >= |S - x|``. Per
+   element it costs one multiplication (Cauchy-Schwarz is tighter than the max-times-sum
+   bounds on dense data, and far cheaper than ``|A| @ |B|``, a second GEMM).
+3. The decision (:func:`fixedsim.jit.gemm_filtered.filter_round`). Let ``h`` be half the
+   format's quantum at ``|S|`` (``2**(max(E, emin) - m - 1)``, ``E`` the binade of ``|S|``).
+   On the grid of multiples of ``h`` the format's values are the even multiples and the
+   midpoints between them the odd ones; within ``|S|``'s binade (or the subnormal range) no
+   other point of the grid exists. Every deterministic rounding mode is constant on each open
+   cell ``(k h, (k + 1) h)``, and so are its events (overflow, underflow, subnormal: functions
+   of the rounded value on the unbounded-exponent grid; inexact: the cell holds no value). If
+   ``[|S| - e, |S| + e]`` lies inside the cell of ``|S|`` (tested exactly, in units of ``h``:
+   ``f > w`` and ``fl(f + w) < 1``, ``f = t - floor(t)``, ``t = |S| / h``, ``w = e / h`` plus
+   ``2**-1000`` in case it underflowed; scaling by powers of two is exact and rounding is
+   monotone), ``x`` is in that cell too (with ``S``'s sign: the cell excludes zero), and its
+   rounding is the rounding of ``S``: computed from ``floor(t)`` (the value below is ``floor(t
+   / 2) * 2h``, the one above ``2h`` further; nearest takes the one whose half holds ``t``),
+   then the overflow rule and the events, as the quantizer does for ``x``.
+   When nothing reads the counts and the mode is to nearest, the value itself may lie in the
+   interval (only midpoints, zero and, at a binade's first value, the finer midpoint below it
+   must not): the result is the same, only the inexact count could differ, and nobody reads
+   it. So sums that are exact values of the format, common on FP16/BF16 data, are decided.
+4. Undecided elements (a boundary within ``e``: sums on or near a midpoint or a value of the
+   format, zeros, data whose squares leave float64's normal range) are summed again with a
+   compensated dot product (Dot2, :func:`fixedsim.jit.gemm_filtered.dot2_at`): ``|fl(hi + lo) -
+   x| <= (u |fl(hi + lo)| + gamma(K)^2 T) / (1 - u)``, ``T`` computed alongside with at most
+   ``gamma(K)`` relative error; the radius ``2 (u |res| + gamma(K)^2 T) + 2**-1020`` covers
+   that and its own rounding, and the same decision runs on it. An element whose products are
+   all zero (``T == 0``) is an exact zero with the general kernel's sign (``-0`` only rounding
+   DOWN with a ``-0`` product). What is left (exact ties, exact values of the format when the
+   counts are read) goes to the general kernel, element by element (``_general_at``; counted
+   in ``paths["exact_filtered_general"]``).
+
+Output events are counted only when ``c._read``; the number of roundings always.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numba
+import numpy as np
+
+from .. import counters as _counters
+from ..formats import FloatFormat
+from ..jit import gemm_filtered as _gk
+from ..jit import quant as _q
+from ..quantize import _kernel_params, resolve_overflow
+from ..rounding import Overflow, Rounding
+from .core import _general_at
+
+NAME = "exact_filtered"
+COMPUTES = ("exact accumulation rounded once into a float output (deterministic rounding), "
+            "products exact in float64 (float32, FP16, BF16 data): float64 BLAS, then a "
+            "vectorised filter that rounds")
+PROOF = ("BLAS's error is at most gamma(K) ||a|| ||b|| in any order; an element whose error "
+         "interval lies in one cell between the format's values and midpoints rounds as the "
+         "BLAS sum does; the others are summed again (Dot2) and filtered, then left to the "
+         "general kernel")
+
+_U = 2.0**-53
+#: Outputs with fewer elements are filtered on one Numba thread: right after a BLAS call the
+#: OpenBLAS workers spin, and a parallel kernel would wait for a CPU (see ``_round_output``).
+_SERIAL = 2**17
+_NEAREST = (Rounding.NEAREST_EVEN, Rounding.NEAREST_AWAY)
+
+
+def _dims(p):
+    """(R, K, N) without building a lazily made ``A``."""
+    K, N = p.B.shape
+    R = p.R if hasattr(p, "R") else p.A.shape[0]
+    return R, K, N
+
+
+def declines(p) -> str | None:
+    """None when this row applies to ``p``, else the first condition it fails."""
+    spec, f, ba, bb = p.spec, p.spec.output, p.ba, p.bb
+    R, K, N = _dims(p)
+    checks = (
+        (spec.product is not None, "products are rounded (spec.product is set)"),
+        (not (ba.finite and bb.finite), "an operand holds an infinity or a NaN"),
+        (spec.accumulator is not None, "there is an accumulator"),
+        (not isinstance(f, FloatFormat), "the output is not a float format"),
+    )
+    for cond, why in checks:
+        if cond:
+            return why
+    checks = (
+        (f.man_bits > 50, "the output format is too wide for a float64 bound to decide it"),
+        (spec.output_rounding is Rounding.STOCHASTIC, "the output rounding is stochastic"),
+        (R == 0 or N == 0 or K == 0, "the product is empty"),
+        (K > 2**30, "K > 2**30"),
+        (ba.top == -1075 or bb.top == -1075, "an operand is all zeros"),
+        (ba.sig + bb.sig > 53, "a product of the operands may be inexact in float64 (more "
+                               "than 53 significant bits)"),
+        (ba.lsb + bb.lsb < -960 or ba.top + bb.top + math.log2(max(K, 1)) > 1000,
+         "the products' scale is near the ends of float64's range"),
+    )
+    for cond, why in checks:
+        if cond:
+            return why
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _params(f: FloatFormat, rounding: Rounding, relax: bool, count: bool):
+    """The read-only ``pi``, ``pd`` of :func:`fixedsim.jit.gemm_filtered.filter_round`."""
+    pi = np.zeros(_gk.N_I, np.int64)
+    pi[_gk.I_M] = f.man_bits
+    pi[_gk.I_EMIN] = f.emin
+    pi[_gk.I_SUBN] = int(f.subnormals)
+    pi[_gk.I_MODE] = int(rounding)
+    pi[_gk.I_RELAX] = int(relax)
+    pi[_gk.I_COUNT] = int(count)
+    pd = np.zeros(_gk.N_D, np.float64)
+    pd[_gk.D_MAX] = f.max
+    pd[_gk.D_MINNORM] = f.min_normal
+    if resolve_overflow(f, None) is Overflow.SATURATE:
+        pd[_gk.D_OVP] = pd[_gk.D_OVN] = f.max
+    else:
+        pd[_gk.D_OVP] = _q.overflow_value(int(rounding), False, f.max)
+        pd[_gk.D_OVN] = _q.overflow_value(int(rounding), True, f.max)
+    for arr in (pi, pd):
+        arr.setflags(write=False)  # one compiled signature
+    return pi, pd
+
+
+def run(p):
+    """The ``(R, N)`` result in ``spec.output``'s container, counts added to ``p.c`` (the
+    proof is in the module docstring). Never declines at run time."""
+    spec, ba, bb, c = p.spec, p.ba, p.bb, p.c
+    f = spec.output
+    A = np.ascontiguousarray(p.A, np.float64)
+    B = np.ascontiguousarray(p.B, np.float64)
+    R, K = A.shape
+    N = B.shape[1]
+    mm = getattr(p, "mm", None)
+    S = A @ B if mm is None else np.ascontiguousarray(mm(0, B, 0, K), np.float64)
+    read = bool(c._read)
+    relax = not read and spec.output_rounding in _NEAREST
+    pi, pd = _params(f, spec.output_rounding, relax, read)
+    out = np.empty((R, N), f.dtype)
+    fail = np.empty((R, N), np.uint8)
+    counts = np.empty((R, _gk.N_C), np.int64)
+    cf = K * _U * (1.0 + 2.0**-16)
+    if (2 * min(ba.lsb, bb.lsb) >= -960
+            and 2 * max(ba.top, bb.top) + math.log2(K) <= 1000):  # squares normal, finite
+        na, nb = np.empty(R), np.empty(N)
+        if R * N < _SERIAL:
+            threads = numba.get_num_threads()
+            numba.set_num_threads(1)
+        try:
+            _gk.col_norms(A, B, na, nb)
+            _gk.filter_round(S, na, nb, cf, pi, pd, out, fail, counts)
+        finally:
+            if R * N < _SERIAL:
+                numba.set_num_threads(threads)
+        tot = counts.sum(axis=0)
+        marked = int(tot[_gk.C_MARKED])
+        rows = np.flatnonzero(counts[:, _gk.C_MARKED]) if marked else None
+    else:
+        na = nb = None
+        fail[:] = 1
+        tot = np.zeros(_gk.N_C, np.int64)
+        marked = R * N
+        rows = np.arange(R)
+    flags = np.zeros(_q.N_FLAGS, np.int64)
+    flags[_q.F_INEXACT] = tot[_gk.C_DECIDED]
+    flags[_q.F_OVERFLOW] = tot[_gk.C_OVERFLOW]
+    flags[_q.F_SUBNORMAL] = tot[_gk.C_SUBNORMAL]
+    if marked:
+        fr, fj = np.nonzero(fail[rows])
+        flags += _second_stage(A, B, S, p, rows[fr], fj, out, cf, na, nb, read)
+    c.paths[NAME] = c.paths.get(NAME, 0) + 1
+    if read:
+        c.output += _counters.StageCounts.from_flags(flags, R * N)
+    else:
+        c.output.roundings += R * N
+    return out
+
+
+def _second_stage(A, B, S, p, fr, fj, out, cf, na, nb, strict):
+    """The elements ``(fr[i], fj[i])`` the vectorised filter left: the interval test on the
+    scalar quantizer (sums beyond its range), Dot2 and the test again, signed zeros, then the
+    general kernel; their results into ``out``; returns their event counts (``F_*``)."""
+    spec, c = p.spec, p.c
+    f = spec.output
+    K = A.shape[1]
+    P, U, D = _kernel_params(f, spec.output_rounding, resolve_overflow(f, None), 64)
+    flags = np.zeros(_q.N_FLAGS, np.int64)
+    n = fr.size
+    ok = np.empty(n, np.uint8)
+    vals = np.empty(n)
+    if na is not None:  # the first bound, on the scalar quantizer
+        flags += _gk.filter_round_at(S[fr, fj], cf * na[fr] * nb[fj], strict, P, U, D, vals, ok)
+        done = ok == 1
+        out[fr[done], fj[done]] = vals[done]
+        fr, fj = fr[~done], fj[~done]
+        n = fr.size
+        if n == 0:
+            return flags
+    BT = np.ascontiguousarray(B.T)
+    hi, lo, T = np.empty(n), np.empty(n), np.empty(n)
+    _gk.dot2_at(A, BT, fr, fj, hi, lo, T)
+    res = hi + lo
+    g = K * _U / (1.0 - K * _U)
+    err = 2.0 * (_U * np.abs(res) + g * g * T) + 2.0**-1020
+    ok = np.empty(n, np.uint8)
+    vals = np.empty(n)
+    flags += _gk.filter_round_at(res, err, strict, P, U, D, vals, ok)
+    done = ok == 1
+    out[fr[done], fj[done]] = vals[done]
+    zero = T == 0.0  # every product a signed zero: the sum is an exact zero
+    if zero.any():
+        zr, zj = fr[zero], fj[zero]
+        val = np.zeros(zr.size)
+        if spec.output_rounding is Rounding.DOWN:  # -0 if any product is -0
+            zrows, zi = np.unique(zr, return_inverse=True)
+            sa = np.signbit(A[zrows]).astype(np.float64)
+            sb = np.signbit(B).astype(np.float64)
+            nneg = (sa @ (1.0 - sb) + (1.0 - sa) @ sb)[zi, zj]
+            val[nneg > 0] = -0.0
+        out[zr, zj] = val
+    left = ~done & ~zero
+    if left.any():
+        flags += _general_at(A, B, spec, p.ba, p.bb, p.keys, p.rb, fr[left], fj[left], out, c,
+                             BT)[2]
+        c.paths[NAME + "_general"] = c.paths.get(NAME + "_general", 0) + int(left.sum())
+    return flags

@@ -1,0 +1,303 @@
+"""The ``exact_filtered`` row (fixedsim.matmul.filtered): exact sums rounded once into a float
+output. Its bits equal the general kernel's and the Fraction oracle's, its output counts the
+general kernel's, with the counts read or not, on one Numba thread or two.
+
+The row is run through its ``run(p)`` on a product ``p`` built here (``make``), as the path
+table builds it; the general kernel (``core._general``) on another is the reference.
+"""
+
+import types
+
+import numba
+import numpy as np
+import pytest
+from helpers import assert_same_bits
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fixedsim as fs
+from fixedsim import reference
+from fixedsim.jit import gemm_filtered as gk
+from fixedsim.matmul import core, filtered
+
+DETERMINISTIC = [r for r in fs.Rounding if r is not fs.Rounding.STOCHASTIC]
+FTZ16 = fs.FloatFormat(5, 10, subnormals=False)
+#: float32-container outputs (one compiled kernel); the float64-container one is tested apart
+OUTPUTS = [fs.FP32, fs.TF32, fs.BF16, fs.FP16, fs.FP8_E4M3, fs.FP8_E5M2, FTZ16]
+WIDE = fs.FloatFormat(9, 40)  # float64 container
+
+
+def make(a, b, spec, read, seed=3):
+    """The product ``p`` a row of the path table sees (inputs quantized, operands scanned)."""
+    spec, keys, rb, c = core._setup("matmul", spec, seed, read)
+    A = core._quantize_input(np.asarray(a), spec.input, spec.input_rounding, rb, keys[0],
+                             c.input)
+    B = core._quantize_input(np.asarray(b), spec.input, spec.input_rounding, rb, keys[1],
+                             c.input)
+    return types.SimpleNamespace(A=A, B=B, spec=spec, ba=core._Bits.of(A), bb=core._Bits.of(B),
+                                 keys=keys, rb=rb, c=c)
+
+
+def run_row(a, b, spec, read=True):
+    p = make(a, b, spec, read)
+    why = filtered.declines(p)
+    assert why is None, why
+    return filtered.run(p), p.c
+
+
+def same_as_general(a, b, spec):
+    """The row's bits (counts read and unread) and output counts equal the general kernel's;
+    returns the row's paths."""
+    got, c = run_row(a, b, spec)
+    unread, _ = run_row(a, b, spec, read=False)
+    q = make(a, b, spec, True)
+    want = core._general(q.A, q.B, spec, q.ba, q.bb, q.keys, q.rb, q.c)
+    assert got.dtype == unread.dtype == want.dtype == spec.output.dtype
+    assert_same_bits(got.astype(np.float64), want.astype(np.float64), err_msg=repr(spec))
+    assert_same_bits(unread.astype(np.float64), want.astype(np.float64), err_msg=repr(spec))
+    assert c.output == q.c.output, (c.output, q.c.output)
+    return c.paths
+
+
+def same_as_oracle(a, b, spec):
+    got, _ = run_row(a, b, spec)
+    want = reference.matmul(np.asarray(a), np.asarray(b), spec)
+    assert_same_bits(got.astype(np.float64), want, err_msg=f"{spec!r}\na={a!r}\nb={b!r}")
+
+
+# -- data ----------------------------------------------------------------------------------------
+F32_SPECIAL = [0.0, -0.0, 1.0, -1.0, 2.0**-24, 3 * 2.0**-25, 1.0 + 2.0**-23, 0.5 + 2.0**-24,
+               2.0**-149, 2.0**-126, 3 * 2.0**-127, float(np.finfo(np.float32).max), 2.0**64,
+               2.0**-64, 2.0**100, -(2.0**-100), 1.0 / 3.0, 65504.0, 65520.0, 448.0, 464.0]
+
+
+@st.composite
+def f32_matrices(draw, max_k=12):
+    """float32 data for exact sums: any float32, few-bit values on nearby scales (ties and exact
+    results), small integers, scales whose sums are subnormal, underflow or overflow in the
+    output formats, and a row that cancels to an exact zero."""
+    m, k, n = draw(st.integers(1, 3)), draw(st.integers(1, max_k)), draw(st.integers(1, 3))
+    kind = draw(st.sampled_from(["any", "ties", "ints", "scaled"]))
+    if kind == "any":
+        elems = st.one_of(st.floats(width=32, allow_nan=False, allow_infinity=False),
+                          st.floats(-4.0, 4.0, width=32), st.sampled_from(F32_SPECIAL))
+    elif kind == "ties":
+        elems = st.builds(lambda sg, m, e: sg * m * 2.0**e, st.sampled_from([1.0, -1.0]),
+                          st.sampled_from([1.0, 3.0, 0.75, 1.0 + 2.0**-23, 1.0 - 2.0**-24]),
+                          st.sampled_from([0, -1, -4, -8, -11, -12, -24, -25, -60]))
+    elif kind == "ints":
+        elems = st.one_of(st.integers(-8, 8).map(float), st.sampled_from([2.0**-70, 2.0**40]))
+    else:
+        e = draw(st.sampled_from([-80, -70, -62, -20, -14, -9, 4, 7, 8, 14, 60, 63]))
+        elems = st.builds(lambda v: v * 2.0**e, st.floats(-2.0, 2.0, width=32))
+
+    def mat(r, c):
+        vals = draw(st.lists(elems, min_size=r * c, max_size=r * c))
+        return np.array(vals, dtype=np.float64).astype(np.float32).reshape(r, c)
+
+    a, b = mat(m, k), mat(k, n)
+    if draw(st.booleans()):  # a row that cancels to an exact zero
+        h = k // 2
+        a[0] = np.concatenate([a[0, :h], -a[0, :h], a[0, 2 * h:] * 0])
+        b[: 2 * h] = np.concatenate([b[:h], b[:h]])
+    if not (a.any() and b.any()):  # an all-zero operand is another row's (zero_products)
+        a[0, 0] = b[0, 0] = 1.0
+    return a, b
+
+
+# -- every element, every count -----------------------------------------------------------------
+@settings(max_examples=120, deadline=None)
+@given(st.sampled_from(DETERMINISTIC), st.sampled_from(OUTPUTS), f32_matrices())
+def test_matches_general_kernel_and_oracle(rnd, out, ab):
+    """Bits (counts read and unread) and output counts equal the general kernel's; bits the
+    oracle's."""
+    spec = fs.MatmulSpec(output=out, output_rounding=rnd)
+    paths = same_as_general(*ab, spec)
+    assert set(paths) <= {"exact_filtered", "exact_filtered_general", "reference"}, paths
+    same_as_oracle(*ab, spec)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from(DETERMINISTIC), f32_matrices(max_k=6))
+def test_float64_container_output(rnd, ab):
+    """A format whose values need float64 (40 fraction bits): the same kernel, float64 out."""
+    spec = fs.MatmulSpec(output=WIDE, output_rounding=rnd)
+    same_as_general(*ab, spec)
+    same_as_oracle(*ab, spec)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.sampled_from([fs.FP16, fs.BF16]), st.sampled_from([fs.FP32, fs.BF16, fs.FP8_E4M3]),
+       st.sampled_from(DETERMINISTIC), st.integers(0, 2**32 - 1))
+def test_fp16_bf16_data(inp, out, rnd, seed):
+    """FP16/BF16 inputs (spec.input), wide value ranges, so that exact_blas does not apply:
+    many sums are exact values of the output (decided unread, recomputed when counted)."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((5, 24)) * 2.0 ** rng.integers(-20, 8, (5, 24))
+    b = rng.standard_normal((24, 4))
+    spec = fs.MatmulSpec(input=inp, output=out, output_rounding=rnd)
+    same_as_general(a, b, spec)
+
+
+@pytest.mark.parametrize("rnd", DETERMINISTIC)
+@pytest.mark.parametrize("out", [fs.FP32, fs.BF16, fs.FP16, fs.FP8_E4M3])
+def test_ordinary_data_matches_general(rnd, out):
+    """Normal float32 data, K = 64: nearly every element decided by the first filter."""
+    rng = np.random.default_rng(11)
+    a = rng.standard_normal((7, 64)).astype(np.float32)
+    b = rng.standard_normal((64, 6)).astype(np.float32)
+    assert same_as_general(a, b, fs.MatmulSpec(output=out, output_rounding=rnd)) == \
+        {"exact_filtered": 1}
+
+
+@pytest.mark.parametrize("rnd", DETERMINISTIC)
+@pytest.mark.parametrize("out", [fs.FP32, fs.FP16, fs.BF16, fs.FP8_E5M2])
+def test_undecided_elements_are_recomputed(rnd, out):
+    """Exact ties and exact values of the output, all-zero products (signed zeros), a sum that
+    cancels, overflow, sums beyond the vectorised filter's range: each equals the general
+    kernel, and the ties and exact values (counted) go to the general kernel."""
+    m = out.man_bits
+    big = float(np.float32(out.max))
+    a = np.array([[1.0, 2.0**-(m + 1), 0.0, 0.0],  # a tie of the output format
+                  [1.0, 2.0**-(m + 1), 2.0**-60, 0.0],  # just above the tie
+                  [3.0, 5.0, 0.0, 0.0],  # an exact small integer
+                  [-0.0, 0.0, -0.0, 0.0],  # all products zero
+                  [1.0 / 3.0, -1.0 / 3.0, 0.0, 0.0],  # cancels to an exact zero
+                  [big, big, 0.0, 0.0],  # overflows
+                  [2.0**-100, 2.0**-90, 0.0, 0.0],  # far below every format's subnormals
+                  [2.0**-100, 0.0, 0.0, 2.0**60]], np.float32)  # a wide span: no exact_blas
+    b = np.array([[1.0, -1.0, 0.0],
+                  [1.0, -1.0, -0.0],
+                  [1.0, 1.0, 2.0**-24],
+                  [1.0, -0.0, 3.0]], np.float32)
+    spec = fs.MatmulSpec(output=out, output_rounding=rnd)
+    paths = same_as_general(a, b, spec)
+    assert paths["exact_filtered"] == 1 and paths["exact_filtered_general"] >= 3
+    same_as_oracle(a, b, spec)
+
+
+def test_exact_values_decided_when_unread():
+    """To nearest with nobody reading the counts, a sum that is exactly a value of the format
+    needs no exact recomputation (only midpoints decide there); counted, it does."""
+    a = np.array([[3.0, 5.0, 2.0**-30]], np.float32)
+    b = np.array([[1.0], [1.0], [2.0**-30]], np.float32)  # 8 + 2**-60: FP16 rounds it to 8
+    spec = fs.MatmulSpec(output=fs.FP16)
+    unread, c = run_row(a, b, spec, read=False)
+    assert unread[0, 0] == 8.0 and "exact_filtered_general" not in c.paths
+    a[0, 2] = 0.0  # exactly 8: the counted call cannot tell it from 8 +- tiny by a bound
+    read, c = run_row(a, b, spec)
+    assert read[0, 0] == 8.0 and c.paths["exact_filtered_general"] == 1
+    assert c.output.inexact == 0
+
+
+def test_extreme_scales_skip_the_norms():
+    """Operands whose squares leave float64's normal range: every element is filtered on its
+    compensated sum (no norm-based bound), still bit for bit."""
+    a = np.array([[2.0**-100, 3.0 * 2.0**-101], [1.0, 2.0**-110]], np.float32) * 2.0**-20
+    b = np.array([[2.0**-100, 1.0], [5.0, 2.0**-90]], np.float32)
+    for out in (fs.FP32, fs.FP8_E4M3):
+        same_as_general(a, b, fs.MatmulSpec(output=out))
+        same_as_oracle(a, b, fs.MatmulSpec(output=out))
+
+
+def test_parallel_filter_same_bits_and_counts(monkeypatch):
+    """The filter runs on all Numba threads above ``_SERIAL`` elements: same bits and counts on
+    one thread and on two."""
+    rng = np.random.default_rng(3)
+    a = (rng.standard_normal((40, 50)) * 2.0 ** rng.integers(-14, 4, (40, 50))).astype(
+        np.float32)
+    b = rng.standard_normal((50, 30)).astype(np.float32)
+    spec = fs.MatmulSpec(output=fs.FP8_E4M3, output_rounding="toward_zero")
+    monkeypatch.setattr(filtered, "_SERIAL", 1)
+    threads = numba.get_num_threads()
+    results = []
+    try:
+        for t in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+            numba.set_num_threads(t)
+            results.append(run_row(a, b, spec))
+    finally:
+        numba.set_num_threads(threads)
+    for out, c in results[1:]:
+        assert_same_bits(out.astype(np.float64), results[0][0].astype(np.float64))
+        assert c.output == results[0][1].output
+    assert numba.get_num_threads() == threads
+    same_as_general(a, b, spec)
+
+
+def test_mm_replaces_the_product():
+    """A product's ``mm`` (another summation order of the same exact products, as a
+    convolution's or a reuse layer's) is used instead of ``A @ B``."""
+    rng = np.random.default_rng(8)
+    a = rng.standard_normal((6, 20)).astype(np.float32)
+    b = rng.standard_normal((20, 5)).astype(np.float32)
+    spec = fs.MatmulSpec(output=fs.BF16)
+    p = make(a, b, spec, True)
+    calls = []
+
+    def mm(scale, Bs, k0, k1):
+        calls.append((scale, k0, k1))
+        return p.A[:, k0:10] @ Bs[k0:10] + p.A[:, 10:k1] @ Bs[10:k1]  # two halves summed
+    p.mm = mm
+    out = filtered.run(p)
+    assert calls == [(0, 0, 20)]
+    assert_same_bits(out.astype(np.float64), reference.matmul(a, b, spec))
+
+
+def test_conv2d_through_matmul_table():
+    """conv2d's products take this row when the table holds it (any row: same bits)."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((1, 2, 5, 5)).astype(np.float32)
+    w = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    spec = fs.MatmulSpec(output=fs.FP16)
+    got = fs.conv2d(x, w, spec, padding=1)
+    cols = np.stack([np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))[0, :, i:i + 3, j:j + 3]
+                     .reshape(-1) for i in range(5) for j in range(5)])
+    assert_same_bits(got.reshape(3, 25).T.astype(np.float64),
+                     reference.matmul(cols, w.reshape(3, -1).T, spec))
+
+
+# -- when the row declines, and why ----------------------------------------------------------------
+A32 = np.array([[1.5, -2.25], [0.5, 3.0]], np.float32)
+
+
+@pytest.mark.parametrize("spec, a, b, reason", [
+    (fs.MatmulSpec(product=fs.FP16, output=fs.FP16), A32, A32, r"products are rounded"),
+    (fs.MatmulSpec(output=fs.FP16), np.array([[np.inf, 1.0]]), A32, r"infinity or a NaN"),
+    (fs.MatmulSpec(accumulator=fs.FP32, output=fs.FP16), A32, A32, r"an accumulator"),
+    (fs.MatmulSpec(output=fs.FixedFormat(16, 8)), A32, A32, r"not a float format"),
+    (fs.MatmulSpec(), A32, A32, r"not a float format"),
+    (fs.MatmulSpec(output=fs.FloatFormat(11, 51)), A32, A32, r"too wide"),
+    (fs.MatmulSpec(output=fs.FP16, output_rounding="stochastic", seed=1), A32, A32,
+     r"stochastic"),
+    (fs.MatmulSpec(output=fs.FP16), np.zeros((2, 0)), np.zeros((0, 2)), r"empty"),
+    (fs.MatmulSpec(output=fs.FP16), np.zeros((2, 2)), A32, r"all zeros"),
+    (fs.MatmulSpec(output=fs.FP16), np.array([[1.0 + 2.0**-40, 1.0]]), np.array(
+        [[1.0 + 2.0**-20], [1.0]]), r"more than 53 significant bits"),
+    (fs.MatmulSpec(output=fs.FP16), np.array([[2.0**-1000, 1.0]]), A32, r"range"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_declines(spec, a, b, reason):
+    p = make(a, b, spec, True)
+    assert filtered.declines(p) is not None
+    with pytest.raises(AssertionError, match=reason):
+        assert filtered.declines(p) is None, filtered.declines(p)
+
+
+def test_declines_is_cheap_with_a_lazy_operand():
+    """``declines`` reads the shapes from ``p.R`` when the table gives it (``A`` built later)."""
+    p = make(A32, A32, fs.MatmulSpec(output=fs.FP16), True)
+    lazy = types.SimpleNamespace(**{k: v for k, v in vars(p).items() if k != "A"}, R=2)
+    assert filtered.declines(lazy) is None
+
+
+def test_kernel_marks_what_it_cannot_decide():
+    """filter_round directly: a sum on a midpoint, on a value, out of its range, zero and NaN
+    are marked; a sum within its cell is decided with the rounding of S."""
+    S = np.array([[1.0 + 2.0**-11, 1.0, 2.0**-1000, 0.0, np.nan, 1.0 + 3 * 2.0**-12]])
+    out = np.empty(S.shape, np.float32)
+    fail = np.empty(S.shape, np.uint8)
+    counts = np.empty((1, gk.N_C), np.int64)
+    pi, pd = filtered._params(fs.FP16, fs.Rounding.NEAREST_EVEN, False, True)
+    gk.filter_round(S, np.ones(1), np.ones(6), 2.0**-40, pi, pd, out, fail, counts)
+    assert fail.tolist() == [[1, 1, 1, 1, 1, 0]]
+    assert out[0, 5] == np.float32(1.0 + 2.0**-10)
+    assert counts.tolist() == [[1, 0, 0, 5]]
