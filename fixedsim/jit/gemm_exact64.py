@@ -36,15 +36,58 @@ __all__ = ["split", "finish", "refine_at"]
 
 
 @jit_inline
+def _pow2(k):
+    """``2.0**k`` for an integer ``-1022 <= k <= 1023`` (the bits of a normal power of two)."""
+    return f64_from_bits(np.int64(k + 1023) << 52)
+
+
+@jit_inline
 def _scales(m, beta):
     """``(e, s1, s2, inv)`` for a row whose largest magnitude is ``m``: ``m < 2**e``
     (``e = 0`` for ``m = 0``), ``s1 * s2 = 2**(beta - e)`` as two factors that are floats and
     exact in turn, and ``inv = 2**(e - beta)`` when scaling down (else 0)."""
-    e = math.frexp(m)[1]
+    if m >= _MINNORM:
+        e = ((f64_bits(m) >> 52) & 0x7FF) - 1022  # frexp's exponent of a normal m
+    else:
+        e = math.frexp(m)[1]
     sh = beta - e
     sa = min(sh, 1000)
-    inv = math.ldexp(1.0, -sh) if sh < 0 else 0.0
-    return e, math.ldexp(1.0, sa), math.ldexp(1.0, sh - sa), inv
+    s1 = _pow2(sa) if sa >= -1022 else math.ldexp(1.0, sa)
+    inv = _pow2(-sh) if sh < 0 else 0.0
+    return e, s1, _pow2(sh - sa), inv
+
+
+@jit_inline
+def _max_abs(x):
+    """``max |x|`` (finite ``x``), four running maxima (independent chains)."""
+    m0 = m1 = m2 = m3 = 0.0
+    n4 = x.size - x.size % 4
+    for k in range(0, n4, 4):
+        v0, v1, v2, v3 = abs(x[k]), abs(x[k + 1]), abs(x[k + 2]), abs(x[k + 3])
+        m0 = v0 if v0 > m0 else m0
+        m1 = v1 if v1 > m1 else m1
+        m2 = v2 if v2 > m2 else m2
+        m3 = v3 if v3 > m3 else m3
+    for k in range(n4, x.size):
+        v = abs(x[k])
+        m0 = v if v > m0 else m0
+    return max(max(m0, m1), max(m2, m3))
+
+
+@jit_inline
+def _sum_abs(x):
+    """``sum |x|`` in float64, four running sums (independent chains): like any order of
+    summation of nonnegative terms, at least the exact sum times ``1 - gamma(n)``."""
+    s0 = s1 = s2 = s3 = 0.0
+    n4 = x.size - x.size % 4
+    for k in range(0, n4, 4):
+        s0 += abs(x[k])
+        s1 += abs(x[k + 1])
+        s2 += abs(x[k + 2])
+        s3 += abs(x[k + 3])
+    for k in range(n4, x.size):
+        s0 += abs(x[k])
+    return (s0 + s1) + (s2 + s3)
 
 
 @jit
@@ -64,41 +107,34 @@ def split(X, beta, side, c1, c12, c2, tail, nrm, mx, e, bad):
     t = math.ldexp(1.0, -beta)
     for i in range(n):
         x = X[i]
-        m = 0.0
-        for k in range(K):
-            v = abs(x[k])
-            m = v if v > m else m
-        ei, s1, s2, inv = _scales(m, beta)
+        ei, s1, s2, inv = _scales(_max_abs(x), beta)
         d1, d2, d12 = c1[i], c2[i], c12[i]
         lo, hi = tail[i, :K], tail[i, K:]
-        u = hi if side == 1 else d12  # the scaled row (kept in V's place for B)
-        # short loops over few arrays: each one vectorises
-        for k in range(K):
-            u[k] = x[k] * s1 * s2
+        rt = hi if side == 0 else lo  # r t: Ur for A, Vr for B
+        w = lo if side == 0 else hi  # U12 for A, V for B
+        # short loops, each writing one array (they vectorise); the scaled value
+        # u = x s1 s2 is recomputed rather than stored
         lossy = False
         if inv != 0.0:  # scaled down: a value may have lost bits in the subnormal range
             for k in range(K):
-                lossy |= (abs(u[k]) < _MINNORM) & (u[k] * inv != x[k])
+                u = x[k] * s1 * s2
+                lossy |= (abs(u) < _MINNORM) & (u * inv != x[k])
         for k in range(K):
-            d1[k] = (u[k] + _C52) - _C52
+            d1[k] = (x[k] * s1 * s2 + _C52) - _C52
         for k in range(K):
-            d2[k] = ((u[k] - d1[k]) * T + _C52) - _C52
-        rt = hi if side == 0 else lo  # r t: Ur for A, Vr for B
+            d2[k] = ((x[k] * s1 * s2 - d1[k]) * T + _C52) - _C52
         for k in range(K):
-            rt[k] = ((u[k] - d1[k]) * T - d2[k]) * t
-        if side == 0:
-            for k in range(K):
-                lo[k] = d1[k] + d2[k] * t
+            rt[k] = ((x[k] * s1 * s2 - d1[k]) * T - d2[k]) * t
         for k in range(K):
             d12[k] = d1[k] + d2[k]
-        w = lo if side == 0 else hi  # U12 for A, V for B
-        acc = 0.0
-        top = 0.0
-        for k in range(K):
-            acc += abs(w[k])
-        for k in range(K):
-            v = abs(rt[k])
-            top = v if v > top else top
+        if side == 0:
+            for k in range(K):
+                w[k] = d1[k] + d2[k] * t
+        else:
+            for k in range(K):
+                w[k] = x[k] * s1 * s2
+        acc = _sum_abs(w)
+        top = _max_abs(rt)
         nrm[i] = acc
         mx[i] = top
         e[i] = ei
