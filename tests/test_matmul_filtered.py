@@ -297,7 +297,10 @@ def test_kernel_marks_what_it_cannot_decide():
     fail = np.empty(S.shape, np.uint8)
     counts = np.empty((1, gk.N_C), np.int64)
     pi, pd = filtered._params(fs.FP16, fs.Rounding.NEAREST_EVEN, False, True)
-    gk.filter_round(S, np.ones(1), np.ones(6), 2.0**-40, pi, pd, out, fail, counts)
+    na, nb = np.empty(1), np.empty(6)
+    gk.filter_round(S, np.ones((1, 1)), np.ones((1, 6)), 2.0**-40, pi, pd, out, fail, counts,
+                    na, nb)
+    assert na.tolist() == [1.0] and nb.tolist() == [1.0] * 6
     assert fail.tolist() == [[1, 1, 1, 1, 1, 0]]
     assert out[0, 5] == np.float32(1.0 + 2.0**-10)
     assert counts.tolist() == [[1, 0, 0, 5]]

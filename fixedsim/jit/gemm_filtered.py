@@ -1,9 +1,9 @@
 """Kernels of the ``exact_filtered`` path: exact sums, known within a proven bound, rounded
 once into a float format (the proof is in :mod:`fixedsim.matmul.filtered`).
 
-* :func:`col_norms`: the Euclidean norms of the rows of ``A`` and the columns of ``B``.
-* :func:`filter_round`: for each element, either the proof that the bound decides its
-  rounding, with that rounding and its events, or a mark (vectorised, on the bits).
+* :func:`filter_round`: the Euclidean norms of the rows of ``A`` and the columns of ``B``,
+  then for each element either the proof that the bound they give decides its rounding, with
+  that rounding and its events, or a mark (vectorised, on the bits).
 * :func:`filter_round_at`: the same decision for listed values, by rounding both ends of the
   interval with the general scalar quantizer (any float format, any range).
 * :func:`dot2_at`: compensated dot products of listed elements.
@@ -45,34 +45,27 @@ _FRAC = (1 << 52) - 1
 _PAD = 2.0**-1000  # added to a scaled bound: covers its rounding if it underflowed
 
 
-@jit_parallel
-def col_norms(A, B, na, nb):
-    """``na[r] = ||A[r, :]||`` and ``nb[j] = ||B[:, j]||`` in float64 (each sum of squares in
-    some order, then one square root). ``A`` is (R, K), ``B`` is (K, N), both C-contiguous."""
-    R, K = A.shape
-    N = B.shape[1]
-    for r in prange(R):
-        ar = A[r]
-        s0 = 0.0
-        s1 = 0.0
-        s2 = 0.0
-        s3 = 0.0
-        k4 = K - K % 4
-        for k in range(0, k4, 4):  # four partial sums: the additions' latencies overlap
-            s0 += ar[k] * ar[k]
-            s1 += ar[k + 1] * ar[k + 1]
-            s2 += ar[k + 2] * ar[k + 2]
-            s3 += ar[k + 3] * ar[k + 3]
-        for k in range(k4, K):
-            s0 += ar[k] * ar[k]
-        na[r] = np.sqrt((s0 + s1) + (s2 + s3))
-    acc = np.zeros(N)
-    for k in range(K):
-        br = B[k]
-        for j in range(N):
-            acc[j] += br[j] * br[j]
-    for j in range(N):
-        nb[j] = np.sqrt(acc[j])
+#: columns of ``B`` per task of :func:`filter_round`'s column norms
+_NB_CHUNK = 256
+
+
+@jit_inline
+def _row_norm(ar):
+    """``||ar||`` in float64: four partial sums of squares (their latencies overlap)."""
+    K = ar.size
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    k4 = K - K % 4
+    for k in range(0, k4, 4):
+        s0 += ar[k] * ar[k]
+        s1 += ar[k + 1] * ar[k + 1]
+        s2 += ar[k + 2] * ar[k + 2]
+        s3 += ar[k + 3] * ar[k + 3]
+    for k in range(k4, K):
+        s0 += ar[k] * ar[k]
+    return np.sqrt((s0 + s1) + (s2 + s3))
 
 
 @jit_inline
@@ -109,9 +102,11 @@ def _rounded(neg, ab, d, half, v, near, up_neg, up_pos, odd, pd):
 
 
 @jit_parallel
-def filter_round(S, wa, wb, c, pi, pd, out, fail, counts):
-    """Round the exact sums ``x[r, j]``, known only to lie within ``e = c * wa[r] * wb[j]`` of
-    ``S[r, j]``, into a float format, wherever that bound decides the rounding.
+def filter_round(S, A, B, c, pi, pd, out, fail, counts, na, nb):
+    """Round the exact sums ``x[r, j] = A[r] . B[:, j]``, known only to lie within ``e = c *
+    na[r] * nb[j]`` of ``S[r, j]``, into a float format, wherever that bound decides the
+    rounding; ``na[r] = ||A[r]||`` and ``nb[j] = ||B[:, j]||`` are computed here first (in
+    float64: sums of squares in some order, one square root), and kept.
 
     The format has ``m = pi[I_M]`` fraction bits (at most 50), smallest normal exponent
     ``emin``, subnormals (``pi[I_SUBN]``) or not; ``pi[I_MODE]`` is a deterministic mode. On
@@ -128,9 +123,20 @@ def filter_round(S, wa, wb, c, pi, pd, out, fail, counts):
     ``trunc`` plus a quantum, nonzero and not flushed. Results go to ``out`` (float32 or
     float64 container); undecided or out-of-range elements are marked in ``fail`` (uint8);
     ``counts[r]`` gets row ``r``'s counts (columns ``C_*``; the events only when
-    ``pi[I_COUNT]``). Parallel over rows (independent outputs).
+    ``pi[I_COUNT]``); returns their sum. Parallel over rows (independent outputs).
     """
     R, N = S.shape
+    K = A.shape[1]
+    for t in prange((N + _NB_CHUNK - 1) // _NB_CHUNK):  # column norms, vectorised over j
+        j0 = t * _NB_CHUNK
+        j1 = min(N, j0 + _NB_CHUNK)
+        acc = np.zeros(j1 - j0)
+        for k in range(K):
+            br = B[k, j0:j1]
+            for j in range(j1 - j0):
+                acc[j] += br[j] * br[j]
+        for j in range(j1 - j0):
+            nb[j0 + j] = np.sqrt(acc[j])
     m = pi[I_M]
     subn = pi[I_SUBN] != 0
     mode = pi[I_MODE]
@@ -145,7 +151,8 @@ def filter_round(S, wa, wb, c, pi, pd, out, fail, counts):
     up_pos = np.int64(mode == RUP)
     odd = np.int64(mode == ODD)
     for r in prange(R):
-        cr = c * wa[r]
+        na[r] = _row_norm(A[r])
+        cr = c * na[r]
         srow = S[r]
         orow = out[r]
         frow = fail[r]
@@ -155,7 +162,7 @@ def filter_round(S, wa, wb, c, pi, pd, out, fail, counts):
         if relax:  # two loops rather than a select in one: each stays lean
             for j in range(N):
                 neg, ab, inr, d, half, v, scale = _cell(srow[j], lo_b, shift_b, d0)
-                w = (cr * wb[j]) * scale + _PAD
+                w = (cr * nb[j]) * scale + _PAD
                 vf = np.float64(v)
                 hf = np.float64(half)
                 ok = inr and abs(vf - hf) > w and vf + 0.5 * hf > w
@@ -165,7 +172,7 @@ def filter_round(S, wa, wb, c, pi, pd, out, fail, counts):
         else:
             for j in range(N):
                 neg, ab, inr, d, half, v, scale = _cell(srow[j], lo_b, shift_b, d0)
-                w = (cr * wb[j]) * scale + _PAD
+                w = (cr * nb[j]) * scale + _PAD
                 vhf = np.float64(v & (half - 1))
                 ok = inr and vhf > w and vhf + w < np.float64(half)
                 val, over, sub = _rounded(neg, ab, d, half, v, near, up_neg, up_pos, odd, pd)
@@ -179,6 +186,11 @@ def filter_round(S, wa, wb, c, pi, pd, out, fail, counts):
         counts[r, C_OVERFLOW] = n_over
         counts[r, C_SUBNORMAL] = n_sub
         counts[r, C_MARKED] = N - n_ok
+    tot = np.zeros(N_C, np.int64)
+    for r in range(R):  # after the parallel loop, in row order
+        for k in range(N_C):
+            tot[k] += counts[r, k]
+    return tot
 
 
 _KEEP = (1 << F_OVERFLOW) | (1 << F_UNDERFLOW) | (1 << F_SUBNORMAL) | (1 << F_NAN)

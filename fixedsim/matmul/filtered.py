@@ -20,7 +20,7 @@ How, and why it is exact
    products). BLAS is assumed to use the classical algorithm (sums of the products; no
    Strassen-like recombination), as OpenBLAS, MKL and BLIS do.
 2. The bound, per row and column: ``T <= ||a|| ||b||`` (Cauchy-Schwarz). The norms are
-   computed in float64 (:func:`fixedsim.jit.gemm_filtered.col_norms`, squares normal and
+   computed in float64 (in :func:`fixedsim.jit.gemm_filtered.filter_round`, squares normal and
    finite by the range conditions): ``fl(sum a_k^2) >= (1 - gamma(K + 1)) ||a||^2`` and the
    square root rounds by at most ``u``, so ``||a|| ||b|| <= na nb / ((1 - u)^2 (1 -
    gamma(K + 1)))``. The radius used is ``e = fl(fl(c na) nb)``, ``c = K u (1 + 2**-16)``
@@ -164,46 +164,48 @@ def run(p):
     mm = getattr(p, "mm", None)
     S = A @ B if mm is None else np.ascontiguousarray(mm(0, B, 0, K), np.float64)
     read = bool(c._read)
-    relax = not read and spec.output_rounding in _NEAREST
-    pi, pd = _params(f, spec.output_rounding, relax, read)
     out = np.empty((R, N), f.dtype)
     fail = np.empty((R, N), np.uint8)
-    counts = np.empty((R, _gk.N_C), np.int64)
     cf = K * _U * (1.0 + 2.0**-16)
     if (2 * min(ba.lsb, bb.lsb) >= -960
             and 2 * max(ba.top, bb.top) + math.log2(K) <= 1000):  # squares normal, finite
+        pi, pd = _params(f, spec.output_rounding,
+                         not read and spec.output_rounding in _NEAREST, read)
         na, nb = np.empty(R), np.empty(N)
-        if R * N < _SERIAL:
-            threads = numba.get_num_threads()
-            numba.set_num_threads(1)
-        try:
-            _gk.col_norms(A, B, na, nb)
-            _gk.filter_round(S, na, nb, cf, pi, pd, out, fail, counts)
-        finally:
-            if R * N < _SERIAL:
-                numba.set_num_threads(threads)
-        tot = counts.sum(axis=0)
+        counts = np.empty((R, _gk.N_C), np.int64)
+        args = (S, A, B, cf, pi, pd, out, fail, counts, na, nb)
+        tot = _gk.filter_round(*args) if R * N >= _SERIAL else _on_one_thread(
+            _gk.filter_round, args)
         marked = int(tot[_gk.C_MARKED])
         rows = np.flatnonzero(counts[:, _gk.C_MARKED]) if marked else None
-    else:
+    else:  # every element to the second stage
         na = nb = None
         fail[:] = 1
         tot = np.zeros(_gk.N_C, np.int64)
         marked = R * N
         rows = np.arange(R)
+    c.paths[NAME] = c.paths.get(NAME, 0) + 1
     flags = np.zeros(_q.N_FLAGS, np.int64)
-    flags[_q.F_INEXACT] = tot[_gk.C_DECIDED]
-    flags[_q.F_OVERFLOW] = tot[_gk.C_OVERFLOW]
-    flags[_q.F_SUBNORMAL] = tot[_gk.C_SUBNORMAL]
     if marked:
         fr, fj = np.nonzero(fail[rows])
         flags += _second_stage(A, B, S, p, rows[fr], fj, out, cf, na, nb, read)
-    c.paths[NAME] = c.paths.get(NAME, 0) + 1
     if read:
+        flags[_q.F_INEXACT] += tot[_gk.C_DECIDED]
+        flags[_q.F_OVERFLOW] += tot[_gk.C_OVERFLOW]
+        flags[_q.F_SUBNORMAL] += tot[_gk.C_SUBNORMAL]
         c.output += _counters.StageCounts.from_flags(flags, R * N)
     else:
         c.output.roundings += R * N
     return out
+
+
+def _on_one_thread(fn, args):
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        return fn(*args)
+    finally:
+        numba.set_num_threads(threads)
 
 
 def _second_stage(A, B, S, p, fr, fj, out, cf, na, nb, strict):
