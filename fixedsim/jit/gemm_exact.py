@@ -1,96 +1,10 @@
-"""Kernels of exact accumulation: the operand scan that chooses a path, compensated dot
-products and the filter that rounds sums known within a proven bound."""
-
+"""The operand scan that chooses a path of the table (:class:`fixedsim.matmul.core._Bits`)."""
 
 import numpy as np
 
 from .bits import f64_bits
 from .options import jit, jit_inline
-from .quant import (
-    CHUNK,
-    F_INEXACT,
-    F_NAN,
-    F_OVERFLOW,
-    F_SUBNORMAL,
-    F_UNDERFLOW,
-    N_FLAGS,
-    _quantize_value,
-)
-
-
-@jit
-def dot2_at(A, BT, rows, cols, hi, lo, t):
-    """Compensated dot products (Ogita, Rump and Oishi's Dot2 with exact products) of the
-    listed elements: ``hi[i] + lo[i]`` approximates ``A[rows[i]] . BT[cols[i]]`` with
-    ``|fl(hi + lo) - exact| <= u |fl(hi + lo)| + gamma(K)**2 * sum|a_k b_k|``, and ``t[i]``
-    is ``sum|a_k b_k|`` in float64. Every product must be exact in float64 (and every sum
-    far from underflow and overflow). Serial: it runs right after a BLAS call."""
-    K = A.shape[1]
-    for i in range(rows.size):
-        ar = A[rows[i]]
-        br = BT[cols[i]]
-        s = 0.0
-        c = 0.0
-        a = 0.0
-        for k in range(K):
-            p = ar[k] * br[k]
-            x = s + p
-            z = x - s
-            c += (s - (x - z)) + (p - z)
-            s = x
-            a += abs(p)
-        hi[i] = s
-        lo[i] = c
-        t[i] = a
-
-
-#: the scalar quantizer inlined into :func:`round_filtered` (one call site, hot loop)
-_quantize_value_inline = jit_inline(_quantize_value)
-
-_KEEP = (1 << F_OVERFLOW) | (1 << F_UNDERFLOW) | (1 << F_SUBNORMAL) | (1 << F_NAN)
-
-
-@jit
-def round_filtered(S, wa, wb, c, P, U, D, out, fail):
-    """Round exact sums known only within a bound, when the bound decides the rounding.
-
-    The exact sum of element ``(r, j)`` lies within ``c * wa[r] * wb[j]`` of ``S[r, j]``
-    (``S``, ``wa``, ``wb`` finite, nonnegative weights). With ``[lo, hi]`` that interval
-    widened outward by one float64 ulp, the element is decided when ``lo`` and ``hi`` round
-    (deterministic mode, parameters ``P, U, D``) to the same value ``v`` with the same
-    overflow, underflow, subnormal and NaN events, ``0`` is not in ``[lo, hi]`` and ``v`` is
-    not in it either: every rounding is monotone and these events are monotone in the
-    magnitude, so the exact sum rounds to ``v``, inexactly, with those events. Decided
-    elements are written to ``out`` and counted; the others are marked in ``fail`` (uint8).
-    Serial (it runs right after a BLAS call). Returns ``(counts, number of failures)``.
-    """
-    R, N = S.shape
-    counts = np.zeros(N_FLAGS, np.int64)
-    nfail = 0
-    idx = np.uint64(0)
-    for r in range(R):
-        for j in range(N):
-            s = S[r, j]
-            w = wa[r] * wb[j]
-            ok = False
-            if w > 0.0 and w < np.inf and abs(s) < np.inf:
-                err = c * w
-                lo = np.nextafter(s - err, -np.inf)
-                hi = np.nextafter(s + err, np.inf)
-                if (lo > 0.0 or hi < 0.0) and abs(lo) < np.inf and abs(hi) < np.inf:
-                    vl, fl = _quantize_value_inline(lo, P, U, D, idx)
-                    vh, fh = _quantize_value_inline(hi, P, U, D, idx)
-                    if (vl == vh and (fl & _KEEP) == (fh & _KEEP)
-                            and not (lo <= vl and vl <= hi)):
-                        out[r, j] = vl
-                        ok = True
-                        f = (fl & _KEEP) | (1 << F_INEXACT)
-                        for k in range(N_FLAGS):
-                            counts[k] += (f >> k) & 1
-            if not ok:
-                fail[r, j] = 1
-                nfail += 1
-    return counts, nfail
+from .quant import CHUNK
 
 
 @jit_inline

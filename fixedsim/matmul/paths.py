@@ -28,14 +28,14 @@ import numpy as np
 
 from .. import counters as _counters
 from ..formats import FP32, FP64, FixedFormat, FloatFormat
-from ..jit import gemm_exact as _gx
 from ..jit import gemm_fixed as _gi
 from ..jit import gemm_float as _gf
 from ..jit import gemm_fp32 as _g32
 from ..jit import quant as _q
-from ..quantize import _f32_bits, _f64_bits, _fast_float_params, resolve_overflow
+from ..quantize import _f32_bits, _f64_bits, _fast_float_params
 from ..rounding import Overflow, Rounding
 from . import exact64 as _exact64
+from . import filtered as _filtered
 from .core import (
     _Bits,
     _chain_result,
@@ -47,7 +47,6 @@ from .core import (
     _general_at,
     _narrow_params,
     _round_output,
-    _stage_params,
 )
 from .spec import MatmulSpec
 
@@ -265,111 +264,6 @@ def _zero_products(p):
         p.c.output += _counters.StageCounts(roundings=vals.size)
         return vals
     return _round_output(vals.reshape(-1), spec, p.keys, p.rb, p.c).reshape(vals.shape)
-
-
-# -- exact_filtered ------------------------------------------------------------------------------
-def _exact_filtered_declines(p):
-    spec, f, ba, bb = p.spec, p.spec.output, p.ba, p.bb
-    why = _plain(p) or _first(
-        (p.acc is not None, "there is an accumulator"),
-        (not isinstance(f, FloatFormat), "the output is not a float format"))
-    return why or _first(
-        (f.man_bits > 50, "the output format is too wide for a float64 bound to decide it"),
-        (spec.output_rounding is Rounding.STOCHASTIC, "the output rounding is stochastic"),
-        (p.R == 0 or p.N == 0 or p.K == 0, "the product is empty"),
-        (p.K > 2**30, "K > 2**30"),
-        (ba.top == -1075 or bb.top == -1075, "an operand is all zeros"),
-        (ba.sig + bb.sig > 53, "a product of the operands may be inexact in float64 (more "
-                               "than 53 significant bits)"),
-        (ba.lsb + bb.lsb < -960 or ba.top + bb.top + math.log2(max(p.K, 1)) > 1000,
-         "the products' scale is near the ends of float64's range"))
-
-
-def _exact_filtered(p):
-    """Exact accumulation rounded once into a float output (deterministic rounding), products
-    exact in float64 (float32 data): float64 BLAS and a filter that proves the rounding.
-
-    ``S = A @ B`` in float64 BLAS: the products are exact, so whatever order, blocking or
-    fused multiply-adds BLAS uses, ``|S - exact| <= gamma(K) * sum|a_k b_k|``, ``gamma(K) =
-    K u / (1 - K u)``, ``u = 2**-53`` (no partial sum underflows: every one is a multiple of
-    ``2**(lsb_a + lsb_b) >= 2**-960``, and none overflows). ``sum|a_k b_k|`` is bounded by
-    ``||a|| ||b||`` (Cauchy-Schwarz, norms in float64) and the radius used is ``2 (K + 2) u``
-    times that bound, about twice what is needed. Each element whose interval decides the
-    rounding (:func:`fixedsim.jit.gemm.round_filtered`) takes that value and those events.
-    The others are summed again with a compensated dot product
-    (:func:`fixedsim.jit.gemm.dot2_at`, error ``u |sum| + gamma(K)**2 sum|a_k b_k|``) and
-    filtered again; an element whose products are all zero is a signed zero (as in the
-    general kernel: -0 only for DOWN with a negative zero product); what is left (sums on or
-    within about ``2**-52`` of a rounding boundary: exact values of the output format, ties)
-    is recomputed by the general kernel, element by element
-    (:func:`fixedsim.jit.gemm.gemm_general_at`).
-    """
-    A, B, spec, ba, bb, keys, rb, c, mm = p.A, p.B, p.spec, p.ba, p.bb, p.keys, p.rb, p.c, p.mm
-    f = spec.output
-    R, K, N = p.R, p.K, p.N
-    P, _, U, D, _, _ = _stage_params(f, spec.output_rounding, resolve_overflow(f, None), rb,
-                                     keys[4])
-    A = np.ascontiguousarray(A, np.float64)
-    B = np.ascontiguousarray(B, np.float64)
-    S = A @ B if mm is None else mm(0, B, 0, K)
-    radius = 2.0 * (K + 2) * 2.0**-53
-    out = np.empty((R, N), np.float64)
-    fail = np.zeros((R, N), np.uint8)
-    if (2 * min(ba.lsb, bb.lsb) >= -960
-            and 2 * max(ba.top, bb.top) + math.log2(K) <= 1000):  # squares stay normal
-        na = np.sqrt(np.einsum("ik,ik->i", A, A))
-        nb = np.sqrt(np.einsum("kj,kj->j", B, B))
-        flags, nfail = _gx.round_filtered(S, na, nb, radius, P, U, D, out, fail)
-    else:
-        fail[:] = 1
-        flags, nfail = np.zeros(_q.N_FLAGS, np.int64), R * N
-    n_general = 0
-    if nfail:
-        fr, fj = np.nonzero(fail)
-        BT = np.ascontiguousarray(B.T)
-        hi, lo, T = np.empty(fr.size), np.empty(fr.size), np.empty(fr.size)
-        _gx.dot2_at(A, BT, fr, fj, hi, lo, T)
-        res = hi + lo
-        g = K * 2.0**-53 / (1.0 - K * 2.0**-53)
-        err = 2.0 * (2.0**-53 * np.abs(res) + g * g * T) + 2.0**-1020
-        o2 = np.empty((fr.size, 1))
-        fail2 = np.zeros((fr.size, 1), np.uint8)
-        fl2, nfail = _gx.round_filtered(res.reshape(-1, 1), err, np.ones(1), 1.0, P, U, D, o2,
-                                       fail2)
-        flags = flags + fl2
-        ok = fail2[:, 0] == 0
-        out[fr[ok], fj[ok]] = o2[ok, 0]
-        zero = T == 0.0  # every product a signed zero: the sum is an exact zero
-        if zero.any():
-            zr, zj = fr[zero], fj[zero]
-            val = np.zeros(zr.size)
-            if spec.output_rounding is Rounding.DOWN:  # -0 if any product is -0
-                zrows, zi = np.unique(zr, return_inverse=True)
-                sa = np.signbit(A[zrows]).astype(np.float64)
-                sb = np.signbit(B).astype(np.float64)
-                nneg = (sa @ (1.0 - sb) + (1.0 - sa) @ sb)[zi, zj]
-                val[nneg > 0] = -0.0
-            out[zr, zj] = val
-            nfail -= zr.size
-        left = ~ok & ~zero
-        if nfail:
-            tot = _general_at(A, B, spec, ba, bb, keys, rb, fr[left], fj[left], out, c, BT)
-            flags = flags + tot[2]
-            n_general = int(left.sum())
-    p.count("exact_filtered")
-    if n_general:
-        p.count("exact_filtered_general", n_general)
-    c.output += _counters.StageCounts.from_flags(flags, R * N)
-    return out.astype(f.dtype) if f.dtype != np.float64 else out
-
-
-#: Run FP32 nearest-even chains on float32 data with the FMA instruction (tests switch it
-#: off to compare with the float64 kernel).
-_FMA32 = True
-
-
-
-
 
 
 # -- the FMA chains (block 1) --------------------------------------------------------------------
@@ -617,13 +511,15 @@ PATHS: tuple[Path, ...] = (
          "every sum is an exact zero; its sign follows the general rule (-0 only rounding "
          "DOWN with a -0 product), counted with one 0/1 matrix product",
          _zero_products_declines, _zero_products),
-    Path("exact_filtered",
-         f"{_EXACT} rounded once into a float output (deterministic rounding), products exact "
-         "in float64: float64 BLAS, then a filter",
-         "BLAS's error is at most gamma(K) sum|a_k b_k| in any order; an element whose error "
-         "interval rounds to one value takes it; the others are summed again (Dot2) and "
-         "filtered, then left to the general kernel",
-         _exact_filtered_declines, _exact_filtered),
+    Path(_filtered.NAME,
+         f"{_EXACT} rounded once into a float output of at most 51 fraction bits "
+         "(deterministic rounding), products exact in float64 (float32, FP16, BF16 data): "
+         "float64 BLAS, then a filter",
+         "BLAS's error is at most gamma(K) sum|a_k b_k| <= gamma(K) ||a|| ||b|| in any order; "
+         "an element whose error interval lies in one rounding cell takes that cell's "
+         "rounding; the others are summed again (Dot2) and filtered, then left to the general "
+         "kernel",
+         _filtered.declines, _filtered.run),
     Path(_exact64.NAME,
          f"{_EXACT} rounded once into float64 (the default spec) or another float output of 52 "
          "or 53 significand bits, deterministic rounding, any finite data (float64 products "
