@@ -42,7 +42,10 @@ ROW_CASES = {
     "float_chain64": (fs.MatmulSpec(input=fs.FP16,
                                     accumulator=fs.Accumulator(fs.FP16, "stochastic", block=4),
                                     seed=5), np.float64),
-    "general": (fs.MatmulSpec(input=fs.FP16, product=fs.FP16, accumulator=fs.FP16), np.float64),
+    "rounded_products": (fs.MatmulSpec(input=fs.FP16, product=fs.FP16, accumulator=fs.FP16),
+                         np.float64),
+    "general": (fs.MatmulSpec(input=fs.FP16, accumulator=fs.Accumulator(fs.FP16, "down",
+                                                                         block=4)), np.float64),
 }
 
 
@@ -111,12 +114,16 @@ def test_explain_says_why_each_faster_row_declined():
     a = np.ones((2, 3))
     b = np.ones((3, 2))
     e = explain(a, b, fs.MatmulSpec(product=fs.FP16))
-    assert e.path == "general"
-    assert [n for n, _ in e.declined] == [r.name for r in PATHS[:-1]]
+    assert e.path == "rounded_products"
+    assert [n for n, _ in e.declined] == [r.name for r in PATHS[:-2]]
     assert all(why == "products are rounded (spec.product is set)" for _, why in e.declined)
     text = str(e)
     assert text.splitlines()[0].startswith("exact_blas: declined: products are rounded")
-    assert "general: runs:" in text and "proof:" in text
+    assert "rounded_products: runs:" in text and "proof:" in text
+    e = explain(a, b, fs.MatmulSpec(product=fs.FP16,
+                                    accumulator=fs.Accumulator(fs.FP16, via=fs.FP32)))
+    assert e.path == "general" and len(e.declined) == len(PATHS) - 1
+    assert "via" in dict(e.declined)["rounded_products"]
     e = explain(a, b, fs.MatmulSpec(input=fs.FP16, accumulator=fs.Accumulator(fs.FP32, "up")))
     reasons = dict(e.declined)
     assert reasons["fp32_chain"] == "the accumulator does not round to nearest even"
@@ -163,7 +170,7 @@ def test_general_kernel_rounds_long_residuals_without_the_oracle(rnd):
 
 
 @pytest.mark.parametrize("name", ["fp32_chain", "fp32_fma", "float_chain", "float_chain64",
-                                  "fixed_chain", "general"])
+                                  "fixed_chain", "rounded_products", "general"])
 def test_stats_true_counts_all_but_the_per_step_events(name):
     """``stats=True`` gives the counts that do not grow with the MACs exactly (calls, MACs,
     every stage's roundings, input and output events, paths) and None for the product and

@@ -36,6 +36,7 @@ from ..quantize import _f32_bits, _f64_bits, _fast_float_params
 from ..rounding import Overflow, Rounding
 from . import exact64 as _exact64
 from . import filtered as _filtered
+from . import products as _products
 from .core import (
     _Bits,
     _chain_result,
@@ -564,6 +565,13 @@ PATHS: tuple[Path, ...] = (
          "TwoSum proves each sum exact (elements where it is not are recomputed by the general "
          "kernel), and the exact sum is rounded on its bits as the quantizer does",
          _float_chain64_declines, _float_chain64),
+    Path(_products.NAME,
+         "products rounded into spec.product (float or fixed point, every mode, stochastic "
+         "included), then exact, float or fixed-point accumulation: float64 lanes, k in order",
+         "each product is exact in float64 and rounded once; every sum is proven exact by "
+         "TwoSum (or is an integer below 2**52) and rounded once per block as the quantizer "
+         "does; an element where that fails is recomputed by the general kernel",
+         _products.declines, _products.run),
     Path("general",
          "every spec: each element step by step, sums as exact floating-point expansions "
          "(Shewchuk), the Fraction oracle for elements it cannot prove",
