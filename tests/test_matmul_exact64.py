@@ -95,7 +95,7 @@ def matrices(draw, max_k=10, emin=-40, emax=40):
 
 
 # -- bit for bit against the general kernel and the oracle ---------------------------------------
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(matrices(), roundings(include_stochastic=False), st.sampled_from(WIDE))
 def test_same_bits_and_counts_as_general_and_oracle(ab, rnd, out):
     a, b = ab
@@ -104,7 +104,7 @@ def test_same_bits_and_counts_as_general_and_oracle(ab, rnd, out):
         check(a, b, spec)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(matrices(max_k=6, emin=-1074, emax=1023), roundings(include_stochastic=False),
        st.sampled_from(WIDE))
 def test_the_whole_exponent_range(ab, rnd, out):
@@ -169,7 +169,7 @@ def test_ends_of_the_range_go_to_the_general_kernel(a, b, rnd):
     assert general_share(c) == a.shape[0] * b.shape[1]
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(st.integers(0, 2**32 - 1), roundings(include_stochastic=False),
        st.sampled_from([None, fs.FloatFormat(11, 51)]))
 def test_float32_data(seed, rnd, out):
@@ -247,7 +247,7 @@ def test_beta_keeps_every_slice_sum_below_2_53(K):
     assert {75: 22, 128: 22, 512: 21, 1024: 20}.get(K, beta) == beta
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(matrices(max_k=12, emin=-1074, emax=1023), st.sampled_from([1, 20, 22, 25]))
 def test_split_is_exact(ab, beta):
     """``x * 2**(beta - e) = a1 + a2 t + r t`` exactly, integers within their bounds, and the
