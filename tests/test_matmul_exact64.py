@@ -29,6 +29,9 @@ DETERMINISTIC = [r for r in fs.Rounding if r is not fs.Rounding.STOCHASTIC]
 #: Outputs of 53 and 52 significand bits (the last with a narrow exponent range: its ends are
 #: reached by ordinary values, so the fallback at the ends is exercised).
 WIDE = [None, fs.FP64, fs.FloatFormat(11, 51), fs.FloatFormat(8, 52)]
+#: More formats of 52 and 53 bits: flushing subnormals, no infinities.
+WIDE_EDGES = WIDE + [fs.FloatFormat(9, 52, subnormals=False),
+                     fs.FloatFormat(10, 51, inf_nan="fn")]
 
 
 def product(A, B, spec, read=True):
@@ -96,7 +99,7 @@ def matrices(draw, max_k=10, emin=-40, emax=40):
 
 # -- bit for bit against the general kernel and the oracle ---------------------------------------
 @settings(max_examples=40, deadline=None)
-@given(matrices(), roundings(include_stochastic=False), st.sampled_from(WIDE))
+@given(matrices(), roundings(include_stochastic=False), st.sampled_from(WIDE_EDGES))
 def test_same_bits_and_counts_as_general_and_oracle(ab, rnd, out):
     a, b = ab
     spec = fs.MatmulSpec(output=out, output_rounding=rnd)
@@ -106,10 +109,11 @@ def test_same_bits_and_counts_as_general_and_oracle(ab, rnd, out):
 
 @settings(max_examples=20, deadline=None)
 @given(matrices(max_k=6, emin=-1074, emax=1023), roundings(include_stochastic=False),
-       st.sampled_from(WIDE))
+       st.sampled_from(WIDE_EDGES))
 def test_the_whole_exponent_range(ab, rnd, out):
-    """Overflow, underflow, subnormal results, rows whose scaling would lose bits: the row
-    leaves those elements to the general kernel, whose counts it takes."""
+    """Overflow, underflow, subnormal results (also in formats that flush subnormals or have
+    no infinities), rows whose scaling would lose bits: the row leaves those elements to the
+    general kernel, whose counts it takes."""
     a, b = ab
     spec = fs.MatmulSpec(output=out, output_rounding=rnd)
     if exact64.declines(product(a, b, spec)) is None:

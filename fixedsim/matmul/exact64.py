@@ -175,13 +175,13 @@ def declines(p) -> str | None:
     N = p.B.shape[1]
     checks = (
         (spec.product is not None, "products are rounded (spec.product is set)"),
-        (spec.accumulator is not None, "there is an accumulator (spec.accumulator is set)"),
+        (spec.accumulator is not None, "there is an accumulator"),
         (f is not None and not isinstance(f, FloatFormat), "the output is not a float format"),
         (isinstance(f, FloatFormat) and f.man_bits <= 50,
          "the output has at most 50 fraction bits (exact_filtered's case)"),
         (spec.output_rounding is Rounding.STOCHASTIC, "the output rounding is stochastic"),
         (not (ba.finite and bb.finite), "an operand holds an infinity or a NaN"),
-        (R == 0 or N == 0 or K == 0, "the product is empty (no output or no products)"),
+        (R == 0 or N == 0 or K == 0, "the product is empty"),
         (ba.top == -1075 or bb.top == -1075, "an operand is all zeros"),
         (K > 2**40, "K > 2**40 (no slice width keeps the slice products exact)"),
     )
