@@ -178,7 +178,7 @@ def declines(p) -> str | None:
         (spec.accumulator is not None, "there is an accumulator"),
         (f is not None and not isinstance(f, FloatFormat), "the output is not a float format"),
         (isinstance(f, FloatFormat) and f.man_bits <= 50,
-         "the output has at most 50 fraction bits (exact_filtered's case)"),
+         "the output has at most 50 fraction bits (this row rounds to 52 or 53 bits)"),
         (spec.output_rounding is Rounding.STOCHASTIC, "the output rounding is stochastic"),
         (not (ba.finite and bb.finite), "an operand holds an infinity or a NaN"),
         (R == 0 or N == 0 or K == 0, "the product is empty"),
