@@ -176,6 +176,17 @@ def test_undecided_elements_are_recomputed(rnd, out):
     same_as_oracle(a, b, spec)
 
 
+def test_rows_with_many_marks():
+    """Rows with more undecided elements than the kernel lists (exact integer sums, counted):
+    every one is found and recomputed."""
+    rng = np.random.default_rng(5)
+    a = rng.integers(-3, 4, (3, 30)).astype(np.float32)
+    b = rng.integers(-3, 4, (30, 40)).astype(np.float32)
+    a[1] *= 2.0**-30  # one row of sums inexact in FP16: decided
+    paths = same_as_general(a, b, fs.MatmulSpec(output=fs.FP16))
+    assert paths["exact_filtered_general"] >= 2 * 40 - 10
+
+
 def test_exact_values_decided_when_unread():
     """To nearest with nobody reading the counts, a sum that is exactly a value of the format
     needs no exact recomputation (only midpoints decide there); counted, it does."""
@@ -297,10 +308,11 @@ def test_kernel_marks_what_it_cannot_decide():
     fail = np.empty(S.shape, np.uint8)
     counts = np.empty((1, gk.N_C), np.int64)
     pi, pd = filtered._params(fs.FP16, fs.Rounding.NEAREST_EVEN, False, True)
-    na, nb = np.empty(1), np.empty(6)
+    na, nb, marks = np.empty(1), np.empty(6), np.full((1, 3), -1)
     gk.filter_round(S, np.ones((1, 1)), np.ones((1, 6)), 2.0**-40, pi, pd, out, fail, counts,
-                    na, nb)
+                    na, nb, marks)
     assert na.tolist() == [1.0] and nb.tolist() == [1.0] * 6
+    assert marks.tolist() == [[0, 1, 2]]  # the first three marked columns
     assert fail.tolist() == [[1, 1, 1, 1, 1, 0]]
     assert out[0, 5] == np.float32(1.0 + 2.0**-10)
     assert counts.tolist() == [[1, 0, 0, 5]]

@@ -6,7 +6,7 @@ once into a float format (the proof is in :mod:`fixedsim.matmul.filtered`).
   that rounding and its events, or a mark (vectorised, on the bits).
 * :func:`filter_round_at`: the same decision for listed values, by rounding both ends of the
   interval with the general scalar quantizer (any float format, any range).
-* :func:`dot2_at`: compensated dot products of listed elements.
+* :func:`gather_columns`, :func:`dot2_at`: compensated dot products of listed elements.
 """
 
 import numpy as np
@@ -102,7 +102,7 @@ def _rounded(neg, ab, d, half, v, near, up_neg, up_pos, odd, pd):
 
 
 @jit_parallel
-def filter_round(S, A, B, c, pi, pd, out, fail, counts, na, nb):
+def filter_round(S, A, B, c, pi, pd, out, fail, counts, na, nb, marks):
     """Round the exact sums ``x[r, j] = A[r] . B[:, j]``, known only to lie within ``e = c *
     na[r] * nb[j]`` of ``S[r, j]``, into a float format, wherever that bound decides the
     rounding; ``na[r] = ||A[r]||`` and ``nb[j] = ||B[:, j]||`` are computed here first (in
@@ -123,7 +123,8 @@ def filter_round(S, A, B, c, pi, pd, out, fail, counts, na, nb):
     ``trunc`` plus a quantum, nonzero and not flushed. Results go to ``out`` (float32 or
     float64 container); undecided or out-of-range elements are marked in ``fail`` (uint8);
     ``counts[r]`` gets row ``r``'s counts (columns ``C_*``; the events only when
-    ``pi[I_COUNT]``); returns their sum. Parallel over rows (independent outputs).
+    ``pi[I_COUNT]``), ``marks[r]`` the first of its marked columns; returns the counts' sum.
+    Parallel over rows (independent outputs).
     """
     R, N = S.shape
     K = A.shape[1]
@@ -186,6 +187,12 @@ def filter_round(S, A, B, c, pi, pd, out, fail, counts, na, nb):
         counts[r, C_OVERFLOW] = n_over
         counts[r, C_SUBNORMAL] = n_sub
         counts[r, C_MARKED] = N - n_ok
+        if n_ok < N:  # the row's first marked columns, from its marks (still in cache)
+            q = 0
+            for j in range(N):
+                if frow[j] != 0 and q < marks.shape[1]:
+                    marks[r, q] = j
+                    q += 1
     tot = np.zeros(N_C, np.int64)
     for r in range(R):  # after the parallel loop, in row order
         for k in range(N_C):
@@ -230,13 +237,33 @@ def filter_round_at(s, e, strict, P, U, D, out, ok):
     return counts
 
 
+#: rows of ``B`` per pass of :func:`gather_columns` (they stay in cache across the columns)
+_GATHER_ROWS = 16
+
+
+@jit
+def gather_columns(B, cols, BT):
+    """``BT[u, :] = B[:, cols[u]]`` (``cols`` ascending, so that neighbouring columns share the
+    cache lines of each block of rows). Serial: few columns, right after a BLAS call."""
+    K = B.shape[0]
+    for k0 in range(0, K, _GATHER_ROWS):
+        k1 = min(K, k0 + _GATHER_ROWS)
+        for u in range(cols.size):
+            j = cols[u]
+            bt = BT[u]
+            for k in range(k0, k1):
+                bt[k] = B[k, j]
+
+
 @jit
 def dot2_at(A, BT, rows, cols, hi, lo, t):
     """Compensated dot products (Ogita, Rump and Oishi's Dot2 on exact products) of the
     listed elements: ``hi[i] + lo[i]`` approximates ``A[rows[i]] . BT[cols[i]]`` with
     ``|fl(hi + lo) - exact| <= u |exact| + gamma(K)**2 * sum|a_k b_k|``, and ``t[i]`` is
-    ``sum|a_k b_k|`` in float64. Every product must be exact in float64 (and every sum far
-    from overflow). Serial: few elements, right after a BLAS call."""
+    ``sum|a_k b_k|`` in float64 (relative error at most ``gamma(K)``), ``k = 0..K-1`` in
+    order. Every product must be exact in float64 (and every sum far from overflow).
+    Serial: few elements, right after a BLAS call (memory-bound: four interleaved chains
+    were measured 5% faster, not worth their code)."""
     K = A.shape[1]
     for i in range(rows.size):
         ar = A[rows[i]]

@@ -88,8 +88,10 @@ PROOF = ("BLAS's error is at most gamma(K) ||a|| ||b|| in any order; an element 
 _U = 2.0**-53
 #: Outputs with fewer elements are filtered on one Numba thread: right after a BLAS call the
 #: OpenBLAS workers spin, and a parallel kernel would wait for a CPU (see ``_round_output``).
-_SERIAL = 2**17
+_SERIAL = 2**20
 _NEAREST = (Rounding.NEAREST_EVEN, Rounding.NEAREST_AWAY)
+#: marked columns per row the filter kernel lists (rows with more are scanned again)
+_MARKS = 16
 
 
 def _dims(p):
@@ -173,22 +175,22 @@ def run(p):
                          not read and spec.output_rounding in _NEAREST, read)
         na, nb = np.empty(R), np.empty(N)
         counts = np.empty((R, _gk.N_C), np.int64)
-        args = (S, A, B, cf, pi, pd, out, fail, counts, na, nb)
+        marks = np.empty((R, _MARKS), np.int64)
+        args = (S, A, B, cf, pi, pd, out, fail, counts, na, nb, marks)
         tot = _gk.filter_round(*args) if R * N >= _SERIAL else _on_one_thread(
             _gk.filter_round, args)
         marked = int(tot[_gk.C_MARKED])
-        rows = np.flatnonzero(counts[:, _gk.C_MARKED]) if marked else None
+        if marked:
+            fr, fj = _marked(counts[:, _gk.C_MARKED], marks, fail)
     else:  # every element to the second stage
         na = nb = None
-        fail[:] = 1
         tot = np.zeros(_gk.N_C, np.int64)
         marked = R * N
-        rows = np.arange(R)
+        fr, fj = np.divmod(np.arange(R * N), N)
     c.paths[NAME] = c.paths.get(NAME, 0) + 1
     flags = np.zeros(_q.N_FLAGS, np.int64)
     if marked:
-        fr, fj = np.nonzero(fail[rows])
-        flags += _second_stage(A, B, S, p, rows[fr], fj, out, cf, na, nb, read)
+        flags += _second_stage(A, B, S, p, fr, fj, out, cf, na, nb, read)
     if read:
         flags[_q.F_INEXACT] += tot[_gk.C_DECIDED]
         flags[_q.F_OVERFLOW] += tot[_gk.C_OVERFLOW]
@@ -197,6 +199,27 @@ def run(p):
     else:
         c.output.roundings += R * N
     return out
+
+
+def _full_bt(B, BT, cols):
+    """``B.T`` (C-contiguous) for the general kernel, from the gathered columns when they are
+    all of them."""
+    return BT if cols.size == B.shape[1] else np.ascontiguousarray(B.T)
+
+
+def _marked(per_row, marks, fail):
+    """``(rows, cols)`` of the marked elements, row by row, from the kernel's first marks of
+    each row (``fail`` scanned only for rows with more)."""
+    n = np.minimum(per_row, _MARKS)
+    fr = np.repeat(np.arange(per_row.size), n)
+    fj = marks[np.arange(_MARKS) < n[:, None]]
+    full = np.flatnonzero(per_row > _MARKS)
+    if full.size:
+        keep = ~np.isin(fr, full)
+        r2, j2 = np.nonzero(fail[full])
+        fr = np.concatenate([fr[keep], full[r2]])
+        fj = np.concatenate([fj[keep], j2])
+    return fr, fj
 
 
 def _on_one_thread(fn, args):
@@ -228,9 +251,11 @@ def _second_stage(A, B, S, p, fr, fj, out, cf, na, nb, strict):
         n = fr.size
         if n == 0:
             return flags
-    BT = np.ascontiguousarray(B.T)
+    cols, ui = np.unique(fj, return_inverse=True)
+    BT = np.empty((cols.size, K))
+    _gk.gather_columns(B, cols, BT)
     hi, lo, T = np.empty(n), np.empty(n), np.empty(n)
-    _gk.dot2_at(A, BT, fr, fj, hi, lo, T)
+    _gk.dot2_at(A, BT, fr, ui, hi, lo, T)
     res = hi + lo
     g = K * _U / (1.0 - K * _U)
     err = 2.0 * (_U * np.abs(res) + g * g * T) + 2.0**-1020
@@ -253,6 +278,6 @@ def _second_stage(A, B, S, p, fr, fj, out, cf, na, nb, strict):
     left = ~done & ~zero
     if left.any():
         flags += _general_at(A, B, spec, p.ba, p.bb, p.keys, p.rb, fr[left], fj[left], out, c,
-                             BT)[2]
+                             _full_bt(B, BT, cols))[2]
         c.paths[NAME + "_general"] = c.paths.get(NAME + "_general", 0) + int(left.sum())
     return flags
