@@ -1,8 +1,9 @@
 """The rounded_products row (fixedsim.matmul.products): products rounded into spec.product,
 any accumulator, against the general kernel (bits and counts) and the Fraction oracle (bits).
 
-Until the row is wired into the path table, the row is called directly on a Product-like
-namespace (:func:`product`); the general kernel is ``fixedsim.matmul.core._general``.
+``fs.matmul(..., path="rounded_products")`` runs the row, ``path="general"`` the general
+kernel; :func:`product` builds what a row sees, for the tests of ``declines`` and of the
+kernel's choices.
 """
 
 import types
@@ -74,27 +75,24 @@ def check(a, b, spec, seed=3, oracle=True):
     """The row's bits equal the general kernel's and the oracle's, its counts (every stage,
     per-step events included) the general kernel's, and its bits are the same when nothing
     reads the counts. Returns the row's ``Counters.paths``."""
-    p = product(a, b, spec, seed)
-    assert rp.declines(p) is None, rp.declines(p)
-    g = product(a, b, spec, seed)
+    assert rp.declines(product(a, b, spec, seed)) is None, rp.declines(product(a, b, spec, seed))
     try:
-        want = core._general(np.ascontiguousarray(g.A), g.B, g.spec, g.ba, g.bb, g.keys, g.rb,
-                             g.c)
+        want, cw = fs.matmul(a, b, spec, seed=seed, stats="steps", path="general")
     except ValueError as err:  # an infinity into a wrapping fixed-point format: both raise
         with pytest.raises(ValueError, match=str(err)[:40]):
-            rp.run(p)
+            fs.matmul(a, b, spec, seed=seed, path=rp.NAME)
         return None
-    got = rp.run(p)
+    got, c = fs.matmul(a, b, spec, seed=seed, stats="steps", path=rp.NAME)
     assert got.dtype == want.dtype == spec.result_format.dtype
     assert_same_bits(got.astype(np.float64), want.astype(np.float64), err_msg=repr(spec))
-    for stage in ("product", "accumulator", "output"):
-        assert getattr(p.c, stage) == getattr(g.c, stage), (stage, spec)
-    unread = product(a, b, spec, seed, stats=False)
-    assert_same_bits(rp.run(unread).astype(np.float64), want.astype(np.float64))
+    for stage in ("input", "product", "accumulator", "output"):
+        assert getattr(c, stage) == getattr(cw, stage), (stage, spec)
+    unread = fs.matmul(a, b, spec, seed=seed, path=rp.NAME)
+    assert_same_bits(unread.astype(np.float64), want.astype(np.float64))
     if oracle:
         ref = reference.matmul(a, b, spec, draw=ref_draw(spec, seed))
         assert_same_bits(got.astype(np.float64), ref, err_msg=repr(spec), nan_sign=False)
-    return p.c.paths
+    return c.paths
 
 
 # -- strategies -----------------------------------------------------------------------------------
@@ -369,15 +367,20 @@ def test_bits_do_not_depend_on_the_thread_count():
 
 def test_per_step_events_only_when_asked():
     """Without per-step events asked for, the kernel skips counting products and steps (the
-    bits are the same); the output's events are counted when the counts are read."""
+    call reports them as None; the bits are the same); the output's events are counted when
+    the counts are read."""
     rng = np.random.default_rng(8)
     a, b = rng.standard_normal((6, 30)), rng.standard_normal((30, 5))
     spec = fs.MatmulSpec(input=fs.FP16, product=fs.FP16, accumulator=fs.FP16, output=fs.FP8_E4M3)
-    steps, plain = product(a, b, spec), product(a, b, spec, stats=True)
-    assert_same_bits(rp.run(steps), rp.run(plain))
-    assert steps.c.product.inexact > 0 and steps.c.accumulator.inexact > 0
-    assert plain.c.product.inexact == plain.c.accumulator.inexact == 0
-    assert plain.c.output == steps.c.output and plain.c.output.inexact > 0
+    x, steps = fs.matmul(a, b, spec, stats="steps", path=rp.NAME)
+    y, plain = fs.matmul(a, b, spec, stats=True, path=rp.NAME)
+    assert_same_bits(x, y)
+    assert steps.product.inexact > 0 and steps.accumulator.inexact > 0
+    assert plain.product.inexact is None and plain.accumulator.inexact is None
+    assert plain.output == steps.output and plain.output.inexact > 0
+    p = product(a, b, spec, stats=True)
+    rp.run(p)
+    assert p.c.product.inexact == p.c.accumulator.inexact == 0  # the kernel did not count
 
 
 # -- where the row does not apply -------------------------------------------------------------
@@ -409,10 +412,10 @@ def test_declines_looks_at_k():
     assert rp.declines(p) == "K is 2**31 or more"
 
 
-def test_counters_name_the_row():
+def test_the_table_runs_the_row():
+    """The first row that applies to rounded products on ordinary data, counted by name."""
     rng = np.random.default_rng(1)
-    p = product(rng.standard_normal((3, 4)), rng.standard_normal((4, 2)),
-                fs.MatmulSpec(input=fs.BF16, product=fs.BF16))
-    rp.run(p)
-    assert p.c.paths == {rp.NAME: 1} and rp.NAME == "rounded_products"
-    assert len(rp.COMPUTES) > 20 and len(rp.PROOF) > 20
+    a, b = rng.standard_normal((3, 4)), rng.standard_normal((4, 2))
+    spec = fs.MatmulSpec(input=fs.BF16, product=fs.BF16)
+    assert fs.explain(a, b, spec).path == rp.NAME == "rounded_products"
+    assert fs.matmul(a, b, spec, stats=True)[1].paths == {rp.NAME: 1}

@@ -79,13 +79,6 @@ from ..rounding import Overflow, Rounding
 from .core import _f64_products_exact, _general_at, _round_output
 
 NAME = "rounded_products"
-#: What the row computes, and its proof in brief (for the path table and ``explain``).
-COMPUTES = ("rounded products (spec.product set) with exact accumulation or any float or "
-            "fixed-point accumulator: products in float64, rounded on their bits, sums "
-            "checked exact, vectorised over the outputs")
-PROOF = ("every product is exact in float64 and rounded once; every sum is exact (TwoSum, or "
-         "integer codes below 2**52) and rounded once as the quantizer rounds; elements where "
-         "a sum is not exact or overflows go to the general kernel")
 _RNE = Rounding.NEAREST_EVEN
 _SR = Rounding.STOCHASTIC
 _NONE = -1075  # _Bits.top of an operand with no finite nonzero value
