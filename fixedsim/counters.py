@@ -265,7 +265,7 @@ def record(steps: bool = False):
     >>> with fs.counters.record(steps=True) as c:
     ...     _ = fs.matmul(np.full((2, 3), 0.1), np.ones((3, 4)), spec)
     >>> c.accumulator.roundings, c.accumulator.inexact
-    (24, 16)
+    (24, 24)
     """
     if not isinstance(steps, bool):
         raise TypeError(f"record: steps must be True or False, got {steps!r}")
