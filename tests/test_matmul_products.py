@@ -155,7 +155,7 @@ def test_every_product_format_rounding_and_accumulator(spec, ab, seed):
 def kinds(a, b, spec):
     p = product(a, b, spec)
     return (rp._product_stage(p.spec, p.ba, p.bb, p.rb)[0][gp.I_KIND],
-            rp._acc_stage(p.spec, p.ba, p.bb)[0][gp.I_KIND])
+            rp._acc_stage(p.spec, p.ba, p.bb, p.A.shape[1])[0][gp.I_KIND])
 
 
 KIND_CASES = [  # (spec, product rounding, accumulator) the row runs it with
@@ -257,6 +257,28 @@ def test_sums_not_exact_in_float64_fall_back():
         spec = fs.MatmulSpec(input=fs.BF16, product=fs.BF16, accumulator=acc, output=fs.FP32)
         paths = check(a, b, spec)
         assert paths["rounded_products_general"] == 2, (acc, paths)
+
+
+@pytest.mark.parametrize("spec", [
+    fs.MatmulSpec(input=fs.FixedFormat(20, 4), product=fs.FixedFormat(12, 10),
+                  product_rounding="nearest_away",
+                  accumulator=fs.Accumulator(fs.FixedFormat(24, 8), "nearest_away", "wrap",
+                                             block=5)),
+    fs.MatmulSpec(input=fs.FP16, product=fs.FP8_E4M3, accumulator=fs.FP32),
+    fs.MatmulSpec(input=fs.FP16, product=fs.FP8_E4M3, output=fs.FP32)], ids=repr)
+def test_saturated_products_are_on_the_coarse_grid_no_longer(spec):
+    """Data on a grid coarser than the product format's (multiples of 2**4 and 2**8): the
+    rounded products are multiples of it, but those that saturate take the format's largest
+    value, a multiple of its own quantum only. The accumulator's grid, and the proof that
+    float64 sums are exact, must allow for them (a regression: a fixed-point accumulator as
+    fine as the data's grid skipped its rounding)."""
+    rng = np.random.default_rng(12)
+    a = np.round(rng.standard_normal((4, 300)) * 8) * 16
+    b = np.round(rng.standard_normal((300, 3)) * 8) * 16
+    p = product(a, b, spec)
+    top, g = rp._product_top(p.spec, p.ba, p.bb)
+    assert 2.0**-g <= (2.0**-10 if isinstance(spec.product, fs.FixedFormat) else 32.0)
+    check(a, b, spec, oracle=False)
 
 
 def test_an_accumulator_overflow_falls_back():

@@ -49,8 +49,8 @@ from .rng import GAMMA, mix64
 
 # int64 fields of a stage's parameters
 (I_KIND, I_MODE, I_SH0, I_LIM, I_QBITS, I_MAXPOS, I_MAXNEG, I_SATPOS, I_SATNEG, I_MINNORM,
- I_FTZ, I_FIXED, I_RBITS, I_OFF, I_DBITS, I_WRAP, I_DN) = range(17)
-N_I = 17
+ I_FTZ, I_FIXED, I_RBITS, I_OFF, I_DBITS, I_WRAP, I_DN, I_SAFE) = range(18)
+N_I = 18
 # float64 fields
 X_UNIT, X_SCALE, X_INV, X_QMIN, X_QMAX, X_SPAN = range(6)
 N_X = 6
@@ -194,6 +194,40 @@ def round_float_rne(p, I):
 
 
 @jit_inline
+def round_float_rne_safe(p, I):
+    """:func:`round_float_rne` where the caller proved that no product can exceed the
+    format's largest value (``|p| < 2**top <= max``: a rounding reaches ``2**top`` at most)
+    and that ``M`` is finite: the rounding alone, uncounted."""
+    pb = f64_bits(p)
+    h = pb & _EXP64
+    minnorm = I[I_MINNORM]
+    M = f64_from_bits((h if h > minnorm else minnorm) + I[I_OFF])
+    return f64_from_bits(f64_bits((p + M) - M) | (pb & _SIGN64))
+
+
+@jit_inline
+def _sr_magnitude(a, draw, I):
+    """The bits of the magnitude ``a`` (bits) rounded stochastically, for
+    :func:`round_float_sr`."""
+    h = a & _EXP64
+    minnorm = I[I_MINNORM]
+    qb = (h if h > minnorm else minnorm) - ((52 - I[I_SH0]) << 52)  # 52 - sh0 = man_bits
+    y = f64_from_bits(a) * f64_from_bits((np.int64(2046) << 52) - qb)
+    fl = np.floor(y)
+    t = np.uint64((y - fl) * X_TWO64[I[I_RBITS]])
+    return f64_bits((fl + (1.0 if draw < t else 0.0)) * f64_from_bits(qb))
+
+
+@jit_inline
+def round_float_sr_safe(p, draw, I):
+    """:func:`round_float_sr` where the caller proved that no product can exceed the
+    format's largest value (as for :func:`round_float_rne_safe`): the rounding alone,
+    uncounted."""
+    pb = f64_bits(p)
+    return f64_from_bits(_sr_magnitude(pb & _MAG64, draw, I) | (pb & _SIGN64))
+
+
+@jit_inline
 def round_float_sr(p, draw, I):
     """``p`` (an exact float64) rounded stochastically into a float format with subnormals
     whose smallest subnormal is a normal float64: ``Q`` is the format's quantum at ``p``
@@ -207,14 +241,7 @@ def round_float_sr(p, draw, I):
     :func:`round_float_rne`. Returns the value and packed counters as :func:`round_bits`."""
     pb = f64_bits(p)
     a = pb & _MAG64
-    h = a & _EXP64
-    minnorm = I[I_MINNORM]
-    qb = (h if h > minnorm else minnorm) - ((52 - I[I_SH0]) << 52)  # 52 - sh0 = man_bits
-    Q = f64_from_bits(qb)
-    y = f64_from_bits(a) * f64_from_bits((np.int64(2046) << 52) - qb)
-    fl = np.floor(y)
-    t = np.uint64((y - fl) * X_TWO64[I[I_RBITS]])
-    res = f64_bits((fl + (1.0 if draw < t else 0.0)) * Q)
+    res = _sr_magnitude(a, draw, I)
     mx = I[I_MAXPOS]
     over = res > mx
     if over:
@@ -223,7 +250,7 @@ def round_float_sr(p, draw, I):
     q = f64_from_bits(_NAN64 if bad else res | (pb & _SIGN64))
     inexact = res != a
     under = res == 0 and a != 0
-    sub = res != 0 and res < minnorm
+    sub = res != 0 and res < I[I_MINNORM]
     f1 = (_I1 if inexact else _I0) + ((_I1 << 32) if over else _I0)
     f2 = (_I1 if under else _I0) + ((_I1 << 32) if sub else _I0)
     return q, f1, f2
@@ -392,6 +419,9 @@ def products_row(x, bk, q, dp, c1, c2, PI, PX, count):
                 q[j] = v
                 c1[j] += f1
                 c2[j] += f2
+        elif PI[I_SAFE] != 0:
+            for j in range(n):
+                q[j] = round_float_rne_safe(x * bk[j], PI)
         else:
             for j in range(n):
                 q[j] = round_float_rne(x * bk[j], PI)[0]
@@ -412,6 +442,9 @@ def products_row(x, bk, q, dp, c1, c2, PI, PX, count):
                 q[j] = v
                 c1[j] += f1
                 c2[j] += f2
+        elif PI[I_SAFE] != 0:
+            for j in range(n):
+                q[j] = round_float_sr_safe(x * bk[j], dp[j], PI)
         else:
             for j in range(n):
                 q[j] = round_float_sr(x * bk[j], dp[j], PI)[0]
@@ -427,12 +460,12 @@ def products_row(x, bk, q, dp, c1, c2, PI, PX, count):
 
 
 @jit
-def sum_row(bs, q, dn, fixed):
+def sum_row(bs, q, dn, plain):
     """``bs[j] += q[j]``: exactly in float64 (TwoSum; NaN when inexact), with the model's
-    sign of a zero sum (:func:`add_signed`); ``fixed`` (into a fixed-point accumulator): a
-    plain addition, exact because every rounded product is a multiple of ``2**-G`` and the
-    caller bounds the block sums below ``2**(51 - G)``."""
-    if fixed:
+    sign of a zero sum (:func:`add_signed`); ``plain``: a plain addition, when the caller
+    proved every sum exact (every rounded product a multiple of ``2**L`` and every partial
+    sum below ``2**(L + 53)``; not rounding DOWN), which then has the model's zero sign."""
+    if plain:
         for j in range(bs.size):
             bs[j] += q[j]
     elif dn:
@@ -452,6 +485,7 @@ def acc_row(acc, bs, da, c1, c2, AI, AX, count):
     NaN."""
     kind = AI[I_KIND]
     n = acc.size
+    safe = AI[I_SAFE] != 0
     if kind == A_F32_RNE:
         if count:
             for j in range(n):
@@ -459,6 +493,10 @@ def acc_row(acc, bs, da, c1, c2, AI, AX, count):
                 acc[j] = v
                 c1[j] += f1
                 c2[j] += f2
+        elif safe:  # the sum is exact (proved by the caller): its float32 rounding
+            for j in range(n):
+                v = np.float64(np.float32(acc[j] + bs[j]))
+                acc[j] = v if abs(v) != np.inf else np.nan
         else:
             for j in range(n):
                 acc[j] = acc_f32_rne(acc[j], bs[j])[0]
@@ -469,6 +507,9 @@ def acc_row(acc, bs, da, c1, c2, AI, AX, count):
                 acc[j] = v
                 c1[j] += f1
                 c2[j] += f2
+        elif safe:  # the sum is exact (proved by the caller): its rounding
+            for j in range(n):
+                acc[j] = round_float_rne(acc[j] + bs[j], AI)[0]
         else:
             for j in range(n):
                 acc[j] = acc_float_rne(acc[j], bs[j], AI)[0]
@@ -539,6 +580,7 @@ def gemm_rounded_products(A, B, out, bad, base, block, PI, PX, AI, AX, pkey, ake
     pshift = np.uint64(64 - PI[I_RBITS])
     ashift = np.uint64(64 - AI[I_RBITS])
     dn = AI[I_DN] != 0
+    plain = fixed or (AI[I_SAFE] != 0 and not dn)  # block sums proved exact
     for r in prange(R):
         acc = np.zeros(N)
         bs = np.zeros(N)
@@ -566,7 +608,7 @@ def gemm_rounded_products(A, B, out, bad, base, block, PI, PX, AI, AX, pkey, ake
                     products_row(ar[k], B[k], bs, dp, cp1, cp2, PI, PX, count)
                     continue
                 products_row(ar[k], B[k], q, dp, cp1, cp2, PI, PX, count)
-                sum_row(bs, q, dn, fixed)
+                sum_row(bs, q, dn, plain)
             if exact:
                 continue
             if asr:

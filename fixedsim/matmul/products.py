@@ -67,6 +67,7 @@ products' grid, could reach ``2**51``.
 
 import dataclasses
 import math
+from fractions import Fraction
 
 import numpy as np
 
@@ -142,7 +143,10 @@ def _product_stage(spec, ba, bb, rb):
     else:
         top, low = ba.top + bb.top, ba.lsb + bb.lsb
     if _rne_float(f, spec.product_rounding, top):
-        return _ints(kind=_gp.P_FLOAT_RNE, **fields), _floats()
+        # |p| < 2**top, so a rounded product is at most 2**top: beyond no value when that is
+        # at most the format's largest
+        safe = Fraction(2) ** top <= Fraction(f.max)
+        return _ints(kind=_gp.P_FLOAT_RNE, safe=safe, **fields), _floats()
     if (isinstance(f, FixedFormat) and spec.product_rounding is _RNE
             and top + f.frac_length <= 1000 and low + f.frac_length >= -1000):
         return (_ints(kind=_gp.P_FIXED_RNE, **fields),
@@ -150,23 +154,36 @@ def _product_stage(spec, ba, bb, rb):
                         qmin=f.min_code, qmax=f.max_code))
     if (isinstance(f, FloatFormat) and spec.product_rounding is _SR and f.subnormals
             and f.emin - f.man_bits >= -1022):
-        return _ints(kind=_gp.P_FLOAT_SR, **fields), _floats()
+        safe = Fraction(2) ** top <= Fraction(f.max)  # as for nearest even
+        return _ints(kind=_gp.P_FLOAT_SR, safe=safe, **fields), _floats()
     return _ints(kind=_gp.P_BITS, **fields), _floats()
 
 
 def _product_top(spec, ba, bb):
-    """Every rounded product is below ``2**top`` in magnitude and a multiple of ``2**-g``."""
+    """``(top, g)``: every rounded product is at most ``2**top`` in magnitude and a multiple of
+    ``2**-g`` (``top == _NONE``: every product is zero).
+
+    ``|p| < 2**(ba.top + bb.top)`` and ``p`` is a multiple of ``2**L``, ``L = ba.lsb +
+    bb.lsb``. Rounding to the format's grid, whose quanta are powers of two of at least
+    ``2**Lf`` (the smallest subnormal, or ``2**-F``), gives a multiple of ``2**max(L, Lf)``
+    (a multiple of the coarser quantum, or ``p`` itself where the grid is finer than
+    ``2**L``) of magnitude at most ``2**top`` (a power of two, a multiple of it). Where a
+    product can go beyond the format's largest value, the overflow rule may give that value
+    (or the most negative one) instead: a multiple of ``2**-F``, or of the top binade's
+    quantum ``2**(emax - man_bits)``, and below ``2**(word_length - F)`` or ``2**(emax +
+    1)``."""
     f = spec.product
     if ba.top == _NONE or bb.top == _NONE:
         return _NONE, 0
-    top = ba.top + bb.top  # |p| < 2**top, so |round(p)| <= 2**top
-    low = ba.lsb + bb.lsb  # p is a multiple of 2**low, so is round(p) (quanta are powers of 2)
+    top = ba.top + bb.top
     if isinstance(f, FixedFormat):
-        top = min(top, f.word_length - f.frac_length)
-        low = max(low, -f.frac_length)
+        low, sat_low, sat_top = -f.frac_length, -f.frac_length, f.word_length - f.frac_length
     else:
-        top = min(top, f.emax + 1)
-        low = max(low, f.emin - f.man_bits)
+        low, sat_low, sat_top = f.emin - f.man_bits, f.emax - f.man_bits, f.emax + 1
+    low = max(ba.lsb + bb.lsb, low)
+    if Fraction(2) ** top > Fraction(f.max):  # products may saturate
+        low = min(low, sat_low)
+        top = min(top, sat_top)
     return top, -low
 
 
@@ -224,11 +241,41 @@ def _count(c, stage, flags):
     getattr(c, stage).__iadd__(_counters.StageCounts.from_flags(flags, 0))
 
 
-def _acc_stage(spec, ba, bb):
+def _sums_exact(spec, ba, bb, K):
+    """Is every float64 sum of the accumulation exact, so that no TwoSum need check it?
+
+    Every rounded product is a multiple of ``2**L`` and at most ``2**top`` in magnitude
+    (:func:`_product_top`, ``L = -g``), so a block's partial sums are at most ``B = block *
+    2**top``. A float accumulator's values are multiples of ``2**L`` too (by induction: a
+    multiple of ``2**L`` rounded to a power-of-two grid is one, whether the grid's quantum is
+    coarser, or finer and the value on it). Rounding to nearest, each step gives at most
+    ``(|acc| + B)(1 + u) + eta`` (``u = 2**-(man_bits + 1)``, ``eta`` half the smallest
+    subnormal), so after ``nb`` blocks ``|acc| <= nb (B + eta) (1 + u)**nb <= 2 nb (B + eta)``
+    while ``nb u <= 1/2``; and a value the kernel keeps is at most the format's largest. A sum
+    ``acc + bs``, a multiple of ``2**L`` below ``2**(L + 53)``, is a float64: exact. Without
+    an accumulator the partial sums are at most ``K * 2**top``."""
+    top, g = _product_top(spec, ba, bb)
+    if top == _NONE:
+        return True
+    limit = Fraction(2) ** (53 - g)
+    acc = spec.accumulator
+    if acc is None:
+        return K * Fraction(2) ** top < limit
+    f = acc.fmt
+    nb = -(-K // acc.block)
+    B = acc.block * Fraction(2) ** top
+    if nb * Fraction(1, 2 ** (f.man_bits + 1)) > Fraction(1, 2):
+        return False
+    bound = min(Fraction(f.max), 2 * nb * (B + Fraction(f.min_subnormal) / 2))
+    return bound + B < limit
+
+
+def _acc_stage(spec, ba, bb, K):
     """``(AI, AX)``: the accumulator's parameters and kind."""
     acc = spec.accumulator
     if acc is None:
-        return _ints(kind=_gp.A_EXACT, dn=spec.output_rounding is Rounding.DOWN), _floats()
+        dn = spec.output_rounding is Rounding.DOWN
+        return _ints(kind=_gp.A_EXACT, dn=dn, safe=_sums_exact(spec, ba, bb, K)), _floats()
     f = acc.fmt
     rbits = acc.random_bits or 64
     if isinstance(f, FixedFormat):
@@ -240,9 +287,10 @@ def _acc_stage(spec, ba, bb):
                         qmax=f.max_code, span=2.0**f.word_length))
     fields = _bits_params(f, acc.rounding, acc.overflow, rbits)
     if f == FP32 and acc.rounding is _RNE and acc.overflow is Overflow.INFINITY:
-        return _ints(kind=_gp.A_F32_RNE, **fields), _floats()
+        return _ints(kind=_gp.A_F32_RNE, safe=_sums_exact(spec, ba, bb, K), **fields), _floats()
     if _rne_float(f, acc.rounding, 0):
-        return _ints(kind=_gp.A_FLOAT_RNE, **fields), _floats()
+        return (_ints(kind=_gp.A_FLOAT_RNE, safe=_sums_exact(spec, ba, bb, K), **fields),
+                _floats())
     return _ints(kind=_gp.A_BITS, dn=acc.rounding is Rounding.DOWN, **fields), _floats()
 
 
@@ -256,7 +304,7 @@ def run(p):
     N = B.shape[1]
     acc = spec.accumulator
     PI, PX = _product_stage(spec, p.ba, p.bb, p.rb)
-    AI, AX = _acc_stage(spec, p.ba, p.bb)
+    AI, AX = _acc_stage(spec, p.ba, p.bb, K)
     vals = np.empty((R, N))
     bad = np.zeros((R, N), np.uint8)
     counts = _gp.gemm_rounded_products(A, B, vals, bad, 0, acc.block if acc else 1, PI, PX,
