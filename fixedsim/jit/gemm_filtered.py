@@ -92,8 +92,11 @@ def _rounded(neg, ab, d, half, v, near, up_neg, up_pos, odd, pd):
     """The rounding of a sum whose interval :func:`filter_round` decided, from its fields:
     ``(value, overflow, subnormal)``."""
     trunc = ab & ~(2 * half - 1)
-    up = (((v >> d) & 1) & near) | (up_neg if neg else up_pos)
-    res = (trunc + (up << (d + 1))) | (odd << (d + 1))
+    # is trunc an odd number of quanta? At d = 51 (the binade of the smallest subnormal) it is
+    # one quantum, the implicit bit alone
+    kept_odd = ((trunc >> (d + 1)) & 1) | np.int64(d == 51)
+    up = (((v >> d) & 1) & near) | (up_neg if neg else up_pos) | (odd & (1 - kept_odd))
+    res = trunc + (up << (d + 1))
     mag = f64_from_bits(res)
     over = mag > pd[D_MAX]
     sub = mag < pd[D_MINNORM]
