@@ -196,6 +196,30 @@ def test_ordinary_data_needs_no_fallback(spec):
     assert check(a, b, spec, oracle=False) == {"rounded_products": 1}
 
 
+@pytest.mark.parametrize("spec, scale, psafe, asafe", [
+    (fs.MatmulSpec(input=fs.FP16, product=fs.FP16, accumulator=fs.FP16), 1.0, 1, 1),
+    (fs.MatmulSpec(input=fs.FP16, product=fs.FP16, accumulator=fs.FP16), 300.0, 0, 1),
+    (fs.MatmulSpec(input=fs.FP16, product=fs.FP16, output=fs.FP16), 1.0, 1, 1),
+    (fs.MatmulSpec(input=fs.FP16, product=fs.FP16, product_rounding="stochastic",
+                   accumulator=fs.Accumulator(fs.FP32, block=8), seed=1), 1.0, 1, 1),
+    (fs.MatmulSpec(input=fs.BF16, product=fs.BF16, accumulator=fs.FP32), 2.0**-50, 1, 0),
+    (fs.MatmulSpec(input=fs.FP32, product=fs.BF16, output=fs.FP32), 1.0, 1, 0)],
+    ids=lambda v: repr(v)[:50])
+def test_checks_proved_away_where_the_bounds_allow(spec, scale, psafe, asafe):
+    """Uncounted, the kernel skips the product's overflow check when no product can reach the
+    format's largest value, and TwoSum when every float64 sum is provably exact; each choice
+    gives the general kernel's bits (``check`` runs the uncounted call too)."""
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((6, 300)) * scale
+    a[0, :3] = [scale, 1.0, 2.0**-20]  # a wide spread in the row that is scaled
+    b = rng.standard_normal((300, 4)) * max(scale, 1.0)
+    p = product(a, b, spec)
+    PI, _ = rp._product_stage(p.spec, p.ba, p.bb, p.rb)
+    AI, _ = rp._acc_stage(p.spec, p.ba, p.bb, p.A.shape[1])
+    assert (PI[gp.I_SAFE], AI[gp.I_SAFE]) == (psafe, asafe)
+    check(a, b, spec, oracle=False)
+
+
 # -- ties, ranges, zero signs -----------------------------------------------------------------
 def midpoints(fmt):
     """Positive values halfway between neighbours of ``fmt`` (subnormal, normal and top
