@@ -8,10 +8,13 @@ order whose steps are vectorised over the outputs ``j``; rows run in parallel (`
 independent rows, each with its own buffers and counters).
 
 A step has two phases, each a loop over the row's outputs: the products of one ``k`` are
-rounded into a buffer (one of three roundings, chosen per call: :func:`round_float_rne`,
-:func:`round_fixed_rne`, or :func:`round_bits` for every format and mode), then added into the
-block sum, and at the end of a block the block sum is added to the running sum and rounded
-(:func:`acc_float_rne`, :func:`round_bits` or :func:`fixed_step`).
+rounded into a buffer (one of four roundings, chosen per call: :func:`round_float_rne`,
+:func:`round_fixed_rne`, :func:`round_float_sr`, or :func:`round_bits` for every format and
+mode), then added into the block sum, and at the end of a block the block sum is added to the
+running sum and rounded (:func:`acc_f32_rne`, :func:`acc_float_rne`, :func:`round_bits`,
+:func:`fixed_add` or :func:`fixed_step`). Each loop is written once with its counters and
+once without (nobody asked for the per-step events), and the most common ones once more
+without the checks the caller proved unneeded (``I_SAFE``).
 
 A value the kernel cannot prove (a product or sum that overflows to infinity, a float64 sum that
 is not exact) turns NaN, which every later step keeps; the kernel marks the element in ``bad``
@@ -563,8 +566,10 @@ def gemm_rounded_products(A, B, out, bad, base, block, PI, PX, AI, AX, pkey, ake
     block of ``block`` consecutive rounded products is summed (:func:`sum_row`), then added to
     the running sum and rounded (:func:`acc_row`; stochastic draw index ``o * nblocks + t``).
     ``A_EXACT``: one block of all ``K`` products summed from ``+0``, the exact sum itself
-    (the caller rounds it into the output); ``A_FIXED``: codes in ``out``. ``count`` false
-    (nothing reads the counts): the deterministic stages skip counting.
+    (the caller rounds it into the output); ``A_FIXED``/``A_FIXED_EXACT``: codes in ``out``.
+    ``count`` false (nobody asked for the per-step events): nothing is counted, and the
+    stages whose ``I_SAFE`` is set (the caller proved no product overflow, or every sum
+    exact) leave those checks out.
     """
     R, K = A.shape
     N = B.shape[1]

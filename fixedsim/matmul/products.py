@@ -44,15 +44,21 @@ computes exactly that, and here is why its bits are the model's:
    sum of all rounded products from ``+0`` is rounded once into the output by the quantizer
    (the output draw ``o``).
 4. **Fixed-point accumulators** work on integer codes in float64: every rounded product is a
-   multiple of ``2**-G`` (``G`` from the operands' last bits and the product format's
-   quantum: rounding to a power-of-two grid keeps a multiple of the coarser of the two) and
-   below ``2**top`` in magnitude, so a block's sum of values is exact when ``top + G +
+   multiple of ``2**-G`` and at most ``2**top`` in magnitude (:func:`_product_top`: rounding
+   to a power-of-two grid keeps a multiple of the coarser of the grid's quantum and the
+   data's, and a saturated product is the format's largest value, a multiple of its own
+   quantum), so a block's sum of values is exact when ``top + G +
    bitlen(block - 1) <= 51``, and ``T = S * 2**d + sum * 2**G`` (``S`` the code, ``2**d``
    the accumulator's quantum over ``2**-G``) is an integer below ``2**52`` when also
    ``word_length + d <= 51``: each step's rounding (floor and the fraction against the mode,
    or the draw), saturation or wrap is then exact float64 arithmetic, as in ``fixed_chain``.
    With ``d = 0`` nothing rounds; the step only saturates or wraps.
-5. **Fallback.** A marked element (a product or a sum that is infinite or not exact in
+5. **Checks proved away.** When the per-step events are not counted, the kernel leaves out
+   the product rounding's overflow check where ``|p| < 2**top <= max`` (a rounding goes no
+   further than ``2**top``), and every TwoSum where :func:`_sums_exact` proves all float64
+   sums exact (multiples of ``2**L`` bounded below ``2**(L + 53)``); those loops compute the
+   same roundings on the same values.
+6. **Fallback.** A marked element (a product or a sum that is infinite or not exact in
    float64) is recomputed by :func:`fixedsim.matmul.core._general_at` (the oracle where that
    cannot prove it), with the same draws, and its counts are the general kernel's; marked
    elements are counted in ``Counters.paths["rounded_products_general"]``. Every count of the
