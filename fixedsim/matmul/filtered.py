@@ -15,10 +15,11 @@ How, and why it is exact
    nearest (an FMA ``fl(s + a*b)`` is such an addition, as ``a*b`` is exact; a sum that is
    subnormal is exact), and each term passes through at most ``K`` of them, so
    ``|S - x| <= gamma(K) * T``, ``gamma(K) = K u / (1 - K u)``, ``u = 2**-53``,
-   ``T = sum_k |a_k b_k|`` (Higham, *Accuracy and Stability*, (3.5)). The same holds for the
-   ``mm`` of a convolution's or a reuse layer's product (another order of the same exact
-   products). BLAS is assumed to use the classical algorithm (sums of the products; no
-   Strassen-like recombination), as OpenBLAS, MKL and BLIS do.
+   ``T = sum_k |a_k b_k|`` (Higham, *Accuracy and Stability of Numerical Algorithms*,
+   section 3.1). The same holds for the ``mm`` of a convolution's or a reuse layer's product
+   (another order of the same exact products, some zero terms left out). BLAS is assumed
+   to use the classical algorithm (sums of the products; no Strassen-like recombination), as
+   OpenBLAS, MKL and BLIS do.
 2. The bound, per row and column: ``T <= ||a|| ||b||`` (Cauchy-Schwarz). The norms are
    computed in float64 (in :func:`fixedsim.jit.gemm_filtered.filter_round`, squares normal and
    finite by the range conditions): ``fl(sum a_k^2) >= (1 - gamma(K + 1)) ||a||^2`` and the
@@ -28,34 +29,50 @@ How, and why it is exact
    ...)`` and ``(1 - u)^-k`` above by far), hence ``e >= gamma(K) T >= |S - x|``. Per
    element it costs one multiplication (Cauchy-Schwarz is tighter than the max-times-sum
    bounds on dense data, and far cheaper than ``|A| @ |B|``, a second GEMM).
-3. The decision (:func:`fixedsim.jit.gemm_filtered.filter_round`). Let ``h`` be half the
-   format's quantum at ``|S|`` (``2**(max(E, emin) - m - 1)``, ``E`` the binade of ``|S|``).
-   On the grid of multiples of ``h`` the format's values are the even multiples and the
-   midpoints between them the odd ones; within ``|S|``'s binade (or the subnormal range) no
-   other point of the grid exists. Every deterministic rounding mode is constant on each open
-   cell ``(k h, (k + 1) h)``, and so are its events (overflow, underflow, subnormal: functions
-   of the rounded value on the unbounded-exponent grid; inexact: the cell holds no value). If
-   ``[|S| - e, |S| + e]`` lies inside the cell of ``|S|`` (tested exactly, in units of ``h``:
-   ``f > w`` and ``fl(f + w) < 1``, ``f = t - floor(t)``, ``t = |S| / h``, ``w = e / h`` plus
-   ``2**-1000`` in case it underflowed; scaling by powers of two is exact and rounding is
-   monotone), ``x`` is in that cell too (with ``S``'s sign: the cell excludes zero), and its
-   rounding is the rounding of ``S``: computed from ``floor(t)`` (the value below is ``floor(t
-   / 2) * 2h``, the one above ``2h`` further; nearest takes the one whose half holds ``t``),
-   then the overflow rule and the events, as the quantizer does for ``x``.
+3. The decision (:func:`fixedsim.jit.gemm_filtered.filter_round`), on the bits of ``|S|``
+   (binade ``E``, ulp ``2**(E - 52)``). Let ``h = 2**d`` ulps be half the format's quantum
+   there, ``d = 51 - m + max(emin - E, 0)`` (``m`` fraction bits; no ``max`` without
+   subnormals). On the grid of multiples of ``h`` the format's values are the even multiples
+   and the midpoints between them the odd ones; within ``|S|``'s binade (or the subnormal
+   range) no other point of the grid exists, and the grid's cells ``(k h, (k + 1) h)`` lie
+   inside the binade (``2**E`` and ``2**(E + 1)`` are multiples of ``h``). Every
+   deterministic rounding mode is constant on each open cell, and so are its events
+   (overflow, underflow, subnormal: functions of the rounded value on the unbounded-exponent
+   grid, as the quantizer computes them; inexact: the cell holds no value). With ``v`` the
+   offset of ``|S|`` above the format's value below it (``trunc``, ``|S|`` with the low
+   ``d + 1`` bits cleared), ``vh = v mod h`` its offset in its cell, and ``w = e / ulp``
+   plus ``2**-1000`` (in case the power-of-two scaling underflowed), the test is ``vh > w``
+   and ``fl(vh + w) < h``: exact comparisons, or rounding that is monotone, so it implies
+   ``[|S| - e, |S| + e]`` inside the cell. Then ``x`` is in that cell too (with ``S``'s
+   sign: the cell excludes zero) and rounds as ``S`` does: ``trunc``, or ``trunc`` plus one
+   quantum (nearest: when ``v >= h``; toward the magnitude's larger side: always; odd: when
+   ``trunc`` is an even number of quanta, and at ``d = 51``, the binade of the smallest
+   subnormal, ``trunc`` is one quantum, odd), then the overflow rule and the subnormal flag.
+   The kernel handles ``E`` from ``max(emin - m, -900)`` (``max(emin, -900)`` without
+   subnormals) to 999: there the result is never zero and never flushed; it marks the rest.
    When nothing reads the counts and the mode is to nearest, the value itself may lie in the
-   interval (only midpoints, zero and, at a binade's first value, the finer midpoint below it
-   must not): the result is the same, only the inexact count could differ, and nobody reads
+   interval: only the midpoints must not (``|v - h| > w``), nor the finer midpoint below a
+   binade's first value or the midpoint below ``trunc`` (``v + h / 2 > w``, which keeps zero
+   out too). The result is the same; only the inexact count could differ, and nobody reads
    it. So sums that are exact values of the format, common on FP16/BF16 data, are decided.
 4. Undecided elements (a boundary within ``e``: sums on or near a midpoint or a value of the
-   format, zeros, data whose squares leave float64's normal range) are summed again with a
-   compensated dot product (Dot2, :func:`fixedsim.jit.gemm_filtered.dot2_at`): ``|fl(hi + lo) -
-   x| <= (u |fl(hi + lo)| + gamma(K)^2 T) / (1 - u)``, ``T`` computed alongside with at most
-   ``gamma(K)`` relative error; the radius ``2 (u |res| + gamma(K)^2 T) + 2**-1020`` covers
-   that and its own rounding, and the same decision runs on it. An element whose products are
-   all zero (``T == 0``) is an exact zero with the general kernel's sign (``-0`` only rounding
-   DOWN with a ``-0`` product). What is left (exact ties, exact values of the format when the
-   counts are read) goes to the general kernel, element by element (``_general_at``; counted
-   in ``paths["exact_filtered_general"]``).
+   format; zeros; sums beyond the kernel's range; every element when the operands' squares
+   leave float64's normal range, which skips the norms) go through:
+
+   a. the interval test by the general scalar quantizer
+      (:func:`fixedsim.jit.gemm_filtered.filter_round_at`: both ends of ``[S - e, S + e]``,
+      widened by one float64 ulp, round to one value with the same events, zero and
+      (counted) that value outside it; roundings and events are monotone), for any range;
+   b. a compensated dot product (Dot2, Ogita, Rump and Oishi 2005,
+      :func:`fixedsim.jit.gemm_filtered.dot2_at`, on the gathered columns of ``B``):
+      ``|fl(hi + lo) - x| <= (u |fl(hi + lo)| + gamma(K)^2 T) / (1 - u)``, ``T`` computed
+      alongside with at most ``gamma(K)`` relative error; the radius ``2 (u |res| +
+      gamma(K)^2 T) + 2**-1020`` covers that and its own rounding; then test a. again;
+   c. an element whose products are all zero (``T == 0``) is an exact zero with the general
+      kernel's sign (``-0`` only rounding DOWN with a ``-0`` product);
+   d. what is left (exact ties, exact values of the format when the counts are read) goes to
+      the general kernel, element by element (``_general_at``; counted in
+      ``paths["exact_filtered_general"]``).
 
 Output events are counted only when ``c._read``; the number of roundings always.
 """
