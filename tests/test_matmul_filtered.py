@@ -40,8 +40,8 @@ def make(a, b, spec, read, seed=3):
 
 
 def run_row(a, b, spec, read=True):
-    """The row's result and counts (``stats=True`` when ``read``; else the counts nobody
-    reads, kept from the call's publication)."""
+    """The row's result and counts: ``matmul(..., stats=True)`` when ``read``; else the row run
+    on a product whose counts nobody reads, to look at them."""
     if read:
         return fs.matmul(a, b, spec, stats=True, path=filtered.NAME)
     p = make(a, b, spec, False)  # unread counts: the row itself, to see them
@@ -198,6 +198,7 @@ def test_exact_values_decided_when_unread():
     spec = fs.MatmulSpec(output=fs.FP16)
     unread, c = run_row(a, b, spec, read=False)
     assert unread[0, 0] == 8.0 and "exact_filtered_general" not in c.paths
+    assert c.output == fs.counters.StageCounts(roundings=1)  # unread: no events counted
     a[0, 2] = 0.0  # exactly 8: the counted call cannot tell it from 8 +- tiny by a bound
     read, c = run_row(a, b, spec)
     assert read[0, 0] == 8.0 and c.paths["exact_filtered_general"] == 1
