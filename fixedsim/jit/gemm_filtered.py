@@ -259,12 +259,13 @@ def gather_columns(B, cols, BT):
 
 
 @jit
-def dot2_at(A, BT, rows, cols, hi, lo, t):
+def dot2_at(A, BT, rows, cols, hi, lo, t, exact):
     """Compensated dot products (Ogita, Rump and Oishi's Dot2 on exact products) of the
     listed elements: ``hi[i] + lo[i]`` approximates ``A[rows[i]] . BT[cols[i]]`` with
     ``|fl(hi + lo) - exact| <= u |exact| + gamma(K)**2 * sum|a_k b_k|``, and ``t[i]`` is
     ``sum|a_k b_k|`` in float64 (relative error at most ``gamma(K)``), ``k = 0..K-1`` in
-    order. Every product must be exact in float64 (and every sum far from overflow).
+    order. ``exact[i] = 1`` when every step's TwoSum error was zero: then ``hi[i]`` is the
+    exact sum. Every product must be exact in float64 (and every sum far from overflow).
     Serial: few elements, right after a BLAS call (memory-bound: four interleaved chains
     were measured 5% faster, not worth their code)."""
     K = A.shape[1]
@@ -274,13 +275,31 @@ def dot2_at(A, BT, rows, cols, hi, lo, t):
         s = 0.0
         e = 0.0
         a = 0.0
+        inexact = False
         for k in range(K):
             p = ar[k] * br[k]
             x = s + p
             z = x - s
-            e += (s - (x - z)) + (p - z)
+            q = (s - (x - z)) + (p - z)  # s + p - x, exactly (TwoSum)
+            e += q
+            inexact = inexact or q != 0.0
             s = x
             a += abs(p)
         hi[i] = s
         lo[i] = e
         t[i] = a
+        exact[i] = 0 if inexact else 1
+
+
+@jit
+def quantize_at(x, P, U, D, out):
+    """``out[i]`` = the exact value ``x[i]`` rounded by the general scalar quantizer
+    (deterministic mode, parameters ``P, U, D``); returns the events (columns ``F_*``)."""
+    counts = np.zeros(N_FLAGS, np.int64)
+    idx = np.uint64(0)
+    for i in range(x.size):
+        v, f = quantize_value(x[i], P, U, D, idx)
+        out[i] = v
+        for k in range(N_FLAGS):
+            counts[k] += (f >> k) & 1
+    return counts

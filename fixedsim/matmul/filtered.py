@@ -112,6 +112,10 @@ _SERIAL = 2**40
 _NEAREST = (Rounding.NEAREST_EVEN, Rounding.NEAREST_AWAY)
 #: marked columns per row the filter kernel lists (rows with more are scanned again)
 _MARKS = 16
+#: Dot2's exactness certificate (every step exact) is used from this many second-stage
+#: elements; fewer go to the general kernel as before it (each costs it ~10 us at K = 512).
+#: On BF16 data into FP32 at n = 512, 6% of the elements are exact sums: 98 ms -> 20 ms.
+_CERTIFY_FROM = 64
 
 
 def _dims(p):
@@ -274,16 +278,8 @@ def _second_stage(A, B, S, p, fr, fj, out, cf, na, nb, strict):
     cols, ui = np.unique(fj, return_inverse=True)
     BT = np.empty((cols.size, K))
     _gk.gather_columns(B, cols, BT)
-    hi, lo, T = np.empty(n), np.empty(n), np.empty(n)
-    _gk.dot2_at(A, BT, fr, ui, hi, lo, T)
-    res = hi + lo
-    g = K * _U / (1.0 - K * _U)
-    err = 2.0 * (_U * np.abs(res) + g * g * T) + 2.0**-1020
-    ok = np.empty(n, np.uint8)
-    vals = np.empty(n)
-    flags += _gk.filter_round_at(res, err, strict, P, U, D, vals, ok)
-    done = ok == 1
-    out[fr[done], fj[done]] = vals[done]
+    hi, lo, T, exact = np.empty(n), np.empty(n), np.empty(n), np.empty(n, np.uint8)
+    _gk.dot2_at(A, BT, fr, ui, hi, lo, T, exact)
     zero = T == 0.0  # every product a signed zero: the sum is an exact zero
     if zero.any():
         zr, zj = fr[zero], fj[zero]
@@ -295,7 +291,30 @@ def _second_stage(A, B, S, p, fr, fj, out, cf, na, nb, strict):
             nneg = (sa @ (1.0 - sb) + (1.0 - sa) @ sb)[zi, zj]
             val[nneg > 0] = -0.0
         out[zr, zj] = val
-    left = ~done & ~zero
+    if n < _CERTIFY_FROM:
+        exact[:] = 0  # few elements: the general kernel, as before the certificate
+    done = zero | (exact == 1)  # Dot2 summed exactly: round the exact sum itself
+    ex = done & ~zero
+    if ex.any():
+        x = hi[ex]
+        if spec.output_rounding is Rounding.DOWN:  # an exact cancellation: -0 under DOWN
+            x[x == 0.0] = -0.0
+        vals = np.empty(x.size)
+        flags += _gk.quantize_at(x, P, U, D, vals)
+        out[fr[ex], fj[ex]] = vals
+    rest = ~done
+    if rest.any():
+        res = hi[rest] + lo[rest]
+        g = K * _U / (1.0 - K * _U)
+        err = 2.0 * (_U * np.abs(res) + g * g * T[rest]) + 2.0**-1020
+        ok = np.empty(res.size, np.uint8)
+        vals = np.empty(res.size)
+        flags += _gk.filter_round_at(res, err, strict, P, U, D, vals, ok)
+        fr2, fj2 = fr[rest], fj[rest]
+        dec = ok == 1
+        out[fr2[dec], fj2[dec]] = vals[dec]
+        done[np.flatnonzero(rest)[dec]] = True
+    left = ~done
     if left.any():
         flags += _general_at(A, B, spec, p.ba, p.bb, p.keys, p.rb, fr[left], fj[left], out, c,
                              _full_bt(B, BT, cols))[2]
