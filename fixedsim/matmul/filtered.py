@@ -64,15 +64,20 @@ How, and why it is exact
       widened by one float64 ulp, round to one value with the same events, zero and
       (counted) that value outside it; roundings and events are monotone), for any range;
    b. a compensated dot product (Dot2, Ogita, Rump and Oishi 2005,
-      :func:`fixedsim.jit.gemm_filtered.dot2_at`, on the gathered columns of ``B``):
+      :func:`fixedsim.jit.gemm_filtered.dot2_at`, on the gathered columns of ``B``) for the
+      elements neither c. settles:
       ``|fl(hi + lo) - x| <= (u |fl(hi + lo)| + gamma(K)^2 T) / (1 - u)``, ``T`` computed
       alongside with at most ``gamma(K)`` relative error; the radius ``2 (u |res| +
       gamma(K)^2 T) + 2**-1020`` covers that and its own rounding; then test a. again;
    c. an element whose products are all zero (``T == 0``) is an exact zero with the general
-      kernel's sign (``-0`` only rounding DOWN with a ``-0`` product);
-   d. what is left (exact ties, exact values of the format when the counts are read) goes to
-      the general kernel, element by element (``_general_at``; counted in
-      ``paths["exact_filtered_general"]``).
+      kernel's sign (``-0`` only rounding DOWN with a ``-0`` product); one whose Dot2 steps
+      all had a zero TwoSum error has ``hi`` = the exact sum (each step ``s + p = x`` held
+      exactly), rounded once by the quantizer, a cancellation to zero taking the model's sign
+      (``-0`` under DOWN, else ``+0``). This certificate is used from :data:`_CERTIFY_FROM`
+      such elements; fewer go to d.;
+   d. what is left (exact ties, exact values of the format when the counts are read, sums
+      within Dot2's bound of a boundary) goes to the general kernel, element by element
+      (``_general_at``; counted in ``paths["exact_filtered_general"]``).
 
 Output events are counted only when ``c._read``; the number of roundings always.
 """
