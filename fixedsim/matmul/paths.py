@@ -513,7 +513,7 @@ PATHS: tuple[Path, ...] = (
          "DOWN with a -0 product), counted with one 0/1 matrix product",
          _zero_products_declines, _zero_products),
     Path(_filtered.NAME,
-         f"{_EXACT} rounded once into a float output of at most 51 fraction bits "
+         f"{_EXACT} rounded once into a float output of at most 50 fraction bits "
          "(deterministic rounding), products exact in float64 (float32, FP16, BF16 data): "
          "float64 BLAS, then a filter",
          "BLAS's error is at most gamma(K) sum|a_k b_k| <= gamma(K) ||a|| ||b|| in any order; "
