@@ -62,3 +62,21 @@ def numeric_grad(f, arr, coords=None, h=1e-6):
         flat[i] = old
         out[i] = (fp - fm) / (2 * h)
     return out
+
+
+def ref_draw(spec, seed):
+    """The Fraction oracle's draws for a matrix product: the kernels' stage keys
+    (:func:`fixedsim.matmul.stage_keys`) and random bits, stage by stage."""
+    from fixedsim import reference
+    from fixedsim.jit.rng import random_u64_array
+    from fixedsim.matmul import stage_keys
+
+    keys = stage_keys(seed)
+    bits = {s: spec.random_bits or 64 for s in range(5)}
+    if spec.accumulator is not None:
+        bits[reference.STAGE_ACCUMULATOR] = spec.accumulator.random_bits or 64
+
+    def draw(stage, i):
+        return int(random_u64_array(keys[stage], i, 1)[0] >> np.uint64(64 - bits[stage]))
+
+    return draw

@@ -4,18 +4,17 @@ import importlib
 
 import numpy as np
 import pytest
-from helpers import assert_same_bits
+from helpers import assert_same_bits, ref_draw
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fixedsim as fs
 from fixedsim import reference
-from fixedsim.jit.rng import random_u64_array
+from fixedsim.jit import gemm_float, gemm_fp32
+from fixedsim.matmul import core as mcore
 from fixedsim.testing import roundings
 
 mm = importlib.import_module("fixedsim.matmul")  # the package (fixedsim.matmul is the function)
-from fixedsim.jit import gemm_float, gemm_fp32  # noqa: E402
-from fixedsim.matmul import core as mcore  # noqa: E402
 
 FIXED_IN = [fs.FixedFormat(8, 4), fs.FixedFormat(12, 6), fs.FixedFormat(16, 8),
             fs.FixedFormat(8, 8, signed=False)]
@@ -24,19 +23,6 @@ FIXED_ACC = [fs.FixedFormat(16, 8), fs.FixedFormat(24, 12), fs.FixedFormat(12, 4
              fs.FixedFormat(32, 16), fs.FixedFormat(20, 14)]
 FLOAT_ACC = [fs.FP32, fs.FP16, fs.BF16, fs.TF32]
 ALL_ROUNDINGS = list(fs.Rounding)
-
-
-def ref_draw(spec, seed):
-    """The oracle's draws: the same stage keys and indices as the kernels."""
-    keys = mm.stage_keys(seed)
-    bits = {s: spec.random_bits or 64 for s in range(5)}
-    if spec.accumulator is not None:
-        bits[reference.STAGE_ACCUMULATOR] = spec.accumulator.random_bits or 64
-
-    def draw(stage, i):
-        return int(random_u64_array(keys[stage], i, 1)[0] >> np.uint64(64 - bits[stage]))
-
-    return draw
 
 
 def check(a, b, spec, seed=7, path=None):

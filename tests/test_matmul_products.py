@@ -11,17 +11,15 @@ import types
 import numba
 import numpy as np
 import pytest
-from helpers import assert_same_bits
+from helpers import assert_same_bits, ref_draw
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import fixedsim as fs
 from fixedsim import reference
 from fixedsim.jit import gemm_products as gp
-from fixedsim.jit.rng import random_u64_array
 from fixedsim.matmul import core
 from fixedsim.matmul import products as rp
-from fixedsim.matmul.spec import stage_keys
 
 R = fs.Rounding
 Q8_4, Q12_6, Q16_8, Q32_16 = (fs.FixedFormat(8, 4), fs.FixedFormat(12, 6),
@@ -56,19 +54,6 @@ def product(a, b, spec, seed=3, stats="steps"):
     B = core._quantize_input(b, spec.input, spec.input_rounding, rb, keys[1], c.input)
     return types.SimpleNamespace(A=A, B=B, spec=spec, ba=core._Bits.of(A), bb=core._Bits.of(B),
                                  keys=keys, rb=rb, c=c)
-
-
-def ref_draw(spec, seed):
-    """The oracle's draws: the kernels' stage keys and indices."""
-    keys = stage_keys(seed)
-    bits = {s: spec.random_bits or 64 for s in range(5)}
-    if spec.accumulator is not None:
-        bits[reference.STAGE_ACCUMULATOR] = spec.accumulator.random_bits or 64
-
-    def draw(stage, i):
-        return int(random_u64_array(keys[stage], i, 1)[0] >> np.uint64(64 - bits[stage]))
-
-    return draw
 
 
 def check(a, b, spec, seed=3, oracle=True):
