@@ -151,16 +151,6 @@ def _round_output(vals, spec, keys, rb, c):
     return out
 
 
-def _dense_mm(A):
-    """The ``mm`` of :func:`_product` for a plain operand ``A`` (float64 products)."""
-    def mm(scale, Bs, k0, k1):
-        X = A[:, k0:k1]
-        X = np.ldexp(X, scale) if scale else X.astype(np.float64, copy=False)
-        return X @ Bs[k0:k1]
-    return mm
-
-
-
 def _f32_exact(b) -> bool:
     """Every value of the operand is a float32 (finite, in float32's range and precision)."""
     return b.finite and (b.top == -1075 or (b.sig <= 24 and b.lsb >= -149 and b.top <= 128))

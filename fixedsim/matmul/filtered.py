@@ -99,9 +99,9 @@ from ..rounding import Overflow, Rounding
 from .core import _general_at
 
 NAME = "exact_filtered"
-COMPUTES = ("exact accumulation rounded once into a float output (deterministic rounding), "
-            "products exact in float64 (float32, FP16, BF16 data): float64 BLAS, then a "
-            "vectorised filter that rounds")
+COMPUTES = ("exact accumulation rounded once into a float output of at most 50 fraction bits "
+            "(deterministic rounding), products exact in float64 (float32, FP16, BF16 data): "
+            "float64 BLAS, then a vectorised filter that rounds")
 PROOF = ("BLAS's error is at most gamma(K) ||a|| ||b|| in any order; an element whose error "
          "interval lies in one cell between the format's values and midpoints rounds as the "
          "BLAS sum does; the others are summed again (Dot2) and filtered, then left to the "

@@ -499,6 +499,12 @@ def _general_row(p):
 # -- the table ----------------------------------------------------------------------------------
 _EXACT = "exact accumulation"
 
+def _row(module) -> Path:
+    """The row a module of its own defines (``NAME``, ``COMPUTES``, ``PROOF``, ``declines``,
+    ``run``: :mod:`.exact64`, :mod:`.filtered`, :mod:`.products`)."""
+    return Path(module.NAME, module.COMPUTES, module.PROOF, module.declines, module.run)
+
+
 #: The rows, in the order they are tried. ``general`` applies to everything.
 PATHS: tuple[Path, ...] = (
     Path("exact_blas",
@@ -512,24 +518,8 @@ PATHS: tuple[Path, ...] = (
          "every sum is an exact zero; its sign follows the general rule (-0 only rounding "
          "DOWN with a -0 product), counted with one 0/1 matrix product",
          _zero_products_declines, _zero_products),
-    Path(_filtered.NAME,
-         f"{_EXACT} rounded once into a float output of at most 50 fraction bits "
-         "(deterministic rounding), products exact in float64 (float32, FP16, BF16 data): "
-         "float64 BLAS, then a filter",
-         "BLAS's error is at most gamma(K) sum|a_k b_k| <= gamma(K) ||a|| ||b|| in any order; "
-         "an element whose error interval lies in one rounding cell takes that cell's "
-         "rounding; the others are summed again (Dot2) and filtered, then left to the general "
-         "kernel",
-         _filtered.declines, _filtered.run),
-    Path(_exact64.NAME,
-         f"{_EXACT} rounded once into float64 (the default spec) or another float output of 52 "
-         "or 53 significand bits, deterministic rounding, any finite data (float64 products "
-         "need not be exact): error-free integer slices on float64 BLAS (Ozaki's scheme), "
-         "then a filter",
-         "the slice products are integers below 2**53, exact in any summation order; the tail "
-         "below them has a proven bound; an element whose bound decides the rounding takes "
-         "it, the others are summed again (Dot2) and decided, then left to the general kernel",
-         _exact64.declines, _exact64.run),
+    _row(_filtered),
+    _row(_exact64),
     Path("fp32_chain",
          "an FP32 FMA chain (nearest even, IEEE overflow) whose products are exact in "
          "float32: a float32 loop over the outputs, k in order",
@@ -565,13 +555,7 @@ PATHS: tuple[Path, ...] = (
          "TwoSum proves each sum exact (elements where it is not are recomputed by the general "
          "kernel), and the exact sum is rounded on its bits as the quantizer does",
          _float_chain64_declines, _float_chain64),
-    Path(_products.NAME,
-         "products rounded into spec.product (float or fixed point, every mode, stochastic "
-         "included), then exact, float or fixed-point accumulation: float64 lanes, k in order",
-         "each product is exact in float64 and rounded once; every sum is proven exact by "
-         "TwoSum (or is an integer below 2**52) and rounded once per block as the quantizer "
-         "does; an element where that fails is recomputed by the general kernel",
-         _products.declines, _products.run),
+    _row(_products),
     Path("general",
          "every spec: each element step by step, sums as exact floating-point expansions "
          "(Shewchuk), the Fraction oracle for elements it cannot prove",

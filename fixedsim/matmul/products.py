@@ -86,6 +86,11 @@ from ..rounding import Overflow, Rounding
 from .core import _f64_products_exact, _general_at, _round_output
 
 NAME = "rounded_products"
+COMPUTES = ("products rounded into spec.product (float or fixed point, every mode, stochastic "
+            "included), then exact, float or fixed-point accumulation: float64 lanes, k in order")
+PROOF = ("each product is exact in float64 and rounded once; every sum is proven exact by TwoSum "
+         "(or is an integer below 2**52) and rounded once per block as the quantizer does; an "
+         "element where that fails is recomputed by the general kernel")
 _RNE = Rounding.NEAREST_EVEN
 _SR = Rounding.STOCHASTIC
 _NONE = -1075  # _Bits.top of an operand with no finite nonzero value
