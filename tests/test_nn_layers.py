@@ -511,9 +511,9 @@ def test_float32_lenet_matches_numpy_float32():
               if isinstance(layer, (nn.Conv2d, nn.Linear))]
     assert all(w.dtype == np.float32 and b.dtype == np.float32 for w, b in params)
     ref_acts, ref_grads = numpy_lenet_f32(params, x, labels)
-    # Tolerance: both compute the same float32 arithmetic in a different order (fixedsim: a
-    # sequential FMA chain in K order; NumPy: blocked BLAS sums, separate multiply and add).
-    # Each float32 dot product of K <= 256 terms differs by at most ~2 K u sum|a_k b_k|,
+    # Tolerance: fixedsim rounds each exact dot product once into float32 (Policy.float32()),
+    # NumPy sums in float32 in BLAS's blocked order, rounding every multiply and add, so
+    # each float32 dot product of K <= 256 terms differs by at most ~2 K u sum|a_k b_k|,
     # u = 2**-24, i.e. ~3e-5 of the size of its terms; through four products and a softmax
     # the differences stay a few 1e-5 of each tensor's largest element, and no ReLU or
     # max-pooling decision flips on these data (checked by the tight tolerance itself).

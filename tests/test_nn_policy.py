@@ -50,8 +50,21 @@ def test_exact_preset():
 
 
 def test_float32_preset():
+    """float32 is exact accumulation with one nearest-even rounding into FP32 per output."""
     p = nn.Policy.float32()
     assert p.name == "float32"
+    for r in nn.ROLES:
+        assert getattr(p, r) == nn.Role(FP32, RNE)
+    for s in nn.PRODUCTS:
+        spec = getattr(p, s)
+        assert spec == MatmulSpec(output=FP32)
+        assert spec.accumulator is None and spec.output_rounding is RNE
+    assert p.loss_scale is None
+
+
+def test_float32_fma_chain_preset():
+    p = nn.Policy.float32("fma_chain")
+    assert p.name == "float32_fma_chain"
     for r in nn.ROLES:
         assert getattr(p, r) == nn.Role(FP32, RNE)
     for s in nn.PRODUCTS:
@@ -59,7 +72,8 @@ def test_float32_preset():
         assert spec == FP32_CHAIN
         assert spec.accumulator.block == 1 and spec.accumulator.overflow is Overflow.INFINITY
         assert spec.input is None and spec.product is None and spec.output is None
-    assert p.loss_scale is None
+    with pytest.raises(ValueError, match="'exact' or 'fma_chain'"):
+        nn.Policy.float32("pairwise")
 
 
 @pytest.mark.parametrize("args,rounding", [((), SR), ((16, 14, "nearest_even"), RNE),
@@ -256,6 +270,8 @@ def test_policy_table_wrapper_and_partial_files(tmp_path):
 def test_parse_names(tmp_path):
     assert nn.Policy.parse("float32") == nn.Policy.float32()
     assert nn.Policy.parse("fp32") == nn.Policy.float32()
+    assert nn.Policy.parse("float32:fma_chain") == nn.Policy.float32("fma_chain")
+    assert nn.Policy.parse("float32_fma_chain") == nn.Policy.float32("fma_chain")
     assert nn.Policy.parse("fp16") == nn.Policy.fp16_mixed()
     assert nn.Policy.parse("fp16_mixed") == nn.Policy.fp16_mixed()
     assert nn.Policy.parse("bf16") == nn.Policy.bf16()

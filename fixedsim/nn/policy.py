@@ -339,17 +339,43 @@ class Policy:
         return cls(name="exact", master_note="float64 values, exactly accumulated products")
 
     @classmethod
-    def float32(cls) -> Policy:
-        """IEEE single precision: every role FP32 round-to-nearest-even, FP32 FMA chains.
+    def float32(cls, accumulator: str = "exact") -> Policy:
+        """IEEE single precision: every role FP32 round-to-nearest-even.
 
-        Every product is a chain of float32 fused multiply-adds in ``k`` order, the way a
-        sequential float32 kernel computes it.
+        Parameters
+        ----------
+        accumulator : {"exact", "fma_chain"}, default "exact"
+            How the three products of a layer sum:
+
+            - ``"exact"``: each output is the exact dot product rounded once to nearest even
+              into FP32 (``MatmulSpec(output=FP32)``): a correctly rounded float32 product,
+              independent of summation order and thread count, bit-reproducible on every
+              machine, and more exact than any BLAS.
+            - ``"fma_chain"``: a chain of float32 fused multiply-adds in ``k`` order
+              (``MatmulSpec(accumulator=Accumulator(FP32))``), the model of a scalar CPU loop
+              (policy name ``float32_fma_chain``).
+
+        Examples
+        --------
+        >>> import fixedsim as fs
+        >>> fs.nn.Policy.float32().forward
+        MatmulSpec(output=FP32)
+        >>> fs.nn.Policy.float32("fma_chain").name
+        'float32_fma_chain'
         """
         r = _role(FP32)
-        chain = MatmulSpec(accumulator=Accumulator(FP32))
-        return cls(name="float32", weights=r, activations=r, errors=r, weight_grads=r,
-                   update=r, momentum=r, forward=chain, grad_input=chain, grad_weight=chain,
-                   master_note="IEEE 754 binary32 throughout")
+        if accumulator == "exact":
+            spec, name, note = (MatmulSpec(output=FP32), "float32",
+                                "IEEE 754 binary32 throughout, correctly rounded products")
+        elif accumulator == "fma_chain":
+            spec, name, note = (MatmulSpec(accumulator=Accumulator(FP32)), "float32_fma_chain",
+                                "IEEE 754 binary32 throughout, products as FP32 FMA chains")
+        else:
+            raise ValueError(f"Policy.float32 accumulator must be 'exact' or 'fma_chain', "
+                             f"got {accumulator!r}")
+        return cls(name=name, weights=r, activations=r, errors=r, weight_grads=r,
+                   update=r, momentum=r, forward=spec, grad_input=spec, grad_weight=spec,
+                   master_note=note)
 
     @classmethod
     def fixed(cls, word_length: int = 16, frac_length: int = 14,
@@ -484,7 +510,8 @@ class Policy:
     def parse(cls, text: str) -> Policy:
         """A policy from its command-line name.
 
-        ``float32``, ``fp16`` (= ``fp16_mixed``), ``bf16``, ``fp8``, ``exact``,
+        ``float32`` (correctly rounded products), ``float32:fma_chain`` (FP32 FMA chains, also
+        ``float32_fma_chain``), ``fp16`` (= ``fp16_mixed``), ``bf16``, ``fp8``, ``exact``,
         ``fixed:WL:FL[:ROUNDING]`` (rounding default ``stochastic``), or the path of a ``.toml``
         or ``.json`` policy file.
 
@@ -497,7 +524,10 @@ class Policy:
         if not isinstance(text, str):
             raise TypeError(f"policy must be a string, got {text!r}")
         t = text.strip()
-        simple = {"float32": cls.float32, "fp32": cls.float32, "fp16": cls.fp16_mixed,
+        simple = {"float32": cls.float32, "fp32": cls.float32,
+                  "float32_fma_chain": lambda: cls.float32("fma_chain"),
+                  "float32:fma_chain": lambda: cls.float32("fma_chain"),
+                  "fp16": cls.fp16_mixed,
                   "fp16_mixed": cls.fp16_mixed, "bf16": cls.bf16, "fp8": cls.fp8,
                   "exact": cls.exact}
         if t.lower() in simple:
@@ -519,7 +549,8 @@ class Policy:
                 raise ValueError(f"policy {text!r}: {err}") from None
         if t.endswith((".toml", ".json")) or pathlib.Path(t).exists():
             return cls.load(t)
-        raise ValueError(f"unknown policy {text!r}; expected float32, fp16, bf16, fp8, exact, "
+        raise ValueError(f"unknown policy {text!r}; expected float32, float32:fma_chain, fp16, "
+                         f"bf16, fp8, exact, "
                          f"fixed:WL:FL[:ROUNDING] or a .toml/.json policy file")
 
     def describe(self) -> str:
