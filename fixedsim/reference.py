@@ -34,7 +34,8 @@ import numpy as np
 from fixedsim.formats import FixedFormat, FloatFormat, _to_float_toward_zero
 from fixedsim.rounding import Overflow, Rounding
 
-__all__ = ["round_to_format", "quantize", "encode", "decode", "values", "neighbours"]
+__all__ = ["round_to_format", "quantize", "encode", "decode", "values", "neighbours",
+           "reduce_block"]
 
 _FLAG_NAMES = ("inexact", "rounded_up", "overflow", "underflow", "subnormal", "nan")
 
@@ -474,6 +475,65 @@ def exact_sum(terms, rounding=Rounding.NEAREST_EVEN):
     return 0.0
 
 
+def reduce_block(s, prods, acc, rnd=None):
+    """One block of an accumulator with ``lanes``, ``order`` or ``addend`` set, exactly.
+
+    ``s`` is the running sum (the previous blocks' result, or the addend C), ``prods`` the
+    block's products in ``k`` order (exact, or already rounded into the product format),
+    ``acc`` the :class:`~fixedsim.Accumulator`; ``rnd(v)`` rounds an exact value into the
+    accumulator (default :func:`round_to_format` with its format, rounding and overflow).
+    Every step is an exact sum of two values (:func:`exact_sum`, IEEE specials and zero signs)
+    rounded once:
+
+    - ``lanes=None``: the block's products (with ``s`` when ``addend="first"``) summed exactly,
+      one rounding;
+    - ``lanes=L``: the products taken in ``order``, the ``i``-th added to chain ``i mod L``
+      (chains start at +0, chain 0 at ``s`` when ``addend="first"``), then the chains added
+      pairwise (``combine="tree"``) or in order (``"sequential"``);
+    - ``addend="last"``: ``s`` plus that value, rounded once more.
+
+    Examples
+    --------
+    The two chains of an AMX tile instruction (even and odd products), their sum, then C:
+
+    >>> import fixedsim as fs
+    >>> acc = fs.Accumulator(fs.FP32, block=4, lanes=2, addend="last")
+    >>> reduce_block(2.0**24, [1.0, 2.0**24, 1.0, -2.0**24], acc)
+    16777218.0
+    """
+    if rnd is None:
+        def rnd(v):
+            return round_to_format(v, acc.fmt, acc.rounding, acc.overflow)
+    mode = acc.rounding
+
+    def add(x, y):
+        return rnd(exact_sum([x, y], mode))
+
+    seq = list(prods)[::-1] if acc.order == "descending" else list(prods)
+    first = acc.addend == "first"
+    if acc.lanes is None:
+        if first:
+            return rnd(exact_sum([s, *seq], mode))
+        return add(s, rnd(exact_sum([0.0, *seq], mode)))
+    chains = [0.0] * acc.lanes
+    if first:
+        chains[0] = s
+    for i, p in enumerate(seq):
+        chains[i % acc.lanes] = add(chains[i % acc.lanes], p)
+    if acc.combine == "sequential":
+        v = chains[0]
+        for c in chains[1:]:
+            v = add(v, c)
+    else:
+        while len(chains) > 1:
+            nxt = [add(chains[i], chains[i + 1]) for i in range(0, len(chains) - 1, 2)]
+            if len(chains) % 2:
+                nxt.append(chains[-1])
+            chains = nxt
+        v = chains[0]
+    return v if first else add(s, v)
+
+
 def dot(a_row, b_col, spec, *, draw=None, index=0, events=None):
     """One output element of ``fixedsim.matmul`` computed exactly, step by step.
 
@@ -538,6 +598,11 @@ def dot(a_row, b_col, spec, *, draw=None, index=0, events=None):
         s = 0.0
         nblocks = -(-K // acc.block)
         for t in range(nblocks):
+            if getattr(acc, "structured", False):  # lanes, order, addend: no random draws
+                s = reduce_block(s, prods[t * acc.block:(t + 1) * acc.block], acc,
+                                 lambda v: rnd(STAGE_ACCUMULATOR, v, acc.fmt, acc.rounding, 0,
+                                               acc.overflow))
+                continue
             v = exact_sum([s, *prods[t * acc.block:(t + 1) * acc.block]], acc.rounding)
             if getattr(acc, "via", None) is not None:
                 v = round_to_format(v, acc.via)

@@ -42,6 +42,30 @@ class Accumulator:
         A wider register the sum passes through: each step is rounded to nearest-even into
         ``via`` first, then into ``fmt`` (the double rounding of a kernel that adds in FP32
         and stores FP16). None: one rounding per step.
+    lanes : int, optional
+        How each block is reduced (the structure of the CPU and GPU matrix units that are
+        not aligned adders; docs/hardware_cpu.md). None (default): the block's products, and
+        the running sum when ``addend="first"``, are summed exactly and rounded once. An int
+        ``L`` in ``1..block``: ``L`` interleaved chains of fused multiply-adds, each step
+        rounded into ``fmt``: the ``i``-th product of the block (in ``order``) is added to
+        chain ``i mod L``; every chain starts at +0, chain 0 at the running sum when
+        ``addend="first"``; then the chains are added as ``combine`` says, one rounding per
+        addition. ``lanes=1`` with the defaults below is the FMA chain of ``block=1``.
+    order : {"ascending", "descending"}, default "ascending"
+        Order of the products within a block ("descending": the last first, as VDPBF16PS
+        takes the odd element of a pair first). The last block may be shorter.
+    combine : {"tree", "sequential"}, default "tree"
+        How the ``lanes`` chains are added: pairwise (``(c0 + c1) + (c2 + c3)``, an odd one
+        carried to the next level) or in order (``((c0 + c1) + c2) + c3``).
+    addend : {"first", "last"}, default "first"
+        Where the running sum (the previous blocks' result) enters a block: "first", in the
+        exact block sum or at the start of chain 0; "last", added to the block's reduced
+        value with one more rounding (the AMX tile instructions, AMD matrix cores).
+
+    Flushing is a property of formats: an ``fmt`` with ``subnormals=False`` flushes every
+    rounding of the sum (FTZ: rounded as if the exponent range were unbounded, a result below
+    the smallest normal becomes a signed zero); inputs read as zero when subnormal (DAZ, sign
+    kept) are an input format with ``subnormals=False`` (:class:`MatmulSpec` ``input``).
 
     Examples
     --------
@@ -56,6 +80,10 @@ class Accumulator:
     block: int = 1
     random_bits: int | None = None
     via: FloatFormat | None = None
+    lanes: int | None = None
+    order: str = "ascending"
+    combine: str = "tree"
+    addend: str = "first"
 
     def __post_init__(self):
         fmt = _check_format(self.fmt)
@@ -73,12 +101,58 @@ class Accumulator:
             _check_random_bits(rounding, self.random_bits)
         if self.via is not None and not isinstance(self.via, FloatFormat):
             raise TypeError(f"Accumulator via must be a FloatFormat or None, got {self.via!r}")
+        self._check_structure()
+
+    def _check_structure(self):
+        lanes = self.lanes
+        if lanes is not None:
+            if isinstance(lanes, bool) or not isinstance(lanes, numbers.Integral):
+                raise TypeError(f"Accumulator lanes must be None or an int >= 1, got {lanes!r}")
+            if not 1 <= lanes <= self.block:
+                raise ValueError(f"Accumulator lanes must be in 1..block ({self.block}): each "
+                                 f"chain takes at least one product of a block; got {lanes}")
+            object.__setattr__(self, "lanes", int(lanes))
+        for name, allowed in (("order", ("ascending", "descending")),
+                              ("combine", ("tree", "sequential")),
+                              ("addend", ("first", "last"))):
+            v = getattr(self, name)
+            if not isinstance(v, str) or v.lower() not in allowed:
+                raise ValueError(f"Accumulator {name} must be one of {', '.join(allowed)}; "
+                                 f"got {v!r}")
+            object.__setattr__(self, name, v.lower())
+        if self.structured:
+            if not isinstance(self.fmt, FloatFormat):
+                raise ValueError(f"Accumulator lanes, order and addend model floating-point "
+                                 f"units: fmt must be a FloatFormat, got {self.fmt!r}")
+            if self.rounding is Rounding.STOCHASTIC or self.via is not None:
+                raise ValueError("Accumulator lanes, order and addend take a deterministic "
+                                 "rounding and no `via` register; got "
+                                 f"{self.rounding.name}, via={self.via!r}")
+
+    @property
+    def structured(self) -> bool:
+        """Is a block reduced otherwise than by one exact sum with the running sum in it
+        (``lanes``, ``order`` or ``addend`` set)?"""
+        return (self.lanes is not None or self.order != "ascending"
+                or self.addend != "first")
+
+    def roundings(self, K: int) -> int:
+        """How many times one output's sum is rounded into ``fmt`` for ``K`` products."""
+        nblocks = -(-K // self.block)
+        if self.lanes is None:
+            return nblocks * (2 if self.addend == "last" else 1)
+        return K + nblocks * ((self.lanes - 1) + (1 if self.addend == "last" else 0))
 
     def __repr__(self):
         rb = "" if self.random_bits is None else f", random_bits={self.random_bits}"
         via = "" if self.via is None else f", via={self.via!r}"
+        st = "" if self.lanes is None else f", lanes={self.lanes}"
+        for name, default in (("order", "ascending"), ("combine", "tree"),
+                              ("addend", "first")):
+            if getattr(self, name) != default:
+                st += f", {name}={getattr(self, name)!r}"
         return (f"Accumulator({self.fmt!r}, {self.rounding.name}, {self.overflow.name}, "
-                f"block={self.block}{rb}{via})")
+                f"block={self.block}{rb}{via}{st})")
 
 
 def _fmt_or_none(v, name):
