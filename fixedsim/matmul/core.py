@@ -14,6 +14,7 @@ from .. import reference
 from ..formats import FP64, FixedFormat, _to_float_toward_zero
 from ..jit import gemm_exact as _gx
 from ..jit import gemm_general as _gg
+from ..jit import gemm_lanes as _gl
 from ..jit import quant as _q
 from ..jit.rng import random_u64_array
 from ..quantize import (
@@ -286,8 +287,15 @@ def _general(A, B, spec, ba, bb, keys, rb, c):
     R, K = A.shape
     N = B.shape[1]
     out = np.empty((R, N), np.float64)
-    counts, slow = _gg.gemm_general(np.ascontiguousarray(A), np.ascontiguousarray(B.T), out, 0,
-                                   *_general_args(spec, ba, bb, keys, rb))
+    args = _general_args(spec, ba, bb, keys, rb)
+    if acc is not None and acc.structured:  # lanes, order, addend: fixedsim.jit.gemm_lanes
+        counts, slow = _gl.gemm_lanes(
+            np.ascontiguousarray(A), np.ascontiguousarray(B.T), np.zeros((R, N)), out, 0,
+            *args[:7], args[7], args[10], acc.block, acc.lanes or 0,
+            acc.order == "descending", acc.combine == "tree", acc.addend == "last")
+    else:
+        counts, slow = _gg.gemm_general(np.ascontiguousarray(A), np.ascontiguousarray(B.T), out,
+                                       0, *args)
     tot = counts.sum(axis=0)
     if tot[:, _q.F_INVALID].any():
         raise ValueError("matmul: a NaN or infinity reached a fixed-point format of the spec "

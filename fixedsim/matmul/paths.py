@@ -144,6 +144,8 @@ def _plain(p) -> str | None:
         return "products are rounded (spec.product is set)"
     if not (p.ba.finite and p.bb.finite):
         return "an operand holds an infinity or a NaN"
+    if p.acc is not None and p.acc.structured:
+        return "the accumulator has lanes, an order or an addend (the general kernel's case)"
     return None
 
 
