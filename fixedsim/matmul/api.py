@@ -136,7 +136,8 @@ def _product(A, B, spec, keys, rb, c, mm=None, ba=None, path=None):
     p = Product(A, B, spec, keys, rb, c, mm=mm, ba=ba)
     acc = spec.accumulator
     if acc is not None:
-        c.accumulator.roundings += p.R * p.N * acc.roundings(p.K)
+        c.accumulator.roundings += p.R * p.N * (acc.roundings(p.K) if hasattr(acc, "roundings")
+                                                 else -(-p.K // acc.block))
     if spec.product is not None:
         c.product.roundings += p.R * p.N * p.K
     out = compute(p, path)

@@ -288,7 +288,7 @@ def _general(A, B, spec, ba, bb, keys, rb, c):
     N = B.shape[1]
     out = np.empty((R, N), np.float64)
     args = _general_args(spec, ba, bb, keys, rb)
-    if acc is not None and acc.structured:  # lanes, order, addend: fixedsim.jit.gemm_lanes
+    if getattr(acc, "structured", False):  # lanes, order, addend: fixedsim.jit.gemm_lanes
         counts, slow = _gl.gemm_lanes(
             np.ascontiguousarray(A), np.ascontiguousarray(B.T), np.zeros((R, N)), out, 0,
             *args[:7], args[7], args[10], acc.block, acc.lanes or 0,

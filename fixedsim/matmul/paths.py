@@ -144,7 +144,7 @@ def _plain(p) -> str | None:
         return "products are rounded (spec.product is set)"
     if not (p.ba.finite and p.bb.finite):
         return "an operand holds an infinity or a NaN"
-    if p.acc is not None and p.acc.structured:
+    if getattr(p.acc, "structured", False):
         return "the accumulator has lanes, an order or an addend (the general kernel's case)"
     return None
 

@@ -233,7 +233,7 @@ def declines(p):
         return None
     if acc.via is not None:
         return "the accumulator rounds through a via register"
-    if acc.structured:
+    if getattr(acc, "structured", False):
         return "the accumulator has lanes, an order or an addend (the general kernel's case)"
     if isinstance(acc.fmt, FixedFormat) and _fixed_acc_params(spec, p.ba, p.bb) is None:
         return ("a fixed-point accumulator whose steps could exceed 2**51 units of the "
