@@ -18,6 +18,7 @@ from .formats import (
 )
 from .matmul import (
     Accumulator,
+    BlockFMA,
     MatmulSpec,
     conv2d,
     conv2d_grad_input,
@@ -43,6 +44,7 @@ def __getattr__(name):
 
 __all__ = [
     "Accumulator",
+    "BlockFMA",
     "MatmulSpec",
     "BF16",
     "FP8_E4M3",

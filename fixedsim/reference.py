@@ -35,7 +35,7 @@ from fixedsim.formats import FixedFormat, FloatFormat, _to_float_toward_zero
 from fixedsim.rounding import Overflow, Rounding
 
 __all__ = ["round_to_format", "quantize", "encode", "decode", "values", "neighbours",
-           "reduce_block"]
+           "reduce_block", "block_fma"]
 
 _FLAG_NAMES = ("inexact", "rounded_up", "overflow", "underflow", "subnormal", "nan")
 
@@ -534,13 +534,101 @@ def reduce_block(s, prods, acc, rnd=None):
     return v if first else add(s, v)
 
 
-def dot(a_row, b_col, spec, *, draw=None, index=0, events=None):
+def block_fma(a, b, c, acc, input_emin=-1022, *, flags=False):
+    """One block of a :class:`~fixedsim.BlockFMA` accumulator, exactly: ``c + sum a[k] b[k]``
+    as an aligned, truncating multi-term adder computes it.
+
+    Parameters
+    ----------
+    a, b : sequence of float
+        The block's operands (already in the input format).
+    c : float
+        The addend: C for the first block, the previous block's result after it.
+    acc : BlockFMA
+    input_emin : int
+        Exponent of the input format's smallest normal: a subnormal input ``x`` is read as
+        ``sx 2**input_emin`` with ``sx < 1`` (default float64's).
+    flags : bool, default False
+        Also return the flags (:func:`round_to_format`'s) of the rounding of the cut sum
+        ``S q``: ``inexact`` when ``S q`` itself had to be rounded (the cut terms are not
+        counted), ``overflow`` when it became an infinity, ``nan`` for a NaN result; all
+        False for a special or zero result but ``nan``.
+
+    Returns
+    -------
+    float, or (float, dict) with ``flags=True``
+
+    Notes
+    -----
+    The definition, in integers: every nonzero term ``x`` (each product ``a[k] b[k]``, and
+    ``c`` when it is not zero) has an exponent ``e``: ``ea + eb`` for a product, with ``ea =
+    max(floor(log2 |a[k]|), input_emin)`` (products are not renormalised: ``x / 2**e`` is in
+    ``[0, 4)``), ``max(floor(log2 |c|), -126)`` for ``c``. The anchor is ``E = max(e)``, at
+    least ``acc.min_exp``. With ``q = 2**(E - 23 - acc.extra_bits)`` the block's value is
+    ``S q``, ``S = sum over the terms of sign(x) floor(|x| / q)``: each term cut toward zero
+    to the anchor's window, the cut terms summed exactly. ``S q`` is rounded once into
+    ``acc.register`` with ``acc.rounding``; a result beyond its largest value is an
+    infinity; ``S = 0`` gives +0. An infinity or NaN among the products or ``c`` gives their
+    IEEE sum instead.
+
+    Examples
+    --------
+    Probes of Fasi et al. (2021) on a V100-like unit (``block=4``, no extra bits): five
+    terms of exponent 0 sum to 8 in the wide register, which carries past the anchor
+    without renormalising in between; and in ``(-1 + 2**-24) + 1 - 2**-24`` the addend's
+    last bit and the product ``2**-24`` are both cut at ``2**-23``, leaving ``2**-23``:
+
+    >>> import fixedsim as fs
+    >>> block_fma([1.0] * 4, [1.0, 1.5, 1.75, 1.875], 1.875, fs.BlockFMA(4, 0))
+    8.0
+    >>> block_fma([1.0, 1.0], [1.0, -2.0**-24], -1.0 + 2.0**-24, fs.BlockFMA(4, 0))
+    1.1920928955078125e-07
+    """
+    quiet = dict.fromkeys(_FLAG_NAMES, False)
+
+    def done(v, fl=quiet):
+        return (v, dict(fl, nan=math.isnan(v))) if flags else v
+
+    prods = [_exact_product(float(x), float(y)) for x, y in zip(a, b, strict=True)]
+    c = float(c)
+    specials = [t for t in [*prods, c] if isinstance(t, float) and not math.isfinite(t)]
+    if specials:
+        return done(float(sum(specials)))  # IEEE: inf - inf is NaN, NaN wins
+
+    def expo(x, emin):
+        return max(_floor_log2(abs(Fraction(x))), emin)
+
+    terms = [(p, expo(x, input_emin) + expo(y, input_emin))
+             for p, x, y in zip(prods, a, b, strict=True) if p != 0]
+    if c != 0:
+        terms.append((Fraction(c), expo(c, -126)))
+    if not terms:
+        return done(0.0)
+    E = max(e for _, e in terms)
+    if acc.min_exp is not None:
+        E = max(E, acc.min_exp)
+    q = _pow2(E - 23 - acc.extra_bits)
+    S = 0
+    for x, _ in terms:
+        m = math.floor(abs(x) / q)
+        S += -m if x < 0 else m
+    if S == 0:
+        return done(0.0)
+    r, fl = round_to_format(S * q, acc.register, acc.rounding, Overflow.INFINITY, flags=True)
+    if fl["overflow"]:
+        r = math.copysign(math.inf, S)
+        fl["rounded_up"] = S > 0
+    return done(r, fl)
+
+
+def dot(a_row, b_col, spec, *, draw=None, index=0, events=None, c=0.0):
     """One output element of ``fixedsim.matmul`` computed exactly, step by step.
 
     This is the definition the kernels are tested against: products in order ``k = 0..K-1``,
     each exact or rounded into ``spec.product``; an exact sum (``spec.accumulator is None``)
-    or a running sum starting at ``+0.0`` to which each block of ``block`` consecutive products
-    is added exactly and rounded once into the accumulator format; then one rounding into
+    or a running sum starting at ``c`` (+0.0 by default) to which each block of ``block``
+    consecutive products is added exactly and rounded once into the accumulator format (a
+    :class:`~fixedsim.BlockFMA`: :func:`block_fma` per block); then one rounding into
     ``spec.output`` (into float64 when both accumulator and output are None; none when only the
     output is None).
 
@@ -562,6 +650,10 @@ def dot(a_row, b_col, spec, *, draw=None, index=0, events=None):
     events : dict, optional
         If given, the flags of every rounding (see :func:`round_to_format`) are counted into
         ``events[stage][flag]``.
+    c : float, default +0.0
+        The addend C (``D = C + A B``): the start of the running sum (it takes part in the
+        first block's exact sum), a term of the exact sum when there is no accumulator, and
+        for a :class:`~fixedsim.BlockFMA` a term of the first block (:func:`block_fma`).
 
     Returns
     -------
@@ -592,10 +684,23 @@ def dot(a_row, b_col, spec, *, draw=None, index=0, events=None):
         prods.append(p)
     acc = spec.accumulator
     if acc is None:
-        v = exact_sum([0.0, *prods], spec.output_rounding)
+        v = exact_sum([c, *prods], spec.output_rounding)
         out = spec.output if spec.output is not None else FP64
+    elif hasattr(acc, "extra_bits"):  # a BlockFMA (reference imports no matmul module)
+        emin = spec.input.emin if isinstance(spec.input, FloatFormat) else FP64.emin
+        s = c
+        for t in range(-(-K // acc.block)):
+            blk = slice(t * acc.block, (t + 1) * acc.block)
+            s, fl = block_fma(a_row[blk], b_col[blk], s, acc, emin, flags=True)
+            if events is not None:
+                ev = events.setdefault(STAGE_ACCUMULATOR, {})
+                for name, on in fl.items():
+                    ev[name] = ev.get(name, 0) + int(on)
+        if spec.output is None:
+            return s
+        v, out = s, spec.output
     else:
-        s = 0.0
+        s = c
         nblocks = -(-K // acc.block)
         for t in range(nblocks):
             if getattr(acc, "structured", False):  # lanes, order, addend: no random draws
@@ -620,13 +725,17 @@ def _container(v) -> float:
     return v if isinstance(v, float) else _to_float_toward_zero(v)
 
 
-def matmul(a, b, spec, *, draw=None):
-    """``fixedsim.matmul(a, b, spec)`` computed exactly, element by element, as float64.
+def matmul(a, b, spec, *, draw=None, c=None):
+    """``fixedsim.matmul(a, b, spec, c)`` computed exactly, element by element, as float64.
 
     Inputs are rounded into ``spec.input`` with :func:`round_to_format` (draws of stages
-    :data:`STAGE_INPUT_A` / :data:`STAGE_INPUT_B` indexed by the flat element index), then each
-    output element is :func:`dot`. Values that are not float64 (wide fixed point) are given
-    toward zero, as the kernels' float64 containers hold them.
+    :data:`STAGE_INPUT_A` / :data:`STAGE_INPUT_B` indexed by the flat element index of ``a``
+    and ``b`` as given), then each output element is :func:`dot` with its addend ``c``
+    (broadcast to the output shape; None: +0). ``a`` of shape ``(..., M, K)`` and ``b`` of
+    shape ``(..., K, N)`` broadcast their batch dimensions as :func:`numpy.matmul` does; the
+    draw index of an output element is its flat index in the output. Values that are not
+    float64 (wide fixed point) are given toward zero, as the kernels' float64 containers
+    hold them.
     """
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
@@ -643,11 +752,18 @@ def matmul(a, b, spec, *, draw=None):
         return np.array([_container(v) for v in flat], dtype=np.float64).reshape(x.shape)
 
     qa, qb = quant(a, STAGE_INPUT_A), quant(b, STAGE_INPUT_B)
-    A = qa.reshape(int(np.prod(qa.shape[:-1])), qa.shape[-1])
-    N = qb.shape[1]
-    out = np.empty((A.shape[0], N))
-    for r in range(A.shape[0]):
-        for j in range(N):
-            out[r, j] = _container(dot(A[r], qb[:, j], spec, draw=draw, index=r * N + j))
-    return out.reshape(*a.shape[:-1], N)
-
+    if qb.ndim == 1 or qa.ndim == 1:
+        raise ValueError("reference.matmul: a and b must have at least 2 dimensions")
+    batch = np.broadcast_shapes(qa.shape[:-2], qb.shape[:-2])
+    M, N = qa.shape[-2], qb.shape[-1]
+    A = np.broadcast_to(qa, (*batch, *qa.shape[-2:]))
+    B = np.broadcast_to(qb, (*batch, *qb.shape[-2:]))
+    C = np.broadcast_to(np.zeros(()) if c is None else np.asarray(c, np.float64),
+                        (*batch, M, N))
+    out = np.empty((*batch, M, N))
+    for o, idx in enumerate(np.ndindex(*batch, M, N)):
+        *bi, i, j = idx
+        bi = tuple(bi)
+        out[idx] = _container(dot(A[bi][i], B[bi][:, j], spec, draw=draw, index=o,
+                                  c=float(C[idx])))
+    return out

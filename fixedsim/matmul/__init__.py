@@ -28,9 +28,9 @@ scans, setup, output rounding, the general kernel and its oracle fallback),
 
 from .api import conv2d, conv2d_grad_input, conv2d_grad_weight, explain, matmul
 from .paths import PATHS, Explanation, Path
-from .spec import Accumulator, MatmulSpec, stage_keys
+from .spec import Accumulator, BlockFMA, MatmulSpec, stage_keys
 
 matmul.explain = explain  # fixedsim.matmul is also this function: fixedsim.matmul.explain works
 
-__all__ = ["Accumulator", "MatmulSpec", "matmul", "explain", "conv2d", "conv2d_grad_input",
-           "conv2d_grad_weight", "stage_keys", "PATHS", "Path", "Explanation"]
+__all__ = ["Accumulator", "BlockFMA", "MatmulSpec", "matmul", "explain", "conv2d",
+           "conv2d_grad_input", "conv2d_grad_weight", "stage_keys", "PATHS", "Path", "Explanation"]

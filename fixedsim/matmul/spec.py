@@ -7,7 +7,7 @@ import numbers
 
 import numpy as np
 
-from ..formats import FP64, FixedFormat, FloatFormat
+from ..formats import FP32, FP64, FixedFormat, FloatFormat
 from ..jit.rng import random_u64_array
 from ..quantize import (
     _check_format,
@@ -155,6 +155,136 @@ class Accumulator:
                 f"block={self.block}{rb}{via}{st})")
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockFMA:
+    """The aligned, truncating multi-term adder of a tensor core (one block per instruction).
+
+    For each block of ``block`` consecutive products (and the addend C, or the previous
+    blocks' result, when it is not zero), per output element:
+
+    1. every product is exact and kept unnormalised: with ``a = sa 2**ea`` and ``b = sb
+       2**eb`` (``sa, sb`` in ``[0, 2)``, ``ea`` at least the input format's ``emin``, so
+       subnormal inputs keep their exponent) the term is ``(sa sb) 2**(ea + eb)``; zero
+       products drop out; C is read as an FP32 value (exponent at least -126);
+    2. the anchor ``E`` is the largest term exponent, and at least ``min_exp``;
+    3. every term is cut to a multiple of ``2**(E - 23 - extra_bits)``, toward zero (its
+       significand, with 23 fraction bits, shifted left by ``extra_bits`` and right by ``E``
+       minus its exponent, without guard or sticky bits), and the cut terms are summed
+       exactly;
+    4. that sum is rounded once with ``rounding`` into ``fmt`` with ``output_frac_bits``
+       fraction bits (gradual underflow at ``fmt``'s smallest normal; overflow gives an
+       infinity in every rounding mode); a zero sum is +0.
+
+    The result is the next block's C. An infinity or NaN among a block's products or its C
+    makes the block's result their IEEE sum. The exact definition is
+    :func:`fixedsim.reference.block_fma`; ``fixedsim.hardware`` holds the NVIDIA parameters.
+
+    Parameters
+    ----------
+    block : int
+        Products per block (the instruction's K), at least 1.
+    extra_bits : int
+        Bits kept beyond 23 fraction bits below the anchor (-23 to 30; negative: fewer).
+    rounding : Rounding or str, default TOWARD_ZERO
+        Rounding of each block's sum (any but STOCHASTIC).
+    fmt : FloatFormat, default FP32
+        Format of each block's result (an IEEE format with infinities, 8 exponent bits or
+        fewer).
+    output_frac_bits : int, optional
+        Fraction bits each block's result keeps (1 to ``fmt.man_bits``; None: all of
+        ``fmt``'s), e.g. 13 for the FP8 units of Ada and Hopper.
+    min_exp : int, optional
+        Smallest anchor (None: no floor).
+
+    Raises
+    ------
+    TypeError, ValueError
+        An argument of the wrong type or out of range, named in the message.
+
+    Examples
+    --------
+    Two products of an H100 block: the small one is cut at 25 bits below the anchor.
+
+    >>> import numpy as np, fixedsim as fs
+    >>> acc = fs.BlockFMA(16, 2, min_exp=-133)
+    >>> spec = fs.MatmulSpec(input=fs.FP16, accumulator=acc)
+    >>> fs.matmul(np.array([[1.0, 1.0]]), np.array([[1.0], [2.0**-24 * 3]]), spec)
+    array([[1.]], dtype=float32)
+    """
+
+    block: int
+    extra_bits: int
+    rounding: Rounding = Rounding.TOWARD_ZERO
+    fmt: FloatFormat = FP32
+    output_frac_bits: int | None = None
+    min_exp: int | None = None
+
+    def __post_init__(self):
+        for name, lo, hi in (("block", 1, 2**20), ("extra_bits", -23, 30)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"BlockFMA {name} must be an int, got {v!r}")
+            if not lo <= v <= hi:
+                raise ValueError(f"BlockFMA {name} must be in {lo}..{hi}, got {v}")
+            object.__setattr__(self, name, int(v))
+        rounding = Rounding.coerce(self.rounding, what="BlockFMA rounding")
+        if rounding is Rounding.STOCHASTIC:
+            raise ValueError("BlockFMA rounding must be deterministic (TOWARD_ZERO, "
+                             "NEAREST_EVEN, ...), got STOCHASTIC")
+        object.__setattr__(self, "rounding", rounding)
+        f = self.fmt
+        if not isinstance(f, FloatFormat) or not f.has_inf or f.exp_bits > 8:
+            raise TypeError(f"BlockFMA fmt must be an IEEE FloatFormat with infinities and at "
+                            f"most 8 exponent bits (FP32, FP16, ...), got {f!r}")
+        ofb = self.output_frac_bits
+        if ofb is not None:
+            if isinstance(ofb, bool) or not isinstance(ofb, numbers.Integral):
+                raise TypeError(f"BlockFMA output_frac_bits must be an int or None, got {ofb!r}")
+            if not 1 <= ofb <= f.man_bits:
+                raise ValueError(f"BlockFMA output_frac_bits must be in 1..{f.man_bits} "
+                                 f"(fmt {f!r}), got {ofb}")
+            object.__setattr__(self, "output_frac_bits", int(ofb))
+        me = self.min_exp
+        if me is not None:
+            if isinstance(me, bool) or not isinstance(me, numbers.Integral):
+                raise TypeError(f"BlockFMA min_exp must be an int or None, got {me!r}")
+            if not -1100 <= me <= 1100:
+                raise ValueError(f"BlockFMA min_exp must be in -1100..1100, got {me}")
+            object.__setattr__(self, "min_exp", int(me))
+
+    #: Every block's result overflows to an infinity (the Accumulator attribute of the name).
+    overflow = Overflow.INFINITY
+    random_bits = None
+    via = None
+    structured = False
+
+    @property
+    def frac_bits(self) -> int:
+        """Fraction bits of each block's result."""
+        return self.fmt.man_bits if self.output_frac_bits is None else self.output_frac_bits
+
+    @property
+    def register(self) -> FloatFormat:
+        """The format each block's sum is rounded into (``fmt`` with ``frac_bits``)."""
+        return FloatFormat(self.fmt.exp_bits, self.frac_bits)
+
+    def roundings(self, K: int) -> int:
+        """How many times one output's sum is rounded for ``K`` products (once per block)."""
+        return -(-K // self.block)
+
+    def __repr__(self):
+        parts = [str(self.block), str(self.extra_bits)]
+        if self.rounding is not Rounding.TOWARD_ZERO:
+            parts.append(f"rounding={self.rounding.name}")
+        if self.fmt != FP32:
+            parts.append(f"fmt={self.fmt!r}")
+        if self.output_frac_bits is not None:
+            parts.append(f"output_frac_bits={self.output_frac_bits}")
+        if self.min_exp is not None:
+            parts.append(f"min_exp={self.min_exp}")
+        return f"BlockFMA({', '.join(parts)})"
+
+
 def _fmt_or_none(v, name):
     if v is None:
         return None
@@ -175,8 +305,9 @@ class MatmulSpec:
         Both operands are quantized to it first (None: taken as they are).
     product : FixedFormat or FloatFormat, optional
         Each product is rounded into it (None: exact).
-    accumulator : Accumulator, FixedFormat or FloatFormat, optional
-        The running sum (a format means ``Accumulator(fmt)``); None: exact accumulation.
+    accumulator : Accumulator, BlockFMA, FixedFormat or FloatFormat, optional
+        The running sum (a format means ``Accumulator(fmt)``; :class:`BlockFMA`: the aligned,
+        truncating adder of a tensor core); None: exact accumulation.
     output : FixedFormat or FloatFormat, optional
         The result is rounded once into it. None: the accumulator's values; with no
         accumulator either, the exact sums rounded into float64.
@@ -218,9 +349,12 @@ output=FP16)
         for name in ("input", "product", "output"):
             object.__setattr__(self, name, _fmt_or_none(getattr(self, name), name))
         acc = self.accumulator
-        if acc is not None and not isinstance(acc, Accumulator):
+        if acc is not None and not isinstance(acc, (Accumulator, BlockFMA)):
             acc = Accumulator(_fmt_or_none(acc, "accumulator"))
         object.__setattr__(self, "accumulator", acc)
+        if isinstance(acc, BlockFMA) and self.product is not None:
+            raise ValueError("MatmulSpec product must be None with a BlockFMA accumulator "
+                             f"(its products are exact and unnormalised), got {self.product!r}")
         for name in ("output_rounding", "input_rounding", "product_rounding"):
             object.__setattr__(self, name, Rounding.coerce(getattr(self, name), what=name))
         for stage, rnd in (("input", "input_rounding"), ("product", "product_rounding")):
