@@ -24,7 +24,7 @@ from .jit import quant as _q
 from .jit.rng import random_u64_array
 from .quantize import (
     FLAG_COLUMNS,
-    _as_float_array,
+    _as_exact_array,
     _check_format,
     _check_random_bits,
     _kernel_params,
@@ -39,14 +39,37 @@ __all__ = ["add", "sub", "mul", "div", "fma"]
 _OPS = {"add": _ka.OP_ADD, "mul": _ka.OP_MUL, "div": _ka.OP_DIV, "fma": _ka.OP_FMA}
 
 
-def _exact(op: str, x: float, y: float, z: float, rounding: Rounding):
-    """The exact result: a Fraction, or a float for IEEE specials and signed zeros."""
-    if not all(math.isfinite(v) for v in (x, y, z)) or (op == "div" and y == 0):
-        with np.errstate(all="ignore"):  # IEEE specials are exact
-            f = {"add": np.add, "mul": np.multiply, "div": np.divide}
-            if op == "fma":
-                return float(np.float64(x) * np.float64(y) + np.float64(z))
-            return float(f[op](np.float64(x), np.float64(y)))
+def _sign(v) -> float:
+    """1.0 or -1.0: the sign of a float (-0.0 and -nan included) or of a nonzero Fraction."""
+    if isinstance(v, Fraction):
+        return 1.0 if v > 0 else -1.0
+    return math.copysign(1.0, v)
+
+
+def _special(op: str, x: float, y: float, z: float) -> float:
+    """The IEEE 754 result when an operand is NaN or infinite, or a divisor is zero (the
+    finite operands' magnitudes do not matter then, only their signs and whether they are 0).
+    fma's product is exact, so finite factors make a finite product: ``fma(x, y, z)`` is
+    ``z`` for an infinite or NaN ``z`` then, even where ``x * y`` would overflow float64."""
+    with np.errstate(all="ignore"):
+        x64, y64, z64 = np.float64(x), np.float64(y), np.float64(z)
+        if op == "fma":
+            if math.isfinite(x) and math.isfinite(y):
+                return float(z)
+            return float(x64 * y64 + z64)
+        return float({"add": np.add, "mul": np.multiply, "div": np.divide}[op](x64, y64))
+
+
+def _exact(op: str, x, y, z, rounding: Rounding):
+    """The exact result: a Fraction, or a float for IEEE specials and signed zeros.
+
+    Operands are floats, or Fractions (nonzero, finite) for values float64 cannot hold."""
+    def finite(v):
+        return isinstance(v, Fraction) or math.isfinite(v)
+
+    if not all(finite(v) for v in (x, y, z)) or (op == "div" and y == 0):
+        # a Fraction stands in as +-1.0: only its sign counts for a special result
+        return _special(op, *(_sign(v) if isinstance(v, Fraction) else v for v in (x, y, z)))
     fx, fy = Fraction(x), Fraction(y)
     if op == "div":
         v = fx / fy
@@ -60,9 +83,9 @@ def _exact(op: str, x: float, y: float, z: float, rounding: Rounding):
         return v
     # IEEE 754 signs of exact zeros
     if op in ("mul", "div"):
-        return math.copysign(0.0, x) * math.copysign(1.0, y)
-    s1 = math.copysign(1.0, x * y if op == "fma" else x)
-    s2 = math.copysign(1.0, z if op == "fma" else y)
+        return math.copysign(0.0, _sign(x) * _sign(y))
+    s1 = _sign(x) * _sign(y) if op == "fma" else _sign(x)
+    s2 = _sign(z) if op == "fma" else _sign(y)
     if s1 == s2:
         return math.copysign(0.0, s1)
     return -0.0 if rounding is Rounding.DOWN else 0.0
@@ -92,21 +115,67 @@ def _on_grid(v, up):
         return int(np.count_nonzero(s == np.floor(s)))
 
 
-def _apply(op, operands, fmt, rounding, overflow, seed, random_bits, stats):
+#: Operand values that give an exact zero result with no event, per operation: the kernels
+#: compute these in the places of operands that float64 cannot hold (the oracle rounds those).
+_PLACEHOLDER = {"add": (0.0, 0.0), "mul": (0.0, 0.0), "div": (0.0, 1.0), "fma": (0.0, 0.0, 0.0)}
+
+
+def _operands(op, operands, negate_b):
+    """``(shape, flat, held)``: the broadcast shape; three flat, read-only float64 arrays of
+    the broadcast operands (``b`` twice for a two-operand op); and None, or, when an operand
+    holds values float64 cannot hold (Python ints beyond 2**53, Fractions, Decimals), the flat
+    indices of the elements that involve one and ``{index: (x, y, z)}`` their operands (floats
+    and Fractions). At those indices ``flat`` holds operands whose result is an exact zero
+    with no event (:data:`_PLACEHOLDER`); the oracle computes them."""
+    arrs, exacts = [], []
+    for v, name in zip(operands, "abc", strict=False):
+        arr, exact = _as_exact_array(v, name)
+        if exact is not None:  # the exact values, in an object array of the operand's shape
+            ex = np.full(arr.size, None, dtype=object)
+            ex[exact.index] = exact.value
+            exact = ex.reshape(arr.shape)
+        if negate_b and name == "b":  # negation is exact
+            arr = np.negative(arr)
+            if exact is not None:
+                exact = np.array([None if e is None else -e for e in exact.reshape(-1)],
+                                 dtype=object).reshape(exact.shape)
+        arrs.append(arr)
+        exacts.append(exact)
+    try:
+        shape = np.broadcast_shapes(*(a.shape for a in arrs))
+    except ValueError:
+        shapes = ", ".join(str(a.shape) for a in arrs)
+        raise ValueError(f"{op}: operands do not broadcast together: shapes {shapes}") from None
+    flat = []
+    for a in arrs:  # read-only views, so read-only operands take the compiled signatures
+        f = np.ascontiguousarray(np.broadcast_to(a, shape), dtype=np.float64).reshape(-1)
+        f = f.view()
+        f.setflags(write=False)
+        flat.append(f)
+    if len(flat) == 2:
+        flat.append(flat[1])
+        exacts.append(exacts[1])
+        arrs.append(arrs[1])
+    if all(e is None for e in exacts):
+        return shape, flat, None
+    full = [np.broadcast_to(np.full(a.shape, None, dtype=object) if e is None else e,
+                            shape).reshape(-1) for a, e in zip(arrs, exacts, strict=True)]
+    held = np.flatnonzero(np.any([np.not_equal(f, None) for f in full], axis=0))
+    rows = {int(i): tuple(float(f[i]) if e[i] is None else e[i]
+                          for f, e in zip(flat, full, strict=True)) for i in held}
+    flat = [f.copy() for f in flat]
+    for f, p in zip(flat, (*_PLACEHOLDER[op], 0.0), strict=False):
+        f[held] = p
+        f.setflags(write=False)
+    return shape, flat, (held, rows)
+
+
+def _apply(op, operands, fmt, rounding, overflow, seed, random_bits, stats, negate_b=False):
     fmt = _check_format(fmt)
     rounding = Rounding.coerce(rounding, what="rounding")
     overflow = resolve_overflow(fmt, overflow)
     rbits = _check_random_bits(rounding, random_bits)
-    arrs = [_as_float_array(v, name) for v, name in zip(operands, "abc", strict=False)]
-    try:
-        arrs = np.broadcast_arrays(*arrs)
-    except ValueError:
-        shapes = ", ".join(str(np.shape(a)) for a in arrs)
-        raise ValueError(f"{op}: operands do not broadcast together: shapes {shapes}") from None
-    shape = arrs[0].shape
-    flat = [np.ascontiguousarray(a, dtype=np.float64).reshape(-1) for a in arrs]
-    if len(flat) == 2:
-        flat.append(flat[1])
+    shape, flat, held = _operands(op, operands, negate_b)
     P, U, D = _kernel_params(fmt, rounding, overflow, rbits)
     Psr = _kernel_params(fmt, Rounding.NEAREST_EVEN, overflow, rbits)[0]
     key = random_key(seed) if rounding is Rounding.STOCHASTIC else np.uint64(0)
@@ -140,12 +209,16 @@ def _apply(op, operands, fmt, rounding, overflow, seed, random_bits, stats):
             f"{op}: a result is NaN (or an infinity with WRAP), which fixed-point format "
             f"{fmt!r} cannot represent"
         )
+    if held is not None:  # elements whose operands float64 cannot hold: the oracle's
+        slow_idx = np.union1d(slow_idx, held[0])
     if slow_idx.size:
         draws = None
         if rounding is Rounding.STOCHASTIC:
-            draws = random_u64_array(key, 0, oflat.size)[slow_idx] >> np.uint64(64 - rbits)
-        for j, i in enumerate(slow_idx):
-            x, y, z = (float(f[i]) for f in flat)
+            draws = [random_u64_array(key, i, 1)[0] >> np.uint64(64 - rbits)
+                     for i in slow_idx.tolist()]
+        for j, i in enumerate(slow_idx.tolist()):
+            ops = held[1].get(i) if held is not None else None
+            x, y, z = ops if ops is not None else (float(f[i]) for f in flat)
             v = _exact(op, x, y, z, rounding)
             if fmt.kind == "fixed" and (v != v or (overflow is Overflow.WRAP
                                                    and isinstance(v, float)
@@ -192,8 +265,8 @@ def add(a, b, fmt, rounding=Rounding.NEAREST_EVEN, overflow=None, *, seed=None,
 
 def sub(a, b, fmt, rounding=Rounding.NEAREST_EVEN, overflow=None, *, seed=None,
         random_bits=None, stats=False):
-    b = np.negative(_as_float_array(b, "b"))  # negation is exact
-    return _apply("add", (a, b), fmt, rounding, overflow, seed, random_bits, stats)
+    return _apply("add", (a, b), fmt, rounding, overflow, seed, random_bits, stats,
+                  negate_b=True)
 
 
 def mul(a, b, fmt, rounding=Rounding.NEAREST_EVEN, overflow=None, *, seed=None,

@@ -6,14 +6,19 @@
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import functools
+import math
 import numbers
+from fractions import Fraction
 
 import numpy as np
 
-from .formats import FixedFormat, FloatFormat
+from . import reference
+from .formats import FixedFormat, FloatFormat, _to_float_toward_zero
 from .jit import quant as _q
 from .jit import quant_fast as _qf
+from .jit.rng import random_u64_array
 from .rounding import Overflow, Rounding
 
 __all__ = ["quantize", "to_bits", "from_bits", "QuantStats", "resolve_overflow", "random_key"]
@@ -195,43 +200,207 @@ def _kernel_params(fmt, rounding: Rounding, overflow: Overflow, random_bits: int
     return P, U, D
 
 
-def _as_float_array(x, name="x") -> np.ndarray:
-    """``x`` as a C-contiguous float32 or float64 array, converted exactly or not at all."""
-    arr = np.asarray(x)
+#: Element types that float64 holds exactly whatever their value.
+_FLOATISH = frozenset({float, bool, np.float64, np.float32, np.float16, np.bool_})
+
+#: What an element of an input may be, for the error messages.
+_REAL_RULE = "real numbers (float, int, bool, Fraction or Decimal, or arrays of them)"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Exact:
+    """Elements of an input that float64 cannot hold: their flat indices (increasing) and
+    exact values (Fractions). The float array beside it holds 0.0 at those indices."""
+
+    index: np.ndarray
+    value: tuple
+
+    def __len__(self) -> int:
+        return len(self.value)
+
+
+def _refuse_element(v, name, i):
+    """The TypeError for an element ``v`` (flat index ``i``) that is not a real number."""
+    if v is None:
+        why = "None is not a number (replace missing values by NaN, or mask them)"
+    elif isinstance(v, (complex, np.complexfloating)):
+        why = f"{v!r} is complex (pass its real part if that is meant)"
+    elif isinstance(v, (str, bytes)):
+        why = f"{v!r} is a string (convert it to a number first)"
+    elif isinstance(v, (list, tuple, np.ndarray)):
+        why = f"it is a {type(v).__name__}: a ragged nested sequence is not an array"
+    else:
+        why = f"{type(v).__name__} {v!r} is not one"
+    return TypeError(f"{name} must hold {_REAL_RULE}; at flat index {i}, {why}")
+
+
+def _exact_scalar(v, name, i):
+    """Element ``v`` as a float when float64 holds it exactly, else as its exact Fraction.
+
+    NaN, infinities and signed zeros are floats. Refuses anything that is not a real number.
+    """
+    if isinstance(v, (bool, np.bool_)):
+        return float(v)
+    if isinstance(v, (numbers.Integral, np.integer)):
+        n = int(v)
+        if -(2**53) <= n <= 2**53:
+            return float(n)
+        try:
+            f = float(n)
+        except OverflowError:  # beyond float64's range
+            return Fraction(n)
+        return f if int(f) == n else Fraction(n)
+    if isinstance(v, np.longdouble) and np.finfo(np.longdouble).nmant > 52:
+        f = float(v)
+        if math.isnan(f) or np.longdouble(f) == v:
+            return f
+        return Fraction(*v.as_integer_ratio())
+    if isinstance(v, (float, np.floating)):
+        return float(v)  # float16/32/64: exact
+    if isinstance(v, decimal.Decimal):
+        if v.is_nan():
+            return math.copysign(math.nan, -1.0 if v.is_signed() else 1.0)
+        if v.is_infinite() or v.is_zero():
+            return math.copysign(math.inf if v.is_infinite() else 0.0,
+                                 -1.0 if v.is_signed() else 1.0)
+        v = Fraction(v)
+    if isinstance(v, numbers.Rational):
+        r = Fraction(v.numerator, v.denominator)
+        try:
+            f = float(r)  # correctly rounded (an int division)
+        except OverflowError:
+            return r
+        return f if Fraction(f) == r else r
+    raise _refuse_element(v, name, i)
+
+
+def _exact_objects(arr: np.ndarray, name):
+    """An object array as (float64 array, _Exact or None)."""
+    flat = arr.reshape(-1)
+    types = set(map(type, flat))
+    if types <= _FLOATISH:
+        return flat.astype(np.float64).reshape(arr.shape), None
+    vals = np.zeros(flat.size, np.float64)
+    index, exact = [], []
+    for i, v in enumerate(flat):
+        e = _exact_scalar(v, name, i)
+        if isinstance(e, Fraction):
+            index.append(i)
+            exact.append(e)
+        else:
+            vals[i] = e
+    return vals.reshape(arr.shape), (_Exact(np.array(index, np.int64), tuple(exact))
+                                     if index else None)
+
+
+def _exact_integers(arr: np.ndarray, name):
+    """An integer array as (float64 array, _Exact or None): integers float64 cannot hold
+    (beyond 2**53, not multiples of the float64 quantum there) kept exact."""
+    conv = arr.astype(np.float64)
+    if arr.dtype.itemsize < 8 or not arr.size:
+        return conv, None
+    flat, cflat = arr.reshape(-1), conv.reshape(-1)
+    cand = np.flatnonzero(np.abs(cflat) >= 2.0**53)
+    if not cand.size:
+        return conv, None
+    top = 2.0**63 if arr.dtype.kind == "i" else 2.0**64
+    c = cflat[cand]
+    with np.errstate(invalid="ignore"):
+        back = np.where(np.abs(c) < top, c, 0).astype(arr.dtype)
+    exact = (np.abs(c) < top) & (back == flat[cand])
+    if arr.dtype.kind == "i":
+        exact |= flat[cand] == np.iinfo(arr.dtype).min  # -2**63 is a float64
+    bad = cand[~exact]
+    if not bad.size:
+        return conv, None
+    cflat[bad] = 0.0
+    return conv, _Exact(bad, tuple(Fraction(int(flat[i])) for i in bad))
+
+
+def _exact_longdouble(arr: np.ndarray):
+    """A long double array as (float64 array, _Exact or None)."""
+    conv = arr.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        bad = np.flatnonzero(((conv.astype(arr.dtype) != arr) & ~np.isnan(arr)).reshape(-1))
+    if not bad.size:
+        return conv, None
+    flat = arr.reshape(-1)
+    exact = tuple(Fraction(*flat[i].as_integer_ratio()) for i in bad)
+    conv.reshape(-1)[bad] = 0.0
+    return conv, _Exact(bad, exact)
+
+
+def _as_exact_array(x, name="x"):
+    """``x`` as ``(arr, exact)``: ``arr`` a C-contiguous float32 or float64 array (native byte
+    order), ``exact`` None or an :class:`_Exact` listing the elements float64 cannot hold
+    exactly (Python ints, Fractions, Decimals, long doubles), whose place in ``arr`` holds 0.0.
+
+    Nothing is rounded: every element is either exactly in ``arr`` or exactly in ``exact``.
+    Real numbers only: None, strings, complex numbers and other objects are refused with a
+    TypeError naming the element. bools are the numbers 0 and 1, as in NumPy. A read-only
+    array is returned as it is (the kernels take read-only views, see :func:`_run`).
+    Lists and tuples are read element by element (as an object array), so a large integer
+    in a list keeps its value as it does in an object array (NumPy's own conversion would
+    round it to float64 beside a float).
+    """
+    if isinstance(x, np.ndarray):
+        arr = x
+    elif isinstance(x, (list, tuple)):
+        try:
+            arr = np.array(x, dtype=object)
+        except ValueError as err:  # ragged in a way NumPy cannot even hold as objects
+            raise TypeError(f"{name} must be a rectangular array of {_REAL_RULE}; NumPy "
+                            f"could not read it: {err}") from None
+    else:
+        arr = np.asarray(x)
     kind = arr.dtype.kind
     if kind == "f":
-        if arr.dtype == np.float32 or arr.dtype == np.float64:
-            return arr if arr.flags.c_contiguous else arr.copy(order="C")
-        if arr.dtype.itemsize < 4:  # float16: exact in float32
-            return arr.astype(np.float32)
-        conv = arr.astype(np.float64)
-        same = (conv.astype(arr.dtype) == arr) | np.isnan(arr)
-        if not np.all(same):
-            raise ValueError(
-                f"{name} has dtype {arr.dtype} with values float64 cannot hold exactly; converting "
-                "them would round twice. Round to float64 yourself first if that is intended."
-            )
-        return conv
-    if kind in "iub":
-        conv = arr.astype(np.float64)
-        if kind != "b" and arr.size and arr.dtype.itemsize >= 8:
-            big = np.abs(conv) >= 2.0**53
-            with np.errstate(invalid="ignore"):  # 2**64 does not cast back to uint64
-                back = conv[big].astype(arr.dtype)
-            if np.any(back != arr[big]) or np.any(conv[big] >= 2.0**64):
-                bad = arr[big][(back != arr[big]) | (conv[big] >= 2.0**64)][0]
-                raise ValueError(
-                    f"{name} holds the integer {bad}, which float64 cannot hold exactly; "
-                    "quantizing it would round twice"
-                )
-        return conv
+        if arr.dtype.itemsize <= 2:  # float16: exact in float32
+            return arr.astype(np.float32), None
+        if arr.dtype.itemsize > 8 and np.finfo(arr.dtype).nmant > 52:
+            return _exact_longdouble(arr)
+        native = arr.dtype.newbyteorder("=") if not arr.dtype.isnative else arr.dtype
+        if arr.dtype.isnative and arr.flags.c_contiguous:
+            return arr, None
+        return np.ascontiguousarray(arr, dtype=native), None
+    if kind == "b":
+        return arr.astype(np.float64), None
+    if kind in "iu":
+        return _exact_integers(arr, name)
     if kind == "O":
-        try:
-            return _as_float_array(np.asarray(arr.tolist(), dtype=np.float64), name)
-        except (TypeError, ValueError) as err:
-            raise TypeError(f"{name} must be real numbers; could not read it as floats: {err}") \
-                from None
-    raise TypeError(f"{name} must be a real array-like (float, int or bool), got dtype {arr.dtype}")
+        return _exact_objects(arr, name)
+    what = {"c": "complex numbers (pass the real part if that is meant)",
+            "U": "strings", "S": "bytes", "M": "datetimes", "m": "timedeltas"}.get(
+                kind, f"dtype {arr.dtype}")
+    raise TypeError(f"{name} must hold {_REAL_RULE}; got an array of {what}")
+
+
+def _as_float_array(x, name="x") -> np.ndarray:
+    """``x`` as a C-contiguous, writeable float32 or float64 array, converted exactly or
+    refused: for the matrix products and the layers built on them, which take their operands
+    as float64 values.
+
+    The same inputs as :func:`_as_exact_array`; a value float64 cannot hold exactly (a
+    Python int beyond 2**53, a Fraction, a Decimal, a long double) is refused with a
+    ValueError, since rounding it to float64 and then to the spec's formats would round it
+    twice. A read-only array is copied (once, O(size)), so that the kernels it reaches run
+    their compiled signature instead of compiling one for read-only arrays.
+    """
+    arr, exact = _as_exact_array(x, name)
+    if exact is not None:
+        i, v = int(exact.index[0]), exact.value[0]
+        shown = str(v) if v.denominator == 1 else f"Fraction({v.numerator}, {v.denominator})"
+        if len(shown) > 60:
+            shown = f"{float(v):.17g} (approximately)"
+        raise ValueError(
+            f"{name} holds {shown} at flat index {i} ({len(exact)} such values in all), which "
+            "float64 cannot hold exactly; matrix products take their operands as float64 "
+            "values (spec.input rounds them from there), so it would be rounded twice. Round "
+            f"it once first: fixedsim.quantize({name}, fmt) rounds exact values correctly "
+            "(fmt = spec.input, or fixedsim.FP64)")
+    if not arr.flags.writeable:
+        arr = arr.copy()
+    return arr
 
 
 def _f32_bits(v: float) -> int:
@@ -297,9 +466,16 @@ _FAST_STATS = True
 
 
 def _run(arr, fmt, rounding, overflow, rbits, key, want_stats, out=None):
-    """Quantize ``arr`` (float32/float64, C-contiguous); return (out, counts or None)."""
+    """Quantize ``arr`` (float32/float64, C-contiguous); return (out, counts or None).
+
+    The kernels get a read-only view of ``arr`` whether or not the caller's array is
+    writeable: Numba compiles one signature per writeable flag, so read-only inputs (from
+    ``np.load(mmap_mode="r")``, frozen weights, ``setflags(write=False)``) take the same
+    compiled kernels as the rest, with no copy.
+    """
     out = _check_out(out, arr, fmt)
-    flat = arr.reshape(-1)
+    flat = arr.reshape(-1).view()
+    flat.setflags(write=False)
     oflat = out.reshape(-1)
     path = _fast_path(arr, fmt, rounding)
     if want_stats and (not _FAST_STATS or (path == "fixed_from_float"
@@ -419,14 +595,33 @@ def quantize(
     rounding = Rounding.coerce(rounding, what="rounding")
     overflow = resolve_overflow(fmt, overflow)
     rbits = _check_random_bits(rounding, random_bits)
-    arr = _as_float_array(x)
+    arr, exact = _as_exact_array(x)
     key = random_key(seed) if rounding is Rounding.STOCHASTIC else np.uint64(0)
-    out, c = _run(arr, fmt, rounding, overflow, rbits, key, stats, out)
+    out, c = _run(arr, fmt, rounding, overflow, rbits, key, stats or exact is not None, out)
     if c is not None and c[_q.F_INVALID]:
         _raise_invalid(arr, fmt, overflow)
+    if exact is not None:
+        _round_exact(out, c, exact, fmt, rounding, overflow, random_bits, key)
     if stats:
         return out, stats_from_counts(c, arr.size)
     return out
+
+
+def _round_exact(out, counts, exact, fmt, rounding, overflow, random_bits, key):
+    """Round the elements float64 cannot hold (``exact``) into ``out`` with the oracle,
+    :func:`fixedsim.reference.round_to_format`, each once, from its exact value, with the
+    draw the kernels give its index; add their events to ``counts`` (their places held 0.0,
+    which the kernels round with no event)."""
+    oflat = out.reshape(-1)
+    shift = np.uint64(64 - (64 if random_bits is None else random_bits))
+    for i, v in zip(exact.index.tolist(), exact.value, strict=True):
+        draw = (int(random_u64_array(key, i, 1)[0] >> shift)
+                if rounding is Rounding.STOCHASTIC else None)
+        res, fl = reference.round_to_format(v, fmt, rounding, overflow, flags=True, draw=draw,
+                                            random_bits=random_bits)
+        oflat[i] = res if isinstance(res, float) else _to_float_toward_zero(res)
+        for name, col in FLAG_COLUMNS:
+            counts[col] += fl[name]
 
 
 def _raise_invalid(arr, fmt, overflow):
@@ -483,7 +678,22 @@ def to_bits(x, fmt) -> np.ndarray:
     array([255,   3], dtype=uint8)
     """
     fmt = _check_format(fmt)
-    arr = _as_float_array(x)
+    arr, exact = _as_exact_array(x)
+    codes = _to_bits(arr, fmt)
+    if exact is not None:  # values float64 cannot hold (a wide fixed-point format's)
+        cflat = codes.reshape(-1)
+        for i, v in zip(exact.index.tolist(), exact.value, strict=True):
+            try:
+                cflat[i] = reference.encode(v, fmt)
+            except ValueError:
+                raise ValueError(
+                    f"to_bits: x[{i}] (flat index) = {v} is not a value of {fmt!r}; round it "
+                    f"first with fixedsim.quantize(x, {fmt!r}, ...)") from None
+    return codes
+
+
+def _to_bits(arr, fmt):
+    """:func:`to_bits` of a float32/float64 array."""
     # a format without subnormals still has their encodings (from_bits decodes them)
     enc = dataclasses.replace(fmt, subnormals=True) if isinstance(fmt, FloatFormat) else fmt
     q = quantize(arr, enc, overflow=Overflow.SATURATE) if not (
@@ -541,6 +751,28 @@ def _float_to_bits(arr, fmt: FloatFormat) -> np.ndarray:
     return (codes | sign).astype(fmt.code_dtype)
 
 
+def _as_codes(codes) -> np.ndarray:
+    """``codes`` as an integer array (object for Python ints beyond 64 bits), or a TypeError
+    naming the first element that is not an integer. bools are the codes 0 and 1."""
+    try:
+        c = np.asarray(codes)
+    except ValueError as err:  # ragged nested lists
+        raise TypeError(f"codes must be a rectangular array of integers; NumPy could not read "
+                        f"it: {err}") from None
+    if c.dtype.kind in "iu":
+        return c
+    if c.dtype.kind == "b":
+        return c.astype(np.uint8)
+    if c.dtype.kind == "O":
+        flat = c.reshape(-1)
+        for i, v in enumerate(flat):
+            if not isinstance(v, (numbers.Integral, np.integer, np.bool_)):
+                raise TypeError(f"codes must be integers (or bools); at flat index {i}, "
+                                f"{type(v).__name__} {v!r} is not one")
+        return np.array([int(v) for v in flat], dtype=object).reshape(c.shape)
+    raise TypeError(f"codes must be integers (or bools), got an array of dtype {c.dtype}")
+
+
 def from_bits(codes, fmt) -> np.ndarray:
     """Values of unsigned integer codes; the inverse of :func:`to_bits`.
 
@@ -573,12 +805,7 @@ def from_bits(codes, fmt) -> np.ndarray:
     array([-8.    ,  7.9375], dtype=float32)
     """
     fmt = _check_format(fmt)
-    c = np.asarray(codes)
-    if c.dtype.kind not in "iu" and not (c.dtype.kind == "O" and c.size == 0):
-        if c.dtype.kind == "O" and all(isinstance(v, numbers.Integral) for v in c.reshape(-1)):
-            pass
-        else:
-            raise TypeError(f"codes must be integers, got dtype {c.dtype}")
+    c = _as_codes(codes)
     width = fmt.width
     if c.size:
         lo, hi = int(c.min()), int(c.max())

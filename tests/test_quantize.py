@@ -368,11 +368,20 @@ def test_accepts_lists_ints_bools_and_float16():
     assert_same_bits(fs.quantize(h, fs.FP16), h.astype(np.float64))
 
 
-def test_refuses_integers_float64_cannot_hold():
-    with pytest.raises(ValueError, match="float64 cannot hold exactly"):
-        fs.quantize(np.array([2**53 + 1], dtype=np.int64), fs.FixedFormat(64, 0))
-    with pytest.raises(ValueError, match="float64 cannot hold exactly"):
-        fs.quantize(np.array([2**64 - 1], dtype=np.uint64), fs.FP32)
+def test_integers_float64_cannot_hold_are_rounded_once():
+    """Integers beyond 2**53 are rounded once from their exact value, never through float64:
+    2**60 + 2**36 + 1 is just above the FP32 midpoint 2**60 + 2**36 (float64 would make it the
+    midpoint, which ties to even, down)."""
+    n = 2**60 + 2**36 + 1
+    for x in (np.array([n], dtype=np.int64), np.array([n], dtype=np.uint64), [n],
+              np.array([n], dtype=object), n):
+        assert fs.quantize(x, fs.FP32).tolist() in ([2.0**60 + 2**37], 2.0**60 + 2**37)
+    q = fs.FixedFormat(64, 8)  # quantum 2**8: codes of up to 56 bits, exact in float64
+    big = np.array([2**53 + 1, -(2**62) - 129, 2**63 - 1, -(2**63)], dtype=np.int64)
+    for mode in DETERMINISTIC:
+        expected = [float_toward_zero(reference.round_to_format(int(v), q, mode)) for v in big]
+        assert_same_bits(fs.quantize(big, q, mode), expected)
+    assert_same_bits(fs.quantize(np.array([2**64 - 1], dtype=np.uint64), fs.FP32), [2.0**64])
 
 
 def test_refuses_non_real_inputs():

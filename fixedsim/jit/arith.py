@@ -225,6 +225,8 @@ def arith_one(op, x, y, z, idx, P, Psr, U, D, mode, wrap, wrap_lim):
     elif op == OP_DIV:
         r = x / y if y != 0.0 else (np.nan if x == 0.0 or x != x else
                                     math.copysign(np.inf, x) * math.copysign(1.0, y))
+    elif abs(x) < np.inf and abs(y) < np.inf and not abs(z) < np.inf:
+        r = z  # the exact product is finite (even where x * y overflows): z decides
     else:
         r = x * y + z
     finite_in = abs(x) < np.inf and abs(y) < np.inf and abs(z) < np.inf
