@@ -29,22 +29,49 @@ from .. import data as _data
 from ..reuse.schedules import parse_reuse
 from .core import Context, LayerCounters, Parameter
 from .layers import Conv2d, Linear, SoftmaxCrossEntropy
-from .models import build
+from .models import MODELS, build
 from .optim import SGD, Adam, parse_schedule
 from .policy import Policy, _build, _check_keys
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train", "evaluate",
-           "HISTORY_COLUMNS", "load_run", "provenance"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "RunFolderError", "train",
+           "evaluate", "HISTORY_COLUMNS", "load_run", "provenance", "summary_warnings",
+           "CHANCE_MARGIN", "SATURATION_SHARE"]
 
-#: Columns of ``history.csv``, in order (counter totals follow them).
-HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "lr",
-                   "loss_scale", "skipped_steps", "steps")
+#: Columns of ``history.csv``, in order (counter totals follow them). ``seconds`` is the
+#: epoch's wall time without Numba compilation, which ``compile_seconds`` holds apart.
+HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds",
+                   "compile_seconds", "lr", "loss_scale", "skipped_steps", "steps")
 
 CHECKPOINT = "checkpoint.npz"
+
+#: A run whose best test accuracy is at most ``1 / classes + CHANCE_MARGIN`` has learnt
+#: nothing: its summary warns (:func:`summary_warnings`).
+CHANCE_MARGIN = 0.05
+
+#: Saturation *dominates* a role when at least this share of the values rounded into it in
+#: the last epoch overflowed the format's range (``ROLE.overflow / ROLE.roundings`` of the
+#: history's counter totals): one value in ten clamped to the format's largest magnitude (or
+#: wrapped, or sent to infinity, as the role's Overflow says).
+SATURATION_SHARE = 0.10
 
 
 class TrainingDiverged(RuntimeError):
     """The training loss became NaN/infinite or exceeded ``TrainConfig.max_loss``."""
+
+
+class RunFolderError(ValueError):
+    """A run directory cannot be resumed: a missing or damaged ``run.json`` or
+    ``checkpoint.npz``, or settings that contradict the stored run. The message names the
+    file and what to do."""
+
+
+def model_option_names(model: str) -> list:
+    """The options of ``model``'s constructor a config may set (``model_options``): every
+    parameter but those the training loop fills in (seed, input shape, classes)."""
+    import inspect
+
+    params = inspect.signature(MODELS[model]).parameters
+    return [p for p in params if p not in ("seed", "in_shape", "in_features", "classes")]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,9 +145,18 @@ class TrainConfig:
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"TrainConfig optimizer must be 'sgd' or 'adam', "
                              f"got {self.optimizer!r}")
+        if self.model not in MODELS:
+            raise ValueError(f"TrainConfig model must be one of {', '.join(MODELS)}, "
+                             f"got {self.model!r}")
         if not isinstance(self.model_options, dict):
             raise ValueError(f"TrainConfig model_options must be a dict, "
                              f"got {self.model_options!r}")
+        allowed = model_option_names(self.model)
+        unknown = [k for k in self.model_options if k not in allowed]
+        if unknown:
+            raise ValueError(f"TrainConfig model_options: model {self.model!r} has no option "
+                             f"{', '.join(map(repr, unknown))}; its options are "
+                             f"{', '.join(allowed)} (e.g. {{\"hidden\": 64}})")
         try:  # stored as JSON in run.json: hold it as JSON gives it back (tuples as lists)
             opts = json.loads(json.dumps(self.model_options, allow_nan=False))
         except (TypeError, ValueError) as e:
@@ -170,6 +206,12 @@ class TrainResult:
     reuse : list of dict
         With ``config.reuse``: one row per step and reused layer (remain ratio, MACs
         performed and dense, hashing, hits, the setting), as written to ``reuse.csv``.
+    compile_seconds : float
+        Wall time this call spent compiling Numba kernels (0 once they are in Numba's cache),
+        left out of every epoch's ``seconds``.
+    warnings : list of str
+        :func:`summary_warnings` of the history: accuracy at chance, saturation dominating a
+        role.
     """
 
     history: list
@@ -177,6 +219,8 @@ class TrainResult:
     counters: dict
     out: pathlib.Path | None
     reuse: list = dataclasses.field(default_factory=list)
+    compile_seconds: float = 0.0
+    warnings: list = dataclasses.field(default_factory=list)
 
 
 class _Scaler:
@@ -359,13 +403,53 @@ def _load_checkpoint(out, model, opt, scaler):
     with np.load(out / CHECKPOINT) as z:
         meta = json.loads(bytes(z["meta"]).decode())
         for k, p in model.named_parameters().items():
-            p.value = z[f"param/{k}"].copy()
+            value = z[f"param/{k}"]
+            if value.shape != p.value.shape:
+                raise ValueError(f"parameter {k} has shape {value.shape}, the model "
+                                 f"{p.value.shape}")
+            p.value = value.copy()
         for k, v in model.buffers().items():
             v[...] = z[f"buffer/{k}"]
         opt.load_state_dict({**meta["optim"], **{k[len("optim/"):]: z[k] for k in z.files
                                                  if k.startswith("optim/")}})
     scaler.scale, scaler.good = meta["scale"], meta["good"]
     return meta
+
+
+def _resume_from_checkpoint(out, model, opt, scaler, reuse_sched, reuse_targets):
+    """Load ``out/checkpoint.npz``; a damaged file is a :class:`RunFolderError` saying so."""
+    import zipfile
+
+    path = out / CHECKPOINT
+    try:
+        meta = _load_checkpoint(out, model, opt, scaler)
+        reuse_rows = _load_reuse(out, meta, reuse_sched, reuse_targets)
+        missing = [k for k in ("epoch", "step", "history", "counters") if k not in meta]
+        if missing:
+            raise KeyError(f"no {', '.join(missing)} in its meta data")
+    except (zipfile.BadZipFile, EOFError, OSError, KeyError, ValueError, TypeError) as err:
+        raise RunFolderError(
+            f"{path} is damaged and cannot be resumed from ({type(err).__name__}: {err}). "
+            f"Remove it to train the run again from its first epoch (rm {path}; then "
+            f"fixedsim train --resume {out}), or start a new run in another folder") from None
+    return meta, reuse_rows
+
+
+def _resume_check(out, config, policy, stored_config, stored_policy):
+    """Refuse settings that contradict the stored run (all but ``epochs``), naming them."""
+    diffs = [f"{f.name} {getattr(config, f.name)!r} (the run has "
+             f"{getattr(stored_config, f.name)!r})"
+             for f in dataclasses.fields(TrainConfig)
+             if f.name != "epochs" and getattr(config, f.name) != getattr(stored_config, f.name)]
+    if policy != stored_policy:
+        diffs.append(f"policy {policy.name!r} (the run has {stored_policy.name!r}"
+                     + (", with other settings" if policy.name == stored_policy.name else "")
+                     + ")")
+    if diffs:
+        raise RunFolderError(
+            f"resume {out}: the run stored there differs in {'; '.join(diffs)}. A resumed run "
+            f"continues with its stored settings (only epochs may change: more epochs "
+            f"continue it); leave the others out, or start a new run in another folder")
 
 
 def provenance() -> dict:
@@ -400,16 +484,31 @@ def load_run(out) -> tuple[TrainConfig, Policy]:
     """The config and policy of a run directory (written by :func:`train`)."""
     out = pathlib.Path(out)
     path = out / "run.json"
+    if not out.is_dir():
+        raise FileNotFoundError(f"{out}: no such run directory")
     if not path.is_file():
-        raise FileNotFoundError(f"{out} is not a fixedsim run directory (no run.json)")
-    d = json.loads(path.read_text())
-    return (TrainConfig.from_dict(d["config"], f"{path} config"),
-            Policy.from_dict(d["policy"], f"{path} policy"))
+        raise FileNotFoundError(f"{out} is not a fixedsim run directory (no run.json: "
+                                f"train writes it when a run starts)")
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise RunFolderError(f"{path} is damaged ({type(err).__name__}: {err}): it holds the "
+                             f"run's config and policy, without which the run cannot be "
+                             f"resumed; start a new run in another folder") from None
+    if not isinstance(d, dict) or not isinstance(d.get("config"), dict) \
+            or not isinstance(d.get("policy"), dict):
+        raise RunFolderError(f"{path} is damaged: expected a JSON object with the tables "
+                             f"'config' and 'policy'; start a new run in another folder")
+    try:
+        return (TrainConfig.from_dict(d["config"], f"{path} config"),
+                Policy.from_dict(d["policy"], f"{path} policy"))
+    except (TypeError, ValueError) as err:
+        raise RunFolderError(f"{path} is damaged: {err}") from None
 
 
 def train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = False,
           progress: bool = True, data=None, log=None, stop_after_epoch: int | None = None,
-          blas_threads: int | None = 1):
+          blas_threads: int | None = 1, compile_notice=None):
     """Train ``config.model`` on ``config.data`` under ``policy``.
 
     Parameters
@@ -423,7 +522,9 @@ def train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = False
         atomically) and ``curves.png``. None: nothing is written.
     resume : bool
         Continue the run in ``out`` from its checkpoint; ``config`` and ``policy`` must equal
-        the stored ones. Without a checkpoint the run starts from the beginning.
+        the stored ones, except ``config.epochs``, which may grow (the run continues to the
+        new number of epochs, exactly as a run started with it; ``run.json`` records it).
+        Without a checkpoint the run starts from the beginning.
     progress : bool
         Show a progress bar (tqdm, on stderr).
     data : fixedsim.data.Dataset, optional
@@ -438,6 +539,10 @@ def train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = False
         products of a training step are small, and on 2 busy cores a multi-threaded OpenBLAS
         made them an order of magnitude slower. Results do not depend on it (BLAS is used
         only where it is exact).
+    compile_notice : str or callable, optional
+        Printed to stderr (a string) or called (a callable) once, when a Numba kernel starts
+        compiling (:class:`fixedsim.compiling.CompileWatch`). Compile time is measured either
+        way and left out of every epoch's ``seconds`` (it is ``compile_seconds``).
 
     Returns
     -------
@@ -448,19 +553,30 @@ def train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = False
     TrainingDiverged
         The training loss became NaN/inf or exceeded ``config.max_loss``; the checkpoint and
         history of the last good epoch are kept.
+    RunFolderError
+        (a ``ValueError``) ``resume`` with a damaged ``run.json`` or ``checkpoint.npz``, or
+        with settings that contradict the stored run; the message names them.
+    FileExistsError
+        ``out`` holds a run and ``resume`` is False.
     """
+    import contextlib
+
     from threadpoolctl import threadpool_limits
 
-    if blas_threads is None:
-        return _train(config, policy, out, resume=resume, progress=progress, data=data,
-                      log=log, stop_after_epoch=stop_after_epoch)
-    with threadpool_limits(limits=blas_threads, user_api="blas"):
-        return _train(config, policy, out, resume=resume, progress=progress, data=data,
-                      log=log, stop_after_epoch=stop_after_epoch)
+    from ..compiling import CompileWatch
+
+    limits = (contextlib.nullcontext() if blas_threads is None
+              else threadpool_limits(limits=blas_threads, user_api="blas"))
+    with limits, CompileWatch(notice=compile_notice) as watch:
+        res = _train(config, policy, out, resume=resume, progress=progress, data=data,
+                     log=log, stop_after_epoch=stop_after_epoch, watch=watch)
+    res.compile_seconds = watch.seconds
+    return res
 
 
 def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = False,
-           progress: bool = True, data=None, log=None, stop_after_epoch: int | None = None):
+           progress: bool = True, data=None, log=None, stop_after_epoch: int | None = None,
+           watch=None):
     """The loop of :func:`train`."""
     from tqdm import tqdm
 
@@ -471,8 +587,13 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
     if log is None:
         log = print if progress else (lambda line: None)
     ds, xtr, ytr, xte, yte = _load_data(config, data)
-    model = build(config.model, seed=config.seed, in_shape=xtr.shape[1:],
-                  classes=len(ds.classes), **config.model_options)
+    try:
+        model = build(config.model, seed=config.seed, in_shape=xtr.shape[1:],
+                      classes=len(ds.classes), **config.model_options)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"model {config.model!r} with options {config.model_options!r} "
+                         f"cannot be built for {ds.name} images of shape {xtr.shape[1:]}: "
+                         f"{err}") from None
     _init_weights(model, policy, config.seed)
     params = model.named_parameters()
     opt = config.make_optimizer(params)
@@ -494,15 +615,25 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
                            "test": len(xte)}}
         if resume and (out / "run.json").is_file():
             stored_config, stored_policy = load_run(out)
-            if stored_config != config or stored_policy != policy:
-                raise ValueError(f"--resume {out}: the config or policy differs from the run "
-                                 "stored there; resume with the stored ones")
+            _resume_check(out, config, policy, stored_config, stored_policy)
             if (out / CHECKPOINT).is_file():
-                meta = _load_checkpoint(out, model, opt, scaler)
+                meta, reuse_rows = _resume_from_checkpoint(out, model, opt, scaler,
+                                                           reuse_sched, reuse_targets)
                 start_epoch, step = meta["epoch"] + 1, meta["step"]
                 history, counter_rows = meta["history"], meta["counters"]
-                reuse_rows = _load_reuse(out, meta, reuse_sched, reuse_targets)
-                log(f"resuming {out} after epoch {meta['epoch'] + 1} (step {step})")
+                if config.epochs < start_epoch:
+                    raise RunFolderError(f"resume {out}: the run has finished {start_epoch} "
+                                         f"epoch(s); epochs {config.epochs} would undo some")
+                log(f"resuming {out} after epoch {meta['epoch'] + 1} (step {step})"
+                    + (f"; epochs {stored_config.epochs} -> {config.epochs} (run.json "
+                       f"updated)" if config.epochs != stored_config.epochs else ""))
+            elif config.epochs != stored_config.epochs:
+                log(f"{out}: no finished epoch to resume from; starting with epochs "
+                    f"{config.epochs} (the run had {stored_config.epochs})")
+        elif resume and (out / CHECKPOINT).is_file():
+            raise RunFolderError(f"{out} holds a checkpoint but no run.json (the run's config "
+                                 f"and policy), so it cannot be resumed; start a new run in "
+                                 f"another folder")
         elif (out / CHECKPOINT).is_file() and not resume:
             raise FileExistsError(f"{out} already holds a run; use resume=True (--resume) to "
                                   "continue it or choose another directory")
@@ -514,8 +645,9 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
     n = len(xtr)
     steps_per_epoch = -(-n // config.batch_size)
     counters: dict = {}
+    compiled = (lambda: watch.seconds) if watch is not None else (lambda: 0.0)
     for epoch in range(start_epoch, config.epochs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), compiled()
         counters = {}
         order = np.random.default_rng(np.random.SeedSequence([config.seed, 1, epoch])) \
             .permutation(n)
@@ -563,9 +695,10 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
         bar.close()
         test_loss, test_acc = evaluate(model, policy, xte, yte, seed=config.seed, epoch=epoch,
                                        batch_size=config.eval_batch_size, counters=counters)
+        compile_s = compiled() - c0
         row = {"epoch": epoch + 1, "train_loss": tot_loss / seen, "train_acc": correct / seen,
                "test_loss": test_loss, "test_acc": test_acc,
-               "seconds": time.perf_counter() - t0,
+               "seconds": time.perf_counter() - t0 - compile_s, "compile_seconds": compile_s,
                "lr": schedule(config.lr, epoch + 1), "loss_scale": scaler.scale,
                "skipped_steps": skipped, "steps": steps_per_epoch}
         row.update(_totals(counters))
@@ -575,7 +708,9 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
         counter_rows = _uniform(counter_rows)
         log(f"epoch {epoch + 1}/{config.epochs}: train loss {row['train_loss']:.4f} "
             f"acc {row['train_acc']:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f} | "
-            f"{row['seconds']:.1f} s" + (f" | {skipped} steps skipped" if skipped else ""))
+            f"{row['seconds']:.1f} s" + (f" (+ {compile_s:.1f} s compiling kernels)"
+                                         if compile_s >= 0.05 else "")
+            + (f" | {skipped} steps skipped" if skipped else ""))
         if out is not None:
             _save_checkpoint(out, model, opt, scaler, epoch, step, history, counter_rows,
                              (reuse_sched, reuse_targets, reuse_rows) if config.reuse
@@ -584,7 +719,79 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
     return TrainResult(history=history, model=model, counters=counters, out=out,
-                       reuse=reuse_rows)
+                       reuse=reuse_rows, warnings=summary_warnings(history, len(ds.classes),
+                                                                   policy))
+
+
+def summary_warnings(history, classes: int, policy: Policy | None = None) -> list:
+    """What a run's summary should warn about, from its history.
+
+    - **accuracy at chance**: the best test accuracy of all epochs is at most
+      ``1 / classes + CHANCE_MARGIN`` (the model has learnt nothing it can show);
+    - **saturation dominates a role**: in the last epoch, at least :data:`SATURATION_SHARE`
+      of the values rounded into a role (``weights``, ``activations``, ``errors``,
+      ``weight_grads``, ``update``, ``momentum``) or into a product stage
+      (``products.input``, ``.product``, ``.accumulator``, ``.output``) overflowed its
+      format's range (the counters ``ROLE.overflow`` and ``ROLE.roundings`` of the history's
+      last row).
+
+    Parameters
+    ----------
+    history : list of dict
+        Rows of ``history.csv`` (:data:`HISTORY_COLUMNS` and counter totals).
+    classes : int
+        Number of classes of the data set.
+    policy : Policy, optional
+        Names the role's format and range in the message.
+
+    Returns
+    -------
+    list of str
+        One sentence per finding (empty: nothing to warn about).
+
+    Examples
+    --------
+    >>> row = {"test_acc": 0.1, "activations.roundings": 1000, "activations.overflow": 318}
+    >>> for w in summary_warnings([row], classes=10): print(w)
+    test accuracy stayed at chance: best 10.00% over 1 epoch(s), chance is 10.00% (1 of 10 classes)
+    saturation dominates activations: 31.8% of its values overflowed their format's range
+    """
+    out = []
+    if not history:
+        return out
+    best = max(float(r["test_acc"]) for r in history)
+    chance = 1.0 / classes
+    if best <= chance + CHANCE_MARGIN:
+        out.append(f"test accuracy stayed at chance: best {100 * best:.2f}% over "
+                   f"{len(history)} epoch(s), chance is {100 * chance:.2f}% (1 of {classes} "
+                   f"classes)")
+    last = history[-1]
+    roles = [k[:-len(".roundings")] for k in last if k.endswith(".roundings")]
+    for role in roles:
+        n, o = last.get(f"{role}.roundings"), last.get(f"{role}.overflow")
+        try:
+            n, o = int(n or 0), int(o or 0)
+        except (TypeError, ValueError):
+            continue
+        if n and o >= SATURATION_SHARE * n:
+            what = _role_range(policy, role)
+            out.append(f"saturation dominates {role}: {100 * o / n:.1f}% of its values "
+                       f"overflowed {what}")
+    return out
+
+
+def _role_range(policy, role) -> str:
+    """``the range [-2, 2) of Q<16,14>`` for a policy role, else ``their format's range``."""
+    r = getattr(policy, role, None) if policy is not None and "." not in role else None
+    fmt = getattr(r, "fmt", None)
+    if fmt is None:
+        return "their format's range"
+    from ..formats import FixedFormat
+
+    if isinstance(fmt, FixedFormat):
+        hi = (fmt.max_code + 1) * 2.0 ** -fmt.frac_length
+        return f"the range [{fmt.min:g}, {hi:g}) of {fmt!r}"
+    return f"the range [{fmt.min:g}, {fmt.max:g}] of {fmt!r}"
 
 
 def _uniform(rows):

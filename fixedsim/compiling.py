@@ -1,0 +1,123 @@
+"""Knowing when Numba compiles: the time it takes, kept apart, and a notice before the pause.
+
+fixedsim's kernels are compiled by Numba on their first use with a given signature and kept in
+Numba's on-disk cache (``cache=True``, beside each kernel module in ``__pycache__``); later
+processes load them in milliseconds. A kernel is compiled only when the cache has no entry for
+its signature: Numba then fires the ``"numba:compile"`` event around the compilation (a cache
+hit fires nothing). :class:`CompileWatch` listens to that event, so it knows exactly when a
+compilation starts and how long it takes, without guessing from cache files:
+
+- :func:`fixedsim.nn.train.train` subtracts the compile time of each epoch from its
+  ``seconds`` and records it as ``compile_seconds`` (and a sweep's records likewise);
+- the command line prints :data:`NOTICE` once, when the first kernel starts compiling.
+
+``fixedsim warmup`` (:func:`fixedsim.warmup.warmup`) compiles ahead what training, sweeps
+and the default matrix-product paths use.
+
+>>> import numpy as np, numba
+>>> from fixedsim.compiling import CompileWatch
+>>> f = numba.njit(lambda x: x + 1)          # not cached: compiled at its first call
+>>> with CompileWatch() as watch:
+...     _ = f(np.int64(1)); _ = f(np.int64(2))
+>>> watch.kernels, watch.seconds > 0
+(1, True)
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from numba.core import event as _event
+
+__all__ = ["CompileWatch", "NOTICE", "COLD_SECONDS", "notice_text"]
+
+#: Seconds a first training run spends compiling kernels from an empty cache on the 2-core
+#: development machine (Intel Xeon, AVX-512), by policy family: what the notice quotes.
+#: Measured with ``fixedsim warmup --only`` per family, NUMBA_CACHE_DIR pointing at an empty
+#: folder (docs/training.md, "Compilation").
+COLD_SECONDS = {"float32": 60, "fixed": 60, "fp16": 90, "bf16": 90, "fp8": 90, "exact": 40,
+                "all": 240}
+
+#: The line printed once before the first compilation (``{seconds}``: the estimate).
+NOTICE = ("fixedsim: compiling kernels (once per install, about {seconds} s); "
+          "`fixedsim warmup` compiles them all ahead")
+
+
+def notice_text(family: str = "all") -> str:
+    """:data:`NOTICE` with the estimate of ``family`` (a key of :data:`COLD_SECONDS`)."""
+    return NOTICE.format(seconds=COLD_SECONDS.get(family, COLD_SECONDS["all"]))
+
+
+class CompileWatch:
+    """Measure Numba compilations (cache misses) while the watch is active.
+
+    Use as a context manager. Only the outermost compilation counts (a kernel compiles the
+    jitted helpers it calls inside its own compilation), so :attr:`seconds` is wall time spent
+    compiling, never counted twice.
+
+    Parameters
+    ----------
+    notice : callable or str, optional
+        Called with no argument (a callable) or printed to stderr (a string) once, when the
+        first compilation starts: the moment before the pause.
+
+    Attributes
+    ----------
+    seconds : float
+        Wall time spent compiling so far (a compilation in progress is not included).
+    kernels : int
+        Number of outermost compilations (kernel signatures) so far.
+    names : list of str
+        The compiled kernels (qualified names), in order.
+    """
+
+    def __init__(self, notice=None):
+        self.seconds = 0.0
+        self.kernels = 0
+        self.names: list = []
+        self._notice = notice
+        self._noticed = False
+        self._depth = 0
+        self._t0 = 0.0
+        self._listener = _Listener(self)
+
+    def _start(self, event):
+        if self._depth == 0:
+            self._t0 = time.perf_counter()
+            if self._notice is not None and not self._noticed:
+                self._noticed = True
+                if callable(self._notice):
+                    self._notice()
+                else:
+                    print(self._notice, file=sys.stderr, flush=True)
+        self._depth += 1
+
+    def _end(self, event):
+        self._depth = max(self._depth - 1, 0)
+        if self._depth == 0:
+            self.seconds += time.perf_counter() - self._t0
+            self.kernels += 1
+            disp = (event.data or {}).get("dispatcher")
+            func = getattr(disp, "py_func", None)
+            self.names.append(getattr(func, "__qualname__", repr(disp)))
+
+    def __enter__(self) -> CompileWatch:
+        _event.register("numba:compile", self._listener)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _event.unregister("numba:compile", self._listener)
+
+
+class _Listener(_event.Listener):
+    """Forwards Numba's compile events to a :class:`CompileWatch`."""
+
+    def __init__(self, watch):
+        self._watch = watch
+
+    def on_start(self, event):
+        self._watch._start(event)
+
+    def on_end(self, event):
+        self._watch._end(event)
