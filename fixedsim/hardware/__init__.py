@@ -112,3 +112,6 @@ def devices() -> list[Preset]:
     outs = {n: i for i, n in enumerate(OUTPUTS)}
     return sorted(_PRESETS.values(),
                   key=lambda p: (order[p.device], ins[p.input], outs[p.out]))
+
+
+from . import cpu_units  # noqa: E402,F401  (registers the CPU and AMD presets)
