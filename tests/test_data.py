@@ -313,6 +313,87 @@ def test_folder_with_inconsistent_files(tmp_path):
         data.fashion_mnist(folder)
 
 
+def test_a_label_beyond_the_classes_names_the_file_and_index(tmp_path):
+    """A 200 in a 10-class label file is refused (it would make a 201-class model), naming
+    the file, the index and the value; the loaders that know their classes say so too."""
+    folder = fake_idx_folder(tmp_path / "fm")
+    labels = (np.arange(30) % 10).astype(np.uint8)
+    labels[17] = 200
+    write_idx(folder / "train-labels-idx1-ubyte", labels)
+    for load in (data.load, data.idx_directory):
+        with pytest.raises(IDXError, match=r"train-labels-idx1-ubyte: label 200 at index 17 "
+                                           r"is beyond class 10, which no training label"):
+            load(folder)
+    with pytest.raises(IDXError, match=r"train-labels-idx1-ubyte: label 200 out of range for "
+                                       r"10 classes, at index 17"):
+        data.fashion_mnist(folder)
+    assert data.load(folder, classes=201).num_classes == 201  # said on purpose: accepted
+    write_idx(folder / "train-labels-idx1-ubyte", (np.arange(30) % 10).astype(np.uint8))
+    test_labels = (np.arange(20) % 10).astype(np.uint8)
+    test_labels[[4, 9]] = [11, 12]  # classes 10 and 11... never seen in training
+    write_idx(folder / "t10k-labels-idx1-ubyte", test_labels)
+    with pytest.raises(IDXError, match=r"t10k-labels-idx1-ubyte: label 11 at index 4 is "
+                                       r"beyond class 10"):
+        data.load(folder)
+    with pytest.raises(IDXError, match=r"t10k-labels-idx1-ubyte: label 11 out of range for "
+                                       r"10 classes, at index 4"):
+        data.load(folder, classes=data.MNIST_CLASSES)
+    assert data.load(folder, classes=13).classes[12] == "12"
+    with pytest.raises(ValueError, match="classes must be at least 1"):
+        data.load(folder, classes=0)
+
+
+def test_negative_labels_name_the_index(tmp_path):
+    folder = fake_idx_folder(tmp_path / "fm")
+    labels = (np.arange(20) % 10).astype(np.int8)
+    labels[6] = -3
+    write_idx(folder / "t10k-labels-idx1-ubyte", labels)
+    with pytest.raises(IDXError, match=r"t10k-labels-idx1-ubyte: negative label -3 at index 6"):
+        data.load(folder)
+
+
+def test_images_of_the_wrong_size_name_the_files(tmp_path):
+    folder = fake_idx_folder(tmp_path / "fm")
+    write_idx(folder / "t10k-images-idx3-ubyte.gz", np.zeros((20, 28, 27), np.uint8))
+    with pytest.raises(IDXError, match=r"t10k-images-idx3-ubyte.gz: test images are "
+                                       r"\(1, 28, 27\) .* training images in "
+                                       r".*train-images-idx3-ubyte.gz \(1, 28, 28\)"):
+        data.load(folder)
+    with pytest.raises(IDXError, match=r"t10k-images-idx3-ubyte.gz: fashion-mnist images are "
+                                       r"\(1, 28, 28\) \(C, H, W\), these are \(1, 28, 27\)"):
+        data.fashion_mnist(folder)
+    write_idx(folder / "train-images-idx3-ubyte.gz", np.zeros((30, 3, 28, 28), np.uint8))
+    write_idx(folder / "t10k-images-idx3-ubyte.gz", np.zeros((20, 3, 28, 28), np.uint8))
+    assert data.load(folder).image_shape == (3, 28, 28)  # colour images of any size are fine
+    with pytest.raises(IDXError, match=r"train-images-idx3-ubyte.gz: fashion-mnist images are "
+                                       r"\(1, 28, 28\)"):
+        data.fashion_mnist(folder)
+    write_idx(folder / "train-images-idx3-ubyte.gz", np.zeros((30, 0, 28), np.uint8))
+    with pytest.raises(IDXError, match=r"train-images-idx3-ubyte.gz: images of shape "
+                                       r"\(1, 0, 28\) \(C, H, W\) have an empty dimension"):
+        data.load(folder)
+
+
+def test_images_of_the_wrong_dtype_or_count_name_the_files(tmp_path):
+    folder = fake_idx_folder(tmp_path / "fm")
+    write_idx(folder / "train-images-idx3-ubyte.gz", np.zeros((30, 28, 28), np.int16))
+    with pytest.raises(IDXError, match=r"train-images-idx3-ubyte.gz: expected uint8 images of "
+                                       r"shape \(N, H, W\) or \(N, C, H, W\), got int16"):
+        data.load(folder)
+    write_idx(folder / "train-images-idx3-ubyte.gz", np.zeros((31, 28, 28), np.uint8))
+    with pytest.raises(IDXError, match=r"train-images-idx3-ubyte.gz has 31 images but "
+                                       r".*train-labels-idx1-ubyte has 30 labels"):
+        data.load(folder)
+    write_idx(folder / "train-images-idx3-ubyte.gz", np.zeros((30, 28, 28), np.uint8))
+    write_idx(folder / "train-labels-idx1-ubyte", np.zeros((30, 1), np.uint8))
+    with pytest.raises(IDXError, match=r"train-labels-idx1-ubyte: expected integer labels of "
+                                       r"shape \(N,\), got uint8 of shape \(30, 1\)"):
+        data.load(folder)
+    write_idx(folder / "train-labels-idx1-ubyte", np.zeros(30, np.float32))
+    with pytest.raises(IDXError, match=r"expected integer labels of shape \(N,\), got float32"):
+        data.load(folder)
+
+
 def test_load_by_name_and_path(tmp_path):
     assert data.load("synthetic", n_train=20, n_test=10).name == "synthetic"
     assert data.load("SYNTHETIC", n_train=20, n_test=10).name == "synthetic"

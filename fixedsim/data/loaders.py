@@ -7,6 +7,7 @@ get them when they are not there.
 from __future__ import annotations
 
 import importlib.util
+import numbers
 import os
 import pathlib
 
@@ -79,7 +80,8 @@ def _find_files(directory: pathlib.Path, what: str, hint: str) -> dict:
 
 
 def idx_directory(directory, *, name: str | None = None, classes=None,
-                  source: str | None = None, hint: str = "") -> Dataset:
+                  source: str | None = None, hint: str = "",
+                  image_shape: tuple | None = None) -> Dataset:
     """Load a data set from a folder with the four standard MNIST-style IDX files.
 
     Parameters
@@ -88,15 +90,22 @@ def idx_directory(directory, *, name: str | None = None, classes=None,
         A folder holding ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
         ``t10k-images-idx3-ubyte`` and ``t10k-labels-idx1-ubyte``, each raw or gzipped and
         possibly ending in ``.gz`` (``train-images.idx3-ubyte`` style names are accepted too).
-        Images must be uint8 of shape (N, H, W) or (N, C, H, W); labels integers of shape (N,).
+        Images must be uint8 of shape (N, H, W) or (N, C, H, W), the same (C, H, W) in both
+        parts; labels integers of shape (N,), one per image.
     name : str, optional
         The data set's name; the folder's name by default.
-    classes : sequence of str, optional
-        Class names; ``"0"``, ``"1"``, ... up to the largest label by default.
+    classes : int or sequence of str, optional
+        The class names, or their number (named ``"0"``, ``"1"``, ...); every label must lie
+        in ``range(len(classes))``. By default the classes are ``"0"`` up to the largest
+        label, and every one of them must occur among the training labels: a label beyond a
+        class that never occurs (a 200 in a 10-class label file) is taken for damage and
+        refused, rather than training a model with classes that have no example.
     source : str, optional
         What to record as the source; the folder by default.
     hint : str
         Appended to the FileNotFoundError message (how to get the files).
+    image_shape : tuple of int, optional
+        The (C, H, W) every image must have (e.g. ``(1, 28, 28)`` for Fashion-MNIST).
 
     Returns
     -------
@@ -107,10 +116,38 @@ def idx_directory(directory, *, name: str | None = None, classes=None,
     FileNotFoundError
         A file is missing; the message names the folder and the files looked for.
     IDXError
-        (a ``ValueError``) A file is malformed, or images and labels do not fit together.
+        (a ``ValueError``) A file is malformed, or images and labels do not fit together:
+        images not uint8, of another shape than ``image_shape`` or than the other part's, or
+        with an empty dimension; labels not integers, not one per image, negative, beyond
+        ``classes``, or (``classes`` not given) beyond a class with no training example. The
+        message names the file and, for a label, its index and value.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib, numpy as np
+    >>> from fixedsim.data import write_idx
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> for part, n in (("train", 20), ("t10k", 10)):
+    ...     write_idx(folder / f"{part}-images-idx3-ubyte", np.zeros((n, 4, 4), np.uint8))
+    ...     write_idx(folder / f"{part}-labels-idx1-ubyte", np.arange(n, dtype=np.uint8) % 10)
+    >>> idx_directory(folder, name="tiny")
+    Dataset('tiny', train=20, test=10, image_shape=(1, 4, 4), classes=10)
+    >>> damaged = np.r_[np.arange(19) % 10, 200].astype(np.uint8)  # a 200 at index 19
+    >>> write_idx(folder / "train-labels-idx1-ubyte", damaged)
+    >>> idx_directory(folder)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    fixedsim.data.idx.IDXError: ...train-labels-idx1-ubyte: label 200 at index 19 is beyond ...
     """
     directory = pathlib.Path(directory)
     name = directory.name if name is None else name
+    if isinstance(classes, numbers.Integral) and not isinstance(classes, bool):
+        if classes < 1:
+            raise ValueError(f"classes must be at least 1 (or a sequence of names), got "
+                             f"{classes}")
+        classes = tuple(str(k) for k in range(int(classes)))
+    elif classes is not None:
+        classes = tuple(classes)
     files = _find_files(directory, f"Data set {name!r}", hint)
     arrays = {key: read_idx(path) for key, path in files.items()}
     parts = {}
@@ -120,6 +157,13 @@ def idx_directory(directory, *, name: str | None = None, classes=None,
         if images.dtype != np.uint8 or images.ndim not in (3, 4):
             raise IDXError(f"{ipath}: expected uint8 images of shape (N, H, W) or "
                            f"(N, C, H, W), got {images.dtype} of shape {images.shape}")
+        shape = (1, *images.shape[1:]) if images.ndim == 3 else images.shape[1:]
+        if min(shape) < 1:
+            raise IDXError(f"{ipath}: images of shape {shape} (C, H, W) have an empty "
+                           f"dimension")
+        if image_shape is not None and shape != tuple(image_shape):
+            raise IDXError(f"{ipath}: {name} images are {tuple(image_shape)} (C, H, W), "
+                           f"these are {shape}")
         if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
             raise IDXError(f"{lpath}: expected integer labels of shape (N,), got "
                            f"{labels.dtype} of shape {labels.shape}")
@@ -127,16 +171,46 @@ def idx_directory(directory, *, name: str | None = None, classes=None,
             raise IDXError(f"{ipath} has {len(images)} images but {lpath} has "
                            f"{len(labels)} labels")
         if labels.size and labels.min() < 0:
-            raise IDXError(f"{lpath}: negative label {labels.min()}")
+            i = int(np.argmax(labels < 0))
+            raise IDXError(f"{lpath}: negative label {labels[i]} at index {i}")
         if classes is not None and labels.size and labels.max() >= len(classes):
-            raise IDXError(f"{lpath}: label {labels.max()} out of range for "
-                           f"{len(classes)} classes")
+            i = int(np.argmax(labels >= len(classes)))
+            raise IDXError(f"{lpath}: label {labels[i]} out of range for {len(classes)} "
+                           f"classes, at index {i} (labels are 0..{len(classes) - 1})")
         parts[part] = images_from_uint8(images), labels.astype(np.int64)
+    xs = [parts[p][0] for p in ("train", "test")]
+    if xs[0].shape[1:] != xs[1].shape[1:]:
+        raise IDXError(f"{files['test_images']}: test images are {xs[1].shape[1:]} (C, H, W), "
+                       f"the training images in {files['train_images']} "
+                       f"{xs[0].shape[1:]}")
     if classes is None:
-        top = max((int(y.max()) for _, y in parts.values() if y.size), default=-1)
-        classes = tuple(str(k) for k in range(top + 1))
+        classes = _classes_from_labels(parts, files)
     return Dataset(name, *parts["train"], *parts["test"], classes=classes,
                    source=str(directory) if source is None else source)
+
+
+def _classes_from_labels(parts, files) -> tuple:
+    """Classes ``"0"`` up to the largest label, each of which must occur in training."""
+    top = max((int(y.max()) for _, y in parts.values() if y.size), default=-1)
+    seen = np.bincount(parts["train"][1], minlength=top + 1)
+    absent = np.flatnonzero(seen == 0)
+    if absent.size:
+        gap = int(absent[0])
+        for part in ("train", "test"):
+            y = parts[part][1]
+            beyond = np.flatnonzero(y > gap)
+            if beyond.size:  # the first label past the class no training label names
+                i = int(beyond[0])
+                break
+        else:  # pragma: no cover - absent[0] < top, and top is some label
+            raise AssertionError
+        raise IDXError(
+            f"{files[f'{part}_labels']}: label {y[i]} at index {i} is beyond class {gap}, "
+            f"which no training label names ({absent.size} of the {top + 1} classes 0..{top} "
+            "that the largest label implies have no training example): a damaged label "
+            "file? If the data set has that many classes, name them with classes= (their "
+            "names, or their number)")
+    return tuple(str(k) for k in range(top + 1))
 
 
 def fashion_mnist(directory=None) -> Dataset:
@@ -163,7 +237,7 @@ def fashion_mnist(directory=None) -> Dataset:
     """
     directory = FASHION_MNIST_DIR if directory is None else pathlib.Path(directory)
     return idx_directory(directory, name="fashion-mnist", classes=FASHION_MNIST_CLASSES,
-                         hint=_FASHION_HINT)
+                         hint=_FASHION_HINT, image_shape=(1, 28, 28))
 
 
 def embedded() -> Dataset:
@@ -192,6 +266,7 @@ def embedded() -> Dataset:
     'Shirt'
     """
     return idx_directory(EMBEDDED_DIR, name="embedded", classes=FASHION_MNIST_CLASSES,
+                         image_shape=(1, 28, 28),
                          source=f"{EMBEDDED_DIR} (Fashion-MNIST subset, seed {_EMBEDDED_SEED})",
                          hint="The fixedsim installation lacks its embedded data: reinstall "
                               "fixedsim, or regenerate it with `python -m "
