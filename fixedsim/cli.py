@@ -8,7 +8,43 @@ import sys
 __all__ = ["main"]
 
 
+def _cmd_verify_cpu(args) -> int:
+    """``fixedsim verify cpu``: this CPU's instructions against fixedsim's models."""
+    from .hardware import cpu
+
+    info = cpu.cpu_info()
+    print(f"fixedsim verify cpu: {info['model_name'] or 'unknown CPU'} "
+          f"(vendor {info['vendor'] or '?'}, family {info['family']}, model {info['model']}, "
+          f"stepping {info['stepping']})")
+    has = [f for f in ("f16c", "fma", "avx512_bf16", "amx_tile", "amx_bf16", "amx_fp16",
+                       "avx512_fp16") if f in info["flags"]]
+    print(f"has: {' '.join(has) if has else 'none of f16c, fma, avx512_bf16, amx'}")
+    if info["vendor"] and info["vendor"] != "GenuineIntel":
+        print("note: vendors may differ on VDPBF16PS; the presets follow Intel's SDM")
+    sample = args.sample if args.sample is not None else 1 << 22
+    rows = cpu.check_all(sample=sample, seed=args.seed, dots=args.dots)
+    print(f"{'check':28} {'instruction':46} {'rows':>9} {'mismatches':>10}  model")
+    for r in rows:
+        if r.skipped:
+            print(f"{r.name:28} {r.instruction:46} {'-':>9} {'-':>10}  skipped: {r.skipped}")
+            continue
+        print(f"{r.name:28} {r.instruction:46} {r.rows:>9,} {r.mismatches:>10,}  {r.model}")
+        if r.example:
+            print(f"  first mismatch: {r.example}")
+    bad = [r.name for r in rows if not r.skipped and r.mismatches]
+    print("OK: every instruction run agrees bit for bit with its model" if not bad
+          else f"FAILED: {', '.join(bad)} differ")
+    return 1 if bad else 0
+
+
 def _cmd_verify(args) -> int:
+    target = getattr(args, "target", None) or "formats"
+    if target == "cpu":
+        return _cmd_verify_cpu(args)
+    if target != "formats":
+        print(f"fixedsim verify: unknown target {target!r}; give formats (the default) or cpu",
+              file=sys.stderr)
+        return 2
     from tqdm import tqdm
 
     from .verify import FORMATS, verify_format
@@ -156,8 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
         "FP8_E5M2 with NEAREST_EVEN and compare bit for bit with numpy's float16 cast and "
         "ml_dtypes.",
     )
+    v.add_argument("target", nargs="?", default="formats",
+                   help="formats (default): quantize against numpy/ml_dtypes casts; cpu: this "
+                   "CPU's F16C, FMA3, VDPBF16PS and AMX instructions against fixedsim's models")
     v.add_argument("--sample", type=int, default=None, metavar="N",
-                   help="check N seeded random float32 inputs instead of all 2**32")
+                   help="check N seeded random float32 inputs instead of all 2**32 (cpu: "
+                   "per F16C rounding mode, default 2**22)")
+    v.add_argument("--dots", type=int, default=8192, metavar="N",
+                   help="cpu: dot products per FMA3 mode and per BF16 instruction (default "
+                   "8192)")
     v.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
     v.add_argument("--formats", nargs="+", default=["all"],
                    choices=["all", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2"])
