@@ -248,17 +248,21 @@ def _mismatches(got, want):
 
 
 def _model_gemm(A, B, C, spec):
-    """``fixedsim.matmul`` of the spec with the addend C, as the result format's container:
-    ``matmul(..., c=C)`` where matmul takes an addend; else ``matmul`` for the rows whose C is
-    zero and, for the others, the oracle (:func:`fixedsim.reference.reduce_block` from C read
-    in the accumulator's format)."""
-    from ..matmul import matmul
+    """``fixedsim.matmul`` of the spec with the addend C, as the result format's container.
 
+    The units read C as they read their inputs (with denormals as zero where they flush), so
+    C is rounded into the accumulator's format first (for FP32 with subnormals an identity).
+    ``matmul(..., c=C)`` where matmul takes an addend; else ``matmul`` for the rows whose C is
+    zero and, for the others, the oracle (:func:`fixedsim.reference.reduce_block`).
+    """
+    from ..matmul import matmul
+    from ..quantize import quantize
+
+    acc = spec.accumulator
     try:
-        return matmul(A, B, spec, c=C)
+        return matmul(A, B, spec, c=np.asarray(quantize(C, acc.fmt), np.float64))
     except TypeError:
         pass
-    acc = spec.accumulator
     out = np.array(matmul(A, B, spec), acc.fmt.dtype)
     with np.errstate(invalid="ignore"):
         A = np.asarray(A, np.float64)
