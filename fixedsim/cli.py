@@ -273,7 +273,35 @@ def _cmd_report(args) -> int:
     print(f"wrote {args.dir}/report.md, {args.dir}/summary.csv"
           + (f" and {len(rep.figures)} figure file(s) in {args.dir}/figures/"
              if rep.figures else ""), file=sys.stderr)
+    for line in _missing_records(args.dir):
+        print(f"fixedsim report: warning: {line}", file=sys.stderr)
     return 0
+
+
+def _missing_records(out) -> list:
+    """Damaged record files, and runs of the study that have no record, in a sweep folder."""
+    import json
+    import pathlib
+
+    from .study import load_records
+
+    out = pathlib.Path(out)
+    records = load_records(out)
+    lines = []
+    damaged = sorted(p.name for p in (out / "results").glob("*.json") if p.stem not in records)
+    if damaged:
+        lines.append(f"{len(damaged)} damaged record file(s) left out of the report "
+                     f"({', '.join(damaged[:5])}{', ...' if len(damaged) > 5 else ''}); "
+                     f"`fixedsim sweep STUDY.toml --out {out} --resume` runs them again")
+    try:
+        runs = json.loads((out / "study.json").read_text()).get("runs", [])
+    except (OSError, ValueError, AttributeError):
+        runs = []
+    missing = [r for r in runs if r not in records and f"{r}.json" not in damaged]
+    if missing:
+        lines.append(f"{len(missing)} of the study's {len(runs)} run(s) have no record yet; "
+                     f"`fixedsim sweep STUDY.toml --out {out} --resume` runs them")
+    return lines
 
 
 def _cmd_warmup(args) -> int:
