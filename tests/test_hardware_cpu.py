@@ -100,6 +100,20 @@ def test_kernel_matches_oracle(spec, data):
     assert_same_bits(got, reference.matmul(a, b, spec), nan_sign=False)
 
 
+@pytest.mark.parametrize("mode", ["nearest_even", "down"])
+@pytest.mark.parametrize("addend", ["first", "last"])
+@pytest.mark.parametrize("lanes", [None, 1, 2])
+def test_zero_signs_of_every_step(mode, addend, lanes):
+    """Sums of zeros and of cancelling terms take IEEE's sign (+0 + +0 is +0 even rounding
+    DOWN; x - x is -0 only rounding DOWN), as the oracle: every sign combination."""
+    acc = fs.Accumulator(fs.FP32, mode, block=2, lanes=lanes, addend=addend)
+    spec = fs.MatmulSpec(accumulator=acc)
+    vals = [0.0, -0.0, 1.0, -1.0]
+    a = np.array([[x, y] for x in vals for y in vals])
+    b = np.array([[1.0, -0.0, 1.0], [1.0, 1.0, -1.0]])
+    assert_same_bits(fs.matmul(a, b, spec), reference.matmul(a, b, spec))
+
+
 def test_kernel_counts_every_step():
     """Counters: lanes=2, block 4, addend last, K = 10: 10 products + 3 blocks x (1 + 1)."""
     acc = fs.Accumulator(fs.FP32, block=4, lanes=2, addend="last")

@@ -48,12 +48,12 @@ def _add_round(x, yh, yl, st, stage_P, stage_Psr, stage_U, stage_D, prec, wrap_l
         n = grow(e, n, yh)
     if yl != 0.0:
         n = grow(e, n, yl)
-    if n == 0:  # an exact zero: IEEE's sign
+    if n == 0:  # an exact zero: IEEE's sign (reference.exact_sum)
         xn = math.copysign(1.0, x) < 0.0
         yn = math.copysign(1.0, yh) < 0.0
-        if x == 0.0 and yh == 0.0 and xn and yn:
-            return -0.0, True
-        return (-0.0 if P[P_MODE] == RDN else 0.0), True
+        if x == 0.0 and yh == 0.0:  # two zeros: -0 if both are, or rounding DOWN with one
+            return (-0.0 if (xn and yn) or (P[P_MODE] == RDN and (xn or yn)) else 0.0), True
+        return (-0.0 if P[P_MODE] == RDN else 0.0), True  # nonzero terms that cancel
     hi, lo, approx, ok, coarse = expansion_hilo(e, n, tmp)
     if not ok or not _check(hi, lo, prec[st], wrap_lim[st]):
         return 0.0, False
