@@ -152,8 +152,9 @@ def _check(hi, lo, prec, wrap_lim):
 
 @jit
 def dot_element(a, b, oidx, prod_exact, stage_P, stage_Psr, stage_U, stage_D, prec, wrap_lim,
-                has_prod, acc_mode, block, has_out, has_via, e, tmp, counts):
-    """One output element, as :func:`fixedsim.reference.dot`; returns ``(value, ok)``.
+                has_prod, acc_mode, block, has_out, has_via, e, tmp, counts, s0):
+    """One output element, as :func:`fixedsim.reference.dot` with the addend ``s0`` (the
+    running sum's start, +0 without one); returns ``(value, ok)``.
 
     ``stage_*[s]`` are the kernel parameters of stage ``s`` (0 product, 1 accumulator,
     2 output, 3 the accumulator's ``via`` register, used when ``has_via``); ``prec[s]``: the
@@ -165,7 +166,7 @@ def dot_element(a, b, oidx, prod_exact, stage_P, stage_Psr, stage_U, stage_D, pr
     nblocks = (K + block - 1) // block if acc_mode == 1 else 1
     span = block if acc_mode == 1 else K
     Pp, Pa, Po = stage_P[0], stage_P[1], stage_P[2]
-    s = 0.0  # the running sum (the accumulator), +0 at the start
+    s = s0  # the running sum (the accumulator): the addend C, +0 without one
     mode_a = Pa[P_MODE] if acc_mode == 1 else Po[P_MODE]
     for t in range(nblocks):
         k0 = t * span
@@ -273,9 +274,10 @@ def dot_element(a, b, oidx, prod_exact, stage_P, stage_Psr, stage_U, stage_D, pr
 
 
 @jit_parallel
-def gemm_general(A, BT, out, base, prod_exact, stage_P, stage_Psr, stage_U, stage_D, prec,
+def gemm_general(A, BT, C, out, base, prod_exact, stage_P, stage_Psr, stage_U, stage_D, prec,
                  wrap_lim, has_prod, acc_mode, block, has_out, has_via):
-    """``out[r, j]`` = :func:`dot_element` of row ``A[r]`` and row ``BT[j]`` (B transposed).
+    """``out[r, j]`` = :func:`dot_element` of row ``A[r]`` and row ``BT[j]`` (B transposed),
+    from the addend ``C[r, j]``.
 
     Parallel over rows. ``base``: flat output index of ``out[0, 0]`` (draw indices). Returns
     per-row counts (rows x stages x flags) and the mask of elements left to the caller.
@@ -293,7 +295,7 @@ def gemm_general(A, BT, out, base, prod_exact, stage_P, stage_Psr, stage_U, stag
             c[:, :] = 0
             v, ok = dot_element(ar, BT[j], base + r * N + j, prod_exact, stage_P, stage_Psr,
                                 stage_U, stage_D, prec, wrap_lim, has_prod, acc_mode, block,
-                                has_out, has_via, e, tmp, c)
+                                has_out, has_via, e, tmp, c, C[r, j])
             if ok:
                 out[r, j] = v
                 counts[r] += c
@@ -323,7 +325,7 @@ def gemm_general_at(A, BT, rows, cols, out, prod_exact, stage_P, stage_Psr, stag
         j = cols[i]
         v, ok = dot_element(A[r], BT[j], r * N + j, prod_exact, stage_P, stage_Psr, stage_U,
                             stage_D, prec, wrap_lim, has_prod, acc_mode, block, has_out,
-                            has_via, e, tmp, c)
+                            has_via, e, tmp, c, 0.0)
         if ok:
             out[i] = v
             counts[i] += c

@@ -12,8 +12,10 @@ from ..jit import conv as _conv
 from ..quantize import (
     _as_float_array,
 )
+from ..rounding import Rounding
 from .core import (
     _Bits,
+    _check_addend,
     _check_finite_for_fixed,
     _check_operands,
     _quantize_input,
@@ -23,15 +25,23 @@ from .paths import Product, compute, explain_product
 from .spec import MatmulSpec
 
 
-def matmul(a, b, spec: MatmulSpec | None = None, *, seed=None, stats=False, path=None):
-    """Matrix product ``a @ b`` computed as ``spec`` says, bit for bit.
+def matmul(a, b, spec: MatmulSpec | None = None, c=None, *, seed=None, stats=False,
+           path=None):
+    """Matrix product ``c + a @ b`` computed as ``spec`` says, bit for bit.
 
     Parameters
     ----------
     a : array_like, shape (M, K) or (..., M, K)
-    b : array_like, shape (K, N)
+    b : array_like, shape (K, N) or (..., K, N)
+        Batch dimensions of ``a`` and ``b`` broadcast as in :func:`numpy.matmul`.
     spec : MatmulSpec, optional
         Default ``MatmulSpec()``: exact products and sums, one rounding into float64.
+    c : array_like, optional
+        The addend ``C`` of ``D = C + A B``, broadcast to the output shape, taken as it is
+        (not quantized). With no accumulator it is a term of the exact sum; with an
+        :class:`Accumulator` it is the running sum's start (in the first block's exact sum,
+        instead of +0); with a :class:`BlockFMA` it is a term of the first block, aligned
+        and cut like the products (as the tensor core takes it). None: +0.
     seed : int, numpy.random.Generator, optional
         Overrides ``spec.seed`` for this call (e.g. a fresh seed per training step).
     stats : bool or "steps", default False
@@ -51,8 +61,10 @@ def matmul(a, b, spec: MatmulSpec | None = None, *, seed=None, stats=False, path
     Raises
     ------
     ValueError
-        Shapes that do not match; NaN or infinity where a fixed-point format is in the spec;
-        a ``path`` that is unknown or does not apply.
+        Shapes that do not match (or ``c`` that does not broadcast to the output); NaN or
+        infinity where a fixed-point format is in the spec; a ``path`` that is unknown or does
+        not apply; a ``b`` with batch dimensions under a stochastic product, accumulator or
+        output rounding (their draw indices are defined for a 2-D ``b``).
 
     Notes
     -----
@@ -73,21 +85,48 @@ def matmul(a, b, spec: MatmulSpec | None = None, *, seed=None, stats=False, path
     >>> fs.matmul(a, b, fs.MatmulSpec(accumulator=fs.Accumulator(fs.FP16, block=4)))
     array([[1.0009766]], dtype=float32)
     """
-    spec, keys, rb, c = _setup("matmul", spec, seed, stats)
-    a, b = _check_operands(a, b)
+    spec, keys, rb, cnt = _setup("matmul", spec, seed, stats)
+    a, b = _check_operands(a, b, batch_b=True)
     _check_finite_for_fixed(spec, a, b)
-    aq = _quantize_input(a, spec.input, spec.input_rounding, rb, keys[0], c.input)
-    bq = _quantize_input(b, spec.input, spec.input_rounding, rb, keys[1], c.input)
-    batch = a.shape[:-2]
     M, K = a.shape[-2:]
-    N = b.shape[1]
-    A = aq.reshape(int(np.prod(batch, dtype=np.int64)) * M, K)
-    R = A.shape[0]
-    c.macs = R * N * K
-    res = _product(A, bq, spec, keys, rb, c, path=path)
-    _counters._publish(c)
-    out = res.reshape(*batch, M, N)
-    return (out, c) if stats else out
+    N = b.shape[-1]
+    batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    C = None if c is None else _check_addend(c, (*batch, M, N), spec)
+    aq = _quantize_input(a, spec.input, spec.input_rounding, rb, keys[0], cnt.input)
+    bq = _quantize_input(b, spec.input, spec.input_rounding, rb, keys[1], cnt.input)
+    cnt.macs = int(np.prod(batch, dtype=np.int64)) * M * N * K
+    if b.ndim == 2:  # one 2-D product: the batch of a stacked into rows
+        R = int(np.prod(batch, dtype=np.int64)) * M
+        res = _product(aq.reshape(R, K), bq, spec, keys, rb, cnt, path=path,
+                       C=None if C is None else C.reshape(R, N))
+        out = res.reshape(*batch, M, N)
+    else:
+        if _stochastic_after_input(spec):
+            raise ValueError("matmul: a b with batch dimensions takes no stochastic product, "
+                             "accumulator or output rounding (their draws are indexed for a "
+                             "2-D b); loop over the batch, or use a 2-D b")
+        aq = np.broadcast_to(aq, (*batch, M, K))
+        bq = np.broadcast_to(bq, (*batch, K, N))
+        out = None
+        for idx in np.ndindex(*batch):
+            res = _product(np.ascontiguousarray(aq[idx]), np.ascontiguousarray(bq[idx]), spec,
+                           keys, rb, cnt, path=path, C=None if C is None else C[idx])
+            if out is None:
+                out = np.empty((*batch, M, N), res.dtype)
+            out[idx] = res
+        if out is None:  # an empty batch
+            out = np.empty((*batch, M, N), spec.result_format.dtype)
+    _counters._publish(cnt)
+    return (out, cnt) if stats else out
+
+
+def _stochastic_after_input(spec) -> bool:
+    """Does a stage after the input rounding draw random bits?"""
+    R = Rounding.STOCHASTIC
+    acc = spec.accumulator
+    return ((spec.product is not None and spec.product_rounding is R)
+            or (acc is not None and acc.rounding is R)
+            or ((spec.output is not None or acc is None) and spec.output_rounding is R))
 
 
 def explain(a, b, spec: MatmulSpec | None = None, *, seed=None):
@@ -125,15 +164,15 @@ def explain(a, b, spec: MatmulSpec | None = None, *, seed=None):
     return explain_product(Product(A, bq, spec, keys, rb, c))
 
 
-def _product(A, B, spec, keys, rb, c, mm=None, ba=None, path=None):
+def _product(A, B, spec, keys, rb, c, mm=None, ba=None, path=None, C=None):
     """``(R, N)`` result of the 2-D product in the result format's container; counts into c.
 
     ``A`` may be given as a ``((R, K), make)`` pair, ``make()`` building it only when a path
     needs it, with ``ba`` its :class:`~fixedsim.matmul.core._Bits`; ``mm`` as for
     :class:`~fixedsim.matmul.paths.Product`. ``path``: a row of the table by name (None: the
-    first that applies).
+    first that applies). ``C``: the addend, shape (R, N), or None.
     """
-    p = Product(A, B, spec, keys, rb, c, mm=mm, ba=ba)
+    p = Product(A, B, spec, keys, rb, c, mm=mm, ba=ba, C=C)
     acc = spec.accumulator
     if acc is not None:
         c.accumulator.roundings += p.R * p.N * (acc.roundings(p.K) if hasattr(acc, "roundings")

@@ -83,17 +83,43 @@ def _setup(op, spec, seed, stats):
     return spec, keys, rb, c
 
 
-def _check_operands(a, b):
+def _check_operands(a, b, batch_b=False):
+    """Both operands as float arrays of matching shapes: ``a`` (..., M, K), ``b`` (K, N), or
+    with ``batch_b`` (..., K, N) with batch dimensions that broadcast against ``a``'s."""
     a = _as_float_array(a, "a")
     b = _as_float_array(b, "b")
     if a.ndim < 2:
         raise ValueError(f"matmul: a must have shape (M, K) or (..., M, K), got {a.shape}")
-    if b.ndim != 2:
-        raise ValueError(f"matmul: b must have shape (K, N), got {b.shape}")
-    if a.shape[-1] != b.shape[0]:
+    if b.ndim != 2 and not (batch_b and b.ndim > 2):
+        raise ValueError(f"matmul: b must have shape (K, N)"
+                         f"{' or (..., K, N)' if batch_b else ''}, got {b.shape}")
+    if a.shape[-1] != b.shape[-2]:
         raise ValueError(f"matmul: shapes do not match: a {a.shape} has K={a.shape[-1]}, "
-                         f"b {b.shape} has K={b.shape[0]}")
+                         f"b {b.shape} has K={b.shape[-2]}")
+    if b.ndim > 2:
+        try:
+            np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        except ValueError:
+            raise ValueError(f"matmul: the batch dimensions of a {a.shape} and b {b.shape} "
+                             f"do not broadcast (as numpy.matmul's: {a.shape[:-2]} against "
+                             f"{b.shape[:-2]})") from None
     return a, b
+
+
+def _check_addend(c, shape, spec, op="matmul"):
+    """The addend ``c`` as a float64 array broadcast to the output ``shape`` (read-only)."""
+    arr = _as_float_array(c, "c")
+    try:
+        out = np.broadcast_to(arr.astype(np.float64, copy=False), shape)
+    except ValueError:
+        raise ValueError(f"{op}: c of shape {arr.shape} does not broadcast to the output "
+                         f"shape {tuple(shape)}") from None
+    acc = spec.accumulator
+    fixed = [f for f in (getattr(acc, "fmt", None), spec.output) if isinstance(f, FixedFormat)]
+    if fixed and not np.isfinite(out).all():
+        raise ValueError(f"{op}: c contains NaN or infinity, which the fixed-point format "
+                         f"{fixed[0]!r} cannot represent")
+    return out
 
 
 def _check_finite_for_fixed(spec, a, b, op="matmul", names=("a", "b")):
@@ -282,20 +308,31 @@ def _general_args(spec, ba, bb, keys, rb):
             acc is not None and acc.via is not None)
 
 
-def _general(A, B, spec, ba, bb, keys, rb, c):
+def _general(A, B, spec, ba, bb, keys, rb, c, C=None):
+    """The general kernel on every element (``C``: the addend, (R, N) float64, or None)."""
     acc = spec.accumulator
     R, K = A.shape
     N = B.shape[1]
     out = np.empty((R, N), np.float64)
+    C0 = np.zeros((R, N)) if C is None else np.ascontiguousarray(C, np.float64)
+    if hasattr(acc, "extra_bits"):  # a BlockFMA: the oracle on every element
+        c.paths["general"] = c.paths.get("general", 0) + 1
+        c.paths["reference"] = c.paths.get("reference", 0) + R * N
+        tot = np.zeros((3, _q.N_FLAGS), np.int64)
+        _fallback(A, B, spec, keys, rb, np.argwhere(np.ones((R, N), bool)), out, tot, C0)
+        c.accumulator += _counters.StageCounts.from_flags(tot[1], 0)
+        if spec.output is not None:
+            c.output += _counters.StageCounts.from_flags(tot[2], R * N)
+        return out.astype(spec.result_format.dtype)
     args = _general_args(spec, ba, bb, keys, rb)
     if getattr(acc, "structured", False):  # lanes, order, addend: fixedsim.jit.gemm_lanes
         counts, slow = _gl.gemm_lanes(
-            np.ascontiguousarray(A), np.ascontiguousarray(B.T), np.zeros((R, N)), out, 0,
+            np.ascontiguousarray(A), np.ascontiguousarray(B.T), C0, out, 0,
             *args[:7], args[7], args[10], acc.block, acc.lanes or 0,
             acc.order == "descending", acc.combine == "tree", acc.addend == "last")
     else:
-        counts, slow = _gg.gemm_general(np.ascontiguousarray(A), np.ascontiguousarray(B.T), out,
-                                       0, *args)
+        counts, slow = _gg.gemm_general(np.ascontiguousarray(A), np.ascontiguousarray(B.T), C0,
+                                       out, 0, *args)
     tot = counts.sum(axis=0)
     if tot[:, _q.F_INVALID].any():
         raise ValueError("matmul: a NaN or infinity reached a fixed-point format of the spec "
@@ -304,7 +341,7 @@ def _general(A, B, spec, ba, bb, keys, rb, c):
     idx = np.argwhere(slow)
     if idx.size:
         c.paths["reference"] = c.paths.get("reference", 0) + len(idx)
-        _fallback(A, B, spec, keys, rb, idx, out, tot)
+        _fallback(A, B, spec, keys, rb, idx, out, tot, C0)
     c.product += _counters.StageCounts.from_flags(tot[0], 0)
     if acc is not None:
         c.accumulator += _counters.StageCounts.from_flags(tot[1], 0)
@@ -314,8 +351,9 @@ def _general(A, B, spec, ba, bb, keys, rb, c):
     return out.astype(fmt.dtype) if fmt.dtype != np.float64 else out
 
 
-def _fallback(A, B, spec, keys, rb, idx, out, tot):
-    """Elements no kernel could prove: :func:`fixedsim.reference.dot` with the same draws."""
+def _fallback(A, B, spec, keys, rb, idx, out, tot, C=None):
+    """Elements no kernel could prove: :func:`fixedsim.reference.dot` with the same draws
+    (``C``: the addend, (R, N), or None)."""
     R, K = A.shape
     N = B.shape[1]
     acc = spec.accumulator
@@ -329,7 +367,8 @@ def _fallback(A, B, spec, keys, rb, idx, out, tot):
            reference.STAGE_OUTPUT: 2}
     for r, j in idx:
         events = {}
-        v = reference.dot(A[r], B[:, j], spec, draw=draw, index=int(r * N + j), events=events)
+        v = reference.dot(A[r], B[:, j], spec, draw=draw, index=int(r * N + j), events=events,
+                          c=0.0 if C is None else float(C[r, j]))
         out[r, j] = v if isinstance(v, float) else _to_float_toward_zero(v)
         for stage, fl in events.items():
             for name, col in FLAG_COLUMNS:

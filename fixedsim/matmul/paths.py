@@ -34,6 +34,7 @@ from ..jit import gemm_fp32 as _g32
 from ..jit import quant as _q
 from ..quantize import _f32_bits, _f64_bits, _fast_float_params
 from ..rounding import Overflow, Rounding
+from . import blockfma as _blockfma
 from . import exact64 as _exact64
 from . import filtered as _filtered
 from . import products as _products
@@ -73,6 +74,9 @@ class Product:
         them (a row must then count the output's events), ``c._steps`` whether the per-step
         events of the product and accumulator stages are asked for (a row must then count
         them; otherwise it may skip them, and the call reports them as None).
+    C : numpy.ndarray or None
+        The addend, shape (R, N), float64 (``D = C + A B``), or None. Only rows whose
+        :attr:`Path.takes` has ``"c"`` see it; the others decline.
     mm : callable or None
         ``mm(scale, Bs, k0, k1)`` returns ``ldexp(A, scale)[:, k0:k1] @ Bs[k0:k1]`` computed
         some other way (the centroid products of :mod:`fixedsim.reuse`, the zero-free product
@@ -80,7 +84,7 @@ class Product:
         exact-accumulation rows may use instead of ``A``.
     """
 
-    def __init__(self, A, B, spec, keys, rb, c, mm=None, ba=None):
+    def __init__(self, A, B, spec, keys, rb, c, mm=None, ba=None, C=None):
         if isinstance(A, tuple):  # ((R, K), make): A is built only if a row reads it
             (self.R, self.K), self._make = A
             self._A = None
@@ -88,6 +92,7 @@ class Product:
             self.R, self.K = A.shape
             self._make, self._A = None, A
         self.B, self.spec, self.keys, self.rb, self.c, self.mm = B, spec, keys, rb, c, mm
+        self.C = C
         self.N = B.shape[1]
         self.ba = _Bits.of(self.A) if ba is None else ba
         self.bb = _Bits.of(B)
@@ -126,6 +131,10 @@ class Path:
     run : callable
         ``run(p)``: the ``(R, N)`` result in the result format's container, counts added to
         ``p.c``; None when a fact found while computing declines it (then the next row runs).
+    takes : frozenset of str
+        What the row computes beyond the plain product: ``"c"`` an addend, ``"blockfma"`` a
+        :class:`~fixedsim.BlockFMA` accumulator. A row declines what it does not take
+        (:func:`declines`), so that nothing is silently left out.
     """
 
     name: str
@@ -133,9 +142,20 @@ class Path:
     proof: str
     declines: Callable[[Product], str | None]
     run: Callable[[Product], np.ndarray | None]
+    takes: frozenset = frozenset()
 
     def __repr__(self):
         return f"Path({self.name!r})"
+
+
+def declines(row: Path, p: Product) -> str | None:
+    """Why ``row`` does not apply to ``p`` (None: it applies): first what the row does not
+    take (an addend, a BlockFMA accumulator), then the row's own conditions."""
+    if p.C is not None and "c" not in row.takes:
+        return "an addend c is given, which this row does not take"
+    if hasattr(p.acc, "extra_bits") and "blockfma" not in row.takes:
+        return "the accumulator is a BlockFMA (aligned, truncating adder)"
+    return row.declines(p)
 
 
 def _plain(p) -> str | None:
@@ -495,7 +515,7 @@ def _float_chain64(p):
 # -- general ------------------------------------------------------------------------------------
 def _general_row(p):
     return _general(np.ascontiguousarray(p.A, np.float64), p.B, p.spec, p.ba, p.bb, p.keys,
-                    p.rb, p.c)
+                    p.rb, p.c, p.C)
 
 
 # -- the table ----------------------------------------------------------------------------------
@@ -503,12 +523,15 @@ _EXACT = "exact accumulation"
 
 def _row(module) -> Path:
     """The row a module of its own defines (``NAME``, ``COMPUTES``, ``PROOF``, ``declines``,
-    ``run``: :mod:`.exact64`, :mod:`.filtered`, :mod:`.products`)."""
-    return Path(module.NAME, module.COMPUTES, module.PROOF, module.declines, module.run)
+    ``run``, optionally ``TAKES``: :mod:`.exact64`, :mod:`.filtered`, :mod:`.products`,
+    :mod:`.blockfma`)."""
+    return Path(module.NAME, module.COMPUTES, module.PROOF, module.declines, module.run,
+                frozenset(getattr(module, "TAKES", ())))
 
 
 #: The rows, in the order they are tried. ``general`` applies to everything.
 PATHS: tuple[Path, ...] = (
+    _row(_blockfma),
     Path("exact_blas",
          f"{_EXACT} (or an accumulator that cannot round or overflow) of scaled-integer "
          "(fixed-point-like) data on float64 BLAS, chunks of K summed in int64",
@@ -562,8 +585,9 @@ PATHS: tuple[Path, ...] = (
          "every spec: each element step by step, sums as exact floating-point expansions "
          "(Shewchuk), the Fraction oracle for elements it cannot prove",
          "it follows fixedsim.reference.dot step by step; expansions are exact; an element "
-         "that would overflow or underflow them, or a draw it cannot decide, goes to the oracle",
-         lambda p: None, _general_row),
+         "that would overflow or underflow them, or a draw it cannot decide, goes to the oracle "
+         "(a BlockFMA accumulator: the oracle on every element)",
+         lambda p: None, _general_row, frozenset({"c", "blockfma"})),
 )
 
 _BY_NAME = {row.name: row for row in PATHS}
@@ -583,14 +607,14 @@ def compute(p: Product, path=None) -> np.ndarray:
     ``path`` (a ValueError saying why when it declines)."""
     if path is not None:
         r = row(path)
-        why = r.declines(p)
+        why = declines(r, p)
         out = None if why else r.run(p)
         if out is None:
             raise ValueError(f"matmul: path {path!r} does not apply: "
                              f"{why or 'its run-time check declined'}")
         return out
     for r in PATHS:
-        if r.declines(p) is None:
+        if declines(r, p) is None:
             out = r.run(p)
             if out is not None:
                 return out
@@ -631,7 +655,7 @@ def explain_product(p: Product) -> Explanation:
     """:class:`Explanation` of the :class:`Product` ``p`` (no kernel runs)."""
     declined = []
     for r in PATHS:
-        why = r.declines(p)
+        why = declines(r, p)
         if why is None:
             return Explanation(r.name, tuple(declined), r)
         declined.append((r.name, why))

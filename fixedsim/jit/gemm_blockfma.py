@@ -1,0 +1,217 @@
+"""The aligned, truncating multi-term adder of tensor cores (:class:`fixedsim.BlockFMA`).
+
+For each output row ``i`` and each block of ``block`` products, vectorised over the output
+columns ``j``: the anchor ``E[j]`` (the largest term exponent, at least ``min_exp``), then
+the integer ``S[j] = sum trunc(x * 2**(23 + extra - E[j]))`` over the block's products ``x``
+and its addend (the running value), then one rounding of ``S[j] * 2**(E[j] - 23 - extra)``
+on its integer bits (:func:`round_cut_sum`). The arithmetic and why it is exact are in
+:mod:`fixedsim.matmul.blockfma`.
+"""
+
+import math
+
+import numpy as np
+from numba import prange
+
+from .bits import f64_bits, f64_from_bits
+from .options import jit_inline, jit_parallel
+from .quant import (
+    F_INEXACT,
+    F_NAN,
+    F_OVERFLOW,
+    F_SUBNORMAL,
+    F_UNDERFLOW,
+    F_UP,
+    N_FLAGS,
+    ODD,
+    RDN,
+    RNA,
+    RNE,
+    RTZ,
+    RUP,
+)
+
+#: Exponent given to zero operands and to an absent floor: below every real exponent.
+NO_EXP = -100000  # the sum of two still fits an int32
+
+
+@jit_inline
+def round_cut_sum(S, sexp, p, emin, emax, mode):
+    """``S * 2**sexp`` (``S`` an integer, ``|S| < 2**53``) rounded to ``p`` fraction bits with
+    gradual underflow at ``2**emin`` and overflow to an infinity; returns ``(value, flags)``.
+
+    The value's exponent is that of ``|S|``'s leading bit plus ``sexp``; the quantum there is
+    ``2**qe``, ``qe = max(that, emin) - p``; the ``sh = qe - sexp`` low bits of ``|S|`` are
+    dropped and decide the rounding. ``S == 0`` gives +0.
+    """
+    if S == 0:
+        return 0.0, 0
+    aS = -S if S < 0 else S
+    neg = S < 0
+    L = math.frexp(float(aS))[1] - 1  # exact: |S| < 2**53
+    qe = max(sexp + L, emin) - p
+    sh = qe - sexp
+    flags = 0
+    if sh <= 0:
+        R = aS
+        qe = sexp
+    else:
+        if sh >= 60:  # |S| < 2**53 is far below half a quantum
+            q = np.int64(0)
+            rem_nz = True
+            gt_half = False
+            eq_half = False
+        else:
+            q = aS >> sh
+            rem = aS - (q << sh)
+            half = np.int64(1) << (sh - 1)
+            rem_nz = rem != 0
+            gt_half = rem > half
+            eq_half = rem == half
+        up = False
+        if rem_nz:
+            flags |= 1 << F_INEXACT
+            if mode == RNE:
+                up = gt_half or (eq_half and (q & 1) == 1)
+            elif mode == RNA:
+                up = gt_half or eq_half
+            elif mode == RUP:
+                up = not neg
+            elif mode == RDN:
+                up = neg
+            elif mode == ODD:
+                up = (q & 1) == 0
+            if up != neg:
+                flags |= 1 << F_UP
+        R = q + 1 if up else q
+    v = math.ldexp(float(R), qe)
+    if v >= math.ldexp(1.0, emax + 1):
+        flags |= (1 << F_OVERFLOW) | (1 << F_INEXACT)
+        flags = (flags & ~(1 << F_UP)) | (0 if neg else 1 << F_UP)
+        v = np.inf
+    elif v == 0.0:
+        flags |= 1 << F_UNDERFLOW
+    elif v < math.ldexp(1.0, emin):
+        flags |= 1 << F_SUBNORMAL
+    return (-v if neg else v), flags
+
+
+@jit_inline
+def pow2(x):
+    """``2.0**x`` for an integer ``x`` in -1022..1023 (built from its bits)."""
+    return f64_from_bits(np.int64(x + 1023) << 52)
+
+
+@jit_inline
+def round_fast(S, sexp, p, emin, emax, mode):
+    """:func:`round_cut_sum`'s value for TOWARD_ZERO (``mode == RTZ``) and NEAREST_EVEN,
+    without its events and without branches the compiler cannot turn into selects: the
+    leading bit from the exact float64's exponent field, the dropped bits by shifts (at most
+    62: ``|S| < 2**53`` is then below half a quantum, as it is for any larger shift)."""
+    aS = -S if S < 0 else S
+    L = (f64_bits(np.float64(aS)) >> 52) - 1023
+    qe = max(sexp + L, emin) - p
+    sh = min(max(qe - sexp, 0), 62)
+    q = aS >> sh
+    rem = aS - (q << sh)
+    half = (np.int64(1) << max(sh - 1, 0)) if sh > 0 else aS + 1
+    up = (mode == RNE) & ((rem > half) | ((rem == half) & ((q & 1) == 1)))
+    R = q + np.int64(up)
+    v = np.float64(R) * pow2(max(qe, sexp))
+    v = np.inf if v >= pow2(emax + 1) else v
+    return -v if S < 0 else v
+
+
+#: Rows of ``A`` per tile: each load of ``B`` and of its exponents serves this many rows.
+TILE = 4
+
+
+@jit_parallel
+def gemm_blockfma(A, EA, B, EB, C, out, block, extra, min_exp, p, emin, emax, mode, count):
+    """``out[i, j]``: the BlockFMA chain of row ``A[i]`` and column ``B[:, j]`` from ``C[i, j]``.
+
+    ``EA``, ``EB`` (int32): the operands' exponents (``max(floor(log2|x|), input emin)``,
+    ``NO_EXP`` for zeros, so that a zero product never sets the anchor); every product
+    ``A[i, k] * B[k, j]`` must be exact in float64 and the operands finite. ``min_exp``: the
+    anchor's floor (``NO_EXP``: none); ``p``, ``emin``, ``emax``: the register's fraction
+    bits and exponent range; ``mode``: the rounding. Parallel over tiles of :data:`TILE`
+    rows, vectorised over the columns ``j``.
+
+    Returns per-row event counts (rows x flags, when ``count``; marked elements not counted)
+    and the mask of elements left to the caller: those whose anchor puts the window scale
+    ``2**(23 + extra - E)`` outside float64's normal range.
+    """
+    R, K = A.shape
+    N = B.shape[1]
+    nblocks = (K + block - 1) // block
+    counts = np.zeros((R, N_FLAGS), np.int64)
+    bad = np.zeros((R, N), np.uint8)
+    top = 23 + extra
+    fast = not count and (mode == RTZ or mode == RNE)
+    ntiles = (R + TILE - 1) // TILE
+    for it in prange(ntiles):
+        i0 = it * TILE
+        nr = min(TILE, R - i0)
+        s = np.zeros((TILE, N))
+        E = np.empty((TILE, N), np.int32)
+        S = np.empty((TILE, N), np.int64)
+        sc = np.empty((TILE, N))
+        ea = np.empty(TILE, np.int32)
+        av = np.empty(TILE)
+        fl_rj = np.zeros((TILE, N if count else 1, N_FLAGS), np.int64)
+        for r in range(nr):
+            for j in range(N):
+                s[r, j] = C[i0 + r, j]
+        for t in range(nblocks):
+            k0 = t * block
+            k1 = min(K, k0 + block)
+            for r in range(TILE):  # the addend's exponent (read as an FP32 value), the floor
+                for j in range(N):
+                    cj = s[r, j]
+                    ec = max(((f64_bits(cj) >> 52) & 0x7FF) - 1023, -126)
+                    E[r, j] = max(min_exp, ec) if (cj != 0.0 and abs(cj) < np.inf) else min_exp
+            for k in range(k0, k1):  # the anchor: the largest product exponent
+                for r in range(TILE):
+                    ea[r] = EA[i0 + r, k] if r < nr else NO_EXP
+                for j in range(N):
+                    eb = EB[k, j]
+                    for r in range(TILE):
+                        E[r, j] = max(E[r, j], ea[r] + eb)
+            for r in range(TILE):  # the window's scale, the addend cut to it
+                for j in range(N):
+                    x = top - E[r, j]
+                    if E[r, j] != NO_EXP and (x > 1000 or x < -1000) and r < nr:
+                        bad[i0 + r, j] = 1
+                    sc[r, j] = pow2(x if (x <= 1000) & (x >= -1000) else 0)
+                    S[r, j] = np.int64(s[r, j] * sc[r, j]) if abs(s[r, j]) < np.inf else 0
+            for k in range(k0, k1):  # the products cut to the window (toward zero), summed
+                for r in range(TILE):
+                    av[r] = A[i0 + r, k] if r < nr else 0.0
+                for j in range(N):
+                    b = B[k, j]
+                    for r in range(TILE):
+                        S[r, j] += np.int64(av[r] * b * sc[r, j])
+            if fast:
+                for r in range(TILE):
+                    for j in range(N):
+                        v = round_fast(S[r, j], E[r, j] - top, p, emin, emax, mode)
+                        s[r, j] = v if abs(s[r, j]) < np.inf else s[r, j]
+                continue
+            for r in range(nr):
+                for j in range(N):
+                    if not abs(s[r, j]) < np.inf:  # an infinite or NaN addend with finite
+                        if count and s[r, j] != s[r, j]:  # products stays as it is
+                            fl_rj[r, j, F_NAN] += 1
+                        continue
+                    v, fl = round_cut_sum(S[r, j], E[r, j] - top, p, emin, emax, mode)
+                    s[r, j] = v
+                    if count:
+                        for f in range(N_FLAGS):
+                            fl_rj[r, j, f] += (fl >> f) & 1
+        for r in range(nr):
+            for j in range(N):
+                out[i0 + r, j] = s[r, j]
+                if count and bad[i0 + r, j] == 0:
+                    for f in range(N_FLAGS):
+                        counts[i0 + r, f] += fl_rj[r, j, f]
+    return counts, bad
