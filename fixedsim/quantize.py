@@ -319,8 +319,8 @@ def _exact_integers(arr: np.ndarray, name):
 
 def _exact_longdouble(arr: np.ndarray):
     """A long double array as (float64 array, _Exact or None)."""
-    conv = arr.astype(np.float64)
-    with np.errstate(invalid="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):  # beyond float64's range: kept exact
+        conv = arr.astype(np.float64)
         bad = np.flatnonzero(((conv.astype(arr.dtype) != arr) & ~np.isnan(arr)).reshape(-1))
     if not bad.size:
         return conv, None
@@ -362,7 +362,7 @@ def _as_exact_array(x, name="x"):
         native = arr.dtype.newbyteorder("=") if not arr.dtype.isnative else arr.dtype
         if arr.dtype.isnative and arr.flags.c_contiguous:
             return arr, None
-        return np.ascontiguousarray(arr, dtype=native), None
+        return arr.astype(native, order="C"), None  # (np.ascontiguousarray makes 0-d 1-d)
     if kind == "b":
         return arr.astype(np.float64), None
     if kind in "iu":
@@ -390,8 +390,9 @@ def _as_float_array(x, name="x") -> np.ndarray:
     if exact is not None:
         i, v = int(exact.index[0]), exact.value[0]
         shown = str(v) if v.denominator == 1 else f"Fraction({v.numerator}, {v.denominator})"
-        if len(shown) > 60:
-            shown = f"{float(v):.17g} (approximately)"
+        if len(shown) > 60:  # about 2**e: e from the bit lengths (float(v) may overflow)
+            e = abs(v.numerator).bit_length() - v.denominator.bit_length()
+            shown = f"{'-' if v < 0 else ''}a value of about 2**{e}"
         raise ValueError(
             f"{name} holds {shown} at flat index {i} ({len(exact)} such values in all), which "
             "float64 cannot hold exactly; matrix products take their operands as float64 "
@@ -761,6 +762,8 @@ def _as_codes(codes) -> np.ndarray:
                         f"it: {err}") from None
     if c.dtype.kind in "iu":
         return c
+    if c.size == 0 and c.dtype.kind in "fbO":  # [] reads as float64: no code to check
+        return c.astype(np.uint64)
     if c.dtype.kind == "b":
         return c.astype(np.uint8)
     if c.dtype.kind == "O":
@@ -768,7 +771,7 @@ def _as_codes(codes) -> np.ndarray:
         for i, v in enumerate(flat):
             if not isinstance(v, (numbers.Integral, np.integer, np.bool_)):
                 raise TypeError(f"codes must be integers (or bools); at flat index {i}, "
-                                f"{type(v).__name__} {v!r} is not one")
+                                f"{v!r} ({type(v).__name__}) is not an integer")
         return np.array([int(v) for v in flat], dtype=object).reshape(c.shape)
     raise TypeError(f"codes must be integers (or bools), got an array of dtype {c.dtype}")
 

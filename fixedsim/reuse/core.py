@@ -555,7 +555,7 @@ def reuse_matmul(X, W, L: int, H: int, *, seed: int = 0, spec: MatmulSpec | None
     (0.4, 8, 20, 'reuse')
     """
     spec, keys, rb, c = _engine.setup("reuse_matmul", spec, product_seed, True)
-    X, W = _engine.check_operands(X, W)
+    X, W = _engine.check_operands(_as_float_array(X, "X"), _as_float_array(W, "W"))
     if X.ndim != 2:
         raise ValueError(f"reuse_matmul: X must have shape (R, K), got {X.shape}")
     _engine.check_finite_for_fixed(spec, X, W, "reuse_matmul", ("X", "W"))
