@@ -10,7 +10,7 @@ published model, not validated here). The presets are registered by the vendor m
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["Preset", "devices", "register", "spec", "DEVICES", "INPUTS", "OUTPUTS"]
 
@@ -114,4 +114,4 @@ def devices() -> list[Preset]:
                   key=lambda p: (order[p.device], ins[p.input], outs[p.out]))
 
 
-from . import cpu_units  # noqa: E402,F401  (registers the CPU and AMD presets)
+from . import cpu_units, nvidia  # noqa: E402,F401  (register the CPU, AMD, NVIDIA presets)
