@@ -32,21 +32,21 @@ from numba.core import event as _event
 
 __all__ = ["CompileWatch", "NOTICE", "COLD_SECONDS", "notice_text"]
 
-#: Seconds a first training run spends compiling kernels from an empty cache on the 2-core
-#: development machine (Intel Xeon, AVX-512), by policy family: what the notice quotes.
-#: Measured with ``fixedsim warmup --only`` per family, NUMBA_CACHE_DIR pointing at an empty
-#: folder (docs/training.md, "Compilation").
-COLD_SECONDS = {"float32": 60, "fixed": 60, "fp16": 90, "bf16": 90, "fp8": 90, "exact": 40,
-                "all": 240}
+#: Seconds of compiling from an empty Numba cache, measured on the 2-core development machine
+#: (Intel Xeon with AVX-512, while other jobs shared its cores): a first ``fixedsim train``
+#: (LeNet under float32: 74 s), and the first sweep of the README's main job (its nine
+#: policies, compiled once before the workers start: 365 s, and 10 s more in one run).
+#: What the notice quotes.
+COLD_SECONDS = {"train": 75, "sweep": 370}
 
 #: The line printed once before the first compilation (``{seconds}``: the estimate).
 NOTICE = ("fixedsim: compiling kernels (once per install, about {seconds} s); "
           "`fixedsim warmup` compiles them all ahead")
 
 
-def notice_text(family: str = "all") -> str:
-    """:data:`NOTICE` with the estimate of ``family`` (a key of :data:`COLD_SECONDS`)."""
-    return NOTICE.format(seconds=COLD_SECONDS.get(family, COLD_SECONDS["all"]))
+def notice_text(kind: str = "train") -> str:
+    """:data:`NOTICE` with the estimate for ``kind`` (a key of :data:`COLD_SECONDS`)."""
+    return NOTICE.format(seconds=COLD_SECONDS.get(kind, max(COLD_SECONDS.values())))
 
 
 class CompileWatch:
