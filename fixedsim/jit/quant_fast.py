@@ -296,10 +296,11 @@ def _fixed_one(xv, MODE, up_scale, down_scale, cmax, cmin, rbits, key, i):
 @jit_inline
 def _event_counts(xv, v):
     """The rounding events of a fixed-point result ``v`` of the input ``xv``, as the general
-    kernel counts them (0/1 integers): inexact, rounded up, underflow (a nonzero input that
-    became zero)."""
+    kernel counts them (0/1 integers): inexact, rounded up, underflow (a finite nonzero input
+    that became zero; an infinity saturated to a format's zero bound is an overflow only)."""
     inexact = np.int64(v != xv)
-    return inexact, inexact & np.int64(v > xv), np.int64(v == 0.0) & np.int64(xv != 0.0)
+    return inexact, inexact & np.int64(v > xv), (
+        np.int64(v == 0.0) & np.int64(xv != 0.0) & np.int64(abs(xv) < np.inf))
 
 
 @jit_inline
