@@ -255,6 +255,16 @@ _PARAMS = """
     -------
     numpy.ndarray
         The broadcast shape, dtype ``fmt.dtype``.
+
+    Raises
+    ------
+    TypeError
+        ``fmt`` is not a format; an operand element is not a real number (None, a string, a
+        complex number: the message names the operand and the flat index).
+    ValueError
+        Operands that do not broadcast; a NaN result (or an infinity with WRAP) into a
+        fixed-point format; the overflow and ``random_bits`` rules of
+        :func:`fixedsim.quantize`.
 """
 
 
@@ -286,7 +296,9 @@ def fma(a, b, c, fmt, rounding=Rounding.NEAREST_EVEN, overflow=None, *, seed=Non
 
 def _doc(summary: str, operands: str, examples: str = "") -> str:
     return (f"{summary}\n\n    Parameters\n    ----------\n    {operands} : array_like\n"
-            f"        Operands (broadcast together).{_PARAMS}{examples}")
+            f"        Operands (broadcast together): real numbers of any kind\n"
+            f"        :func:`fixedsim.quantize` takes, each its exact value (an int beyond\n"
+            f"        2**53, a Fraction, a Decimal included).{_PARAMS}{examples}")
 
 
 add.__doc__ = _doc("``a + b`` rounded once into ``fmt``.", "a, b", """

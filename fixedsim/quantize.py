@@ -536,9 +536,12 @@ def quantize(
     Parameters
     ----------
     x : array_like
-        Real values: float16/32/64, integer or bool arrays, scalars, nested lists. Never modified.
-        Integers beyond 2**53 that float64 cannot hold exactly are refused (they would be
-        rounded twice).
+        Real numbers, each read as its exact value: floats (float16/32/64, long double),
+        ints of any size, bools (0 and 1), ``fractions.Fraction``, ``decimal.Decimal``; as
+        scalars, nested lists, object arrays or NumPy arrays of any layout and byte order,
+        read-only included. Never modified. Values float64 cannot hold (2**53 + 1, 1/3,
+        Decimal("0.1")) are rounded once by :func:`fixedsim.reference.round_to_format`, never
+        through float64 (see docs/numerics.md, "What an input may be").
     fmt : FixedFormat or FloatFormat
         Target format.
     rounding : Rounding or str, default Rounding.NEAREST_EVEN
@@ -576,7 +579,9 @@ def quantize(
     Raises
     ------
     TypeError
-        ``fmt`` is not a format; ``x`` is not real; a bad ``seed`` type.
+        ``fmt`` is not a format; an element of ``x`` is not a real number (None, a string, a
+        complex number, a ragged nesting: the message gives its flat index); a bad ``seed``
+        type.
     ValueError
         NaN into a fixed-point format; an infinity with WRAP; WRAP on a float format;
         INFINITY on a format without infinities; ``random_bits`` outside [1, 64] or with a
@@ -591,6 +596,11 @@ def quantize(
     array([  3.,  -3., 127.], dtype=float32)
     >>> fs.quantize([200.0], fs.FixedFormat(8, 0), overflow="wrap")
     array([-56.], dtype=float32)
+    >>> from fractions import Fraction       # exact inputs are rounded once, from above a tie
+    >>> fs.quantize(Fraction(1) + Fraction(1, 2**11) + Fraction(1, 2**60), fs.FP16)
+    array(1.0009766, dtype=float32)
+    >>> fs.quantize(2**60 + 2**36 + 1, fs.FP32) == 2.0**60 + 2**37   # not via float64's tie
+    np.True_
     """
     fmt = _check_format(fmt)
     rounding = Rounding.coerce(rounding, what="rounding")
@@ -653,7 +663,9 @@ def to_bits(x, fmt) -> np.ndarray:
     Parameters
     ----------
     x : array_like
-        Values of ``fmt`` (for example the output of :func:`quantize`).
+        Values of ``fmt`` (for example the output of :func:`quantize`), of any kind
+        :func:`quantize` takes: a value of a wide fixed-point format that float64 cannot hold,
+        given as an int or a Fraction, gets its exact code.
     fmt : FixedFormat or FloatFormat
 
     Returns
@@ -667,6 +679,8 @@ def to_bits(x, fmt) -> np.ndarray:
 
     Raises
     ------
+    TypeError
+        An element is not a real number (as for :func:`quantize`).
     ValueError
         If some value is not exactly representable in ``fmt`` (quantize first).
 
@@ -782,7 +796,8 @@ def from_bits(codes, fmt) -> np.ndarray:
     Parameters
     ----------
     codes : array_like of int
-        Codes in ``[0, 2**fmt.width)``.
+        Codes in ``[0, 2**fmt.width)``: Python ints, NumPy integer arrays (any byte order and
+        layout), object arrays of ints; bools are the codes 0 and 1.
     fmt : FixedFormat or FloatFormat
 
     Returns
@@ -795,6 +810,9 @@ def from_bits(codes, fmt) -> np.ndarray:
 
     Raises
     ------
+    TypeError
+        A code that is not an integer (a float, None, a string, a Fraction: the message gives
+        its flat index).
     ValueError
         Codes outside ``[0, 2**width)``; fixed-point codes whose value float64 cannot hold
         (word lengths above 53 bits).
