@@ -35,9 +35,9 @@ __all__ = ["CompileWatch", "NOTICE", "COLD_SECONDS", "notice_text"]
 #: Seconds of compiling from an empty Numba cache, measured on the 2-core development machine
 #: (Intel Xeon with AVX-512, while other jobs shared its cores): a first ``fixedsim train``
 #: (LeNet under float32: 74 s), and the first sweep of the README's main job (its nine
-#: policies, compiled once before the workers start: 365 s, and 10 s more in one run).
-#: What the notice quotes.
-COLD_SECONDS = {"train": 75, "sweep": 370}
+#: policies, compiled once before the workers start: 365 s, and 10 s more in one run), and
+#: ``fixedsim warmup`` (390 s). What the notice quotes.
+COLD_SECONDS = {"train": 75, "sweep": 370, "warmup": 390}
 
 #: The line printed once before the first compilation (``{seconds}``: the estimate).
 NOTICE = ("fixedsim: compiling kernels (once per install, about {seconds} s); "
