@@ -37,13 +37,45 @@ def _cmd_verify_cpu(args) -> int:
     return 1 if bad else 0
 
 
+def _cmd_verify_hardware(args) -> int:
+    """``fixedsim verify hardware --vectors DIR``: the NVIDIA presets on measured vectors."""
+    from .hardware import vectors
+
+    if not args.vectors:
+        print("fixedsim verify hardware: give --vectors DIR (the model_validation folder of "
+              "the measured tensor-core vectors, or the .tar.gz holding it)", file=sys.stderr)
+        return 2
+    try:
+        results = vectors.verify(args.vectors)
+    except (OSError, ValueError) as err:
+        print(f"fixedsim verify hardware: {err}", file=sys.stderr)
+        return 2
+    print(f"fixedsim verify hardware: NVIDIA presets on the measured vectors in {args.vectors}")
+    print(f"{'GPU':6} {'input':6} {'output':6} {'rows':>6} {'mismatches':>10} "
+          f"{'recorded':>9}  status")
+    for r in results:
+        rec = "-" if r.recorded is None else f"{r.recorded[1]}/{r.recorded[0]}"
+        status = ("ok" if r.ok else "FAILED") + (" (exact)" if r.claims_exact else "")
+        if r.first is not None:
+            status += f", first mismatch row {r.first}"
+        print(f"{r.device:6} {r.input:6} {r.out:6} {r.rows:>6,} {r.mismatches:>10,} "
+              f"{rec:>9}  {status}")
+    bad = [f"{r.device} {r.input}->{r.out}" for r in results if not r.ok]
+    exact = sum(r.claims_exact for r in results)
+    print(f"OK: {exact} combinations exact as claimed, the others at their recorded counts"
+          if not bad else f"FAILED: {', '.join(bad)}")
+    return 1 if bad else 0
+
+
 def _cmd_verify(args) -> int:
     target = getattr(args, "target", None) or "formats"
     if target == "cpu":
         return _cmd_verify_cpu(args)
+    if target == "hardware":
+        return _cmd_verify_hardware(args)
     if target != "formats":
-        print(f"fixedsim verify: unknown target {target!r}; give formats (the default) or cpu",
-              file=sys.stderr)
+        print(f"fixedsim verify: unknown target {target!r}; give formats (the default), cpu "
+              "or hardware", file=sys.stderr)
         return 2
     from tqdm import tqdm
 
@@ -305,6 +337,7 @@ def _missing_records(out) -> list:
 
 
 def _cmd_warmup(args) -> int:
+    from .compiling import COLD_SECONDS
     from .warmup import JOBS, warmup
 
     if args.list:
@@ -316,7 +349,8 @@ def _cmd_warmup(args) -> int:
         print(f"fixedsim warmup: error: no job matches {' '.join(args.only)!r}; "
               f"`fixedsim warmup --list` lists them", file=sys.stderr)
         return 2
-    print(f"fixedsim warmup: {len(names)} job(s); kernels already in Numba's cache only load",
+    print(f"fixedsim warmup: {len(names)} job(s); kernels already in Numba's cache only load "
+          f"(from an empty cache all of them compile in about {COLD_SECONDS['warmup']} s)",
           flush=True)
     res = warmup(log=lambda line: print(line, flush=True), jobs=args.only)
     print(f"done: compiled {res.kernels} kernel signature(s) in {res.compile_seconds:.1f} s; "
@@ -346,7 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("target", nargs="?", default="formats",
                    help="formats (default): quantize against numpy/ml_dtypes casts; cpu: this "
-                   "CPU's F16C, FMA3, VDPBF16PS and AMX instructions against fixedsim's models")
+                   "CPU's F16C, FMA3, VDPBF16PS and AMX instructions against fixedsim's models; "
+                   "hardware: the NVIDIA tensor-core presets against measured vectors "
+                   "(--vectors)")
+    v.add_argument("--vectors", default=None, metavar="DIR",
+                   help="hardware: the model_validation folder of measured tensor-core "
+                   "vectors, or the .tar.gz holding it (read without unpacking)")
     v.add_argument("--sample", type=int, default=None, metavar="N",
                    help="check N seeded random float32 inputs instead of all 2**32 (cpu: "
                    "per F16C rounding mode, default 2**22)")
@@ -467,6 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to print (both files are always written)")
     r.add_argument("--no-figures", action="store_true", help="tables only")
     r.set_defaults(func=_cmd_report)
+
+    from .cost.cli import add_parser as _add_cost_parser  # fixedsim cost ... (docs/cost.md)
+
+    _add_cost_parser(sub)
     return p
 
 
