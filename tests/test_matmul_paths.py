@@ -27,6 +27,8 @@ def ordinary(kind, shape, rng):
 #: One spec per row under which that row runs on ordinary data, and how the data is made (the
 #: operands' container: float64 values, or float32 ones). A new row must add its case here.
 ROW_CASES = {
+    "blockfma": (fs.MatmulSpec(input=fs.FP16, accumulator=fs.BlockFMA(16, 2, min_exp=-133)),
+                 np.float64),
     "exact_blas": (fs.MatmulSpec(input=Q12_8, output=Q16_6), np.float64),
     "zero_products": (fs.MatmulSpec(output=fs.FP16), "zeros"),
     "exact_filtered": (fs.MatmulSpec(output=fs.FP16), np.float32),
@@ -94,9 +96,11 @@ def test_row_matches_the_general_kernel(name, kind):
     assert c.paths.get("reference", 0) == 0
     assert c.paths.get(f"{name}_general", 0) <= 0.01 * outputs
     fmt = spec.result_format
-    if name != "general" and not (isinstance(fmt, fs.FloatFormat) and fmt.man_bits > 50):
+    if name not in ("general", "blockfma") and not (isinstance(fmt, fs.FloatFormat)
+                                                    and fmt.man_bits > 50):
         # (the general kernel leaves an inexact sum rounded into a 53-bit format, float64,
-        # to the oracle: that is what exact_ozaki is for)
+        # to the oracle: that is what exact_ozaki is for; for a BlockFMA the general row is
+        # the oracle on every element)
         assert cw.paths.get("reference", 0) == 0
 
 
@@ -115,7 +119,8 @@ def test_explain_says_why_each_faster_row_declined():
     b = np.ones((3, 2))
     e = explain(a, b, fs.MatmulSpec(product=fs.FP16))
     assert e.path == "rounded_products"
-    assert [n for n, _ in e.declined] == [r.name for r in PATHS[:-2]]
+    names = [r.name for r in PATHS]
+    assert [n for n, _ in e.declined] == names[:names.index("rounded_products")]
     assert all(why == "products are rounded (spec.product is set)" for _, why in e.declined)
     text = str(e)
     assert text.splitlines()[0].startswith("exact_blas: declined: products are rounded")
@@ -208,3 +213,32 @@ def test_stats_must_be_a_known_value():
     with pytest.raises(TypeError, match="record: steps must be True or False"):
         with fs.counters.record(steps="yes"):
             pass
+
+
+@pytest.mark.parametrize("name", [r.name for r in PATHS])
+def test_every_row_takes_the_addend_or_declines_it(name):
+    """An addend ``c`` is computed by the rows that take it, bit for bit as the oracle, and
+    declined with its reason by the others (then a row that takes it runs): never ignored."""
+    row = next(r for r in PATHS if r.name == name)
+    spec, a, b = row_case(name, "normal", shape=(4, 12, 3), seed=2)
+    c = np.random.default_rng(3).standard_normal((4, 3)) * 2.0 ** np.arange(-3, 3)[:3]
+    if spec.stochastic:
+        spec = fs.MatmulSpec(input=spec.input, accumulator=fs.Accumulator(
+            spec.accumulator.fmt, "nearest_even", block=spec.accumulator.block))
+    want = reference.matmul(a, b, spec, c=c)
+    if "c" in row.takes:
+        assert_same_bits(fs.matmul(a, b, spec, c, path=name).astype(np.float64), want)
+    else:
+        with pytest.raises(ValueError, match="addend c is given"):
+            fs.matmul(a, b, spec, c, path=name)
+        declined = dict(explain(a, b, spec, c=c).declined)
+        assert declined[name] == "an addend c is given, which this row does not take"
+    assert_same_bits(fs.matmul(a, b, spec, c).astype(np.float64), want)
+
+
+@pytest.mark.parametrize("name", [r.name for r in PATHS if "blockfma" not in r.takes])
+def test_rows_that_do_not_take_blockfma_decline_it(name):
+    spec = fs.MatmulSpec(input=fs.FP16, accumulator=fs.BlockFMA(8, 1))
+    a, b = np.ones((2, 8)), np.ones((8, 2))
+    with pytest.raises(ValueError, match="BlockFMA"):
+        fs.matmul(a, b, spec, path=name)

@@ -31,8 +31,10 @@ from .quant import (
     RUP,
 )
 
-#: Exponent given to zero operands and to an absent floor: below every real exponent.
-NO_EXP = -100000  # the sum of two still fits an int32
+#: Exponent given to zero operands and to an absent floor: below every real exponent. A
+#: zero product's exponent is at most ``NO_EXP + 1100``; an anchor below ``NO_EXP // 2``
+#: means the block has no nonzero term (its cut sum is 0). Twice it still fits an int32.
+NO_EXP = -100000
 
 
 @jit_inline
@@ -180,7 +182,7 @@ def gemm_blockfma(A, EA, B, EB, C, out, block, extra, min_exp, p, emin, emax, mo
             for r in range(TILE):  # the window's scale, the addend cut to it
                 for j in range(N):
                     x = top - E[r, j]
-                    if E[r, j] != NO_EXP and (x > 1000 or x < -1000) and r < nr:
+                    if E[r, j] > NO_EXP // 2 and (x > 1000 or x < -1000) and r < nr:
                         bad[i0 + r, j] = 1
                     sc[r, j] = pow2(x if (x <= 1000) & (x >= -1000) else 0)
                     S[r, j] = np.int64(s[r, j] * sc[r, j]) if abs(s[r, j]) < np.inf else 0

@@ -129,7 +129,7 @@ def _stochastic_after_input(spec) -> bool:
             or ((spec.output is not None or acc is None) and spec.output_rounding is R))
 
 
-def explain(a, b, spec: MatmulSpec | None = None, *, seed=None):
+def explain(a, b, spec: MatmulSpec | None = None, c=None, *, seed=None):
     """Which kernel computes ``matmul(a, b, spec)``, and why each faster one declined.
 
     The operands are quantized to ``spec.input`` as :func:`matmul` would (with ``seed`` for
@@ -155,13 +155,15 @@ def explain(a, b, spec: MatmulSpec | None = None, *, seed=None):
     rounded_products: runs: products rounded into spec.product ...
       proof: ...
     """
-    spec, keys, rb, c = _setup("explain", spec, seed, False)
+    spec, keys, rb, cnt = _setup("explain", spec, seed, False)
     a, b = _check_operands(a, b)
     _check_finite_for_fixed(spec, a, b, "explain")
-    aq = _quantize_input(a, spec.input, spec.input_rounding, rb, keys[0], c.input)
-    bq = _quantize_input(b, spec.input, spec.input_rounding, rb, keys[1], c.input)
+    aq = _quantize_input(a, spec.input, spec.input_rounding, rb, keys[0], cnt.input)
+    bq = _quantize_input(b, spec.input, spec.input_rounding, rb, keys[1], cnt.input)
     A = aq.reshape(-1, aq.shape[-1])
-    return explain_product(Product(A, bq, spec, keys, rb, c))
+    C = None if c is None else _check_addend(c, (*a.shape[:-1], b.shape[1]), spec, "explain")
+    return explain_product(Product(A, bq, spec, keys, rb, cnt,
+                                   C=None if C is None else C.reshape(A.shape[0], -1)))
 
 
 def _product(A, B, spec, keys, rb, c, mm=None, ba=None, path=None, C=None):

@@ -531,7 +531,6 @@ def _row(module) -> Path:
 
 #: The rows, in the order they are tried. ``general`` applies to everything.
 PATHS: tuple[Path, ...] = (
-    _row(_blockfma),
     Path("exact_blas",
          f"{_EXACT} (or an accumulator that cannot round or overflow) of scaled-integer "
          "(fixed-point-like) data on float64 BLAS, chunks of K summed in int64",
@@ -581,6 +580,7 @@ PATHS: tuple[Path, ...] = (
          "kernel), and the exact sum is rounded on its bits as the quantizer does",
          _float_chain64_declines, _float_chain64),
     _row(_products),
+    _row(_blockfma),
     Path("general",
          "every spec: each element step by step, sums as exact floating-point expansions "
          "(Shewchuk), the Fraction oracle for elements it cannot prove",

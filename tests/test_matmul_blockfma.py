@@ -1,0 +1,265 @@
+"""The BlockFMA accumulator (the aligned, truncating adder of tensor cores): the blockfma row
+(fixedsim.jit.gemm_blockfma) against the exact definition, reference.block_fma, bit for bit
+and count for count, on random specs and inputs that stress alignment; the probes of Fasi et
+al. that tell the generations apart; the definition itself on hand-computed cases.
+"""
+
+import math
+
+import numba
+import numpy as np
+import pytest
+from helpers import assert_same_bits
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fixedsim as fs
+from fixedsim import reference
+from fixedsim.matmul import blockfma as bf
+
+R = fs.Rounding
+INPUTS = [fs.FP16, fs.BF16, fs.TF32, fs.FP8_E4M3, fs.FP8_E5M2]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One Numba thread for these small products (the bits do not depend on it: see
+    test_threads_do_not_change_bits)."""
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    yield
+    numba.set_num_threads(threads)
+
+
+@st.composite
+def block_fmas(draw):
+    fmt = draw(st.sampled_from([fs.FP32, fs.FP16]))
+    return fs.BlockFMA(
+        draw(st.integers(1, 9)), draw(st.integers(-12, 4)),
+        rounding=draw(st.sampled_from([R.TOWARD_ZERO, R.NEAREST_EVEN, R.NEAREST_AWAY, R.UP,
+                                       R.DOWN, R.ODD])),
+        fmt=fmt, output_frac_bits=draw(st.none() | st.integers(1, fmt.man_bits)),
+        min_exp=draw(st.none() | st.integers(-150, 2)))
+
+
+@st.composite
+def operands(draw, fmt, shape):
+    """Values of ``fmt`` spread over its exponent range: mixed exponents, subnormals, zeros
+    of both signs, cancelling pairs (the same magnitude with both signs)."""
+    n = int(np.prod(shape))
+    e = draw(st.lists(st.integers(fmt.emin - fmt.man_bits, min(fmt.emax, 8)), min_size=n,
+                      max_size=n))
+    m = draw(st.lists(st.floats(1.0, 2.0, exclude_max=True), min_size=n, max_size=n))
+    sign = draw(st.lists(st.sampled_from([1.0, -1.0]), min_size=n, max_size=n))
+    x = np.array([s * math.ldexp(v, k) for s, v, k in zip(sign, m, e, strict=True)])
+    zeros = draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    x = np.where(zeros, np.copysign(0.0, x), x).reshape(shape)
+    x = np.asarray(fs.quantize(x, fmt), np.float64)
+    if draw(st.booleans()) and shape[-1] > 1:  # cancellation: a column repeated, negated
+        x[..., 1] = -x[..., 0]
+    return x
+
+
+def check(a, b, spec, c=None):
+    """The row's bits and per-step counts are the oracle's (general row: the oracle on every
+    element), counted and not."""
+    got, cnt = fs.matmul(a, b, spec, c, stats="steps")
+    assert cnt.paths.get("blockfma") == 1, cnt.paths
+    unread = fs.matmul(a, b, spec, c)
+    want, cw = fs.matmul(a, b, spec, c, stats="steps", path="general")
+    ref = reference.matmul(a, b, spec, c=c)
+    for y in (got, unread, want):
+        assert_same_bits(y.astype(np.float64), ref)
+    assert cnt.accumulator == cw.accumulator
+    assert cnt.output == cw.output
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), acc=block_fmas(), fmt=st.sampled_from(INPUTS),
+       shape=st.tuples(st.integers(1, 4), st.integers(0, 20), st.integers(1, 4)),
+       with_c=st.booleans())
+def test_kernel_matches_the_oracle(data, acc, fmt, shape, with_c):
+    M, K, N = shape
+    a = data.draw(operands(fmt, (M, K)))
+    b = data.draw(operands(fmt, (K, N)))
+    c = data.draw(operands(acc.fmt, (M, N))) if with_c else None
+    check(a, b, fs.MatmulSpec(input=fmt, accumulator=acc), c)
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data(), acc=block_fmas(), out=st.sampled_from([fs.FP16, fs.BF16, fs.FP8_E4M3]))
+def test_output_rounding_after_the_blocks(data, acc, out):
+    a = data.draw(operands(fs.FP16, (3, 11)))
+    b = data.draw(operands(fs.FP16, (11, 2)))
+    check(a, b, fs.MatmulSpec(input=fs.FP16, accumulator=acc, output=out))
+
+
+@pytest.mark.parametrize("special", [np.inf, -np.inf, np.nan])
+def test_infinite_and_nan_addends_and_overflow(special):
+    """A special C stays through finite blocks (IEEE sum); overflow gives an infinity in
+    every rounding mode, and then stays; inf - inf in C and products is NaN."""
+    a = np.array([[1.0, 2.0, 65504.0, 65504.0]])
+    b = np.array([[1.0], [-3.0], [65504.0], [65504.0]])
+    for rnd in (R.TOWARD_ZERO, R.NEAREST_EVEN):
+        acc = fs.BlockFMA(2, 0, rounding=rnd, fmt=fs.FP16)
+        spec = fs.MatmulSpec(input=fs.FP16, accumulator=acc)
+        check(a, b, spec, np.array([[special]]))
+        y = fs.matmul(a, b, spec)
+        assert y[0, 0] == np.inf  # 2**32 overflows FP16 even truncating
+    spec = fs.MatmulSpec(input=fs.FP16, accumulator=fs.BlockFMA(4, 0))
+    got = fs.matmul(np.array([[np.inf, 1.0]]), np.array([[1.0], [1.0]]), spec, -np.inf)
+    assert np.isnan(got[0, 0])
+    assert fs.explain(np.array([[np.inf]]), np.array([[1.0]]), spec).path == "general"
+
+
+def test_subnormal_inputs_keep_the_input_formats_exponent():
+    """An FP16 subnormal 2**-24 is 2**-10 * 2**-14: its product with 1 has exponent -14, not
+    -24, and sets the anchor there (so a product 2**-30 is cut at 2**(-14-23))."""
+    acc = fs.BlockFMA(4, 0)
+    a = np.array([[2.0**-24, 2.0**-15]])
+    b = np.array([[1.0], [2.0**-15 * (1 + 2.0**-10)]])
+    want = reference.block_fma(a[0], b[:, 0], 0.0, acc, fs.FP16.emin)
+    E, q = -14, 2.0**(-14 - 23)
+    assert want == 2.0**-24 + math.floor(2.0**-30 * (1 + 2.0**-10) / q) * q
+    assert E + 1 > -24  # the anchor is not the product's own binade
+    got = fs.matmul(a, b, fs.MatmulSpec(input=fs.FP16, accumulator=acc))
+    assert got[0, 0] == np.float32(want)
+
+
+def test_threads_do_not_change_bits():
+    rng = np.random.default_rng(5)
+    a = np.asarray(fs.quantize(rng.standard_normal((37, 50)) * 4.0, fs.BF16), np.float64)
+    b = np.asarray(fs.quantize(rng.standard_normal((50, 9)), fs.BF16), np.float64)
+    spec = fs.MatmulSpec(input=fs.BF16, accumulator=fs.BlockFMA(8, 1, min_exp=-132))
+    one = fs.matmul(a, b, spec)
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    assert_same_bits(fs.matmul(a, b, spec), one)
+
+
+def test_counts():
+    """One rounding per block and output element; the events of those roundings."""
+    a = np.array([[1.0, 2.0**-30, 3.0]])
+    b = np.array([[1.0], [1.0], [1.0]])
+    spec = fs.MatmulSpec(input=fs.FP32, accumulator=fs.BlockFMA(2, 0))
+    _, cnt = fs.matmul(a, b, spec, stats="steps")
+    assert cnt.accumulator.roundings == 2
+    assert cnt.accumulator.inexact == 0  # 2**-30 is cut, the cut sum 1 is exact
+    assert cnt.macs == 3
+
+
+# -- the definition, by hand ------------------------------------------------------------------
+def probe(acc, a, b, c):
+    spec = fs.MatmulSpec(input=fs.FP16, accumulator=acc)
+    got = fs.matmul(np.array([a]), np.array(b)[:, None], spec, c)[0, 0]
+    assert got == reference.block_fma(a, b, c, acc, fs.FP16.emin)
+    return float(got)
+
+
+V100 = fs.BlockFMA(4, 0, min_exp=-1024)
+A100 = fs.BlockFMA(8, 1, min_exp=-132)
+H100 = fs.BlockFMA(16, 2, min_exp=-133)
+
+
+def test_probe_1_extra_alignment_bit():
+    """1 + (-(1 - 2**-24)): V100 keeps no bit beyond 23, so C's last bit is cut: 2**-23;
+    A100 on keep one more: 2**-24 (Fasi et al., PeerJ CS 7:e330, 2021)."""
+    c = -(1 - 2.0**-24)
+    assert probe(V100, [1.0], [1.0], c) == 2.0**-23
+    for acc in (A100, H100):
+        assert probe(acc, [1.0], [1.0], c) == 2.0**-24
+
+
+def test_probe_2_truncation_before_cancellation():
+    """(-1 + 2**-24) + 1 - 2**-24: V100 cuts both 2**-24 terms, 2**-23 remains; with one
+    extra bit they cancel exactly."""
+    c = -1.0 + 2.0**-24
+    assert probe(V100, [1.0, 1.0], [1.0, -2.0**-24], c) == 2.0**-23
+    for acc in (A100, H100):
+        assert probe(acc, [1.0, 1.0], [1.0, -2.0**-24], c) == 0.0
+
+
+def test_probe_3_carries_without_normalisation():
+    """1.875 + 1 + 1.5 + 1.75 + 1.875 = 8: the sum carries three places past the anchor and
+    is normalised once at the end, exactly."""
+    for acc in (V100, A100, H100):
+        assert probe(acc, [1.0] * 4, [1.0, 1.5, 1.75, 1.875], 1.875) == 8.0
+
+
+def test_probe_4_truncation_toward_zero_of_the_result():
+    """2 + 3 * 2**-24 truncated into FP32 is 2, and -2 - 3 * 2**-24 is -2 (toward zero, not
+    down)."""
+    for acc in (V100, A100, H100):
+        assert probe(acc, [1.0] * 4, [2.0, 3 * 2.0**-24, 0.0, 0.0], 0.0) == 2.0
+        assert probe(acc, [1.0] * 4, [-2.0, -3 * 2.0**-24, 0.0, 0.0], 0.0) == -2.0
+
+
+def test_definition_by_hand():
+    """One block computed by hand: anchor 1 (the product 1.5 * 2 = 3 has exponent 0 + 1),
+    window ``q = 2**(1 - 23 - 2)``; the term 2**-30 is cut to 0, -1.75 * 2**-23 (3.5 q) to
+    -3 q: ``S q = 3 - 3 * 2**-24``; nearest even into 10 fraction bits gives 3, truncation
+    into 23 fraction bits (quantum 2**-22 in [2, 4)) gives 3 - 2**-22."""
+    acc = fs.BlockFMA(4, 2, rounding="nearest_even", output_frac_bits=10)
+    a = [1.5, 2.0**-15, -2.0**-23]
+    b = [2.0, 2.0**-15, 1.75]
+    assert reference.block_fma(a, b, 0.0, acc) == 3.0
+    assert reference.block_fma(a, b, 0.0, fs.BlockFMA(4, 2)) == 3.0 - 2.0**-22
+    assert reference.block_fma(a, b, 0.0, fs.BlockFMA(4, 3)) == 3.0 - 2.0**-22  # 7 q: no cut
+    spec = fs.MatmulSpec(input=fs.FP32, accumulator=fs.BlockFMA(4, 2))
+    assert fs.matmul(np.array([a]), np.array(b)[:, None], spec)[0, 0] == 3.0 - 2.0**-22
+    assert reference.block_fma([1.0], [0.0], -0.0, acc) == 0.0  # no term: +0
+    assert math.copysign(1.0, reference.block_fma([1.0], [0.0], -0.0, acc)) == 1.0
+
+
+def test_cut_sum_rounding_helper_on_every_mode():
+    """round_cut_sum against round_to_format on integers around rounding boundaries."""
+    from fixedsim.jit.gemm_blockfma import round_cut_sum
+
+    reg = fs.FloatFormat(8, 5)
+    for S in list(range(-300, 301)) + [2**52 - 1, -(2**52) + 3, 2**40 + 2**34]:
+        for sexp in (-150, -140, -3, 0, 80):
+            for mode in (R.TOWARD_ZERO, R.NEAREST_EVEN, R.NEAREST_AWAY, R.UP, R.DOWN, R.ODD):
+                v, _ = round_cut_sum(S, sexp, 5, reg.emin, reg.emax, int(mode))
+                from fractions import Fraction
+                w, fl = reference.round_to_format(Fraction(S) * Fraction(2)**sexp, reg, mode,
+                                                  "infinity", flags=True)
+                if fl["overflow"]:
+                    w = math.copysign(math.inf, S)
+                if S == 0:
+                    w = 0.0
+                assert_same_bits(v, w, err_msg=f"{S} {sexp} {mode}")
+
+
+# -- errors --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw, err, match", [
+    (dict(block=0, extra_bits=1), ValueError, "BlockFMA block must be in 1"),
+    (dict(block=2.0, extra_bits=1), TypeError, "BlockFMA block must be an int"),
+    (dict(block=True, extra_bits=1), TypeError, "BlockFMA block must be an int"),
+    (dict(block=4, extra_bits=31), ValueError, "BlockFMA extra_bits must be in -23..30"),
+    (dict(block=4, extra_bits="2"), TypeError, "BlockFMA extra_bits must be an int"),
+    (dict(block=4, extra_bits=0, rounding="stochastic"), ValueError, "deterministic"),
+    (dict(block=4, extra_bits=0, rounding="sideways"), ValueError, "rounding"),
+    (dict(block=4, extra_bits=0, fmt=fs.FP8_E4M3), TypeError, "BlockFMA fmt"),
+    (dict(block=4, extra_bits=0, fmt=fs.FP64), TypeError, "BlockFMA fmt"),
+    (dict(block=4, extra_bits=0, output_frac_bits=24), ValueError, "output_frac_bits"),
+    (dict(block=4, extra_bits=0, output_frac_bits=0), ValueError, "output_frac_bits"),
+    (dict(block=4, extra_bits=0, min_exp=1.5), TypeError, "min_exp"),
+])
+def test_bad_arguments_name_the_argument(kw, err, match):
+    with pytest.raises(err, match=match):
+        fs.BlockFMA(**kw)
+
+
+def test_blockfma_takes_no_product_rounding():
+    with pytest.raises(ValueError, match="product must be None with a BlockFMA"):
+        fs.MatmulSpec(product=fs.FP16, accumulator=fs.BlockFMA(4, 0))
+
+
+def test_declines_and_exponents():
+    assert bf.exponents(np.array([0.0, 1.0, 3.0, 2.0**-24]), -14).tolist() == [
+        bf.gemm_blockfma.NO_EXP if hasattr(bf, "gemm_blockfma") else -100000, 0, 1, -14]
+    spec = fs.MatmulSpec(accumulator=fs.BlockFMA(4, 0))
+    a = np.array([[1.0 + 2.0**-40]])
+    e = fs.explain(a, a, spec)  # a 53-bit product is not exact in float64: the oracle
+    assert e.path == "general" and dict(e.declined)["blockfma"] == (
+        "a product may be inexact in float64")
+    assert_same_bits(fs.matmul(a, a, spec), reference.matmul(a, a, spec))
