@@ -31,8 +31,9 @@ from .rounding import Overflow, Rounding
 
 __version__ = "0.1.0"
 
-#: Subpackages loaded on first use (``fs.nn.Policy``, ``fs.data.load``, ``fs.study``).
-_LAZY = ("data", "nn", "study")
+#: Subpackages loaded on first use (``fs.nn.Policy``, ``fs.data.load``, ``fs.study``,
+#: ``fs.cost.predict``).
+_LAZY = ("cost", "data", "nn", "study")
 
 
 def __getattr__(name):
@@ -63,6 +64,7 @@ __all__ = [
     "conv2d",
     "conv2d_grad_input",
     "conv2d_grad_weight",
+    "cost",
     "counters",
     "data",
     "nn",

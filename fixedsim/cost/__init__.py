@@ -13,5 +13,9 @@ See docs/cost.md.
 """
 
 from .counts import CountError, Row, StepCounts, count_epoch, count_step, tensor_bytes
+from .model import COLUMNS, Prediction, predict
+from .profiles import PUBLISHED, Profile, ProfileError, calibrate, load_profile, native_class
 
-__all__ = ["CountError", "Row", "StepCounts", "count_epoch", "count_step", "tensor_bytes"]
+__all__ = ["COLUMNS", "CountError", "PUBLISHED", "Prediction", "Profile", "ProfileError", "Row",
+           "StepCounts", "calibrate", "count_epoch", "count_step", "load_profile",
+           "native_class", "predict", "tensor_bytes"]

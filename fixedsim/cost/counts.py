@@ -97,8 +97,9 @@ class Row:
     macs_by : dict of (str, str) to int
         MACs by (operand formats, accumulator kind): ``("FP16", "FP32 chain")``; operands of
         two formats read ``"FP16xFP32"``.
-    gemm : list of (int, int, int, str, str)
-        ``(M, N, K, operand formats, accumulator kind)`` of each matrix product.
+    gemm : list of tuple
+        ``(M, N, K, operand formats, accumulator kind, format of A, format of B)`` of each
+        matrix product (formats as the product multiplies them; None: float64).
     stages : dict of str to int
         Roundings of the products' stages ``input``, ``product``, ``accumulator``, ``output``
         (as :class:`fixedsim.counters.Counters` counts them).
@@ -176,16 +177,21 @@ class Row:
         self._round("operands", spec.input, spec.input_rounding, n)
 
     def matmul(self, spec, R: int, N: int, K: int, a_elems: int, b_elems: int,
-               operands: str) -> None:
-        """One :func:`fixedsim.matmul`-style call: ``(R, K) @ (K, N)`` under ``spec``."""
+               fa, fb) -> None:
+        """One :func:`fixedsim.matmul`-style call: ``(R, K) @ (K, N)`` under ``spec``, its
+        operands held in the formats ``fa`` and ``fb`` (None: float64) when the product
+        reads them (before ``spec.input`` rounds them)."""
         R, N, K = int(R), int(N), int(K)
         acc = spec.accumulator
+        if spec.input is not None:
+            fa = fb = spec.input
+        operands = _operands_label(fa, fb)
         self.calls += 1
         macs = R * N * K
         self.macs += macs
         key = (operands, _acc_label(spec))
         self.macs_by[key] = self.macs_by.get(key, 0) + macs
-        self.gemm.append((R, N, K, *key))
+        self.gemm.append((R, N, K, *key, fa, fb))
         self.operands = operands
         s = self.stages
         if spec.input is not None:
@@ -411,7 +417,7 @@ def count_step(model, policy, batch: int, in_shape=None, *, optimizer: str = "sg
             # forward
             f.operand_rounding(p.forward, n_x + n_w)
             fs_ = _no_input(p.forward)
-            f.matmul(fs_, *fw, 0, 0, _operands_label(xf, wf))
+            f.matmul(fs_, *fw, 0, 0, xf, wf)
             f.role(p, "activations", n_y)
             f.read("x", xf, n_x)
             f.read("w", wf, n_w)
@@ -421,25 +427,21 @@ def count_step(model, policy, batch: int, in_shape=None, *, optimizer: str = "sg
             f.launches = 1
             # grad_weight (and the bias's)
             sgw = p.grad_weight
-            gwa = store(xf, sgw.input)
-            gwb = store(err, sgw.input)
-            lab = _operands_label(gwa, gwb)
-            gw.matmul(sgw, *gwm, n_y, n_x, lab)
+            gw.matmul(sgw, *gwm, n_y, n_x, xf, err)
             gw.role(p, "weight_grads", n_w)
             gw.read("x", xf, n_x)
             gw.read("grad_y", err, n_y)
             gw.write("grad_w", p.weight_grads.fmt, n_w)
             gw.launches = 1
             if n_b:
-                gw.matmul(sgw, 1, n_b, rows_b, rows_b, rows_b * n_b, lab)
+                gw.matmul(sgw, 1, n_b, rows_b, rows_b, rows_b * n_b, err, err)
                 gw.role(p, "weight_grads", n_b)
                 gw.write("grad_b", p.weight_grads.fmt, n_b)
                 gw.launches += 1
             # grad_input
             if need_in:
                 sgi = p.grad_input
-                gia, gib = store(err, sgi.input), store(wf, sgi.input)
-                gi.matmul(sgi, *gim, n_y, n_w, _operands_label(gia, gib))
+                gi.matmul(sgi, *gim, n_y, n_w, err, wf)
                 gi.role(p, "errors", n_x)
                 gi.read("grad_y", err, n_y)
                 gi.read("w", wf, n_w)

@@ -1,0 +1,466 @@
+"""Machine profiles: what a machine computes per second, per native format, and how fast it moves
+bytes.
+
+A profile is a TOML file (see docs/cost.md)::
+
+    name = "h100"
+    description = "..."
+    kind = "published"            # or "measured" (written by fixedsim cost calibrate)
+    [rates]                       # peak multiply-accumulates per second, per native format
+    fp32 = 33.5e12
+    fp16 = 494.7e12
+    [memory]
+    bandwidth = 3.35e12           # bytes per second
+    cache_bytes = 52428800        # optional: last-level cache
+    cache_bandwidth = 1e13        # optional: bytes per second when a row's bytes fit in it
+    [overhead]
+    per_call_s = 5e-6             # per native operation launched
+    [efficiency]                  # optional: fraction of the peak rate a product reaches,
+    points = [[1, 0.05], [64, 0.6], [512, 1.0]]  # by its smallest dimension (M, N or K)
+    [sources]
+    "rates.fp32" = "where the number comes from"
+
+Published profiles ship with fixedsim (:data:`PUBLISHED`: V100, A100, H100, H200 and the FPGA
+of Gupta et al. 2015), each number with its source. :func:`calibrate` measures the machine it
+runs on and returns a profile (``fixedsim cost calibrate`` writes it; ``--machine this``
+reads it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import pathlib
+import time
+
+from ..formats import FixedFormat, FloatFormat
+
+__all__ = ["Profile", "NATIVE", "PUBLISHED", "load_profile", "native_class", "calibrate",
+           "this_profile_path", "ProfileError"]
+
+#: Native formats a profile may give a rate for, narrowest first. A format runs at the rate
+#: of the first class that holds every one of its values (and that the profile has).
+NATIVE = ("int8", "fp8", "int16", "fp16", "bf16", "tf32", "fp32", "fp64")
+
+_DIR = pathlib.Path(__file__).parent / "profiles"
+#: Names of the profiles that ship with fixedsim.
+PUBLISHED = tuple(sorted(p.stem for p in _DIR.glob("*.toml")))
+
+_SECTIONS = {"name", "description", "kind", "rates", "memory", "overhead", "efficiency",
+             "sources", "array", "measured"}
+
+
+class ProfileError(ValueError):
+    """A machine profile that is unknown or malformed (a ValueError)."""
+
+
+def _holds(cls: str, fmt) -> bool:
+    """Does native class ``cls`` hold every value of ``fmt`` (None: float64)?"""
+    if fmt is None:
+        return cls == "fp64"
+    if isinstance(fmt, FixedFormat):
+        bits = fmt.word_length + (0 if fmt.signed else 1)  # magnitude bits plus sign
+        ints = {"int8": 8, "int16": 16}
+        if cls in ints:
+            return bits <= ints[cls]
+        sig = {"fp8": 4, "fp16": 11, "bf16": 8, "tf32": 11, "fp32": 24, "fp64": 53}[cls]
+        return bits - 1 <= sig  # integer codes up to 2**(bits-1), scaled by a power of two
+    if not isinstance(fmt, FloatFormat):
+        raise ProfileError(f"cost: not a format: {fmt!r}")
+    if cls in ("int8", "int16"):
+        return False
+    if cls == "fp8":
+        return ((fmt.exp_bits <= 4 and fmt.man_bits <= 3)
+                or (fmt.exp_bits <= 5 and fmt.man_bits <= 2))
+    e, m = {"fp16": (5, 10), "bf16": (8, 7), "tf32": (8, 10), "fp32": (8, 23),
+            "fp64": (11, 52)}[cls]
+    return fmt.exp_bits <= e and fmt.man_bits <= m
+
+
+def native_class(fmt, rates) -> str:
+    """The native format whose rate a product on ``fmt`` operands runs at: the narrowest class
+    of ``rates`` that holds every value of ``fmt``.
+
+    Examples
+    --------
+    >>> import fixedsim as fs
+    >>> from fixedsim.cost.profiles import native_class
+    >>> rates = {"fp32": 1, "fp16": 2, "bf16": 2, "int8": 4}
+    >>> native_class(fs.FP16, rates), native_class(fs.FixedFormat(8, 4), rates)
+    ('fp16', 'int8')
+    >>> native_class(fs.FixedFormat(16, 14), rates), native_class(fs.FP8_E4M3, rates)
+    ('fp32', 'fp16')
+    """
+    for cls in NATIVE:
+        if cls in rates and _holds(cls, fmt):
+            return cls
+    raise ProfileError(f"cost: no native format of the profile holds {fmt!r} (it has "
+                       f"{', '.join(rates) or 'no rates'}); add a wider rate such as fp64")
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """A machine: peak MAC rate per native format, memory, per-call overhead, their sources.
+
+    Attributes
+    ----------
+    name, description : str
+    kind : {"published", "measured"}
+    rates : dict of str to float
+        Multiply-accumulates per second per native format (:data:`NATIVE`).
+    bandwidth : float
+        Bytes per second to and from main memory.
+    cache_bytes, cache_bandwidth : float or None
+        Last-level cache size and its bandwidth: a row whose bytes fit in the cache moves them
+        at ``cache_bandwidth`` (when given).
+    per_call_s : float
+        Seconds per native operation launched (framework and launch overhead).
+    efficiency : tuple of (int, float)
+        Fraction of the peak rate a matrix product reaches, by its smallest dimension,
+        interpolated in log2 (empty: the peak always).
+    sources : dict of str to str
+        Where each number comes from (``"rates.fp16"``: "...").
+    measured : dict
+        What :func:`calibrate` measured (the raw figures), for measured profiles.
+    """
+
+    name: str
+    rates: dict
+    bandwidth: float
+    per_call_s: float = 0.0
+    cache_bytes: float | None = None
+    cache_bandwidth: float | None = None
+    efficiency: tuple = ()
+    description: str = ""
+    kind: str = "published"
+    sources: dict = dataclasses.field(default_factory=dict)
+    measured: dict = dataclasses.field(default_factory=dict)
+    array: dict = dataclasses.field(default_factory=dict)
+
+    def rate(self, fmt) -> tuple[str, float]:
+        """``(class, MAC/s)`` of products on ``fmt`` operands (:func:`native_class`)."""
+        cls = native_class(fmt, self.rates)
+        return cls, self.rates[cls]
+
+    def gemm_efficiency(self, M: int, N: int, K: int) -> float:
+        """Fraction of the peak a ``(M, K) @ (K, N)`` product reaches (1.0 without a table)."""
+        pts = self.efficiency
+        if not pts:
+            return 1.0
+        d = max(1, min(M, N, K))
+        if d <= pts[0][0]:
+            return pts[0][1]
+        for (d0, e0), (d1, e1) in zip(pts, pts[1:], strict=False):
+            if d <= d1:
+                t = (math.log2(d) - math.log2(d0)) / (math.log2(d1) - math.log2(d0))
+                return e0 + t * (e1 - e0)
+        return pts[-1][1]
+
+    def memory_rate(self, nbytes: float) -> float:
+        """Bytes per second for a row moving ``nbytes``."""
+        if self.cache_bandwidth and self.cache_bytes and nbytes <= self.cache_bytes:
+            return self.cache_bandwidth
+        return self.bandwidth
+
+    # -- files ----------------------------------------------------------------------------
+    def to_toml(self) -> str:
+        """The profile as TOML (the format :func:`load_profile` reads)."""
+        def q(s):
+            return '"' + str(s).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+        out = [f"name = {q(self.name)}", f"description = {q(self.description)}",
+               f"kind = {q(self.kind)}", "", "[rates]"]
+        out += [f"{k} = {float(v)!r}" for k, v in self.rates.items()]
+        out += ["", "[memory]", f"bandwidth = {float(self.bandwidth)!r}"]
+        if self.cache_bytes is not None:
+            out.append(f"cache_bytes = {float(self.cache_bytes)!r}")
+        if self.cache_bandwidth is not None:
+            out.append(f"cache_bandwidth = {float(self.cache_bandwidth)!r}")
+        out += ["", "[overhead]", f"per_call_s = {float(self.per_call_s)!r}"]
+        if self.efficiency:
+            pts = ", ".join(f"[{int(d)}, {float(e)!r}]" for d, e in self.efficiency)
+            out += ["", "[efficiency]", f"points = [{pts}]"]
+        if self.array:
+            out += ["", "[array]"] + [f"{k} = {v!r}" for k, v in self.array.items()]
+        if self.measured:
+            out += ["", "[measured]"]
+            for k, v in self.measured.items():
+                out.append(f"{q(k)} = {q(v) if isinstance(v, str) else repr(float(v))}")
+        out += ["", "[sources]"] + [f"{q(k)} = {q(v)}" for k, v in self.sources.items()]
+        return "\n".join(out) + "\n"
+
+    def save(self, path) -> None:
+        pathlib.Path(path).write_text(self.to_toml())
+
+
+def _toml(text: str, where: str) -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ProfileError(f"{where}: not valid TOML: {err}") from None
+
+
+def _number(d, key, where, *, low=0.0, strict=True, required=True):
+    if key not in d:
+        if required:
+            raise ProfileError(f"{where}: missing {key!r} (a number)")
+        return None
+    v = d[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+            or (v <= low if strict else v < low):
+        raise ProfileError(f"{where}: {key} must be a finite number "
+                           f"{'>' if strict else '>='} {low}, got {v!r}")
+    return float(v)
+
+
+def profile_from_dict(d: dict, where: str = "profile") -> Profile:
+    """A :class:`Profile` from parsed TOML; every error names ``where`` and the key."""
+    if not isinstance(d, dict):
+        raise ProfileError(f"{where}: expected a table, got {type(d).__name__}")
+    unknown = sorted(set(d) - _SECTIONS)
+    if unknown:
+        raise ProfileError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: "
+                           f"{', '.join(sorted(_SECTIONS))}")
+    name = d.get("name")
+    if not isinstance(name, str) or not name:
+        raise ProfileError(f"{where}: 'name' must be a non-empty string, got {name!r}")
+    rates = d.get("rates")
+    if not isinstance(rates, dict) or not rates:
+        raise ProfileError(f"{where}: [rates] must give at least one native format's MAC/s "
+                           f"({', '.join(NATIVE)})")
+    bad = sorted(set(rates) - set(NATIVE))
+    if bad:
+        raise ProfileError(f"{where}: [rates] has unknown format(s) {', '.join(map(repr, bad))}; "
+                           f"known: {', '.join(NATIVE)}")
+    rates = {k: _number(rates, k, f"{where} [rates]") for k in NATIVE if k in rates}
+    mem = d.get("memory")
+    if not isinstance(mem, dict):
+        raise ProfileError(f"{where}: missing the [memory] table (bandwidth in bytes/s)")
+    over = d.get("overhead", {})
+    if not isinstance(over, dict):
+        raise ProfileError(f"{where}: [overhead] must be a table")
+    eff = d.get("efficiency", {})
+    pts = ()
+    if eff:
+        raw = eff.get("points") if isinstance(eff, dict) else None
+        ok = isinstance(raw, list) and raw and all(
+            isinstance(p, list) and len(p) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)
+            and p[0] >= 1 and 0 < p[1] <= 1 for p in raw)
+        if not ok or [p[0] for p in raw] != sorted({p[0] for p in raw}):
+            raise ProfileError(f"{where}: [efficiency] points must be [[dim, fraction], ...] "
+                               f"with dims >= 1 increasing and fractions in (0, 1], got {raw!r}")
+        pts = tuple((int(a), float(b)) for a, b in raw)
+    kind = d.get("kind", "published")
+    if kind not in ("published", "measured"):
+        raise ProfileError(f"{where}: kind must be 'published' or 'measured', got {kind!r}")
+    sources = d.get("sources", {})
+    if not isinstance(sources, dict) or not all(isinstance(v, str) for v in sources.values()):
+        raise ProfileError(f"{where}: [sources] must map keys such as \"rates.fp16\" to text")
+    return Profile(
+        name=name, rates=rates, bandwidth=_number(mem, "bandwidth", f"{where} [memory]"),
+        cache_bytes=_number(mem, "cache_bytes", f"{where} [memory]", required=False),
+        cache_bandwidth=_number(mem, "cache_bandwidth", f"{where} [memory]", required=False),
+        per_call_s=_number(over, "per_call_s", f"{where} [overhead]", strict=False,
+                           required=False) or 0.0,
+        efficiency=pts, description=str(d.get("description", "")), kind=kind,
+        sources=dict(sources), measured=dict(d.get("measured", {})),
+        array=dict(d.get("array", {})))
+
+
+def this_profile_path() -> pathlib.Path:
+    """Where ``fixedsim cost calibrate`` keeps this machine's profile: ``$FIXEDSIM_PROFILE``,
+    else ``~/.cache/fixedsim/this.toml``."""
+    env = os.environ.get("FIXEDSIM_PROFILE")
+    if env:
+        return pathlib.Path(env)
+    return pathlib.Path.home() / ".cache" / "fixedsim" / "this.toml"
+
+
+def load_profile(machine) -> Profile:
+    """A profile by name (:data:`PUBLISHED`, or ``"this"``: the calibrated profile of this
+    machine) or by the path of a ``.toml`` file.
+
+    Raises
+    ------
+    ProfileError (a ValueError)
+        An unknown name, a file that cannot be read, malformed TOML or a malformed profile
+        (each message names the file and the key); ``"this"`` before calibration.
+    """
+    if isinstance(machine, Profile):
+        return machine
+    if not isinstance(machine, (str, os.PathLike)):
+        raise ProfileError(f"cost: machine must be a profile name or a .toml path, "
+                           f"got {machine!r}")
+    text = str(machine)
+    if text.lower() in PUBLISHED:
+        path = _DIR / f"{text.lower()}.toml"
+    elif text.lower() == "this":
+        path = this_profile_path()
+        if not path.is_file():
+            raise ProfileError(f"cost: no profile of this machine yet ({path}); run "
+                               f"`fixedsim cost calibrate` first (it measures this machine "
+                               f"in under a minute and writes it there)")
+    elif text.endswith(".toml") or pathlib.Path(text).is_file():
+        path = pathlib.Path(text)
+    else:
+        raise ProfileError(f"cost: unknown machine {text!r}; expected one of "
+                           f"{', '.join(PUBLISHED)}, 'this' (after fixedsim cost calibrate) or "
+                           f"the path of a .toml profile")
+    try:
+        raw = path.read_text()
+    except OSError as err:
+        raise ProfileError(f"machine profile {path}: {err.strerror}") from None
+    return profile_from_dict(_toml(raw, f"machine profile {path}"), f"machine profile {path}")
+
+
+# -- calibration -------------------------------------------------------------------------------
+def _best(fn, min_time=0.15, reps=3) -> float:
+    """Best seconds per call of ``fn`` over ``reps`` rounds of at least ``min_time`` each."""
+    fn()
+    best = math.inf
+    for _ in range(reps):
+        n, t0 = 0, time.perf_counter()
+        while True:
+            fn()
+            n += 1
+            dt = time.perf_counter() - t0
+            if dt >= min_time:
+                break
+        best = min(best, dt / n)
+    return best
+
+
+def _gemm_rate(mm, make, n) -> float:
+    a, b = make(n, n), make(n, n)
+    return n ** 3 / _best(lambda: mm(a, b))
+
+
+def calibrate(*, quick: bool = False, log=None) -> Profile:
+    """Measure this machine: native GEMM rate per dtype, memory bandwidth, per-call overhead.
+
+    - GEMM: ``numpy`` float64 and float32 (BLAS), and PyTorch float32, bfloat16, float16 and
+      int8 (``torch._int_mm``) where installed, at n = 512 (the rate is the best of three
+      rounds), and the efficiency of float32 products whose smallest dimension is 1, 4, 16,
+      64 and 256 against the square one;
+    - memory: a STREAM-like add ``c = a + b`` over 3 x 64 MiB (main memory) and over 3 x 256
+      KiB (cache), bytes read and written per second;
+    - overhead: the seconds of a PyTorch operation on a one-element tensor (numpy's when
+      PyTorch is not installed).
+
+    Takes 10 to 30 seconds (``quick``: a few). Threads: as the libraries use them by default.
+    """
+    import numpy as np
+
+    log = log or (lambda s: None)
+    rng = np.random.default_rng(0)
+    rates, src, meas = {}, {}, {}
+    n = 256 if quick else 512
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    for dt, cls in ((np.float64, "fp64"), (np.float32, "fp32")):
+        r = _gemm_rate(np.matmul, lambda m, k, dt=dt: rng.standard_normal((m, k)).astype(dt), n)
+        rates[cls] = r
+        src[f"rates.{cls}"] = f"measured: numpy {np.dtype(dt).name} matmul {n}^3 (BLAS)"
+        meas[f"numpy.{np.dtype(dt).name}"] = r
+        log(f"numpy {np.dtype(dt).name:8} GEMM {n}^3: {r / 1e9:8.1f} GMAC/s")
+    if torch is not None:
+        tries = (("float32", torch.float32, "fp32"), ("bfloat16", torch.bfloat16, "bf16"),
+                 ("float16", torch.float16, "fp16"))
+        for name, tdt, cls in tries:
+            try:
+                r = _gemm_rate(torch.matmul,
+                               lambda m, k, tdt=tdt: torch.randn(m, k).to(tdt), n)
+            except RuntimeError as err:  # a dtype the CPU build does not multiply
+                log(f"torch {name}: skipped ({err})")
+                continue
+            meas[f"torch.{name}"] = r
+            log(f"torch {name:8} GEMM {n}^3: {r / 1e9:8.1f} GMAC/s")
+            if r > rates.get(cls, 0):
+                rates[cls] = r
+                src[f"rates.{cls}"] = f"measured: torch {name} matmul {n}^3"
+        if hasattr(torch, "_int_mm"):
+            try:
+                r = _gemm_rate(torch._int_mm, lambda m, k: torch.randint(
+                    -100, 100, (m, k), dtype=torch.int8), n)
+                rates["int8"] = r
+                meas["torch.int8"] = r
+                src["rates.int8"] = f"measured: torch._int_mm int8 {n}^3 (int32 accumulation)"
+                log(f"torch int8     GEMM {n}^3: {r / 1e9:8.1f} GMAC/s")
+            except RuntimeError as err:
+                log(f"torch int8: skipped ({err})")
+    # efficiency by the smallest dimension (float32, the shapes of skinny layer products)
+    big = 1024 if not quick else 512
+    pts = []
+    peak = rates["fp32"]
+    for d in (1, 4, 16, 64, 256):
+        a = rng.standard_normal((big, d)).astype(np.float32)
+        b = rng.standard_normal((d, big)).astype(np.float32)
+        r = big * big * d / _best(lambda a=a, b=b: a @ b, min_time=0.05)
+        pts.append((d, min(1.0, r / peak)))
+        meas[f"efficiency.k{d}"] = r
+    pts.append((512, 1.0))
+    src["efficiency.points"] = (f"measured: numpy float32 products ({big} x d) @ (d x {big}) "
+                                f"against the {n}^3 rate")
+    # memory
+    def stream(nbytes):
+        m = nbytes // 8
+        a, b, c = (rng.standard_normal(m) for _ in range(3))
+        return 3 * m * 8 / _best(lambda: np.add(a, b, out=c), min_time=0.1)
+    bw = stream(64 << 20)
+    cbw = stream(256 << 10)
+    meas["stream.64MiB"], meas["stream.256KiB"] = bw, cbw
+    src["memory.bandwidth"] = "measured: numpy add c = a + b over 3 x 64 MiB float64"
+    src["memory.cache_bandwidth"] = "measured: numpy add c = a + b over 3 x 256 KiB float64"
+    cache = _llc_bytes()
+    if cache:
+        src["memory.cache_bytes"] = "read: the L2 cache of cpu0 (sysfs cache/index2/size)"
+    log(f"memory: {bw / 1e9:.1f} GB/s (64 MiB), {cbw / 1e9:.1f} GB/s (256 KiB)")
+    # overhead
+    if torch is not None:
+        x = torch.zeros(1)
+        over = _best(lambda: torch.add(x, x), min_time=0.05)
+        src["overhead.per_call_s"] = "measured: torch.add on one-element tensors"
+    else:
+        x = np.zeros(1)
+        over = _best(lambda: np.add(x, x), min_time=0.05)
+        src["overhead.per_call_s"] = "measured: numpy.add on one-element arrays"
+    log(f"per call: {over * 1e6:.2f} us")
+    return Profile(name="this", description=_cpu_name(), kind="measured", rates=rates,
+                   bandwidth=bw, cache_bytes=cache, cache_bandwidth=cbw, per_call_s=over,
+                   efficiency=tuple(pts), sources=src,
+                   measured={"date": time.strftime("%Y-%m-%d %H:%M"),
+                             "load_average": os.getloadavg()[0], **meas})
+
+
+def _cpu_name() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f", {os.cpu_count()} CPUs"
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _llc_bytes():
+    """The cache a core's working set may use: L2 per core (sysfs index2), else None."""
+    p = pathlib.Path("/sys/devices/system/cpu/cpu0/cache/index2/size")
+    try:
+        t = p.read_text().strip()
+    except OSError:
+        return None
+    mult = {"K": 1024, "M": 1024 ** 2}.get(t[-1:], 1)
+    try:
+        return float(int(t.rstrip("KM")) * mult)
+    except ValueError:
+        return None
