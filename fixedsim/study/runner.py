@@ -373,8 +373,9 @@ def run_study(study: Study, out=None, *, workers: int | None = None, scheduler=N
         Called with one line per finished run (default: ``tqdm.write`` to stdout with the
         bar, else ``print``).
     compile_notice : str or callable, optional
-        Printed to stderr (or called) once, when a kernel starts compiling in this process.
-        With local worker processes, the kernels the runs need are compiled here first
+        Printed to stderr (or called) once, when a kernel starts compiling in this process
+        (runs in this process: ``workers=1``). With local worker processes, the kernels the
+        runs need are compiled here first
         (:func:`fixedsim.warmup.warm_study`: one step of each distinct configuration), so
         that the workers load them from Numba's cache instead of all compiling them at once.
 
@@ -458,7 +459,10 @@ def run_study(study: Study, out=None, *, workers: int | None = None, scheduler=N
         elif scheduler is not None:
             _run_dask(study, todo, out, resume, threads, scheduler, lambda r: finished(r, bar))
         elif workers == 1:
-            _run_inprocess(study, todo, out, resume, threads, lambda r: finished(r, bar))
+            from ..compiling import CompileWatch
+
+            with CompileWatch(notice=compile_notice):
+                _run_inprocess(study, todo, out, resume, threads, lambda r: finished(r, bar))
         else:
             _run_pool(study, todo, out, resume, threads, workers, lambda r: finished(r, bar))
     write_tables(out, records)
