@@ -497,3 +497,44 @@ def test_load_run_of_a_zip_that_is_not_a_checkpoint(run_copy):
     config, policy = load_run(run_copy)
     with pytest.raises(RunFolderError, match="damaged"):
         train_mod.train(config, policy, run_copy, resume=True, progress=False)
+
+
+def test_sweep_compile_notice_and_warm_up(tmp_path, monkeypatch):
+    """In this process (workers=1) the notice comes once, at the first compilation; with
+    worker processes the runs to do are first warmed up here (one step per configuration)."""
+    from fixedsim import warmup
+    from fixedsim.study import load_study, run_study, runner
+
+    @numba.njit
+    def fresh(x):
+        return x + 1
+
+    real = runner.execute_run
+
+    def execute(task, data=None):
+        fresh(np.int64(1))
+        return real(task, data)
+
+    monkeypatch.setattr(runner, "execute_run", execute)
+    good = tmp_path / "s.toml"
+    good.write_text(STUDY)
+    study = load_study(good)
+    notes = []
+    res = run_study(study, tmp_path / "a", workers=1, progress=False, log=lambda s: None,
+                    compile_notice=lambda: notes.append(1))
+    assert res.ok and notes == [1]
+
+    warmed = []
+
+    def warm(runs, notice=None):
+        warmed.append([r.run_id for r in runs])
+        return CompileWatch()
+
+    def pool(study, todo, out, resume, threads, workers, finished):
+        for r in todo:
+            finished(real(runner._task(r, study, out, resume, threads, "stub")))
+
+    monkeypatch.setattr(warmup, "warm_study", warm)
+    monkeypatch.setattr(runner, "_run_pool", pool)
+    res = run_study(study, tmp_path / "b", workers=2, progress=False, log=lambda s: None)
+    assert res.ok and warmed == [[r.run_id for r in study.runs]]
