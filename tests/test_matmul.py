@@ -392,7 +392,9 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="K=3.*K=4"):
         fs.matmul(np.ones((2, 3)), np.ones((4, 2)))
     with pytest.raises(ValueError, match="b must have shape"):
-        fs.matmul(np.ones((2, 3)), np.ones((2, 3, 2)))
+        fs.matmul(np.ones((2, 3)), np.ones(3))
+    with pytest.raises(ValueError, match=r"batch dimensions .* do not broadcast"):
+        fs.matmul(np.ones((3, 2, 3)), np.ones((2, 3, 2)))
     with pytest.raises(ValueError, match="a must have shape"):
         fs.matmul(np.ones(3), np.ones((3, 2)))
     with pytest.raises(ValueError, match=r"a contains NaN.*Q<8,4>.*spec.input"):
