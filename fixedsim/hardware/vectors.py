@@ -29,7 +29,7 @@ import tarfile
 
 import numpy as np
 
-__all__ = ["Vectors", "load", "addend", "check", "FORMAT_NAMES"]
+__all__ = ["Vectors", "load", "addend", "check", "verify", "Result", "FORMAT_NAMES"]
 
 #: Input folder names of the layout -> fixedsim.hardware input names.
 FORMAT_NAMES = {"fp16": "fp16", "bf16": "bf16", "tf32": "tf32", "E4M3": "e4m3", "E5M2": "e5m2"}
@@ -199,3 +199,61 @@ def check(v: Vectors, spec=None) -> np.ndarray:
 
 #: Rows per matrix product in :func:`check`.
 CHUNK = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """One combination checked by :func:`verify`.
+
+    Attributes
+    ----------
+    device, input, out : str
+    rows : int
+        Rows checked.
+    mismatches : int
+        Rows whose result differs in any bit.
+    recorded : tuple of (int, int) or None
+        ``(rows, mismatches)`` the preset's provenance states for the full data (None: no
+        record).
+    first : int or None
+        Index of the first mismatching row.
+    """
+
+    device: str
+    input: str
+    out: str
+    rows: int
+    mismatches: int
+    recorded: tuple | None
+    first: int | None
+
+    @property
+    def claims_exact(self) -> bool:
+        """Does the preset claim no mismatch on these rows?"""
+        return self.recorded is not None and self.recorded[1] == 0
+
+    @property
+    def ok(self) -> bool:
+        """No mismatch where the preset claims none, and, on the full data, the recorded
+        count."""
+        if self.claims_exact:
+            return self.mismatches == 0
+        if self.recorded is not None and self.rows == self.recorded[0]:
+            return self.mismatches == self.recorded[1]
+        return True
+
+
+def verify(path, devices=None) -> list[Result]:
+    """Every combination under ``path`` (:func:`load`) checked against its preset
+    (:func:`check`), with the counts its provenance records (``nvidia.VALIDATION``)."""
+    from .nvidia import VALIDATION
+
+    out = []
+    for v in load(path):
+        if devices is not None and v.device not in devices:
+            continue
+        bad = check(v)
+        out.append(Result(v.device, v.input, v.out, v.rows, int(bad.size),
+                          VALIDATION.get((v.device, v.input, v.out)),
+                          int(bad[0]) if bad.size else None))
+    return out
