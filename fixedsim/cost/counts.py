@@ -613,8 +613,8 @@ def count_epoch(model, policy, batch: int, images: int, in_shape=None, *, test_i
     divide ``images``), then the evaluation of ``test_images`` in batches of ``eval_batch``
     (as :func:`fixedsim.nn.train` runs them).
     """
-    for what, v, low in (("images", images, 1), ("test_images", test_images, 0),
-                         ("eval_batch", eval_batch, 1)):
+    for what, v, low in (("batch", batch, 1), ("images", images, 1),
+                         ("test_images", test_images, 0), ("eval_batch", eval_batch, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise CountError(f"cost: {what} must be an int >= {low}, got {v!r}")
     kw = dict(in_shape=in_shape, optimizer=optimizer, momentum=momentum)

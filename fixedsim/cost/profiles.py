@@ -205,7 +205,7 @@ def _toml(text: str, where: str) -> dict:
         raise ProfileError(f"{where}: not valid TOML: {err}") from None
 
 
-def _number(d, key, where, *, low=0.0, strict=True, required=True):
+def _number(d, key, where, *, low=0, strict=True, required=True):
     if key not in d:
         if required:
             raise ProfileError(f"{where}: missing {key!r} (a number)")
@@ -245,6 +245,14 @@ def profile_from_dict(d: dict, where: str = "profile") -> Profile:
     if not isinstance(over, dict):
         raise ProfileError(f"{where}: [overhead] must be a table")
     eff = d.get("efficiency", {})
+    for table, t, allowed in (("memory", mem, {"bandwidth", "cache_bytes", "cache_bandwidth"}),
+                              ("overhead", over, {"per_call_s"}),
+                              ("efficiency", eff, {"points"})):
+        extra = sorted(set(t) - allowed) if isinstance(t, dict) else []
+        if extra:
+            raise ProfileError(f"{where}: [{table}] has unknown key(s) "
+                               f"{', '.join(map(repr, extra))}; allowed: "
+                               f"{', '.join(sorted(allowed))}")
     pts = ()
     if eff:
         raw = eff.get("points") if isinstance(eff, dict) else None
