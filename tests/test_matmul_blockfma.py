@@ -263,3 +263,53 @@ def test_declines_and_exponents():
     assert e.path == "general" and dict(e.declined)["blockfma"] == (
         "a product may be inexact in float64")
     assert_same_bits(fs.matmul(a, a, spec), reference.matmul(a, a, spec))
+
+
+# -- wherever an accumulator goes --------------------------------------------------------------
+def test_convolutions_and_their_gradients_take_a_blockfma():
+    """conv2d and its gradients are matrix products: with a BlockFMA each equals the product of
+    its im2col operands, which the blockfma row computes (checked against the oracle above)."""
+    from fixedsim.matmul.api import _im2col
+
+    rng = np.random.default_rng(7)
+    spec = fs.MatmulSpec(input=fs.FP16, accumulator=fs.BlockFMA(8, 1, min_exp=-132))
+    x = np.asarray(fs.quantize(rng.standard_normal((2, 3, 5, 5)), fs.FP16), np.float64)
+    w = np.asarray(fs.quantize(rng.standard_normal((4, 3, 3, 3)), fs.FP16), np.float64)
+    y, cnt = fs.conv2d(x, w, spec, padding=1, stats=True)
+    assert cnt.paths == {"blockfma": 1}
+    cols = _im2col(x, 3, 3, (1, 1), (1, 1), 5, 5)
+    want = fs.matmul(cols, w.reshape(4, -1).T, spec).reshape(2, 5, 5, 4).transpose(0, 3, 1, 2)
+    assert_same_bits(y, want)
+    gy = np.asarray(fs.quantize(rng.standard_normal(y.shape), fs.FP16), np.float64)
+    gw = fs.conv2d_grad_weight(x, gy, w.shape, spec, padding=1)
+    want = fs.matmul(gy.transpose(1, 0, 2, 3).reshape(4, -1), cols, spec).reshape(w.shape)
+    assert_same_bits(gw, want)
+    gx, cnt = fs.conv2d_grad_input(gy, w, x.shape, spec, padding=1, stats=True)
+    assert cnt.paths == {"blockfma": 1} and gx.shape == x.shape
+
+
+def test_a_policy_names_a_blockfma(tmp_path):
+    """A Policy's products take a BlockFMA, and its plain-data form (JSON, TOML) keeps it."""
+    from fixedsim.nn.policy import Policy
+
+    h100 = fs.MatmulSpec(input=fs.FP16, accumulator=fs.BlockFMA(16, 2, min_exp=-133))
+    fp8 = fs.MatmulSpec(input=fs.FP8_E4M3, accumulator=fs.BlockFMA(
+        32, -10, output_frac_bits=13, min_exp=-133))
+    base = Policy.fp16_mixed()
+    import dataclasses
+    p = dataclasses.replace(base, name="h100", forward=fp8, grad_input=h100, grad_weight=h100)
+    d = p.to_dict()
+    assert d["forward"]["accumulator"] == {"kind": "block_fma", "block": 32, "extra_bits": -10,
+                                           "rounding": "toward_zero", "format": "FP32",
+                                           "output_frac_bits": 13, "min_exp": -133}
+    assert Policy.from_dict(d) == p
+    for ext in ("toml", "json"):
+        p.save(tmp_path / f"p.{ext}")
+        assert Policy.load(tmp_path / f"p.{ext}") == p
+    with pytest.raises(ValueError, match=r"forward.accumulator: 'extra_bits' is required"):
+        Policy.from_dict({"forward": {"accumulator": {"kind": "block_fma", "block": 4}}})
+    with pytest.raises(ValueError, match=r"BlockFMA block must be in 1"):
+        Policy.from_dict({"forward": {"accumulator": {"kind": "block_fma", "block": 0,
+                                                      "extra_bits": 0}}})
+    with pytest.raises(ValueError, match=r"kind must be 'accumulator'.*'block_fma'"):
+        Policy.from_dict({"forward": {"accumulator": {"kind": "tensor", "format": "FP32"}}})

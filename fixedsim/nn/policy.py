@@ -20,7 +20,7 @@ import math
 import pathlib
 
 from ..formats import BF16, FP8_E4M3, FP8_E5M2, FP16, FP32, FixedFormat, FloatFormat, parse_format
-from ..matmul import Accumulator, MatmulSpec
+from ..matmul import Accumulator, BlockFMA, MatmulSpec
 from ..quantize import _check_random_bits, quantize, resolve_overflow
 from ..rounding import Overflow, Rounding
 
@@ -198,7 +198,15 @@ def _spec_to_dict(s: MatmulSpec) -> dict:
     if s.random_bits is not None:
         d["random_bits"] = s.random_bits
     a = s.accumulator
-    if a is not None:
+    if isinstance(a, BlockFMA):
+        ad = {"kind": "block_fma", "block": a.block, "extra_bits": a.extra_bits,
+              "rounding": a.rounding.name.lower(), "format": repr(a.fmt)}
+        if a.output_frac_bits is not None:
+            ad["output_frac_bits"] = a.output_frac_bits
+        if a.min_exp is not None:
+            ad["min_exp"] = a.min_exp
+        d["accumulator"] = ad
+    elif a is not None:
         ad = {"format": repr(a.fmt), "rounding": a.rounding.name.lower(),
               "overflow": a.overflow.name.lower(), "block": a.block}
         if a.random_bits is not None:
@@ -223,6 +231,13 @@ def _spec_from_dict(d: dict, where: str) -> MatmulSpec:
             a = {"format": a}
         if not isinstance(a, dict):
             raise ValueError(f"{where}.accumulator: expected a table or a format name, got {a!r}")
+        if a.get("kind", "accumulator") == "block_fma":
+            kw["accumulator"] = _block_fma_from_dict(a, where)
+            return _build(MatmulSpec, where, **kw)
+        if a.get("kind", "accumulator") != "accumulator":
+            raise ValueError(f"{where}.accumulator.kind must be 'accumulator' (the default) or "
+                             f"'block_fma', got {a['kind']!r}")
+        a = {k: v for k, v in a.items() if k != "kind"}
         _check_keys(a, {"format", "rounding", "overflow", "block", "random_bits", "via"},
                     f"{where}.accumulator")
         if "format" not in a:
@@ -235,6 +250,21 @@ def _spec_from_dict(d: dict, where: str) -> MatmulSpec:
             random_bits=a.get("random_bits"),
             via=None if via is None else _build(parse_format, f"{where}.accumulator.via", via))
     return _build(MatmulSpec, where, **kw)
+
+
+def _block_fma_from_dict(a: dict, where: str) -> BlockFMA:
+    """A :class:`~fixedsim.BlockFMA` from ``{"kind": "block_fma", "block", "extra_bits",
+    "rounding", "format", "output_frac_bits", "min_exp"}`` (the last four optional)."""
+    w = f"{where}.accumulator"
+    _check_keys(a, {"kind", "block", "extra_bits", "rounding", "format", "output_frac_bits",
+                    "min_exp"}, w)
+    for k in ("block", "extra_bits"):
+        if k not in a:
+            raise ValueError(f"{w}: '{k}' is required for kind 'block_fma'")
+    kw = {k: a[k] for k in ("rounding", "output_frac_bits", "min_exp") if k in a}
+    if "format" in a:
+        kw["fmt"] = _build(parse_format, f"{w}.format", a["format"])
+    return _build(BlockFMA, w, a["block"], a["extra_bits"], **kw)
 
 
 def _check_keys(d, allowed, where):
