@@ -296,7 +296,7 @@ def _exact_objects(arr: np.ndarray, name):
 def _exact_integers(arr: np.ndarray, name):
     """An integer array as (float64 array, _Exact or None): integers float64 cannot hold
     (beyond 2**53, not multiples of the float64 quantum there) kept exact."""
-    conv = arr.astype(np.float64)
+    conv = arr.astype(np.float64, order="C")  # C order: the flat indices are C order's
     if arr.dtype.itemsize < 8 or not arr.size:
         return conv, None
     flat, cflat = arr.reshape(-1), conv.reshape(-1)
@@ -320,7 +320,7 @@ def _exact_integers(arr: np.ndarray, name):
 def _exact_longdouble(arr: np.ndarray):
     """A long double array as (float64 array, _Exact or None)."""
     with np.errstate(over="ignore", invalid="ignore"):  # beyond float64's range: kept exact
-        conv = arr.astype(np.float64)
+        conv = arr.astype(np.float64, order="C")
         bad = np.flatnonzero(((conv.astype(arr.dtype) != arr) & ~np.isnan(arr)).reshape(-1))
     if not bad.size:
         return conv, None
@@ -356,7 +356,7 @@ def _as_exact_array(x, name="x"):
     kind = arr.dtype.kind
     if kind == "f":
         if arr.dtype.itemsize <= 2:  # float16: exact in float32
-            return arr.astype(np.float32), None
+            return arr.astype(np.float32, order="C"), None
         if arr.dtype.itemsize > 8 and np.finfo(arr.dtype).nmant > 52:
             return _exact_longdouble(arr)
         native = arr.dtype.newbyteorder("=") if not arr.dtype.isnative else arr.dtype
@@ -364,7 +364,7 @@ def _as_exact_array(x, name="x"):
             return arr, None
         return arr.astype(native, order="C"), None  # (np.ascontiguousarray makes 0-d 1-d)
     if kind == "b":
-        return arr.astype(np.float64), None
+        return arr.astype(np.float64, order="C"), None
     if kind in "iu":
         return _exact_integers(arr, name)
     if kind == "O":
@@ -425,13 +425,22 @@ def _fast_float_params(fmt: FloatFormat, rounding: Rounding, overflow: Overflow)
             infbits)
 
 
-def _fast_path(arr: np.ndarray, fmt, rounding: Rounding) -> str | None:
-    """Which fast kernel can serve this call bit-identically to the general one, if any."""
+#: IEEE 754 binary32 (:data:`fixedsim.formats.FP32`), whose nearest-even rounding from float64
+#: is the float32 conversion itself.
+_BINARY32 = FloatFormat(8, 23)
+
+
+def _fast_path(arr: np.ndarray, fmt, rounding: Rounding, overflow=None) -> str | None:
+    """Which fast kernel can serve this call bit-identically to the general one, if any
+    (``overflow``: the resolved Overflow; None stands for the format's default)."""
     if isinstance(fmt, FloatFormat):
         if fmt.dtype != np.float32 or not fmt.subnormals:
             return None
         if arr.dtype == np.float32:
             return "float_from_f32"
+        if (fmt == _BINARY32 and rounding is Rounding.NEAREST_EVEN
+                and overflow in (None, Overflow.INFINITY)):
+            return "f32_cast"  # the float64 -> float32 conversion is the model's rounding
         # round to odd at float32 precision first: needs 2 spare bits and quanta >= 2**-147
         if rounding is not Rounding.STOCHASTIC and fmt.man_bits <= 21 \
                 and fmt.emin - fmt.man_bits >= -147:
@@ -478,11 +487,13 @@ def _run(arr, fmt, rounding, overflow, rbits, key, want_stats, out=None):
     flat = arr.reshape(-1).view()
     flat.setflags(write=False)
     oflat = out.reshape(-1)
-    path = _fast_path(arr, fmt, rounding)
+    path = _fast_path(arr, fmt, rounding, overflow)
     if want_stats and (not _FAST_STATS or (path == "fixed_from_float"
                                            and fmt.word_length > 53)):
         path = None  # the fixed-point kernel counts events when its codes are exact in float64
     mode = int(rounding)
+    if path == "f32_cast":
+        path, mode = "float_from_f64", _qf.CAST
     if path in ("float_from_f32", "float_from_f64"):
         minnorm = _f32_bits(fmt.min_normal)
         if path == "float_from_f32":
@@ -728,7 +739,7 @@ def _to_bits(arr, fmt):
             f"round it first with fixedsim.quantize(x, {fmt!r}, ...)"
         )
     if isinstance(fmt, FixedFormat):
-        c = arr.astype(np.float64) * 2.0**fmt.frac_length
+        c = np.ldexp(arr.astype(np.float64), fmt.frac_length)  # 2.0**1024 is no float
         if fmt.signed:
             codes = c.astype(np.int64).view(np.uint64)
         else:

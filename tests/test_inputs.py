@@ -726,3 +726,22 @@ def test_an_infinity_saturated_to_zero_is_an_overflow_not_an_underflow(fmt, monk
     for fast in (True, False):
         monkeypatch.setattr(qmod, "_FAST_STATS", fast)
         assert fs.quantize(x, fmt, stats=True)[1] == expected
+
+
+def test_non_contiguous_integers_beyond_float64_count_once():
+    """A transposed int64 array with a value float64 cannot hold: the kernels see 0.0 in its
+    place (C order), the oracle rounds it, and its events are counted once."""
+    x = np.array([[0, 0], [0, 2**53 + 1]], dtype=np.int64).T[:, ::-1]
+    fmt = fs.FixedFormat(1, 0, signed=False)
+    y, stats = fs.quantize(x, fmt, stats=True)
+    assert y.tolist() == [[0.0, 0.0], [1.0, 0.0]]
+    assert stats == fs.QuantStats(size=4, inexact=1, rounded_up=0, overflow=1, underflow=0,
+                                  subnormal=0, nan=0)
+
+
+def test_to_bits_of_the_finest_fixed_point_formats():
+    """frac_length 1024 to 1074 (quanta down to the smallest subnormal): 2.0**1074 is no
+    float, the codes are still exact."""
+    assert fs.to_bits([0.0, 2.0**-1074, 3 * 2.0**-1074], fs.FixedFormat(2, 1074, signed=False)
+                      ).tolist() == [0, 1, 3]
+    assert fs.to_bits([0.0, -(2.0**-1024)], fs.FixedFormat(1, 1024)).tolist() == [0, 1]
