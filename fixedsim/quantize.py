@@ -344,7 +344,7 @@ def _as_exact_array(x, name="x"):
     round it to float64 beside a float).
     """
     if isinstance(x, np.ndarray):
-        arr = x
+        arr = np.asarray(x)  # subclasses (np.matrix) as plain arrays: reshape(-1) is 1-d
     elif isinstance(x, (list, tuple)):
         try:
             arr = np.array(x, dtype=object)

@@ -173,6 +173,49 @@ def test_float64_fast_path_equals_general_kernel(fmt, monkeypatch):
             assert sf.underflow or rounding is fs.Rounding.ODD, what
 
 
+def test_float64_into_fp32_nearest_even_is_the_conversion(monkeypatch):
+    """FP32 nearest even from float64 with IEEE overflow takes the float32 conversion
+    (``f32_cast``): every float64 pattern class, each float32 midpoint and its neighbours,
+    the subnormal and overflow thresholds; values and counts equal the general kernel's, and
+    SATURATE or another mode keeps the general kernel."""
+    rng = np.random.default_rng(5)
+    bits = rng.integers(0, 2**64, 1 << 17, dtype=np.uint64)
+    f = rng.standard_normal(1 << 13).astype(np.float32)
+    f = np.concatenate([f, (f * np.float32(2.0**-130)), f * np.float32(2.0**100)])
+    mid = (f.astype(np.float64) + np.nextafter(f, np.float32(np.inf)).astype(np.float64)) / 2
+    top = float(np.finfo(np.float32).max)
+    x = np.concatenate([bits.view(np.float64), rng.standard_normal(1 << 14), mid,
+                        np.nextafter(mid, np.inf), np.nextafter(mid, -np.inf), -mid,
+                        [np.inf, -np.inf, np.nan, -np.nan, 0.0, -0.0, top, -top,
+                         top + 2.0**103, top + 2.0**103 - 2.0**50, -(top + 2.0**103),
+                         2.0**-150, -2.0**-150, 2.0**-150 + 2.0**-200, 2.0**-149 * 1.5,
+                         2.0**-126 - 2.0**-151, 2.0**-126 - 2.0**-150, 1e-320, 2.0**128]])
+    for overflow in (None, fs.Overflow.INFINITY):
+        assert _fast_path(x, fs.FP32, fs.Rounding.NEAREST_EVEN, overflow) == "f32_cast"
+        fast = fs.quantize(x, fs.FP32, "nearest_even", overflow)
+        counted, sf = fs.quantize(x, fs.FP32, "nearest_even", overflow, stats=True)
+        monkeypatch.setattr(_QMOD, "_FAST_STATS", False)
+        general, sg = fs.quantize(x, fs.FP32, "nearest_even", overflow, stats=True)
+        monkeypatch.setattr(_QMOD, "_FAST_STATS", True)
+        assert_same_bits(fast, general, f"{overflow}")
+        assert_same_bits(counted, general, f"{overflow}")
+        assert sf == sg
+        assert sf.nan and sf.inexact and sf.overflow and sf.subnormal and sf.underflow
+    assert _fast_path(x, fs.FP32, fs.Rounding.NEAREST_EVEN, fs.Overflow.SATURATE) is None
+    assert _fast_path(x, fs.FP32, fs.Rounding.TOWARD_ZERO) is None
+
+
+@given(arrays(fs.FP32, dtype=np.float64))
+def test_float64_into_fp32_conversion_matches_oracle(x):
+    """The ``f32_cast`` path against the Fraction oracle, values and event counts."""
+    y, stats = fs.quantize(x, fs.FP32, stats=True)
+    assert_same_bits(y, oracle(x, fs.FP32, fs.Rounding.NEAREST_EVEN, None))
+    flags = [reference.round_to_format(float(v), fs.FP32, fs.Rounding.NEAREST_EVEN, None,
+                                       flags=True)[1] for v in x.reshape(-1)]
+    for name in ("inexact", "rounded_up", "overflow", "underflow", "subnormal", "nan"):
+        assert getattr(stats, name) == sum(f[name] for f in flags), name
+
+
 def test_every_fp16_value_and_midpoint_matches_numpy_cast():
     """All FP16 values, all midpoints between neighbours, and each nudged by one float64 ulp."""
     codes = np.arange(1 << 16, dtype=np.uint16)

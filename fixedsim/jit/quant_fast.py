@@ -18,7 +18,7 @@ the Fraction oracle.
 import numpy as np
 from numba import prange
 
-from .bits import f32_from_bits, round_to_odd_f32
+from .bits import f32_bits, f32_from_bits, round_to_odd_f32
 from .options import jit_inline, jit_parallel
 from .quant import (
     CHUNK,
@@ -218,6 +218,25 @@ def _f64_chunk(xs, os, ov, lo, MODE, sh0, lim, qbits, maxbits, ovbits_pos, ovbit
         ov[j] = np.uint8(over)
 
 
+#: ``mode`` of :func:`float_from_f64` for IEEE binary32 itself, nearest even, IEEE overflow:
+#: the float64 -> float32 conversion instruction.
+CAST = -1
+
+
+@jit_inline
+def _f64_cast_chunk(xs, os, ov):
+    """One chunk of :func:`float_from_f64` in mode :data:`CAST`: the conversion rounds once,
+    to nearest even, on float32's grid with its subnormals, overflowing to an infinity (IEEE
+    754, section 5.4.2), which is the model's rounding into FP32; a NaN keeps its sign and
+    the top of its payload, made quiet, as the general kernel keeps it. ``ov`` flags a finite
+    input that became an infinity."""
+    for j in range(xs.size):
+        x = xs[j]
+        r = np.float32(x)
+        os[j] = f32_bits(r)
+        ov[j] = np.uint8(abs(r) == np.inf and abs(x) < np.inf)
+
+
 @jit_parallel
 def float_from_f64(x, ob, mode, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg, infbits,
                    count, minnorm):
@@ -226,7 +245,8 @@ def float_from_f64(x, ob, mode, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg
     Each input is first rounded to odd at float32 precision, which keeps the correct rounding
     for formats of at most 22 significant bits whose quantum is at least ``2**-147`` (the
     caller checks); the bits then go through the float32 kernel. Arguments and counts as for
-    :func:`float_from_f32`.
+    :func:`float_from_f32`. ``mode`` :data:`CAST` (FP32 itself, nearest even, IEEE overflow)
+    converts each input with the float32 conversion instead (:func:`_f64_cast_chunk`).
     """
     n = x.size
     nch = (n + CHUNK - 1) // CHUNK
@@ -237,7 +257,9 @@ def float_from_f64(x, ob, mode, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg
         xs = x[lo:hi]  # slices: loop indices from 0 are nonnegative, so the loops vectorise
         os = ob[lo:hi]
         ov = np.empty(hi - lo, np.uint8)
-        if mode == RNE:
+        if mode == CAST:
+            _f64_cast_chunk(xs, os, ov)
+        elif mode == RNE:
             _f64_chunk(xs, os, ov, lo, RNE, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
                        infbits)
         elif mode == RNA:
