@@ -159,7 +159,7 @@ def warmup(log=print, jobs=None) -> WarmupResult:
 
 
 def warm_study(runs, notice=None) -> CompileWatch:
-    """Run one training step and one evaluation of every distinct (training settings,
+    """Run one training step and one evaluation batch of every distinct (training settings,
     policy) of a study's ``runs`` (:class:`~fixedsim.study.RunSpec`) on a slice of its data,
     in this process, so that a sweep's workers find the kernels compiled.
 
@@ -180,8 +180,10 @@ def warm_study(runs, notice=None) -> CompileWatch:
                 continue
             seen.add(key)
             config = run.config()
+            # one training step, and one evaluation batch of the run's size (products of
+            # another shape can take another path)
             small = dataclasses.replace(config, epochs=1, train_size=config.batch_size,
-                                        test_size=min(config.eval_batch_size, 64))
+                                        test_size=config.eval_batch_size)
             train(small, run.make_policy(), progress=False, data=_load_dataset(config.data),
                   log=lambda line: None)
     return watch
