@@ -320,7 +320,8 @@ bandwidth = 1e9
     ("colour = 'red'\n" + GOOD, r"unknown key\(s\) 'colour'"),
     (GOOD + "cache_byte = 1e6\n", r"\[memory\] has unknown key\(s\) 'cache_byte'"),
     (GOOD + "[efficiency]\npoints = [[64, 0.5], [8, 1.0]]\n", "dims >= 1 increasing"),
-    (GOOD + "[efficiency]\npoints = [[8, 1.5]]\n", r"fractions in \(0, 1\]"),
+    (GOOD + "[efficiency]\nbf16 = [[8, 1.5]]\n", r"bf16 must be .*fractions in \(0, 1\]"),
+    (GOOD + "[efficiency]\nfp17 = [[8, 1.0]]\n", r"\[efficiency\] has unknown key\(s\) 'fp17'"),
     ("name = [rates\n", "not valid TOML"),
     ("[rates]\nfp32 = 1.0\n[memory]\nbandwidth = 1.0\n", "'name' must be a non-empty string"),
 ])
@@ -355,7 +356,7 @@ def test_a_machine_that_cannot_run_the_formats():
 def test_the_roofline_by_hand(tmp_path):
     """One Linear layer, float32, a toy machine: every row's time computed by hand."""
     prof = Profile(name="toy", rates={"fp32": 1e6}, bandwidth=1e3, per_call_s=1e-3,
-                   efficiency=((1, 0.25), (4, 1.0)))
+                   efficiency={"points": ((1, 0.25), (4, 1.0))})
     model = L.Sequential(L.Linear(4, 2, rng=0))
     p = predict(model, Policy.float32(), prof, batch=8, images=16, in_shape=(4,))
     rows = {(r["layer"], r["product"]): r for r in p.rows}
@@ -443,3 +444,21 @@ def test_validate_pairs_every_row_with_a_measurement():
     assert v.measured[-1] > 0 and v.epoch_error is not None
     assert len(v.layer_errors) >= 8
     assert "median |error|" in v.table()
+
+
+def test_calibrate_writes_a_profile_that_loads_back(tmp_path, monkeypatch):
+    """A quick calibration: every rate has its source, the file loads back equal, and
+    --machine this reads it (values are not asserted: they depend on the machine's load)."""
+    path = tmp_path / "this.toml"
+    monkeypatch.setenv("FIXEDSIM_PROFILE", str(path))
+    assert main(["cost", "calibrate", "--quick", "--threads", "1"]) == 0
+    p = load_profile("this")
+    assert p.kind == "measured" and {"fp64", "fp32"} <= set(p.rates)
+    for k in p.rates:
+        assert p.sources[f"rates.{k}"].startswith("measured: ")
+        assert p.rates[k] > 0 and 0 < p.gemm_efficiency(1, 1, 1, k) <= 1
+    assert p.bandwidth > 0 and p.per_call_s > 0 and p.measured["threads"] == 1
+    assert load_profile(path) == p
+    assert predict("mlp", "float32", "this", images=64).epoch_s > 0
+    with pytest.raises(ProfileError, match="threads must be an int >= 1"):
+        fs.cost.calibrate(threads=0)

@@ -60,7 +60,7 @@ def _cmd_calibrate(args) -> int:
     out = args.out or this_profile_path()
     print(f"fixedsim cost calibrate: measuring this machine (load average "
           f"{os.getloadavg()[0]:.2f})")
-    prof = calibrate(quick=args.quick, log=lambda s: print("  " + s))
+    prof = calibrate(quick=args.quick, threads=args.threads, log=lambda s: print("  " + s))
     import pathlib
 
     out = pathlib.Path(out)
@@ -162,13 +162,19 @@ def add_parser(sub) -> None:
                    help="where to write it (default $FIXEDSIM_PROFILE or "
                    "~/.cache/fixedsim/this.toml)")
     k.add_argument("--quick", action="store_true", help="smaller, faster measurements")
+    k.add_argument("--threads", type=int, default=None,
+                   help="BLAS and PyTorch threads (default: the libraries' own); validate "
+                   "runs with the same count")
     k.set_defaults(func=_run(_cmd_calibrate))
 
     v = cs.add_parser("validate", help="predicted against native PyTorch timings, per layer "
                       "and per epoch")
     common(v, 4096)
-    v.add_argument("--reps", type=int, default=7, help="timing rounds per layer (median)")
-    v.add_argument("--threads", type=int, default=None, help="PyTorch threads")
+    v.add_argument("--reps", type=int, default=5,
+                   help="timing rounds per layer (the least is kept; default 5)")
+    v.add_argument("--threads", type=int, default=None,
+                   help="PyTorch threads (default: those the machine profile was measured "
+                   "with)")
     v.set_defaults(func=_run(_cmd_validate))
 
     s = cs.add_parser("profiles", help="list the machine profiles")

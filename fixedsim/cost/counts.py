@@ -99,7 +99,10 @@ class Row:
         two formats read ``"FP16xFP32"``.
     gemm : list of tuple
         ``(M, N, K, operand formats, accumulator kind, format of A, format of B)`` of each
-        matrix product (formats as the product multiplies them; None: float64).
+        matrix product as a native library computes it (formats as the product multiplies
+        them; None: float64). A convolution's input gradient is ``G @ W`` then col2im there
+        (``N*Ho*Wo x O`` times ``O x C*kh*kw``): fewer MACs than ``macs``, which counts the
+        zeros of the transposed convolution fixedsim computes.
     stages : dict of str to int
         Roundings of the products' stages ``input``, ``product``, ``accumulator``, ``output``
         (as :class:`fixedsim.counters.Counters` counts them).
@@ -177,10 +180,12 @@ class Row:
         self._round("operands", spec.input, spec.input_rounding, n)
 
     def matmul(self, spec, R: int, N: int, K: int, a_elems: int, b_elems: int,
-               fa, fb) -> None:
+               fa, fb, native=None) -> None:
         """One :func:`fixedsim.matmul`-style call: ``(R, K) @ (K, N)`` under ``spec``, its
         operands held in the formats ``fa`` and ``fb`` (None: float64) when the product
-        reads them (before ``spec.input`` rounds them)."""
+        reads them (before ``spec.input`` rounds them). ``native``: the ``(M, N, K)`` a native
+        library computes instead (a convolution's input gradient as ``G @ W`` then col2im,
+        without the zeros of the transposed convolution fixedsim multiplies and counts)."""
         R, N, K = int(R), int(N), int(K)
         acc = spec.accumulator
         if spec.input is not None:
@@ -191,7 +196,7 @@ class Row:
         self.macs += macs
         key = (operands, _acc_label(spec))
         self.macs_by[key] = self.macs_by.get(key, 0) + macs
-        self.gemm.append((R, N, K, *key, fa, fb))
+        self.gemm.append((*(native or (R, N, K)), *key, fa, fb))
         self.operands = operands
         s = self.stages
         if spec.input is not None:
@@ -394,6 +399,7 @@ def count_step(model, policy, batch: int, in_shape=None, *, optimizer: str = "sg
                 fw = (N, O, I)            # forward: (N, I) @ (I, O)
                 gwm = (I, O, N)           # grad weight: (I, N) @ (N, O)
                 gim = (N, I, O)           # grad input: (N, O) @ (O, I)
+                gim_native = None
                 rows_b = N                # rows of the bias gradient's product
             else:
                 if len(shape) != 4 or shape[1] != layer.in_channels:
@@ -411,6 +417,7 @@ def count_step(model, policy, batch: int, in_shape=None, *, optimizer: str = "sg
                 fw = (N * Ho * Wo, O, K)
                 gwm = (O, K, N * Ho * Wo)
                 gim = (N * H * W, C, O * kh * kw)
+                gim_native = (N * Ho * Wo, C * kh * kw, O)  # G @ W, then col2im
                 rows_b = N * Ho * Wo
             n_y = math.prod(out_shape)
             xf, wf = store(act, fwd_in), store(wts, fwd_in)   # the forward's operand copies
@@ -441,7 +448,7 @@ def count_step(model, policy, batch: int, in_shape=None, *, optimizer: str = "sg
             # grad_input
             if need_in:
                 sgi = p.grad_input
-                gi.matmul(sgi, *gim, n_y, n_w, err, wf)
+                gi.matmul(sgi, *gim, n_y, n_w, err, wf, native=gim_native)
                 gi.role(p, "errors", n_x)
                 gi.read("grad_y", err, n_y)
                 gi.read("w", wf, n_w)
@@ -460,6 +467,7 @@ def count_step(model, policy, batch: int, in_shape=None, *, optimizer: str = "sg
             gi.launches = 1
         elif isinstance(layer, Flatten):
             out_shape = (shape[0], math.prod(shape[1:]))
+            f.launches = gi.launches = 1  # a view: no bytes, but a framework operation
         elif isinstance(layer, (MaxPool2d, AvgPool2d)):
             if len(shape) != 4:
                 raise CountError(f"cost: layer {name} ({kind}) takes (N, C, H, W), "
@@ -478,6 +486,9 @@ def count_step(model, policy, batch: int, in_shape=None, *, optimizer: str = "sg
             f.launches = 1
             gi.read("grad_y", err, n_y)
             gi.write("grad_x", err, n_x)
+            if isinstance(layer, MaxPool2d) and training:  # where each maximum came from
+                f.write("indices", None, n_y)            # (int64, as fixedsim and PyTorch
+                gi.read("indices", None, n_y)            # keep them for the backward pass)
             gi.elementwise = n_y * kh * kw
             gi.launches = 1
             if isinstance(layer, AvgPool2d):
@@ -528,6 +539,10 @@ def count_step(model, policy, batch: int, in_shape=None, *, optimizer: str = "sg
             raise CountError(f"cost: cannot count layer {name} ({kind}); the cost model counts "
                              "Linear, Conv2d, ReLU, Flatten, MaxPool2d, AvgPool2d, Dropout and "
                              "BatchNorm2d")
+        if not need_in:  # the network input's gradient: no native library computes it
+            gi.reads.clear()
+            gi.writes.clear()
+            gi.launches = gi.elementwise = 0
         fwd_rows.append(f)
         if training:
             bwd = [gw] if gw is not None else []

@@ -3,16 +3,17 @@
 For each row of :mod:`fixedsim.cost.counts` (a layer's forward, input-gradient or
 weight-gradient pass, in one step) on a machine :class:`~fixedsim.cost.profiles.Profile`::
 
-    compute  = sum over its products of  M N K / (rate[class] * efficiency(min(M, N, K)))
+    compute  = sum over its products of  M N K / (rate[c] * efficiency[c](min(M, N, K)))
     memory   = bytes read and written / bandwidth   (the cache's when they fit in it)
-    overhead = native operations launched * per_call
+    overhead = native operations launched * per_call (backward_call in backward passes)
     time     = max(compute, memory) + overhead
 
-``class`` is the narrowest native format of the machine that holds the operands' formats
-(:func:`~fixedsim.cost.profiles.native_class`). The epoch is the sum over its steps
-(:func:`~fixedsim.cost.counts.count_epoch`). This is the layer-wise roofline of Paleo (Qi,
-Sparks and Talwalkar, ICLR 2017), with the formats of the policy setting the rates and the
-bytes. See docs/cost.md for a worked example.
+``c`` is the narrowest native format of the machine that holds the operands' formats
+(:func:`~fixedsim.cost.profiles.native_class`); ``M N K`` are the dimensions a native library
+multiplies (a convolution's input gradient without the transposed convolution's zeros). The
+epoch is the sum over its steps (:func:`~fixedsim.cost.counts.count_epoch`). This is the
+layer-wise roofline of Paleo (Qi, Sparks and Talwalkar, ICLR 2017), with the formats of the
+policy setting the rates and the bytes. See docs/cost.md for a worked example.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from .profiles import NATIVE, ProfileError, load_profile, native_class
 __all__ = ["Prediction", "predict", "predict_rows", "resolve_model", "COLUMNS"]
 
 #: The columns of a prediction's CSV, in order.
-COLUMNS = ("phase", "layer", "kind", "product", "calls", "launches", "macs", "bytes",
+COLUMNS = ("phase", "layer", "kind", "product", "calls", "launches", "macs", "native_macs",
+           "bytes",
            "bytes_read", "bytes_written", "roundings", "elementwise", "operands", "native",
            "compute_s", "memory_s", "overhead_s", "bound", "predicted_s")
 
@@ -37,20 +39,24 @@ def _widest(classes):
 
 
 def _row_time(row, prof):
-    compute, natives = 0.0, []
+    compute, natives, nmacs = 0.0, [], 0
     for M, N, K, _lab, _acc, fa, fb in row.gemm:
+        nmacs += M * N * K
         try:
             cls = _widest([native_class(fa, prof.rates), native_class(fb, prof.rates)])
         except ValueError as err:
             raise ProfileError(f"machine {prof.name!r} cannot run layer {row.layer} "
                                f"({row.product}): {err}") from None
         natives.append(cls)
-        compute += M * N * K / (prof.rates[cls] * prof.gemm_efficiency(M, N, K))
+        compute += M * N * K / (prof.rates[cls] * prof.gemm_efficiency(M, N, K, cls))
     nbytes = row.bytes
     memory = nbytes / prof.memory_rate(nbytes) if nbytes else 0.0
-    overhead = row.launches * prof.per_call_s
+    per = prof.per_call_s
+    if row.product in ("grad_input", "grad_weight") and prof.backward_call_s is not None:
+        per = prof.backward_call_s
+    overhead = row.launches * per
     native = ",".join(dict.fromkeys(natives))
-    return compute, memory, overhead, native
+    return compute, memory, overhead, native, nmacs
 
 
 @dataclasses.dataclass
@@ -78,7 +84,8 @@ class Prediction:
         """The rows, then the ``epoch`` row (sums)."""
         tot = {c: "" for c in COLUMNS}
         tot.update(phase="all", layer="epoch", kind="", product="")
-        for c in ("calls", "launches", "macs", "bytes", "bytes_read", "bytes_written",
+        for c in ("calls", "launches", "macs", "native_macs", "bytes", "bytes_read",
+                  "bytes_written",
                   "roundings", "elementwise", "compute_s", "memory_s", "overhead_s",
                   "predicted_s"):
             tot[c] = sum(r[c] for r in self.rows)
@@ -136,12 +143,13 @@ def predict_rows(steps, machine) -> list:
     for step, times in steps:
         phase = "train" if step.training else "eval"
         for row in step.rows:
-            compute, memory, overhead, native = _row_time(row, prof)
+            compute, memory, overhead, native, nmacs = _row_time(row, prof)
             key = (phase, row.layer, row.product)
             d = out.get(key)
             if d is None:
                 d = out[key] = {"phase": phase, "layer": row.layer, "kind": row.kind,
                                 "product": row.product, "calls": 0, "launches": 0, "macs": 0,
+                                "native_macs": 0,
                                 "bytes": 0, "bytes_read": 0, "bytes_written": 0,
                                 "roundings": 0, "elementwise": 0, "operands": row.operands,
                                 "native": native, "compute_s": 0.0, "memory_s": 0.0,
@@ -149,6 +157,7 @@ def predict_rows(steps, machine) -> list:
             d["calls"] += row.calls * times
             d["launches"] += row.launches * times
             d["macs"] += row.macs * times
+            d["native_macs"] += nmacs * times
             d["bytes"] += row.bytes * times
             d["bytes_read"] += row.bytes_read * times
             d["bytes_written"] += row.bytes_written * times

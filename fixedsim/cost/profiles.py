@@ -15,8 +15,11 @@ A profile is a TOML file (see docs/cost.md)::
     cache_bandwidth = 1e13        # optional: bytes per second when a row's bytes fit in it
     [overhead]
     per_call_s = 5e-6             # per native operation launched
+    backward_call_s = 5e-6        # optional: per operation of a backward pass (default
+                                  # per_call_s; autograd's calls cost more on a CPU)
     [efficiency]                  # optional: fraction of the peak rate a product reaches,
-    points = [[1, 0.05], [64, 0.6], [512, 1.0]]  # by its smallest dimension (M, N or K)
+    points = [[1, 0.05], [64, 0.6], [512, 1.0]]  # by its smallest dimension (M, N or K);
+    bf16 = [[1, 0.01], [256, 1.0]]               # per native format (else "points")
     [sources]
     "rates.fp32" = "where the number comes from"
 
@@ -116,9 +119,12 @@ class Profile:
         at ``cache_bandwidth`` (when given).
     per_call_s : float
         Seconds per native operation launched (framework and launch overhead).
-    efficiency : tuple of (int, float)
+    backward_call_s : float or None
+        Seconds per operation of a backward pass (None: ``per_call_s``).
+    efficiency : dict of str to tuple of (int, float)
         Fraction of the peak rate a matrix product reaches, by its smallest dimension,
-        interpolated in log2 (empty: the peak always).
+        interpolated in log2; per native format, ``"points"`` for the others (empty: the
+        peak always).
     sources : dict of str to str
         Where each number comes from (``"rates.fp16"``: "...").
     measured : dict
@@ -129,9 +135,10 @@ class Profile:
     rates: dict
     bandwidth: float
     per_call_s: float = 0.0
+    backward_call_s: float | None = None
     cache_bytes: float | None = None
     cache_bandwidth: float | None = None
-    efficiency: tuple = ()
+    efficiency: dict = dataclasses.field(default_factory=dict)
     description: str = ""
     kind: str = "published"
     sources: dict = dataclasses.field(default_factory=dict)
@@ -143,9 +150,10 @@ class Profile:
         cls = native_class(fmt, self.rates)
         return cls, self.rates[cls]
 
-    def gemm_efficiency(self, M: int, N: int, K: int) -> float:
-        """Fraction of the peak a ``(M, K) @ (K, N)`` product reaches (1.0 without a table)."""
-        pts = self.efficiency
+    def gemm_efficiency(self, M: int, N: int, K: int, cls: str = "") -> float:
+        """Fraction of the peak a ``(M, K) @ (K, N)`` product on native format ``cls`` reaches
+        (1.0 without a table)."""
+        pts = self.efficiency.get(cls) or self.efficiency.get("points", ())
         if not pts:
             return 1.0
         d = max(1, min(M, N, K))
@@ -178,9 +186,13 @@ class Profile:
         if self.cache_bandwidth is not None:
             out.append(f"cache_bandwidth = {float(self.cache_bandwidth)!r}")
         out += ["", "[overhead]", f"per_call_s = {float(self.per_call_s)!r}"]
+        if self.backward_call_s is not None:
+            out.append(f"backward_call_s = {float(self.backward_call_s)!r}")
         if self.efficiency:
-            pts = ", ".join(f"[{int(d)}, {float(e)!r}]" for d, e in self.efficiency)
-            out += ["", "[efficiency]", f"points = [{pts}]"]
+            out += ["", "[efficiency]"]
+            for k, table in self.efficiency.items():
+                pts = ", ".join(f"[{int(d)}, {float(e)!r}]" for d, e in table)
+                out.append(f"{k} = [{pts}]")
         if self.array:
             out += ["", "[array]"] + [f"{k} = {v!r}" for k, v in self.array.items()]
         if self.measured:
@@ -246,24 +258,25 @@ def profile_from_dict(d: dict, where: str = "profile") -> Profile:
         raise ProfileError(f"{where}: [overhead] must be a table")
     eff = d.get("efficiency", {})
     for table, t, allowed in (("memory", mem, {"bandwidth", "cache_bytes", "cache_bandwidth"}),
-                              ("overhead", over, {"per_call_s"}),
-                              ("efficiency", eff, {"points"})):
+                              ("overhead", over, {"per_call_s", "backward_call_s"}),
+                              ("efficiency", eff, {"points", *NATIVE})):
         extra = sorted(set(t) - allowed) if isinstance(t, dict) else []
         if extra:
             raise ProfileError(f"{where}: [{table}] has unknown key(s) "
                                f"{', '.join(map(repr, extra))}; allowed: "
                                f"{', '.join(sorted(allowed))}")
-    pts = ()
-    if eff:
-        raw = eff.get("points") if isinstance(eff, dict) else None
+    if not isinstance(eff, dict):
+        raise ProfileError(f"{where}: [efficiency] must be a table")
+    pts = {}
+    for key, raw in eff.items():
         ok = isinstance(raw, list) and raw and all(
             isinstance(p, list) and len(p) == 2 and all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)
             and p[0] >= 1 and 0 < p[1] <= 1 for p in raw)
         if not ok or [p[0] for p in raw] != sorted({p[0] for p in raw}):
-            raise ProfileError(f"{where}: [efficiency] points must be [[dim, fraction], ...] "
+            raise ProfileError(f"{where}: [efficiency] {key} must be [[dim, fraction], ...] "
                                f"with dims >= 1 increasing and fractions in (0, 1], got {raw!r}")
-        pts = tuple((int(a), float(b)) for a, b in raw)
+        pts[key] = tuple((int(a), float(b)) for a, b in raw)
     kind = d.get("kind", "published")
     if kind not in ("published", "measured"):
         raise ProfileError(f"{where}: kind must be 'published' or 'measured', got {kind!r}")
@@ -276,6 +289,8 @@ def profile_from_dict(d: dict, where: str = "profile") -> Profile:
         cache_bandwidth=_number(mem, "cache_bandwidth", f"{where} [memory]", required=False),
         per_call_s=_number(over, "per_call_s", f"{where} [overhead]", strict=False,
                            required=False) or 0.0,
+        backward_call_s=_number(over, "backward_call_s", f"{where} [overhead]", strict=False,
+                                required=False),
         efficiency=pts, description=str(d.get("description", "")), kind=kind,
         sources=dict(sources), measured=dict(d.get("measured", {})),
         array=dict(d.get("array", {})))
@@ -344,79 +359,110 @@ def _best(fn, min_time=0.15, reps=3) -> float:
     return best
 
 
-def _gemm_rate(mm, make, n) -> float:
-    a, b = make(n, n), make(n, n)
-    return n ** 3 / _best(lambda: mm(a, b))
+def _gemm_libraries():
+    """``{class: (library name, matmul, make(m, k))}``: the fastest native library this
+    machine has for each native format (PyTorch where installed, else numpy)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    libs = {"fp64": ("numpy float64", np.matmul,
+                     lambda m, k: rng.standard_normal((m, k))),
+            "fp32": ("numpy float32", np.matmul,
+                     lambda m, k: rng.standard_normal((m, k)).astype(np.float32))}
+    try:
+        import torch
+    except ImportError:
+        return libs, None
+    for cls, name, dt in (("fp32", "float32", torch.float32), ("bf16", "bfloat16", torch.bfloat16),
+                          ("fp16", "float16", torch.float16)):
+        libs[cls] = (f"torch {name}", torch.matmul, lambda m, k, dt=dt: torch.randn(m, k).to(dt))
+    if hasattr(torch, "_int_mm"):
+        libs["int8"] = ("torch._int_mm int8", torch._int_mm, lambda m, k: torch.randint(
+            -100, 100, (m, k), dtype=torch.int8))
+    return libs, torch
 
 
-def calibrate(*, quick: bool = False, log=None) -> Profile:
+#: Smallest dimensions at which calibrate measures the efficiency of products.
+EFFICIENCY_DIMS = (1, 4, 16, 64)
+
+
+def _rate(mm, make, M, N, K, min_time):
+    a, b = make(M, K), make(K, N)
+    return M * N * K / _best(lambda: mm(a, b), min_time=min_time)
+
+
+def calibrate(*, quick: bool = False, threads: int | None = None, log=None) -> Profile:
     """Measure this machine: native GEMM rate per dtype, memory bandwidth, per-call overhead.
 
-    - GEMM: ``numpy`` float64 and float32 (BLAS), and PyTorch float32, bfloat16, float16 and
-      int8 (``torch._int_mm``) where installed, at n = 512 (the rate is the best of three
-      rounds), and the efficiency of float32 products whose smallest dimension is 1, 4, 16,
-      64 and 256 against the square one;
+    - GEMM: for each native format, the fastest library installed (numpy float64; PyTorch
+      float32, bfloat16, float16 and int8 through ``torch._int_mm`` where installed, else
+      numpy float32) at n = 512, the best of three rounds; and the efficiency of products
+      whose smallest dimension d is 1, 4, 16 and 64 (the mean rate of ``(d, 256, 256)``,
+      ``(256, d, 256)`` and ``(256, 256, d)``, over the square rate) per format;
     - memory: a STREAM-like add ``c = a + b`` over 3 x 64 MiB (main memory) and over 3 x 256
       KiB (cache), bytes read and written per second;
-    - overhead: the seconds of a PyTorch operation on a one-element tensor (numpy's when
-      PyTorch is not installed).
+    - overhead: the seconds of a PyTorch operation on a one-element tensor recorded by
+      autograd, and of its gradient through ``torch.autograd.grad`` (the backward calls); a
+      numpy operation's when PyTorch is not installed.
 
-    Takes 10 to 30 seconds (``quick``: a few). Threads: as the libraries use them by default.
+    Takes 10 to 40 seconds (``quick``: a few). The best of several rounds is kept (other
+    processes on a shared machine only ever slow a round down); the load average is recorded.
+    ``threads``: the BLAS and PyTorch threads (default: the libraries' own); on a machine
+    whose cores other processes keep busy, one thread measures what a thread gets, where
+    several wait for each other at every product. The count is recorded
+    (``measured.threads``), and validation runs with it.
     """
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ProfileError(f"calibrate: threads must be an int >= 1, got {threads!r}")
+        from threadpoolctl import threadpool_limits
+
+        libs, torch = _gemm_libraries()
+        old = torch.get_num_threads() if torch is not None else None
+        try:
+            if torch is not None:
+                torch.set_num_threads(threads)
+            with threadpool_limits(threads):
+                return _calibrate(quick, log, threads)
+        finally:
+            if torch is not None:
+                torch.set_num_threads(old)
+    return _calibrate(quick, log, None)
+
+
+def _calibrate(quick, log, threads) -> Profile:
     import numpy as np
 
     log = log or (lambda s: None)
     rng = np.random.default_rng(0)
-    rates, src, meas = {}, {}, {}
+    rates, src, meas, eff = {}, {}, {}, {}
     n = 256 if quick else 512
-    try:
-        import torch
-    except ImportError:
-        torch = None
-    for dt, cls in ((np.float64, "fp64"), (np.float32, "fp32")):
-        r = _gemm_rate(np.matmul, lambda m, k, dt=dt: rng.standard_normal((m, k)).astype(dt), n)
+    mt = 0.05 if quick else 0.15
+    libs, torch = _gemm_libraries()
+    for cls in NATIVE:
+        if cls not in libs:
+            continue
+        name, mm, make = libs[cls]
+        try:
+            r = _rate(mm, make, n, n, n, mt)
+        except RuntimeError as err:  # a dtype this build does not multiply
+            log(f"{name}: skipped ({err})")
+            continue
         rates[cls] = r
-        src[f"rates.{cls}"] = f"measured: numpy {np.dtype(dt).name} matmul {n}^3 (BLAS)"
-        meas[f"numpy.{np.dtype(dt).name}"] = r
-        log(f"numpy {np.dtype(dt).name:8} GEMM {n}^3: {r / 1e9:8.1f} GMAC/s")
-    if torch is not None:
-        tries = (("float32", torch.float32, "fp32"), ("bfloat16", torch.bfloat16, "bf16"),
-                 ("float16", torch.float16, "fp16"))
-        for name, tdt, cls in tries:
-            try:
-                r = _gemm_rate(torch.matmul,
-                               lambda m, k, tdt=tdt: torch.randn(m, k).to(tdt), n)
-            except RuntimeError as err:  # a dtype the CPU build does not multiply
-                log(f"torch {name}: skipped ({err})")
-                continue
-            meas[f"torch.{name}"] = r
-            log(f"torch {name:8} GEMM {n}^3: {r / 1e9:8.1f} GMAC/s")
-            if r > rates.get(cls, 0):
-                rates[cls] = r
-                src[f"rates.{cls}"] = f"measured: torch {name} matmul {n}^3"
-        if hasattr(torch, "_int_mm"):
-            try:
-                r = _gemm_rate(torch._int_mm, lambda m, k: torch.randint(
-                    -100, 100, (m, k), dtype=torch.int8), n)
-                rates["int8"] = r
-                meas["torch.int8"] = r
-                src["rates.int8"] = f"measured: torch._int_mm int8 {n}^3 (int32 accumulation)"
-                log(f"torch int8     GEMM {n}^3: {r / 1e9:8.1f} GMAC/s")
-            except RuntimeError as err:
-                log(f"torch int8: skipped ({err})")
-    # efficiency by the smallest dimension (float32, the shapes of skinny layer products)
-    big = 1024 if not quick else 512
-    pts = []
-    peak = rates["fp32"]
-    for d in (1, 4, 16, 64, 256):
-        a = rng.standard_normal((big, d)).astype(np.float32)
-        b = rng.standard_normal((d, big)).astype(np.float32)
-        r = big * big * d / _best(lambda a=a, b=b: a @ b, min_time=0.05)
-        pts.append((d, min(1.0, r / peak)))
-        meas[f"efficiency.k{d}"] = r
-    pts.append((512, 1.0))
-    src["efficiency.points"] = (f"measured: numpy float32 products ({big} x d) @ (d x {big}) "
-                                f"against the {n}^3 rate")
+        src[f"rates.{cls}"] = f"measured: {name} matmul {n}^3"
+        meas[f"gemm.{cls}"] = r
+        pts = []
+        for d in EFFICIENCY_DIMS:
+            m = 128 if quick else 256
+            rs = [_rate(mm, make, *shape, mt / 3) for shape in
+                  ((d, m, m), (m, d, m), (m, m, d))]
+            pts.append((d, min(1.0, sum(rs) / 3 / r)))
+        pts.append((n, 1.0))
+        eff[cls] = tuple(pts)
+        src[f"efficiency.{cls}"] = (f"measured: {name}, mean rate of (d,{m},{m}), ({m},d,{m}) "
+                                    f"and ({m},{m},d) products over the {n}^3 rate")
+        log(f"{name:20} GEMM {n}^3: {r / 1e9:8.1f} GMAC/s; efficiency at smallest dimension "
+            + ", ".join(f"{d}: {e:.2f}" for d, e in pts[:-1]))
     # memory
     def stream(nbytes):
         m = nbytes // 8
@@ -433,19 +479,31 @@ def calibrate(*, quick: bool = False, log=None) -> Profile:
     log(f"memory: {bw / 1e9:.1f} GB/s (64 MiB), {cbw / 1e9:.1f} GB/s (256 KiB)")
     # overhead
     if torch is not None:
-        x = torch.zeros(1)
-        over = _best(lambda: torch.add(x, x), min_time=0.05)
-        src["overhead.per_call_s"] = "measured: torch.add on one-element tensors"
+        x = torch.zeros(1, requires_grad=True)
+        y = x * 2.0
+        g = torch.ones(1)
+        fwd = _best(lambda: x * 2.0, min_time=0.05)
+        bwd = _best(lambda: torch.autograd.grad(y, x, g, retain_graph=True), min_time=0.05)
+        over, back = fwd, bwd
+        src["overhead.per_call_s"] = ("measured: a one-element PyTorch operation recorded by "
+                                      "autograd")
+        src["overhead.backward_call_s"] = ("measured: torch.autograd.grad of a one-element "
+                                           "operation")
     else:
         x = np.zeros(1)
         over = _best(lambda: np.add(x, x), min_time=0.05)
+        back = None
         src["overhead.per_call_s"] = "measured: numpy.add on one-element arrays"
-    log(f"per call: {over * 1e6:.2f} us")
+    log(f"per call: {over * 1e6:.2f} us" + ("" if back is None else
+                                            f", per backward call {back * 1e6:.2f} us"))
     return Profile(name="this", description=_cpu_name(), kind="measured", rates=rates,
                    bandwidth=bw, cache_bytes=cache, cache_bandwidth=cbw, per_call_s=over,
-                   efficiency=tuple(pts), sources=src,
+                   backward_call_s=back, efficiency=eff, sources=src,
                    measured={"date": time.strftime("%Y-%m-%d %H:%M"),
-                             "load_average": os.getloadavg()[0], **meas})
+                             "load_average": os.getloadavg()[0],
+                             "threads": threads if threads is not None else (
+                                 torch.get_num_threads() if torch is not None
+                                 else os.cpu_count()), **meas})
 
 
 def _cpu_name() -> str:

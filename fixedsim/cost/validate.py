@@ -86,21 +86,26 @@ def _twin(model, torch):
     return out
 
 
-def _time(fn, reps: int, inner: int = 1) -> float:
-    """Median seconds of ``fn`` over ``reps`` rounds (each the mean of ``inner`` calls), after
-    one warm-up call."""
+def _time(fn, reps: int, min_round: float = 0.01) -> float:
+    """Seconds per call of ``fn``: the least over ``reps`` rounds, each as many calls as
+    take ``min_round`` seconds, after a warm-up call. The least, not the median: on a shared
+    machine the other processes only ever add time."""
     fn()
-    ts = []
+    t0 = time.perf_counter()
+    fn()
+    one = max(time.perf_counter() - t0, 1e-7)
+    inner = max(1, min(1000, int(min_round / one)))
+    best = math.inf
     for _ in range(reps):
         t0 = time.perf_counter()
         for _ in range(inner):
             fn()
-        ts.append((time.perf_counter() - t0) / inner)
-    return statistics.median(ts)
+        best = min(best, (time.perf_counter() - t0) / inner)
+    return best
 
 
 def measure(model, policy_name: str, batch: int, in_shape, *, images: int = 0,
-            test_images: int = 0, eval_batch: int = 1000, reps: int = 7, classes: int = 10,
+            test_images: int = 0, eval_batch: int = 1000, reps: int = 5, classes: int = 10,
             momentum: float = 0.9, threads: int | None = None) -> dict:
     """Native seconds per step: ``{(phase, layer, product): s}`` and the epoch.
 
@@ -130,7 +135,8 @@ def measure(model, policy_name: str, batch: int, in_shape, *, images: int = 0,
         rows = {}
         phase = "train" if training else "eval"
         x0 = torch.rand((n, *in_shape), generator=gen)
-        rows[(phase, "input", "forward")] = _time(lambda: x0.to(cast or torch.float32), reps)
+        rows[(phase, "input", "forward")] = _time(
+            lambda: x0.to(cast or torch.float32, copy=True), reps)
         x = x0
         inputs = []
         for i, (name, m) in enumerate(twin):
@@ -189,7 +195,8 @@ def measure(model, policy_name: str, batch: int, in_shape, *, images: int = 0,
 
 def _epoch(torch, twin, ctx, batch, images, test_images, eval_batch, in_shape, classes,
            momentum, gen):
-    """Wall time of one native training epoch (and its evaluation), data made beforehand."""
+    """Wall time of one native training epoch (and its evaluation), data made beforehand;
+    the least of two runs (the other processes of a shared machine only add time)."""
     net = torch.nn.Sequential(*[m for _, m in twin])
     opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=momentum)
     xs = torch.rand((images, *in_shape), generator=gen)
@@ -204,19 +211,23 @@ def _epoch(torch, twin, ctx, batch, images, test_images, eval_batch, in_shape, c
         loss.backward()
         opt.step()
 
+    def epoch():
+        net.train()
+        t0 = time.perf_counter()
+        for s in range(0, images, batch):
+            one(s, min(s + batch, images))
+        if test_images:
+            net.eval()
+            with torch.no_grad():
+                for s in range(0, test_images, eval_batch):
+                    with ctx():
+                        lossf(net(xt[s:s + eval_batch]).float(),
+                              torch.zeros(min(eval_batch, test_images - s), dtype=torch.long))
+        return time.perf_counter() - t0
+
     net.train()
     one(0, min(batch, images))  # warm-up: first calls pick kernels and allocate
-    t0 = time.perf_counter()
-    for s in range(0, images, batch):
-        one(s, min(s + batch, images))
-    if test_images:
-        net.eval()
-        with torch.no_grad():
-            for s in range(0, test_images, eval_batch):
-                with ctx():
-                    lossf(net(xt[s:s + eval_batch]).float(),
-                          torch.zeros(min(eval_batch, test_images - s), dtype=torch.long))
-    return time.perf_counter() - t0
+    return min(epoch(), epoch())
 
 
 @dataclasses.dataclass
@@ -300,6 +311,11 @@ def validate(model, policy, machine="this", batch: int = 64, images: int = 4096,
     pol = Policy.parse(name) if isinstance(policy, str) else policy
     net, shape = resolve_model(model, in_shape, classes, model_options)
     load0 = os.getloadavg()[0]
+    if threads is None:
+        from .profiles import load_profile
+
+        t = load_profile(machine).measured.get("threads")
+        threads = int(t) if isinstance(t, (int, float)) and t >= 1 else None
     pred = predict(net, pol, machine, batch=batch, images=images, test_images=test_images,
                    in_shape=shape, classes=classes, eval_batch=eval_batch)
     meas = measure(net, name, batch, shape, images=images, test_images=test_images,
