@@ -211,6 +211,15 @@ CASES = [
     Case("fp16c", "FP16 in, FP16 FMA chain, counted", fs.FP16,
          fs.MatmulSpec(accumulator=fs.FP16),
          (Ref("numpy float32 BLAS", numpy_ref(np.float32)),), counted=True),
+    # the tensor core of an H100, FP16 in, FP32 out (the accumulator of
+    # fixedsim.hardware.spec("H100", "fp16")), beside the exact-block accumulator of the
+    # same block size
+    Case("h100", "FP16 in, H100 BlockFMA (block 16, 2 extra bits, truncating) -> FP32",
+         fs.FP16, fs.MatmulSpec(accumulator=fs.BlockFMA(16, 2, min_exp=-133)),
+         (Ref("numpy float32 BLAS", numpy_ref(np.float32)),)),
+    Case("block16x", "FP16 in, FP32 acc, exact block 16", fs.FP16,
+         fs.MatmulSpec(accumulator=fs.Accumulator(fs.FP32, block=16)),
+         (Ref("numpy float32 BLAS", numpy_ref(np.float32)),)),
 ]
 TARGETS = [  # (text, case key, reference or None for an absolute rate, bound, size or None)
     ("exact fixed point: fixedsim / numpy float64 BLAS >= 0.5", "fixed", "numpy float64 BLAS",
@@ -218,6 +227,7 @@ TARGETS = [  # (text, case key, reference or None for an absolute rate, bound, s
     ("FP16 in, FP32 chain: fixedsim / numpy float32 BLAS >= 0.25", "fp32", "numpy float32 BLAS",
      0.25, None),
     ("FP16 accumulator >= 8 GFLOP/s at 512", "fp16", None, 8.0, 512),
+    ("H100 FP16 -> FP32 tensor core (BlockFMA) >= 5 GFLOP/s at 512", "h100", None, 5.0, 512),
     ("Q<24,16> saturating accumulator >= 8 GFLOP/s at 512", "sat", None, 8.0, 512),
     ("stochastic FP16 accumulator >= 2 GFLOP/s at 512", "sr", None, 2.0, 512),
     ("default spec, float64 data: fixedsim / numpy float64 BLAS >= 0.1", "f64",
@@ -414,10 +424,15 @@ def main(argv=None):
                     help="largest size timed with an APyTypes accumulator context")
     ap.add_argument("--markdown", metavar="PATH", help="also write the report as Markdown")
     ap.add_argument("--quick", action="store_true", help="smoke run: size 64, 2 repeats")
+    ap.add_argument("--cases", nargs="+", metavar="KEY", default=None,
+                    help=f"time only these cases (keys: {', '.join(c.key for c in CASES)})")
     ap.add_argument("--cpu-time", action="store_true",
                     help="time with the process's CPU time (robust on a busy machine; use "
                          "with --threads 1)")
     args = ap.parse_args(argv)
+    unknown = sorted(set(args.cases or ()) - {c.key for c in CASES})
+    if unknown:
+        ap.error(f"unknown case(s) {', '.join(unknown)}")
     global CLOCK
     CLOCK = time.process_time if args.cpu_time else time.perf_counter
     if args.quick:
@@ -441,6 +456,8 @@ def main(argv=None):
     t_all = time.perf_counter()
     for n in args.sizes:
         for k, case in enumerate(CASES):
+            if args.cases is not None and case.key not in args.cases:
+                continue
             a, b = case_data(case, n, k)
             res = {}
 

@@ -31,10 +31,12 @@ from .quant import (
     RUP,
 )
 
-#: Exponent given to zero operands and to an absent floor: below every real exponent. A
-#: zero product's exponent is at most ``NO_EXP + 1100``; an anchor below ``NO_EXP // 2``
-#: means the block has no nonzero term (its cut sum is 0). Twice it still fits an int32.
-NO_EXP = -100000
+#: Exponent given to zero operands and to an absent floor: below every real exponent (those
+#: of float64 values and their products lie in -2148..2046, a floor in -1100..1100). A zero
+#: product's exponent is at most ``NO_EXP + 2046``; an anchor below ``NO_EXP // 2`` means the
+#: block has no nonzero term (its cut sum is 0). Twice it still fits an int16: the exponents
+#: are int16, which halves the anchor pass (twice the SIMD lanes of int32).
+NO_EXP = -16000
 
 
 @jit_inline
@@ -132,7 +134,7 @@ TILE = 4
 def gemm_blockfma(A, EA, B, EB, C, out, block, extra, min_exp, p, emin, emax, mode, count):
     """``out[i, j]``: the BlockFMA chain of row ``A[i]`` and column ``B[:, j]`` from ``C[i, j]``.
 
-    ``EA``, ``EB`` (int32): the operands' exponents (``max(floor(log2|x|), input emin)``,
+    ``EA``, ``EB`` (int16): the operands' exponents (``max(floor(log2|x|), input emin)``,
     ``NO_EXP`` for zeros, so that a zero product never sets the anchor); every product
     ``A[i, k] * B[k, j]`` must be exact in float64 and the operands finite. ``min_exp``: the
     anchor's floor (``NO_EXP``: none); ``p``, ``emin``, ``emax``: the register's fraction
@@ -155,10 +157,10 @@ def gemm_blockfma(A, EA, B, EB, C, out, block, extra, min_exp, p, emin, emax, mo
         i0 = it * TILE
         nr = min(TILE, R - i0)
         s = np.zeros((TILE, N))
-        E = np.empty((TILE, N), np.int32)
+        E = np.empty((TILE, N), np.int16)
         S = np.empty((TILE, N), np.int64)
         sc = np.empty((TILE, N))
-        ea = np.empty(TILE, np.int32)
+        ea = np.empty(TILE, np.int16)
         av = np.empty(TILE)
         fl_rj = np.zeros((TILE, N if count else 1, N_FLAGS), np.int64)
         for r in range(nr):
@@ -178,7 +180,7 @@ def gemm_blockfma(A, EA, B, EB, C, out, block, extra, min_exp, p, emin, emax, mo
                 for j in range(N):
                     eb = EB[k, j]
                     for r in range(TILE):
-                        E[r, j] = max(E[r, j], ea[r] + eb)
+                        E[r, j] = max(E[r, j], np.int16(ea[r] + eb))
             for r in range(TILE):  # the window's scale, the addend cut to it
                 for j in range(N):
                     x = top - E[r, j]

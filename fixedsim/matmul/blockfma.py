@@ -73,9 +73,8 @@ def declines(p):
 
 
 def exponents(x, emin):
-    """``max(floor(log2|x|), emin)`` of every element (int32), ``NO_EXP`` for zeros."""
-    e = np.frexp(x)[1].astype(np.int32) - 1
-    e = np.maximum(e, emin)
+    """``max(floor(log2|x|), emin)`` of every element (int16), ``NO_EXP`` for zeros."""
+    e = np.maximum(np.frexp(x)[1].astype(np.int16) - 1, emin).astype(np.int16)
     e[x == 0] = _gb.NO_EXP
     return e
 
