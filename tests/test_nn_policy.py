@@ -218,6 +218,35 @@ def test_preset_round_trips(p, tmp_path):
         assert nn.Policy.load(str(path)) == p
 
 
+def _hardware_presets():
+    from fixedsim import hardware
+    return hardware.devices()
+
+
+@pytest.mark.parametrize("preset", _hardware_presets(),
+                         ids=lambda q: f"{q.device}-{q.input}-{q.out}")
+def test_hardware_spec_round_trips(preset, tmp_path):
+    """Every matrix-unit preset (BlockFMA; Accumulator lanes, order, combine, addend; formats
+    without subnormals) survives a policy's dict, JSON and TOML."""
+    spec = preset.build()
+    p = nn.Policy(name="unit", forward=spec, grad_input=spec, grad_weight=spec)
+    d = p.to_dict()
+    assert json.loads(json.dumps(d)) == d
+    assert nn.Policy.from_dict(d) == p
+    for suffix in (".json", ".toml"):
+        p.save(tmp_path / f"p{suffix}")
+        assert nn.Policy.load(tmp_path / f"p{suffix}") == p
+
+
+def test_accumulator_structure_keys_checked():
+    bad = {"forward": {"accumulator": {"format": "FP32", "block": 4, "lanes": 8}}}
+    with pytest.raises(ValueError, match="lanes must be in 1..block"):
+        nn.Policy.from_dict(bad)
+    bad = {"forward": {"accumulator": {"format": "FP32", "block": 4, "addend": "middle"}}}
+    with pytest.raises(ValueError, match="addend"):
+        nn.Policy.from_dict(bad)
+
+
 @given(policies())
 def test_dict_round_trip(p):
     d = p.to_dict()

@@ -213,8 +213,18 @@ def _spec_to_dict(s: MatmulSpec) -> dict:
             ad["random_bits"] = a.random_bits
         if a.via is not None:
             ad["via"] = repr(a.via)
+        if a.lanes is not None:
+            ad["lanes"] = a.lanes
+        for name, default in _STRUCTURE_DEFAULTS.items():
+            if getattr(a, name) != default:
+                ad[name] = getattr(a, name)
         d["accumulator"] = ad
     return d
+
+
+#: The structure of a matrix unit's accumulator (Accumulator ``order``, ``combine``,
+#: ``addend``) and its defaults; ``lanes`` defaults to None.
+_STRUCTURE_DEFAULTS = {"order": "ascending", "combine": "tree", "addend": "first"}
 
 
 def _spec_from_dict(d: dict, where: str) -> MatmulSpec:
@@ -238,8 +248,8 @@ def _spec_from_dict(d: dict, where: str) -> MatmulSpec:
             raise ValueError(f"{where}.accumulator.kind must be 'accumulator' (the default) or "
                              f"'block_fma', got {a['kind']!r}")
         a = {k: v for k, v in a.items() if k != "kind"}
-        _check_keys(a, {"format", "rounding", "overflow", "block", "random_bits", "via"},
-                    f"{where}.accumulator")
+        _check_keys(a, {"format", "rounding", "overflow", "block", "random_bits", "via",
+                        "lanes", *_STRUCTURE_DEFAULTS}, f"{where}.accumulator")
         if "format" not in a:
             raise ValueError(f"{where}.accumulator: 'format' is required")
         via = a.get("via")
@@ -248,7 +258,9 @@ def _spec_from_dict(d: dict, where: str) -> MatmulSpec:
             _build(parse_format, f"{where}.accumulator.format", a["format"]),
             a.get("rounding", "nearest_even"), a.get("overflow"), a.get("block", 1),
             random_bits=a.get("random_bits"),
-            via=None if via is None else _build(parse_format, f"{where}.accumulator.via", via))
+            via=None if via is None else _build(parse_format, f"{where}.accumulator.via", via),
+            lanes=a.get("lanes"),
+            **{k: a.get(k, default) for k, default in _STRUCTURE_DEFAULTS.items()})
     return _build(MatmulSpec, where, **kw)
 
 
