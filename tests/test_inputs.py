@@ -39,7 +39,13 @@ HAS_LONG = np.finfo(LONG).nmant > 52  # x86: 64-bit significands, values float64
 # -- the exact value of an element, read independently of fixedsim --------------------------------
 def exact_of(v):
     """The value an element stands for: a float (NaN, infinities, signed zeros, any float16/32/64
-    value) or a Fraction (ints, Fractions, Decimals, long doubles); bools are 0 and 1."""
+    value) or a nonzero Fraction (ints, Fractions, Decimals, long doubles); bools are 0 and 1,
+    and an exact zero (int 0, Fraction(0)) is +0.0, as IEEE 754 reads a zero without sign."""
+    e = _exact_of(v)
+    return 0.0 if isinstance(e, Fraction) and e == 0 else e
+
+
+def _exact_of(v):
     if isinstance(v, (bool, np.bool_)):
         return float(v)
     if isinstance(v, (int, np.integer)):
@@ -745,3 +751,14 @@ def test_to_bits_of_the_finest_fixed_point_formats():
     assert fs.to_bits([0.0, 2.0**-1074, 3 * 2.0**-1074], fs.FixedFormat(2, 1074, signed=False)
                       ).tolist() == [0, 1, 3]
     assert fs.to_bits([0.0, -(2.0**-1024)], fs.FixedFormat(1, 1024)).tolist() == [0, 1]
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # np.matrix's own warning
+def test_ndarray_subclasses_are_read_as_plain_arrays():
+    """np.matrix (whose reshape(-1) stays 2-d) gives the bits of the plain array."""
+    a = np.array([[1.0, 2.5], [3.0, -4.75]])
+    m = np.matrix(a)
+    assert_same_bits(fs.quantize(m, fs.FixedFormat(8, 1)), fs.quantize(a, fs.FixedFormat(8, 1)))
+    assert_same_bits(fs.mul(m, m, fs.FP8_E4M3), fs.mul(a, a, fs.FP8_E4M3))
+    assert_same_bits(fs.matmul(m, m, fs.MatmulSpec(output=fs.BF16)),
+                     fs.matmul(a, a, fs.MatmulSpec(output=fs.BF16)))
