@@ -110,7 +110,7 @@ def _cmd_profiles(args) -> int:
 def _cmd_instructions(args) -> int:
     from .instructions import check
 
-    return check(log=print, quick=args.quick)
+    return check(log=print, quick=args.quick, keep=args.out)
 
 
 def _run(fn):
@@ -183,5 +183,7 @@ def add_parser(sub) -> None:
 
     i = cs.add_parser("instructions", help="fixedsim's instruction-count model of its kernels "
                       "against callgrind (or perf where the machine has a PMU)")
-    i.add_argument("--quick", action="store_true")
+    i.add_argument("--quick", action="store_true", help="leave out the largest product")
+    i.add_argument("--out", default=None, metavar="DIR",
+                   help="keep the callgrind profiles and the fitted model here")
     i.set_defaults(func=_run(_cmd_instructions))
