@@ -203,12 +203,15 @@ class BlockFMA:
 
     Examples
     --------
-    Two products of an H100 block: the small one is cut at 25 bits below the anchor.
+    Two products of an H100 block, ``1`` and ``2**-24 + 2**-34``: the small one is cut at
+    ``2**-25`` (25 bits below the anchor) to ``2**-24``, and ``1 + 2**-24`` truncates into
+    FP32 to 1 (an exact block sum rounded to nearest would give ``1 + 2**-23``).
 
     >>> import numpy as np, fixedsim as fs
     >>> acc = fs.BlockFMA(16, 2, min_exp=-133)
     >>> spec = fs.MatmulSpec(input=fs.FP16, accumulator=acc)
-    >>> fs.matmul(np.array([[1.0, 1.0]]), np.array([[1.0], [2.0**-24 * 3]]), spec)
+    >>> fs.matmul(np.array([[1.0, 2.0**-12]]), np.array([[1.0], [2.0**-12 * (1 + 2.0**-10)]]),
+    ...           spec)
     array([[1.]], dtype=float32)
     """
 
