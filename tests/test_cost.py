@@ -462,3 +462,20 @@ def test_calibrate_writes_a_profile_that_loads_back(tmp_path, monkeypatch):
     assert predict("mlp", "float32", "this", images=64).epoch_s > 0
     with pytest.raises(ProfileError, match="threads must be an int >= 1"):
         fs.cost.calibrate(threads=0)
+
+
+def test_fixedsim_as_the_machine_fits_every_layer_and_pass():
+    """The self model measures every (phase, layer, pass) a step has work in, and sums an
+    epoch over the same keys (times are not asserted: they depend on the machine's load)."""
+    from fixedsim.cost.selfmodel import _work, measure, predict_self
+
+    model = fs.nn.mlp(in_shape=(1, 6, 6), hidden=(7,), classes=4)
+    pol = Policy.fixed(16, 12)
+    prof = measure(pol, model, (1, 6, 6), batches=(2, 4), classes=4, reps=1)
+    keys = set(_work(count_step(model, pol, 2, (1, 6, 6))))
+    keys |= set(_work(count_step(model, pol, 2, (1, 6, 6), training=False)))
+    assert keys <= set(prof.fits)
+    assert all(t0 >= 0 and s >= 0 for t0, s in prof.fits.values())
+    p = predict_self(model, pol, 4, 10, (1, 6, 6), test_images=6, eval_batch=4, profile=prof)
+    assert p["epoch_s"] == pytest.approx(p["train_s"] + p["eval_s"])
+    assert p["epoch_s"] > 0 and {k[0] for k in p["rows"]} == {"train", "eval"}

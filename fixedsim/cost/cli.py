@@ -33,8 +33,31 @@ def _machine(name):
     return name
 
 
+def _cmd_predict_self(args) -> int:
+    from ..nn.policy import Policy
+    from .model import resolve_model
+    from .selfmodel import measure, predict_self
+
+    pol = Policy.parse(args.policy)
+    net, shape = resolve_model(args.model, None, 10, _model_options(args.model_options))
+    print(f"fixedsim cost predict: {args.model} under {pol.name} on fixedsim itself (this "
+          f"machine): measuring its layers at batches 8 and 32 ...")
+    prof = measure(pol, net, shape)
+    p = predict_self(net, pol, args.batch, args.images, shape, test_images=args.test_images,
+                     eval_batch=args.eval_batch, optimizer=args.optimizer, profile=prof)
+    print(f"{'phase':5} {'layer':12} {'pass':9} {'expected':>10}")
+    for (phase, layer, pss), t in p["rows"].items():
+        print(f"{phase:5} {layer:12} {pss:9} {t:>9.3f}s")
+    print(f"expected epoch (fixedsim): {p['epoch_s']:.4g} s (training {p['train_s']:.4g} s, "
+          f"evaluation {p['eval_s']:.4g} s)")
+    return 0
+
+
 def _cmd_predict(args) -> int:
     from .model import predict
+
+    if args.machine.lower() == "fixedsim":
+        return _cmd_predict_self(args)
 
     pred = predict(args.model, args.policy, _machine(args.machine), batch=args.batch,
                    images=args.images, test_images=args.test_images,
@@ -141,8 +164,9 @@ def add_parser(sub) -> None:
         p.add_argument("--policy", default="float32",
                        help="a policy name or .toml/.json file (default float32)")
         p.add_argument("--machine", default="this",
-                       help="v100, a100, h100, h200, gupta2015_fpga, this (calibrated) or a "
-                       ".toml profile (default this)")
+                       help="v100, a100, h100, h200, gupta2015_fpga, this (calibrated), a "
+                       ".toml profile (default this), or fixedsim (predict: fixedsim's own "
+                       "time, its layers measured on this machine)")
         p.add_argument("--batch", type=int, default=64, help="default 64")
         p.add_argument("--images", type=int, default=images_default,
                        help=f"training images per epoch (default {images_default:,})")

@@ -103,6 +103,8 @@ class Row:
         them; None: float64). A convolution's input gradient is ``G @ W`` then col2im there
         (``N*Ho*Wo x O`` times ``O x C*kh*kw``): fewer MACs than ``macs``, which counts the
         zeros of the transposed convolution fixedsim computes.
+    products : list of (int, int, int, MatmulSpec)
+        ``(M, N, K, spec)`` of each product as fixedsim computes it (the spec it runs under).
     stages : dict of str to int
         Roundings of the products' stages ``input``, ``product``, ``accumulator``, ``output``
         (as :class:`fixedsim.counters.Counters` counts them).
@@ -131,6 +133,7 @@ class Row:
     macs: int = 0
     macs_by: dict = dataclasses.field(default_factory=dict)
     gemm: list = dataclasses.field(default_factory=list)
+    products: list = dataclasses.field(default_factory=list)
     stages: dict = dataclasses.field(
         default_factory=lambda: dict.fromkeys(("input", "product", "accumulator", "output"), 0))
     roles: dict = dataclasses.field(default_factory=dict)
@@ -197,6 +200,7 @@ class Row:
         key = (operands, _acc_label(spec))
         self.macs_by[key] = self.macs_by.get(key, 0) + macs
         self.gemm.append((*(native or (R, N, K)), *key, fa, fb))
+        self.products.append((R, N, K, spec))
         self.operands = operands
         s = self.stages
         if spec.input is not None:
@@ -229,20 +233,11 @@ class Row:
             for k, v in o.items():
                 d[k] = d.get(k, 0) + v
         self.gemm += other.gemm
+        self.products += other.products
         self.elementwise += other.elementwise
         self.launches += other.launches
         self.operands = self.operands or other.operands
         return self
-
-    def scaled(self, times: int) -> Row:
-        """This row repeated ``times`` times (an epoch's worth of identical steps)."""
-        out = Row(self.layer, self.kind, self.product, operands=self.operands)
-        out.calls, out.macs = self.calls * times, self.macs * times
-        for name in ("macs_by", "stages", "roles", "roundings", "reads", "writes"):
-            setattr(out, name, {k: v * times for k, v in getattr(self, name).items()})
-        out.gemm = [g for _ in range(min(times, 1)) for g in self.gemm]
-        out.elementwise, out.launches = self.elementwise * times, self.launches * times
-        return out
 
 
 @dataclasses.dataclass

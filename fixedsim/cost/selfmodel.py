@@ -1,0 +1,157 @@
+"""fixedsim as the machine: its own time for a policy, from its layers' measured cost per unit
+of counted work.
+
+The counts of :mod:`fixedsim.cost.counts` give, for every layer and pass, the work fixedsim
+does: ``w = MACs + roundings`` (every product's MACs and every rounding of its stages and
+roles). :func:`measure` runs two training steps and an evaluation batch of the model at two
+small batch sizes, reads the seconds each layer's forward and backward pass took
+(:class:`fixedsim.nn.LayerCounters` records them) and the optimizer's, and fits per layer and
+pass
+
+    t = t0 + s * w
+
+(``s``: seconds per counted MAC and rounding of that layer's kernels; ``t0``: its calls).
+:func:`predict_self` sums ``t`` over an epoch's steps at any batch size and image count.
+Measuring compiles the policy's kernels, which the run would do anyway.
+
+``fixedsim train`` prints the expected epoch before it starts, and ``fixedsim sweep
+--dry-run`` each run's and the sweep's (docs/cost.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+from .counts import count_epoch, count_step
+
+__all__ = ["SelfProfile", "measure", "predict_self"]
+
+_PASS = {"forward": "forward", "grad_input": "backward", "grad_weight": "backward",
+         "update": "update"}
+
+
+@dataclasses.dataclass
+class SelfProfile:
+    """fixedsim's measured cost on this machine, per (phase, layer, pass).
+
+    Attributes
+    ----------
+    fits : dict of (str, str, str) to (float, float)
+        ``(t0, s)``: seconds per call and per unit of counted work (MACs + roundings) of the
+        layer's ``forward``, ``backward`` or the optimizer's ``update``, in ``train`` or
+        ``eval`` steps.
+    batches : tuple of int
+        The batch sizes measured.
+    """
+
+    fits: dict
+    batches: tuple
+
+
+def _work(step):
+    """{(phase, layer, pass): MACs + roundings} of a step's rows."""
+    phase = "train" if step.training else "eval"
+    out = {}
+    for r in step.rows:
+        key = (phase, r.layer, _PASS[r.product])
+        out[key] = out.get(key, 0) + r.macs + sum(r.roundings.values()) + r.elementwise
+    return out
+
+
+def _timed_step(model, policy, x, y, training, optimizer, momentum, step):
+    from ..nn.core import Context
+    from ..nn.layers import SoftmaxCrossEntropy
+    from ..nn.optim import SGD, Adam
+
+    ctx = Context(policy, seed=0, step=step, training=training, phase=0 if training else 1)
+    lossf = SoftmaxCrossEntropy()
+    t0 = time.perf_counter()
+    x = ctx.round("activations", x, "input")
+    times = {("input", "forward"): time.perf_counter() - t0}
+    for layer in model.layers:
+        t0 = time.perf_counter()
+        x = layer.forward(x, ctx)
+        times[(layer.name, "forward")] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    lossf(x, y, ctx)
+    times[("loss", "forward")] = time.perf_counter() - t0
+    if not training:
+        return times
+    t0 = time.perf_counter()
+    g = lossf.backward(ctx, 1.0)
+    times[("loss", "backward")] = time.perf_counter() - t0
+    for i in range(len(model.layers) - 1, -1, -1):
+        layer = model.layers[i]
+        t0 = time.perf_counter()
+        g = layer.backward(g, ctx, need_input_grad=i > 0)
+        times[(layer.name, "backward")] = time.perf_counter() - t0
+    params = model.named_parameters()
+    opt = (Adam(params, lr=0.0) if optimizer == "adam"
+           else SGD(params, lr=0.0, momentum=momentum))
+    t0 = time.perf_counter()
+    opt.step(ctx)
+    times[("optim", "update")] = time.perf_counter() - t0
+    return times
+
+
+def measure(policy, model=None, in_shape=None, batches=(8, 32), *, optimizer: str = "sgd",
+            momentum: float = 0.9, classes: int = 10, reps: int = 3) -> SelfProfile:
+    """Time fixedsim's layers for ``policy`` at two batch sizes and fit ``t = t0 + s * w``
+    per layer and pass (the least of ``reps`` timed steps after a warm-up step)."""
+    from ..nn.models import lenet
+
+    model = model if model is not None else lenet()
+    if in_shape is None:
+        in_shape = (1, 28, 28)
+    rng = np.random.default_rng(0)
+    obs: dict = {}
+    for b in batches:
+        x = rng.uniform(0, 1, (b, *in_shape)).astype(np.float32)
+        y = rng.integers(0, classes, b)
+        for training in (True, False):
+            step = count_step(model, policy, b, in_shape, optimizer=optimizer,
+                              momentum=momentum, training=training)
+            work = _work(step)
+            phase = "train" if training else "eval"
+            best: dict = {}
+            for k in range(reps + 1):  # the first compiles and warms
+                t = _timed_step(model, policy, x, y, training, optimizer, momentum, k)
+                if k:
+                    for key, v in t.items():
+                        best[key] = min(best.get(key, np.inf), v)
+            for (layer, pss), v in best.items():
+                key = (phase, layer, pss)
+                obs.setdefault(key, []).append((work.get(key, 0), v))
+    fits = {}
+    for key, pts in obs.items():
+        (w0, t0), (w1, t1) = pts[0], pts[-1]
+        if w1 == w0:  # work that does not grow with the batch (the optimizer): a constant
+            fits[key] = (min(t0, t1), 0.0)
+            continue
+        s = max((t1 - t0) / (w1 - w0), 0.0)
+        fits[key] = (max(t0 - s * w0, 0.0), s)
+    return SelfProfile(fits=fits, batches=tuple(batches))
+
+
+def predict_self(model, policy, batch: int, images: int, in_shape=None, *,
+                 test_images: int = 0, eval_batch: int = 1000, optimizer: str = "sgd",
+                 momentum: float = 0.9, profile: SelfProfile | None = None) -> dict:
+    """fixedsim's expected seconds for one training epoch: ``{"epoch_s", "train_s",
+    "eval_s", "rows": {(phase, layer, pass): s}}``."""
+    prof = profile or measure(policy, model, in_shape, optimizer=optimizer, momentum=momentum)
+    steps = count_epoch(model, policy, batch, images, in_shape, test_images=test_images,
+                        eval_batch=eval_batch, optimizer=optimizer, momentum=momentum)
+    rows, train_s, eval_s = {}, 0.0, 0.0
+    for step, times in steps:
+        for key, w in _work(step).items():
+            t0, s = prof.fits.get(key, (0.0, 0.0))
+            t = (t0 + s * w) * times
+            rows[key] = rows.get(key, 0.0) + t
+            if step.training:
+                train_s += t
+            else:
+                eval_s += t
+    return {"epoch_s": train_s + eval_s, "train_s": train_s, "eval_s": eval_s, "rows": rows}
