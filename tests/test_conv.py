@@ -197,3 +197,52 @@ def test_conv_bad_input():
         fs.conv2d_grad_weight(x, np.ones((1, 3, 3, 3)), w.shape)
     with pytest.raises(ValueError, match=r"x contains NaN.*Q<8,4>"):
         fs.conv2d(x * np.nan, w, fs.MatmulSpec(input=fs.FixedFormat(8, 4)))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from([r for r in fs.Rounding if r is not fs.Rounding.STOCHASTIC]),
+       st.sampled_from(["normal", "eighths", "sparse"]), st.integers(0, 2**32 - 1),
+       st.sampled_from([(1, 0), (1, 1), (2, 0)]))
+def test_grad_input_exact_filtered_without_the_zero_grid(rnd, kind, seed, sp):
+    """FP32 data rounded once into FP32 (the float32 policy's input gradient): the
+    ``exact_filtered`` row takes the product from grad_y @ w and col2im, the row norms from
+    the image (patch_norms) and the rows a second look needs from im2col_rows, never
+    building the zero-spread matrix; bits as the modelled dot product of every element, and
+    bits and counts as the same row on the built matrix."""
+    from fixedsim.matmul import paths as _paths
+
+    s, p = sp
+    rng = np.random.default_rng(seed)
+    x_shape = (2, 3, 5, 5)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    Ho = (5 + 2 * p - 3) // s + 1
+    gy = rng.standard_normal((2, 4, Ho, Ho)).astype(np.float32)
+    if kind == "eighths":  # exact sums: marked, then summed again (two tiny values keep
+        w, gy = np.round(w * 4) / 4, np.round(gy * 8) / 8  # the data off exact_blas)
+        w[0, 0, 0, 0], gy[1, 1, 0, 0] = 2.0**-30, 2.0**-31
+    elif kind == "sparse":
+        gy[rng.random(gy.shape) < 0.8] = 0.0
+    gy[0, :, 0, :] = 0.0  # pixels whose every product is zero
+    spec = fs.MatmulSpec(output=fs.FP32, output_rounding=rnd)
+    built = []
+    orig = _paths.Product.rows_of_A
+
+    def spy(self, rows):
+        built.append(self.lazy)
+        return orig(self, rows)
+
+    try:
+        _paths.Product.rows_of_A = spy
+        gx, c = fs.conv2d_grad_input(gy, w, x_shape, spec, stride=s, padding=p, stats=True)
+    finally:
+        _paths.Product.rows_of_A = orig
+    assert c.paths.get("exact_filtered") == 1, c.paths
+    assert all(built)
+    assert_grad_input_is_the_modelled_dot(gx, gy, w, x_shape, s, p, spec, 0)
+    lazy = _paths.Product.lazy
+    try:
+        _paths.Product.lazy = property(lambda self: False)
+        gx2, c2 = fs.conv2d_grad_input(gy, w, x_shape, spec, stride=s, padding=p, stats=True)
+    finally:
+        _paths.Product.lazy = lazy
+    assert gx.tobytes() == gx2.tobytes() and c.output == c2.output

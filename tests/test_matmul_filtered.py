@@ -400,7 +400,7 @@ def test_a_decided_interval_rounds_as_one(case):
     counts = np.empty((1, gk.N_C), np.int64)
     pi, pd = filtered._params(fmt, rnd, relax, not relax)
     gk.filter_round(S, np.ones((1, 1)), np.ones((1, 1)), e, pi, pd, out, fail, counts,
-                    np.empty(1), np.empty(1), np.empty((1, 1), np.int64))
+                    np.empty(1), np.empty(1), np.empty((1, 1), np.int64), False)
     if fail[0, 0]:
         return
     v = float(out[0, 0])
@@ -427,7 +427,7 @@ def test_decisions_are_not_vacuous():
             pi, pd = filtered._params(fmt, rnd, False, True)
             gk.filter_round(S, np.ones((1, 1)), np.ones((1, 3)), q / 64, pi, pd, out, fail,
                             np.empty((1, gk.N_C), np.int64), np.empty(1), np.empty(3),
-                            np.empty((1, 3), np.int64))
+                            np.empty((1, 3), np.int64), False)
             assert fail.tolist() == [[0, 0, 1]]  # 0.3 q: beyond the kernel's range
             want = [reference.round_to_format(float(x), fmt, rnd) for x in S[0, :2]]
             assert out[0, :2].tolist() == [float(w) for w in want]
@@ -443,9 +443,84 @@ def test_kernel_marks_what_it_cannot_decide():
     pi, pd = filtered._params(fs.FP16, fs.Rounding.NEAREST_EVEN, False, True)
     na, nb, marks = np.empty(1), np.empty(6), np.full((1, 3), -1)
     gk.filter_round(S, np.ones((1, 1)), np.ones((1, 6)), 2.0**-40, pi, pd, out, fail, counts,
-                    na, nb, marks)
+                    na, nb, marks, False)
     assert na.tolist() == [1.0] and nb.tolist() == [1.0] * 6
     assert marks.tolist() == [[0, 1, 2]]  # the first three marked columns
     assert fail.tolist() == [[1, 1, 1, 1, 1, 0]]
     assert out[0, 5] == np.float32(1.0 + 2.0**-10)
     assert counts.tolist() == [[1, 0, 0, 5]]
+
+
+@pytest.mark.parametrize("rnd", DETERMINISTIC)
+def test_zero_rows_and_columns_decided_by_the_filter(rnd):
+    """A row of ``A`` or a column of ``B`` of signed zeros has a zero norm: every product is
+    zero, and the filter makes the sum ``+0`` (exact, no event) without a second look, in
+    every mode but DOWN, which marks them (``-0`` when a product is ``-0``); bits and counts
+    as the general kernel's and the oracle's."""
+    rng = np.random.default_rng(11)
+    a = rng.standard_normal((5, 7)).astype(np.float32)
+    b = rng.standard_normal((7, 6)).astype(np.float32)
+    a[1] = 0.0
+    a[3] = -0.0
+    a[3, 2] = 0.0
+    b[:, 0] = -0.0
+    b[:, 4] = 0.0
+    spec = fs.MatmulSpec(output=fs.FP32, output_rounding=rnd)
+    seen = []
+    orig = filtered._second_stage
+    try:
+        filtered._second_stage = lambda A, B, S, p, fr, fj, *rest: (
+            seen.append(set(zip(fr.tolist(), fj.tolist(), strict=True))),
+            orig(A, B, S, p, fr, fj, *rest))[1]
+        same_as_general(a, b, spec)
+    finally:
+        filtered._second_stage = orig
+    same_as_oracle(a, b, spec)
+    zeros = {(r, j) for r in range(5) for j in range(6) if r in (1, 3) or j in (0, 4)}
+    if rnd is fs.Rounding.DOWN:
+        assert seen and zeros <= seen[0]
+    else:
+        assert not seen or not (zeros & seen[0])
+        got = fs.matmul(a, b, spec)
+        assert all(np.signbit(got[r, j]) == 0 and got[r, j] == 0 for r, j in zeros)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(0, 2**32 - 1), st.floats(0.0, 1.0))
+def test_sparse_dot2_is_dot2(K, seed, density):
+    """dot2_sparse_at (over the nonzero entries of the rows of ``A``, ``B`` read in place)
+    gives dot2_at's ``hi``, ``lo``, ``t`` and exactness bit for bit: zero products change
+    nothing in Dot2. Signed zeros, exact sums, cancellations and rows repeated or not in
+    order."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((4, K)).astype(np.float32).astype(np.float64)
+    a[rng.random((4, K)) > density] = 0.0
+    a[rng.random((4, K)) < 0.1] = -0.0
+    a[2] = np.round(a[2] * 4) / 4  # few bits: exact sums
+    b = rng.standard_normal((K, 5)).astype(np.float32).astype(np.float64)
+    b[rng.random((K, 5)) < 0.2] = -0.0
+    b[:, 3] = np.round(b[:, 3])
+    rows = np.array([0, 0, 1, 3, 3, 2, 2, 0, 1, 3], np.int64)
+    cols = np.array([0, 4, 1, 3, 2, 3, 0, 1, 1, 4], np.int64)
+    n = rows.size
+    want = [np.empty(n), np.empty(n), np.empty(n), np.empty(n, np.uint8)]
+    got = [np.empty(n), np.empty(n), np.empty(n), np.empty(n, np.uint8)]
+    gk.dot2_at(a, np.ascontiguousarray(b.T), rows, cols, *want)
+    gk.dot2_sparse_at(a, b, rows, cols, *got)
+    for w, g in zip(want, got, strict=True):
+        assert w.tobytes() == g.tobytes()
+
+
+def test_sparse_second_stage_matches_general():
+    """Sparse rows (most products zero) whose sums the filter cannot decide (exact integer
+    sums, counted) take the sparse compensated sum: bits and counts as the general kernel."""
+    rng = np.random.default_rng(2)
+    a = rng.integers(-3, 4, (6, 300)).astype(np.float32)
+    a[rng.random(a.shape) < 0.9] = 0.0
+    b = rng.integers(-3, 4, (300, 9)).astype(np.float32)
+    assert filtered._sparse_rows(a.astype(np.float64), np.arange(6))
+    for cert in (False, True):
+        with certify(cert):
+            for rnd in DETERMINISTIC:
+                paths = same_as_general(a, b, fs.MatmulSpec(output=fs.FP16, output_rounding=rnd))
+                assert paths["exact_filtered"] == 1

@@ -209,13 +209,28 @@ from fixedsim.nn import Role  # noqa: E402
                                  "odd", "stochastic"]),
        a=st.lists(st.floats(-1e6, 1e6, allow_subnormal=True), min_size=6, max_size=6),
        b=st.lists(st.floats(-1e6, 1e6), min_size=3, max_size=3),
-       scale=st.integers(-60, 10))
-def test_add_into_fast_path_is_fs_add_bit_for_bit(fmt, rounding, a, b, scale):
+       scale=st.integers(-60, 10),
+       layout=st.sampled_from(["linear", "conv", "same", "float32", "column", "apart"]))
+def test_add_into_fast_path_is_fs_add_bit_for_bit(fmt, rounding, a, b, scale, layout):
     """Context.add_into (the bias addition) quantizes float64 sums when they are exact:
-    identical bits, draws and counts to fs.add's single rounding, for exact and inexact sums."""
+    identical bits, draws and counts to fs.add's single rounding, for exact and inexact sums,
+    in every layout its one-pass kernel takes (a bias along the features of a Linear output
+    or the channels of a Conv2d output, along the first axis, arrays of one shape, float32
+    outputs) and one it leaves to numpy (broadcast along a middle axis)."""
     pol = Policy(name="t", activations=Role(fmt, rounding))
     a = np.ldexp(np.array(a).reshape(2, 3), scale)
     b = np.array(b)
+    if layout == "conv":
+        a, b = np.repeat(a[..., None, None], 2, axis=3), b.reshape(1, 3, 1, 1)
+    elif layout == "same":
+        b = np.concatenate([b, -b[::-1]]).reshape(2, 3)
+    elif layout == "float32":
+        with np.errstate(over="ignore", under="ignore"):
+            a = a.astype(np.float32)
+    elif layout == "column":
+        b = b[:2].reshape(2, 1)
+    elif layout == "apart":
+        a, b = np.repeat(a[..., None], 2, axis=2), np.append(b, b[0]).reshape(2, 1, 2)
     ctx = Context(pol, seed=3)
     got = ctx.add_into("activations", a, b, "layer", "bias")
     want, qs = fs.add(a, b, fmt, rounding, seed=ctx.key("layer", "bias"), stats=True)

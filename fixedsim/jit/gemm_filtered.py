@@ -105,11 +105,17 @@ def _rounded(neg, ab, d, half, v, near, up_neg, up_pos, odd, pd):
 
 
 @jit_parallel
-def filter_round(S, A, B, c, pi, pd, out, fail, counts, na, nb, marks):
+def filter_round(S, A, B, c, pi, pd, out, fail, counts, na, nb, marks, given):
     """Round the exact sums ``x[r, j] = A[r] . B[:, j]``, known only to lie within ``e = c *
     na[r] * nb[j]`` of ``S[r, j]``, into a float format, wherever that bound decides the
     rounding; ``na[r] = ||A[r]||`` and ``nb[j] = ||B[:, j]||`` are computed here first (in
-    float64: sums of squares in some order, one square root), and kept.
+    float64: sums of squares in some order, one square root), and kept; with ``given`` the
+    caller computed ``na`` so (``A`` is then not read).
+
+    A zero norm (every square of a nonzero value is normal and nonzero: the caller checks the
+    range) means a row or column of signed zeros: every product is zero and so is the exact
+    sum, which rounds to ``+0`` exactly, with no event, in every mode but DOWN (whose sign
+    depends on the products': marked).
 
     The format has ``m = pi[I_M]`` fraction bits (at most 50), smallest normal exponent
     ``emin``, subnormals (``pi[I_SUBN]``) or not; ``pi[I_MODE]`` is a deterministic mode. On
@@ -130,7 +136,7 @@ def filter_round(S, A, B, c, pi, pd, out, fail, counts, na, nb, marks):
     Parallel over rows (independent outputs).
     """
     R, N = S.shape
-    K = A.shape[1]
+    K = B.shape[0]
     for t in prange((N + _NB_CHUNK - 1) // _NB_CHUNK):  # column norms, vectorised over j
         j0 = t * _NB_CHUNK
         j1 = min(N, j0 + _NB_CHUNK)
@@ -154,13 +160,17 @@ def filter_round(S, A, B, c, pi, pd, out, fail, counts, na, nb, marks):
     up_neg = np.int64(mode == RDN)
     up_pos = np.int64(mode == RUP)
     odd = np.int64(mode == ODD)
+    zdec = mode != RDN
     for r in prange(R):
-        na[r] = _row_norm(A[r])
+        if not given:
+            na[r] = _row_norm(A[r])
         cr = c * na[r]
+        zrow = zdec and na[r] == 0.0
         srow = S[r]
         orow = out[r]
         frow = fail[r]
         n_ok = 0
+        n_zero = 0
         n_over = 0
         n_sub = 0
         if relax:  # two loops rather than a select in one: each stays lean
@@ -170,27 +180,33 @@ def filter_round(S, A, B, c, pi, pd, out, fail, counts, na, nb, marks):
                 vf = np.float64(v)
                 hf = np.float64(half)
                 ok = inr and abs(vf - hf) > w and vf + 0.5 * hf > w
-                orow[j] = _rounded(neg, ab, d, half, v, near, up_neg, up_pos, odd, pd)[0]
-                frow[j] = 0 if ok else 1
-                n_ok += np.int64(ok)
+                zero = zrow or (zdec and nb[j] == 0.0)
+                val = _rounded(neg, ab, d, half, v, near, up_neg, up_pos, odd, pd)[0]
+                orow[j] = 0.0 if zero else val
+                frow[j] = 0 if (ok or zero) else 1
+                n_ok += np.int64(ok and not zero)
+                n_zero += np.int64(zero)
         else:
             for j in range(N):
                 neg, ab, inr, d, half, v, scale = _cell(srow[j], lo_b, shift_b, d0)
                 w = (cr * nb[j]) * scale + _PAD
                 vhf = np.float64(v & (half - 1))
                 ok = inr and vhf > w and vhf + w < np.float64(half)
+                zero = zrow or (zdec and nb[j] == 0.0)
                 val, over, sub = _rounded(neg, ab, d, half, v, near, up_neg, up_pos, odd, pd)
-                orow[j] = val
-                frow[j] = 0 if ok else 1
+                orow[j] = 0.0 if zero else val
+                frow[j] = 0 if (ok or zero) else 1
+                ok = ok and not zero
                 n_ok += np.int64(ok)
+                n_zero += np.int64(zero)
                 if count:
                     n_over += np.int64(ok and over)
                     n_sub += np.int64(ok and sub)
         counts[r, C_DECIDED] = n_ok
         counts[r, C_OVERFLOW] = n_over
         counts[r, C_SUBNORMAL] = n_sub
-        counts[r, C_MARKED] = N - n_ok
-        if n_ok < N:  # the row's first marked columns, from its marks (still in cache)
+        counts[r, C_MARKED] = N - n_ok - n_zero
+        if n_ok + n_zero < N:  # the row's first marked columns, from its marks (in cache)
             q = 0
             for j in range(N):
                 if frow[j] != 0 and q < marks.shape[1]:
@@ -272,6 +288,15 @@ def dot2_at(A, BT, rows, cols, hi, lo, t, exact):
     for i in range(rows.size):
         ar = A[rows[i]]
         br = BT[cols[i]]
+        nz = 0
+        for k in range(K):  # vectorised: is any product nonzero?
+            nz += np.int64(ar[k] * br[k] != 0.0)
+        if nz == 0:  # every product a signed zero: the loop below would give +0, exact
+            hi[i] = 0.0
+            lo[i] = 0.0
+            t[i] = 0.0
+            exact[i] = 1
+            continue
         s = 0.0
         e = 0.0
         a = 0.0
@@ -283,6 +308,55 @@ def dot2_at(A, BT, rows, cols, hi, lo, t, exact):
             q = (s - (x - z)) + (p - z)  # s + p - x, exactly (TwoSum)
             e += q
             inexact = inexact or q != 0.0
+            s = x
+            a += abs(p)
+        hi[i] = s
+        lo[i] = e
+        t[i] = a
+        exact[i] = 0 if inexact else 1
+
+
+@jit
+def dot2_sparse_at(A, B, rows, cols, hi, lo, t, exact):
+    """:func:`dot2_at` of the listed elements over the nonzero entries of ``A``'s rows only,
+    reading ``B``'s columns in place (no gathered copy): the same results, bit for bit.
+
+    A zero product (the exact product of finite operands with a zero factor) changes nothing
+    in Dot2: ``s + 0 = s`` exactly, so TwoSum's error is ``+0`` and ``e + 0 = e``; ``|p| = 0``
+    leaves ``t``; and no sum is ever ``-0`` (``s`` and ``e`` start at ``+0``, and a sum to
+    nearest is ``-0`` only when both terms are). So the products of the nonzero ``a_k``, in
+    ``k`` order, give the same ``hi``, ``lo``, ``t`` and exactness. The nonzero positions
+    of a row are listed once for consecutive elements of the same row (``rows`` sorted keeps
+    it to once per row). On the sparse errors and activations of ReLU networks this skips
+    most of ``K``. Serial, as :func:`dot2_at`."""
+    K = A.shape[1]
+    idx = np.empty(K, np.int64)
+    m = 0
+    cur = -1
+    for i in range(rows.size):
+        r = rows[i]
+        if r != cur:
+            ar = A[r]
+            m = 0
+            for k in range(K):
+                if ar[k] != 0.0:
+                    idx[m] = k
+                    m += 1
+            cur = r
+        ar = A[r]
+        j = cols[i]
+        s = 0.0
+        e = 0.0
+        a = 0.0
+        inexact = False
+        for q in range(m):
+            k = idx[q]
+            p = ar[k] * B[k, j]
+            x = s + p
+            z = x - s
+            d = (s - (x - z)) + (p - z)  # s + p - x, exactly (TwoSum)
+            e += d
+            inexact = inexact or d != 0.0
             s = x
             a += abs(p)
         hi[i] = s

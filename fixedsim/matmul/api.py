@@ -166,15 +166,20 @@ def explain(a, b, spec: MatmulSpec | None = None, c=None, *, seed=None):
                                    C=None if C is None else C.reshape(A.shape[0], -1)))
 
 
-def _product(A, B, spec, keys, rb, c, mm=None, ba=None, path=None, C=None):
+def _product(A, B, spec, keys, rb, c, mm=None, ba=None, path=None, C=None, bb=None,
+             a_rows=None, a_norms=None):
     """``(R, N)`` result of the 2-D product in the result format's container; counts into c.
 
     ``A`` may be given as a ``((R, K), make)`` pair, ``make()`` building it only when a path
-    needs it, with ``ba`` its :class:`~fixedsim.matmul.core._Bits`; ``mm`` as for
-    :class:`~fixedsim.matmul.paths.Product`. ``path``: a row of the table by name (None: the
-    first that applies). ``C``: the addend, shape (R, N), or None.
+    needs it, with ``ba`` its :class:`~fixedsim.matmul.core._Bits`; ``mm``, ``a_rows`` and
+    ``a_norms`` as for :class:`~fixedsim.matmul.paths.Product`. ``ba`` and ``bb`` may be
+    the scans of arrays that hold every nonzero value of ``A`` and ``B`` (the image an im2col
+    matrix is made of): the scans are bounds, and every row reads them as bounds.
+    ``path``: a row of the table by name (None: the first that applies). ``C``: the addend,
+    shape (R, N), or None.
     """
-    p = Product(A, B, spec, keys, rb, c, mm=mm, ba=ba, C=C)
+    p = Product(A, B, spec, keys, rb, c, mm=mm, ba=ba, C=C, bb=bb, a_rows=a_rows,
+                a_norms=a_norms)
     acc = spec.accumulator
     if acc is not None:
         c.accumulator.roundings += p.R * p.N * (acc.roundings(p.K) if hasattr(acc, "roundings")
@@ -231,7 +236,9 @@ def _conv_core(xq, wq, spec, keys, rb, c, stride, padding, Ho, Wo):
     kh, kw = wq.shape[2:]
     cols = _im2col(xq, kh, kw, stride, padding, Ho, Wo)
     c.macs = cols.shape[0] * O * cols.shape[1]
-    res = _product(cols, np.ascontiguousarray(wq.reshape(O, -1).T), spec, keys, rb, c)
+    # every nonzero value of cols is one of xq's: its scan bounds them
+    res = _product(cols, np.ascontiguousarray(wq.reshape(O, -1).T), spec, keys, rb, c,
+                   ba=_Bits.of(xq))
     return np.ascontiguousarray(res.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2))
 
 
@@ -313,7 +320,8 @@ def conv2d_grad_weight(x, grad_y, w_shape, spec: MatmulSpec | None = None, strid
     cols = _im2col(xq, w_shape[2], w_shape[3], stride, padding, Ho, Wo)
     A = np.ascontiguousarray(gq.transpose(1, 0, 2, 3).reshape(O, -1))
     c.macs = O * cols.shape[0] * cols.shape[1]
-    return _done(_product(A, cols, spec, keys, rb, c).reshape(w_shape), c, stats)
+    return _done(_product(A, cols, spec, keys, rb, c, bb=_Bits.of(xq)).reshape(w_shape), c,
+                 stats)
 
 
 def conv2d_grad_input(grad_y, w, x_shape, spec: MatmulSpec | None = None, stride=1, padding=0,
@@ -374,7 +382,21 @@ def conv2d_grad_input(grad_y, w, x_shape, spec: MatmulSpec | None = None, stride
         _conv.col2im(P, kh, kw, sh, sw, ph, pw, dx)
         return dx.transpose(0, 2, 3, 1).reshape(R, C)
 
+    def a_rows(rows):
+        """Rows of the im2col matrix of ``Zp`` alone."""
+        out = np.empty((rows.size, K))
+        _conv.im2col_rows(Zp, kh, kw, H, W, rows, out)
+        return out
+
+    def a_norms():
+        """The norms of its rows: each a float64 sum of its K squares (the channels' sums
+        at each pixel, then the window's), one square root."""
+        na = np.empty(R)
+        _conv.patch_norms(Zp, kh, kw, H, W, na)
+        return na
+
+    # every nonzero value of the zero-spread Zp is one of gq's: its scan bounds them
     res = _product(((R, K), lambda: _im2col(Zp, kh, kw, (1, 1), (0, 0), H, W)),
                    np.ascontiguousarray(wf.reshape(C, -1).T), spec, keys, rb, c, mm=mm,
-                   ba=_Bits.of(Zp))
+                   ba=_Bits.of(gq), a_rows=a_rows, a_norms=a_norms)
     return _done(np.ascontiguousarray(res.reshape(N, H, W, C).transpose(0, 3, 1, 2)), c, stats)

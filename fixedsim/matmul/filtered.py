@@ -188,11 +188,14 @@ def run(p):
     proof is in the module docstring). Never declines at run time."""
     spec, ba, bb, c = p.spec, p.ba, p.bb, p.c
     f = spec.output
-    A = np.ascontiguousarray(p.A, np.float64)
-    B = np.ascontiguousarray(p.B, np.float64)
-    R, K = A.shape
-    N = B.shape[1]
     mm = getattr(p, "mm", None)
+    # a lazily built A (a transposed convolution's) stays unbuilt: the product comes from mm,
+    # the norms from a_norms, the rows a second look needs from a_rows
+    lazy = mm is not None and getattr(p, "lazy", False)
+    A = None if lazy else np.ascontiguousarray(p.A, np.float64)
+    B = np.ascontiguousarray(p.B, np.float64)
+    K, N = B.shape
+    R = p.R if lazy else A.shape[0]
     S = A @ B if mm is None else np.ascontiguousarray(mm(0, B, 0, K), np.float64)
     read = bool(c._read)
     out = np.empty((R, N), f.dtype)
@@ -202,10 +205,12 @@ def run(p):
             and 2 * max(ba.top, bb.top) + math.log2(K) <= 1000):  # squares normal, finite
         pi, pd = _params(f, spec.output_rounding,
                          not read and spec.output_rounding in _NEAREST, read)
-        na, nb = np.empty(R), np.empty(N)
+        na = p._a_norms() if lazy else np.empty(R)
+        nb = np.empty(N)
         counts = np.empty((R, _gk.N_C), np.int64)
         marks = np.empty((R, _MARKS), np.int64)
-        args = (S, A, B, cf, pi, pd, out, fail, counts, na, nb, marks)
+        args = (S, np.empty((1, K)) if lazy else A, B, cf, pi, pd, out, fail, counts, na, nb,
+                marks, lazy)
         tot = _gk.filter_round(*args) if R * N >= _SERIAL else _on_one_thread(
             _gk.filter_round, args)
         marked = int(tot[_gk.C_MARKED])
@@ -233,7 +238,18 @@ def run(p):
 def _full_bt(B, BT, cols):
     """``B.T`` (C-contiguous) for the general kernel, from the gathered columns when they are
     all of them."""
-    return BT if cols.size == B.shape[1] else np.ascontiguousarray(B.T)
+    return BT if cols is not None and cols.size == B.shape[1] else np.ascontiguousarray(B.T)
+
+
+#: :func:`fixedsim.jit.gemm_filtered.dot2_sparse_at` runs when at most this share of the
+#: listed rows' entries is nonzero (it reads ``B`` in place, one cache line per product).
+_SPARSE = 0.5
+
+
+def _sparse_rows(A, fr) -> bool:
+    """Are the rows ``fr`` of ``A`` mostly zeros (sampled on up to 64 of them)?"""
+    rows = np.unique(fr[:: max(1, fr.size // 64)])
+    return np.count_nonzero(A[rows]) <= _SPARSE * A.shape[1] * rows.size
 
 
 def _marked(per_row, marks, fail):
@@ -263,10 +279,12 @@ def _on_one_thread(fn, args):
 def _second_stage(A, B, S, p, fr, fj, out, cf, na, nb, strict):
     """The elements ``(fr[i], fj[i])`` the vectorised filter left: the interval test on the
     scalar quantizer (sums beyond its range), Dot2 and the test again, signed zeros, then the
-    general kernel; their results into ``out``; returns their event counts (``F_*``)."""
+    general kernel; their results into ``out``; returns their event counts (``F_*``).
+    ``A`` None: the rows needed are built (:meth:`~fixedsim.matmul.paths.Product.rows_of_A`)
+    and the general kernel writes into a buffer of those rows."""
     spec, c = p.spec, p.c
     f = spec.output
-    K = A.shape[1]
+    K = B.shape[0]
     P, U, D = _kernel_params(f, spec.output_rounding, resolve_overflow(f, None), 64)
     flags = np.zeros(_q.N_FLAGS, np.int64)
     n = fr.size
@@ -280,11 +298,23 @@ def _second_stage(A, B, S, p, fr, fj, out, cf, na, nb, strict):
         n = fr.size
         if n == 0:
             return flags
-    cols, ui = np.unique(fj, return_inverse=True)
-    BT = np.empty((cols.size, K))
-    _gk.gather_columns(B, cols, BT)
+    final = out
+    if A is None:  # only the rows needed; fr becomes an index into them
+        rows, fr_sub = np.unique(fr, return_inverse=True)
+        A = p.rows_of_A(rows)
+        out = np.empty((rows.size, out.shape[1]), out.dtype)
+        fr_full, fr = fr, fr_sub.reshape(-1)
+    else:
+        fr_full = fr
     hi, lo, T, exact = np.empty(n), np.empty(n), np.empty(n), np.empty(n, np.uint8)
-    _gk.dot2_at(A, BT, fr, ui, hi, lo, T, exact)
+    BT = cols = None
+    if _sparse_rows(A, fr):  # most products zero: over the nonzero a_k alone, B in place
+        _gk.dot2_sparse_at(A, B, fr, fj, hi, lo, T, exact)
+    else:
+        cols, ui = np.unique(fj, return_inverse=True)
+        BT = np.empty((cols.size, K))
+        _gk.gather_columns(B, cols, BT)
+        _gk.dot2_at(A, BT, fr, ui, hi, lo, T, exact)
     zero = T == 0.0  # every product a signed zero: the sum is an exact zero
     if zero.any():
         zr, zj = fr[zero], fj[zero]
@@ -324,4 +354,6 @@ def _second_stage(A, B, S, p, fr, fj, out, cf, na, nb, strict):
         flags += _general_at(A, B, spec, p.ba, p.bb, p.keys, p.rb, fr[left], fj[left], out, c,
                              _full_bt(B, BT, cols))[2]
         c.paths[NAME + "_general"] = c.paths.get(NAME + "_general", 0) + int(left.sum())
+    if final is not out:  # the rows' buffer into the result
+        final[fr_full, fj] = out[fr, fj]
     return flags

@@ -82,9 +82,16 @@ class Product:
         some other way (the centroid products of :mod:`fixedsim.reuse`, the zero-free product
         of a transposed convolution): any summation order of the same exact products, which the
         exact-accumulation rows may use instead of ``A``.
+    a_rows, a_norms : callable or None
+        For an ``A`` built only on use: ``a_rows(rows)`` returns ``A[rows]`` (float64,
+        C-contiguous) without building the rest, ``a_norms()`` the Euclidean norms of the rows
+        of ``A`` as a float64 sum of the squares in some order, then one square root (what
+        the ``exact_filtered`` row's bound needs). :meth:`rows_of_A` and :meth:`row_norms`
+        use them while ``A`` is not built.
     """
 
-    def __init__(self, A, B, spec, keys, rb, c, mm=None, ba=None, C=None):
+    def __init__(self, A, B, spec, keys, rb, c, mm=None, ba=None, C=None, bb=None,
+                 a_rows=None, a_norms=None):
         if isinstance(A, tuple):  # ((R, K), make): A is built only if a row reads it
             (self.R, self.K), self._make = A
             self._A = None
@@ -95,7 +102,8 @@ class Product:
         self.C = C
         self.N = B.shape[1]
         self.ba = _Bits.of(self.A) if ba is None else ba
-        self.bb = _Bits.of(B)
+        self.bb = _Bits.of(B) if bb is None else bb
+        self._a_rows, self._a_norms = a_rows, a_norms
 
     @property
     def A(self) -> np.ndarray:
@@ -103,6 +111,18 @@ class Product:
         if self._A is None:
             self._A = self._make()
         return self._A
+
+    @property
+    def lazy(self) -> bool:
+        """Is ``A`` still unbuilt, with :meth:`rows_of_A` and :meth:`row_norms` able to work
+        without building it?"""
+        return self._A is None and self._a_rows is not None and self._a_norms is not None
+
+    def rows_of_A(self, rows) -> np.ndarray:
+        """``A[rows]`` as float64, C-contiguous (without building ``A`` when :attr:`lazy`)."""
+        if self.lazy:
+            return self._a_rows(np.asarray(rows, np.int64))
+        return np.ascontiguousarray(self.A[rows], np.float64)
 
     @property
     def acc(self):

@@ -163,17 +163,24 @@ class Context:
         from ..arith import add
 
         r = getattr(self.policy, role)
-        a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        s = a64 + b64
-        if r.fmt is None:
-            return s
-        seed = self.key(layer, purpose) if r.stochastic else None
         # Fast path: when float64 holds every sum exactly (TwoSum error zero, all finite),
         # one quantize of the sums is the single rounding fs.add makes, bit for bit. An exact
         # zero sum takes its sign from the rounding mode (IEEE), so DOWN goes to fs.add.
-        bb = s - a64
-        exact = (np.isfinite(s).all() and not ((a64 - (s - bb)) + (b64 - bb)).any()
-                 and not (r.rounding is Rounding.DOWN and not s.all()))
+        checked = _add_checked(a, b)
+        if checked is None:
+            a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            s = a64 + b64
+            if r.fmt is None:
+                return s
+            bb = s - a64
+            bad = not (np.isfinite(s).all() and not ((a64 - (s - bb)) + (b64 - bb)).any())
+            zeros = not s.all()
+        else:
+            s, bad, zeros = checked
+            if r.fmt is None:
+                return s
+        seed = self.key(layer, purpose) if r.stochastic else None
+        exact = not bad and not (r.rounding is Rounding.DOWN and zeros)
         if exact:
             out, qs = r.apply(s, seed, stats=True)
         else:
@@ -201,6 +208,35 @@ class Context:
                            random_bits=spec.random_bits, stats=True)
         self.layer_counters(layer).count_role("operands", qs)
         return out
+
+
+def _add_checked(a, b):
+    """``(a + b in float64, any sum inexact or not finite, any sum zero)`` by one pass of
+    :func:`fixedsim.jit.sums.add_checked` when ``a`` is a float32 or float64 array and ``b``
+    is a float array of ``a``'s shape or one that broadcasts along leading and trailing axes
+    only (a bias: ``(C,)`` against ``(N, C)``, ``(1, C, 1, 1)`` against ``(N, C, H, W)``);
+    None otherwise (numpy then computes it)."""
+    from ..jit.sums import add_checked
+
+    if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)
+            and a.dtype in (np.float32, np.float64) and b.dtype.kind == "f"
+            and b.ndim <= a.ndim and a.size):
+        return None
+    bs = (1,) * (a.ndim - b.ndim) + b.shape
+    axes = [i for i, n in enumerate(bs) if n != 1]
+    if not axes:
+        first, last = 0, -1
+    else:
+        first, last = axes[0], axes[-1]
+        if any(bs[i] != a.shape[i] for i in range(first, last + 1)):
+            return None
+    P = int(np.prod(a.shape[:first], dtype=np.int64))
+    C = int(np.prod(a.shape[first:last + 1], dtype=np.int64))
+    s = np.empty(a.shape, np.float64)
+    bad, zeros = add_checked(np.ascontiguousarray(a).reshape(P, C, -1),
+                             np.ascontiguousarray(b, np.float64).reshape(C),
+                             s.reshape(P, C, -1))
+    return s, bool(bad), bool(zeros)
 
 
 class Module:
