@@ -1,12 +1,14 @@
-"""One training epoch of the LeNet, side by side: fixedsim policies against PyTorch on the CPU.
+"""One training epoch of the LeNet or the MLP, side by side: fixedsim policies against PyTorch on
+the CPU.
 
-    python benchmarks/train.py [--images N] [--batch-size B] [--data NAME]
+    python benchmarks/train.py [--model lenet|mlp] [--images N] [--batch-size B] [--data NAME]
                                [--policies P ...] [--threads T] [--markdown PATH]
 
 Every implementation trains the same network (``fixedsim.nn.lenet``: conv 5x5 16, pool, conv
-5x5 32, pool, FC 128, FC 10) from the same initial weights on the same mini-batches in the same
-order (SGD, lr 0.02, momentum 0.9), for one epoch over the first ``N`` training images (default
-60,000 of Fashion-MNIST; ``--data embedded`` uses the shipped 10,000). Timed: the whole epoch
+5x5 32, pool, FC 128, FC 10; or ``fixedsim.nn.mlp``: 784-1000-1000-10, Gupta et al.'s MLP) from
+the same initial weights on the same mini-batches in the same order (SGD, lr 0.02, momentum
+0.9), for one epoch over the first ``N`` training images (default 60,000 of Fashion-MNIST;
+``--data embedded`` uses the shipped 10,000). Timed: the whole epoch
 loop (forward, loss, backward, optimizer step); not timed: data loading and one warm-up step
 per implementation (Numba loads or compiles its kernels; PyTorch initialises its pools).
 
@@ -29,19 +31,29 @@ import time
 
 import numpy as np
 
+#: The clock: wall time, or process CPU time with --cpu-time (meaningful at --threads 1 on a
+#: shared machine, where other jobs stretch wall time).
+_clock = time.perf_counter
+
 
 def _batches(n, batch_size, seed=0):
     order = np.random.default_rng(seed).permutation(n)
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
-def run_fixedsim(policy_name, x, y, batches, seed=0):
+def _model(name, seed, in_shape):
+    import fixedsim.nn as nn
+
+    return nn.build(name, seed, in_shape=in_shape)
+
+
+def run_fixedsim(policy_name, x, y, batches, seed=0, model_name="lenet"):
     import fixedsim.nn as nn
     from fixedsim.nn.optim import SGD
     from fixedsim.nn.train import _init_weights
 
     policy = nn.Policy.parse(policy_name)
-    model = nn.lenet(seed, in_shape=x.shape[1:])
+    model = _model(model_name, seed, x.shape[1:])
     _init_weights(model, policy, seed)
     opt = SGD(model.named_parameters(), lr=0.02, momentum=0.9)
     lossf = nn.SoftmaxCrossEntropy()
@@ -51,9 +63,9 @@ def run_fixedsim(policy_name, x, y, batches, seed=0):
         logits = model.forward(x[idx], ctx)
         loss = lossf(logits, y[idx], ctx)
         model.backward(lossf.backward(ctx), ctx)
-        t0 = time.perf_counter()
+        t0 = _clock()
         opt.step(ctx)
-        counters["optimizer"] = counters.get("optimizer", 0.0) + time.perf_counter() - t0
+        counters["optimizer"] = counters.get("optimizer", 0.0) + _clock() - t0
         for name, lc in ctx.counters.items():
             if lc.forward_seconds or lc.backward_seconds:
                 f, b = counters.get(name, (0.0, 0.0))
@@ -61,41 +73,44 @@ def run_fixedsim(policy_name, x, y, batches, seed=0):
         return loss
 
     step(0, batches[0], {})  # warm-up, not timed; the epoch below starts afresh
-    model = nn.lenet(seed, in_shape=x.shape[1:])
+    model = _model(model_name, seed, x.shape[1:])
     _init_weights(model, policy, seed)
     opt = SGD(model.named_parameters(), lr=0.02, momentum=0.9)
     counters, losses = {}, []
-    t0 = time.perf_counter()
+    t0 = _clock()
     for i, idx in enumerate(batches):
         losses.append(step(i, idx, counters))
-    total = time.perf_counter() - t0
+    total = _clock() - t0
     return total, float(np.mean(losses[-20:])), counters
 
 
-def run_torch(x, y, batches, seed=0, threads=None):
+def run_torch(x, y, batches, seed=0, threads=None, model_name="lenet"):
     import torch
 
     import fixedsim.nn as nn
 
     if threads:
         torch.set_num_threads(threads)
-    ours = nn.lenet(seed, in_shape=x.shape[1:])
-    c1, c2 = ours.layers[0], ours.layers[3]
-    f1, f2 = ours.layers[7], ours.layers[9]
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(c1.in_channels, c1.out_channels, 5), torch.nn.ReLU(),
-        torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(c2.in_channels, c2.out_channels, 5), torch.nn.ReLU(),
-        torch.nn.MaxPool2d(2), torch.nn.Flatten(),
-        torch.nn.Linear(f1.in_features, f1.out_features), torch.nn.ReLU(),
-        torch.nn.Linear(f2.in_features, f2.out_features))
-    with torch.no_grad():
-        for tl, ol in ((net[0], c1), (net[3], c2)):
-            tl.weight.copy_(torch.from_numpy(ol.weight.value.astype(np.float32)))
-            tl.bias.copy_(torch.from_numpy(ol.bias.value.astype(np.float32)))
-        for tl, ol in ((net[7], f1), (net[9], f2)):
-            tl.weight.copy_(torch.from_numpy(ol.weight.value.T.astype(np.float32)))
-            tl.bias.copy_(torch.from_numpy(ol.bias.value.astype(np.float32)))
+    ours = _model(model_name, seed, x.shape[1:])
+    layers = []
+    for layer in ours.layers:  # the same network, layer by layer, with the same weights
+        if isinstance(layer, nn.Conv2d):
+            t = torch.nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                                layer.stride, layer.padding)
+            w = layer.weight.value
+        elif isinstance(layer, nn.Linear):
+            t = torch.nn.Linear(layer.in_features, layer.out_features)
+            w = layer.weight.value.T
+        elif isinstance(layer, nn.MaxPool2d):
+            t = torch.nn.MaxPool2d(layer.kernel_size, layer.stride)
+        else:
+            t = {"ReLU": torch.nn.ReLU, "Flatten": torch.nn.Flatten}[type(layer).__name__]()
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            with torch.no_grad():
+                t.weight.copy_(torch.from_numpy(np.ascontiguousarray(w, np.float32)))
+                t.bias.copy_(torch.from_numpy(layer.bias.value.astype(np.float32)))
+        layers.append(t)
+    net = torch.nn.Sequential(*layers)
     init = {k: v.clone() for k, v in net.state_dict().items()}
     opt = torch.optim.SGD(net.parameters(), lr=0.02, momentum=0.9)
     lossf = torch.nn.CrossEntropyLoss()
@@ -112,14 +127,16 @@ def run_torch(x, y, batches, seed=0, threads=None):
     net.load_state_dict(init)
     opt = torch.optim.SGD(net.parameters(), lr=0.02, momentum=0.9)
     losses = []
-    t0 = time.perf_counter()
+    t0 = _clock()
     for idx in batches:
         losses.append(step(torch.from_numpy(idx)))
-    return time.perf_counter() - t0, float(np.mean(losses[-20:])), torch.__version__
+    return _clock() - t0, float(np.mean(losses[-20:])), torch.__version__
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=["lenet", "mlp"], default="lenet",
+                    help="lenet (default) or mlp (784-1000-1000-10)")
     ap.add_argument("--images", type=int, default=60000, help="training images (default 60000)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--data", default="fashion-mnist",
@@ -128,6 +145,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="Numba and PyTorch threads (default: all cores)")
     ap.add_argument("--no-torch", action="store_true", help="skip PyTorch")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time with process CPU time (use with --threads 1 on a busy machine)")
     ap.add_argument("--markdown", metavar="PATH", help="also write the report as Markdown")
     args = ap.parse_args(argv)
 
@@ -137,6 +156,9 @@ def main(argv=None) -> int:
     import fixedsim
     from fixedsim import data as fdata
 
+    global _clock
+    if args.cpu_time:
+        _clock = time.process_time
     if args.threads:
         numba.set_num_threads(args.threads)
     ds = fdata.load(args.data)
@@ -144,17 +166,20 @@ def main(argv=None) -> int:
     x, y = ds.x_train[:n], ds.y_train[:n]
     batches = _batches(n, args.batch_size)
     cmd = sys.argv[1:] if argv is None else argv
-    lines = [f"# LeNet, one epoch of {n:,} images ({ds.name}), batch {args.batch_size}",
+    title = {"lenet": "LeNet", "mlp": "MLP 784-1000-1000-10"}[args.model]
+    lines = [f"# {title}, one epoch of {n:,} images ({ds.name}), batch {args.batch_size}",
              "",
              f"command: `python benchmarks/train.py {shlex.join(cmd)}`",
              f"machine: {platform.node()}, {os.cpu_count()} CPUs, load before start "
              f"{os.getloadavg()[0]:.2f}; fixedsim {fixedsim.__version__}, numpy {np.__version__}, "
-             f"numba {numba.__version__} ({numba.get_num_threads()} threads)", ""]
+             f"numba {numba.__version__} ({numba.get_num_threads()} threads); "
+             f"{'process CPU time' if args.cpu_time else 'wall time'}", ""]
     rows, breakdowns = [], []
     torch_s = None
     if not args.no_torch:
         try:
-            secs, loss, ver = run_torch(x, y, batches, threads=args.threads)
+            secs, loss, ver = run_torch(x, y, batches, threads=args.threads,
+                                        model_name=args.model)
             torch_s = secs
             rows.append((f"PyTorch {ver} float32 (CPU)", secs, loss))
         except ModuleNotFoundError:
@@ -162,7 +187,7 @@ def main(argv=None) -> int:
     f32_s = None
     for pol in args.policies:
         with threadpool_limits(limits=1, user_api="blas"):  # as fixedsim.nn.train does
-            secs, loss, counters = run_fixedsim(pol, x, y, batches)
+            secs, loss, counters = run_fixedsim(pol, x, y, batches, model_name=args.model)
         rows.append((f"fixedsim {pol}", secs, loss))
         if pol == "float32":
             f32_s = secs
