@@ -28,10 +28,18 @@ __all__ = [
     "BF16",
     "FP8_E5M2",
     "FP8_E4M3",
+    "FP8_E4M3FNUZ",
+    "FP8_E5M2FNUZ",
+    "FP8_E3M4",
+    "FP6_E2M3",
+    "FP6_E3M2",
+    "FP4_E2M1",
+    "E8M0",
     "parse_format",
 ]
 
-_INF_NAN = ("ieee", "fn")
+#: The encodings of specials, by the ``inf_nan`` field of :class:`FloatFormat`.
+_INF_NAN = ("ieee", "fn", "fnuz", "none")
 
 
 def _check_int(name: str, value, lo: int, hi: int, cls: str) -> int:
@@ -186,16 +194,31 @@ class FloatFormat:
     Parameters
     ----------
     exp_bits : int
-        Exponent field width, 2 to 11. The bias is ``2**(exp_bits-1) - 1``.
+        Exponent field width, 2 to 11.
     man_bits : int
-        Stored mantissa (trailing significand) bits, 1 to 52; the precision is ``man_bits + 1``.
+        Stored mantissa (trailing significand) bits, 0 to 52; the precision is ``man_bits + 1``.
+        0 is an exponent-only format (E8M0): unsigned, no zero, no subnormals, ``inf_nan="fn"``.
     subnormals : bool, default True
         When False, results below the smallest normal are flushed to a signed zero
         (tininess detected after rounding).
-    inf_nan : {"ieee", "fn"}, default "ieee"
-        ``"ieee"``: the all-ones exponent encodes inf (mantissa 0) and NaN (mantissa != 0).
-        ``"fn"`` (finite, OCP FP8 E4M3 style): no infinities; only the all-ones exponent *and*
-        all-ones mantissa encode NaN, so the top binade holds normal numbers and ``max`` is larger.
+    inf_nan : {"ieee", "fn", "fnuz", "none"}, default "ieee"
+        How the specials are encoded:
+
+        * ``"ieee"``: the all-ones exponent encodes inf (mantissa 0) and NaN (mantissa != 0).
+        * ``"fn"`` (finite, OCP FP8 E4M3 style): no infinities; only the all-ones exponent *and*
+          all-ones mantissa encode NaN, so the top binade holds normal numbers.
+        * ``"fnuz"`` (finite, unsigned zero: AMD MI300 and Graphcore FP8): no infinities, no
+          negative zero; the one NaN is the code with only the sign bit set (0x80 in 8 bits);
+          the default bias is one more than IEEE's. A result that is zero is ``+0.0``.
+        * ``"none"`` (OCP MX FP6 and FP4): no infinities and no NaN; every code is a number.
+          A NaN input is refused (ValueError), as for fixed point.
+
+        Overflow saturates by default for every kind but ``"ieee"`` (see :func:`quantize`).
+    signed : bool, default True
+        False drops the sign bit (``inf_nan="fn"`` only): negative inputs (not -0.0) become NaN,
+        zeros ``+0.0``.
+    bias : int, optional
+        Exponent bias; default ``2**(exp_bits-1) - 1``, one more for ``"fnuz"``.
 
     Examples
     --------
@@ -204,53 +227,90 @@ class FloatFormat:
     (65504.0, 0.0009765625, 6.103515625e-05, 5.960464477539063e-08)
     >>> fs.FloatFormat(4, 3, inf_nan="fn") == fs.FP8_E4M3, fs.FP8_E4M3.max
     (True, 448.0)
+    >>> fs.FP8_E4M3FNUZ.bias, fs.FP8_E4M3FNUZ.max, fs.FP4_E2M1.max, fs.E8M0.max
+    (8, 240.0, 6.0, 1.7014118346046923e+38)
     """
 
     exp_bits: int
     man_bits: int
     subnormals: bool = dataclasses.field(default=True, kw_only=True)
     inf_nan: str = dataclasses.field(default="ieee", kw_only=True)
+    signed: bool = dataclasses.field(default=True, kw_only=True)
+    bias: int | None = dataclasses.field(default=None, kw_only=True)
 
     def __post_init__(self):
         e = _check_int("exp_bits", self.exp_bits, 2, 11, "FloatFormat")
-        m = _check_int("man_bits", self.man_bits, 1, 52, "FloatFormat")
-        if not isinstance(self.subnormals, (bool, np.bool_)):
-            raise TypeError(f"FloatFormat: subnormals must be a bool, got {self.subnormals!r}")
+        m = _check_int("man_bits", self.man_bits, 0, 52, "FloatFormat")
+        for name in ("subnormals", "signed"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TypeError(f"FloatFormat: {name} must be a bool, got "
+                                f"{getattr(self, name)!r}")
         if not isinstance(self.inf_nan, str) or self.inf_nan.lower() not in _INF_NAN:
             raise ValueError(
-                f"FloatFormat: inf_nan must be 'ieee' (inf and NaN) or 'fn' (finite: no inf, "
-                f"one NaN pattern), got {self.inf_nan!r}"
+                f"FloatFormat: inf_nan must be 'ieee' (inf and NaN), 'fn' (finite: no inf, "
+                f"one NaN pattern), 'fnuz' (no inf, no -0, NaN at the sign-bit code) or "
+                f"'none' (no inf, no NaN), got {self.inf_nan!r}"
             )
+        kind = self.inf_nan.lower()
+        default_bias = (1 << (e - 1)) - 1 + (kind == "fnuz")
+        bias = default_bias if self.bias is None else _check_int(
+            "bias", self.bias, -1100, 1100, "FloatFormat")
         object.__setattr__(self, "exp_bits", e)
         object.__setattr__(self, "man_bits", m)
         object.__setattr__(self, "subnormals", bool(self.subnormals))
-        object.__setattr__(self, "inf_nan", self.inf_nan.lower())
-        if self.inf_nan == "fn" and e == 11:
+        object.__setattr__(self, "signed", bool(self.signed))
+        object.__setattr__(self, "inf_nan", kind)
+        object.__setattr__(self, "bias", bias)
+        if not self.signed and kind != "fn":
             raise ValueError(
-                "FloatFormat: an 'fn' format with 11 exponent bits has values beyond float64; "
-                "use exp_bits <= 10 or inf_nan='ieee'"
-            )
+                f"FloatFormat: an unsigned format (signed=False) encodes NaN as the all-ones "
+                f"code and has no infinities: it needs inf_nan='fn', got {kind!r}")
+        if m == 0 and (self.signed or self.subnormals):
+            raise ValueError(
+                "FloatFormat: man_bits=0 is an exponent-only format (E8M0: no zero, no "
+                "subnormals, no sign): it needs signed=False and subnormals=False")
+        if kind == "none" and e + m < 2:
+            raise ValueError("FloatFormat: inf_nan='none' needs exp_bits + man_bits >= 2")
+        if self.emax >= 1024 or self.emin - m < -1074:
+            raise ValueError(
+                f"FloatFormat: E{e}M{m} with bias {bias} ({kind!r}) has values beyond float64 "
+                f"(exponents {self.emin - m} to {self.emax}, float64 holds -1074 to 1023); "
+                "use fewer exponent bits or another bias")
 
     kind = "float"
 
     def __repr__(self) -> str:
-        base = _PRESET_NAMES.get((self.exp_bits, self.man_bits, self.inf_nan))
+        key = (self.exp_bits, self.man_bits, self.inf_nan, self.signed, self.bias)
+        base = _PRESET_NAMES.get(key)
         if base is None:
-            base = f"E{self.exp_bits}M{self.man_bits}" + ("fn" if self.inf_nan == "fn" else "")
-        return base if self.subnormals else base + "-ftz"
+            default_bias = (1 << (self.exp_bits - 1)) - 1 + (self.inf_nan == "fnuz")
+            base = (("" if self.signed else "U") + f"E{self.exp_bits}M{self.man_bits}"
+                    + (f"B{self.bias}" if self.bias != default_bias else "")
+                    + ("" if self.inf_nan == "ieee" else self.inf_nan))
+        return base if self.subnormals or self.man_bits == 0 else base + "-ftz"
 
     __str__ = __repr__
 
     # -- derived facts ----------------------------------------------------------------------
     @property
     def has_inf(self) -> bool:
-        """True when the format encodes infinities."""
+        """True when the format encodes infinities (``inf_nan="ieee"``)."""
         return self.inf_nan == "ieee"
 
     @property
-    def bias(self) -> int:
-        """Exponent bias, ``2**(exp_bits-1) - 1``."""
-        return (1 << (self.exp_bits - 1)) - 1
+    def has_nan(self) -> bool:
+        """True when the format encodes NaN (every kind but ``"none"``)."""
+        return self.inf_nan != "none"
+
+    @property
+    def has_zero(self) -> bool:
+        """False for exponent-only formats (``man_bits == 0``, E8M0), True otherwise."""
+        return self.man_bits > 0
+
+    @property
+    def has_negative_zero(self) -> bool:
+        """True when -0.0 is a value: signed formats except ``"fnuz"``."""
+        return self.signed and self.inf_nan != "fnuz" and self.has_zero
 
     @property
     def precision(self) -> int:
@@ -259,25 +319,27 @@ class FloatFormat:
 
     @property
     def width(self) -> int:
-        """Bits in a code: sign + exponent + mantissa."""
-        return 1 + self.exp_bits + self.man_bits
+        """Bits in a code: sign (if signed) + exponent + mantissa."""
+        return int(self.signed) + self.exp_bits + self.man_bits
 
     @property
     def emin(self) -> int:
-        """Exponent of the smallest normal, ``1 - bias``."""
-        return 1 - self.bias
+        """Exponent of the smallest normal: ``1 - bias``; ``-bias`` when ``man_bits == 0``
+        (an exponent-only format has no zero or subnormals: field 0 is a normal number)."""
+        return (1 if self.man_bits else 0) - self.bias
 
     @property
     def emax(self) -> int:
         """Exponent of the largest finite value."""
         top = (1 << self.exp_bits) - 1  # all-ones exponent field
-        return (top - 1 if self.has_inf else top) - self.bias
+        reserved = self.has_inf or (self.inf_nan == "fn" and self.man_bits == 0)
+        return (top - 1 if reserved else top) - self.bias
 
     @property
     def max_significand(self) -> int:
         """Largest significand at ``emax``: ``max == max_significand * 2**(emax - man_bits)``."""
         full = (1 << (self.man_bits + 1)) - 1
-        return full if self.has_inf else full - 1
+        return full - 1 if self.inf_nan == "fn" and self.man_bits > 0 else full
 
     @property
     def max(self) -> float:
@@ -346,20 +408,27 @@ FP16 = FloatFormat(5, 10)
 BF16 = FloatFormat(8, 7)
 FP8_E5M2 = FloatFormat(5, 2)
 FP8_E4M3 = FloatFormat(4, 3, inf_nan="fn")
+FP8_E3M4 = FloatFormat(3, 4)
+FP8_E4M3FNUZ = FloatFormat(4, 3, inf_nan="fnuz")
+FP8_E5M2FNUZ = FloatFormat(5, 2, inf_nan="fnuz")
+FP6_E2M3 = FloatFormat(2, 3, inf_nan="none")
+FP6_E3M2 = FloatFormat(3, 2, inf_nan="none")
+FP4_E2M1 = FloatFormat(2, 1, inf_nan="none")
+E8M0 = FloatFormat(8, 0, inf_nan="fn", signed=False, subnormals=False)
 
+#: Preset names by (exp_bits, man_bits, inf_nan, signed, bias): repr and parse_format use them.
 _PRESET_NAMES = {
-    (11, 52, "ieee"): "FP64",
-    (8, 23, "ieee"): "FP32",
-    (8, 10, "ieee"): "TF32",
-    (5, 10, "ieee"): "FP16",
-    (8, 7, "ieee"): "BF16",
-    (5, 2, "ieee"): "FP8_E5M2",
-    (4, 3, "fn"): "FP8_E4M3",
+    (f.exp_bits, f.man_bits, f.inf_nan, f.signed, f.bias): name
+    for name, f in (("FP64", FP64), ("FP32", FP32), ("TF32", TF32), ("FP16", FP16),
+                    ("BF16", BF16), ("FP8_E5M2", FP8_E5M2), ("FP8_E4M3", FP8_E4M3),
+                    ("FP8_E3M4", FP8_E3M4), ("FP8_E4M3FNUZ", FP8_E4M3FNUZ),
+                    ("FP8_E5M2FNUZ", FP8_E5M2FNUZ), ("FP6_E2M3", FP6_E2M3),
+                    ("FP6_E3M2", FP6_E3M2), ("FP4_E2M1", FP4_E2M1), ("E8M0", E8M0))
 }
 
 
 _FIXED_RE = re.compile(r"^(U?)Q<\s*(-?\d+)\s*,\s*(-?\d+)\s*>$")
-_FLOAT_RE = re.compile(r"^E(\d+)M(\d+)(FN)?$")
+_FLOAT_RE = re.compile(r"^(U?)E(\d+)M(\d+)(?:B(-?\d+))?(FNUZ|FN|NONE)?$")
 
 
 def parse_format(text) -> Format:
@@ -370,8 +439,12 @@ def parse_format(text) -> Format:
     text : str or FixedFormat or FloatFormat
         ``"Q<16,14>"`` (signed fixed point, word and fractional length), ``"UQ<8,8>"``
         (unsigned), a preset name (``"FP32"``, ``"FP16"``, ``"BF16"``, ``"TF32"``,
-        ``"FP8_E4M3"``, ``"FP8_E5M2"``, ``"FP64"``), ``"E5M2"``/``"E4M3fn"`` (exponent and
-        mantissa bits, ``fn``: finite), any of them followed by ``-ftz`` (no subnormals).
+        ``"FP8_E4M3"``, ``"FP8_E5M2"``, ``"FP64"``, ``"FP8_E4M3FNUZ"``, ``"FP8_E5M2FNUZ"``,
+        ``"FP8_E3M4"``, ``"FP6_E2M3"``, ``"FP6_E3M2"``, ``"FP4_E2M1"``, ``"E8M0"``),
+        ``"E5M2"``/``"E4M3fn"``/``"E4M3fnuz"``/``"E2M1none"`` (exponent and mantissa bits,
+        then the ``inf_nan`` kind when not ``"ieee"``), with ``B<bias>`` after the mantissa bits
+        for a bias other than the default (``"E4M3B11fnuz"``) and a leading ``U`` for an
+        unsigned format (``"UE5M3fn"``); any of them followed by ``-ftz`` (no subnormals).
         Case is ignored. A format is returned as it is.
 
     Raises
@@ -387,6 +460,8 @@ def parse_format(text) -> Format:
     (Q<16,14>, FP16, FP8_E4M3)
     >>> parse_format(repr(fs.FloatFormat(5, 2, subnormals=False)))
     FP8_E5M2-ftz
+    >>> parse_format("e4m3fnuz"), parse_format("E4M3B11fnuz").bias, parse_format("UE5M3fn").width
+    (FP8_E4M3FNUZ, 11, 8)
     """
     if isinstance(text, (FixedFormat, FloatFormat)):
         return text
@@ -405,13 +480,17 @@ def parse_format(text) -> Format:
             return FixedFormat(int(m.group(2)), int(m.group(3)), signed=not m.group(1))
         by_name = {name: key for key, name in _PRESET_NAMES.items()}
         if s in by_name:
-            e, mb, inf_nan = by_name[s]
-            return FloatFormat(e, mb, subnormals=not ftz, inf_nan=inf_nan)
+            e, mb, inf_nan, signed, bias = by_name[s]
+            return FloatFormat(e, mb, subnormals=not ftz and mb > 0, inf_nan=inf_nan,
+                               signed=signed, bias=bias)
         m = _FLOAT_RE.match(s)
         if m:
-            return FloatFormat(int(m.group(1)), int(m.group(2)), subnormals=not ftz,
-                               inf_nan="fn" if m.group(3) else "ieee")
+            mb = int(m.group(3))
+            return FloatFormat(int(m.group(2)), mb, subnormals=not ftz and mb > 0,
+                               inf_nan=(m.group(5) or "ieee").lower(), signed=not m.group(1),
+                               bias=None if m.group(4) is None else int(m.group(4)))
     except (TypeError, ValueError) as err:
         raise ValueError(f"format {text!r}: {err}") from None
     raise ValueError(f"unknown format {text!r}; expected Q<word,frac>, UQ<word,frac>, ExMy, "
-                     f"ExMyfn or one of {', '.join(_PRESET_NAMES.values())} (optionally -ftz)")
+                     f"ExMyfn, ExMyfnuz, ExMynone, UExMyfn, ExMyB<bias>... or one of "
+                     f"{', '.join(_PRESET_NAMES.values())} (optionally -ftz)")

@@ -192,6 +192,10 @@ def _kernel_params(fmt, rounding: Rounding, overflow: Overflow, random_bits: int
         P[_q.P_EMIN] = fmt.emin
         P[_q.P_SUBN] = int(fmt.subnormals)
         P[_q.P_HASINF] = int(fmt.has_inf)
+        P[_q.P_NONAN] = int(not fmt.has_nan)
+        P[_q.P_NEGZERO] = int(fmt.has_negative_zero)
+        P[_q.P_UNSIGNED] = int(not fmt.signed)
+        P[_q.P_NOZERO] = int(not fmt.has_zero)
         D[_q.D_MAX] = fmt.max
         D[_q.D_MIN] = -fmt.max
         D[_q.D_MINNORM] = fmt.min_normal
@@ -434,8 +438,9 @@ def _fast_path(arr: np.ndarray, fmt, rounding: Rounding, overflow=None) -> str |
     """Which fast kernel can serve this call bit-identically to the general one, if any
     (``overflow``: the resolved Overflow; None stands for the format's default)."""
     if isinstance(fmt, FloatFormat):
-        if fmt.dtype != np.float32 or not fmt.subnormals:
-            return None
+        if fmt.dtype != np.float32 or not fmt.subnormals or fmt.inf_nan not in ("ieee", "fn") \
+                or not fmt.signed:
+            return None  # the fast kernels know IEEE and "fn" specials only
         if arr.dtype == np.float32:
             return "float_from_f32"
         if (fmt == _BINARY32 and rounding is Rounding.NEAREST_EVEN
@@ -650,9 +655,10 @@ def _raise_invalid(arr, fmt, overflow):
     flat = arr.reshape(-1)
     nan = np.flatnonzero(np.isnan(flat))
     if nan.size:
+        kind = "fixed-point format" if isinstance(fmt, FixedFormat) else "format (no NaN code)"
         raise ValueError(
-            f"x holds NaN (first at flat index {nan[0]}, {nan.size} in all), which fixed-point "
-            f"format {fmt!r} cannot represent; replace or mask NaNs first"
+            f"x holds NaN (first at flat index {nan[0]}, {nan.size} in all), which {kind} "
+            f"{fmt!r} cannot represent; replace or mask NaNs first"
         )
     inf = np.flatnonzero(np.isinf(flat))
     raise ValueError(
@@ -721,7 +727,8 @@ def to_bits(x, fmt) -> np.ndarray:
 def _to_bits(arr, fmt):
     """:func:`to_bits` of a float32/float64 array."""
     # a format without subnormals still has their encodings (from_bits decodes them)
-    enc = dataclasses.replace(fmt, subnormals=True) if isinstance(fmt, FloatFormat) else fmt
+    enc = dataclasses.replace(fmt, subnormals=True) if isinstance(fmt, FloatFormat) \
+        and fmt.has_zero else fmt
     q = quantize(arr, enc, overflow=Overflow.SATURATE) if not (
         isinstance(fmt, FixedFormat) and np.isnan(arr).any()) else None
     if q is None:
@@ -753,6 +760,8 @@ def _float_to_bits(arr, fmt: FloatFormat) -> np.ndarray:
     u64 = np.uint64
     bits, in_e, in_m = _container_bits(arr)
     sign = (bits >> u64(in_e + in_m)) << u64(e + m)
+    if not fmt.signed:
+        sign = np.zeros_like(sign)  # to_bits let through no negative value
     top = u64((1 << e) - 1)
     with np.errstate(all="ignore"):
         mag = np.abs(arr.astype(np.float64))
@@ -772,6 +781,8 @@ def _float_to_bits(arr, fmt: FloatFormat) -> np.ndarray:
         payload = (bits & u64((1 << in_m) - 1)) >> u64(in_m - m)
         payload = np.where(payload == 0, u64(1) << u64(m - 1), payload)
         codes = np.where(np.isnan(mag), (top << u64(m)) | payload, codes)
+    elif fmt.inf_nan == "fnuz":  # one NaN, the negative zero's code
+        return np.where(np.isnan(mag), u64(1) << u64(e + m), codes | sign).astype(fmt.code_dtype)
     else:
         codes = np.where(np.isnan(mag), (top << u64(m)) | u64((1 << m) - 1), codes)
     return (codes | sign).astype(fmt.code_dtype)
@@ -868,18 +879,24 @@ def from_bits(codes, fmt) -> np.ndarray:
                 )
         return np.ldexp(v, -fmt.frac_length).astype(fmt.dtype)
     m, e = fmt.man_bits, fmt.exp_bits
-    neg = ((u >> u64(e + m)) & u64(1)).astype(bool)
+    neg = ((u >> u64(e + m)) & u64(1)).astype(bool) & fmt.signed
     ef = ((u >> u64(m)) & u64((1 << e) - 1)).astype(np.int64)
     mant = u & u64((1 << m) - 1)
     top = (1 << e) - 1
-    sig = np.where(ef > 0, mant + (u64(1) << u64(m)), mant).astype(np.float64)
-    exp = np.where(ef > 0, ef, 1) - fmt.bias - m
+    normal = (ef > 0) | (m == 0)  # exponent-only formats (E8M0) have no subnormals
+    sig = np.where(normal, mant + (u64(1) << u64(m)), mant).astype(np.float64)
+    exp = np.where(normal, ef, 1) - fmt.bias - m
     mag = np.ldexp(sig, exp.astype(np.int32))
     if fmt.has_inf:
         is_nan = (ef == top) & (mant != 0)
         mag = np.where((ef == top) & (mant == 0), np.inf, mag)
-    else:
+    elif fmt.inf_nan == "fn":
         is_nan = (ef == top) & (mant == u64((1 << m) - 1))
+    elif fmt.inf_nan == "fnuz":
+        is_nan = u == u64(1 << (e + m))
+        neg = neg & ~is_nan  # its NaN is positive
+    else:
+        is_nan = np.zeros(u.shape, bool)
     with np.errstate(over="ignore"):  # the top binade of "ieee" formats decodes below
         val = np.where(neg, -mag, mag).astype(fmt.dtype)
     if np.any(is_nan):
@@ -889,7 +906,7 @@ def from_bits(codes, fmt) -> np.ndarray:
         nan_bits = (
             (neg.astype(np.uint64) << u64(in_e + in_m))
             | (u64((1 << in_e) - 1) << u64(in_m))
-            | (mant << u64(in_m - m))
-        )
+            | np.where(mant == 0, u64(1) << u64(in_m - 1), mant << u64(in_m - m))
+        )  # a NaN code with no mantissa bits (fnuz, E8M0) gives the quiet NaN
         vb[is_nan] = nan_bits[is_nan].astype(vb.dtype)
     return val

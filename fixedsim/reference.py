@@ -194,13 +194,16 @@ def round_to_format(x, fmt, rounding=Rounding.NEAREST_EVEN, overflow=None, *, dr
     -------
     float or Fraction, or (value, dict) with ``flags=True``
         A float when exactly a float64, else a Fraction. Fixed-point zero is ``+0.0``; float
-        zeros keep the sign of x; NaN keeps its sign.
+        zeros keep the sign of x (``+0.0`` in "fnuz" and unsigned formats); NaN keeps its sign.
+        An unsigned float format gives NaN for a negative x (not -0.0), and E8M0 (no zero) for
+        zero too; a value below E8M0's smallest is that smallest value (flag ``underflow``).
 
     Raises
     ------
     ValueError
-        NaN into a fixed format; inf with WRAP; WRAP on a float format; INFINITY on a fixed or
-        "fn" format; ``random_bits`` with a deterministic rounding or outside 1..64;
+        NaN into a fixed format or a float format without NaN (``inf_nan="none"``); inf with
+        WRAP; WRAP on a float format; INFINITY on a format without infinities;
+        ``random_bits`` with a deterministic rounding or outside 1..64;
         STOCHASTIC without a ``draw`` (or with one out of range).
 
     Examples
@@ -235,7 +238,9 @@ def round_to_format(x, fmt, rounding=Rounding.NEAREST_EVEN, overflow=None, *, dr
         f["inexact"] = result != ex
         f["rounded_up"] = result > ex
         f["overflow"] = over
-        f["underflow"] = finite_nonzero and result == 0
+        f["underflow"] = finite_nonzero and (result == 0 or (
+            isinstance(fmt, FloatFormat) and not fmt.has_zero and result == fmt.min_normal
+            and abs(ex) < Fraction(fmt.min_normal)))
         f["subnormal"] = (isinstance(fmt, FloatFormat) and res_finite and result != 0
                           and abs(result) < fmt.min_normal)
     return result, f
@@ -263,9 +268,13 @@ def _round_fixed(x, fmt: FixedFormat, rounding, overflow, draw, bits):
 
 def _round_float(x, negative: bool, fmt: FloatFormat, rounding, overflow, draw, bits):
     sign = -1.0 if negative else 1.0
-    if isinstance(x, float):  # NaN or inf
-        if math.isnan(x):
-            return math.copysign(math.nan, sign), False
+    if isinstance(x, float) and math.isnan(x):
+        if not fmt.has_nan:
+            raise ValueError(f"cannot round NaN to {fmt}, which has no NaN")
+        return math.copysign(math.nan, sign), False
+    if not fmt.signed and (negative and x != 0 or not fmt.has_zero and x == 0):
+        return math.nan, False  # an unsigned format has no negative values (E8M0: no zero)
+    if isinstance(x, float):  # infinity
         if overflow == Overflow.INFINITY:
             return x, False
         return math.copysign(fmt.max, sign), True
@@ -273,8 +282,10 @@ def _round_float(x, negative: bool, fmt: FloatFormat, rounding, overflow, draw, 
     v = lo if lo == hi else _pick(x, lo, hi, _quantum(x, fmt), rounding, draw, bits, True)
     if not fmt.subnormals and abs(v) < _pow2(fmt.emin):
         v = 0  # flush; tininess after rounding
+        if not fmt.has_zero:  # no zero (E8M0): the smallest value instead
+            return fmt.min_normal, False
     if v == 0:
-        return math.copysign(0.0, sign), False
+        return (math.copysign(0.0, sign) if fmt.has_negative_zero else 0.0), False
     if abs(v) <= Fraction(fmt.max):
         return float(v), False
     big = math.copysign(math.inf, sign)
@@ -327,8 +338,10 @@ def encode(value, fmt) -> int:
 
     Fixed point: the ``word_length``-bit two's complement code. Float: sign, biased exponent,
     mantissa. NaN gets the canonical code (sign kept): all-ones exponent and the quiet bit for
-    "ieee", all-ones exponent and mantissa for "fn". Subnormal values are encoded also for
-    formats with ``subnormals=False`` (the encoding exists; rounding never produces them).
+    "ieee", all-ones exponent and mantissa for "fn" (no sign bit in an unsigned format: 0xFF
+    in E8M0), the sign bit alone for "fnuz" (0x80); "none" has no NaN. Subnormal values are
+    encoded also for formats with ``subnormals=False`` (the encoding exists; rounding never
+    produces them).
 
     Examples
     --------
@@ -346,19 +359,28 @@ def encode(value, fmt) -> int:
         return int(code) % 2**fmt.word_length
     e, m = fmt.exp_bits, fmt.man_bits
     top = 2**e - 1  # all-ones exponent field
-    sign = (1 << (e + m)) if _negative(value) else 0
+    neg = _negative(value)
+    if neg and not fmt.signed and not (isinstance(v, float) and math.isnan(v)):
+        raise ValueError(f"{value!r} is not a value of the unsigned format {fmt}")
+    sign = (1 << (e + m)) if neg and fmt.signed else 0
     if isinstance(v, float) and math.isnan(v):
+        if fmt.inf_nan == "fnuz":
+            return 1 << (e + m)  # the one NaN: the negative zero's code
+        if not fmt.has_nan:
+            raise ValueError(f"{fmt} has no NaN, cannot encode {value!r}")
         return sign | (top << m) | ((1 << (m - 1)) if fmt.has_inf else 2**m - 1)
     if isinstance(v, float):
         if not fmt.has_inf:
             raise ValueError(f"{fmt} has no infinities, cannot encode {value!r}")
         return sign | (top << m)
     if v == 0:
+        if not fmt.has_zero or (sign and not fmt.has_negative_zero):
+            raise ValueError(f"{value!r} is not a value of {fmt}")
         return sign
     a = abs(v)
     exp = max(_floor_log2(a), fmt.emin)
     sig = a / _pow2(exp - m)
-    if sig.denominator != 1 or a > Fraction(fmt.max):
+    if sig.denominator != 1 or a > Fraction(fmt.max) or a < Fraction(fmt.min_subnormal):
         raise ValueError(f"{value!r} is not exactly representable in {fmt}")
     if sig < 2**m:  # subnormal
         return sign | int(sig)
@@ -388,13 +410,17 @@ def decode(code, fmt):
             code -= 2**fmt.word_length
         return 0.0 if code == 0 else _out(code * _pow2(-fmt.frac_length))
     e, m = fmt.exp_bits, fmt.man_bits
-    sign = -1.0 if code >> (e + m) else 1.0
+    sign = -1.0 if fmt.signed and code >> (e + m) else 1.0
     exp_field, man = (code >> m) & (2**e - 1), code & (2**m - 1)
+    if fmt.inf_nan == "fnuz" and code == 1 << (e + m):
+        return math.nan
     if exp_field == 2**e - 1:
         if fmt.has_inf:
             return math.copysign(math.inf if man == 0 else math.nan, sign)
-        if man == 2**m - 1:
+        if fmt.inf_nan == "fn" and man == 2**m - 1:
             return math.copysign(math.nan, sign)
+    if m == 0:  # exponent-only (E8M0): every field is a power of two
+        return float(_pow2(exp_field - fmt.bias))
     if exp_field == 0:
         mag = man * _pow2(fmt.emin - m)
     else:
@@ -422,11 +448,13 @@ def values(fmt) -> list:
         q = _pow2(-fmt.frac_length)
         return [0.0 if c == 0 else _out(c * q) for c in range(fmt.min_code, fmt.max_code + 1)]
     positive = []
-    for code in range(2 ** (fmt.width - 1)):  # sign bit clear
+    for code in range(2 ** (fmt.width - fmt.signed)):  # sign bit clear
         v = decode(code, fmt)
         if math.isfinite(v) and (v == 0 or fmt.subnormals or v >= fmt.min_normal):
             positive.append(v)
     positive.sort()
+    if not fmt.signed:
+        return positive
     return [-v for v in reversed(positive) if v != 0] + positive
 
 

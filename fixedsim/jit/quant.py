@@ -8,7 +8,9 @@ rounded twice and no float arithmetic touches a value before its one rounding.
 Format and mode arrive packed in three small arrays (see :func:`fixedsim.quantize._kernel_params`):
 
 * ``P`` (int64): kind, rounding, overflow, random bits, mantissa bits, emin, subnormals, has_inf,
-  word length, signed, frac length;
+  word length, signed, frac length; for floats also: NaN refused (no NaN in the format),
+  negative zero kept, unsigned (negative inputs are NaN), no zero (the smallest value replaces
+  a flush to zero);
 * ``U`` (uint64): largest positive code, largest negative magnitude, code mask, random key;
 * ``D`` (float64): largest value, most negative value, smallest normal, fixed-point quantum.
 
@@ -25,8 +27,9 @@ from .options import jit, jit_inline, jit_parallel
 from .rng import random_u64
 
 # P fields
-P_KIND, P_MODE, P_OVF, P_RBITS, P_M, P_EMIN, P_SUBN, P_HASINF, P_W, P_SIGNED, P_F = range(11)
-N_P = 11
+(P_KIND, P_MODE, P_OVF, P_RBITS, P_M, P_EMIN, P_SUBN, P_HASINF, P_W, P_SIGNED, P_F,
+ P_NONAN, P_NEGZERO, P_UNSIGNED, P_NOZERO) = range(15)
+N_P = 15
 # U fields
 U_PMAX, U_NMAG, U_MASK, U_KEY = range(4)
 N_U = 4
@@ -152,9 +155,11 @@ def _quantize_fields(x, neg, ef, frac, in_m, in_bias, in_top, P, U, D, idx):
     # -- specials --------------------------------------------------------------------------
     if ef == in_top:
         if frac != 0:  # NaN
-            if kind == KIND_FIXED:
+            if kind == KIND_FIXED or P[P_NONAN] != 0:
                 return 0.0, 1 << F_INVALID
             return x, 1 << F_NAN
+        if kind == KIND_FLOAT and neg and P[P_UNSIGNED] != 0:
+            return np.nan, (1 << F_NAN) | (1 << F_INEXACT)
         # infinity
         if kind == KIND_FIXED:
             if ovf == OVF_WRAP:
@@ -168,7 +173,11 @@ def _quantize_fields(x, neg, ef, frac, in_m, in_bias, in_top, P, U, D, idx):
             )
         return x, 0
     if ef == 0 and frac == 0:  # signed zero
-        return (0.0 if kind == KIND_FIXED else x), 0
+        if kind == KIND_FLOAT and P[P_NOZERO] != 0:
+            return np.nan, (1 << F_NAN) | (1 << F_INEXACT)
+        return (x if kind == KIND_FLOAT and P[P_NEGZERO] != 0 else 0.0), 0
+    if kind == KIND_FLOAT and neg and P[P_UNSIGNED] != 0:
+        return np.nan, (1 << F_NAN) | (1 << F_INEXACT)
     # -- finite nonzero: |x| = M * 2**e with M normalised to in_m + 1 bits ------------------
     hidden = np.uint64(1) << np.uint64(in_m)
     if ef == 0:
@@ -243,7 +252,11 @@ def _quantize_fields(x, neg, ef, frac, in_m, in_bias, in_top, P, U, D, idx):
             flags |= 1 << F_UNDERFLOW
         elif (not subn) and E < emin and not (E == emin - 1 and C == (_U1 << np.uint64(m + 1))):
             flags |= 1 << F_UNDERFLOW  # flush to zero, tininess after rounding
+            if P[P_NOZERO] != 0:
+                mag = D[D_MINNORM]  # no zero: the smallest value
         else:
+            if P[P_NOZERO] != 0 and E < emin:
+                flags |= 1 << F_UNDERFLOW  # below the range of a format without zero
             mag = np.float64(C) * _pow2(eq)
             if mag > D[D_MAX]:
                 flags |= 1 << F_OVERFLOW
@@ -253,7 +266,7 @@ def _quantize_fields(x, neg, ef, frac, in_m, in_bias, in_top, P, U, D, idx):
                     mag = overflow_value(mode, neg, D[D_MAX])
             elif mag < D[D_MINNORM]:
                 flags |= 1 << F_SUBNORMAL
-        val = -mag if neg else mag
+        val = -mag if neg and (mag != 0.0 or P[P_NEGZERO] != 0) else mag
     if val != x:
         flags |= 1 << F_INEXACT
         if val > x:
