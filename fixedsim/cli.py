@@ -91,19 +91,24 @@ def _cmd_verify(args) -> int:
                   file=sys.stderr) as bar:
             results.append(verify_format(name, sample=args.sample, seed=args.seed,
                                          progress=bar.update))
-    ref = {"fp16": "numpy float16", "bf16": "ml_dtypes bfloat16",
-           "fp8_e4m3": "ml_dtypes float8_e4m3fn", "fp8_e5m2": "ml_dtypes float8_e5m2"}
-    print(f"{'format':10} {'reference':24} {'inputs':>14} {'mismatches':>10} "
-          f"{'NaN payload':>11} {'sat vs NaN':>10} {'seconds':>8}")
+    from .verify import ML_DTYPES
+
+    ref = {name: "ml_dtypes " + t for name, t in ML_DTYPES.items()} | {"fp16": "numpy float16"}
+    print(f"{'format':12} {'reference':28} {'inputs':>14} {'mismatches':>10} "
+          f"{'NaN payload':>11} {'sat vs NaN':>10} {'NaN refused':>11} {'seconds':>8}")
     for r in results:
-        print(f"{r.name:10} {ref[r.name]:24} {r.checked:>14,} {r.mismatches:>10,} "
-              f"{r.nan_payload_only:>11,} {r.saturated_vs_nan:>10,} {r.seconds:>8.1f}")
+        print(f"{r.name:12} {ref[r.name]:28} {r.checked:>14,} {r.mismatches:>10,} "
+              f"{r.nan_payload_only:>11,} {r.saturated_vs_nan:>10,} {r.nan_refused:>11,} "
+              f"{r.seconds:>8.1f}")
         if r.first_mismatch:
             print(f"  first mismatch: input bits {r.first_mismatch[0]}: fixedsim "
                   f"{r.first_mismatch[1]!r}, reference {r.first_mismatch[2]!r}")
-    print("'NaN payload': both NaN with the same sign, payload bits differ (not compared).\n"
-          "'sat vs NaN': FP8_E4M3 has no inf; ml_dtypes gives NaN on overflow, fixedsim "
-          "saturates to +-448 (its default), checked exactly.")
+    print("'NaN payload': both NaN with the same sign (any sign for fnuz and unsigned "
+          "formats), payload bits differ (not compared).\n"
+          "'sat vs NaN': a format without inf; ml_dtypes gives NaN on overflow, fixedsim "
+          "saturates to +-max (its default), checked exactly.\n"
+          "'NaN refused': FP6/FP4 have no NaN; fixedsim refuses NaN inputs (ValueError), "
+          "ml_dtypes gives a zero.")
     bad = sum(not r.ok for r in results)
     print("OK: every input agrees bit for bit" if not bad else f"FAILED: {bad} format(s) differ")
     return 1 if bad else 0
@@ -374,9 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser(
         "verify",
         help="check quantize against numpy/ml_dtypes casts over every float32 input",
-        description="Round every float32 input (or a sample) to FP16, BF16, FP8_E4M3 and "
-        "FP8_E5M2 with NEAREST_EVEN and compare bit for bit with numpy's float16 cast and "
-        "ml_dtypes.",
+        description="Round every float32 input (or a sample) to FP16, BF16, the FP8, FP6 "
+        "and FP4 formats and E8M0 with NEAREST_EVEN and compare bit for bit with numpy's "
+        "float16 cast and ml_dtypes.",
     )
     v.add_argument("target", nargs="?", default="formats",
                    help="formats (default): quantize against numpy/ml_dtypes casts; cpu: this "
@@ -394,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "8192)")
     v.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
     v.add_argument("--formats", nargs="+", default=["all"],
-                   choices=["all", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2"])
+                   choices=["all", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "fp8_e4m3fnuz",
+                            "fp8_e5m2fnuz", "fp8_e3m4", "fp6_e2m3", "fp6_e3m2", "fp4_e2m1",
+                            "e8m0", "e4m3", "e4m3b11fnuz", "ue5m3fn"])
     v.add_argument("--quiet", action="store_true", help="no progress bar")
     v.set_defaults(func=_cmd_verify)
 
