@@ -479,3 +479,45 @@ def test_fixedsim_as_the_machine_fits_every_layer_and_pass():
     p = predict_self(model, pol, 4, 10, (1, 6, 6), test_images=6, eval_batch=4, profile=prof)
     assert p["epoch_s"] == pytest.approx(p["train_s"] + p["eval_s"])
     assert p["epoch_s"] > 0 and {k[0] for k in p["rows"]} == {"train", "eval"}
+
+
+def test_instruction_model_fits_and_checks_callgrind_profiles(tmp_path):
+    """analyse() reads callgrind dumps (the case name from the client request, the totals),
+    fits i0 + i_mac MACs + i_out outputs per kernel on the fit cases and checks the others:
+    profiles made exactly linear are predicted exactly; one off by 20% fails the check."""
+    import json
+
+    from fixedsim.cost.instructions import analyse, pmu_status
+
+    cases, n = [], 0
+    for kernel, (i0, imac, iout) in (("k1", (5e5, 3.0, 40.0)), ("k2", (7e5, 0.0, 11.0))):
+        for role, shapes in (("fit", [(16, 16, 16), (16, 16, 64), (32, 32, 16)]),
+                             ("predict", [(48, 48, 32)])):
+            for M, N, K in shapes:
+                macs = M * N * K if kernel == "k1" else 0
+                outs = M * N if kernel == "k1" else M * N * K
+                name = f"case{n}"
+                n += 1
+                cases.append({"case": name, "kernel": kernel, "role": role, "shape": [M, N, K],
+                              "macs": macs, "outputs": outs, "paths": {kernel: 1}})
+                total = round(i0 + imac * macs + iout * outs)
+                (tmp_path / f"cg.1.{n}").write_text(
+                    f"desc: Trigger: Client Request: {name}\nsummary: 0\ntotals: {total}\n")
+    from fixedsim.cost import instructions
+
+    kernels = instructions._KERNELS
+    instructions._KERNELS = (("k1", "", ""), ("k2", "", ""))
+    try:
+        (tmp_path / "cases.json").write_text(json.dumps(cases))
+        lines = []
+        assert analyse(tmp_path, lines.append) == 0
+        model = json.loads((tmp_path / "model.json").read_text())
+        assert model[0]["i_mac"] == pytest.approx(3.0) and model[1]["i_out"] == pytest.approx(11)
+        last = tmp_path / f"cg.1.{n}"
+        total = int(last.read_text().split("totals: ")[1])
+        last.write_text(last.read_text().replace(str(total), str(round(total * 1.2))))
+        assert analyse(tmp_path, lines.append) == 1
+    finally:
+        instructions._KERNELS = kernels
+    why = pmu_status()
+    assert why is None or isinstance(why, str)
