@@ -229,12 +229,12 @@ def boundary_values(draw, fmt, allow_nan: bool | None = None, allow_infinity: bo
     ----------
     fmt : FixedFormat or FloatFormat
     allow_nan, allow_infinity : bool, optional
-        Default: True for float formats, False for fixed point.
+        Default: True for float formats (NaN: those that have a NaN), False for fixed point.
     dtype : np.float64 or np.float32
         Every value returned is exactly a value of this dtype.
     """
     is_float = isinstance(fmt, FloatFormat)
-    allow_nan = is_float if allow_nan is None else allow_nan
+    allow_nan = is_float and fmt.has_nan if allow_nan is None else allow_nan
     allow_infinity = is_float if allow_infinity is None else allow_infinity
     kind = draw(_KINDS)
     if kind == "special":
@@ -263,7 +263,7 @@ def boundary_values(draw, fmt, allow_nan: bool | None = None, allow_infinity: bo
 def values_near(fmt, allow_nan: bool | None = None, allow_infinity: bool | None = None):
     """Boundary values (:func:`boundary_values`) mixed with plain floats in the range of fmt."""
     is_float = isinstance(fmt, FloatFormat)
-    allow_nan = is_float if allow_nan is None else allow_nan
+    allow_nan = is_float and fmt.has_nan if allow_nan is None else allow_nan
     allow_infinity = is_float if allow_infinity is None else allow_infinity
     big = float(np.finfo(np.float64).max)
     bound = min(2 * max(abs(fmt.max), abs(fmt.min), fmt.smallest), big)
