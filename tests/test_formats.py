@@ -66,7 +66,7 @@ def test_reprs():
     assert [repr(f) for f in (fs.FixedFormat(16, 14), fs.FixedFormat(8, 8, signed=False),
                               fs.FP16, fs.FP8_E4M3, fs.FP8_E5M2, fs.BF16, fs.TF32, fs.FP32)] == [
         "Q<16,14>", "UQ<8,8>", "FP16", "FP8_E4M3", "FP8_E5M2", "BF16", "TF32", "FP32"]
-    assert repr(fs.FloatFormat(3, 4)) == "E3M4"
+    assert repr(fs.FloatFormat(3, 4)) == "FP8_E3M4"  # a preset (ml_dtypes' float8_e3m4)
     assert repr(fs.FloatFormat(4, 3)) == "E4M3"  # the IEEE-style E4M3 is not the OCP one
     assert repr(fs.FloatFormat(3, 2, inf_nan="fn")) == "E3M2fn"
     assert repr(fs.FloatFormat(5, 10, subnormals=False)) == "FP16-ftz"
@@ -92,9 +92,10 @@ def test_formats_are_values():
     (lambda: fs.FixedFormat(8, 2, signed="yes"), TypeError, "signed must be a bool"),
     (lambda: fs.FloatFormat(1, 3), ValueError, r"exp_bits must be in \[2, 11\], got 1"),
     (lambda: fs.FloatFormat(12, 3), ValueError, r"exp_bits must be in \[2, 11\], got 12"),
-    (lambda: fs.FloatFormat(5, 0), ValueError, r"man_bits must be in \[1, 52\], got 0"),
-    (lambda: fs.FloatFormat(5, 53), ValueError, r"man_bits must be in \[1, 52\]"),
-    (lambda: fs.FloatFormat(5, 2, inf_nan="fnuz"), ValueError, "inf_nan must be 'ieee'"),
+    (lambda: fs.FloatFormat(5, 0), ValueError, "man_bits=0 is an exponent-only format"),
+    (lambda: fs.FloatFormat(5, -1), ValueError, r"man_bits must be in \[0, 52\], got -1"),
+    (lambda: fs.FloatFormat(5, 53), ValueError, r"man_bits must be in \[0, 52\]"),
+    (lambda: fs.FloatFormat(5, 2, inf_nan="fnu"), ValueError, "inf_nan must be 'ieee'"),
     (lambda: fs.FloatFormat(11, 3, inf_nan="fn"), ValueError, "beyond float64"),
     (lambda: fs.FloatFormat(5, 2, subnormals=1), TypeError, "subnormals must be a bool"),
 ])
