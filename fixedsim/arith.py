@@ -28,6 +28,7 @@ from .quantize import (
     _check_format,
     _check_random_bits,
     _kernel_params,
+    _placeholder,
     random_key,
     resolve_overflow,
     stats_from_counts,
@@ -115,18 +116,22 @@ def _on_grid(v, up):
         return int(np.count_nonzero(s == np.floor(s)))
 
 
-#: Operand values that give an exact zero result with no event, per operation: the kernels
-#: compute these in the places of operands that float64 cannot hold (the oracle rounds those).
-_PLACEHOLDER = {"add": (0.0, 0.0), "mul": (0.0, 0.0), "div": (0.0, 1.0), "fma": (0.0, 0.0, 0.0)}
+def _placeholders(op, fmt) -> tuple:
+    """Operands whose exact result is ``fmt.max``, a value of ``fmt`` (zero is not a value of
+    every format: E8M0), so its rounding has no event: the kernels compute these in the
+    places of elements with operands that float64 cannot hold (the oracle rounds those)."""
+    m = _placeholder(fmt)
+    return {"add": (m, 0.0, 0.0), "mul": (m, 1.0, 1.0), "div": (m, 1.0, 1.0),
+            "fma": (m, 1.0, 0.0)}[op]
 
 
-def _operands(op, operands, negate_b):
+def _operands(op, operands, negate_b, fmt):
     """``(shape, flat, held)``: the broadcast shape; three flat, read-only float64 arrays of
     the broadcast operands (``b`` twice for a two-operand op); and None, or, when an operand
     holds values float64 cannot hold (Python ints beyond 2**53, Fractions, Decimals), the flat
     indices of the elements that involve one and ``{index: (x, y, z)}`` their operands (floats
-    and Fractions). At those indices ``flat`` holds operands whose result is an exact zero
-    with no event (:data:`_PLACEHOLDER`); the oracle computes them."""
+    and Fractions). At those indices ``flat`` holds operands whose result is ``fmt.max``
+    with no event (:func:`_placeholders`); the oracle computes them."""
     arrs, exacts = [], []
     for v, name in zip(operands, "abc", strict=False):
         arr, exact = _as_exact_array(v, name)
@@ -164,7 +169,7 @@ def _operands(op, operands, negate_b):
     rows = {int(i): tuple(float(f[i]) if e[i] is None else e[i]
                           for f, e in zip(flat, full, strict=True)) for i in held}
     flat = [f.copy() for f in flat]
-    for f, p in zip(flat, (*_PLACEHOLDER[op], 0.0), strict=False):
+    for f, p in zip(flat, _placeholders(op, fmt), strict=True):
         f[held] = p
         f.setflags(write=False)
     return shape, flat, (held, rows)
@@ -175,7 +180,7 @@ def _apply(op, operands, fmt, rounding, overflow, seed, random_bits, stats, nega
     rounding = Rounding.coerce(rounding, what="rounding")
     overflow = resolve_overflow(fmt, overflow)
     rbits = _check_random_bits(rounding, random_bits)
-    shape, flat, held = _operands(op, operands, negate_b)
+    shape, flat, held = _operands(op, operands, negate_b, fmt)
     P, U, D = _kernel_params(fmt, rounding, overflow, rbits)
     Psr = _kernel_params(fmt, Rounding.NEAREST_EVEN, overflow, rbits)[0]
     key = random_key(seed) if rounding is Rounding.STOCHASTIC else np.uint64(0)

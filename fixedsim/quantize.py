@@ -379,6 +379,12 @@ def _as_exact_array(x, name="x"):
     raise TypeError(f"{name} must hold {_REAL_RULE}; got an array of {what}")
 
 
+def _placeholder(fmt) -> float:
+    """A value every rounding into ``fmt`` keeps, with no event: it stands in the kernels'
+    input for the elements the oracle rounds (zero is not a value of every format: E8M0)."""
+    return float(fmt.max)
+
+
 def _as_float_array(x, name="x") -> np.ndarray:
     """``x`` as a C-contiguous, writeable float32 or float64 array, converted exactly or
     refused: for the matrix products and the layers built on them, which take their operands
@@ -623,6 +629,8 @@ def quantize(
     overflow = resolve_overflow(fmt, overflow)
     rbits = _check_random_bits(rounding, random_bits)
     arr, exact = _as_exact_array(x)
+    if exact is not None:  # arr is a new float64 array then
+        arr.reshape(-1)[exact.index] = _placeholder(fmt)
     key = random_key(seed) if rounding is Rounding.STOCHASTIC else np.uint64(0)
     out, c = _run(arr, fmt, rounding, overflow, rbits, key, stats or exact is not None, out)
     if c is not None and c[_q.F_INVALID]:
@@ -637,8 +645,8 @@ def quantize(
 def _round_exact(out, counts, exact, fmt, rounding, overflow, random_bits, key):
     """Round the elements float64 cannot hold (``exact``) into ``out`` with the oracle,
     :func:`fixedsim.reference.round_to_format`, each once, from its exact value, with the
-    draw the kernels give its index; add their events to ``counts`` (their places held 0.0,
-    which the kernels round with no event)."""
+    draw the kernels give its index; add their events to ``counts`` (their places held
+    :func:`_placeholder`, which the kernels round with no event)."""
     oflat = out.reshape(-1)
     shift = np.uint64(64 - (64 if random_bits is None else random_bits))
     for i, v in zip(exact.index.tolist(), exact.value, strict=True):
@@ -711,6 +719,8 @@ def to_bits(x, fmt) -> np.ndarray:
     """
     fmt = _check_format(fmt)
     arr, exact = _as_exact_array(x)
+    if exact is not None:
+        arr.reshape(-1)[exact.index] = _placeholder(fmt)  # a value of fmt; its code replaced
     codes = _to_bits(arr, fmt)
     if exact is not None:  # values float64 cannot hold (a wide fixed-point format's)
         cflat = codes.reshape(-1)
