@@ -762,3 +762,22 @@ def test_ndarray_subclasses_are_read_as_plain_arrays():
     assert_same_bits(fs.mul(m, m, fs.FP8_E4M3), fs.mul(a, a, fs.FP8_E4M3))
     assert_same_bits(fs.matmul(m, m, fs.MatmulSpec(output=fs.BF16)),
                      fs.matmul(a, a, fs.MatmulSpec(output=fs.BF16)))
+
+
+@pytest.mark.parametrize("fmt", [fs.E8M0, fs.FP8_E4M3FNUZ, fs.FP4_E2M1, fs.FP6_E3M2],
+                         ids=str)
+def test_exact_values_into_formats_without_zero_or_sign(fmt):
+    """The kernels' stand-in for a value float64 cannot hold is a value of the format (E8M0
+    has no zero): the values and every event count are the oracle's."""
+    values = [Fraction(1, 3), 2**60 + 1, Fraction(-1, 10**400), 1.0, Decimal("0.1")]
+    exacts = [exact_of(v) for v in values]
+    for mode in (fs.Rounding.NEAREST_EVEN, fs.Rounding.UP):
+        y, stats = fs.quantize(values, fmt, mode, stats=True)
+        expected, flags = oracle_quantize(exacts, (5,), fmt, mode, None, flags=True)
+        assert_same_bits(y, expected)
+        assert stats == fs.QuantStats(size=5, **flags)
+    y, stats = fs.add(values, 1, fmt, stats=True)
+    sums = [oracle_arith("add", [e, Fraction(1)], fs.Rounding.NEAREST_EVEN) for e in exacts]
+    expected, flags = oracle_quantize(sums, (5,), fmt, fs.Rounding.NEAREST_EVEN, None, flags=True)
+    assert_same_bits(y, expected)
+    assert stats == fs.QuantStats(size=5, **flags)
