@@ -768,7 +768,7 @@ def test_layer_counters_record_the_reuse(kind):
     d = ctx.counters[kind].as_dict()
     assert d["reuse.remain_ratio"] == rc.remain_ratio and d["reuse.calls"] == 1
     # an accumulator chain: the product is dense, and counted so
-    pol32 = nn.Policy.float32()
+    pol32 = nn.Policy.float32("fma_chain")
     layer32 = _rounded_layer(kind, pol32, rng)
     _, _, _, _, ctx32 = _run_layer(layer32, x, grad, pol32, Reuse(3, 2))
     rc32 = ctx32.counters[kind].reuse
