@@ -211,7 +211,8 @@ def _apply(op, operands, fmt, rounding, overflow, seed, random_bits, stats, nega
         slow_idx = np.arange(oflat.size)
     if c[_q.F_INVALID]:
         raise ValueError(
-            f"{op}: a result is NaN (or an infinity with WRAP), which fixed-point format "
+            f"{op}: a result is NaN (or an infinity with WRAP), which "
+            f"{'fixed-point format' if fmt.kind == 'fixed' else 'format (no NaN code)'} "
             f"{fmt!r} cannot represent"
         )
     if held is not None:  # elements whose operands float64 cannot hold: the oracle's
