@@ -352,3 +352,16 @@ def test_arithmetic_matches_oracle(case, seed):
     y = getattr(fs, op)(*operands, fmt, rounding, seed=seed)
     exp = expected(op, operands, fmt, rounding, None, seed, None)
     assert_same_bits(y, exp, f"{op} {fmt} {rounding}", nan_sign=False)
+
+
+def test_policies_name_the_new_formats():
+    """A policy file can name every new preset, and its dict, JSON and repr round-trip."""
+    from fixedsim.nn import Policy, Role
+
+    for name in ("FP8_E4M3FNUZ", "FP8_E5M2FNUZ", "FP8_E3M4", "FP6_E2M3", "FP6_E3M2",
+                 "FP4_E2M1", "E8M0"):
+        d = Policy.fp8().to_dict()
+        d["errors"] = Role(name, "stochastic").to_dict()
+        p = Policy.from_dict(d)
+        assert p.errors.fmt == getattr(fs, name)
+        assert Policy.from_dict(p.to_dict()) == p
