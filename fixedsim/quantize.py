@@ -700,7 +700,8 @@ def to_bits(x, fmt) -> np.ndarray:
         bits). Fixed point: the two's complement code in ``word_length`` bits. Float: sign,
         biased exponent, mantissa. A NaN keeps its sign and the top ``man_bits`` bits of its
         payload (the quiet bit is set if they are all zero); "fn" formats have one NaN code per
-        sign (all exponent and mantissa bits set).
+        sign (all exponent and mantissa bits set; unsigned formats have no sign bit: E8M0's NaN
+        is 0xFF); "fnuz" formats have one NaN, the sign bit alone (0x80), and no -0.0.
 
     Raises
     ------
