@@ -28,6 +28,10 @@ NOT_RUN = {
     "pytest": "the test suite itself",
     "fixedsim verify cpu": "the check of this CPU's matrix units against their models "
                            "(docs/hardware_cpu.md), tested with those models",
+    # Pending: pages whose commands are tested with their own features; a scenario here
+    # should replace each entry.
+    "fixedsim verify hardware": "needs the measured tensor-core vectors (docs/hardware.md)",
+    "fixedsim cost ": "the cost model's commands (docs/cost.md), new: no scenario yet",
 }
 
 
@@ -45,7 +49,7 @@ def documented_commands() -> dict:
         for lang, body in FENCE.findall(text):
             if lang in ("python", "toml") or ">>>" in body:
                 continue
-            for line in body.splitlines():
+            for line in body.replace("\\\n", " ").splitlines():  # join continued lines
                 for part in line.split("&&"):
                     part = _norm(part)
                     if part.startswith(("fixedsim ", "pytest")) or part == "pytest":
