@@ -104,7 +104,8 @@ def _cmd_validate(args) -> int:
                  model_options=_model_options(args.model_options))
     i = v.info
     print(f"fixedsim cost validate: {args.model} under {args.policy} (PyTorch {i['torch']}, "
-          f"{i['dtype']}, {i['threads']} threads) against machine {i['machine']}, batch "
+          f"{i['dtype']}, {i['threads']} threads, {i['clock']}) against machine "
+          f"{i['machine']}, batch "
           f"{args.batch}, {args.images:,} images; load average {i['load_before']:.2f} before, "
           f"{i['load_after']:.2f} after")
     print(v.table())

@@ -6,7 +6,9 @@ gradient separately (``torch.autograd.grad`` asked for the one gradient), the lo
 optimizer step, and a whole training epoch of ``images`` images. The dtype follows the
 policy: ``float32``; ``bf16``/``fp16`` run under ``torch.autocast`` (FP32 master weights,
 products and activations in the low format, as the policies say). :func:`validate` sets these
-times beside :func:`fixedsim.cost.predict`'s rows.
+times beside :func:`fixedsim.cost.predict`'s rows. With one PyTorch thread the times are the
+process's CPU time (what the work costs when it has the core, whatever else the machine
+runs); with more, wall time.
 
 PyTorch is optional (``pip install torch``, the ``bench`` extra); without it, validation says
 so and stops.
@@ -86,21 +88,26 @@ def _twin(model, torch):
     return out
 
 
+#: The clock of the measurements: wall time, or with one thread the process's CPU time, which
+#: leaves out the time other processes of a shared machine hold the core (set by measure()).
+_clock = time.perf_counter
+
+
 def _time(fn, reps: int, min_round: float = 0.01) -> float:
     """Seconds per call of ``fn``: the least over ``reps`` rounds, each as many calls as
     take ``min_round`` seconds, after a warm-up call. The least, not the median: on a shared
     machine the other processes only ever add time."""
     fn()
-    t0 = time.perf_counter()
+    t0 = _clock()
     fn()
-    one = max(time.perf_counter() - t0, 1e-7)
+    one = max(_clock() - t0, 1e-7)
     inner = max(1, min(1000, int(min_round / one)))
     best = math.inf
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = _clock()
         for _ in range(inner):
             fn()
-        best = min(best, (time.perf_counter() - t0) / inner)
+        best = min(best, (_clock() - t0) / inner)
     return best
 
 
@@ -117,9 +124,11 @@ def measure(model, policy_name: str, batch: int, in_shape, *, images: int = 0,
         of ``images`` images (and the evaluation of ``test_images``), or None when
         ``images`` is 0; ``"device"``, ``"torch"``, ``"threads"``.
     """
+    global _clock
     torch = _torch()
     if threads is not None:
         torch.set_num_threads(threads)
+    _clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
     pdt, adt = native_dtype(policy_name)
     cast = getattr(torch, adt) if adt else None
     twin = _twin(model, torch)
@@ -190,7 +199,8 @@ def measure(model, policy_name: str, batch: int, in_shape, *, images: int = 0,
                          classes, momentum, gen)
     return {"rows": rows, "rows_rest": rows_rest, "eval_rows": eval_rows, "epoch_s": epoch_s,
             "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "dtype": adt or pdt}
+            "dtype": adt or pdt,
+            "clock": "process CPU time" if _clock is time.process_time else "wall time"}
 
 
 def _epoch(torch, twin, ctx, batch, images, test_images, eval_batch, in_shape, classes,
@@ -213,7 +223,7 @@ def _epoch(torch, twin, ctx, batch, images, test_images, eval_batch, in_shape, c
 
     def epoch():
         net.train()
-        t0 = time.perf_counter()
+        t0 = _clock()
         for s in range(0, images, batch):
             one(s, min(s + batch, images))
         if test_images:
@@ -223,7 +233,7 @@ def _epoch(torch, twin, ctx, batch, images, test_images, eval_batch, in_shape, c
                     with ctx():
                         lossf(net(xt[s:s + eval_batch]).float(),
                               torch.zeros(min(eval_batch, test_images - s), dtype=torch.long))
-        return time.perf_counter() - t0
+        return _clock() - t0
 
     net.train()
     one(0, min(batch, images))  # warm-up: first calls pick kernels and allocate
@@ -341,6 +351,7 @@ def validate(model, policy, machine="this", batch: int = 64, images: int = 4096,
     ep = meas["epoch_s"]
     measured.append(ep)
     info = {"torch": meas["torch"], "threads": meas["threads"], "dtype": meas["dtype"],
+            "clock": meas["clock"],
             "load_before": load0, "load_after": os.getloadavg()[0],
             "machine": pred.machine.name}
     return Validation(prediction=pred, measured=measured, layer_errors=errs,
