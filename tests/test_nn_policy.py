@@ -300,6 +300,9 @@ def test_parse_names(tmp_path):
     assert nn.Policy.parse("float32") == nn.Policy.float32()
     assert nn.Policy.parse("fp32") == nn.Policy.float32()
     assert nn.Policy.parse("float32:fma_chain") == nn.Policy.float32("fma_chain")
+    for empty in ("", "  "):
+        with pytest.raises(ValueError, match="policy is empty"):
+            nn.Policy.parse(empty)
     assert nn.Policy.parse("float32_fma_chain") == nn.Policy.float32("fma_chain")
     assert nn.Policy.parse("fp16") == nn.Policy.fp16_mixed()
     assert nn.Policy.parse("fp16_mixed") == nn.Policy.fp16_mixed()

@@ -566,6 +566,9 @@ class Policy:
         if not isinstance(text, str):
             raise TypeError(f"policy must be a string, got {text!r}")
         t = text.strip()
+        if not t:
+            raise ValueError("policy is empty; expected float32, float32:fma_chain, fp16, bf16, "
+                             "fp8, exact, fixed:WL:FL[:ROUNDING] or a .toml/.json policy file")
         simple = {"float32": cls.float32, "fp32": cls.float32,
                   "float32_fma_chain": lambda: cls.float32("fma_chain"),
                   "float32:fma_chain": lambda: cls.float32("fma_chain"),
