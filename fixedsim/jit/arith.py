@@ -27,6 +27,7 @@ from .options import jit, jit_inline, jit_parallel
 from .quant import (
     CHUNK,
     F_INEXACT,
+    F_NAN,
     F_OVERFLOW,
     F_UNDERFLOW,
     F_UP,
@@ -42,6 +43,7 @@ from .quant import (
     P_OVF,
     P_RBITS,
     P_SUBN,
+    P_UNSIGNED,
     RDN,
     RNA,
     RNE,
@@ -189,6 +191,8 @@ def round_exact(hi, lo, approx, P, Psr, U, D, idx):
     Returns ``(value, flags, ambiguous)``; ``ambiguous`` (only with ``approx``): the stochastic
     decision could not be proved, the caller must compute exactly.
     """
+    if P[P_UNSIGNED] != 0 and (hi < 0.0 or (hi == 0.0 and lo < 0.0)):
+        return np.nan, (1 << F_NAN) | (1 << F_INEXACT), False  # negative into unsigned: NaN
     if P[P_MODE] == SR and (lo != 0.0 or hi != 0.0):  # (an exact zero keeps its sign)
         g, amb = _sr_choose(hi, lo, approx, P, P[P_RBITS], U[U_KEY], idx)
         if amb:
