@@ -35,7 +35,7 @@ from fixedsim.formats import FixedFormat, FloatFormat, _to_float_toward_zero
 from fixedsim.rounding import Overflow, Rounding
 
 __all__ = ["round_to_format", "quantize", "encode", "decode", "values", "neighbours",
-           "reduce_block", "block_fma"]
+           "reduce_block", "block_fma", "promote_add"]
 
 _FLAG_NAMES = ("inexact", "rounded_up", "overflow", "underflow", "subnormal", "nan")
 
@@ -649,6 +649,31 @@ def block_fma(a, b, c, acc, input_emin=-1022, *, flags=False):
     return done(r, fl)
 
 
+def promote_add(s, p, fmt):
+    """``s + p`` rounded once to nearest even into ``fmt`` (overflow to an infinity), as an
+    IEEE addition: the step of a :class:`~fixedsim.BlockFMA` with ``promote`` that adds a
+    chunk's result ``p`` to the running sum ``s``. Returns ``(value, flags)``
+    (:func:`round_to_format`'s flags; for an infinite or NaN term, only ``nan``).
+
+    An exact zero sum is +0, or -0 when both terms are -0.
+
+    >>> import fixedsim as fs
+    >>> promote_add(1.0, 2.0**-24, fs.FP32)[0]  # a tie: to even
+    1.0
+    >>> promote_add(1.0, 3 * 2.0**-24, fs.FP32)[0] == 1 + 2.0**-22
+    True
+    """
+    s, p = float(s), float(p)
+    if not (math.isfinite(s) and math.isfinite(p)):
+        v = s + p
+        return v, dict(dict.fromkeys(_FLAG_NAMES, False), nan=math.isnan(v))
+    x = Fraction(s) + Fraction(p)
+    if x == 0:
+        z = -0.0 if math.copysign(1.0, s) < 0 and math.copysign(1.0, p) < 0 else 0.0
+        return z, dict.fromkeys(_FLAG_NAMES, False)
+    return round_to_format(x, fmt, Rounding.NEAREST_EVEN, Overflow.INFINITY, flags=True)
+
+
 def dot(a_row, b_col, spec, *, draw=None, index=0, events=None, c=0.0):
     """One output element of ``fixedsim.matmul`` computed exactly, step by step.
 
@@ -681,7 +706,9 @@ def dot(a_row, b_col, spec, *, draw=None, index=0, events=None, c=0.0):
     c : float, default +0.0
         The addend C (``D = C + A B``): the start of the running sum (it takes part in the
         first block's exact sum), a term of the exact sum when there is no accumulator, and
-        for a :class:`~fixedsim.BlockFMA` a term of the first block (:func:`block_fma`).
+        for a :class:`~fixedsim.BlockFMA` a term of the first block (:func:`block_fma`), or
+        with ``promote`` the start of the running sum the chunks are added to
+        (:func:`promote_add`).
 
     Returns
     -------
@@ -716,14 +743,27 @@ def dot(a_row, b_col, spec, *, draw=None, index=0, events=None, c=0.0):
         out = spec.output if spec.output is not None else FP64
     elif hasattr(acc, "extra_bits"):  # a BlockFMA (reference imports no matmul module)
         emin = spec.input.emin if isinstance(spec.input, FloatFormat) else FP64.emin
-        s = c
-        for t in range(-(-K // acc.block)):
-            blk = slice(t * acc.block, (t + 1) * acc.block)
-            s, fl = block_fma(a_row[blk], b_col[blk], s, acc, emin, flags=True)
+
+        def count(fl):
             if events is not None:
                 ev = events.setdefault(STAGE_ACCUMULATOR, {})
                 for name, on in fl.items():
                     ev[name] = ev.get(name, 0) + int(on)
+
+        def chain(k0, k1, s):  # the blocks of products k0..k1-1, from s
+            for t0 in range(k0, k1, acc.block):
+                blk = slice(t0, min(t0 + acc.block, k1))
+                s, fl = block_fma(a_row[blk], b_col[blk], s, acc, emin, flags=True)
+                count(fl)
+            return s
+
+        if acc.promote is None:
+            s = chain(0, K, c)
+        else:  # chunks summed from +0, each added to the running sum (from C) in acc.fmt
+            s = c
+            for k0 in range(0, K, acc.promote):
+                s, fl = promote_add(s, chain(k0, min(k0 + acc.promote, K), 0.0), acc.fmt)
+                count(fl)
         if spec.output is None:
             return s
         v, out = s, spec.output

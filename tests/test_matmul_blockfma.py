@@ -10,7 +10,7 @@ import numba
 import numpy as np
 import pytest
 from helpers import assert_same_bits
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import fixedsim as fs
@@ -316,3 +316,126 @@ def test_a_policy_names_a_blockfma(tmp_path):
                                                       "extra_bits": 0}}})
     with pytest.raises(ValueError, match=r"kind must be 'accumulator'.*'block_fma'"):
         Policy.from_dict({"forward": {"accumulator": {"kind": "tensor", "format": "FP32"}}})
+
+
+# -- promotion of the partial sum (DeepSeek-V3's remedy) ----------------------------------------
+@st.composite
+def addends(draw, shape):
+    """Addends of any float64 value: most not in FP32 (so that a running sum and a chunk's
+    result may have no exact float64 sum), some huge, tiny, zero of both signs, special."""
+    n = int(np.prod(shape))
+    v = draw(st.lists(st.one_of(
+        st.floats(-1e6, 1e6), st.floats(allow_nan=False, allow_infinity=False),
+        st.sampled_from([0.0, -0.0, 1.0 + 2.0**-24, -(1.0 + 2.0**-24) * 2.0**-30, 2.0**-149,
+                         3.4028234663852886e38, 2.0**-160, np.inf, -np.inf, np.nan])),
+        min_size=n, max_size=n))
+    return np.array(v, np.float64).reshape(shape)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), acc=block_fmas(), m=st.integers(1, 3), fmt=st.sampled_from(INPUTS),
+       shape=st.tuples(st.integers(1, 3), st.integers(0, 30), st.integers(1, 4)),
+       addend=st.sampled_from(["none", "fmt", "any"]))
+def test_promotion_matches_the_oracle(data, acc, m, fmt, shape, addend):
+    """With ``promote``, the row (the kernel per chunk, then the promotions) is the oracle's,
+    bit for bit and count for count, whatever the addend."""
+    import dataclasses
+
+    acc = dataclasses.replace(acc, promote=acc.block * m)
+    M, K, N = shape
+    assume(K > 0 or addend != "any")  # K = 0: D is C as it is (held in fmt's dtype)
+    a = data.draw(operands(fmt, (M, K)))
+    b = data.draw(operands(fmt, (K, N)))
+    c = {"none": lambda: None, "fmt": lambda: data.draw(operands(acc.fmt, (M, N))),
+         "any": lambda: data.draw(addends((M, N)))}[addend]()
+    check(a, b, fs.MatmulSpec(input=fmt, accumulator=acc), c)
+
+
+def test_promotion_add_is_the_oracles_on_edge_cases():
+    """The vectorised promotion (two-sum, then one rounding or the oracle) against
+    reference.promote_add, value and flags: ties, a float64 sum that is itself a tie of FP32
+    but not exact (1 + 2**-24 + 2**-80 rounds up, not to even), overflow, zeros, specials,
+    subnormal results."""
+    from fixedsim.quantize import FLAG_COLUMNS
+
+    big = 3.4028234663852886e38
+    pairs = [(1.0, 2.0**-24), (1.0, 3 * 2.0**-24), (1.0 + 2.0**-24, 2.0**-80),
+             (1.0 + 2.0**-24, -2.0**-80), (big, 2.0**103), (big, 2.0**102), (-big, -2.0**103),
+             (-0.0, -0.0), (-0.0, 0.0), (0.0, -0.0), (1.5, -1.5), (np.inf, 1.0),
+             (np.inf, -np.inf), (np.nan, 0.0), (2.0**-149, 2.0**-148), (2.0**-126, -2.0**-149),
+             (1e-300, 0.0), (-1e-300, 0.0), (2.0**-150, 2.0**-200), (1e30, 1e-30)]
+    for fmt in (fs.FP32, fs.FP16):
+        s = np.array([[x for x, _ in pairs]])
+        p = np.array([[y for _, y in pairs]])
+        r, fl = bf.promote_add(s, p, fmt)
+        want_fl = np.zeros(fl.shape[1], np.int64)
+        for k, (x, y) in enumerate(pairs):
+            v, f = reference.promote_add(x, y, fmt)
+            assert_same_bits(np.array([r[0, k]]), np.array([v]))
+            for name, col in FLAG_COLUMNS:
+                want_fl[col] += int(f[name])
+        assert fl[0].tolist() == want_fl.tolist()
+    assert reference.promote_add(1.0 + 2.0**-24, 2.0**-80, fs.FP32)[0] == 1.0 + 2.0**-23
+    v, f = reference.promote_add(big, 2.0**103, fs.FP32)
+    assert v == math.inf and f["overflow"]
+    assert math.copysign(1.0, reference.promote_add(-0.0, -0.0, fs.FP32)[0]) == -1.0
+    assert math.copysign(1.0, reference.promote_add(1.5, -1.5, fs.FP32)[0]) == 1.0
+
+
+def test_promotion_by_hand():
+    """The H100 FP8 unit (blocks of 32, 13 fraction bits, 10 bits fewer than FP32 below the
+    anchor): 128 products of 8 make 1024; then 128 products of 2**-6, each cut to 0 in a
+    window anchored at 1024 (quantum 2**-3): 1024. Promoting every 128 products, the second
+    chunk sums from +0 to 2 exactly and FP32 adds it: 1026, the exact result."""
+    import dataclasses
+
+    acc = fs.BlockFMA(32, -10, output_frac_bits=13, min_exp=-133)
+    pro = dataclasses.replace(acc, promote=128)
+    assert repr(pro) == "BlockFMA(32, -10, output_frac_bits=13, min_exp=-133, promote=128)"
+    a = np.array([[4.0] * 128 + [1.0] * 128])
+    b = np.array([[2.0] * 128 + [2.0**-6] * 128]).T
+    for acc_, want in ((acc, 1024.0), (pro, 1026.0)):
+        spec = fs.MatmulSpec(input=fs.FP8_E4M3, accumulator=acc_)
+        got, cnt = fs.matmul(a, b, spec, stats=True)
+        assert got[0, 0] == want and cnt.paths == {"blockfma": 1}
+        assert reference.dot(a[0], b[:, 0], spec) == want
+    assert cnt.accumulator.roundings == 256 // 32 + 256 // 128
+    assert pro.roundings(257) == 9 + 3
+    # C is the running sum's start: it takes part in no block, so it is never cut
+    c = np.array([[2.0**-20]])
+    spec = fs.MatmulSpec(input=fs.FP8_E4M3, accumulator=pro)
+    assert fs.matmul(a, b, spec, c)[0, 0] == np.float32(1026.0 + 2.0**-20)
+    spec0 = fs.MatmulSpec(input=fs.FP8_E4M3, accumulator=acc)
+    assert fs.matmul(a, b, spec0, c)[0, 0] == 1024.0
+
+
+@pytest.mark.parametrize("kw,err,match", [
+    (dict(block=4, extra_bits=0, promote=0), ValueError, "BlockFMA promote must be at least 1"),
+    (dict(block=4, extra_bits=0, promote=-4), ValueError, "promote must be at least 1"),
+    (dict(block=4, extra_bits=0, promote=6), ValueError,
+     r"BlockFMA promote must be a multiple of block \(4\), got 6"),
+    (dict(block=4, extra_bits=0, promote=8.0), TypeError, "BlockFMA promote must be an int"),
+    (dict(block=4, extra_bits=0, promote=True), TypeError, "BlockFMA promote must be an int"),
+])
+def test_bad_promote_names_the_argument(kw, err, match):
+    with pytest.raises(err, match=match):
+        fs.BlockFMA(**kw)
+
+
+def test_a_policy_keeps_promote(tmp_path):
+    import dataclasses
+
+    from fixedsim.nn.policy import Policy
+
+    fp8 = fs.MatmulSpec(input=fs.FP8_E4M3, accumulator=fs.BlockFMA(
+        32, -10, output_frac_bits=13, min_exp=-133, promote=128))
+    p = dataclasses.replace(Policy.fp16_mixed(), name="deepseek", forward=fp8)
+    d = p.to_dict()
+    assert d["forward"]["accumulator"]["promote"] == 128
+    assert Policy.from_dict(d) == p
+    for ext in ("toml", "json"):
+        p.save(tmp_path / f"p.{ext}")
+        assert Policy.load(tmp_path / f"p.{ext}") == p
+    with pytest.raises(ValueError, match=r"forward.accumulator.*promote must be a multiple"):
+        Policy.from_dict({"forward": {"accumulator": {"kind": "block_fma", "block": 32,
+                                                      "extra_bits": 0, "promote": 100}}})

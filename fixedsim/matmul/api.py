@@ -41,7 +41,8 @@ def matmul(a, b, spec: MatmulSpec | None = None, c=None, *, seed=None, stats=Fal
         (not quantized). With no accumulator it is a term of the exact sum; with an
         :class:`Accumulator` it is the running sum's start (in the first block's exact sum,
         instead of +0); with a :class:`BlockFMA` it is a term of the first block, aligned
-        and cut like the products (as the tensor core takes it). None: +0.
+        and cut like the products (as the tensor core takes it), or with ``promote`` the
+        start of the running sum the chunks are added to. None: +0.
     seed : int, numpy.random.Generator, optional
         Overrides ``spec.seed`` for this call (e.g. a fresh seed per training step).
     stats : bool or "steps", default False

@@ -38,12 +38,22 @@ The per-step events (when asked for) are those of the rounding of ``S q``, as th
 counts them. It declines (:func:`declines`) accumulators that are not BlockFMA, operands with
 infinities or NaN, products not provably exact in float64, and a block whose cut sum could
 reach ``2**53`` (``bitlen(block + 1) + 25 + extra_bits > 53``).
+
+With ``promote``, the kernel runs on each chunk of ``promote`` products from a zero addend
+(a zero addend drops out of the anchor and its cut is 0: the model's chunk from +0), and
+:func:`promote_add` adds each chunk's result to the running sum (why it is exact: its
+docstring). A row with a marked element goes whole to the oracle.
 """
 
 import numpy as np
 
+from .. import reference
 from ..formats import FloatFormat
 from ..jit import gemm_blockfma as _gb
+from ..jit import quant as _q
+from ..quantize import FLAG_COLUMNS as _FLAG_COLUMNS
+from ..quantize import quantize
+from ..rounding import Overflow, Rounding
 from .core import _chain_result, _f64_products_exact, _fallback
 from .spec import MatmulSpec
 
@@ -79,9 +89,66 @@ def exponents(x, emin):
     return e
 
 
+def promote_add(s, part, fmt):
+    """``s + part`` rounded to nearest even into ``fmt`` (overflow to an infinity), element by
+    element, as :func:`fixedsim.reference.promote_add`; returns the sums and per row the
+    flags of those roundings (rows x flags).
+
+    The float64 sum ``hi`` and its exact error ``lo`` (Knuth's two-sum): where ``lo`` is 0,
+    ``hi`` is the exact sum and one rounding of it into ``fmt`` is the result (an exact zero
+    sum is +0, or -0 for two -0 terms, as IEEE adds); the other elements (float64 could not
+    hold the sum) are given by the oracle.
+    """
+    with np.errstate(invalid="ignore", over="ignore"):  # infinities and NaN: no two-sum
+        hi = s + part
+        bb = hi - s
+        lo = (s - (hi - bb)) + (part - bb)
+    r = np.asarray(quantize(hi, fmt, Rounding.NEAREST_EVEN, Overflow.INFINITY), np.float64)
+    fin = np.isfinite(s) & np.isfinite(part)
+    zero = fin & (hi == 0)
+    r[zero] = np.where(np.signbit(s[zero]) & np.signbit(part[zero]), -0.0, 0.0)
+    fl = np.zeros((*s.shape, _q.N_FLAGS), np.int64)
+    fl[..., _q.F_NAN] = np.isnan(r)
+    fl[..., _q.F_INEXACT] = fin & (r != hi)
+    fl[..., _q.F_OVERFLOW] = fin & np.isinf(r)
+    fl[..., _q.F_UNDERFLOW] = fin & (r == 0) & (hi != 0)
+    fl[..., _q.F_SUBNORMAL] = fin & (r != 0) & (np.abs(r) < 2.0**fmt.emin)
+    fl[..., _q.F_UP] = fin & (r > hi)
+    cols = {name: col for name, col in _FLAG_COLUMNS}
+    for i, j in np.argwhere(fin & (lo != 0)):
+        r[i, j], f = reference.promote_add(s[i, j], part[i, j], fmt)
+        fl[i, j] = 0
+        for name, on in f.items():
+            fl[i, j, cols[name]] = int(on)
+    return r, fl.sum(axis=1)
+
+
+def _chunks(A, EA, B, EB, C, acc, f, count):
+    """The kernel on each chunk of ``acc.promote`` products from +0, each result added to the
+    running sum (from ``C``) by :func:`promote_add`; returns (out, per-row counts, marks)."""
+    R, K = A.shape
+    s = C.copy()
+    counts = np.zeros((R, _q.N_FLAGS), np.int64)
+    bad = np.zeros((R, B.shape[1]), np.uint8)
+    for k0 in range(0, K, acc.promote):
+        k1 = min(k0 + acc.promote, K)
+        part = np.empty_like(s)
+        cn, bd = _gb.gemm_blockfma(
+            np.ascontiguousarray(A[:, k0:k1]), np.ascontiguousarray(EA[:, k0:k1]),
+            np.ascontiguousarray(B[k0:k1]), np.ascontiguousarray(EB[k0:k1]),
+            np.zeros_like(s), part, acc.block, acc.extra_bits,
+            _gb.NO_EXP if acc.min_exp is None else acc.min_exp, acc.frac_bits, f.emin, f.emax,
+            int(acc.rounding), count)
+        s, fl = promote_add(s, part, f)
+        counts += cn + fl
+        bad |= bd
+    return s, counts, bad
+
+
 def run(p):
-    """The product by :func:`fixedsim.jit.gemm_blockfma.gemm_blockfma`; marked elements by
-    the oracle with the same addend. Never declines at run time."""
+    """The product by :func:`fixedsim.jit.gemm_blockfma.gemm_blockfma` (with ``promote``: per
+    chunk, then :func:`promote_add`); marked elements by the oracle with the same addend.
+    Never declines at run time."""
     spec, acc = p.spec, p.acc
     emin = spec.input.emin if isinstance(spec.input, FloatFormat) else -1022
     A = np.ascontiguousarray(p.A, np.float64)
@@ -89,10 +156,17 @@ def run(p):
     C = np.zeros((p.R, p.N)) if p.C is None else np.ascontiguousarray(p.C, np.float64)
     out = np.empty((p.R, p.N))
     f = acc.fmt
-    counts, bad = _gb.gemm_blockfma(
-        A, exponents(A, emin), B, exponents(B, emin), C, out, acc.block, acc.extra_bits,
-        _gb.NO_EXP if acc.min_exp is None else acc.min_exp, acc.frac_bits, f.emin, f.emax,
-        int(acc.rounding), p.c._steps)
+    if acc.promote is None:
+        counts, bad = _gb.gemm_blockfma(
+            A, exponents(A, emin), B, exponents(B, emin), C, out, acc.block, acc.extra_bits,
+            _gb.NO_EXP if acc.min_exp is None else acc.min_exp, acc.frac_bits, f.emin, f.emax,
+            int(acc.rounding), p.c._steps)
+    else:  # a marked element's row goes to the oracle whole (its chunks' counts dropped)
+        out, counts, bad = _chunks(A, exponents(A, emin), B, exponents(B, emin), C, acc, f,
+                                   p.c._steps)
+        rows = bad.any(axis=1)
+        bad[rows] = 1
+        counts[rows] = 0
     flags = counts.sum(axis=0)
     idx = np.argwhere(bad)
     if idx.size:  # the oracle's accumulator values (the output is rounded below)
@@ -104,4 +178,4 @@ def run(p):
     return _chain_result(out.astype(f.dtype), flags[None, :], NAME, spec, p.keys, p.rb, p.c)
 
 
-__all__ = ["NAME", "COMPUTES", "PROOF", "TAKES", "declines", "run", "exponents"]
+__all__ = ["NAME", "COMPUTES", "PROOF", "TAKES", "declines", "run", "exponents", "promote_add"]

@@ -179,6 +179,14 @@ class BlockFMA:
     makes the block's result their IEEE sum. The exact definition is
     :func:`fixedsim.reference.block_fma`; ``fixedsim.hardware`` holds the NVIDIA parameters.
 
+    With ``promote`` (the remedy of DeepSeek-V3, arXiv:2412.19437, section 3.3: the partial
+    sum copied to an FP32 register every ``N_C = 128`` products), the K axis is cut into
+    chunks of ``promote`` products; each chunk is summed by the blocks above starting from
+    +0, and each chunk's result is added to a running sum in ``fmt`` (all its fraction bits)
+    with one addition rounded to nearest even (overflow to an infinity; an exact zero sum is
+    +0 unless both terms are -0). The running sum starts at the addend C, which therefore
+    takes part in no block: it is the FP32 accumulator's start.
+
     Parameters
     ----------
     block : int
@@ -195,6 +203,9 @@ class BlockFMA:
         ``fmt``'s), e.g. 13 for the FP8 units of Ada and Hopper.
     min_exp : int, optional
         Smallest anchor (None: no floor).
+    promote : int, optional
+        Products per chunk whose result is added to a running sum in ``fmt`` (a multiple of
+        ``block``; None: no promotion, the blocks chain along all of K from C).
 
     Raises
     ------
@@ -221,6 +232,7 @@ class BlockFMA:
     fmt: FloatFormat = FP32
     output_frac_bits: int | None = None
     min_exp: int | None = None
+    promote: int | None = None
 
     def __post_init__(self):
         for name, lo, hi in (("block", 1, 2**20), ("extra_bits", -23, 30)):
@@ -254,6 +266,16 @@ class BlockFMA:
             if not -1100 <= me <= 1100:
                 raise ValueError(f"BlockFMA min_exp must be in -1100..1100, got {me}")
             object.__setattr__(self, "min_exp", int(me))
+        pr = self.promote
+        if pr is not None:
+            if isinstance(pr, bool) or not isinstance(pr, numbers.Integral):
+                raise TypeError(f"BlockFMA promote must be an int or None, got {pr!r}")
+            if pr < 1:
+                raise ValueError(f"BlockFMA promote must be at least 1, got {pr}")
+            if pr % self.block:
+                raise ValueError(f"BlockFMA promote must be a multiple of block "
+                                 f"({self.block}), got {pr}")
+            object.__setattr__(self, "promote", int(pr))
 
     #: Every block's result overflows to an infinity (the Accumulator attribute of the name).
     overflow = Overflow.INFINITY
@@ -272,8 +294,9 @@ class BlockFMA:
         return FloatFormat(self.fmt.exp_bits, self.frac_bits)
 
     def roundings(self, K: int) -> int:
-        """How many times one output's sum is rounded for ``K`` products (once per block)."""
-        return -(-K // self.block)
+        """How many times one output's sum is rounded for ``K`` products (once per block, and
+        once per chunk of ``promote`` products)."""
+        return -(-K // self.block) + (0 if self.promote is None else -(-K // self.promote))
 
     def __repr__(self):
         parts = [str(self.block), str(self.extra_bits)]
@@ -285,6 +308,8 @@ class BlockFMA:
             parts.append(f"output_frac_bits={self.output_frac_bits}")
         if self.min_exp is not None:
             parts.append(f"min_exp={self.min_exp}")
+        if self.promote is not None:
+            parts.append(f"promote={self.promote}")
         return f"BlockFMA({', '.join(parts)})"
 
 

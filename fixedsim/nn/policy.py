@@ -205,6 +205,8 @@ def _spec_to_dict(s: MatmulSpec) -> dict:
             ad["output_frac_bits"] = a.output_frac_bits
         if a.min_exp is not None:
             ad["min_exp"] = a.min_exp
+        if a.promote is not None:
+            ad["promote"] = a.promote
         d["accumulator"] = ad
     elif a is not None:
         ad = {"format": repr(a.fmt), "rounding": a.rounding.name.lower(),
@@ -266,14 +268,15 @@ def _spec_from_dict(d: dict, where: str) -> MatmulSpec:
 
 def _block_fma_from_dict(a: dict, where: str) -> BlockFMA:
     """A :class:`~fixedsim.BlockFMA` from ``{"kind": "block_fma", "block", "extra_bits",
-    "rounding", "format", "output_frac_bits", "min_exp"}`` (the last four optional)."""
+    "rounding", "format", "output_frac_bits", "min_exp", "promote"}`` (the last five
+    optional)."""
     w = f"{where}.accumulator"
     _check_keys(a, {"kind", "block", "extra_bits", "rounding", "format", "output_frac_bits",
-                    "min_exp"}, w)
+                    "min_exp", "promote"}, w)
     for k in ("block", "extra_bits"):
         if k not in a:
             raise ValueError(f"{w}: '{k}' is required for kind 'block_fma'")
-    kw = {k: a[k] for k in ("rounding", "output_frac_bits", "min_exp") if k in a}
+    kw = {k: a[k] for k in ("rounding", "output_frac_bits", "min_exp", "promote") if k in a}
     if "format" in a:
         kw["fmt"] = _build(parse_format, f"{w}.format", a["format"])
     return _build(BlockFMA, w, a["block"], a["extra_bits"], **kw)
