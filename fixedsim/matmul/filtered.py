@@ -139,6 +139,10 @@ def declines(p) -> str | None:
         (not (ba.finite and bb.finite), "an operand holds an infinity or a NaN"),
         (spec.accumulator is not None, "there is an accumulator"),
         (not isinstance(f, FloatFormat), "the output is not a float format"),
+        (isinstance(f, FloatFormat)
+         and (not f.has_negative_zero or f.inf_nan not in ("ieee", "fn")),
+         "the output format's zeros and specials are not IEEE's (fnuz, unsigned, exponent-only "
+         "or finite-only): the filter writes an exact zero's IEEE sign"),
     )
     for cond, why in checks:
         if cond:
