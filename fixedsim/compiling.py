@@ -33,11 +33,12 @@ from numba.core import event as _event
 __all__ = ["CompileWatch", "NOTICE", "COLD_SECONDS", "notice_text"]
 
 #: Seconds of compiling from an empty Numba cache, measured on the 2-core development machine
-#: (Intel Xeon with AVX-512, while other jobs shared its cores): a first ``fixedsim train``
-#: (LeNet under float32: 74 s), and the first sweep of the README's main job (its nine
-#: policies, compiled once before the workers start: 365 s, and 10 s more in one run), and
-#: ``fixedsim warmup`` (390 s). What the notice quotes.
-COLD_SECONDS = {"train": 75, "sweep": 370, "warmup": 390}
+#: (Intel Xeon with AVX-512): a first ``fixedsim train`` (LeNet under float32: 74 s, while
+#: other jobs shared its cores), the first sweep of the README's main job (its nine policies,
+#: compiled once before the workers start: 116 s on the idle machine, and 19 s more in the
+#: runs), and ``fixedsim warmup`` (390 s, while other jobs shared its cores). What the notice
+#: quotes.
+COLD_SECONDS = {"train": 75, "sweep": 135, "warmup": 390}
 
 #: The line printed once before the first compilation (``{seconds}``: the estimate).
 NOTICE = ("fixedsim: compiling kernels (once per install, about {seconds} s); "
