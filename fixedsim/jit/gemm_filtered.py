@@ -12,6 +12,7 @@ once into a float format (the proof is in :mod:`fixedsim.matmul.filtered`).
 import numpy as np
 from numba import prange
 
+from .arith import two_sum
 from .bits import f64_bits, f64_from_bits
 from .options import jit, jit_inline, jit_parallel
 from .quant import (
@@ -303,12 +304,9 @@ def dot2_at(A, BT, rows, cols, hi, lo, t, exact):
         inexact = False
         for k in range(K):
             p = ar[k] * br[k]
-            x = s + p
-            z = x - s
-            q = (s - (x - z)) + (p - z)  # s + p - x, exactly (TwoSum)
+            s, q = two_sum(s, p)
             e += q
             inexact = inexact or q != 0.0
-            s = x
             a += abs(p)
         hi[i] = s
         lo[i] = e
@@ -352,12 +350,9 @@ def dot2_sparse_at(A, B, rows, cols, hi, lo, t, exact):
         for q in range(m):
             k = idx[q]
             p = ar[k] * B[k, j]
-            x = s + p
-            z = x - s
-            d = (s - (x - z)) + (p - z)  # s + p - x, exactly (TwoSum)
+            s, d = two_sum(s, p)
             e += d
             inexact = inexact or d != 0.0
-            s = x
             a += abs(p)
         hi[i] = s
         lo[i] = e
