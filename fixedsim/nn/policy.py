@@ -225,8 +225,9 @@ def _spec_to_dict(s: MatmulSpec) -> dict:
 
 
 #: The structure of a matrix unit's accumulator (Accumulator ``order``, ``combine``,
-#: ``addend``) and its defaults; ``lanes`` defaults to None.
-_STRUCTURE_DEFAULTS = {"order": "ascending", "combine": "tree", "addend": "first"}
+#: ``addend``) with Accumulator's own defaults; ``lanes`` defaults to None.
+_STRUCTURE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Accumulator)
+                       if f.name in ("order", "combine", "addend")}
 
 
 def _spec_from_dict(d: dict, where: str) -> MatmulSpec:
