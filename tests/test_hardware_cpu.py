@@ -10,7 +10,7 @@ import fixedsim as fs
 from fixedsim import hardware, reference
 from fixedsim.hardware import cpu
 from fixedsim.testing import boundary_values, float_formats
-from tests.helpers import assert_same_bits
+from helpers import assert_same_bits
 
 FTZ32 = fs.FloatFormat(8, 23, subnormals=False)
 _DET = [fs.Rounding.NEAREST_EVEN, fs.Rounding.NEAREST_AWAY, fs.Rounding.TOWARD_ZERO,
