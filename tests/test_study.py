@@ -19,7 +19,9 @@ from fixedsim.study import (
     load_study,
     parse_study,
     report,
+    run_id_of,
     run_study,
+    shared_seed,
 )
 
 TRAIN = """
@@ -154,6 +156,35 @@ def test_grid_expansion_order_labels_and_seeds(tmp_path):
         '[grid.train]\nlr = [0.01, 0.1]\nmodel_options.hidden = [[8], [4, 4]]\n'
     assert [r.run_id for r in load_study(write(tmp_path, text2, "b.toml"),
                                          check_data=False).runs] == ids
+
+
+def test_shared_seeds_pair_the_grid_points_of_a_replicate(tmp_path):
+    text = ("[study]\nseed = 5\nreplicates = 2\n" + TRAIN
+            + '[grid]\npolicy = ["float32", "fixed:16:8:stochastic"]\n')
+    per_run = load_study(write(tmp_path, text), check_data=False)
+    shared = load_study(write(tmp_path, text.replace("seed = 5\n", 'seed = 5\nseeds = "shared"\n'),
+                              "b.toml"), check_data=False)
+    assert shared.seeds == "shared" and per_run.seeds == "per_run"
+    by_rep = {}
+    for r in shared.runs:
+        assert r.seed == shared_seed(5, r.replicate) == r.train["seed"]
+        by_rep.setdefault(r.replicate, set()).add(r.seed)
+    assert [len(v) for v in by_rep.values()] == [1, 1]  # every policy of a replicate: one seed
+    assert by_rep[0] != by_rep[1]  # replicates differ
+    # the seeding is part of the identity: the same points get other ids (and seeds) ...
+    assert not {r.run_id for r in shared.runs} & {r.run_id for r in per_run.runs}
+    assert all(r.run_id == run_id_of(r.identity) for r in shared.runs + per_run.runs)
+    assert all(r.identity["seeds"] == "shared" for r in shared.runs)
+    # ... while a per-run study spelling the default keeps the ids it always had
+    spelled = text.replace("seed = 5\n", 'seed = 5\nseeds = "per_run"\n')
+    default = load_study(write(tmp_path, spelled, "c.toml"), check_data=False)
+    assert [r.run_id for r in default.runs] == [r.run_id for r in per_run.runs]
+    assert all("seeds" not in r.identity for r in per_run.runs)
+    # a shared seed never coincides with a derived one (the run ids stay below 2**48)
+    assert shared_seed(5, 0) != derive_seed(5, "0" * 12)
+    with pytest.raises(StudyError, match=r"study.seeds: expected one of 'per_run', 'shared', "
+                                         r"got 'paired'"):
+        parse_study({"study": {"seeds": "paired"}})
 
 
 def test_run_ids_are_stable_and_order_free(tmp_path):

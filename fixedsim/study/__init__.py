@@ -11,7 +11,16 @@ See docs/sweeps.md for the study-file format and the output folder.
 
 from .report import Report, load_results, report
 from .runner import SweepResult, execute_run, load_records, run_study, write_tables
-from .spec import RunSpec, Study, StudyError, derive_seed, load_study, parse_study, run_id_of
+from .spec import (
+                   RunSpec,
+                   Study,
+                   StudyError,
+                   derive_seed,
+                   load_study,
+                   parse_study,
+                   run_id_of,
+                   shared_seed,
+)
 
 __all__ = [
     "Report",
@@ -20,6 +29,7 @@ __all__ = [
     "StudyError",
     "SweepResult",
     "derive_seed",
+    "shared_seed",
     "execute_run",
     "load_records",
     "load_results",

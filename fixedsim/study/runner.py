@@ -413,7 +413,8 @@ def run_study(study: Study, out=None, *, workers: int | None = None, scheduler=N
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(out / "study.json", json.dumps({
         "name": study.name, "path": str(study.path) if study.path else None,
-        "description": study.description, "seed": study.seed, "axes": study.axes,
+        "description": study.description, "seed": study.seed, "seeds": study.seeds,
+        "axes": study.axes,
         "runs": [r.run_id for r in study.runs]}, indent=2) + "\n")
     (out / "results").mkdir(exist_ok=True)
 

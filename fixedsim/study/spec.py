@@ -2,8 +2,8 @@
 
 A study file (TOML) has up to five top-level parts::
 
-    [study]             name, seed, description, replicates, numba_threads, workers, out,
-                        count_steps
+    [study]             name, seed, seeds, description, replicates, numba_threads, workers,
+                        out, count_steps
     [train]             TrainConfig fields (every one but ``seed``), values only
     policy = ...        the base policy: a preset string, a policy file, or a table
     [policy_overrides]  dotted keys into the policy table, values only
@@ -29,13 +29,16 @@ import pathlib
 from ..quantize import seed_word
 
 __all__ = ["StudyError", "RunSpec", "Study", "load_study", "parse_study", "run_id_of",
-           "derive_seed", "TOP_KEYS", "STUDY_KEYS"]
+           "derive_seed", "shared_seed", "TOP_KEYS", "STUDY_KEYS", "SEEDINGS"]
 
 #: The top-level keys of a study file.
 TOP_KEYS = ("study", "train", "policy", "policy_overrides", "grid")
 #: The keys of the ``[study]`` table.
-STUDY_KEYS = ("name", "seed", "description", "replicates", "numba_threads", "workers", "out",
-              "count_steps")
+STUDY_KEYS = ("name", "seed", "seeds", "description", "replicates", "numba_threads", "workers",
+              "out", "count_steps")
+#: The values of ``[study] seeds``: each run its own seed (from the run id), or one seed per
+#: replicate shared by every grid point (paired comparisons).
+SEEDINGS = ("per_run", "shared")
 #: The first part of every ``[grid]`` key.
 GRID_ROOTS = ("policy", "train", "replicate")
 
@@ -67,8 +70,12 @@ class RunSpec:
     replicate : int
     seed : int
         The run's training seed: ``SeedSequence([study_seed, int(run_id, 16)])``, its first
-        32-bit word. It depends on nothing but the configuration, never on scheduling.
+        32-bit word (:func:`derive_seed`); with ``seeds == "shared"``, the replicate's seed
+        (:func:`shared_seed`), the same for every grid point. It depends on nothing but the
+        configuration, never on scheduling.
     study_seed : int
+    seeds : str
+        ``"per_run"`` (default) or ``"shared"``: the study's ``[study] seeds``.
     """
 
     run_id: str
@@ -79,13 +86,17 @@ class RunSpec:
     replicate: int
     seed: int
     study_seed: int
+    seeds: str = "per_run"
 
     @property
     def identity(self) -> dict:
-        """The configuration the run id is the hash of."""
-        return {"train": {k: v for k, v in self.train.items() if k != "seed"},
-                "policy": self.policy, "replicate": self.replicate,
-                "study_seed": self.study_seed}
+        """The configuration the run id is the hash of (``seeds`` only when shared, so that
+        the ids of per-run studies are those they always were)."""
+        d = {"train": {k: v for k, v in self.train.items() if k != "seed"},
+             "policy": self.policy, "replicate": self.replicate, "study_seed": self.study_seed}
+        if self.seeds == "shared":
+            d["seeds"] = "shared"
+        return d
 
     @property
     def label(self) -> str:
@@ -130,6 +141,10 @@ class Study:
         Count the per-step events of every product (the accumulator's inexact, overflowing,
         subnormal steps; :func:`fixedsim.counters.record` with ``steps=True``) in each run's
         counters; not part of a run's identity (False: they are left out, and cost nothing).
+    seeds : str
+        ``"per_run"``: every run trains from its own seed, derived from the run id;
+        ``"shared"``: every run of one replicate trains from the same seed (same initial
+        weights, data order and random draws), so that grid points are compared in pairs.
     """
 
     path: pathlib.Path | None
@@ -143,6 +158,7 @@ class Study:
     runs: list
     data_checked: bool = False
     count_steps: bool = False
+    seeds: str = "per_run"
 
     def __len__(self) -> int:
         return len(self.runs)
@@ -228,6 +244,13 @@ def run_id_of(identity: dict) -> str:
 def derive_seed(study_seed: int, run_id: str) -> int:
     """The training seed of a run: the first word of ``SeedSequence([study_seed, run_id])``."""
     return seed_word(study_seed, int(run_id, 16)) & 0xFFFFFFFF
+
+
+def shared_seed(study_seed: int, replicate: int) -> int:
+    """The training seed of every run of one replicate under ``[study] seeds = "shared"``: the
+    first word of ``SeedSequence([study_seed, 2**64 + replicate])`` (the offset keeps it
+    apart from every :func:`derive_seed`, whose run ids are below ``2**48``)."""
+    return seed_word(study_seed, (1 << 64) + int(replicate)) & 0xFFFFFFFF
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -395,6 +418,10 @@ def parse_study(data: dict, path=None) -> Study:
     if not isinstance(description, str):
         raise StudyError(f"{where}: study.description: expected a string, got {description!r}")
     seed = _check_int(st.get("seed", 0), "study.seed", where, 0)
+    seeding = st.get("seeds", "per_run")
+    if seeding not in SEEDINGS:
+        raise StudyError(f"{where}: study.seeds: expected one of "
+                         f"{', '.join(map(repr, SEEDINGS))}, got {seeding!r}")
     replicates = st.get("replicates")
     if replicates is not None:
         _check_int(replicates, "study.replicates", where, 1)
@@ -490,22 +517,24 @@ def parse_study(data: dict, path=None) -> Study:
         pdict = _resolve_policy(base_policy, overrides, point, base, where, Policy,
                                 policy_cache)
         replicate = int(point.get("replicate", 0))
-        identity = {"train": tdict, "policy": pdict, "replicate": replicate,
-                    "study_seed": seed}
+        identity = RunSpec("", index, labels, tdict, pdict, replicate, 0, seed,
+                           seeding).identity
         rid = run_id_of(identity)
         if rid in by_id:
             other = by_id[rid]
             raise StudyError(f"{where}: grid: the points {other.label} and "
                              f"{', '.join(f'{k}={v}' for k, v in labels.items())} resolve to "
                              f"the same configuration (run id {rid})")
-        run_seed = derive_seed(seed, rid)
+        run_seed = shared_seed(seed, replicate) if seeding == "shared" else derive_seed(seed, rid)
         run = RunSpec(run_id=rid, index=index, axes=labels, train={**tdict, "seed": run_seed},
-                      policy=pdict, replicate=replicate, seed=run_seed, study_seed=seed)
+                      policy=pdict, replicate=replicate, seed=run_seed, study_seed=seed,
+                      seeds=seeding)
         by_id[rid] = run
         runs.append(run)
     return Study(path=path, name=name.strip(), description=description, seed=seed,
                  numba_threads=numba_threads, workers=workers, out=out,
-                 axes={k: list(axes[k][1]) for k in keys}, runs=runs, count_steps=count_steps)
+                 axes={k: list(axes[k][1]) for k in keys}, runs=runs, count_steps=count_steps,
+                 seeds=seeding)
 
 
 def _check_train_key(k, fields, where, key=None):
