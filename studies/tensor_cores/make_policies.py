@@ -14,6 +14,12 @@ accumulator:
 - ``fp16-h100-fp8acc-promote128``: the same with DeepSeek-V3's promotion of the partial sum
   to an FP32 register every 128 products (``BlockFMA(..., promote=128)``).
 
+and BF16 mixed precision (``Policy.bf16()``: FP32 master weights, BF16 activations, errors and
+weight gradients, no loss scaling) with BF16 operands:
+
+- ``bf16-exact``: the exact sum, rounded once into FP32;
+- ``bf16-h100``: the H100's BF16 tensor core (``hardware.spec("H100", "bf16")``).
+
 Run ``python studies/tensor_cores/make_policies.py``; the files are committed with the study.
 """
 
@@ -34,17 +40,19 @@ def with_products(base: Policy, spec: fs.MatmulSpec, name: str) -> Policy:
 
 def main():
     HERE.mkdir(exist_ok=True)
-    h = Policy.fp16_mixed()
+    h, b = Policy.fp16_mixed(), Policy.bf16()
     fp8 = hardware.spec("H100", "e4m3").accumulator
     specs = {
-        "fp16-exact": fs.MatmulSpec(input=fs.FP16, output=fs.FP32),
-        "fp16-h100": hardware.spec("H100", "fp16"),
-        "fp16-h100-fp8acc": fs.MatmulSpec(input=fs.FP16, accumulator=fp8),
-        "fp16-h100-fp8acc-promote128": fs.MatmulSpec(
-            input=fs.FP16, accumulator=dataclasses.replace(fp8, promote=128)),
+        "fp16-exact": (h, fs.MatmulSpec(input=fs.FP16, output=fs.FP32)),
+        "fp16-h100": (h, hardware.spec("H100", "fp16")),
+        "fp16-h100-fp8acc": (h, fs.MatmulSpec(input=fs.FP16, accumulator=fp8)),
+        "fp16-h100-fp8acc-promote128": (h, fs.MatmulSpec(
+            input=fs.FP16, accumulator=dataclasses.replace(fp8, promote=128))),
+        "bf16-exact": (b, fs.MatmulSpec(input=fs.BF16, output=fs.FP32)),
+        "bf16-h100": (b, hardware.spec("H100", "bf16")),
     }
-    for name, spec in specs.items():
-        with_products(h, spec, name).save(HERE / f"{name}.toml")
+    for name, (base, spec) in specs.items():
+        with_products(base, spec, name).save(HERE / f"{name}.toml")
 
 
 if __name__ == "__main__":
