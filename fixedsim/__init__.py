@@ -5,6 +5,16 @@ The public names, re-exported; see docs/ for the numerics semantics.
 
 from . import counters
 from .arith import add, div, fma, mul, sub
+from .blockformats import (
+    MXFP4,
+    MXFP6_E2M3,
+    MXFP6_E3M2,
+    MXFP8_E4M3,
+    MXFP8_E5M2,
+    MXINT8,
+    NVFP4,
+    BlockFormat,
+)
 from .formats import (
     BF16,
     E8M0,
@@ -53,6 +63,14 @@ def __getattr__(name):
 __all__ = [
     "Accumulator",
     "BlockFMA",
+    "BlockFormat",
+    "MXFP4",
+    "MXFP6_E2M3",
+    "MXFP6_E3M2",
+    "MXFP8_E4M3",
+    "MXFP8_E5M2",
+    "MXINT8",
+    "NVFP4",
     "MatmulSpec",
     "BF16",
     "E8M0",

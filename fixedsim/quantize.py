@@ -15,6 +15,7 @@ from fractions import Fraction
 import numpy as np
 
 from . import reference
+from .blockformats import BlockFormat
 from .formats import FixedFormat, FloatFormat, _to_float_toward_zero
 from .jit import quant as _q
 from .jit import quant_fast as _qf
@@ -552,6 +553,7 @@ def quantize(
     random_bits=None,
     stats=False,
     out=None,
+    axis=None,
 ):
     """Round every element of ``x`` into ``fmt`` with a single rounding.
 
@@ -564,8 +566,9 @@ def quantize(
         read-only included. Never modified. Values float64 cannot hold (2**53 + 1, 1/3,
         Decimal("0.1")) are rounded once by :func:`fixedsim.reference.round_to_format`, never
         through float64 (see docs/numerics.md, "What an input may be").
-    fmt : FixedFormat or FloatFormat
-        Target format.
+    fmt : FixedFormat, FloatFormat or BlockFormat
+        Target format. Into a :class:`~fixedsim.BlockFormat` (MX, NVFP4) the result is the
+        float64 values ``element * scale``, blocks along ``axis`` (docs/block_formats.md).
     rounding : Rounding or str, default Rounding.NEAREST_EVEN
         Rounding mode (see :class:`fixedsim.Rounding`).
     overflow : Overflow or str, optional
@@ -589,6 +592,11 @@ def quantize(
     out : numpy.ndarray, optional
         Where to write the result: C-contiguous, shape of ``x``, dtype ``fmt.dtype``. Saves
         the allocation (and its page faults) in loops; may be ``x`` itself to round in place.
+        Not with a block format.
+    axis : int, optional
+        Block formats only: the axis the blocks run along (default ``fmt.axis``, the last).
+        The stochastic draw of an element is indexed by its place in ``x`` with that axis
+        moved last (C order): its flat index when the axis is the last.
 
     Returns
     -------
@@ -624,6 +632,16 @@ def quantize(
     >>> fs.quantize(2**60 + 2**36 + 1, fs.FP32) == 2.0**60 + 2**37   # not via float64's tie
     np.True_
     """
+    if isinstance(fmt, BlockFormat):
+        if stats or out is not None:
+            raise ValueError(f"stats and out are not available for the block format {fmt!r}; "
+                             "call quantize(x, fmt, rounding, ...) without them")
+        from .blockquant import block_quantize
+
+        return block_quantize(x, fmt, rounding, overflow, seed=seed, random_bits=random_bits,
+                              axis=axis)
+    if axis is not None:
+        raise ValueError(f"axis applies to block formats only, got axis={axis!r} with {fmt!r}")
     fmt = _check_format(fmt)
     rounding = Rounding.coerce(rounding, what="rounding")
     overflow = resolve_overflow(fmt, overflow)
@@ -682,8 +700,15 @@ def _container_bits(arr: np.ndarray):
     return arr.view(np.uint64), 11, 52
 
 
-def to_bits(x, fmt) -> np.ndarray:
+def to_bits(x, fmt, **block_options) -> np.ndarray:
     """Unsigned integer codes of values that ``fmt`` represents exactly.
+
+    For a :class:`~fixedsim.BlockFormat`, ``x`` is any real array: it is quantized (its
+    scales depend on the unquantized blocks) and a :class:`~fixedsim.blockquant.BlockCodes`
+    ``(elements, scales, tensor_scale)`` is returned, with ``block_options`` ``rounding``,
+    ``seed``, ``random_bits``, ``axis`` as for :func:`quantize` and ``packed`` (default True:
+    4-bit elements two per byte, low nibble first; 6-bit elements four per three bytes).
+    ``from_bits(to_bits(x, fmt, ...), fmt)`` is ``quantize(x, fmt, ...)`` (docs/block_formats.md).
 
     Parameters
     ----------
@@ -718,6 +743,12 @@ def to_bits(x, fmt) -> np.ndarray:
     >>> fs.to_bits([-0.25, 0.75], fs.FixedFormat(8, 2))
     array([255,   3], dtype=uint8)
     """
+    if isinstance(fmt, BlockFormat):
+        from .blockquant import block_to_bits
+
+        return block_to_bits(x, fmt, **block_options)
+    if block_options:
+        raise TypeError(f"to_bits: {', '.join(block_options)} apply to block formats only")
     fmt = _check_format(fmt)
     arr, exact = _as_exact_array(x)
     if exact is not None:
@@ -823,8 +854,12 @@ def _as_codes(codes) -> np.ndarray:
     raise TypeError(f"codes must be integers (or bools), got an array of dtype {c.dtype}")
 
 
-def from_bits(codes, fmt) -> np.ndarray:
+def from_bits(codes, fmt, **block_options) -> np.ndarray:
     """Values of unsigned integer codes; the inverse of :func:`to_bits`.
+
+    For a :class:`~fixedsim.BlockFormat`, ``codes`` is what :func:`to_bits` returned (a
+    ``BlockCodes``, or an ``(elements, scales[, tensor_scale])`` tuple), ``block_options``
+    ``axis`` and ``packed`` as there; the result is float64 ``element * scale``.
 
     Parameters
     ----------
@@ -858,6 +893,12 @@ def from_bits(codes, fmt) -> np.ndarray:
     >>> fs.from_bits([0x80, 0x7F], fs.FixedFormat(8, 4))
     array([-8.    ,  7.9375], dtype=float32)
     """
+    if isinstance(fmt, BlockFormat):
+        from .blockquant import block_from_bits
+
+        return block_from_bits(codes, fmt, **block_options)
+    if block_options:
+        raise TypeError(f"from_bits: {', '.join(block_options)} apply to block formats only")
     fmt = _check_format(fmt)
     c = _as_codes(codes)
     width = fmt.width

@@ -461,6 +461,9 @@ def values(fmt) -> list:
 # -- matrix products -----------------------------------------------------------------------------
 #: Stages of a matrix product whose roundings draw random bits, in the order of their keys.
 STAGE_INPUT_A, STAGE_INPUT_B, STAGE_PRODUCT, STAGE_ACCUMULATOR, STAGE_OUTPUT = range(5)
+#: The alignment of a :class:`~fixedsim.BlockFMA`'s terms to each block's window: an event
+#: stage of :func:`dot` (no random draws).
+STAGE_ALIGNMENT = 5
 
 
 def _exact_product(x: float, y: float):
@@ -562,7 +565,7 @@ def reduce_block(s, prods, acc, rnd=None):
     return v if first else add(s, v)
 
 
-def block_fma(a, b, c, acc, input_emin=-1022, *, flags=False):
+def block_fma(a, b, c, acc, input_emin=-1022, *, flags=False, align=None):
     """One block of a :class:`~fixedsim.BlockFMA` accumulator, exactly: ``c + sum a[k] b[k]``
     as an aligned, truncating multi-term adder computes it.
 
@@ -581,6 +584,11 @@ def block_fma(a, b, c, acc, input_emin=-1022, *, flags=False):
         ``S q``: ``inexact`` when ``S q`` itself had to be rounded (the cut terms are not
         counted), ``overflow`` when it became an infinity, ``nan`` for a NaN result; all
         False for a special or zero result but ``nan``.
+    align : dict, optional
+        If given, the events of the alignment are counted into it: ``align["inexact"]``, the
+        nonzero terms (products, and ``c``) that lost bits when cut to the window,
+        ``align["underflow"]``, those of them cut to zero. Nothing is aligned, nor counted,
+        when an infinity or a NaN decides the result.
 
     Returns
     -------
@@ -640,6 +648,9 @@ def block_fma(a, b, c, acc, input_emin=-1022, *, flags=False):
     for x, _ in terms:
         m = math.floor(abs(x) / q)
         S += -m if x < 0 else m
+        if align is not None and m * q != abs(x):
+            align["inexact"] = align.get("inexact", 0) + 1
+            align["underflow"] = align.get("underflow", 0) + int(m == 0)
     if S == 0:
         return done(0.0)
     r, fl = round_to_format(S * q, acc.register, acc.rounding, Overflow.INFINITY, flags=True)
@@ -702,7 +713,8 @@ def dot(a_row, b_col, spec, *, draw=None, index=0, events=None, c=0.0):
         The flat index of this output element.
     events : dict, optional
         If given, the flags of every rounding (see :func:`round_to_format`) are counted into
-        ``events[stage][flag]``.
+        ``events[stage][flag]``; for a :class:`~fixedsim.BlockFMA` also the alignment's
+        (``events[STAGE_ALIGNMENT]``: see :func:`block_fma`'s ``align``).
     c : float, default +0.0
         The addend C (``D = C + A B``): the start of the running sum (it takes part in the
         first block's exact sum), a term of the exact sum when there is no accumulator, and
@@ -753,7 +765,8 @@ def dot(a_row, b_col, spec, *, draw=None, index=0, events=None, c=0.0):
         def chain(k0, k1, s):  # the blocks of products k0..k1-1, from s
             for t0 in range(k0, k1, acc.block):
                 blk = slice(t0, min(t0 + acc.block, k1))
-                s, fl = block_fma(a_row[blk], b_col[blk], s, acc, emin, flags=True)
+                al = events.setdefault(STAGE_ALIGNMENT, {}) if events is not None else None
+                s, fl = block_fma(a_row[blk], b_col[blk], s, acc, emin, flags=True, align=al)
                 count(fl)
             return s
 
@@ -835,3 +848,204 @@ def matmul(a, b, spec, *, draw=None, c=None):
         out[idx] = _container(dot(A[bi][i], B[bi][:, j], spec, draw=draw, index=o,
                                   c=float(C[idx])))
     return out
+
+
+# -- block-scaled formats ------------------------------------------------------------------------
+def _ceil_log2(a: Fraction) -> int:
+    """Exact ``ceil(log2(a))`` for ``a > 0``."""
+    e = _floor_log2(a)
+    return e if _pow2(e) == a else e + 1
+
+
+def tensor_scale(amax, fmt):
+    """The per-tensor scale of a two-level block format (NVFP4) for a tensor whose largest
+    finite magnitude is ``amax`` (exact): ``amax / (element.max * scale.max)`` rounded to
+    nearest even into ``fmt.tensor_scale``, at least its smallest positive value.
+
+    Raises
+    ------
+    ValueError
+        The scale is beyond the tensor scale format's largest value.
+
+    Examples
+    --------
+    >>> from fixedsim.blockformats import NVFP4
+    >>> tensor_scale(2688, NVFP4), tensor_scale(0, NVFP4) == 2.0**-149
+    (Fraction(1, 1), True)
+    """
+    from fixedsim.blockformats import BlockFormat
+
+    if not isinstance(fmt, BlockFormat) or fmt.tensor_scale is None:
+        raise ValueError(f"tensor_scale: {fmt!r} has no per-tensor scale")
+    amax = _exact(amax)
+    target = amax / (Fraction(fmt.element.max) * Fraction(fmt.scale.max))
+    t, fl = round_to_format(target, fmt.tensor_scale, Rounding.NEAREST_EVEN, Overflow.SATURATE,
+                            flags=True)
+    if fl["overflow"]:
+        raise ValueError(f"the tensor's largest magnitude {float(amax)!r} needs a per-tensor "
+                         f"scale beyond {fmt.tensor_scale!r}'s largest value")
+    return max(Fraction(t), Fraction(fmt.tensor_scale.smallest))
+
+
+def block_scale(amax, fmt, tensor=1):
+    """The scale of one block of the block format ``fmt`` whose largest magnitude is ``amax``.
+
+    Parameters
+    ----------
+    amax : int, float or Fraction
+        The exact largest magnitude of the block; NaN or infinity give a NaN scale.
+    fmt : BlockFormat
+    tensor : Fraction, default 1
+        The per-tensor scale (:func:`tensor_scale`) of a two-level format.
+
+    Returns
+    -------
+    Fraction or float
+        The scale (a Fraction), or NaN. The rules, from ``emax`` = floor(log2(element.max)):
+        "ocp" ``2**(floor(log2 amax) - emax)``; "ceil" ``2**(ceil(log2 amax) - emax)``;
+        "even" ``2**(floor(log2 r) - emax)``, ``r`` = amax rounded to the element's precision
+        with ties away from zero; "rceil" ``2**ceil(log2(amax / element.max))``; a power of
+        two below the scale format's smallest is raised to it (and 0 gives it). "nearest":
+        ``amax / (element.max * tensor)`` rounded to nearest even into the scale format, at
+        least its smallest positive value.
+
+    Raises
+    ------
+    ValueError
+        The scale is beyond the scale format's largest value, or a NaN scale in a scale
+        format without NaN.
+
+    Examples
+    --------
+    >>> from fixedsim.blockformats import MXFP8_E4M3, BlockFormat
+    >>> from fixedsim.formats import FP8_E4M3
+    >>> block_scale(957, MXFP8_E4M3), block_scale(957, BlockFormat(FP8_E4M3, scale_rule="rceil"))
+    (Fraction(2, 1), Fraction(4, 1))
+    """
+    from fixedsim.blockformats import (
+        POW2_RULES,
+        _element_emax,
+        _element_precision,
+        _pow2_range,
+    )
+
+    amax = _exact(amax)
+    if isinstance(amax, float):
+        if not fmt.scale.has_nan:
+            raise ValueError(f"a block holding NaN or an infinity needs a NaN scale, which "
+                             f"{fmt.scale!r} does not have")
+        return math.nan
+    el, rule = fmt.element, fmt.scale_rule
+    if rule in POW2_RULES:
+        lo, hi = _pow2_range(fmt.scale)
+        if amax == 0:
+            return _pow2(lo)
+        emax = _element_emax(el)
+        if rule == "ocp":
+            k = _floor_log2(amax) - emax
+        elif rule == "ceil":
+            k = _ceil_log2(amax) - emax
+        elif rule == "even":
+            q = _pow2(_floor_log2(amax) - _element_precision(el) + 1)
+            k = _floor_log2(math.floor(amax / q + Fraction(1, 2)) * q) - emax
+        else:  # rceil
+            k = _ceil_log2(amax / Fraction(el.max))
+        if k > hi:
+            raise ValueError(f"a block whose largest magnitude is {float(amax)!r} needs the "
+                             f"scale 2**{k}, beyond {fmt.scale!r}'s largest power of two 2**{hi}")
+        return _pow2(max(k, lo))
+    smallest = Fraction(fmt.scale.smallest)
+    if amax == 0:
+        return smallest
+    target = amax / (Fraction(el.max) * Fraction(tensor))
+    s, fl = round_to_format(target, fmt.scale, Rounding.NEAREST_EVEN, Overflow.SATURATE,
+                            flags=True)
+    if fl["overflow"]:
+        raise ValueError(f"a block whose largest magnitude is {float(amax)!r} needs a scale "
+                         f"beyond {fmt.scale!r}'s largest value")
+    return max(Fraction(s), smallest)
+
+
+def block_quantize(x, fmt, rounding=Rounding.NEAREST_EVEN, *, draws=None, random_bits=None,
+                   axis=None):
+    """Quantize the array ``x`` into the block format ``fmt``, exactly.
+
+    The blocks run along ``axis`` (default ``fmt.axis``), whose length ``block`` must divide.
+    For each block: its scale ``S`` (:func:`block_scale`, with :func:`tensor_scale` of the
+    whole tensor's largest finite magnitude for a two-level format), then every element
+    ``x / S`` rounded once into ``fmt.element`` by :func:`round_to_format` (overflow
+    SATURATE: values beyond the element's largest clamp to it); the value is element * S.
+    A block holding NaN or an infinity is all NaN, with a NaN scale and zero elements.
+
+    Parameters
+    ----------
+    x : array_like of float, int or Fraction
+    fmt : BlockFormat
+    rounding : Rounding or str
+    draws : sequence or callable, optional
+        STOCHASTIC only: the draw of the element at position ``i`` of the blocked layout
+        (``x`` with ``axis`` moved last, in C order), ``draws[i]`` or ``draws(i)``.
+    random_bits : int, optional
+    axis : int, optional
+
+    Returns
+    -------
+    values : numpy.ndarray
+        float64, the shape of ``x``.
+    elements : numpy.ndarray
+        float64, the element values (before scaling), the shape of ``x``.
+    scales : numpy.ndarray
+        object (Fractions, NaN floats), shape of ``x`` with the block axis divided by
+        ``block``.
+    tensor : Fraction or None
+        The per-tensor scale of a two-level format.
+
+    Examples
+    --------
+    >>> from fixedsim.blockformats import MXFP4
+    >>> v, e, s, t = block_quantize([[957.0] + [1.0] * 31], MXFP4)
+    >>> v[0, :2], e[0, :2], s
+    (array([768.,   0.]), array([6., 0.]), array([[Fraction(128, 1)]], dtype=object))
+    """
+    rounding = Rounding.coerce(rounding, what="rounding")
+    arr = np.asarray(x, dtype=object if np.asarray(x).dtype == object else np.float64)
+    ax = fmt.axis if axis is None else axis
+    moved = np.moveaxis(arr, ax, -1)
+    n = moved.shape[-1] if moved.ndim else 1
+    if moved.ndim == 0 or n % fmt.block:
+        raise ValueError(f"the block length {fmt.block} must divide the axis length {n}")
+    shape = moved.shape
+    raw = [v.item() if hasattr(v, "item") else v for v in moved.reshape(-1)]
+    flat = [_exact(v) for v in raw]
+    nb = len(flat) // fmt.block
+    tensor = None
+    if fmt.tensor_scale is not None:
+        finite = [abs(v) for v in flat if isinstance(v, Fraction)]
+        tensor = tensor_scale(max(finite, default=Fraction(0)), fmt)
+    values = np.empty(len(flat), np.float64)
+    elements = np.empty(len(flat), np.float64)
+    scales = np.empty(nb, dtype=object)
+    for b in range(nb):
+        blk = flat[b * fmt.block:(b + 1) * fmt.block]
+        special = [v for v in blk if isinstance(v, float)]
+        amax = math.nan if special else max(abs(v) for v in blk)
+        s = block_scale(amax, fmt, 1 if tensor is None else tensor)
+        scales[b] = s
+        total = s if tensor is None or isinstance(s, float) else s * tensor
+        for j, v in enumerate(blk):
+            i = b * fmt.block + j
+            if isinstance(s, float):
+                values[i], elements[i] = math.nan, 0.0
+                continue
+            draw = None
+            if rounding is Rounding.STOCHASTIC:
+                draw = draws(i) if callable(draws) else draws[i]
+            e = round_to_format(v / total if v != 0 else raw[i] * 0.0, fmt.element,
+                                rounding, Overflow.SATURATE, draw=draw, random_bits=random_bits)
+            elements[i] = e
+            val = Fraction(e) * total
+            values[i] = math.copysign(float(val), e) if val == 0 else float(val)
+    out_shape = shape[:-1] + (nb // max(1, int(np.prod(shape[:-1], dtype=np.int64))),)
+    return (np.moveaxis(values.reshape(shape), -1, ax),
+            np.moveaxis(elements.reshape(shape), -1, ax),
+            np.moveaxis(scales.reshape(out_shape), -1, ax), tensor)

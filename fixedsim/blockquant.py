@@ -1,0 +1,369 @@
+"""Quantization into block formats (:class:`fixedsim.blockformats.BlockFormat`): the fast path.
+
+:func:`fixedsim.quantize`, :func:`fixedsim.to_bits` and :func:`fixedsim.from_bits` come here for
+a block format. The work is done by the element kernels of :mod:`fixedsim.jit.quant` on the
+scaled elements ``x / S``, which are exact:
+
+* a power-of-two scale (the MX rules): ``x * 2**-k`` is exact in float64 unless it falls below
+  float64's normal range; an element that does so is replaced by a float64 of the same sign
+  below ``2**-1022`` (the product itself, or the smallest subnormal where the product rounds
+  to zero), which every element format whose smallest value is at least ``2**-950`` rounds as
+  it rounds the exact quotient, in every mode (all such values lie below half the smallest
+  quantum, and a 64-bit stochastic draw cannot tell them apart: ``frac * 2**64 < 1``);
+* any other scale (NVFP4: ``s * t``, E4M3 times FP32, exact in float64): the quotient is
+  rounded to odd at float64 precision (Dekker's exact product gives the sign of the
+  remainder), which the element rounding then rounds correctly in every deterministic mode
+  (two spare bits suffice) and under STOCHASTIC with ``random_bits <= 50 - element.man_bits``
+  (the draw compares only bits above the sticky bit); other stochastic calls, and inputs below
+  ``2**-900`` in magnitude, are rounded by the Fraction oracle.
+
+Nothing here rounds twice; ``tests/test_blockformats.py`` checks it bit for bit against
+:func:`fixedsim.reference.block_quantize`.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from typing import NamedTuple
+
+import numpy as np
+
+from . import reference
+from .blockformats import POW2_RULES, BlockFormat, _element_emax, _element_precision, _pow2_range
+from .formats import FloatFormat
+from .jit.rng import random_u64_array
+from .rounding import Overflow, Rounding
+
+__all__ = ["BlockCodes", "block_quantize", "block_to_bits", "block_from_bits"]
+
+
+class BlockCodes(NamedTuple):
+    """The codes of a tensor in a block format (:func:`fixedsim.to_bits`).
+
+    Attributes
+    ----------
+    elements : numpy.ndarray of uint8
+        Element codes, the block axis in place. Packed (``packed=True``): 4-bit elements two
+        per byte, the first in the low nibble; 6-bit elements four per three bytes, element
+        ``j`` of a group in bits ``6j .. 6j+5`` of the little-endian 24-bit word; the block
+        axis is then ``n/2`` or ``3n/4`` long. Unpacked: one code per byte (uint16 or wider
+        for wider elements).
+    scales : numpy.ndarray
+        Scale codes (``fmt.scale.code_dtype``), the block axis divided by ``block``.
+    tensor_scale : int or None
+        The per-tensor scale code (``fmt.tensor_scale``), None for single-level formats.
+    """
+
+    elements: np.ndarray
+    scales: np.ndarray
+    tensor_scale: int | None = None
+
+
+def _check_block_call(fmt: BlockFormat, overflow, axis, shape):
+    if overflow is not None:
+        ovf = Overflow.coerce(overflow, what="overflow")
+        if ovf is not Overflow.SATURATE:
+            raise ValueError(
+                f"overflow={ovf!r} does not apply to the block format {fmt!r}: elements beyond "
+                "the element's largest value clamp to it (OCP MX v1.0, section 6.3); pass "
+                "overflow=None or Overflow.SATURATE")
+    ax = fmt.axis if axis is None else axis
+    if isinstance(ax, bool) or not isinstance(ax, (int, np.integer)):
+        raise TypeError(f"axis must be an int, got {ax!r}")
+    ndim = len(shape)
+    if ndim == 0:
+        raise ValueError(f"x must have at least one axis to hold blocks of {fmt.block}, got a "
+                         "scalar")
+    if not -ndim <= ax < ndim:
+        raise ValueError(f"axis {ax} is out of range for x with {ndim} axes")
+    ax = int(ax) % ndim
+    if shape[ax] % fmt.block:
+        raise ValueError(
+            f"the block length {fmt.block} of {fmt!r} must divide the length of axis {ax} of "
+            f"x, got {shape[ax]} (pad the axis to a multiple of {fmt.block} first, for "
+            "example with zeros, which change no scale)")
+    return ax
+
+
+def _blocked(arr: np.ndarray, ax: int, block: int) -> np.ndarray:
+    """``arr`` with ``ax`` moved last, as a C-contiguous float64 array of shape (nb, block)."""
+    return np.ascontiguousarray(np.moveaxis(arr, ax, -1), dtype=np.float64).reshape(-1, block)
+
+
+def _unblocked(flat: np.ndarray, shape, ax: int) -> np.ndarray:
+    moved = list(shape)
+    moved.append(moved.pop(ax))
+    return np.moveaxis(flat.reshape(moved), -1, ax)
+
+
+def _pow2_exponents(amax: np.ndarray, fmt: BlockFormat) -> np.ndarray:
+    """The scale exponent k of each block (amax finite, >= 0), exactly as the oracle's."""
+    el, rule = fmt.element, fmt.scale_rule
+    lo, hi = _pow2_range(fmt.scale)
+    m, e = np.frexp(amax)  # amax = m * 2**e, m in [0.5, 1)
+    e = e.astype(np.int64)
+    floor_log2 = e - 1
+    emax = _element_emax(el)
+    if rule == "ocp":
+        k = floor_log2 - emax
+    elif rule == "ceil":
+        k = floor_log2 + (m != 0.5) - emax
+    elif rule == "even":
+        p = _element_precision(el)
+        r = np.floor(np.ldexp(m, p) + 0.5)  # amax's top p bits, ties away (exact)
+        k = floor_log2 + (r == 2.0**p) - emax
+    else:  # rceil: the smallest k with amax <= max * 2**k
+        mm, em = math.frexp(el.max)
+        k = e - em + (m > mm)
+    k = np.where(amax == 0, lo, np.maximum(k, lo))
+    if k.size and int(k.max()) > hi:
+        b = int(np.argmax(k))
+        raise ValueError(
+            f"block {b} (its largest magnitude {float(amax[b])!r}) needs the scale "
+            f"2**{int(k[b])}, beyond {fmt.scale!r}'s largest power of two 2**{hi}: the scale "
+            "format cannot hold the scale; scale the tensor down first")
+    return k
+
+
+def _div_odd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a / b`` rounded to odd at float64 precision (``b > 0``; ``a`` zero or with
+    ``2**-900 <= |a|`` and ``2**-900 <= |a / b|``, so that no step underflows)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        q = a / b
+        p = q * b
+        split = 134217729.0  # 2**27 + 1: Veltkamp's split into two 26-bit halves
+        c = split * q
+        qh = c - (c - q)
+        ql = q - qh
+        c = split * b
+        bh = c - (c - b)
+        bl = b - bh
+        err = ((qh * bh - p) + qh * bl + ql * bh) + ql * bl  # q * b == p + err exactly
+        r = (a - p) - err  # the sign of a - q * b (a - p is exact: Sterbenz)
+    even = (q.view(np.uint64) & np.uint64(1)) == 0
+    fix = (r != 0) & even
+    if fix.any():
+        q[fix] = np.nextafter(q[fix], np.where(r[fix] > 0, np.inf, -np.inf))
+    return q
+
+
+def _element_run(scaled: np.ndarray, el, rounding: Rounding, rbits: int, key):
+    """Round the scaled elements (float64, flat) into the element format, saturating."""
+    from .quantize import _run
+
+    out, _ = _run(scaled, el, rounding, Overflow.SATURATE, rbits, key, False)
+    return out.astype(np.float64)
+
+
+def _nearest_scales(amax: np.ndarray, fmt: BlockFormat, t: Fraction) -> np.ndarray:
+    """The "nearest" rule's scale of each block (amax finite, >= 0), as float64."""
+    denom = float(Fraction(fmt.element.max) * t)
+    if Fraction(denom) != Fraction(fmt.element.max) * t or not (denom >= 2.0**-900):
+        return np.array([float(reference.block_scale(float(a), fmt, t)) for a in amax])
+    target = np.zeros_like(amax)
+    pos = amax > 0
+    tiny = pos & (amax < 2.0**-900)
+    ok = pos & ~tiny
+    target[ok] = _div_odd(amax[ok], np.full(int(ok.sum()), denom))
+    s = _element_run(target, fmt.scale, Rounding.NEAREST_EVEN, 64, np.uint64(0))
+    s = np.maximum(s, fmt.scale.smallest)
+    redo = np.flatnonzero(tiny | (target > fmt.scale.max))  # the oracle raises on overflow
+    for b in redo:
+        s[b] = float(reference.block_scale(float(amax[b]), fmt, t))
+    return s
+
+
+def _stochastic_key(rounding, seed):
+    from .quantize import random_key
+
+    return random_key(seed) if rounding is Rounding.STOCHASTIC else np.uint64(0)
+
+
+def _oracle(arr, fmt, rounding, rbits, key, ax, exact=None):
+    """:func:`reference.block_quantize` with the kernels' draws (flat index of the blocked
+    layout), for inputs the fast path does not take."""
+    shift = np.uint64(64 - rbits)
+
+    def draw(i):
+        return int(random_u64_array(key, i, 1)[0] >> shift)
+
+    x = arr
+    if exact is not None:
+        x = arr.astype(object)
+        flat = x.reshape(-1)
+        for i, v in zip(exact.index.tolist(), exact.value, strict=True):
+            flat[i] = v
+    return reference.block_quantize(x, fmt, rounding, draws=draw, axis=ax,
+                                    random_bits=None if rbits == 64 else rbits)
+
+
+def _quantize_parts(x, fmt: BlockFormat, rounding, overflow, seed, random_bits, axis):
+    """(values, elements, scales as float64 (NaN for NaN blocks), tensor scale, axis): the
+    values and elements in the shape of ``x``, the scales with the block axis divided."""
+    from .quantize import _as_exact_array, _check_random_bits
+
+    rounding = Rounding.coerce(rounding, what="rounding")
+    rbits = _check_random_bits(rounding, random_bits)
+    arr, exact = _as_exact_array(x)
+    ax = _check_block_call(fmt, overflow, axis, arr.shape)
+    key = _stochastic_key(rounding, seed)
+    el = fmt.element
+    el_small = el.smallest if isinstance(el, FloatFormat) else el.eps
+    pow2 = fmt.scale_rule in POW2_RULES
+    use_oracle = exact is not None or el_small < 2.0**-950 or (
+        not pow2 and (not isinstance(el, FloatFormat) or (
+            rounding is Rounding.STOCHASTIC and rbits > 50 - el.man_bits)))
+    if use_oracle:
+        v, e, s, t = _oracle(arr, fmt, rounding, rbits, key, ax, exact)
+        return (v, e, np.array([float(q) for q in s.reshape(-1)]).reshape(s.shape), t, ax)
+    blocks = _blocked(arr, ax, fmt.block)
+    with np.errstate(invalid="ignore"):
+        amax = np.max(np.abs(blocks), axis=1) if blocks.size else np.zeros(0)
+    bad = ~np.isfinite(amax)
+    if bad.any() and not fmt.scale.has_nan:
+        raise ValueError(f"x holds NaN or an infinity (block {int(np.argmax(bad))}), which "
+                         f"needs a NaN scale, and {fmt.scale!r} has no NaN")
+    amax = np.where(bad, 0.0, amax)
+    blocks = np.where(bad[:, None], 0.0, blocks)
+    t = None
+    if pow2:
+        k = _pow2_exponents(amax, fmt)
+        with np.errstate(under="ignore"):
+            scaled = np.ldexp(blocks, -k[:, None])
+        lost = (scaled == 0) & (blocks != 0)
+        if lost.any():  # below float64's range: a stand-in of the same sign (module notes)
+            scaled[lost] = np.copysign(5e-324, blocks[lost])
+        elems = _element_run(scaled.reshape(-1), el, rounding, rbits, key).reshape(blocks.shape)
+        values = np.ldexp(elems, k[:, None])
+        scales = np.ldexp(1.0, k)
+    else:
+        if fmt.tensor_scale is not None:
+            t = reference.tensor_scale(float(amax.max(initial=0.0)), fmt)
+        s = _nearest_scales(amax, fmt, Fraction(1) if t is None else t)
+        total = s * float(1 if t is None else t)  # exact: checked below
+        a = blocks
+        mag = np.abs(a)
+        b = np.broadcast_to(total[:, None], a.shape)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
+            slow = (mag != 0) & ((mag < 2.0**-900) | (mag / b < 2.0**-900))
+        slow |= np.broadcast_to(~_exact_products(s, t)[:, None], a.shape) & (mag != 0)
+        q = np.zeros_like(a)
+        fast = (mag != 0) & ~slow
+        q[fast] = _div_odd(a[fast], b[fast])
+        q[mag == 0] = a[mag == 0]
+        elems = _element_run(q.reshape(-1), el, rounding, rbits, key).reshape(a.shape)
+        for i in np.flatnonzero(slow.reshape(-1)):  # rare: exact rounding of the quotient
+            bi = i // fmt.block
+            sc = Fraction(s[bi]) * (1 if t is None else t)
+            shift = np.uint64(64 - rbits)
+            d = (int(random_u64_array(key, i, 1)[0] >> shift)
+                 if rounding is Rounding.STOCHASTIC else None)
+            elems.reshape(-1)[i] = reference.round_to_format(
+                Fraction(float(a.reshape(-1)[i])) / sc, el, rounding, Overflow.SATURATE,
+                draw=d, random_bits=None if rbits == 64 else rbits)
+        values = elems * total[:, None]  # exact (element * s * t, few bits)
+        scales = s
+    values[bad] = np.nan
+    elems[bad] = 0.0
+    scales = np.where(bad, np.nan, scales)
+    shape = arr.shape
+    sshape = list(shape)
+    sshape[ax] //= fmt.block
+    return (_unblocked(values.reshape(-1), shape, ax), _unblocked(elems.reshape(-1), shape, ax),
+            _unblocked(scales, sshape, ax), t, ax)
+
+
+def _exact_products(s: np.ndarray, t) -> np.ndarray:
+    """Whether ``s * t`` is exact in float64 for each block scale ``s``."""
+    if t is None:
+        return np.ones(s.shape, bool)
+    tf = float(t)
+    return np.array([Fraction(v) * t == Fraction(v * tf) for v in s]) if s.size else \
+        np.ones(0, bool)
+
+
+def block_quantize(x, fmt: BlockFormat, rounding=Rounding.NEAREST_EVEN, overflow=None, *,
+                   seed=None, random_bits=None, axis=None) -> np.ndarray:
+    """:func:`fixedsim.quantize` into a block format: the values ``element * scale``."""
+    return _quantize_parts(x, fmt, rounding, overflow, seed, random_bits, axis)[0]
+
+
+# -- codes ---------------------------------------------------------------------------------------
+def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack codes (uint8, last axis) of 4 or 6 bits."""
+    c = codes.astype(np.uint8)
+    if bits == 4:
+        return (c[..., 0::2] | (c[..., 1::2] << np.uint8(4))).astype(np.uint8)
+    w = (c[..., 0::4].astype(np.uint32) | (c[..., 1::4].astype(np.uint32) << 6)
+         | (c[..., 2::4].astype(np.uint32) << 12) | (c[..., 3::4].astype(np.uint32) << 18))
+    out = np.stack([(w >> s) & 0xFF for s in (0, 8, 16)], axis=-1).astype(np.uint8)
+    return out.reshape(*c.shape[:-1], -1)
+
+
+def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    p = packed.astype(np.uint8)
+    if bits == 4:
+        out = np.empty((*p.shape[:-1], 2 * p.shape[-1]), np.uint8)
+        out[..., 0::2] = p & np.uint8(0xF)
+        out[..., 1::2] = p >> np.uint8(4)
+        return out
+    if p.shape[-1] % 3:
+        raise ValueError(f"packed 6-bit codes come in groups of 3 bytes along the block axis, "
+                         f"got {p.shape[-1]} bytes")
+    g = p.reshape(*p.shape[:-1], -1, 3).astype(np.uint32)
+    w = g[..., 0] | (g[..., 1] << 8) | (g[..., 2] << 16)
+    out = np.stack([(w >> s) & 0x3F for s in (0, 6, 12, 18)], axis=-1).astype(np.uint8)
+    return out.reshape(*p.shape[:-1], -1)
+
+
+def _packable(fmt: BlockFormat) -> bool:
+    return fmt.element.width in (4, 6)
+
+
+def block_to_bits(x, fmt: BlockFormat, rounding=Rounding.NEAREST_EVEN, *, seed=None,
+                  random_bits=None, axis=None, packed=True) -> BlockCodes:
+    """:func:`fixedsim.to_bits` into a block format (see there)."""
+    from .quantize import _to_bits
+
+    _, elems, scales, t, ax = _quantize_parts(x, fmt, rounding, None, seed, random_bits, axis)
+    ecodes = _to_bits(np.asarray(elems, np.float64), fmt.element)
+    nan = np.isnan(scales)
+    sv = np.where(nan, fmt.scale.max, scales)
+    scodes = _to_bits(sv, fmt.scale)
+    if nan.any():
+        scodes[nan] = reference.encode(math.nan, fmt.scale)
+    tcode = None if t is None else reference.encode(float(t), fmt.tensor_scale)
+    if packed and _packable(fmt):
+        ecodes = np.moveaxis(_pack(np.moveaxis(ecodes, ax, -1), fmt.element.width), -1, ax)
+    return BlockCodes(ecodes, scodes, tcode)
+
+
+def block_from_bits(codes, fmt: BlockFormat, *, axis=None, packed=True) -> np.ndarray:
+    """:func:`fixedsim.from_bits` of a block format (see there)."""
+    from .quantize import from_bits
+
+    if isinstance(codes, BlockCodes):
+        ecodes, scodes, tcode = codes
+    elif isinstance(codes, tuple) and len(codes) in (2, 3):
+        ecodes, scodes, tcode = (*codes, None) if len(codes) == 2 else codes
+    else:
+        raise TypeError(f"codes of a block format must be a BlockCodes (or an (elements, "
+                        f"scales[, tensor_scale]) tuple), got {type(codes).__name__}")
+    if (tcode is None) != (fmt.tensor_scale is None):
+        raise ValueError(f"{fmt!r} " + ("needs a tensor_scale code" if tcode is None else
+                                        "has no tensor scale, got a tensor_scale code"))
+    ecodes, scodes = np.asarray(ecodes), np.asarray(scodes)
+    ax = (fmt.axis if axis is None else axis) % max(ecodes.ndim, 1)
+    if packed and _packable(fmt):
+        ecodes = np.moveaxis(_unpack(np.moveaxis(ecodes, ax, -1), fmt.element.width), -1, ax)
+    n = ecodes.shape[ax]
+    if n != scodes.shape[ax] * fmt.block or ecodes.ndim != scodes.ndim:
+        raise ValueError(f"element codes of shape {ecodes.shape} and scale codes of shape "
+                         f"{scodes.shape} do not match blocks of {fmt.block} along axis {ax}")
+    elems = from_bits(ecodes, fmt.element).astype(np.float64)
+    scales = from_bits(scodes, fmt.scale).astype(np.float64)
+    if tcode is not None:
+        scales = scales * float(from_bits(tcode, fmt.tensor_scale))
+    return elems * np.repeat(scales, fmt.block, axis=ax)
+
