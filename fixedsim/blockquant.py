@@ -224,9 +224,14 @@ def _quantize_parts(x, fmt: BlockFormat, rounding, overflow, seed, random_bits, 
     if bad.any() and not fmt.scale.has_nan:
         raise ValueError(f"x holds NaN or an infinity (block {int(np.argmax(bad))}), which "
                          f"needs a NaN scale, and {fmt.scale!r} has no NaN")
+    t = None
+    if fmt.tensor_scale is not None:  # the largest finite magnitude, NaN blocks included
+        fin = np.abs(blocks[bad])
+        amax_t = max(float(amax[~bad].max(initial=0.0)),
+                     float(fin[np.isfinite(fin)].max(initial=0.0)))
+        t = reference.tensor_scale(amax_t, fmt)
     amax = np.where(bad, 0.0, amax)
     blocks = np.where(bad[:, None], 0.0, blocks)
-    t = None
     if pow2:
         k = _pow2_exponents(amax, fmt)
         with np.errstate(under="ignore"):
@@ -238,8 +243,6 @@ def _quantize_parts(x, fmt: BlockFormat, rounding, overflow, seed, random_bits, 
         values = np.ldexp(elems, k[:, None])
         scales = np.ldexp(1.0, k)
     else:
-        if fmt.tensor_scale is not None:
-            t = reference.tensor_scale(float(amax.max(initial=0.0)), fmt)
         s = _nearest_scales(amax, fmt, Fraction(1) if t is None else t)
         total = s * float(1 if t is None else t)  # exact: checked below
         a = blocks
@@ -335,6 +338,11 @@ def block_to_bits(x, fmt: BlockFormat, rounding=Rounding.NEAREST_EVEN, *, seed=N
         scodes[nan] = reference.encode(math.nan, fmt.scale)
     tcode = None if t is None else reference.encode(float(t), fmt.tensor_scale)
     if packed and _packable(fmt):
+        group = 2 if fmt.element.width == 4 else 4
+        if ecodes.shape[ax] % group:
+            raise ValueError(f"packed {fmt.element.width}-bit codes need the length of axis "
+                             f"{ax} to be a multiple of {group}, got {ecodes.shape[ax]}; pass "
+                             "packed=False for one code per byte")
         ecodes = np.moveaxis(_pack(np.moveaxis(ecodes, ax, -1), fmt.element.width), -1, ax)
     return BlockCodes(ecodes, scodes, tcode)
 
