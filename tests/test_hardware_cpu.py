@@ -3,6 +3,7 @@ instructions (F16C, FMA3, VDPBF16PS, AMX TDPBF16PS) against their fixedsim model
 
 import numpy as np
 import pytest
+from helpers import assert_same_bits
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -10,7 +11,6 @@ import fixedsim as fs
 from fixedsim import hardware, reference
 from fixedsim.hardware import cpu
 from fixedsim.testing import boundary_values, float_formats
-from helpers import assert_same_bits
 
 FTZ32 = fs.FloatFormat(8, 23, subnormals=False)
 _DET = [fs.Rounding.NEAREST_EVEN, fs.Rounding.NEAREST_AWAY, fs.Rounding.TOWARD_ZERO,
