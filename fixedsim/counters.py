@@ -17,7 +17,8 @@ What a call counts depends on who reads it:
 - ``stats=True`` or ``record()``: the counts whose cost does not grow with the number of
   multiply-accumulates, exactly: calls, MACs, the roundings of every stage, the events of the
   input and output roundings (saturations at the output among them) and the kernels that ran.
-  The events of the per-step stages, product and accumulator (a step's inexact sum, overflow,
+  The events of the per-step stages, product, alignment (a :class:`~fixedsim.BlockFMA`'s
+  terms cut to each block's window) and accumulator (a step's inexact sum, overflow,
   underflow, subnormal), are then ``None``: not counted;
 - ``stats="steps"`` or ``record(steps=True)``: every event of every stage, per-step ones
   included, exactly. Counting an FMA chain's inexact steps costs more than the chain itself
@@ -95,7 +96,7 @@ class StageCounts:
             setattr(self, f, None)
 
 
-_STAGES = ("input", "product", "accumulator", "output")
+_STAGES = ("input", "product", "alignment", "accumulator", "output")
 
 
 @dataclasses.dataclass
@@ -111,6 +112,12 @@ class Counters:
         included), whichever kernel computed them.
     input, product, accumulator, output : StageCounts
         The roundings of each stage.
+    alignment : StageCounts
+        The alignment of a :class:`~fixedsim.BlockFMA`'s terms (every product, and the running
+        sum each block starts from) to the block's window, a cut toward zero: ``roundings``
+        counts the terms (zeros included), ``inexact`` the nonzero terms that lost bits,
+        ``underflow`` those cut to zero; the other events are 0. A per-step stage: its events
+        are counted only when per-step events are asked for. All 0 for other accumulators.
     paths : dict
         How many calls each kernel served (``"exact_blas"``, ``"fp32_chain"``,
         ``"fp32_chain64"``, ``"float_chain"``, ``"fixed_chain"``, ``"exact_filtered"``,
@@ -123,6 +130,7 @@ class Counters:
     macs: int = 0
     input: StageCounts = dataclasses.field(default_factory=StageCounts)
     product: StageCounts = dataclasses.field(default_factory=StageCounts)
+    alignment: StageCounts = dataclasses.field(default_factory=StageCounts)
     accumulator: StageCounts = dataclasses.field(default_factory=StageCounts)
     output: StageCounts = dataclasses.field(default_factory=StageCounts)
     paths: dict = dataclasses.field(default_factory=dict)

@@ -35,7 +35,7 @@ from fixedsim.formats import FixedFormat, FloatFormat, _to_float_toward_zero
 from fixedsim.rounding import Overflow, Rounding
 
 __all__ = ["round_to_format", "quantize", "encode", "decode", "values", "neighbours",
-           "reduce_block", "block_fma", "promote_add"]
+           "reduce_block", "block_fma", "promote_add", "deal"]
 
 _FLAG_NAMES = ("inexact", "rounded_up", "overflow", "underflow", "subnormal", "nan")
 
@@ -685,6 +685,22 @@ def promote_add(s, p, fmt):
     return round_to_format(x, fmt, Rounding.NEAREST_EVEN, Overflow.INFINITY, flags=True)
 
 
+def deal(n, block, group):
+    """The order in which the blocks of a chunk of ``n`` products take them, with a
+    :class:`~fixedsim.BlockFMA`'s ``interleave``: groups of ``group`` consecutive indices
+    dealt round robin to the ``n // block`` blocks (group ``g`` to block ``g mod (n //
+    block)``), block after block (``block`` a multiple of ``group``, ``n`` of ``block``).
+
+    >>> deal(8, 4, 1)
+    [0, 2, 4, 6, 1, 3, 5, 7]
+    >>> deal(16, 8, 2)
+    [0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15]
+    """
+    nb = n // block
+    return [g * group + r for t in range(nb) for g in range(t, n // group, nb)
+            for r in range(group)]
+
+
 def dot(a_row, b_col, spec, *, draw=None, index=0, events=None, c=0.0):
     """One output element of ``fixedsim.matmul`` computed exactly, step by step.
 
@@ -762,20 +778,29 @@ def dot(a_row, b_col, spec, *, draw=None, index=0, events=None, c=0.0):
                 for name, on in fl.items():
                     ev[name] = ev.get(name, 0) + int(on)
 
-        def chain(k0, k1, s):  # the blocks of products k0..k1-1, from s
-            for t0 in range(k0, k1, acc.block):
-                blk = slice(t0, min(t0 + acc.block, k1))
+        def chain(a, b, s):  # the blocks of consecutive products of a, b, from s
+            for t0 in range(0, len(a), acc.block):
+                blk = slice(t0, t0 + acc.block)
                 al = events.setdefault(STAGE_ALIGNMENT, {}) if events is not None else None
-                s, fl = block_fma(a_row[blk], b_col[blk], s, acc, emin, flags=True, align=al)
+                s, fl = block_fma(a[blk], b[blk], s, acc, emin, flags=True, align=al)
                 count(fl)
             return s
 
+        def dealt(x, k0):  # a chunk's products in the order its blocks take them, zero-padded
+            return [float(x[k0 + i]) if k0 + i < K else 0.0
+                    for i in deal(acc.promote, acc.block, acc.interleave)]
+
         if acc.promote is None:
-            s = chain(0, K, c)
+            s = chain(a_row, b_col, c)
         else:  # chunks summed from +0, each added to the running sum (from C) in acc.fmt
             s = c
             for k0 in range(0, K, acc.promote):
-                s, fl = promote_add(s, chain(k0, min(k0 + acc.promote, K), 0.0), acc.fmt)
+                if acc.interleave is None:
+                    k1 = min(k0 + acc.promote, K)
+                    part = chain(a_row[k0:k1], b_col[k0:k1], 0.0)
+                else:
+                    part = chain(dealt(a_row, k0), dealt(b_col, k0), 0.0)
+                s, fl = promote_add(s, part, acc.fmt)
                 count(fl)
         if spec.output is None:
             return s

@@ -71,6 +71,7 @@ def check(a, b, spec, c=None):
     for y in (got, unread, want):
         assert_same_bits(y.astype(np.float64), ref)
     assert cnt.accumulator == cw.accumulator
+    assert cnt.alignment == cw.alignment
     assert cnt.output == cw.output
 
 
@@ -145,6 +146,30 @@ def test_counts():
     assert cnt.accumulator.roundings == 2
     assert cnt.accumulator.inexact == 0  # 2**-30 is cut, the cut sum 1 is exact
     assert cnt.macs == 3
+    # the alignment: 3 products and the 2 blocks' starts; 2**-30 lost all its bits at the
+    # window 2**-23 of the first block (anchor 0); the second block's start 1 and its
+    # product 3 keep theirs
+    al = cnt.alignment
+    assert (al.roundings, al.inexact, al.underflow) == (5, 1, 1)
+    assert (al.overflow, al.subnormal, al.nan) == (0, 0, 0)
+    _, plain = fs.matmul(a, b, spec, stats=True)
+    assert plain.alignment.roundings == 5 and plain.alignment.inexact is None
+
+
+def test_alignment_counts_cut_terms_that_keep_some_bits():
+    """A term cut but not to zero is inexact, not underflow; a term that is a multiple of the
+    window's quantum is neither; a nonzero addend is a term too."""
+    acc = fs.BlockFMA(4, 0)
+    a = np.array([[1.0, 1.0 + 2.0**-23, 2.0**-24 * 3]])
+    b = np.array([[1.0], [1.0], [1.0]])
+    spec = fs.MatmulSpec(input=fs.FP32, accumulator=acc)
+    # window 2**-23 (anchor 0): 1 exact, 1 + 2**-23 exact, 3 * 2**-24 = 2**-23 + 2**-24 cut
+    # to 2**-23 (bits left); the addend 2**-25 cut to zero
+    _, cnt = fs.matmul(a, b, spec, np.array([[2.0**-25]]), stats="steps")
+    assert (cnt.alignment.roundings, cnt.alignment.inexact, cnt.alignment.underflow) == (4, 2, 1)
+    al = {}
+    reference.block_fma(a[0], b[:, 0], 2.0**-25, acc, fs.FP32.emin, align=al)
+    assert al == {"inexact": 2, "underflow": 1}
 
 
 # -- the definition, by hand ------------------------------------------------------------------

@@ -128,6 +128,18 @@ def round_fast(S, sexp, p, emin, emax, mode):
 
 #: Rows of ``A`` per tile: each load of ``B`` and of its exponents serves this many rows.
 TILE = 4
+#: Columns of the alignment counts :func:`gemm_blockfma` returns.
+ALIGN_CUT, ALIGN_LOST = 0, 1
+
+
+@jit_inline
+def _cut(t, ti, cut_rj, r, j):
+    """Count the term ``t`` (scaled to the window, ``ti`` its cut) if the cut lost bits, and
+    if it lost all of them."""
+    if ti != t:
+        cut_rj[r, j, ALIGN_CUT] += 1
+        if ti == 0:
+            cut_rj[r, j, ALIGN_LOST] += 1
 
 
 @jit_parallel
@@ -141,14 +153,19 @@ def gemm_blockfma(A, EA, B, EB, C, out, block, extra, min_exp, p, emin, emax, mo
     bits and exponent range; ``mode``: the rounding. Parallel over tiles of :data:`TILE`
     rows, vectorised over the columns ``j``.
 
-    Returns per-row event counts (rows x flags, when ``count``; marked elements not counted)
-    and the mask of elements left to the caller: those whose anchor puts the window scale
-    ``2**(23 + extra - E)`` outside float64's normal range.
+    Returns per-row event counts (rows x flags, when ``count``; marked elements not counted),
+    the mask of elements left to the caller: those whose anchor puts the window scale
+    ``2**(23 + extra - E)`` outside float64's normal range, and per row the events of the
+    alignment (rows x 2, when ``count``; marked elements not counted): ``[:, ALIGN_CUT]``
+    the nonzero terms (products, and the running sum each block starts from) that lost bits
+    when cut to the window, ``[:, ALIGN_LOST]`` those of them cut to zero. A block whose
+    running sum is an infinity or a NaN aligns nothing.
     """
     R, K = A.shape
     N = B.shape[1]
     nblocks = (K + block - 1) // block
     counts = np.zeros((R, N_FLAGS), np.int64)
+    cuts = np.zeros((R, 2), np.int64)
     bad = np.zeros((R, N), np.uint8)
     top = 23 + extra
     fast = not count and (mode == RTZ or mode == RNE)
@@ -163,6 +180,7 @@ def gemm_blockfma(A, EA, B, EB, C, out, block, extra, min_exp, p, emin, emax, mo
         ea = np.empty(TILE, np.int16)
         av = np.empty(TILE)
         fl_rj = np.zeros((TILE, N if count else 1, N_FLAGS), np.int64)
+        cut_rj = np.zeros((TILE, N if count else 1, 2), np.int64)
         for r in range(nr):
             for j in range(N):
                 s[r, j] = C[i0 + r, j]
@@ -188,13 +206,28 @@ def gemm_blockfma(A, EA, B, EB, C, out, block, extra, min_exp, p, emin, emax, mo
                         bad[i0 + r, j] = 1
                     sc[r, j] = pow2(x if (x <= 1000) & (x >= -1000) else 0)
                     S[r, j] = np.int64(s[r, j] * sc[r, j]) if abs(s[r, j]) < np.inf else 0
-            for k in range(k0, k1):  # the products cut to the window (toward zero), summed
-                for r in range(TILE):
-                    av[r] = A[i0 + r, k] if r < nr else 0.0
-                for j in range(N):
-                    b = B[k, j]
+            if count:  # the same sums, and the terms that lost bits in the cut
+                for r in range(nr):
+                    for j in range(N):
+                        if abs(s[r, j]) < np.inf and s[r, j] != 0.0:
+                            _cut(s[r, j] * sc[r, j], S[r, j], cut_rj, r, j)
+                for k in range(k0, k1):
+                    for r in range(nr):
+                        a = A[i0 + r, k]
+                        for j in range(N):
+                            t = a * B[k, j] * sc[r, j]
+                            ti = np.int64(t)
+                            S[r, j] += ti
+                            if abs(s[r, j]) < np.inf:
+                                _cut(t, ti, cut_rj, r, j)
+            else:
+                for k in range(k0, k1):  # the products cut to the window (toward zero), summed
                     for r in range(TILE):
-                        S[r, j] += np.int64(av[r] * b * sc[r, j])
+                        av[r] = A[i0 + r, k] if r < nr else 0.0
+                    for j in range(N):
+                        b = B[k, j]
+                        for r in range(TILE):
+                            S[r, j] += np.int64(av[r] * b * sc[r, j])
             if fast:
                 for r in range(TILE):
                     for j in range(N):
@@ -218,4 +251,6 @@ def gemm_blockfma(A, EA, B, EB, C, out, block, extra, min_exp, p, emin, emax, mo
                 if count and bad[i0 + r, j] == 0:
                     for f in range(N_FLAGS):
                         counts[i0 + r, f] += fl_rj[r, j, f]
-    return counts, bad
+                    cuts[i0 + r, ALIGN_CUT] += cut_rj[r, j, ALIGN_CUT]
+                    cuts[i0 + r, ALIGN_LOST] += cut_rj[r, j, ALIGN_LOST]
+    return counts, bad, cuts

@@ -185,12 +185,15 @@ def _product(A, B, spec, keys, rb, c, mm=None, ba=None, path=None, C=None, bb=No
     if acc is not None:
         c.accumulator.roundings += p.R * p.N * (acc.roundings(p.K) if hasattr(acc, "roundings")
                                                  else -(-p.K // acc.block))
+    if hasattr(acc, "extra_bits"):  # a BlockFMA aligns every product and each block's start
+        c.alignment.roundings += p.R * p.N * (p.K + -(-p.K // acc.block))
     if spec.product is not None:
         c.product.roundings += p.R * p.N * p.K
     out = compute(p, path)
     if not c._steps:  # the per-step events were not asked for: not counted (None)
         c.product.forget_events()
         c.accumulator.forget_events()
+        c.alignment.forget_events()
     return out
 
 

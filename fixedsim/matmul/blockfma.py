@@ -43,10 +43,16 @@ With ``promote``, the kernel runs on each chunk of ``promote`` products from a z
 (a zero addend drops out of the anchor and its cut is 0: the model's chunk from +0), and
 :func:`promote_add` adds each chunk's result to the running sum (why it is exact: its
 docstring). A row with a marked element goes whole to the oracle.
+
+With ``interleave``, the operands are first put in the order the blocks take them
+(:func:`dealt`: K padded with zeros to a multiple of ``promote``, each chunk dealt by
+:func:`fixedsim.reference.deal`); the chunks then run as above. Marked elements go to the
+oracle with the operands as given (it deals them itself).
 """
 
 import numpy as np
 
+from .. import counters as _counters
 from .. import reference
 from ..formats import FloatFormat
 from ..jit import gemm_blockfma as _gb
@@ -123,17 +129,37 @@ def promote_add(s, part, fmt):
     return r, fl.sum(axis=1)
 
 
+def dealt(A, B, acc):
+    """``A``'s columns and ``B``'s rows in the order a BlockFMA with ``interleave`` takes
+    them: K padded with zeros to a multiple of ``acc.promote``, each chunk in the order of
+    :func:`fixedsim.reference.deal`. Consecutive blocks of the result are the model's blocks
+    (a padding zero is a zero product: it drops out of the anchor and its cut is 0), and
+    every block of every chunk runs, as the model has it."""
+    R, K = A.shape
+    P = acc.promote
+    Kp = -(-K // P) * P
+    order = np.asarray(reference.deal(P, acc.block, acc.interleave), np.int64)
+    idx = (np.arange(0, Kp, P, dtype=np.int64)[:, None] + order).ravel()
+    Ap = np.zeros((R, Kp))
+    Ap[:, :K] = A
+    Bp = np.zeros((Kp, B.shape[1]))
+    Bp[:K] = B
+    return np.ascontiguousarray(Ap[:, idx]), np.ascontiguousarray(Bp[idx])
+
+
 def _chunks(A, EA, B, EB, C, acc, f, count):
     """The kernel on each chunk of ``acc.promote`` products from +0, each result added to the
-    running sum (from ``C``) by :func:`promote_add`; returns (out, per-row counts, marks)."""
+    running sum (from ``C``) by :func:`promote_add`; returns (out, per-row counts, marks,
+    per-row alignment counts)."""
     R, K = A.shape
     s = C.copy()
     counts = np.zeros((R, _q.N_FLAGS), np.int64)
+    cuts = np.zeros((R, 2), np.int64)
     bad = np.zeros((R, B.shape[1]), np.uint8)
     for k0 in range(0, K, acc.promote):
         k1 = min(k0 + acc.promote, K)
         part = np.empty_like(s)
-        cn, bd = _gb.gemm_blockfma(
+        cn, bd, ct = _gb.gemm_blockfma(
             np.ascontiguousarray(A[:, k0:k1]), np.ascontiguousarray(EA[:, k0:k1]),
             np.ascontiguousarray(B[k0:k1]), np.ascontiguousarray(EB[k0:k1]),
             np.zeros_like(s), part, acc.block, acc.extra_bits,
@@ -141,8 +167,9 @@ def _chunks(A, EA, B, EB, C, acc, f, count):
             int(acc.rounding), count)
         s, fl = promote_add(s, part, f)
         counts += cn + fl
+        cuts += ct
         bad |= bd
-    return s, counts, bad
+    return s, counts, bad, cuts
 
 
 def run(p):
@@ -151,31 +178,39 @@ def run(p):
     Never declines at run time."""
     spec, acc = p.spec, p.acc
     emin = spec.input.emin if isinstance(spec.input, FloatFormat) else -1022
-    A = np.ascontiguousarray(p.A, np.float64)
-    B = np.ascontiguousarray(p.B, np.float64)
+    A0 = A = np.ascontiguousarray(p.A, np.float64)
+    B0 = B = np.ascontiguousarray(p.B, np.float64)
+    if acc.interleave is not None:
+        A, B = dealt(A, B, acc)
     C = np.zeros((p.R, p.N)) if p.C is None else np.ascontiguousarray(p.C, np.float64)
     out = np.empty((p.R, p.N))
     f = acc.fmt
     if acc.promote is None:
-        counts, bad = _gb.gemm_blockfma(
+        counts, bad, cuts = _gb.gemm_blockfma(
             A, exponents(A, emin), B, exponents(B, emin), C, out, acc.block, acc.extra_bits,
             _gb.NO_EXP if acc.min_exp is None else acc.min_exp, acc.frac_bits, f.emin, f.emax,
             int(acc.rounding), p.c._steps)
     else:  # a marked element's row goes to the oracle whole (its chunks' counts dropped)
-        out, counts, bad = _chunks(A, exponents(A, emin), B, exponents(B, emin), C, acc, f,
-                                   p.c._steps)
+        out, counts, bad, cuts = _chunks(A, exponents(A, emin), B, exponents(B, emin), C, acc,
+                                         f, p.c._steps)
         rows = bad.any(axis=1)
         bad[rows] = 1
         counts[rows] = 0
+        cuts[rows] = 0
     flags = counts.sum(axis=0)
+    align = np.zeros(flags.size, np.int64)
+    align[_q.F_INEXACT] = cuts[:, _gb.ALIGN_CUT].sum()
+    align[_q.F_UNDERFLOW] = cuts[:, _gb.ALIGN_LOST].sum()
     idx = np.argwhere(bad)
     if idx.size:  # the oracle's accumulator values (the output is rounded below)
         tot = np.zeros((3, flags.size), np.int64)
-        _fallback(A, B, MatmulSpec(input=spec.input, accumulator=acc), p.keys, p.rb, idx, out,
-                  tot, C)
+        _fallback(A0, B0, MatmulSpec(input=spec.input, accumulator=acc), p.keys, p.rb, idx, out,
+                  tot, C, align)
         flags = flags + tot[1]
         p.count("reference", len(idx))
+    p.c.alignment += _counters.StageCounts.from_flags(align, 0)
     return _chain_result(out.astype(f.dtype), flags[None, :], NAME, spec, p.keys, p.rb, p.c)
 
 
-__all__ = ["NAME", "COMPUTES", "PROOF", "TAKES", "declines", "run", "exponents", "promote_add"]
+__all__ = ["NAME", "COMPUTES", "PROOF", "TAKES", "declines", "run", "exponents", "promote_add",
+           "dealt"]

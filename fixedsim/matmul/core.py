@@ -319,7 +319,10 @@ def _general(A, B, spec, ba, bb, keys, rb, c, C=None):
         c.paths["general"] = c.paths.get("general", 0) + 1
         c.paths["reference"] = c.paths.get("reference", 0) + R * N
         tot = np.zeros((3, _q.N_FLAGS), np.int64)
-        _fallback(A, B, spec, keys, rb, np.argwhere(np.ones((R, N), bool)), out, tot, C0)
+        align = np.zeros(_q.N_FLAGS, np.int64)
+        _fallback(A, B, spec, keys, rb, np.argwhere(np.ones((R, N), bool)), out, tot, C0,
+                  align)
+        c.alignment += _counters.StageCounts.from_flags(align, 0)
         c.accumulator += _counters.StageCounts.from_flags(tot[1], 0)
         if spec.output is not None:
             c.output += _counters.StageCounts.from_flags(tot[2], R * N)
@@ -351,9 +354,10 @@ def _general(A, B, spec, ba, bb, keys, rb, c, C=None):
     return out.astype(fmt.dtype) if fmt.dtype != np.float64 else out
 
 
-def _fallback(A, B, spec, keys, rb, idx, out, tot, C=None):
+def _fallback(A, B, spec, keys, rb, idx, out, tot, C=None, align=None):
     """Elements no kernel could prove: :func:`fixedsim.reference.dot` with the same draws
-    (``C``: the addend, (R, N), or None)."""
+    (``C``: the addend, (R, N), or None). Their events are added to ``tot`` (stages x
+    flags), those of a BlockFMA's alignment to ``align`` (flags) when given."""
     R, K = A.shape
     N = B.shape[1]
     acc = spec.accumulator
@@ -371,6 +375,11 @@ def _fallback(A, B, spec, keys, rb, idx, out, tot, C=None):
                           c=0.0 if C is None else float(C[r, j]))
         out[r, j] = v if isinstance(v, float) else _to_float_toward_zero(v)
         for stage, fl in events.items():
+            if stage == reference.STAGE_ALIGNMENT:
+                if align is not None:
+                    for name, col in FLAG_COLUMNS:
+                        align[col] += fl.get(name, 0)
+                continue
             for name, col in FLAG_COLUMNS:
                 tot[row[stage], col] += fl.get(name, 0)
 
