@@ -2,6 +2,7 @@
 vendored subset (tests/data/tensor_cores, 200 rows per combination) here, all 5,000 rows in
 .ci/run (`fixedsim verify hardware`); the vector reader; the presets' provenance; errors."""
 
+import dataclasses
 import os
 import tarfile
 
@@ -17,10 +18,8 @@ DATA = os.path.join(os.path.dirname(__file__), "data", "tensor_cores")
 
 #: Mismatches of the presets without an exact model on the vendored rows (recomputed here;
 #: their counts on the full data are nvidia.VALIDATION's, checked by `fixedsim verify`).
-SUBSET_MISMATCHES = {("B200", "e4m3", "fp16"): 75, ("B200", "e5m2", "fp16"): 52,
-                     ("B200", "e5m2", "fp32"): 1, ("H100", "e4m3", "fp16"): 69,
-                     ("H100", "e5m2", "fp16"): 63, ("H200", "e4m3", "fp16"): 78,
-                     ("H200", "e5m2", "fp16"): 73}
+#: None left: every combination is reproduced on every row.
+SUBSET_MISMATCHES: dict = {}
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +53,11 @@ def test_preset_on_the_measured_vectors(measured, key):
 
 
 def test_exact_combinations_count():
-    """41 of the 48 measured combinations are reproduced on every row: the 38 of the
-    published model, Ada FP8 into FP16 and B200 E4M3 into FP32 (found here)."""
+    """All 48 measured combinations are reproduced on every row: the 38 of the published
+    model, and (found here) Ada FP8 into FP16, Hopper and Blackwell FP8 into FP16 and B200
+    FP8 into FP32 (the FP8 mma.sync on the FP16 unit)."""
     exact = [k for k, (_, bad) in nvidia.VALIDATION.items() if bad == 0]
-    assert len(exact) == 41
+    assert len(exact) == 48
     assert set(nvidia.VALIDATION) - set(exact) == set(SUBSET_MISMATCHES)
 
 
@@ -70,6 +70,23 @@ def test_the_published_model_misses_what_the_found_ones_fix(measured):
     v = measured[("B200", "e4m3", "fp32")]
     published = fs.MatmulSpec(input=fs.FP8_E4M3, accumulator=fs.BlockFMA(32, 2, min_exp=-133))
     assert vectors.check(v, published).size > 50
+
+
+@pytest.mark.parametrize("device", ["H100", "H200", "B200"])
+def test_fp8_into_fp16_needs_the_dealt_order(measured, device):
+    """FP8 into FP16 on the FP16 unit: with the two blocks on consecutive products (k 0..15,
+    then 16..31) instead of k mod 4 in {0, 1} then the others, or with C in the first block,
+    or as one block of 32 (the earlier preset), a fifth of the 200 rows or more differ."""
+    spec = hardware.spec(device, "e4m3", "fp16")
+    acc = spec.accumulator
+    assert (acc.promote, acc.interleave) == (32, 2)
+    v = measured[(device, "e4m3", "fp16")]
+    assert vectors.check(v, spec).size == 0
+    for other in (dataclasses.replace(acc, interleave=None),
+                  dataclasses.replace(acc, promote=None, interleave=None),
+                  fs.BlockFMA(32, -10, rounding="nearest_even", fmt=fs.FP16, min_exp=-21)):
+        bad = vectors.check(v, dataclasses.replace(spec, accumulator=other))
+        assert bad.size > 40, (other, bad.size)
 
 
 def test_addend_as_measured(measured):
@@ -119,6 +136,10 @@ def test_every_preset_builds_and_says_where_it_comes_from():
         32, -10, output_frac_bits=13, min_exp=-133)
     assert hardware.spec("H100", "fp16", "fp16").accumulator == fs.BlockFMA(
         16, 2, rounding="nearest_even", fmt=fs.FP16, min_exp=-21)
+    assert hardware.spec("H200", "e5m2", "fp16").accumulator == fs.BlockFMA(
+        16, 2, rounding="nearest_even", fmt=fs.FP16, min_exp=-21, promote=32, interleave=2)
+    assert hardware.spec("B200", "e4m3").accumulator == fs.BlockFMA(
+        16, 2, min_exp=-133, promote=32, interleave=2)
 
 
 @pytest.mark.parametrize("args, err, match", [
@@ -180,7 +201,7 @@ def test_reader_errors_name_the_file(tmp_path):
 def test_verify_hardware_command(capsys):
     assert main(["verify", "hardware", "--vectors", DATA]) == 0
     out = capsys.readouterr().out
-    assert "H100   fp16   fp32" in out and "OK: 41 combinations exact as claimed" in out
+    assert "H100   fp16   fp32" in out and "OK: 48 combinations exact as claimed" in out
     assert main(["verify", "hardware"]) == 2
     assert "--vectors" in capsys.readouterr().err
 

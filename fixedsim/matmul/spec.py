@@ -187,6 +187,17 @@ class BlockFMA:
     +0 unless both terms are -0). The running sum starts at the addend C, which therefore
     takes part in no block: it is the FP32 accumulator's start.
 
+    With ``interleave`` (and ``promote``), a chunk's blocks do not take consecutive products:
+    K is padded with zero products to a multiple of ``promote``, and the products of each
+    chunk are dealt to its ``promote // block`` blocks in groups of ``interleave``
+    consecutive products, round robin (group ``g`` of the chunk to its block ``g mod
+    (promote // block)``); every block of every chunk runs, in order. This is how Hopper
+    runs the FP8 ``mma.sync`` of K = 32 (an Ada instruction) on its FP16 unit, and the B200
+    vectors show the same: each register of four FP8 values ``k = 4t .. 4t + 3`` is
+    unpacked into two pairs, the first FP16 instruction (K = 16) takes the low pairs (``k
+    mod 4`` in {0, 1}), the second the high pairs, from +0, and C is added to the result
+    (``promote=32, interleave=2``; docs/hardware.md).
+
     Parameters
     ----------
     block : int
@@ -206,6 +217,9 @@ class BlockFMA:
     promote : int, optional
         Products per chunk whose result is added to a running sum in ``fmt`` (a multiple of
         ``block``; None: no promotion, the blocks chain along all of K from C).
+    interleave : int, optional
+        Products per group dealt round robin to the blocks of each chunk (needs ``promote``;
+        ``block`` a multiple of it; None: the blocks take consecutive products).
 
     Raises
     ------
@@ -233,6 +247,7 @@ class BlockFMA:
     output_frac_bits: int | None = None
     min_exp: int | None = None
     promote: int | None = None
+    interleave: int | None = None
 
     def __post_init__(self):
         for name, lo, hi in (("block", 1, 2**20), ("extra_bits", -23, 30)):
@@ -276,6 +291,17 @@ class BlockFMA:
                 raise ValueError(f"BlockFMA promote must be a multiple of block "
                                  f"({self.block}), got {pr}")
             object.__setattr__(self, "promote", int(pr))
+        il = self.interleave
+        if il is not None:
+            if isinstance(il, bool) or not isinstance(il, numbers.Integral):
+                raise TypeError(f"BlockFMA interleave must be an int or None, got {il!r}")
+            if pr is None:
+                raise ValueError("BlockFMA interleave needs promote (the chunk whose blocks "
+                                 "the groups are dealt to)")
+            if il < 1 or self.block % il:
+                raise ValueError(f"BlockFMA interleave must be a divisor of block "
+                                 f"({self.block}), got {il}")
+            object.__setattr__(self, "interleave", int(il))
 
     #: Every block's result overflows to an infinity (the Accumulator attribute of the name).
     overflow = Overflow.INFINITY
@@ -295,7 +321,10 @@ class BlockFMA:
 
     def roundings(self, K: int) -> int:
         """How many times one output's sum is rounded for ``K`` products (once per block, and
-        once per chunk of ``promote`` products)."""
+        once per chunk of ``promote`` products; with ``interleave``, every block of every
+        chunk)."""
+        if self.interleave is not None:
+            return -(-K // self.promote) * (self.promote // self.block + 1)
         return -(-K // self.block) + (0 if self.promote is None else -(-K // self.promote))
 
     def __repr__(self):
@@ -310,6 +339,8 @@ class BlockFMA:
             parts.append(f"min_exp={self.min_exp}")
         if self.promote is not None:
             parts.append(f"promote={self.promote}")
+        if self.interleave is not None:
+            parts.append(f"interleave={self.interleave}")
         return f"BlockFMA({', '.join(parts)})"
 
 

@@ -207,6 +207,8 @@ def _spec_to_dict(s: MatmulSpec) -> dict:
             ad["min_exp"] = a.min_exp
         if a.promote is not None:
             ad["promote"] = a.promote
+        if a.interleave is not None:
+            ad["interleave"] = a.interleave
         d["accumulator"] = ad
     elif a is not None:
         ad = {"format": repr(a.fmt), "rounding": a.rounding.name.lower(),
@@ -269,15 +271,16 @@ def _spec_from_dict(d: dict, where: str) -> MatmulSpec:
 
 def _block_fma_from_dict(a: dict, where: str) -> BlockFMA:
     """A :class:`~fixedsim.BlockFMA` from ``{"kind": "block_fma", "block", "extra_bits",
-    "rounding", "format", "output_frac_bits", "min_exp", "promote"}`` (the last five
-    optional)."""
+    "rounding", "format", "output_frac_bits", "min_exp", "promote", "interleave"}`` (the last
+    six optional)."""
     w = f"{where}.accumulator"
     _check_keys(a, {"kind", "block", "extra_bits", "rounding", "format", "output_frac_bits",
-                    "min_exp", "promote"}, w)
+                    "min_exp", "promote", "interleave"}, w)
     for k in ("block", "extra_bits"):
         if k not in a:
             raise ValueError(f"{w}: '{k}' is required for kind 'block_fma'")
-    kw = {k: a[k] for k in ("rounding", "output_frac_bits", "min_exp", "promote") if k in a}
+    kw = {k: a[k] for k in ("rounding", "output_frac_bits", "min_exp", "promote", "interleave")
+          if k in a}
     if "format" in a:
         kw["fmt"] = _build(parse_format, f"{w}.format", a["format"])
     return _build(BlockFMA, w, a["block"], a["extra_bits"], **kw)
