@@ -32,6 +32,7 @@ import numpy as np
 from . import reference
 from .blockformats import POW2_RULES, BlockFormat, _element_emax, _element_precision, _pow2_range
 from .formats import FloatFormat
+from .jit import quant_block as _qb
 from .jit.rng import random_u64_array
 from .rounding import Overflow, Rounding
 
@@ -198,9 +199,67 @@ def _oracle(arr, fmt, rounding, rbits, key, ax, exact=None):
                                     random_bits=None if rbits == 64 else rbits)
 
 
-def _quantize_parts(x, fmt: BlockFormat, rounding, overflow, seed, random_bits, axis):
+_RULE_CODES = {"ocp": _qb.RULE_OCP, "ceil": _qb.RULE_CEIL, "even": _qb.RULE_EVEN,
+               "rceil": _qb.RULE_RCEIL}
+
+
+def _fused_applies(arr: np.ndarray, fmt: BlockFormat) -> bool:
+    """Whether :func:`fixedsim.jit.quant_block.mx_from_f32` serves this call: float32 input, a
+    power-of-two rule, a float element with float32 values, IEEE-style zeros and subnormals,
+    and every scaled quantum a float32 (at least 2**-149)."""
+    el = fmt.element
+    return (arr.dtype == np.float32 and fmt.scale_rule in POW2_RULES
+            and isinstance(el, FloatFormat) and el.subnormals and el.signed
+            and el.inf_nan in ("ieee", "fn", "none") and el.dtype == np.float32
+            and el.emin - el.man_bits + _pow2_range(fmt.scale)[0] >= -149)
+
+
+def _fused(arr, fmt: BlockFormat, rounding, rbits, key, ax):
+    """(values, exponents k per block, NaN-block mask) by the fused kernel, shaped as blocks."""
+    el = fmt.element
+    lo, hi = _pow2_range(fmt.scale)
+    moved = np.ascontiguousarray(np.moveaxis(arr, ax, -1)).reshape(-1)
+    xb = moved.view(np.uint32)
+    xb.setflags(write=False)
+    out = np.empty(moved.size, np.float64)
+    k = np.empty(moved.size // fmt.block, np.int64)
+    mm, em = math.frexp(el.max)
+    _qb.mx_from_f32(xb, out, k, fmt.block, int(rounding), _RULE_CODES[fmt.scale_rule],
+                    el.emax, el.precision, int(math.ldexp(mm, 24)), lo, 23 - el.man_bits,
+                    el.emin + 127, float(el.max), el.emin - el.man_bits, rbits, key)
+    vals = out.reshape(-1, fmt.block)
+    for b in np.flatnonzero(k == _qb.SLOW_BLOCK):  # tiny blocks: rounded by the oracle
+        blk = moved[b * fmt.block:(b + 1) * fmt.block].astype(np.float64)
+        s = reference.block_scale(float(np.abs(blk).max()), fmt)
+        k[b] = s.numerator.bit_length() - s.denominator.bit_length()
+        for j, v in enumerate(blk.tolist()):
+            i = b * fmt.block + j
+            d = (int(random_u64_array(key, i, 1)[0] >> np.uint64(64 - rbits))
+                 if rounding is Rounding.STOCHASTIC else None)
+            e = reference.round_to_format(Fraction(v) / s if v else v, el, rounding,
+                                          Overflow.SATURATE, draw=d,
+                                          random_bits=None if rbits == 64 else rbits)
+            vals[b, j] = math.ldexp(e, int(k[b]))
+    bad = k == _qb.NAN_BLOCK
+    if bad.any() and not fmt.scale.has_nan:
+        raise ValueError(f"x holds NaN or an infinity (block {int(np.argmax(bad))}), which "
+                         f"needs a NaN scale, and {fmt.scale!r} has no NaN")
+    kk = np.where(bad, lo, k)
+    if kk.size and int(kk.max()) > hi:
+        b = int(np.argmax(kk))
+        amax = float(np.abs(moved[b * fmt.block:(b + 1) * fmt.block]).max())
+        raise ValueError(
+            f"block {b} (its largest magnitude {amax!r}) needs the scale 2**{int(kk[b])}, "
+            f"beyond {fmt.scale!r}'s largest power of two 2**{hi}: the scale format cannot "
+            "hold the scale; scale the tensor down first")
+    return vals, kk, bad
+
+
+def _quantize_parts(x, fmt: BlockFormat, rounding, overflow, seed, random_bits, axis,
+                    parts=True):
     """(values, elements, scales as float64 (NaN for NaN blocks), tensor scale, axis): the
-    values and elements in the shape of ``x``, the scales with the block axis divided."""
+    values and elements in the shape of ``x``, the scales with the block axis divided.
+    ``parts=False``: the values only (elements and scales None)."""
     from .quantize import _as_exact_array, _check_random_bits
 
     rounding = Rounding.coerce(rounding, what="rounding")
@@ -209,6 +268,19 @@ def _quantize_parts(x, fmt: BlockFormat, rounding, overflow, seed, random_bits, 
     ax = _check_block_call(fmt, overflow, axis, arr.shape)
     key = _stochastic_key(rounding, seed)
     el = fmt.element
+    if exact is None and _fused_applies(arr, fmt):
+        vals, k, bad = _fused(arr, fmt, rounding, rbits, key, ax)
+        shape = arr.shape
+        values = _unblocked(vals.reshape(-1), shape, ax)
+        if not parts:
+            return values, None, None, None, ax
+        elems = np.ldexp(vals, -k[:, None])  # exact: the values are element * 2**k
+        elems[bad] = 0.0
+        sshape = list(shape)
+        sshape[ax] //= fmt.block
+        scales = np.where(bad, np.nan, np.ldexp(1.0, k))
+        return (values, _unblocked(elems.reshape(-1), shape, ax), _unblocked(scales, sshape, ax),
+                None, ax)
     el_small = el.smallest if isinstance(el, FloatFormat) else el.eps
     pow2 = fmt.scale_rule in POW2_RULES
     use_oracle = exact is not None or el_small < 2.0**-950 or (
@@ -289,7 +361,7 @@ def _exact_products(s: np.ndarray, t) -> np.ndarray:
 def block_quantize(x, fmt: BlockFormat, rounding=Rounding.NEAREST_EVEN, overflow=None, *,
                    seed=None, random_bits=None, axis=None) -> np.ndarray:
     """:func:`fixedsim.quantize` into a block format: the values ``element * scale``."""
-    return _quantize_parts(x, fmt, rounding, overflow, seed, random_bits, axis)[0]
+    return _quantize_parts(x, fmt, rounding, overflow, seed, random_bits, axis, parts=False)[0]
 
 
 # -- codes ---------------------------------------------------------------------------------------

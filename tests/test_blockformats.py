@@ -87,7 +87,8 @@ def adversarial_blocks(draw, fmt, nblocks=3, dtype=np.float64, specials=True):
 @settings(max_examples=60)
 @given(st.data())
 def test_fast_path_equals_oracle(data):
-    """Every rule, element, rounding (deterministic) and input width: the same bits."""
+    """Every rule, element, rounding (deterministic) and input width (float32: the fused kernel
+    of fixedsim.jit.quant_block; float64: the element kernels): the same bits."""
     fmt = data.draw(block_formats())
     dtype = data.draw(st.sampled_from([np.float32, np.float64]))
     x = data.draw(adversarial_blocks(fmt, dtype=dtype, specials=fmt.scale.has_nan))
@@ -99,10 +100,12 @@ def test_fast_path_equals_oracle(data):
 @settings(max_examples=30)
 @given(st.data())
 def test_stochastic_equals_oracle(data):
-    """STOCHASTIC: the draws of a seed, replayed in the oracle, give the same bits; NVFP4-like
-    formats with few random bits take the fast path (quotient rounded to odd)."""
+    """STOCHASTIC: the draws of a seed, replayed in the oracle, give the same bits (float32
+    input: the fused kernel); NVFP4-like formats with few random bits take the fast path
+    (quotient rounded to odd)."""
     fmt = data.draw(block_formats())
-    x = data.draw(adversarial_blocks(fmt, specials=False))
+    dtype = data.draw(st.sampled_from([np.float32, np.float64]))
+    x = data.draw(adversarial_blocks(fmt, dtype=dtype, specials=False))
     seed = data.draw(st.integers(0, 2**32))
     rbits = data.draw(st.sampled_from([None, 1, 8, 40]))
     assert_same_bits(fs.quantize(x, fmt, "stochastic", seed=seed, random_bits=rbits),
@@ -157,12 +160,22 @@ def test_adversarial_blocks(dtype):
     """All zero, NaN and infinity in a block, maxima around powers of two, E8M0 underflow
     (scale 2**-127 and elements below it), subnormal elements: fast path == oracle."""
     tiny = np.finfo(dtype).smallest_subnormal
+
+    def up(v, n=1):  # n steps of dtype's own nextafter
+        v = dtype(v)
+        for _ in range(abs(n)):
+            v = np.nextafter(v, dtype(np.inf if n > 0 else -np.inf))
+        return v
+
     rows = [
         [0.0, -0.0, 0.0, 0.0],
         [1.0, np.nan, 2.0, 3.0],
         [1.0, -np.inf, 2.0, 3.0],
-        [4.0, np.nextafter(4.0, 0), 1e-3, -2.0],
-        [np.nextafter(4.0, 8), 4.0, -0.5, 0.25],
+        [4.0, up(4.0, -1), 1e-3, -2.0],
+        [up(4.0), 4.0, -0.5, 0.25],
+        [-up(4.0, 2), 3.0, -0.5, 0.25],
+        [up(448.0), 1.0, up(6.0), -up(7.5)],  # just above the elements' max * 2**k
+        [up(57344.0, -1), 28.0, up(28.0), 1.0],
         [tiny, -tiny, 3 * tiny, 0.0],
         [2.0**-125, 2.0**-130, -(2.0**-127), 2.0**-140],
         [6.0, 0.75, 0.25, 1.0 / 8],
