@@ -313,3 +313,24 @@ def test_presets_fields():
     assert fs.MXINT8.element_emax == 0
     assert (fs.NVFP4.element, fs.NVFP4.block, fs.NVFP4.scale, fs.NVFP4.tensor_scale) == (
         fs.FP4_E2M1, 16, fs.FP8_E4M3, fs.FP32)
+
+
+def test_threads_do_not_change_bits():
+    """The fused kernel splits blocks across threads; draws are by element index: 1 thread and
+    all threads give the same bits, stochastic included."""
+    import numba
+
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal(64 * 300) * 2.0 ** rng.integers(-20, 20, 64 * 300)).astype(
+        np.float32)
+    runs = []
+    old = numba.get_num_threads()
+    try:
+        for t in (1, old):
+            numba.set_num_threads(t)
+            runs.append([fs.quantize(x, f, r, seed=9) for f in (fs.MXFP4, fs.MXFP8_E4M3)
+                         for r in ("nearest_even", "stochastic")])
+    finally:
+        numba.set_num_threads(old)
+    for a, b in zip(*runs, strict=True):
+        assert_same_bits(a, b)
