@@ -1,6 +1,10 @@
 """Side-by-side throughput of ``fixedsim.quantize`` and other emulators, in Melem/s.
 
     python benchmarks/quantize.py [--n N] [--repeats R] [--threads T] [--quick] [--markdown PATH]
+                                  [--blocks-only]
+
+A second table times the block formats MXFP8 (E4M3) and MXFP4 beside gfloat and torchao
+(when importable) and checks them bit for bit against each other.
 
 Every implementation maps float32 to float32 values of the format. Each case has one fixed
 input, ``standard_normal(n) * max / 4`` from its own seed (about 60 per million overflow;
@@ -187,6 +191,116 @@ def rate(r):
     return "n/a" if r is None else (f"{r:.1f}" if r < 100 else f"{r:.0f}")
 
 
+# -- block formats (MXFP8, MXFP4) -------------------------------------------------------------
+BLOCK_CASES = [("MXFP8 E4M3 RNE", fs.MXFP8_E4M3, RNE), ("MXFP8 E4M3 SR", fs.MXFP8_E4M3, SR),
+               ("MXFP4 RNE", fs.MXFP4, RNE), ("MXFP4 SR", fs.MXFP4, SR)]
+BLOCK_OTHERS = ("gfloat", "torchao")
+gfloat, torch = optional("gfloat"), optional("torch")
+torchao_mx = optional("torchao.prototype.mx_formats.mx_tensor")
+
+
+def gfloat_block_fn(fmt, rounding):
+    """gfloat at its fastest: the OCP scale of every block as gfloat's compute_scale_amax
+    computes it (floor(log2(amax)) - emax, clipped to [-127, 127]; 2**-127 for zero blocks),
+    then one vectorised round_ndarray of all scaled elements (saturating)."""
+    if gfloat is None or rounding is not RNE:
+        return None  # gfloat's stochastic modes take caller-supplied random bits: not compared
+    from gfloat import formats as gf
+
+    etype = {fs.FP8_E4M3: gf.format_info_ocp_e4m3, fs.FP4_E2M1: gf.format_info_ocp_e2m1}[
+        fmt.element]
+
+    def run(x):
+        b = x.astype(np.float64).reshape(-1, fmt.block)
+        amax = np.abs(b).max(axis=1)
+        with np.errstate(divide="ignore"):
+            e = np.clip(np.floor(np.log2(amax)) - etype.emax, -127.0, 127.0)
+        scale = 2.0 ** np.where(amax == 0, -127.0, e)[:, None]
+        q = gfloat.round_ndarray(etype, b / scale, gfloat.RoundMode.TiesToEven, sat=True)
+        return (q * scale).reshape(x.shape)
+    return run
+
+
+def torchao_block_fn(fmt, rounding):
+    """torchao's to_mx (FLOOR) and to_dtype back to float32, on the CPU."""
+    if torchao_mx is None or rounding is not RNE:
+        return None  # torchao's MX recipe rounds to nearest even only
+    dt = {fs.FP8_E4M3: torch.float8_e4m3fn, fs.FP4_E2M1: torch.float4_e2m1fn_x2}[fmt.element]
+
+    def run(x):
+        t = torch.from_numpy(x.reshape(-1, fmt.block))
+        s, d = torchao_mx.to_mx(t, dt, fmt.block)
+        return torchao_mx.to_dtype(d, s, dt, fmt.block, torch.float32).numpy().reshape(x.shape)
+    return run
+
+
+def block_table(args):
+    """Rows of the block-format table: (case, fixedsim, gfloat, torchao, ratio, check)."""
+    rows, notes, failures = [], [], []
+    for k, (name, fmt, rounding) in enumerate(BLOCK_CASES):
+        rng = np.random.default_rng([SEED, 100 + k])
+        x = (rng.standard_normal(args.n) * 2.0 ** rng.integers(-8, 8, args.n // 32)
+             .repeat(32)).astype(np.float32)
+        impls = {"fixedsim": lambda x, f=fmt, r=rounding: fs.quantize(x, f, r, seed=SEED),
+                 "gfloat": gfloat_block_fn(fmt, rounding),
+                 "torchao": torchao_block_fn(fmt, rounding)}
+        rates, outs = {}, {}
+        for lib, fn in impls.items():
+            if fn is None:
+                continue
+            try:
+                outs[lib] = np.asarray(fn(x), np.float64)  # warm-up; its result is checked
+            except Exception as err:
+                print(f"  {name} {lib}: failed ({type(err).__name__}: {err})", file=sys.stderr)
+                continue
+            rates[lib] = x.size / timed(fn, x, args.repeats) / 1e6
+        other = max((v for lib, v in rates.items() if lib != "fixedsim"), default=None)
+        ratio = f"{rates['fixedsim'] / other:.2f}x" if other and "fixedsim" in rates else "n/a"
+        checks = []
+        for lib in BLOCK_OTHERS:
+            if lib in outs:
+                bad = int(np.count_nonzero(outs[lib].view(np.uint64)
+                                           != outs["fixedsim"].view(np.uint64)))
+                checks.append(f"{lib} {'bit-exact' if not bad else f'{bad} differ'}")
+                if bad:
+                    failures.append(f"{name}: {bad} values differ from {lib}")
+        if rounding is SR:
+            lo = fs.quantize(x, fmt, fs.Rounding.DOWN)
+            hi = fs.quantize(x, fmt, fs.Rounding.UP)
+            y = outs["fixedsim"]
+            off = int(np.count_nonzero((y != lo) & (y != hi)))
+            checks.append(f"{off} off (DOWN/UP)")
+            if off:
+                failures.append(f"{name}: {off} results are neither block neighbour")
+        rows.append([name, rate(rates.get("fixedsim")),
+                     *(rate(rates.get(o)) for o in BLOCK_OTHERS), ratio, "; ".join(checks)])
+        print(f"  {name}: done", file=sys.stderr, flush=True)
+    notes += [
+        "Block formats: float32 in, float64 values out (fixedsim: element * scale as float64; "
+        "gfloat float64, torchao float32 converted); input standard_normal times 2**j, j in "
+        "[-8, 8) drawn per block of 32.",
+        "gfloat: its OCP scale rule vectorised over blocks (as compute_scale_amax) and one "
+        "round_ndarray call; torchao: to_mx (FLOOR) + to_dtype on the CPU. Neither has a "
+        "seeded stochastic MX path to compare: n/a under SR.",
+    ]
+    return rows, notes, failures
+
+
+def print_block_table(rows, notes, md):
+    cols = ["case", "fixedsim", *BLOCK_OTHERS, "fixedsim/best", "check"]
+    widths = [max(len(r[i]) for r in [cols, *rows]) for i in range(len(cols))]
+    fmt_row = " | ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
+    print("\nBlock formats, throughput in Melem/s\n" + fmt_row.format(*cols))
+    print("-+-".join("-" * w for w in widths))
+    for r in rows:
+        print(fmt_row.format(*r))
+    print("\n" + "\n".join(f"* {s}" for s in notes))
+    md += ["", "| " + " | ".join(cols) + " |",
+           "|" + "|".join(["---"] + ["---:"] * (len(cols) - 2) + ["---"]) + "|"]
+    md += ["| " + " | ".join(r) + " |" for r in rows]
+    md += [""] + [f"* {s}" for s in notes]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=10_000_000, help="elements per case")
@@ -194,6 +308,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, help="numba (and APyTypes) thread count")
     ap.add_argument("--markdown", metavar="PATH", help="also write the table as Markdown")
     ap.add_argument("--quick", action="store_true", help="n=1,000,000 and 3 repeats")
+    ap.add_argument("--blocks-only", action="store_true",
+                    help="only the block formats (MXFP8, MXFP4) beside gfloat and torchao")
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.repeats = 1_000_000, 3
@@ -205,6 +321,16 @@ def main(argv=None):
         apy.set_float_quantization_seed(SEED)
         apy.set_fixed_quantization_seed(SEED)
     print(header(args), flush=True)
+    if args.blocks_only:
+        brows, bnotes, failures = block_table(args)
+        md = [header(args)]
+        print_block_table(brows, bnotes, md)
+        if args.markdown:
+            with open(args.markdown, "w") as fh:
+                fh.write("\n".join(md) + "\n")
+        if failures:
+            sys.exit("fixedsim check failed:\n" + "\n".join(failures))
+        return
     cols = ["case", "fixedsim", *OTHERS, "fixedsim/best", "check", "apytypes diff"]
     rows, notes, failures = [], [], []
     for k, (name, fmt, rounding) in enumerate(CASES):
@@ -252,11 +378,14 @@ def main(argv=None):
     for r in rows:
         print(fmt_row.format(*r))
     print("\n" + "\n".join(f"* {s}" for s in notes))
+    brows, bnotes, bfail = block_table(args)
+    failures += bfail
+    md = [header(args), "", "| " + " | ".join(cols) + " |",
+          "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|"]
+    md += ["| " + " | ".join(r) + " |" for r in rows]
+    md += [""] + [f"* {s}" for s in notes]
+    print_block_table(brows, bnotes, md)
     if args.markdown:
-        md = [header(args), "", "| " + " | ".join(cols) + " |",
-              "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|"]
-        md += ["| " + " | ".join(r) + " |" for r in rows]
-        md += [""] + [f"* {s}" for s in notes]
         with open(args.markdown, "w") as fh:
             fh.write("\n".join(md) + "\n")
     if failures:
