@@ -214,14 +214,16 @@ def _fused_applies(arr: np.ndarray, fmt: BlockFormat) -> bool:
             and el.emin - el.man_bits + _pow2_range(fmt.scale)[0] >= -149)
 
 
-def _fused(arr, fmt: BlockFormat, rounding, rbits, key, ax):
-    """(values, exponents k per block, NaN-block mask) by the fused kernel, shaped as blocks."""
+def _fused(arr, fmt: BlockFormat, rounding, rbits, key, ax, out=None):
+    """(values, exponents k per block, NaN-block mask) by the fused kernel, shaped as blocks;
+    ``out``: a float64 C-contiguous array of ``arr.size`` to write the values into (the blocks
+    along the last axis), or None."""
     el = fmt.element
     lo, hi = _pow2_range(fmt.scale)
     moved = np.ascontiguousarray(np.moveaxis(arr, ax, -1)).reshape(-1)
     xb = moved.view(np.uint32)
     xb.setflags(write=False)
-    out = np.empty(moved.size, np.float64)
+    out = np.empty(moved.size, np.float64) if out is None else out.reshape(-1)
     k = np.empty(moved.size // fmt.block, np.int64)
     mm, em = math.frexp(el.max)
     _qb.mx_from_f32(xb, out, k, fmt.block, int(rounding), _RULE_CODES[fmt.scale_rule],
@@ -256,7 +258,7 @@ def _fused(arr, fmt: BlockFormat, rounding, rbits, key, ax):
 
 
 def _quantize_parts(x, fmt: BlockFormat, rounding, overflow, seed, random_bits, axis,
-                    parts=True):
+                    parts=True, out=None):
     """(values, elements, scales as float64 (NaN for NaN blocks), tensor scale, axis): the
     values and elements in the shape of ``x``, the scales with the block axis divided.
     ``parts=False``: the values only (elements and scales None)."""
@@ -268,8 +270,21 @@ def _quantize_parts(x, fmt: BlockFormat, rounding, overflow, seed, random_bits, 
     ax = _check_block_call(fmt, overflow, axis, arr.shape)
     key = _stochastic_key(rounding, seed)
     el = fmt.element
+    if out is not None:
+        if not isinstance(out, np.ndarray) or out.shape != arr.shape \
+                or out.dtype != np.float64 or not out.flags.c_contiguous \
+                or not out.flags.writeable:
+            raise ValueError(f"out must be a writeable C-contiguous float64 array of shape "
+                             f"{arr.shape} for the block format {fmt!r}, got "
+                             f"{getattr(out, 'shape', type(out).__name__)}, "
+                             f"{getattr(out, 'dtype', '')}")
     if exact is None and _fused_applies(arr, fmt):
-        vals, k, bad = _fused(arr, fmt, rounding, rbits, key, ax)
+        direct = out is not None and ax == arr.ndim - 1 and not np.shares_memory(out, arr)
+        vals, k, bad = _fused(arr, fmt, rounding, rbits, key, ax, out if direct else None)
+        if out is not None and not direct:
+            out[...] = _unblocked(vals.reshape(-1), arr.shape, ax)
+        if out is not None and not parts:
+            return out, None, None, None, ax
         shape = arr.shape
         values = _unblocked(vals.reshape(-1), shape, ax)
         if not parts:
@@ -359,9 +374,14 @@ def _exact_products(s: np.ndarray, t) -> np.ndarray:
 
 
 def block_quantize(x, fmt: BlockFormat, rounding=Rounding.NEAREST_EVEN, overflow=None, *,
-                   seed=None, random_bits=None, axis=None) -> np.ndarray:
+                   seed=None, random_bits=None, axis=None, out=None) -> np.ndarray:
     """:func:`fixedsim.quantize` into a block format: the values ``element * scale``."""
-    return _quantize_parts(x, fmt, rounding, overflow, seed, random_bits, axis, parts=False)[0]
+    v = _quantize_parts(x, fmt, rounding, overflow, seed, random_bits, axis, parts=False,
+                        out=out)[0]
+    if out is not None and v is not out:
+        out[...] = v
+        return out
+    return v
 
 
 # -- codes ---------------------------------------------------------------------------------------

@@ -592,7 +592,7 @@ def quantize(
     out : numpy.ndarray, optional
         Where to write the result: C-contiguous, shape of ``x``, dtype ``fmt.dtype``. Saves
         the allocation (and its page faults) in loops; may be ``x`` itself to round in place.
-        Not with a block format.
+        For a block format: float64, the shape of ``x``.
     axis : int, optional
         Block formats only: the axis the blocks run along (default ``fmt.axis``, the last).
         The stochastic draw of an element is indexed by its place in ``x`` with that axis
@@ -633,13 +633,13 @@ def quantize(
     np.True_
     """
     if isinstance(fmt, BlockFormat):
-        if stats or out is not None:
-            raise ValueError(f"stats and out are not available for the block format {fmt!r}; "
-                             "call quantize(x, fmt, rounding, ...) without them")
+        if stats:
+            raise ValueError(f"stats is not available for the block format {fmt!r}; call "
+                             "quantize(x, fmt, rounding, ...) without it")
         from .blockquant import block_quantize
 
         return block_quantize(x, fmt, rounding, overflow, seed=seed, random_bits=random_bits,
-                              axis=axis)
+                              axis=axis, out=out)
     if axis is not None:
         raise ValueError(f"axis applies to block formats only, got axis={axis!r} with {fmt!r}")
     fmt = _check_format(fmt)

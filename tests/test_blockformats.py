@@ -279,8 +279,10 @@ def test_errors():
     with pytest.raises(ValueError, match="no NaN"):
         fs.quantize([np.nan, 1.0], BlockFormat(fs.FP4_E2M1, block=2,
                                                scale=fs.FloatFormat(3, 2, inf_nan="none")))
-    with pytest.raises(ValueError, match="stats and out"):
+    with pytest.raises(ValueError, match="stats is not available"):
         fs.quantize(x, fs.MXFP4, stats=True)
+    with pytest.raises(ValueError, match="out must be a writeable C-contiguous float64"):
+        fs.quantize(x, fs.MXFP4, out=np.empty(32, np.float32))
     with pytest.raises(ValueError, match="axis applies to block formats only"):
         fs.quantize(x, fs.FP16, axis=0)
     with pytest.raises(ValueError, match="out of range"):
@@ -313,6 +315,19 @@ def test_presets_fields():
     assert fs.MXINT8.element_emax == 0
     assert (fs.NVFP4.element, fs.NVFP4.block, fs.NVFP4.scale, fs.NVFP4.tensor_scale) == (
         fs.FP4_E2M1, 16, fs.FP8_E4M3, fs.FP32)
+
+
+def test_out():
+    """out= (float64, the shape of x) gets the same bits, on the fused path (float32, last
+    axis), another axis and the float64 path."""
+    rng = np.random.default_rng(4)
+    for x, axis in ((rng.standard_normal((4, 64)).astype(np.float32), None),
+                    (rng.standard_normal((64, 4)).astype(np.float32), 0),
+                    (rng.standard_normal((4, 64)), None)):
+        out = np.full(x.shape, np.nan)
+        got = fs.quantize(x, fs.MXFP4, "stochastic", seed=2, axis=axis, out=out)
+        assert got is out
+        assert_same_bits(out, fs.quantize(x, fs.MXFP4, "stochastic", seed=2, axis=axis))
 
 
 def test_threads_do_not_change_bits():
