@@ -81,6 +81,7 @@ def test_interleave_matches_the_oracle(data, acc, fmt, shape, with_c):
     for y in (got, fs.matmul(a, b, spec, c), want):
         assert_same_bits(y.astype(np.float64), ref)
     assert cnt.accumulator == cw.accumulator
+    assert cnt.alignment == cw.alignment
     assert cnt.output == cw.output
 
 
@@ -111,6 +112,7 @@ def test_only_the_dealt_order_gives_it():
     assert reference.dot(a[0], b[:, 0], spec) == 1.0
     assert fs.matmul(a, b, consecutive)[0, 0] == 1.0 + 2.0**-10
     assert cnt.accumulator.roundings == 2 + 1  # both blocks of the padded chunk, one addition
+    assert cnt.alignment.roundings == 32 + 2  # the padded chunk's terms and block starts
     assert acc.roundings(33) == 2 * 3
     # C takes part in no block: 2**-11 added to 1 is a tie, to even
     assert fs.matmul(a, b, spec, np.array([[2.0**-11]]))[0, 0] == 1.0

@@ -186,7 +186,8 @@ def _product(A, B, spec, keys, rb, c, mm=None, ba=None, path=None, C=None, bb=No
         c.accumulator.roundings += p.R * p.N * (acc.roundings(p.K) if hasattr(acc, "roundings")
                                                  else -(-p.K // acc.block))
     if hasattr(acc, "extra_bits"):  # a BlockFMA aligns every product and each block's start
-        c.alignment.roundings += p.R * p.N * (p.K + -(-p.K // acc.block))
+        Kp = p.K if acc.interleave is None else -(-p.K // acc.promote) * acc.promote
+        c.alignment.roundings += p.R * p.N * (Kp + -(-Kp // acc.block))  # padded: all run
     if spec.product is not None:
         c.product.roundings += p.R * p.N * p.K
     out = compute(p, path)
