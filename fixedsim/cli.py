@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 __all__ = ["main"]
@@ -218,6 +219,8 @@ def _cmd_train(args) -> int:
           f"batch {config.batch_size}, {config.optimizer} lr {config.lr:g} ({config.schedule}), "
           f"seed {config.seed}")
     print(policy.describe())
+    if args.estimate:
+        _print_expected_epoch(config, policy, resumed=bool(args.resume))
     from . import counters
 
     try:
@@ -260,6 +263,73 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _estimate_default() -> bool:
+    """``--estimate`` unless the environment says ``FIXEDSIM_ESTIMATE=0``."""
+    return os.environ.get("FIXEDSIM_ESTIMATE", "1") != "0"
+
+
+#: What measuring for an estimate may raise, besides a bug: the message is printed instead.
+def _estimate_errors():
+    from .cost.counts import CountError
+
+    return (CountError, ValueError, TypeError, OSError, ImportError, KeyError)
+
+
+def _print_expected_epoch(config, policy, resumed=False) -> None:
+    """The expected time of a training run, from fixedsim's own cost model (docs/cost.md)."""
+    from .cost.selfmodel import expect_run
+
+    try:
+        e = expect_run(config, policy)
+    except _estimate_errors() as err:
+        print(f"expected time: not estimated ({err})")
+        return
+    total = "" if resumed else f", about {e['run_s']:.0f} s for {config.epochs} epoch(s)"
+    print(f"expected time: about {e['epoch_s']:.1f} s per epoch{total}, not counting "
+          f"compilation (fixedsim's cost model of this machine, docs/cost.md; measured in "
+          f"{e['measure_s']:.1f} s{_compiled(e)}; --no-estimate skips it)")
+
+
+def _compiled(e) -> str:
+    return (f", {e['compile_s']:.1f} s of it compiling kernels the run needs"
+            if e["compile_s"] >= 0.05 else "")
+
+
+def _print_expected_sweep(study, workers, numba_threads) -> None:
+    """Each run's expected time and the sweep's, from fixedsim's own cost model."""
+    import numba
+
+    from .cost.selfmodel import expect_run
+    from .nn.policy import Policy
+    from .study.spec import _load_dataset
+
+    threads = numba.get_num_threads()
+    numba.set_num_threads(min(numba_threads or study.numba_threads or 1,
+                              numba.config.NUMBA_NUM_THREADS))
+    cache, times, spent = {}, [], {"measure_s": 0.0, "compile_s": 0.0}
+    try:
+        print("expected time per run (fixedsim's cost model of this machine, docs/cost.md; "
+              "compilation not counted):")
+        for run in study.runs:
+            config = run.config()
+            e = expect_run(config, Policy.from_dict(run.policy),
+                           _load_dataset(config.data), cache=cache)
+            for k in spent:
+                spent[k] += e[k]
+            times.append(e["run_s"])
+            print(f"  {run.run_id}  {e['run_s']:>8.0f} s  ({e['epoch_s']:.1f} s per epoch)")
+    except _estimate_errors() as err:
+        print(f"expected time: not estimated ({err})")
+        return
+    finally:
+        numba.set_num_threads(threads)
+    n = workers or study.workers or os.cpu_count() or 1
+    wall = max(sum(times) / n, max(times, default=0.0))
+    print(f"expected: {sum(times):.0f} s of runs, about {wall:.0f} s with {n} worker(s) "
+          f"(measured in {spent['measure_s']:.1f} s{_compiled(spent)}; --no-estimate skips "
+          f"it)")
+
+
 def _cmd_sweep(args) -> int:
     from .compiling import notice_text
     from .study import StudyError, load_study, run_study
@@ -273,7 +343,9 @@ def _cmd_sweep(args) -> int:
     if args.dry_run:
         for run in study.runs:
             print(f"  {run.run_id}  seed {run.seed:>10}  {run.label}")
-        print(f"dry run: {len(study.runs)} run(s) validated, data loads; nothing was run")
+        if args.estimate:
+            _print_expected_sweep(study, args.workers, args.numba_threads)
+        print(f"dry run: {len(study.runs)} run(s) validated, data loads; no run was trained")
         return 0
     try:
         res = run_study(study, args.out, workers=args.workers, scheduler=args.scheduler,
@@ -450,6 +522,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "continues it to N epochs)")
     t.add_argument("--quiet", action="store_true",
                    help="no progress bar (the line per epoch is still printed)")
+    t.add_argument("--estimate", action=argparse.BooleanOptionalAction,
+                   default=_estimate_default(),
+                   help="print the expected time per epoch before training, from fixedsim's "
+                   "cost model of this machine (measures a few small steps; default on, off "
+                   "with FIXEDSIM_ESTIMATE=0)")
     t.set_defaults(func=_cmd_train)
 
     s = sub.add_parser(
@@ -474,7 +551,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--numba-threads", type=_positive, default=None, metavar="N",
                    help="Numba threads per run (default [study] numba_threads, else 1)")
     s.add_argument("--dry-run", action="store_true",
-                   help="validate the study and list its runs; run nothing")
+                   help="validate the study, list its runs and their expected times; train "
+                   "nothing")
+    s.add_argument("--estimate", action=argparse.BooleanOptionalAction,
+                   default=_estimate_default(),
+                   help="with --dry-run: each run's and the sweep's expected time, from "
+                   "fixedsim's cost model of this machine (measures a few small steps per "
+                   "model and policy; default on, off with FIXEDSIM_ESTIMATE=0)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_sweep)
 

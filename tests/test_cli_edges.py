@@ -538,3 +538,17 @@ def test_sweep_compile_notice_and_warm_up(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "_run_pool", pool)
     res = run_study(study, tmp_path / "b", workers=2, progress=False, log=lambda s: None)
     assert res.ok and warmed == [[r.run_id for r in study.runs]]
+
+
+def test_train_prints_the_expected_epoch_before_it_starts(capsys):
+    """--estimate (the default outside the tests): one line with the expected seconds per
+    epoch and for the run, printed before the first epoch's line; --no-estimate: none."""
+    rc, out, _ = _train(capsys, *TINY, "--epochs", "2", "--estimate")
+    assert rc == 0
+    lines = out.splitlines()
+    at = [i for i, ln in enumerate(lines) if ln.startswith("expected time: about")]
+    assert len(at) == 1 and "s per epoch" in lines[at[0]] and "for 2 epoch(s)" in lines[at[0]]
+    epoch_lines = [i for i, ln in enumerate(lines) if ln.startswith("epoch ")]
+    assert epoch_lines and at[0] < epoch_lines[0]
+    rc, out, _ = _train(capsys, *TINY, "--epochs", "1", "--no-estimate")
+    assert rc == 0 and "expected time" not in out

@@ -421,7 +421,7 @@ def test_dry_run_lists_runs(tiny, capsys):
     study, _, _ = tiny
     assert main(["sweep", str(study.path), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert all(r.run_id in out for r in study.runs) and "nothing was run" in out
+    assert all(r.run_id in out for r in study.runs) and "no run was trained" in out
 
 
 def test_parse_study_from_dict():
@@ -451,3 +451,38 @@ def test_count_steps_is_a_study_setting_outside_run_identity():
     assert [r.run_id for r in plain.runs] == [r.run_id for r in counted.runs]
     with pytest.raises(StudyError, match=r"study.count_steps: expected true or false, got 'yes'"):
         parse_study({**base, "study": {"count_steps": "yes"}})
+
+
+def test_dry_run_estimates_each_run_and_the_sweep(tmp_path, capsys):
+    """--dry-run --estimate: each run's expected seconds from fixedsim's cost model, the
+    profiles measured once per model and policy (two runs of a replicate share them), the
+    sweep's total and its wall time over the workers; --no-estimate leaves it out."""
+    path = write(tmp_path, "[study]\nreplicates = 2\n" + TRAIN
+                 + '[grid]\npolicy = ["float32", "fixed:16:8:nearest_even"]\n')
+    study = load_study(path)
+    assert main(["sweep", str(path), "--dry-run", "--estimate", "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.strip().endswith("per epoch)")]
+    assert len(lines) == len(study.runs) == 4
+    secs = [float(ln.split()[1]) for ln in lines]
+    assert all(s >= 0 for s in secs)
+    assert "expected:" in out and "with 2 worker(s)" in out and "no run was trained" in out
+    assert main(["sweep", str(path), "--dry-run", "--no-estimate"]) == 0
+    assert "expected" not in capsys.readouterr().out
+
+
+def test_expect_run_measures_once_per_model_and_policy():
+    from fixedsim.cost.selfmodel import expect_run
+    from fixedsim.data import load
+    from fixedsim.nn.train import TrainConfig
+
+    config = TrainConfig(model="mlp", model_options={"hidden": [8]}, data="synthetic",
+                         train_size=96, test_size=48, epochs=3, batch_size=32)
+    ds, cache = load("synthetic"), {}
+    first = expect_run(config, Policy.float32(), ds, cache=cache)
+    again = expect_run(config, Policy.float32(), ds, cache=cache, epochs=1)
+    assert len(cache) == 1 and first["measure_s"] > 0 and again["measure_s"] == 0
+    assert first["epoch_s"] == again["epoch_s"] > 0
+    assert first["run_s"] == 3 * first["epoch_s"] and again["run_s"] == again["epoch_s"]
+    expect_run(config, Policy.fixed(16, 8), ds, cache=cache)
+    assert len(cache) == 2

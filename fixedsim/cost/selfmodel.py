@@ -27,7 +27,7 @@ import numpy as np
 
 from .counts import count_epoch, count_step
 
-__all__ = ["SelfProfile", "measure", "predict_self"]
+__all__ = ["SelfProfile", "measure", "predict_self", "expect_run"]
 
 _PASS = {"forward": "forward", "grad_input": "backward", "grad_weight": "backward",
          "update": "update"}
@@ -155,3 +155,73 @@ def predict_self(model, policy, batch: int, images: int, in_shape=None, *,
             else:
                 eval_s += t
     return {"epoch_s": train_s + eval_s, "train_s": train_s, "eval_s": eval_s, "rows": rows}
+
+
+def expect_run(config, policy, data=None, *, epochs: int | None = None,
+               cache: dict | None = None) -> dict:
+    """fixedsim's expected time for the run ``config`` (a :class:`~fixedsim.nn.TrainConfig`)
+    under ``policy`` on this machine, from :func:`measure` and :func:`predict_self`.
+
+    Parameters
+    ----------
+    config : TrainConfig
+    policy : Policy
+    data : Dataset, optional
+        The run's data set (default: ``fixedsim.data.load(config.data)``); only its shapes,
+        sizes and classes are read.
+    epochs : int, optional
+        The epochs to expect (default ``config.epochs``; a resumed run: those left).
+    cache : dict, optional
+        Measured profiles by model, input shape, policy and optimizer: runs that share them
+        are measured once (a sweep passes one dict for all its runs).
+
+    The layers are measured at the run's batch size ``B`` and at ``B // 4`` (least of two
+    timed steps each, after a warm-up step): a training step's time is then read, not
+    extrapolated; the evaluation's larger batches are extrapolated by the fit.
+
+    Returns
+    -------
+    dict
+        ``epoch_s`` (one epoch: its training steps and its evaluation), ``run_s``
+        (``epochs`` of them; neither counts compiling), ``measure_s`` (the seconds this call
+        spent measuring, 0 for a cached profile) and ``compile_s`` (of them, compiling
+        kernels: work the run itself would otherwise do first).
+    """
+    import json
+
+    from ..compiling import CompileWatch
+    from ..data import load
+    from ..nn.models import build
+
+    ds = data if data is not None else load(config.data)
+    images = len(ds.x_train) if config.train_size is None else min(config.train_size,
+                                                                     len(ds.x_train))
+    tests = len(ds.x_test) if config.test_size is None else min(config.test_size,
+                                                                len(ds.x_test))
+    in_shape = tuple(ds.x_train.shape[1:])
+    model = build(config.model, seed=0, in_shape=in_shape, classes=len(ds.classes),
+                  **config.model_options)
+    key = (config.model, json.dumps(config.model_options, sort_keys=True), in_shape,
+           len(ds.classes), json.dumps(policy.to_dict(), sort_keys=True), config.optimizer,
+           config.momentum, config.batch_size)
+    cache = {} if cache is None else cache
+    measure_s = compile_s = 0.0
+    if key not in cache:
+        t0 = time.perf_counter()
+        with CompileWatch() as watch:
+            cache[key] = measure(policy, model, in_shape, _batches(config.batch_size),
+                                 optimizer=config.optimizer, momentum=config.momentum,
+                                 classes=len(ds.classes), reps=2)
+        measure_s, compile_s = time.perf_counter() - t0, watch.seconds
+    p = predict_self(model, policy, config.batch_size, images, in_shape, test_images=tests,
+                     eval_batch=config.eval_batch_size, optimizer=config.optimizer,
+                     momentum=config.momentum, profile=cache[key])
+    n = config.epochs if epochs is None else epochs
+    return {"epoch_s": p["epoch_s"], "run_s": n * p["epoch_s"], "measure_s": measure_s,
+            "compile_s": compile_s}
+
+
+def _batches(batch: int) -> tuple:
+    """The two batch sizes :func:`expect_run` measures: the run's and a quarter of it."""
+    return (max(1, batch // 4), batch) if batch > 1 else (1, 2)
+
