@@ -216,6 +216,12 @@ def test_nvfp4_two_level():
     codes = fs.to_bits(x, fs.NVFP4)
     assert codes.tensor_scale == reference.encode(float(t), fs.FP32)
     assert_same_bits(fs.from_bits(codes, fs.NVFP4), v)
+    y = x.copy()
+    y[0, 3] = np.nan  # a NaN block: E4M3's NaN scale (0x7f); the tensor scale is unchanged
+    c = fs.to_bits(y, fs.NVFP4)
+    assert c.scales.ravel().tolist() == [0x7F, codes.scales[1, 0]]
+    assert c.tensor_scale == codes.tensor_scale
+    assert np.isnan(fs.quantize(y, fs.NVFP4)[0]).all()
     for rounding in fs.Rounding:  # a block with tiny values: scale raised to E4M3's smallest
         y = np.array([1e6] + [1e-3] * 15 + [2.0**-20] * 16)
         rb = 8 if rounding is fs.Rounding.STOCHASTIC else None
