@@ -8,6 +8,7 @@ import numbers
 import numpy as np
 
 from .. import counters as _counters
+from ..blockformats import BlockFormat
 from ..jit import conv as _conv
 from ..quantize import (
     _as_float_array,
@@ -20,6 +21,7 @@ from .core import (
     _check_operands,
     _quantize_input,
     _setup,
+    block_operands,
 )
 from .paths import Product, compute, explain_product
 from .spec import MatmulSpec
@@ -93,8 +95,11 @@ def matmul(a, b, spec: MatmulSpec | None = None, c=None, *, seed=None, stats=Fal
     N = b.shape[-1]
     batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     C = None if c is None else _check_addend(c, (*batch, M, N), spec)
-    aq = _quantize_input(a, spec.input, spec.input_rounding, rb, keys[0], cnt.input)
-    bq = _quantize_input(b, spec.input, spec.input_rounding, rb, keys[1], cnt.input)
+    if isinstance(spec.input, BlockFormat):  # whole operands, in blocks along K
+        aq, bq, spec = block_operands(a, b, spec, rb, keys, cnt)
+    else:
+        aq = _quantize_input(a, spec.input, spec.input_rounding, rb, keys[0], cnt.input)
+        bq = _quantize_input(b, spec.input, spec.input_rounding, rb, keys[1], cnt.input)
     cnt.macs = int(np.prod(batch, dtype=np.int64)) * M * N * K
     if b.ndim == 2:  # one 2-D product: the batch of a stacked into rows
         R = int(np.prod(batch, dtype=np.int64)) * M
@@ -159,8 +164,11 @@ def explain(a, b, spec: MatmulSpec | None = None, c=None, *, seed=None):
     spec, keys, rb, cnt = _setup("explain", spec, seed, False)
     a, b = _check_operands(a, b)
     _check_finite_for_fixed(spec, a, b, "explain")
-    aq = _quantize_input(a, spec.input, spec.input_rounding, rb, keys[0], cnt.input)
-    bq = _quantize_input(b, spec.input, spec.input_rounding, rb, keys[1], cnt.input)
+    if isinstance(spec.input, BlockFormat):
+        aq, bq, spec = block_operands(a, b, spec, rb, keys, cnt)
+    else:
+        aq = _quantize_input(a, spec.input, spec.input_rounding, rb, keys[0], cnt.input)
+        bq = _quantize_input(b, spec.input, spec.input_rounding, rb, keys[1], cnt.input)
     A = aq.reshape(-1, aq.shape[-1])
     C = None if c is None else _check_addend(c, (*a.shape[:-1], b.shape[1]), spec, "explain")
     return explain_product(Product(A, bq, spec, keys, rb, cnt,
@@ -179,6 +187,10 @@ def _product(A, B, spec, keys, rb, c, mm=None, ba=None, path=None, C=None, bb=No
     ``path``: a row of the table by name (None: the first that applies). ``C``: the addend,
     shape (R, N), or None.
     """
+    if isinstance(spec.input, BlockFormat):  # a convolution's lowered operands, along K
+        A = A[1]() if isinstance(A, tuple) else A
+        A, B, spec = block_operands(A, B, spec, rb, keys, c)
+        mm = ba = bb = a_rows = a_norms = None
     p = Product(A, B, spec, keys, rb, c, mm=mm, ba=ba, C=C, bb=bb, a_rows=a_rows,
                 a_norms=a_norms)
     acc = spec.accumulator

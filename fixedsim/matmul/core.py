@@ -11,6 +11,7 @@ import numpy as np
 
 from .. import counters as _counters
 from .. import reference
+from ..blockformats import BlockFormat
 from ..formats import FP64, FixedFormat, _to_float_toward_zero
 from ..jit import gemm_exact as _gx
 from ..jit import gemm_general as _gg
@@ -29,6 +30,7 @@ from ..rounding import Overflow, Rounding
 from .spec import MatmulSpec, stage_keys
 
 _RNE = Rounding.NEAREST_EVEN
+_SR = Rounding.STOCHASTIC
 
 
 # -- data checks that choose a kernel ------------------------------------------------------------
@@ -136,8 +138,48 @@ def _check_finite_for_fixed(spec, a, b, op="matmul", names=("a", "b")):
                              f"format {f!r} (spec.{stage}) cannot represent")
 
 
+def block_operands(A, B, spec, rb, keys, c):
+    """``A`` (..., K) and ``B`` (..., K, N) quantized into ``spec.input``, a
+    :class:`~fixedsim.BlockFormat`, in blocks along K, and the spec the product of these
+    values takes (``input=None``).
+
+    K is zero-padded to a multiple of the block for the quantization (zeros change no scale)
+    and the padding dropped after it. Stochastic draws: ``A``'s from the seed
+    ``int(keys[0])``, ``B``'s from ``int(keys[1])``, as :func:`fixedsim.quantize` draws for
+    that seed. The input stage counts a rounding per element; its events are not counted
+    (None).
+    """
+    from ..blockquant import block_quantize
+
+    fmt = spec.input
+    pad = -A.shape[-1] % fmt.block
+
+    def q(x, axis, key):
+        x = np.asarray(x, np.float64)
+        if pad:
+            width = [(0, 0)] * x.ndim
+            width[axis] = (0, pad)
+            x = np.pad(x, width)
+        v = block_quantize(x, fmt, spec.input_rounding, seed=int(key), axis=axis,
+                           random_bits=rb if spec.input_rounding is Rounding.STOCHASTIC
+                           else None)
+        if pad:
+            v = v[..., :-pad] if axis == -1 else v[..., :-pad, :]
+        return np.ascontiguousarray(v, np.float64)
+
+    Aq, Bq = q(A, -1, keys[0]), q(B, -2, keys[1])
+    c.input += _counters.StageCounts(roundings=Aq.size + Bq.size, inexact=None, overflow=None,
+                                     underflow=None, subnormal=None, nan=None)
+    stochastic_later = (spec.product is not None and spec.product_rounding is _SR) or \
+        ((spec.output is not None or spec.accumulator is None)
+         and spec.output_rounding is _SR)
+    inner = dataclasses.replace(spec, input=None, input_rounding=Rounding.NEAREST_EVEN,
+                                random_bits=spec.random_bits if stochastic_later else None)
+    return Aq, Bq, inner
+
+
 def _quantize_input(x, fmt, rounding, rbits, key, counts):
-    if fmt is None:
+    if fmt is None or isinstance(fmt, BlockFormat):  # block formats: by block_operands
         return np.ascontiguousarray(x, dtype=np.float64)
     arr = np.ascontiguousarray(x)
     out, c = _run(arr, fmt, rounding, resolve_overflow(fmt, None), rbits, key, True)

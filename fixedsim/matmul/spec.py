@@ -7,6 +7,7 @@ import numbers
 
 import numpy as np
 
+from ..blockformats import BlockFormat
 from ..formats import FP32, FP64, FixedFormat, FloatFormat
 from ..jit.rng import random_u64_array
 from ..quantize import (
@@ -360,8 +361,12 @@ class MatmulSpec:
 
     Parameters
     ----------
-    input : FixedFormat or FloatFormat, optional
-        Both operands are quantized to it first (None: taken as they are).
+    input : FixedFormat, FloatFormat or BlockFormat, optional
+        Both operands are quantized to it first (None: taken as they are). A
+        :class:`~fixedsim.BlockFormat` (MX, NVFP4) takes both operands in blocks along the
+        reduction axis K (``a``'s last axis, ``b``'s second to last; a convolution's lowered
+        matrices along theirs), K zero-padded to a multiple of the block for the scales
+        (docs/block_formats.md, "Products").
     product : FixedFormat or FloatFormat, optional
         Each product is rounded into it (None: exact).
     accumulator : Accumulator, BlockFMA, FixedFormat or FloatFormat, optional
@@ -406,7 +411,14 @@ output=FP16)
 
     def __post_init__(self):
         for name in ("input", "product", "output"):
-            object.__setattr__(self, name, _fmt_or_none(getattr(self, name), name))
+            v = getattr(self, name)
+            if name == "input" and isinstance(v, BlockFormat):
+                continue  # operands in blocks along K (docs/block_formats.md)
+            if isinstance(v, BlockFormat):
+                raise TypeError(f"MatmulSpec {name} cannot be a block format ({v!r}): block "
+                                "formats scale the operands (input=); products and outputs "
+                                "are rounded into element formats")
+            object.__setattr__(self, name, _fmt_or_none(v, name))
         acc = self.accumulator
         if acc is not None and not isinstance(acc, (Accumulator, BlockFMA)):
             acc = Accumulator(_fmt_or_none(acc, "accumulator"))

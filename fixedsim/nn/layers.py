@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+from ..blockformats import BlockFormat
 from ..matmul import MatmulSpec, conv2d, conv2d_grad_input, conv2d_grad_weight, matmul
 from ..matmul.engine import im2col as _im2col
 from ..rounding import Rounding
@@ -92,6 +93,12 @@ class _Product(Module):
 
     def _forward_operands(self, x, ctx):
         spec = ctx.policy.forward
+        if isinstance(spec.input, BlockFormat):  # blocks along K: the product rounds them
+            if self.reuse is not None:
+                raise ValueError(f"{self.name}: deep reuse clusters operands rounded "
+                                 f"element by element; the block format {spec.input!r} "
+                                 "rounds them in blocks along K inside the product")
+            return x, self.weight.value, spec
         xq = ctx.round_operand(spec, x, self.name, "forward.x")
         wq = ctx.round_operand(spec, self.weight.value, self.name, "forward.w")
         return xq, wq, _operands_rounded(spec)

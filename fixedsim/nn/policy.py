@@ -19,6 +19,8 @@ import json
 import math
 import pathlib
 
+from .. import blockformats as _bf
+from ..blockformats import BlockFormat
 from ..formats import BF16, FP8_E4M3, FP8_E5M2, FP16, FP32, FixedFormat, FloatFormat, parse_format
 from ..matmul import Accumulator, BlockFMA, MatmulSpec
 from ..quantize import _check_random_bits, quantize, resolve_overflow
@@ -187,11 +189,69 @@ class LossScale:
         return _build(cls, where, **d)
 
 
+#: The block-format presets by name, as a policy file writes them.
+_BLOCK_PRESETS = {name: getattr(_bf, name) for name in _bf.__all__
+                  if isinstance(getattr(_bf, name), BlockFormat)}
+
+
+def _block_to_plain(f: BlockFormat):
+    """A block format as a policy file writes it: its preset name, else a table."""
+    for name, preset in _BLOCK_PRESETS.items():
+        if f == preset:
+            return name
+    d = {"element": repr(f.element), "block": f.block, "scale": repr(f.scale),
+         "scale_rule": f.scale_rule}
+    if f.tensor_scale is not None:
+        d["tensor_scale"] = repr(f.tensor_scale)
+    if f.axis != -1:
+        d["axis"] = f.axis
+    return d
+
+
+def _input_from_plain(v, where):
+    """``input`` of a product in a policy file: a format name, a block preset name or a block
+    format's table."""
+    if isinstance(v, str) and v.strip().upper() in _BLOCK_PRESETS:
+        return _BLOCK_PRESETS[v.strip().upper()]
+    if isinstance(v, dict):
+        _check_keys(v, {"element", "block", "scale", "scale_rule", "tensor_scale", "axis"},
+                    where)
+        if "element" not in v:
+            raise ValueError(f"{where}: 'element' is required in a block format's table")
+        kw = dict(v)
+        for k in ("element", "scale", "tensor_scale"):
+            if k in kw:
+                kw[k] = _build(parse_format, f"{where}.{k}", kw[k])
+        return _build(BlockFormat, where, **kw)
+    return _build(parse_format, where, v)
+
+
+def _block_preset(v, what):
+    """A block format given as itself or as a preset's name (``mxfp8`` is ``MXFP8_E4M3``)."""
+    if isinstance(v, BlockFormat):
+        return v
+    if isinstance(v, str):
+        key = v.strip().upper()
+        key = {"MXFP8": "MXFP8_E4M3"}.get(key, key)
+        if key in _BLOCK_PRESETS:
+            return _BLOCK_PRESETS[key]
+    raise ValueError(f"Policy.mx: {what} must be a BlockFormat or one of "
+                     f"{', '.join(n.lower() for n in _BLOCK_PRESETS)} (or mxfp8), got {v!r}")
+
+
+def _block_name(f: BlockFormat) -> str:
+    plain = _block_to_plain(f)
+    return plain.lower() if isinstance(plain, str) else "block"
+
+
 def _spec_to_dict(s: MatmulSpec) -> dict:
     d = {}
     for name in ("input", "product", "output"):
-        if getattr(s, name) is not None:
-            d[name] = repr(getattr(s, name))
+        v = getattr(s, name)
+        if isinstance(v, BlockFormat):
+            d[name] = _block_to_plain(v)
+        elif v is not None:
+            d[name] = repr(v)
     for name in ("input_rounding", "product_rounding", "output_rounding"):
         if getattr(s, name) is not _RNE:
             d[name] = getattr(s, name).name.lower()
@@ -237,9 +297,11 @@ def _spec_from_dict(d: dict, where: str) -> MatmulSpec:
             "output_rounding", "random_bits"}
     _check_keys(d, keys, where)
     kw = dict(d)
-    for name in ("input", "product", "output"):
+    for name in ("product", "output"):
         if name in kw:
             kw[name] = _build(parse_format, f"{where}.{name}", kw[name])
+    if "input" in kw:
+        kw["input"] = _input_from_plain(kw["input"], f"{where}.input")
     if "accumulator" in kw:
         a = kw["accumulator"]
         if isinstance(a, str):
@@ -480,6 +542,56 @@ class Policy:
                                "training', 2019")
 
     @classmethod
+    def mx(cls, forward="mxfp8_e4m3", backward=None, error_rounding="nearest_even") -> Policy:
+        """Microscaling training (Rouhani et al., "Microscaling data formats for deep
+        learning", arXiv:2310.10537, 2023): the three products of every layer take
+        block-scaled operands, in blocks along their reduction axis, FP32 master weights and
+        FP32 storage between the products.
+
+        Every product is ``MatmulSpec(input=<block format>, accumulator=Accumulator(FP32,
+        block=<its block>))``: each block's element products summed exactly and scaled by the
+        two block scales (exact), each block's sum added to an FP32 running sum with one
+        rounding to nearest even (docs/block_formats.md, "Products").
+
+        Parameters
+        ----------
+        forward : str or BlockFormat, default "mxfp8_e4m3"
+            The block format of the forward product's operands (weights and activations): a
+            :class:`~fixedsim.BlockFormat` or a preset's name, case ignored (``mxfp8``,
+            ``mxfp8_e4m3``, ``mxfp8_e5m2``, ``mxfp6_e2m3``, ``mxfp6_e3m2``, ``mxfp4``,
+            ``mxint8``, ``nvfp4``).
+        backward : str or BlockFormat, optional
+            That of the two gradient products (errors with weights, errors with activations);
+            default: ``forward``'s.
+        error_rounding : str or Rounding, default "nearest_even"
+            The rounding of the gradient products' operands into ``backward`` (``stochastic``:
+            both operands of those products round stochastically; the forward product's
+            round to nearest even).
+
+        Examples
+        --------
+        >>> p = Policy.mx("mxfp4", "mxfp8_e5m2", "stochastic")
+        >>> p.forward.input, p.grad_weight.input_rounding.name
+        (BlockFormat(FP4_E2M1, block=32, scale=E8M0, scale_rule='ocp'), 'STOCHASTIC')
+        """
+        fwd, bwd = _block_preset(forward, "forward"), _block_preset(
+            forward if backward is None else backward, "backward")
+        rnd = Rounding.coerce(error_rounding, what="error_rounding")
+
+        def spec(fmt, r=Rounding.NEAREST_EVEN):
+            return MatmulSpec(input=fmt, input_rounding=r,
+                              accumulator=Accumulator(FP32, block=fmt.block))
+
+        f32 = _role(FP32)
+        name = "mx_" + _block_name(fwd) + ("" if bwd == fwd else "_" + _block_name(bwd)) + \
+            ("" if rnd is Rounding.NEAREST_EVEN else "_" + rnd.name.lower())
+        return cls(name=name, weights=f32, activations=f32, errors=f32, weight_grads=f32,
+                   momentum=f32, forward=spec(fwd), grad_input=spec(bwd, rnd),
+                   grad_weight=spec(bwd, rnd),
+                   master_note="Rouhani et al., 'Microscaling data formats for deep "
+                               "learning', arXiv:2310.10537, 2023")
+
+    @classmethod
     def fp8(cls, loss_scale: LossScale | float | str | None = "dynamic") -> Policy:
         """FP8 training: E4M3 weights and activations in the forward product, E5M2 errors,
         FP32 accumulation, FP32 master weights and weight gradients, loss scaling
@@ -561,8 +673,10 @@ class Policy:
 
         ``float32`` (correctly rounded products), ``float32:fma_chain`` (FP32 FMA chains, also
         ``float32_fma_chain``), ``fp16`` (= ``fp16_mixed``), ``bf16``, ``fp8``, ``exact``,
-        ``fixed:WL:FL[:ROUNDING]`` (rounding default ``stochastic``), or the path of a ``.toml``
-        or ``.json`` policy file.
+        ``fixed:WL:FL[:ROUNDING]`` (rounding default ``stochastic``),
+        ``mx:FORWARD[:BACKWARD[:ROUNDING]]`` (:meth:`mx`: block formats by preset name, e.g.
+        ``mx:mxfp8``, ``mx:nvfp4``, ``mx:mxfp4:mxfp8_e5m2:stochastic``), or the path of a
+        ``.toml`` or ``.json`` policy file.
 
         Examples
         --------
@@ -599,11 +713,20 @@ class Policy:
                 return cls.fixed(wl, fl, rnd)
             except (TypeError, ValueError) as err:
                 raise ValueError(f"policy {text!r}: {err}") from None
+        if t.lower().startswith("mx:"):
+            parts = t.split(":")[1:]
+            if not 1 <= len(parts) <= 3 or not all(parts):
+                raise ValueError(f"policy {text!r}: expected mx:FORWARD[:BACKWARD[:ROUNDING]], "
+                                 f"e.g. mx:mxfp8, mx:mxfp4:mxfp8_e5m2:stochastic")
+            try:
+                return cls.mx(*parts)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"policy {text!r}: {err}") from None
         if t.endswith((".toml", ".json")) or pathlib.Path(t).exists():
             return cls.load(t)
         raise ValueError(f"unknown policy {text!r}; expected float32, float32:fma_chain, fp16, "
-                         f"bf16, fp8, exact, "
-                         f"fixed:WL:FL[:ROUNDING] or a .toml/.json policy file")
+                         f"bf16, fp8, exact, fixed:WL:FL[:ROUNDING], "
+                         f"mx:FORWARD[:BACKWARD[:ROUNDING]] or a .toml/.json policy file")
 
     def describe(self) -> str:
         """A multi-line table of roles and products (what ``print`` of a run shows)."""
