@@ -175,6 +175,47 @@ def _nearest_scales(amax: np.ndarray, fmt: BlockFormat, t: Fraction) -> np.ndarr
     return s
 
 
+def _sr_exact(a, S, q, el: FloatFormat, draws, rbits):
+    """Stochastic rounding of the exact quotients ``a / S`` into the float element ``el``
+    (STOCHASTIC's rule: up iff ``draw < floor(frac * 2**rbits)``, ``frac`` the distance from
+    the smaller magnitude in quanta), from ``q`` = the quotients rounded to odd (nonzero,
+    normal) for the integer part and the quantum, and a long division of the integer
+    significands for the 64 fraction bits. Returns (elements, ok): ``ok`` False where the
+    scale's significand has more than 31 bits (left to the caller)."""
+    u64 = np.uint64
+    mq = np.abs(q)
+    qe = np.maximum(np.frexp(mq)[1] - 1, el.emin) - el.man_bits  # the quantum's exponent
+    lo = np.floor(np.ldexp(mq, -qe))  # whole quanta: exact from the odd quotient
+    ma, ea = np.frexp(np.abs(a))
+    A = np.ldexp(ma, 53).astype(u64)  # |a| = A * 2**(ea - 53)
+    ms, es = np.frexp(S)
+    Sg = np.ldexp(ms, 53).astype(u64)
+    low = Sg & (~Sg + u64(1))  # the lowest set bit: strip trailing zeros
+    tz = np.frexp(low.astype(np.float64))[1] - 1
+    Sg = Sg >> tz.astype(u64)
+    es = es - 53 + tz
+    ok = Sg < u64(1 << 31)
+    s2 = (ea - 53) - es - qe + 64  # u * 2**64 = A * 2**s2 / Sg, u = |a / S| in quanta
+    Sg = np.where(ok, Sg, u64(1))
+    pos = s2 >= 0
+    t = np.where(pos, A // Sg, u64(0))
+    r = np.where(pos, A % Sg, u64(0))
+    rem = np.where(pos, s2, 0)
+    for _ in range(5):  # shift in s2 zero bits, 32 at a time (r < Sg < 2**31: no overflow)
+        c = np.minimum(rem, 32).astype(u64)
+        r = r << c
+        t = (t << c) | (r // Sg)  # modulo 2**64: the low 64 bits are the fraction's
+        r = r % Sg
+        rem = rem - c.astype(rem.dtype)
+    ok &= rem == 0
+    k = np.where(pos, 0, -s2)
+    t = np.where(pos, t, np.where(k < 64, (A >> np.minimum(k, 63).astype(u64)) // Sg, u64(0)))
+    up = draws < (t >> u64(64 - rbits))
+    mag = np.minimum(np.ldexp(lo + up, qe), el.max)
+    zero_sign = np.copysign(0.0, a) if el.has_negative_zero else 0.0
+    return np.where(mag == 0, zero_sign, np.copysign(mag, a)), ok
+
+
 def _stochastic_key(rounding, seed):
     from .quantize import random_key
 
@@ -299,8 +340,7 @@ def _quantize_parts(x, fmt: BlockFormat, rounding, overflow, seed, random_bits, 
     el_small = el.smallest if isinstance(el, FloatFormat) else el.eps
     pow2 = fmt.scale_rule in POW2_RULES
     use_oracle = exact is not None or el_small < 2.0**-950 or (
-        not pow2 and (not isinstance(el, FloatFormat) or (
-            rounding is Rounding.STOCHASTIC and rbits > 50 - el.man_bits)))
+        not pow2 and not isinstance(el, FloatFormat))
     if use_oracle:
         v, e, s, t = _oracle(arr, fmt, rounding, rbits, key, ax, exact)
         return (v, e, np.array([float(q) for q in s.reshape(-1)]).reshape(s.shape), t, ax)
@@ -343,6 +383,15 @@ def _quantize_parts(x, fmt: BlockFormat, rounding, overflow, seed, random_bits, 
         q[fast] = _div_odd(a[fast], b[fast])
         q[mag == 0] = a[mag == 0]
         elems = _element_run(q.reshape(-1), el, rounding, rbits, key).reshape(a.shape)
+        if rounding is Rounding.STOCHASTIC and rbits > 50 - el.man_bits and fast.any():
+            # the draw compares bits below the odd quotient's sticky bit: exact integers
+            idx = np.flatnonzero(fast.reshape(-1))
+            draws = random_u64_array(key, 0, a.size)[idx] >> np.uint64(64 - rbits)
+            e, ok = _sr_exact(a[fast], b[fast], q[fast], el, draws, rbits)
+            sub = elems[fast]
+            sub[ok] = e[ok]
+            elems[fast] = sub
+            slow.reshape(-1)[idx[~ok]] = True  # scales of more than 31 bits: the oracle
         for i in np.flatnonzero(slow.reshape(-1)):  # rare: exact rounding of the quotient
             bi = i // fmt.block
             sc = Fraction(s[bi]) * (1 if t is None else t)
@@ -364,13 +413,24 @@ def _quantize_parts(x, fmt: BlockFormat, rounding, overflow, seed, random_bits, 
             _unblocked(scales, sshape, ax), t, ax)
 
 
+def _significant_bits(v: np.ndarray) -> np.ndarray:
+    """Bits from the leading to the last set bit of each positive float64."""
+    m = np.ldexp(np.frexp(v)[0], 53).astype(np.uint64)
+    low = m & (~m + np.uint64(1))
+    return 54 - np.frexp(low.astype(np.float64))[1]
+
+
 def _exact_products(s: np.ndarray, t) -> np.ndarray:
-    """Whether ``s * t`` is exact in float64 for each block scale ``s``."""
+    """Whether ``s * t`` is exact in float64 for each block scale ``s`` (positive): the two
+    significands together hold at most 53 bits and the product is a normal float64."""
     if t is None:
         return np.ones(s.shape, bool)
     tf = float(t)
-    return np.array([Fraction(v) * t == Fraction(v * tf) for v in s]) if s.size else \
-        np.ones(0, bool)
+    if Fraction(tf) != t:
+        return np.zeros(s.shape, bool)
+    p = s * tf
+    return ((_significant_bits(s) + _significant_bits(np.array([tf]))[0] <= 53)
+            & (p >= 2.0**-1022) & (p < np.inf))
 
 
 def block_quantize(x, fmt: BlockFormat, rounding=Rounding.NEAREST_EVEN, overflow=None, *,

@@ -360,3 +360,51 @@ def test_threads_do_not_change_bits():
         numba.set_num_threads(old)
     for a, b in zip(*runs, strict=True):
         assert_same_bits(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nearest_rule_stochastic_all_bits(dtype):
+    """NVFP4-style scales (not powers of two) under STOCHASTIC with more random bits than the
+    odd quotient holds (the default 64, 52): the fraction's bits by long division of the
+    significands, the same bits as the oracle's."""
+    rng = np.random.default_rng(12)
+    x = (rng.standard_normal((8, 64)) * 2.0 ** rng.integers(-30, 30, (8, 1))).astype(dtype)
+    x[0, :5] = [0.0, -0.0, 1e-30, -1e-30, 3.0]
+    e4m3 = BlockFormat(fs.FP8_E4M3, block=8, scale=fs.FP8_E4M3, scale_rule="nearest",
+                       tensor_scale=fs.FP32)
+    for fmt in (fs.NVFP4, e4m3):
+        for rb in (None, 52, 49):
+            assert_same_bits(fs.quantize(x, fmt, "stochastic", seed=3, random_bits=rb),
+                             oracle(x, fmt, "stochastic", 3, rb)[0], f"{fmt!r} {rb}")
+
+
+def test_sr_exact_threshold():
+    """The long division gives every one of the 64 fraction bits: with the draw at the exact
+    threshold floor(frac * 2**64) the quotient rounds down, one below it rounds up."""
+    import math
+    from fractions import Fraction
+
+    from fixedsim.blockquant import _div_odd, _sr_exact
+
+    rng = np.random.default_rng(13)
+    a = (rng.standard_normal(400) * 2.0 ** rng.integers(-20, 20, 400)).astype(np.float32)
+    a = a.astype(np.float64)
+    s = fs.quantize(rng.uniform(2.0**-9, 448, 400), fs.FP8_E4M3).astype(np.float64)
+    S = s * float(np.float32(rng.uniform(1e-3, 1e3)))  # E4M3 times FP32: exact
+    q = _div_odd(a, S)
+    el = fs.FP4_E2M1
+    thresholds, lows, highs = [], [], []
+    for ai, si in zip(a.tolist(), S.tolist(), strict=True):
+        u = abs(Fraction(ai) / Fraction(si))
+        lo_, hi_ = reference.neighbours(u, el)
+        frac = (u - lo_) / (hi_ - lo_) if hi_ != lo_ else Fraction(0)
+        thresholds.append(math.floor(frac * 2**64))
+        lows.append(math.copysign(min(float(lo_), el.max), ai))
+        highs.append(math.copysign(min(float(hi_), el.max), ai))
+    t = np.array(thresholds, dtype=np.uint64)
+    got_lo, ok = _sr_exact(a, S, q, el, t, 64)
+    assert ok.all()
+    np.testing.assert_array_equal(np.abs(got_lo), np.abs(lows))
+    has = t > 0
+    got_hi, _ = _sr_exact(a, S, q, el, t - has.astype(np.uint64), 64)
+    np.testing.assert_array_equal(np.abs(got_hi[has]), np.abs(np.array(highs)[has]))
