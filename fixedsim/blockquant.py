@@ -14,8 +14,13 @@ scaled elements ``x / S``, which are exact:
   rounded to odd at float64 precision (Dekker's exact product gives the sign of the
   remainder), which the element rounding then rounds correctly in every deterministic mode
   (two spare bits suffice) and under STOCHASTIC with ``random_bits <= 50 - element.man_bits``
-  (the draw compares only bits above the sticky bit); other stochastic calls, and inputs below
-  ``2**-900`` in magnitude, are rounded by the Fraction oracle.
+  (the draw compares only bits above the sticky bit); with more random bits the fraction's 64
+  bits come from a long division of the integer significands (:func:`_sr_exact`); inputs below
+  ``2**-900`` in magnitude and scales of more than 31 significant bits are rounded by the
+  Fraction oracle.
+
+Float32 input into a power-of-two rule with a float element takes one fused kernel instead,
+:func:`fixedsim.jit.quant_block.mx_from_f32`.
 
 Nothing here rounds twice; ``tests/test_blockformats.py`` checks it bit for bit against
 :func:`fixedsim.reference.block_quantize`.
