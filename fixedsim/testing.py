@@ -59,6 +59,8 @@ __all__ = [
     "boundary_values",
     "values_near",
     "arrays",
+    "block_formats",
+    "block_arrays",
     "register_profiles",
 ]
 
@@ -294,6 +296,56 @@ def arrays(fmt, shape=None, dtype=np.float64, elements=None):
     if elements is None:
         elements = boundary_values(fmt, dtype=dtype)
     return hnp.arrays(dtype, shape, elements=elements)
+
+
+# -- block formats -------------------------------------------------------------------------------
+@st.composite
+def block_formats(draw, blocks=(1, 2, 4, 8)):
+    """Block formats (:class:`~fixedsim.BlockFormat`): an OCP element (E4M3, E5M2, E2M3, E3M2,
+    E2M1), MXINT8's ``Q<8,6>`` or FP16, a block length from ``blocks``, and either a
+    power-of-two rule with an E8M0 scale or the "nearest" rule with an E4M3 scale (an FP32
+    tensor scale or none)."""
+    from fixedsim.blockformats import POW2_RULES, BlockFormat
+    from fixedsim.formats import E8M0, FP4_E2M1, FP6_E2M3, FP6_E3M2
+
+    el = draw(st.sampled_from([FP8_E4M3, FP8_E5M2, FP6_E2M3, FP6_E3M2, FP4_E2M1,
+                               FixedFormat(8, 6), FP16]))
+    block = draw(st.sampled_from(list(blocks)))
+    if isinstance(el, FloatFormat) and draw(st.booleans()):
+        return BlockFormat(el, block=block, scale=FP8_E4M3, scale_rule="nearest",
+                           tensor_scale=draw(st.sampled_from([None, FP32])))
+    return BlockFormat(el, block=block, scale=E8M0, scale_rule=draw(st.sampled_from(POW2_RULES)))
+
+
+@st.composite
+def block_arrays(draw, fmt, nblocks: int = 3, dtype=np.float64, specials: bool = True):
+    """1-d arrays of ``nblocks`` blocks of ``fmt``, each around its own top exponent: the block
+    maximum at a power of two or one or two ulps (of ``dtype``) from it, values on a 1/128 grid
+    below it (ties of the narrow elements), signed zeros, and, with ``specials``, NaN and
+    infinities. The top exponents keep the scale within E8M0's range (and within E4M3's for
+    the "nearest" rule without a tensor scale)."""
+    lo, hi = (-150, 125) if dtype == np.float64 else (-126, 125)
+    if fmt.scale_rule == "nearest" and fmt.tensor_scale is None:  # no scale overflow
+        hi = math.floor(math.log2(fmt.scale.max * fmt.element.max)) - 1
+    out = []
+    for _ in range(nblocks):
+        top = draw(st.integers(lo, hi))
+        for j in range(fmt.block):
+            kind = draw(st.integers(0, 12))
+            if kind == 0:
+                v = draw(st.sampled_from([0.0, -0.0]))
+            elif kind == 1 and specials:
+                v = draw(st.sampled_from([math.nan, math.inf, -math.inf, 0.0]))
+            elif kind == 2 or j == 0:  # the block maximum at a power of two, or next to it
+                v = math.ldexp(1.0, top)
+            else:
+                v = math.ldexp(1.0 + draw(st.integers(0, 127)) / 128,
+                               top - draw(st.integers(0, 12)))
+            v = dtype(v if draw(st.booleans()) else -v)
+            for _ in range(draw(st.integers(0, 2)) if np.isfinite(v) else 0):
+                v = np.nextafter(v, dtype(draw(st.sampled_from([-np.inf, np.inf]))))
+            out.append(v)
+    return np.array(out, dtype)
 
 
 # -- profiles ------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from fixedsim.blockformats import POW2_RULES, BlockFormat
 from fixedsim.blockquant import BlockCodes
 from fixedsim.jit.rng import random_u64_array
 from fixedsim.quantize import random_key
+from fixedsim.testing import block_arrays, block_formats
 
 PRESETS = {"MXFP8_E4M3": fs.MXFP8_E4M3, "MXFP8_E5M2": fs.MXFP8_E5M2,
            "MXFP6_E2M3": fs.MXFP6_E2M3, "MXFP6_E3M2": fs.MXFP6_E3M2, "MXFP4": fs.MXFP4,
@@ -44,46 +45,6 @@ def oracle(x, fmt, rounding, seed=None, random_bits=None, axis=None):
                                      axis=axis)
 
 
-@st.composite
-def block_formats(draw):
-    el = draw(st.sampled_from(ELEMENTS))
-    block = draw(st.sampled_from([1, 2, 4, 8]))
-    if isinstance(el, fs.FloatFormat) and draw(st.booleans()):
-        tensor = draw(st.sampled_from([None, fs.FP32]))
-        return BlockFormat(el, block=block, scale=fs.FP8_E4M3, scale_rule="nearest",
-                           tensor_scale=tensor)
-    return BlockFormat(el, block=block, scale_rule=draw(st.sampled_from(POW2_RULES)))
-
-
-@st.composite
-def adversarial_blocks(draw, fmt, nblocks=3, dtype=np.float64, specials=True):
-    """``nblocks`` blocks of ``fmt`` (one axis), each around its own top exponent."""
-    lo, hi = (-150, 125) if dtype == np.float64 else (-126, 125)
-    if fmt.scale_rule == "nearest" and fmt.tensor_scale is None:  # no scale overflow
-        hi = math.floor(math.log2(fmt.scale.max * fmt.element.max)) - 1
-    out = []
-    for _ in range(nblocks):
-        top = draw(st.integers(lo, hi))
-        blk = []
-        for j in range(fmt.block):
-            kind = draw(st.integers(0, 12))
-            if kind == 0:
-                v = draw(st.sampled_from([0.0, -0.0]))
-            elif kind == 1 and specials:
-                v = draw(st.sampled_from([math.nan, math.inf, -math.inf, 0.0]))
-            elif kind == 2 or j == 0:  # the block maximum at a power of two, or next to it
-                v = math.ldexp(1.0, top)
-            else:
-                d = draw(st.integers(0, 12))
-                v = math.ldexp(1.0 + draw(st.integers(0, 127)) / 128, top - d)
-            v = dtype(v if draw(st.booleans()) else -v)
-            for _ in range(draw(st.integers(0, 2)) if np.isfinite(v) else 0):
-                v = np.nextafter(v, dtype(draw(st.sampled_from([-np.inf, np.inf]))))
-            blk.append(v)
-        out.extend(blk)
-    return np.array(out, dtype)
-
-
 @settings(max_examples=60)
 @given(st.data())
 def test_fast_path_equals_oracle(data):
@@ -91,7 +52,7 @@ def test_fast_path_equals_oracle(data):
     of fixedsim.jit.quant_block; float64: the element kernels): the same bits."""
     fmt = data.draw(block_formats())
     dtype = data.draw(st.sampled_from([np.float32, np.float64]))
-    x = data.draw(adversarial_blocks(fmt, dtype=dtype, specials=fmt.scale.has_nan))
+    x = data.draw(block_arrays(fmt, dtype=dtype, specials=fmt.scale.has_nan))
     rounding = data.draw(st.sampled_from(DETERMINISTIC))
     assert_same_bits(fs.quantize(x, fmt, rounding), oracle(x, fmt, rounding)[0],
                      f"{fmt!r} {rounding!r}")
@@ -105,7 +66,7 @@ def test_stochastic_equals_oracle(data):
     (quotient rounded to odd)."""
     fmt = data.draw(block_formats())
     dtype = data.draw(st.sampled_from([np.float32, np.float64]))
-    x = data.draw(adversarial_blocks(fmt, dtype=dtype, specials=False))
+    x = data.draw(block_arrays(fmt, dtype=dtype, specials=False))
     seed = data.draw(st.integers(0, 2**32))
     rbits = data.draw(st.sampled_from([None, 1, 8, 40]))
     assert_same_bits(fs.quantize(x, fmt, "stochastic", seed=seed, random_bits=rbits),
@@ -118,7 +79,7 @@ def test_stochastic_equals_oracle(data):
 def test_presets_equal_oracle(name, data):
     """The presets, blocks of 32 (16), float32 input, every deterministic mode."""
     fmt = PRESETS[name]
-    x = data.draw(adversarial_blocks(fmt, nblocks=2, dtype=np.float32)).reshape(2, -1)
+    x = data.draw(block_arrays(fmt, nblocks=2, dtype=np.float32)).reshape(2, -1)
     for rounding in DETERMINISTIC:
         assert_same_bits(fs.quantize(x, fmt, rounding), oracle(x, fmt, rounding)[0],
                          f"{name} {rounding!r}")
@@ -161,7 +122,7 @@ def test_worked_example_957():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_adversarial_blocks(dtype):
+def test_block_arrays(dtype):
     """All zero, NaN and infinity in a block, maxima around powers of two, E8M0 underflow
     (scale 2**-127 and elements below it), subnormal elements: fast path == oracle."""
     tiny = np.finfo(dtype).smallest_subnormal
@@ -381,7 +342,6 @@ def test_nearest_rule_stochastic_all_bits(dtype):
 def test_sr_exact_threshold():
     """The long division gives every one of the 64 fraction bits: with the draw at the exact
     threshold floor(frac * 2**64) the quotient rounds down, one below it rounds up."""
-    import math
     from fractions import Fraction
 
     from fixedsim.blockquant import _div_odd, _sr_exact
