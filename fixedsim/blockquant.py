@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import NamedTuple
 
 import numpy as np
 
@@ -44,8 +43,9 @@ from .rounding import Overflow, Rounding
 __all__ = ["BlockCodes", "block_quantize", "block_to_bits", "block_from_bits"]
 
 
-class BlockCodes(NamedTuple):
-    """The codes of a tensor in a block format (:func:`fixedsim.to_bits`).
+class BlockCodes(tuple):
+    """The codes of a tensor in a block format (:func:`fixedsim.to_bits`): the pair
+    ``(elements, scales)``, with the per-tensor scale as an attribute.
 
     Attributes
     ----------
@@ -59,11 +59,34 @@ class BlockCodes(NamedTuple):
         Scale codes (``fmt.scale.code_dtype``), the block axis divided by ``block``.
     tensor_scale : int or None
         The per-tensor scale code (``fmt.tensor_scale``), None for single-level formats.
+
+    Examples
+    --------
+    >>> import fixedsim as fs
+    >>> elements, scales = fs.to_bits([0.5, 1.0, -6.0, 0.0] + [0.0] * 28, fs.MXFP4)
+    >>> elements[:2], scales
+    (array([33, 15], dtype=uint8), array([127], dtype=uint8))
     """
 
-    elements: np.ndarray
-    scales: np.ndarray
-    tensor_scale: int | None = None
+    def __new__(cls, elements, scales, tensor_scale=None):
+        self = super().__new__(cls, (elements, scales))
+        self.tensor_scale = tensor_scale
+        return self
+
+    @property
+    def elements(self) -> np.ndarray:
+        return self[0]
+
+    @property
+    def scales(self) -> np.ndarray:
+        return self[1]
+
+    def __reduce__(self):
+        return (BlockCodes, (self[0], self[1], self.tensor_scale))
+
+    def __repr__(self) -> str:
+        return (f"BlockCodes(elements={self[0]!r}, scales={self[1]!r}, "
+                f"tensor_scale={self.tensor_scale!r})")
 
 
 def _check_block_call(fmt: BlockFormat, overflow, axis, shape):
@@ -509,7 +532,7 @@ def block_from_bits(codes, fmt: BlockFormat, *, axis=None, packed=True) -> np.nd
     from .quantize import from_bits
 
     if isinstance(codes, BlockCodes):
-        ecodes, scodes, tcode = codes
+        (ecodes, scodes), tcode = codes, codes.tensor_scale
     elif isinstance(codes, tuple) and len(codes) in (2, 3):
         ecodes, scodes, tcode = (*codes, None) if len(codes) == 2 else codes
     else:

@@ -704,8 +704,9 @@ def to_bits(x, fmt, **block_options) -> np.ndarray:
     """Unsigned integer codes of values that ``fmt`` represents exactly.
 
     For a :class:`~fixedsim.BlockFormat`, ``x`` is any real array: it is quantized (its
-    scales depend on the unquantized blocks) and a :class:`~fixedsim.blockquant.BlockCodes`
-    ``(elements, scales, tensor_scale)`` is returned, with ``block_options`` ``rounding``,
+    scales depend on the unquantized blocks) and a :class:`~fixedsim.blockquant.BlockCodes`,
+    the pair ``(elements, scales)`` with the attribute ``tensor_scale`` (NVFP4's FP32 code, else
+    None), is returned, with ``block_options`` ``rounding``,
     ``seed``, ``random_bits``, ``axis`` as for :func:`quantize` and ``packed`` (default True:
     4-bit elements two per byte, low nibble first; 6-bit elements four per three bytes).
     ``from_bits(to_bits(x, fmt, ...), fmt)`` is ``quantize(x, fmt, ...)`` (docs/block_formats.md).
