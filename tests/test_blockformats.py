@@ -122,7 +122,7 @@ def test_worked_example_957():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_block_arrays(dtype):
+def test_adversarial_blocks(dtype):
     """All zero, NaN and infinity in a block, maxima around powers of two, E8M0 underflow
     (scale 2**-127 and elements below it), subnormal elements: fast path == oracle."""
     tiny = np.finfo(dtype).smallest_subnormal
@@ -157,6 +157,20 @@ def test_block_arrays(dtype):
     assert np.isnan(fs.quantize(x, fs.MXFP4.__class__(fs.FP4_E2M1, block=4))[1:3]).all()
     z = fs.quantize(np.zeros(32), fs.MXFP4)
     assert not z.any() and fs.to_bits(np.zeros(32), fs.MXFP4).scales[0] == 0  # 2**-127
+
+
+def test_float32_max_rounds_to_2_128():
+    """float32's largest value: "rceil" and "ceil" scales make the element round up to
+    2**128, one past float32's range, which the fused kernel writes as the float64 2**128."""
+    fmax = float(np.finfo(np.float32).max)
+    x = np.array([fmax, -fmax, 1.0, fmax / 2], np.float32)
+    for el in ELEMENTS[:5]:
+        for rule in POW2_RULES:
+            fmt = BlockFormat(el, block=4, scale_rule=rule)
+            for rounding in fs.Rounding:
+                assert_same_bits(fs.quantize(x, fmt, rounding, seed=1),
+                                 oracle(x, fmt, rounding, 1)[0], f"{fmt!r} {rounding!r}")
+    assert fs.quantize(x, BlockFormat(fs.FP8_E4M3, block=4, scale_rule="rceil"))[0] == 2.0**128
 
 
 def test_mx_nan_block_and_mxint8():
