@@ -178,9 +178,25 @@ def _div_odd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _element_run(scaled: np.ndarray, el, rounding: Rounding, rbits: int, key):
-    """Round the scaled elements (float64, flat) into the element format, saturating."""
-    from .quantize import _run
+    """Round the scaled elements (float64, flat, finite) into the element format, saturating.
 
+    Finite-only elements (FP6, FP4: ``inf_nan="none"``) take the fast float64 kernel too, which
+    :func:`fixedsim.quantize` keeps from them because of NaN inputs (refused there): no NaN
+    reaches this function (NaN blocks are zeroed first), and for finite inputs the kernel needs
+    only the format's largest value, its quanta and its subnormal threshold."""
+    from .jit import quant_fast as _qf
+    from .quantize import _f32_bits, _fast_float_params, _run
+
+    if (isinstance(el, FloatFormat) and el.inf_nan == "none" and el.signed and el.subnormals
+            and el.dtype == np.float32 and rounding is not Rounding.STOCHASTIC
+            and el.man_bits <= 21 and el.emin - el.man_bits >= -147):
+        flat = scaled.reshape(-1).view()
+        flat.setflags(write=False)
+        out = np.empty(flat.size, np.float32)
+        _qf.float_from_f64(flat, out.view(np.uint32), int(rounding),
+                           *_fast_float_params(el, rounding, Overflow.SATURATE), False,
+                           _f32_bits(el.min_normal))
+        return out.astype(np.float64)
     out, _ = _run(scaled, el, rounding, Overflow.SATURATE, rbits, key, False)
     return out.astype(np.float64)
 
@@ -389,14 +405,18 @@ def _quantize_parts(x, fmt: BlockFormat, rounding, overflow, seed, random_bits, 
     blocks = np.where(bad[:, None], 0.0, blocks)
     if pow2:
         k = _pow2_exponents(amax, fmt)
-        with np.errstate(under="ignore"):
-            scaled = np.ldexp(blocks, -k[:, None])
+        with np.errstate(under="ignore"):  # x * 2**-k: exact unless below 2**-1022
+            if -1000 <= _pow2_range(fmt.scale)[0] and _pow2_range(fmt.scale)[1] <= 1000:
+                scaled = blocks * np.ldexp(1.0, -k)[:, None]  # 2**-k a normal float64
+            else:
+                scaled = np.ldexp(blocks, -k[:, None])
         lost = (scaled == 0) & (blocks != 0)
         if lost.any():  # below float64's range: a stand-in of the same sign (module notes)
             scaled[lost] = np.copysign(5e-324, blocks[lost])
         elems = _element_run(scaled.reshape(-1), el, rounding, rbits, key).reshape(blocks.shape)
-        values = np.ldexp(elems, k[:, None])
         scales = np.ldexp(1.0, k)
+        values = np.ldexp(elems, k[:, None]) if scales.size and (
+            scales.min() == 0 or np.isinf(scales.max())) else elems * scales[:, None]
     else:
         s = _nearest_scales(amax, fmt, Fraction(1) if t is None else t)
         total = s * float(1 if t is None else t)  # exact: checked below
