@@ -382,3 +382,24 @@ def test_sr_exact_threshold():
     has = t > 0
     got_hi, _ = _sr_exact(a, S, q, el, t - has.astype(np.uint64), 64)
     np.testing.assert_array_equal(np.abs(got_hi[has]), np.abs(np.array(highs)[has]))
+
+
+def test_fused_kernel_equals_float64_path():
+    """The same float32 values through the fused float32 kernel and through the float64 path
+    (element kernels on x * 2**-k): the same bits, every float element, rule and mode, on
+    blocks spread over float32's exponent range (subnormals, maxima one ulp above powers of
+    two). A larger run of this comparison (35.8 M values) is in docs/block_formats.md."""
+    rng = np.random.default_rng(5)
+    n = 32 * 100
+    e = rng.integers(-150, 128, n // 32).repeat(32) - rng.integers(0, 30, n)
+    with np.errstate(over="ignore"):
+        x = (rng.standard_normal(n) * np.exp2(e.astype(float))).astype(np.float32)
+        x[::97] = np.nextafter(np.exp2(rng.integers(-140, 120, x[::97].size)).astype(np.float32),
+                               np.float32(np.inf))
+    for el in ELEMENTS[:5]:
+        for rule in POW2_RULES:
+            fmt = BlockFormat(el, scale_rule=rule)
+            for rounding in fs.Rounding:
+                assert_same_bits(fs.quantize(x, fmt, rounding, seed=7),
+                                 fs.quantize(x.astype(np.float64), fmt, rounding, seed=7),
+                                 f"{fmt!r} {rounding!r}")
