@@ -29,6 +29,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ..formats import FP32, FixedFormat
+from ..jit import quant as _q
+from ..rounding import Overflow, Rounding
 from .core import Context, Parameter
 from .policy import _build, _check_keys
 
@@ -126,15 +129,24 @@ class Optimizer:
         ctx.layer_counters(COUNTER_KEY).count_role(role_name, qs)
         return out
 
-    def _grad(self, name: str, p: Parameter, grad_scale: float) -> np.ndarray:
+    @staticmethod
+    def _check_grad(name: str, p: Parameter) -> None:
         if p.grad is None:
             raise ValueError(f"parameter {name!r} has no gradient (run backward before step)")
         g = np.asarray(p.grad)
         if g.shape != np.shape(p.value):
             raise ValueError(f"parameter {name!r}: gradient shape {g.shape} differs from the "
                              f"value's {np.shape(p.value)}")
-        g = g.astype(np.float64)
+
+    def _grad(self, name: str, p: Parameter, grad_scale: float) -> np.ndarray:
+        self._check_grad(name, p)
+        g = np.asarray(p.grad).astype(np.float64)
         return g if grad_scale == 1.0 else g / grad_scale
+
+    def _fused_update(self, ctx: Context, name: str, p: Parameter, grad_scale: float) -> bool:
+        """Update ``p`` in one pass where a kernel serves the policy bit for bit (subclasses);
+        False leaves it to :meth:`_update`."""
+        return False
 
     def _apply_step(self, ctx: Context, name: str, p: Parameter, step: np.ndarray) -> None:
         """``p.value = w - step`` rounded once into the weights role."""
@@ -167,10 +179,12 @@ class Optimizer:
             two, barring underflow).
         """
         grad_scale = self._check_step_args(ctx, grad_scale)
-        grads = {name: self._grad(name, p, grad_scale) for name, p in self.params.items()}
+        for name, p in self.params.items():  # every gradient checked before any update
+            self._check_grad(name, p)
         self.steps += 1
         for name, p in self.params.items():
-            self._update(ctx, name, p, grads[name])
+            if not (_FUSED and self._fused_update(ctx, name, p, grad_scale)):
+                self._update(ctx, name, p, self._grad(name, p, grad_scale))
 
     def _update(self, ctx, name, p, g):  # pragma: no cover - interface
         raise NotImplementedError
@@ -251,6 +265,86 @@ def _split_key(key, prefixes):
     return None, None
 
 
+#: Let SGD update a parameter in one pass (:func:`fixedsim.jit.optim.sgd_step`) where it
+#: serves the policy bit for bit; tests switch it off to compare with the separate passes.
+_FUSED = True
+
+#: The purposes (random streams) of the three roundings of an SGD step, in the kernel's rows.
+_SGD_PURPOSES = ("momentum", "update", "weights")
+
+
+def _fused_role(role, stored: bool):
+    """``(kind, mode, random_bits, 2**f, 2**-f, max code, min code)`` of the kernel of
+    :mod:`fixedsim.jit.optim` for ``role``, or None where it does not serve the role bit for
+    bit. ``stored``: the result is kept in a float32 array (momentum, weights), so the role
+    needs a float32 container and a format (None keeps float64)."""
+    from ..jit import optim as _ko
+    from ..quantize import _check_random_bits, resolve_overflow
+
+    fmt = role.fmt
+    if fmt is None:
+        return None if stored else (_ko.NONE, 0, 0, 0.0, 0.0, 0.0, 0.0)
+    overflow = resolve_overflow(fmt, role.overflow)
+    if fmt == FP32 and role.rounding is Rounding.NEAREST_EVEN and overflow is Overflow.INFINITY:
+        # the float32 conversion: quantize's "f32_cast" path; for w - step, round to odd at
+        # 53 bits first, as fs.add does
+        return (_ko.F32, 0, 0, 0.0, 0.0, 0.0, 0.0)
+    if (isinstance(fmt, FixedFormat) and fmt.signed and overflow is Overflow.SATURATE
+            and fmt.word_length <= 51 and 0 <= fmt.frac_length < 1000
+            and fmt.dtype == np.float32):
+        # quantize's "fixed_from_float" path (float64 input, counted) and fs.add's
+        # grid-aligned sum (a saturating format of at most 51 bits)
+        f = fmt.frac_length
+        return (_ko.FIXED, int(role.rounding), _check_random_bits(role.rounding, role.random_bits),
+                math.ldexp(1.0, f), math.ldexp(1.0, -f), float(fmt.max_code),
+                float(fmt.min_code))
+    return None
+
+
+def _sgd_tables(policy):
+    """``(kinds, grid, stochastic)`` of the roles momentum, update, weights for
+    :func:`fixedsim.jit.optim.sgd_step`, or None when one role is not served."""
+    rows = (_fused_role(policy.momentum, True), _fused_role(policy.update, False),
+            _fused_role(policy.weights, True))
+    if any(r is None for r in rows):
+        return None
+    kinds = np.array([r[:3] for r in rows], np.int64)
+    grid = np.array([r[3:] for r in rows], np.float64)
+    for a in (kinds, grid):
+        a.setflags(write=False)
+    stochastic = tuple(getattr(policy, n).stochastic for n in ("momentum", "update", "weights"))
+    return kinds, grid, stochastic
+
+
+def _add_params(role, key):
+    """``(P, Psr, U, D)`` of :func:`fixedsim.jit.arith.arith_one` for a sum rounded into
+    ``role``, as :func:`fixedsim.add` builds them (``key``: the role's random key)."""
+    from ..quantize import _check_random_bits, _kernel_params, resolve_overflow
+
+    overflow = resolve_overflow(role.fmt, role.overflow)
+    rbits = _check_random_bits(role.rounding, role.random_bits)
+    P, U, D = _kernel_params(role.fmt, role.rounding, overflow, rbits)
+    Psr = _kernel_params(role.fmt, Rounding.NEAREST_EVEN, overflow, rbits)[0]
+    U = U.copy()
+    U[_q.U_KEY] = key
+    U.setflags(write=False)
+    return P, Psr, U, D
+
+
+def _flat_read_only(a: np.ndarray) -> np.ndarray:
+    """A read-only flat view (one compiled signature whatever the caller's flags)."""
+    flat = np.ascontiguousarray(a).reshape(-1).view()
+    flat.setflags(write=False)
+    return flat
+
+
+def _stats(size, row):
+    from ..quantize import QuantStats
+
+    return QuantStats(size=size, inexact=int(row[0]), rounded_up=int(row[1]),
+                      overflow=int(row[2]), underflow=int(row[3]), subnormal=int(row[4]), nan=0)
+
+
 class SGD(Optimizer):
     """Stochastic gradient descent with momentum (PyTorch's convention), rounded by the policy.
 
@@ -321,6 +415,53 @@ class SGD(Optimizer):
             raise ValueError("nesterov momentum requires momentum > 0")
         self.weight_decay = _number(weight_decay, "weight_decay", low=0.0)
         self.buffers: dict[str, np.ndarray] = {}
+
+    def _fused_update(self, ctx, name, p, grad_scale):
+        """The step of ``p`` in one pass of :func:`fixedsim.jit.optim.sgd_step`: the same
+        float64 expressions, roundings, random draws and counts as :meth:`_update`, bit for
+        bit. Serves roles FP32 nearest even, saturating fixed point (float32 container) and an
+        unrounded update, for float32 weights, gradients and momentum; False (nothing done)
+        otherwise, or when an element is not finite or a weight is off its grid."""
+        from ..jit import optim as _ko
+        from ..quantize import random_key
+
+        tables = _sgd_tables(ctx.policy)
+        w, gr = p.value, p.grad
+        if (tables is None or not isinstance(w, np.ndarray) or not isinstance(gr, np.ndarray)
+                or w.dtype != np.float32 or gr.dtype != np.float32 or w.size == 0):
+            return False
+        mu = self.momentum
+        v = self.buffers.get(name) if mu else None
+        if v is not None and not (isinstance(v, np.ndarray) and v.dtype == np.float32
+                                  and v.shape == w.shape):
+            return False
+        kinds, grid, stochastic = tables
+        keys = np.array([random_key(ctx.key(f"optim.{name}", purpose)) if st else 0
+                         for purpose, st in zip(_SGD_PURPOSES, stochastic, strict=True)],
+                        np.uint64)
+        keys.setflags(write=False)
+        hyper = np.array([self.lr, mu, self.weight_decay, grad_scale], np.float64)
+        flags = np.array([mu != 0.0, v is not None, self.nesterov], np.int64)
+        for a in (hyper, flags):
+            a.setflags(write=False)
+        wf = _flat_read_only(w)
+        w_out = np.empty(w.shape, np.float32)
+        v_out = np.empty(w.shape if mu else (0,), np.float32)
+        counts, slow = _ko.sgd_step(_flat_read_only(gr), wf,
+                                    wf if v is None else _flat_read_only(v),
+                                    w_out.reshape(-1), v_out.reshape(-1), hyper, flags, kinds,
+                                    grid, keys, *_add_params(ctx.policy.weights, keys[2]))
+        if slow:
+            return False
+        lc = ctx.layer_counters(COUNTER_KEY)
+        if mu:
+            self.buffers[name] = v_out
+            lc.count_role("momentum", _stats(w.size, counts[_ko.R_MOMENTUM]))
+        if ctx.policy.update.fmt is not None:
+            lc.count_role("update", _stats(w.size, counts[_ko.R_UPDATE]))
+        lc.count_role("weights", _stats(w.size, counts[_ko.R_WEIGHTS]))
+        p.value = w_out
+        return True
 
     def _update(self, ctx, name, p, g):
         mu = self.momentum

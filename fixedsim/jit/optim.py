@@ -1,0 +1,267 @@
+"""The SGD step of one parameter tensor in one pass: momentum, step and weight, each rounded
+into its role, and the events of the three roundings counted.
+
+Per element ``i``, in float64, in the order and with the operations of
+:meth:`fixedsim.nn.SGD._update` (so every intermediate is the same float64 number):
+
+1. ``g = grad / grad_scale`` (when ``grad_scale != 1``), ``g = g + weight_decay * w`` (when
+   ``weight_decay != 0``);
+2. with momentum: ``v = round_momentum(mu * v_old + g)`` (``v_old = 0.0`` on the first step);
+   the direction is ``g + mu * v`` (Nesterov) or ``v``; without momentum it is ``g``;
+3. ``step = round_update(lr * direction)``;
+4. ``w = round_weights(w - step)``, the exact difference rounded once.
+
+A role is one of three kinds (:data:`NONE`, :data:`F32`, :data:`FIXED`); each rounding is the
+scalar function the quantize and add kernels apply to one element (the float32 conversion,
+:func:`fixedsim.jit.quant_fast._fixed_one`, :func:`fixedsim.jit.arith._grid_add_one`, round to
+odd then the conversion), with the same random draw (key of the role, flat index ``i``), so
+the results are those of the separate passes, bit for bit. An element whose inputs or
+intermediates are not finite, or whose weight is off the fixed-point grid, is flagged
+``slow``: the caller then runs the separate passes for the whole tensor. A weight sum that the
+grid-aligned kernel declines (a negative fraction far below the quantum) goes, as in
+:func:`fixedsim.jit.arith.add_fixed_grid`, to :func:`fixedsim.jit.arith.arith_one`.
+"""
+
+import numpy as np
+from numba import prange
+
+from .arith import OP_ADD, _grid_add_one, arith_one, two_sum
+from .bits import f64_bits, f64_from_bits
+from .options import jit_inline, jit_parallel
+from .quant import (
+    CHUNK,
+    F_INEXACT,
+    F_INVALID,
+    F_NAN,
+    F_OVERFLOW,
+    F_SUBNORMAL,
+    F_UNDERFLOW,
+    F_UP,
+)
+from .quant_fast import _event_counts, _fixed_one
+
+#: Role kinds: keep the float64 value; IEEE binary32 nearest even (the float32 conversion);
+#: a saturating fixed-point format (any rounding mode).
+NONE, F32, FIXED = 0, 1, 2
+#: Rows of the role tables and of the counts: the three roundings of a step.
+R_MOMENTUM, R_UPDATE, R_WEIGHTS = 0, 1, 2
+#: Columns of the counts: the events :class:`fixedsim.QuantStats` reports (NaN never reaches
+#: the fast path).
+E_INEXACT, E_UP, E_OVERFLOW, E_UNDERFLOW, E_SUBNORMAL = range(5)
+N_EVENTS = 5
+#: Columns of the role tables: ``kinds`` (int64) kind, mode, random bits; ``grid`` (float64)
+#: ``2**f``, ``2**-f``, largest code, smallest code of a fixed-point role.
+K_KIND, K_MODE, K_RBITS = range(3)
+G_UP, G_DOWN, G_CMAX, G_CMIN = range(4)
+#: Columns of ``hyper`` (float64): learning rate, momentum, weight decay, gradient scale.
+H_LR, H_MU, H_WD, H_SCALE = range(4)
+
+_F32_MINNORM = 2.0**-126
+
+
+@jit_inline
+def _finite(x):
+    return abs(x) < np.inf
+
+
+@jit_inline
+def _f32_events(x, v):
+    """Events ``(inexact, up, overflow, underflow, subnormal)`` (0/1) of the float32
+    conversion ``v`` of the finite ``x``, as the quantize kernel counts them
+    (:func:`fixedsim.jit.quant_fast._float_events`)."""
+    return (np.int64(v != x), np.int64(v > x), np.int64(abs(v) == np.inf),
+            np.int64(v == 0.0) & np.int64(x != 0.0),
+            np.int64(v != 0.0) & np.int64(abs(v) < _F32_MINNORM))
+
+
+@jit_inline
+def _round_role(x, kind, mode, rbits, up, down, cmax, cmin, key, i):
+    """The finite float64 ``x`` rounded into a role (draw index ``i``): ``(value, inexact,
+    up, overflow, underflow, subnormal)``."""
+    if kind == F32:
+        v = np.float64(np.float32(x))
+        e0, e1, e2, e3, e4 = _f32_events(x, v)
+        return v, e0, e1, e2, e3, e4
+    if kind == FIXED:
+        v, ovf = _fixed_one(x, mode, up, down, cmax, cmin, rbits, key, i)
+        inexact, upf, under = _event_counts(x, v)
+        return v, inexact, upf, ovf, under, np.int64(0)
+    z = np.int64(0)
+    return x, z, z, z, z, z
+
+
+@jit_inline
+def _round_to_odd(hi, lo):
+    """``hi + lo`` rounded to odd at float64 precision (``hi`` finite, the float64 nearest;
+    :func:`fixedsim.jit.arith.round_to_odd` on the bit pattern): when ``lo`` is nonzero and
+    ``hi``'s last bit is even, the neighbour of ``hi`` toward ``lo``."""
+    if lo == 0.0:
+        return hi
+    b = f64_bits(hi)
+    if (b & 1) != 0:
+        return hi
+    # hi is nonzero (lo is); its magnitude steps up when lo has hi's sign, else down
+    return f64_from_bits(b + 1 if (lo > 0.0) == (hi > 0.0) else b - 1)
+
+
+@jit_inline
+def _weights_f32(ws, sbuf, wo):
+    """``wo[j] = ws[j] - sbuf[j]`` rounded once into FP32 (round to odd at 53 bits from the
+    exact TwoSum, then the float32 conversion, as :func:`fixedsim.add` rounds): ``(inexact,
+    up, overflow, underflow, subnormal, left)``, ``left`` the sums beyond float64."""
+    c0 = c1 = c2 = c3 = c4 = np.int64(0)
+    ns = 0
+    for j in range(ws.size):
+        hi, lo = two_sum(np.float64(ws[j]), -sbuf[j])  # hi: w + (-s), its zero sign IEEE's
+        if not _finite(hi):
+            ns += 1
+            continue
+        wn = np.float64(np.float32(_round_to_odd(hi, lo)))
+        c0 += np.int64(wn != hi) | np.int64(lo != 0.0)
+        c1 += np.int64(wn > hi) | (np.int64(wn == hi) & np.int64(lo < 0.0))
+        c2 += np.int64(abs(wn) == np.inf)
+        c3 += np.int64(wn == 0.0) & (np.int64(hi != 0.0) | np.int64(lo != 0.0))
+        c4 += np.int64(wn != 0.0) & np.int64(abs(wn) < _F32_MINNORM)
+        wo[j] = wn
+    return c0, c1, c2, c3, c4, ns
+
+
+@jit_inline
+def _weights_fixed(ws, sbuf, wo, lo_i, mode, rbits, g, key, P, Psr, U, D):
+    """``wo[j] = ws[j] - sbuf[j]`` rounded once into a saturating fixed-point format, as
+    :func:`fixedsim.jit.arith.add_fixed_grid` rounds it: the grid-aligned
+    :func:`fixedsim.jit.arith._grid_add_one` first, :func:`fixedsim.jit.arith.arith_one` in a
+    second loop for the sums it declines (a call in the first loop would slow it down for
+    every element). Returns ``(inexact, up, overflow, underflow, subnormal, left)``."""
+    c0 = c1 = c2 = c3 = c4 = np.int64(0)
+    ns = 0
+    ok = np.empty(ws.size, np.uint8)
+    for j in range(ws.size):
+        wn, k, e0, e1, e2, e3 = _grid_add_one(np.float64(ws[j]), -sbuf[j], mode, g[G_UP],
+                                              g[G_DOWN], g[G_CMAX], g[G_CMIN], rbits, key,
+                                              np.uint64(lo_i + j))
+        wo[j] = wn
+        ok[j] = k
+        c0 += e0 & k
+        c1 += e1 & k
+        c2 += e2 & k
+        c3 += e3 & k
+    for j in range(ws.size):
+        if ok[j] != 0:
+            continue
+        s = sbuf[j]
+        wn, fl, sl = arith_one(np.int64(OP_ADD), np.float64(ws[j]), -s, -s, np.uint64(lo_i + j),
+                               P, Psr, U, D, mode, np.bool_(False), 0.0)
+        if sl or (fl >> F_NAN) & 1 or (fl >> F_INVALID) & 1:
+            ns += 1
+            continue
+        wo[j] = wn
+        c0 += (fl >> F_INEXACT) & 1
+        c1 += (fl >> F_UP) & 1
+        c2 += (fl >> F_OVERFLOW) & 1
+        c3 += (fl >> F_UNDERFLOW) & 1
+        c4 += (fl >> F_SUBNORMAL) & 1
+    return c0, c1, c2, c3, c4, ns
+
+
+@jit_parallel
+def sgd_step(grad, w, v, w_out, v_out, hyper, flags, kinds, grid, keys, P, Psr, U, D):
+    """One SGD step of a flat parameter tensor (see the module docstring).
+
+    ``grad``, ``w``, ``v`` (read) and ``w_out``, ``v_out`` (written) are float32 arrays of one
+    size (``v`` and ``v_out`` unused without momentum; ``v`` unused on the first step).
+    ``hyper``: float64 ``[lr, mu, weight_decay, grad_scale]``; ``flags``: int64 ``[momentum,
+    has_v, nesterov]`` (0/1); ``kinds`` (3, 3) int64 and ``grid`` (3, 4) float64: the roles
+    momentum, update, weights (rows ``R_*``, columns ``K_*``, ``G_*``; the weights role is
+    F32 or FIXED); ``keys`` uint64 (3,): their random keys; ``P``, ``Psr``, ``U``, ``D``: the
+    weights role's parameters for :func:`fixedsim.jit.arith.arith_one` (as
+    :func:`fixedsim.arith.add` builds them, key included). Returns ``(counts, slow)``: the
+    events of each rounding, shape ``(3, N_EVENTS)``, and the number of elements left to the
+    caller (when nonzero, the outputs are incomplete). Parallel over chunks of elements
+    (independent outputs; counts summed after, in order). Per chunk, one loop computes the
+    momentum and the step (kept in a chunk buffer), a second rounds the weights.
+    """
+    n = w.size
+    nch = (n + CHUNK - 1) // CHUNK
+    counts = np.zeros((nch, 3 * N_EVENTS), np.int64)
+    slow = np.zeros(nch, np.int64)
+    lr = hyper[H_LR]
+    mu = hyper[H_MU]
+    wd = hyper[H_WD]
+    gs = hyper[H_SCALE]
+    mom = flags[0] != 0
+    has_v = flags[1] != 0
+    nesterov = flags[2] != 0
+    km, mm, rm = kinds[R_MOMENTUM, K_KIND], kinds[R_MOMENTUM, K_MODE], kinds[R_MOMENTUM, K_RBITS]
+    ku, mu_, ru = kinds[R_UPDATE, K_KIND], kinds[R_UPDATE, K_MODE], kinds[R_UPDATE, K_RBITS]
+    kw, mw, rw = kinds[R_WEIGHTS, K_KIND], kinds[R_WEIGHTS, K_MODE], kinds[R_WEIGHTS, K_RBITS]
+    # scalars, not array reads in the loop (a store could alias them)
+    gm0, gm1, gm2, gm3 = (grid[R_MOMENTUM, G_UP], grid[R_MOMENTUM, G_DOWN],
+                          grid[R_MOMENTUM, G_CMAX], grid[R_MOMENTUM, G_CMIN])
+    gu0, gu1, gu2, gu3 = (grid[R_UPDATE, G_UP], grid[R_UPDATE, G_DOWN], grid[R_UPDATE, G_CMAX],
+                          grid[R_UPDATE, G_CMIN])
+    gw = grid[R_WEIGHTS]
+    keym, keyu, keyw = keys[R_MOMENTUM], keys[R_UPDATE], keys[R_WEIGHTS]
+    for c in prange(nch):
+        lo_i = c * CHUNK
+        hi_i = min(n, lo_i + CHUNK)
+        # slices: loop indices from 0 are provably nonnegative (no wraparound code)
+        gr, ws, wo = grad[lo_i:hi_i], w[lo_i:hi_i], w_out[lo_i:hi_i]
+        vs = v[lo_i:hi_i] if has_v else v[0:0]
+        vo_ = v_out[lo_i:hi_i] if mom else v_out[0:0]
+        sbuf = np.empty(hi_i - lo_i, np.float64)  # the rounded steps
+        # events kept in registers: inexact, up, overflow, underflow, subnormal of the
+        # momentum (a*) and of the step (b*)
+        a0 = a1 = a2 = a3 = a4 = np.int64(0)
+        b0 = b1 = b2 = b3 = b4 = np.int64(0)
+        ns = 0
+        for j in range(hi_i - lo_i):
+            ui = np.uint64(lo_i + j)
+            g = np.float64(gr[j])
+            if gs != 1.0:
+                g = g / gs
+            if wd != 0.0:
+                g = g + wd * np.float64(ws[j])
+            if mom:
+                vold = np.float64(vs[j]) if has_v else 0.0
+                xm = mu * vold + g
+                if not _finite(xm):
+                    ns += 1  # the chunk is left to the caller
+                    continue
+                vn, e0, e1, e2, e3, e4 = _round_role(xm, km, mm, rm, gm0, gm1, gm2, gm3,
+                                                     keym, ui)
+                a0 += e0
+                a1 += e1
+                a2 += e2
+                a3 += e3
+                a4 += e4
+                vo_[j] = vn
+                d = g + mu * vn if nesterov else vn
+            else:
+                d = g
+            xu = lr * d
+            if not _finite(xu):
+                ns += 1
+                continue
+            st, e0, e1, e2, e3, e4 = _round_role(xu, ku, mu_, ru, gu0, gu1, gu2, gu3, keyu,
+                                                 ui)
+            b0 += e0
+            b1 += e1
+            b2 += e2
+            b3 += e3
+            b4 += e4
+            # a finite step and weight (an FP32 step of a finite value may overflow)
+            ns += np.int64(not (_finite(st) and _finite(np.float64(ws[j]))))
+            sbuf[j] = st
+        cc = counts[c]
+        cc[0], cc[1], cc[2], cc[3], cc[4] = a0, a1, a2, a3, a4
+        cc[5], cc[6], cc[7], cc[8], cc[9] = b0, b1, b2, b3, b4
+        if ns == 0:  # w - step rounded once, exactly, into the weights role
+            if kw == F32:
+                r = _weights_f32(ws, sbuf, wo)
+            else:
+                r = _weights_fixed(ws, sbuf, wo, lo_i, mw, rw, gw, keyw, P, Psr, U, D)
+            cc[10], cc[11], cc[12], cc[13], cc[14] = r[0], r[1], r[2], r[3], r[4]
+            ns = r[5]
+        slow[c] = ns
+    return counts.sum(axis=0).reshape(3, N_EVENTS), slow.sum()
