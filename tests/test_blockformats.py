@@ -403,3 +403,24 @@ def test_fused_kernel_equals_float64_path():
                 assert_same_bits(fs.quantize(x, fmt, rounding, seed=7),
                                  fs.quantize(x.astype(np.float64), fmt, rounding, seed=7),
                                  f"{fmt!r} {rounding!r}")
+
+
+def test_zero_blocks_in_the_fused_kernel(monkeypatch):
+    """All-zero blocks (the zero-padded rows of a lowered product) are decided by the fused
+    kernel, not by the oracle per element: their zeros, signs kept, at the smallest scale,
+    as the oracle gives them, and their scale code is the smallest."""
+    x = np.zeros((3, 64), np.float32)
+    x[1, 32:] = -0.0
+    x[2, :32] = 3.0
+    want = {f: reference.block_quantize(x.astype(np.float64), f)[0]
+            for f in (fs.MXFP8_E4M3, fs.MXFP4)}
+
+    def oracle_called(*args, **kw):
+        raise AssertionError("a zero block went to the oracle")
+
+    monkeypatch.setattr(reference, "round_to_format", oracle_called)
+    for fmt in (fs.MXFP8_E4M3, fs.MXFP4):
+        got = fs.quantize(x, fmt)
+        assert_same_bits(got, want[fmt])
+        assert np.signbit(got[1, 32:]).all() and not np.signbit(got[0]).any()
+        assert fs.to_bits(x, fmt).scales[0, 0] == 0  # E8M0 code 0: 2**-127

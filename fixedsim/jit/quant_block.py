@@ -86,6 +86,11 @@ def _mx_chunk(xb, out, kout, b0, b1, block, MODE, rule, emax, prec, mmax_n, k_lo
             for j in range(block):
                 os[j] = np.nan
             continue
+        if amax == 0:  # zeros only (the zero-padded rows of a lowered product): themselves,
+            kout[b] = k_lo  # at the smallest scale, as the oracle gives them
+            for j in range(block):
+                os[j] = -0.0 if xs[j] >> 31 else 0.0
+            continue
         k = block_exponent(amax, rule, emax, prec, mmax_n, k_lo)
         if emin127 + k < 1:  # element subnormals below float32's normals: left to the caller
             kout[b] = SLOW_BLOCK

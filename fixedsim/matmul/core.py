@@ -155,7 +155,12 @@ def block_operands(A, B, spec, rb, keys, c):
     pad = -A.shape[-1] % fmt.block
 
     def q(x, axis, key):
-        x = np.asarray(x, np.float64)
+        x = np.asarray(x)
+        if x.dtype != np.float32:  # float32 values take the quantizer's fused kernel
+            x32 = x.astype(np.float32)
+            with np.errstate(invalid="ignore"):
+                same = np.array_equal(x32, x, equal_nan=True)
+            x = x32 if same else x.astype(np.float64, copy=False)
         if pad:
             width = [(0, 0)] * x.ndim
             width[axis] = (0, pad)
