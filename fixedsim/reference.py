@@ -607,6 +607,14 @@ def block_fma(a, b, c, acc, input_emin=-1022, *, flags=False, align=None):
     infinity; ``S = 0`` gives +0. An infinity or NaN among the products or ``c`` gives their
     IEEE sum instead.
 
+    With ``acc.addend_bits = (m, cb)``, ``c`` is no term: the anchor ``E`` and the cut
+    ``S`` are those of the products alone (without a nonzero product ``S = 0`` and ``E`` is
+    ``acc.min_exp``, or absent), then ``E2 = max(E, e_c)`` with ``e_c = max(floor(log2
+    |c|), -126)`` (-126 for ``c = 0``; ``E2 = e_c`` without ``E``), and the value is
+    ``floor(S q / 2**(E2 - m)) 2**(E2 - m) + floor(c / 2**(E2 - cb)) 2**(E2 - cb)``,
+    rounded as above. ``align`` counts ``c``'s cut there (its ``underflow``: cut to 0); the
+    floor of ``S q`` is not counted.
+
     Examples
     --------
     Probes of Fasi et al. (2021) on a V100-like unit (``block=4``, no extra bits): five
@@ -634,23 +642,34 @@ def block_fma(a, b, c, acc, input_emin=-1022, *, flags=False, align=None):
     def expo(x, emin):
         return max(_floor_log2(abs(Fraction(x))), emin)
 
-    terms = [(p, expo(x, input_emin) + expo(y, input_emin))
-             for p, x, y in zip(prods, a, b, strict=True) if p != 0]
-    if c != 0:
-        terms.append((Fraction(c), expo(c, -126)))
-    if not terms:
-        return done(0.0)
-    E = max(e for _, e in terms)
-    if acc.min_exp is not None:
-        E = max(E, acc.min_exp)
-    q = _pow2(E - 23 - acc.extra_bits)
-    S = 0
-    for x, _ in terms:
-        m = math.floor(abs(x) / q)
-        S += -m if x < 0 else m
-        if align is not None and m * q != abs(x):
+    def cut(x, q, floor=False):  # x cut to a multiple of q (toward zero, or minus infinity)
+        m = math.floor(x / q) if floor else int(x / q)
+        if align is not None and x != 0 and m * q != x:
             align["inexact"] = align.get("inexact", 0) + 1
             align["underflow"] = align.get("underflow", 0) + int(m == 0)
+        return m
+
+    second = getattr(acc, "addend_bits", None)
+    terms = [(p, expo(x, input_emin) + expo(y, input_emin))
+             for p, x, y in zip(prods, a, b, strict=True) if p != 0]
+    if c != 0 and second is None:
+        terms.append((Fraction(c), expo(c, -126)))
+    if not terms and second is None:
+        return done(0.0)
+    E = max((e for _, e in terms), default=None)
+    if acc.min_exp is not None and (E is not None or second is not None):
+        E = acc.min_exp if E is None else max(E, acc.min_exp)
+    S = 0
+    if E is not None:
+        q = _pow2(E - 23 - acc.extra_bits)
+        S = sum(cut(Fraction(x), q) for x, _ in terms)
+    if second is not None:  # C enters after the products: both aligned again, floored
+        m, cb = second
+        E2 = max(expo(c, -126) if c != 0 else -126, -126 if E is None else E)
+        q2 = _pow2(E2 - m)
+        S = (math.floor(S * q / q2) if S else 0) + cut(Fraction(c), _pow2(E2 - cb),
+                                                       True) * 2 ** (m - cb)
+        q = q2
     if S == 0:
         return done(0.0)
     r, fl = round_to_format(S * q, acc.register, acc.rounding, Overflow.INFINITY, flags=True)

@@ -126,6 +126,37 @@ def round_fast(S, sexp, p, emin, emax, mode):
     return -v if S < 0 else v
 
 
+@jit_inline
+def second_stage(S, E, c, top, sbits, cbits):
+    """The second alignment of a BlockFMA with ``addend_bits = (sbits, cbits)``: the
+    products' cut sum ``S * 2**(E - top)`` and the addend ``c`` aligned to ``E2 = max(E,
+    e_c)`` (``e_c = max(floor(log2|c|), -126)``, -126 for ``c = 0``), floored to multiples
+    of ``2**(E2 - sbits)`` and ``2**(E2 - cbits)``; returns ``(T, E2, cf, lost)`` with the
+    exact sum ``T * 2**(E2 - sbits)``, ``lost`` 0 when ``c``'s cut was exact, 1 when it lost
+    bits, 2 when it lost all of them.
+
+    ``S`` is shifted on its integer bits (an arithmetic right shift floors; at 63 or more
+    bits every ``|S| < 2**62`` floors to 0 or -1, as a larger shift does). ``c * 2**(cbits -
+    E2)`` is exact where it is a normal float64, and below 1 in magnitude where it is not
+    (``e_c <= E2``), so its floor is 0 or -1 by its sign: a negative addend that underflows
+    to -0 floors to -1. The caller marks ``|cbits - E2| > 1000`` (``pow2``'s range).
+    """
+    ec = max(((f64_bits(c) >> 52) & 0x7FF) - 1023, -126)
+    e2 = max(np.int64(E), ec)
+    if S != 0:
+        d = (e2 - sbits) - (np.int64(E) - top)
+        S = S >> min(d, 63) if d > 0 else S << (-d)
+    x = cbits - e2
+    v = c * pow2(x if (x <= 1000) & (x >= -1000) else 0)
+    cf = np.int64(math.floor(v))
+    if c < 0.0 and cf == 0:
+        cf = np.int64(-1)
+    lost = 0
+    if c != 0.0 and (v != cf or cf == 0):
+        lost = 2 if cf == 0 else 1
+    return S + (cf << (sbits - cbits)), e2, cf, lost
+
+
 #: Rows of ``A`` per tile: each load of ``B`` and of its exponents serves this many rows.
 TILE = 4
 #: Columns of the alignment counts :func:`gemm_blockfma` returns.
@@ -143,7 +174,8 @@ def _cut(t, ti, cut_rj, r, j):
 
 
 @jit_parallel
-def gemm_blockfma(A, EA, B, EB, C, out, block, extra, min_exp, p, emin, emax, mode, count):
+def gemm_blockfma(A, EA, B, EB, C, out, block, extra, min_exp, p, emin, emax, mode, count,
+                  sbits=0, cbits=0):
     """``out[i, j]``: the BlockFMA chain of row ``A[i]`` and column ``B[:, j]`` from ``C[i, j]``.
 
     ``EA``, ``EB`` (int16): the operands' exponents (``max(floor(log2|x|), input emin)``,
@@ -160,6 +192,11 @@ def gemm_blockfma(A, EA, B, EB, C, out, block, extra, min_exp, p, emin, emax, mo
     the nonzero terms (products, and the running sum each block starts from) that lost bits
     when cut to the window, ``[:, ALIGN_LOST]`` those of them cut to zero. A block whose
     running sum is an infinity or a NaN aligns nothing.
+
+    ``sbits > 0`` (a BlockFMA's ``addend_bits = (sbits, cbits)``): the running value is no
+    term of the block; after the products' cut sum ``S`` (anchor ``E``), the second stage
+    (:func:`second_stage`) aligns ``S`` and the running value again and floors them. Elements
+    whose second-stage scale ``2**(cbits - E2)`` leaves float64's normal range are marked.
     """
     R, K = A.shape
     N = B.shape[1]
@@ -191,7 +228,8 @@ def gemm_blockfma(A, EA, B, EB, C, out, block, extra, min_exp, p, emin, emax, mo
                 for j in range(N):
                     cj = s[r, j]
                     ec = max(((f64_bits(cj) >> 52) & 0x7FF) - 1023, -126)
-                    E[r, j] = max(min_exp, ec) if (cj != 0.0 and abs(cj) < np.inf) else min_exp
+                    on = cj != 0.0 and abs(cj) < np.inf and sbits == 0
+                    E[r, j] = max(min_exp, ec) if on else min_exp
             for k in range(k0, k1):  # the anchor: the largest product exponent
                 for r in range(TILE):
                     ea[r] = EA[i0 + r, k] if r < nr else NO_EXP
@@ -205,11 +243,12 @@ def gemm_blockfma(A, EA, B, EB, C, out, block, extra, min_exp, p, emin, emax, mo
                     if E[r, j] > NO_EXP // 2 and (x > 1000 or x < -1000) and r < nr:
                         bad[i0 + r, j] = 1
                     sc[r, j] = pow2(x if (x <= 1000) & (x >= -1000) else 0)
-                    S[r, j] = np.int64(s[r, j] * sc[r, j]) if abs(s[r, j]) < np.inf else 0
+                    fin = abs(s[r, j]) < np.inf and sbits == 0
+                    S[r, j] = np.int64(s[r, j] * sc[r, j]) if fin else 0
             if count:  # the same sums, and the terms that lost bits in the cut
                 for r in range(nr):
                     for j in range(N):
-                        if abs(s[r, j]) < np.inf and s[r, j] != 0.0:
+                        if abs(s[r, j]) < np.inf and s[r, j] != 0.0 and sbits == 0:
                             _cut(s[r, j] * sc[r, j], S[r, j], cut_rj, r, j)
                 for k in range(k0, k1):
                     for r in range(nr):
@@ -228,6 +267,18 @@ def gemm_blockfma(A, EA, B, EB, C, out, block, extra, min_exp, p, emin, emax, mo
                         b = B[k, j]
                         for r in range(TILE):
                             S[r, j] += np.int64(av[r] * b * sc[r, j])
+            if sbits > 0:
+                for r in range(nr):
+                    for j in range(N):
+                        if abs(s[r, j]) < np.inf:
+                            S[r, j], e2, cf, lost = second_stage(S[r, j], E[r, j], s[r, j],
+                                                                 top, sbits, cbits)
+                            E[r, j] = e2 - sbits + top
+                            if cbits - e2 > 1000 or cbits - e2 < -1000:
+                                bad[i0 + r, j] = 1
+                            if count and lost > 0:
+                                cut_rj[r, j, ALIGN_CUT] += 1
+                                cut_rj[r, j, ALIGN_LOST] += lost - 1
             if fast:
                 for r in range(TILE):
                     for j in range(N):

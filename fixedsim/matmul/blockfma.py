@@ -39,6 +39,13 @@ counts them. It declines (:func:`declines`) accumulators that are not BlockFMA, 
 infinities or NaN, products not provably exact in float64, and a block whose cut sum could
 reach ``2**53`` (``bitlen(block + 1) + 25 + extra_bits > 53``).
 
+With ``addend_bits = (m, c)`` the addend takes no part in the anchor or the cut sum ``S``;
+:func:`fixedsim.jit.gemm_blockfma.second_stage` then aligns ``S`` and the addend to ``E2``:
+``S`` shifted on its integer bits (an arithmetic right shift is the floor), the addend
+scaled by the power of two ``2**(c - E2)`` (exact where normal, below 1 where not) and
+floored, the two integers summed exactly (below ``2**51``: ``m + bitlen(block) <= 48``) and
+rounded as in 4. Elements whose scale ``2**(c - E2)`` is not a normal float64 are marked.
+
 With ``promote``, the kernel runs on each chunk of ``promote`` products from a zero addend
 (a zero addend drops out of the anchor and its cut is 0: the model's chunk from +0), and
 :func:`promote_add` adds each chunk's result to the running sum (why it is exact: its
@@ -189,7 +196,7 @@ def run(p):
         counts, bad, cuts = _gb.gemm_blockfma(
             A, exponents(A, emin), B, exponents(B, emin), C, out, acc.block, acc.extra_bits,
             _gb.NO_EXP if acc.min_exp is None else acc.min_exp, acc.frac_bits, f.emin, f.emax,
-            int(acc.rounding), p.c._steps)
+            int(acc.rounding), p.c._steps, *(acc.addend_bits or (0, 0)))
     else:  # a marked element's row goes to the oracle whole (its chunks' counts dropped)
         out, counts, bad, cuts = _chunks(A, exponents(A, emin), B, exponents(B, emin), C, acc,
                                          f, p.c._steps)

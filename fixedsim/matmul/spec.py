@@ -199,6 +199,15 @@ class BlockFMA:
     mod 4`` in {0, 1}), the second the high pairs, from +0, and C is added to the result
     (``promote=32, interleave=2``; docs/hardware.md).
 
+    With ``addend_bits=(m, c)`` C (the previous block's result after the first block) is no
+    term of the block: the block's products alone are aligned and cut as above (their anchor
+    ``E``), and their cut sum ``P`` and C are aligned again, to ``E2 = max(E, e_C, -126)``
+    (``e_C`` C's exponent, read as an FP32 value; -126 for a zero C): ``P`` is cut to a
+    multiple of ``2**(E2 - m)`` and C to one of ``2**(E2 - c)``, both toward minus
+    infinity, and their exact sum is rounded once as in step 4. This is the adder of the
+    AMD CDNA3 matrix cores in the MMA-Sim model (``m, c = 31, 24``; docs/hardware_cpu.md).
+    It does not combine with ``promote``.
+
     Parameters
     ----------
     block : int
@@ -221,6 +230,10 @@ class BlockFMA:
     interleave : int, optional
         Products per group dealt round robin to the blocks of each chunk (needs ``promote``;
         ``block`` a multiple of it; None: the blocks take consecutive products).
+    addend_bits : (int, int), optional
+        ``(m, c)``: C enters after the products' cut sum, both aligned again and cut toward
+        minus infinity at ``m`` and ``c`` fraction bits below their common anchor (``1 <= c
+        <= m``, ``m + bitlen(block) <= 48``; None: C is a term of the block).
 
     Raises
     ------
@@ -249,6 +262,7 @@ class BlockFMA:
     min_exp: int | None = None
     promote: int | None = None
     interleave: int | None = None
+    addend_bits: tuple | None = None
 
     def __post_init__(self):
         for name, lo, hi in (("block", 1, 2**20), ("extra_bits", -23, 30)):
@@ -303,6 +317,21 @@ class BlockFMA:
                 raise ValueError(f"BlockFMA interleave must be a divisor of block "
                                  f"({self.block}), got {il}")
             object.__setattr__(self, "interleave", int(il))
+        ab = self.addend_bits
+        if ab is not None:
+            if (not isinstance(ab, (tuple, list)) or len(ab) != 2
+                    or any(isinstance(v, bool) or not isinstance(v, numbers.Integral)
+                           for v in ab)):
+                raise TypeError(f"BlockFMA addend_bits must be a pair of ints (sum bits, C "
+                                f"bits) or None, got {ab!r}")
+            m, cb = int(ab[0]), int(ab[1])
+            if not 1 <= cb <= m or m + self.block.bit_length() > 48:
+                raise ValueError(f"BlockFMA addend_bits (m, c) needs 1 <= c <= m and m + "
+                                 f"bitlen(block) <= 48 (block {self.block}), got {ab!r}")
+            if pr is not None:
+                raise ValueError("BlockFMA addend_bits does not combine with promote (with "
+                                 "promote, C starts the running sum the chunks are added to)")
+            object.__setattr__(self, "addend_bits", (m, cb))
 
     #: Every block's result overflows to an infinity (the Accumulator attribute of the name).
     overflow = Overflow.INFINITY
@@ -342,6 +371,8 @@ class BlockFMA:
             parts.append(f"promote={self.promote}")
         if self.interleave is not None:
             parts.append(f"interleave={self.interleave}")
+        if self.addend_bits is not None:
+            parts.append(f"addend_bits={self.addend_bits}")
         return f"BlockFMA({', '.join(parts)})"
 
 
