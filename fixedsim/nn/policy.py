@@ -269,6 +269,8 @@ def _spec_to_dict(s: MatmulSpec) -> dict:
             ad["promote"] = a.promote
         if a.interleave is not None:
             ad["interleave"] = a.interleave
+        if a.addend_bits is not None:
+            ad["addend_bits"] = list(a.addend_bits)
         d["accumulator"] = ad
     elif a is not None:
         ad = {"format": repr(a.fmt), "rounding": a.rounding.name.lower(),
@@ -333,16 +335,16 @@ def _spec_from_dict(d: dict, where: str) -> MatmulSpec:
 
 def _block_fma_from_dict(a: dict, where: str) -> BlockFMA:
     """A :class:`~fixedsim.BlockFMA` from ``{"kind": "block_fma", "block", "extra_bits",
-    "rounding", "format", "output_frac_bits", "min_exp", "promote", "interleave"}`` (the last
-    six optional)."""
+    "rounding", "format", "output_frac_bits", "min_exp", "promote", "interleave",
+    "addend_bits"}`` (the last seven optional; ``addend_bits`` a pair ``[m, c]``)."""
     w = f"{where}.accumulator"
     _check_keys(a, {"kind", "block", "extra_bits", "rounding", "format", "output_frac_bits",
-                    "min_exp", "promote", "interleave"}, w)
+                    "min_exp", "promote", "interleave", "addend_bits"}, w)
     for k in ("block", "extra_bits"):
         if k not in a:
             raise ValueError(f"{w}: '{k}' is required for kind 'block_fma'")
-    kw = {k: a[k] for k in ("rounding", "output_frac_bits", "min_exp", "promote", "interleave")
-          if k in a}
+    kw = {k: a[k] for k in ("rounding", "output_frac_bits", "min_exp", "promote", "interleave",
+                            "addend_bits") if k in a}
     if "format" in a:
         kw["fmt"] = _build(parse_format, f"{w}.format", a["format"])
     return _build(BlockFMA, w, a["block"], a["extra_bits"], **kw)
