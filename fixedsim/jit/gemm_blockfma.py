@@ -175,7 +175,7 @@ def _cut(t, ti, cut_rj, r, j):
 
 @jit_parallel
 def gemm_blockfma(A, EA, B, EB, C, out, block, extra, min_exp, p, emin, emax, mode, count,
-                  sbits=0, cbits=0):
+                  sbits, cbits):
     """``out[i, j]``: the BlockFMA chain of row ``A[i]`` and column ``B[:, j]`` from ``C[i, j]``.
 
     ``EA``, ``EB`` (int16): the operands' exponents (``max(floor(log2|x|), input emin)``,

@@ -171,7 +171,7 @@ def _chunks(A, EA, B, EB, C, acc, f, count):
             np.ascontiguousarray(B[k0:k1]), np.ascontiguousarray(EB[k0:k1]),
             np.zeros_like(s), part, acc.block, acc.extra_bits,
             _gb.NO_EXP if acc.min_exp is None else acc.min_exp, acc.frac_bits, f.emin, f.emax,
-            int(acc.rounding), count)
+            int(acc.rounding), count, 0, 0)
         s, fl = promote_add(s, part, f)
         counts += cn + fl
         cuts += ct
