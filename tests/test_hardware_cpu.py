@@ -180,9 +180,33 @@ def test_preset_provenance():
         assert by[key].mismatches is None
 
 
-def test_no_mi300_preset():
-    with pytest.raises(ValueError, match="MI300 has no fp16 input"):
-        hardware.spec("MI300", "fp16")
+def test_mi300_presets():
+    """MMA-Sim's CDNA3 adder: blocks of 8 (4 for xf32), 24 bits below the products' anchor,
+    the sum and C aligned again at 31 and 24 bits; xf32 inputs truncated to TF32."""
+    acc = fs.BlockFMA(8, 1, rounding="nearest_even", addend_bits=(31, 24))
+    assert hardware.spec("MI300", "fp16") == fs.MatmulSpec(input=fs.FP16, accumulator=acc)
+    assert hardware.spec("MI300", "bf16") == fs.MatmulSpec(input=fs.BF16, accumulator=acc)
+    x = hardware.spec("MI300", "tf32")
+    assert x.accumulator == fs.BlockFMA(4, 1, rounding="nearest_even", addend_bits=(31, 24))
+    assert x.input == fs.TF32 and x.input_rounding is fs.Rounding.TOWARD_ZERO
+    by = {(p.device, p.input): p for p in hardware.devices()}
+    for i in ("fp16", "bf16", "tf32"):
+        assert by[("MI300", i)].provenance.startswith("published model, not validated here: "
+                                                     "MMA-Sim")
+        assert by[("MI300", i)].mismatches is None
+
+
+@pytest.mark.parametrize("inp", ["e4m3", "e5m2"])
+def test_mi300_fp8_says_why_it_has_no_preset(inp):
+    with pytest.raises(ValueError, match=f"MI300 has {inp} input with fp32 output, but no "
+                                         "preset: .*third alignment stage"):
+        hardware.spec("MI300", inp)
+
+
+def test_mi300_lacks_fp16_output():
+    with pytest.raises(ValueError, match="MI300 has no fp16 input with fp16 output; it has "
+                                         "bf16->fp32, fp16->fp32, tf32->fp32"):
+        hardware.spec("MI300", "fp16", "fp16")
 
 
 # -- this CPU -----------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-__all__ = ["Preset", "devices", "register", "spec", "DEVICES", "INPUTS", "OUTPUTS"]
+__all__ = ["Preset", "devices", "register", "spec", "DEVICES", "INPUTS", "OUTPUTS",
+           "MISSING"]
 
 #: Every device name :func:`spec` knows, in the order :func:`devices` lists them.
 DEVICES = ("V100", "A100", "A2", "A30", "Ada", "L40S", "H100", "H200", "B200",
@@ -52,6 +53,9 @@ class Preset:
 
 
 _PRESETS: dict[tuple[str, str, str], Preset] = {}
+#: (device, input, out) -> why a combination the device has is not a preset (the vendor
+#: modules fill it); :func:`spec` raises with that reason.
+MISSING: dict[tuple[str, str, str], str] = {}
 
 
 def register(preset: Preset) -> Preset:
@@ -92,12 +96,16 @@ def spec(device: str, input: str, out: str = "fp32"):
     ------
     TypeError, ValueError
         A name that is not known, or a combination the device does not have (the error
-        lists the inputs and outputs it has).
+        lists the inputs and outputs it has; for a combination the device has but no model
+        here expresses, :data:`MISSING`'s reason).
     """
     d = _canonical(device, DEVICES, "device")
     i = _canonical(input, INPUTS, "input")
     o = _canonical(out, OUTPUTS, "out")
     p = _PRESETS.get((d, i, o))
+    if p is None and (d, i, o) in MISSING:
+        raise ValueError(f"hardware.spec: {d} has {i} input with {o} output, but no preset: "
+                         f"{MISSING[(d, i, o)]}")
     if p is None:
         has = sorted(f"{k[1]}->{k[2]}" for k in _PRESETS if k[0] == d)
         raise ValueError(f"hardware.spec: {d} has no {i} input with {o} output; it has "

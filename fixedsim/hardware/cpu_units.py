@@ -19,13 +19,30 @@ AMD MI100 (CDNA1)         exact sum of C and 4 (FP16) or 2 (BF16) products, one 
 AMD MI250 (CDNA2)         products rounded to FP32, pairwise FP32 tree of 4,       MMA-Sim,
                           then C (block 4, lanes 4, addend last); FP16/BF16        FTTN
                           inputs, C and every result flushed
+AMD MI300 (CDNA3)         8 products aligned and cut at 24 bits, their sum and C   MMA-Sim
+                          aligned again (31 and 24 bits, floor), one nearest-even
+                          rounding (``BlockFMA(8, 1, addend_bits=(31, 24))``);
+                          xf32: blocks of 4, inputs truncated to TF32
 ========================  =======================================================  ==========
 
-AMD MI300 (CDNA3) has no preset: its published bit-accurate model (MMA-Sim) aligns the 8
-products of a block to the largest exponent and truncates them at 24 fraction bits, then
-aligns that sum and C again (31 and 24 bits, toward minus infinity) before one nearest-even
-rounding: an aligned, truncating adder with a second stage for C, which neither an exact
-block sum nor FMA chains express. Its FNUZ FP8 formats do not exist in fixedsim yet.
+AMD MI300 (CDNA3): a :class:`~fixedsim.BlockFMA` with a second stage for C
+(``addend_bits``), after MMA-Sim's model of ``v_mfma_f32_*_f16``, ``*_bf16`` and ``*_xf32``.
+Per block of 8 products (4 for xf32 and the K = 4 instructions, e.g.
+``v_mfma_f32_16x16x4_4b_f16``): the products, exact and unnormalised, are aligned to the
+largest product exponent ``E`` and cut toward zero at 24 fraction bits below it
+(``extra_bits=1``) and summed exactly; that sum and C are aligned again to ``max(E, e_C,
+-126)``, the sum cut at 31 and C at 24 fraction bits, both toward minus infinity; one
+nearest-even rounding into FP32 (gradual underflow, overflow to an infinity); the result is
+the next block's C. Subnormal inputs and C are kept. xf32 inputs are FP32 values truncated
+to TF32 (``input_rounding="toward_zero"``). Where this differs from MMA-Sim's code:
+MMA-Sim reads a zero operand at exponent -126, so that a zero product ``0 * b`` takes part in
+the anchor at ``-126 + e_b`` (here zero products take no part; a difference only where
+``-126 + e_b`` exceeds every nonzero product's exponent: BF16 operands of very different
+magnitude), and it makes a BF16 or xf32 product of ``2**128`` or more an infinity before C is
+added (here it is a term like any other). The FP8 instructions (``*_fp8_fp8``, ``*_bf8_*``,
+FNUZ formats, 16 products per block) have no preset: MMA-Sim sums their even and odd
+products apart (two anchors), aligns those two sums again at 24 bits and only then adds C
+(dropped below ``2**(E - 25)``), a third stage no accumulator here expresses.
 
 Sources: Intel 64 and IA-32 Architectures Software Developer's Manual, vol. 2 (VDPBF16PS,
 TDPBF16PS, TDPFP16PS pseudo-code); P. Xie, Y. Wang, F. Yang, M. Yang, "MMA-Sim: Bit-Accurate
@@ -36,9 +53,10 @@ Numerical Properties of NVIDIA & AMD Matrix Accelerators", arXiv:2403.00232 (202
 
 from __future__ import annotations
 
-from ..formats import BF16, FP16, FP32, FloatFormat
-from ..matmul import Accumulator, MatmulSpec
-from . import Preset, register
+from ..formats import BF16, FP16, FP32, TF32, FloatFormat
+from ..matmul import Accumulator, BlockFMA, MatmulSpec
+from ..rounding import Rounding
+from . import MISSING, Preset, register
 
 #: FP32 with every result flushed (FTZ: rounded at full precision, then below 2**-126 -> 0).
 FP32_FTZ = FloatFormat(8, 23, subnormals=False)
@@ -84,6 +102,35 @@ def _presets():
                  _MMASIM.format("CDNA2 v_mfma bf16_1k (4 products per step; the older bf16 "
                                 "instructions take 2): as f16"))
 
+    yield from _mi300()
+
+
+def mi300(block: int = 8) -> BlockFMA:
+    """The CDNA3 adder of MMA-Sim: ``block`` products (8; 4 for xf32 and the K = 4
+    instructions) aligned and cut at 24 fraction bits, their sum and C aligned again and
+    floored at 31 and 24 bits, one nearest-even rounding into FP32."""
+    return BlockFMA(block, 1, rounding=Rounding.NEAREST_EVEN, addend_bits=(31, 24))
+
+
+def _mi300():
+    for inp, fmt, name in (("fp16", FP16, "f16"), ("bf16", BF16, "bf16")):
+        yield Preset("MI300", inp, "fp32", _spec(fmt, mi300()),
+                     _MMASIM.format(f"CDNA3 v_mfma_f32_16x16x16_{name} and 32x32x8 (blocks of "
+                                    "8): products cut at 24 bits below their anchor, their "
+                                    "sum and C aligned again (31 and 24 bits, floor), one "
+                                    "nearest-even rounding; zero products take no part in "
+                                    "the anchor here (MMA-Sim reads a zero at exponent -126)"))
+    yield Preset("MI300", "tf32", "fp32",
+                 lambda: MatmulSpec(input=TF32, input_rounding=Rounding.TOWARD_ZERO,
+                                    accumulator=mi300(4)),
+                 _MMASIM.format("CDNA3 v_mfma_f32_16x16x8_xf32 (blocks of 4): FP32 inputs "
+                                "truncated to TF32, then as f16"))
+
 
 for _p in _presets():
     register(_p)
+for _i in ("e4m3", "e5m2"):
+    MISSING[("MI300", _i, "fp32")] = (
+        "its FP8 (FNUZ) model in MMA-Sim sums the even and the odd products of a block of 16 "
+        "apart, aligns the two sums again, then adds C: a third alignment stage that no "
+        "accumulator here expresses (docs/hardware_cpu.md)")
