@@ -211,3 +211,38 @@ def test_one_compiled_signature():
         _run(nn.Policy.parse(name), True, 0.9, False, 0.0, 1.0, steps=2)
         _run(nn.Policy.parse(name), True, 0.0, False, 0.0, 1.0, steps=1)
     assert len(kernel.sgd_step.signatures) == 1
+
+
+@pytest.mark.parametrize("rounding,random_bits",
+                         [(r, None) for r in fs.Rounding] + [(fs.Rounding.STOCHASTIC, 3)])
+@pytest.mark.parametrize("lr", [0.5, 0.02])
+def test_fixed_weights_against_fs_sub(rounding, random_bits, lr):
+    """Fixed-point weights, every rounding mode (3 random bits: draws that meet the limit),
+    steps below one quantum of both signs (the difference's fraction float64 cannot hold),
+    exact half-quantum ties (lr 0.5), steps across many quanta, saturation: the kernel's
+    weights and counts equal fs.sub(w, lr * g) seeded as the optimizer seeds it."""
+    q = 2.0**-14
+    Q = fs.FixedFormat(16, 14)
+    role = nn.Role(Q, rounding, random_bits=random_bits)
+    policy = nn.Policy(name="q", weights=role, momentum=role, weight_grads=role)
+    rng = np.random.default_rng(int(rounding) + 11)
+    n = 20000
+    w0 = policy.weights.apply(rng.uniform(-2.0, 2.0, n), seed=0)
+    w0[:50] = 0.0
+    w0[50:100] = -2.0
+    w0[100:150] = 2.0 - q
+    g = (rng.uniform(-1.0, 1.0, n) * 10.0 ** rng.integers(-3, 4, n) * q / lr).astype(
+        np.float32)
+    g[::7] = rng.integers(-3, 4, g[::7].size) * q  # lr 0.5: steps of half quanta, ties
+    p = nn.Parameter("w", w0.copy())
+    p.grad = g
+    ctx = nn.Context(policy, seed=5, step=3)
+    SGD({"w": p}, lr=lr).step(ctx)
+    seed = ctx.key("optim.w", "weights") if rounding is fs.Rounding.STOCHASTIC else None
+    expected, qs = fs.sub(w0, lr * g.astype(np.float64), Q, rounding, seed=seed,
+                          random_bits=random_bits, stats=True)
+    np.testing.assert_array_equal(_bits(p.value), _bits(expected))
+    s = ctx.counters["optim"].roles["weights"]
+    assert (s.roundings, s.inexact, s.overflow, s.underflow) == (
+        qs.size, qs.inexact, qs.overflow, qs.underflow)
+    assert 0 < s.inexact < n
