@@ -768,6 +768,8 @@ def _to_toml(d: dict) -> str:
             return "true" if v else "false"
         if isinstance(v, (int, float)):
             return repr(v)
+        if isinstance(v, (list, tuple)):  # a BlockFMA's addend_bits
+            return "[" + ", ".join(val(x) for x in v) + "]"
         # A TOML basic string: JSON's escapes are TOML's, but TOML has no surrogate-pair
         # escapes (json's ensure_ascii writes characters beyond U+FFFF as two), and DEL
         # must be escaped.
