@@ -615,6 +615,9 @@ def block_fma(a, b, c, acc, input_emin=-1022, *, flags=False, align=None):
     rounded as above. ``align`` counts ``c``'s cut there (its ``underflow``: cut to 0); the
     floor of ``S q`` is not counted.
 
+    With ``acc.zero_exp`` set, a zero operand has that exponent and a zero product is a term
+    of exponent ``e_a + e_b`` (it takes part in the anchor; its cut is 0).
+
     Examples
     --------
     Probes of Fasi et al. (2021) on a V100-like unit (``block=4``, no extra bits): five
@@ -650,8 +653,13 @@ def block_fma(a, b, c, acc, input_emin=-1022, *, flags=False, align=None):
         return m
 
     second = getattr(acc, "addend_bits", None)
-    terms = [(p, expo(x, input_emin) + expo(y, input_emin))
-             for p, x, y in zip(prods, a, b, strict=True) if p != 0]
+    ze = getattr(acc, "zero_exp", None)
+
+    def op_expo(x):  # an operand's exponent; a zero's is zero_exp (None: no exponent)
+        return expo(x, input_emin) if x != 0 else ze
+
+    terms = [(p, op_expo(x) + op_expo(y)) for p, x, y in zip(prods, a, b, strict=True)
+             if p != 0 or ze is not None]
     if c != 0 and second is None:
         terms.append((Fraction(c), expo(c, -126)))
     if not terms and second is None:

@@ -31,7 +31,8 @@ def one_thread():
 
 @st.composite
 def second_stage(draw):
-    """A BlockFMA with addend_bits: blocks of 1 to 8, any window, both cuts."""
+    """A BlockFMA with addend_bits (or, a fifth of the time, without), blocks of 1 to 8, any
+    window, both cuts, zero operands read at an exponent or not."""
     fmt = draw(st.sampled_from([fs.FP32, fs.FP16]))
     block = draw(st.integers(1, 8))
     c_bits = draw(st.integers(1, 30))
@@ -40,7 +41,8 @@ def second_stage(draw):
         rounding=draw(st.sampled_from([R.TOWARD_ZERO, R.NEAREST_EVEN, R.DOWN, R.ODD])),
         fmt=fmt, output_frac_bits=draw(st.none() | st.integers(1, fmt.man_bits)),
         min_exp=draw(st.none() | st.integers(-150, 2)),
-        addend_bits=(draw(st.integers(c_bits, 40)), c_bits))
+        addend_bits=draw(st.just((draw(st.integers(c_bits, 40)), c_bits)) | st.none()),
+        zero_exp=draw(st.none() | st.integers(-260, 20)))
 
 
 @st.composite
@@ -99,8 +101,9 @@ def _sig_exp(x, emin):
 
 def _cdna3_step(a, b, c, emin):
     """One block of MMA-Sim's CDNA3 f16/bf16 MFMA step (mmasim/simulator/arithmetic.py,
-    amd_fused_dot_rd_add, commit c785138), written out here for finite, nonzero operands
-    whose products stay below 2**128: the products aligned to their largest exponent and
+    amd_fused_dot_rd_add, commit c785138), written out here for finite operands
+    whose products stay below 2**128 (zeros too, read at exponent -126 as MMA-Sim reads
+    them): the products aligned to their largest exponent and
     truncated at 24 fraction bits, their sum and C aligned again and floored at 31 and 24
     bits, the float64 sum rounded to nearest even into float32."""
     ps = []
@@ -120,9 +123,9 @@ def _cdna3_step(a, b, c, emin):
 @given(inp=st.sampled_from(["fp16", "bf16"]), seed=st.integers(0, 2**32 - 1),
        spread=st.integers(0, 40))
 def test_mi300_is_mma_sims_arithmetic(inp, seed, spread):
-    """The MI300 presets give MMA-Sim's CDNA3 result on rows of K = 16 (two blocks of 8)
-    with a nonzero C, operands of both signs spread over 2**-spread .. 2**spread (no zero:
-    MMA-Sim reads zeros at exponent -126, here zero products drop out)."""
+    """The MI300 presets give MMA-Sim's CDNA3 result on rows of K = 16 (two blocks of 8),
+    operands of both signs spread over 2**-spread .. 2**spread with zeros among them (a
+    zero facing a large operand moves the anchor), and C of any size or zero."""
     fmt = fs.FP16 if inp == "fp16" else fs.BF16
     rng = np.random.default_rng(seed)
     lim = min(spread, 14)
@@ -131,10 +134,10 @@ def test_mi300_is_mma_sims_arithmetic(inp, seed, spread):
     b = fs.quantize(rng.standard_normal((16, 3)) * 2.0 ** rng.integers(-lim, lim + 1, (16, 3)),
                     fmt)
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    a[a == 0] = 1.0
-    b[b == 0] = -1.0
-    c = np.float32(rng.standard_normal((4, 3)) * 2.0 ** rng.integers(-60, 30, (4, 3)))
-    c[c == 0] = 1.0
+    a[rng.random(a.shape) < 0.2] = 0.0
+    b[rng.random(b.shape) < 0.2] = 0.0
+    c = np.float32(rng.standard_normal((4, 3)) * 2.0 ** rng.integers(-150, 30, (4, 3)))
+    c[rng.random(c.shape) < 0.2] = 0.0
     got = fs.matmul(a, b, hardware.spec("MI300", inp), c.astype(np.float64))
     for i in range(4):
         for j in range(3):
@@ -185,6 +188,23 @@ def test_products_are_cut_at_24_bits_below_their_own_anchor():
     assert v == 1 - 2.0**-24  # kept at 24 bits, exact in FP32
 
 
+def test_a_zero_facing_a_large_operand_moves_the_anchor():
+    """BF16, MMA-Sim's reading of zeros: 0 * 2**100 is a term of exponent -126 + 100 = -26,
+    so the product 2**-40 (1 + 2**-7) (1 + 2**-7) is cut at 2**-50 to 2**-40 (1 + 2**-6);
+    without the zero, or with zero products out of the anchor, it is kept whole and rounds
+    into FP32 as it is."""
+    mi300 = hardware.spec("MI300", "bf16")
+    x = 2.0**-20 * (1 + 2.0**-7)
+    want = x * x
+    assert fs.matmul(np.array([[0.0, x]]), np.array([[2.0**100], [x]]), mi300)[0, 0] == \
+        np.float32(2.0**-40 * (1 + 2.0**-6))
+    assert fs.matmul(np.array([[x]]), np.array([[x]]), mi300)[0, 0] == np.float32(want)
+    out = dataclasses.replace(mi300, accumulator=dataclasses.replace(mi300.accumulator,
+                                                                     zero_exp=None))
+    assert fs.matmul(np.array([[0.0, x]]), np.array([[2.0**100], [x]]), out)[0, 0] == \
+        np.float32(want)
+
+
 def test_zero_c_and_zero_products_give_plus_zero():
     acc = hardware.spec("MI300", "fp16").accumulator
     assert math.copysign(1.0, reference.block_fma([0.0], [-1.0], -0.0, acc, -14)) == 1.0
@@ -201,6 +221,8 @@ def test_zero_c_and_zero_products_give_plus_zero():
     (dict(addend_bits=31), TypeError, "BlockFMA addend_bits must be a pair of ints"),
     (dict(addend_bits=(31.0, 24)), TypeError, "BlockFMA addend_bits must be a pair of ints"),
     (dict(addend_bits=(31, 24), promote=16), ValueError, "does not combine with promote"),
+    (dict(zero_exp=-2000), ValueError, r"BlockFMA zero_exp must be in -1100\.\.1100"),
+    (dict(zero_exp=-126.0), TypeError, "BlockFMA zero_exp must be an int or None"),
 ])
 def test_bad_addend_bits_names_the_argument(kw, err, match):
     with pytest.raises(err, match=match):
@@ -212,10 +234,11 @@ def test_a_policy_keeps_addend_bits(tmp_path):
 
     spec = hardware.spec("MI300", "bf16")
     assert repr(spec.accumulator) == ("BlockFMA(8, 1, rounding=NEAREST_EVEN, "
-                                      "addend_bits=(31, 24))")
+                                      "addend_bits=(31, 24), zero_exp=-126)")
     p = dataclasses.replace(Policy.fp16_mixed(), name="mi300", forward=spec)
     d = p.to_dict()
     assert d["forward"]["accumulator"]["addend_bits"] == [31, 24]
+    assert d["forward"]["accumulator"]["zero_exp"] == -126
     assert Policy.from_dict(d) == p
     for ext in ("toml", "json"):
         p.save(tmp_path / f"p.{ext}")

@@ -21,7 +21,8 @@ AMD MI250 (CDNA2)         products rounded to FP32, pairwise FP32 tree of 4,    
                           inputs, C and every result flushed
 AMD MI300 (CDNA3)         8 products aligned and cut at 24 bits, their sum and C   MMA-Sim
                           aligned again (31 and 24 bits, floor), one nearest-even
-                          rounding (``BlockFMA(8, 1, addend_bits=(31, 24))``);
+                          rounding (``BlockFMA(8, 1, addend_bits=(31, 24),
+                          zero_exp=-126)``);
                           xf32: blocks of 4, inputs truncated to TF32
 ========================  =======================================================  ==========
 
@@ -33,15 +34,14 @@ largest product exponent ``E`` and cut toward zero at 24 fraction bits below it
 (``extra_bits=1``) and summed exactly; that sum and C are aligned again to ``max(E, e_C,
 -126)``, the sum cut at 31 and C at 24 fraction bits, both toward minus infinity; one
 nearest-even rounding into FP32 (gradual underflow, overflow to an infinity); the result is
-the next block's C. Subnormal inputs and C are kept. xf32 inputs are FP32 values truncated
-to TF32 (``input_rounding="toward_zero"``). Where this differs from MMA-Sim's code:
-MMA-Sim reads a zero operand at exponent -126, so that a zero product ``0 * b`` takes part in
-the anchor at ``-126 + e_b`` (here zero products take no part; a difference only where
-``-126 + e_b`` exceeds every nonzero product's exponent: BF16 operands of very different
-magnitude), and it makes a BF16 or xf32 product of ``2**128`` or more an infinity before C is
-added (here it is a term like any other). The FP8 instructions (``*_fp8_fp8``, ``*_bf8_*``,
-FNUZ formats, 16 products per block) have no preset: MMA-Sim sums their even and odd
-products apart (two anchors), aligns those two sums again at 24 bits and only then adds C
+the next block's C. Subnormal inputs and C are kept; a zero operand is read at exponent -126
+(``zero_exp``), so a zero product ``0 * b`` takes part in the anchor at ``-126 + e_b``, as
+in MMA-Sim. xf32 inputs are FP32 values truncated to TF32 (``input_rounding=
+"toward_zero"``). Where this differs from MMA-Sim's code: it makes a BF16 or xf32 product of
+``2**128`` or more an infinity before C is added (here it is a term like any other). The
+FP8 instructions (``*_fp8_fp8``, ``*_bf8_*``, FNUZ formats, 16 products per block) have no
+preset: MMA-Sim sums their even and odd products apart (two anchors), aligns those two sums
+again at 24 bits and only then adds C
 (dropped below ``2**(E - 25)``), a third stage no accumulator here expresses.
 
 Sources: Intel 64 and IA-32 Architectures Software Developer's Manual, vol. 2 (VDPBF16PS,
@@ -108,8 +108,10 @@ def _presets():
 def mi300(block: int = 8) -> BlockFMA:
     """The CDNA3 adder of MMA-Sim: ``block`` products (8; 4 for xf32 and the K = 4
     instructions) aligned and cut at 24 fraction bits, their sum and C aligned again and
-    floored at 31 and 24 bits, one nearest-even rounding into FP32."""
-    return BlockFMA(block, 1, rounding=Rounding.NEAREST_EVEN, addend_bits=(31, 24))
+    floored at 31 and 24 bits, one nearest-even rounding into FP32; a zero operand read at
+    exponent -126, as MMA-Sim reads it."""
+    return BlockFMA(block, 1, rounding=Rounding.NEAREST_EVEN, addend_bits=(31, 24),
+                    zero_exp=-126)
 
 
 def _mi300():
@@ -118,8 +120,8 @@ def _mi300():
                      _MMASIM.format(f"CDNA3 v_mfma_f32_16x16x16_{name} and 32x32x8 (blocks of "
                                     "8): products cut at 24 bits below their anchor, their "
                                     "sum and C aligned again (31 and 24 bits, floor), one "
-                                    "nearest-even rounding; zero products take no part in "
-                                    "the anchor here (MMA-Sim reads a zero at exponent -126)"))
+                                    "nearest-even rounding; a zero operand read at exponent "
+                                    "-126"))
     yield Preset("MI300", "tf32", "fp32",
                  lambda: MatmulSpec(input=TF32, input_rounding=Rounding.TOWARD_ZERO,
                                     accumulator=mi300(4)),

@@ -14,7 +14,8 @@ exactly that, and here is why its bits are the model's:
    of the quantized operands, ``emin`` the input format's (float64's without one); zeros
    get an exponent below every other and drop out of the anchor, as zero products do in the
    model (a zero ``a`` skips the step; a zero ``b`` gives a zero product, whose truncation is
-   0). The addend's exponent is ``frexp``'s too, at least -126.
+   0); with ``zero_exp`` they get that exponent and take part in the anchor as in the
+   model. The addend's exponent is ``frexp``'s too, at least -126.
 2. **Terms.** The product ``a * b`` is exact in float64 (the operands' scans prove it:
    :func:`fixedsim.matmul.core._f64_products_exact`), and so is its scaling by the power of
    two ``2**(23 + n - E)``: the result is below ``2**(25 + n)`` (``|x| < 4 * 2**e``, ``e <=
@@ -95,10 +96,11 @@ def declines(p):
     return None
 
 
-def exponents(x, emin):
-    """``max(floor(log2|x|), emin)`` of every element (int16), ``NO_EXP`` for zeros."""
+def exponents(x, emin, zero_exp=None):
+    """``max(floor(log2|x|), emin)`` of every element (int16), ``NO_EXP`` for zeros (or
+    ``zero_exp``: a BlockFMA's exponent of zero operands)."""
     e = np.maximum(np.frexp(x)[1].astype(np.int16) - 1, emin).astype(np.int16)
-    e[x == 0] = _gb.NO_EXP
+    e[x == 0] = _gb.NO_EXP if zero_exp is None else zero_exp
     return e
 
 
@@ -194,12 +196,14 @@ def run(p):
     f = acc.fmt
     if acc.promote is None:
         counts, bad, cuts = _gb.gemm_blockfma(
-            A, exponents(A, emin), B, exponents(B, emin), C, out, acc.block, acc.extra_bits,
+            A, exponents(A, emin, acc.zero_exp), B, exponents(B, emin, acc.zero_exp), C, out,
+            acc.block, acc.extra_bits,
             _gb.NO_EXP if acc.min_exp is None else acc.min_exp, acc.frac_bits, f.emin, f.emax,
             int(acc.rounding), p.c._steps, *(acc.addend_bits or (0, 0)))
     else:  # a marked element's row goes to the oracle whole (its chunks' counts dropped)
-        out, counts, bad, cuts = _chunks(A, exponents(A, emin), B, exponents(B, emin), C, acc,
-                                         f, p.c._steps)
+        ze = acc.zero_exp
+        out, counts, bad, cuts = _chunks(A, exponents(A, emin, ze), B, exponents(B, emin, ze),
+                                         C, acc, f, p.c._steps)
         rows = bad.any(axis=1)
         bad[rows] = 1
         counts[rows] = 0

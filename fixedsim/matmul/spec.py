@@ -208,6 +208,10 @@ class BlockFMA:
     AMD CDNA3 matrix cores in the MMA-Sim model (``m, c = 31, 24``; docs/hardware_cpu.md).
     It does not combine with ``promote``.
 
+    With ``zero_exp`` a zero operand is read at that exponent when the anchor is taken, so a
+    zero product ``0 * b`` takes part in the anchor at ``zero_exp + e_b`` (its cut is 0), as
+    MMA-Sim's model reads zeros (at -126); by default zero products take no part in it.
+
     Parameters
     ----------
     block : int
@@ -234,6 +238,9 @@ class BlockFMA:
         ``(m, c)``: C enters after the products' cut sum, both aligned again and cut toward
         minus infinity at ``m`` and ``c`` fraction bits below their common anchor (``1 <= c
         <= m``, ``m + bitlen(block) <= 48``; None: C is a term of the block).
+    zero_exp : int, optional
+        Exponent at which a zero operand takes part in the anchor (-1100 to 1100; None: zero
+        products take no part in it).
 
     Raises
     ------
@@ -263,6 +270,7 @@ class BlockFMA:
     promote: int | None = None
     interleave: int | None = None
     addend_bits: tuple | None = None
+    zero_exp: int | None = None
 
     def __post_init__(self):
         for name, lo, hi in (("block", 1, 2**20), ("extra_bits", -23, 30)):
@@ -332,6 +340,13 @@ class BlockFMA:
                 raise ValueError("BlockFMA addend_bits does not combine with promote (with "
                                  "promote, C starts the running sum the chunks are added to)")
             object.__setattr__(self, "addend_bits", (m, cb))
+        ze = self.zero_exp
+        if ze is not None:
+            if isinstance(ze, bool) or not isinstance(ze, numbers.Integral):
+                raise TypeError(f"BlockFMA zero_exp must be an int or None, got {ze!r}")
+            if not -1100 <= ze <= 1100:
+                raise ValueError(f"BlockFMA zero_exp must be in -1100..1100, got {ze}")
+            object.__setattr__(self, "zero_exp", int(ze))
 
     #: Every block's result overflows to an infinity (the Accumulator attribute of the name).
     overflow = Overflow.INFINITY
@@ -373,6 +388,8 @@ class BlockFMA:
             parts.append(f"interleave={self.interleave}")
         if self.addend_bits is not None:
             parts.append(f"addend_bits={self.addend_bits}")
+        if self.zero_exp is not None:
+            parts.append(f"zero_exp={self.zero_exp}")
         return f"BlockFMA({', '.join(parts)})"
 
 
