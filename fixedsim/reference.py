@@ -615,6 +615,10 @@ def block_fma(a, b, c, acc, input_emin=-1022, *, flags=False, align=None):
     rounded as above. ``align`` counts ``c``'s cut there (its ``underflow``: cut to 0); the
     floor of ``S q`` is not counted.
 
+    With ``acc.product_inf_exp`` set (and every product and ``c`` finite), products of
+    magnitude ``2**acc.product_inf_exp`` or more are infinities of their sign, and their
+    IEEE sum is the result.
+
     With ``acc.zero_exp`` set, a zero operand has that exponent and a zero product is a term
     of exponent ``e_a + e_b`` (it takes part in the anchor; its cut is 0).
 
@@ -641,6 +645,12 @@ def block_fma(a, b, c, acc, input_emin=-1022, *, flags=False, align=None):
     specials = [t for t in [*prods, c] if isinstance(t, float) and not math.isfinite(t)]
     if specials:
         return done(float(sum(specials)))  # IEEE: inf - inf is NaN, NaN wins
+
+    lim = getattr(acc, "product_inf_exp", None)
+    if lim is not None:  # products beyond the limit are infinities and decide the result
+        big = [math.inf if p > 0 else -math.inf for p in prods if abs(p) >= _pow2(lim)]
+        if big:
+            return done(float(sum(big)))
 
     def expo(x, emin):
         return max(_floor_log2(abs(Fraction(x))), emin)

@@ -182,14 +182,15 @@ def test_preset_provenance():
 
 def test_mi300_presets():
     """MMA-Sim's CDNA3 adder: blocks of 8 (4 for xf32), 24 bits below the products' anchor,
-    the sum and C aligned again at 31 and 24 bits, zeros read at exponent -126; xf32 inputs
-    truncated to TF32."""
-    acc = fs.BlockFMA(8, 1, rounding="nearest_even", addend_bits=(31, 24), zero_exp=-126)
+    the sum and C aligned again at 31 and 24 bits, zeros read at exponent -126, products of
+    2**128 or more infinities; xf32 inputs truncated to TF32."""
+    acc = fs.BlockFMA(8, 1, rounding="nearest_even", addend_bits=(31, 24), zero_exp=-126,
+                      product_inf_exp=128)
     assert hardware.spec("MI300", "fp16") == fs.MatmulSpec(input=fs.FP16, accumulator=acc)
     assert hardware.spec("MI300", "bf16") == fs.MatmulSpec(input=fs.BF16, accumulator=acc)
     x = hardware.spec("MI300", "tf32")
     assert x.accumulator == fs.BlockFMA(4, 1, rounding="nearest_even", addend_bits=(31, 24),
-                                        zero_exp=-126)
+                                        zero_exp=-126, product_inf_exp=128)
     assert x.input == fs.TF32 and x.input_rounding is fs.Rounding.TOWARD_ZERO
     by = {(p.device, p.input): p for p in hardware.devices()}
     for i in ("fp16", "bf16", "tf32"):

@@ -42,7 +42,8 @@ def second_stage(draw):
         fmt=fmt, output_frac_bits=draw(st.none() | st.integers(1, fmt.man_bits)),
         min_exp=draw(st.none() | st.integers(-150, 2)),
         addend_bits=draw(st.just((draw(st.integers(c_bits, 40)), c_bits)) | st.none()),
-        zero_exp=draw(st.none() | st.integers(-260, 20)))
+        zero_exp=draw(st.none() | st.integers(-260, 20)),
+        product_inf_exp=draw(st.none() | st.integers(27, 300)))  # out of the operands' reach
 
 
 @st.composite
@@ -205,6 +206,25 @@ def test_a_zero_facing_a_large_operand_moves_the_anchor():
         np.float32(want)
 
 
+def test_a_product_of_2_to_the_128_is_an_infinity():
+    """BF16 products of 2**128 or more are infinities (MMA-Sim's CDNA3 model): 2**64 * 2**64
+    next to -2**127 gives +inf (the exact sum 2**127 is finite), next to -2**128 NaN; the
+    rows go to the oracle (the blockfma row declines: a product may reach 2**128)."""
+    mi300 = hardware.spec("MI300", "bf16")
+    a = np.array([[2.0**64, 2.0**63], [2.0**64, 2.0**64]])
+    b = np.array([[2.0**64], [-1.0 * 2.0**64]])
+    got, cnt = fs.matmul(a, b, mi300, np.array([[1.0], [1.0]]), stats="steps")
+    assert got[0, 0] == np.inf and np.isnan(got[1, 0])
+    assert "blockfma" not in cnt.paths
+    exact = fs.MatmulSpec(input=fs.BF16, accumulator=fs.Accumulator(fs.FP32, block=8))
+    assert fs.matmul(a[:1], b, exact)[0, 0] == np.float32(2.0**127)
+    assert reference.block_fma([2.0**64, 2.0**63], [2.0**64, -(2.0**64)], 1.0,
+                               mi300.accumulator, -126) == math.inf
+    ok = np.array([[2.0**63, 2.0**63]])  # products of 2**126, out of the limit's reach
+    out, c2 = fs.matmul(ok, np.array([[2.0**63], [-(2.0**63)]]), mi300, stats="steps")
+    assert out[0, 0] == 0.0 and c2.paths.get("blockfma") == 1
+
+
 def test_zero_c_and_zero_products_give_plus_zero():
     acc = hardware.spec("MI300", "fp16").accumulator
     assert math.copysign(1.0, reference.block_fma([0.0], [-1.0], -0.0, acc, -14)) == 1.0
@@ -223,6 +243,8 @@ def test_zero_c_and_zero_products_give_plus_zero():
     (dict(addend_bits=(31, 24), promote=16), ValueError, "does not combine with promote"),
     (dict(zero_exp=-2000), ValueError, r"BlockFMA zero_exp must be in -1100\.\.1100"),
     (dict(zero_exp=-126.0), TypeError, "BlockFMA zero_exp must be an int or None"),
+    (dict(product_inf_exp=1200), ValueError, r"product_inf_exp must be in -1100\.\.1100"),
+    (dict(product_inf_exp="128"), TypeError, "BlockFMA product_inf_exp must be an int"),
 ])
 def test_bad_addend_bits_names_the_argument(kw, err, match):
     with pytest.raises(err, match=match):
@@ -234,11 +256,13 @@ def test_a_policy_keeps_addend_bits(tmp_path):
 
     spec = hardware.spec("MI300", "bf16")
     assert repr(spec.accumulator) == ("BlockFMA(8, 1, rounding=NEAREST_EVEN, "
-                                      "addend_bits=(31, 24), zero_exp=-126)")
+                                      "addend_bits=(31, 24), zero_exp=-126, "
+                                      "product_inf_exp=128)")
     p = dataclasses.replace(Policy.fp16_mixed(), name="mi300", forward=spec)
     d = p.to_dict()
     assert d["forward"]["accumulator"]["addend_bits"] == [31, 24]
     assert d["forward"]["accumulator"]["zero_exp"] == -126
+    assert d["forward"]["accumulator"]["product_inf_exp"] == 128
     assert Policy.from_dict(d) == p
     for ext in ("toml", "json"):
         p.save(tmp_path / f"p.{ext}")

@@ -22,7 +22,7 @@ AMD MI250 (CDNA2)         products rounded to FP32, pairwise FP32 tree of 4,    
 AMD MI300 (CDNA3)         8 products aligned and cut at 24 bits, their sum and C   MMA-Sim
                           aligned again (31 and 24 bits, floor), one nearest-even
                           rounding (``BlockFMA(8, 1, addend_bits=(31, 24),
-                          zero_exp=-126)``);
+                          zero_exp=-126, product_inf_exp=128)``);
                           xf32: blocks of 4, inputs truncated to TF32
 ========================  =======================================================  ==========
 
@@ -37,8 +37,8 @@ nearest-even rounding into FP32 (gradual underflow, overflow to an infinity); th
 the next block's C. Subnormal inputs and C are kept; a zero operand is read at exponent -126
 (``zero_exp``), so a zero product ``0 * b`` takes part in the anchor at ``-126 + e_b``, as
 in MMA-Sim. xf32 inputs are FP32 values truncated to TF32 (``input_rounding=
-"toward_zero"``). Where this differs from MMA-Sim's code: it makes a BF16 or xf32 product of
-``2**128`` or more an infinity before C is added (here it is a term like any other). The
+"toward_zero"``). A product of ``2**128`` or more (BF16, xf32) is an infinity that decides
+the block's result before C is added (``product_inf_exp=128``), as in MMA-Sim. The
 FP8 instructions (``*_fp8_fp8``, ``*_bf8_*``, FNUZ formats, 16 products per block) have no
 preset: MMA-Sim sums their even and odd products apart (two anchors), aligns those two sums
 again at 24 bits and only then adds C
@@ -109,9 +109,9 @@ def mi300(block: int = 8) -> BlockFMA:
     """The CDNA3 adder of MMA-Sim: ``block`` products (8; 4 for xf32 and the K = 4
     instructions) aligned and cut at 24 fraction bits, their sum and C aligned again and
     floored at 31 and 24 bits, one nearest-even rounding into FP32; a zero operand read at
-    exponent -126, as MMA-Sim reads it."""
+    exponent -126, products of ``2**128`` or more infinities, as MMA-Sim has them."""
     return BlockFMA(block, 1, rounding=Rounding.NEAREST_EVEN, addend_bits=(31, 24),
-                    zero_exp=-126)
+                    zero_exp=-126, product_inf_exp=128)
 
 
 def _mi300():

@@ -38,7 +38,9 @@ exactly that, and here is why its bits are the model's:
 The per-step events (when asked for) are those of the rounding of ``S q``, as the oracle
 counts them. It declines (:func:`declines`) accumulators that are not BlockFMA, operands with
 infinities or NaN, products not provably exact in float64, and a block whose cut sum could
-reach ``2**53`` (``bitlen(block + 1) + 25 + extra_bits > 53``).
+reach ``2**53`` (``bitlen(block + 1) + 25 + extra_bits > 53``), and, with
+``product_inf_exp``, operands whose products may reach ``2**product_inf_exp`` (the scans'
+bounds: ``|a b| < 2**(top_a + top_b)``), left to the oracle.
 
 With ``addend_bits = (m, c)`` the addend takes no part in the anchor or the cut sum ``S``;
 :func:`fixedsim.jit.gemm_blockfma.second_stage` then aligns ``S`` and the addend to ``E2``:
@@ -91,6 +93,10 @@ def declines(p):
         return "an operand holds an infinity or a NaN"
     if not _f64_products_exact(p.ba, p.bb):
         return "a product may be inexact in float64"
+    lim = acc.product_inf_exp
+    if lim is not None and p.ba.top != -1075 and p.bb.top != -1075 and \
+            p.ba.top + p.bb.top > lim:
+        return "a product may reach 2**product_inf_exp (an infinity in this model)"
     if (acc.block + 1).bit_length() + 25 + acc.extra_bits > 53:
         return "a block's cut sum could reach 2**53 (block and extra_bits too large)"
     return None

@@ -212,6 +212,11 @@ class BlockFMA:
     zero product ``0 * b`` takes part in the anchor at ``zero_exp + e_b`` (its cut is 0), as
     MMA-Sim's model reads zeros (at -126); by default zero products take no part in it.
 
+    With ``product_inf_exp`` a product of magnitude ``2**product_inf_exp`` or more is an
+    infinity of its sign, and the block's result is the IEEE sum of those infinities (C
+    finite; an infinite or NaN operand or C still gives the IEEE sum of the exact terms), as
+    MMA-Sim has the CDNA3 adder treat BF16 products of ``2**128`` or more.
+
     Parameters
     ----------
     block : int
@@ -241,6 +246,9 @@ class BlockFMA:
     zero_exp : int, optional
         Exponent at which a zero operand takes part in the anchor (-1100 to 1100; None: zero
         products take no part in it).
+    product_inf_exp : int, optional
+        Products of magnitude ``2**product_inf_exp`` or more are infinities (-1100 to 1100;
+        None: every finite product is a term).
 
     Raises
     ------
@@ -271,6 +279,7 @@ class BlockFMA:
     interleave: int | None = None
     addend_bits: tuple | None = None
     zero_exp: int | None = None
+    product_inf_exp: int | None = None
 
     def __post_init__(self):
         for name, lo, hi in (("block", 1, 2**20), ("extra_bits", -23, 30)):
@@ -347,6 +356,13 @@ class BlockFMA:
             if not -1100 <= ze <= 1100:
                 raise ValueError(f"BlockFMA zero_exp must be in -1100..1100, got {ze}")
             object.__setattr__(self, "zero_exp", int(ze))
+        pe = self.product_inf_exp
+        if pe is not None:
+            if isinstance(pe, bool) or not isinstance(pe, numbers.Integral):
+                raise TypeError(f"BlockFMA product_inf_exp must be an int or None, got {pe!r}")
+            if not -1100 <= pe <= 1100:
+                raise ValueError(f"BlockFMA product_inf_exp must be in -1100..1100, got {pe}")
+            object.__setattr__(self, "product_inf_exp", int(pe))
 
     #: Every block's result overflows to an infinity (the Accumulator attribute of the name).
     overflow = Overflow.INFINITY
@@ -390,6 +406,8 @@ class BlockFMA:
             parts.append(f"addend_bits={self.addend_bits}")
         if self.zero_exp is not None:
             parts.append(f"zero_exp={self.zero_exp}")
+        if self.product_inf_exp is not None:
+            parts.append(f"product_inf_exp={self.product_inf_exp}")
         return f"BlockFMA({', '.join(parts)})"
 
 

@@ -273,6 +273,8 @@ def _spec_to_dict(s: MatmulSpec) -> dict:
             ad["addend_bits"] = list(a.addend_bits)
         if a.zero_exp is not None:
             ad["zero_exp"] = a.zero_exp
+        if a.product_inf_exp is not None:
+            ad["product_inf_exp"] = a.product_inf_exp
         d["accumulator"] = ad
     elif a is not None:
         ad = {"format": repr(a.fmt), "rounding": a.rounding.name.lower(),
@@ -338,16 +340,17 @@ def _spec_from_dict(d: dict, where: str) -> MatmulSpec:
 def _block_fma_from_dict(a: dict, where: str) -> BlockFMA:
     """A :class:`~fixedsim.BlockFMA` from ``{"kind": "block_fma", "block", "extra_bits",
     "rounding", "format", "output_frac_bits", "min_exp", "promote", "interleave",
-    "addend_bits", "zero_exp"}`` (the last eight optional; ``addend_bits`` a pair ``[m,
-    c]``)."""
+    "addend_bits", "zero_exp", "product_inf_exp"}`` (the last nine optional; ``addend_bits``
+    a pair ``[m, c]``)."""
     w = f"{where}.accumulator"
     _check_keys(a, {"kind", "block", "extra_bits", "rounding", "format", "output_frac_bits",
-                    "min_exp", "promote", "interleave", "addend_bits", "zero_exp"}, w)
+                    "min_exp", "promote", "interleave", "addend_bits", "zero_exp",
+                    "product_inf_exp"}, w)
     for k in ("block", "extra_bits"):
         if k not in a:
             raise ValueError(f"{w}: '{k}' is required for kind 'block_fma'")
     kw = {k: a[k] for k in ("rounding", "output_frac_bits", "min_exp", "promote", "interleave",
-                            "addend_bits", "zero_exp") if k in a}
+                            "addend_bits", "zero_exp", "product_inf_exp") if k in a}
     if "format" in a:
         kw["fmt"] = _build(parse_format, f"{w}.format", a["format"])
     return _build(BlockFMA, w, a["block"], a["extra_bits"], **kw)
