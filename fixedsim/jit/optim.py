@@ -220,7 +220,7 @@ def _weights_fixed(ws, sbuf, wo, lo_i, mode, rbits, g, key, P, Psr, U, D):
             c3 += e3
             continue
         wn, fl, sl = arith_one(np.int64(OP_ADD), np.float64(ws[j]), -s, -s, np.uint64(lo_i + j),
-                               P, Psr, U, D, mode, np.bool_(False), 0.0)
+                               P, Psr, U, D, np.int64(mode), np.bool_(False), 0.0)
         if sl or (fl >> F_NAN) & 1 or (fl >> F_INVALID) & 1:
             ns += 1
             continue
@@ -231,6 +231,63 @@ def _weights_fixed(ws, sbuf, wo, lo_i, mode, rbits, g, key, P, Psr, U, D):
         c3 += (fl >> F_UNDERFLOW) & 1
         c4 += (fl >> F_SUBNORMAL) & 1
     return c0, c1, c2, c3, c4, ns
+
+
+@jit_inline
+def _steps(gr, ws, vs, vo_, sbuf, lo_i, hyper, flags, KM, mm, rm, gm0, gm1, gm2, gm3, keym, KU,
+           mu_, ru, gu0, gu1, gu2, gu3, keyu):
+    """The first loop of a chunk of :func:`sgd_step`: the new momentum into ``vo_``, the
+    rounded step into ``sbuf``. Returns the events of the momentum and of the step rounding
+    (five each) and the count of elements left to the caller (non-finite)."""
+    lr = hyper[H_LR]
+    mu = hyper[H_MU]
+    wd = hyper[H_WD]
+    gs = hyper[H_SCALE]
+    mom = flags[0] != 0
+    has_v = flags[1] != 0
+    nesterov = flags[2] != 0
+    # events kept in registers: inexact, up, overflow, underflow, subnormal of the momentum
+    # (a*) and of the step (b*)
+    a0 = a1 = a2 = a3 = a4 = np.int64(0)
+    b0 = b1 = b2 = b3 = b4 = np.int64(0)
+    ns = 0
+    for j in range(gr.size):
+        ui = np.uint64(lo_i + j)
+        g = np.float64(gr[j])
+        if gs != 1.0:
+            g = g / gs
+        if wd != 0.0:
+            g = g + wd * np.float64(ws[j])
+        if mom:
+            vold = np.float64(vs[j]) if has_v else 0.0
+            xm = mu * vold + g
+            if not _finite(xm):
+                ns += 1  # the chunk is left to the caller
+                continue
+            vn, e0, e1, e2, e3, e4 = _round_role(xm, KM, mm, rm, gm0, gm1, gm2, gm3, keym, ui)
+            a0 += e0
+            a1 += e1
+            a2 += e2
+            a3 += e3
+            a4 += e4
+            vo_[j] = vn
+            d = g + mu * vn if nesterov else vn
+        else:
+            d = g
+        xu = lr * d
+        if not _finite(xu):
+            ns += 1
+            continue
+        st, e0, e1, e2, e3, e4 = _round_role(xu, KU, mu_, ru, gu0, gu1, gu2, gu3, keyu, ui)
+        b0 += e0
+        b1 += e1
+        b2 += e2
+        b3 += e3
+        b4 += e4
+        # a finite step and weight (an FP32 step of a finite value may overflow)
+        ns += np.int64(not (_finite(st) and _finite(np.float64(ws[j]))))
+        sbuf[j] = st
+    return a0, a1, a2, a3, a4, b0, b1, b2, b3, b4, ns
 
 
 @jit_parallel
@@ -254,13 +311,8 @@ def sgd_step(grad, w, v, w_out, v_out, hyper, flags, kinds, grid, keys, P, Psr, 
     nch = (n + CHUNK - 1) // CHUNK
     counts = np.zeros((nch, 3 * N_EVENTS), np.int64)
     slow = np.zeros(nch, np.int64)
-    lr = hyper[H_LR]
-    mu = hyper[H_MU]
-    wd = hyper[H_WD]
-    gs = hyper[H_SCALE]
     mom = flags[0] != 0
     has_v = flags[1] != 0
-    nesterov = flags[2] != 0
     km, mm, rm = kinds[R_MOMENTUM, K_KIND], kinds[R_MOMENTUM, K_MODE], kinds[R_MOMENTUM, K_RBITS]
     ku, mu_, ru = kinds[R_UPDATE, K_KIND], kinds[R_UPDATE, K_MODE], kinds[R_UPDATE, K_RBITS]
     kw, mw, rw = kinds[R_WEIGHTS, K_KIND], kinds[R_WEIGHTS, K_MODE], kinds[R_WEIGHTS, K_RBITS]
@@ -279,52 +331,20 @@ def sgd_step(grad, w, v, w_out, v_out, hyper, flags, kinds, grid, keys, P, Psr, 
         vs = v[lo_i:hi_i] if has_v else v[0:0]
         vo_ = v_out[lo_i:hi_i] if mom else v_out[0:0]
         sbuf = np.empty(hi_i - lo_i, np.float64)  # the rounded steps
-        # events kept in registers: inexact, up, overflow, underflow, subnormal of the
-        # momentum (a*) and of the step (b*)
-        a0 = a1 = a2 = a3 = a4 = np.int64(0)
-        b0 = b1 = b2 = b3 = b4 = np.int64(0)
-        ns = 0
-        for j in range(hi_i - lo_i):
-            ui = np.uint64(lo_i + j)
-            g = np.float64(gr[j])
-            if gs != 1.0:
-                g = g / gs
-            if wd != 0.0:
-                g = g + wd * np.float64(ws[j])
-            if mom:
-                vold = np.float64(vs[j]) if has_v else 0.0
-                xm = mu * vold + g
-                if not _finite(xm):
-                    ns += 1  # the chunk is left to the caller
-                    continue
-                vn, e0, e1, e2, e3, e4 = _round_role(xm, km, mm, rm, gm0, gm1, gm2, gm3,
-                                                     keym, ui)
-                a0 += e0
-                a1 += e1
-                a2 += e2
-                a3 += e3
-                a4 += e4
-                vo_[j] = vn
-                d = g + mu * vn if nesterov else vn
-            else:
-                d = g
-            xu = lr * d
-            if not _finite(xu):
-                ns += 1
-                continue
-            st, e0, e1, e2, e3, e4 = _round_role(xu, ku, mu_, ru, gu0, gu1, gu2, gu3, keyu,
-                                                 ui)
-            b0 += e0
-            b1 += e1
-            b2 += e2
-            b3 += e3
-            b4 += e4
-            # a finite step and weight (an FP32 step of a finite value may overflow)
-            ns += np.int64(not (_finite(st) and _finite(np.float64(ws[j]))))
-            sbuf[j] = st
+        # the kinds of the presets as literals: the other kinds' code drops out of the loop
+        if km == F32 and ku == F32:
+            r1 = _steps(gr, ws, vs, vo_, sbuf, lo_i, hyper, flags, F32, mm, rm, gm0, gm1, gm2,
+                        gm3, keym, F32, mu_, ru, gu0, gu1, gu2, gu3, keyu)
+        elif km == F32 and ku == NONE:
+            r1 = _steps(gr, ws, vs, vo_, sbuf, lo_i, hyper, flags, F32, mm, rm, gm0, gm1, gm2,
+                        gm3, keym, NONE, mu_, ru, gu0, gu1, gu2, gu3, keyu)
+        else:
+            r1 = _steps(gr, ws, vs, vo_, sbuf, lo_i, hyper, flags, km, mm, rm, gm0, gm1, gm2,
+                        gm3, keym, ku, mu_, ru, gu0, gu1, gu2, gu3, keyu)
+        ns = r1[10]
         cc = counts[c]
-        cc[0], cc[1], cc[2], cc[3], cc[4] = a0, a1, a2, a3, a4
-        cc[5], cc[6], cc[7], cc[8], cc[9] = b0, b1, b2, b3, b4
+        for k in range(10):
+            cc[k] = r1[k]
         if ns == 0:  # w - step rounded once, exactly, into the weights role
             if kw == F32:
                 r = _weights_f32(ws, sbuf, wo)
