@@ -363,6 +363,12 @@ class SGD(Optimizer):
     bits the two roundings differ from one only when the float64 value lands exactly on a
     rounding boundary of the role. A role whose format is None keeps the float64 value.
 
+    Where the roles are FP32 nearest even, saturating fixed point or (the step) unrounded, as
+    in every preset, each parameter is updated in one pass of a Numba kernel
+    (:func:`fixedsim.jit.optim.sgd_step`) that evaluates the same float64 expressions and
+    makes the same roundings, random draws and counts as the steps above, bit for bit; other
+    roles and non-finite values take the separate passes.
+
     Parameters
     ----------
     params : dict of str to Parameter, or list of Parameter
