@@ -9,6 +9,7 @@ import math
 import numba
 import numpy as np
 import pytest
+from blockfma_cases import check, one_numba_thread, operands
 from helpers import assert_same_bits
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -23,12 +24,8 @@ INPUTS = [fs.FP16, fs.BF16, fs.TF32, fs.FP8_E4M3, fs.FP8_E5M2]
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """One Numba thread for these small products (the bits do not depend on it: see
-    test_threads_do_not_change_bits)."""
-    threads = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(threads)
+    with one_numba_thread():
+        yield
 
 
 @st.composite
@@ -40,39 +37,6 @@ def block_fmas(draw):
                                        R.DOWN, R.ODD])),
         fmt=fmt, output_frac_bits=draw(st.none() | st.integers(1, fmt.man_bits)),
         min_exp=draw(st.none() | st.integers(-150, 2)))
-
-
-@st.composite
-def operands(draw, fmt, shape):
-    """Values of ``fmt`` spread over its exponent range: mixed exponents, subnormals, zeros
-    of both signs, cancelling pairs (the same magnitude with both signs)."""
-    n = int(np.prod(shape))
-    e = draw(st.lists(st.integers(fmt.emin - fmt.man_bits, min(fmt.emax, 8)), min_size=n,
-                      max_size=n))
-    m = draw(st.lists(st.floats(1.0, 2.0, exclude_max=True), min_size=n, max_size=n))
-    sign = draw(st.lists(st.sampled_from([1.0, -1.0]), min_size=n, max_size=n))
-    x = np.array([s * math.ldexp(v, k) for s, v, k in zip(sign, m, e, strict=True)])
-    zeros = draw(st.lists(st.booleans(), min_size=n, max_size=n))
-    x = np.where(zeros, np.copysign(0.0, x), x).reshape(shape)
-    x = np.asarray(fs.quantize(x, fmt), np.float64)
-    if draw(st.booleans()) and shape[-1] > 1:  # cancellation: a column repeated, negated
-        x[..., 1] = -x[..., 0]
-    return x
-
-
-def check(a, b, spec, c=None):
-    """The row's bits and per-step counts are the oracle's (general row: the oracle on every
-    element), counted and not."""
-    got, cnt = fs.matmul(a, b, spec, c, stats="steps")
-    assert cnt.paths.get("blockfma") == 1, cnt.paths
-    unread = fs.matmul(a, b, spec, c)
-    want, cw = fs.matmul(a, b, spec, c, stats="steps", path="general")
-    ref = reference.matmul(a, b, spec, c=c)
-    for y in (got, unread, want):
-        assert_same_bits(y.astype(np.float64), ref)
-    assert cnt.accumulator == cw.accumulator
-    assert cnt.alignment == cw.alignment
-    assert cnt.output == cw.output
 
 
 @settings(max_examples=60, deadline=None)

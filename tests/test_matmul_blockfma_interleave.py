@@ -5,12 +5,10 @@ count; the order by hand; a result that only the dealt order gives; the argument
 """
 
 import dataclasses
-import math
 
-import numba
 import numpy as np
 import pytest
-from helpers import assert_same_bits
+from blockfma_cases import check, one_numba_thread, operands
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -22,10 +20,8 @@ R = fs.Rounding
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    threads = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(threads)
+    with one_numba_thread():
+        yield
 
 
 @st.composite
@@ -42,24 +38,6 @@ def interleaved(draw):
         promote=block * draw(st.integers(1, 3)), interleave=group)
 
 
-@st.composite
-def operands(draw, fmt, shape):
-    """Values of ``fmt`` over its exponent range, zeros of both signs, and a cancelling pair
-    (a column repeated, negated)."""
-    n = int(np.prod(shape))
-    e = draw(st.lists(st.integers(fmt.emin - fmt.man_bits, min(fmt.emax, 8)), min_size=n,
-                      max_size=n))
-    m = draw(st.lists(st.floats(1.0, 2.0, exclude_max=True), min_size=n, max_size=n))
-    sign = draw(st.lists(st.sampled_from([1.0, -1.0]), min_size=n, max_size=n))
-    x = np.array([s * math.ldexp(v, k) for s, v, k in zip(sign, m, e, strict=True)])
-    zeros = draw(st.lists(st.booleans(), min_size=n, max_size=n))
-    x = np.where(zeros, np.copysign(0.0, x), x).reshape(shape)
-    x = np.asarray(fs.quantize(x, fmt), np.float64)
-    if draw(st.booleans()) and shape[-1] > 1:
-        x[..., 1] = -x[..., 0]
-    return x
-
-
 @settings(max_examples=50, deadline=None)
 @given(data=st.data(), acc=interleaved(),
        fmt=st.sampled_from([fs.FP16, fs.BF16, fs.FP8_E4M3, fs.FP8_E5M2]),
@@ -73,16 +51,7 @@ def test_interleave_matches_the_oracle(data, acc, fmt, shape, with_c):
     a = data.draw(operands(fmt, (M, K)))
     b = data.draw(operands(fmt, (K, N)))
     c = data.draw(operands(acc.fmt, (M, N))) if with_c else None
-    spec = fs.MatmulSpec(input=fmt, accumulator=acc)
-    got, cnt = fs.matmul(a, b, spec, c, stats="steps")
-    assert cnt.paths.get("blockfma") == 1, cnt.paths
-    want, cw = fs.matmul(a, b, spec, c, stats="steps", path="general")
-    ref = reference.matmul(a, b, spec, c=c)
-    for y in (got, fs.matmul(a, b, spec, c), want):
-        assert_same_bits(y.astype(np.float64), ref)
-    assert cnt.accumulator == cw.accumulator
-    assert cnt.alignment == cw.alignment
-    assert cnt.output == cw.output
+    check(a, b, fs.MatmulSpec(input=fmt, accumulator=acc), c)
 
 
 def test_the_order_by_hand():
