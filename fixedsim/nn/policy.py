@@ -261,20 +261,10 @@ def _spec_to_dict(s: MatmulSpec) -> dict:
     if isinstance(a, BlockFMA):
         ad = {"kind": "block_fma", "block": a.block, "extra_bits": a.extra_bits,
               "rounding": a.rounding.name.lower(), "format": repr(a.fmt)}
-        if a.output_frac_bits is not None:
-            ad["output_frac_bits"] = a.output_frac_bits
-        if a.min_exp is not None:
-            ad["min_exp"] = a.min_exp
-        if a.promote is not None:
-            ad["promote"] = a.promote
-        if a.interleave is not None:
-            ad["interleave"] = a.interleave
-        if a.addend_bits is not None:
-            ad["addend_bits"] = list(a.addend_bits)
-        if a.zero_exp is not None:
-            ad["zero_exp"] = a.zero_exp
-        if a.product_inf_exp is not None:
-            ad["product_inf_exp"] = a.product_inf_exp
+        for k in _BLOCK_FMA_OPTIONAL:
+            v = getattr(a, k)
+            if v is not None:
+                ad[k] = list(v) if isinstance(v, tuple) else v
         d["accumulator"] = ad
     elif a is not None:
         ad = {"format": repr(a.fmt), "rounding": a.rounding.name.lower(),
@@ -337,20 +327,24 @@ def _spec_from_dict(d: dict, where: str) -> MatmulSpec:
     return _build(MatmulSpec, where, **kw)
 
 
+#: The BlockFMA fields a policy file writes only when they are set (not None); a tuple
+#: (``addend_bits``) is written as a list.
+_BLOCK_FMA_OPTIONAL = ("output_frac_bits", "min_exp", "promote", "interleave", "addend_bits",
+                       "zero_exp", "product_inf_exp")
+
+
 def _block_fma_from_dict(a: dict, where: str) -> BlockFMA:
     """A :class:`~fixedsim.BlockFMA` from ``{"kind": "block_fma", "block", "extra_bits",
     "rounding", "format", "output_frac_bits", "min_exp", "promote", "interleave",
     "addend_bits", "zero_exp", "product_inf_exp"}`` (the last nine optional; ``addend_bits``
     a pair ``[m, c]``)."""
     w = f"{where}.accumulator"
-    _check_keys(a, {"kind", "block", "extra_bits", "rounding", "format", "output_frac_bits",
-                    "min_exp", "promote", "interleave", "addend_bits", "zero_exp",
-                    "product_inf_exp"}, w)
+    _check_keys(a, {"kind", "block", "extra_bits", "rounding", "format",
+                    *_BLOCK_FMA_OPTIONAL}, w)
     for k in ("block", "extra_bits"):
         if k not in a:
             raise ValueError(f"{w}: '{k}' is required for kind 'block_fma'")
-    kw = {k: a[k] for k in ("rounding", "output_frac_bits", "min_exp", "promote", "interleave",
-                            "addend_bits", "zero_exp", "product_inf_exp") if k in a}
+    kw = {k: a[k] for k in ("rounding", *_BLOCK_FMA_OPTIONAL) if k in a}
     if "format" in a:
         kw["fmt"] = _build(parse_format, f"{w}.format", a["format"])
     return _build(BlockFMA, w, a["block"], a["extra_bits"], **kw)
