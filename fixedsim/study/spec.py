@@ -90,13 +90,9 @@ class RunSpec:
 
     @property
     def identity(self) -> dict:
-        """The configuration the run id is the hash of (``seeds`` only when shared, so that
-        the ids of per-run studies are those they always were)."""
-        d = {"train": {k: v for k, v in self.train.items() if k != "seed"},
-             "policy": self.policy, "replicate": self.replicate, "study_seed": self.study_seed}
-        if self.seeds == "shared":
-            d["seeds"] = "shared"
-        return d
+        """The configuration the run id is the hash of (:func:`_identity`)."""
+        return _identity({k: v for k, v in self.train.items() if k != "seed"}, self.policy,
+                         self.replicate, self.study_seed, self.seeds)
 
     @property
     def label(self) -> str:
@@ -239,6 +235,16 @@ def _canonical(obj) -> str:
 def run_id_of(identity: dict) -> str:
     """12 hex digits of the SHA-256 of the canonical JSON of a run's configuration."""
     return hashlib.sha256(_canonical(identity).encode()).hexdigest()[:12]
+
+
+def _identity(train: dict, policy: dict, replicate: int, study_seed: int, seeds: str) -> dict:
+    """A run's configuration, whose hash is its id: the training settings without the seed,
+    the policy, the replicate, the study seed, and ``seeds`` only when shared (so that the ids
+    of per-run studies are those they always were)."""
+    d = {"train": train, "policy": policy, "replicate": replicate, "study_seed": study_seed}
+    if seeds == "shared":
+        d["seeds"] = "shared"
+    return d
 
 
 def derive_seed(study_seed: int, run_id: str) -> int:
@@ -517,9 +523,7 @@ def parse_study(data: dict, path=None) -> Study:
         pdict = _resolve_policy(base_policy, overrides, point, base, where, Policy,
                                 policy_cache)
         replicate = int(point.get("replicate", 0))
-        identity = RunSpec("", index, labels, tdict, pdict, replicate, 0, seed,
-                           seeding).identity
-        rid = run_id_of(identity)
+        rid = run_id_of(_identity(tdict, pdict, replicate, seed, seeding))
         if rid in by_id:
             other = by_id[rid]
             raise StudyError(f"{where}: grid: the points {other.label} and "
