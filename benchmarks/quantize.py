@@ -286,15 +286,20 @@ def block_table(args):
     return rows, notes, failures
 
 
-def print_block_table(rows, notes, md):
-    cols = ["case", "fixedsim", *BLOCK_OTHERS, "fixedsim/best", "check"]
+def print_table(title, cols, rows, notes):
+    """A plain-text table (first column left-aligned, the others right-aligned), then notes."""
     widths = [max(len(r[i]) for r in [cols, *rows]) for i in range(len(cols))]
     fmt_row = " | ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
-    print("\nBlock formats, throughput in Melem/s\n" + fmt_row.format(*cols))
+    print(f"\n{title}\n" + fmt_row.format(*cols))
     print("-+-".join("-" * w for w in widths))
     for r in rows:
         print(fmt_row.format(*r))
     print("\n" + "\n".join(f"* {s}" for s in notes))
+
+
+def print_block_table(rows, notes, md):
+    cols = ["case", "fixedsim", *BLOCK_OTHERS, "fixedsim/best", "check"]
+    print_table("Block formats, throughput in Melem/s", cols, rows, notes)
     md += ["", "| " + " | ".join(cols) + " |",
            "|" + "|".join(["---"] + ["---:"] * (len(cols) - 2) + ["---"]) + "|"]
     md += ["| " + " | ".join(r) + " |" for r in rows]
@@ -371,13 +376,7 @@ def main(argv=None):
         "OCP e4m3fn 448, so it differs wherever |x| >= 248.",
         "pychop / qtorch: n/a when not importable.",
     ]
-    widths = [max(len(r[i]) for r in [cols, *rows]) for i in range(len(cols))]
-    fmt_row = " | ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
-    print("\nThroughput in Melem/s\n" + fmt_row.format(*cols))
-    print("-+-".join("-" * w for w in widths))
-    for r in rows:
-        print(fmt_row.format(*r))
-    print("\n" + "\n".join(f"* {s}" for s in notes))
+    print_table("Throughput in Melem/s", cols, rows, notes)
     brows, bnotes, bfail = block_table(args)
     failures += bfail
     md = [header(args), "", "| " + " | ".join(cols) + " |",
