@@ -1,0 +1,269 @@
+"""Column-row sampling (fixedsim.approx): the estimator, its exact cases, counts, seeds, errors,
+and the sampled Linear/Conv2d layers in training.
+
+The statistical tests state their bound: the mean of R seeded draws must lie within 5 empirical
+standard errors (``std(ddof=1) / sqrt(R)``) of the exact product, entry by entry, plus the
+float64 rounding of the estimates (a few ulps of the terms summed, far below the standard
+error here). The draws are seeded (seed r for draw r), so the tests are deterministic; for a
+normal mean a 5-sigma excursion has probability 6e-7 per entry.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import assert_same_bits
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import fixedsim as fs
+from fixedsim.approx import Approx, keep_count, parse_approx, sampled_conv2d, sampled_matmul, select
+from fixedsim.approx.core import _bernoulli_probabilities
+
+STOCH = fs.Rounding.STOCHASTIC
+SPECS = [
+    fs.MatmulSpec(),
+    fs.MatmulSpec(input=fs.FP16, accumulator=fs.FP32, output=fs.FP32),
+    fs.MatmulSpec(input=fs.BF16, input_rounding=STOCH, output=fs.FP16, output_rounding=STOCH,
+                  seed=11),
+    fs.MatmulSpec(input=fs.FixedFormat(16, 12), output=fs.FixedFormat(16, 12)),
+]
+
+
+def _ab(seed, M=3, K=8, N=2):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((M, K)), rng.standard_normal((K, N))
+
+
+# -- unbiasedness ------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,keep", [("crs", 3), ("bernoulli", 3), ("crs", 0.25),
+                                         ("bernoulli", 0.5)])
+def test_random_methods_are_unbiased(method, keep):
+    a, b = _ab(1)
+    a[:, 2] = 0.0  # a pair of weight 0 (probability 0) is part of the exact sum too
+    a[0, 5] = 40.0  # a pair whose Bernoulli share would exceed 1: clipped, kept for certain
+    exact = a @ b
+    R = 3000
+    ys = np.stack([sampled_matmul(a, b, keep, method=method, seed=r)[0] for r in range(R)])
+    mean, se = ys.mean(axis=0), ys.std(axis=0, ddof=1) / np.sqrt(R)
+    assert (se > 0).all()  # the estimate does vary: the bound below is not vacuous
+    rounding = 8 * np.finfo(float).eps * (np.abs(a) @ np.abs(b)) * a.shape[1]
+    assert (np.abs(mean - exact) <= 5 * se + rounding).all(), (mean, exact, se)
+
+
+def test_conv_crs_is_unbiased():
+    rng = np.random.default_rng(2)
+    x, w = rng.standard_normal((2, 5, 4, 4)), rng.standard_normal((3, 5, 3, 3))
+    exact = fs.conv2d(x, w, padding=1)
+    R = 1500
+    ys = np.stack([sampled_conv2d(x, w, 2, method="crs", seed=r, padding=1)[0]
+                   for r in range(R)])
+    mean, se = ys.mean(axis=0), ys.std(axis=0, ddof=1) / np.sqrt(R)
+    assert (se > 0).all()
+    assert (np.abs(mean - exact) <= 5 * se + 1e-12).all()
+
+
+def test_biased_topk_is_not_unbiased():
+    """The bound above can fail: top-k at k < K misses the dropped pairs' sum."""
+    a, b = _ab(3)
+    y, st_ = sampled_matmul(a, b, 4, method="topk")
+    dropped = np.setdiff1d(np.arange(8), st_.kept)
+    assert_same_bits(y, fs.matmul(a[:, st_.kept], b[st_.kept]))
+    assert np.abs(a[:, dropped] @ b[dropped]).max() > 0
+
+
+# -- probabilities -----------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(hnp.arrays(np.float64, st.integers(1, 12),
+                  elements=st.one_of(st.just(0.0), st.floats(1e-3, 1e3))),
+       st.integers(1, 12))
+def test_bernoulli_probabilities_sum_to_k_and_clip_at_one(w, k):
+    k = min(k, w.size)
+    p = _bernoulli_probabilities(w, k)
+    nz = w > 0
+    assert ((p >= 0) & (p <= 1)).all() and (p[~nz] == 0).all()
+    if k >= nz.sum():
+        assert (p[nz] == 1).all()
+        return
+    assert p.sum() == pytest.approx(k, rel=1e-12)
+    free = nz & (p < 1)  # unclipped pairs: p proportional to w, with one factor mu
+    mu = p[free] / w[free]
+    assert np.allclose(mu, mu[0], rtol=1e-12)
+    assert (mu[0] * w[p == 1] >= 1 - 1e-12).all()  # clipped pairs would exceed 1
+
+
+def test_crs_scales_and_counts():
+    a, b = _ab(4)
+    y, s = sampled_matmul(a, b, 5, method="crs", seed=9)
+    assert s.counts.sum() == 5 and (s.counts >= 1).all()
+    assert np.array_equal(s.kept, np.unique(s.kept))
+    assert_same_bits(s.scale, s.counts / (5 * s.probabilities[s.kept]))
+    assert_same_bits(y, fs.matmul(a[:, s.kept] * s.scale, b[s.kept]))
+
+
+# -- exact cases ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec", SPECS, ids=repr)
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 2**32))
+def test_topk_with_every_pair_is_the_dense_product(spec, seed):
+    a, b = _ab(seed, 4, 9, 3)
+    y, s = sampled_matmul(a, b, 9, method="topk", spec=spec, product_seed=5)
+    assert_same_bits(y, fs.matmul(a, b, spec, seed=5))
+    assert s.macs == s.dense_macs == 4 * 9 * 3
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=repr)
+def test_bernoulli_with_every_pair_is_the_dense_product(spec):
+    """At k = K every pair of nonzero weight has p = 1 and scale 1."""
+    a, b = _ab(5, 4, 9, 3)
+    y, s = sampled_matmul(a, b, 1.0, method="bernoulli", spec=spec, seed=3, product_seed=5)
+    assert (s.scale == 1).all() and s.kept.size == 9
+    assert_same_bits(y, fs.matmul(a, b, spec, seed=5))
+
+
+def test_crs_with_every_pair_is_not_exact():
+    """CRS draws with replacement: k = K is an unbiased estimate, not the product."""
+    a, b = _ab(6)
+    y, s = sampled_matmul(a, b, 8, method="crs", seed=0)
+    assert s.kept.size < 8 and not np.allclose(y, a @ b)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=repr)
+def test_kept_pairs_run_through_the_spec(spec):
+    """The result is matmul of the scaled kept columns and the kept rows under the spec."""
+    a, b = _ab(7, 5, 10, 4)
+    for method in ("crs", "bernoulli", "topk"):
+        y, s = sampled_matmul(a, b, 4, method=method, seed=2, spec=spec, product_seed=8)
+        a_s = a[:, s.kept] * s.scale
+        assert_same_bits(y, fs.matmul(a_s, b[s.kept], spec, seed=8))
+
+
+def test_conv_topk_with_every_channel_is_the_dense_convolution():
+    rng = np.random.default_rng(8)
+    x, w = rng.standard_normal((2, 4, 5, 5)), rng.standard_normal((3, 4, 3, 3))
+    spec = SPECS[1]
+    y, s = sampled_conv2d(x, w, 4, method="topk", spec=spec, stride=2, padding=1)
+    assert_same_bits(y, fs.conv2d(x, w, spec, stride=2, padding=1))
+    y, s = sampled_conv2d(x, w, 2, method="bernoulli", spec=spec, seed=4, padding=1)
+    xs = x[:, s.kept] * s.scale[None, :, None, None]
+    assert_same_bits(y, fs.conv2d(xs, w[:, s.kept], spec, padding=1))
+    assert s.macs * 4 == s.dense_macs * s.kept.size
+
+
+# -- counts and seeds --------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["crs", "bernoulli", "topk"])
+def test_counted_macs_are_the_kept_pairs(method):
+    a, b = _ab(9, 6, 20, 5)
+    for seed in range(5):
+        y, s = sampled_matmul(a, b, 0.3, method=method, seed=seed)
+        assert s.macs == s.counters.macs == 6 * 5 * s.kept.size
+        assert s.dense_macs == 6 * 5 * 20
+    with fs.counters.record() as c:  # a record() block sees the MACs performed
+        _, s = sampled_matmul(a, b, 6, method=method, seed=1)
+    assert c.macs == 6 * 5 * s.kept.size
+
+
+@pytest.mark.parametrize("method", ["crs", "bernoulli"])
+def test_same_seed_same_bits(method):
+    a, b = _ab(10, 4, 16, 3)
+    y1, s1 = sampled_matmul(a, b, 5, method=method, seed=123, spec=SPECS[2])
+    y2, s2 = sampled_matmul(a, b, 5, method=method, seed=123, spec=SPECS[2])
+    assert_same_bits(y1, y2)
+    assert np.array_equal(s1.kept, s2.kept)
+    kept = {tuple(sampled_matmul(a, b, 5, method=method, seed=r)[1].kept) for r in range(20)}
+    assert len(kept) > 1  # the seed does change the draws
+
+
+def test_generator_seed_is_accepted():
+    a, b = _ab(11)
+    y1, _ = sampled_matmul(a, b, 3, seed=np.random.default_rng(4))
+    y2, _ = sampled_matmul(a, b, 3, seed=4)
+    assert_same_bits(y1, y2)
+
+
+@pytest.mark.parametrize("method", ["crs", "bernoulli", "topk"])
+def test_all_zero_operand_gives_zeros(method):
+    a, b = np.zeros((3, 4)), np.ones((4, 2))
+    y, s = sampled_matmul(a, b, 2, method=method, seed=0)
+    assert_same_bits(y, np.zeros((3, 2)))
+    assert s.macs == 3 * 2 * s.kept.size
+    assert s.kept.size == (2 if method == "topk" else 0)
+    y, s = sampled_conv2d(np.zeros((1, 2, 3, 3)), np.ones((2, 2, 2, 2)), 1, method=method)
+    assert_same_bits(y, np.zeros((1, 2, 2, 2)))
+
+
+def test_zero_weight_pairs_are_never_drawn():
+    a, b = _ab(12)
+    b[[1, 4]] = 0.0
+    for r in range(50):
+        for method in ("crs", "bernoulli"):
+            kept = sampled_matmul(a, b, 6, method=method, seed=r)[1].kept
+            assert not np.isin([1, 4], kept).any()
+
+
+# -- bad input ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("keep,match", [
+    (0, r"keep = 0 pairs is out of range.*\[1, 8\]"),
+    (9, r"keep = 9 pairs is out of range.*K = 8"),
+    (0.0, r"fraction must be in \(0, 1\], got 0.0"),
+    (1.5, r"fraction must be in \(0, 1\], got 1.5"),
+    (float("nan"), r"fraction must be in \(0, 1\]"),
+    (True, r"int count of pairs or a float fraction"),
+    ("half", r"int count of pairs or a float fraction"),
+])
+def test_bad_keep(keep, match):
+    a, b = _ab(13)
+    with pytest.raises(ValueError, match=match):
+        sampled_matmul(a, b, keep)
+
+
+def test_bad_method_shape_and_values():
+    a, b = _ab(14)
+    with pytest.raises(ValueError, match=r"unknown method 'uniform'.*crs, bernoulli, topk"):
+        sampled_matmul(a, b, 2, method="uniform")
+    with pytest.raises(ValueError, match=r"same K, got \(3, 8\) and \(7, 2\)"):
+        sampled_matmul(a, b[:7], 2)
+    with pytest.raises(ValueError, match=r"same C"):
+        sampled_conv2d(np.ones((1, 2, 3, 3)), np.ones((1, 3, 2, 2)), 1)
+    a[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        sampled_matmul(a, b, 2)
+    with pytest.raises(ValueError, match=r"count must be in \[1, 4\]"):
+        keep_count(5, 4)
+    with pytest.raises(ValueError, match="weights must be a 1-D array"):
+        select([1.0, -1.0], 1)
+
+
+def test_keep_fraction_rounds_to_nearest():
+    assert [keep_count(f, 10) for f in (0.01, 0.25, 0.3, 0.5, 1.0)] == [1, 3, 3, 5, 10]
+
+
+# -- the setting ---------------------------------------------------------------------------------
+def test_approx_parse_round_trip():
+    for text in ("crs:0.5:forward", "topk:16:forward+grad_weight", "bernoulli:0.3:grad_input",
+                 "crs:0.5:forward:seed=3"):
+        a = Approx.parse(text)
+        assert str(a) == text and Approx.parse(str(a)) == a
+        assert Approx(**a.to_dict()) == a
+    assert Approx.parse("crs:0.5") == Approx("crs", 0.5, ("forward",))
+    assert Approx.parse("crs:0.5:grad_weight+forward").products == ("forward", "grad_weight")
+    assert Approx.parse("crs:1").keep == 1 and Approx.parse("crs:1.0").keep == 1.0
+    assert parse_approx("") is None and parse_approx(None) is None
+
+
+@pytest.mark.parametrize("text,match", [
+    ("crs", r"expected METHOD:KEEP"),
+    ("uniform:0.5", r"method must be one of crs, bernoulli, topk, got 'uniform'"),
+    ("crs:half", r"KEEP must be a count \(int\) or a fraction"),
+    ("crs:1.5", r"keep must be an int count >= 1 or a float fraction in \(0, 1\], got 1.5"),
+    ("crs:0", r"got 0"),
+    ("crs:0.5:backward", r"products must be distinct names among forward, grad_input, "
+                         r"grad_weight"),
+    ("crs:0.5:forward+forward", r"distinct"),
+    ("crs:0.5:forward:seed=x", r"seed must be an int, got 'x'"),
+    ("crs:0.5:forward:step=3", r"expected METHOD:KEEP"),
+])
+def test_approx_parse_errors(text, match):
+    with pytest.raises(ValueError, match=match):
+        Approx.parse(text)
