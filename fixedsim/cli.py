@@ -437,7 +437,7 @@ def _cmd_warmup(args) -> int:
 
 _TRAIN_OPTIONS = ("data", "train_size", "test_size", "epochs", "batch_size", "optimizer", "lr",
                   "momentum", "nesterov", "weight_decay", "schedule", "seed", "reuse",
-                  "reuse_layers")
+                  "reuse_layers", "approx", "approx_layers")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -512,6 +512,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(docs/reuse.md)")
     t.add_argument("--reuse-layers", default=None, choices=["conv", "linear", "all"],
                    help="which layers --reuse applies to (default conv)")
+    t.add_argument("--approx", default=None, metavar="SETTING",
+                   help="column-row sampling of the layers' products in training: "
+                        "METHOD:KEEP[:PRODUCT[+PRODUCT...]][:seed=N], METHOD crs, bernoulli "
+                        "or topk, KEEP a count or a fraction, PRODUCT forward (default), "
+                        "grad_input, grad_weight; e.g. crs:0.5:forward (docs/approx.md)")
+    t.add_argument("--approx-layers", default=None, choices=["conv", "linear", "all"],
+                   help="which layers --approx applies to (default all)")
     t.add_argument("--count-steps", action="store_true",
                    help="count the per-step events of every product in counters.csv (an "
                         "accumulator's inexact, overflowing, subnormal steps); costs time")

@@ -39,7 +39,7 @@ import numpy as np
 
 from .jit import quant as _q
 
-__all__ = ["StageCounts", "Counters", "ReuseCounts", "record"]
+__all__ = ["StageCounts", "Counters", "ReuseCounts", "ApproxCounts", "record"]
 
 _FIELDS = ("roundings", "inexact", "overflow", "underflow", "subnormal", "nan")
 
@@ -237,6 +237,66 @@ class ReuseCounts:
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["remain_ratio"] = self.remain_ratio
+        return d
+
+
+@dataclasses.dataclass
+class ApproxCounts:
+    """What column-row sampling did in a layer (:mod:`fixedsim.approx`), summed over calls.
+
+    Every product of a layer with a sampling setting is counted here (in training passes),
+    sampled or not: the backward products of a sampled forward run over the kept pairs only.
+
+    Attributes
+    ----------
+    calls : int
+        Products counted.
+    sampled : int
+        Products whose pairs were sampled.
+    pairs, kept : int
+        Pairs of the sampled products' inner dimensions, and pairs kept (distinct), summed.
+    macs, dense_macs : int
+        Forward multiply-accumulates performed, and those of the dense layer.
+    backward_macs, backward_dense_macs : int
+        The same for the weight- and input-gradient products.
+    """
+
+    calls: int = 0
+    sampled: int = 0
+    pairs: int = 0
+    kept: int = 0
+    macs: int = 0
+    dense_macs: int = 0
+    backward_macs: int = 0
+    backward_dense_macs: int = 0
+
+    @property
+    def keep_ratio(self) -> float:
+        """``kept / pairs`` (1.0 when nothing was sampled)."""
+        return self.kept / self.pairs if self.pairs else 1.0
+
+    def add(self, product: str, *, pairs: int, kept: int, macs: int, dense_macs: int) -> None:
+        """Count one product (``"forward"``, ``"grad_input"`` or ``"grad_weight"``); ``pairs``
+        0 for a product that was not sampled."""
+        self.calls += 1
+        self.sampled += pairs > 0
+        self.pairs += pairs
+        self.kept += kept
+        if product == "forward":
+            self.macs += macs
+            self.dense_macs += dense_macs
+        else:
+            self.backward_macs += macs
+            self.backward_dense_macs += dense_macs
+
+    def __iadd__(self, other: ApproxCounts) -> ApproxCounts:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        return self
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["keep_ratio"] = self.keep_ratio
         return d
 
 

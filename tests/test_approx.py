@@ -10,16 +10,22 @@ normal mean a 5-sigma excursion has probability 6e-7 per entry.
 
 from __future__ import annotations
 
+import csv
+import json
+
 import numpy as np
 import pytest
-from helpers import assert_same_bits
+from helpers import assert_same_bits, numeric_grad
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import fixedsim as fs
+from fixedsim import data as fdata
+from fixedsim import nn
 from fixedsim.approx import Approx, keep_count, parse_approx, sampled_conv2d, sampled_matmul, select
 from fixedsim.approx.core import _bernoulli_probabilities
+from fixedsim.nn.train import TrainConfig, train
 
 STOCH = fs.Rounding.STOCHASTIC
 SPECS = [
@@ -56,7 +62,7 @@ def test_conv_crs_is_unbiased():
     rng = np.random.default_rng(2)
     x, w = rng.standard_normal((2, 5, 4, 4)), rng.standard_normal((3, 5, 3, 3))
     exact = fs.conv2d(x, w, padding=1)
-    R = 1500
+    R = 800
     ys = np.stack([sampled_conv2d(x, w, 2, method="crs", seed=r, padding=1)[0]
                    for r in range(R)])
     mean, se = ys.mean(axis=0), ys.std(axis=0, ddof=1) / np.sqrt(R)
@@ -267,3 +273,200 @@ def test_approx_parse_round_trip():
 def test_approx_parse_errors(text, match):
     with pytest.raises(ValueError, match=match):
         Approx.parse(text)
+
+
+# -- layers ------------------------------------------------------------------------------------
+def _ctx(step=0, training=True, policy=None):
+    return nn.Context(policy or nn.Policy.exact(), seed=1, step=step, training=training)
+
+
+def _linear(approx, seed=0, bias=True):
+    layer = nn.Linear(7, 4, bias=bias, rng=seed)
+    layer.name = "fc"
+    layer.set_approx(Approx.parse(approx) if approx else None)
+    return layer
+
+
+def _conv(approx, seed=0, bias=True):
+    layer = nn.Conv2d(4, 3, 3, stride=1, padding=1, bias=bias, rng=seed)
+    layer.name = "conv"
+    layer.set_approx(Approx.parse(approx) if approx else None)
+    return layer
+
+
+@pytest.mark.parametrize("make,shape", [(_linear, (5, 7)), (_conv, (2, 4, 5, 5))])
+def test_topk_forward_backward_is_the_gradient_of_the_sampled_forward(make, shape):
+    """Top-k keeps a fixed set of pairs under small perturbations, so central differences of
+    the sampled forward check its backward (the other pairs get zero gradient)."""
+    rng = np.random.default_rng(0)
+    layer = make("topk:2:forward")
+    x = rng.standard_normal(shape)
+    r = None
+
+    def loss():
+        nonlocal r
+        y = layer.forward(x, _ctx())
+        if r is None:
+            r = np.random.default_rng(1).standard_normal(y.shape)
+        return float((y * r).sum())
+
+    loss()
+    dx = layer.backward(r, _ctx())
+    dw = layer.weight.grad.copy()
+    kept = layer._approx_cache[0]
+    assert kept.size == 2
+    for arr, grad in ((x, dx), (layer.weight.value, dw)):  # 40 coordinates of each
+        coords = np.random.default_rng(2).choice(arr.size, min(40, arr.size), replace=False)
+        num = numeric_grad(loss, arr, coords)
+        assert np.allclose([num[i] for i in coords], grad.reshape(-1)[coords], atol=1e-6)
+    axis = 1
+    dropped = np.setdiff1d(np.arange(x.shape[axis]), kept)
+    assert not np.take(dx, dropped, axis=axis).any()
+    assert not np.take(dw, dropped, axis=0 if make is _linear else 1).any()
+
+
+@pytest.mark.parametrize("policy", [nn.Policy.exact(), nn.Policy.float32(),
+                                    nn.Policy.fixed(16, 12)], ids=lambda p: p.name)
+def test_linear_crs_backward_is_the_formula_and_counted(policy):
+    """dW_S = (X_S D)^T dY and dX_S = dY (D W_S)^T under the policy's specs, bit for bit."""
+    rng = np.random.default_rng(2)
+    layer = _linear("crs:3:forward")
+    x = rng.standard_normal((5, 7)) * 0.5
+    ctx = _ctx(policy=policy)
+    y = layer.forward(x, ctx)
+    g = ctx.round("errors", rng.standard_normal(y.shape) * 0.1, "test")
+    dx = layer.backward(g, ctx)
+    kept, scale, xs = layer._approx_cache
+    dW = np.zeros((7, 4))
+    dW[kept] = fs.matmul(xs.T, g, policy.grad_weight, seed=ctx.key("fc", "grad_weight")
+                         if policy.grad_weight.stochastic else 0)
+    assert_same_bits(layer.weight.grad, ctx.round("weight_grads", dW, "fc"))
+    wk = np.asarray(layer.weight.value[kept], np.float64) * scale[:, None]
+    dX = np.zeros((5, 7))
+    dX[:, kept] = fs.matmul(g, wk.T, policy.grad_input, seed=ctx.key("fc", "grad_input")
+                            if policy.grad_input.stochastic else 0)
+    assert_same_bits(dx, ctx.round("errors", dX, "fc"))
+    a = ctx.counters["fc"].approx
+    S = kept.size
+    assert (a.macs, a.dense_macs) == (5 * 4 * S, 5 * 4 * 7)
+    assert (a.backward_macs, a.backward_dense_macs) == (2 * 5 * 4 * S, 2 * 5 * 4 * 7)
+    assert a.sampled == 1 and a.pairs == 7 and a.kept == S and a.calls == 3
+    assert ctx.counters["fc"].products.macs == 5 * 4 * S * 3 + 5 * 4  # + the bias gradient
+
+
+@pytest.mark.parametrize("make,shape", [(_linear, (5, 7)), (_conv, (2, 4, 5, 5))])
+def test_evaluation_is_exact(make, shape):
+    x = np.random.default_rng(3).standard_normal(shape)
+    dense = make(None).forward(x, _ctx(training=False))
+    assert_same_bits(make("bernoulli:0.5:forward").forward(x, _ctx(training=False)), dense)
+    assert not np.array_equal(make("bernoulli:0.5:forward").forward(x, _ctx()), dense)
+
+
+@pytest.mark.parametrize("make,shape", [(_linear, (6, 7)), (_conv, (3, 4, 5, 5))])
+@pytest.mark.parametrize("product", ["grad_weight", "grad_input"])
+def test_sampled_backward_products_are_unbiased(make, shape, product):
+    """Sampling only a backward product: over the steps' draws its mean is the dense one."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(shape)
+    dense = make(None, bias=False)  # (the bias gradient is dense either way)
+    y = dense.forward(x, _ctx())
+    g = rng.standard_normal(y.shape)
+    dx0 = dense.backward(g, _ctx())
+    want = dense.weight.grad if product == "grad_weight" else dx0
+    layer = make(f"crs:2:{product}", bias=False)
+    R = 200
+    got = []
+    for step in range(R):
+        layer.forward(x, _ctx(step))
+        dx = layer.backward(g, _ctx(step))
+        got.append(layer.weight.grad if product == "grad_weight" else dx)
+    got = np.stack(got)
+    mean, se = got.mean(axis=0), got.std(axis=0, ddof=1) / np.sqrt(R)
+    varies = se > 0
+    assert varies.mean() > 0.5
+    assert (np.abs(mean - want) <= 5 * se + 1e-12).all()
+    assert_same_bits(mean[~varies], want[~varies])
+
+
+def test_layer_errors():
+    layer = _linear(None)
+    with pytest.raises(TypeError, match="approx must be a fixedsim.approx.Approx or None"):
+        layer.set_approx("crs:0.5")
+    layer.set_approx(Approx.parse("crs:9:forward"))
+    with pytest.raises(ValueError, match=r"fc: approx crs:9:forward on the forward product: "
+                                         r"keep = 9 pairs is out of range"):
+        layer.forward(np.ones((2, 7)), _ctx())
+    from fixedsim.reuse import Reuse
+
+    with pytest.raises(ValueError, match="deep reuse and column-row sampling"):
+        layer.set_reuse(Reuse(3, 2))
+    layer.set_approx(None)
+    layer.set_reuse(Reuse(3, 2))
+    with pytest.raises(ValueError, match="column-row sampling and deep reuse"):
+        layer.set_approx(Approx())
+
+
+# -- training ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_images():
+    return fdata.synthetic(n_train=64, n_test=32, shape=(1, 16, 16), classes=4, seed=3)
+
+
+def _config(**kw):
+    base = dict(model="lenet", model_options={"channels": [3, 4], "hidden": 8},
+                data="synthetic", epochs=2, batch_size=16, lr=0.05, seed=2,
+                approx="bernoulli:0.5:forward+grad_weight")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_training_with_approx_counts_and_resumes_bit_for_bit(tiny_images, tmp_path):
+    cfg, pol = _config(), nn.Policy.fixed(16, 12)
+    whole = train(cfg, pol, tmp_path / "whole", progress=False, data=tiny_images)
+    for h in whole.history:
+        assert 0 < h["approx.macs"] < h["approx.dense_macs"]
+        assert 0 < h["approx.backward_macs"] < h["approx.backward_dense_macs"]
+        assert 0 < h["approx.keep_ratio"] < 1
+    header = next(csv.DictReader(open(tmp_path / "whole" / "history.csv")))
+    assert "approx.macs" in header and "approx.dense_macs" in header
+    rows = list(csv.DictReader(open(tmp_path / "whole" / "counters.csv")))
+    assert any(int(r["approx.calls"] or 0) > 0 for r in rows if r["layer"] == "0.conv2d")
+    part = train(cfg, pol, tmp_path / "split", progress=False, data=tiny_images,
+                 stop_after_epoch=1)
+    assert len(part.history) == 1
+    rest = train(cfg, pol, tmp_path / "split", resume=True, progress=False, data=tiny_images)
+    for k, p in whole.model.named_parameters().items():
+        q = rest.model.named_parameters()[k]
+        assert p.value.dtype == q.value.dtype and p.value.tobytes() == q.value.tobytes(), k
+    assert rest.history[-1]["approx.macs"] == whole.history[-1]["approx.macs"]
+    # another setting seed draws other pairs: the run differs
+    other = train(_config(approx="bernoulli:0.5:forward+grad_weight:seed=1"), pol, None,
+                  progress=False, data=tiny_images)
+    assert any(p.value.tobytes() != other.model.named_parameters()[k].value.tobytes()
+               for k, p in whole.model.named_parameters().items())
+
+
+def test_train_config_approx_errors():
+    with pytest.raises(ValueError, match=r"approx setting 'crs:2\.0'.*keep must be"):
+        _config(approx="crs:2.0")
+    with pytest.raises(ValueError, match="approx_layers must be 'conv', 'linear' or 'all'"):
+        _config(approx_layers="dense")
+    with pytest.raises(ValueError, match="would both apply to the same layers"):
+        _config(reuse="L=25,H=6")
+    cfg = _config(reuse="L=25,H=6", reuse_layers="conv", approx_layers="linear")
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_cli_train_approx(tmp_path, capsys):
+    from fixedsim.cli import main
+
+    rc = main(["train", "--model", "mlp", "--model-options", '{"hidden": [8]}', "--data",
+               "synthetic", "--train-size", "32", "--test-size", "16", "--epochs", "1",
+               "--batch-size", "16", "--approx", "topk:0.5", "--approx-layers", "linear",
+               "--out", str(tmp_path / "run")])
+    assert rc == 0, capsys.readouterr()
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["config"]["approx"] == "topk:0.5" and run["config"]["approx_layers"] == "linear"
+    rc = main(["train", "--approx", "crs:0", "--out", str(tmp_path / "bad")])
+    assert rc != 0
+    assert "approx setting 'crs:0'" in capsys.readouterr().err

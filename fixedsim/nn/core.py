@@ -59,6 +59,8 @@ class LayerCounters:
         :class:`~fixedsim.nn.Sequential`).
     reuse : fixedsim.counters.ReuseCounts
         What Adaptive Deep Reuse did in the layer (all zero without reuse).
+    approx : fixedsim.counters.ApproxCounts
+        What column-row sampling did in the layer (all zero without it).
     """
 
     products: _counters.Counters = dataclasses.field(default_factory=_counters.Counters)
@@ -66,6 +68,7 @@ class LayerCounters:
     forward_seconds: float = 0.0
     backward_seconds: float = 0.0
     reuse: _counters.ReuseCounts = dataclasses.field(default_factory=_counters.ReuseCounts)
+    approx: _counters.ApproxCounts = dataclasses.field(default_factory=_counters.ApproxCounts)
 
     def count_role(self, role: str, qs) -> None:
         if qs is None:
@@ -79,6 +82,7 @@ class LayerCounters:
         self.forward_seconds += other.forward_seconds
         self.backward_seconds += other.backward_seconds
         self.reuse += other.reuse
+        self.approx += other.approx
         for k, v in other.roles.items():
             self.roles.setdefault(k, _counters.StageCounts()).__iadd__(v)
         return self
@@ -92,6 +96,8 @@ class LayerCounters:
                 d[f"{role}.{f.name}"] = getattr(s, f.name)
         if self.reuse.calls:
             d.update({f"reuse.{k}": v for k, v in self.reuse.as_dict().items()})
+        if self.approx.calls:
+            d.update({f"approx.{k}": v for k, v in self.approx.as_dict().items()})
         d["forward_seconds"] = self.forward_seconds
         d["backward_seconds"] = self.backward_seconds
         return d

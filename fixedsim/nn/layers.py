@@ -75,10 +75,14 @@ def _grad_in(layer, grad_y, shape_attr="_out_shape"):
 
 class _Product(Module):
     """Shared machinery of Linear and Conv2d: weight, optional bias, rounded operand copies,
-    and Adaptive Deep Reuse of the forward product when ``reuse`` is set."""
+    Adaptive Deep Reuse of the forward product when ``reuse`` is set, and column-row sampling
+    of the products selected by ``approx`` (training passes only)."""
 
     #: The layer's :class:`fixedsim.reuse.Reuse` setting (None: dense products).
     reuse = None
+    #: The layer's :class:`fixedsim.approx.Approx` setting (None: no sampling).
+    approx = None
+    _approxed = None
 
     def __init__(self, weight_shape, fan_in, bias, rng):
         rng = np.random.default_rng(rng)
@@ -115,6 +119,9 @@ class _Product(Module):
 
         if reuse is not None and not isinstance(reuse, Reuse):
             raise TypeError(f"reuse must be a fixedsim.reuse.Reuse or None, got {reuse!r}")
+        if reuse is not None and self.approx is not None:
+            raise ValueError(f"{self.name}: deep reuse and column-row sampling ({self.approx}) "
+                             "cannot both be set on one layer; remove one (set_approx(None))")
         old = self.reuse
         keep = (reuse is not None and old is not None and reuse.scope == "cross_batch"
                 and old.scope == "cross_batch" and (reuse.L, reuse.H) == (old.L, old.H))
@@ -123,6 +130,26 @@ class _Product(Module):
             self.reuse_table = ReuseTable() if cross else None
             self.reuse_eval_table = ReuseTable() if cross else None
         self.reuse = reuse
+
+    def set_approx(self, approx) -> None:
+        """Set (or with None, remove) the layer's :class:`fixedsim.approx.Approx` setting.
+
+        Its products are sampled in training passes (``ctx.training``); evaluation passes
+        compute them exactly. Not together with a reuse setting.
+        """
+        from ..approx import Approx
+
+        if approx is not None and not isinstance(approx, Approx):
+            raise TypeError(f"approx must be a fixedsim.approx.Approx or None, got {approx!r}")
+        if approx is not None and self.reuse is not None:
+            raise ValueError(f"{self.name}: column-row sampling and deep reuse ({self.reuse}) "
+                             "cannot both be set on one layer; remove one (set_reuse(None))")
+        self.approx = approx
+
+    def _approx_setting(self, ctx):
+        """The sampling setting of this pass (None in evaluation)."""
+        self._approxed = self.approx if ctx.training else None
+        return self._approxed
 
     def _reuse_forward(self, X2d, W2d, spec, ctx, groups):
         """The forward product ``X2d @ W2d`` through :func:`fixedsim.reuse.reuse_matmul`."""
@@ -212,8 +239,13 @@ class Linear(_Product):
                              f"got shape {x.shape}")
         xq, wq, spec = self._forward_operands(x, ctx)
         self._reused = self.reuse  # the setting of this forward pass, for its backward
+        ap = self._approx_setting(ctx)
         if self._reused:
             z = self._reuse_forward(xq, wq, spec, ctx, np.arange(len(xq)))
+        elif ap is not None and "forward" in ap.products:
+            from ..approx.layers import linear_forward
+
+            z = linear_forward(self, xq, wq, spec, ctx)
         else:
             z = ctx.product(matmul, spec, self.name, "forward", xq, wq)
         self._cache = (xq, wq)
@@ -227,6 +259,10 @@ class Linear(_Product):
         dx = None
         if self._reused:
             dw, dx = self._reuse_backward(grad_y, wq, ctx, need_input_grad)
+        elif self._approxed is not None:
+            from ..approx.layers import linear_backward
+
+            dw, dx = linear_backward(self, grad_y, xq, wq, ctx, need_input_grad)
         else:
             dw = ctx.product(matmul, p.grad_weight, self.name, "grad_weight", xq.T, grad_y)
         self.weight.grad = ctx.round("weight_grads", dw, self.name)
@@ -275,8 +311,13 @@ class Conv2d(_Product):
                              f"got shape {x.shape}")
         xq, wq, spec = self._forward_operands(x, ctx)
         self._reused = self.reuse  # the setting of this forward pass, for its backward
+        ap = self._approx_setting(ctx)
         if self._reused:
             z = self._conv_reuse_forward(xq, wq, spec, ctx)
+        elif ap is not None and "forward" in ap.products:
+            from ..approx.layers import conv_forward
+
+            z = conv_forward(self, xq, wq, spec, ctx)
         else:
             z = ctx.product(conv2d, spec, self.name, "forward", xq, wq, stride=self.stride,
                             padding=self.padding)
@@ -298,6 +339,10 @@ class Conv2d(_Product):
             dw = np.ascontiguousarray(dW2d.T).reshape(wq.shape)
             if dcols is not None:
                 dx = _col2im(dcols, xq.shape, self.kernel_size, self.stride, self.padding)
+        elif self._approxed is not None:
+            from ..approx.layers import conv_backward
+
+            dw, dx = conv_backward(self, grad_y, xq, wq, ctx, need_input_grad)
         else:
             dw = ctx.product(conv2d_grad_weight, p.grad_weight, self.name, "grad_weight", xq,
                              grad_y, wq.shape, **kw)

@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 from .. import data as _data
+from ..approx import parse_approx
 from ..reuse.schedules import parse_reuse
 from .core import Context, LayerCounters, Parameter
 from .layers import Conv2d, Linear, SoftmaxCrossEntropy
@@ -110,6 +111,13 @@ class TrainConfig:
         ``"cr-off:..."``.
     reuse_layers : {"conv", "linear", "all"}
         Which product layers the reuse setting applies to.
+    approx : str
+        Column-row sampling of the layers' products in training (:class:`fixedsim.approx.
+        Approx`): ``""`` (none) or ``"METHOD:KEEP[:PRODUCT[+PRODUCT...]][:seed=N]"``, e.g.
+        ``"crs:0.5:forward"`` (docs/approx.md). The draws derive from the run seed and the
+        step, so a resumed run draws the same pairs.
+    approx_layers : {"all", "conv", "linear"}
+        Which product layers the sampling setting applies to (not those with reuse).
     """
 
     model: str = "lenet"
@@ -130,6 +138,8 @@ class TrainConfig:
     max_loss: float = 1e3
     reuse: str = ""
     reuse_layers: str = "conv"
+    approx: str = ""
+    approx_layers: str = "all"
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -170,6 +180,20 @@ class TrainConfig:
         if self.reuse_layers not in ("conv", "linear", "all"):
             raise ValueError(f"TrainConfig reuse_layers must be 'conv', 'linear' or 'all', "
                              f"got {self.reuse_layers!r}")
+        if not isinstance(self.approx, str):
+            raise ValueError(f"TrainConfig approx must be a string such as 'crs:0.5:forward' "
+                             f"(or '' for none), got {self.approx!r}")
+        parse_approx(self.approx)
+        if self.approx_layers not in ("conv", "linear", "all"):
+            raise ValueError(f"TrainConfig approx_layers must be 'conv', 'linear' or 'all', "
+                             f"got {self.approx_layers!r}")
+        if self.reuse and self.approx.strip() and (
+                "all" in (self.reuse_layers, self.approx_layers)
+                or self.reuse_layers == self.approx_layers):
+            raise ValueError(f"TrainConfig: reuse (on {self.reuse_layers} layers) and approx "
+                             f"(on {self.approx_layers} layers) would both apply to the same "
+                             "layers; give them disjoint layer kinds (e.g. reuse_layers='conv', "
+                             "approx_layers='linear')")
         self.make_optimizer({"check": Parameter("check", np.zeros(1))})  # validates lr, ...
 
     def to_dict(self) -> dict:
@@ -606,6 +630,9 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
     for layer in reuse_targets:
         layer.set_reuse(reuse_sched.current())
     reuse_rows: list = []
+    approx = parse_approx(config.approx)
+    for layer in _reuse_targets(model, config.approx_layers) if approx is not None else []:
+        layer.set_approx(approx)
 
     if out is not None:
         out = pathlib.Path(out)
