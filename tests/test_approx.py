@@ -470,3 +470,17 @@ def test_cli_train_approx(tmp_path, capsys):
     rc = main(["train", "--approx", "crs:0", "--out", str(tmp_path / "bad")])
     assert rc != 0
     assert "approx setting 'crs:0'" in capsys.readouterr().err
+
+
+def test_study_file_key_and_grid_axis():
+    from fixedsim.study.spec import parse_study
+
+    study = parse_study({"train": {"model": "mlp", "epochs": 1, "approx_layers": "linear"},
+                         "grid": {"train": {"approx": ["", "crs:0.5:forward",
+                                                       "topk:0.3:forward+grad_weight"]}}})
+    assert [r.config().approx for r in study.runs] == ["", "crs:0.5:forward",
+                                                       "topk:0.3:forward+grad_weight"]
+    assert len({r.run_id for r in study.runs}) == 3  # the setting is part of a run's identity
+    with pytest.raises(ValueError, match=r"train: approx setting 'crs:0': Approx keep must "
+                                         r"be an int count >= 1"):
+        parse_study({"train": {"model": "mlp", "approx": "crs:0"}})
