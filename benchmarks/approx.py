@@ -9,7 +9,8 @@ and input gradients) of the layer are timed dense and with the sampling setting 
 gradient of the sampled forward, over the kept pairs). The sampled time includes everything the
 layer does: the norms, the draws, gathering and scaling the kept pairs, rounding the scaled
 operand, the products under the policy's specs and the scatter of the gradients. Inputs are
-standard normal (scaled by 1/2), the weights He-initialised; the first call of each
+standard normal (scaled by 1/2) rounded into the activations role, the weights He-initialised
+and rounded into the weights role (as training does); the first call of each
 configuration is a warm-up (Numba loads its kernels) and the best of ``--repeats`` is reported,
 dense and sampled alternating. BLAS runs on one thread (as in training).
 
@@ -107,6 +108,9 @@ def bench(make, x, policy, setting, repeats):
     dense, approx = make(), make()
     approx.set_approx(setting)
     ctx = nn.Context(policy, seed=1, step=0)
+    for layer in (dense, approx):  # held in the weight role, as training initialises them
+        for p in layer.parameters():
+            p.value = ctx.round("weights", p.value, "init", p.name)
     y = dense.forward(x, ctx)
     g = ctx.round("errors", np.random.default_rng(5).standard_normal(y.shape) * 0.01, "g")
     best = {"dense": np.inf, "approx": np.inf}

@@ -11,6 +11,7 @@ normal mean a 5-sigma excursion has probability 6e-7 per entry.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -328,30 +329,37 @@ def test_topk_forward_backward_is_the_gradient_of_the_sampled_forward(make, shap
 @pytest.mark.parametrize("policy", [nn.Policy.exact(), nn.Policy.float32(),
                                     nn.Policy.fixed(16, 12)], ids=lambda p: p.name)
 def test_linear_crs_backward_is_the_formula_and_counted(policy):
-    """dW_S = (X_S D)^T dY and dX_S = dY (D W_S)^T under the policy's specs, bit for bit."""
+    """The scaled operands are held in their roles (or rounded by the spec's input stage), and
+    dW_S = (X_S D)^T dY, dX_S = dY (D W_S)^T under the policy's specs, bit for bit."""
     rng = np.random.default_rng(2)
     layer = _linear("crs:3:forward")
-    x = rng.standard_normal((5, 7)) * 0.5
+    x = ctx_x = rng.standard_normal((5, 7)) * 0.5
     ctx = _ctx(policy=policy)
     y = layer.forward(x, ctx)
     g = ctx.round("errors", rng.standard_normal(y.shape) * 0.1, "test")
     dx = layer.backward(g, ctx)
     kept, scale, xs = layer._approx_cache
-    dW = np.zeros((7, 4))
-    dW[kept] = fs.matmul(xs.T, g, policy.grad_weight, seed=ctx.key("fc", "grad_weight")
-                         if policy.grad_weight.stochastic else 0)
-    assert_same_bits(layer.weight.grad, ctx.round("weight_grads", dW, "fc"))
-    wk = np.asarray(layer.weight.value[kept], np.float64) * scale[:, None]
-    dX = np.zeros((5, 7))
-    dX[:, kept] = fs.matmul(g, wk.T, policy.grad_input, seed=ctx.key("fc", "grad_input")
-                            if policy.grad_input.stochastic else 0)
-    assert_same_bits(dx, ctx.round("errors", dX, "fc"))
-    a = ctx.counters["fc"].approx
     S = kept.size
+    a = ctx.counters["fc"].approx
     assert (a.macs, a.dense_macs) == (5 * 4 * S, 5 * 4 * 7)
     assert (a.backward_macs, a.backward_dense_macs) == (2 * 5 * 4 * S, 2 * 5 * 4 * 7)
     assert a.sampled == 1 and a.pairs == 7 and a.kept == S and a.calls == 3
     assert ctx.counters["fc"].products.macs == 5 * 4 * S * 3 + 5 * 4  # + the bias gradient
+    # the forward's scaled operand: x's kept columns times their scales, held as activations
+    assert policy.forward.input is None
+    assert_same_bits(xs, ctx.round("activations", ctx_x[:, kept] * scale, "fc",
+                                   "approx.forward"))
+    dW = np.zeros((7, 4))
+    dW[kept] = fs.matmul(xs.T, g, policy.grad_weight, seed=ctx.key("fc", "grad_weight")
+                         if policy.grad_weight.stochastic else 0)
+    assert_same_bits(layer.weight.grad, ctx.round("weight_grads", dW, "fc"))
+    assert policy.grad_input.input is None
+    wk = ctx.round("weights", layer.weight.value[kept] * scale[:, None], "fc",
+                   "approx.grad_input.w")
+    dX = np.zeros((5, 7))
+    dX[:, kept] = fs.matmul(g, wk.T, policy.grad_input, seed=ctx.key("fc", "grad_input")
+                            if policy.grad_input.stochastic else 0)
+    assert_same_bits(dx, ctx.round("errors", dX, "fc"))
 
 
 @pytest.mark.parametrize("make,shape", [(_linear, (5, 7)), (_conv, (2, 4, 5, 5))])
@@ -484,3 +492,31 @@ def test_study_file_key_and_grid_axis():
     with pytest.raises(ValueError, match=r"train: approx setting 'crs:0': Approx keep must "
                                          r"be an int count >= 1"):
         parse_study({"train": {"model": "mlp", "approx": "crs:0"}})
+
+
+def test_scaled_operand_under_an_input_format_and_a_block_format():
+    """A spec with an input format rounds the scaled operand (bf16: the layer does, as it does
+    the unscaled operands); a block format is applied by the product to the kept, scaled
+    operand, blocks along the kept K."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((4, 40))
+    for policy in (nn.Policy.bf16(), nn.Policy.mx()):
+        layer = nn.Linear(40, 3, rng=0)
+        layer.name = "fc"
+        layer.set_approx(Approx.parse("bernoulli:0.5:forward"))
+        ctx = _ctx(policy=policy)
+        z = layer.forward(x, ctx)
+        kept, scale, xs = layer._approx_cache
+        spec = policy.forward
+        if policy.name.startswith("bf16"):
+            xq = ctx.round_operand(spec, x, "fc", "forward.x")
+            assert_same_bits(xs, ctx.round_operand(spec, xq[:, kept] * scale, "fc",
+                                                   "approx.forward"))
+            wq = ctx.round_operand(spec, layer.weight.value, "fc", "forward.w")
+            prod = fs.matmul(xs, wq[kept], dataclasses.replace(
+                spec, input=None, input_rounding=fs.Rounding.NEAREST_EVEN, random_bits=None))
+        else:
+            assert_same_bits(xs, x[:, kept] * scale)
+            prod = fs.matmul(xs, layer.weight.value[kept], spec)
+        want = ctx.add_into("activations", prod, layer.bias.value, "fc", "activations")
+        assert_same_bits(z, want)

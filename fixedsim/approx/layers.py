@@ -10,8 +10,15 @@ output channels of ``grad_y`` and ``w`` of its input gradient. Each sampled prod
   pairs by :func:`fixedsim.approx.select` with a generator seeded by
   ``child_seed(setting.seed, ctx.key(layer, "approx." + product))``: a function of the run
   seed, the step, the layer and the product only, so a resumed run draws the same pairs;
-- multiplies the kept slices of ``A`` by their scales (float64) and runs the product of the
-  kept slices through the layer's spec for that product, as the dense layer does;
+- multiplies the kept slices of ``A`` by their scales (float64) and holds the result as the
+  tensor it scales is held: rounded by the spec's ``input`` stage when the product's spec has
+  one (by the product itself, or, for the forward product, whose operands the layer rounds, by
+  the layer), else rounded into the tensor's role (``activations`` for ``x``, ``errors`` for
+  ``dY``, ``weights`` for ``W``; seeded and counted as any rounding into the role). A scaled
+  value beyond the format's range then overflows as the role says (saturates in fixed point),
+  and the estimate is no longer unbiased there: top-k, unscaled, never does;
+- runs the product of the kept slices through the layer's spec for that product, as the dense
+  layer does;
 - counts, in the layer's :class:`~fixedsim.counters.ApproxCounts`, the MACs performed and
   those of the dense layer's product.
 
@@ -38,11 +45,21 @@ def _norms(x, axis) -> np.ndarray:
     return np.sqrt(np.square(x).sum(axis=other))
 
 
-def _sampled(layer, ctx, purpose, A, a_axis, B, b_axis, call, dense, *, sample,
-             round_spec=None):
+def _holder(ctx, layer, spec, product_spec, role, purpose):
+    """How a scaled operand of a product is held (module notes): None when the product's own
+    ``input`` stage rounds it."""
+    if spec.input is not None:
+        if product_spec.input is not None:
+            return None
+        return lambda a: ctx.round_operand(spec, a, layer.name, f"approx.{purpose}")
+    return lambda a: ctx.round(role, a, layer.name, f"approx.{purpose}")
+
+
+def _sampled(layer, ctx, purpose, A, a_axis, B, b_axis, call, dense, *, sample, hold=None):
     """``call(A_s, B_s)`` of the pairs kept along ``A``'s ``a_axis`` and ``B``'s ``b_axis``
     (all of them unless ``sample``), counted; returns ``(result or None, kept, scale, A_s)``;
-    None when no pair is kept (every pair of weight 0: the product is zero)."""
+    None when no pair is kept (every pair of weight 0: the product is zero). ``hold`` rounds
+    the scaled ``A_s`` (:func:`_holder`)."""
     ap = layer._approxed
     lc = ctx.layer_counters(layer.name)
     n = A.shape[a_axis]
@@ -66,13 +83,22 @@ def _sampled(layer, ctx, purpose, A, a_axis, B, b_axis, call, dense, *, sample,
         shape = [1] * A.ndim
         shape[a_axis] = kept.size
         A_s = np.asarray(A_s, np.float64) * scale.reshape(shape)
-        if round_spec is not None:
-            A_s = ctx.round_operand(round_spec, A_s, layer.name, f"approx.{purpose}")
+        if hold is not None:
+            A_s = hold(A_s)
     before = lc.products.macs
     out = call(A_s, B_s) if kept.size else None
     lc.approx.add(purpose, pairs=n if sample else 0, kept=kept.size if sample else 0,
                   macs=lc.products.macs - before, dense_macs=dense)
     return out, kept, scale, A_s
+
+
+def _scaled_weights(ctx, layer, wk, scale):
+    """``D W_S`` of the gradient of a sampled forward (``dX_S = dY (D W_S)^T``), held as the
+    input-gradient product holds its operands."""
+    ws = np.asarray(wk, np.float64) * scale
+    hold = _holder(ctx, layer, ctx.policy.grad_input, ctx.policy.grad_input, "weights",
+                   "grad_input.w")
+    return ws if hold is None else hold(ws)
 
 
 def _run(fn, spec, layer, ctx, purpose, **kw):
@@ -87,7 +113,8 @@ def linear_forward(layer, xq, wq, spec, ctx):
     N = wq.shape[1]
     z, kept, scale, xs = _sampled(layer, ctx, "forward", xq, 1, wq, 0,
                                   _run(matmul, spec, layer, ctx, "forward"), M * N * K,
-                                  sample=True, round_spec=None if spec is original else original)
+                                  sample=True, hold=_holder(ctx, layer, original, spec,
+                                                            "activations", "forward"))
     layer._approx_cache = (kept, scale, xs)
     return np.zeros((M, N)) if z is None else z
 
@@ -101,21 +128,25 @@ def linear_backward(layer, G, xq, wq, ctx, need_input_grad):
         kept, scale, xs = layer._approx_cache
         wk = wq[kept]
         if scale is not None:
-            wk = np.asarray(wk, np.float64) * scale[:, None]
+            wk = _scaled_weights(ctx, layer, wk, scale[:, None])
     else:
         kept, xs, wk = np.arange(K), xq, wq
     dW = np.zeros((K, N))
-    dws, ex, _, _ = _sampled(layer, ctx, "grad_weight", xs.T, 1, G, 0,
-                             _run(matmul, p.grad_weight, layer, ctx, "grad_weight"), M * N * K,
-                             sample="grad_weight" in ap.products)
+    gw = p.grad_weight
+    dws, _, _, _ = _sampled(layer, ctx, "grad_weight", xs.T, 1, G, 0,
+                            _run(matmul, gw, layer, ctx, "grad_weight"), M * N * K,
+                            sample="grad_weight" in ap.products,
+                            hold=_holder(ctx, layer, gw, gw, "activations", "grad_weight"))
     if dws is not None and kept.size:
         dW[kept] = dws
     if not need_input_grad:
         return dW, None
     dX = np.zeros((M, K))
+    gi = p.grad_input
     dxs, _, _, _ = _sampled(layer, ctx, "grad_input", G, 1, np.ascontiguousarray(wk.T), 0,
-                            _run(matmul, p.grad_input, layer, ctx, "grad_input"), M * N * K,
-                            sample="grad_input" in ap.products)
+                            _run(matmul, gi, layer, ctx, "grad_input"), M * N * K,
+                            sample="grad_input" in ap.products,
+                            hold=_holder(ctx, layer, gi, gi, "errors", "grad_input"))
     if dxs is not None and kept.size:
         dX[:, kept] = dxs
     return dW, dX
@@ -142,7 +173,8 @@ def conv_forward(layer, xq, wq, spec, ctx):
     z, kept, scale, xs = _sampled(layer, ctx, "forward", xq, 1, wq, 1,
                                   _run(conv2d, spec, layer, ctx, "forward", **kw_),
                                   Nb * Ho * Wo * O * C * kh * kw, sample=True,
-                                  round_spec=None if spec is original else original)
+                                  hold=_holder(ctx, layer, original, spec, "activations",
+                                               "forward"))
     layer._approx_cache = (kept, scale, xs)
     return np.zeros((Nb, O, Ho, Wo)) if z is None else z
 
@@ -158,7 +190,7 @@ def conv_backward(layer, grad_y, xq, wq, ctx, need_input_grad):
         kept, scale, xs = layer._approx_cache
         wk = wq[:, kept]
         if scale is not None:
-            wk = np.asarray(wk, np.float64) * scale[None, :, None, None]
+            wk = _scaled_weights(ctx, layer, wk, scale[None, :, None, None])
     else:
         kept, xs, wk = np.arange(C), xq, wq
     dense = Nb * Ho * Wo * O * C * kh * kw
@@ -168,7 +200,8 @@ def conv_backward(layer, grad_y, xq, wq, ctx, need_input_grad):
         layer, ctx, "grad_weight", grad_y, 0, xs, 0,
         lambda g, x: ctx.product(conv2d_grad_weight, p.grad_weight, layer.name, "grad_weight",
                                  x, g, shape, **kw_),
-        dense, sample="grad_weight" in ap.products)
+        dense, sample="grad_weight" in ap.products,
+        hold=_holder(ctx, layer, p.grad_weight, p.grad_weight, "errors", "grad_weight"))
     if dws is not None and kept.size:
         dW[:, kept] = dws
     if not need_input_grad:
@@ -179,7 +212,8 @@ def conv_backward(layer, grad_y, xq, wq, ctx, need_input_grad):
         layer, ctx, "grad_input", grad_y, 1, wk, 0,
         _run(conv2d_grad_input, p.grad_input, layer, ctx, "grad_input", x_shape=xs_shape,
              **kw_),
-        Nb * H * W * C * O * kh * kw, sample="grad_input" in ap.products)
+        Nb * H * W * C * O * kh * kw, sample="grad_input" in ap.products,
+        hold=_holder(ctx, layer, p.grad_input, p.grad_input, "errors", "grad_input"))
     if dxs is not None and kept.size:
         dX[:, kept] = dxs
     return dW, dX
