@@ -1,7 +1,7 @@
 """Column-row sampling, side by side: a sampled Linear / Conv2d layer against the same layer dense.
 
     python benchmarks/approx.py [--setting METHOD:KEEP[:PRODUCTS]] [--policies P ...]
-                                [--repeats R]
+                                [--repeats R] [--cpu-time]
 
 For each policy and each layer size, one training forward and one backward pass (weight, bias
 and input gradients) of the layer are timed dense and with the sampling setting (default
@@ -12,10 +12,14 @@ operand, the products under the policy's specs and the scatter of the gradients.
 standard normal (scaled by 1/2) rounded into the activations role, the weights He-initialised
 and rounded into the weights role (as training does); the first call of each
 configuration is a warm-up (Numba loads its kernels) and the best of ``--repeats`` is reported,
-dense and sampled alternating. BLAS runs on one thread (as in training).
+dense and sampled alternating. BLAS runs on one thread (as in training). ``--cpu-time`` times
+the process's CPU time instead of wall time, with Numba on one thread too: on a machine shared
+with other work the wall time of a short call depends on the scheduler more than on the call.
 
-Policies: ``float32`` (FP32 roles, exact accumulation and one rounding into FP32) and
-``fixed`` (``Policy.fixed(16, 12)``: exact wide accumulation, one rounding into float64). Which
+Policies: ``float32`` (FP32 roles, exact accumulation and one rounding into FP32: BLAS products
+with an exactness proof), ``float32_fma_chain`` (FP32 roles, every product a chain of FP32
+fused multiply-adds, emulated element by element) and ``fixed`` (``Policy.fixed(16, 12)``:
+exact wide accumulation, one rounding into float64). Which
 kernel serves each product (``Counters.paths``) decides the time per MAC, and it can differ
 between the dense and the sampled product of the same layer (docs/approx.md).
 
@@ -38,6 +42,8 @@ import time
 
 for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, "1")
+if "--cpu-time" in sys.argv:
+    os.environ["NUMBA_NUM_THREADS"] = "1"
 
 import numpy as np  # noqa: E402
 
@@ -61,9 +67,11 @@ def _policy(name):
 
     if name == "float32":
         return Policy.float32()
+    if name == "float32_fma_chain":
+        return Policy.float32("fma_chain")
     if name == "fixed":
         return Policy.fixed(16, 12)
-    raise SystemExit(f"unknown policy {name!r}: float32 or fixed")
+    raise SystemExit(f"unknown policy {name!r}: float32, float32_fma_chain or fixed")
 
 
 class _ProductTimer:
@@ -77,11 +85,11 @@ class _ProductTimer:
         timer = self
 
         def product(ctx, *a, **kw):
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             try:
                 return timer._orig(ctx, *a, **kw)
             finally:
-                timer.seconds += time.perf_counter() - t0
+                timer.seconds += CLOCK() - t0
 
         Context.product = product
 
@@ -91,14 +99,17 @@ class _ProductTimer:
         Context.product = self._orig
 
 
+CLOCK = time.perf_counter
+
+
 def _step(layer, x, g, policy, step):
     from fixedsim import nn
 
     ctx = nn.Context(policy, seed=1, step=step)
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     layer.forward(x, ctx)
     layer.backward(g, ctx)
-    return time.perf_counter() - t0, ctx
+    return CLOCK() - t0, ctx
 
 
 def bench(make, x, policy, setting, repeats):
@@ -136,9 +147,14 @@ def bench(make, x, policy, setting, repeats):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--setting", default="crs:0.5:forward")
-    ap.add_argument("--policies", nargs="+", default=["float32", "fixed"])
+    ap.add_argument("--policies", nargs="+", default=["float32", "float32_fma_chain", "fixed"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time process CPU time (Numba on one thread) instead of wall time")
     args = ap.parse_args(argv)
+    global CLOCK
+    if args.cpu_time:
+        CLOCK = time.process_time
 
     import fixedsim
     from fixedsim import nn
@@ -148,8 +164,9 @@ def main(argv=None) -> int:
     print(f"fixedsim {fixedsim.__version__}, numpy {np.__version__}, Python "
           f"{platform.python_version()}; CPU: {cpu_model()}, {os.cpu_count()} logical CPUs; "
           f"BLAS threads 1; command: python benchmarks/approx.py {' '.join(argv or sys.argv[1:])}")
-    print(f"setting {setting}; best of {args.repeats} (forward + backward of one layer)\n")
-    head = (f"{'policy':8} {'layer':28} {'kept':>9} {'fwd MACs':>8} {'bwd MACs':>8} "
+    print(f"setting {setting}; best of {args.repeats} (forward + backward of one layer); "
+          f"{'process CPU time, Numba on 1 thread' if args.cpu_time else 'wall time'}\n")
+    head = (f"{'policy':17} {'layer':28} {'kept':>9} {'fwd MACs':>8} {'bwd MACs':>8} "
             f"{'dense ms':>9} {'sampled ms':>10} {'speed-up':>8} {'overhead':>8}")
     print(head)
     print("-" * len(head))
@@ -179,7 +196,7 @@ def main(argv=None) -> int:
             ctx = nn.Context(policy, seed=1)
             xq = ctx.round("activations", x, "x")
             td, ta, share, c = bench(make, xq, policy, setting, args.repeats)
-            print(f"{pname:8} {label:28} {c.kept:>4}/{c.pairs:<4} "
+            print(f"{pname:17} {label:28} {c.kept:>4}/{c.pairs:<4} "
                   f"{c.macs / c.dense_macs:>8.2f} "
                   f"{c.backward_macs / c.backward_dense_macs:>8.2f} {td * 1e3:>9.2f} "
                   f"{ta * 1e3:>10.2f} {td / ta:>7.2f}x {share:>7.0%}", flush=True)
