@@ -44,15 +44,16 @@ def _ab(seed, M=3, K=8, N=2):
 
 
 # -- unbiasedness ------------------------------------------------------------------------------
-@pytest.mark.parametrize("method,keep", [("crs", 3), ("bernoulli", 3), ("crs", 0.25),
-                                         ("bernoulli", 0.5)])
-def test_random_methods_are_unbiased(method, keep):
+@pytest.mark.parametrize("method,keep,eps", [("crs", 3, 0), ("bernoulli", 3, 0),
+                                             ("crs", 0.25, 0.1), ("bernoulli", 0.5, 0.2)])
+def test_random_methods_are_unbiased(method, keep, eps):
     a, b = _ab(1)
     a[:, 2] = 0.0  # a pair of weight 0 (probability 0) is part of the exact sum too
     a[0, 5] = 40.0  # a pair whose Bernoulli share would exceed 1: clipped, kept for certain
     exact = a @ b
     R = 3000
-    ys = np.stack([sampled_matmul(a, b, keep, method=method, seed=r)[0] for r in range(R)])
+    ys = np.stack([sampled_matmul(a, b, keep, method=method, seed=r, epsilon=eps)[0]
+                   for r in range(R)])
     mean, se = ys.mean(axis=0), ys.std(axis=0, ddof=1) / np.sqrt(R)
     assert (se > 0).all()  # the estimate does vary: the bound below is not vacuous
     rounding = 8 * np.finfo(float).eps * (np.abs(a) @ np.abs(b)) * a.shape[1]
@@ -98,6 +99,20 @@ def test_bernoulli_probabilities_sum_to_k_and_clip_at_one(w, k):
     mu = p[free] / w[free]
     assert np.allclose(mu, mu[0], rtol=1e-12)
     assert (mu[0] * w[p == 1] >= 1 - 1e-12).all()  # clipped pairs would exceed 1
+
+
+@pytest.mark.parametrize("method,total", [("crs", 1.0), ("bernoulli", 3.0)])
+def test_epsilon_mixes_uniform_over_nonzero_pairs(method, total):
+    w = np.array([10.0, 0.0, 1.0, 2.0, 0.5])
+    s0 = select(w, 3, method, 0)
+    s1 = select(w, 3, method, 0, epsilon=0.25)
+    nz = w > 0
+    u = nz / nz.sum() * (1 if method == "crs" else 3)
+    assert_same_bits(s1.probabilities, 0.75 * s0.probabilities + 0.25 * u)
+    assert s1.probabilities.sum() == pytest.approx(total) and s1.probabilities[1] == 0
+    assert (s1.probabilities <= 1).all()
+    with pytest.raises(ValueError, match=r"epsilon must be a number in \[0, 1\], got 1.5"):
+        select(w, 3, method, 0, epsilon=1.5)
 
 
 def test_crs_scales_and_counts():
@@ -249,7 +264,8 @@ def test_keep_fraction_rounds_to_nearest():
 # -- the setting ---------------------------------------------------------------------------------
 def test_approx_parse_round_trip():
     for text in ("crs:0.5:forward", "topk:16:forward+grad_weight", "bernoulli:0.3:grad_input",
-                 "crs:0.5:forward:seed=3"):
+                 "crs:0.5:forward:seed=3", "crs:0.5:forward:eps=0.1",
+                 "bernoulli:8:grad_weight:seed=2:eps=0.25"):
         a = Approx.parse(text)
         assert str(a) == text and Approx.parse(str(a)) == a
         assert Approx(**a.to_dict()) == a
@@ -257,6 +273,7 @@ def test_approx_parse_round_trip():
     assert Approx.parse("crs:0.5:grad_weight+forward").products == ("forward", "grad_weight")
     assert Approx.parse("crs:1").keep == 1 and Approx.parse("crs:1.0").keep == 1.0
     assert parse_approx("") is None and parse_approx(None) is None
+    assert Approx.parse("crs:0.5:eps=0.1:seed=4") == Approx("crs", 0.5, seed=4, epsilon=0.1)
 
 
 @pytest.mark.parametrize("text,match", [
@@ -270,6 +287,9 @@ def test_approx_parse_round_trip():
     ("crs:0.5:forward+forward", r"distinct"),
     ("crs:0.5:forward:seed=x", r"seed must be an int, got 'x'"),
     ("crs:0.5:forward:step=3", r"expected METHOD:KEEP"),
+    ("crs:0.5:forward:seed=1:seed=2", r"expected METHOD:KEEP"),
+    ("crs:0.5:eps=x", r"eps must be a float in \[0, 1\], got 'x'"),
+    ("crs:0.5:eps=1.5", r"Approx epsilon must be a number in \[0, 1\], got 1.5"),
 ])
 def test_approx_parse_errors(text, match):
     with pytest.raises(ValueError, match=match):

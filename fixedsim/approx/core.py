@@ -133,21 +133,29 @@ class Approx:
     seed : int, default 0
         Mixed into the layer's random streams (which derive from the run seed, the step, the
         layer and the product), so that two settings can draw differently.
+    epsilon : float, default 0.0
+        Share of the probabilities spread uniformly over the pairs of nonzero weight
+        (:func:`select`); 0 is the paper's rule. Adelman et al.'s reference code mixes 0.1, so
+        that pairs of small norm still get drawn (and their weights gradients) and the scales
+        stay bounded.
 
     Examples
     --------
     >>> from fixedsim.approx import Approx
     >>> a = Approx.parse("bernoulli:0.5:forward+grad_weight")
     >>> a
-    Approx(method='bernoulli', keep=0.5, products=('forward', 'grad_weight'), seed=0)
+    Approx(method='bernoulli', keep=0.5, products=('forward', 'grad_weight'), seed=0, epsilon=0.0)
     >>> str(a)
     'bernoulli:0.5:forward+grad_weight'
+    >>> str(Approx.parse("crs:0.5:eps=0.1"))
+    'crs:0.5:forward:eps=0.1'
     """
 
     method: str = "crs"
     keep: float = 0.5
     products: tuple = ("forward",)
     seed: int = 0
+    epsilon: float = 0.0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -168,10 +176,13 @@ class Approx:
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or \
                 self.seed < 0:
             raise ValueError(f"Approx seed must be an int >= 0, got {self.seed!r}")
+        _epsilon(self.epsilon, "Approx epsilon")
+        object.__setattr__(self, "epsilon", float(self.epsilon))
 
     def __str__(self):
         s = f"{self.method}:{self.keep}:{'+'.join(self.products)}"
-        return s + (f":seed={self.seed}" if self.seed else "")
+        return (s + (f":seed={self.seed}" if self.seed else "")
+                + (f":eps={self.epsilon!r}" if self.epsilon else ""))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -180,14 +191,14 @@ class Approx:
 
     @classmethod
     def parse(cls, text: str) -> Approx:
-        """From ``"METHOD:KEEP[:PRODUCT[+PRODUCT...]][:seed=N]"`` (the form ``str`` gives):
-        ``KEEP`` with a decimal point or an exponent is a fraction, else a count
-        (``"crs:0.5:forward"``, ``"topk:16:forward+grad_weight"``)."""
+        """From ``"METHOD:KEEP[:PRODUCT[+PRODUCT...]][:seed=N][:eps=E]"`` (the form ``str``
+        gives): ``KEEP`` with a decimal point or an exponent is a fraction, else a count
+        (``"crs:0.5:forward"``, ``"topk:16:forward+grad_weight"``, ``"crs:0.5:eps=0.1"``)."""
         if not isinstance(text, str):
             raise TypeError(f"Approx.parse expects a string, got {text!r}")
         parts = [p.strip() for p in text.strip().split(":")]
-        form = "METHOD:KEEP[:PRODUCT[+PRODUCT...]][:seed=N]"
-        if len(parts) < 2 or len(parts) > 4 or not all(parts):
+        form = "METHOD:KEEP[:PRODUCT[+PRODUCT...]][:seed=N][:eps=E]"
+        if len(parts) < 2 or len(parts) > 5 or not all(parts):
             raise ValueError(f"approx setting {text!r}: expected {form}, e.g. "
                              f"'crs:0.5:forward'")
         method, keep_text, rest = parts[0], parts[1], parts[2:]
@@ -198,16 +209,18 @@ class Approx:
             raise ValueError(f"approx setting {text!r}: KEEP must be a count (int) or a "
                              f"fraction (float in (0, 1]), got {keep_text!r}") from None
         kw = {"method": method, "keep": keep}
-        if rest and not rest[0].startswith("seed="):
+        if rest and "=" not in rest[0]:
             kw["products"] = tuple(p.strip() for p in rest.pop(0).split("+"))
-        if rest:
-            key, _, val = rest.pop(0).partition("=")
-            if key != "seed" or rest:
+        for part in rest:
+            key, _, val = part.partition("=")
+            name = {"seed": "seed", "eps": "epsilon"}.get(key.strip())
+            if name is None or name in kw:
                 raise ValueError(f"approx setting {text!r}: expected {form}")
             try:
-                kw["seed"] = int(val)
+                kw[name] = int(val) if name == "seed" else float(val)
             except ValueError:
-                raise ValueError(f"approx setting {text!r}: seed must be an int, "
+                what = "an int" if name == "seed" else "a float in [0, 1]"
+                raise ValueError(f"approx setting {text!r}: {key} must be {what}, "
                                  f"got {val!r}") from None
         try:
             return cls(**kw)
@@ -242,7 +255,14 @@ def _bernoulli_probabilities(w: np.ndarray, k: int) -> np.ndarray:
     return p
 
 
-def select(weights, keep, method: str = "crs", rng=None) -> Selection:
+def _epsilon(eps, what="epsilon") -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)) or \
+            not 0 <= eps <= 1:
+        raise ValueError(f"{what} must be a number in [0, 1], got {eps!r}")
+    return float(eps)
+
+
+def select(weights, keep, method: str = "crs", rng=None, epsilon: float = 0.0) -> Selection:
     """The pairs kept out of ``len(weights)`` and their scales (step 2 of the module notes).
 
     Parameters
@@ -254,6 +274,12 @@ def select(weights, keep, method: str = "crs", rng=None) -> Selection:
     method : {"crs", "bernoulli", "topk"}
     rng : numpy.random.Generator, int or None
         The draws (``numpy.random.default_rng(rng)``); not used by ``"topk"``.
+    epsilon : float in [0, 1], default 0
+        Mix the probabilities with the uniform ones over the pairs of nonzero weight:
+        ``(1 - epsilon) p + epsilon u``, ``u_i = 1 / nnz`` for ``"crs"`` and
+        ``min(k, nnz) / nnz`` for ``"bernoulli"`` (the sums stay 1 and ``k``; pairs of weight
+        0 keep probability 0). The scales use the mixed probabilities, so the estimate stays
+        unbiased. Not used by ``"topk"``.
     """
     if method not in METHODS:
         raise ValueError(f"unknown sampling method {method!r}; the methods are "
@@ -263,6 +289,7 @@ def select(weights, keep, method: str = "crs", rng=None) -> Selection:
         raise ValueError("select: weights must be a 1-D array of finite values >= 0")
     K = w.size
     k = keep_count(keep, K)
+    epsilon = _epsilon(epsilon)
     if method == "topk":
         kept = np.sort(np.argsort(-w, kind="stable")[:k]).astype(np.int64)
         return Selection(kept, np.ones(k, np.int64), np.ones(k), None, k, K)
@@ -273,12 +300,19 @@ def select(weights, keep, method: str = "crs", rng=None) -> Selection:
         return Selection(empty, empty.copy(), np.zeros(0), np.zeros(K), k, K)
     if method == "crs":
         p = w / total
+        if epsilon:
+            nz = w > 0
+            p = (1 - epsilon) * p + epsilon * nz / nz.sum()
         draws = rng.choice(K, size=k, p=p)
         counts = np.bincount(draws, minlength=K)
         kept = np.flatnonzero(counts).astype(np.int64)
         c = counts[kept].astype(np.int64)
         return Selection(kept, c, c / (k * p[kept]), p, k, K)
     p = _bernoulli_probabilities(w, k)
+    if epsilon:
+        nz = w > 0
+        n = int(nz.sum())
+        p = (1 - epsilon) * p + epsilon * min(k, n) / n * nz
     u = rng.random(K)
     kept = np.flatnonzero(u < p).astype(np.int64)
     return Selection(kept, np.ones(kept.size, np.int64), 1.0 / p[kept], p, k, K)
@@ -340,7 +374,7 @@ def _stats(method, sel, counters, dense):
 
 
 def sampled_matmul(a, b, keep, *, method: str = "crs", seed=None,
-                   spec: MatmulSpec | None = None, product_seed=None):
+                   spec: MatmulSpec | None = None, product_seed=None, epsilon: float = 0.0):
     """``a @ b`` from a sample of its column-row pairs (module notes).
 
     Parameters
@@ -359,6 +393,8 @@ def sampled_matmul(a, b, keep, *, method: str = "crs", seed=None,
         :func:`fixedsim.matmul`).
     product_seed : int, optional
         The seed of the spec's stochastic stages (``seed`` of :func:`fixedsim.matmul`).
+    epsilon : float in [0, 1], default 0
+        Uniform share mixed into the probabilities (:func:`select`); 0 is the paper's rule.
 
     Returns
     -------
@@ -393,14 +429,15 @@ def sampled_matmul(a, b, keep, *, method: str = "crs", seed=None,
     _check_finite(b, "b", "sampled_matmul")
     M, K = a.shape
     N = b.shape[1]
-    sel = select(_norms(a, 0) * _norms(b, 1), keep, method, seed)
+    sel = select(_norms(a, 0) * _norms(b, 1), keep, method, seed, epsilon)
     a_s = a[:, sel.kept] * sel.scale if method != "topk" else a[:, sel.kept]
     y, c = matmul(a_s, b[sel.kept], spec, seed=product_seed, stats=True)
     return y, _stats(method, sel, c, M * N * K)
 
 
 def sampled_conv2d(x, w, keep, *, method: str = "crs", seed=None,
-                   spec: MatmulSpec | None = None, stride=1, padding=0, product_seed=None):
+                   spec: MatmulSpec | None = None, stride=1, padding=0, product_seed=None,
+                   epsilon: float = 0.0):
     """``conv2d(x, w, spec)`` from a sample of its input channels.
 
     A pair is one input channel ``c``: the activations ``x[:, c]`` with the kernel slice
@@ -430,7 +467,7 @@ def sampled_conv2d(x, w, keep, *, method: str = "crs", seed=None,
     _check_finite(x, "x", "sampled_conv2d")
     _check_finite(w, "w", "sampled_conv2d")
     C = x.shape[1]
-    sel = select(_norms(x, (0, 2, 3)) * _norms(w, (0, 2, 3)), keep, method, seed)
+    sel = select(_norms(x, (0, 2, 3)) * _norms(w, (0, 2, 3)), keep, method, seed, epsilon)
     x_s = x[:, sel.kept]
     if method != "topk":
         x_s = x_s * sel.scale[None, :, None, None]

@@ -71,7 +71,8 @@ def _sampled(layer, ctx, purpose, A, a_axis, B, b_axis, call, dense, *, sample, 
         rng = np.random.default_rng(child_seed(ap.seed, ctx.key(layer.name,
                                                                 "approx." + purpose)))
         try:
-            sel = select(_norms(A, a_axis) * _norms(B, b_axis), ap.keep, ap.method, rng)
+            sel = select(_norms(A, a_axis) * _norms(B, b_axis), ap.keep, ap.method, rng,
+                         ap.epsilon)
         except ValueError as e:
             raise ValueError(f"{layer.name}: approx {ap} on the {purpose} product: {e}") from None
         kept = sel.kept
