@@ -154,10 +154,13 @@ def linear_backward(layer, G, xq, wq, ctx, need_input_grad):
 
 
 # -- Conv2d --------------------------------------------------------------------------------------
-def _out_hw(layer, H, W):
-    from ..nn.layers import _pair
+def _pair(v):
+    return (int(v), int(v)) if np.isscalar(v) else tuple(int(u) for u in v)
 
-    (sh, sw), (ph, pw) = _pair(layer.stride, "stride"), _pair(layer.padding, "padding", 0)
+
+def _out_hw(layer, H, W):
+    """The output size of the layer's convolution (its settings were checked when built)."""
+    (sh, sw), (ph, pw) = _pair(layer.stride), _pair(layer.padding)
     kh, kw = layer.kernel_size
     return (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
 
