@@ -514,9 +514,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which layers --reuse applies to (default conv)")
     t.add_argument("--approx", default=None, metavar="SETTING",
                    help="column-row sampling of the layers' products in training: "
-                        "METHOD:KEEP[:PRODUCT[+PRODUCT...]][:seed=N], METHOD crs, bernoulli "
-                        "or topk, KEEP a count or a fraction, PRODUCT forward (default), "
-                        "grad_input, grad_weight; e.g. crs:0.5:forward (docs/approx.md)")
+                        "METHOD:KEEP[:PRODUCT[+PRODUCT...]][:seed=N][:eps=E], METHOD crs, "
+                        "bernoulli or topk, KEEP a count or a fraction, PRODUCT forward "
+                        "(default), grad_input, grad_weight; e.g. crs:0.5:forward "
+                        "(docs/approx.md)")
     t.add_argument("--approx-layers", default=None, choices=["conv", "linear", "all"],
                    help="which layers --approx applies to (default all)")
     t.add_argument("--count-steps", action="store_true",

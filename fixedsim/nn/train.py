@@ -113,7 +113,7 @@ class TrainConfig:
         Which product layers the reuse setting applies to.
     approx : str
         Column-row sampling of the layers' products in training (:class:`fixedsim.approx.
-        Approx`): ``""`` (none) or ``"METHOD:KEEP[:PRODUCT[+PRODUCT...]][:seed=N]"``, e.g.
+        Approx`): ``""`` (none) or ``"METHOD:KEEP[:PRODUCT[+PRODUCT...]][:seed=N][:eps=E]"``, e.g.
         ``"crs:0.5:forward"`` (docs/approx.md). The draws derive from the run seed and the
         step, so a resumed run draws the same pairs.
     approx_layers : {"all", "conv", "linear"}
