@@ -409,22 +409,10 @@ def add_fixed_grid(a, b, out, P, Psr, U, D, mode, rbits, up, down, cmax, cmin, w
         if mode == RNE:
             _grid_add_chunk(a, b, out, counts, slow, ch, lo_i, hi_i, RNE, P, Psr, U, D, up,
                             down, cmax, cmin, rbits, wrap_lim)
-        elif mode == RNA:
-            _grid_add_chunk(a, b, out, counts, slow, ch, lo_i, hi_i, RNA, P, Psr, U, D, up,
-                            down, cmax, cmin, rbits, wrap_lim)
-        elif mode == RTZ:
-            _grid_add_chunk(a, b, out, counts, slow, ch, lo_i, hi_i, RTZ, P, Psr, U, D, up,
-                            down, cmax, cmin, rbits, wrap_lim)
-        elif mode == RDN:
-            _grid_add_chunk(a, b, out, counts, slow, ch, lo_i, hi_i, RDN, P, Psr, U, D, up,
-                            down, cmax, cmin, rbits, wrap_lim)
-        elif mode == RUP:
-            _grid_add_chunk(a, b, out, counts, slow, ch, lo_i, hi_i, RUP, P, Psr, U, D, up,
-                            down, cmax, cmin, rbits, wrap_lim)
-        elif mode == ODD:
-            _grid_add_chunk(a, b, out, counts, slow, ch, lo_i, hi_i, ODD, P, Psr, U, D, up,
-                            down, cmax, cmin, rbits, wrap_lim)
-        else:
+        elif mode == SR:
             _grid_add_chunk(a, b, out, counts, slow, ch, lo_i, hi_i, SR, P, Psr, U, D, up,
+                            down, cmax, cmin, rbits, wrap_lim)
+        else:  # the other modes: one loop that reads the mode
+            _grid_add_chunk(a, b, out, counts, slow, ch, lo_i, hi_i, mode, P, Psr, U, D, up,
                             down, cmax, cmin, rbits, wrap_lim)
     return counts, slow

@@ -1,18 +1,26 @@
 """Fast quantizers for the common cases, bit-identical to :mod:`fixedsim.jit.quant`.
 
 * :func:`float_from_f32`: float32 input into a float format whose values are all float32
-  (every preset), subnormals on. Branch-free integer arithmetic on the input bits, one loop per
-  rounding mode so that the compiler vectorises it.
+  (every preset), subnormals on. Branch-free integer arithmetic on the input bits; nearest even
+  and stochastic rounding each have a loop compiled with the mode as a constant (no mode
+  branch, so the compiler vectorises it), the other modes share one loop that reads the mode.
 * :func:`float_from_f64`: float64 input into such a format of at most 22 significant bits,
   deterministic modes: round to odd at float32 precision, then the float32 kernel.
 * :func:`fixed_from_float`: float32/float64 input into a fixed-point format, when ``x * 2**f``
-  is exact in float64 (the caller checks the range). One loop per rounding mode. Under WRAP
+  is exact in float64 (the caller checks the range). Loops per mode as above. Under WRAP
   it runs unclamped into a float64 buffer of codes and :func:`wrap_codes` wraps them.
 
 Each can count the events of its roundings as the general kernel does (``stats=True``; the
 float kernels in a second pass over each chunk, from the inputs, the results and the overflow
 flags). All are checked bit for bit, counts included, against the general kernel, and against
 the Fraction oracle.
+
+Only two modes get loops of their own because each loop compiled with a constant mode is a
+copy of the whole loop body in the kernel, and a parallel kernel's compile time grows with its
+body: seven copies cost :func:`fixed_from_float` 32 s of compiling for its two signatures,
+nearest even, stochastic rounding and one shared loop 19 s (empty cache, one core, with other work on the machine). The
+presets train with the first two; the shared loop runs the rare modes with a branch per
+element. :func:`fixedsim.jit.arith.add_fixed_grid` does the same.
 """
 
 import numpy as np
@@ -183,23 +191,11 @@ def float_from_f32(xb, ob, mode, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_ne
         if mode == RNE:
             _f32_chunk(xs, os, ov, lo, RNE, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
                        infbits, rbits, key)
-        elif mode == RNA:
-            _f32_chunk(xs, os, ov, lo, RNA, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
-                       infbits, rbits, key)
-        elif mode == RTZ:
-            _f32_chunk(xs, os, ov, lo, RTZ, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
-                       infbits, rbits, key)
-        elif mode == RDN:
-            _f32_chunk(xs, os, ov, lo, RDN, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
-                       infbits, rbits, key)
-        elif mode == RUP:
-            _f32_chunk(xs, os, ov, lo, RUP, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
-                       infbits, rbits, key)
-        elif mode == ODD:
-            _f32_chunk(xs, os, ov, lo, ODD, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
-                       infbits, rbits, key)
-        else:
+        elif mode == SR:
             _f32_chunk(xs, os, ov, lo, SR, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
+                       infbits, rbits, key)
+        else:  # the other modes: one loop that reads the mode
+            _f32_chunk(xs, os, ov, lo, mode, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
                        infbits, rbits, key)
         if count:
             _float_events(xs, os, ov, minnorm, counts, c, _f32_value)
@@ -262,20 +258,8 @@ def float_from_f64(x, ob, mode, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg
         elif mode == RNE:
             _f64_chunk(xs, os, ov, lo, RNE, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
                        infbits)
-        elif mode == RNA:
-            _f64_chunk(xs, os, ov, lo, RNA, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
-                       infbits)
-        elif mode == RTZ:
-            _f64_chunk(xs, os, ov, lo, RTZ, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
-                       infbits)
-        elif mode == RDN:
-            _f64_chunk(xs, os, ov, lo, RDN, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
-                       infbits)
-        elif mode == RUP:
-            _f64_chunk(xs, os, ov, lo, RUP, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
-                       infbits)
-        else:
-            _f64_chunk(xs, os, ov, lo, ODD, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
+        else:  # the other modes (never SR here): one loop that reads the mode
+            _f64_chunk(xs, os, ov, lo, mode, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
                        infbits)
         if count:
             _float_events(xs, os, ov, minnorm, counts, c, _f64_value)
@@ -356,8 +340,9 @@ def fixed_from_float(x, out, mode, up_scale, down_scale, cmax, cmin, rbits, key)
     Saturating overflow; for WRAP the caller passes infinite bounds, ``down_scale = 1`` and a
     float64 ``out``, then calls :func:`wrap_codes`. ``up_scale = 2**f``. Returns the event
     counts (columns ``F_*`` of :mod:`.quant`, as the general kernel counts them; with WRAP
-    only the NaN inputs, invalid for fixed point, are meaningful). One loop per rounding mode,
-    each compiled with the mode as a constant.
+    only the NaN inputs, invalid for fixed point, are meaningful). Nearest even and stochastic
+    rounding have loops compiled with the mode as a constant, the other modes one loop that
+    reads it.
     """
     n = x.size
     nch = (n + CHUNK - 1) // CHUNK
@@ -368,23 +353,11 @@ def fixed_from_float(x, out, mode, up_scale, down_scale, cmax, cmin, rbits, key)
         if mode == RNE:
             _fixed_chunk(x, out, lo, hi, RNE, up_scale, down_scale, cmax, cmin, rbits, key,
                          counts, c)
-        elif mode == RNA:
-            _fixed_chunk(x, out, lo, hi, RNA, up_scale, down_scale, cmax, cmin, rbits, key,
-                         counts, c)
-        elif mode == RTZ:
-            _fixed_chunk(x, out, lo, hi, RTZ, up_scale, down_scale, cmax, cmin, rbits, key,
-                         counts, c)
-        elif mode == RDN:
-            _fixed_chunk(x, out, lo, hi, RDN, up_scale, down_scale, cmax, cmin, rbits, key,
-                         counts, c)
-        elif mode == RUP:
-            _fixed_chunk(x, out, lo, hi, RUP, up_scale, down_scale, cmax, cmin, rbits, key,
-                         counts, c)
-        elif mode == ODD:
-            _fixed_chunk(x, out, lo, hi, ODD, up_scale, down_scale, cmax, cmin, rbits, key,
-                         counts, c)
-        else:
+        elif mode == SR:
             _fixed_chunk(x, out, lo, hi, SR, up_scale, down_scale, cmax, cmin, rbits, key,
+                         counts, c)
+        else:  # the other modes: one loop that reads the mode
+            _fixed_chunk(x, out, lo, hi, mode, up_scale, down_scale, cmax, cmin, rbits, key,
                          counts, c)
         nb = 0
         xs = x[lo:hi]
