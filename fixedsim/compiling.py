@@ -28,9 +28,10 @@ from __future__ import annotations
 import sys
 import time
 
+import numpy as np
 from numba.core import event as _event
 
-__all__ = ["CompileWatch", "NOTICE", "COLD_SECONDS", "notice_text"]
+__all__ = ["CompileWatch", "NOTICE", "COLD_SECONDS", "notice_text", "read_only"]
 
 #: Seconds of compiling from an empty Numba cache, measured on the 2-core development machine
 #: (Intel Xeon with AVX-512): a first ``fixedsim train`` (LeNet under float32: 184 s on the
@@ -122,3 +123,17 @@ class _Listener(_event.Listener):
 
     def on_end(self, event):
         self._watch._end(event)
+
+
+def read_only(a, dtype=None):
+    """``a`` as a read-only C-contiguous view (converted to ``dtype`` when given), the way every
+    kernel input is passed.
+
+    Numba compiles one signature per combination of its arguments' writeable flags, so a
+    kernel called with a caller's writable array one time and a read-only one the next
+    compiles twice (30 s for the BlockFMA kernel). Passing inputs through this function keeps
+    one signature whatever the caller's flags.
+    """
+    v = np.ascontiguousarray(a, dtype).view()
+    v.setflags(write=False)
+    return v

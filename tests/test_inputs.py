@@ -26,7 +26,7 @@ from numba.core.registry import CPUDispatcher
 
 import fixedsim as fs
 import fixedsim.jit
-from fixedsim import reference
+from fixedsim import hardware, reference
 from fixedsim.jit.rng import random_u64_array
 from fixedsim.quantize import random_key
 from fixedsim.reuse import reuse_matmul
@@ -676,6 +676,17 @@ def _readonly(v):
 _RNG = np.random.default_rng(11)
 _A, _B = _RNG.standard_normal((6, 5)), _RNG.standard_normal((5, 4))
 _X, _W = _RNG.standard_normal((2, 2, 5, 5)), _RNG.standard_normal((3, 2, 3, 3))
+# FP16 operands and an FP32 addend for a matrix unit without its input stage, so that the
+# caller's arrays themselves reach the BlockFMA kernel
+_AH, _BH = (fs.quantize(v, fs.FP16) for v in (_A, _B))
+_CH = fs.quantize(_RNG.standard_normal((6, 4)), fs.FP32)
+
+
+def _ro_if(v, a):
+    """``v``, read-only when the call's operand ``a`` is."""
+    return v if a.flags.writeable else _readonly(v)
+
+
 READ_ONLY_CALLS = {
     "quantize FP16 from float64": lambda a, b: fs.quantize(a, fs.FP16),
     "quantize FP16 from float32": lambda a, b: fs.quantize(a.astype(np.float32), fs.FP16),
@@ -694,8 +705,12 @@ READ_ONLY_CALLS = {
     "matmul FP16 in, FP32 chain": lambda a, b: fs.matmul(a, b, fs.MatmulSpec(
         input=fs.FP16, accumulator=fs.FP32, output=fs.FP16)),
     "matmul FP16 chain": lambda a, b: fs.matmul(a, b, fs.MatmulSpec(accumulator=fs.FP16)),
-    "conv2d": lambda a, b: fs.conv2d(_X if a.flags.writeable else _readonly(_X),
-                                     _W if a.flags.writeable else _readonly(_W),
+    "matmul FP16 blocks of 4, addend": lambda a, b: fs.matmul(
+        a, b, fs.MatmulSpec(accumulator=fs.Accumulator(fs.FP16, block=4)), c=_ro_if(_CH, a)),
+    "matmul BlockFMA, addend": lambda a, b: fs.matmul(
+        _ro_if(_AH, a), _ro_if(_BH, a), fs.MatmulSpec(
+            accumulator=hardware.spec("H100", "fp16").accumulator), c=_ro_if(_CH, a)),
+    "conv2d": lambda a, b: fs.conv2d(_ro_if(_X, a), _ro_if(_W, a),
                                      fs.MatmulSpec(input=fs.BF16, output=fs.FP16)),
 }
 
@@ -710,6 +725,23 @@ def test_read_only_inputs_give_the_same_bits_and_compile_nothing(name):
     got = f(_readonly(_A), _readonly(_B))
     assert _signatures() == before
     assert_same_bits(got, expected)
+
+
+@pytest.mark.parametrize("spec", [
+    fs.MatmulSpec(accumulator=fs.Accumulator(fs.FP16, block=4)),
+    fs.MatmulSpec(accumulator=hardware.spec("H100", "fp16").accumulator)],
+    ids=["general", "blockfma"])
+def test_batch_broadcast_compiles_nothing_more(spec):
+    """Broadcast batch dimensions reach the kernels as numpy.broadcast_to's read-only views,
+    plain operands as writable arrays: the kernels take both as read-only
+    (:func:`fixedsim.compiling.read_only`), so one signature serves both (Numba compiles one
+    per combination of writeable flags: 30 s more for the BlockFMA kernel)."""
+    a3 = np.stack([_AH, -_AH])
+    expected = fs.matmul(_AH, _BH, spec, c=_CH)  # compiles (or loads) the plain call's
+    before = _signatures()
+    got = fs.matmul(a3, _BH, spec, c=_CH)  # _BH and the addend broadcast over the batch
+    assert _signatures() == before
+    assert_same_bits(got[0], expected)
 
 
 def test_decimal_context_does_not_matter():

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import fixedsim as fs
 from fixedsim import reference
+from fixedsim.compiling import read_only
 from fixedsim.counters import Counters
 from fixedsim.jit import gemm_exact64 as gz
 from fixedsim.matmul import core, exact64
@@ -227,7 +228,7 @@ def test_refinement_decides_small_sums():
     p = product(a, b, spec)
     beta = exact64.beta_for(K)
     A1, A12, A2, ta, nA, mA, ea, badA = exact64._split(p.A, beta, 0)
-    B1, B12, B2, tb, nB, mB, eb, badB = exact64._split(exact64._read_only(p.B.T), beta, 1)
+    B1, B12, B2, tb, nB, mB, eb, badB = exact64._split(read_only(p.B.T, np.float64), beta, 1)
     out = np.empty((3, 3))
     fail = np.zeros((3, 3), np.uint8)
     crad = 4.0 * K * 2.0**-53
@@ -257,7 +258,7 @@ def test_split_is_exact(ab, beta):
     """``x * 2**(beta - e) = a1 + a2 t + r t`` exactly, integers within their bounds, and the
     tails as documented (rows whose scaling loses bits are marked instead)."""
     a = np.ascontiguousarray(ab[0])
-    c1, c12, c2, tail, nrm, mx, e, bad = exact64._split(exact64._read_only(a), beta, 0)
+    c1, c12, c2, tail, nrm, mx, e, bad = exact64._split(read_only(a, np.float64), beta, 0)
     T = 2**beta
     K = a.shape[1]
     for i in range(a.shape[0]):
@@ -284,7 +285,7 @@ def test_worst_case_integer_products_are_exact_in_blas():
         T = 2.0**beta
         u = (T - 2) + 0.5 - 2.0**-beta  # a1 = T - 2, a2 = T/2 - 1
         row = np.full(K, u * 2.0**-beta)  # row max < 1, e = 0
-        a1, a12, a2, *_ = exact64._split(exact64._read_only(np.stack([row, -row])), beta, 0)
+        a1, a12, a2, *_ = exact64._split(read_only(np.stack([row, -row]), np.float64), beta, 0)
         assert a12[0, 0] == 1.5 * T - 3
         got = a12 @ a12.T
         want = a12.astype(np.int64) @ a12.astype(np.int64).T

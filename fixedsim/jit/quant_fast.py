@@ -18,9 +18,9 @@ the Fraction oracle.
 Only two modes get loops of their own because each loop compiled with a constant mode is a
 copy of the whole loop body in the kernel, and a parallel kernel's compile time grows with its
 body: seven copies cost :func:`fixed_from_float` 32 s of compiling for its two signatures,
-nearest even, stochastic rounding and one shared loop 19 s (empty cache, one core, with other work on the machine). The
-presets train with the first two; the shared loop runs the rare modes with a branch per
-element. :func:`fixedsim.jit.arith.add_fixed_grid` does the same.
+nearest even, stochastic rounding and one shared loop 19 s (empty cache, one core, other work
+on the machine). The presets train with the first two; the shared loop runs the rare modes
+with a branch per element. :func:`fixedsim.jit.arith.add_fixed_grid` does the same.
 """
 
 import numpy as np

@@ -64,6 +64,7 @@ import numpy as np
 
 from .. import counters as _counters
 from .. import reference
+from ..compiling import read_only as _ro
 from ..formats import FloatFormat
 from ..jit import gemm_blockfma as _gb
 from ..jit import quant as _q
@@ -175,9 +176,8 @@ def _chunks(A, EA, B, EB, C, acc, f, count):
         k1 = min(k0 + acc.promote, K)
         part = np.empty_like(s)
         cn, bd, ct = _gb.gemm_blockfma(
-            np.ascontiguousarray(A[:, k0:k1]), np.ascontiguousarray(EA[:, k0:k1]),
-            np.ascontiguousarray(B[k0:k1]), np.ascontiguousarray(EB[k0:k1]),
-            np.zeros_like(s), part, acc.block, acc.extra_bits,
+            _ro(A[:, k0:k1]), _ro(EA[:, k0:k1]), _ro(B[k0:k1]), _ro(EB[k0:k1]),
+            _ro(np.zeros_like(s)), part, acc.block, acc.extra_bits,
             _gb.NO_EXP if acc.min_exp is None else acc.min_exp, acc.frac_bits, f.emin, f.emax,
             int(acc.rounding), count, 0, 0)
         s, fl = promote_add(s, part, f)
@@ -202,7 +202,8 @@ def run(p):
     f = acc.fmt
     if acc.promote is None:
         counts, bad, cuts = _gb.gemm_blockfma(
-            A, exponents(A, emin, acc.zero_exp), B, exponents(B, emin, acc.zero_exp), C, out,
+            _ro(A), _ro(exponents(A, emin, acc.zero_exp)), _ro(B),
+            _ro(exponents(B, emin, acc.zero_exp)), _ro(C), out,
             acc.block, acc.extra_bits,
             _gb.NO_EXP if acc.min_exp is None else acc.min_exp, acc.frac_bits, f.emin, f.emax,
             int(acc.rounding), p.c._steps, *(acc.addend_bits or (0, 0)))

@@ -12,6 +12,7 @@ import numpy as np
 from .. import counters as _counters
 from .. import reference
 from ..blockformats import BlockFormat
+from ..compiling import read_only
 from ..formats import FP64, FixedFormat, _to_float_toward_zero
 from ..jit import gemm_exact as _gx
 from ..jit import gemm_general as _gg
@@ -310,9 +311,9 @@ def _general_at(A, B, spec, ba, bb, keys, rb, rows, cols, out, c, BT=None):
     flags). ``A`` float64, C-contiguous; ``BT`` the transposed ``B`` if already made."""
     rows = np.ascontiguousarray(rows, np.int64)
     cols = np.ascontiguousarray(cols, np.int64)
-    BT = np.ascontiguousarray(B.T) if BT is None else BT
+    BT = B.T if BT is None else BT
     vals = np.empty(rows.size)
-    counts, slow = _gg.gemm_general_at(A, BT, rows, cols, vals,
+    counts, slow = _gg.gemm_general_at(read_only(A), read_only(BT), rows, cols, vals,
                                       *_general_args(spec, ba, bb, keys, rb))
     tot = counts.sum(axis=0)
     out[rows, cols] = vals
@@ -377,12 +378,12 @@ def _general(A, B, spec, ba, bb, keys, rb, c, C=None):
     args = _general_args(spec, ba, bb, keys, rb)
     if getattr(acc, "structured", False):  # lanes, order, addend: fixedsim.jit.gemm_lanes
         counts, slow = _gl.gemm_lanes(
-            np.ascontiguousarray(A), np.ascontiguousarray(B.T), C0, out, 0,
+            read_only(A), read_only(B.T), read_only(C0), out, 0,
             *args[:7], args[7], args[10], acc.block, acc.lanes or 0,
             acc.order == "descending", acc.combine == "tree", acc.addend == "last")
     else:
-        counts, slow = _gg.gemm_general(np.ascontiguousarray(A), np.ascontiguousarray(B.T), C0,
-                                       out, 0, *args)
+        counts, slow = _gg.gemm_general(read_only(A), read_only(B.T), read_only(C0), out, 0,
+                                       *args)
     tot = counts.sum(axis=0)
     if tot[:, _q.F_INVALID].any():
         raise ValueError("matmul: a NaN or infinity reached a fixed-point format of the spec "

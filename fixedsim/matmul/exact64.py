@@ -108,6 +108,7 @@ import threading
 import numpy as np
 
 from .. import counters as _counters
+from ..compiling import read_only
 from ..formats import FP64, FloatFormat
 from ..jit import gemm_exact64 as _gz
 from ..jit import quant as _q
@@ -191,13 +192,6 @@ def declines(p) -> str | None:
     return None
 
 
-def _read_only(x):
-    """A read-only float64 C-contiguous view (one compiled signature for every caller)."""
-    v = np.ascontiguousarray(x, np.float64).view()
-    v.setflags(write=False)
-    return v
-
-
 def _split(X, beta, side, into=None):
     """The slices of the rows of ``X`` (``A``, side 0, or ``B`` transposed, side 1), into the
     three ``(n, K)`` and one ``(n, 2K)`` float64 arrays ``into`` when given (at least ``n``
@@ -217,7 +211,7 @@ def run(p) -> np.ndarray:
     proof). Never declines at run time: elements the bounds cannot decide go to the general
     kernel. ``A`` runs in blocks of rows (:data:`_BLOCK_VALUES`), ``B`` is split once."""
     spec, c = p.spec, p.c
-    A, B = _read_only(p.A), _read_only(p.B)
+    A, B = read_only(p.A, np.float64), read_only(p.B, np.float64)
     R, K = A.shape
     N = B.shape[1]
     f = spec.output if spec.output is not None else FP64
@@ -236,7 +230,8 @@ def run(p) -> np.ndarray:
         (rows_per, K), (rows_per, 2 * K), (rows_per, N), (rows_per, N), (rows_per, N),
         (rows_per, N))
     np.copyto(BT, B.T)
-    b1, b12, b2, tb, nB, mB, eb, badB = _split(_read_only(BT), beta, 1, (b1, b12, b2, tb))
+    b1, b12, b2, tb, nB, mB, eb, badB = _split(read_only(BT, np.float64), beta, 1,
+                                               (b1, b12, b2, tb))
     xB = np.where(badB, np.inf, 0.0)  # columns left to the general kernel
     tail_b = bool(mB.any())  # Vr not all zero
     work = (a1, a12, a2, ta)

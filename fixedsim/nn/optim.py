@@ -29,6 +29,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ..compiling import read_only
 from ..formats import FP32, FixedFormat
 from ..jit import quant as _q
 from ..rounding import Overflow, Rounding
@@ -333,9 +334,7 @@ def _add_params(role, key):
 
 def _flat_read_only(a: np.ndarray) -> np.ndarray:
     """A read-only flat view (one compiled signature whatever the caller's flags)."""
-    flat = np.ascontiguousarray(a).reshape(-1).view()
-    flat.setflags(write=False)
-    return flat
+    return read_only(np.ascontiguousarray(a).reshape(-1))
 
 
 def _stats(size, row):
