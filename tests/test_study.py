@@ -4,6 +4,7 @@ import csv
 import dataclasses
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -204,6 +205,36 @@ def test_run_ids_are_stable_and_order_free(tmp_path):
     assert other[0].run_id != ra[0].run_id and other[0].seed != ra[0].seed
     lr = load_study(write(tmp_path, a + "lr = 0.06\n", "e.toml"), check_data=False).runs
     assert lr[0].run_id != ra[0].run_id
+
+
+def test_committed_results_keep_their_run_ids():
+    """A training option added to TrainConfig enters a run's identity only when set
+    (IDENTITY_TRAIN_FIELDS): the committed results of a study keep the ids its TOML gives,
+    so a rerun with --resume finds them."""
+    root = pathlib.Path(__file__).resolve().parent.parent / "studies" / "tensor_cores"
+    with open(root / "results-3seeds" / "results.csv", newline="") as f:
+        committed = sorted(row["run_id"] for row in csv.DictReader(f))
+    study = load_study(root / "study.toml", check_data=False)
+    assert len(committed) == 36
+    assert sorted(r.run_id for r in study.runs) == committed
+
+
+def test_a_later_training_option_is_hashed_only_when_set(tmp_path):
+    from fixedsim.nn.train import TrainConfig
+    from fixedsim.study.spec import IDENTITY_TRAIN_FIELDS
+
+    later = {f.name for f in dataclasses.fields(TrainConfig)} - IDENTITY_TRAIN_FIELDS - {"seed"}
+    assert "approx" in later
+    base = load_study(write(tmp_path, TRAIN, "a.toml"), check_data=False).runs[0]
+    assert all(k not in base.identity["train"] for k in later)
+    assert all(k in base.identity["train"] for k in IDENTITY_TRAIN_FIELDS)
+    stated = load_study(write(tmp_path, TRAIN + 'approx = ""\n', "b.toml"),
+                        check_data=False).runs[0]
+    assert stated.run_id == base.run_id  # the default, stated
+    sampled = load_study(write(tmp_path, TRAIN + 'approx = "crs:0.5:forward"\n', "c.toml"),
+                         check_data=False).runs[0]
+    assert sampled.run_id != base.run_id
+    assert sampled.identity["train"]["approx"] == "crs:0.5:forward"
 
 
 def _toml_policy(p):

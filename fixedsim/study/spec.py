@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -237,10 +238,32 @@ def run_id_of(identity: dict) -> str:
     return hashlib.sha256(_canonical(identity).encode()).hexdigest()[:12]
 
 
+#: The training settings that every run id hashes, default or not: those of
+#: :class:`~fixedsim.nn.train.TrainConfig` when run ids were introduced (``seed`` is never
+#: hashed). A setting added since enters a run's identity only when it is not at its default,
+#: so that adding a training option leaves the ids of existing studies, and with them their
+#: committed results and ``--resume``, as they were.
+IDENTITY_TRAIN_FIELDS = frozenset({
+    "batch_size", "data", "epochs", "eval_batch_size", "lr", "max_loss", "model",
+    "model_options", "momentum", "nesterov", "optimizer", "reuse", "reuse_layers", "schedule",
+    "test_size", "train_size", "weight_decay"})
+
+
+@functools.lru_cache(maxsize=1)
+def _train_defaults() -> dict:
+    from ..nn.train import TrainConfig
+
+    return TrainConfig().to_dict()
+
+
 def _identity(train: dict, policy: dict, replicate: int, study_seed: int, seeds: str) -> dict:
-    """A run's configuration, whose hash is its id: the training settings without the seed,
-    the policy, the replicate, the study seed, and ``seeds`` only when shared (so that the ids
-    of per-run studies are those they always were)."""
+    """A run's configuration, whose hash is its id: the training settings without the seed
+    (those added after :data:`IDENTITY_TRAIN_FIELDS` only when set), the policy, the
+    replicate, the study seed, and ``seeds`` only when shared (so that the ids of per-run
+    studies are those they always were)."""
+    defaults = _train_defaults()
+    train = {k: v for k, v in train.items()
+             if k in IDENTITY_TRAIN_FIELDS or k not in defaults or v != defaults[k]}
     d = {"train": train, "policy": policy, "replicate": replicate, "study_seed": study_seed}
     if seeds == "shared":
         d["seeds"] = "shared"
