@@ -242,10 +242,15 @@ class ReuseCounts:
 
 @dataclasses.dataclass
 class ApproxCounts:
-    """What column-row sampling did in a layer (:mod:`fixedsim.approx`), summed over calls.
+    """What column-row sampling or gradient approximation did in a layer
+    (:mod:`fixedsim.approx`), summed over calls.
 
     Every product of a layer with a sampling setting is counted here (in training passes),
     sampled or not: the backward products of a sampled forward run over the kept pairs only.
+    Under a gradient approximation (:class:`fixedsim.approx.GradApprox`) the backward
+    products are counted as a sparse kernel performs them, ``pairs`` and ``kept`` count the
+    error entries (or, for a stale weight gradient, the gradients due and computed); see
+    docs/approx.md.
 
     Attributes
     ----------

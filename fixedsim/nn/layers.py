@@ -83,6 +83,10 @@ class _Product(Module):
     #: The layer's :class:`fixedsim.approx.Approx` setting (None: no sampling).
     approx = None
     _approxed = None
+    #: The layer's :class:`fixedsim.approx.GradApprox` setting (None: exact gradients).
+    grad_approx = None
+    #: The last weight gradient computed under a ``"stale"`` gradient approximation.
+    stale_grad = None
 
     def __init__(self, weight_shape, fan_in, bias, rng):
         rng = np.random.default_rng(rng)
@@ -122,6 +126,10 @@ class _Product(Module):
         if reuse is not None and self.approx is not None:
             raise ValueError(f"{self.name}: deep reuse and column-row sampling ({self.approx}) "
                              "cannot both be set on one layer; remove one (set_approx(None))")
+        if reuse is not None and self.grad_approx is not None:
+            raise ValueError(f"{self.name}: deep reuse and gradient approximation "
+                             f"({self.grad_approx}) cannot both be set on one layer; remove "
+                             "one (set_grad_approx(None))")
         old = self.reuse
         keep = (reuse is not None and old is not None and reuse.scope == "cross_batch"
                 and old.scope == "cross_batch" and (reuse.L, reuse.H) == (old.L, old.H))
@@ -144,7 +152,68 @@ class _Product(Module):
         if approx is not None and self.reuse is not None:
             raise ValueError(f"{self.name}: column-row sampling and deep reuse ({self.reuse}) "
                              "cannot both be set on one layer; remove one (set_reuse(None))")
+        if approx is not None and self.grad_approx is not None:
+            raise ValueError(f"{self.name}: column-row sampling and gradient approximation "
+                             f"({self.grad_approx}) cannot both be set on one layer; remove "
+                             "one (set_grad_approx(None))")
         self.approx = approx
+
+    def set_grad_approx(self, grad_approx) -> None:
+        """Set (or with None, remove) the layer's :class:`fixedsim.approx.GradApprox` setting.
+
+        Acts on training backward passes (:mod:`fixedsim.approx.grad`); not together with a
+        reuse or a column-row sampling setting. Setting it (or None) forgets the stored stale
+        weight gradient.
+        """
+        from ..approx import GradApprox
+
+        if grad_approx is not None and not isinstance(grad_approx, GradApprox):
+            raise TypeError(f"grad_approx must be a fixedsim.approx.GradApprox or None, got "
+                            f"{grad_approx!r}")
+        if grad_approx is not None and (self.reuse is not None or self.approx is not None):
+            other = (f"deep reuse ({self.reuse})" if self.reuse is not None
+                     else f"column-row sampling ({self.approx})")
+            raise ValueError(f"{self.name}: gradient approximation and {other} cannot both be "
+                             "set on one layer; remove one")
+        self.grad_approx = grad_approx
+        self.stale_grad = None
+
+    def _approx_error(self, grad_y, ctx):
+        """``grad_y`` as the backward products use it: the gradient approximation's sparse
+        error (``"topk"``/``"random"``), else unchanged."""
+        if self.grad_approx is None or not ctx.training:
+            return grad_y
+        from ..approx.grad import approximate_error
+
+        return approximate_error(self, grad_y, ctx)
+
+    def _weight_grad(self, compute, ctx, K, G_size, need_input_grad):
+        """Set ``weight.grad`` from ``compute()`` (the unrounded product), or, on the steps a
+        ``"stale"`` setting skips, from the stored gradient; counts the gradient
+        approximation's backward MACs."""
+        ga = self.grad_approx if ctx.training else None
+        if ga is None:
+            self.weight.grad = ctx.round("weight_grads", compute(), self.name)
+            return
+        from ..approx import grad as _ga
+
+        a = ctx.layer_counters(self.name).approx
+        dense = G_size * K
+        if ga.method == "stale":
+            if _ga.stale_step(self, ctx):
+                self.weight.grad = self.stale_grad.copy()
+                a.add("grad_weight", pairs=0, kept=0, macs=0, dense_macs=dense)
+            else:
+                self.weight.grad = ctx.round("weight_grads", compute(), self.name)
+                self.stale_grad = self.weight.grad.copy()
+                a.add("grad_weight", pairs=0, kept=0, macs=dense, dense_macs=dense)
+            if need_input_grad:
+                a.add("grad_input", pairs=0, kept=0, macs=dense, dense_macs=dense)
+            return
+        self.weight.grad = ctx.round("weight_grads", compute(), self.name)
+        _ga.count_product(self, ctx, "grad_weight", G_size, K)
+        if need_input_grad:
+            _ga.count_product(self, ctx, "grad_input", G_size, K)
 
     def _approx_setting(self, ctx):
         """The sampling setting of this pass (None in evaluation)."""
@@ -257,6 +326,7 @@ class Linear(_Product):
         xq, wq = self._cache
         p = ctx.policy
         dx = None
+        grad_y = self._approx_error(grad_y, ctx)
         if self._reused:
             dw, dx = self._reuse_backward(grad_y, wq, ctx, need_input_grad)
         elif self._approxed is not None:
@@ -264,8 +334,12 @@ class Linear(_Product):
 
             dw, dx = linear_backward(self, grad_y, xq, wq, ctx, need_input_grad)
         else:
-            dw = ctx.product(matmul, p.grad_weight, self.name, "grad_weight", xq.T, grad_y)
-        self.weight.grad = ctx.round("weight_grads", dw, self.name)
+            self._weight_grad(lambda: ctx.product(matmul, p.grad_weight, self.name,
+                                                  "grad_weight", xq.T, grad_y),
+                              ctx, self.in_features, grad_y.size, need_input_grad)
+            dw = None
+        if dw is not None:
+            self.weight.grad = ctx.round("weight_grads", dw, self.name)
         if self.bias is not None:
             self._bias_grad(grad_y, ctx)
         if not need_input_grad:
@@ -331,6 +405,8 @@ class Conv2d(_Product):
         xq, wq = self._cache
         p = ctx.policy
         kw = dict(stride=self.stride, padding=self.padding)
+        C, kh, kw_ = wq.shape[1:]
+        grad_y = self._approx_error(grad_y, ctx)
         G = grad_y.transpose(0, 2, 3, 1).reshape(-1, grad_y.shape[1])
         dx = None
         if self._reused:
@@ -344,9 +420,12 @@ class Conv2d(_Product):
 
             dw, dx = conv_backward(self, grad_y, xq, wq, ctx, need_input_grad)
         else:
-            dw = ctx.product(conv2d_grad_weight, p.grad_weight, self.name, "grad_weight", xq,
-                             grad_y, wq.shape, **kw)
-        self.weight.grad = ctx.round("weight_grads", dw, self.name)
+            self._weight_grad(lambda: ctx.product(conv2d_grad_weight, p.grad_weight, self.name,
+                                                  "grad_weight", xq, grad_y, wq.shape, **kw),
+                              ctx, C * kh * kw_, grad_y.size, need_input_grad)
+            dw = None
+        if dw is not None:
+            self.weight.grad = ctx.round("weight_grads", dw, self.name)
         if self.bias is not None:
             self._bias_grad(G, ctx)
         if not need_input_grad:
