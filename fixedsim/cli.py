@@ -437,7 +437,8 @@ def _cmd_warmup(args) -> int:
 
 _TRAIN_OPTIONS = ("data", "train_size", "test_size", "epochs", "batch_size", "optimizer", "lr",
                   "momentum", "nesterov", "weight_decay", "schedule", "seed", "reuse",
-                  "reuse_layers", "approx", "approx_layers")
+                  "reuse_layers", "approx", "approx_layers", "grad_approx",
+                  "grad_approx_layers", "rescale")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -520,6 +521,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "(docs/approx.md)")
     t.add_argument("--approx-layers", default=None, choices=["conv", "linear", "all"],
                    help="which layers --approx applies to (default all)")
+    t.add_argument("--grad-approx", default=None, metavar="SETTING",
+                   help="gradient approximation of the layers' backward passes: "
+                        "topk:KEEP (the largest entries of each example's error, KEEP a "
+                        "fraction or a count), random:P (entries kept with probability P, "
+                        "scaled by 1/P) or stale:N (the weight gradient computed every N-th "
+                        "step), [:seed=N] (docs/approx.md)")
+    t.add_argument("--grad-approx-layers", default=None, choices=["conv", "linear", "all"],
+                   help="which layers --grad-approx applies to (default all)")
+    t.add_argument("--rescale", default=None, metavar="FACTOR:EPOCH",
+                   help="kernel rescaling: train the first EPOCH epochs on images downsampled "
+                        "by FACTOR with kernels FACTOR times smaller, then rescale the kernels "
+                        "and continue at full resolution; e.g. 2:3 (docs/approx.md)")
     t.add_argument("--count-steps", action="store_true",
                    help="count the per-step events of every product in counters.csv (an "
                         "accumulator's inexact, overflowing, subnormal steps); costs time")

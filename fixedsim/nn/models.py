@@ -31,23 +31,28 @@ def mlp(seed: int = 0, in_features: int = 784, hidden=(1000, 1000), classes: int
 
 
 def lenet(seed: int = 0, in_shape=(1, 28, 28), channels=(16, 32), hidden: int = 128,
-          classes: int = 10) -> Sequential:
+          classes: int = 10, kernel: int = 5) -> Sequential:
     """LeNet-style CNN: two 5x5 convolutions, each with ReLU and 2x2 max-pooling, one hidden
     fully connected layer.
 
     For 28x28 inputs: conv 5x5 (16) -> 24x24 -> pool -> 12x12 -> conv 5x5 (32) -> 8x8 -> pool ->
-    4x4 -> 512 -> 128 -> 10.
+    4x4 -> 512 -> 128 -> 10. ``kernel`` sets the size of both kernels (an even size, such as
+    4, lets kernel rescaling by 2 halve the first one: docs/approx.md).
     """
     rng = np.random.default_rng(seed)
     C, H, W = in_shape
     c1, c2 = channels
-    h = ((H - 4) // 2 - 4) // 2
-    w = ((W - 4) // 2 - 4) // 2
+    if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1:
+        raise ValueError(f"lenet: kernel must be an int >= 1, got {kernel!r}")
+    k = kernel - 1
+    h = ((H - k) // 2 - k) // 2
+    w = ((W - k) // 2 - k) // 2
     if h < 1 or w < 1:
-        raise ValueError(f"lenet: input {in_shape} too small for two 5x5 conv + pool stages")
+        raise ValueError(f"lenet: input {in_shape} too small for two {kernel}x{kernel} conv + "
+                         f"pool stages")
     return Sequential(
-        Conv2d(C, c1, 5, rng=rng), ReLU(), MaxPool2d(2),
-        Conv2d(c1, c2, 5, rng=rng), ReLU(), MaxPool2d(2),
+        Conv2d(C, c1, kernel, rng=rng), ReLU(), MaxPool2d(2),
+        Conv2d(c1, c2, kernel, rng=rng), ReLU(), MaxPool2d(2),
         Flatten(), Linear(c2 * h * w, hidden, rng=rng), ReLU(),
         Linear(hidden, classes, rng=rng))
 

@@ -26,7 +26,8 @@ import time
 import numpy as np
 
 from .. import data as _data
-from ..approx import parse_approx
+from ..approx import parse_approx, parse_grad_approx
+from ..approx.rescale import parse_rescale
 from ..reuse.schedules import parse_reuse
 from .core import Context, LayerCounters, Parameter
 from .layers import Conv2d, Linear, SoftmaxCrossEntropy
@@ -118,6 +119,22 @@ class TrainConfig:
         step, so a resumed run draws the same pairs.
     approx_layers : {"all", "conv", "linear"}
         Which product layers the sampling setting applies to (not those with reuse).
+    grad_approx : str
+        Gradient approximation of the layers' backward passes (:class:`fixedsim.approx.
+        GradApprox`): ``""`` (none), ``"topk:KEEP"`` (meProp: the largest entries of each
+        example's error), ``"random:P"`` (entries kept with probability P, scaled by 1/P) or
+        ``"stale:N"`` (the weight gradient computed every N-th step), ``[:seed=N]``
+        (docs/approx.md). A resumed run continues bit for bit (the stale gradients are in the
+        checkpoint).
+    grad_approx_layers : {"all", "conv", "linear"}
+        Which product layers the gradient approximation applies to (not those with reuse or
+        column-row sampling).
+    rescale : str
+        Kernel rescaling (:class:`fixedsim.approx.Rescale`): ``""`` (none) or
+        ``"FACTOR:EPOCH"``: the first EPOCH epochs train the low-resolution network
+        (:func:`fixedsim.approx.rescale.low_resolution_model`) on images downsampled by
+        FACTOR, then its kernels are rescaled into the model, which continues at full
+        resolution with a fresh optimizer state (docs/approx.md). Not with ``reuse``.
     """
 
     model: str = "lenet"
@@ -140,6 +157,9 @@ class TrainConfig:
     reuse_layers: str = "conv"
     approx: str = ""
     approx_layers: str = "all"
+    grad_approx: str = ""
+    grad_approx_layers: str = "all"
+    rescale: str = ""
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -194,6 +214,29 @@ class TrainConfig:
                              f"(on {self.approx_layers} layers) would both apply to the same "
                              "layers; give them disjoint layer kinds (e.g. reuse_layers='conv', "
                              "approx_layers='linear')")
+        if not isinstance(self.grad_approx, str):
+            raise ValueError(f"TrainConfig grad_approx must be a string such as 'topk:0.3' "
+                             f"(or '' for none), got {self.grad_approx!r}")
+        parse_grad_approx(self.grad_approx)
+        if self.grad_approx_layers not in ("conv", "linear", "all"):
+            raise ValueError(f"TrainConfig grad_approx_layers must be 'conv', 'linear' or "
+                             f"'all', got {self.grad_approx_layers!r}")
+        if self.grad_approx.strip():
+            for name, setting, layers in (("reuse", self.reuse, self.reuse_layers),
+                                          ("approx", self.approx, self.approx_layers)):
+                if setting.strip() and ("all" in (layers, self.grad_approx_layers)
+                                        or layers == self.grad_approx_layers):
+                    raise ValueError(
+                        f"TrainConfig: {name} (on {layers} layers) and grad_approx (on "
+                        f"{self.grad_approx_layers} layers) would both apply to the same "
+                        f"layers; give them disjoint layer kinds (e.g. {name}_layers='conv', "
+                        "grad_approx_layers='linear')")
+        if not isinstance(self.rescale, str):
+            raise ValueError(f"TrainConfig rescale must be a string such as '2:3' (or '' for "
+                             f"none), got {self.rescale!r}")
+        if parse_rescale(self.rescale) is not None and self.reuse.strip():
+            raise ValueError("TrainConfig: rescale and reuse cannot be combined (the reuse "
+                             "tables and schedule follow one network); remove one")
         self.make_optimizer({"check": Parameter("check", np.zeros(1))})  # validates lr, ...
 
     def to_dict(self) -> dict:
@@ -319,6 +362,35 @@ def _totals(counters: dict) -> dict:
     return tot.as_dict()
 
 
+def _checkpoint_epoch(out, resume) -> int:
+    """The last finished epoch of the checkpoint a resumed run continues from (-1: none, or
+    unreadable: the load then says why)."""
+    if not resume or out is None:
+        return -1
+    path = pathlib.Path(out) / CHECKPOINT
+    try:
+        with np.load(path) as z:
+            return int(json.loads(bytes(z["meta"]).decode())["epoch"])
+    except Exception:  # noqa: BLE001 - a damaged file is reported by the load itself
+        return -1
+
+
+def _expand(low, full, in_shape, factor, policy, seed, step):
+    """Kernel rescaling at the switch: the full model's parameters from the low-resolution
+    network's (:func:`fixedsim.approx.rescale.expand_model`), rounded into ``weights`` (keys
+    ``(seed, phase 2, step, "rescale", name)``); BatchNorm buffers copied."""
+    from ..approx.rescale import expand_model
+
+    values = expand_model(low, full, in_shape, factor)
+    ctx = Context(policy, seed=seed, step=step, phase=2)
+    for name, p in full.named_parameters().items():
+        p.value = ctx.round("weights", values[name], "rescale", name)
+    lb = low.buffers()
+    for k, v in full.buffers().items():
+        if k in lb and lb[k].shape == v.shape:
+            v[...] = lb[k]
+
+
 def _init_weights(model, policy, seed):
     ctx = Context(policy, seed=seed, step=0, phase=2)
     for name, p in model.named_parameters().items():
@@ -369,8 +441,10 @@ def _reuse_rows(ctx, targets, epoch, step, setting):
 
 
 def _save_checkpoint(out, model, opt, scaler, epoch, step, history, counters_rows,
-                     reuse=None):
+                     reuse=None, stale_targets=()):
     arrays = {f"param/{k}": p.value for k, p in model.named_parameters().items()}
+    arrays.update({f"grad_approx/{layer.name}": layer.stale_grad for layer in stale_targets
+                   if layer.stale_grad is not None})
     arrays.update({f"buffer/{k}": v for k, v in model.buffers().items()})
     scalars = {}
     for k, v in opt.state_dict().items():
@@ -440,7 +514,8 @@ def _load_checkpoint(out, model, opt, scaler):
     return meta
 
 
-def _resume_from_checkpoint(out, model, opt, scaler, reuse_sched, reuse_targets):
+def _resume_from_checkpoint(out, model, opt, scaler, reuse_sched, reuse_targets,
+                            stale_targets=()):
     """Load ``out/checkpoint.npz``; a damaged file is a :class:`RunFolderError` saying so."""
     import zipfile
 
@@ -448,6 +523,11 @@ def _resume_from_checkpoint(out, model, opt, scaler, reuse_sched, reuse_targets)
     try:
         meta = _load_checkpoint(out, model, opt, scaler)
         reuse_rows = _load_reuse(out, meta, reuse_sched, reuse_targets)
+        if stale_targets:
+            with np.load(path) as z:
+                for layer in stale_targets:
+                    key = f"grad_approx/{layer.name}"
+                    layer.stale_grad = z[key].copy() if key in z.files else None
         missing = [k for k in ("epoch", "step", "history", "counters") if k not in meta]
         if missing:
             raise KeyError(f"no {', '.join(missing)} in its meta data")
@@ -619,6 +699,17 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
                          f"cannot be built for {ds.name} images of shape {xtr.shape[1:]}: "
                          f"{err}") from None
     _init_weights(model, policy, config.seed)
+    rescale = parse_rescale(config.rescale)
+    full_model, low_model, in_shape = model, None, tuple(xtr.shape[1:])
+    if rescale is not None:
+        from ..approx.rescale import downsample, low_resolution_model
+
+        low_model = low_resolution_model(model, in_shape, rescale.factor,
+                                         seed=np.random.SeedSequence([config.seed, 3]))
+        _init_weights(low_model, policy, config.seed)
+        low_data = (downsample(xtr, rescale.factor), downsample(xte, rescale.factor))
+        if _checkpoint_epoch(out, resume) < rescale.epoch:
+            model = low_model
     params = model.named_parameters()
     opt = config.make_optimizer(params)
     schedule = parse_schedule(config.schedule)
@@ -631,8 +722,19 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
         layer.set_reuse(reuse_sched.current())
     reuse_rows: list = []
     approx = parse_approx(config.approx)
-    for layer in _reuse_targets(model, config.approx_layers) if approx is not None else []:
-        layer.set_approx(approx)
+    grad_approx = parse_grad_approx(config.grad_approx)
+    for m in (full_model, low_model) if low_model is not None else (full_model,):
+        for layer in _reuse_targets(m, config.approx_layers) if approx is not None else []:
+            layer.set_approx(approx)
+        for layer in (_reuse_targets(m, config.grad_approx_layers) if grad_approx is not None
+                      else []):
+            layer.set_grad_approx(grad_approx)
+
+    def stale_layers(m):
+        return (_reuse_targets(m, config.grad_approx_layers)
+                if grad_approx is not None and grad_approx.method == "stale" else [])
+
+    stale_targets = stale_layers(model)
 
     if out is not None:
         out = pathlib.Path(out)
@@ -645,7 +747,8 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
             _resume_check(out, config, policy, stored_config, stored_policy)
             if (out / CHECKPOINT).is_file():
                 meta, reuse_rows = _resume_from_checkpoint(out, model, opt, scaler,
-                                                           reuse_sched, reuse_targets)
+                                                           reuse_sched, reuse_targets,
+                                                           stale_targets)
                 start_epoch, step = meta["epoch"] + 1, meta["step"]
                 history, counter_rows = meta["history"], meta["counters"]
                 if config.epochs < start_epoch:
@@ -677,6 +780,18 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
     for epoch in range(start_epoch, config.epochs):
         t0, c0 = time.perf_counter(), compiled()
         counters = {}
+        if rescale is not None and epoch == rescale.epoch and model is low_model:
+            _expand(low_model, full_model, in_shape, rescale.factor, policy, config.seed, step)
+            model = full_model
+            params = model.named_parameters()
+            opt = config.make_optimizer(params)
+            stale_targets = stale_layers(model)
+            log(f"epoch {epoch + 1}: kernels rescaled by {rescale.factor}; full resolution "
+                f"from now on")
+        if rescale is not None and model is low_model:
+            xtr_e, xte_e = low_data
+        else:
+            xtr_e, xte_e = xtr, xte
         order = np.random.default_rng(np.random.SeedSequence([config.seed, 1, epoch])) \
             .permutation(n)
         tot_loss, correct, skipped, seen = 0.0, 0, 0, 0
@@ -684,7 +799,7 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
                    disable=not progress, file=sys.stderr, leave=False, unit="batch")
         for i in range(steps_per_epoch):
             idx = order[i * config.batch_size:(i + 1) * config.batch_size]
-            xb, yb = xtr[idx], ytr[idx]
+            xb, yb = xtr_e[idx], ytr[idx]
             ctx = Context(policy, seed=config.seed, step=step, training=True)
             logits = model.forward(xb, ctx)
             loss = lossf(logits, yb, ctx)
@@ -721,7 +836,7 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
             bar.set_postfix(loss=f"{tot_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
             bar.update()
         bar.close()
-        test_loss, test_acc = evaluate(model, policy, xte, yte, seed=config.seed, epoch=epoch,
+        test_loss, test_acc = evaluate(model, policy, xte_e, yte, seed=config.seed, epoch=epoch,
                                        batch_size=config.eval_batch_size, counters=counters)
         compile_s = compiled() - c0
         row = {"epoch": epoch + 1, "train_loss": tot_loss / seen, "train_acc": correct / seen,
@@ -729,6 +844,8 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
                "seconds": time.perf_counter() - t0 - compile_s, "compile_seconds": compile_s,
                "lr": schedule(config.lr, epoch + 1), "loss_scale": scaler.scale,
                "skipped_steps": skipped, "steps": steps_per_epoch}
+        if rescale is not None:
+            row["rescale.factor"] = rescale.factor if model is low_model else 1
         row.update(_totals(counters))
         history.append(row)
         for layer, lc in counters.items():
@@ -742,7 +859,7 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
         if out is not None:
             _save_checkpoint(out, model, opt, scaler, epoch, step, history, counter_rows,
                              (reuse_sched, reuse_targets, reuse_rows) if config.reuse
-                             else None)
+                             else None, stale_targets)
             plot_history(history, out / "curves.png", title=f"{config.model} · {policy.name}")
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
