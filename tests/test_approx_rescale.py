@@ -163,17 +163,19 @@ def _config(**kw):
     return TrainConfig(**base)
 
 
-def test_training_with_rescale_switches_and_resumes_bit_for_bit(tiny_images, tmp_path):
-    """Stopped after epoch 1 (low resolution), the resumed run rescales the kernels at the
-    switch exactly as the run that never stopped."""
-    cfg, pol = _config(), nn.Policy.fixed(16, 12)
+@pytest.mark.parametrize("stop", [1, 2])
+def test_training_with_rescale_switches_and_resumes_bit_for_bit(tiny_images, tmp_path, stop):
+    """Stopped after epoch 1 (low resolution: the resumed run rescales the kernels at the
+    switch) or 2 (full resolution), the resumed run ends with the bits of the run that never
+    stopped."""
+    cfg, pol = _config(epochs=3), nn.Policy.fixed(16, 12)
     whole = train(cfg, pol, tmp_path / "whole", progress=False, data=tiny_images)
-    assert [h["rescale.factor"] for h in whole.history] == [2, 1]
+    assert [h["rescale.factor"] for h in whole.history] == [2, 1, 1]
     assert whole.history[0]["macs"] < whole.history[1]["macs"]  # the low resolution is cheaper
     assert whole.model.layers[0].kernel_size == (4, 4)
     part = train(cfg, pol, tmp_path / "split", progress=False, data=tiny_images,
-                 stop_after_epoch=1)
-    assert part.model.layers[0].kernel_size == (2, 2)
+                 stop_after_epoch=stop)
+    assert part.model.layers[0].kernel_size == ((2, 2) if stop == 1 else (4, 4))
     rest = train(cfg, pol, tmp_path / "split", resume=True, progress=False, data=tiny_images)
     for k, p in whole.model.named_parameters().items():
         q = rest.model.named_parameters()[k]
@@ -190,3 +192,26 @@ def test_train_config_rescale_errors(tiny_images):
         train(_config(rescale="3:1"), nn.Policy.exact(), progress=False, data=tiny_images)
     cfg = _config()
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_cli_flag_and_study_key(tmp_path, capsys):
+    import json
+
+    from fixedsim.cli import main
+    from fixedsim.study.spec import parse_study
+
+    rc = main(["train", "--model", "mlp", "--model-options", '{"hidden": [8]}', "--data",
+               "synthetic", "--train-size", "32", "--test-size", "16", "--epochs", "2",
+               "--batch-size", "16", "--rescale", "2:1", "--no-estimate", "--quiet",
+               "--out", str(tmp_path / "run")])
+    assert rc == 0, capsys.readouterr()
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["config"]["rescale"] == "2:1"
+    assert "rescale.factor" in (tmp_path / "run" / "history.csv").read_text().split("\n")[0]
+    rc = main(["train", "--rescale", "1:1", "--out", str(tmp_path / "bad")])
+    assert rc != 0
+    assert "rescale setting '1:1': Rescale factor must be an int >= 2" in capsys.readouterr().err
+    study = parse_study({"train": {"model": "mlp", "epochs": 2},
+                         "grid": {"train": {"rescale": ["", "2:1"]}}})
+    assert [r.config().rescale for r in study.runs] == ["", "2:1"]
+    assert len({r.run_id for r in study.runs}) == 2
