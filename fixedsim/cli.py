@@ -527,8 +527,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "fraction or a count), random:P (entries kept with probability P, "
                         "scaled by 1/P) or stale:N (the weight gradient computed every N-th "
                         "step), [:seed=N] (docs/approx.md)")
-    t.add_argument("--grad-approx-layers", default=None, choices=["conv", "linear", "all"],
-                   help="which layers --grad-approx applies to (default all)")
+    t.add_argument("--grad-approx-layers", default=None,
+                   choices=["conv", "linear", "all", "hidden"],
+                   help="which layers --grad-approx applies to (default all; hidden: all but "
+                        "the classifier)")
     t.add_argument("--rescale", default=None, metavar="FACTOR:EPOCH",
                    help="kernel rescaling: train the first EPOCH epochs on images downsampled "
                         "by FACTOR with kernels FACTOR times smaller, then rescale the kernels "

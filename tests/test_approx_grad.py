@@ -261,6 +261,11 @@ def test_training_with_grad_approx_counts_and_resumes_bit_for_bit(tiny_images, t
     assert rest.history[-1]["approx.backward_macs"] == whole.history[-1]["approx.backward_macs"]
     dense = train(_config(grad_approx="", epochs=1), pol, None, progress=False,
                   data=tiny_images)
+    hidden = train(_config(grad_approx=setting, grad_approx_layers="hidden", epochs=1), pol,
+                   None, progress=False, data=tiny_images)
+    assert hidden.model.layers[-1].grad_approx is None  # the classifier keeps its gradient
+    assert all(m.grad_approx is not None for m in hidden.model.layers[:-1]
+               if isinstance(m, (nn.Conv2d, nn.Linear)))
     assert any(p.value.tobytes() != dense.model.named_parameters()[k].value.tobytes()
                for k, p in part.model.named_parameters().items())
 
@@ -268,8 +273,12 @@ def test_training_with_grad_approx_counts_and_resumes_bit_for_bit(tiny_images, t
 def test_train_config_grad_approx_errors():
     with pytest.raises(ValueError, match=r"grad approx setting 'topk:2\.0'.*topk keep must"):
         _config(grad_approx="topk:2.0")
-    with pytest.raises(ValueError, match="grad_approx_layers must be 'conv', 'linear' or 'all'"):
+    with pytest.raises(ValueError, match="grad_approx_layers must be 'conv', 'linear', 'all' "
+                                         "or 'hidden'"):
         _config(grad_approx_layers="dense")
+    with pytest.raises(ValueError, match=r"approx \(on linear layers\) and grad_approx \(on "
+                                         r"hidden layers\)"):
+        _config(approx="crs:0.5", approx_layers="linear", grad_approx_layers="hidden")
     with pytest.raises(ValueError, match=r"approx \(on all layers\) and grad_approx"):
         _config(approx="crs:0.5")
     with pytest.raises(ValueError, match=r"reuse \(on conv layers\) and grad_approx"):

@@ -126,9 +126,10 @@ class TrainConfig:
         ``"stale:N"`` (the weight gradient computed every N-th step), ``[:seed=N]``
         (docs/approx.md). A resumed run continues bit for bit (the stale gradients are in the
         checkpoint).
-    grad_approx_layers : {"all", "conv", "linear"}
+    grad_approx_layers : {"all", "conv", "linear", "hidden"}
         Which product layers the gradient approximation applies to (not those with reuse or
-        column-row sampling).
+        column-row sampling); ``"hidden"``: all but the last (the classifier, whose error has
+        one entry per class).
     rescale : str
         Kernel rescaling (:class:`fixedsim.approx.Rescale`): ``""`` (none) or
         ``"FACTOR:EPOCH"``: the first EPOCH epochs train the low-resolution network
@@ -218,13 +219,14 @@ class TrainConfig:
             raise ValueError(f"TrainConfig grad_approx must be a string such as 'topk:0.3' "
                              f"(or '' for none), got {self.grad_approx!r}")
         parse_grad_approx(self.grad_approx)
-        if self.grad_approx_layers not in ("conv", "linear", "all"):
-            raise ValueError(f"TrainConfig grad_approx_layers must be 'conv', 'linear' or "
-                             f"'all', got {self.grad_approx_layers!r}")
+        if self.grad_approx_layers not in ("conv", "linear", "all", "hidden"):
+            raise ValueError(f"TrainConfig grad_approx_layers must be 'conv', 'linear', 'all' "
+                             f"or 'hidden', got {self.grad_approx_layers!r}")
         if self.grad_approx.strip():
             for name, setting, layers in (("reuse", self.reuse, self.reuse_layers),
                                           ("approx", self.approx, self.approx_layers)):
                 if setting.strip() and ("all" in (layers, self.grad_approx_layers)
+                                        or self.grad_approx_layers == "hidden"
                                         or layers == self.grad_approx_layers):
                     raise ValueError(
                         f"TrainConfig: {name} (on {layers} layers) and grad_approx (on "
@@ -422,6 +424,14 @@ def _reuse_targets(model, which):
     """The Conv2d/Linear layers a reuse setting applies to."""
     kinds = {"conv": (Conv2d,), "linear": (Linear,), "all": (Conv2d, Linear)}[which]
     return [m for m in getattr(model, "layers", []) if isinstance(m, kinds)]
+
+
+def _grad_targets(model, which):
+    """The Conv2d/Linear layers a gradient approximation applies to (``"hidden"``: all but
+    the last)."""
+    if which == "hidden":
+        return _reuse_targets(model, "all")[:-1]
+    return _reuse_targets(model, which)
 
 
 def _reuse_rows(ctx, targets, epoch, step, setting):
@@ -726,12 +736,12 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
     for m in (full_model, low_model) if low_model is not None else (full_model,):
         for layer in _reuse_targets(m, config.approx_layers) if approx is not None else []:
             layer.set_approx(approx)
-        for layer in (_reuse_targets(m, config.grad_approx_layers) if grad_approx is not None
+        for layer in (_grad_targets(m, config.grad_approx_layers) if grad_approx is not None
                       else []):
             layer.set_grad_approx(grad_approx)
 
     def stale_layers(m):
-        return (_reuse_targets(m, config.grad_approx_layers)
+        return (_grad_targets(m, config.grad_approx_layers)
                 if grad_approx is not None and grad_approx.method == "stale" else [])
 
     stale_targets = stale_layers(model)
