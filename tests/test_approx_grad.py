@@ -259,6 +259,8 @@ def test_training_with_grad_approx_counts_and_resumes_bit_for_bit(tiny_images, t
         q = rest.model.named_parameters()[k]
         assert p.value.dtype == q.value.dtype and p.value.tobytes() == q.value.tobytes(), k
     assert rest.history[-1]["approx.backward_macs"] == whole.history[-1]["approx.backward_macs"]
+    if setting != "stale:3":
+        return
     dense = train(_config(grad_approx="", epochs=1), pol, None, progress=False,
                   data=tiny_images)
     hidden = train(_config(grad_approx=setting, grad_approx_layers="hidden", epochs=1), pol,
