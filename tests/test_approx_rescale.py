@@ -181,6 +181,10 @@ def test_training_with_rescale_switches_and_resumes_bit_for_bit(tiny_images, tmp
             q = rest.model.named_parameters()[k]
             assert p.value.dtype == q.value.dtype and p.value.tobytes() == q.value.tobytes(), k
         assert rest.history[-1]["test_acc"] == whole.history[-1]["test_acc"]
+    import json
+
+    with np.load(tmp_path / "whole" / "checkpoint.npz") as z:  # the schedule is saved
+        assert json.loads(bytes(z["meta"]).decode())["rescale"] == {"factor": 2, "epoch": 1}
 
 
 def test_train_config_rescale_errors(tiny_images):

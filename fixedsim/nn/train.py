@@ -451,7 +451,7 @@ def _reuse_rows(ctx, targets, epoch, step, setting):
 
 
 def _save_checkpoint(out, model, opt, scaler, epoch, step, history, counters_rows,
-                     reuse=None, stale_targets=()):
+                     reuse=None, stale_targets=(), rescale=None):
     arrays = {f"param/{k}": p.value for k, p in model.named_parameters().items()}
     arrays.update({f"grad_approx/{layer.name}": layer.stale_grad for layer in stale_targets
                    if layer.stale_grad is not None})
@@ -464,6 +464,8 @@ def _save_checkpoint(out, model, opt, scaler, epoch, step, history, counters_row
             arrays[f"optim/{k}"] = np.asarray(v)
     meta = {"epoch": epoch, "step": step, "scale": scaler.scale, "good": scaler.good,
             "optim": scalars, "history": history, "counters": counters_rows}
+    if rescale is not None:
+        meta["rescale"] = rescale.state_dict()
     if reuse is not None:
         sched, targets, reuse_rows = reuse
         meta["reuse"] = {"schedule": sched.state_dict(), "rows": reuse_rows}
@@ -760,6 +762,11 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
                                                            reuse_sched, reuse_targets,
                                                            stale_targets)
                 start_epoch, step = meta["epoch"] + 1, meta["step"]
+                if rescale is not None:
+                    try:
+                        rescale.load_state_dict(meta.get("rescale", {}))
+                    except ValueError as err:
+                        raise RunFolderError(f"resume {out}: {err}") from None
                 history, counter_rows = meta["history"], meta["counters"]
                 if config.epochs < start_epoch:
                     raise RunFolderError(f"resume {out}: the run has finished {start_epoch} "
@@ -869,7 +876,7 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
         if out is not None:
             _save_checkpoint(out, model, opt, scaler, epoch, step, history, counter_rows,
                              (reuse_sched, reuse_targets, reuse_rows) if config.reuse
-                             else None, stale_targets)
+                             else None, stale_targets, rescale)
             plot_history(history, out / "curves.png", title=f"{config.model} · {policy.name}")
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
