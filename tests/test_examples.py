@@ -10,6 +10,7 @@ fails when a page gains a command line that no scenario here runs.
 
 import pathlib
 import re
+import shlex
 
 import pytest
 
@@ -66,7 +67,7 @@ def documented_commands() -> dict:
 
 def _run(capsys, cmd: str, *extra) -> tuple:
     """Run a documented command line (with ``extra`` options appended); (status, out, err)."""
-    args = cmd.split()[1:] + list(extra)
+    args = shlex.split(cmd)[1:] + list(extra)  # as a shell splits it (quoted JSON options)
     rc = main(args)
     out = capsys.readouterr()
     return rc, out.out, out.err
@@ -251,6 +252,23 @@ def test_training_page_full_fashion_mnist(capsys):
                         *SMALL_TRAIN)
     assert rc == 0, err
     assert "lenet on fashion-mnist" in out and "done: final test accuracy" in out
+
+
+@covers("fixedsim train --model-options '{\"kernel\": 4}' --rescale 2:3",
+        "fixedsim train --model lenet --model-options '{\"kernel\": 4}' --epochs 2 --seed 1 "
+        "--rescale 2:1")
+def test_approx_page_kernel_rescaling(capsys):
+    """docs/approx.md's kernel-rescaling runs (on 64 images): the switch to full resolution is
+    announced after the low-resolution epochs."""
+    small = ("--train-size", "64", "--test-size", "64", "--quiet")
+    rc, out, err = _run(capsys, "fixedsim train --model-options '{\"kernel\": 4}' "
+                        "--rescale 2:3", *small, "--epochs", "4")
+    assert rc == 0, err
+    assert "epoch 4: kernels rescaled by 2" in out
+    rc, out, err = _run(capsys, "fixedsim train --model lenet --model-options "
+                        "'{\"kernel\": 4}' --epochs 2 --seed 1 --rescale 2:1", *small)
+    assert rc == 0, err
+    assert "epoch 2: kernels rescaled by 2" in out and "done: final test accuracy" in out
 
 
 @covers("fixedsim train --reuse L=25,H=8", "fixedsim train --count-steps")
