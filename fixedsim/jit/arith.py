@@ -409,6 +409,9 @@ def add_fixed_grid(a, b, out, P, Psr, U, D, mode, rbits, up, down, cmax, cmin, w
         if mode == RNE:
             _grid_add_chunk(a, b, out, counts, slow, ch, lo_i, hi_i, RNE, P, Psr, U, D, up,
                             down, cmax, cmin, rbits, wrap_lim)
+        elif mode == RTZ:
+            _grid_add_chunk(a, b, out, counts, slow, ch, lo_i, hi_i, RTZ, P, Psr, U, D, up,
+                            down, cmax, cmin, rbits, wrap_lim)
         elif mode == SR:
             _grid_add_chunk(a, b, out, counts, slow, ch, lo_i, hi_i, SR, P, Psr, U, D, up,
                             down, cmax, cmin, rbits, wrap_lim)

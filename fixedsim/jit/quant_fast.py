@@ -1,9 +1,10 @@
 """Fast quantizers for the common cases, bit-identical to :mod:`fixedsim.jit.quant`.
 
 * :func:`float_from_f32`: float32 input into a float format whose values are all float32
-  (every preset), subnormals on. Branch-free integer arithmetic on the input bits; nearest even
-  and stochastic rounding each have a loop compiled with the mode as a constant (no mode
-  branch, so the compiler vectorises it), the other modes share one loop that reads the mode.
+  (every preset), subnormals on. Branch-free integer arithmetic on the input bits; nearest
+  even, toward zero and stochastic rounding each have a loop compiled with the mode as a
+  constant (no mode branch, so the compiler vectorises it), the other modes share one loop
+  that reads the mode.
 * :func:`float_from_f64`: float64 input into such a format of at most 22 significant bits,
   deterministic modes: round to odd at float32 precision, then the float32 kernel.
 * :func:`fixed_from_float`: float32/float64 input into a fixed-point format, when ``x * 2**f``
@@ -15,12 +16,15 @@ float kernels in a second pass over each chunk, from the inputs, the results and
 flags). All are checked bit for bit, counts included, against the general kernel, and against
 the Fraction oracle.
 
-Only two modes get loops of their own because each loop compiled with a constant mode is a
+Only three modes get loops of their own because each loop compiled with a constant mode is a
 copy of the whole loop body in the kernel, and a parallel kernel's compile time grows with its
 body: seven copies cost :func:`fixed_from_float` 32 s of compiling for its two signatures,
-nearest even, stochastic rounding and one shared loop 19 s (empty cache, one core, other work
-on the machine). The presets train with the first two; the shared loop runs the rare modes
-with a branch per element. :func:`fixedsim.jit.arith.add_fixed_grid` does the same.
+nearest even, toward zero, stochastic rounding and one shared loop 18 s (empty cache, one
+core, idle machine). The shared loop branches per element and does not vectorise: 4 M float32
+inputs into Q<16,8> with nearest away ran 507 Melem/s in a loop of its own and 309 in the
+shared one, into FP16 1,006 and 425 (one thread); toward zero, the truncation of many hardware
+and fixed-point studies, would lose 3-4x there, so it keeps its own loop; nearest away, down,
+up and round to odd take the shared one. :func:`fixedsim.jit.arith.add_fixed_grid` does the same.
 """
 
 import numpy as np
@@ -191,6 +195,9 @@ def float_from_f32(xb, ob, mode, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_ne
         if mode == RNE:
             _f32_chunk(xs, os, ov, lo, RNE, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
                        infbits, rbits, key)
+        elif mode == RTZ:
+            _f32_chunk(xs, os, ov, lo, RTZ, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
+                       infbits, rbits, key)
         elif mode == SR:
             _f32_chunk(xs, os, ov, lo, SR, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
                        infbits, rbits, key)
@@ -257,6 +264,9 @@ def float_from_f64(x, ob, mode, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg
             _f64_cast_chunk(xs, os, ov)
         elif mode == RNE:
             _f64_chunk(xs, os, ov, lo, RNE, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
+                       infbits)
+        elif mode == RTZ:
+            _f64_chunk(xs, os, ov, lo, RTZ, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
                        infbits)
         else:  # the other modes (never SR here): one loop that reads the mode
             _f64_chunk(xs, os, ov, lo, mode, sh0, lim, qbits, maxbits, ovbits_pos, ovbits_neg,
@@ -340,9 +350,9 @@ def fixed_from_float(x, out, mode, up_scale, down_scale, cmax, cmin, rbits, key)
     Saturating overflow; for WRAP the caller passes infinite bounds, ``down_scale = 1`` and a
     float64 ``out``, then calls :func:`wrap_codes`. ``up_scale = 2**f``. Returns the event
     counts (columns ``F_*`` of :mod:`.quant`, as the general kernel counts them; with WRAP
-    only the NaN inputs, invalid for fixed point, are meaningful). Nearest even and stochastic
-    rounding have loops compiled with the mode as a constant, the other modes one loop that
-    reads it.
+    only the NaN inputs, invalid for fixed point, are meaningful). Nearest even, toward zero
+    and stochastic rounding have loops compiled with the mode as a constant, the other modes
+    one loop that reads it.
     """
     n = x.size
     nch = (n + CHUNK - 1) // CHUNK
@@ -352,6 +362,9 @@ def fixed_from_float(x, out, mode, up_scale, down_scale, cmax, cmin, rbits, key)
         hi = min(n, lo + CHUNK)
         if mode == RNE:
             _fixed_chunk(x, out, lo, hi, RNE, up_scale, down_scale, cmax, cmin, rbits, key,
+                         counts, c)
+        elif mode == RTZ:
+            _fixed_chunk(x, out, lo, hi, RTZ, up_scale, down_scale, cmax, cmin, rbits, key,
                          counts, c)
         elif mode == SR:
             _fixed_chunk(x, out, lo, hi, SR, up_scale, down_scale, cmax, cmin, rbits, key,
