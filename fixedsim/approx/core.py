@@ -113,6 +113,52 @@ class Selection:
     K: int
 
 
+# -- the text form of the settings (Approx, GradApprox, Rescale) ---------------------------------
+def parse_keep(keep_text: str, label: str, text: str, rule: str):
+    """``KEEP`` of a setting's text: a float when it has a decimal point or an exponent, else
+    an int; a ValueError naming ``rule`` otherwise."""
+    try:
+        return float(keep_text) if any(ch in keep_text for ch in ".eE") else int(keep_text)
+    except ValueError:
+        raise ValueError(f"{label} {text!r}: KEEP must be {rule}, got {keep_text!r}") from None
+
+
+def parse_options(parts, options: dict, kw: dict, label: str, text: str, form: str) -> None:
+    """The ``KEY=VALUE`` parts of a setting's text into ``kw``: ``options`` maps each KEY to
+    (field name, type, what a value must be); an unknown or repeated KEY is a ValueError
+    quoting ``form``."""
+    for part in parts:
+        key, _, val = part.partition("=")
+        name, kind, what = options.get(key.strip(), (None, None, None))
+        if name is None or name in kw:
+            raise ValueError(f"{label} {text!r}: expected {form}")
+        try:
+            kw[name] = kind(val)
+        except ValueError:
+            raise ValueError(f"{label} {text!r}: {key} must be {what}, got {val!r}") from None
+
+
+def build_setting(cls, kw: dict, label: str, text: str):
+    """``cls(**kw)``, its ValueError prefixed with the text it was parsed from."""
+    try:
+        return cls(**kw)
+    except ValueError as e:
+        raise ValueError(f"{label} {text!r}: {e}") from None
+
+
+def optional_setting(cls, text):
+    """``""`` or None: None; a string: ``cls.parse(text)``; an instance of ``cls``: itself."""
+    if text is None or isinstance(text, cls):
+        return text
+    if isinstance(text, str) and not text.strip():
+        return None
+    return cls.parse(text)
+
+
+#: The ``KEY=VALUE`` options of an :class:`Approx` setting's text.
+_APPROX_OPTIONS = {"seed": ("seed", int, "an int"), "eps": ("epsilon", float, "a float in [0, 1]")}
+
+
 @dataclasses.dataclass(frozen=True)
 class Approx:
     """The column-row sampling setting of a Conv2d or Linear layer.
@@ -201,40 +247,19 @@ class Approx:
         if len(parts) < 2 or len(parts) > 5 or not all(parts):
             raise ValueError(f"approx setting {text!r}: expected {form}, e.g. "
                              f"'crs:0.5:forward'")
-        method, keep_text, rest = parts[0], parts[1], parts[2:]
-        try:
-            keep = (float(keep_text) if any(ch in keep_text for ch in ".eE")
-                    else int(keep_text))
-        except ValueError:
-            raise ValueError(f"approx setting {text!r}: KEEP must be a count (int) or a "
-                             f"fraction (float in (0, 1]), got {keep_text!r}") from None
+        method, rest = parts[0], parts[2:]
+        keep = parse_keep(parts[1], "approx setting", text,
+                          "a count (int) or a fraction (float in (0, 1])")
         kw = {"method": method, "keep": keep}
         if rest and "=" not in rest[0]:
             kw["products"] = tuple(p.strip() for p in rest.pop(0).split("+"))
-        for part in rest:
-            key, _, val = part.partition("=")
-            name = {"seed": "seed", "eps": "epsilon"}.get(key.strip())
-            if name is None or name in kw:
-                raise ValueError(f"approx setting {text!r}: expected {form}")
-            try:
-                kw[name] = int(val) if name == "seed" else float(val)
-            except ValueError:
-                what = "an int" if name == "seed" else "a float in [0, 1]"
-                raise ValueError(f"approx setting {text!r}: {key} must be {what}, "
-                                 f"got {val!r}") from None
-        try:
-            return cls(**kw)
-        except ValueError as e:
-            raise ValueError(f"approx setting {text!r}: {e}") from None
+        parse_options(rest, _APPROX_OPTIONS, kw, "approx setting", text, form)
+        return build_setting(cls, kw, "approx setting", text)
 
 
 def parse_approx(text) -> Approx | None:
     """``""`` or None: no sampling; a string: :meth:`Approx.parse`; an :class:`Approx`: itself."""
-    if text is None or isinstance(text, Approx):
-        return text
-    if isinstance(text, str) and not text.strip():
-        return None
-    return Approx.parse(text)
+    return optional_setting(Approx, text)
 
 
 def _bernoulli_probabilities(w: np.ndarray, k: int) -> np.ndarray:
@@ -361,10 +386,22 @@ def _norms(x, axis) -> np.ndarray:
     return np.sqrt(np.square(np.asarray(x, np.float64)).sum(axis=axis))
 
 
-def _check_finite(x, name, op):
-    if not np.isfinite(x).all():
-        raise ValueError(f"{op}: {name} contains NaN or infinity; its norms, and so the "
-                         "sampling probabilities, are meaningless")
+def _operands(op, method, x, y, names, ndim, axes, form):
+    """The two operands of ``op`` as float arrays, checked as ``form`` says: ``ndim``
+    dimensions each with ``x.shape[axes[0]] == y.shape[axes[1]]``; then a known ``method``
+    and finite values (their norms weigh the pairs)."""
+    x = _as_float_array(x, names[0])
+    y = _as_float_array(y, names[1])
+    if x.ndim != ndim or y.ndim != ndim or x.shape[axes[0]] != y.shape[axes[1]]:
+        raise ValueError(f"{op}: {form}, got {x.shape} and {y.shape}")
+    if method not in METHODS:
+        raise ValueError(f"{op}: unknown method {method!r}; the methods are "
+                         f"{', '.join(METHODS)}")
+    for v, name in zip((x, y), names, strict=True):
+        if not np.isfinite(v).all():
+            raise ValueError(f"{op}: {name} contains NaN or infinity; its norms, and so the "
+                             "sampling probabilities, are meaningless")
+    return x, y
 
 
 def _stats(method, sel, counters, dense):
@@ -417,16 +454,8 @@ def sampled_matmul(a, b, keep, *, method: str = "crs", seed=None,
     >>> y, st.kept                              # pair 1 has norm product 0: never kept
     (array([[3.5]]), array([0, 2, 3]))
     """
-    a = _as_float_array(a, "a")
-    b = _as_float_array(b, "b")
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
-        raise ValueError(f"sampled_matmul: a must be (M, K) and b (K, N) with the same K, got "
-                         f"{a.shape} and {b.shape}")
-    if method not in METHODS:
-        raise ValueError(f"sampled_matmul: unknown method {method!r}; the methods are "
-                         f"{', '.join(METHODS)}")
-    _check_finite(a, "a", "sampled_matmul")
-    _check_finite(b, "b", "sampled_matmul")
+    a, b = _operands("sampled_matmul", method, a, b, ("a", "b"), 2, (1, 0),
+                     "a must be (M, K) and b (K, N) with the same K")
     M, K = a.shape
     N = b.shape[1]
     sel = select(_norms(a, 0) * _norms(b, 1), keep, method, seed, epsilon)
@@ -456,16 +485,8 @@ def sampled_conv2d(x, w, keep, *, method: str = "crs", seed=None,
         ``kept`` holds the input channels used; ``dense_macs`` the MACs of the dense
         convolution.
     """
-    x = _as_float_array(x, "x")
-    w = _as_float_array(w, "w")
-    if x.ndim != 4 or w.ndim != 4 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"sampled_conv2d: x must be (N, C, H, W) and w (O, C, kh, kw) with the "
-                         f"same C, got {x.shape} and {w.shape}")
-    if method not in METHODS:
-        raise ValueError(f"sampled_conv2d: unknown method {method!r}; the methods are "
-                         f"{', '.join(METHODS)}")
-    _check_finite(x, "x", "sampled_conv2d")
-    _check_finite(w, "w", "sampled_conv2d")
+    x, w = _operands("sampled_conv2d", method, x, w, ("x", "w"), 4, (1, 1),
+                     "x must be (N, C, H, W) and w (O, C, kh, kw) with the same C")
     C = x.shape[1]
     sel = select(_norms(x, (0, 2, 3)) * _norms(w, (0, 2, 3)), keep, method, seed, epsilon)
     x_s = x[:, sel.kept]

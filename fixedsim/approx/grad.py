@@ -30,7 +30,7 @@ import math
 import numpy as np
 
 from ..quantize import child_seed
-from .core import keep_count
+from .core import build_setting, keep_count, optional_setting, parse_keep, parse_options
 
 __all__ = ["GRAD_METHODS", "GradApprox", "parse_grad_approx", "topk_error", "sample_error"]
 
@@ -116,37 +116,17 @@ class GradApprox:
         form = "METHOD:KEEP[:seed=N] (topk:FRACTION|COUNT, random:P, stale:N)"
         if len(parts) not in (2, 3) or not all(parts):
             raise ValueError(f"grad approx setting {text!r}: expected {form}, e.g. 'topk:0.3'")
-        method, keep_text = parts[0], parts[1]
-        try:
-            keep = (float(keep_text) if any(ch in keep_text for ch in ".eE")
-                    else int(keep_text))
-        except ValueError:
-            raise ValueError(f"grad approx setting {text!r}: KEEP must be an int or a float, "
-                             f"got {keep_text!r}") from None
-        kw = {"method": method, "keep": keep}
-        if len(parts) == 3:
-            key, _, val = parts[2].partition("=")
-            if key.strip() != "seed":
-                raise ValueError(f"grad approx setting {text!r}: expected {form}")
-            try:
-                kw["seed"] = int(val)
-            except ValueError:
-                raise ValueError(f"grad approx setting {text!r}: seed must be an int, "
-                                 f"got {val!r}") from None
-        try:
-            return cls(**kw)
-        except ValueError as e:
-            raise ValueError(f"grad approx setting {text!r}: {e}") from None
+        keep = parse_keep(parts[1], "grad approx setting", text, "an int or a float")
+        kw = {"method": parts[0], "keep": keep}
+        parse_options(parts[2:], {"seed": ("seed", int, "an int")}, kw, "grad approx setting",
+                      text, form)
+        return build_setting(cls, kw, "grad approx setting", text)
 
 
 def parse_grad_approx(text) -> GradApprox | None:
     """``""`` or None: none; a string: :meth:`GradApprox.parse`; a :class:`GradApprox`:
     itself."""
-    if text is None or isinstance(text, GradApprox):
-        return text
-    if isinstance(text, str) and not text.strip():
-        return None
-    return GradApprox.parse(text)
+    return optional_setting(GradApprox, text)
 
 
 def topk_error(g, keep):

@@ -40,6 +40,8 @@ import dataclasses
 
 import numpy as np
 
+from .core import build_setting, optional_setting
+
 __all__ = ["Rescale", "parse_rescale", "downsample", "upsample", "rescale_kernel",
            "rescale_rows", "low_resolution_model", "expand_model"]
 
@@ -180,19 +182,12 @@ class Rescale:
         except ValueError:
             raise ValueError(f"rescale setting {text!r}: expected FACTOR:EPOCH (two ints, "
                              f"e.g. '2:3': half resolution for the first 3 epochs)") from None
-        try:
-            return cls(factor, epoch)
-        except ValueError as e:
-            raise ValueError(f"rescale setting {text!r}: {e}") from None
+        return build_setting(cls, {"factor": factor, "epoch": epoch}, "rescale setting", text)
 
 
 def parse_rescale(text) -> Rescale | None:
     """``""`` or None: none; a string: :meth:`Rescale.parse`; a :class:`Rescale`: itself."""
-    if text is None or isinstance(text, Rescale):
-        return text
-    if isinstance(text, str) and not text.strip():
-        return None
-    return Rescale.parse(text)
+    return optional_setting(Rescale, text)
 
 
 # -- networks ------------------------------------------------------------------------------------

@@ -111,6 +111,22 @@ class _Product(Module):
         wq = ctx.round_operand(spec, self.weight.value, self.name, "forward.w")
         return xq, wq, _operands_rounded(spec)
 
+    #: The per-layer settings that exclude one another: attribute -> what it is.
+    _EXCLUSIVE = {"reuse": "deep reuse", "approx": "column-row sampling",
+                  "grad_approx": "gradient approximation"}
+
+    def _alone(self, attr, value) -> None:
+        """Refuse ``value`` (not None) for the setting ``attr`` while another setting of
+        :attr:`_EXCLUSIVE` is set on the layer, naming it and how to remove it."""
+        if value is None:
+            return
+        for other, what in self._EXCLUSIVE.items():
+            held = getattr(self, other)
+            if other != attr and held is not None:
+                raise ValueError(f"{self.name}: {self._EXCLUSIVE[attr]} and {what} ({held}) "
+                                 f"cannot both be set on one layer; remove one "
+                                 f"(set_{other}(None))")
+
     def set_reuse(self, reuse) -> None:
         """Set (or with None, remove) the layer's :class:`fixedsim.reuse.Reuse` setting.
 
@@ -123,13 +139,7 @@ class _Product(Module):
 
         if reuse is not None and not isinstance(reuse, Reuse):
             raise TypeError(f"reuse must be a fixedsim.reuse.Reuse or None, got {reuse!r}")
-        if reuse is not None and self.approx is not None:
-            raise ValueError(f"{self.name}: deep reuse and column-row sampling ({self.approx}) "
-                             "cannot both be set on one layer; remove one (set_approx(None))")
-        if reuse is not None and self.grad_approx is not None:
-            raise ValueError(f"{self.name}: deep reuse and gradient approximation "
-                             f"({self.grad_approx}) cannot both be set on one layer; remove "
-                             "one (set_grad_approx(None))")
+        self._alone("reuse", reuse)
         old = self.reuse
         keep = (reuse is not None and old is not None and reuse.scope == "cross_batch"
                 and old.scope == "cross_batch" and (reuse.L, reuse.H) == (old.L, old.H))
@@ -149,13 +159,7 @@ class _Product(Module):
 
         if approx is not None and not isinstance(approx, Approx):
             raise TypeError(f"approx must be a fixedsim.approx.Approx or None, got {approx!r}")
-        if approx is not None and self.reuse is not None:
-            raise ValueError(f"{self.name}: column-row sampling and deep reuse ({self.reuse}) "
-                             "cannot both be set on one layer; remove one (set_reuse(None))")
-        if approx is not None and self.grad_approx is not None:
-            raise ValueError(f"{self.name}: column-row sampling and gradient approximation "
-                             f"({self.grad_approx}) cannot both be set on one layer; remove "
-                             "one (set_grad_approx(None))")
+        self._alone("approx", approx)
         self.approx = approx
 
     def set_grad_approx(self, grad_approx) -> None:
@@ -170,11 +174,7 @@ class _Product(Module):
         if grad_approx is not None and not isinstance(grad_approx, GradApprox):
             raise TypeError(f"grad_approx must be a fixedsim.approx.GradApprox or None, got "
                             f"{grad_approx!r}")
-        if grad_approx is not None and (self.reuse is not None or self.approx is not None):
-            other = (f"deep reuse ({self.reuse})" if self.reuse is not None
-                     else f"column-row sampling ({self.approx})")
-            raise ValueError(f"{self.name}: gradient approximation and {other} cannot both be "
-                             "set on one layer; remove one")
+        self._alone("grad_approx", grad_approx)
         self.grad_approx = grad_approx
         self.stale_grad = None
 
