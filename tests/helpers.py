@@ -80,3 +80,22 @@ def ref_draw(spec, seed):
         return int(random_u64_array(keys[stage], i, 1)[0] >> np.uint64(64 - bits[stage]))
 
     return draw
+
+
+def tiny_images(n_train=64):
+    """The small synthetic image set (1x16x16, 4 classes) the training tests of reuse and
+    the approximations train on."""
+    from fixedsim import data
+
+    return data.synthetic(n_train=n_train, n_test=32, shape=(1, 16, 16), classes=4, seed=3)
+
+
+def tiny_lenet_config(**kw):
+    """The small LeNet run those tests train (2 epochs of batch 16 on :func:`tiny_images`);
+    ``kw`` replaces or adds settings."""
+    from fixedsim.nn.train import TrainConfig
+
+    base = dict(model="lenet", model_options={"channels": [3, 4], "hidden": 8},
+                data="synthetic", epochs=2, batch_size=16, lr=0.05, seed=2)
+    base.update(kw)
+    return TrainConfig(**base)

@@ -14,6 +14,7 @@ import csv
 import dataclasses
 import json
 
+import helpers
 import numpy as np
 import pytest
 from helpers import assert_same_bits, numeric_grad
@@ -22,7 +23,6 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import fixedsim as fs
-from fixedsim import data as fdata
 from fixedsim import nn
 from fixedsim.approx import Approx, keep_count, parse_approx, sampled_conv2d, sampled_matmul, select
 from fixedsim.approx.core import _bernoulli_probabilities
@@ -437,15 +437,11 @@ def test_layer_errors():
 # -- training ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_images():
-    return fdata.synthetic(n_train=64, n_test=32, shape=(1, 16, 16), classes=4, seed=3)
+    return helpers.tiny_images()
 
 
 def _config(**kw):
-    base = dict(model="lenet", model_options={"channels": [3, 4], "hidden": 8},
-                data="synthetic", epochs=2, batch_size=16, lr=0.05, seed=2,
-                approx="bernoulli:0.5:forward+grad_weight")
-    base.update(kw)
-    return TrainConfig(**base)
+    return helpers.tiny_lenet_config(**{"approx": "bernoulli:0.5:forward+grad_weight", **kw})
 
 
 def test_training_with_approx_counts_and_resumes_bit_for_bit(tiny_images, tmp_path):

@@ -9,6 +9,7 @@ deterministic).
 
 from __future__ import annotations
 
+import helpers
 import numpy as np
 import pytest
 from helpers import assert_same_bits
@@ -16,7 +17,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fixedsim import data as fdata
 from fixedsim import nn
 from fixedsim.approx import Approx, GradApprox, parse_grad_approx, sample_error, topk_error
 from fixedsim.nn.train import TrainConfig, train
@@ -231,15 +231,11 @@ def test_layer_errors():
 # -- training ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_images():
-    return fdata.synthetic(n_train=64, n_test=32, shape=(1, 16, 16), classes=4, seed=3)
+    return helpers.tiny_images()
 
 
 def _config(**kw):
-    base = dict(model="lenet", model_options={"channels": [3, 4], "hidden": 8},
-                data="synthetic", epochs=2, batch_size=16, lr=0.05, seed=2,
-                grad_approx="stale:3")
-    base.update(kw)
-    return TrainConfig(**base)
+    return helpers.tiny_lenet_config(**{"grad_approx": "stale:3", **kw})
 
 
 @pytest.mark.parametrize("setting", ["stale:3", "random:0.5"])

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from fractions import Fraction
 
+import helpers
 import numpy as np
 import pytest
 from helpers import assert_same_bits
 
 import fixedsim as fs
-from fixedsim import data as fdata
 from fixedsim import nn
 from fixedsim.approx import Rescale, parse_rescale, rescale_kernel
 from fixedsim.approx.rescale import (
@@ -153,14 +153,13 @@ def test_layers_that_do_not_scale():
 # -- training ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_images():
-    return fdata.synthetic(n_train=48, n_test=32, shape=(1, 16, 16), classes=4, seed=3)
+    return helpers.tiny_images(n_train=48)
 
 
 def _config(**kw):
-    base = dict(model="lenet", model_options={"channels": [3, 4], "hidden": 8, "kernel": 4},
-                data="synthetic", epochs=2, batch_size=16, lr=0.05, seed=2, rescale="2:1")
-    base.update(kw)
-    return TrainConfig(**base)
+    return helpers.tiny_lenet_config(**{
+        "model_options": {"channels": [3, 4], "hidden": 8, "kernel": 4}, "rescale": "2:1",
+        **kw})
 
 
 def test_training_with_rescale_switches_and_resumes_bit_for_bit(tiny_images, tmp_path):

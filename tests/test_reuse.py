@@ -22,6 +22,7 @@ import dataclasses
 import io
 import json
 
+import helpers
 import numba
 import numpy as np
 import pytest
@@ -31,7 +32,6 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import fixedsim as fs
-from fixedsim import data as fdata
 from fixedsim import nn
 from fixedsim.nn.train import CHECKPOINT, TrainConfig, train
 from fixedsim.reuse import (
@@ -1086,15 +1086,12 @@ def test_schedule_state_round_trip(losses, cut, window, kind):
 # -- 9. training --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_images():
-    return fdata.synthetic(n_train=64, n_test=32, shape=(1, 16, 16), classes=4, seed=3)
+    return helpers.tiny_images()
 
 
 def _reuse_config(**kw):
-    base = dict(model="lenet", model_options={"channels": [3, 4], "hidden": 8},
-                data="synthetic", epochs=2, batch_size=16, lr=0.05, seed=2,
-                reuse="cr-off:L=25,H=6:window=3:min_delta=0.5")
-    base.update(kw)
-    return TrainConfig(**base)
+    return helpers.tiny_lenet_config(**{"reuse": "cr-off:L=25,H=6:window=3:min_delta=0.5",
+                                        **kw})
 
 
 def test_training_with_reuse_writes_reuse_csv_and_resumes_bit_for_bit(tiny_images, tmp_path):
