@@ -4,6 +4,7 @@ See docs/training.md.
 """
 
 from .core import Context, LayerCounters, Module, Parameter
+from .kfac import KFAC
 from .layers import (
     AvgPool2d,
     BatchNorm2d,
@@ -35,5 +36,5 @@ __all__ = [
     "Linear", "LossScale", "MaxPool2d", "Module", "PRODUCTS", "Parameter", "Policy", "ROLES",
     "ReLU", "Role", "Sequential", "SoftmaxCrossEntropy", "build", "cifarnet", "lenet", "mlp",
     "Adam", "ConstantLR", "CosineLR", "Optimizer", "SGD", "Schedule", "StepLR", "parse_schedule",
-    "schedule_from_dict",
+    "schedule_from_dict", "KFAC",
 ]

@@ -87,6 +87,13 @@ class _Product(Module):
     grad_approx = None
     #: The last weight gradient computed under a ``"stale"`` gradient approximation.
     stale_grad = None
+    #: Keep the output error of each backward pass in :attr:`kfac_error` (set by
+    #: :class:`fixedsim.nn.KFAC`, whose Kronecker factor G is that error's covariance).
+    kfac_capture = False
+    #: The ``grad_y`` of the last backward pass (a reference, not a copy) while
+    #: :attr:`kfac_capture` is set; K-FAC's factor A is built from the forward input the
+    #: layer keeps anyway (``_cache[0]``).
+    kfac_error = None
 
     def __init__(self, weight_shape, fan_in, bias, rng):
         rng = np.random.default_rng(rng)
@@ -323,6 +330,8 @@ class Linear(_Product):
 
     def backward(self, grad_y, ctx: Context, need_input_grad: bool = True):
         grad_y = _grad_in(self, grad_y)
+        if self.kfac_capture:
+            self.kfac_error = grad_y
         xq, wq = self._cache
         p = ctx.policy
         dx = None
@@ -402,6 +411,8 @@ class Conv2d(_Product):
 
     def backward(self, grad_y, ctx: Context, need_input_grad: bool = True):
         grad_y = _grad_in(self, grad_y)
+        if self.kfac_capture:
+            self.kfac_error = grad_y
         xq, wq = self._cache
         p = ctx.policy
         kw = dict(stride=self.stride, padding=self.padding)

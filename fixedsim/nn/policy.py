@@ -26,7 +26,7 @@ from ..matmul import Accumulator, BlockFMA, MatmulSpec
 from ..quantize import _check_random_bits, quantize, resolve_overflow
 from ..rounding import Overflow, Rounding
 
-__all__ = ["Role", "LossScale", "Policy", "ROLES", "PRODUCTS"]
+__all__ = ["Role", "LossScale", "Policy", "ROLES", "PRODUCTS", "CURVATURE_ROLES"]
 
 _RNE = Rounding.NEAREST_EVEN
 
@@ -34,6 +34,12 @@ _RNE = Rounding.NEAREST_EVEN
 ROLES = ("weights", "activations", "errors", "weight_grads", "update", "momentum")
 #: The three products of a layer, each with its MatmulSpec.
 PRODUCTS = ("forward", "grad_input", "grad_weight")
+#: The roles of a second-order optimizer's state (:class:`fixedsim.nn.KFAC`): the Kronecker
+#: factors, their damped inverses and the preconditioned gradient. A policy that does not name
+#: one uses its ``weight_grads`` role there (and ``grad_weight``'s spec for the products of
+#: ``curvature_product``); unset, they are left out of :meth:`Policy.to_dict`, so that the
+#: plain data, and the run ids hashed from it, of every earlier policy stay as they were.
+CURVATURE_ROLES = ("curvature", "inverse", "preconditioned")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -400,6 +406,15 @@ class Policy:
     loss_scale : LossScale, optional
     master_note : str
         Free text describing where the preset comes from (documentation only).
+    curvature, inverse, preconditioned : Role, optional
+        The roles of :class:`fixedsim.nn.KFAC`'s state (:data:`CURVATURE_ROLES`): the
+        Kronecker factors A and G (running averages), their damped inverses, and the
+        preconditioned gradient. None (the default): the ``weight_grads`` role
+        (:meth:`curvature_role`).
+    curvature_product : MatmulSpec, optional
+        The multiply-accumulate array of K-FAC's products (factor accumulation ``X^T X``,
+        ``E^T E`` and the preconditioning ``A^-1 grad G^-1``). None (the default):
+        ``grad_weight``'s spec (:meth:`curvature_spec`).
 
     Examples
     --------
@@ -423,6 +438,10 @@ class Policy:
     grad_weight: MatmulSpec = MatmulSpec()
     loss_scale: LossScale | None = None
     master_note: str = dataclasses.field(default="", compare=False)
+    curvature: Role | None = None
+    inverse: Role | None = None
+    preconditioned: Role | None = None
+    curvature_product: MatmulSpec | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -441,6 +460,44 @@ class Policy:
         if self.loss_scale is not None and not isinstance(self.loss_scale, LossScale):
             raise TypeError(f"Policy loss_scale must be a LossScale or None, "
                             f"got {self.loss_scale!r}")
+        for r in CURVATURE_ROLES:
+            v = getattr(self, r)
+            if v is not None and not isinstance(v, Role):
+                raise TypeError(f"Policy {r} must be a fixedsim.nn.Role or None (the "
+                                f"weight_grads role), got {v!r}")
+        s = self.curvature_product
+        if s is not None:
+            if not isinstance(s, MatmulSpec):
+                raise TypeError(f"Policy curvature_product must be a fixedsim.MatmulSpec or "
+                                f"None (grad_weight's spec), got {s!r}")
+            if s.seed is not None:
+                raise ValueError("Policy curvature_product: the spec's seed must be None "
+                                 "(each training step seeds its products)")
+
+    def curvature_role(self, name: str) -> Role:
+        """The role ``name`` (one of :data:`CURVATURE_ROLES`) as K-FAC rounds into it: the
+        policy's own when set, else ``weight_grads``.
+
+        Examples
+        --------
+        >>> import fixedsim as fs
+        >>> p = fs.nn.Policy.bf16()
+        >>> p.curvature_role("inverse")            # not set: the weight_grads role
+        Role(BF16, NEAREST_EVEN)
+        >>> q = fs.nn.Policy.from_dict({**p.to_dict(), "inverse": {"format": "FP32"}})
+        >>> q.curvature_role("inverse")
+        Role(FP32, NEAREST_EVEN)
+        """
+        if name not in CURVATURE_ROLES:
+            raise ValueError(f"unknown curvature role {name!r}; expected one of "
+                             f"{', '.join(CURVATURE_ROLES)}")
+        r = getattr(self, name)
+        return self.weight_grads if r is None else r
+
+    def curvature_spec(self) -> MatmulSpec:
+        """The spec of K-FAC's products: ``curvature_product`` when set, else
+        ``grad_weight``."""
+        return self.grad_weight if self.curvature_product is None else self.curvature_product
 
     # -- presets ------------------------------------------------------------------------------
     @classmethod
@@ -617,18 +674,24 @@ class Policy:
             d[p] = _spec_to_dict(getattr(self, p))
         if self.loss_scale is not None:
             d["loss_scale"] = self.loss_scale.to_dict()
+        for r in CURVATURE_ROLES:  # left out unset: earlier policies keep their plain data
+            if getattr(self, r) is not None:
+                d[r] = getattr(self, r).to_dict()
+        if self.curvature_product is not None:
+            d["curvature_product"] = _spec_to_dict(self.curvature_product)
         return d
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "policy") -> Policy:
         """Inverse of :meth:`to_dict`. Roles and products left out are None / exact; an
         unknown key or a bad value raises ValueError naming it."""
-        _check_keys(d, {"name", "loss_scale", *ROLES, *PRODUCTS}, where)
+        _check_keys(d, {"name", "loss_scale", *ROLES, *PRODUCTS, *CURVATURE_ROLES,
+                        "curvature_product"}, where)
         kw = {"name": d.get("name", "custom")}
-        for r in ROLES:
+        for r in (*ROLES, *CURVATURE_ROLES):
             if r in d:
                 kw[r] = Role.from_dict(d[r], f"{where}.{r}")
-        for p in PRODUCTS:
+        for p in (*PRODUCTS, "curvature_product"):
             if p in d:
                 kw[p] = _spec_from_dict(d[p], f"{where}.{p}")
         if "loss_scale" in d:
@@ -739,6 +802,9 @@ class Policy:
             lines.append(f"  {p:13} {getattr(self, p)!r}")
         if self.loss_scale is not None:
             lines.append(f"  {'loss_scale':13} {self.loss_scale!r}")
+        for r in (*CURVATURE_ROLES, "curvature_product"):
+            if getattr(self, r) is not None:
+                lines.append(f"  {r:13} {getattr(self, r)!r}")
         return "\n".join(lines)
 
 

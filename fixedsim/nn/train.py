@@ -30,6 +30,7 @@ from ..approx import parse_approx, parse_grad_approx
 from ..approx.rescale import parse_rescale
 from ..reuse.schedules import parse_reuse
 from .core import Context, LayerCounters, Parameter
+from .kfac import KFAC, check_kfac_settings
 from .layers import Conv2d, Linear, SoftmaxCrossEntropy
 from .models import MODELS, build
 from .optim import SGD, Adam, parse_schedule
@@ -95,7 +96,10 @@ class TrainConfig:
         stratified order).
     epochs : int
     batch_size : int
-    optimizer : {"sgd", "adam"}
+    optimizer : {"sgd", "adam", "kfac"}
+        ``"kfac"``: :class:`fixedsim.nn.KFAC` (K-FAC preconditioning of the Linear and Conv2d
+        layers, then SGD's step with ``momentum``, ``nesterov``, ``weight_decay``;
+        docs/kfac.md).
     lr : float
         The base learning rate; ``schedule`` scales it.
     momentum, nesterov, weight_decay : SGD settings (``weight_decay`` also for Adam).
@@ -136,6 +140,11 @@ class TrainConfig:
         (:func:`fixedsim.approx.rescale.low_resolution_model`) on images downsampled by
         FACTOR, then its kernels are rescaled into the model, which continues at full
         resolution with a fresh optimizer state (docs/approx.md). Not with ``reuse``.
+    damping, stat_decay, inv_interval, stat_interval, refresh, refresh_threshold : K-FAC
+        settings (``optimizer="kfac"``; :class:`fixedsim.nn.KFAC`): Tikhonov damping (> 0),
+        decay of the factors' running averages (in [0, 1)), refresh interval of the inverses
+        (>= 1), interval of the statistics (>= 1), ``"fixed"`` or ``"adaptive"`` refresh and
+        the relative change below which an adaptive refresh doubles its interval.
     """
 
     model: str = "lenet"
@@ -161,6 +170,12 @@ class TrainConfig:
     grad_approx: str = ""
     grad_approx_layers: str = "all"
     rescale: str = ""
+    damping: float = 1e-3
+    stat_decay: float = 0.95
+    inv_interval: int = 20
+    stat_interval: int = 1
+    refresh: str = "fixed"
+    refresh_threshold: float = 0.1
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -173,8 +188,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig {name} must be an int >= 1 or None, got {v!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"TrainConfig seed must be an int >= 0, got {self.seed!r}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"TrainConfig optimizer must be 'sgd' or 'adam', "
+        if self.optimizer not in ("sgd", "adam", "kfac"):
+            raise ValueError(f"TrainConfig optimizer must be 'sgd', 'adam' or 'kfac', "
                              f"got {self.optimizer!r}")
         if self.model not in MODELS:
             raise ValueError(f"TrainConfig model must be one of {', '.join(MODELS)}, "
@@ -239,7 +254,21 @@ class TrainConfig:
         if parse_rescale(self.rescale) is not None and self.reuse.strip():
             raise ValueError("TrainConfig: rescale and reuse cannot be combined (the reuse "
                              "tables and schedule follow one network); remove one")
+        try:
+            check_kfac_settings(**self._kfac_settings())
+        except ValueError as err:
+            raise ValueError(f"TrainConfig {err}") from None
+        if self.optimizer == "kfac":
+            for name in ("reuse", "approx", "grad_approx"):
+                if getattr(self, name).strip():
+                    raise ValueError(f"TrainConfig: optimizer 'kfac' needs the layers' dense "
+                                     f"products; {name} {getattr(self, name)!r} cannot be "
+                                     "combined with it (remove one)")
         self.make_optimizer({"check": Parameter("check", np.zeros(1))})  # validates lr, ...
+
+    def _kfac_settings(self) -> dict:
+        return {k: getattr(self, k) for k in ("damping", "stat_decay", "inv_interval",
+                                              "stat_interval", "refresh", "refresh_threshold")}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -251,7 +280,12 @@ class TrainConfig:
         _check_keys(d, {f.name for f in dataclasses.fields(cls)}, where)
         return _build(cls, where, **d)
 
-    def make_optimizer(self, params):
+    def make_optimizer(self, params, model=None):
+        """The optimizer of the run over ``params``; K-FAC takes ``model`` (its layers) and
+        without one only checks its settings, returning SGD."""
+        if self.optimizer == "kfac" and model is not None:
+            return KFAC(model, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov,
+                        weight_decay=self.weight_decay, **self._kfac_settings())
         if self.optimizer == "adam":
             return Adam(params, lr=self.lr, weight_decay=self.weight_decay)
         return SGD(params, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov,
@@ -723,7 +757,7 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
         if _checkpoint_epoch(out, resume) < rescale.epoch:
             model = low_model
     params = model.named_parameters()
-    opt = config.make_optimizer(params)
+    opt = config.make_optimizer(params, model)
     schedule = parse_schedule(config.schedule)
     scaler = _Scaler(policy.loss_scale)
     lossf = SoftmaxCrossEntropy()
@@ -801,7 +835,7 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
             _expand(low_model, full_model, in_shape, rescale.factor, policy, config.seed, step)
             model = full_model
             params = model.named_parameters()
-            opt = config.make_optimizer(params)
+            opt = config.make_optimizer(params, model)
             stale_targets = stale_layers(model)
             log(f"epoch {epoch + 1}: kernels rescaled by {rescale.factor}; full resolution "
                 f"from now on")

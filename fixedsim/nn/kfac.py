@@ -1,0 +1,439 @@
+"""K-FAC: natural-gradient steps with Kronecker-factored curvature, rounded by the policy.
+
+:class:`KFAC` preconditions the gradient of every :class:`~fixedsim.nn.Linear` and
+:class:`~fixedsim.nn.Conv2d` layer with the inverse of a Kronecker-factored approximation of
+its Fisher block (Martens and Grosse, ICML 2015; for convolutions KFC, Grosse and Martens,
+ICML 2016), then takes the step SGD takes (momentum, Nesterov, weight decay: see
+:class:`~fixedsim.nn.SGD`). Every other parameter (BatchNorm's gamma and beta) takes the plain
+SGD step.
+
+Per layer, with ``a`` the layer's input row (Linear) or im2col patch (Conv2d), followed by a 1
+when the layer has a bias, and ``e`` the per-example error of the layer's output (the gradient
+of the example's loss with respect to the output, ``N * grad_y / loss_scale``):
+
+- ``A = mean over rows of a a^T`` (Conv2d: over all ``N * Ho * Wo`` patches);
+- ``G = (1/N) sum_n sum_t e_{n,t} e_{n,t}^T`` (Conv2d: summed over the output positions
+  ``t``, as KFC; Linear: one position);
+- running averages ``A <- stat_decay * A + (1 - stat_decay) * A_batch`` (the first batch
+  sets them), every ``stat_interval`` steps and on every refresh step;
+- on refresh steps (every ``inv_interval`` steps, the first step included; adaptive with
+  ``refresh="adaptive"``), the damped inverses ``(A + pi sqrt(lambda) I)^-1`` and
+  ``(G + sqrt(lambda) / pi I)^-1``, ``pi = sqrt((tr A / dim A) / (tr G / dim G))`` (the
+  factored Tikhonov damping of Martens and Grosse, section 6.3), kept until the next refresh
+  (stale, as SP-NGD);
+- the preconditioned gradient ``P = A^-1 [dW; db] G^-1`` (Linear's ``(in + 1, out)``
+  layout; Conv2d's weight reshaped to ``(O, C kh kw)`` and transposed), split back into the
+  weight and bias.
+
+The factors use the errors the backward pass propagates for the training labels: the
+empirical Fisher (a sampled, "true" Fisher needs a second backward pass per step).
+
+Numerics, each in its role of the :class:`~fixedsim.nn.Policy` (:data:`~fixedsim.nn.policy.
+CURVATURE_ROLES`; a policy that does not set one uses its ``weight_grads`` role there):
+
+- the products ``a^T a``, ``e^T e``, ``A^-1 [dW; db]`` and ``(.) G^-1`` go through
+  :func:`fixedsim.matmul` with :meth:`Policy.curvature_spec` (``curvature_product``, else
+  ``grad_weight``'s spec);
+- the running averages, evaluated in float64 from the product and the stored factor, are
+  rounded once into ``curvature``;
+- the inversion is done in float64 (``numpy.linalg.eigh`` of the stored factor, eigenvalues
+  below zero set to zero, damping added to the eigenvalues) and the inverse rounded once
+  into ``inverse``;
+- the preconditioned gradient is rounded once into ``preconditioned``; the intermediate
+  ``A^-1 [dW; db]`` is the product's result as the spec delivers it (float64 for an exact
+  spec); then momentum, update and weights round as in SGD.
+
+Randomness of stochastic roles and products is keyed ``ctx.key("optim.<layer>", purpose)``:
+the run seed, the step and the layer's name, so a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from ..matmul import matmul
+from ..matmul.engine import im2col as _im2col
+from . import optim as _optim
+from .core import Context, Module
+from .layers import Conv2d, Linear, Sequential, _pair
+from .optim import COUNTER_KEY, SGD, _number
+
+__all__ = ["KFAC", "check_kfac_settings", "REFRESH"]
+
+#: How the inverses are refreshed: every ``inv_interval`` steps, or with an interval that
+#: adapts to how much the factors changed (see :class:`KFAC`).
+REFRESH = ("fixed", "adaptive")
+
+
+def _int(v, what, low):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+        raise ValueError(f"{what} must be an int >= {low}, got {v!r}")
+    return int(v)
+
+
+def check_kfac_settings(damping=1e-3, stat_decay=0.95, inv_interval=20, stat_interval=1,
+                        refresh="fixed", refresh_threshold=0.1, max_interval=None) -> dict:
+    """The K-FAC settings checked and normalised (as :class:`KFAC` takes them).
+
+    Raises
+    ------
+    ValueError
+        ``damping <= 0``, ``stat_decay`` outside ``[0, 1)``, an interval below 1, an unknown
+        refresh, a threshold <= 0, or ``max_interval < inv_interval``; the message names the
+        rule and the value.
+
+    Examples
+    --------
+    >>> from fixedsim.nn.kfac import check_kfac_settings
+    >>> check_kfac_settings(damping=0.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: damping must be > 0.0, got 0.0
+    """
+    d = {"damping": _number(damping, "damping", low=0.0, low_open=True),
+         "stat_decay": _number(stat_decay, "stat_decay", low=0.0, high=1.0, high_open=True),
+         "inv_interval": _int(inv_interval, "inv_interval (the refresh interval)", 1),
+         "stat_interval": _int(stat_interval, "stat_interval", 1)}
+    if refresh not in REFRESH:
+        raise ValueError(f"refresh must be one of {', '.join(REFRESH)}, got {refresh!r}")
+    d["refresh"] = refresh
+    d["refresh_threshold"] = _number(refresh_threshold, "refresh_threshold", low=0.0,
+                                     low_open=True)
+    if max_interval is None:
+        max_interval = 64 * d["inv_interval"]
+    d["max_interval"] = _int(max_interval, "max_interval", d["inv_interval"])
+    return d
+
+
+def _layers_of(model) -> list:
+    if isinstance(model, Sequential):
+        return list(model.layers)
+    if isinstance(model, Module):
+        return [model]
+    if isinstance(model, (list, tuple)) and all(isinstance(m, Module) for m in model):
+        return list(model)
+    raise ValueError(f"model must be a fixedsim.nn.Sequential (or a list of layers), got "
+                     f"{type(model).__name__}")
+
+
+class KFAC(SGD):
+    """K-FAC with momentum and weight decay as SGD has them, rounded by the policy.
+
+    See the module docstring for the factors, the damping and the roles. A step, per K-FAC
+    layer (Linear, Conv2d), in order:
+
+    1. on statistics steps (every ``stat_interval`` steps and every refresh step): the batch
+       factors from the layer's kept forward input and output error, folded into the running
+       averages (``curvature`` role);
+    2. on refresh steps: the damped inverses (``inverse`` role);
+    3. ``P = A^-1 [dW; db] G^-1`` (``preconditioned`` role), the gradients divided by the
+       loss scale first;
+    4. SGD's step with ``P`` for the gradient: ``g = P + weight_decay * w``, momentum,
+       ``lr * direction``, ``w - step`` (roles ``momentum``, ``update``, ``weights``).
+
+    Other parameters (not of a Linear or Conv2d layer, e.g. BatchNorm's) take SGD's step
+    with their own gradient.
+
+    Refresh (``refresh="adaptive"``, SP-NGD's adaptive refresh of stale statistics, Osawa et
+    al., arXiv:2002.06015): at each refresh the relative change of the factors since the last
+    refresh, ``max ||F_new - F_old||_F / ||F_old||_F`` over all factors, is compared with
+    ``refresh_threshold``: below it the interval doubles (up to ``max_interval``), at or
+    above it halves (down to ``inv_interval``).
+
+    Parameters
+    ----------
+    model : fixedsim.nn.Sequential or list of layers
+        Its Linear and Conv2d layers are preconditioned (their ``kfac_capture`` is set, so
+        that the backward pass keeps its output error); its parameters are optimized, named
+        as :meth:`~fixedsim.nn.Sequential.named_parameters` names them.
+    lr : float
+    momentum, nesterov, weight_decay :
+        As :class:`~fixedsim.nn.SGD`.
+    damping : float, default 1e-3
+        Tikhonov damping ``lambda`` (> 0).
+    stat_decay : float, default 0.95
+        Decay of the running averages, in [0, 1) (0: the last batch's factors).
+    inv_interval : int, default 20
+        Refresh the inverses every ``inv_interval`` steps (>= 1); the starting interval of an
+        adaptive refresh.
+    stat_interval : int, default 1
+        Fold the batch factors into the running averages every ``stat_interval`` steps (>= 1)
+        and on every refresh step. ``stat_interval = inv_interval``: statistics only on
+        refresh steps (SP-NGD's stale statistics).
+    refresh : {"fixed", "adaptive"}, default "fixed"
+    refresh_threshold : float, default 0.1
+        The relative change below which an adaptive refresh doubles its interval.
+    max_interval : int, optional
+        The largest adaptive interval (default ``64 * inv_interval``).
+
+    Raises
+    ------
+    ValueError
+        A bad setting (:func:`check_kfac_settings`), or a layer with deep reuse, column-row
+        sampling or gradient approximation (K-FAC needs its dense products).
+
+    Examples
+    --------
+    >>> import numpy as np, fixedsim as fs
+    >>> model = fs.nn.Sequential(fs.nn.Linear(3, 2, rng=0))
+    >>> opt = fs.nn.KFAC(model, lr=0.1, momentum=0.0, damping=0.01)
+    >>> ctx = fs.nn.Context(fs.nn.Policy.exact())
+    >>> lossf = fs.nn.SoftmaxCrossEntropy()
+    >>> x, y = np.eye(4, 3), np.array([0, 1, 0, 1])
+    >>> loss = lossf(model.forward(x, ctx), y, ctx)
+    >>> _ = model.backward(lossf.backward(ctx), ctx)
+    >>> opt.step(ctx)
+    >>> sorted(k for k in opt.state_dict() if k.startswith("kfac."))
+    ['kfac.A.0.linear', 'kfac.Ainv.0.linear', 'kfac.G.0.linear', 'kfac.Ginv.0.linear', \
+'kfac.interval', 'kfac.next_refresh', 'kfac.stat_steps']
+    >>> opt.state_dict()["kfac.A.0.linear"].shape        # 3 inputs and the bias column
+    (4, 4)
+    """
+
+    kind = "kfac"
+
+    def __init__(self, model, lr, momentum=0.0, nesterov=False, weight_decay=0.0,
+                 damping=1e-3, stat_decay=0.95, inv_interval=20, stat_interval=1,
+                 refresh="fixed", refresh_threshold=0.1, max_interval=None):
+        layers = _layers_of(model)
+        params = {f"{m.name}.{p.name}" if getattr(m, "name", None) else p.name: p
+                  for m in layers for p in m.parameters()}
+        super().__init__(params, lr, momentum=momentum, nesterov=nesterov,
+                         weight_decay=weight_decay)
+        s = check_kfac_settings(damping, stat_decay, inv_interval, stat_interval, refresh,
+                                refresh_threshold, max_interval)
+        self.damping, self.stat_decay = s["damping"], s["stat_decay"]
+        self.inv_interval, self.stat_interval = s["inv_interval"], s["stat_interval"]
+        self.refresh, self.refresh_threshold = s["refresh"], s["refresh_threshold"]
+        self.max_interval = s["max_interval"]
+        self.layers = {}
+        for m in layers:
+            if isinstance(m, (Linear, Conv2d)):
+                if not getattr(m, "name", None):
+                    raise ValueError("KFAC: every Linear/Conv2d layer needs a name (put the "
+                                     "layers in a fixedsim.nn.Sequential)")
+                m.kfac_capture = True
+                self.layers[m.name] = m
+        #: Running averages and inverses per layer name.
+        self.A: dict[str, np.ndarray] = {}
+        self.G: dict[str, np.ndarray] = {}
+        self.Ainv: dict[str, np.ndarray] = {}
+        self.Ginv: dict[str, np.ndarray] = {}
+        #: The factors at the last refresh (the adaptive refresh compares with them).
+        self.Aref: dict[str, np.ndarray] = {}
+        self.Gref: dict[str, np.ndarray] = {}
+        self.interval = self.inv_interval
+        self.next_refresh = 1
+        self.stat_steps = 0
+
+    # -- the factors ------------------------------------------------------------------------
+    def _product(self, ctx, lname, purpose, a, b):
+        spec = ctx.policy.curvature_spec()
+        seed = ctx.key(f"optim.{lname}", purpose) if spec.stochastic else 0
+        out, c = matmul(a, b, spec=spec, seed=seed, stats=True)
+        ctx.layer_counters(COUNTER_KEY).products += c
+        return np.asarray(out, np.float64)
+
+    def _round_role(self, ctx, role_name, x, lname, purpose):
+        role = ctx.policy.curvature_role(role_name)
+        if role.fmt is None:
+            return np.asarray(x, dtype=np.float64)
+        seed = ctx.key(f"optim.{lname}", purpose) if role.stochastic else None
+        out, qs = role.apply(x, seed, stats=True)
+        ctx.layer_counters(COUNTER_KEY).count_role(role_name, qs)
+        return out
+
+    @staticmethod
+    def _rows(layer):
+        """``(a, e, n)``: the layer's input rows / patches (bias column appended), its output
+        errors as rows (one per example and position) and the batch size N."""
+        if layer._cache is None or layer.kfac_error is None:
+            raise ValueError(f"KFAC: layer {layer.name!r} has no forward input or output "
+                             "error to build its factors from (run forward and backward "
+                             "before step)")
+        for attr in ("reuse", "approx", "grad_approx"):
+            if getattr(layer, attr) is not None:
+                raise ValueError(f"KFAC: layer {layer.name!r} has a {attr} setting; K-FAC "
+                                 f"needs its dense products (set_{attr}(None))")
+        xq = np.asarray(layer._cache[0])
+        err = np.asarray(layer.kfac_error)
+        N = xq.shape[0]
+        if isinstance(layer, Conv2d):
+            (sh, sw), (ph, pw) = _pair(layer.stride, "stride"), _pair(layer.padding,
+                                                                       "padding", 0)
+            kh, kw = layer.kernel_size
+            Ho, Wo = err.shape[2], err.shape[3]
+            a = _im2col(np.ascontiguousarray(xq), kh, kw, (sh, sw), (ph, pw), Ho, Wo)
+            e = err.transpose(0, 2, 3, 1).reshape(-1, err.shape[1])
+        else:
+            a, e = xq, err
+        if layer.bias is not None:
+            a = np.concatenate([a, np.ones((a.shape[0], 1), a.dtype)], axis=1)
+        return np.ascontiguousarray(a), np.ascontiguousarray(e), N
+
+    def _update_factors(self, ctx, grad_scale):
+        """Fold this step's batch factors into the running averages (``curvature``)."""
+        d = self.stat_decay
+        first = self.stat_steps == 0
+        for lname, layer in self.layers.items():
+            a, e, N = self._rows(layer)
+            A_b = self._product(ctx, lname, "kfac.A", a.T, a) / a.shape[0]
+            # e holds N * grad_y / scale per row: G = (1/N) sum e e^T = N / scale^2 E^T E
+            G_b = self._product(ctx, lname, "kfac.G", e.T, e) * (N / (grad_scale * grad_scale))
+            if first or lname not in self.A:
+                A_new, G_new = A_b, G_b
+            else:
+                A_new = d * np.asarray(self.A[lname], np.float64) + (1.0 - d) * A_b
+                G_new = d * np.asarray(self.G[lname], np.float64) + (1.0 - d) * G_b
+            self.A[lname] = self._round_role(ctx, "curvature", A_new, lname, "kfac.A")
+            self.G[lname] = self._round_role(ctx, "curvature", G_new, lname, "kfac.G")
+        self.stat_steps += 1
+
+    def _invert(self, ctx):
+        """The damped inverses (float64 eigendecomposition, rounded into ``inverse``); the
+        relative change of the factors since the last refresh (0 at the first)."""
+        change = 0.0
+        root = math.sqrt(self.damping)
+        for lname in self.layers:
+            A = np.asarray(self.A[lname], np.float64)
+            G = np.asarray(self.G[lname], np.float64)
+            ta, tg = np.trace(A) / A.shape[0], np.trace(G) / G.shape[0]
+            pi = math.sqrt(ta / tg) if ta > 0 and tg > 0 and math.isfinite(ta / tg) else 1.0
+            self.Ainv[lname] = self._round_role(ctx, "inverse", _damped_inverse(A, pi * root),
+                                                lname, "kfac.Ainv")
+            self.Ginv[lname] = self._round_role(ctx, "inverse", _damped_inverse(G, root / pi),
+                                                lname, "kfac.Ginv")
+            if lname in self.Aref:
+                for new, prev in ((A, self.Aref[lname]), (G, self.Gref[lname])):
+                    prev = np.asarray(prev, np.float64)
+                    norm = np.linalg.norm(prev)
+                    change = max(change, np.linalg.norm(new - prev) / norm if norm > 0
+                                 else math.inf)
+            if self.refresh == "adaptive":
+                self.Aref[lname], self.Gref[lname] = self.A[lname], self.G[lname]
+        return change
+
+    def _precondition(self, ctx, lname, layer, gw, gb):
+        """``A^-1 [dW; db] G^-1`` rounded into ``preconditioned``, as (weight, bias)."""
+        conv = isinstance(layer, Conv2d)
+        O = gw.shape[0] if conv else gw.shape[1]
+        g2 = gw.reshape(O, -1).T if conv else gw
+        if gb is not None:
+            g2 = np.concatenate([g2, gb.reshape(1, -1)], axis=0)
+        t = self._product(ctx, lname, "kfac.precondition.A", self.Ainv[lname],
+                          np.ascontiguousarray(g2))
+        p = self._product(ctx, lname, "kfac.precondition.G", t, self.Ginv[lname])
+        p = np.asarray(self._round_role(ctx, "preconditioned", p, lname, "kfac.precondition"),
+                       np.float64)
+        pw, pb = (p[:-1], p[-1]) if gb is not None else (p, None)
+        pw = np.ascontiguousarray(pw.T).reshape(gw.shape) if conv else pw
+        return pw, pb
+
+    def preconditioned(self, ctx: Context, grad_scale: float = 1.0) -> dict:
+        """The preconditioned gradients of this step, ``{parameter name: array}`` (the
+        K-FAC layers' weights and biases), from the current inverses; what :meth:`step`
+        feeds to the SGD update. For inspection and tests: it draws the same random numbers
+        as the step and counts its roundings."""
+        grad_scale = self._check_step_args(ctx, grad_scale)
+        out = {}
+        names = {id(p): n for n, p in self.params.items()}
+        for lname, layer in self.layers.items():
+            w, b = layer.weight, layer.bias
+            gw = self._grad(names[id(w)], w, grad_scale)
+            gb = self._grad(names[id(b)], b, grad_scale) if b is not None else None
+            pw, pb = self._precondition(ctx, lname, layer, gw, gb)
+            out[names[id(w)]] = pw
+            if b is not None:
+                out[names[id(b)]] = pb
+        return out
+
+    def step(self, ctx: Context, grad_scale: float = 1.0) -> None:
+        """One K-FAC step (see the class docstring); ``grad_scale`` as :meth:`SGD.step`."""
+        grad_scale = self._check_step_args(ctx, grad_scale)
+        for name, p in self.params.items():
+            self._check_grad(name, p)
+        for layer in self.layers.values():  # checked before any state changes
+            self._rows(layer)
+        self.steps += 1
+        refresh = self.steps >= self.next_refresh
+        if refresh or (self.steps - 1) % self.stat_interval == 0:
+            self._update_factors(ctx, grad_scale)
+        if refresh:
+            change = self._invert(ctx)
+            if self.refresh == "adaptive" and self.steps > 1:
+                if change < self.refresh_threshold:
+                    self.interval = min(2 * self.interval, self.max_interval)
+                else:
+                    self.interval = max(self.interval // 2, self.inv_interval)
+            self.next_refresh = self.steps + self.interval
+        pre = self.preconditioned(ctx, grad_scale)
+        for name, p in self.params.items():
+            if name in pre:
+                SGD._update(self, ctx, name, p, pre[name])
+            elif not (_optim._FUSED and self._fused_update(ctx, name, p, grad_scale)):
+                SGD._update(self, ctx, name, p, self._grad(name, p, grad_scale))
+
+    # -- state ------------------------------------------------------------------------------
+    _FACTORS = ("A", "G", "Ainv", "Ginv", "Aref", "Gref")
+    _SCALARS = ("interval", "next_refresh", "stat_steps")
+
+    def state_dict(self) -> dict:
+        """SGD's state, plus ``kfac.<A|G|Ainv|Ginv>.<layer>`` (copies; with an adaptive
+        refresh also ``kfac.<Aref|Gref>.<layer>``, the factors of the last refresh) and the refresh
+        state ``kfac.interval``, ``kfac.next_refresh``, ``kfac.stat_steps`` (ints)."""
+        d = super().state_dict()
+        for f in self._FACTORS:
+            for lname, arr in getattr(self, f).items():
+                d[f"kfac.{f}.{lname}"] = np.array(arr, copy=True)
+        for k in self._SCALARS:
+            d[f"kfac.{k}"] = int(getattr(self, k))
+        return d
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore :meth:`state_dict` output exactly (factors, inverses, refresh state)."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"state must be a dict, got {type(state).__name__}")
+        rest = {k: v for k, v in state.items() if not str(k).startswith("kfac.")}
+        loaded = {f: {} for f in self._FACTORS}
+        scalars = {}
+        for k, v in state.items():
+            if not str(k).startswith("kfac."):
+                continue
+            key = k[len("kfac."):]
+            if key in self._SCALARS:
+                scalars[key] = _int(v, f"optimizer state {k!r}", 0)
+                continue
+            f, _, lname = key.partition(".")
+            if f not in loaded or lname not in self.layers:
+                raise ValueError(f"optimizer state: unknown key {k!r} for KFAC over layers "
+                                 f"{sorted(self.layers)}")
+            loaded[f][lname] = np.array(v, copy=True)
+        missing = [k for k in self._SCALARS if k not in scalars]
+        if missing:
+            raise ValueError(f"optimizer state lacks {', '.join('kfac.' + k for k in missing)}")
+        super().load_state_dict(rest)
+        for f in self._FACTORS:
+            setattr(self, f, loaded[f])
+        for k in self._SCALARS:
+            setattr(self, k, scalars[k])
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d.update(name=self.kind, damping=self.damping, stat_decay=self.stat_decay,
+                 inv_interval=self.inv_interval, stat_interval=self.stat_interval,
+                 refresh=self.refresh, refresh_threshold=self.refresh_threshold,
+                 max_interval=self.max_interval)
+        return d
+
+
+def _damped_inverse(F, damping):
+    """``(F + damping I)^-1`` in float64 from the eigendecomposition of the symmetric part of
+    ``F`` (eigenvalues below zero, from rounding, set to zero)."""
+    F = 0.5 * (F + F.T)
+    w, Q = np.linalg.eigh(F)
+    w = np.maximum(w, 0.0) + damping
+    inv = (Q / w) @ Q.T
+    return 0.5 * (inv + inv.T)
