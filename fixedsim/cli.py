@@ -438,7 +438,8 @@ def _cmd_warmup(args) -> int:
 _TRAIN_OPTIONS = ("data", "train_size", "test_size", "epochs", "batch_size", "optimizer", "lr",
                   "momentum", "nesterov", "weight_decay", "schedule", "seed", "reuse",
                   "reuse_layers", "approx", "approx_layers", "grad_approx",
-                  "grad_approx_layers", "rescale")
+                  "grad_approx_layers", "rescale", "damping", "stat_decay", "inv_interval",
+                  "stat_interval", "refresh", "refresh_threshold")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -499,7 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--test-size", type=int, default=None, help="use the first N test images")
     t.add_argument("--epochs", type=int, default=None, help="default 3")
     t.add_argument("--batch-size", type=int, default=None, help="default 64")
-    t.add_argument("--optimizer", choices=["sgd", "adam"], default=None, help="default sgd")
+    t.add_argument("--optimizer", choices=["sgd", "adam", "kfac"], default=None,
+                   help="default sgd; kfac: K-FAC preconditioning, then SGD's momentum step "
+                   "(docs/kfac.md)")
     t.add_argument("--lr", type=float, default=None, help="base learning rate (default 0.05)")
     t.add_argument("--momentum", type=float, default=None, help="SGD momentum (default 0.9)")
     t.add_argument("--nesterov", action="store_true", default=None)
@@ -535,6 +538,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kernel rescaling: train the first EPOCH epochs on images downsampled "
                         "by FACTOR with kernels FACTOR times smaller, then rescale the kernels "
                         "and continue at full resolution; e.g. 2:3 (docs/approx.md)")
+    t.add_argument("--damping", type=float, default=None,
+                   help="kfac: Tikhonov damping, > 0 (default 0.001)")
+    t.add_argument("--stat-decay", type=float, default=None,
+                   help="kfac: decay of the factors' running averages, in [0, 1) (default "
+                   "0.95)")
+    t.add_argument("--inv-interval", type=int, default=None,
+                   help="kfac: refresh the inverses every N steps (default 20)")
+    t.add_argument("--stat-interval", type=int, default=None,
+                   help="kfac: fold the batch factors into the averages every N steps and "
+                   "on refresh steps (default 1)")
+    t.add_argument("--refresh", choices=["fixed", "adaptive"], default=None,
+                   help="kfac: fixed interval (default) or adaptive (doubles while the "
+                   "factors change less than --refresh-threshold)")
+    t.add_argument("--refresh-threshold", type=float, default=None,
+                   help="kfac: relative change of the factors below which an adaptive "
+                   "refresh doubles its interval (default 0.1)")
     t.add_argument("--count-steps", action="store_true",
                    help="count the per-step events of every product in counters.csv (an "
                         "accumulator's inexact, overflowing, subnormal steps); costs time")
