@@ -717,7 +717,10 @@ class SoftmaxCrossEntropy(Module):
     """Mean softmax cross-entropy of logits ``(N, classes)`` against integer labels.
 
     The loss and the softmax are computed in float64 (log-sum-exp shifted by the row maximum).
-    ``backward`` returns ``loss_scale * (softmax - onehot) / N`` rounded into ``errors``.
+    ``backward`` returns ``loss_scale * (softmax - onehot) / N`` rounded into ``errors``;
+    ``backward(ctx, scale, batch=B)`` divides by ``B`` instead of the rows of this batch (a
+    data-parallel worker's shard of a global batch of ``B``: its error is its share of the
+    global mean, docs/parallel.md).
     """
 
     name = "loss"
@@ -741,12 +744,13 @@ class SoftmaxCrossEntropy(Module):
     def __call__(self, logits, labels, ctx: Context) -> float:
         return self.forward(logits, labels, ctx)
 
-    def backward(self, ctx: Context, scale: float = 1.0):
+    def backward(self, ctx: Context, scale: float = 1.0, batch: int | None = None):
         if getattr(self, "_p", None) is None:
             raise RuntimeError("SoftmaxCrossEntropy: backward before forward")
         g = self._p.copy()
         g[np.arange(g.shape[0]), self._labels] -= 1.0
-        return ctx.round("errors", g * (scale / g.shape[0]), self.name)
+        return ctx.round("errors", g * (scale / (g.shape[0] if batch is None else batch)),
+                         self.name)
 
 
 class Sequential(Module):
