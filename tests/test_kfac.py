@@ -1,0 +1,355 @@
+"""K-FAC (fixedsim.nn.KFAC): the factors against their definition (exact oracle), the
+preconditioned gradient against the explicit Kronecker formula in float64, the roles' grids
+under low-precision policies, the SGD fallback, the adaptive refresh, bit-identical resume,
+and the errors on bad settings."""
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+import fixedsim as fs
+from fixedsim import data as fdata
+from fixedsim.nn import (
+    KFAC,
+    BatchNorm2d,
+    Context,
+    Conv2d,
+    Flatten,
+    Linear,
+    Policy,
+    ReLU,
+    Role,
+    Sequential,
+    SoftmaxCrossEntropy,
+)
+from fixedsim.nn.kfac import check_kfac_settings
+from fixedsim.nn.train import TrainConfig, train
+
+
+def _batch(model, x, y, policy, step=0, seed=0):
+    """Forward and backward of one batch; the context (for the optimizer step)."""
+    ctx = Context(policy, seed=seed, step=step)
+    lossf = SoftmaxCrossEntropy()
+    lossf(model.forward(x, ctx), y, ctx)
+    model.backward(lossf.backward(ctx), ctx)
+    return ctx
+
+
+def _linear_model():
+    rng = np.random.default_rng(1)
+    return Sequential(Linear(5, 4, rng=rng), ReLU(), Linear(4, 3, bias=False, rng=rng))
+
+
+def _conv_model():
+    rng = np.random.default_rng(2)
+    return Sequential(Conv2d(2, 3, 3, stride=1, padding=1, rng=rng), ReLU(),
+                      Conv2d(3, 2, 2, stride=2, bias=False, rng=rng), Flatten(),
+                      Linear(2 * 2 * 2, 3, rng=rng))
+
+
+def _data(shape, n=6, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, *shape)), rng.integers(0, classes, n)
+
+
+def _patches(x, kh, kw, stride, pad):
+    """im2col written out: rows (n, ho, wo), columns (c, i, j); independent of the kernel."""
+    N, C, H, W = x.shape
+    xp = np.zeros((N, C, H + 2 * pad, W + 2 * pad))
+    xp[:, :, pad:pad + H, pad:pad + W] = x
+    Ho, Wo = (H + 2 * pad - kh) // stride + 1, (W + 2 * pad - kw) // stride + 1
+    rows = []
+    for n in range(N):
+        for ho in range(Ho):
+            for wo in range(Wo):
+                rows.append([xp[n, c, ho * stride + i, wo * stride + j]
+                             for c in range(C) for i in range(kh) for j in range(kw)])
+    return np.array(rows)
+
+
+def _rows(layer, scale=1.0):
+    """(a with the bias column, per-example errors e = N grad_y / scale, N) by definition."""
+    x = np.asarray(layer._cache[0], np.float64)
+    gy = np.asarray(layer.kfac_error, np.float64)
+    N = x.shape[0]
+    if isinstance(layer, Conv2d):
+        a = _patches(x, *layer.kernel_size, layer.stride, layer.padding)
+        e = gy.transpose(0, 2, 3, 1).reshape(-1, gy.shape[1])
+    else:
+        a, e = x, gy
+    if layer.bias is not None:
+        a = np.concatenate([a, np.ones((len(a), 1))], axis=1)
+    return a, e, N
+
+
+def _gram_oracle(m):
+    """m^T m, each entry the exact sum of products rounded once to float64 (Fractions)."""
+    k = m.shape[1]
+    out = np.empty((k, k))
+    for i in range(k):
+        for j in range(k):
+            out[i, j] = float(sum((Fraction(u) * Fraction(v) for u, v in
+                                   zip(m[:, i], m[:, j], strict=True)), Fraction(0)))
+    return out
+
+
+@pytest.mark.parametrize("make, shape", [(_linear_model, (5,)), (_conv_model, (2, 4, 4))],
+                         ids=["linear", "conv"])
+def test_factors_equal_their_definition_bit_for_bit(make, shape):
+    """Exact policy: A = (a^T a rounded once) / rows, G = (E^T E rounded once) * N, the
+    first batch setting the averages; a second batch is folded in with stat_decay."""
+    model = make()
+    d = 0.75
+    opt = KFAC(model, lr=0.0, damping=0.1, stat_decay=d)
+    pol = Policy.exact()
+    x, y = _data(shape)
+    ctx = _batch(model, x, y, pol)
+    expect = {}
+    for name, layer in opt.layers.items():
+        a, e, N = _rows(layer)
+        expect[name] = (_gram_oracle(a) / a.shape[0], _gram_oracle(e) * N)
+    opt.step(ctx)
+    for name, (A, G) in expect.items():
+        np.testing.assert_array_equal(opt.A[name], A)
+        np.testing.assert_array_equal(opt.G[name], G)
+    x2, y2 = _data(shape, seed=1)
+    ctx = _batch(model, x2, y2, pol, step=1)
+    for name, layer in opt.layers.items():
+        a, e, N = _rows(layer)
+        A, G = expect[name]
+        expect[name] = (d * A + (1 - d) * (_gram_oracle(a) / a.shape[0]),
+                        d * G + (1 - d) * (_gram_oracle(e) * N))
+    opt.step(ctx)
+    for name, (A, G) in expect.items():
+        np.testing.assert_array_equal(opt.A[name], A)
+        np.testing.assert_array_equal(opt.G[name], G)
+
+
+def _kronecker(A, G, grad_out_in, lam):
+    """(G + sqrt(lam)/pi I)^-1 grad (A + pi sqrt(lam) I)^-1 in float64 with numpy."""
+    pi = np.sqrt((np.trace(A) / len(A)) / (np.trace(G) / len(G)))
+    r = np.sqrt(lam)
+    return (np.linalg.inv(G + r / pi * np.eye(len(G))) @ grad_out_in
+            @ np.linalg.inv(A + pi * r * np.eye(len(A))))
+
+
+@pytest.mark.parametrize("make, shape", [(_linear_model, (5,)), (_conv_model, (2, 4, 4))],
+                         ids=["linear", "conv"])
+@pytest.mark.parametrize("scale", [1.0, 8.0])
+def test_preconditioned_gradient_is_the_kronecker_formula(make, shape, scale):
+    """Exact policy: the preconditioned gradient of every layer (bias column included)
+    equals the explicit formula, in float64 to 1e-10 relative (the inversions differ only
+    in float64 rounding); a loss scale is divided out of both the gradient and G."""
+    model = make()
+    lam = 0.05
+    opt = KFAC(model, lr=0.0, damping=lam, stat_decay=0.5)
+    pol = Policy.exact()
+    x, y = _data(shape, n=8)
+    ctx = Context(pol)
+    lossf = SoftmaxCrossEntropy()
+    lossf(model.forward(x, ctx), y, ctx)
+    model.backward(lossf.backward(ctx, scale), ctx)
+    opt.step(ctx, grad_scale=scale)
+    pre = opt.preconditioned(ctx, grad_scale=scale)
+    names = {id(p): n for n, p in model.named_parameters().items()}
+    for layer in opt.layers.values():
+        a, e, N = _rows(layer)
+        e = e * N / scale
+        A, G = a.T @ a / len(a), e.T @ e / N
+        w = layer.weight.grad / scale
+        g = w.reshape(w.shape[0], -1) if isinstance(layer, Conv2d) else w.T  # (out, in)
+        if layer.bias is not None:
+            g = np.concatenate([g, (layer.bias.grad / scale).reshape(-1, 1)], axis=1)
+        P = _kronecker(A, G, g, lam)
+        pw = pre[names[id(layer.weight)]]
+        got = pw.reshape(pw.shape[0], -1) if isinstance(layer, Conv2d) else pw.T
+        if layer.bias is not None:
+            got = np.concatenate([got, pre[names[id(layer.bias)]].reshape(-1, 1)], axis=1)
+        np.testing.assert_allclose(got, P, rtol=1e-10, atol=1e-12 * np.abs(P).max())
+
+
+def test_step_is_sgd_with_the_preconditioned_gradient():
+    """Momentum and weight decay as SGD has them, with the preconditioned gradient; a
+    parameter outside Linear/Conv2d (BatchNorm) takes SGD's step with its own gradient."""
+    rng = np.random.default_rng(4)
+    model = Sequential(Conv2d(1, 2, 3, rng=rng), BatchNorm2d(2), ReLU(), Flatten(),
+                       Linear(2 * 2 * 2, 3, rng=rng))
+    opt = KFAC(model, lr=0.1, momentum=0.9, weight_decay=0.01, damping=0.1)
+    pol = Policy.exact()
+    params = model.named_parameters()
+    for step in range(2):
+        x, y = _data((1, 4, 4), seed=step)
+        ctx = _batch(model, x, y, pol, step=step)
+        before = {k: p.value.copy() for k, p in params.items()}
+        grads = {k: p.grad.copy() for k, p in params.items()}
+        vel = {k: opt.buffers.get(k, np.zeros_like(v)).copy() for k, v in before.items()}
+        opt.step(ctx)
+        pre = opt.preconditioned(ctx)
+        for k, p in params.items():
+            g = (pre[k] if k in pre else grads[k]) + 0.01 * before[k]
+            v = 0.9 * vel[k] + g
+            np.testing.assert_array_equal(opt.buffers[k], v, err_msg=k)
+            np.testing.assert_array_equal(p.value, before[k] - 0.1 * v, err_msg=k)
+    assert set(pre) == {k for k in params if "batchnorm" not in k}
+
+
+def _low_policy(**roles):
+    return Policy.from_dict({**Policy.bf16().to_dict(), **roles})
+
+
+@pytest.mark.parametrize("policy, expect", [
+    (Policy.bf16(), ("BF16", "BF16", "BF16")),  # unset roles: weight_grads' format
+    (_low_policy(curvature={"format": "FP16"}, inverse={"format": "Q<16,8>"},
+                 preconditioned={"format": "FP8_E4M3"},
+                 curvature_product={"accumulator": {"format": "BF16"}}),
+     ("FP16", "Q<16,8>", "FP8_E4M3")),
+    (_low_policy(curvature={"format": "Q<16,10>", "rounding": "stochastic"},
+                 inverse={"format": "BF16", "rounding": "stochastic"},
+                 preconditioned={"format": "Q<12,8>", "rounding": "stochastic"}),
+     ("Q<16,10>", "BF16", "Q<12,8>")),
+], ids=["bf16-default", "mixed", "stochastic"])
+def test_state_lies_on_the_role_grids(policy, expect):
+    """Each stored factor, inverse and preconditioned gradient is a value of its role's
+    format: rounding it again changes nothing."""
+    model = _conv_model()
+    opt = KFAC(model, lr=0.01, damping=0.1, inv_interval=2)
+    fmts = [fs.formats.parse_format(f) for f in expect]
+    assert [repr(policy.curvature_role(r).fmt) for r in
+            ("curvature", "inverse", "preconditioned")] == [repr(f) for f in fmts]
+    for step in range(3):
+        x, y = _data((2, 4, 4), n=5, seed=step)
+        ctx = _batch(model, x, y, policy, step=step, seed=7)
+        opt.step(ctx)
+        pre = opt.preconditioned(ctx)
+        for arrays, fmt in ((list(opt.A.values()) + list(opt.G.values()), fmts[0]),
+                            (list(opt.Ainv.values()) + list(opt.Ginv.values()), fmts[1]),
+                            (list(pre.values()), fmts[2])):
+            for arr in arrays:
+                a = np.asarray(arr, np.float64)
+                np.testing.assert_array_equal(fs.quantize(a, fmt).astype(np.float64), a)
+        counted = ctx.counters["optim"].as_dict()
+        assert counted["curvature.roundings"] > 0 and counted["preconditioned.roundings"] > 0
+
+
+def test_inverses_refresh_on_their_interval_and_adaptively():
+    """Fixed refresh: the inverses change on steps 1, 1 + T, ...; adaptive: factors that do
+    not change (the same batch, lr 0) double the interval at each refresh."""
+    model = _linear_model()
+    x, y = _data((5,))
+    pol = Policy.exact()
+    opt = KFAC(model, lr=0.0, damping=0.1, inv_interval=3, stat_decay=0.5)
+    seen = []
+    for step in range(7):
+        xb, yb = _data((5,), seed=step)
+        opt.step(_batch(model, xb, yb, pol, step=step))
+        seen.append(opt.Ainv["0.linear"].copy())
+    changed = [s for s in range(1, 7) if not np.array_equal(seen[s], seen[s - 1])]
+    assert changed == [3, 6]  # steps 4 and 7 (counted from 1)
+    m = _linear_model()
+    ad = KFAC(m, lr=0.0, damping=0.1, inv_interval=1, refresh="adaptive",
+              refresh_threshold=0.1)
+    refreshes = []
+    for step in range(1, 16):
+        due = ad.next_refresh
+        ad.step(_batch(m, x, y, pol, step=step))
+        if step >= due:
+            refreshes.append(step)
+    assert refreshes == [1, 2, 4, 8]
+    assert ad.interval == 8 and ad.next_refresh == 16
+
+
+def _tiny():
+    return fdata.synthetic(n_train=64, n_test=16, shape=(1, 12, 12), classes=4, seed=3)
+
+
+@pytest.mark.parametrize("policy, extra", [
+    (Policy.fixed(16, 12, "stochastic"), {}),
+    (Policy.float32(), {"refresh": "adaptive", "inv_interval": 1, "stat_interval": 2}),
+], ids=["fixed-stochastic", "float32-adaptive"])
+def test_resume_continues_bit_for_bit(tmp_path, policy, extra):
+    """The checkpoint holds the factors, the inverses and the refresh state: a run stopped
+    after epoch 1 and resumed ends with the bits of a run that never stopped."""
+    tiny = _tiny()
+    kw = dict(model="lenet", model_options={"channels": [2, 3], "hidden": 6, "kernel": 3},
+              epochs=2, batch_size=32, lr=0.05, seed=5, optimizer="kfac", damping=0.01,
+              inv_interval=2)
+    cfg = TrainConfig(**{**kw, **extra})
+    whole = train(cfg, policy, tmp_path / "whole", progress=False, data=tiny)
+    part = train(cfg, policy, tmp_path / "split", progress=False, data=tiny, stop_after_epoch=1)
+    assert len(part.history) == 1
+    rest = train(cfg, policy, tmp_path / "split", resume=True, progress=False, data=tiny)
+    for a, b in zip(whole.history, rest.history, strict=True):
+        assert ({k: v for k, v in a.items() if not k.endswith("seconds")}
+                == {k: v for k, v in b.items() if not k.endswith("seconds")})
+    p1, p2 = whole.model.named_parameters(), rest.model.named_parameters()
+    for k in p1:
+        assert p1[k].value.dtype == p2[k].value.dtype
+        assert p1[k].value.tobytes() == p2[k].value.tobytes(), k
+    with np.load(tmp_path / "split" / "checkpoint.npz") as z:
+        assert {"optim/kfac.A.0.conv2d", "optim/kfac.Ginv.7.linear"} <= set(z.files)
+
+
+def test_state_dict_round_trip_and_refusals():
+    model = _linear_model()
+    opt = KFAC(model, lr=0.1, momentum=0.9, damping=0.1)
+    x, y = _data((5,))
+    opt.step(_batch(model, x, y, Policy.float32()))
+    st = opt.state_dict()
+    other = KFAC(_linear_model(), lr=0.5, momentum=0.9, damping=0.1)
+    other.load_state_dict(st)
+    st2 = other.state_dict()
+    assert st.keys() == st2.keys()
+    for k in st:
+        assert np.asarray(st[k]).tobytes() == np.asarray(st2[k]).tobytes(), k
+    with pytest.raises(ValueError, match="unknown key 'kfac.A.9.linear'"):
+        other.load_state_dict({**st, "kfac.A.9.linear": np.eye(2)})
+    with pytest.raises(ValueError, match="lacks kfac.interval"):
+        other.load_state_dict({k: v for k, v in st.items() if k != "kfac.interval"})
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"damping": 0.0}, "damping must be > 0.0, got 0.0"),
+    ({"damping": -1.0}, "damping must be > 0.0"),
+    ({"inv_interval": 0}, r"inv_interval \(the refresh interval\) must be an int >= 1, got 0"),
+    ({"stat_interval": 0}, "stat_interval must be an int >= 1"),
+    ({"stat_decay": 1.0}, r"stat_decay must be < 1.0, got 1.0"),
+    ({"stat_decay": -0.1}, "stat_decay must be >= 0.0"),
+    ({"refresh": "sometimes"}, "refresh must be one of fixed, adaptive"),
+    ({"refresh_threshold": 0.0}, "refresh_threshold must be > 0.0"),
+])
+def test_bad_settings_are_refused(kw, match):
+    with pytest.raises(ValueError, match=match):
+        check_kfac_settings(**kw)
+    with pytest.raises(ValueError, match=match):
+        KFAC(_linear_model(), lr=0.1, **kw)
+    with pytest.raises(ValueError, match="TrainConfig " + match):
+        TrainConfig(optimizer="kfac", **kw)
+
+
+def test_kfac_needs_dense_products_and_a_backward():
+    with pytest.raises(ValueError, match="optimizer 'kfac' needs the layers' dense products; "
+                                         "reuse"):
+        TrainConfig(optimizer="kfac", reuse="L=25,H=8")
+    model = _linear_model()
+    opt = KFAC(model, lr=0.1)
+    for p in model.parameters():
+        p.grad = np.zeros_like(p.value)
+    with pytest.raises(ValueError, match="has no forward input or output error"):
+        opt.step(Context(Policy.exact()))
+
+
+def test_policy_without_curvature_roles_keeps_its_plain_data():
+    """Unset roles are left out of to_dict (the run ids of earlier studies hash it); set
+    ones round-trip through dict and TOML."""
+    for p in (Policy.float32(), Policy.bf16(), Policy.fixed(16, 12), Policy.exact()):
+        d = p.to_dict()
+        assert not {"curvature", "inverse", "preconditioned", "curvature_product"} & set(d)
+        assert p.curvature_role("inverse") == p.weight_grads
+        assert p.curvature_spec() == p.grad_weight
+    q = _low_policy(curvature={"format": "FP16"}, curvature_product={"output": "FP32"})
+    assert Policy.from_dict(q.to_dict()) == q
+    assert q.curvature_role("curvature") == Role("FP16")
+    assert "curvature_product" in q.describe()
+    with pytest.raises(ValueError, match="unknown curvature role 'hessian'"):
+        q.curvature_role("hessian")
