@@ -439,7 +439,7 @@ _TRAIN_OPTIONS = ("data", "train_size", "test_size", "epochs", "batch_size", "op
                   "momentum", "nesterov", "weight_decay", "schedule", "seed", "reuse",
                   "reuse_layers", "approx", "approx_layers", "grad_approx",
                   "grad_approx_layers", "rescale", "damping", "stat_decay", "inv_interval",
-                  "stat_interval", "refresh", "refresh_threshold")
+                  "stat_interval", "refresh", "refresh_threshold", "workers", "allreduce")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -554,6 +554,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--refresh-threshold", type=float, default=None,
                    help="kfac: relative change of the factors below which an adaptive "
                    "refresh doubles its interval (default 0.1)")
+    t.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="emulated data parallelism: split each batch over N workers whose "
+                   "gradients a modelled ring all-reduce sums (N must divide the batch size; "
+                   "default 1; docs/parallel.md)")
+    t.add_argument("--allreduce", default=None, metavar="FORMAT",
+                   help="communication format of the all-reduce, every partial sum rounded "
+                   "into it: FORMAT[:ROUNDING][:scale=S][:overflow=RULE], e.g. bf16, "
+                   "fp8_e5m2:scale=1024, Q<16,12>:stochastic (default: float64 sums)")
     t.add_argument("--count-steps", action="store_true",
                    help="count the per-step events of every product in counters.csv (an "
                         "accumulator's inexact, overflowing, subnormal steps); costs time")

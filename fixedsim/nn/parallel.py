@@ -49,7 +49,7 @@ from ..rounding import Overflow, Rounding
 from .core import Context
 
 __all__ = ["AllReduce", "AllReduceStats", "ring_allreduce", "parse_allreduce", "chunk_bounds",
-           "WorkerContext"]
+           "WorkerContext", "data_parallel_pass"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -406,3 +406,91 @@ class WorkerContext(Context):
     def key(self, layer: str, purpose: str) -> int:
         return child_seed(self.seed, self.phase, self.step, zlib.crc32(layer.encode()),
                           zlib.crc32(purpose.encode()), self.worker)
+
+
+def _layer_of(param: str) -> str:
+    """``"0.conv2d"`` of the parameter ``"0.conv2d.weight"``."""
+    return param.rsplit(".", 1)[0]
+
+
+def data_parallel_pass(model, lossf, x, y, ctx: Context, workers: int,
+                       allreduce: AllReduce | None, scale: float = 1.0):
+    """One training step's forward and backward passes over ``workers`` emulated workers,
+    the gradients summed by :func:`ring_allreduce` into every parameter's ``grad``.
+
+    The batch ``x`` (``B`` rows) is cut into ``workers`` contiguous shards
+    (``numpy.array_split``: equal when ``workers`` divides ``B``). Worker ``w`` runs the
+    forward pass, the loss and the backward pass on its shard under a :class:`WorkerContext`
+    (its own random streams), with the loss gradient divided by the global ``B``
+    (``SoftmaxCrossEntropy.backward(batch=B)``), so that the sum over the workers of their
+    gradients is the gradient of the mean loss over the batch. BatchNorm statistics are those
+    of each worker's shard; the running statistics kept are worker 0's (as a framework that
+    broadcasts rank 0's buffers). Workers run one after another in this process; nothing
+    they compute depends on that order (each starts from the same parameters and buffers).
+
+    Then, parameter by parameter (in the model's order), the workers' gradients are summed by
+    ``allreduce`` (None: float64 sums in the ring's order), seeded by
+    ``ctx.key(name, "allreduce")``, and the result is the parameter's ``grad``. The counts go
+    to ``ctx.counters`` (the workers' counters, and the role ``"allreduce"`` of each layer).
+
+    Parameters
+    ----------
+    model : fixedsim.nn.Sequential
+    lossf : fixedsim.nn.SoftmaxCrossEntropy
+    x, y : numpy.ndarray
+        The global batch and its labels.
+    ctx : Context
+        The step's context (seed, step, policy).
+    workers : int
+    allreduce : AllReduce or None
+    scale : float
+        The policy's loss scale (multiplies the loss gradient).
+
+    Returns
+    -------
+    logits : numpy.ndarray
+        The workers' logits, in batch order.
+    loss : float
+        The mean loss over the batch.
+    bytes_per_worker : int
+        Bytes the busiest worker sent, over all parameters.
+    """
+    from ..counters import StageCounts
+
+    ar = allreduce if allreduce is not None else AllReduce()
+    b = len(y)
+    bounds = chunk_bounds(b, workers)
+    params = model.named_parameters()
+    bufs = model.buffers() if hasattr(model, "buffers") else {}
+    start = {k: v.copy() for k, v in bufs.items()}
+    kept = None
+    grads = {name: [] for name in params}
+    logits, total = [], 0.0
+    for w, (lo, hi) in enumerate(bounds):
+        if lo == hi:  # a last batch shorter than the worker count: nothing to compute
+            for name, p in params.items():
+                grads[name].append(np.zeros(p.value.shape))
+            continue
+        for k, v in bufs.items():
+            v[...] = start[k]
+        wctx = WorkerContext(ctx.policy, seed=ctx.seed, step=ctx.step, training=ctx.training,
+                             phase=ctx.phase, worker=w)
+        out = model.forward(x[lo:hi], wctx)
+        total += lossf(out, y[lo:hi], wctx) * (hi - lo)
+        model.backward(lossf.backward(wctx, scale, batch=b), wctx)
+        for name, p in params.items():
+            grads[name].append(p.grad)
+        logits.append(np.asarray(out))
+        if kept is None:
+            kept = {k: v.copy() for k, v in bufs.items()}
+        for k, v in wctx.counters.items():
+            ctx.layer_counters(k).__iadd__(v)
+    for k, v in bufs.items():
+        v[...] = kept[k]
+    sent = 0
+    for name, p in params.items():
+        p.grad, st = ar.reduce(grads[name], seed=ctx.key(name, "allreduce"))
+        roles = ctx.layer_counters(_layer_of(name)).roles
+        roles.setdefault("allreduce", StageCounts()).__iadd__(st.stage_counts())
+        sent += st.bytes_per_worker
+    return np.concatenate(logits), total / b, sent

@@ -34,6 +34,7 @@ from .kfac import KFAC, check_kfac_settings
 from .layers import Conv2d, Linear, SoftmaxCrossEntropy
 from .models import MODELS, build
 from .optim import SGD, Adam, parse_schedule
+from .parallel import data_parallel_pass, parse_allreduce
 from .policy import Policy, _build, _check_keys
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "RunFolderError", "train",
@@ -145,6 +146,18 @@ class TrainConfig:
         decay of the factors' running averages (in [0, 1)), refresh interval of the inverses
         (>= 1), interval of the statistics (>= 1), ``"fixed"`` or ``"adaptive"`` refresh and
         the relative change below which an adaptive refresh doubles its interval.
+    workers : int
+        Emulated data parallelism (docs/parallel.md): each global batch is cut into
+        ``workers`` equal contiguous shards (``workers`` must divide ``batch_size``), each
+        worker computes its gradient on its shard, and the gradients are summed by a ring
+        all-reduce (:func:`fixedsim.nn.parallel.ring_allreduce`) before the one optimizer
+        step. Not with ``reuse``, ``grad_approx`` or ``optimizer="kfac"``.
+    allreduce : str
+        The all-reduce's communication format (:func:`fixedsim.nn.parallel.parse_allreduce`):
+        ``""`` (float64 sums; with one worker: no all-reduce at all, the run of old) or
+        ``"FORMAT[:ROUNDING][:scale=S][:overflow=RULE]"``, e.g. ``"bf16"``,
+        ``"fp8_e5m2:scale=1024"``, ``"Q<16,12>:stochastic"``; every partial sum is rounded
+        into it, in the ring's order.
     """
 
     model: str = "lenet"
@@ -176,6 +189,8 @@ class TrainConfig:
     stat_interval: int = 1
     refresh: str = "fixed"
     refresh_threshold: float = 0.1
+    workers: int = 1
+    allreduce: str = ""
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -264,7 +279,33 @@ class TrainConfig:
                     raise ValueError(f"TrainConfig: optimizer 'kfac' needs the layers' dense "
                                      f"products; {name} {getattr(self, name)!r} cannot be "
                                      "combined with it (remove one)")
+        self._check_parallel()
         self.make_optimizer({"check": Parameter("check", np.zeros(1))})  # validates lr, ...
+
+    def _check_parallel(self):
+        from .parallel import parse_allreduce
+
+        w = self.workers
+        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            raise ValueError(f"TrainConfig workers must be an int >= 1 (the number of emulated "
+                             f"data-parallel workers), got {w!r}")
+        if self.batch_size % w:
+            raise ValueError(f"TrainConfig workers must divide batch_size (each global batch "
+                             f"is split into {w} equal shards), got batch_size "
+                             f"{self.batch_size} and workers {w}; choose a batch size that is a "
+                             f"multiple of {w}")
+        try:
+            parse_allreduce(self.allreduce)
+        except ValueError as err:
+            raise ValueError(f"TrainConfig {err}") from None
+        if w > 1:
+            for name, bad in (("reuse", self.reuse.strip()),
+                              ("grad_approx", self.grad_approx.strip()),
+                              ("optimizer 'kfac'", self.optimizer == "kfac")):
+                if bad:
+                    raise ValueError(f"TrainConfig: workers > 1 cannot be combined with {name} "
+                                     f"(their per-layer state is not split over workers in this "
+                                     f"model); use workers 1 or remove it")
 
     def _kfac_settings(self) -> dict:
         return {k: getattr(self, k) for k in ("damping", "stat_decay", "inv_interval",
@@ -826,6 +867,8 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
 
     n = len(xtr)
     steps_per_epoch = -(-n // config.batch_size)
+    allreduce = parse_allreduce(config.allreduce)
+    parallel = config.workers > 1 or allreduce is not None
     counters: dict = {}
     compiled = (lambda: watch.seconds) if watch is not None else (lambda: 0.0)
     for epoch in range(start_epoch, config.epochs):
@@ -845,15 +888,21 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
             xtr_e, xte_e = xtr, xte
         order = np.random.default_rng(np.random.SeedSequence([config.seed, 1, epoch])) \
             .permutation(n)
-        tot_loss, correct, skipped, seen = 0.0, 0, 0, 0
+        tot_loss, correct, skipped, seen, sent_bytes = 0.0, 0, 0, 0, 0
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
                    disable=not progress, file=sys.stderr, leave=False, unit="batch")
         for i in range(steps_per_epoch):
             idx = order[i * config.batch_size:(i + 1) * config.batch_size]
             xb, yb = xtr_e[idx], ytr[idx]
             ctx = Context(policy, seed=config.seed, step=step, training=True)
-            logits = model.forward(xb, ctx)
-            loss = lossf(logits, yb, ctx)
+            scale = scaler.scale
+            if parallel:  # forward and backward per worker, gradients all-reduced
+                logits, loss, sent = data_parallel_pass(model, lossf, xb, yb, ctx,
+                                                        config.workers, allreduce, scale)
+                sent_bytes += sent
+            else:
+                logits = model.forward(xb, ctx)
+                loss = lossf(logits, yb, ctx)
             if not math.isfinite(loss) or loss > config.max_loss:
                 bar.close()
                 _merge(counters, ctx.counters)
@@ -864,8 +913,8 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
                     f"({why}) under policy {policy.name!r}; "
                     + (f"the checkpoint of the last good epoch is in {out}" if out is not None
                        and history else "no epoch finished"))
-            scale = scaler.scale
-            model.backward(lossf.backward(ctx, scale), ctx)
+            if not parallel:
+                model.backward(lossf.backward(ctx, scale), ctx)
             finite = all(bool(np.isfinite(p.grad).all()) for p in params.values())
             if scaler.update(finite):
                 opt.lr = schedule(config.lr, epoch + i / steps_per_epoch)
@@ -898,6 +947,8 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
         if rescale is not None:
             row["rescale.factor"] = rescale.factor if model is low_model else 1
         row.update(_totals(counters))
+        if parallel:
+            row["allreduce.bytes_per_worker"] = sent_bytes
         history.append(row)
         for layer, lc in counters.items():
             counter_rows.append({"epoch": epoch + 1, "layer": layer, **lc.as_dict()})
