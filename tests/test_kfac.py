@@ -353,3 +353,24 @@ def test_policy_without_curvature_roles_keeps_its_plain_data():
     assert "curvature_product" in q.describe()
     with pytest.raises(ValueError, match="unknown curvature role 'hessian'"):
         q.curvature_role("hessian")
+
+
+@pytest.mark.parametrize("policy", [Policy.float32(), Policy.fixed(16, 10, "stochastic")],
+                         ids=lambda p: p.name)
+def test_one_pass_update_matches_the_separate_passes(monkeypatch, policy):
+    """K-FAC feeds the preconditioned gradient to SGD's one-pass kernel where float32 holds
+    it: the same bits as SGD's separate roundings."""
+    from fixedsim.nn import optim
+
+    out = []
+    for fused in (True, False):
+        monkeypatch.setattr(optim, "_FUSED", fused)
+        model = _conv_model()
+        opt = KFAC(model, lr=0.05, momentum=0.9, weight_decay=0.01, damping=0.1)
+        for step in range(2):
+            x, y = _data((2, 4, 4), seed=step)
+            opt.step(_batch(model, x, y, policy, step=step, seed=3))
+        out.append({k: p.value.copy() for k, p in model.named_parameters().items()})
+    for k in out[0]:
+        assert out[0][k].dtype == out[1][k].dtype == np.float32
+        assert out[0][k].tobytes() == out[1][k].tobytes(), k

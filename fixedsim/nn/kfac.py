@@ -371,10 +371,23 @@ class KFAC(SGD):
             self.next_refresh = self.steps + self.interval
         pre = self.preconditioned(ctx, grad_scale)
         for name, p in self.params.items():
-            if name in pre:
-                SGD._update(self, ctx, name, p, pre[name])
-            elif not (_optim._FUSED and self._fused_update(ctx, name, p, grad_scale)):
-                SGD._update(self, ctx, name, p, self._grad(name, p, grad_scale))
+            if name not in pre:
+                if not (_optim._FUSED and self._fused_update(ctx, name, p, grad_scale)):
+                    SGD._update(self, ctx, name, p, self._grad(name, p, grad_scale))
+                continue
+            g = pre[name]
+            g32 = g.astype(np.float32)
+            if _optim._FUSED and np.array_equal(g32, g):
+                # SGD's one-pass kernel, fed the preconditioned gradient (float32 holds it
+                # exactly): the same roundings and draws as SGD._update with it, bit for bit
+                grad, p.grad = p.grad, g32
+                try:
+                    done = self._fused_update(ctx, name, p, 1.0)
+                finally:
+                    p.grad = grad
+                if done:
+                    continue
+            SGD._update(self, ctx, name, p, g)
 
     # -- state ------------------------------------------------------------------------------
     _FACTORS = ("A", "G", "Ainv", "Ginv", "Aref", "Gref")

@@ -1,0 +1,158 @@
+"""One K-FAC step against one SGD step on the LeNet, side by side in one run.
+
+    python benchmarks/kfac.py [--batch-size 1024] [--steps 20] [--inv-interval 20]
+                              [--policy float32] [--data embedded] [--markdown PATH]
+
+Both optimizers train ``fixedsim.nn.lenet`` (conv 5x5 16, pool, conv 5x5 32, pool, FC 128,
+FC 10) from the same initial weights on the same mini-batches, under one policy. Timed: whole
+steps (forward, loss, backward, optimizer step), ``--steps`` of them after one untimed
+warm-up step (Numba loads or compiles its kernels). K-FAC runs twice: with statistics every
+step (``stat_interval 1``, Martens and Grosse) and with statistics only on refresh steps
+(``stat_interval = inv_interval``, SP-NGD's stale statistics); the inverses are refreshed
+every ``--inv-interval`` steps in both, so ``--steps`` should be a multiple of it.
+
+Reported: seconds per step, the ratio to SGD, and K-FAC's own time split into statistics
+(factor products and running averages), inversion, preconditioning (two products per layer)
+and the SGD update that follows, beside the forward and backward passes. The CPU model is
+printed (``lscpu``); timings on a shared machine vary with its load (printed too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def _cpu() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+class _Timer:
+    """Wraps methods of an object to add their wall time to ``parts[name]``."""
+
+    def __init__(self):
+        self.parts: dict[str, float] = {}
+
+    def wrap(self, obj, method, name):
+        fn = getattr(obj, method)
+
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.parts[name] = self.parts.get(name, 0.0) + time.perf_counter() - t0
+
+        setattr(obj, method, timed)
+
+
+def run(kind, x, y, batches, policy, inv_interval, stat_interval=1, seed=0):
+    """Seconds per step and the per-part breakdown of ``len(batches) - 1`` timed steps."""
+    import fixedsim.nn as nn
+    from fixedsim.nn.train import _init_weights
+
+    model = nn.build("lenet", seed, in_shape=x.shape[1:])
+    _init_weights(model, policy, seed)
+    params = model.named_parameters()
+    if kind == "sgd":
+        opt = nn.SGD(params, lr=0.02, momentum=0.9)
+    else:
+        opt = nn.KFAC(model, lr=0.02, momentum=0.9, damping=1e-3,
+                      inv_interval=inv_interval, stat_interval=stat_interval)
+    timer = _Timer()
+    timer.wrap(model, "forward", "forward")
+    timer.wrap(model, "backward", "backward")
+    if kind == "kfac":
+        timer.wrap(opt, "_update_factors", "statistics")
+        timer.wrap(opt, "_invert", "inversion")
+        timer.wrap(opt, "preconditioned", "preconditioning")
+    timer.wrap(opt, "step", "optimizer step (all)")
+    lossf = nn.SoftmaxCrossEntropy()
+    total = 0.0
+    for i, idx in enumerate(batches):
+        if i == 1:
+            timer.parts.clear()
+        t0 = time.perf_counter()
+        ctx = nn.Context(policy, seed=seed, step=i)
+        lossf(model.forward(x[idx], ctx), y[idx], ctx)
+        model.backward(lossf.backward(ctx), ctx)
+        opt.step(ctx)
+        if i >= 1:
+            total += time.perf_counter() - t0
+    n = len(batches) - 1
+    parts = {k: v / n for k, v in timer.parts.items()}
+    if kind == "kfac":
+        parts["SGD update"] = parts["optimizer step (all)"] - sum(
+            parts.get(k, 0.0) for k in ("statistics", "inversion", "preconditioning"))
+    return total / n, parts
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
+    ap.add_argument("--inv-interval", type=int, default=20)
+    ap.add_argument("--policy", default="float32")
+    ap.add_argument("--data", default="embedded")
+    ap.add_argument("--markdown", default=None, metavar="PATH")
+    args = ap.parse_args(argv)
+
+    from threadpoolctl import threadpool_limits
+
+    import fixedsim.nn as nn
+    from fixedsim import data
+
+    ds = data.load(args.data)
+    need = args.batch_size * (args.steps + 1)
+    reps = -(-need // len(ds.x_train))
+    x = np.concatenate([ds.x_train] * reps)[:need]
+    y = np.concatenate([ds.y_train] * reps)[:need]
+    batches = [np.arange(i, i + args.batch_size) for i in range(0, need, args.batch_size)]
+    policy = nn.Policy.parse(args.policy)
+    lines = [f"CPU: {_cpu()} ({os.cpu_count()} logical cores), load average "
+             f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}",
+             f"LeNet, batch {args.batch_size}, policy {policy.name}, {args.steps} timed steps, "
+             f"inverses refreshed every {args.inv_interval} steps",
+             "command: python benchmarks/kfac.py "
+             + " ".join(sys.argv[1:] if argv is None else argv),
+             ""]
+    rows = []
+    with threadpool_limits(limits=1, user_api="blas"):
+        sgd, sgd_parts = run("sgd", x, y, batches, policy, args.inv_interval)
+        rows.append(("SGD", sgd, sgd_parts))
+        for si, label in ((1, "K-FAC, statistics every step"),
+                          (args.inv_interval, "K-FAC, statistics on refresh steps (SP-NGD)")):
+            t, parts = run("kfac", x, y, batches, policy, args.inv_interval, si)
+            rows.append((label, t, parts))
+    lines.append("| optimizer | s/step | ratio to SGD | " + " | ".join(
+        ("forward", "backward", "statistics", "inversion", "preconditioning", "SGD update",
+         "optimizer step (all)")) + " |")
+    lines.append("|---" * 10 + "|")
+    for label, t, parts in rows:
+        cells = [f"{parts.get(k, 0.0):.3f}" for k in
+                 ("forward", "backward", "statistics", "inversion", "preconditioning",
+                  "SGD update", "optimizer step (all)")]
+        lines.append(f"| {label} | {t:.3f} | {t / sgd:.2f}x | " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
