@@ -374,3 +374,60 @@ def test_one_pass_update_matches_the_separate_passes(monkeypatch, policy):
     for k in out[0]:
         assert out[0][k].dtype == out[1][k].dtype == np.float32
         assert out[0][k].tobytes() == out[1][k].tobytes(), k
+
+
+def test_label_smoothing_loss_and_error():
+    """The smoothed loss is -sum(target * log softmax) with target (1 - eps) onehot + eps/K;
+    its error is the loss's gradient (central differences); eps = 0 is the plain loss, bit
+    for bit."""
+    rng = np.random.default_rng(0)
+    z, y = rng.normal(size=(4, 5)), np.array([0, 3, 1, 4])
+    ctx = Context(Policy.exact())
+    eps = 0.2
+    f = SoftmaxCrossEntropy(label_smoothing=eps)
+    target = (1 - eps) * np.eye(5)[y] + eps / 5
+    logp = z - z.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    assert f(z, y, ctx) == pytest.approx(-(target * logp).sum(1).mean(), rel=1e-14)
+    g = f.backward(ctx)
+    num = np.zeros_like(z)
+    for i in np.ndindex(z.shape):
+        d = np.zeros_like(z)
+        d[i] = 1e-6
+        num[i] = (f(z + d, y, ctx) - f(z - d, y, ctx)) / 2e-6
+    np.testing.assert_allclose(g, num, atol=1e-8)
+    plain, zero = SoftmaxCrossEntropy(), SoftmaxCrossEntropy(label_smoothing=0.0)
+    assert plain(z, y, ctx) == zero(z, y, ctx)
+    assert plain.backward(ctx).tobytes() == zero.backward(ctx).tobytes()
+    with pytest.raises(ValueError, match=r"label_smoothing must be a number in \[0, 1\), got 1"):
+        SoftmaxCrossEntropy(label_smoothing=1)
+
+
+def test_gaussian_smoothing_perturbs_on_the_weights_grid_and_restores():
+    from fixedsim.nn.smoothing import perturb_weights, restore_weights
+
+    pol = Policy.fixed(16, 10, "nearest_even")
+    model = _linear_model()
+    params = model.named_parameters()
+    for p in params.values():
+        p.value = pol.weights.apply(p.value)
+    orig = {k: p.value.copy() for k, p in params.items()}
+    draws = []
+    for _ in range(2):
+        ctx = Context(pol, seed=3, step=5)
+        saved = perturb_weights(params, ctx, 0.05)
+        draws.append({k: p.value.copy() for k, p in params.items()})
+        for k, p in params.items():
+            np.testing.assert_array_equal(pol.weights.apply(p.value), p.value)  # on the grid
+            assert not np.array_equal(p.value, orig[k])
+            assert np.abs(p.value.astype(float) - orig[k]).max() < 0.05 * 6
+        restore_weights(params, saved)
+        for k, p in params.items():
+            assert p.value.tobytes() == orig[k].tobytes()
+    assert all(draws[0][k].tobytes() == draws[1][k].tobytes() for k in orig)  # seeded
+    other = perturb_weights(params, Context(pol, seed=3, step=6), 0.05)
+    assert any(params[k].value.tobytes() != draws[0][k].tobytes() for k in orig)
+    restore_weights(params, other)
+    assert perturb_weights(params, Context(pol), 0.0) is None
+    with pytest.raises(ValueError, match="smoothing_sigma must be >= 0.0, got -1.0"):
+        perturb_weights(params, Context(pol), -1.0)

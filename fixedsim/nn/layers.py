@@ -721,9 +721,23 @@ class SoftmaxCrossEntropy(Module):
     ``backward(ctx, scale, batch=B)`` divides by ``B`` instead of the rows of this batch (a
     data-parallel worker's shard of a global batch of ``B``: its error is its share of the
     global mean, docs/parallel.md).
+
+    Parameters
+    ----------
+    label_smoothing : float, default 0.0
+        ``eps`` in [0, 1): the target is ``(1 - eps) * onehot + eps / classes`` (Szegedy et
+        al., CVPR 2016), so the loss is ``-sum(target * log softmax)`` and the error
+        ``softmax - target``; 0 is the plain cross-entropy, computed as before.
     """
 
     name = "loss"
+
+    def __init__(self, label_smoothing: float = 0.0):
+        ls = label_smoothing
+        if (isinstance(ls, bool) or not isinstance(ls, (int, float, np.integer, np.floating))
+                or not 0 <= ls < 1):
+            raise ValueError(f"label_smoothing must be a number in [0, 1), got {ls!r}")
+        self.label_smoothing = float(ls)
 
     def forward(self, logits, labels, ctx: Context) -> float:
         z = _check_x(logits, 2, "SoftmaxCrossEntropy").astype(np.float64)
@@ -739,6 +753,10 @@ class SoftmaxCrossEntropy(Module):
         logp = z - zmax - np.log(s)
         self._p = e / s
         self._labels = labels
+        ls = self.label_smoothing
+        if ls:
+            return float(-((1.0 - ls) * logp[np.arange(z.shape[0]), labels]
+                           + ls * logp.mean(axis=1)).mean())
         return float(-logp[np.arange(z.shape[0]), labels].mean())
 
     def __call__(self, logits, labels, ctx: Context) -> float:
@@ -747,8 +765,9 @@ class SoftmaxCrossEntropy(Module):
     def backward(self, ctx: Context, scale: float = 1.0, batch: int | None = None):
         if getattr(self, "_p", None) is None:
             raise RuntimeError("SoftmaxCrossEntropy: backward before forward")
-        g = self._p.copy()
-        g[np.arange(g.shape[0]), self._labels] -= 1.0
+        ls = self.label_smoothing
+        g = self._p - ls / self._p.shape[1] if ls else self._p.copy()
+        g[np.arange(g.shape[0]), self._labels] -= 1.0 - ls
         return ctx.round("errors", g * (scale / (g.shape[0] if batch is None else batch)),
                          self.name)
 
