@@ -216,3 +216,15 @@ def test_worker_contexts_draw_apart():
     k = [WorkerContext(p, seed=1, step=3, worker=w).key("0.conv2d", "errors") for w in (0, 1)]
     assert k[0] != k[1] != fs.nn.Context(p, seed=1, step=3).key("0.conv2d", "errors")
     assert k[0] == WorkerContext(p, seed=1, step=3, worker=0).key("0.conv2d", "errors")
+
+
+@pytest.mark.parametrize("rounding", ["nearest_even", "stochastic", "down"])
+def test_sums_float64_cannot_hold(rounding):
+    """Partial sums that float64 rounds (far-apart exponents) and exact zeros (their sign under
+    DOWN) take fs.add; the rest one quantize of the float64 sums: both match the oracle."""
+    xs = [np.array([1e38, 0.5, 1.0, -0.0, 3.0]), np.array([1e-38, 2**-30, -1.0, -0.0, 1.0]),
+          np.array([-1e38, 0.25, 0.0, 0.0, -4.0])]
+    got, stats = ring_allreduce(xs, fs.BF16, rounding, seed=9)
+    want, flags = oracle(xs, fs.BF16, rounding, seed=9)
+    assert_same_bits(got, want)
+    assert {k: getattr(stats, k) for k in FLAGS} == flags

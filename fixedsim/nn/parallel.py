@@ -159,6 +159,26 @@ def _inputs(arrays):
     return xs, shape
 
 
+def _add(a, b, fmt, rounding, overflow, seed, random_bits):
+    """``a + b`` rounded once into ``fmt`` with its stats, as :func:`fixedsim.add` computes it.
+
+    Where float64 holds every sum exactly (the TwoSum error is zero and all are finite: the
+    rule whenever the operands' exponents are close, as partial sums of one gradient's
+    entries mostly are), one :func:`fixedsim.quantize` of the float64 sums is that single
+    rounding, with the same draws (element ``i``, key of ``seed``); otherwise, and for an
+    exact zero under DOWN (whose sign IEEE makes negative), :func:`fixedsim.add` does it.
+    """
+    from .core import _add_checked
+
+    checked = _add_checked(a, b)
+    if checked is not None:
+        total, bad, zeros = checked
+        if not bad and not (rounding is Rounding.DOWN and zeros):
+            return quantize(total, fmt, rounding, overflow, seed=seed, random_bits=random_bits,
+                            stats=True)
+    return add(a, b, fmt, rounding, overflow, seed=seed, random_bits=random_bits, stats=True)
+
+
 def ring_allreduce(arrays, fmt, rounding=Rounding.NEAREST_EVEN, overflow=None, *, seed=0,
                    scale=1.0, random_bits=None):
     """Sum the workers' arrays by a ring all-reduce in the communication format ``fmt``.
@@ -268,9 +288,9 @@ def ring_allreduce(arrays, fmt, rounding=Rounding.NEAREST_EVEN, overflow=None, *
                 counts["nan"] += int(np.isnan(t).sum())
                 bufs[r, lo:hi] = t
                 continue
-            bufs[r, lo:hi], qs = add(bufs[r, lo:hi], bufs[i, lo:hi], fmt, rounding, overflow,
-                                     seed=child_seed(seed, s + 1, c) if stochastic else None,
-                                     random_bits=random_bits, stats=True)
+            bufs[r, lo:hi], qs = _add(bufs[r, lo:hi], bufs[i, lo:hi], fmt, rounding, overflow,
+                                      child_seed(seed, s + 1, c) if stochastic else None,
+                                      random_bits)
             tally(qs)
     for s in range(n - 1):  # all-gather: copies of the reduced chunks
         for i in range(n):
