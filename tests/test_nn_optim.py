@@ -26,6 +26,7 @@ from fixedsim.nn.optim import (
     StepLR,
     parse_schedule,
     schedule_from_dict,
+    spans_run,
 )
 from fixedsim.quantize import random_key
 
@@ -525,13 +526,25 @@ def test_parse_schedule():
     assert parse_schedule("cosine:10:0:2") == CosineLR(10.0, 0.0, 2.0)
 
 
+def test_cosine_over_the_run():
+    """``cosine`` and ``cosine:run...`` take the run's epochs; an explicit length ignores them."""
+    assert parse_schedule("cosine", epochs=7) == CosineLR(7.0)
+    assert parse_schedule("Cosine:RUN:0.001:1", epochs=4) == CosineLR(4.0, 0.001, 1.0)
+    assert parse_schedule("cosine:10", epochs=4) == CosineLR(10.0)
+    assert [spans_run(t) for t in ("cosine", " cosine:run:0.1", "cosine:3", "constant",
+                                   "step:2")] == [True, True, False, False, False]
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        parse_schedule("cosine:run:0:3", epochs=3)
+
+
 @pytest.mark.parametrize("text,match", [
     ("", "unknown schedule"), ("linear", "unknown schedule"), ("constant:3", "0 to 0"),
     ("step", "1 to 2"), ("step:1:2:3", "1 to 2"), ("step:x", "STEP_SIZE"),
     ("step:2.5", "STEP_SIZE"), ("step:0", "step_size"), ("step:5:abc", "GAMMA"),
-    ("step:5:0", "gamma"), ("cosine", "1 to 3"), ("cosine:0", "total_epochs"),
+    ("step:5:0", "gamma"), ("cosine", "needs them"), ("cosine:run:0.1", "needs them"),
+    ("cosine:0", "total_epochs"),
     ("cosine:10:-1", "min_lr"), ("cosine:10:0:10", "warmup_epochs"), ("cosine:nan", "finite"),
-    ("cosine:10:0:1:2", "1 to 3"),
+    ("cosine:10:0:1:2", "0 to 3"),
 ])
 def test_parse_schedule_errors(text, match):
     with pytest.raises(ValueError, match=match):

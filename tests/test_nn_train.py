@@ -61,6 +61,27 @@ def test_resume_continues_bit_for_bit(tiny, tmp_path, policy):
         assert p1[k].tobytes() == p2[k].tobytes(), k
 
 
+def test_cosine_over_the_run_resumes_but_keeps_its_epochs(tiny, tmp_path):
+    """``schedule="cosine"`` anneals over the run's epochs: the rate after the last epoch is
+    0; a resumed run continues it bit for bit, and refuses other epochs (the rate would jump)."""
+    from fixedsim.nn.train import RunFolderError
+
+    cfg = _config(epochs=3, schedule="cosine")
+    whole = train(cfg, Policy.float32(), tmp_path / "whole", progress=False, data=tiny)
+    assert [h["lr"] for h in whole.history] == [
+        pytest.approx(0.1 * (1 + np.cos(np.pi * e / 3)) / 2, abs=1e-15) for e in (1, 2, 3)]
+    train(cfg, Policy.float32(), tmp_path / "split", progress=False, data=tiny,
+          stop_after_epoch=1)
+    with pytest.raises(RunFolderError, match="anneals over the run's 3 epochs"):
+        train(_config(epochs=4, schedule="cosine"), Policy.float32(), tmp_path / "split",
+              resume=True, progress=False, data=tiny)
+    rest = train(cfg, Policy.float32(), tmp_path / "split", resume=True, progress=False,
+                 data=tiny)
+    _same_history(whole.history, rest.history)
+    assert all(p.tobytes() == q.tobytes() for p, q in zip(_params(whole).values(),
+                                                           _params(rest).values(), strict=True))
+
+
 def test_runs_are_deterministic_and_seeds_matter(tiny):
     pol = Policy.fixed(16, 12, "stochastic")
     a = train(_config(), pol, progress=False, data=tiny)

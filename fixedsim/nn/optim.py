@@ -38,7 +38,7 @@ from .policy import _build, _check_keys
 
 __all__ = [
     "Optimizer", "SGD", "Adam", "Schedule", "ConstantLR", "StepLR", "CosineLR",
-    "parse_schedule", "schedule_from_dict",
+    "parse_schedule", "schedule_from_dict", "spans_run",
 ]
 
 #: The LayerCounters key under which optimizer roundings are counted.
@@ -727,14 +727,22 @@ def _short(x: float) -> str:
 
 
 _SCHEDULES = {"constant": ConstantLR, "step": StepLR, "cosine": CosineLR}
-_FORMS = "constant, step:STEP_SIZE[:GAMMA], cosine:TOTAL_EPOCHS[:MIN_LR[:WARMUP_EPOCHS]]"
+_FORMS = "constant, step:STEP_SIZE[:GAMMA], cosine[:TOTAL_EPOCHS|run[:MIN_LR[:WARMUP_EPOCHS]]]"
 
 
-def parse_schedule(text: str) -> Schedule:
+def parse_schedule(text: str, epochs: int | None = None) -> Schedule:
     """A schedule from its command-line spelling.
 
     ``constant``; ``step:STEP_SIZE[:GAMMA]`` (GAMMA default 0.1);
-    ``cosine:TOTAL_EPOCHS[:MIN_LR[:WARMUP_EPOCHS]]``. ``str(schedule)`` gives the spelling back.
+    ``cosine:TOTAL_EPOCHS[:MIN_LR[:WARMUP_EPOCHS]]``; ``cosine`` alone, or ``run`` as
+    TOTAL_EPOCHS (``cosine:run:0.001``), anneals over the run's ``epochs``, which must then be
+    given. ``str(schedule)`` gives the spelling back (with the run's epochs written out).
+
+    Parameters
+    ----------
+    text : str
+    epochs : int, optional
+        The run's epochs, for ``cosine`` over the run.
 
     Raises
     ------
@@ -748,11 +756,13 @@ def parse_schedule(text: str) -> Schedule:
     StepLR(step_size=5, gamma=0.1)
     >>> parse_schedule("cosine:10:0.001")
     CosineLR(total_epochs=10.0, min_lr=0.001, warmup_epochs=0.0)
+    >>> parse_schedule("cosine", epochs=3)
+    CosineLR(total_epochs=3.0, min_lr=0.0, warmup_epochs=0.0)
     >>> parse_schedule("linear:3")
     Traceback (most recent call last):
     ...
     ValueError: unknown schedule 'linear:3'; expected constant, step:STEP_SIZE[:GAMMA], \
-cosine:TOTAL_EPOCHS[:MIN_LR[:WARMUP_EPOCHS]]
+cosine[:TOTAL_EPOCHS|run[:MIN_LR[:WARMUP_EPOCHS]]]
     """
     if not isinstance(text, str):
         raise ValueError(f"schedule must be a string, got {text!r}")
@@ -761,7 +771,7 @@ cosine:TOTAL_EPOCHS[:MIN_LR[:WARMUP_EPOCHS]]
     if kind not in _SCHEDULES:
         raise ValueError(f"unknown schedule {text!r}; expected {_FORMS}")
     nmax = {"constant": 0, "step": 2, "cosine": 3}[kind]
-    nmin = 0 if kind == "constant" else 1
+    nmin = 0 if kind in ("constant", "cosine") else 1
     if not nmin <= len(fields) <= nmax:
         raise ValueError(f"schedule {text!r}: {kind} takes {nmin} to {nmax} ':'-separated "
                          f"fields, got {len(fields)}; expected {_FORMS}")
@@ -774,10 +784,29 @@ cosine:TOTAL_EPOCHS[:MIN_LR[:WARMUP_EPOCHS]]
             except ValueError:
                 raise ValueError(f"STEP_SIZE must be an integer, got {fields[0]!r}") from None
             return StepLR(size, *(_parse_float(f, "GAMMA") for f in fields[1:]))
+        if not fields or fields[0].strip().lower() == "run":
+            if epochs is None:
+                raise ValueError("cosine over the run's epochs needs them: give the run's "
+                                 "epochs, or TOTAL_EPOCHS (cosine:TOTAL_EPOCHS)")
+            fields = [str(epochs), *fields[1:]]
         names = ("TOTAL_EPOCHS", "MIN_LR", "WARMUP_EPOCHS")
         return CosineLR(*(_parse_float(f, n) for f, n in zip(fields, names, strict=False)))
     except ValueError as err:
         raise ValueError(f"schedule {text!r}: {err}") from None
+
+
+def spans_run(text: str) -> bool:
+    """Whether the schedule spelled ``text`` anneals over the run's epochs (``cosine``,
+    ``cosine:run...``), so that it changes with them.
+
+    Examples
+    --------
+    >>> from fixedsim.nn.optim import spans_run
+    >>> spans_run("cosine"), spans_run("cosine:run:0.001"), spans_run("cosine:3")
+    (True, True, False)
+    """
+    kind, *fields = text.strip().split(":")
+    return kind.strip().lower() == "cosine" and (not fields or fields[0].strip().lower() == "run")
 
 
 def _parse_float(text: str, what: str) -> float:

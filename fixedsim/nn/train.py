@@ -33,7 +33,7 @@ from .core import Context, LayerCounters, Parameter
 from .kfac import KFAC, check_kfac_settings
 from .layers import Conv2d, Linear, SoftmaxCrossEntropy
 from .models import MODELS, build
-from .optim import SGD, Adam, parse_schedule
+from .optim import SGD, Adam, parse_schedule, spans_run
 from .parallel import data_parallel_pass, parse_allreduce
 from .policy import Policy, _build, _check_keys
 
@@ -226,7 +226,7 @@ class TrainConfig:
         object.__setattr__(self, "model_options", opts)
         if not (isinstance(self.max_loss, (int, float)) and self.max_loss > 0):
             raise ValueError(f"TrainConfig max_loss must be > 0, got {self.max_loss!r}")
-        parse_schedule(self.schedule)  # validates
+        parse_schedule(self.schedule, epochs=self.epochs)  # validates
         parse_reuse(self.reuse)
         if self.reuse_layers not in ("conv", "linear", "all"):
             raise ValueError(f"TrainConfig reuse_layers must be 'conv', 'linear' or 'all', "
@@ -799,7 +799,7 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
             model = low_model
     params = model.named_parameters()
     opt = config.make_optimizer(params, model)
-    schedule = parse_schedule(config.schedule)
+    schedule = parse_schedule(config.schedule, epochs=config.epochs)
     scaler = _Scaler(policy.loss_scale)
     lossf = SoftmaxCrossEntropy()
     history, counter_rows, start_epoch, step = [], [], 0, 0
@@ -843,6 +843,14 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
                     except ValueError as err:
                         raise RunFolderError(f"resume {out}: {err}") from None
                 history, counter_rows = meta["history"], meta["counters"]
+                if (config.epochs != stored_config.epochs
+                        and spans_run(config.schedule)):
+                    raise RunFolderError(
+                        f"resume {out}: the schedule {config.schedule!r} anneals over the "
+                        f"run's {stored_config.epochs} epochs, so the run cannot change them "
+                        f"(its learning rate would jump); train a new run with epochs = "
+                        f"{config.epochs}, or give the schedule its own length "
+                        f"(cosine:TOTAL_EPOCHS) in a new run")
                 if config.epochs < start_epoch:
                     raise RunFolderError(f"resume {out}: the run has finished {start_epoch} "
                                          f"epoch(s), more than epochs = {config.epochs}; give "
