@@ -271,6 +271,24 @@ def test_approx_page_kernel_rescaling(capsys):
     assert "epoch 2: kernels rescaled by 2" in out and "done: final test accuracy" in out
 
 
+PARALLEL = ("fixedsim train --model lenet --train-size 2048 --epochs 2 --batch-size 64 "
+            "--workers 4 --allreduce bf16")
+
+
+@covers(PARALLEL)
+def test_parallel_page_run(capsys, monkeypatch, tmp_path):
+    """docs/parallel.md: LeNet over 4 emulated workers with a BF16 all-reduce (256 images,
+    1 epoch instead of 2,048 and 2): it learns and its history counts the all-reduce."""
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = _run(capsys, PARALLEL, *SMALL_TRAIN, "--out", "run")
+    assert rc == 0, err
+    assert "done: final test accuracy 28.00%" in out and "warning:" not in out
+    head, row = (tmp_path / "run" / "history.csv").read_text().splitlines()[:2]
+    h = dict(zip(head.split(","), row.split(","), strict=True))
+    assert int(h["allreduce.roundings"]) == 4 * 7 * 80202  # 4 steps, 4 casts + 3 additions
+    assert int(h["allreduce.overflow"]) == 0 and int(h["allreduce.bytes_per_worker"]) > 0
+
+
 @covers("fixedsim train --reuse L=25,H=8", "fixedsim train --count-steps")
 def test_training_options(capsys, tmp_path):
     """docs/training.md, matmul.md, sweeps.md: --reuse and --count-steps (on 64 images)."""
