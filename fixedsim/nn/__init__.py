@@ -29,6 +29,7 @@ from .optim import (
     parse_schedule,
     schedule_from_dict,
 )
+from .parallel import AllReduce, ring_allreduce
 from .policy import PRODUCTS, ROLES, LossScale, Policy, Role
 
 __all__ = [
@@ -36,5 +37,5 @@ __all__ = [
     "Linear", "LossScale", "MaxPool2d", "Module", "PRODUCTS", "Parameter", "Policy", "ROLES",
     "ReLU", "Role", "Sequential", "SoftmaxCrossEntropy", "build", "cifarnet", "lenet", "mlp",
     "Adam", "ConstantLR", "CosineLR", "Optimizer", "SGD", "Schedule", "StepLR", "parse_schedule",
-    "schedule_from_dict", "KFAC",
+    "schedule_from_dict", "KFAC", "AllReduce", "ring_allreduce",
 ]

@@ -69,7 +69,9 @@ class AllReduceStats:
         Over the casts and additions together, as :class:`fixedsim.QuantStats` counts them:
         ``overflow`` counts every rounding whose value lay beyond the format's range, so the
         overflow rule applied (saturated, wrapped, or sent to infinity); an infinity that only
-        propagates through later additions is not counted again.
+        propagates through later additions is not counted again. Without a format (float64
+        sums) there are no casts, and only ``overflow`` (finite operands whose float64 sum is
+        infinite) and ``nan`` are counted.
     bytes_per_worker : int
         Bytes the busiest worker sends: ``2 * (workers - 1)`` chunks (reduce-scatter and
         all-gather) at the format's width, ``ceil(bits / 8)`` bytes per element (64 bits
