@@ -180,3 +180,39 @@ def test_cli_workers(tmp_path, capsys):
     assert "allreduce.bytes_per_worker" in (out / "history.csv").read_text()
     assert main(["train", "--workers", "3", "--quiet"]) == 2
     assert "workers must divide batch_size" in capsys.readouterr().err
+
+
+def test_study_keys_and_run_ids():
+    """workers and allreduce are study keys (grid axes too); at their defaults they leave a
+    run's id as it was, set they change it."""
+    from fixedsim.study import parse_study
+
+    base = {"train": {"model": "mlp", "epochs": 1, "batch_size": 32}}
+    plain = parse_study(base).runs[0]
+    same = parse_study({"train": {**base["train"], "workers": 1, "allreduce": ""}}).runs[0]
+    grid = parse_study({**base, "grid": {"train": {"workers": [2, 4],
+                                                   "allreduce": ["bf16", "fp8_e5m2:scale=1024"]}}})
+    assert plain.run_id == same.run_id
+    ids = {r.run_id for r in grid.runs}
+    assert len(ids) == 4 and plain.run_id not in ids
+    assert {(r.config().workers, r.config().allreduce) for r in grid.runs} == {
+        (w, a) for w in (2, 4) for a in ("bf16", "fp8_e5m2:scale=1024")}
+
+
+def test_last_batch_shorter_than_the_workers(tiny):
+    """98 images in batches of 32: the last batch of 2 leaves workers 2 and 3 without images
+    (they send zeros); 100 images: a last batch of 4, one image each. Under a loss-scaled
+    policy the gradients are all-reduced scaled, as mixed-precision training sends them."""
+    short = fdata.synthetic(n_train=98, n_test=16, shape=(1, 8, 8), classes=4, seed=3)
+    r = train(_config(workers=4, allreduce="bf16", epochs=1), Policy.float32(),
+              progress=False, data=short)
+    assert r.history[0]["steps"] == 4 and np.isfinite(r.history[0]["train_loss"])
+    hundred = fdata.synthetic(n_train=100, n_test=16, shape=(1, 8, 8), classes=4, seed=3)
+    plain, scaled = (train(_config(workers=4, allreduce="fp8_e5m2", epochs=1), pol,
+                           progress=False, data=hundred).history[0]
+                     for pol in (Policy.float32(), Policy.fp16_mixed()))
+    assert plain["steps"] == scaled["steps"] == 4
+    n = sum(p.value.size for p in r.model.named_parameters().values())
+    assert plain["allreduce.roundings"] == scaled["allreduce.roundings"] == 4 * 7 * n
+    # the policy's loss scale (65536) travels with the gradients: nothing underflows FP8
+    assert plain["allreduce.underflow"] > 0 == scaled["allreduce.underflow"]
