@@ -439,7 +439,8 @@ _TRAIN_OPTIONS = ("data", "train_size", "test_size", "epochs", "batch_size", "op
                   "momentum", "nesterov", "weight_decay", "schedule", "seed", "reuse",
                   "reuse_layers", "approx", "approx_layers", "grad_approx",
                   "grad_approx_layers", "rescale", "damping", "stat_decay", "inv_interval",
-                  "stat_interval", "refresh", "refresh_threshold", "workers", "allreduce")
+                  "stat_interval", "refresh", "refresh_threshold", "label_smoothing",
+                  "smoothing_sigma", "workers", "allreduce")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -562,6 +563,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="communication format of the all-reduce, every partial sum rounded "
                    "into it: FORMAT[:ROUNDING][:scale=S][:overflow=RULE], e.g. bf16, "
                    "fp8_e5m2:scale=1024, Q<16,12>:stochastic (default: float64 sums)")
+    t.add_argument("--label-smoothing", type=float, default=None,
+                   help="label smoothing of the training loss, in [0, 1) (default 0)")
+    t.add_argument("--smoothing-sigma", type=float, default=None,
+                   help="Gaussian smoothing of the objective: gradients at weights perturbed "
+                   "by N(0, sigma^2), seeded (default 0: none; docs/kfac.md)")
     t.add_argument("--count-steps", action="store_true",
                    help="count the per-step events of every product in counters.csv (an "
                         "accumulator's inexact, overflowing, subnormal steps); costs time")

@@ -36,6 +36,7 @@ from .models import MODELS, build
 from .optim import SGD, Adam, parse_schedule, spans_run
 from .parallel import data_parallel_pass, parse_allreduce
 from .policy import Policy, _build, _check_keys
+from .smoothing import check_sigma, perturb_weights, restore_weights
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "RunFolderError", "train",
            "evaluate", "HISTORY_COLUMNS", "load_run", "provenance", "summary_warnings",
@@ -158,6 +159,13 @@ class TrainConfig:
         ``"FORMAT[:ROUNDING][:scale=S][:overflow=RULE]"``, e.g. ``"bf16"``,
         ``"fp8_e5m2:scale=1024"``, ``"Q<16,12>:stochastic"``; every partial sum is rounded
         into it, in the ring's order.
+    label_smoothing : float
+        The training loss's label smoothing ``eps`` in [0, 1)
+        (:class:`~fixedsim.nn.SoftmaxCrossEntropy`; the test loss is the plain one).
+    smoothing_sigma : float
+        Gaussian smoothing of the objective (>= 0; docs/kfac.md): each step's forward and
+        backward run at weights ``w + sigma * eps`` (seeded, rounded into ``weights``,
+        :func:`fixedsim.nn.smoothing.perturb_weights`), and the step updates ``w``.
     """
 
     model: str = "lenet"
@@ -191,6 +199,8 @@ class TrainConfig:
     refresh_threshold: float = 0.1
     workers: int = 1
     allreduce: str = ""
+    label_smoothing: float = 0.0
+    smoothing_sigma: float = 0.0
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -280,6 +290,11 @@ class TrainConfig:
                                      f"products; {name} {getattr(self, name)!r} cannot be "
                                      "combined with it (remove one)")
         self._check_parallel()
+        try:
+            SoftmaxCrossEntropy(label_smoothing=self.label_smoothing)
+            check_sigma(self.smoothing_sigma)
+        except ValueError as err:
+            raise ValueError(f"TrainConfig {err}") from None
         self.make_optimizer({"check": Parameter("check", np.zeros(1))})  # validates lr, ...
 
     def _check_parallel(self):
@@ -801,7 +816,7 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
     opt = config.make_optimizer(params, model)
     schedule = parse_schedule(config.schedule, epochs=config.epochs)
     scaler = _Scaler(policy.loss_scale)
-    lossf = SoftmaxCrossEntropy()
+    lossf = SoftmaxCrossEntropy(label_smoothing=config.label_smoothing)
     history, counter_rows, start_epoch, step = [], [], 0, 0
     reuse_sched = parse_reuse(config.reuse)
     reuse_targets = _reuse_targets(model, config.reuse_layers)
@@ -904,6 +919,7 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
             xb, yb = xtr_e[idx], ytr[idx]
             ctx = Context(policy, seed=config.seed, step=step, training=True)
             scale = scaler.scale
+            saved = perturb_weights(params, ctx, config.smoothing_sigma)  # None at sigma 0
             if parallel:  # forward and backward per worker, gradients all-reduced
                 logits, loss, sent = data_parallel_pass(model, lossf, xb, yb, ctx,
                                                         config.workers, allreduce, scale)
@@ -923,6 +939,7 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
                        and history else "no epoch finished"))
             if not parallel:
                 model.backward(lossf.backward(ctx, scale), ctx)
+            restore_weights(params, saved)
             finite = all(bool(np.isfinite(p.grad).all()) for p in params.values())
             if scaler.update(finite):
                 opt.lr = schedule(config.lr, epoch + i / steps_per_epoch)
