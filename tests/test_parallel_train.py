@@ -92,6 +92,40 @@ def test_step_gradient_is_the_ring_of_the_shard_gradients(tiny):
     assert roles["allreduce"].roundings == 3 * model.layers[1].weight.value.size + 3 * 12
 
 
+def _worker_in_process(args):
+    """A worker's gradients, computed in another process (spawned: a fresh interpreter)."""
+    from fixedsim.nn.parallel import worker_pass
+
+    model, x, y, policy, w, b = args
+    grads, _, _, _ = worker_pass(model, SoftmaxCrossEntropy(), x, y, policy, seed=4, step=7,
+                                 worker=w, batch=b)
+    return grads
+
+
+def test_workers_in_other_processes_give_the_same_bits(tiny):
+    """The workers' passes run in a spawned process pool (two processes for four workers),
+    then the ring: every gradient bit for bit as in the one-process step (stochastic policy
+    and stochastic all-reduce)."""
+    import concurrent.futures as cf
+    import multiprocessing
+    import pickle
+
+    pol = Policy.fixed(16, 12, "stochastic")
+    x, y = tiny.x_train[:32], tiny.y_train[:32]
+    model = fs.nn.build("mlp", seed=1, in_shape=x.shape[1:], classes=4, hidden=[12])
+    frozen = pickle.dumps(model)
+    ar = AllReduce(fs.FixedFormat(16, 12), fs.Rounding.STOCHASTIC)
+    ctx = Context(pol, seed=4, step=7)
+    data_parallel_pass(model, SoftmaxCrossEntropy(), x, y, ctx, 4, ar)
+    jobs = [(pickle.loads(frozen), x[8 * w:8 * (w + 1)], y[8 * w:8 * (w + 1)], pol, w, 32)
+            for w in range(4)]
+    with cf.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        shards = list(pool.map(_worker_in_process, jobs))
+    for name, p in model.named_parameters().items():
+        want, _ = ar.reduce([g[name] for g in shards], seed=ctx.key(name, "allreduce"))
+        assert p.grad.tobytes() == want.tobytes(), name
+
+
 def test_batchnorm_statistics_per_shard():
     """Each worker normalises by its shard's statistics; the running statistics kept are
     worker 0's."""

@@ -49,7 +49,7 @@ from ..rounding import Overflow, Rounding
 from .core import Context
 
 __all__ = ["AllReduce", "AllReduceStats", "ring_allreduce", "parse_allreduce", "chunk_bounds",
-           "WorkerContext", "data_parallel_pass"]
+           "WorkerContext", "data_parallel_pass", "worker_pass"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -435,6 +435,32 @@ def _layer_of(param: str) -> str:
     return param.rsplit(".", 1)[0]
 
 
+def worker_pass(model, lossf, x, y, policy, *, seed: int, step: int, worker: int, batch: int,
+                scale: float = 1.0, phase: int = 0):
+    """One worker's share of a training step: forward pass, loss and backward pass on its
+    shard ``(x, y)`` under its :class:`WorkerContext`, the loss gradient divided by the global
+    ``batch`` size. A function of its arguments only (the model's parameters and buffers, the
+    shard, the policy, the seed, the step and the worker index), so it gives the same bits in
+    any process.
+
+    Returns
+    -------
+    grads : dict of str to numpy.ndarray
+        Each parameter's gradient (in the policy's ``weight_grads`` role).
+    logits : numpy.ndarray
+    loss : float
+        The shard's summed loss (its mean times its rows).
+    counters : dict of str to LayerCounters
+    """
+    wctx = WorkerContext(policy, seed=seed, step=step, training=True, phase=phase,
+                         worker=worker)
+    out = model.forward(x, wctx)
+    loss = lossf(out, y, wctx) * len(y)
+    model.backward(lossf.backward(wctx, scale, batch=batch), wctx)
+    grads = {name: p.grad for name, p in model.named_parameters().items()}
+    return grads, np.asarray(out), loss, wctx.counters
+
+
 def data_parallel_pass(model, lossf, x, y, ctx: Context, workers: int,
                        allreduce: AllReduce | None, scale: float = 1.0):
     """One training step's forward and backward passes over ``workers`` emulated workers,
@@ -495,17 +521,16 @@ def data_parallel_pass(model, lossf, x, y, ctx: Context, workers: int,
             continue
         for k, v in bufs.items():
             v[...] = start[k]
-        wctx = WorkerContext(ctx.policy, seed=ctx.seed, step=ctx.step, training=ctx.training,
-                             phase=ctx.phase, worker=w)
-        out = model.forward(x[lo:hi], wctx)
-        total += lossf(out, y[lo:hi], wctx) * (hi - lo)
-        model.backward(lossf.backward(wctx, scale, batch=b), wctx)
-        for name, p in params.items():
-            grads[name].append(p.grad)
-        logits.append(np.asarray(out))
+        g, out, loss, counters = worker_pass(model, lossf, x[lo:hi], y[lo:hi], ctx.policy,
+                                             seed=ctx.seed, step=ctx.step, worker=w, batch=b,
+                                             scale=scale, phase=ctx.phase)
+        total += loss
+        for name in params:
+            grads[name].append(g[name])
+        logits.append(out)
         if kept is None:
             kept = {k: v.copy() for k, v in bufs.items()}
-        for k, v in wctx.counters.items():
+        for k, v in counters.items():
             ctx.layer_counters(k).__iadd__(v)
     for k, v in bufs.items():
         v[...] = kept[k]
