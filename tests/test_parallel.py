@@ -201,6 +201,15 @@ def test_bad_input(call, match):
         call()
 
 
+def test_bad_seed():
+    with pytest.raises(TypeError, match="seed must be an int"):
+        ring_allreduce([np.zeros(2)], fs.BF16, "stochastic", seed=1.5)
+    with pytest.raises(ValueError, match="seed must be an int >= 0"):
+        ring_allreduce([np.zeros(2)], fs.BF16, "stochastic", seed=-1)
+    with pytest.raises(TypeError, match="real numbers"):
+        ring_allreduce([np.array(["a"])], fs.BF16)
+
+
 def test_parse_allreduce():
     assert parse_allreduce("") is None
     assert parse_allreduce("bf16") == AllReduce(fs.BF16)

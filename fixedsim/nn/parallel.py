@@ -219,10 +219,11 @@ def ring_allreduce(arrays, fmt, rounding=Rounding.NEAREST_EVEN, overflow=None, *
     ------
     ValueError
         No arrays, arrays of different shapes, a scale that is not a finite number > 0, an
-        unknown format name; the rules of :func:`fixedsim.quantize` (WRAP on a float format,
-        NaN into a fixed-point format, ``random_bits`` with a deterministic mode).
+        unknown format name, a negative seed (stochastic rounding); the rules of
+        :func:`fixedsim.quantize` (WRAP on a float format, NaN into a fixed-point format,
+        ``random_bits`` with a deterministic mode).
     TypeError
-        An array of non-real dtype; a seed that is not an int.
+        An array of non-real dtype; a seed that is not an int (stochastic rounding).
 
     Examples
     --------
@@ -250,10 +251,12 @@ def ring_allreduce(arrays, fmt, rounding=Rounding.NEAREST_EVEN, overflow=None, *
                          "rounding, overflow or random_bits")
     scale = _check_scale(scale)
     stochastic = fmt is not None and rounding is Rounding.STOCHASTIC
-    if stochastic and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
-                       or seed < 0):
+    if stochastic and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
         raise TypeError(f"ring_allreduce: seed must be an int >= 0 (the key of the stochastic "
-                        f"roundings), got {seed!r}")
+                        f"roundings), got {type(seed).__name__} {seed!r}")
+    if stochastic and seed < 0:
+        raise ValueError(f"ring_allreduce: seed must be an int >= 0 (the key of the stochastic "
+                         f"roundings), got {seed}")
     size = int(np.prod(shape, dtype=np.int64))
     dtype = np.float64 if fmt is None else fmt.dtype
     bufs = np.empty((n, size), dtype)
