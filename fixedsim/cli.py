@@ -439,7 +439,8 @@ _TRAIN_OPTIONS = ("data", "train_size", "test_size", "epochs", "batch_size", "op
                   "momentum", "nesterov", "weight_decay", "schedule", "seed", "reuse",
                   "reuse_layers", "approx", "approx_layers", "grad_approx",
                   "grad_approx_layers", "rescale", "damping", "stat_decay", "inv_interval",
-                  "stat_interval", "refresh", "refresh_threshold", "label_smoothing",
+                  "stat_interval", "refresh", "refresh_threshold", "damping_schedule",
+                  "label_smoothing",
                   "smoothing_sigma", "workers", "allreduce")
 
 
@@ -509,7 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--nesterov", action="store_true", default=None)
     t.add_argument("--weight-decay", type=float, default=None)
     t.add_argument("--schedule", default=None,
-                   help="constant (default), step:EPOCHS:GAMMA or cosine:EPOCHS[:MIN_LR]")
+                   help="constant (default), step:EPOCHS:GAMMA, cosine:EPOCHS[:MIN_LR] or "
+                   "poly:EPOCHS[:POWER[:MIN_LR[:WARMUP]]]")
     t.add_argument("--seed", type=int, default=None, help="run seed (default 0)")
     t.add_argument("--reuse", default=None, metavar="SETTING",
                    help="Adaptive Deep Reuse of the conv layers: L=25,H=8[,scope=...], "
@@ -563,6 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="communication format of the all-reduce, every partial sum rounded "
                    "into it: FORMAT[:ROUNDING][:scale=S][:overflow=RULE], e.g. bf16, "
                    "fp8_e5m2:scale=1024, Q<16,12>:stochastic (default: float64 sums)")
+    t.add_argument("--damping-schedule", default=None,
+                   help="kfac: the damping's schedule, spelled as --schedule (e.g. "
+                   "poly:30:2:0.0001); it must stay > 0")
     t.add_argument("--label-smoothing", type=float, default=None,
                    help="label smoothing of the training loss, in [0, 1) (default 0)")
     t.add_argument("--smoothing-sigma", type=float, default=None,

@@ -265,7 +265,8 @@ def _tiny():
 
 @pytest.mark.parametrize("policy, extra", [
     (Policy.fixed(16, 12, "stochastic"), {}),
-    (Policy.float32(), {"refresh": "adaptive", "inv_interval": 1, "stat_interval": 2}),
+    (Policy.float32(), {"refresh": "adaptive", "inv_interval": 1, "stat_interval": 2,
+                        "damping_schedule": "poly:2:2:0.001", "schedule": "poly:2:1:0:0.5"}),
 ], ids=["fixed-stochastic", "float32-adaptive"])
 def test_resume_continues_bit_for_bit(tmp_path, policy, extra):
     """The checkpoint holds the factors, the inverses and the refresh state: a run stopped
@@ -455,3 +456,23 @@ def test_smoothing_in_training_resumes_bit_for_bit_and_changes_the_run(tmp_path)
     with pytest.raises(ValueError, match=r"TrainConfig label_smoothing must be a number in "
                                          r"\[0, 1\)"):
         TrainConfig(label_smoothing=1.5)
+
+
+def test_poly_schedule_and_the_damping_schedule():
+    """PolyLR: warm-up, polynomial decay, its spelling round-trips; the damping schedule
+    must keep damping > 0 and sets KFAC.damping, which refuses 0."""
+    from fixedsim.nn.optim import PolyLR, parse_schedule, schedule_from_dict
+
+    s = parse_schedule("poly:10:3:0.001:2")
+    assert s == PolyLR(10, 3, 0.001, 2) and str(s) == "poly:10:3:0.001:2"
+    assert parse_schedule(str(s)) == s and schedule_from_dict(s.to_dict()) == s
+    assert s(0.1, 0) == 0.001 and s(0.1, 2) == 0.1 and s(0.1, 10) == 0.001
+    assert s(0.1, 6) == pytest.approx(0.001 + 0.099 * 0.5 ** 3, rel=1e-15)
+    with pytest.raises(ValueError, match="PolyLR power must be > 0.0"):
+        parse_schedule("poly:10:0")
+    with pytest.raises(ValueError, match="damping must stay > 0"):
+        TrainConfig(optimizer="kfac", epochs=3, damping_schedule="poly:3")
+    TrainConfig(optimizer="kfac", epochs=3, damping_schedule="poly:3:2:0.0001")
+    opt = KFAC(_linear_model(), lr=0.1)
+    with pytest.raises(ValueError, match="damping must be > 0.0, got 0.0"):
+        opt.damping = 0.0

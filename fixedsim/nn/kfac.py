@@ -229,6 +229,15 @@ class KFAC(SGD):
         self.next_refresh = 1
         self.stat_steps = 0
 
+    @property
+    def damping(self) -> float:
+        """The Tikhonov damping (> 0) of the next refresh of the inverses."""
+        return self._damping
+
+    @damping.setter
+    def damping(self, value):
+        self._damping = _number(value, "damping", low=0.0, low_open=True)
+
     # -- the factors ------------------------------------------------------------------------
     def _product(self, ctx, lname, purpose, a, b):
         spec = ctx.policy.curvature_spec()

@@ -38,7 +38,7 @@ from .policy import _build, _check_keys
 
 __all__ = [
     "Optimizer", "SGD", "Adam", "Schedule", "ConstantLR", "StepLR", "CosineLR",
-    "parse_schedule", "schedule_from_dict", "spans_run",
+    "parse_schedule", "schedule_from_dict", "spans_run", "PolyLR",
 ]
 
 #: The LayerCounters key under which optimizer roundings are counted.
@@ -721,13 +721,81 @@ class CosineLR(Schedule):
         return text
 
 
+@dataclasses.dataclass(frozen=True)
+class PolyLR(Schedule):
+    """Linear warm-up, then polynomial decay from the base learning rate down to ``min_lr``:
+    ``min_lr + (base_lr - min_lr) * (1 - s) ** power``, ``s`` the fraction of the
+    ``total_epochs - warmup_epochs`` after the warm-up done; from ``total_epochs`` on it stays
+    ``min_lr``. The large-batch recipe of Osawa et al. (CVPR 2019, SP-NGD) decays the
+    learning rate (and the damping) polynomially after a warm-up (docs/kfac.md).
+
+    Parameters
+    ----------
+    total_epochs : float
+        > 0.
+    power : float, default 2.0
+        > 0.
+    min_lr : float, default 0.0
+        >= 0.
+    warmup_epochs : float, default 0.0
+        In [0, total_epochs): the rate rises linearly from ``min_lr`` to ``base_lr``.
+
+    Examples
+    --------
+    >>> from fixedsim.nn.optim import PolyLR
+    >>> s = PolyLR(10, power=2)
+    >>> [round(s(0.1, e), 6) for e in (0, 5, 10, 12)]
+    [0.1, 0.025, 0.0, 0.0]
+    >>> w = PolyLR(10, power=1, min_lr=0.001, warmup_epochs=1)
+    >>> [round(w(0.1, e), 6) for e in (0, 0.5, 1, 5.5, 10)]
+    [0.001, 0.0505, 0.1, 0.0505, 0.001]
+    """
+
+    total_epochs: float
+    power: float = 2.0
+    min_lr: float = 0.0
+    warmup_epochs: float = 0.0
+    name = "poly"
+
+    def __post_init__(self):
+        total = _number(self.total_epochs, "PolyLR total_epochs", low=0.0, low_open=True)
+        object.__setattr__(self, "total_epochs", total)
+        object.__setattr__(self, "power", _number(self.power, "PolyLR power", low=0.0,
+                                                  low_open=True))
+        object.__setattr__(self, "min_lr", _number(self.min_lr, "PolyLR min_lr", low=0.0))
+        object.__setattr__(self, "warmup_epochs",
+                           _number(self.warmup_epochs, "PolyLR warmup_epochs", low=0.0,
+                                   high=total, high_open=True))
+
+    def __call__(self, base_lr, epoch):
+        base_lr, epoch = self._check(base_lr, epoch)
+        lo = self.min_lr
+        if epoch >= self.total_epochs:
+            return lo
+        if epoch < self.warmup_epochs:
+            lr = lo + (base_lr - lo) * (epoch / self.warmup_epochs)
+        else:
+            s = (epoch - self.warmup_epochs) / (self.total_epochs - self.warmup_epochs)
+            lr = lo + (base_lr - lo) * (1.0 - s) ** self.power
+        return min(max(lr, min(lo, base_lr)), max(lo, base_lr))
+
+    def __str__(self):
+        text = f"poly:{_short(self.total_epochs)}:{_short(self.power)}"
+        if self.min_lr or self.warmup_epochs:
+            text += f":{_short(self.min_lr)}"
+        if self.warmup_epochs:
+            text += f":{_short(self.warmup_epochs)}"
+        return text
+
+
 def _short(x: float) -> str:
     """The shortest text that parses back to ``x`` exactly (``10`` rather than ``10.0``)."""
     return str(int(x)) if x.is_integer() and abs(x) < 2 ** 53 else repr(x)
 
 
-_SCHEDULES = {"constant": ConstantLR, "step": StepLR, "cosine": CosineLR}
-_FORMS = "constant, step:STEP_SIZE[:GAMMA], cosine[:TOTAL_EPOCHS|run[:MIN_LR[:WARMUP_EPOCHS]]]"
+_SCHEDULES = {"constant": ConstantLR, "step": StepLR, "cosine": CosineLR, "poly": PolyLR}
+_FORMS = ("constant, step:STEP_SIZE[:GAMMA], cosine[:TOTAL_EPOCHS|run[:MIN_LR[:WARMUP_EPOCHS]]], "
+          "poly:TOTAL_EPOCHS[:POWER[:MIN_LR[:WARMUP_EPOCHS]]]")
 
 
 def parse_schedule(text: str, epochs: int | None = None) -> Schedule:
@@ -736,7 +804,8 @@ def parse_schedule(text: str, epochs: int | None = None) -> Schedule:
     ``constant``; ``step:STEP_SIZE[:GAMMA]`` (GAMMA default 0.1);
     ``cosine:TOTAL_EPOCHS[:MIN_LR[:WARMUP_EPOCHS]]``; ``cosine`` alone, or ``run`` as
     TOTAL_EPOCHS (``cosine:run:0.001``), anneals over the run's ``epochs``, which must then be
-    given. ``str(schedule)`` gives the spelling back (with the run's epochs written out).
+    given; ``poly:TOTAL_EPOCHS[:POWER[:MIN_LR[:WARMUP_EPOCHS]]]`` (:class:`PolyLR`, POWER
+    default 2). ``str(schedule)`` gives the spelling back (with the run's epochs written out).
 
     Parameters
     ----------
@@ -758,11 +827,12 @@ def parse_schedule(text: str, epochs: int | None = None) -> Schedule:
     CosineLR(total_epochs=10.0, min_lr=0.001, warmup_epochs=0.0)
     >>> parse_schedule("cosine", epochs=3)
     CosineLR(total_epochs=3.0, min_lr=0.0, warmup_epochs=0.0)
-    >>> parse_schedule("linear:3")
+    >>> parse_schedule("linear:3")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: unknown schedule 'linear:3'; expected constant, step:STEP_SIZE[:GAMMA], \
-cosine[:TOTAL_EPOCHS|run[:MIN_LR[:WARMUP_EPOCHS]]]
+    ValueError: unknown schedule 'linear:3'; expected constant, step:STEP_SIZE[:GAMMA], ...
+    >>> parse_schedule("poly:30:2:0:5")
+    PolyLR(total_epochs=30.0, power=2.0, min_lr=0.0, warmup_epochs=5.0)
     """
     if not isinstance(text, str):
         raise ValueError(f"schedule must be a string, got {text!r}")
@@ -770,7 +840,7 @@ cosine[:TOTAL_EPOCHS|run[:MIN_LR[:WARMUP_EPOCHS]]]
     kind = kind.strip().lower()
     if kind not in _SCHEDULES:
         raise ValueError(f"unknown schedule {text!r}; expected {_FORMS}")
-    nmax = {"constant": 0, "step": 2, "cosine": 3}[kind]
+    nmax = {"constant": 0, "step": 2, "cosine": 3, "poly": 4}[kind]
     nmin = 0 if kind in ("constant", "cosine") else 1
     if not nmin <= len(fields) <= nmax:
         raise ValueError(f"schedule {text!r}: {kind} takes {nmin} to {nmax} ':'-separated "
@@ -784,6 +854,9 @@ cosine[:TOTAL_EPOCHS|run[:MIN_LR[:WARMUP_EPOCHS]]]
             except ValueError:
                 raise ValueError(f"STEP_SIZE must be an integer, got {fields[0]!r}") from None
             return StepLR(size, *(_parse_float(f, "GAMMA") for f in fields[1:]))
+        if kind == "poly":
+            names = ("TOTAL_EPOCHS", "POWER", "MIN_LR", "WARMUP_EPOCHS")
+            return PolyLR(*(_parse_float(f, n) for f, n in zip(fields, names, strict=False)))
         if not fields or fields[0].strip().lower() == "run":
             if epochs is None:
                 raise ValueError("cosine over the run's epochs needs them: give the run's "

@@ -147,6 +147,10 @@ class TrainConfig:
         decay of the factors' running averages (in [0, 1)), refresh interval of the inverses
         (>= 1), interval of the statistics (>= 1), ``"fixed"`` or ``"adaptive"`` refresh and
         the relative change below which an adaptive refresh doubles its interval.
+    damping_schedule : str
+        K-FAC: the damping's schedule, a learning-rate schedule spelling applied to
+        ``damping`` (e.g. ``"poly:30:2:0.0001"``); it must stay > 0 over the run. A changed
+        damping takes effect at the next refresh of the inverses.
     workers : int
         Emulated data parallelism (docs/parallel.md): each global batch is cut into
         ``workers`` equal contiguous shards (``workers`` must divide ``batch_size``), each
@@ -197,6 +201,7 @@ class TrainConfig:
     stat_interval: int = 1
     refresh: str = "fixed"
     refresh_threshold: float = 0.1
+    damping_schedule: str = "constant"
     workers: int = 1
     allreduce: str = ""
     label_smoothing: float = 0.0
@@ -283,6 +288,16 @@ class TrainConfig:
             check_kfac_settings(**self._kfac_settings())
         except ValueError as err:
             raise ValueError(f"TrainConfig {err}") from None
+        try:
+            dsched = parse_schedule(self.damping_schedule, epochs=self.epochs)
+        except ValueError as err:
+            raise ValueError(f"TrainConfig damping_schedule: {err}") from None
+        for e in (0, self.epochs):
+            if not dsched(self.damping, e) > 0:
+                raise ValueError(f"TrainConfig damping_schedule {self.damping_schedule!r} "
+                                 f"takes the damping {self.damping:g} to "
+                                 f"{dsched(self.damping, e):g} at epoch {e}; damping must stay "
+                                 f"> 0 (give the schedule a MIN_LR > 0)")
         if self.optimizer == "kfac":
             for name in ("reuse", "approx", "grad_approx"):
                 if getattr(self, name).strip():
@@ -815,6 +830,7 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
     params = model.named_parameters()
     opt = config.make_optimizer(params, model)
     schedule = parse_schedule(config.schedule, epochs=config.epochs)
+    damping_schedule = parse_schedule(config.damping_schedule, epochs=config.epochs)
     scaler = _Scaler(policy.loss_scale)
     lossf = SoftmaxCrossEntropy(label_smoothing=config.label_smoothing)
     history, counter_rows, start_epoch, step = [], [], 0, 0
@@ -943,6 +959,8 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
             finite = all(bool(np.isfinite(p.grad).all()) for p in params.values())
             if scaler.update(finite):
                 opt.lr = schedule(config.lr, epoch + i / steps_per_epoch)
+                if config.optimizer == "kfac":
+                    opt.damping = damping_schedule(config.damping, epoch + i / steps_per_epoch)
                 opt.step(ctx, grad_scale=scale)
             else:
                 skipped += 1
