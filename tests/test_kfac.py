@@ -476,3 +476,15 @@ def test_poly_schedule_and_the_damping_schedule():
     opt = KFAC(_linear_model(), lr=0.1)
     with pytest.raises(ValueError, match="damping must be > 0.0, got 0.0"):
         opt.damping = 0.0
+
+
+def test_non_finite_factors_are_refused_with_the_reason():
+    model = _linear_model()
+    opt = KFAC(model, lr=0.1, inv_interval=1)
+    x, y = _data((5,))
+    opt.step(_batch(model, x, y, Policy.exact()))
+    x = x.copy()
+    x[0, 0] = np.inf
+    with pytest.raises(FloatingPointError, match="the factor A of layer '0.linear' holds "
+                                                 "non-finite values"):
+        opt.step(_batch(model, x, y, Policy.exact(), step=1))

@@ -309,6 +309,13 @@ class KFAC(SGD):
         for lname in self.layers:
             A = np.asarray(self.A[lname], np.float64)
             G = np.asarray(self.G[lname], np.float64)
+            for f, F in (("A", A), ("G", G)):
+                if not np.isfinite(F).all():
+                    raise FloatingPointError(
+                        f"KFAC: the factor {f} of layer {lname!r} holds non-finite values "
+                        f"(inf or NaN: the training diverged, or the curvature role's format "
+                        f"{ctx.policy.curvature_role('curvature').fmt!r} overflowed); lower the "
+                        f"learning rate, raise the damping or widen the format")
             ta, tg = np.trace(A) / A.shape[0], np.trace(G) / G.shape[0]
             pi = math.sqrt(ta / tg) if ta > 0 and tg > 0 and math.isfinite(ta / tg) else 1.0
             self.Ainv[lname] = self._round_role(ctx, "inverse", _damped_inverse(A, pi * root),
