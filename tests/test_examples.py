@@ -289,6 +289,28 @@ def test_parallel_page_run(capsys, monkeypatch, tmp_path):
     assert int(h["allreduce.overflow"]) == 0 and int(h["allreduce.bytes_per_worker"]) > 0
 
 
+KFAC_RUN = ("fixedsim train --model lenet --optimizer kfac --lr 0.01 --damping 0.1 "
+            "--inv-interval 10 --stat-interval 10 --batch-size 256 --epochs 2")
+
+
+@covers(KFAC_RUN)
+def test_kfac_page_run(capsys, monkeypatch, tmp_path):
+    """docs/kfac.md: LeNet with K-FAC, statistics on refresh steps (256 images in batches of
+    64, 1 epoch, instead of 10,000 in batches of 256 and 2): it learns, and its history
+    counts the roundings into the curvature roles."""
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = _run(capsys, KFAC_RUN, *SMALL_TRAIN, "--batch-size", "64", "--out", "run")
+    assert rc == 0, err
+    assert "done: final test accuracy 25.50%" in out and "warning:" not in out
+    head, row = (tmp_path / "run" / "history.csv").read_text().splitlines()[:2]
+    h = dict(zip(head.split(","), row.split(","), strict=True))
+    factors = (26 ** 2 + 16 ** 2) + (401 ** 2 + 32 ** 2) + (513 ** 2 + 128 ** 2) + (129 ** 2
+                                                                                   + 10 ** 2)
+    assert int(h["curvature.roundings"]) == factors  # one refresh: step 1
+    assert int(h["inverse.roundings"]) == factors
+    assert int(h["preconditioned.roundings"]) == 4 * 80202  # 4 steps, every parameter
+
+
 @covers("fixedsim train --reuse L=25,H=8", "fixedsim train --count-steps")
 def test_training_options(capsys, tmp_path):
     """docs/training.md, matmul.md, sweeps.md: --reuse and --count-steps (on 64 images)."""
