@@ -256,9 +256,9 @@ class KFAC(SGD):
         return out
 
     @staticmethod
-    def _rows(layer):
-        """``(a, e, n)``: the layer's input rows / patches (bias column appended), its output
-        errors as rows (one per example and position) and the batch size N."""
+    def _check_layer(layer):
+        """Refuse a layer without a kept forward input and output error, or with a setting
+        that replaces its dense products."""
         if layer._cache is None or layer.kfac_error is None:
             raise ValueError(f"KFAC: layer {layer.name!r} has no forward input or output "
                              "error to build its factors from (run forward and backward "
@@ -267,6 +267,12 @@ class KFAC(SGD):
             if getattr(layer, attr) is not None:
                 raise ValueError(f"KFAC: layer {layer.name!r} has a {attr} setting; K-FAC "
                                  f"needs its dense products (set_{attr}(None))")
+
+    @classmethod
+    def _rows(cls, layer):
+        """``(a, e, n)``: the layer's input rows / patches (bias column appended), its output
+        errors as rows (one per example and position) and the batch size N."""
+        cls._check_layer(layer)
         xq = np.asarray(layer._cache[0])
         err = np.asarray(layer.kfac_error)
         N = xq.shape[0]
@@ -372,7 +378,7 @@ class KFAC(SGD):
         for name, p in self.params.items():
             self._check_grad(name, p)
         for layer in self.layers.values():  # checked before any state changes
-            self._rows(layer)
+            self._check_layer(layer)
         self.steps += 1
         refresh = self.steps >= self.next_refresh
         if refresh or (self.steps - 1) % self.stat_interval == 0:
