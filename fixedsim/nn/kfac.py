@@ -4,8 +4,10 @@
 :class:`~fixedsim.nn.Conv2d` layer with the inverse of a Kronecker-factored approximation of
 its Fisher block (Martens and Grosse, ICML 2015; for convolutions KFC, Grosse and Martens,
 ICML 2016), then takes the step SGD takes (momentum, Nesterov, weight decay: see
-:class:`~fixedsim.nn.SGD`). Every other parameter (BatchNorm's gamma and beta) takes the plain
-SGD step.
+:class:`~fixedsim.nn.SGD`). BatchNorm2d's ``gamma`` and ``beta`` are preconditioned unit-wise,
+as SP-NGD does (Osawa et al.): per channel, the 2x2 Fisher of ``(gamma_c, beta_c)`` from the
+per-example gradients ``(sum_hw dy * xhat, sum_hw dy)``, damped by ``lambda I`` (no pi
+split); with ``unitwise_bn=False`` they, like every other parameter, take the plain SGD step.
 
 Per layer, with ``a`` the layer's input row (Linear) or im2col patch (Conv2d), followed by a 1
 when the layer has a bias, and ``e`` the per-example error of the layer's output (the gradient
@@ -58,7 +60,7 @@ from ..matmul import matmul
 from ..matmul.engine import im2col as _im2col
 from . import optim as _optim
 from .core import Context, Module
-from .layers import Conv2d, Linear, Sequential, _pair
+from .layers import BatchNorm2d, Conv2d, Linear, Sequential, _pair
 from .optim import COUNTER_KEY, SGD, _number
 
 __all__ = ["KFAC", "check_kfac_settings", "REFRESH"]
@@ -134,8 +136,9 @@ class KFAC(SGD):
     4. SGD's step with ``P`` for the gradient: ``g = P + weight_decay * w``, momentum,
        ``lr * direction``, ``w - step`` (roles ``momentum``, ``update``, ``weights``).
 
-    Other parameters (not of a Linear or Conv2d layer, e.g. BatchNorm's) take SGD's step
-    with their own gradient.
+    BatchNorm2d layers: the same with the unit-wise 2x2 Fisher of each channel's
+    ``(gamma, beta)`` (``unitwise_bn``). Other parameters take SGD's step with their own
+    gradient.
 
     Refresh (``refresh="adaptive"``, SP-NGD's adaptive refresh of stale statistics, Osawa et
     al., arXiv:2002.06015): at each refresh the relative change of the factors since the last
@@ -168,6 +171,9 @@ class KFAC(SGD):
         The relative change below which an adaptive refresh doubles its interval.
     max_interval : int, optional
         The largest adaptive interval (default ``64 * inv_interval``).
+    unitwise_bn : bool, default True
+        Precondition BatchNorm2d's ``gamma`` and ``beta`` with the unit-wise Fisher (False:
+        SGD's step for them).
 
     Raises
     ------
@@ -197,7 +203,7 @@ class KFAC(SGD):
 
     def __init__(self, model, lr, momentum=0.0, nesterov=False, weight_decay=0.0,
                  damping=1e-3, stat_decay=0.95, inv_interval=20, stat_interval=1,
-                 refresh="fixed", refresh_threshold=0.1, max_interval=None):
+                 refresh="fixed", refresh_threshold=0.1, max_interval=None, unitwise_bn=True):
         layers = _layers_of(model)
         params = {f"{m.name}.{p.name}" if getattr(m, "name", None) else p.name: p
                   for m in layers for p in m.parameters()}
@@ -210,6 +216,8 @@ class KFAC(SGD):
         self.refresh, self.refresh_threshold = s["refresh"], s["refresh_threshold"]
         self.max_interval = s["max_interval"]
         self.layers = {}
+        #: BatchNorm2d layers preconditioned unit-wise (``unitwise_bn``).
+        self.bn_layers = {}
         for m in layers:
             if isinstance(m, (Linear, Conv2d)):
                 if not getattr(m, "name", None):
@@ -217,6 +225,12 @@ class KFAC(SGD):
                                      "layers in a fixedsim.nn.Sequential)")
                 m.kfac_capture = True
                 self.layers[m.name] = m
+            elif isinstance(m, BatchNorm2d) and unitwise_bn:
+                if not getattr(m, "name", None):
+                    raise ValueError("KFAC: every BatchNorm2d layer needs a name (put the "
+                                     "layers in a fixedsim.nn.Sequential)")
+                m.kfac_capture = True
+                self.bn_layers[m.name] = m
         #: Running averages and inverses per layer name.
         self.A: dict[str, np.ndarray] = {}
         self.G: dict[str, np.ndarray] = {}
@@ -225,6 +239,11 @@ class KFAC(SGD):
         #: The factors at the last refresh (the adaptive refresh compares with them).
         self.Aref: dict[str, np.ndarray] = {}
         self.Gref: dict[str, np.ndarray] = {}
+        #: BatchNorm2d: per channel the 2x2 Fisher of (gamma, beta), its inverse, its value at
+        #: the last refresh; shape (C, 2, 2).
+        self.F: dict[str, np.ndarray] = {}
+        self.Finv: dict[str, np.ndarray] = {}
+        self.Fref: dict[str, np.ndarray] = {}
         self.interval = self.inv_interval
         self.next_refresh = 1
         self.stat_steps = 0
@@ -305,7 +324,29 @@ class KFAC(SGD):
                 G_new = d * np.asarray(self.G[lname], np.float64) + (1.0 - d) * G_b
             self.A[lname] = self._round_role(ctx, "curvature", A_new, lname, "kfac.A")
             self.G[lname] = self._round_role(ctx, "curvature", G_new, lname, "kfac.G")
+        for lname, layer in self.bn_layers.items():
+            V = self._bn_rows(layer, grad_scale)  # (C, N, 2)
+            F_b = self._product(ctx, lname, "kfac.F", np.ascontiguousarray(
+                V.transpose(0, 2, 1)), V) / V.shape[1]
+            F_new = F_b if first or lname not in self.F else (
+                d * np.asarray(self.F[lname], np.float64) + (1.0 - d) * F_b)
+            self.F[lname] = self._round_role(ctx, "curvature", F_new, lname, "kfac.F")
         self.stat_steps += 1
+
+    @staticmethod
+    def _bn_rows(layer, grad_scale):
+        """Per channel and example, the example's gradient of (gamma, beta): ``N / scale *
+        (sum_hw dy * xhat, sum_hw dy)``, shape (C, N, 2)."""
+        if layer._cache is None or layer.kfac_error is None:
+            raise ValueError(f"KFAC: layer {layer.name!r} has no forward input or output "
+                             "error to build its Fisher from (run forward and backward "
+                             "before step)")
+        xhat = layer._cache[0]
+        dy = np.asarray(layer.kfac_error, np.float64)
+        N = dy.shape[0]
+        g = (dy * xhat).sum(axis=(2, 3)) * (N / grad_scale)
+        b = dy.sum(axis=(2, 3)) * (N / grad_scale)
+        return np.ascontiguousarray(np.stack([g.T, b.T], axis=-1))
 
     def _invert(self, ctx):
         """The damped inverses (float64 eigendecomposition, rounded into ``inverse``); the
@@ -336,6 +377,23 @@ class KFAC(SGD):
                                  else math.inf)
             if self.refresh == "adaptive":
                 self.Aref[lname], self.Gref[lname] = self.A[lname], self.G[lname]
+        for lname in self.bn_layers:
+            F = np.asarray(self.F[lname], np.float64)
+            if not np.isfinite(F).all():
+                raise FloatingPointError(
+                    f"KFAC: the unit-wise Fisher of layer {lname!r} holds non-finite values "
+                    "(inf or NaN: the training diverged, or the curvature role's format "
+                    "overflowed); lower the learning rate, raise the damping or widen the "
+                    "format")
+            self.Finv[lname] = self._round_role(ctx, "inverse",
+                                                _damped_inverse_2x2(F, self.damping), lname,
+                                                "kfac.Finv")
+            if lname in self.Fref:
+                prev = np.asarray(self.Fref[lname], np.float64)
+                norm = np.linalg.norm(prev)
+                change = max(change, np.linalg.norm(F - prev) / norm if norm > 0 else math.inf)
+            if self.refresh == "adaptive":
+                self.Fref[lname] = self.F[lname]
         return change
 
     def _precondition(self, ctx, lname, layer, gw, gb):
@@ -370,6 +428,14 @@ class KFAC(SGD):
             out[names[id(w)]] = pw
             if b is not None:
                 out[names[id(b)]] = pb
+        for lname, layer in self.bn_layers.items():
+            ng, nb = names[id(layer.gamma)], names[id(layer.beta)]
+            g = np.stack([self._grad(ng, layer.gamma, grad_scale),
+                          self._grad(nb, layer.beta, grad_scale)], axis=-1)[..., None]
+            p = self._product(ctx, lname, "kfac.precondition.F", self.Finv[lname], g)[..., 0]
+            p = np.asarray(self._round_role(ctx, "preconditioned", p, lname,
+                                            "kfac.precondition"), np.float64)
+            out[ng], out[nb] = p[:, 0].copy(), p[:, 1].copy()
         return out
 
     def step(self, ctx: Context, grad_scale: float = 1.0) -> None:
@@ -379,6 +445,8 @@ class KFAC(SGD):
             self._check_grad(name, p)
         for layer in self.layers.values():  # checked before any state changes
             self._check_layer(layer)
+        for layer in self.bn_layers.values():
+            self._bn_rows(layer, grad_scale)
         self.steps += 1
         refresh = self.steps >= self.next_refresh
         if refresh or (self.steps - 1) % self.stat_interval == 0:
@@ -412,7 +480,7 @@ class KFAC(SGD):
             SGD._update(self, ctx, name, p, g)
 
     # -- state ------------------------------------------------------------------------------
-    _FACTORS = ("A", "G", "Ainv", "Ginv", "Aref", "Gref")
+    _FACTORS = ("A", "G", "Ainv", "Ginv", "Aref", "Gref", "F", "Finv", "Fref")
     _SCALARS = ("interval", "next_refresh", "stat_steps")
 
     def state_dict(self) -> dict:
@@ -442,9 +510,10 @@ class KFAC(SGD):
                 scalars[key] = _int(v, f"optimizer state {k!r}", 0)
                 continue
             f, _, lname = key.partition(".")
-            if f not in loaded or lname not in self.layers:
+            if f not in loaded or lname not in (self.bn_layers if f.startswith("F")
+                                                else self.layers):
                 raise ValueError(f"optimizer state: unknown key {k!r} for KFAC over layers "
-                                 f"{sorted(self.layers)}")
+                                 f"{sorted(self.layers) + sorted(self.bn_layers)}")
             loaded[f][lname] = np.array(v, copy=True)
         missing = [k for k in self._SCALARS if k not in scalars]
         if missing:
@@ -460,7 +529,7 @@ class KFAC(SGD):
         d.update(name=self.kind, damping=self.damping, stat_decay=self.stat_decay,
                  inv_interval=self.inv_interval, stat_interval=self.stat_interval,
                  refresh=self.refresh, refresh_threshold=self.refresh_threshold,
-                 max_interval=self.max_interval)
+                 max_interval=self.max_interval, unitwise_bn=bool(self.bn_layers))
         return d
 
 
@@ -472,3 +541,11 @@ def _damped_inverse(F, damping):
     w = np.maximum(w, 0.0) + damping
     inv = (Q / w) @ Q.T
     return 0.5 * (inv + inv.T)
+
+
+def _damped_inverse_2x2(F, damping):
+    """``(F[c] + damping I)^-1`` for each channel's 2x2 block, by :func:`_damped_inverse`."""
+    out = np.empty_like(F)
+    for c in range(F.shape[0]):
+        out[c] = _damped_inverse(F[c], damping)
+    return out

@@ -670,6 +670,12 @@ class BatchNorm2d(Module):
     def buffers(self) -> dict:
         return {"running_mean": self.running_mean, "running_var": self.running_var}
 
+    #: Keep the output error of each backward pass in :attr:`kfac_error` (set by
+    #: :class:`fixedsim.nn.KFAC`, whose unit-wise Fisher of gamma and beta is built from it and
+    #: the normalised input the layer keeps anyway).
+    kfac_capture = False
+    kfac_error = None
+
     def forward(self, x, ctx: Context):
         x = _check_x(x, 4, "BatchNorm2d").astype(np.float64)
         if x.shape[1] != self.num_features:
@@ -694,6 +700,8 @@ class BatchNorm2d(Module):
 
     def backward(self, grad_y, ctx: Context, need_input_grad: bool = True):
         grad_y = _grad_in(self, grad_y)
+        if self.kfac_capture:
+            self.kfac_error = grad_y
         xhat, inv, batch_stats = self._cache
         dy = grad_y.astype(np.float64)
         self.gamma.grad = ctx.round("weight_grads", (dy * xhat).sum(axis=(0, 2, 3)), self.name,
