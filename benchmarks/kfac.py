@@ -6,12 +6,13 @@
 Both optimizers train ``fixedsim.nn.lenet`` (conv 5x5 16, pool, conv 5x5 32, pool, FC 128,
 FC 10) from the same initial weights on the same mini-batches, under one policy. Timed: whole
 steps (forward, loss, backward, optimizer step), ``--steps`` of them after one untimed
-warm-up step (Numba loads or compiles its kernels). K-FAC runs with statistics only on
-refresh steps (``stat_interval = inv_interval``, SP-NGD's stale statistics) and, with
-``--every-step``, also with statistics every step (``stat_interval 1``, Martens and Grosse);
-the inverses are refreshed every ``--inv-interval`` steps in both, so ``--steps`` should be a
-multiple of it (the timed steps 2 to 21 hold one refresh, step 21). Settings: lr 0.01,
-momentum 0.9, damping 0.1.
+warm-up step (Numba loads or compiles its kernels); the variants' steps are interleaved (step
+i of each, then step i + 1), so that a shared machine's changing load falls on all alike.
+K-FAC runs with statistics only on refresh steps (``stat_interval = inv_interval``,
+SP-NGD's stale statistics) and, with ``--every-step``, also with statistics every step
+(``stat_interval 1``, Martens and Grosse); the inverses are refreshed every
+``--inv-interval`` steps in both, so ``--steps`` should be a multiple of it (the timed steps
+2 to 21 hold one refresh, step 21). Settings: lr 0.01, momentum 0.9, damping 0.1.
 
 Reported: seconds per step, the ratio to SGD, and K-FAC's own time split into statistics
 (factor products and running averages), inversion, preconditioning (two products per layer)
@@ -61,16 +62,15 @@ class _Timer:
         setattr(obj, method, timed)
 
 
-def run(kind, x, y, batches, policy, inv_interval, stat_interval=1, seed=0):
-    """Seconds per step and the per-part breakdown of ``len(batches) - 1`` timed steps."""
+def _setup(kind, x, policy, inv_interval, stat_interval=1, seed=0):
+    """(model, optimizer, timer) of one variant, from the same initial weights."""
     import fixedsim.nn as nn
     from fixedsim.nn.train import _init_weights
 
     model = nn.build("lenet", seed, in_shape=x.shape[1:])
     _init_weights(model, policy, seed)
-    params = model.named_parameters()
     if kind == "sgd":
-        opt = nn.SGD(params, lr=0.01, momentum=0.9)
+        opt = nn.SGD(model.named_parameters(), lr=0.01, momentum=0.9)
     else:
         opt = nn.KFAC(model, lr=0.01, momentum=0.9, damping=0.1,
                       inv_interval=inv_interval, stat_interval=stat_interval)
@@ -82,24 +82,38 @@ def run(kind, x, y, batches, policy, inv_interval, stat_interval=1, seed=0):
         timer.wrap(opt, "_invert", "inversion")
         timer.wrap(opt, "preconditioned", "preconditioning")
     timer.wrap(opt, "step", "optimizer step (all)")
+    return model, opt, timer
+
+
+def run(variants, x, y, batches, policy, inv_interval, seed=0):
+    """Seconds per step and the per-part breakdown of each variant over ``len(batches) - 1``
+    timed steps, the variants' steps interleaved (step i of every variant, then step i + 1),
+    so that a change in the machine's load falls on all of them alike."""
+    import fixedsim.nn as nn
+
+    runs = [_setup(kind, x, policy, inv_interval, si, seed) for kind, si in variants]
     lossf = nn.SoftmaxCrossEntropy()
-    total = 0.0
+    totals = [0.0] * len(runs)
     for i, idx in enumerate(batches):
-        if i == 1:
-            timer.parts.clear()
-        t0 = time.perf_counter()
-        ctx = nn.Context(policy, seed=seed, step=i)
-        lossf(model.forward(x[idx], ctx), y[idx], ctx)
-        model.backward(lossf.backward(ctx), ctx)
-        opt.step(ctx)
-        if i >= 1:
-            total += time.perf_counter() - t0
+        for r, (model, opt, timer) in enumerate(runs):
+            if i == 1:
+                timer.parts.clear()
+            t0 = time.perf_counter()
+            ctx = nn.Context(policy, seed=seed, step=i)
+            lossf(model.forward(x[idx], ctx), y[idx], ctx)
+            model.backward(lossf.backward(ctx), ctx)
+            opt.step(ctx)
+            if i >= 1:
+                totals[r] += time.perf_counter() - t0
     n = len(batches) - 1
-    parts = {k: v / n for k, v in timer.parts.items()}
-    if kind == "kfac":
-        parts["SGD update"] = parts["optimizer step (all)"] - sum(
-            parts.get(k, 0.0) for k in ("statistics", "inversion", "preconditioning"))
-    return total / n, parts
+    out = []
+    for (kind, _), (_, _, timer), total in zip(variants, runs, totals, strict=True):
+        parts = {k: v / n for k, v in timer.parts.items()}
+        if kind == "kfac":
+            parts["SGD update"] = parts["optimizer step (all)"] - sum(
+                parts.get(k, 0.0) for k in ("statistics", "inversion", "preconditioning"))
+        out.append((total / n, parts))
+    return out
 
 
 def main(argv=None) -> int:
@@ -137,20 +151,18 @@ def main(argv=None) -> int:
             "optimizer step (all)")
     lines.append("| optimizer | s/step | ratio to SGD | " + " | ".join(cols) + " |")
     lines.append("|---" * 10 + "|")
-    print("\n".join(lines), flush=True)
-    variants = [(args.inv_interval, "K-FAC, statistics on refresh steps (SP-NGD)")]
+    variants = [("sgd", 1, "SGD"),
+                ("kfac", args.inv_interval, "K-FAC, statistics on refresh steps (SP-NGD)")]
     if args.every_step:
-        variants.append((1, "K-FAC, statistics every step"))
-    sgd = None
+        variants.append(("kfac", 1, "K-FAC, statistics every step"))
     with threadpool_limits(limits=1, user_api="blas"):
-        for kind, si, label in [("sgd", 1, "SGD")] + [("kfac", si, lb) for si, lb in variants]:
-            t, parts = run(kind, x, y, batches, policy, args.inv_interval, si)
-            sgd = t if sgd is None else sgd
-            line = (f"| {label} | {t:.3f} | {t / sgd:.2f}x | "
-                    + " | ".join(f"{parts.get(k, 0.0):.3f}" for k in cols) + " |")
-            lines.append(line)
-            print(line, flush=True)
+        res = run([(k, si) for k, si, _ in variants], x, y, batches, policy, args.inv_interval)
+    sgd = res[0][0]
+    for (_, _, label), (t, parts) in zip(variants, res, strict=True):
+        lines.append(f"| {label} | {t:.3f} | {t / sgd:.2f}x | "
+                     + " | ".join(f"{parts.get(k, 0.0):.3f}" for k in cols) + " |")
     text = "\n".join(lines)
+    print(text)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(text + "\n")
