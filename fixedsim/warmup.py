@@ -158,27 +158,44 @@ def warmup(log=print, jobs=None) -> WarmupResult:
     return WarmupResult(jobs=done)
 
 
-def warm_study(runs, notice=None) -> CompileWatch:
-    """Run one training step and one evaluation batch of every distinct (training settings,
-    policy) of a study's ``runs`` (:class:`~fixedsim.study.RunSpec`) on a slice of its data,
-    in this process, so that a sweep's workers find the kernels compiled.
+def _optimizer_step():
+    """One step of the one-pass SGD kernel (:func:`fixedsim.jit.optim.sgd_step`, a single
+    signature that every SGD run uses) on one float32 weight."""
+    import numpy as np
 
-    Returns the :class:`~fixedsim.compiling.CompileWatch` of it (``seconds``, ``kernels``);
-    ``notice`` is printed (or called) when the first kernel starts compiling.
-    """
+    from .nn import Context, Parameter, Policy
+    from .nn.optim import SGD
+
+    policy = Policy.float32()
+    p = Parameter("w", np.ones(1, np.float32))
+    p.grad = np.ones(1, np.float32)
+    SGD({"w": p}, lr=0.5, momentum=0.9).step(Context(policy, seed=0, step=0))
+
+
+def _distinct(runs) -> list:
+    """The runs of ``runs`` with distinct (training settings but the seed, policy), in order."""
     import json
 
+    seen, out = set(), []
+    for run in runs:
+        key = json.dumps([{k: v for k, v in run.train.items() if k != "seed"}, run.policy],
+                         sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(run)
+    return out
+
+
+def _warm_runs(runs, first=None):
+    """One training step and one evaluation batch of each run of ``runs`` (after ``first()``
+    when given); returns ``(kernels, seconds)`` compiled."""
     from .nn.train import train
     from .study.spec import _load_dataset
 
-    seen = set()
-    with CompileWatch(notice=notice) as watch:
+    with CompileWatch() as watch:
+        if first is not None:
+            first()
         for run in runs:
-            key = json.dumps([{k: v for k, v in run.train.items() if k != "seed"}, run.policy],
-                             sort_keys=True)
-            if key in seen:
-                continue
-            seen.add(key)
             config = run.config()
             # one training step, and one evaluation batch of the run's size (products of
             # another shape can take another path)
@@ -186,4 +203,51 @@ def warm_study(runs, notice=None) -> CompileWatch:
                                         test_size=config.eval_batch_size)
             train(small, run.make_policy(), progress=False, data=_load_dataset(config.data),
                   log=lambda line: None)
+    return watch.kernels, watch.seconds
+
+
+def _warm_helper(runs):
+    """The second process of :func:`warm_study`: the optimizer step first, then the runs
+    from the last."""
+    return _warm_runs(list(reversed(runs)), first=_optimizer_step)
+
+
+def warm_study(runs, notice=None, processes: int = 1) -> CompileWatch:
+    """Run one training step and one evaluation batch of every distinct (training settings,
+    policy) of a study's ``runs`` (:class:`~fixedsim.study.RunSpec`) on a slice of its data,
+    so that a sweep's workers find the kernels compiled.
+
+    With ``processes >= 2`` a second (spawned) process compiles beside this one: first the
+    optimizer step, the largest kernel every run needs (this process reaches it only after
+    the products of its first run, so finds it compiled), then the runs from the last while
+    this process goes from the first. Numba's cache is shared through the disk: each process
+    loads what the other has finished, so a kernel compiles twice only when both reach it at
+    once, and the pause before the sweep is about halved on two cores.
+
+    Returns the :class:`~fixedsim.compiling.CompileWatch` of this process (``seconds``,
+    ``kernels``; when the second process compiled, ``kernels`` adds its kernels and
+    ``seconds`` is the wall time of the two); ``notice`` is printed (or called) when the first
+    kernel starts compiling here.
+    """
+    runs = _distinct(runs)
+    helper = None
+    if processes >= 2 and runs:
+        import concurrent.futures as cf
+        import multiprocessing
+
+        helper = cf.ProcessPoolExecutor(max_workers=1,
+                                        mp_context=multiprocessing.get_context("spawn"))
+    t0 = time.perf_counter()
+    try:
+        future = helper.submit(_warm_helper, runs) if helper is not None else None
+        with CompileWatch(notice=notice) as watch:
+            _warm_runs(runs)
+        if future is not None:
+            kernels, _ = future.result()
+            if kernels:  # the two compiled side by side: the pause is the wall time
+                watch.kernels += kernels
+                watch.seconds = time.perf_counter() - t0
+    finally:
+        if helper is not None:
+            helper.shutdown(wait=True)
     return watch

@@ -526,8 +526,8 @@ def test_sweep_compile_notice_and_warm_up(tmp_path, monkeypatch):
 
     warmed = []
 
-    def warm(runs, notice=None):
-        warmed.append([r.run_id for r in runs])
+    def warm(runs, notice=None, processes=1):
+        warmed.append(([r.run_id for r in runs], processes))
         return CompileWatch()
 
     def pool(study, todo, out, resume, threads, workers, finished):
@@ -537,7 +537,31 @@ def test_sweep_compile_notice_and_warm_up(tmp_path, monkeypatch):
     monkeypatch.setattr(warmup, "warm_study", warm)
     monkeypatch.setattr(runner, "_run_pool", pool)
     res = run_study(study, tmp_path / "b", workers=2, progress=False, log=lambda s: None)
-    assert res.ok and warmed == [[r.run_id for r in study.runs]]
+    assert res.ok and warmed == [([r.run_id for r in study.runs], 2)]
+
+
+def test_warm_study_side_by_side(tmp_path, monkeypatch):
+    """warm_study: each distinct configuration once, seeds aside; the second process takes the
+    optimizer step first, then the configurations from the last; with processes=2 it runs in
+    a spawned process and the result is the same as in one."""
+    from fixedsim import warmup
+    from fixedsim.study import load_study
+
+    good = tmp_path / "s.toml"
+    good.write_text(STUDY.replace('seed = 1\n', 'seed = 1\nreplicates = 2\n'))
+    study = load_study(good)
+    distinct = warmup._distinct(study.runs)
+    assert len(distinct) == 2 and len(study.runs) == 4  # replicates share a configuration
+    calls = []
+    monkeypatch.setattr(warmup, "_warm_runs",
+                        lambda runs, first=None: calls.append(([r.run_id for r in runs],
+                                                               first)) or (0, 0.0))
+    warmup._warm_helper(distinct)
+    assert calls == [([r.run_id for r in reversed(distinct)], warmup._optimizer_step)]
+    monkeypatch.undo()
+    one = warmup.warm_study(study.runs)
+    two = warmup.warm_study(study.runs, processes=2)  # compiled by now: loads in both
+    assert two.kernels == one.kernels == 0
 
 
 def test_train_prints_the_expected_epoch_before_it_starts(capsys):

@@ -375,7 +375,7 @@ def run_study(study: Study, out=None, *, workers: int | None = None, scheduler=N
     compile_notice : str or callable, optional
         Printed to stderr (or called) once, when a kernel starts compiling in this process
         (runs in this process: ``workers=1``). With local worker processes, the kernels the
-        runs need are compiled here first
+        runs need are compiled first, here and in one more process side by side
         (:func:`fixedsim.warmup.warm_study`: one step of each distinct configuration), so
         that the workers load them from Numba's cache instead of all compiling them at once.
 
@@ -432,7 +432,7 @@ def run_study(study: Study, out=None, *, workers: int | None = None, scheduler=N
     if todo and scheduler is None and workers > 1:
         from ..warmup import warm_study
 
-        watch = warm_study(todo, notice=compile_notice)
+        watch = warm_study(todo, notice=compile_notice, processes=min(workers, 2))
         if watch.kernels:
             log(f"compiled {watch.kernels} kernel signature(s) in {watch.seconds:.1f} s "
                 f"(once per install); starting {workers} workers")
