@@ -292,6 +292,20 @@ def test_resume_continues_bit_for_bit(tmp_path, policy, extra):
         assert {"optim/kfac.A.0.conv2d", "optim/kfac.Ginv.7.linear"} <= set(z.files)
 
 
+def test_damping_over_the_run_keeps_its_epochs(tmp_path):
+    """A damping schedule that anneals over the run's epochs (``cosine``) refuses a resume
+    that changes them, as the learning-rate schedule does."""
+    from fixedsim.nn.train import RunFolderError
+
+    kw = dict(model="mlp", model_options={"hidden": [8]}, batch_size=32, lr=0.05, seed=5,
+              optimizer="kfac", damping=0.01, inv_interval=2, damping_schedule="cosine:run:0.001")
+    train(TrainConfig(epochs=2, **kw), Policy.float32(), tmp_path / "r", progress=False,
+          data=_tiny(), stop_after_epoch=1)
+    with pytest.raises(RunFolderError, match="damping_schedule 'cosine:run:0.001'"):
+        train(TrainConfig(epochs=3, **kw), Policy.float32(), tmp_path / "r", resume=True,
+              progress=False, data=_tiny())
+
+
 def test_state_dict_round_trip_and_refusals():
     model = _linear_model()
     opt = KFAC(model, lr=0.1, momentum=0.9, damping=0.1)

@@ -72,7 +72,8 @@ def test_cosine_over_the_run_resumes_but_keeps_its_epochs(tiny, tmp_path):
         pytest.approx(0.1 * (1 + np.cos(np.pi * e / 3)) / 2, abs=1e-15) for e in (1, 2, 3)]
     train(cfg, Policy.float32(), tmp_path / "split", progress=False, data=tiny,
           stop_after_epoch=1)
-    with pytest.raises(RunFolderError, match="anneals over the run's 3 epochs"):
+    with pytest.raises(RunFolderError,
+                       match=r"schedule 'cosine' anneal\(s\) over the run's 3 epochs"):
         train(_config(epochs=4, schedule="cosine"), Policy.float32(), tmp_path / "split",
               resume=True, progress=False, data=tiny)
     rest = train(cfg, Policy.float32(), tmp_path / "split", resume=True, progress=False,

@@ -874,12 +874,15 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
                     except ValueError as err:
                         raise RunFolderError(f"resume {out}: {err}") from None
                 history, counter_rows = meta["history"], meta["counters"]
-                if (config.epochs != stored_config.epochs
-                        and spans_run(config.schedule)):
+                spanning = [f"{name} {text!r}" for name, text in
+                            (("schedule", config.schedule),
+                             ("damping_schedule", config.damping_schedule))
+                            if spans_run(text)]
+                if config.epochs != stored_config.epochs and spanning:
                     raise RunFolderError(
-                        f"resume {out}: the schedule {config.schedule!r} anneals over the "
+                        f"resume {out}: the {' and '.join(spanning)} anneal(s) over the "
                         f"run's {stored_config.epochs} epochs, so the run cannot change them "
-                        f"(its learning rate would jump); train a new run with epochs = "
+                        f"(the rate would jump); train a new run with epochs = "
                         f"{config.epochs}, or give the schedule its own length "
                         f"(cosine:TOTAL_EPOCHS) in a new run")
                 if config.epochs < start_epoch:
