@@ -535,3 +535,200 @@ def test_batchnorm_is_preconditioned_unit_wise():
     other.load_state_dict(st)
     assert other.state_dict()["kfac.Finv.1.batchnorm2d"].tobytes() == \
         st["kfac.Finv.1.batchnorm2d"].tobytes()
+
+
+# -- K-FAC under emulated data parallelism (fixedsim.nn.parallel) ----------------------------
+
+def _ring_sum64(parts):
+    """The ring all-reduce of docs/parallel.md in float64, written out: the flattened arrays
+    cut into len(parts) contiguous chunks (array_split), chunk c summed
+    ((x_c + x_{c+1}) + x_{c+2}) + ... (indices mod n), each + one float64 rounding."""
+    n = len(parts)
+    flat = [np.asarray(p, np.float64).reshape(-1) for p in parts]
+    out = np.empty(flat[0].size)
+    for c, idx in enumerate(np.array_split(np.arange(flat[0].size), n)):
+        acc = flat[c][idx].copy()
+        for k in range(1, n):
+            acc = acc + flat[(c + k) % n][idx]
+        out[idx] = acc
+    return out.reshape(np.shape(parts[0]))
+
+
+def _bn_model():
+    rng = np.random.default_rng(5)
+    return Sequential(Conv2d(1, 2, 3, rng=rng), BatchNorm2d(2), ReLU(), Flatten(),
+                      Linear(2 * 2 * 2, 3, rng=rng))
+
+
+@pytest.mark.parametrize("make, shape, workers, scale", [
+    (_linear_model, (5,), 2, 1.0), (_conv_model, (2, 4, 4), 4, 8.0),
+    (_bn_model, (1, 4, 4), 2, 4.0)], ids=["linear-2", "conv-4-scaled", "batchnorm-2"])
+def test_workers_factors_are_the_ring_of_the_shard_factors(make, shape, workers, scale):
+    """Exact policy, float64 all-reduce: the factors the data-parallel pass hands to K-FAC
+    are, bit for bit, the ring sum (in its order) of each worker's shard factors written
+    from their definition with the global B (A_w = a_w^T a_w / (B T), G_w = E_w^T E_w B /
+    scale^2, F_w = V_w^T V_w / B, each product rounded once); and, without BatchNorm (whose
+    shards normalise by their own statistics), the one-worker factors of the whole batch up
+    to the float64 rounding of the partial sums (not exact: each worker's product is rounded
+    before the sum)."""
+    from fixedsim.nn.parallel import AllReduce, WorkerContext, data_parallel_pass
+
+    pol = Policy.exact()
+    x, y = _data(shape, n=8, seed=3)
+    B = len(x)
+    model = make()
+    opt = KFAC(model, lr=0.1, damping=0.1)
+    ctx = Context(pol, seed=2, step=0)
+    assert opt.gathers_statistics()
+    _, _, sent = data_parallel_pass(model, SoftmaxCrossEntropy(), x, y, ctx, workers,
+                                    AllReduce(), scale, kfac=opt)
+    got = opt.reduced_factors
+    assert list(got) == opt._factor_names()
+    parts = {k: [] for k in got}
+    for w, idx in enumerate(np.array_split(np.arange(B), workers)):
+        m = make()
+        KFAC(m, lr=0.1)  # keeps the layers' output errors
+        wctx = WorkerContext(pol, seed=2, step=0, worker=w)
+        lossf = SoftmaxCrossEntropy()
+        lossf(m.forward(x[idx], wctx), y[idx], wctx)
+        m.backward(lossf.backward(wctx, scale, batch=B), wctx)
+        for layer in m.layers:
+            if isinstance(layer, (Linear, Conv2d)):
+                a, e, n = _rows(layer)
+                parts[f"A.{layer.name}"].append(_gram_oracle(a) / (len(a) // n * B))
+                parts[f"G.{layer.name}"].append(_gram_oracle(e) * (B / (scale * scale)))
+            elif isinstance(layer, BatchNorm2d):
+                xhat, dy = layer._cache[0], np.asarray(layer.kfac_error, np.float64)
+                v = np.stack([(dy * xhat).sum(axis=(2, 3)), dy.sum(axis=(2, 3))],
+                             axis=-1) * (B / scale)  # (n, C, 2)
+                parts[f"F.{layer.name}"].append(
+                    np.stack([_gram_oracle(v[:, c]) for c in range(v.shape[1])]) / B)
+    for k, arr in got.items():
+        assert arr.dtype == np.float64
+        assert arr.tobytes() == _ring_sum64(parts[k]).tobytes(), k
+    sizes = [p.value.size for p in model.parameters()] + [a.size for a in got.values()]
+    assert sent == sum(
+        fs.nn.parallel.ring_allreduce([np.zeros(s)] * workers, None)[1].bytes_per_worker
+        for s in sizes)
+    if make is _bn_model:
+        return
+    one = make()
+    KFAC(one, lr=0.1, damping=0.1)
+    octx = Context(pol, seed=2, step=0)
+    lossf = SoftmaxCrossEntropy()
+    lossf(one.forward(x, octx), y, octx)
+    one.backward(lossf.backward(octx, scale), octx)
+    whole = KFAC(one, lr=0.1, damping=0.1).batch_factors(octx, scale)
+    for k, arr in got.items():
+        np.testing.assert_allclose(arr, whole[k], rtol=1e-13,
+                                   atol=1e-15 * np.abs(whole[k]).max())
+        assert np.abs(whole[k]).max() > 0
+
+
+def test_workers_factors_in_bf16_enter_the_average_on_statistics_steps_only():
+    """BF16 all-reduce: the reduced factors are BF16 values and are what the running average
+    takes (stat_decay 0, FP32 curvature: they pass unchanged); the layer's "allreduce" role
+    counts 2 casts and 1 addition per factor element on statistics steps, and the bytes
+    include them then; on other steps only the gradients travel."""
+    from fixedsim.nn.parallel import AllReduce, data_parallel_pass, ring_allreduce
+
+    pol = Policy.float32()
+    x, y = _data((5,), n=8, seed=4)
+    model = _linear_model()
+    opt = KFAC(model, lr=0.05, damping=0.1, stat_decay=0.0, inv_interval=4, stat_interval=2)
+    params = model.named_parameters()
+    ar = AllReduce(fs.BF16)
+
+    def nbytes(arrays):
+        return sum(ring_allreduce([np.zeros(a.size)] * 2, fs.BF16)[1].bytes_per_worker
+                   for a in arrays)
+
+    gathered = []
+    for step in range(3):
+        ctx = Context(pol, seed=1, step=step)
+        stats = opt.gathers_statistics()
+        gathered.append(stats)
+        _, _, sent = data_parallel_pass(model, SoftmaxCrossEntropy(), x, y, ctx, 2, ar,
+                                        kfac=opt)
+        red = opt.reduced_factors
+        grads = [p.value for p in params.values()]
+        if not stats:
+            assert red is None and sent == nbytes(grads)
+            for lname in opt.layers:
+                n = sum(p.value.size for p in opt.layers[lname].parameters())
+                assert ctx.counters[lname].roles["allreduce"].roundings == 3 * n
+            opt.step(ctx)
+            continue
+        assert sent == nbytes(grads) + nbytes(red.values())
+        for k, v in red.items():
+            assert np.array_equal(np.asarray(fs.quantize(v, fs.BF16), np.float64), v), k
+        for lname, layer in opt.layers.items():
+            n = sum(p.value.size for p in layer.parameters())
+            n += red[f"A.{lname}"].size + red[f"G.{lname}"].size
+            assert ctx.counters[lname].roles["allreduce"].roundings == 3 * n
+        opt.step(ctx)
+        assert opt.reduced_factors is None
+        for lname in opt.layers:
+            assert opt.A[lname].tobytes() == red[f"A.{lname}"].astype(np.float32).tobytes()
+            assert opt.G[lname].tobytes() == red[f"G.{lname}"].astype(np.float32).tobytes()
+    assert gathered == [True, False, True]
+    # factors handed over for a step that gathers no statistics are refused
+    ctx = Context(pol, seed=1, step=3)
+    data_parallel_pass(model, SoftmaxCrossEntropy(), x, y, ctx, 2, ar, kfac=opt)
+    opt.reduced_factors = {k: np.zeros(1) for k in opt._factor_names()}
+    with pytest.raises(ValueError, match="not wanted"):
+        opt.step(ctx)
+
+
+def _kfac_config(**kw):
+    base = dict(model="mlp", model_options={"hidden": [6]}, epochs=2, batch_size=32,
+                lr=0.05, seed=5, optimizer="kfac", damping=0.01, inv_interval=2,
+                stat_interval=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_workers_one_is_the_run_of_old_and_workers_two_resume_bit_for_bit(tmp_path):
+    """workers=1 through the all-reduce path (float64) gives every bit of the plain K-FAC
+    run; workers=2 with a BF16 stochastic all-reduce resumes bit for bit, and its history
+    counts the factor bytes on the statistics steps (steps 1 and 3 of 4: one per epoch)."""
+    tiny = _tiny()
+    pol = Policy.float32()
+    plain = train(_kfac_config(), pol, progress=False, data=tiny)
+    one = train(_kfac_config(allreduce="float64"), pol, progress=False, data=tiny)
+    for k, p in plain.model.named_parameters().items():
+        assert p.value.tobytes() == one.model.named_parameters()[k].value.tobytes(), k
+    pol = Policy.fixed(16, 12, "stochastic")
+    cfg = _kfac_config(workers=2, allreduce="bf16:stochastic")
+    whole = train(cfg, pol, tmp_path / "whole", progress=False, data=tiny)
+    part = train(cfg, pol, tmp_path / "split", progress=False, data=tiny, stop_after_epoch=1)
+    rest = train(cfg, pol, tmp_path / "split", resume=True, progress=False, data=tiny)
+    for a, b in zip(whole.history, rest.history, strict=True):
+        assert ({k: v for k, v in a.items() if not k.endswith("seconds")}
+                == {k: v for k, v in b.items() if not k.endswith("seconds")})
+    for k, p in whole.model.named_parameters().items():
+        assert p.value.tobytes() == rest.model.named_parameters()[k].value.tobytes(), k
+    assert len(part.history) == 1
+    from fixedsim.nn.parallel import ring_allreduce
+
+    def nbytes(size):
+        return ring_allreduce([np.zeros(size)] * 2, fs.BF16)[1].bytes_per_worker
+
+    opt = KFAC(whole.model, lr=0.1)
+    grads = sum(nbytes(p.value.size) for p in whole.model.parameters())
+    factors = 0
+    for layer in opt.layers.values():
+        n_in = layer.weight.value.shape[0] + (layer.bias is not None)  # Linear: (in, out)
+        factors += nbytes(n_in * n_in) + nbytes(layer.weight.value.shape[1] ** 2)
+    for row in whole.history:
+        assert row["allreduce.bytes_per_worker"] == 2 * grads + factors
+
+
+def test_workers_with_kfac_are_accepted_other_refusals_stay():
+    assert _kfac_config(workers=2).workers == 2
+    with pytest.raises(ValueError, match="optimizer 'kfac' needs the layers' dense products"):
+        _kfac_config(workers=2, grad_approx="topk:0.5")
+    with pytest.raises(ValueError, match="workers > 1 cannot be combined with reuse"):
+        TrainConfig(workers=2, batch_size=32, reuse="L=4,H=4")
+    with pytest.raises(ValueError, match="workers must divide batch_size"):
+        _kfac_config(workers=3)

@@ -247,6 +247,10 @@ class KFAC(SGD):
         self.interval = self.inv_interval
         self.next_refresh = 1
         self.stat_steps = 0
+        #: The batch factors of the next step, all-reduced over emulated workers
+        #: (:func:`fixedsim.nn.parallel.data_parallel_pass` sets them, :meth:`step` uses and
+        #: clears them); None: the step computes them from the layers (one worker).
+        self.reduced_factors: dict | None = None
 
     @property
     def damping(self) -> float:
@@ -308,15 +312,58 @@ class KFAC(SGD):
             a = np.concatenate([a, np.ones((a.shape[0], 1), a.dtype)], axis=1)
         return np.ascontiguousarray(a), np.ascontiguousarray(e), N
 
-    def _update_factors(self, ctx, grad_scale):
-        """Fold this step's batch factors into the running averages (``curvature``)."""
-        d = self.stat_decay
-        first = self.stat_steps == 0
+    def batch_factors(self, ctx, grad_scale=1.0, batch=None) -> dict:
+        """This step's batch factors from the layers' kept forward inputs and output errors:
+        ``{"A.<layer>": A_b, "G.<layer>": G_b, "F.<bn layer>": F_b}`` (float64, the products'
+        results as :meth:`Policy.curvature_spec` delivers them, not yet rounded into
+        ``curvature``).
+
+        ``batch`` is the global batch size ``B`` the loss gradient was divided by (None: the
+        rows the layers hold, one worker). With ``B`` larger than the ``N_w`` rows held (one
+        emulated worker's shard, :func:`fixedsim.nn.parallel.data_parallel_pass`), each
+        factor is the shard's statistic weighted by ``N_w / B``, so that the sum over the
+        workers is the global batch's factor: ``A_w = a_w^T a_w / (B T)`` (``T`` rows per
+        example: 1, or ``Ho Wo`` patches), ``G_w = (B / scale^2) E_w^T E_w`` (``E_w`` the
+        kept errors, which carry the ``1 / B`` of the loss), ``F_w = V_w^T V_w / B`` (per
+        example ``v = B dy / scale``). With ``batch`` None or ``N`` these are the one-worker
+        factors, bit for bit."""
+        out = {}
         for lname, layer in self.layers.items():
             a, e, N = self._rows(layer)
-            A_b = self._product(ctx, lname, "kfac.A", a.T, a) / a.shape[0]
-            # e holds N * grad_y / scale per row: G = (1/N) sum e e^T = N / scale^2 E^T E
-            G_b = self._product(ctx, lname, "kfac.G", e.T, e) * (N / (grad_scale * grad_scale))
+            B = N if batch is None else int(batch)
+            A_b = self._product(ctx, lname, "kfac.A", a.T, a) / (a.shape[0] // N * B
+                                                                 if N else 1)
+            # e holds B * grad_y / scale per row: G = (1/B) sum e e^T = B / scale^2 E^T E
+            G_b = self._product(ctx, lname, "kfac.G", e.T, e) * (B / (grad_scale * grad_scale))
+            out[f"A.{lname}"], out[f"G.{lname}"] = A_b, G_b
+        for lname, layer in self.bn_layers.items():
+            V = self._bn_rows(layer, grad_scale, batch)  # (C, N, 2)
+            out[f"F.{lname}"] = self._product(ctx, lname, "kfac.F", np.ascontiguousarray(
+                V.transpose(0, 2, 1)), V) / (V.shape[1] if batch is None else int(batch))
+        return out
+
+    def _factor_names(self) -> list:
+        """The keys of :meth:`batch_factors`, in its order."""
+        return ([f"{f}.{lname}" for lname in self.layers for f in ("A", "G")]
+                + [f"F.{lname}" for lname in self.bn_layers])
+
+    def gathers_statistics(self) -> bool:
+        """Whether the next :meth:`step` folds batch factors into the running averages (a
+        statistics step or a refresh step): the steps on which an emulated data-parallel
+        pass computes and all-reduces the workers' factors."""
+        steps = self.steps + 1
+        return steps >= self.next_refresh or (steps - 1) % self.stat_interval == 0
+
+    def _update_factors(self, ctx, grad_scale, fb=None):
+        """Fold this step's batch factors into the running averages (``curvature``): ``fb``,
+        the all-reduced factors of the workers, else :meth:`batch_factors` of the layers."""
+        d = self.stat_decay
+        first = self.stat_steps == 0
+        if fb is None:
+            fb = self.batch_factors(ctx, grad_scale)
+        for lname in self.layers:
+            A_b, G_b = np.asarray(fb[f"A.{lname}"], np.float64), np.asarray(fb[f"G.{lname}"],
+                                                                            np.float64)
             if first or lname not in self.A:
                 A_new, G_new = A_b, G_b
             else:
@@ -324,26 +371,25 @@ class KFAC(SGD):
                 G_new = d * np.asarray(self.G[lname], np.float64) + (1.0 - d) * G_b
             self.A[lname] = self._round_role(ctx, "curvature", A_new, lname, "kfac.A")
             self.G[lname] = self._round_role(ctx, "curvature", G_new, lname, "kfac.G")
-        for lname, layer in self.bn_layers.items():
-            V = self._bn_rows(layer, grad_scale)  # (C, N, 2)
-            F_b = self._product(ctx, lname, "kfac.F", np.ascontiguousarray(
-                V.transpose(0, 2, 1)), V) / V.shape[1]
+        for lname in self.bn_layers:
+            F_b = np.asarray(fb[f"F.{lname}"], np.float64)
             F_new = F_b if first or lname not in self.F else (
                 d * np.asarray(self.F[lname], np.float64) + (1.0 - d) * F_b)
             self.F[lname] = self._round_role(ctx, "curvature", F_new, lname, "kfac.F")
         self.stat_steps += 1
 
     @staticmethod
-    def _bn_rows(layer, grad_scale):
-        """Per channel and example, the example's gradient of (gamma, beta): ``N / scale *
-        (sum_hw dy * xhat, sum_hw dy)``, shape (C, N, 2)."""
+    def _bn_rows(layer, grad_scale, batch=None):
+        """Per channel and example, the example's gradient of (gamma, beta): ``B / scale *
+        (sum_hw dy * xhat, sum_hw dy)``, shape (C, N, 2) (``B`` the global batch, by default
+        the ``N`` rows held)."""
         if layer._cache is None or layer.kfac_error is None:
             raise ValueError(f"KFAC: layer {layer.name!r} has no forward input or output "
                              "error to build its Fisher from (run forward and backward "
                              "before step)")
         xhat = layer._cache[0]
         dy = np.asarray(layer.kfac_error, np.float64)
-        N = dy.shape[0]
+        N = dy.shape[0] if batch is None else int(batch)
         g = (dy * xhat).sum(axis=(2, 3)) * (N / grad_scale)
         b = dy.sum(axis=(2, 3)) * (N / grad_scale)
         return np.ascontiguousarray(np.stack([g.T, b.T], axis=-1))
@@ -447,10 +493,18 @@ class KFAC(SGD):
             self._check_layer(layer)
         for layer in self.bn_layers.values():
             self._bn_rows(layer, grad_scale)
+        reduced, self.reduced_factors = self.reduced_factors, None
+        if reduced is not None:
+            missing = sorted(set(self._factor_names()) - set(reduced))
+            if missing or not self.gathers_statistics():
+                raise ValueError("KFAC: the all-reduced factors given for this step "
+                                 + (f"lack {', '.join(missing)}" if missing else
+                                    "are not wanted (no statistics on this step: see "
+                                    "gathers_statistics)"))
         self.steps += 1
         refresh = self.steps >= self.next_refresh
         if refresh or (self.steps - 1) % self.stat_interval == 0:
-            self._update_factors(ctx, grad_scale)
+            self._update_factors(ctx, grad_scale, reduced)
         if refresh:
             change = self._invert(ctx)
             if self.refresh == "adaptive" and self.steps > 1:

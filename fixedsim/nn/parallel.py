@@ -465,7 +465,7 @@ def worker_pass(model, lossf, x, y, policy, *, seed: int, step: int, worker: int
 
 
 def data_parallel_pass(model, lossf, x, y, ctx: Context, workers: int,
-                       allreduce: AllReduce | None, scale: float = 1.0):
+                       allreduce: AllReduce | None, scale: float = 1.0, kfac=None):
     """One training step's forward and backward passes over ``workers`` emulated workers,
     the gradients summed by :func:`ring_allreduce` into every parameter's ``grad``.
 
@@ -496,6 +496,17 @@ def data_parallel_pass(model, lossf, x, y, ctx: Context, workers: int,
     allreduce : AllReduce or None
     scale : float
         The policy's loss scale (multiplies the loss gradient).
+    kfac : fixedsim.nn.KFAC, optional
+        The run's K-FAC optimizer. On the steps where it gathers statistics
+        (:meth:`~fixedsim.nn.KFAC.gathers_statistics`), each worker computes its shard's
+        Kronecker factors right after its backward pass (:meth:`~fixedsim.nn.KFAC.
+        batch_factors` with the global ``B``: each weighted by ``shard / B``, so that their
+        sum is the global batch's factor), under a :class:`WorkerContext` of its own; the
+        factors are summed by the same ``allreduce`` (seeded by ``ctx.key("kfac.<factor>",
+        "allreduce")``, counted in the layer's ``"allreduce"`` role and in the bytes) and
+        set as the optimizer's :attr:`~fixedsim.nn.KFAC.reduced_factors`, which its next
+        step folds into the running averages. On other steps nothing is sent and
+        ``reduced_factors`` is None.
 
     Returns
     -------
@@ -516,6 +527,10 @@ def data_parallel_pass(model, lossf, x, y, ctx: Context, workers: int,
     start = {k: v.copy() for k, v in bufs.items()}
     kept = None
     grads = {name: [] for name in params}
+    gather = kfac is not None and kfac.gathers_statistics()
+    if kfac is not None:
+        kfac.reduced_factors = None
+    factors = [None] * len(bounds)
     logits, total = [], 0.0
     for w, (lo, hi) in enumerate(bounds):
         if lo == hi:  # a last batch shorter than the worker count: nothing to compute
@@ -535,6 +550,12 @@ def data_parallel_pass(model, lossf, x, y, ctx: Context, workers: int,
             kept = {k: v.copy() for k, v in bufs.items()}
         for k, v in counters.items():
             ctx.layer_counters(k).__iadd__(v)
+        if gather:  # the worker's factors, from the layers' kept shard input and error
+            fctx = WorkerContext(ctx.policy, seed=ctx.seed, step=ctx.step, training=True,
+                                 phase=ctx.phase, worker=w)
+            factors[w] = kfac.batch_factors(fctx, scale, batch=b)
+            for k, v in fctx.counters.items():
+                ctx.layer_counters(k).__iadd__(v)
     for k, v in bufs.items():
         v[...] = kept[k]
     sent = 0
@@ -543,4 +564,26 @@ def data_parallel_pass(model, lossf, x, y, ctx: Context, workers: int,
         roles = ctx.layer_counters(_layer_of(name)).roles
         roles.setdefault("allreduce", StageCounts()).__iadd__(st.stage_counts())
         sent += st.bytes_per_worker
+    if gather:
+        sent += _reduce_factors(kfac, factors, ar, ctx)
     return np.concatenate(logits), total / b, sent
+
+
+def _reduce_factors(kfac, factors, ar: AllReduce, ctx: Context) -> int:
+    """Sum the workers' K-FAC factors (``factors[w]``: :meth:`KFAC.batch_factors` of worker
+    ``w``, None for an empty shard: zeros) by ``ar``, key by key in :meth:`batch_factors`'
+    order; set them as ``kfac.reduced_factors``; the bytes the busiest worker sent."""
+    from ..counters import StageCounts
+
+    some = next(f for f in factors if f is not None)
+    reduced, sent = {}, 0
+    for key, first in some.items():
+        parts = [np.zeros(first.shape) if f is None else f[key] for f in factors]
+        out, st = ar.reduce(parts, seed=ctx.key(f"kfac.{key}", "allreduce"))
+        reduced[key] = np.asarray(out, np.float64)
+        layer = key.partition(".")[2]
+        roles = ctx.layer_counters(layer).roles
+        roles.setdefault("allreduce", StageCounts()).__iadd__(st.stage_counts())
+        sent += st.bytes_per_worker
+    kfac.reduced_factors = reduced
+    return sent

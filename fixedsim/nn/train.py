@@ -156,7 +156,9 @@ class TrainConfig:
         ``workers`` equal contiguous shards (``workers`` must divide ``batch_size``), each
         worker computes its gradient on its shard, and the gradients are summed by a ring
         all-reduce (:func:`fixedsim.nn.parallel.ring_allreduce`) before the one optimizer
-        step. Not with ``reuse``, ``grad_approx`` or ``optimizer="kfac"``.
+        step. Not with ``reuse`` or ``grad_approx``. With ``optimizer="kfac"`` the workers'
+        Kronecker factors are summed by the same all-reduce on the steps that gather
+        statistics (docs/kfac.md).
     allreduce : str
         The all-reduce's communication format (:func:`fixedsim.nn.parallel.parse_allreduce`):
         ``""`` (float64 sums; with one worker: no all-reduce at all, the run of old) or
@@ -330,8 +332,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig {err}") from None
         if w > 1:
             for name, bad in (("reuse", self.reuse.strip()),
-                              ("grad_approx", self.grad_approx.strip()),
-                              ("optimizer 'kfac'", self.optimizer == "kfac")):
+                              ("grad_approx", self.grad_approx.strip())):
                 if bad:
                     raise ValueError(f"TrainConfig: workers > 1 cannot be combined with {name} "
                                      f"(their per-layer state is not split over workers in this "
@@ -940,8 +941,9 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
             scale = scaler.scale
             saved = perturb_weights(params, ctx, config.smoothing_sigma)  # None at sigma 0
             if parallel:  # forward and backward per worker, gradients all-reduced
-                logits, loss, sent = data_parallel_pass(model, lossf, xb, yb, ctx,
-                                                        config.workers, allreduce, scale)
+                logits, loss, sent = data_parallel_pass(
+                    model, lossf, xb, yb, ctx, config.workers, allreduce, scale,
+                    kfac=opt if config.optimizer == "kfac" else None)
                 sent_bytes += sent
             else:
                 logits = model.forward(xb, ctx)
