@@ -311,6 +311,29 @@ def test_kfac_page_run(capsys, monkeypatch, tmp_path):
     assert int(h["preconditioned.roundings"]) == 4 * 80202  # 4 steps, every parameter
 
 
+KFAC_WORKERS = ("fixedsim train --model lenet --optimizer kfac --lr 0.01 --damping 0.1 "
+                "--inv-interval 2 --stat-interval 2 --batch-size 64 --workers 2 --allreduce bf16 "
+                "--train-size 256 --test-size 200 --epochs 1")
+
+
+@covers(KFAC_WORKERS)
+def test_kfac_workers_page_run(capsys, monkeypatch, tmp_path):
+    """docs/kfac.md: K-FAC over 2 emulated workers with a BF16 all-reduce, as documented:
+    the printed accuracy, and the all-reduce counting the factors on the 2 statistics
+    steps of 4 besides the gradients."""
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = _run(capsys, KFAC_WORKERS, *SMALL_TRAIN, "--out", "run")
+    assert rc == 0, err
+    assert "done: final test accuracy 25.50%" in out and "warning:" not in out
+    head, row = (tmp_path / "run" / "history.csv").read_text().splitlines()[:2]
+    h = dict(zip(head.split(","), row.split(","), strict=True))
+    factors = (26 ** 2 + 16 ** 2) + (401 ** 2 + 32 ** 2) + (513 ** 2 + 128 ** 2) + (129 ** 2
+                                                                                   + 10 ** 2)
+    assert int(h["allreduce.roundings"]) == 3 * (4 * 80202 + 2 * factors) == 3716730
+    assert int(h["allreduce.bytes_per_worker"]) == 2 * (4 * 80202 + 2 * factors)
+    assert int(h["allreduce.inexact"]) == 2578786 and int(h["allreduce.overflow"]) == 0
+
+
 @covers("fixedsim train --reuse L=25,H=8", "fixedsim train --count-steps")
 def test_training_options(capsys, tmp_path):
     """docs/training.md, matmul.md, sweeps.md: --reuse and --count-steps (on 64 images)."""
