@@ -45,6 +45,13 @@ CURVATURE_ROLES`; a policy that does not set one uses its ``weight_grads`` role 
   ``A^-1 [dW; db]`` is the product's result as the spec delivers it (float64 for an exact
   spec); then momentum, update and weights round as in SGD.
 
+Under emulated data parallelism (:func:`fixedsim.nn.parallel.data_parallel_pass`,
+``TrainConfig.workers``) each worker computes its shard's factors weighted by ``shard / B``
+(:meth:`KFAC.batch_factors` with ``batch=B``) on the steps that gather statistics
+(:meth:`KFAC.gathers_statistics`); the gradients' all-reduce sums them and
+:attr:`KFAC.reduced_factors` hands them to the step, which folds them into the running
+averages as it would its own (docs/kfac.md).
+
 Randomness of stochastic roles and products is keyed ``ctx.key("optim.<layer>", purpose)``:
 the run seed, the step and the layer's name, so a resumed run continues bit for bit.
 """
