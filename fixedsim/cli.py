@@ -501,16 +501,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train-size", type=int, default=None, help="use the first N training images")
     t.add_argument("--test-size", type=int, default=None, help="use the first N test images")
     t.add_argument("--epochs", type=int, default=None, help="default 3")
-    t.add_argument("--batch-size", type=int, default=None, help="default 64")
+    t.add_argument("--batch-size", type=int, default=None, help="default 16")
     t.add_argument("--optimizer", choices=["sgd", "adam", "kfac"], default=None,
                    help="default sgd; kfac: K-FAC preconditioning, then SGD's momentum step "
                    "(docs/kfac.md)")
-    t.add_argument("--lr", type=float, default=None, help="base learning rate (default 0.05)")
+    t.add_argument("--lr", type=float, default=None, help="base learning rate (default 0.02)")
     t.add_argument("--momentum", type=float, default=None, help="SGD momentum (default 0.9)")
     t.add_argument("--nesterov", action="store_true", default=None)
     t.add_argument("--weight-decay", type=float, default=None)
     t.add_argument("--schedule", default=None,
-                   help="constant (default), step:EPOCHS:GAMMA, cosine:EPOCHS[:MIN_LR] or "
+                   help="cosine (default: to 0 over the run's epochs), constant, "
+                   "step:EPOCHS:GAMMA, cosine:EPOCHS[:MIN_LR] or "
                    "poly:EPOCHS[:POWER[:MIN_LR[:WARMUP]]]")
     t.add_argument("--seed", type=int, default=None, help="run seed (default 0)")
     t.add_argument("--reuse", default=None, metavar="SETTING",

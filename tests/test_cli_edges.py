@@ -35,7 +35,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 TINY = ["--model", "mlp", "--model-options", '{"hidden": [8]}', "--data", "synthetic",
         "--train-size", "64", "--test-size", "32", "--batch-size", "32", "--lr", "0.1",
-        "--quiet"]
+        "--schedule", "constant", "--quiet"]
 
 
 def _train(capsys, *args):

@@ -87,10 +87,10 @@ def covers(*cmds):
 
 
 LENET_Q8 = ("fixedsim train --model lenet --policy fixed:16:8:stochastic --epochs 3 "
-            "--batch-size 32 --out runs/lenet")
+            "--batch-size 32 --lr 0.05 --schedule constant --out runs/lenet")
 LENET_RESUME = "fixedsim train --resume runs/lenet --epochs 5"
 LENET_Q14 = ("fixedsim train --model lenet --policy fixed:16:14:stochastic --epochs 3 "
-             "--batch-size 32")
+             "--batch-size 32 --lr 0.05 --schedule constant")
 
 
 @covers(LENET_Q8, LENET_RESUME)
@@ -226,32 +226,41 @@ def test_dry_run(capsys):
     assert rc == 0 and "no run was trained" in out
 
 
-@covers("fixedsim train --model lenet --policy float32 --epochs 5 --batch-size 32 --lr 0.02 "
-        "--schedule cosine:5")
-def test_training_page_float32_run(capsys):
-    """docs/training.md's float32 LeNet (256 images, 1 epoch instead of 10,000 and 5)."""
-    rc, out, err = _run(capsys, "fixedsim train --model lenet --policy float32 --epochs 5 "
-                        "--batch-size 32 --lr 0.02 --schedule cosine:5", *SMALL_TRAIN)
+FLOAT32_DEFAULTS = "fixedsim train --model lenet --policy float32 --epochs 3"
+FLOAT32_FULL = "fixedsim train --model lenet --policy float32 --data fashion-mnist --epochs 3"
+CHAIN_RUN = ("fixedsim train --model lenet --policy float32:fma_chain --epochs 5 --batch-size 32 "
+             "--lr 0.02 --schedule cosine:5")
+CHAIN_FULL = ("fixedsim train --model lenet --policy float32:fma_chain --data fashion-mnist "
+              "--epochs 3 --batch-size 32 --lr 0.02 --schedule cosine:3")
+
+
+@covers(FLOAT32_DEFAULTS, CHAIN_RUN)
+def test_training_page_float32_runs(capsys):
+    """docs/training.md's float32 LeNet with the defaults, and the FMA-chain run (256 images,
+    1 epoch instead of 10,000 and 3 or 5): the defaults are batch 16, SGD 0.02, cosine."""
+    rc, out, err = _run(capsys, FLOAT32_DEFAULTS, *SMALL_TRAIN)
+    assert rc == 0, err
+    assert "lenet on embedded, 1 epoch(s), batch 16, sgd lr 0.02 (cosine), seed 0" in out
+    assert "done: final test accuracy" in out
+    rc, out, err = _run(capsys, CHAIN_RUN, *SMALL_TRAIN)
     assert rc == 0, err
     assert "lenet on embedded, 1 epoch(s), batch 32, sgd lr 0.02 (cosine:5)" in out
-    assert "done: final test accuracy" in out
+    assert "Policy 'float32_fma_chain'" in out and "done: final test accuracy" in out
 
 
-@covers("fixedsim train --model lenet --policy float32 --data fashion-mnist --epochs 3 "
-        "--batch-size 32 --lr 0.02 --schedule cosine:3")
+@covers(FLOAT32_FULL, CHAIN_FULL)
 def test_training_page_full_fashion_mnist(capsys):
-    """docs/training.md's run on the full Fashion-MNIST (256 of its images), where installed."""
+    """docs/training.md's runs on the full Fashion-MNIST (256 of its images), where installed."""
     from fixedsim import data
 
     try:
         data.fashion_mnist()
     except (OSError, ValueError) as err:
         pytest.skip(f"the full Fashion-MNIST is not installed here: {err}")
-    rc, out, err = _run(capsys, "fixedsim train --model lenet --policy float32 --data "
-                        "fashion-mnist --epochs 3 --batch-size 32 --lr 0.02 --schedule cosine:3",
-                        *SMALL_TRAIN)
-    assert rc == 0, err
-    assert "lenet on fashion-mnist" in out and "done: final test accuracy" in out
+    for line in (FLOAT32_FULL, CHAIN_FULL):
+        rc, out, err = _run(capsys, line, *SMALL_TRAIN)
+        assert rc == 0, err
+        assert "lenet on fashion-mnist" in out and "done: final test accuracy" in out
 
 
 @covers("fixedsim train --model-options '{\"kernel\": 4}' --rescale 2:3",
@@ -272,7 +281,7 @@ def test_approx_page_kernel_rescaling(capsys):
 
 
 PARALLEL = ("fixedsim train --model lenet --train-size 2048 --epochs 2 --batch-size 64 "
-            "--workers 4 --allreduce bf16")
+            "--lr 0.05 --schedule constant --workers 4 --allreduce bf16")
 
 
 @covers(PARALLEL)
@@ -289,8 +298,8 @@ def test_parallel_page_run(capsys, monkeypatch, tmp_path):
     assert int(h["allreduce.overflow"]) == 0 and int(h["allreduce.bytes_per_worker"]) > 0
 
 
-KFAC_RUN = ("fixedsim train --model lenet --optimizer kfac --lr 0.01 --damping 0.1 "
-            "--inv-interval 10 --stat-interval 10 --batch-size 256 --epochs 2")
+KFAC_RUN = ("fixedsim train --model lenet --optimizer kfac --lr 0.01 --schedule constant "
+            "--damping 0.1 --inv-interval 10 --stat-interval 10 --batch-size 256 --epochs 2")
 
 
 @covers(KFAC_RUN)
@@ -311,9 +320,9 @@ def test_kfac_page_run(capsys, monkeypatch, tmp_path):
     assert int(h["preconditioned.roundings"]) == 4 * 80202  # 4 steps, every parameter
 
 
-KFAC_WORKERS = ("fixedsim train --model lenet --optimizer kfac --lr 0.01 --damping 0.1 "
-                "--inv-interval 2 --stat-interval 2 --batch-size 64 --workers 2 --allreduce bf16 "
-                "--train-size 256 --test-size 200 --epochs 1")
+KFAC_WORKERS = ("fixedsim train --model lenet --optimizer kfac --lr 0.01 --schedule constant "
+                "--damping 0.1 --inv-interval 2 --stat-interval 2 --batch-size 64 --workers 2 "
+                "--allreduce bf16 --train-size 256 --test-size 200 --epochs 1")
 
 
 @covers(KFAC_WORKERS)

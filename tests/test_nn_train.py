@@ -28,7 +28,7 @@ def tiny():
 
 def _config(**kw):
     base = dict(model="mlp", model_options={"hidden": [12]}, epochs=2, batch_size=32, lr=0.1,
-                seed=5)
+                schedule="constant", seed=5)
     base.update(kw)
     return TrainConfig(**base)
 
