@@ -298,6 +298,10 @@ def test_parallel_page_run(capsys, monkeypatch, tmp_path):
     assert int(h["allreduce.overflow"]) == 0 and int(h["allreduce.bytes_per_worker"]) > 0
 
 
+#: Entries of the LeNet's Kronecker factors, A and G of each layer (A with the bias column):
+#: conv 1x5x5 -> 16, conv 16x5x5 -> 32, Linear 512 -> 128, Linear 128 -> 10.
+LENET_FACTORS = ((26 ** 2 + 16 ** 2) + (401 ** 2 + 32 ** 2) + (513 ** 2 + 128 ** 2)
+                 + (129 ** 2 + 10 ** 2))
 KFAC_RUN = ("fixedsim train --model lenet --optimizer kfac --lr 0.01 --schedule constant "
             "--damping 0.1 --inv-interval 10 --stat-interval 10 --batch-size 256 --epochs 2")
 
@@ -313,10 +317,8 @@ def test_kfac_page_run(capsys, monkeypatch, tmp_path):
     assert "done: final test accuracy 25.50%" in out and "warning:" not in out
     head, row = (tmp_path / "run" / "history.csv").read_text().splitlines()[:2]
     h = dict(zip(head.split(","), row.split(","), strict=True))
-    factors = (26 ** 2 + 16 ** 2) + (401 ** 2 + 32 ** 2) + (513 ** 2 + 128 ** 2) + (129 ** 2
-                                                                                   + 10 ** 2)
-    assert int(h["curvature.roundings"]) == factors  # one refresh: step 1
-    assert int(h["inverse.roundings"]) == factors
+    assert int(h["curvature.roundings"]) == LENET_FACTORS  # one refresh: step 1
+    assert int(h["inverse.roundings"]) == LENET_FACTORS
     assert int(h["preconditioned.roundings"]) == 4 * 80202  # 4 steps, every parameter
 
 
@@ -336,10 +338,8 @@ def test_kfac_workers_page_run(capsys, monkeypatch, tmp_path):
     assert "done: final test accuracy 25.50%" in out and "warning:" not in out
     head, row = (tmp_path / "run" / "history.csv").read_text().splitlines()[:2]
     h = dict(zip(head.split(","), row.split(","), strict=True))
-    factors = (26 ** 2 + 16 ** 2) + (401 ** 2 + 32 ** 2) + (513 ** 2 + 128 ** 2) + (129 ** 2
-                                                                                   + 10 ** 2)
-    assert int(h["allreduce.roundings"]) == 3 * (4 * 80202 + 2 * factors) == 3716730
-    assert int(h["allreduce.bytes_per_worker"]) == 2 * (4 * 80202 + 2 * factors)
+    assert int(h["allreduce.roundings"]) == 3 * (4 * 80202 + 2 * LENET_FACTORS) == 3716730
+    assert int(h["allreduce.bytes_per_worker"]) == 2 * (4 * 80202 + 2 * LENET_FACTORS)
     assert int(h["allreduce.inexact"]) == 2578786 and int(h["allreduce.overflow"]) == 0
 
 

@@ -657,8 +657,48 @@ class StepLR(Schedule):
         return f"step:{self.step_size}:{_short(self.gamma)}"
 
 
+class _Annealing(Schedule):
+    """What :class:`CosineLR` and :class:`PolyLR` share (fields ``total_epochs``, ``min_lr``,
+    ``warmup_epochs``): a linear warm-up from ``min_lr``, the class's decay (``_decay(base_lr,
+    min_lr, s)``, ``s`` the fraction of the annealing done), ``min_lr`` from ``total_epochs``
+    on, the result held in ``[min_lr, base_lr]``."""
+
+    def _check_fields(self):
+        what = type(self).__name__
+        total = _number(self.total_epochs, f"{what} total_epochs", low=0.0, low_open=True)
+        object.__setattr__(self, "total_epochs", total)
+        object.__setattr__(self, "min_lr", _number(self.min_lr, f"{what} min_lr", low=0.0))
+        object.__setattr__(self, "warmup_epochs",
+                           _number(self.warmup_epochs, f"{what} warmup_epochs", low=0.0,
+                                   high=total, high_open=True))
+
+    def _decay(self, base_lr, lo, s):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __call__(self, base_lr, epoch):
+        base_lr, epoch = self._check(base_lr, epoch)
+        lo = self.min_lr
+        if epoch >= self.total_epochs:
+            return lo
+        if epoch < self.warmup_epochs:
+            lr = lo + (base_lr - lo) * (epoch / self.warmup_epochs)
+        else:
+            lr = self._decay(base_lr, lo, (epoch - self.warmup_epochs)
+                             / (self.total_epochs - self.warmup_epochs))
+        # exactly base_lr when annealing starts; never outside [min_lr, base_lr] by rounding
+        return min(max(lr, min(lo, base_lr)), max(lo, base_lr))
+
+    def _text(self, head: str) -> str:
+        """``head`` followed by ``:MIN_LR[:WARMUP_EPOCHS]`` where they are not 0."""
+        if self.min_lr or self.warmup_epochs:
+            head += f":{_short(self.min_lr)}"
+        if self.warmup_epochs:
+            head += f":{_short(self.warmup_epochs)}"
+        return head
+
+
 @dataclasses.dataclass(frozen=True)
-class CosineLR(Schedule):
+class CosineLR(_Annealing):
     """Linear warmup, then cosine annealing from the base learning rate down to ``min_lr``.
 
     For ``epoch < warmup_epochs`` the rate rises linearly from ``min_lr`` (at epoch 0) to
@@ -692,37 +732,17 @@ class CosineLR(Schedule):
     name = "cosine"
 
     def __post_init__(self):
-        total = _number(self.total_epochs, "CosineLR total_epochs", low=0.0, low_open=True)
-        object.__setattr__(self, "total_epochs", total)
-        object.__setattr__(self, "min_lr", _number(self.min_lr, "CosineLR min_lr", low=0.0))
-        object.__setattr__(self, "warmup_epochs",
-                           _number(self.warmup_epochs, "CosineLR warmup_epochs", low=0.0,
-                                   high=total, high_open=True))
+        self._check_fields()
 
-    def __call__(self, base_lr, epoch):
-        base_lr, epoch = self._check(base_lr, epoch)
-        lo = self.min_lr
-        if epoch >= self.total_epochs:
-            return lo
-        if epoch < self.warmup_epochs:
-            lr = lo + (base_lr - lo) * (epoch / self.warmup_epochs)
-        else:
-            s = (epoch - self.warmup_epochs) / (self.total_epochs - self.warmup_epochs)
-            lr = base_lr - (base_lr - lo) * (0.5 * (1.0 - math.cos(math.pi * s)))
-        # exactly base_lr when annealing starts; never outside [min_lr, base_lr] by rounding
-        return min(max(lr, min(lo, base_lr)), max(lo, base_lr))
+    def _decay(self, base_lr, lo, s):
+        return base_lr - (base_lr - lo) * (0.5 * (1.0 - math.cos(math.pi * s)))
 
     def __str__(self):
-        text = f"cosine:{_short(self.total_epochs)}"
-        if self.min_lr or self.warmup_epochs:
-            text += f":{_short(self.min_lr)}"
-        if self.warmup_epochs:
-            text += f":{_short(self.warmup_epochs)}"
-        return text
+        return self._text(f"cosine:{_short(self.total_epochs)}")
 
 
 @dataclasses.dataclass(frozen=True)
-class PolyLR(Schedule):
+class PolyLR(_Annealing):
     """Linear warm-up, then polynomial decay from the base learning rate down to ``min_lr``:
     ``min_lr + (base_lr - min_lr) * (1 - s) ** power``, ``s`` the fraction of the
     ``total_epochs - warmup_epochs`` after the warm-up done; from ``total_epochs`` on it stays
@@ -758,34 +778,15 @@ class PolyLR(Schedule):
     name = "poly"
 
     def __post_init__(self):
-        total = _number(self.total_epochs, "PolyLR total_epochs", low=0.0, low_open=True)
-        object.__setattr__(self, "total_epochs", total)
+        self._check_fields()
         object.__setattr__(self, "power", _number(self.power, "PolyLR power", low=0.0,
                                                   low_open=True))
-        object.__setattr__(self, "min_lr", _number(self.min_lr, "PolyLR min_lr", low=0.0))
-        object.__setattr__(self, "warmup_epochs",
-                           _number(self.warmup_epochs, "PolyLR warmup_epochs", low=0.0,
-                                   high=total, high_open=True))
 
-    def __call__(self, base_lr, epoch):
-        base_lr, epoch = self._check(base_lr, epoch)
-        lo = self.min_lr
-        if epoch >= self.total_epochs:
-            return lo
-        if epoch < self.warmup_epochs:
-            lr = lo + (base_lr - lo) * (epoch / self.warmup_epochs)
-        else:
-            s = (epoch - self.warmup_epochs) / (self.total_epochs - self.warmup_epochs)
-            lr = lo + (base_lr - lo) * (1.0 - s) ** self.power
-        return min(max(lr, min(lo, base_lr)), max(lo, base_lr))
+    def _decay(self, base_lr, lo, s):
+        return lo + (base_lr - lo) * (1.0 - s) ** self.power
 
     def __str__(self):
-        text = f"poly:{_short(self.total_epochs)}:{_short(self.power)}"
-        if self.min_lr or self.warmup_epochs:
-            text += f":{_short(self.min_lr)}"
-        if self.warmup_epochs:
-            text += f":{_short(self.warmup_epochs)}"
-        return text
+        return self._text(f"poly:{_short(self.total_epochs)}:{_short(self.power)}")
 
 
 def _short(x: float) -> str:
