@@ -204,7 +204,9 @@ def ring_allreduce(arrays, fmt, rounding=Rounding.NEAREST_EVEN, overflow=None, *
     scale : float, default 1.0
         Loss-scale factor: each array is multiplied by it (in float64) before the cast and the
         result divided by it (in float64) after; exact when a power of two (barring float64
-        under- or overflow). Lets FP8 and FP16 hold small gradients.
+        under- or overflow). Lets FP8 and FP16 hold small gradients. The cast rounds the
+        float64 product: a product below float64's smallest subnormal (``2**-1074``) is
+        already 0 there, and that loss is not counted among the events.
     random_bits : int, optional
         STOCHASTIC only, as for :func:`fixedsim.quantize`.
 
