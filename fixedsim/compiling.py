@@ -37,9 +37,9 @@ __all__ = ["CompileWatch", "NOTICE", "COLD_SECONDS", "notice_text", "read_only"]
 #: (Intel Xeon with AVX-512): a first ``fixedsim train`` (LeNet under float32: 184 s on the
 #: idle machine, the one-pass optimizer step's kernel, about 64 s, included), the first
 #: sweep of the README's main job (its nine policies, compiled once before the workers
-#: start, in two processes side by side: 100 s on the idle machine), and ``fixedsim warmup`` (390 s, while other jobs shared
-#: its cores; before the quantize kernels compiled fewer per-mode loops). What the notice
-#: quotes.
+#: start, in two processes side by side: 100 s on the idle machine), and ``fixedsim
+#: warmup`` (390 s, while other jobs shared its cores; before the quantize kernels compiled
+#: fewer per-mode loops). What the notice quotes.
 COLD_SECONDS = {"train": 185, "sweep": 100, "warmup": 390}
 
 #: The line printed once before the first compilation (``{seconds}``: the estimate).
