@@ -280,6 +280,12 @@ def test_approx_page_kernel_rescaling(capsys):
     assert "epoch 2: kernels rescaled by 2" in out and "done: final test accuracy" in out
 
 
+def _first_epoch(run_dir):
+    """The first epoch's row of a run's ``history.csv``, as text by column."""
+    head, row = (run_dir / "history.csv").read_text().splitlines()[:2]
+    return dict(zip(head.split(","), row.split(","), strict=True))
+
+
 PARALLEL = ("fixedsim train --model lenet --train-size 2048 --epochs 2 --batch-size 64 "
             "--lr 0.05 --schedule constant --workers 4 --allreduce bf16")
 
@@ -292,8 +298,7 @@ def test_parallel_page_run(capsys, monkeypatch, tmp_path):
     rc, out, err = _run(capsys, PARALLEL, *SMALL_TRAIN, "--out", "run")
     assert rc == 0, err
     assert "done: final test accuracy 28.00%" in out and "warning:" not in out
-    head, row = (tmp_path / "run" / "history.csv").read_text().splitlines()[:2]
-    h = dict(zip(head.split(","), row.split(","), strict=True))
+    h = _first_epoch(tmp_path / "run")
     assert int(h["allreduce.roundings"]) == 4 * 7 * 80202  # 4 steps, 4 casts + 3 additions
     assert int(h["allreduce.overflow"]) == 0 and int(h["allreduce.bytes_per_worker"]) > 0
 
@@ -315,8 +320,7 @@ def test_kfac_page_run(capsys, monkeypatch, tmp_path):
     rc, out, err = _run(capsys, KFAC_RUN, *SMALL_TRAIN, "--batch-size", "64", "--out", "run")
     assert rc == 0, err
     assert "done: final test accuracy 25.50%" in out and "warning:" not in out
-    head, row = (tmp_path / "run" / "history.csv").read_text().splitlines()[:2]
-    h = dict(zip(head.split(","), row.split(","), strict=True))
+    h = _first_epoch(tmp_path / "run")
     assert int(h["curvature.roundings"]) == LENET_FACTORS  # one refresh: step 1
     assert int(h["inverse.roundings"]) == LENET_FACTORS
     assert int(h["preconditioned.roundings"]) == 4 * 80202  # 4 steps, every parameter
@@ -336,8 +340,7 @@ def test_kfac_workers_page_run(capsys, monkeypatch, tmp_path):
     rc, out, err = _run(capsys, KFAC_WORKERS, *SMALL_TRAIN, "--out", "run")
     assert rc == 0, err
     assert "done: final test accuracy 25.50%" in out and "warning:" not in out
-    head, row = (tmp_path / "run" / "history.csv").read_text().splitlines()[:2]
-    h = dict(zip(head.split(","), row.split(","), strict=True))
+    h = _first_epoch(tmp_path / "run")
     assert int(h["allreduce.roundings"]) == 3 * (4 * 80202 + 2 * LENET_FACTORS) == 3716730
     assert int(h["allreduce.bytes_per_worker"]) == 2 * (4 * 80202 + 2 * LENET_FACTORS)
     assert int(h["allreduce.inexact"]) == 2578786 and int(h["allreduce.overflow"]) == 0

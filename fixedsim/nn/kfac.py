@@ -65,7 +65,6 @@ import numpy as np
 
 from ..matmul import matmul
 from ..matmul.engine import im2col as _im2col
-from . import optim as _optim
 from .core import Context, Module
 from .layers import BatchNorm2d, Conv2d, Linear, Sequential, _pair
 from .optim import COUNTER_KEY, SGD, _number
@@ -286,13 +285,19 @@ class KFAC(SGD):
         return out
 
     @staticmethod
-    def _check_layer(layer):
-        """Refuse a layer without a kept forward input and output error, or with a setting
-        that replaces its dense products."""
+    def _check_captured(layer, what):
+        """Refuse a layer without a kept forward input and output error to build ``what``
+        from."""
         if layer._cache is None or layer.kfac_error is None:
             raise ValueError(f"KFAC: layer {layer.name!r} has no forward input or output "
-                             "error to build its factors from (run forward and backward "
-                             "before step)")
+                             f"error to build {what} from (run forward and backward before "
+                             "step)")
+
+    @classmethod
+    def _check_layer(cls, layer):
+        """Refuse a layer without a kept forward input and output error, or with a setting
+        that replaces its dense products."""
+        cls._check_captured(layer, "its factors")
         for attr in ("reuse", "approx", "grad_approx"):
             if getattr(layer, attr) is not None:
                 raise ValueError(f"KFAC: layer {layer.name!r} has a {attr} setting; K-FAC "
@@ -390,10 +395,7 @@ class KFAC(SGD):
         """Per channel and example, the example's gradient of (gamma, beta): ``B / scale *
         (sum_hw dy * xhat, sum_hw dy)``, shape (C, N, 2) (``B`` the global batch, by default
         the ``N`` rows held)."""
-        if layer._cache is None or layer.kfac_error is None:
-            raise ValueError(f"KFAC: layer {layer.name!r} has no forward input or output "
-                             "error to build its Fisher from (run forward and backward "
-                             "before step)")
+        KFAC._check_captured(layer, "its Fisher")
         xhat = layer._cache[0]
         dy = np.asarray(layer.kfac_error, np.float64)
         N = dy.shape[0] if batch is None else int(batch)
@@ -410,12 +412,7 @@ class KFAC(SGD):
             A = np.asarray(self.A[lname], np.float64)
             G = np.asarray(self.G[lname], np.float64)
             for f, F in (("A", A), ("G", G)):
-                if not np.isfinite(F).all():
-                    raise FloatingPointError(
-                        f"KFAC: the factor {f} of layer {lname!r} holds non-finite values "
-                        f"(inf or NaN: the training diverged, or the curvature role's format "
-                        f"{ctx.policy.curvature_role('curvature').fmt!r} overflowed); lower the "
-                        f"learning rate, raise the damping or widen the format")
+                _check_finite(ctx, F, f"the factor {f} of layer {lname!r}")
             ta, tg = np.trace(A) / A.shape[0], np.trace(G) / G.shape[0]
             pi = math.sqrt(ta / tg) if ta > 0 and tg > 0 and math.isfinite(ta / tg) else 1.0
             self.Ainv[lname] = self._round_role(ctx, "inverse", _damped_inverse(A, pi * root),
@@ -423,28 +420,18 @@ class KFAC(SGD):
             self.Ginv[lname] = self._round_role(ctx, "inverse", _damped_inverse(G, root / pi),
                                                 lname, "kfac.Ginv")
             if lname in self.Aref:
-                for new, prev in ((A, self.Aref[lname]), (G, self.Gref[lname])):
-                    prev = np.asarray(prev, np.float64)
-                    norm = np.linalg.norm(prev)
-                    change = max(change, np.linalg.norm(new - prev) / norm if norm > 0
-                                 else math.inf)
+                change = max(change, _relative_change(A, self.Aref[lname]),
+                             _relative_change(G, self.Gref[lname]))
             if self.refresh == "adaptive":
                 self.Aref[lname], self.Gref[lname] = self.A[lname], self.G[lname]
         for lname in self.bn_layers:
             F = np.asarray(self.F[lname], np.float64)
-            if not np.isfinite(F).all():
-                raise FloatingPointError(
-                    f"KFAC: the unit-wise Fisher of layer {lname!r} holds non-finite values "
-                    "(inf or NaN: the training diverged, or the curvature role's format "
-                    "overflowed); lower the learning rate, raise the damping or widen the "
-                    "format")
+            _check_finite(ctx, F, f"the unit-wise Fisher of layer {lname!r}")
             self.Finv[lname] = self._round_role(ctx, "inverse",
                                                 _damped_inverse_2x2(F, self.damping), lname,
                                                 "kfac.Finv")
             if lname in self.Fref:
-                prev = np.asarray(self.Fref[lname], np.float64)
-                norm = np.linalg.norm(prev)
-                change = max(change, np.linalg.norm(F - prev) / norm if norm > 0 else math.inf)
+                change = max(change, _relative_change(F, self.Fref[lname]))
             if self.refresh == "adaptive":
                 self.Fref[lname] = self.F[lname]
         return change
@@ -499,18 +486,19 @@ class KFAC(SGD):
         for layer in self.layers.values():  # checked before any state changes
             self._check_layer(layer)
         for layer in self.bn_layers.values():
-            self._bn_rows(layer, grad_scale)
+            self._check_captured(layer, "its Fisher")
+        gather = self.gathers_statistics()
         reduced, self.reduced_factors = self.reduced_factors, None
         if reduced is not None:
             missing = sorted(set(self._factor_names()) - set(reduced))
-            if missing or not self.gathers_statistics():
+            if missing or not gather:
                 raise ValueError("KFAC: the all-reduced factors given for this step "
                                  + (f"lack {', '.join(missing)}" if missing else
                                     "are not wanted (no statistics on this step: see "
                                     "gathers_statistics)"))
         self.steps += 1
         refresh = self.steps >= self.next_refresh
-        if refresh or (self.steps - 1) % self.stat_interval == 0:
+        if gather:
             self._update_factors(ctx, grad_scale, reduced)
         if refresh:
             change = self._invert(ctx)
@@ -523,22 +511,20 @@ class KFAC(SGD):
         pre = self.preconditioned(ctx, grad_scale)
         for name, p in self.params.items():
             if name not in pre:
-                if not (_optim._FUSED and self._fused_update(ctx, name, p, grad_scale)):
-                    SGD._update(self, ctx, name, p, self._grad(name, p, grad_scale))
+                self._update_one(ctx, name, p, grad_scale)
                 continue
             g = pre[name]
             g32 = g.astype(np.float32)
-            if _optim._FUSED and np.array_equal(g32, g):
-                # SGD's one-pass kernel, fed the preconditioned gradient (float32 holds it
-                # exactly): the same roundings and draws as SGD._update with it, bit for bit
+            if np.array_equal(g32, g):
+                # SGD's update (its one-pass kernel where it serves), fed the preconditioned
+                # gradient (float32 holds it exactly): bit for bit as SGD._update with it
                 grad, p.grad = p.grad, g32
                 try:
-                    done = self._fused_update(ctx, name, p, 1.0)
+                    self._update_one(ctx, name, p, 1.0)
                 finally:
                     p.grad = grad
-                if done:
-                    continue
-            SGD._update(self, ctx, name, p, g)
+            else:
+                self._update(ctx, name, p, g)
 
     # -- state ------------------------------------------------------------------------------
     _FACTORS = ("A", "G", "Ainv", "Ginv", "Aref", "Gref", "F", "Finv", "Fref")
@@ -592,6 +578,23 @@ class KFAC(SGD):
                  refresh=self.refresh, refresh_threshold=self.refresh_threshold,
                  max_interval=self.max_interval, unitwise_bn=bool(self.bn_layers))
         return d
+
+
+def _check_finite(ctx, F, what):
+    """Refuse a non-finite factor before it is inverted, naming it (``what``)."""
+    if not np.isfinite(F).all():
+        raise FloatingPointError(
+            f"KFAC: {what} holds non-finite values (inf or NaN: the training diverged, or the "
+            f"curvature role's format {ctx.policy.curvature_role('curvature').fmt!r} "
+            f"overflowed); lower the learning rate, raise the damping or widen the format")
+
+
+def _relative_change(new, prev):
+    """``||new - prev||_F / ||prev||_F`` (inf for a zero ``prev``): the adaptive refresh's
+    measure of how much a factor moved."""
+    prev = np.asarray(prev, np.float64)
+    norm = np.linalg.norm(prev)
+    return np.linalg.norm(new - prev) / norm if norm > 0 else math.inf
 
 
 def _damped_inverse(F, damping):

@@ -184,8 +184,13 @@ class Optimizer:
             self._check_grad(name, p)
         self.steps += 1
         for name, p in self.params.items():
-            if not (_FUSED and self._fused_update(ctx, name, p, grad_scale)):
-                self._update(ctx, name, p, self._grad(name, p, grad_scale))
+            self._update_one(ctx, name, p, grad_scale)
+
+    def _update_one(self, ctx: Context, name: str, p: Parameter, grad_scale: float) -> None:
+        """Update ``p`` from its gradient: the one-pass kernel where it serves, else
+        :meth:`_update`."""
+        if not (_FUSED and self._fused_update(ctx, name, p, grad_scale)):
+            self._update(ctx, name, p, self._grad(name, p, grad_scale))
 
     def _update(self, ctx, name, p, g):  # pragma: no cover - interface
         raise NotImplementedError

@@ -310,9 +310,10 @@ def ring_allreduce(arrays, fmt, rounding=Rounding.NEAREST_EVEN, overflow=None, *
     out = bufs[0].reshape(shape)
     if scale != 1.0:
         out = out.astype(np.float64) / scale
-    sent = max((sum(bounds[(i - s) % n][1] - bounds[(i - s) % n][0] for s in range(n - 1))
-                + sum(bounds[(i + 1 - s) % n][1] - bounds[(i + 1 - s) % n][0]
-                      for s in range(n - 1))) for i in range(n))
+    sizes = [hi - lo for lo, hi in bounds]
+    # worker i sends chunk (i - s) in the reduce-scatter and (i + 1 - s) in the all-gather
+    sent = max(sum(sizes[(i - s) % n] + sizes[(i + 1 - s) % n] for s in range(n - 1))
+               for i in range(n))
     stats = AllReduceStats(workers=n, size=size, casts=n * size if fmt is not None else 0,
                            additions=(n - 1) * size, **counts,
                            bytes_per_worker=sent * math.ceil(_element_bits(fmt) / 8))

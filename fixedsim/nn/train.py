@@ -321,8 +321,6 @@ class TrainConfig:
         self.make_optimizer({"check": Parameter("check", np.zeros(1))})  # validates lr, ...
 
     def _check_parallel(self):
-        from .parallel import parse_allreduce
-
         w = self.workers
         if isinstance(w, bool) or not isinstance(w, int) or w < 1:
             raise ValueError(f"TrainConfig workers must be an int >= 1 (the number of emulated "
@@ -969,9 +967,10 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
             restore_weights(params, saved)
             finite = all(bool(np.isfinite(p.grad).all()) for p in params.values())
             if scaler.update(finite):
-                opt.lr = schedule(config.lr, epoch + i / steps_per_epoch)
+                at = epoch + i / steps_per_epoch
+                opt.lr = schedule(config.lr, at)
                 if config.optimizer == "kfac":
-                    opt.damping = damping_schedule(config.damping, epoch + i / steps_per_epoch)
+                    opt.damping = damping_schedule(config.damping, at)
                 opt.step(ctx, grad_scale=scale)
             else:
                 skipped += 1
