@@ -103,6 +103,12 @@ class LayerCounters:
         return d
 
 
+def merge_counters(into: dict, new: dict) -> None:
+    """Add the per-layer counters ``new`` (``{layer: LayerCounters}``) into ``into``."""
+    for k, v in new.items():
+        into.setdefault(k, LayerCounters()).__iadd__(v)
+
+
 class Context:
     """The numerics of one forward/backward pass: policy, random streams, counters.
 

@@ -46,7 +46,7 @@ from ..arith import add
 from ..formats import FixedFormat, FloatFormat, parse_format
 from ..quantize import _check_random_bits, child_seed, quantize, resolve_overflow
 from ..rounding import Overflow, Rounding
-from .core import Context
+from .core import Context, merge_counters
 
 __all__ = ["AllReduce", "AllReduceStats", "ring_allreduce", "parse_allreduce", "chunk_bounds",
            "WorkerContext", "data_parallel_pass", "worker_pass"]
@@ -520,8 +520,6 @@ def data_parallel_pass(model, lossf, x, y, ctx: Context, workers: int,
     bytes_per_worker : int
         Bytes the busiest worker sent, over all parameters.
     """
-    from ..counters import StageCounts
-
     ar = allreduce if allreduce is not None else AllReduce()
     b = len(y)
     bounds = chunk_bounds(b, workers)
@@ -551,42 +549,43 @@ def data_parallel_pass(model, lossf, x, y, ctx: Context, workers: int,
         logits.append(out)
         if kept is None:
             kept = {k: v.copy() for k, v in bufs.items()}
-        for k, v in counters.items():
-            ctx.layer_counters(k).__iadd__(v)
+        merge_counters(ctx.counters, counters)
         if gather:  # the worker's factors, from the layers' kept shard input and error
             fctx = WorkerContext(ctx.policy, seed=ctx.seed, step=ctx.step, training=True,
                                  phase=ctx.phase, worker=w)
             factors[w] = kfac.batch_factors(fctx, scale, batch=b)
-            for k, v in fctx.counters.items():
-                ctx.layer_counters(k).__iadd__(v)
+            merge_counters(ctx.counters, fctx.counters)
     for k, v in bufs.items():
         v[...] = kept[k]
     sent = 0
     for name, p in params.items():
         p.grad, st = ar.reduce(grads[name], seed=ctx.key(name, "allreduce"))
-        roles = ctx.layer_counters(_layer_of(name)).roles
-        roles.setdefault("allreduce", StageCounts()).__iadd__(st.stage_counts())
-        sent += st.bytes_per_worker
+        sent += _count(ctx, _layer_of(name), st)
     if gather:
         sent += _reduce_factors(kfac, factors, ar, ctx)
     return np.concatenate(logits), total / b, sent
+
+
+def _count(ctx: Context, layer: str, st: AllReduceStats) -> int:
+    """Count an all-reduce in ``layer``'s role ``"allreduce"``; the bytes the busiest worker
+    sent."""
+    from ..counters import StageCounts
+
+    ctx.layer_counters(layer).roles.setdefault("allreduce", StageCounts()).__iadd__(
+        st.stage_counts())
+    return st.bytes_per_worker
 
 
 def _reduce_factors(kfac, factors, ar: AllReduce, ctx: Context) -> int:
     """Sum the workers' K-FAC factors (``factors[w]``: :meth:`KFAC.batch_factors` of worker
     ``w``, None for an empty shard: zeros) by ``ar``, key by key in :meth:`batch_factors`'
     order; set them as ``kfac.reduced_factors``; the bytes the busiest worker sent."""
-    from ..counters import StageCounts
-
     some = next(f for f in factors if f is not None)
     reduced, sent = {}, 0
     for key, first in some.items():
         parts = [np.zeros(first.shape) if f is None else f[key] for f in factors]
         out, st = ar.reduce(parts, seed=ctx.key(f"kfac.{key}", "allreduce"))
         reduced[key] = np.asarray(out, np.float64)
-        layer = key.partition(".")[2]
-        roles = ctx.layer_counters(layer).roles
-        roles.setdefault("allreduce", StageCounts()).__iadd__(st.stage_counts())
-        sent += st.bytes_per_worker
+        sent += _count(ctx, key.partition(".")[2], st)
     kfac.reduced_factors = reduced
     return sent

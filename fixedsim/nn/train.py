@@ -29,7 +29,7 @@ from .. import data as _data
 from ..approx import parse_approx, parse_grad_approx
 from ..approx.rescale import parse_rescale
 from ..reuse.schedules import parse_reuse
-from .core import Context, LayerCounters, Parameter
+from .core import Context, LayerCounters, Parameter, merge_counters
 from .kfac import KFAC, check_kfac_settings
 from .layers import Conv2d, Linear, SoftmaxCrossEntropy
 from .models import MODELS, build
@@ -457,14 +457,9 @@ def evaluate(model, policy: Policy, x, y, *, seed: int = 0, epoch: int = 0,
         total_loss += lossf(logits, yb, ctx) * len(yb)
         correct += int((np.asarray(logits).argmax(axis=1) == yb).sum())
         if counters is not None:
-            _merge(counters, ctx.counters)
+            merge_counters(counters, ctx.counters)
     n = max(len(x), 1)
     return total_loss / n, correct / n
-
-
-def _merge(into: dict, new: dict) -> None:
-    for k, v in new.items():
-        into.setdefault(k, LayerCounters()).__iadd__(v)
 
 
 def _totals(counters: dict) -> dict:
@@ -954,7 +949,7 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
                 loss = lossf(logits, yb, ctx)
             if not math.isfinite(loss) or loss > config.max_loss:
                 bar.close()
-                _merge(counters, ctx.counters)
+                merge_counters(counters, ctx.counters)
                 why = ("not finite" if not math.isfinite(loss)
                        else f"> max_loss {config.max_loss:g}")
                 raise TrainingDiverged(
@@ -974,7 +969,7 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
                 opt.step(ctx, grad_scale=scale)
             else:
                 skipped += 1
-            _merge(counters, ctx.counters)
+            merge_counters(counters, ctx.counters)
             if config.reuse:
                 reuse_rows += _reuse_rows(ctx, reuse_targets, epoch, step,
                                           reuse_sched.current())
