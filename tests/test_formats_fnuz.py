@@ -376,6 +376,19 @@ def test_stochastic_arithmetic_of_a_negative_value_into_an_unsigned_format_is_na
         assert np.isnan(y).all()
 
 
+def test_stochastic_arithmetic_flushed_into_a_format_without_zero_is_its_smallest_value():
+    """A sum far below the smallest value of an exponent-only format (no zero) rounds to that
+    value whichever neighbour the draw picks, as the oracle says (hypothesis found the kernel
+    returning NaN: the flushed neighbour 0 was quantized as an exact zero)."""
+    fmt = fs.FloatFormat(2, 0, subnormals=False, inf_nan="fn", signed=False, bias=0)
+    for seed in range(8):
+        y = fs.add([0.0, 0.0, 0.5], [0.25, 2.0**-30, 0.01], fmt, "stochastic", seed=seed)
+        exp = expected("add", ([0.0, 0.0, 0.5], [0.25, 2.0**-30, 0.01]), fmt, "stochastic",
+                       None, seed, None)
+        assert_same_bits(y, exp, f"seed {seed}", nan_sign=False)
+        assert (y == 1.0).all()
+
+
 @pytest.mark.parametrize("out", [fs.FloatFormat(3, 2, inf_nan="fn", signed=False), fs.E8M0,
                                  fs.FP8_E4M3FNUZ, fs.FP4_E2M1], ids=repr)
 @pytest.mark.parametrize("rounding", ["nearest_even", "stochastic", "down"])

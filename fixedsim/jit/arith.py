@@ -26,6 +26,7 @@ from numba import prange
 from .options import jit, jit_inline, jit_parallel
 from .quant import (
     CHUNK,
+    D_MINNORM,
     F_INEXACT,
     F_NAN,
     F_OVERFLOW,
@@ -40,6 +41,7 @@ from .quant import (
     P_KIND,
     P_M,
     P_MODE,
+    P_NOZERO,
     P_OVF,
     P_RBITS,
     P_SUBN,
@@ -197,7 +199,10 @@ def round_exact(hi, lo, approx, P, Psr, U, D, idx):
         g, amb = _sr_choose(hi, lo, approx, P, P[P_RBITS], U[U_KEY], idx)
         if amb:
             return 0.0, 0, True
-        v, fl = quantize_value(g, Psr, U, D, idx)
+        if g == 0.0 and P[P_NOZERO] != 0:  # flushed, and no zero (E8M0): the smallest value
+            v, fl = D[D_MINNORM], 1 << F_UNDERFLOW
+        else:
+            v, fl = quantize_value(g, Psr, U, D, idx)
         fl &= ~((1 << F_INEXACT) | (1 << F_UP))
         if not (lo == 0.0 and v == hi):
             fl |= 1 << F_INEXACT
