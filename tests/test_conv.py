@@ -246,3 +246,80 @@ def test_grad_input_exact_filtered_without_the_zero_grid(rnd, kind, seed, sp):
     finally:
         _paths.Product.lazy = lazy
     assert gx.tobytes() == gx2.tobytes() and c.output == c2.output
+
+
+# -- the im2col matrix kept from the forward pass for the weight gradient --------------------------
+MEMO_SPECS = ACC_SPECS + [fs.MatmulSpec(output=fs.FP32), fs.MatmulSpec(output=fs.BF16),
+                          fs.MatmulSpec(input=fs.FixedFormat(8, 4), output=fs.FixedFormat(16, 8))]
+
+
+@pytest.mark.parametrize("spec", MEMO_SPECS, ids=repr)
+def test_weight_gradient_reuses_the_forward_im2col_bit_for_bit(spec):
+    """Under ``reuse_im2col`` the weight gradient takes the forward pass's matrix (built once)
+    and gives the bits and counts it gives without it; no path writes into the kept matrix."""
+    from fixedsim.matmul import api
+
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, 3, 7, 6)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 2))
+    gy = rng.standard_normal((2, 4, 4, 3))
+    kw = dict(stride=(2, 2), padding=(1, 0), seed=3, stats=True)
+    y0, cy0 = fs.conv2d(x, w, spec, **kw)
+    g0, cg0 = fs.conv2d_grad_weight(x, gy, w.shape, spec, **kw)
+    memo, built = {}, []
+    real = api._conv.im2col
+
+    def counted(*args):
+        built.append(args[0].shape)
+        return real(*args)
+
+    api._conv.im2col = counted
+    try:
+        with api.reuse_im2col(memo):
+            y1, cy1 = fs.conv2d(x, w, spec, **kw)
+            (xq, cols), = memo.values()
+            fresh = cols.copy()
+            g1, cg1 = fs.conv2d_grad_weight(x, gy, w.shape, spec, **kw)
+    finally:
+        api._conv.im2col = real
+    # a deterministic input rounding gives x the same bits in both products: built once
+    assert len(built) == (2 if spec.input_rounding is fs.Rounding.STOCHASTIC else 1)
+    assert_same_bits(y1, y0)
+    assert_same_bits(g1, g0)
+    assert cy1 == cy0 and cg1 == cg0
+    assert_same_bits(cols, fresh)  # not written by the products
+
+
+def test_im2col_memo_sees_an_operand_changed_in_place():
+    """The kept matrix is a function of the operand's bits: an operand changed in place (here
+    one value's sign, -0.0 for +0.0 too) is built again, never taken from the memo."""
+    from fixedsim.matmul import api
+
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((1, 2, 5, 5))
+    x[0, 0, 0, 0] = 0.0
+    w = rng.standard_normal((3, 2, 2, 2))
+    gy = rng.standard_normal((1, 3, 4, 4))
+    spec = fs.MatmulSpec(output=fs.FP32)
+    memo = {}
+    with api.reuse_im2col(memo):
+        fs.conv2d(x, w, spec)
+        x[0, 1, 2, 3] *= -1.0
+        g = fs.conv2d_grad_weight(x, gy, w.shape, spec)
+        assert_same_bits(g, fs.conv2d_grad_weight(x.copy(), gy, w.shape, spec))
+        x[0, 0, 0, 0] = -0.0
+        (kept, _), = memo.values()
+        assert not api._same_bits(kept, x)
+        gy[0, 0, 0, 0] = 0.0  # one product of the -0.0 pixel only: a zero sum's sign shows
+        spec_dn = fs.MatmulSpec(output=fs.FP32, output_rounding="down")
+        assert_same_bits(fs.conv2d_grad_weight(x, gy, w.shape, spec_dn),
+                         reference.matmul(gy.transpose(1, 0, 2, 3).reshape(3, -1),
+                                          _cols(x, 2, 2), spec_dn).reshape(w.shape))
+
+
+def _cols(x, kh, kw):
+    """im2col by its definition (stride 1, no padding), float64."""
+    N, C, H, W = x.shape
+    return np.array([[x[n, c, h + i, v + j] for c in range(C) for i in range(kh)
+                      for j in range(kw)]
+                     for n in range(N) for h in range(H - kh + 1) for v in range(W - kw + 1)])

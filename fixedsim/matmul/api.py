@@ -3,6 +3,8 @@ modelled matrix product)."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import numbers
 
 import numpy as np
@@ -240,10 +242,52 @@ def _conv_geometry(x_shape, w_shape, stride, padding, op="conv2d"):
     return (sh, sw), (ph, pw), Ho, Wo
 
 
-def _im2col(x, kh, kw, stride, padding, Ho, Wo):
+#: The im2col matrices a layer's forward pass built, for its backward pass: a dict while a
+#: :func:`reuse_im2col` block is active (else None).
+_COLS_MEMO: contextvars.ContextVar = contextvars.ContextVar("fixedsim_im2col_memo",
+                                                             default=None)
+
+
+@contextlib.contextmanager
+def reuse_im2col(memo: dict):
+    """Within the block, :func:`conv2d` and :func:`conv2d_grad_weight` keep the im2col matrix
+    they build in ``memo`` and take it from there when asked for the same one again: same
+    geometry and an operand (after ``spec.input``) equal bit for bit to the one it was built
+    from, which is kept as a copy, so an operand changed in place in between is seen. A
+    training step's weight gradient so reuses its forward pass's matrix; the results are the
+    same bits (the matrix is a function of the operand's bits and the geometry alone).
+    ``memo`` belongs to the caller (a layer keeps one per forward pass and drops it after
+    the backward pass)."""
+    token = _COLS_MEMO.set(memo)
+    try:
+        yield memo
+    finally:
+        _COLS_MEMO.reset(token)
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Are ``a`` and ``b`` the same array of bits (dtype, shape and every bit: -0.0 is not
+    +0.0, a NaN equals itself)?"""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    u = np.dtype(f"u{a.dtype.itemsize}")
+    return bool(np.array_equal(np.ascontiguousarray(a).view(u), np.ascontiguousarray(b).view(u)))
+
+
+def _im2col(x, kh, kw, stride, padding, Ho, Wo, memo=False):
+    """The im2col matrix of ``x`` (float64); with ``memo`` from the active
+    :func:`reuse_im2col` memo when it holds the one of these bits and geometry."""
+    book = _COLS_MEMO.get() if memo else None
+    key = (x.shape, x.dtype.str, kh, kw, tuple(stride), tuple(padding))
+    if book is not None:
+        kept = book.get(key)
+        if kept is not None and _same_bits(kept[0], x):
+            return kept[1]
     N, C = x.shape[:2]
     cols = np.empty((N * Ho * Wo, C * kh * kw), np.float64)
     _conv.im2col(np.ascontiguousarray(x, np.float64), kh, kw, *stride, *padding, cols)
+    if book is not None:
+        book[key] = (np.array(x, copy=True), cols)
     return cols
 
 
@@ -251,7 +295,7 @@ def _conv_core(xq, wq, spec, keys, rb, c, stride, padding, Ho, Wo):
     """``conv2d`` of quantized operands: im2col, then the modelled matrix product."""
     N, O = xq.shape[0], wq.shape[0]
     kh, kw = wq.shape[2:]
-    cols = _im2col(xq, kh, kw, stride, padding, Ho, Wo)
+    cols = _im2col(xq, kh, kw, stride, padding, Ho, Wo, memo=True)
     c.macs = cols.shape[0] * O * cols.shape[1]
     # every nonzero value of cols is one of xq's: its scan bounds them
     res = _product(cols, np.ascontiguousarray(wq.reshape(O, -1).T), spec, keys, rb, c,
@@ -334,7 +378,7 @@ def conv2d_grad_weight(x, grad_y, w_shape, spec: MatmulSpec | None = None, strid
         raise ValueError(f"conv2d_grad_weight: grad_y must have shape "
                          f"{(x.shape[0], O, Ho, Wo)}, got {gy.shape}")
     gq, xq = _quantize_pair("conv2d_grad_weight", spec, gy, x, ("grad_y", "x"), keys, rb, c)
-    cols = _im2col(xq, w_shape[2], w_shape[3], stride, padding, Ho, Wo)
+    cols = _im2col(xq, w_shape[2], w_shape[3], stride, padding, Ho, Wo, memo=True)
     A = np.ascontiguousarray(gq.transpose(1, 0, 2, 3).reshape(O, -1))
     c.macs = O * cols.shape[0] * cols.shape[1]
     return _done(_product(A, cols, spec, keys, rb, c, bb=_Bits.of(xq)).reshape(w_shape), c,

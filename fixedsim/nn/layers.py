@@ -15,6 +15,7 @@ product is ``x @ W`` with ``K = in_features``; Conv2d's is ``(O, C, kh, kw)``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -23,6 +24,7 @@ import numpy as np
 
 from ..blockformats import BlockFormat
 from ..matmul import MatmulSpec, conv2d, conv2d_grad_input, conv2d_grad_weight, matmul
+from ..matmul.api import reuse_im2col
 from ..matmul.engine import im2col as _im2col
 from ..rounding import Rounding
 from .core import Context, Module, Parameter
@@ -402,8 +404,11 @@ class Conv2d(_Product):
 
             z = conv_forward(self, xq, wq, spec, ctx)
         else:
-            z = ctx.product(conv2d, spec, self.name, "forward", xq, wq, stride=self.stride,
-                            padding=self.padding)
+            # in training the im2col matrix is kept for the weight gradient (bit-checked)
+            self._cols = {} if ctx.training else None
+            with reuse_im2col(self._cols) if ctx.training else _no_memo():
+                z = ctx.product(conv2d, spec, self.name, "forward", xq, wq, stride=self.stride,
+                                padding=self.padding)
         self._cache = (xq, wq)
         self._out_shape = z.shape
         b = None if self.bias is None else self.bias.value.reshape(1, -1, 1, 1)
@@ -431,9 +436,13 @@ class Conv2d(_Product):
 
             dw, dx = conv_backward(self, grad_y, xq, wq, ctx, need_input_grad)
         else:
-            self._weight_grad(lambda: ctx.product(conv2d_grad_weight, p.grad_weight, self.name,
-                                                  "grad_weight", xq, grad_y, wq.shape, **kw),
-                              ctx, C * kh * kw_, grad_y.size, need_input_grad)
+            memo = getattr(self, "_cols", None)
+            with reuse_im2col(memo) if memo is not None else _no_memo():
+                self._weight_grad(lambda: ctx.product(conv2d_grad_weight, p.grad_weight,
+                                                      self.name, "grad_weight", xq, grad_y,
+                                                      wq.shape, **kw),
+                                  ctx, C * kh * kw_, grad_y.size, need_input_grad)
+            self._cols = None  # the matrix is not needed again
             dw = None
         if dw is not None:
             self.weight.grad = ctx.round("weight_grads", dw, self.name)
@@ -459,6 +468,11 @@ class Conv2d(_Product):
         groups = np.repeat(np.arange(N), Ho * Wo)
         y = self._reuse_forward(cols, W2d, spec, ctx, groups)
         return np.ascontiguousarray(y.reshape(N, Ho, Wo, -1).transpose(0, 3, 1, 2))
+
+
+@contextlib.contextmanager
+def _no_memo():
+    yield None
 
 
 def _col2im(cols, x_shape, kernel_size, stride, padding):
