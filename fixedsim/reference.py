@@ -613,7 +613,15 @@ def block_fma(a, b, c, acc, input_emin=-1022, *, flags=False, align=None):
     |c|), -126)`` (-126 for ``c = 0``; ``E2 = e_c`` without ``E``), and the value is
     ``floor(S q / 2**(E2 - m)) 2**(E2 - m) + floor(c / 2**(E2 - cb)) 2**(E2 - cb)``,
     rounded as above. ``align`` counts ``c``'s cut there (its ``underflow``: cut to 0); the
-    floor of ``S q`` is not counted.
+    floor of ``S q`` is not counted. With ``acc.addend_bits = (m, cb, d)``, a nonzero ``c``
+    with ``e_c < E2 - d`` is dropped: its floor is replaced by 0 (counted as cut to 0).
+
+    With ``acc.groups = G`` (and ``addend_bits``), product ``k`` of the block belongs to group
+    ``k mod G``; each group ``g`` with a term has its own anchor ``E_g`` (its largest term
+    exponent, at least ``acc.min_exp``) and cut sum ``S_g`` (its terms cut toward zero to
+    multiples of ``q_g = 2**(E_g - 23 - acc.extra_bits)``); ``E = max E_g`` and ``S = sum
+    floor(S_g q_g / q)``: the group sums floored at the largest anchor's window. ``G = 1``
+    is the definition above.
 
     With ``acc.product_inf_exp`` set (and every product and ``c`` finite), products of
     magnitude ``2**acc.product_inf_exp`` or more are infinities of their sign, and their
@@ -668,25 +676,41 @@ def block_fma(a, b, c, acc, input_emin=-1022, *, flags=False, align=None):
     def op_expo(x):  # an operand's exponent; a zero's is zero_exp (None: no exponent)
         return expo(x, input_emin) if x != 0 else ze
 
-    terms = [(p, op_expo(x) + op_expo(y)) for p, x, y in zip(prods, a, b, strict=True)
+    G = getattr(acc, "groups", None) or 1  # product i of the block in group i mod G
+    terms = [(p, op_expo(x) + op_expo(y), i % G)
+             for i, (p, x, y) in enumerate(zip(prods, a, b, strict=True))
              if p != 0 or ze is not None]
-    if c != 0 and second is None:
-        terms.append((Fraction(c), expo(c, -126)))
+    if c != 0 and second is None:  # (G is 1 without addend_bits)
+        terms.append((Fraction(c), expo(c, -126), 0))
     if not terms and second is None:
         return done(0.0)
-    E = max((e for _, e in terms), default=None)
+    anchors = {}  # each group's anchor: its largest term exponent, at least min_exp
+    for _, e, g in terms:
+        anchors[g] = max(anchors.get(g, e), e)
+    if acc.min_exp is not None:
+        anchors = {g: max(e, acc.min_exp) for g, e in anchors.items()}
+    E = max(anchors.values(), default=None)
     if acc.min_exp is not None and (E is not None or second is not None):
         E = acc.min_exp if E is None else max(E, acc.min_exp)
     S = 0
-    if E is not None:
+    if E is not None:  # each group cut at its anchor, then floored at the largest one's
         q = _pow2(E - 23 - acc.extra_bits)
-        S = sum(cut(Fraction(x), q) for x, _ in terms)
+        for g, Eg in anchors.items():
+            qg = _pow2(Eg - 23 - acc.extra_bits)
+            S += math.floor(sum(cut(Fraction(x), qg) for x, _, h in terms if h == g) * qg / q)
     if second is not None:  # C enters after the products: both aligned again, floored
-        m, cb = second
-        E2 = max(expo(c, -126) if c != 0 else -126, -126 if E is None else E)
+        m, cb = second[:2]
+        ec = expo(c, -126) if c != 0 else -126
+        E2 = max(ec, -126 if E is None else E)
         q2 = _pow2(E2 - m)
-        S = (math.floor(S * q / q2) if S else 0) + cut(Fraction(c), _pow2(E2 - cb),
-                                                       True) * 2 ** (m - cb)
+        if len(second) == 3 and c != 0 and ec < E2 - second[2]:  # C dropped: read as 0
+            cf = 0
+            if align is not None:  # counted as a term cut to zero
+                align["inexact"] = align.get("inexact", 0) + 1
+                align["underflow"] = align.get("underflow", 0) + 1
+        else:
+            cf = cut(Fraction(c), _pow2(E2 - cb), True)
+        S = (math.floor(S * q / q2) if S else 0) + cf * 2 ** (m - cb)
         q = q2
     if S == 0:
         return done(0.0)

@@ -183,7 +183,8 @@ def test_preset_provenance():
 def test_mi300_presets():
     """MMA-Sim's CDNA3 adder: blocks of 8 (4 for xf32), 24 bits below the products' anchor,
     the sum and C aligned again at 31 and 24 bits, zeros read at exponent -126, products of
-    2**128 or more infinities; xf32 inputs truncated to TF32."""
+    2**128 or more infinities; xf32 inputs truncated to TF32; FP8 (FNUZ inputs): blocks of
+    16 in two groups (even, odd), C dropped below 25 bits."""
     acc = fs.BlockFMA(8, 1, rounding="nearest_even", addend_bits=(31, 24), zero_exp=-126,
                       product_inf_exp=128)
     assert hardware.spec("MI300", "fp16") == fs.MatmulSpec(input=fs.FP16, accumulator=acc)
@@ -192,23 +193,33 @@ def test_mi300_presets():
     assert x.accumulator == fs.BlockFMA(4, 1, rounding="nearest_even", addend_bits=(31, 24),
                                         zero_exp=-126, product_inf_exp=128)
     assert x.input == fs.TF32 and x.input_rounding is fs.Rounding.TOWARD_ZERO
+    fp8 = fs.BlockFMA(16, 1, rounding="nearest_even", addend_bits=(31, 24, 25),
+                      zero_exp=-126, product_inf_exp=128, groups=2)
+    assert hardware.spec("MI300", "e4m3") == fs.MatmulSpec(input=fs.FP8_E4M3FNUZ,
+                                                           accumulator=fp8)
+    assert hardware.spec("MI300", "e5m2") == fs.MatmulSpec(input=fs.FP8_E5M2FNUZ,
+                                                           accumulator=fp8)
     by = {(p.device, p.input): p for p in hardware.devices()}
-    for i in ("fp16", "bf16", "tf32"):
+    for i in ("fp16", "bf16", "tf32", "e4m3", "e5m2"):
         assert by[("MI300", i)].provenance.startswith("published model, not validated here: "
                                                      "MMA-Sim")
         assert by[("MI300", i)].mismatches is None
+    assert "fp8_fp8" in by[("MI300", "e4m3")].provenance
+    assert "bf8_bf8" in by[("MI300", "e5m2")].provenance
 
 
-@pytest.mark.parametrize("inp", ["e4m3", "e5m2"])
-def test_mi300_fp8_says_why_it_has_no_preset(inp):
-    with pytest.raises(ValueError, match=f"MI300 has {inp} input with fp32 output, but no "
-                                         "preset: .*third alignment stage"):
-        hardware.spec("MI300", inp)
+def test_a_missing_preset_says_why(monkeypatch):
+    """A combination the device has but no model expresses raises with MISSING's reason."""
+    monkeypatch.setitem(hardware.MISSING, ("MI300", "fp16", "fp16"), "the reason")
+    with pytest.raises(ValueError, match="MI300 has fp16 input with fp16 output, but no "
+                                         "preset: the reason"):
+        hardware.spec("MI300", "fp16", "fp16")
 
 
 def test_mi300_lacks_fp16_output():
     with pytest.raises(ValueError, match="MI300 has no fp16 input with fp16 output; it has "
-                                         "bf16->fp32, fp16->fp32, tf32->fp32"):
+                                         "bf16->fp32, e4m3->fp32, e5m2->fp32, fp16->fp32, "
+                                         "tf32->fp32"):
         hardware.spec("MI300", "fp16", "fp16")
 
 

@@ -23,7 +23,11 @@ AMD MI300 (CDNA3)         8 products aligned and cut at 24 bits, their sum and C
                           aligned again (31 and 24 bits, floor), one nearest-even
                           rounding (``BlockFMA(8, 1, addend_bits=(31, 24),
                           zero_exp=-126, product_inf_exp=128)``);
-                          xf32: blocks of 4, inputs truncated to TF32
+                          xf32: blocks of 4, inputs truncated to TF32;
+                          FP8 (FNUZ): blocks of 16, even and odd products cut at
+                          their own anchors, the two sums floored at 24 bits
+                          below the larger, then C (dropped below 2**(E - 25))
+                          (``groups=2, addend_bits=(31, 24, 25)``)
 ========================  =======================================================  ==========
 
 AMD MI300 (CDNA3): a :class:`~fixedsim.BlockFMA` with a second stage for C
@@ -39,10 +43,13 @@ the next block's C. Subnormal inputs and C are kept; a zero operand is read at e
 in MMA-Sim. xf32 inputs are FP32 values truncated to TF32 (``input_rounding=
 "toward_zero"``). A product of ``2**128`` or more (BF16, xf32) is an infinity that decides
 the block's result before C is added (``product_inf_exp=128``), as in MMA-Sim. The
-FP8 instructions (``*_fp8_fp8``, ``*_bf8_*``, FNUZ formats, 16 products per block) have no
-preset: MMA-Sim sums their even and odd products apart (two anchors), aligns those two sums
-again at 24 bits and only then adds C
-(dropped below ``2**(E - 25)``), a third stage no accumulator here expresses.
+FP8 instructions (``v_mfma_f32_16x16x32_fp8_fp8``, ``32x32x16``, and ``bf8_bf8``: inputs
+FNUZ, 16 products per block) sum the even and the odd products of a block apart, each
+aligned and cut at 24 bits below its own anchor (``groups=2``), floor both sums at 24 bits
+below the larger anchor and add them; that sum and C are then aligned as above, except that
+a C of exponent below ``E2 - 25`` is read as 0 rather than floored (``addend_bits=(31, 24,
+25)``). The mixed forms (``fp8_bf8``, ``bf8_fp8``) take two input formats, which a
+:class:`~fixedsim.MatmulSpec` does not express.
 
 Sources: Intel 64 and IA-32 Architectures Software Developer's Manual, vol. 2 (VDPBF16PS,
 TDPBF16PS, TDPFP16PS pseudo-code); P. Xie, Y. Wang, F. Yang, M. Yang, "MMA-Sim: Bit-Accurate
@@ -53,10 +60,10 @@ Numerical Properties of NVIDIA & AMD Matrix Accelerators", arXiv:2403.00232 (202
 
 from __future__ import annotations
 
-from ..formats import BF16, FP16, FP32, TF32, FloatFormat
+from ..formats import BF16, FP8_E4M3FNUZ, FP8_E5M2FNUZ, FP16, FP32, TF32, FloatFormat
 from ..matmul import Accumulator, BlockFMA, MatmulSpec
 from ..rounding import Rounding
-from . import MISSING, Preset, register
+from . import Preset, register
 
 #: FP32 with every result flushed (FTZ: rounded at full precision, then below 2**-126 -> 0).
 FP32_FTZ = FloatFormat(8, 23, subnormals=False)
@@ -105,11 +112,17 @@ def _presets():
     yield from _mi300()
 
 
-def mi300(block: int = 8) -> BlockFMA:
+def mi300(block: int = 8, fp8: bool = False) -> BlockFMA:
     """The CDNA3 adder of MMA-Sim: ``block`` products (8; 4 for xf32 and the K = 4
     instructions) aligned and cut at 24 fraction bits, their sum and C aligned again and
     floored at 31 and 24 bits, one nearest-even rounding into FP32; a zero operand read at
-    exponent -126, products of ``2**128`` or more infinities, as MMA-Sim has them."""
+    exponent -126, products of ``2**128`` or more infinities, as MMA-Sim has them. ``fp8``:
+    the FP8 instructions' adder, blocks of 16 whose even and odd products are cut at their
+    own anchors and their sums floored at the larger one (``groups=2``), C of exponent below
+    ``E2 - 25`` read as 0 (``addend_bits=(31, 24, 25)``)."""
+    if fp8:
+        return BlockFMA(16, 1, rounding=Rounding.NEAREST_EVEN, addend_bits=(31, 24, 25),
+                        zero_exp=-126, product_inf_exp=128, groups=2)
     return BlockFMA(block, 1, rounding=Rounding.NEAREST_EVEN, addend_bits=(31, 24),
                     zero_exp=-126, product_inf_exp=128)
 
@@ -127,12 +140,15 @@ def _mi300():
                                     accumulator=mi300(4)),
                  _MMASIM.format("CDNA3 v_mfma_f32_16x16x8_xf32 (blocks of 4): FP32 inputs "
                                 "truncated to TF32, then as f16"))
+    for inp, fmt, name in (("e4m3", FP8_E4M3FNUZ, "fp8_fp8"), ("e5m2", FP8_E5M2FNUZ, "bf8_bf8")):
+        yield Preset("MI300", inp, "fp32", _spec(fmt, mi300(fp8=True)),
+                     _MMASIM.format(f"CDNA3 v_mfma_f32_16x16x32_{name} and 32x32x16 (FNUZ "
+                                    "inputs, blocks of 16): the even and the odd products cut "
+                                    "at 24 bits below their own anchors, the two sums floored "
+                                    "at 24 bits below the larger and added, then aligned with "
+                                    "C (31 and 24 bits, floor; C below 2**(E - 25) read as "
+                                    "0), one nearest-even rounding"))
 
 
 for _p in _presets():
     register(_p)
-for _i in ("e4m3", "e5m2"):
-    MISSING[("MI300", _i, "fp32")] = (
-        "its FP8 (FNUZ) model in MMA-Sim sums the even and the odd products of a block of 16 "
-        "apart, aligns the two sums again, then adds C: a third alignment stage that no "
-        "accumulator here expresses (docs/hardware_cpu.md)")

@@ -127,13 +127,14 @@ def round_fast(S, sexp, p, emin, emax, mode):
 
 
 @jit_inline
-def second_stage(S, E, c, top, sbits, cbits):
-    """The second alignment of a BlockFMA with ``addend_bits = (sbits, cbits)``: the
-    products' cut sum ``S * 2**(E - top)`` and the addend ``c`` aligned to ``E2 = max(E,
+def second_stage(S, E, c, top, sbits, cbits, dbits):
+    """The second alignment of a BlockFMA with ``addend_bits = (sbits, cbits[, dbits])``:
+    the products' cut sum ``S * 2**(E - top)`` and the addend ``c`` aligned to ``E2 = max(E,
     e_c)`` (``e_c = max(floor(log2|c|), -126)``, -126 for ``c = 0``), floored to multiples
-    of ``2**(E2 - sbits)`` and ``2**(E2 - cbits)``; returns ``(T, E2, cf, lost)`` with the
-    exact sum ``T * 2**(E2 - sbits)``, ``lost`` 0 when ``c``'s cut was exact, 1 when it lost
-    bits, 2 when it lost all of them.
+    of ``2**(E2 - sbits)`` and ``2**(E2 - cbits)`` (``c`` read as 0 when ``dbits > 0`` and
+    ``e_c < E2 - dbits``); returns ``(T, E2, cf, lost)`` with the exact sum ``T * 2**(E2 -
+    sbits)``, ``lost`` 0 when ``c``'s cut was exact, 1 when it lost bits, 2 when it lost all
+    of them.
 
     ``S`` is shifted on its integer bits (an arithmetic right shift floors; at 63 or more
     bits every ``|S| < 2**62`` floors to 0 or -1, as a larger shift does). ``c * 2**(cbits -
@@ -151,6 +152,8 @@ def second_stage(S, E, c, top, sbits, cbits):
     cf = np.int64(math.floor(v))
     if c < 0.0 and cf == 0:
         cf = np.int64(-1)
+    if dbits > 0 and ec < e2 - dbits:  # dropped
+        cf = np.int64(0)
     lost = 0
     if c != 0.0 and (v != cf or cf == 0):
         lost = 2 if cf == 0 else 1
@@ -175,7 +178,7 @@ def _cut(t, ti, cut_rj, r, j):
 
 @jit_parallel
 def gemm_blockfma(A, EA, B, EB, C, out, block, extra, min_exp, p, emin, emax, mode, count,
-                  sbits, cbits):
+                  sbits, cbits, dbits, groups):
     """``out[i, j]``: the BlockFMA chain of row ``A[i]`` and column ``B[:, j]`` from ``C[i, j]``.
 
     ``EA``, ``EB`` (int16): the operands' exponents (``max(floor(log2|x|), input emin)``,
@@ -196,7 +199,13 @@ def gemm_blockfma(A, EA, B, EB, C, out, block, extra, min_exp, p, emin, emax, mo
     ``sbits > 0`` (a BlockFMA's ``addend_bits = (sbits, cbits)``): the running value is no
     term of the block; after the products' cut sum ``S`` (anchor ``E``), the second stage
     (:func:`second_stage`) aligns ``S`` and the running value again and floors them. Elements
-    whose second-stage scale ``2**(cbits - E2)`` leaves float64's normal range are marked.
+    whose second-stage scale ``2**(cbits - E2)`` leaves float64's normal range are marked;
+    ``dbits > 0``: the running value is read as 0 when its exponent is below ``E2 - dbits``.
+
+    ``groups > 1`` (with ``sbits > 0``): product ``k0 + i`` of a block is in group ``i mod
+    groups``; each group has its own anchor (``EG[g]``) and cut sum (in ``Sg``), and the
+    group sums, shifted right on their integer bits to the largest anchor's window (an
+    arithmetic shift is the floor), make ``S``. ``groups == 1`` sums into ``S`` directly.
     """
     R, K = A.shape
     N = B.shape[1]
@@ -211,8 +220,12 @@ def gemm_blockfma(A, EA, B, EB, C, out, block, extra, min_exp, p, emin, emax, mo
         i0 = it * TILE
         nr = min(TILE, R - i0)
         s = np.zeros((TILE, N))
-        E = np.empty((TILE, N), np.int16)
+        EG = np.empty((groups, TILE, N), np.int16)  # each group's anchor
+        Emax = np.empty((TILE, N), np.int16)
+        E = EG[0] if groups == 1 else Emax  # the block's anchor
         S = np.empty((TILE, N), np.int64)
+        St = np.empty((TILE, N) if groups > 1 else (1, 1), np.int64)
+        Sg = S if groups == 1 else St  # a group's cut sum
         sc = np.empty((TILE, N))
         ea = np.empty(TILE, np.int16)
         av = np.empty(TILE)
@@ -224,55 +237,73 @@ def gemm_blockfma(A, EA, B, EB, C, out, block, extra, min_exp, p, emin, emax, mo
         for t in range(nblocks):
             k0 = t * block
             k1 = min(K, k0 + block)
-            for r in range(TILE):  # the addend's exponent (read as an FP32 value), the floor
-                for j in range(N):
-                    cj = s[r, j]
-                    ec = max(((f64_bits(cj) >> 52) & 0x7FF) - 1023, -126)
-                    on = cj != 0.0 and abs(cj) < np.inf and sbits == 0
-                    E[r, j] = max(min_exp, ec) if on else min_exp
-            for k in range(k0, k1):  # the anchor: the largest product exponent
-                for r in range(TILE):
-                    ea[r] = EA[i0 + r, k] if r < nr else NO_EXP
-                for j in range(N):
-                    eb = EB[k, j]
-                    for r in range(TILE):
-                        E[r, j] = max(E[r, j], np.int16(ea[r] + eb))
-            for r in range(TILE):  # the window's scale, the addend cut to it
-                for j in range(N):
-                    x = top - E[r, j]
-                    if E[r, j] > NO_EXP // 2 and (x > 1000 or x < -1000) and r < nr:
-                        bad[i0 + r, j] = 1
-                    sc[r, j] = pow2(x if (x <= 1000) & (x >= -1000) else 0)
-                    fin = abs(s[r, j]) < np.inf and sbits == 0
-                    S[r, j] = np.int64(s[r, j] * sc[r, j]) if fin else 0
-            if count:  # the same sums, and the terms that lost bits in the cut
-                for r in range(nr):
+            for g in range(groups):
+                Eg = EG[g]
+                for r in range(TILE):  # the addend's exponent (an FP32 value), the floor
                     for j in range(N):
-                        if abs(s[r, j]) < np.inf and s[r, j] != 0.0 and sbits == 0:
-                            _cut(s[r, j] * sc[r, j], S[r, j], cut_rj, r, j)
-                for k in range(k0, k1):
-                    for r in range(nr):
-                        a = A[i0 + r, k]
-                        for j in range(N):
-                            t = a * B[k, j] * sc[r, j]
-                            ti = np.int64(t)
-                            S[r, j] += ti
-                            if abs(s[r, j]) < np.inf:
-                                _cut(t, ti, cut_rj, r, j)
-            else:
-                for k in range(k0, k1):  # the products cut to the window (toward zero), summed
+                        cj = s[r, j]
+                        ec = max(((f64_bits(cj) >> 52) & 0x7FF) - 1023, -126)
+                        on = cj != 0.0 and abs(cj) < np.inf and sbits == 0
+                        Eg[r, j] = max(min_exp, ec) if on else min_exp
+                for k in range(k0 + g, k1, groups):  # the anchor: the largest exponent
                     for r in range(TILE):
-                        av[r] = A[i0 + r, k] if r < nr else 0.0
+                        ea[r] = EA[i0 + r, k] if r < nr else NO_EXP
                     for j in range(N):
-                        b = B[k, j]
+                        eb = EB[k, j]
                         for r in range(TILE):
-                            S[r, j] += np.int64(av[r] * b * sc[r, j])
+                            Eg[r, j] = max(Eg[r, j], np.int16(ea[r] + eb))
+            if groups > 1:  # the block's anchor: the largest group's
+                for r in range(TILE):
+                    for j in range(N):
+                        E[r, j] = EG[0, r, j]
+                        S[r, j] = 0
+                for g in range(1, groups):
+                    for r in range(TILE):
+                        for j in range(N):
+                            E[r, j] = max(E[r, j], EG[g, r, j])
+            for g in range(groups):
+                Eg = EG[g]
+                for r in range(TILE):  # the window's scale, the addend cut to it
+                    for j in range(N):
+                        x = top - Eg[r, j]
+                        if Eg[r, j] > NO_EXP // 2 and (x > 1000 or x < -1000) and r < nr:
+                            bad[i0 + r, j] = 1
+                        sc[r, j] = pow2(x if (x <= 1000) & (x >= -1000) else 0)
+                        fin = abs(s[r, j]) < np.inf and sbits == 0
+                        Sg[r, j] = np.int64(s[r, j] * sc[r, j]) if fin else 0
+                if count:  # the same sums, and the terms that lost bits in the cut
+                    for r in range(nr):
+                        for j in range(N):
+                            if abs(s[r, j]) < np.inf and s[r, j] != 0.0 and sbits == 0:
+                                _cut(s[r, j] * sc[r, j], Sg[r, j], cut_rj, r, j)
+                    for k in range(k0 + g, k1, groups):
+                        for r in range(nr):
+                            a = A[i0 + r, k]
+                            for j in range(N):
+                                t = a * B[k, j] * sc[r, j]
+                                ti = np.int64(t)
+                                Sg[r, j] += ti
+                                if abs(s[r, j]) < np.inf:
+                                    _cut(t, ti, cut_rj, r, j)
+                else:
+                    for k in range(k0 + g, k1, groups):  # the products cut (toward zero)
+                        for r in range(TILE):
+                            av[r] = A[i0 + r, k] if r < nr else 0.0
+                        for j in range(N):
+                            b = B[k, j]
+                            for r in range(TILE):
+                                Sg[r, j] += np.int64(av[r] * b * sc[r, j])
+                if groups > 1:  # floored to the block's window, summed
+                    for r in range(TILE):
+                        for j in range(N):
+                            d = np.int64(E[r, j]) - np.int64(Eg[r, j])
+                            S[r, j] += Sg[r, j] >> min(d, 63)
             if sbits > 0:
                 for r in range(nr):
                     for j in range(N):
                         if abs(s[r, j]) < np.inf:
                             S[r, j], e2, cf, lost = second_stage(S[r, j], E[r, j], s[r, j],
-                                                                 top, sbits, cbits)
+                                                                 top, sbits, cbits, dbits)
                             E[r, j] = e2 - sbits + top
                             if cbits - e2 > 1000 or cbits - e2 < -1000:
                                 bad[i0 + r, j] = 1

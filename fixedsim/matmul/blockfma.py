@@ -48,6 +48,15 @@ With ``addend_bits = (m, c)`` the addend takes no part in the anchor or the cut 
 scaled by the power of two ``2**(c - E2)`` (exact where normal, below 1 where not) and
 floored, the two integers summed exactly (below ``2**51``: ``m + bitlen(block) <= 48``) and
 rounded as in 4. Elements whose scale ``2**(c - E2)`` is not a normal float64 are marked.
+With ``addend_bits = (m, c, d)`` an addend of exponent below ``E2 - d`` is read as 0 (its
+floor replaced).
+
+With ``groups = G`` each group's products (``i mod G`` within the block) get their own
+anchor and scale, as 1. and 2. say for a block, and their own int64 cut sum; each group sum
+is shifted right on its integer bits by the block's anchor minus its own (an arithmetic
+right shift is the floor the model takes; at 63 bits or more every sum below ``2**53``
+floors to 0 or -1, as a larger shift would), and the shifted sums are added: the model's
+``S``, exactly (at most ``block`` terms below ``2**(25 + n)`` in all, the bound of 3.).
 
 With ``promote``, the kernel runs on each chunk of ``promote`` products from a zero addend
 (a zero addend drops out of the anchor and its cut is 0: the model's chunk from +0), and
@@ -179,12 +188,18 @@ def _chunks(A, EA, B, EB, C, acc, f, count):
             _ro(A[:, k0:k1]), _ro(EA[:, k0:k1]), _ro(B[k0:k1]), _ro(EB[k0:k1]),
             _ro(np.zeros_like(s)), part, acc.block, acc.extra_bits,
             _gb.NO_EXP if acc.min_exp is None else acc.min_exp, acc.frac_bits, f.emin, f.emax,
-            int(acc.rounding), count, 0, 0)
+            int(acc.rounding), count, 0, 0, 0, 1)
         s, fl = promote_add(s, part, f)
         counts += cn + fl
         cuts += ct
         bad |= bd
     return s, counts, bad, cuts
+
+
+def _second(acc):
+    """The kernel's ``sbits, cbits, dbits, groups`` for ``acc`` (0 for what is not set)."""
+    ab = acc.addend_bits or (0, 0)
+    return ab[0], ab[1], ab[2] if len(ab) == 3 else 0, acc.groups or 1
 
 
 def run(p):
@@ -206,7 +221,7 @@ def run(p):
             _ro(exponents(B, emin, acc.zero_exp)), _ro(C), out,
             acc.block, acc.extra_bits,
             _gb.NO_EXP if acc.min_exp is None else acc.min_exp, acc.frac_bits, f.emin, f.emax,
-            int(acc.rounding), p.c._steps, *(acc.addend_bits or (0, 0)))
+            int(acc.rounding), p.c._steps, *_second(acc))
     else:  # a marked element's row goes to the oracle whole (its chunks' counts dropped)
         ze = acc.zero_exp
         out, counts, bad, cuts = _chunks(A, exponents(A, emin, ze), B, exponents(B, emin, ze),

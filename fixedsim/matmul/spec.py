@@ -206,7 +206,19 @@ class BlockFMA:
     multiple of ``2**(E2 - m)`` and C to one of ``2**(E2 - c)``, both toward minus
     infinity, and their exact sum is rounded once as in step 4. This is the adder of the
     AMD CDNA3 matrix cores in the MMA-Sim model (``m, c = 31, 24``; docs/hardware_cpu.md).
-    It does not combine with ``promote``.
+    It does not combine with ``promote``. A third value, ``addend_bits=(m, c, d)``, drops C
+    (reads it as 0, instead of flooring it) when ``e_C < E2 - d``, as MMA-Sim's CDNA3 FP8
+    model does with ``d = 25``.
+
+    With ``groups=G`` (and ``addend_bits``) the block's products are split into ``G``
+    interleaved groups, product ``i`` of the block into group ``i mod G``: each group is
+    aligned to its own anchor ``E_g`` (its largest product exponent, at least ``min_exp``)
+    and cut toward zero at ``23 + extra_bits`` bits below it as in step 3; the group sums are
+    then aligned to the largest anchor ``E = max E_g`` and floored (toward minus infinity)
+    to multiples of ``2**(E - 23 - extra_bits)``, and their exact sum is the products' cut
+    sum that the ``addend_bits`` stage aligns with C. A group without products takes no part.
+    This is the CDNA3 FP8 adder in the MMA-Sim model (blocks of 16, the even and the odd
+    products apart: ``groups=2``; docs/hardware_cpu.md).
 
     With ``zero_exp`` a zero operand is read at that exponent when the anchor is taken, so a
     zero product ``0 * b`` takes part in the anchor at ``zero_exp + e_b`` (its cut is 0), as
@@ -239,16 +251,21 @@ class BlockFMA:
     interleave : int, optional
         Products per group dealt round robin to the blocks of each chunk (needs ``promote``;
         ``block`` a multiple of it; None: the blocks take consecutive products).
-    addend_bits : (int, int), optional
+    addend_bits : (int, int) or (int, int, int), optional
         ``(m, c)``: C enters after the products' cut sum, both aligned again and cut toward
         minus infinity at ``m`` and ``c`` fraction bits below their common anchor (``1 <= c
-        <= m``, ``m + bitlen(block) <= 48``; None: C is a term of the block).
+        <= m``, ``m + bitlen(block) <= 48``; None: C is a term of the block). ``(m, c, d)``:
+        also, C of exponent below ``E2 - d`` is read as 0 (``c <= d <= 4096``).
     zero_exp : int, optional
         Exponent at which a zero operand takes part in the anchor (-1100 to 1100; None: zero
         products take no part in it).
     product_inf_exp : int, optional
         Products of magnitude ``2**product_inf_exp`` or more are infinities (-1100 to 1100;
         None: every finite product is a term).
+    groups : int, optional
+        Interleaved groups of a block's products, each aligned and cut at its own anchor,
+        their sums floored at the largest (1 to ``block``; needs ``addend_bits``; None or 1:
+        the block's products are one group).
 
     Raises
     ------
@@ -280,6 +297,7 @@ class BlockFMA:
     addend_bits: tuple | None = None
     zero_exp: int | None = None
     product_inf_exp: int | None = None
+    groups: int | None = None
 
     def __post_init__(self):
         for name, lo, hi in (("block", 1, 2**20), ("extra_bits", -23, 30)):
@@ -336,19 +354,23 @@ class BlockFMA:
             object.__setattr__(self, "interleave", int(il))
         ab = self.addend_bits
         if ab is not None:
-            if (not isinstance(ab, (tuple, list)) or len(ab) != 2
+            if (not isinstance(ab, (tuple, list)) or len(ab) not in (2, 3)
                     or any(isinstance(v, bool) or not isinstance(v, numbers.Integral)
                            for v in ab)):
                 raise TypeError(f"BlockFMA addend_bits must be a pair of ints (sum bits, C "
-                                f"bits) or None, got {ab!r}")
+                                f"bits), a triple (with C's drop distance) or None, got {ab!r}")
             m, cb = int(ab[0]), int(ab[1])
             if not 1 <= cb <= m or m + self.block.bit_length() > 48:
                 raise ValueError(f"BlockFMA addend_bits (m, c) needs 1 <= c <= m and m + "
                                  f"bitlen(block) <= 48 (block {self.block}), got {ab!r}")
+            if len(ab) == 3 and not cb <= ab[2] <= 4096:
+                raise ValueError(f"BlockFMA addend_bits (m, c, d) needs c <= d <= 4096 (C is "
+                                 f"dropped below 2**(E2 - d), kept at least to its cut), got "
+                                 f"{ab!r}")
             if pr is not None:
                 raise ValueError("BlockFMA addend_bits does not combine with promote (with "
                                  "promote, C starts the running sum the chunks are added to)")
-            object.__setattr__(self, "addend_bits", (m, cb))
+            object.__setattr__(self, "addend_bits", tuple(int(v) for v in ab))
         ze = self.zero_exp
         if ze is not None:
             if isinstance(ze, bool) or not isinstance(ze, numbers.Integral):
@@ -363,6 +385,17 @@ class BlockFMA:
             if not -1100 <= pe <= 1100:
                 raise ValueError(f"BlockFMA product_inf_exp must be in -1100..1100, got {pe}")
             object.__setattr__(self, "product_inf_exp", int(pe))
+        g = self.groups
+        if g is not None:
+            if isinstance(g, bool) or not isinstance(g, numbers.Integral):
+                raise TypeError(f"BlockFMA groups must be an int or None, got {g!r}")
+            if not 1 <= g <= self.block:
+                raise ValueError(f"BlockFMA groups must be in 1..block ({self.block}): each "
+                                 f"group takes product i of a block with i mod groups; got {g}")
+            if ab is None:
+                raise ValueError("BlockFMA groups needs addend_bits (C enters after the group "
+                                 "sums are combined)")
+            object.__setattr__(self, "groups", int(g))
 
     #: Every block's result overflows to an infinity (the Accumulator attribute of the name).
     overflow = Overflow.INFINITY
@@ -408,6 +441,8 @@ class BlockFMA:
             parts.append(f"zero_exp={self.zero_exp}")
         if self.product_inf_exp is not None:
             parts.append(f"product_inf_exp={self.product_inf_exp}")
+        if self.groups is not None:
+            parts.append(f"groups={self.groups}")
         return f"BlockFMA({', '.join(parts)})"
 
 

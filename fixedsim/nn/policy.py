@@ -336,14 +336,14 @@ def _spec_from_dict(d: dict, where: str) -> MatmulSpec:
 #: The BlockFMA fields a policy file writes only when they are set (not None); a tuple
 #: (``addend_bits``) is written as a list.
 _BLOCK_FMA_OPTIONAL = ("output_frac_bits", "min_exp", "promote", "interleave", "addend_bits",
-                       "zero_exp", "product_inf_exp")
+                       "zero_exp", "product_inf_exp", "groups")
 
 
 def _block_fma_from_dict(a: dict, where: str) -> BlockFMA:
     """A :class:`~fixedsim.BlockFMA` from ``{"kind": "block_fma", "block", "extra_bits",
     "rounding", "format", "output_frac_bits", "min_exp", "promote", "interleave",
-    "addend_bits", "zero_exp", "product_inf_exp"}`` (the last nine optional; ``addend_bits``
-    a pair ``[m, c]``)."""
+    "addend_bits", "zero_exp", "product_inf_exp", "groups"}`` (the last ten optional;
+    ``addend_bits`` a list ``[m, c]`` or ``[m, c, d]``)."""
     w = f"{where}.accumulator"
     _check_keys(a, {"kind", "block", "extra_bits", "rounding", "format",
                     *_BLOCK_FMA_OPTIONAL}, w)
