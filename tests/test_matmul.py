@@ -957,6 +957,13 @@ def test_operand_scan_large_and_chunked():
     x[99_999] = np.nan
     assert mcore._Bits.of(x) == bits_numpy(x)
     assert mcore._Bits.of(np.zeros((3, 0))) == bits_numpy(np.zeros((3, 0)))
+    # float32 data are scanned as float32 (widened in a register): the same fields
+    with np.errstate(over="ignore"):
+        x32 = x.astype(np.float32)
+    x32[7] = np.float32(2.0**-149)
+    assert mcore._Bits.of(x32) == bits_numpy(x32) == bits_numpy(x32.astype(np.float64))
+    x32[99_999] = 1.0
+    assert mcore._Bits.of(x32) == bits_numpy(x32)
 
 
 @st.composite

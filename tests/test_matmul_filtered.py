@@ -158,25 +158,27 @@ def test_chunked_sums_match_general_kernel_and_oracle(rnd, out, ab, size):
 
 
 def test_chunked_sum_and_its_bound():
-    """The chunked sum is the chunks' BLAS products added in order from the first, and ``d``
-    counts the additions a product can pass through: ``k_c`` in its chunk, ``n_c - 1`` after."""
+    """The chunked sum is the sum of the full chunks' BLAS products plus the last chunk's,
+    and ``d`` counts the additions a product can pass through: ``k_c`` in its chunk, ``n_c``
+    after it."""
     rng = np.random.default_rng(4)
     a, b = rng.standard_normal((3, 10)), rng.standard_normal((10, 2))
     with chunks(4):
         S, d = filtered._chunked(a, b)
-    want = a[:, :4] @ b[:4]  # n_c = 3 chunks of k_c = 4, 4 and 2 columns
+    want = a[:, :4] @ b[:4]  # n_c = 2 chunks of k_c = 4 columns, then the last 2
     want += a[:, 4:8] @ b[4:8]
     want += a[:, 8:] @ b[8:]
     assert_same_bits(S, want)
-    assert d == 4 + 3
+    assert d == 4 + 2 + 1
 
 
 @pytest.mark.parametrize("read", [True, False])
 @pytest.mark.parametrize("side", [1.0, -1.0])
 def test_a_chunked_error_as_large_as_its_bound(read, side, monkeypatch):
-    """A chunked sum off by as much as ``gamma(d) * sum|a_k b_k|`` (``d = k_c + n_c = 4`` for
-    chunks of 2 over K = 4), on the other side of an FP32 midpoint than the exact sum, 2**-51
-    from it: the filter must not decide there; the result is the oracle's."""
+    """A chunked sum off by as much as ``gamma(d) * sum|a_k b_k|`` (``d = k_c + n_c + 1 = 5``
+    for chunks of 2 over K = 4; the test takes 4), on the other side of an FP32 midpoint than
+    the exact sum, 2**-51 from it: the filter must not decide there; the result is the
+    oracle's."""
     a = np.array([[1.0, 2.0**-24, side * 2.0**-80, 0.0]], np.float32)
     b = np.array([[1.0], [1.0], [1.0], [0.0]], np.float32)
     spec = fs.MatmulSpec(output=fs.FP32)
@@ -185,7 +187,7 @@ def test_a_chunked_error_as_large_as_its_bound(read, side, monkeypatch):
     assert 2.0**-51 + 2.0**-80 <= gamma * (1.0 + 2.0**-24)  # |s - exact| within the bound
     with chunks(2):
         p = make(a, b, spec, read)
-        assert filtered._chunked(p.A, p.B)[1] == 4
+        assert filtered._chunked(p.A, p.B)[1] == 5
         monkeypatch.setattr(filtered, "_chunked", lambda A, B: (np.array([[s]]), 4))
         out = filtered.run(p)
     assert_same_bits(out.astype(np.float64), reference.matmul(a, b, spec))

@@ -15,7 +15,8 @@ def _exponent_of_pow2(v):
 
 @jit
 def operand_bits(x):
-    """One pass over float64 ``x`` (1-D, contiguous): the fields of ``fixedsim.matmul._Bits``.
+    """One pass over float64 or float32 ``x`` (1-D, contiguous; a float32 value is widened
+    to float64, exactly, and read there): the fields of ``fixedsim.matmul._Bits``.
 
     Each finite nonzero ``|x| = C * 2**lsb`` with ``C`` odd; returns ``(nonfinite, sig, lsb,
     top)``: the number of infinities and NaNs, the most significant bits of any ``C``, the

@@ -47,8 +47,11 @@ class _Bits:
 
     @classmethod
     def of(cls, x: np.ndarray) -> _Bits:
-        flat = np.ascontiguousarray(x, dtype=np.float64).reshape(-1).view()
-        flat.setflags(write=False)  # always read-only: one compiled signature
+        # float32 data scanned as it is (a second compiled signature; each value widened
+        # exactly in a register), anything else as float64
+        dt = np.float32 if x.dtype == np.float32 else np.float64
+        flat = np.ascontiguousarray(x, dtype=dt).reshape(-1).view()
+        flat.setflags(write=False)  # always read-only: one compiled signature per dtype
         nonfinite, sig, lsb, top = _gx.operand_bits(flat)
         if top == -4096:  # no finite nonzero value
             return cls(nonfinite == 0, 0, 0, -1075, 0)
