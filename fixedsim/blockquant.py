@@ -311,35 +311,25 @@ def _fused(arr, fmt: BlockFormat, rounding, rbits, key, ax, out=None):
     out = np.empty(moved.size, np.float64) if out is None else out.reshape(-1)
     k = np.empty(moved.size // fmt.block, np.int64)
     mm, em = math.frexp(el.max)
-    _qb.mx_from_f32(xb, out, k, fmt.block, int(rounding), _RULE_CODES[fmt.scale_rule],
-                    el.emax, el.precision, int(math.ldexp(mm, 24)), lo, 23 - el.man_bits,
-                    el.emin + 127, float(el.max), el.emin - el.man_bits, rbits, key)
+    nnan, kmax = _qb.mx_from_f32(
+        xb, out, k, fmt.block, int(rounding), _RULE_CODES[fmt.scale_rule], el.emax,
+        el.precision, int(math.ldexp(mm, 24)), lo, el.emin, el.man_bits,
+        int(np.float64(el.max).view(np.int64)), 2.0**rbits, rbits, key)
     vals = out.reshape(-1, fmt.block)
-    for b in np.flatnonzero(k == _qb.SLOW_BLOCK):  # tiny blocks: rounded by the oracle
-        blk = moved[b * fmt.block:(b + 1) * fmt.block].astype(np.float64)
-        s = reference.block_scale(float(np.abs(blk).max()), fmt)
-        k[b] = s.numerator.bit_length() - s.denominator.bit_length()
-        for j, v in enumerate(blk.tolist()):
-            i = b * fmt.block + j
-            d = (int(random_u64_array(key, i, 1)[0] >> np.uint64(64 - rbits))
-                 if rounding is Rounding.STOCHASTIC else None)
-            e = reference.round_to_format(Fraction(v) / s if v else v, el, rounding,
-                                          Overflow.SATURATE, draw=d,
-                                          random_bits=None if rbits == 64 else rbits)
-            vals[b, j] = math.ldexp(e, int(k[b]))
-    bad = k == _qb.NAN_BLOCK
-    if bad.any() and not fmt.scale.has_nan:
+    bad = k == _qb.NAN_BLOCK if nnan else np.zeros(k.size, bool)
+    if nnan and not fmt.scale.has_nan:
         raise ValueError(f"x holds NaN or an infinity (block {int(np.argmax(bad))}), which "
                          f"needs a NaN scale, and {fmt.scale!r} has no NaN")
-    kk = np.where(bad, lo, k)
-    if kk.size and int(kk.max()) > hi:
-        b = int(np.argmax(kk))
+    if nnan:
+        k[bad] = lo
+    if kmax > hi:
+        b = int(np.argmax(k))
         amax = float(np.abs(moved[b * fmt.block:(b + 1) * fmt.block]).max())
         raise ValueError(
-            f"block {b} (its largest magnitude {amax!r}) needs the scale 2**{int(kk[b])}, "
+            f"block {b} (its largest magnitude {amax!r}) needs the scale 2**{int(k[b])}, "
             f"beyond {fmt.scale!r}'s largest power of two 2**{hi}: the scale format cannot "
             "hold the scale; scale the tensor down first")
-    return vals, kk, bad
+    return vals, k, bad
 
 
 def _quantize_parts(x, fmt: BlockFormat, rounding, overflow, seed, random_bits, axis,

@@ -1,37 +1,41 @@
 """Fused block quantizer: float32 input into an MX format with a power-of-two scale.
 
-One pass per block: the largest magnitude from the input bits (exact), the scale exponent ``k``
-from the rule by integer arithmetic on its significand and exponent, then every element rounded
-by :func:`fixedsim.jit.quant_fast.f32_float_one` with the element's subnormal threshold and
-quanta moved by ``k``. Rounding ``x`` at the quantum ``q * 2**k`` is rounding ``x / 2**k`` at
-``q`` and multiplying back, exactly, so the result bits are the value ``element * 2**k``; the
-caller checks that every such value and quantum is a float32 (``2**-149`` to ``2**128``; the one
-value that can reach ``2**128``, a rounding up to it, is written as ``2**128``).
+Each parallel chunk of :data:`BLOCKS_PER_CHUNK` blocks takes two passes:
+
+1. per block, the largest magnitude from the input bits (exact), the scale exponent ``k`` from
+   the rule by integer arithmetic on its significand and exponent (:func:`block_exponent`),
+   and ``k`` written for each element of the block into a chunk-local array;
+2. one loop over the chunk's elements (long and branch-free, so the compiler vectorises it)
+   rounding each at its own quantum in float64 arithmetic (:func:`mx_value`).
+
+Rounding ``x`` at the quantum ``2**q`` of ``x / 2**k`` moved by ``k`` is exact in float64 for
+every float32 ``x`` and every ``q`` the formats give (``-180 < q < 140``): the float64 of a
+float32 is exact, ``|x| * 2**-q`` is an exact scaling by a power of two within float64's normal
+range, and ``floor`` and the fraction of it are exact. Nearest even takes one addition and one
+subtraction of ``1.5 * 2**(q + 52)``, which rounds ``x`` to a multiple of ``2**q`` to nearest even
+in the hardware's own rounding (``|x| < 2**(q + 51)``). The value ``element * 2**k`` comes out
+as a float64 (one past float32's range, ``2**128``, included); its sign is the input's (a
+negative input that rounds to zero gives ``-0.0``).
 
 Rules (``rule``): 0 "ocp" floor, 1 "ceil", 2 "even", 3 "rceil" (see
 :data:`fixedsim.blockformats.SCALE_RULES`). A block holding NaN or an infinity is all NaN and its
-exponent is :data:`NAN_BLOCK`; one the kernel does not round gets :data:`SLOW_BLOCK`.
+exponent is :data:`NAN_BLOCK`.
 """
-
-import math
 
 import numpy as np
 from numba import prange
 
-from .bits import f32_bits, f32_from_bits
+from .bits import f32_from_bits, f64_bits, f64_from_bits
 from .options import jit_inline, jit_parallel
-from .quant import RNE, SR
-from .quant_fast import f32_float_one
+from .quant import ODD, RDN, RNA, RNE, RTZ, RUP, SR
+from .rng import random_u64
 
 #: The exponent returned for a block holding NaN or an infinity.
 NAN_BLOCK = 1 << 20
-#: The exponent returned for a block the kernel leaves to the caller: its scale puts the
-#: element's smallest normal below float32's (``emin + k < -126``), where the element's quantum
-#: depends on the exponent of a float32 subnormal (blocks whose maximum is below about 2**-110).
-SLOW_BLOCK = 1 << 21
 #: Blocks per parallel chunk.
 BLOCKS_PER_CHUNK = 256
 RULE_OCP, RULE_CEIL, RULE_EVEN, RULE_RCEIL = range(4)
+_SIGN32 = np.int64(0x80000000)
 
 
 @jit_inline
@@ -71,60 +75,105 @@ def block_exponent(amax, rule, emax, prec, mmax_n, k_lo):
 
 
 @jit_inline
-def _mx_chunk(xb, out, kout, b0, b1, block, MODE, rule, emax, prec, mmax_n, k_lo, sh0, emin127,
-              maxe, minsub_exp, rbits, key):
-    for b in range(b0, b1):
-        lo = b * block
-        xs = xb[lo:lo + block]
-        os = out[lo:lo + block]
-        amax = np.int64(0)
-        for j in range(block):
-            a = np.int64(xs[j]) & 0x7FFFFFFF
-            amax = a if a > amax else amax
-        if amax >= 0x7F800000:  # NaN or an infinity: a NaN block
-            kout[b] = NAN_BLOCK
-            for j in range(block):
-                os[j] = np.nan
-            continue
-        if amax == 0:  # zeros only (the zero-padded rows of a lowered product): themselves,
-            kout[b] = k_lo  # at the smallest scale, as the oracle gives them
-            for j in range(block):
-                os[j] = -0.0 if xs[j] >> 31 else 0.0
-            continue
-        k = block_exponent(amax, rule, emax, prec, mmax_n, k_lo)
-        if emin127 + k < 1:  # element subnormals below float32's normals: left to the caller
-            kout[b] = SLOW_BLOCK
-            continue
-        kout[b] = k
-        maxbits = f32_bits(np.float32(math.ldexp(maxe, k)))  # inf bits beyond float32
-        qbits = f32_bits(np.float32(math.ldexp(1.0, minsub_exp + k)))
-        lim = emin127 + k
-        for j in range(block):
-            r, _ = f32_float_one(np.int64(xs[j]), MODE, sh0, lim, qbits, maxbits, maxbits,
-                                 maxbits, maxbits, rbits, key, lo + j)
-            if (r & 0x7FFFFFFF) == 0x7F800000:  # rounded up to 2**128
-                os[j] = -(2.0**128) if r & 0x80000000 else 2.0**128
-            else:
-                os[j] = np.float64(f32_from_bits(np.uint32(r)))
+def mx_value(b, k, MODE, emin, man_bits, maxb64, sr_scale, rbits, key, i):
+    """The value ``element * 2**k`` (float64) of float32 bits ``b`` (int64, finite) in a block
+    of scale ``2**k``: ``x / 2**k`` rounded into the element (``emin``, ``man_bits``; largest
+    value with float64 bits ``maxb64``) in mode ``MODE``, saturating, times ``2**k``.
+    ``sr_scale``: ``2.0**rbits``; the draw of element ``i`` is ``random_u64(key, i)``."""
+    x = np.float64(f32_from_bits(np.uint32(b)))
+    e = ((f64_bits(x) >> 52) & 0x7FF) - 1023  # floor(log2|x|): x is a normal float64 or 0
+    lo = emin + k
+    q = (e if e > lo else lo) - man_bits  # the quantum 2**q of x (moved by k)
+    big = f64_from_bits(maxb64 + (k << 52))  # the element's largest value times 2**k
+    sign = (b & _SIGN32) << 32
+    if MODE == RNE:
+        c = f64_from_bits(((q + 1075) << 52) | (1 << 51))  # 1.5 * 2**(q + 52)
+        r = (x + c) - c
+        r = r if r < big else big
+        r = r if r > -big else -big
+        return f64_from_bits(f64_bits(r) | sign)
+    y = abs(x) * f64_from_bits((1023 - q) << 52)  # |x| / 2**q, exact
+    fl = np.floor(y)
+    frac = y - fl
+    neg = sign != 0
+    if MODE == RNA:
+        up = frac >= 0.5
+    elif MODE == RTZ:
+        up = False
+    elif MODE == RDN:
+        up = neg and frac != 0.0
+    elif MODE == RUP:
+        up = (not neg) and frac != 0.0
+    elif MODE == ODD:
+        up = frac != 0.0 and (np.int64(fl) & 1) == 0
+    else:  # SR on the magnitude: up when the draw is below the fraction's top rbits bits
+        draw = random_u64(key, np.uint64(i)) >> np.uint64(64 - rbits)
+        up = draw < np.uint64(frac * sr_scale)
+    r = (fl + (1.0 if up else 0.0)) * f64_from_bits((q + 1023) << 52)
+    r = r if r < big else big
+    return f64_from_bits(f64_bits(r) | sign)
+
+
+@jit_inline
+def _round_run(xs, os, ke, lo, MODE, emin, man_bits, maxb64, sr_scale, rbits, key):
+    """Pass 2 over one chunk: ``os[j]`` the value of ``xs[j]`` in the block of exponent
+    ``ke[j]``."""
+    for j in range(xs.size):
+        os[j] = mx_value(np.int64(xs[j]), ke[j], MODE, emin, man_bits, maxb64, sr_scale, rbits,
+                         key, lo + j)
 
 
 @jit_parallel
-def mx_from_f32(xb, out, kout, block, mode, rule, emax, prec, mmax_n, k_lo, sh0, emin127, maxe,
-                minsub_exp, rbits, key):
+def mx_from_f32(xb, out, kout, block, mode, rule, emax, prec, mmax_n, k_lo, emin, man_bits,
+                maxb64, sr_scale, rbits, key):
     """Quantize float32 bits ``xb`` (flat, blocks of ``block`` consecutive elements) into the
-    float64 values ``out``; the scale exponents into ``kout`` (one per block). Returns nothing;
-    the caller checks ``kout`` against the scale format's largest exponent."""
+    float64 values ``out``; the scale exponents into ``kout`` (one per block).
+
+    Returns ``(NaN blocks, largest exponent of the others)`` (``k_lo`` when there is none),
+    for the caller's checks against the scale format."""
     nb = xb.size // block
     nch = (nb + BLOCKS_PER_CHUNK - 1) // BLOCKS_PER_CHUNK
+    stats = np.empty((max(nch, 1), 2), np.int64)
+    stats[0, 0] = 0
+    stats[0, 1] = k_lo
     for c in prange(nch):
         b0 = c * BLOCKS_PER_CHUNK
         b1 = min(nb, b0 + BLOCKS_PER_CHUNK)
-        if mode == RNE:  # the common modes compiled with the mode a constant (faster loop)
-            _mx_chunk(xb, out, kout, b0, b1, block, RNE, rule, emax, prec, mmax_n, k_lo, sh0,
-                      emin127, maxe, minsub_exp, rbits, key)
+        lo = b0 * block
+        ke = np.empty((b1 - b0) * block, np.int64)
+        nnan = 0
+        kmax = k_lo
+        for b in range(b0, b1):  # pass 1: each block's exponent, for each of its elements
+            xs = xb[b * block:(b + 1) * block]
+            amax = np.uint32(0)
+            for j in range(xs.size):
+                a = xs[j] & np.uint32(0x7FFFFFFF)
+                amax = a if a > amax else amax
+            if amax >= 0x7F800000:  # NaN or an infinity: a NaN block (values written below)
+                kout[b] = NAN_BLOCK
+                k = k_lo
+                nnan += 1
+            else:
+                k = block_exponent(np.int64(amax), rule, emax, prec, mmax_n, k_lo)
+                kout[b] = k
+                kmax = k if k > kmax else kmax
+            kb = ke[(b - b0) * block:(b - b0 + 1) * block]
+            for j in range(kb.size):
+                kb[j] = k
+        xs = xb[lo:b1 * block]
+        os = out[lo:b1 * block]
+        if mode == RNE:  # the common modes compiled with the mode a constant
+            _round_run(xs, os, ke, lo, RNE, emin, man_bits, maxb64, sr_scale, rbits, key)
         elif mode == SR:
-            _mx_chunk(xb, out, kout, b0, b1, block, SR, rule, emax, prec, mmax_n, k_lo, sh0,
-                      emin127, maxe, minsub_exp, rbits, key)
+            _round_run(xs, os, ke, lo, SR, emin, man_bits, maxb64, sr_scale, rbits, key)
         else:  # the others with the mode a variable: one more copy, not five
-            _mx_chunk(xb, out, kout, b0, b1, block, mode, rule, emax, prec, mmax_n, k_lo, sh0,
-                      emin127, maxe, minsub_exp, rbits, key)
+            _round_run(xs, os, ke, lo, mode, emin, man_bits, maxb64, sr_scale, rbits, key)
+        if nnan:
+            for b in range(b0, b1):
+                if kout[b] == NAN_BLOCK:
+                    ob = out[b * block:(b + 1) * block]
+                    for j in range(ob.size):
+                        ob[j] = np.nan
+        stats[c, 0] = nnan
+        stats[c, 1] = kmax
+    return stats[:, 0].sum(), stats[:, 1].max()

@@ -1,0 +1,179 @@
+"""The fused block kernel (fixedsim.jit.quant_block.mx_from_f32) against the Fraction oracle.
+
+Float32 input into an MX-style format (power-of-two rule, E8M0 scale, a float element) takes
+the fused kernel: each block's exponent from the input bits, then every element rounded at its
+quantum in float64 arithmetic (nearest even by adding and subtracting ``1.5 * 2**(q + 52)``, the
+other modes from ``floor`` and the exact fraction). These tests draw float32 blocks over the
+whole of float32's range (maxima from the smallest subnormal to float32's largest value, where
+a rounding up gives ``2**128``), signed zeros, NaN and infinities, element midpoints and their
+neighbours, blocks along another axis, every rounding mode (stochastic seeded, with several
+``random_bits``), and compare the values and codes with
+:func:`fixedsim.reference.block_quantize` bit for bit.
+"""
+
+import math
+
+import numpy as np
+import pytest
+from helpers import assert_same_bits
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fixedsim as fs
+from fixedsim import reference
+from fixedsim.blockformats import POW2_RULES, BlockFormat
+from fixedsim.blockquant import _fused_applies
+from fixedsim.jit.rng import random_u64_array
+from fixedsim.quantize import random_key
+
+ELEMENTS = [fs.FP8_E4M3, fs.FP8_E5M2, fs.FP6_E2M3, fs.FP6_E3M2, fs.FP4_E2M1]
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def oracle(x, fmt, rounding, seed=None, random_bits=None, axis=None):
+    """The oracle's (values, scales), the kernel's draws replayed under STOCHASTIC."""
+    draws = None
+    if fs.Rounding.coerce(rounding) is fs.Rounding.STOCHASTIC:
+        key = random_key(seed)
+        shift = np.uint64(64 - (random_bits or 64))
+
+        def draws(i):
+            return int(random_u64_array(key, i, 1)[0] >> shift)
+    v, _, s, _ = reference.block_quantize(x.astype(np.float64), fmt, rounding, draws=draws,
+                                          random_bits=random_bits, axis=axis)
+    return v, s
+
+
+@st.composite
+def f32_blocks(draw, block, nblocks):
+    """``nblocks`` float32 blocks of ``block`` values, each around its own top exponent
+    anywhere in float32's range (subnormal maxima included): its maximum at a power of two, one
+    ulp from it, or float32's largest value; the others on a 1/128 grid below it (midpoints of
+    the narrow elements) or far below (subnormal inputs), a few ulps off; signed zeros, NaN
+    and infinities."""
+    out = []
+    for _ in range(nblocks):
+        top = draw(st.integers(-149, 127))
+        kind_block = draw(st.integers(0, 9))
+        for j in range(block):
+            kind = draw(st.integers(0, 14))
+            if kind_block == 0:  # an all-zero block
+                v = draw(st.sampled_from([0.0, -0.0]))
+            elif kind == 0:
+                v = draw(st.sampled_from([0.0, -0.0]))
+            elif kind == 1:
+                v = draw(st.sampled_from([math.nan, math.inf, -math.inf, 0.0, 0.0]))
+            elif kind == 2 or j == 0:
+                v = F32_MAX if top == 127 and draw(st.booleans()) else math.ldexp(1.0, top)
+            elif kind == 3:  # far below the block maximum
+                v = math.ldexp(1.0 + draw(st.integers(0, 127)) / 128,
+                               top - draw(st.integers(13, 40)))
+            else:
+                v = math.ldexp(1.0 + draw(st.integers(0, 127)) / 128,
+                               top - draw(st.integers(0, 12)))
+            v = np.float32(v if draw(st.booleans()) else -v)  # below 2**-149: a zero
+            for _ in range(draw(st.integers(0, 2)) if np.isfinite(v) else 0):
+                with np.errstate(over="ignore"):  # float32's largest value steps to inf
+                    v = np.nextafter(v, np.float32(draw(st.sampled_from([-np.inf, np.inf]))))
+            out.append(v)
+    return np.array(out, np.float32)
+
+
+@st.composite
+def cases(draw):
+    el = draw(st.sampled_from(ELEMENTS))
+    block = draw(st.sampled_from([1, 2, 3, 4, 8, 32]))
+    fmt = BlockFormat(el, block=block, scale_rule=draw(st.sampled_from(POW2_RULES)))
+    nblocks = draw(st.integers(1, 6 if block < 32 else 3))
+    x = draw(f32_blocks(block, nblocks))
+    rows = draw(st.integers(1, 2))
+    if draw(st.booleans()):  # the blocks along axis 0 of a (n, rows) array
+        x = np.ascontiguousarray(np.tile(x[:, None], (1, rows)))
+        if rows == 2:
+            x[:, 1] = -x[:, 1]
+        axis = 0
+    else:
+        x = x.reshape(1, -1).repeat(rows, axis=0)
+        axis = -1
+    return fmt, x, axis
+
+
+def _check(fmt, x, axis, rounding, seed=None, random_bits=None):
+    assert _fused_applies(x, fmt)
+    want, scales = oracle(x, fmt, rounding, seed, random_bits, axis)
+    got = fs.quantize(x, fmt, rounding, seed=seed, random_bits=random_bits, axis=axis)
+    what = f"{fmt!r} {rounding!r} bits {random_bits} axis {axis}"
+    assert_same_bits(got, want, what)
+    codes = fs.to_bits(x, fmt, rounding=rounding, seed=seed, random_bits=random_bits, axis=axis,
+                       packed=False)
+    s = fs.from_bits(codes.scales, fmt.scale).astype(np.float64)
+    assert_same_bits(s, np.asarray(scales, np.float64), what)
+    assert_same_bits(fs.from_bits(codes, fmt, axis=axis, packed=False), want, what)
+
+
+@settings(max_examples=80)
+@given(cases(), st.sampled_from([r for r in fs.Rounding if r is not fs.Rounding.STOCHASTIC]))
+def test_fused_deterministic_equals_oracle(case, rounding):
+    """Every deterministic mode, every element, rule and block length, on float32 blocks
+    over the whole float32 range: values, scale codes and element codes as the oracle's."""
+    fmt, x, axis = case
+    _check(fmt, x, axis, rounding)
+
+
+@settings(max_examples=60)
+@given(cases(), st.integers(0, 2**32), st.sampled_from([None, 1, 8, 40, 64]))
+def test_fused_stochastic_equals_oracle(case, seed, random_bits):
+    """STOCHASTIC (the kernel's draws replayed in the oracle), several random_bits."""
+    fmt, x, axis = case
+    if np.isnan(x).any() or np.isinf(x).any():
+        x = np.where(np.isfinite(x), x, np.float32(1.5))
+    _check(fmt, x, axis, fs.Rounding.STOCHASTIC, seed, random_bits)
+
+
+def test_tiny_blocks_in_the_kernel(monkeypatch):
+    """Blocks whose maxima lie near float32's subnormal range (the element's smallest normal
+    times the scale below float32's smallest normal) are rounded by the kernel too, every
+    mode, the oracle's bits; the oracle is not called on the fast path."""
+    rng = np.random.default_rng(21)
+    tops = np.arange(-149, -96)
+    x = (rng.uniform(-2, 2, (tops.size, 32)) * np.exp2(tops)[:, None]).astype(np.float32)
+    x[:, 0] = np.exp2(tops).astype(np.float32)
+    x[::3, 5] = -0.0
+    wants = {}
+    for el in ELEMENTS:
+        for rounding in fs.Rounding:
+            fmt = BlockFormat(el, block=32, scale_rule="ocp")
+            wants[el, rounding] = oracle(x, fmt, rounding, seed=5)[0]
+
+    def oracle_called(*args, **kw):
+        raise AssertionError("a block went to the oracle")
+
+    monkeypatch.setattr(reference, "round_to_format", oracle_called)
+    for (el, rounding), want in wants.items():
+        fmt = BlockFormat(el, block=32, scale_rule="ocp")
+        assert_same_bits(fs.quantize(x, fmt, rounding, seed=5), want, f"{el!r} {rounding!r}")
+
+
+def test_nan_blocks_and_the_scale_range():
+    """A NaN or an infinity makes its block NaN with the NaN scale code, the other blocks
+    unchanged; a block needing a scale beyond E8M0's largest is refused, naming the block."""
+    x = np.ones((3, 32), np.float32)
+    x[1, 7] = np.inf
+    x[2, 0] = np.nan
+    got = fs.quantize(x, fs.MXFP8_E4M3)
+    assert np.isnan(got[1:]).all() and (got[0] == 1.0).all()
+    assert list(fs.to_bits(x, fs.MXFP8_E4M3).scales[:, 0]) == [119, 255, 255]  # 2**-8
+    fp4 = BlockFormat(fs.FP4_E2M1, block=32, scale_rule="ocp")
+    y = np.full((2, 32), F32_MAX, np.float32)
+    assert (fs.quantize(y, fp4) == 6.0 * 2.0**125).all()
+    big = BlockFormat(fs.FP8_E4M3, block=2, scale_rule="ocp")
+    assert fs.quantize(np.array([F32_MAX, 1], np.float32), big)[0] == 448 * 2.0**119
+    e5m0 = fs.FloatFormat(5, 0, inf_nan="fn", signed=False, subnormals=False)
+    narrow = BlockFormat(fs.FP8_E4M3, block=2, scale=e5m0)  # scales 2**-15 .. 2**15
+    assert _fused_applies(np.ones(2, np.float32), narrow)
+    with pytest.raises(ValueError, match=r"block 1 .* needs the scale 2\*\*22, beyond"):
+        fs.quantize(np.array([1, 1, 2.0**30, 1], np.float32), narrow)
+    tiny = np.array([2.0**-30, -(2.0**-33), 3.0, 2.0**-20], np.float32)  # scales raised to 2**-15
+    for rounding in fs.Rounding:
+        assert_same_bits(fs.quantize(tiny, narrow, rounding, seed=2),
+                         oracle(tiny, narrow, rounding, seed=2)[0], f"{rounding!r}")
