@@ -173,6 +173,24 @@ def test_the_odd_products_are_floored_at_the_even_anchor():
     assert fs.matmul(a2, b2, spec)[0, 0] == 64.0
 
 
+@pytest.mark.parametrize("e", [10, 40])
+def test_a_far_negative_group_floors_to_one_quantum(e):
+    """BF16, products 2**e * 2**e (even) and -2**-e * 2**-e (odd), anchors 4e apart (40 and
+    160: the kernel's shift below and beyond 63 bits): the odd sum floors to one quantum
+    below zero at 24 bits below the even anchor, -2**(2e - 24), and 2**(2e) - 2**(2e - 24)
+    is an FP32 number; in one group it is cut toward zero: 2**(2e)."""
+    acc = fs.BlockFMA(2, 1, rounding="nearest_even", addend_bits=(31, 24), groups=2)
+    spec = fs.MatmulSpec(input=fs.BF16, accumulator=acc)
+    a = np.array([[2.0**e, -(2.0**-e)]])
+    b = np.array([[2.0**e], [2.0**-e]])
+    got, cnt = fs.matmul(a, b, spec, stats="steps")
+    assert got[0, 0] == np.float32(2.0 ** (2 * e) - 2.0 ** (2 * e - 24))
+    assert cnt.paths == {"blockfma": 1}
+    assert reference.block_fma(a[0], b[:, 0], 0.0, acc, -126) == float(got[0, 0])
+    one = fs.MatmulSpec(input=fs.BF16, accumulator=dataclasses.replace(acc, groups=None))
+    assert fs.matmul(a, b, one)[0, 0] == 2.0 ** (2 * e)
+
+
 def test_a_small_negative_c_is_dropped_below_25_bits():
     """The product 1 (anchor 0) and C = -2**-26: C's exponent is below 0 - 25, so C is read
     as 0 and the result is 1; the f16 adder floors it to -2**-24 instead: 1 - 2**-24. At
