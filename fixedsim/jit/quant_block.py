@@ -9,13 +9,13 @@ Each parallel chunk of :data:`BLOCKS_PER_CHUNK` blocks takes two passes:
    rounding each at its own quantum in float64 arithmetic (:func:`mx_value`).
 
 Rounding ``x`` at the quantum ``2**q`` of ``x / 2**k`` moved by ``k`` is exact in float64 for
-every float32 ``x`` and every ``q`` the formats give (``-180 < q < 140``): the float64 of a
-float32 is exact, ``|x| * 2**-q`` is an exact scaling by a power of two within float64's normal
-range, and ``floor`` and the fraction of it are exact. Nearest even takes one addition and one
-subtraction of ``1.5 * 2**(q + 52)``, which rounds ``x`` to a multiple of ``2**q`` to nearest even
-in the hardware's own rounding (``|x| < 2**(q + 51)``). The value ``element * 2**k`` comes out
-as a float64 (one past float32's range, ``2**128``, included); its sign is the input's (a
-negative input that rounds to zero gives ``-0.0``).
+every float32 ``x`` and every ``q`` the formats give (``-149 <= q < 128``; the caller checks the
+lower bound): the float64 of a float32 is exact, ``|x| * 2**-q`` is an exact scaling by a power
+of two within float64's normal range, and ``floor`` and the fraction of it are exact. Nearest
+even takes one addition and one subtraction of ``1.5 * 2**(q + 52)``, which rounds ``x`` to a
+multiple of ``2**q`` to nearest even in the hardware's own rounding (``|x| < 2**(q + 51)``).
+The value ``element * 2**k`` comes out as a float64 (one past float32's range, ``2**128``,
+included); its sign is the input's (a negative input that rounds to zero gives ``-0.0``).
 
 Rules (``rule``): 0 "ocp" floor, 1 "ceil", 2 "even", 3 "rceil" (see
 :data:`fixedsim.blockformats.SCALE_RULES`). A block holding NaN or an infinity is all NaN and its
