@@ -172,6 +172,72 @@ def test_chunked_sum_and_its_bound():
     assert d == 4 + 2 + 1
 
 
+@contextlib.contextmanager
+def zero_pairs(on=True):
+    """The nonzero-pair count for the zero sums always (``on``) or never."""
+    old = filtered._ZERO_GEMM
+    filtered._ZERO_GEMM = 2**62 if on else 0
+    try:
+        yield
+    finally:
+        filtered._ZERO_GEMM = old
+
+
+@st.composite
+def disjoint_supports(draw):
+    """Sparse float32 operands whose sums often meet no nonzero pair (ReLU-like zeros, signed
+    zeros among them), with cancellations to zero beside them."""
+    m, k, n = draw(st.integers(1, 4)), draw(st.integers(1, 10)), draw(st.integers(1, 4))
+    elems = st.one_of(st.sampled_from([0.0, -0.0, 0.0]), st.floats(-4.0, 4.0, width=32),
+                      st.sampled_from([1.0, -1.0, 2.0**-24, 3.0]))
+    a = np.array(draw(st.lists(elems, min_size=m * k, max_size=m * k)), np.float32)
+    b = np.array(draw(st.lists(elems, min_size=k * n, max_size=k * n)), np.float32)
+    a, b = a.reshape(m, k), b.reshape(k, n)
+    a[0, 0] = a[0, 0] or 1.0  # an all-zero operand is another row's (zero_products)
+    b[-1, -1] = b[-1, -1] or 2.0
+    return a, b
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(DETERMINISTIC), st.sampled_from([fs.FP32, fs.BF16, fs.FP8_E4M3]),
+       disjoint_supports())
+def test_sums_of_zero_products_found_by_their_pairs(rnd, out, ab):
+    """Zero sums checked for nonzero pairs (forced here): bits and counts are still the
+    general kernel's and the oracle's, DOWN (whose zero signs depend on the products')
+    included, which keeps the second look."""
+    spec = fs.MatmulSpec(output=out, output_rounding=rnd)
+    with zero_pairs():
+        same_as_general(*ab, spec)
+        same_as_oracle(*ab, spec)
+
+
+def test_zero_products_and_a_cancellation():
+    """A row meeting no nonzero pair is +0 without a second look; a sum that cancels to zero
+    (two nonzero pairs) is left to it, and is an exact +0 too; a row whose one pair gives a
+    value stays as it is."""
+    a = np.array([[0.0, 1.0, 0.0], [1.0, -1.0, 0.0], [0.0, 0.0, -3.0],
+                  [1.0, 2.0**-80, -1.0]], np.float32)
+    b = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]], np.float32)
+    b3 = np.ones((3, 2), np.float32)
+    spec = fs.MatmulSpec(output=fs.FP32)
+    p = make(a, b, spec, True)
+    S = p.A @ p.B
+    fr, fj = np.array([0, 1, 2, 1]), np.array([0, 1, 0, 0])
+    out = np.full((4, 2), np.nan, np.float32)
+    with zero_pairs():
+        kept = filtered._drop_zero_products(p.A, p.B, S, fr, fj, out)
+        assert [tuple(v) for v in np.transpose(kept)] == [(1, 1), (1, 0)]
+        assert out[0, 0] == 0 and not np.signbit(out[0, 0]) and out[2, 0] == 0
+        assert np.isnan(out[1]).all()
+        # (1 + 2**-80) - 1 = 0 in float64, but 2**-80 exactly: three pairs, left to be seen
+        S3 = np.zeros((4, 2))
+        kept = filtered._drop_zero_products(p.A, b3.astype(np.float64), S3, np.array([3]),
+                                            np.array([1]), out)
+        assert kept[0].tolist() == [3] and np.isnan(out[3, 1])
+    with zero_pairs(False):  # as if the count cost more than the second look
+        assert filtered._drop_zero_products(p.A, p.B, S, fr, fj, out)[0].size == 4
+
+
 @pytest.mark.parametrize("read", [True, False])
 @pytest.mark.parametrize("side", [1.0, -1.0])
 def test_a_chunked_error_as_large_as_its_bound(read, side, monkeypatch):
