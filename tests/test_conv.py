@@ -323,3 +323,52 @@ def _cols(x, kh, kw):
     return np.array([[x[n, c, h + i, v + j] for c in range(C) for i in range(kh)
                       for j in range(kw)]
                      for n in range(N) for h in range(H - kh + 1) for v in range(W - kw + 1)])
+
+
+# -- the FP32 FMA chain of the input gradient, read from the gradient ------------------------------
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(["fp16", "f32", "tiny", "zeros"]), st.integers(0, 2**32 - 1),
+       st.sampled_from([(1, 0), (1, 1), (2, 0), (2, 1), (1, 3), (3, 4)]))
+def test_grad_input_fp32_chain_without_the_zero_grid(kind, seed, sp):
+    """The FP32 FMA chain of the input gradient, when nothing reads its steps' events (a
+    training step), runs on the gradient itself (conv_t_f32_chain; the grid's +0.0 steps
+    left out when no partial sum can be -0.0), never building the zero-spread matrix: bits
+    as the same row on the built matrix (its steps counted) and as the modelled dot product
+    of every element, with sums that underflow to -0.0 (tiny), sums of zeros, signed zeros,
+    strides and paddings wider than the kernel."""
+    from fixedsim.matmul import paths as _paths
+
+    s, p = sp
+    rng = np.random.default_rng(seed)
+    x_shape = (2, 3, 6, 5)
+    w = rng.standard_normal((4, 3, 3, 2)).astype(np.float32)
+    Ho, Wo = (6 + 2 * p - 3) // s + 1, (5 + 2 * p - 2) // s + 1
+    gy = rng.standard_normal((2, 4, Ho, Wo)).astype(np.float32)
+    if kind == "fp16":  # the fp16 policy's operands: products exact in float32
+        w, gy = fs.quantize(w, fs.FP16), fs.quantize(gy, fs.FP16)
+    elif kind == "tiny":  # products below float32's subnormals: sums round to +-0
+        w = w * np.float32(2.0**-70)
+        gy = gy * np.float32(2.0**-75)
+    elif kind == "zeros":
+        gy[rng.random(gy.shape) < 0.7] = 0.0
+        gy[0, 1, 0, 0] = -0.0
+    gy[0, :, 0, :] = 0.0  # pixels whose every product is zero
+    spec = fs.MatmulSpec(accumulator=fs.FP32)
+    row = "fp32_chain" if kind == "fp16" else "fp32_fma"
+    built = []
+    orig = _paths.Product.A
+
+    def spy(self):
+        built.append(True)
+        return orig.fget(self)
+
+    _paths.Product.A = property(spy)
+    try:
+        gx, c = fs.conv2d_grad_input(gy, w, x_shape, spec, stride=s, padding=p, stats=True)
+    finally:
+        _paths.Product.A = orig
+    assert c.paths == {row: 1} and not built  # the zero-spread matrix was never made
+    gs, cs = fs.conv2d_grad_input(gy, w, x_shape, spec, stride=s, padding=p, stats="steps")
+    assert cs.paths == {row: 1}
+    assert_same_bits(gx, gs)
+    assert_grad_input_is_the_modelled_dot(gx, gy, w, x_shape, s, p, spec, 0)

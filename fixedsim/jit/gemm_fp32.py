@@ -442,3 +442,61 @@ def gemm_fma32(A, B, B64, out, ovp, ovn):
         _lean_rows(acc, cnt, A, rows, B, _fma32_lean, RNE, 0)
         _finish_rows(acc, cnt, A, B, rows, n, out, counts, _chain32_row_full, _chain32_elem, P)
     return counts
+
+
+@jit_parallel
+def conv_t_f32_chain(G, B, kh, kw, sh, sw, r0, q0, H, W, skip, out):
+    """:func:`gemm_f32_chain`'s uncounted FMA chain (``F32_UNCOUNTED``) for a transposed
+    convolution's matrix, read from the gradient instead of built: row ``(n, h, w)`` of ``A``
+    holds ``Zp[n, o, h + i, w + j]`` in column ``(o, i, j)``, ``Zp`` the gradient ``G``
+    (float32, ``(N, O, Ho, Wo)``) spread with strides ``sh, sw`` from offsets ``r0, q0``
+    onto a grid of ``+0.0`` (``Zp[n, o, ho*sh + r0, wo*sw + q0] = G[n, o, ho, wo]``).
+
+    ``out[(n*H + h)*W + w, c]`` is ``acc = fl32(acc + a*b)`` over ``k = (o*kh + i)*kw + j``
+    in order from ``acc = +0``, by the FMA instruction, ``a`` the grid's value and ``b =
+    B[k, c]``: the steps of :func:`gemm_f32_chain` on the built matrix, in the same order on
+    the same values, so the same bits, without the ``N H W x O kh kw`` matrix (59 MB for a
+    LeNet's second convolution at batch 64). With ``skip`` the steps whose ``a`` is the
+    grid's ``+0.0`` are left out: the caller proved that no partial sum is ``-0.0`` (a
+    nonzero exact sum that rounds to zero: every product a multiple of ``2**-149`` or a
+    coarser power of two rules it out), and a step adding ``+-0`` to a sum that is not
+    ``-0.0`` leaves it as it is (``+0 + -0 = +0`` to nearest even). Vectorised over the
+    channels; parallel over images."""
+    N, O, Ho, Wo = G.shape
+    C = B.shape[1]
+    zero = np.float32(0.0)
+    for n in prange(N):
+        acc = np.empty(C, np.float32)
+        ii = np.empty(kh, np.int64)  # the kernel rows that run, and their gradient rows
+        hh = np.empty(kh, np.int64)  # (-1: the grid's +0.0)
+        jj = np.empty(kw, np.int64)
+        ww = np.empty(kw, np.int64)
+        for h in range(H):
+            ni = 0  # the kernel rows i that meet a gradient row ho, in order
+            for i in range(kh):
+                t = h + i - r0
+                ho = t // sh
+                if (t >= 0 and t - ho * sh == 0 and ho < Ho) or not skip:
+                    ii[ni] = i
+                    hh[ni] = ho if t >= 0 and t - ho * sh == 0 and ho < Ho else -1
+                    ni += 1
+            for w in range(W):
+                nj = 0
+                for j in range(kw):
+                    u = w + j - q0
+                    wo = u // sw
+                    if (u >= 0 and u - wo * sw == 0 and wo < Wo) or not skip:
+                        jj[nj] = j
+                        ww[nj] = wo if u >= 0 and u - wo * sw == 0 and wo < Wo else -1
+                        nj += 1
+                acc[:] = zero
+                for o in range(O):
+                    for p in range(ni):
+                        for q in range(nj):
+                            x = zero
+                            if hh[p] >= 0 and ww[q] >= 0:
+                                x = G[n, o, hh[p], ww[q]]
+                            br = B[(o * kh + ii[p]) * kw + jj[q]]
+                            for c in range(C):  # vectorised over the channels
+                                acc[c] = fma(x, br[c], acc[c])
+                out[(n * H + h) * W + w] = acc

@@ -12,6 +12,7 @@ import numpy as np
 from .. import counters as _counters
 from ..blockformats import BlockFormat
 from ..jit import conv as _conv
+from ..jit import gemm_fp32 as _g32
 from ..quantize import (
     _as_float_array,
 )
@@ -178,23 +179,24 @@ def explain(a, b, spec: MatmulSpec | None = None, c=None, *, seed=None):
 
 
 def _product(A, B, spec, keys, rb, c, mm=None, ba=None, path=None, C=None, bb=None,
-             a_rows=None, a_norms=None):
+             a_rows=None, a_norms=None, a_fma32=None):
     """``(R, N)`` result of the 2-D product in the result format's container; counts into c.
 
     ``A`` may be given as a ``((R, K), make)`` pair, ``make()`` building it only when a path
-    needs it, with ``ba`` its :class:`~fixedsim.matmul.core._Bits`; ``mm``, ``a_rows`` and
-    ``a_norms`` as for :class:`~fixedsim.matmul.paths.Product`. ``ba`` and ``bb`` may be
-    the scans of arrays that hold every nonzero value of ``A`` and ``B`` (the image an im2col
-    matrix is made of): the scans are bounds, and every row reads them as bounds.
+    needs it, with ``ba`` its :class:`~fixedsim.matmul.core._Bits`; ``mm``, ``a_rows``,
+    ``a_norms`` and ``a_fma32`` as for :class:`~fixedsim.matmul.paths.Product`. ``ba`` and
+    ``bb`` may be the scans of arrays that hold every nonzero value of ``A`` and ``B`` (the
+    image an im2col matrix is made of): the scans are bounds, and every row reads them as
+    bounds.
     ``path``: a row of the table by name (None: the first that applies). ``C``: the addend,
     shape (R, N), or None.
     """
     if isinstance(spec.input, BlockFormat):  # a convolution's lowered operands, along K
         A = A[1]() if isinstance(A, tuple) else A
         A, B, spec = block_operands(A, B, spec, rb, keys, c)
-        mm = ba = bb = a_rows = a_norms = None
+        mm = ba = bb = a_rows = a_norms = a_fma32 = None
     p = Product(A, B, spec, keys, rb, c, mm=mm, ba=ba, C=C, bb=bb, a_rows=a_rows,
-                a_norms=a_norms)
+                a_norms=a_norms, a_fma32=a_fma32)
     acc = spec.accumulator
     if acc is not None:
         c.accumulator.roundings += p.R * p.N * (acc.roundings(p.K) if hasattr(acc, "roundings")
@@ -456,8 +458,20 @@ def conv2d_grad_input(grad_y, w, x_shape, spec: MatmulSpec | None = None, stride
         _conv.patch_norms(Zp, kh, kw, H, W, na)
         return na
 
+    def a_fma32(B32, out):
+        """The FP32 FMA chain over the rows of ``A``, read from ``G`` (float32 values: the
+        row checks ``gq``'s scan) where they fall on the zero-spread grid; the grid's zeros
+        left out when every product is a multiple of ``2**-149`` or a coarser power of two
+        (no partial sum is then ``-0.0``)."""
+        bw = _Bits.of(B32)
+        skip = ga.top == -1075 or bw.top == -1075 or ga.lsb + bw.lsb >= -149
+        _g32.conv_t_f32_chain(np.ascontiguousarray(G, np.float32), B32, kh, kw, sh, sw, r0,
+                              q0, H, W, skip, out)
+
+    ga = _Bits.of(gq)
+
     # every nonzero value of the zero-spread Zp is one of gq's: its scan bounds them
     res = _product(((R, K), lambda: _im2col(Zp, kh, kw, (1, 1), (0, 0), H, W)),
                    np.ascontiguousarray(wf.reshape(C, -1).T), spec, keys, rb, c, mm=mm,
-                   ba=_Bits.of(gq), a_rows=a_rows, a_norms=a_norms)
+                   ba=ga, a_rows=a_rows, a_norms=a_norms, a_fma32=a_fma32)
     return _done(np.ascontiguousarray(res.reshape(N, H, W, C).transpose(0, 3, 1, 2)), c, stats)

@@ -88,10 +88,16 @@ class Product:
         of ``A`` as a float64 sum of the squares in some order, then one square root (what
         the ``exact_filtered`` row's bound needs). :meth:`rows_of_A` and :meth:`row_norms`
         use them while ``A`` is not built.
+    a_fma32 : callable or None
+        For an ``A`` built only on use, of float32 values: ``a_fma32(B32, out)`` writes
+        into ``out`` (float32, ``(R, N)``) the uncounted FP32 FMA chain of ``A @ B32``
+        (float32 ``B``), the same steps in the same order as
+        :func:`fixedsim.jit.gemm_fp32.gemm_f32_chain` on the built ``A``, without building it
+        (the ``fp32_fma`` row, when nothing reads its steps' events).
     """
 
     def __init__(self, A, B, spec, keys, rb, c, mm=None, ba=None, C=None, bb=None,
-                 a_rows=None, a_norms=None):
+                 a_rows=None, a_norms=None, a_fma32=None):
         if isinstance(A, tuple):  # ((R, K), make): A is built only if a row reads it
             (self.R, self.K), self._make = A
             self._A = None
@@ -103,7 +109,7 @@ class Product:
         self.N = B.shape[1]
         self.ba = _Bits.of(self.A) if ba is None else ba
         self.bb = _Bits.of(B) if bb is None else bb
-        self._a_rows, self._a_norms = a_rows, a_norms
+        self._a_rows, self._a_norms, self._a_fma32 = a_rows, a_norms, a_fma32
 
     @property
     def A(self) -> np.ndarray:
@@ -339,9 +345,22 @@ def _fp32_chain(p):
     """
     out = np.empty((p.R, p.N), np.float32)
     how = _f32_chain_how(p.c, _f32_chain_safe(p.ba, p.bb, p.K))
-    flags = _g32.gemm_f32_chain(p.A.astype(np.float32), np.ascontiguousarray(p.B, np.float32),
-                                out, how)
+    B32 = np.ascontiguousarray(p.B, np.float32)
+    if how == _g32.F32_UNCOUNTED:
+        flags = _f32_uncounted(p, B32, out)
+    else:
+        flags = _g32.gemm_f32_chain(p.A.astype(np.float32), B32, out, how)
     return _chain_result(out, flags, "fp32_chain", p.spec, p.keys, p.rb, p.c)
+
+
+def _f32_uncounted(p, B32, out):
+    """The FMA instruction's chain, uncounted, into ``out``: from ``A`` where it is (a lazily
+    built ``A`` whose product offers ``a_fma32``), else from the built ``A``; zero counts."""
+    if p._A is None and p._a_fma32 is not None:
+        p._a_fma32(B32, out)
+        return np.zeros((1, _q.N_FLAGS), np.int64)
+    return _g32.gemm_f32_chain(np.ascontiguousarray(p.A, np.float32), B32, out,
+                               _g32.F32_UNCOUNTED)
 
 
 def _f32_chain_how(c, safe) -> int:
@@ -376,13 +395,13 @@ def _fp32_fma(p):
     model's step. Unread, the instruction alone; counted, with each step's events found
     from a float64 TwoSum of the exact product (:func:`fixedsim.jit.gemm_fp32.gemm_fma32`)."""
     out = np.empty((p.R, p.N), np.float32)
-    A32 = np.ascontiguousarray(p.A, np.float32)
     B32 = np.ascontiguousarray(p.B, np.float32)
     if not p.c._steps:  # nothing reads the steps' events: the instruction alone
-        flags = _g32.gemm_f32_chain(A32, B32, out, _g32.F32_UNCOUNTED)
+        flags = _f32_uncounted(p, B32, out)
     else:
         _, _, _, _, ovp, ovn, _ = _fast_float_params(FP32, p.acc.rounding, p.acc.overflow)
-        flags = _g32.gemm_fma32(A32, B32, np.ascontiguousarray(p.B, np.float64), out, ovp, ovn)
+        flags = _g32.gemm_fma32(np.ascontiguousarray(p.A, np.float32), B32,
+                                np.ascontiguousarray(p.B, np.float64), out, ovp, ovn)
     return _chain_result(out, flags, "fp32_fma", p.spec, p.keys, p.rb, p.c)
 
 
