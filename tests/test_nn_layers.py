@@ -159,6 +159,27 @@ def test_relu_gradients():
     np.testing.assert_array_equal(y, np.maximum(x, 0))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_bits_signed_zeros_nan_and_views(dtype):
+    """ReLU's one-pass kernel: positives and NaN pass, -0.0, +0.0 and negatives give +0.0,
+    the error passes where the input passed; strided inputs; bits as the definition's."""
+    base = np.array([[1.5, -0.0, 0.0, -2.0, np.nan, 2.0**-149, -np.inf, np.inf]] * 3, dtype)
+    x = base[:, ::-1]  # a view with negative strides
+    g = np.arange(24, dtype=dtype).reshape(3, 8)[:, ::-1] - 5.0
+    layer = nn.ReLU()
+    ctx = nn.Context(nn.Policy.float32())
+    y = layer.forward(x, ctx)
+    keep = ~(x <= 0)
+    want_y = np.where(keep, x, np.zeros((), dtype))
+    assert y.dtype == dtype and y.shape == x.shape
+    np.testing.assert_array_equal(y.view(f"u{y.itemsize}"), want_y.view(f"u{y.itemsize}"))
+    gx = layer.backward(g, ctx)
+    want_g = np.where(keep, g, np.zeros((), dtype))
+    np.testing.assert_array_equal(gx.view(f"u{y.itemsize}"), want_g.view(f"u{y.itemsize}"))
+    assert layer.forward(np.zeros((0, 3), dtype), ctx).shape == (0, 3)
+    assert layer.forward(np.array([[-1, 2]]), ctx).tolist() == [[0, 2]]  # integers: numpy
+
+
 @pytest.mark.parametrize("kernel,stride", [(2, None), ((2, 3), (2, 3)), (3, 1), ((3, 2), (2, 1))])
 def test_maxpool_gradients(kernel, stride):
     rng = np.random.default_rng(8)

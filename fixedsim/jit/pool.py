@@ -1,9 +1,10 @@
 """Max pooling: each window's first maximal element (row-major, NaN counting as the largest,
-as ``numpy.argmax``) and the routing of the errors back to it."""
+as ``numpy.argmax``) and the routing of the errors back to it; ReLU and its backward pass in
+one pass each."""
 
 from numba import prange
 
-from .options import jit_parallel
+from .options import jit, jit_parallel
 
 
 @jit_parallel
@@ -45,3 +46,21 @@ def maxpool_route(g, arg, kw, sh, sw, dx):
                 a = arg[n, c, ho, wo]
                 i = a // kw
                 dx[n, c, ho * sh + i, wo * sw + (a - i * kw)] = g[n, c, ho, wo] + 0.0
+
+
+@jit
+def relu_forward(x, out, keep):
+    """``out = x`` where ``keep`` (``x`` positive or NaN), else ``+0.0``; ``keep`` as 0/1
+    (``x``, ``out``, ``keep`` flat and contiguous). One pass, vectorised."""
+    for i in range(x.size):
+        v = x[i]
+        k = not (v <= 0)
+        keep[i] = k
+        out[i] = v if k else 0.0
+
+
+@jit
+def relu_backward(g, keep, out):
+    """``out = g`` where ``keep``, else ``+0.0`` (flat, contiguous). One pass, vectorised."""
+    for i in range(g.size):
+        out[i] = g[i] if keep[i] else 0.0

@@ -491,12 +491,27 @@ class ReLU(Module):
 
     def forward(self, x, ctx: Context):
         x = np.asarray(x)
-        self._mask = ~(x <= 0)  # positive values and NaN pass
         self._out_shape = x.shape
+        if x.dtype in (np.float32, np.float64) and x.size:  # one pass (fixedsim.jit.pool)
+            from ..jit.pool import relu_forward
+
+            out = np.empty(x.shape, x.dtype)
+            self._mask = np.empty(x.shape, np.bool_)
+            relu_forward(np.ascontiguousarray(x).reshape(-1), out.reshape(-1),
+                         self._mask.reshape(-1))
+            return out
+        self._mask = ~(x <= 0)  # positive values and NaN pass
         return np.where(self._mask, x, np.zeros((), x.dtype))
 
     def backward(self, grad_y, ctx: Context, need_input_grad: bool = True):
         grad_y = _grad_in(self, grad_y)
+        if grad_y.dtype in (np.float32, np.float64) and grad_y.size:
+            from ..jit.pool import relu_backward
+
+            out = np.empty(grad_y.shape, grad_y.dtype)
+            relu_backward(np.ascontiguousarray(grad_y).reshape(-1), self._mask.reshape(-1),
+                          out.reshape(-1))
+            return out
         return np.where(self._mask, grad_y, np.zeros((), grad_y.dtype))
 
 
