@@ -2,7 +2,7 @@
 the CPU.
 
     python benchmarks/train.py [--model lenet|mlp] [--images N] [--batch-size B] [--data NAME]
-                               [--policies P ...] [--threads T] [--markdown PATH]
+                               [--policies P ...] [--threads T] [--markdown PATH] [--floor]
 
 Every implementation trains the same network (``fixedsim.nn.lenet``: conv 5x5 16, pool, conv
 5x5 32, pool, FC 128, FC 10; or ``fixedsim.nn.mlp``: 784-1000-1000-10, Gupta et al.'s MLP) from
@@ -133,6 +133,43 @@ def run_torch(x, y, batches, seed=0, threads=None, model_name="lenet"):
     return _clock() - t0, float(np.mean(losses[-20:])), torch.__version__
 
 
+def blas_floor(model_name, in_shape, batch_size, threads, repeats=5, seed=0):
+    """Seconds the products of one training step take as plain BLAS calls, float64 and
+    float32: ``{dtype: seconds}``.
+
+    The shapes are those a native library multiplies (``fixedsim.cost.count_step``'s
+    ``gemm`` rows: each layer's forward product and both gradients, a convolution's input
+    gradient as ``G @ W``). An exact float32 step (``Policy.float32()``: exact sums rounded
+    once, proven on float64 BLAS) cannot take less than the float64 figure; PyTorch's float32
+    step runs the float32 ones (in its own kernels). Each product is timed best of
+    ``repeats`` on standard normal data, at ``threads`` BLAS threads."""
+    from threadpoolctl import threadpool_limits
+
+    import fixedsim.nn as nn
+    from fixedsim.cost.counts import count_step
+
+    model = _model(model_name, seed, in_shape)
+    shapes = [g[:3] for row in count_step(model, nn.Policy.float32(), batch_size, in_shape).rows
+              for g in row.gemm]
+    rng = np.random.default_rng(seed)
+    out = {}
+    with threadpool_limits(limits=threads, user_api="blas"):
+        for dt in (np.float64, np.float32):
+            total = 0.0
+            for M, N, K in shapes:
+                a = rng.standard_normal((M, K)).astype(dt)
+                b = rng.standard_normal((K, N)).astype(dt)
+                a @ b  # warm-up
+                best = np.inf
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    a @ b
+                    best = min(best, time.perf_counter() - t0)
+                total += best
+            out[np.dtype(dt).name] = total
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=["lenet", "mlp"], default="lenet",
@@ -148,6 +185,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu-time", action="store_true",
                     help="time with process CPU time (use with --threads 1 on a busy machine)")
     ap.add_argument("--markdown", metavar="PATH", help="also write the report as Markdown")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time the step's products as plain float64 and float32 BLAS "
+                         "calls (what an exact float32 step cannot go below), per epoch")
     args = ap.parse_args(argv)
 
     import numba
@@ -218,6 +258,21 @@ def main(argv=None) -> int:
         rest = secs - accounted - o
         if not args.cpu_time:
             lines.append(f"| rest | {rest:.2f} | | {100 * rest / secs:.0f}% |")
+    if args.floor:
+        steps = len(batches)
+        lines += ["", "## The products as plain BLAS calls (the floor of an exact float32 "
+                  "epoch)", "",
+                  "| BLAS threads | float64 ms / step | s / epoch | float32 ms / step | "
+                  "s / epoch |", "| ---: | ---: | ---: | ---: | ---: |"]
+        for t in sorted({1, args.threads or os.cpu_count()}):
+            fl = blas_floor(args.model, x.shape[1:], args.batch_size, t)
+            f64, f32 = fl["float64"], fl["float32"]
+            lines.append(f"| {t} | {1e3 * f64:.2f} | {f64 * steps:.2f} | {1e3 * f32:.2f} | "
+                         f"{f32 * steps:.2f} |")
+        lines += ["", "Wall time, best of 5 per product, one step's products times the "
+                  f"{steps} steps; fixedsim runs its products at one BLAS thread (a "
+                  "multi-threaded OpenBLAS keeps its workers spinning after each call, "
+                  "which stalls the Numba kernels between the calls)."]
     text = "\n".join(lines)
     print(text)
     if args.markdown:
