@@ -1,7 +1,7 @@
 """Side-by-side throughput of ``fixedsim.quantize`` and other emulators, in Melem/s.
 
     python benchmarks/quantize.py [--n N] [--repeats R] [--threads T] [--quick] [--markdown PATH]
-                                  [--blocks-only]
+                                  [--blocks-only] [--cpu-time]
 
 A second table times the block formats MXFP8 (E4M3) and MXFP4 beside gfloat and torchao
 (when importable) and checks them bit for bit against each other.
@@ -16,6 +16,11 @@ bit (Q<16,8>: numpy ``clip(rint(x * 256), min_code, max_code) / 256 + 0``; E4M3:
 where ml_dtypes gives NaN and fixedsim saturates to +-448). A stochastic result must be one
 of the two neighbours of its input (``Rounding.DOWN`` / ``UP``); ``z`` compares the number
 rounded up with its expectation. APyTypes results are compared with fixedsim's and reported.
+
+``--threads T`` sets Numba's, APyTypes' and PyTorch's thread counts. ``--cpu-time`` times with
+the process's CPU time instead of the wall clock: on a shared machine it does not count the
+time the process waits for a CPU (with more than one thread it adds the threads' times up, so
+it gives Melem per CPU-second; use it with ``--threads 1`` for one thread's rate).
 """
 
 from __future__ import annotations
@@ -121,11 +126,14 @@ def implementations(fmt, rounding):
     return {k: v for k, v in impls.items() if v is not None}
 
 
+CLOCK = time.perf_counter  # --cpu-time: time.process_time
+
+
 def timed(fn, x, repeats):
     def once():
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn(x)
-        return time.perf_counter() - t0
+        return CLOCK() - t0
     return min(once() for _ in range(repeats))
 
 
@@ -184,7 +192,8 @@ def header(args):
         pass
     vers = [f"{m.__name__} {m.__version__}" for m in (np, numba, ml_dtypes, apy) if m]
     return (f"{platform.platform()}, {cpu}, {numba.get_num_threads()} numba threads; "
-            f"{', '.join(vers)}; n={args.n:,}, best of {args.repeats}")
+            f"{', '.join(vers)}; n={args.n:,}, best of {args.repeats}; "
+            f"clock: {'process CPU time' if args.cpu_time else 'wall clock'}")
 
 
 def rate(r):
@@ -315,13 +324,20 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="n=1,000,000 and 3 repeats")
     ap.add_argument("--blocks-only", action="store_true",
                     help="only the block formats (MXFP8, MXFP4) beside gfloat and torchao")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time with the process's CPU time (robust on a busy machine; use "
+                         "with --threads 1)")
     args = ap.parse_args(argv)
+    global CLOCK
+    CLOCK = time.process_time if args.cpu_time else time.perf_counter
     if args.quick:
         args.n, args.repeats = 1_000_000, 3
     if args.threads:
         numba.set_num_threads(args.threads)
         if apy is not None:
             apy.reset_thread_pool(args.threads)
+        if torch is not None:
+            torch.set_num_threads(args.threads)
     if apy is not None:
         apy.set_float_quantization_seed(SEED)
         apy.set_fixed_quantization_seed(SEED)
