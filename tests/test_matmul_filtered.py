@@ -348,6 +348,26 @@ def test_rows_with_many_marks():
     assert same_as_general(a, b, spec) == {"exact_filtered": 1}
 
 
+@pytest.mark.parametrize("full_rows", [0, 1, 2, 3, 5])
+def test_marked_elements_listed_whichever_rows_overflow(full_rows):
+    """The marked elements, from the kernel's first marks of each row and ``fail``: every one
+    once, whether no row, a few or most rows have more than the kernel lists."""
+    rng = np.random.default_rng(full_rows)
+    R, N = 5, 60
+    fail = np.zeros((R, N), np.uint8)
+    for r in range(R):
+        k = rng.integers(filtered._MARKS + 1, N) if r < full_rows else rng.integers(0, 10)
+        fail[r, rng.choice(N, k, replace=False)] = 1
+    per_row = fail.sum(axis=1).astype(np.int64)
+    marks = np.full((R, filtered._MARKS), -1, np.int64)
+    for r in range(R):
+        cols = np.flatnonzero(fail[r])[:filtered._MARKS]
+        marks[r, :cols.size] = cols
+    fr, fj = filtered._marked(per_row, marks, fail)
+    got = sorted(zip(fr.tolist(), fj.tolist(), strict=True))
+    assert got == sorted(zip(*(v.tolist() for v in np.nonzero(fail)), strict=True))
+
+
 def test_exact_values_decided_when_unread():
     """To nearest with nobody reading the counts, a sum that is exactly a value of the format
     is decided by the first filter (only midpoints decide there); counted, it is marked, and

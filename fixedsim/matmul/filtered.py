@@ -333,6 +333,9 @@ def _sparse_rows(A, fr) -> bool:
 def _marked(per_row, marks, fail):
     """``(rows, cols)`` of the marked elements, row by row, from the kernel's first marks of
     each row (``fail`` scanned only for rows with more)."""
+    if np.count_nonzero(per_row > _MARKS) * 2 > per_row.size:  # most rows: one scan of all
+        fr, fj = np.nonzero(fail)
+        return fr, fj
     n = np.minimum(per_row, _MARKS)
     fr = np.repeat(np.arange(per_row.size), n)
     fj = marks[np.arange(_MARKS) < n[:, None]]
