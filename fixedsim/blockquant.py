@@ -35,7 +35,7 @@ import numpy as np
 
 from . import reference
 from .blockformats import POW2_RULES, BlockFormat, _element_emax, _element_precision, _pow2_range
-from .formats import FloatFormat
+from .formats import FixedFormat, FloatFormat
 from .jit import quant_block as _qb
 from .jit.rng import random_u64_array
 from .rounding import Overflow, Rounding
@@ -290,13 +290,18 @@ _RULE_CODES = {"ocp": _qb.RULE_OCP, "ceil": _qb.RULE_CEIL, "even": _qb.RULE_EVEN
 
 def _fused_applies(arr: np.ndarray, fmt: BlockFormat) -> bool:
     """Whether :func:`fixedsim.jit.quant_block.mx_from_f32` serves this call: float32 input, a
-    power-of-two rule, a float element with float32 values, IEEE-style zeros and subnormals,
-    and every scaled quantum a float32 (at least 2**-149)."""
+    power-of-two rule, and either a float element with float32 values, IEEE-style zeros and
+    subnormals, or a two's complement fixed-point element of at most 53 bits (MXINT8's); every
+    scaled quantum at least 2**-149."""
     el = fmt.element
-    return (arr.dtype == np.float32 and fmt.scale_rule in POW2_RULES
-            and isinstance(el, FloatFormat) and el.subnormals and el.signed
+    lo = _pow2_range(fmt.scale)[0]
+    if arr.dtype != np.float32 or fmt.scale_rule not in POW2_RULES:
+        return False
+    if isinstance(el, FixedFormat):
+        return el.signed and el.word_length <= 53 and lo - el.frac_length >= -149
+    return (isinstance(el, FloatFormat) and el.subnormals and el.signed
             and el.inf_nan in ("ieee", "fn", "none") and el.dtype == np.float32
-            and el.emin - el.man_bits + _pow2_range(fmt.scale)[0] >= -149)
+            and el.emin - el.man_bits + lo >= -149)
 
 
 def _fused(arr, fmt: BlockFormat, rounding, rbits, key, ax, out=None):
@@ -311,10 +316,17 @@ def _fused(arr, fmt: BlockFormat, rounding, rbits, key, ax, out=None):
     out = np.empty(moved.size, np.float64) if out is None else out.reshape(-1)
     k = np.empty(moved.size // fmt.block, np.int64)
     mm, em = math.frexp(el.max)
+    emax = _element_emax(el)
+    maxb = int(np.float64(el.max).view(np.int64))
+    if isinstance(el, FixedFormat):  # the quantum 2**-f whatever the exponent (see mx_value)
+        emin, man_bits, minb, fixed = emax, emax + el.frac_length, int(
+            np.float64(-el.min).view(np.int64)), 1
+    else:
+        emin, man_bits, minb, fixed = el.emin, el.man_bits, maxb, 0
     nnan, kmax = _qb.mx_from_f32(
-        xb, out, k, fmt.block, int(rounding), _RULE_CODES[fmt.scale_rule], el.emax,
-        el.precision, int(math.ldexp(mm, 24)), lo, el.emin, el.man_bits,
-        int(np.float64(el.max).view(np.int64)), 2.0**rbits, rbits, key)
+        xb, out, k, fmt.block, int(rounding), _RULE_CODES[fmt.scale_rule], emax,
+        _element_precision(el), int(math.ldexp(mm, 24)), lo, emin, man_bits, maxb, minb, fixed,
+        2.0**rbits, rbits, key)
     vals = out.reshape(-1, fmt.block)
     bad = k == _qb.NAN_BLOCK if nnan else np.zeros(k.size, bool)
     if nnan and not fmt.scale.has_nan:

@@ -26,7 +26,8 @@ from fixedsim.blockquant import _fused_applies
 from fixedsim.jit.rng import random_u64_array
 from fixedsim.quantize import random_key
 
-ELEMENTS = [fs.FP8_E4M3, fs.FP8_E5M2, fs.FP6_E2M3, fs.FP6_E3M2, fs.FP4_E2M1]
+ELEMENTS = [fs.FP8_E4M3, fs.FP8_E5M2, fs.FP6_E2M3, fs.FP6_E3M2, fs.FP4_E2M1,
+            fs.FixedFormat(8, 6)]  # the last: MXINT8's
 F32_MAX = float(np.finfo(np.float32).max)
 
 

@@ -36,6 +36,7 @@ NAN_BLOCK = 1 << 20
 BLOCKS_PER_CHUNK = 256
 RULE_OCP, RULE_CEIL, RULE_EVEN, RULE_RCEIL = range(4)
 _SIGN32 = np.int64(0x80000000)
+_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 @jit_inline
@@ -75,27 +76,36 @@ def block_exponent(amax, rule, emax, prec, mmax_n, k_lo):
 
 
 @jit_inline
-def mx_value(b, k, MODE, emin, man_bits, maxb64, sr_scale, rbits, key, i):
+def mx_value(b, k, MODE, emin, man_bits, maxb64, minb64, fixed, sr_scale, rbits, key, i):
     """The value ``element * 2**k`` (float64) of float32 bits ``b`` (int64, finite) in a block
-    of scale ``2**k``: ``x / 2**k`` rounded into the element (``emin``, ``man_bits``; largest
-    value with float64 bits ``maxb64``) in mode ``MODE``, saturating, times ``2**k``.
-    ``sr_scale``: ``2.0**rbits``; the draw of element ``i`` is ``random_u64(key, i)``."""
+    of scale ``2**k``: ``x / 2**k`` rounded into the element in mode ``MODE``, saturating, times
+    ``2**k``.
+
+    A float element: ``emin``, ``man_bits``; its largest value has the float64 bits ``maxb64``
+    (``minb64`` the same), ``fixed`` 0. A fixed-point element (two's complement, quantum
+    ``2**-f``): ``emin = emax`` (``floor(log2(max))``, so that ``emin + k`` is at least every
+    exponent of the block), ``man_bits = emax + f``, ``maxb64`` and ``minb64`` the bits of its
+    largest value and of its most negative value's magnitude, ``fixed`` 1: zeros are +0.0 and
+    stochastic rounding truncates the value (toward -inf), as two's complement hardware does,
+    not the magnitude. ``sr_scale``: ``2.0**rbits``; the draw of element ``i`` is the top
+    ``rbits`` bits of ``random_u64(key, i)``."""
     x = np.float64(f32_from_bits(np.uint32(b)))
     e = ((f64_bits(x) >> 52) & 0x7FF) - 1023  # floor(log2|x|): x is a normal float64 or 0
     lo = emin + k
     q = (e if e > lo else lo) - man_bits  # the quantum 2**q of x (moved by k)
     big = f64_from_bits(maxb64 + (k << 52))  # the element's largest value times 2**k
-    sign = (b & _SIGN32) << 32
+    bigneg = f64_from_bits(minb64 + (k << 52))  # and its most negative one's magnitude
+    neg = (b & _SIGN32) != 0
+    sign = 0 if fixed else (b & _SIGN32) << 32  # floats keep the sign of a zero
     if MODE == RNE:
         c = f64_from_bits(((q + 1075) << 52) | (1 << 51))  # 1.5 * 2**(q + 52)
         r = (x + c) - c
         r = r if r < big else big
-        r = r if r > -big else -big
+        r = r if r > -bigneg else -bigneg
         return f64_from_bits(f64_bits(r) | sign)
     y = abs(x) * f64_from_bits((1023 - q) << 52)  # |x| / 2**q, exact
     fl = np.floor(y)
     frac = y - fl
-    neg = sign != 0
     if MODE == RNA:
         up = frac >= 0.5
     elif MODE == RTZ:
@@ -106,28 +116,38 @@ def mx_value(b, k, MODE, emin, man_bits, maxb64, sr_scale, rbits, key, i):
         up = (not neg) and frac != 0.0
     elif MODE == ODD:
         up = frac != 0.0 and (np.int64(fl) & 1) == 0
-    else:  # SR on the magnitude: up when the draw is below the fraction's top rbits bits
+    else:  # SR: the draw against the fraction's top random_bits bits
         draw = random_u64(key, np.uint64(i)) >> np.uint64(64 - rbits)
-        up = draw < np.uint64(frac * sr_scale)
+        fs = frac * sr_scale  # exact
+        if fixed and neg:  # the value truncated (toward -inf): the magnitude goes up when
+            # draw >= floor((1 - frac) * 2**bits) = 2**bits - ceil(frac * 2**bits)
+            up = (_ONES >> np.uint64(64 - rbits)) - draw < np.uint64(np.ceil(fs))
+        else:  # the magnitude truncated: up when draw < floor(frac * 2**bits)
+            up = draw < np.uint64(fs)
     r = (fl + (1.0 if up else 0.0)) * f64_from_bits((q + 1023) << 52)
-    r = r if r < big else big
-    return f64_from_bits(f64_bits(r) | sign)
+    top = bigneg if neg else big
+    r = r if r < top else top
+    v = f64_from_bits(f64_bits(r) | sign)
+    return (0.0 - v) if (neg and fixed) else v
 
 
 @jit_inline
-def _round_run(xs, os, ke, lo, MODE, emin, man_bits, maxb64, sr_scale, rbits, key):
+def _round_run(xs, os, ke, lo, MODE, emin, man_bits, maxb64, minb64, fixed, sr_scale, rbits,
+               key):
     """Pass 2 over one chunk: ``os[j]`` the value of ``xs[j]`` in the block of exponent
     ``ke[j]``."""
     for j in range(xs.size):
-        os[j] = mx_value(np.int64(xs[j]), ke[j], MODE, emin, man_bits, maxb64, sr_scale, rbits,
-                         key, lo + j)
+        os[j] = mx_value(np.int64(xs[j]), ke[j], MODE, emin, man_bits, maxb64, minb64, fixed,
+                         sr_scale, rbits, key, lo + j)
 
 
 @jit_parallel
 def mx_from_f32(xb, out, kout, block, mode, rule, emax, prec, mmax_n, k_lo, emin, man_bits,
-                maxb64, sr_scale, rbits, key):
+                maxb64, minb64, fixed, sr_scale, rbits, key):
     """Quantize float32 bits ``xb`` (flat, blocks of ``block`` consecutive elements) into the
-    float64 values ``out``; the scale exponents into ``kout`` (one per block).
+    float64 values ``out``; the scale exponents into ``kout`` (one per block). The element:
+    ``emax``, ``prec`` and ``mmax_n`` for the rule (:func:`block_exponent`), the others as
+    :func:`mx_value` takes them.
 
     Returns ``(NaN blocks, largest exponent of the others)`` (``k_lo`` when there is none),
     for the caller's checks against the scale format."""
@@ -163,11 +183,14 @@ def mx_from_f32(xb, out, kout, block, mode, rule, emax, prec, mmax_n, k_lo, emin
         xs = xb[lo:b1 * block]
         os = out[lo:b1 * block]
         if mode == RNE:  # the common modes compiled with the mode a constant
-            _round_run(xs, os, ke, lo, RNE, emin, man_bits, maxb64, sr_scale, rbits, key)
+            _round_run(xs, os, ke, lo, RNE, emin, man_bits, maxb64, minb64, fixed, sr_scale,
+                       rbits, key)
         elif mode == SR:
-            _round_run(xs, os, ke, lo, SR, emin, man_bits, maxb64, sr_scale, rbits, key)
+            _round_run(xs, os, ke, lo, SR, emin, man_bits, maxb64, minb64, fixed, sr_scale,
+                       rbits, key)
         else:  # the others with the mode a variable: one more copy, not five
-            _round_run(xs, os, ke, lo, mode, emin, man_bits, maxb64, sr_scale, rbits, key)
+            _round_run(xs, os, ke, lo, mode, emin, man_bits, maxb64, minb64, fixed, sr_scale,
+                       rbits, key)
         if nnan:
             for b in range(b0, b1):
                 if kout[b] == NAN_BLOCK:
