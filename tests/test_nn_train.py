@@ -148,8 +148,12 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
 
 
 def test_exploding_loss_is_divergence(tiny):
-    with pytest.raises(TrainingDiverged, match="max_loss"):
+    with pytest.raises(TrainingDiverged, match="max_loss") as err:
         train(_config(lr=1e4, max_loss=50.0), Policy.float32(), progress=False, data=tiny)
+    assert "K-FAC" not in str(err.value)
+    with pytest.raises(TrainingDiverged, match="max_loss.*K-FAC.*larger damping"):
+        train(_config(lr=1e4, max_loss=50.0, optimizer="kfac"), Policy.float32(),
+              progress=False, data=tiny)
 
 
 def test_dynamic_loss_scale_backs_off_on_overflow(tiny):

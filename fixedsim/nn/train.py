@@ -952,11 +952,15 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
                 merge_counters(counters, ctx.counters)
                 why = ("not finite" if not math.isfinite(loss)
                        else f"> max_loss {config.max_loss:g}")
+                hint = ("; K-FAC whose damping is small for its step diverges as plain "
+                        "natural gradient does: try a larger damping (the LeNet trains at "
+                        "0.1 with the default rate; docs/kfac.md)"
+                        if config.optimizer == "kfac" else "")
                 raise TrainingDiverged(
                     f"training diverged at epoch {epoch + 1}, step {step}: loss {loss:.4g} "
                     f"({why}) under policy {policy.name!r}; "
                     + (f"the checkpoint of the last good epoch is in {out}" if out is not None
-                       and history else "no epoch finished"))
+                       and history else "no epoch finished") + hint)
             if not parallel:
                 model.backward(lossf.backward(ctx, scale), ctx)
             restore_weights(params, saved)
