@@ -182,13 +182,20 @@ def mx_from_f32(xb, out, kout, block, mode, rule, emax, prec, mmax_n, k_lo, emin
                 kb[j] = k
         xs = xb[lo:b1 * block]
         os = out[lo:b1 * block]
-        if mode == RNE:  # the common modes compiled with the mode a constant
-            _round_run(xs, os, ke, lo, RNE, emin, man_bits, maxb64, minb64, fixed, sr_scale,
-                       rbits, key)
-        elif mode == SR:
-            _round_run(xs, os, ke, lo, SR, emin, man_bits, maxb64, minb64, fixed, sr_scale,
-                       rbits, key)
-        else:  # the others with the mode a variable: one more copy, not five
+        # the common modes compiled with the mode a constant, float elements without the
+        # fixed-point branches (22% faster stochastic rounding); the other modes, and
+        # fixed-point elements (MXINT8) but for nearest even, with both variables: one more
+        # copy, not fourteen
+        if mode == RNE and not fixed:
+            _round_run(xs, os, ke, lo, RNE, emin, man_bits, maxb64, minb64, 0, sr_scale, rbits,
+                       key)
+        elif mode == RNE:
+            _round_run(xs, os, ke, lo, RNE, emin, man_bits, maxb64, minb64, 1, sr_scale, rbits,
+                       key)
+        elif mode == SR and not fixed:
+            _round_run(xs, os, ke, lo, SR, emin, man_bits, maxb64, minb64, 0, sr_scale, rbits,
+                       key)
+        else:
             _round_run(xs, os, ke, lo, mode, emin, man_bits, maxb64, minb64, fixed, sr_scale,
                        rbits, key)
         if nnan:
