@@ -19,8 +19,9 @@ scaled elements ``x / S``, which are exact:
   ``2**-900`` in magnitude and scales of more than 31 significant bits are rounded by the
   Fraction oracle.
 
-Float32 input into a power-of-two rule with a float element takes one fused kernel instead,
-:func:`fixedsim.jit.quant_block.mx_from_f32`.
+Float32 input into a power-of-two rule with a float element (MXFP8, MXFP6, MXFP4) or a two's
+complement fixed-point one (MXINT8) takes one fused kernel instead,
+:func:`fixedsim.jit.quant_block.mx_from_f32`, which rounds every block of every magnitude.
 
 Nothing here rounds twice; ``tests/test_blockformats.py`` checks it bit for bit against
 :func:`fixedsim.reference.block_quantize`.
