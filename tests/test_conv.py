@@ -250,7 +250,9 @@ def test_grad_input_exact_filtered_without_the_zero_grid(rnd, kind, seed, sp):
 
 # -- the im2col matrix kept from the forward pass for the weight gradient --------------------------
 MEMO_SPECS = ACC_SPECS + [fs.MatmulSpec(output=fs.FP32), fs.MatmulSpec(output=fs.BF16),
-                          fs.MatmulSpec(input=fs.FixedFormat(8, 4), output=fs.FixedFormat(16, 8))]
+                          fs.MatmulSpec(input=fs.FixedFormat(8, 4), output=fs.FixedFormat(16, 8)),
+                          fs.MatmulSpec(input=fs.FP16, accumulator=fs.FP32),
+                          fs.MatmulSpec(accumulator=fs.FP32)]
 
 
 @pytest.mark.parametrize("spec", MEMO_SPECS, ids=repr)
@@ -279,6 +281,10 @@ def test_weight_gradient_reuses_the_forward_im2col_bit_for_bit(spec):
             y1, cy1 = fs.conv2d(x, w, spec, **kw)
             (xq, cols), = memo.values()
             fresh = cols.copy()
+            # float32 data under an FP32 chain: the matrix is built in float32 (no copy)
+            chain32 = spec.accumulator is not None and spec.accumulator == fs.Accumulator(
+                fs.FP32) and xq.dtype == np.float32
+            assert cols.dtype == (np.float32 if chain32 else np.float64)
             g1, cg1 = fs.conv2d_grad_weight(x, gy, w.shape, spec, **kw)
     finally:
         api._conv.im2col = real

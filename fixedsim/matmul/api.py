@@ -11,6 +11,7 @@ import numpy as np
 
 from .. import counters as _counters
 from ..blockformats import BlockFormat
+from ..formats import FP32
 from ..jit import conv as _conv
 from ..jit import gemm_fp32 as _g32
 from ..quantize import (
@@ -276,18 +277,29 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(np.array_equal(np.ascontiguousarray(a).view(u), np.ascontiguousarray(b).view(u)))
 
 
-def _im2col(x, kh, kw, stride, padding, Ho, Wo, memo=False):
-    """The im2col matrix of ``x`` (float64); with ``memo`` from the active
-    :func:`reuse_im2col` memo when it holds the one of these bits and geometry."""
+def _cols_dtype(spec, xq) -> type:
+    """The dtype a convolution's im2col matrix is built in: float32 for float32 data under an
+    FP32 FMA chain (its rows compute in float32: no conversion of the matrix), else float64.
+    Either holds the data exactly; only the copies a row makes depend on it."""
+    acc = spec.accumulator
+    chain32 = (acc is not None and getattr(acc, "fmt", None) == FP32
+               and getattr(acc, "block", None) == 1)
+    return np.float32 if chain32 and xq.dtype == np.float32 else np.float64
+
+
+def _im2col(x, kh, kw, stride, padding, Ho, Wo, memo=False, dtype=np.float64):
+    """The im2col matrix of ``x`` (``dtype``: float64, or float32 for float32 ``x``); with
+    ``memo`` from the active :func:`reuse_im2col` memo when it holds the one of these bits,
+    geometry and dtype."""
     book = _COLS_MEMO.get() if memo else None
-    key = (x.shape, x.dtype.str, kh, kw, tuple(stride), tuple(padding))
+    key = (x.shape, x.dtype.str, kh, kw, tuple(stride), tuple(padding), np.dtype(dtype).str)
     if book is not None:
         kept = book.get(key)
         if kept is not None and _same_bits(kept[0], x):
             return kept[1]
     N, C = x.shape[:2]
-    cols = np.empty((N * Ho * Wo, C * kh * kw), np.float64)
-    _conv.im2col(np.ascontiguousarray(x, np.float64), kh, kw, *stride, *padding, cols)
+    cols = np.empty((N * Ho * Wo, C * kh * kw), dtype)
+    _conv.im2col(np.ascontiguousarray(x, dtype), kh, kw, *stride, *padding, cols)
     if book is not None:
         book[key] = (np.array(x, copy=True), cols)
     return cols
@@ -297,7 +309,7 @@ def _conv_core(xq, wq, spec, keys, rb, c, stride, padding, Ho, Wo):
     """``conv2d`` of quantized operands: im2col, then the modelled matrix product."""
     N, O = xq.shape[0], wq.shape[0]
     kh, kw = wq.shape[2:]
-    cols = _im2col(xq, kh, kw, stride, padding, Ho, Wo, memo=True)
+    cols = _im2col(xq, kh, kw, stride, padding, Ho, Wo, memo=True, dtype=_cols_dtype(spec, xq))
     c.macs = cols.shape[0] * O * cols.shape[1]
     # every nonzero value of cols is one of xq's: its scan bounds them
     res = _product(cols, np.ascontiguousarray(wq.reshape(O, -1).T), spec, keys, rb, c,
@@ -380,7 +392,8 @@ def conv2d_grad_weight(x, grad_y, w_shape, spec: MatmulSpec | None = None, strid
         raise ValueError(f"conv2d_grad_weight: grad_y must have shape "
                          f"{(x.shape[0], O, Ho, Wo)}, got {gy.shape}")
     gq, xq = _quantize_pair("conv2d_grad_weight", spec, gy, x, ("grad_y", "x"), keys, rb, c)
-    cols = _im2col(xq, w_shape[2], w_shape[3], stride, padding, Ho, Wo, memo=True)
+    cols = _im2col(xq, w_shape[2], w_shape[3], stride, padding, Ho, Wo, memo=True,
+                   dtype=_cols_dtype(spec, xq))
     A = np.ascontiguousarray(gq.transpose(1, 0, 2, 3).reshape(O, -1))
     c.macs = O * cols.shape[0] * cols.shape[1]
     return _done(_product(A, cols, spec, keys, rb, c, bb=_Bits.of(xq)).reshape(w_shape), c,
