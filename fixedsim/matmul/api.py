@@ -23,6 +23,7 @@ from .core import (
     _check_addend,
     _check_finite_for_fixed,
     _check_operands,
+    _f32_exact,
     _quantize_input,
     _setup,
     block_operands,
@@ -277,18 +278,19 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(np.array_equal(np.ascontiguousarray(a).view(u), np.ascontiguousarray(b).view(u)))
 
 
-def _cols_dtype(spec, xq) -> type:
-    """The dtype a convolution's im2col matrix is built in: float32 for float32 data under an
-    FP32 FMA chain (its rows compute in float32: no conversion of the matrix), else float64.
-    Either holds the data exactly; only the copies a row makes depend on it."""
+def _cols_dtype(spec, bits: _Bits) -> type:
+    """The dtype a convolution's im2col matrix is built in: float32 when the operand's values
+    (``bits``, its scan) are float32 values and the accumulator is an FP32 FMA chain (its rows
+    compute in float32: no float32 copy of the matrix), else float64. Either holds the values
+    exactly; only the copies a row makes depend on it."""
     acc = spec.accumulator
     chain32 = (acc is not None and getattr(acc, "fmt", None) == FP32
                and getattr(acc, "block", None) == 1)
-    return np.float32 if chain32 and xq.dtype == np.float32 else np.float64
+    return np.float32 if chain32 and _f32_exact(bits) else np.float64
 
 
 def _im2col(x, kh, kw, stride, padding, Ho, Wo, memo=False, dtype=np.float64):
-    """The im2col matrix of ``x`` (``dtype``: float64, or float32 for float32 ``x``); with
+    """The im2col matrix of ``x`` (``dtype``: float64, or float32 for float32 values); with
     ``memo`` from the active :func:`reuse_im2col` memo when it holds the one of these bits,
     geometry and dtype."""
     book = _COLS_MEMO.get() if memo else None
@@ -309,11 +311,11 @@ def _conv_core(xq, wq, spec, keys, rb, c, stride, padding, Ho, Wo):
     """``conv2d`` of quantized operands: im2col, then the modelled matrix product."""
     N, O = xq.shape[0], wq.shape[0]
     kh, kw = wq.shape[2:]
-    cols = _im2col(xq, kh, kw, stride, padding, Ho, Wo, memo=True, dtype=_cols_dtype(spec, xq))
+    bx = _Bits.of(xq)
+    cols = _im2col(xq, kh, kw, stride, padding, Ho, Wo, memo=True, dtype=_cols_dtype(spec, bx))
     c.macs = cols.shape[0] * O * cols.shape[1]
     # every nonzero value of cols is one of xq's: its scan bounds them
-    res = _product(cols, np.ascontiguousarray(wq.reshape(O, -1).T), spec, keys, rb, c,
-                   ba=_Bits.of(xq))
+    res = _product(cols, np.ascontiguousarray(wq.reshape(O, -1).T), spec, keys, rb, c, ba=bx)
     return np.ascontiguousarray(res.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2))
 
 
@@ -392,12 +394,12 @@ def conv2d_grad_weight(x, grad_y, w_shape, spec: MatmulSpec | None = None, strid
         raise ValueError(f"conv2d_grad_weight: grad_y must have shape "
                          f"{(x.shape[0], O, Ho, Wo)}, got {gy.shape}")
     gq, xq = _quantize_pair("conv2d_grad_weight", spec, gy, x, ("grad_y", "x"), keys, rb, c)
+    bx = _Bits.of(xq)
     cols = _im2col(xq, w_shape[2], w_shape[3], stride, padding, Ho, Wo, memo=True,
-                   dtype=_cols_dtype(spec, xq))
+                   dtype=_cols_dtype(spec, bx))
     A = np.ascontiguousarray(gq.transpose(1, 0, 2, 3).reshape(O, -1))
     c.macs = O * cols.shape[0] * cols.shape[1]
-    return _done(_product(A, cols, spec, keys, rb, c, bb=_Bits.of(xq)).reshape(w_shape), c,
-                 stats)
+    return _done(_product(A, cols, spec, keys, rb, c, bb=bx).reshape(w_shape), c, stats)
 
 
 def conv2d_grad_input(grad_y, w, x_shape, spec: MatmulSpec | None = None, stride=1, padding=0,
