@@ -21,6 +21,43 @@ def test_shared_options():
     assert options.OPTIONS["fastmath"] is False
 
 
+def test_cached_kernels_are_keyed_by_every_source_of_the_package(tmp_path):
+    """Each cached kernel's stamp is its file's together with the digest of every source of
+    fixedsim.jit, so a change to a helper in one file (quant.py's quantize_value) cannot
+    leave the kernels of the others running old code from their caches; the digest moves
+    with any byte of any file; functions outside the package keep Numba's own locators."""
+    import numba
+    from numba.core import caching
+
+    from fixedsim.jit import arith, quant
+
+    assert options.PACKAGE_STAMP
+    for kernel in (arith.arith, quant.quantize_bits, arith.round_exact):
+        locator = kernel._cache._impl.locator
+        assert getattr(type(locator), "_fixedsim_stamp", False), type(locator)
+        own, digest = locator.get_source_stamp()
+        assert digest == options.SOURCE_DIGEST
+        assert own == caching.InTreeCacheLocator.get_source_stamp(locator)
+    for path in JIT_DIR.glob("*.py"):
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    assert options._source_digest(tmp_path) == options.SOURCE_DIGEST
+    q = tmp_path / "quant.py"
+    q.write_text(q.read_text() + "\n")
+    assert options._source_digest(tmp_path) != options.SOURCE_DIGEST
+    outside = tmp_path / "elsewhere.py"
+    outside.write_text("def f(x):\n    return x + 1\n")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("elsewhere", outside)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    kernel = numba.njit(cache=True)(mod.f)
+    assert not getattr(type(kernel._cache._impl.locator), "_fixedsim_stamp", False)
+    assert options._install_package_stamp()  # installed once: a second call adds nothing
+    assert sum(getattr(k, "_fixedsim_stamp", False)
+               for k in caching.CacheImpl._locator_classes) == 2
+
+
 def test_no_kernel_bypasses_the_shared_options():
     allowed = {"jit", "jit_inline", "jit_parallel"}
     for name, src in SOURCES.items():
