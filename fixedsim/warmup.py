@@ -1,7 +1,8 @@
 """Compile ahead the Numba kernels that training, sweeps and the default product paths use.
 
 fixedsim's kernels are compiled on first use and kept in Numba's on-disk cache, so only the
-first run after an install (or after a kernel's source changes) pays for compiling them.
+first run after an install (or after any source of ``fixedsim/jit`` changes: see
+``fixedsim.jit.options``) pays for compiling them.
 :func:`warmup` (``fixedsim warmup``) pays it at a time of the user's choosing, with progress:
 it runs a few tiny jobs (one training step and one evaluation per preset policy and model,
 matrix products and roundings under the usual specs) and reports what each compiled.
