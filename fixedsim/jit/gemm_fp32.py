@@ -444,24 +444,6 @@ def gemm_fma32(A, B, B64, out, ovp, ovn):
     return counts
 
 
-@jit_inline
-def _taps(pos, k, off, s, n, skip, taps, at):
-    """The kernel offsets ``t`` (0 to ``k - 1``, in order) whose position ``pos + t - off``
-    on the zero-spread grid holds a gradient value (stride ``s``, ``n`` values), into
-    ``taps``, their gradient index into ``at`` (-1 for the grid's zeros, listed too unless
-    ``skip``); returns how many."""
-    m = 0
-    for t in range(k):
-        u = pos + t - off
-        g = u // s
-        on = u >= 0 and u - g * s == 0 and g < n
-        if on or not skip:
-            taps[m] = t
-            at[m] = g if on else -1
-            m += 1
-    return m
-
-
 @jit_parallel
 def conv_t_f32_chain(G, B, kh, kw, sh, sw, r0, q0, H, W, skip, out):
     """:func:`gemm_f32_chain`'s uncounted FMA chain (``F32_UNCOUNTED``) for a transposed
@@ -490,9 +472,23 @@ def conv_t_f32_chain(G, B, kh, kw, sh, sw, r0, q0, H, W, skip, out):
         jj = np.empty(kw, np.int64)
         ww = np.empty(kw, np.int64)
         for h in range(H):
-            ni = _taps(h, kh, r0, sh, Ho, skip, ii, hh)
+            ni = 0  # the kernel rows i that meet a gradient row ho, in order
+            for i in range(kh):
+                t = h + i - r0
+                ho = t // sh
+                if (t >= 0 and t - ho * sh == 0 and ho < Ho) or not skip:
+                    ii[ni] = i
+                    hh[ni] = ho if t >= 0 and t - ho * sh == 0 and ho < Ho else -1
+                    ni += 1
             for w in range(W):
-                nj = _taps(w, kw, q0, sw, Wo, skip, jj, ww)
+                nj = 0
+                for j in range(kw):
+                    u = w + j - q0
+                    wo = u // sw
+                    if (u >= 0 and u - wo * sw == 0 and wo < Wo) or not skip:
+                        jj[nj] = j
+                        ww[nj] = wo if u >= 0 and u - wo * sw == 0 and wo < Wo else -1
+                        nj += 1
                 acc[:] = zero
                 for o in range(O):
                     for p in range(ni):
