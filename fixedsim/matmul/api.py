@@ -253,7 +253,7 @@ _COLS_MEMO: contextvars.ContextVar = contextvars.ContextVar("fixedsim_im2col_mem
 
 
 @contextlib.contextmanager
-def reuse_im2col(memo: dict):
+def reuse_im2col(memo: dict | None):
     """Within the block, :func:`conv2d` and :func:`conv2d_grad_weight` keep the im2col matrix
     they build in ``memo`` and take it from there when asked for the same one again: same
     geometry and an operand (after ``spec.input``) equal bit for bit to the one it was built
@@ -261,7 +261,7 @@ def reuse_im2col(memo: dict):
     training step's weight gradient so reuses its forward pass's matrix; the results are the
     same bits (the matrix is a function of the operand's bits and the geometry alone).
     ``memo`` belongs to the caller (a layer keeps one per forward pass and drops it after
-    the backward pass)."""
+    the backward pass); None: no matrix is kept or taken within the block."""
     token = _COLS_MEMO.set(memo)
     try:
         yield memo

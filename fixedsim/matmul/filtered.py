@@ -35,7 +35,7 @@ How, and why it is exact
    finite by the range conditions): ``fl(sum a_k^2) >= (1 - gamma(K + 1)) ||a||^2`` and the
    square root rounds by at most ``u``, so ``||a|| ||b|| <= na nb / ((1 - u)^2 (1 -
    gamma(K + 1)))``. The radius used is ``e = fl(fl(c na) nb)``, ``c = d u (1 + 2**-16)``
-   (``d = K``, or ``k_c + n_c`` when summed in chunks; ``d <= K <= 2**30``, so ``d u <=
+   (``d = K``, or ``k_c + n_c + 1`` when summed in chunks; ``d <= K <= 2**30``, so ``d u <=
    2**-23``: the factor ``1 + 2**-16`` exceeds every ``1/(1 - ...)`` and ``(1 - u)^-k``
    above by far), hence ``e >= gamma(d) T >= |S - x|``. Per
    element it costs one multiplication (Cauchy-Schwarz is tighter than the max-times-sum

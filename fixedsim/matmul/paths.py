@@ -93,7 +93,7 @@ class Product:
         into ``out`` (float32, ``(R, N)``) the uncounted FP32 FMA chain of ``A @ B32``
         (float32 ``B``), the same steps in the same order as
         :func:`fixedsim.jit.gemm_fp32.gemm_f32_chain` on the built ``A``, without building it
-        (the ``fp32_fma`` row, when nothing reads its steps' events).
+        (the ``fp32_chain`` and ``fp32_fma`` rows, when nothing reads their steps' events).
     """
 
     def __init__(self, A, B, spec, keys, rb, c, mm=None, ba=None, C=None, bb=None,

@@ -15,7 +15,6 @@ product is ``x @ W`` with ``K = in_features``; Conv2d's is ``(O, C, kh, kw)``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
@@ -406,7 +405,7 @@ class Conv2d(_Product):
         else:
             # in training the im2col matrix is kept for the weight gradient (bit-checked)
             self._cols = {} if ctx.training else None
-            with reuse_im2col(self._cols) if ctx.training else _no_memo():
+            with reuse_im2col(self._cols):
                 z = ctx.product(conv2d, spec, self.name, "forward", xq, wq, stride=self.stride,
                                 padding=self.padding)
         self._cache = (xq, wq)
@@ -436,8 +435,7 @@ class Conv2d(_Product):
 
             dw, dx = conv_backward(self, grad_y, xq, wq, ctx, need_input_grad)
         else:
-            memo = getattr(self, "_cols", None)
-            with reuse_im2col(memo) if memo is not None else _no_memo():
+            with reuse_im2col(getattr(self, "_cols", None)):
                 self._weight_grad(lambda: ctx.product(conv2d_grad_weight, p.grad_weight,
                                                       self.name, "grad_weight", xq, grad_y,
                                                       wq.shape, **kw),
@@ -468,11 +466,6 @@ class Conv2d(_Product):
         groups = np.repeat(np.arange(N), Ho * Wo)
         y = self._reuse_forward(cols, W2d, spec, ctx, groups)
         return np.ascontiguousarray(y.reshape(N, Ho, Wo, -1).transpose(0, 3, 1, 2))
-
-
-@contextlib.contextmanager
-def _no_memo():
-    yield None
 
 
 def _col2im(cols, x_shape, kernel_size, stride, padding):
