@@ -99,3 +99,14 @@ def tiny_lenet_config(**kw):
                 data="synthetic", epochs=2, batch_size=16, lr=0.05, seed=2)
     base.update(kw)
     return TrainConfig(**base)
+
+
+def assert_policy_round_trips(policy, folder):
+    """``policy`` equals itself through its dict and through a TOML and a JSON file written
+    into ``folder``."""
+    from fixedsim.nn.policy import Policy
+
+    assert Policy.from_dict(policy.to_dict()) == policy
+    for ext in ("toml", "json"):
+        policy.save(folder / f"p.{ext}")
+        assert Policy.load(folder / f"p.{ext}") == policy

@@ -10,7 +10,7 @@ import numba
 import numpy as np
 import pytest
 from blockfma_cases import check, one_numba_thread, operands
-from helpers import assert_same_bits
+from helpers import assert_policy_round_trips, assert_same_bits
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -294,10 +294,7 @@ def test_a_policy_names_a_blockfma(tmp_path):
     assert d["forward"]["accumulator"] == {"kind": "block_fma", "block": 32, "extra_bits": -10,
                                            "rounding": "toward_zero", "format": "FP32",
                                            "output_frac_bits": 13, "min_exp": -133}
-    assert Policy.from_dict(d) == p
-    for ext in ("toml", "json"):
-        p.save(tmp_path / f"p.{ext}")
-        assert Policy.load(tmp_path / f"p.{ext}") == p
+    assert_policy_round_trips(p, tmp_path)
     with pytest.raises(ValueError, match=r"forward.accumulator: 'extra_bits' is required"):
         Policy.from_dict({"forward": {"accumulator": {"kind": "block_fma", "block": 4}}})
     with pytest.raises(ValueError, match=r"BlockFMA block must be in 1"):
@@ -421,10 +418,7 @@ def test_a_policy_keeps_promote(tmp_path):
     p = dataclasses.replace(Policy.fp16_mixed(), name="deepseek", forward=fp8)
     d = p.to_dict()
     assert d["forward"]["accumulator"]["promote"] == 128
-    assert Policy.from_dict(d) == p
-    for ext in ("toml", "json"):
-        p.save(tmp_path / f"p.{ext}")
-        assert Policy.load(tmp_path / f"p.{ext}") == p
+    assert_policy_round_trips(p, tmp_path)
     with pytest.raises(ValueError, match=r"forward.accumulator.*promote must be a multiple"):
         Policy.from_dict({"forward": {"accumulator": {"kind": "block_fma", "block": 32,
                                                       "extra_bits": 0, "promote": 100}}})

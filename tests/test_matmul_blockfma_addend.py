@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 from blockfma_cases import check, one_numba_thread, operands
+from helpers import assert_policy_round_trips
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -233,7 +234,4 @@ def test_a_policy_keeps_addend_bits(tmp_path):
     assert d["forward"]["accumulator"]["addend_bits"] == [31, 24]
     assert d["forward"]["accumulator"]["zero_exp"] == -126
     assert d["forward"]["accumulator"]["product_inf_exp"] == 128
-    assert Policy.from_dict(d) == p
-    for ext in ("toml", "json"):
-        p.save(tmp_path / f"p.{ext}")
-        assert Policy.load(tmp_path / f"p.{ext}") == p
+    assert_policy_round_trips(p, tmp_path)

@@ -13,6 +13,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 from blockfma_cases import check, one_numba_thread, operands
+from helpers import assert_policy_round_trips
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -256,10 +257,7 @@ def test_a_policy_keeps_groups(tmp_path):
     d = p.to_dict()
     assert d["forward"]["accumulator"]["addend_bits"] == [31, 24, 25]
     assert d["forward"]["accumulator"]["groups"] == 2
-    assert Policy.from_dict(d) == p
-    for ext in ("toml", "json"):
-        p.save(tmp_path / f"p.{ext}")
-        assert Policy.load(tmp_path / f"p.{ext}") == p
+    assert_policy_round_trips(p, tmp_path)
     with pytest.raises(ValueError, match=r"forward.accumulator.*groups needs addend_bits"):
         Policy.from_dict({"forward": {"accumulator": {"kind": "block_fma", "block": 16,
                                                       "extra_bits": 1, "groups": 2}}})

@@ -9,6 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 from blockfma_cases import check, one_numba_thread, operands
+from helpers import assert_policy_round_trips
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -109,10 +110,7 @@ def test_a_policy_keeps_interleave(tmp_path):
     p = dataclasses.replace(Policy.fp16_mixed(), name="b200", forward=spec)
     d = p.to_dict()
     assert d["forward"]["accumulator"]["interleave"] == 2
-    assert Policy.from_dict(d) == p
-    for ext in ("toml", "json"):
-        p.save(tmp_path / f"p.{ext}")
-        assert Policy.load(tmp_path / f"p.{ext}") == p
+    assert_policy_round_trips(p, tmp_path)
     with pytest.raises(ValueError, match=r"forward.accumulator.*interleave needs promote"):
         Policy.from_dict({"forward": {"accumulator": {"kind": "block_fma", "block": 16,
                                                       "extra_bits": 2, "interleave": 2}}})
