@@ -110,3 +110,22 @@ def assert_policy_round_trips(policy, folder):
     for ext in ("toml", "json"):
         policy.save(folder / f"p.{ext}")
         assert Policy.load(folder / f"p.{ext}") == policy
+
+
+def block_oracle(x, fmt, rounding, seed=None, random_bits=None, axis=None):
+    """``fixedsim.reference.block_quantize`` of ``x``, with the kernels' draws (their seeded
+    random numbers, ``random_bits`` of them) when ``rounding`` is stochastic."""
+    import fixedsim as fs
+    from fixedsim import reference
+    from fixedsim.jit.rng import random_u64_array
+    from fixedsim.quantize import random_key
+
+    draws = None
+    if fs.Rounding.coerce(rounding) is fs.Rounding.STOCHASTIC:
+        key = random_key(seed)
+        shift = np.uint64(64 - (random_bits or 64))
+
+        def draws(i):
+            return int(random_u64_array(key, i, 1)[0] >> shift)
+    return reference.block_quantize(x, fmt, rounding, draws=draws, random_bits=random_bits,
+                                     axis=axis)

@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 import pytest
-from helpers import assert_same_bits
+from helpers import assert_same_bits, block_oracle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,8 +20,6 @@ import fixedsim as fs
 from fixedsim import reference
 from fixedsim.blockformats import POW2_RULES, BlockFormat
 from fixedsim.blockquant import BlockCodes
-from fixedsim.jit.rng import random_u64_array
-from fixedsim.quantize import random_key
 from fixedsim.testing import block_arrays, block_formats
 
 PRESETS = {"MXFP8_E4M3": fs.MXFP8_E4M3, "MXFP8_E5M2": fs.MXFP8_E5M2,
@@ -34,15 +32,7 @@ DETERMINISTIC = [r for r in fs.Rounding if r is not fs.Rounding.STOCHASTIC]
 
 def oracle(x, fmt, rounding, seed=None, random_bits=None, axis=None):
     """The oracle's values, with the kernels' draws when ``rounding`` is stochastic."""
-    draws = None
-    if fs.Rounding.coerce(rounding) is fs.Rounding.STOCHASTIC:
-        key = random_key(seed)
-        shift = np.uint64(64 - (random_bits or 64))
-
-        def draws(i):
-            return int(random_u64_array(key, i, 1)[0] >> shift)
-    return reference.block_quantize(x, fmt, rounding, draws=draws, random_bits=random_bits,
-                                     axis=axis)
+    return block_oracle(x, fmt, rounding, seed, random_bits, axis)
 
 
 @settings(max_examples=60)

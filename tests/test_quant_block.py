@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 import pytest
-from helpers import assert_same_bits
+from helpers import assert_same_bits, block_oracle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,8 +23,6 @@ import fixedsim as fs
 from fixedsim import reference
 from fixedsim.blockformats import POW2_RULES, BlockFormat
 from fixedsim.blockquant import _fused_applies
-from fixedsim.jit.rng import random_u64_array
-from fixedsim.quantize import random_key
 
 ELEMENTS = [fs.FP8_E4M3, fs.FP8_E5M2, fs.FP6_E2M3, fs.FP6_E3M2, fs.FP4_E2M1,
             fs.FixedFormat(8, 6)]  # the last: MXINT8's
@@ -33,15 +31,7 @@ F32_MAX = float(np.finfo(np.float32).max)
 
 def oracle(x, fmt, rounding, seed=None, random_bits=None, axis=None):
     """The oracle's (values, scales), the kernel's draws replayed under STOCHASTIC."""
-    draws = None
-    if fs.Rounding.coerce(rounding) is fs.Rounding.STOCHASTIC:
-        key = random_key(seed)
-        shift = np.uint64(64 - (random_bits or 64))
-
-        def draws(i):
-            return int(random_u64_array(key, i, 1)[0] >> shift)
-    v, _, s, _ = reference.block_quantize(x.astype(np.float64), fmt, rounding, draws=draws,
-                                          random_bits=random_bits, axis=axis)
+    v, _, s, _ = block_oracle(x.astype(np.float64), fmt, rounding, seed, random_bits, axis)
     return v, s
 
 
