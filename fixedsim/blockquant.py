@@ -345,6 +345,61 @@ def _fused(arr, fmt: BlockFormat, rounding, rbits, key, ax, out=None):
     return vals, k, bad
 
 
+def _scaled_applies(arr: np.ndarray, fmt: BlockFormat) -> bool:
+    """Whether :func:`fixedsim.jit.quant_block.scaled_from_f32` serves this call: float32
+    input, the "nearest" rule (NVFP4's), a float element with subnormals and at most 20
+    fraction bits, a scale format with subnormals, the scale times the tensor scale of at
+    most 31 significant bits (so that every threshold ``(n + 1/2) * 2**q * S`` is exact in
+    float64), and every quantum of every scale a normal float64."""
+    el, sc, ts = fmt.element, fmt.scale, fmt.tensor_scale
+    if arr.dtype != np.float32 or fmt.scale_rule in POW2_RULES:
+        return False
+    if not (isinstance(el, FloatFormat) and isinstance(sc, FloatFormat) and el.subnormals
+            and el.signed and el.man_bits <= 20 and sc.subnormals):
+        return False
+    if ts is not None and not isinstance(ts, FloatFormat):
+        return False
+    bits = sc.precision + (ts.precision if ts is not None else 1)
+    lo = math.log2(sc.smallest) + (math.log2(ts.smallest) if ts is not None else 0.0)
+    hi = math.log2(sc.max) + (math.log2(ts.max) if ts is not None else 0.0)
+    return bits <= 31 and el.emin - el.man_bits + lo >= -1000 and hi + math.log2(el.max) < 1000
+
+
+def _scaled(arr, fmt: BlockFormat, rounding, rbits, key, ax, out=None):
+    """The "nearest" rule by the fused kernel: (values as blocks, scales, total scales, tensor
+    scale, NaN-block mask), or None where ``element.max * tensor scale`` is not exact in
+    float64 (left to the general path). ``out`` as for :func:`_fused`."""
+    el, sc = fmt.element, fmt.scale
+    moved = np.ascontiguousarray(np.moveaxis(arr, ax, -1)).reshape(-1)
+    xb = moved.view(np.uint32)
+    xb.setflags(write=False)
+    nb = moved.size // fmt.block
+    am, fm = np.empty(nb, np.uint32), np.empty(nb, np.uint32)
+    _qb.block_amax_f32(xb, fmt.block, am, fm)
+    bad = am >= np.uint32(0x7F800000)
+    if bad.any() and not sc.has_nan:
+        raise ValueError(f"x holds NaN or an infinity (block {int(np.argmax(bad))}), which "
+                         f"needs a NaN scale, and {sc!r} has no NaN")
+    t = None
+    if fmt.tensor_scale is not None:  # the largest finite magnitude, NaN blocks included
+        amax_t = float(np.array([fm.max(initial=0)], np.uint32).view(np.float32)[0])
+        t = reference.tensor_scale(amax_t, fmt)
+    tf = Fraction(1) if t is None else t
+    D = float(Fraction(el.max) * tf)
+    if Fraction(D) != Fraction(el.max) * tf:
+        return None
+    am.setflags(write=False)
+    out = np.empty(moved.size, np.float64) if out is None else out.reshape(-1)
+    s = np.empty(nb, np.float64)
+    _qb.scaled_from_f32(xb, out, am, s, D, float(tf), fmt.block, int(rounding), el.emin,
+                        el.man_bits, float(el.max), el.has_negative_zero, rbits, key, sc.emin,
+                        sc.man_bits, float(sc.smallest))
+    over = np.flatnonzero(s > sc.max)
+    if over.size:  # the oracle's error, with its message
+        reference.block_scale(float(am[over[0]:over[0] + 1].view(np.float32)[0]), fmt, tf)
+    return out.reshape(-1, fmt.block), s, s * float(tf), t, bad
+
+
 def _quantize_parts(x, fmt: BlockFormat, rounding, overflow, seed, random_bits, axis,
                     parts=True, out=None):
     """(values, elements, scales as float64 (NaN for NaN blocks), tensor scale, axis): the
@@ -384,6 +439,26 @@ def _quantize_parts(x, fmt: BlockFormat, rounding, overflow, seed, random_bits, 
         scales = np.where(bad, np.nan, np.ldexp(1.0, k))
         return (values, _unblocked(elems.reshape(-1), shape, ax), _unblocked(scales, sshape, ax),
                 None, ax)
+    done = None
+    if exact is None and _scaled_applies(arr, fmt):
+        direct = out is not None and ax == arr.ndim - 1 and not np.shares_memory(out, arr)
+        done = _scaled(arr, fmt, rounding, rbits, key, ax, out if direct else None)
+    if done is not None:
+        vals, s, total, t, bad = done
+        if out is not None and not direct:
+            out[...] = _unblocked(vals.reshape(-1), arr.shape, ax)
+        if out is not None and not parts:
+            return out, None, None, None, ax
+        values = _unblocked(vals.reshape(-1), arr.shape, ax)
+        if not parts:
+            return values, None, None, None, ax
+        with np.errstate(invalid="ignore"):
+            elems = vals / total[:, None]  # exact: every value is element * total
+        elems[bad] = 0.0
+        sshape = list(arr.shape)
+        sshape[ax] //= fmt.block
+        return (values, _unblocked(elems.reshape(-1), arr.shape, ax),
+                _unblocked(np.where(bad, np.nan, s), sshape, ax), t, ax)
     el_small = el.smallest if isinstance(el, FloatFormat) else el.eps
     pow2 = fmt.scale_rule in POW2_RULES
     use_oracle = exact is not None or el_small < 2.0**-950 or (

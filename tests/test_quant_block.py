@@ -173,3 +173,108 @@ def test_nan_blocks_and_the_scale_range():
     for rounding in fs.Rounding:
         assert_same_bits(fs.quantize(tiny, narrow, rounding, seed=2),
                          oracle(tiny, narrow, rounding, seed=2)[0], f"{rounding!r}")
+
+
+# -- the "nearest" rule (NVFP4): scaled_from_f32 ---------------------------------------------
+
+SCALES = [fs.FP8_E4M3, fs.FP8_E5M2, fs.BF16, fs.FP16]
+
+
+@st.composite
+def nearest_cases(draw):
+    """A "nearest"-rule format (any float element and scale format; the FP8 scales with or
+    without an FP32 tensor scale: NVFP4 among them) and float32 blocks over the whole float32
+    range."""
+    el = draw(st.sampled_from(ELEMENTS[:5]))
+    block = draw(st.sampled_from([1, 2, 3, 4, 8, 16, 32]))
+    sc = draw(st.sampled_from(SCALES))
+    ts = draw(st.sampled_from([None, fs.FP32, fs.FP32])) if sc.man_bits <= 3 else None
+    fmt = BlockFormat(el, block=block, scale=sc, scale_rule="nearest", tensor_scale=ts)
+    x = draw(f32_blocks(block, draw(st.integers(1, 6 if block < 32 else 3))))
+    if draw(st.booleans()):  # the blocks along axis 0
+        return fmt, np.ascontiguousarray(x[:, None]), 0
+    return fmt, x.reshape(1, -1), -1
+
+
+def _check_nearest(fmt, x, axis, rounding, seed=None, random_bits=None):
+    from fixedsim.blockquant import _scaled_applies
+
+    assert _scaled_applies(x, fmt)
+    try:
+        want, _, scales, t = block_oracle(x.astype(np.float64), fmt, rounding, seed, random_bits,
+                                          axis)
+    except ValueError as e:  # a scale beyond the scale format: the same error
+        with pytest.raises(ValueError) as got:
+            fs.quantize(x, fmt, rounding, seed=seed, random_bits=random_bits, axis=axis)
+        assert str(got.value) == str(e)
+        return
+    what = f"{fmt!r} {rounding!r} bits {random_bits} axis {axis}"
+    got = fs.quantize(x, fmt, rounding, seed=seed, random_bits=random_bits, axis=axis)
+    assert_same_bits(got, want, what)
+    codes = fs.to_bits(x, fmt, rounding=rounding, seed=seed, random_bits=random_bits, axis=axis,
+                       packed=False)
+    assert codes.tensor_scale == (None if t is None else fs.to_bits(float(t), fmt.tensor_scale))
+    s = np.asarray(fs.from_bits(codes.scales, fmt.scale), np.float64)
+    assert_same_bits(s, np.array([float(v) for v in np.ravel(scales)]).reshape(s.shape), what)
+    assert_same_bits(fs.from_bits(codes, fmt, axis=axis, packed=False), want, what)
+
+
+@settings(max_examples=60)
+@given(nearest_cases(), st.sampled_from([r for r in fs.Rounding
+                                         if r is not fs.Rounding.STOCHASTIC]))
+def test_nearest_rule_kernel_deterministic_equals_oracle(case, rounding):
+    """The "nearest" rule's kernel (each block's scale from its largest magnitude, then every
+    element against exact thresholds ``(n + 1/2) * 2**q * S``): values, scale and element
+    codes and the tensor scale as the oracle's, in every deterministic mode."""
+    _check_nearest(*case, rounding)
+
+
+@settings(max_examples=40)
+@given(nearest_cases(), st.integers(0, 2**32), st.sampled_from([None, 1, 8, 40, 64]))
+def test_nearest_rule_kernel_stochastic_equals_oracle(case, seed, random_bits):
+    """STOCHASTIC: the fraction's 64 bits by exact long division, the kernel's draws replayed
+    in the oracle, several random_bits."""
+    fmt, x, axis = case
+    x = np.where(np.isfinite(x), x, np.float32(1.5))
+    _check_nearest(fmt, x, axis, fs.Rounding.STOCHASTIC, seed, random_bits)
+
+
+def test_nearest_rule_kernel_declines_what_it_cannot_do_exactly():
+    """A scale times tensor scale of more than 31 significant bits (BF16 x FP32), a scale
+    format without subnormals (E8M0), float64 input: the general path, which the oracle tests
+    of test_blockformats.py cover."""
+    from fixedsim.blockquant import _scaled_applies
+
+    x = np.ones(32, np.float32)
+    assert _scaled_applies(x, fs.NVFP4)
+    assert not _scaled_applies(x, BlockFormat(fs.FP4_E2M1, 16, fs.BF16, "nearest", fs.FP32))
+    assert not _scaled_applies(x, BlockFormat(fs.FP4_E2M1, 16, fs.E8M0, "nearest"))
+    assert not _scaled_applies(x.astype(np.float64), fs.NVFP4)
+    assert not _scaled_applies(x, fs.MXFP4)
+
+
+def test_nearest_rule_kernel_ties_and_thresholds():
+    """NVFP4 with a tensor scale of exactly 1 (the tensor's largest magnitude 6 * 448) and
+    block scales that are E4M3 values: elements exactly on E2M1's midpoints (ties), one
+    float32 ulp either side, signed; and block maxima whose scale is itself a tie between two
+    E4M3 values (6 * 1.0625, 6 * 0.0703125). Every mode: the exact comparisons decide, not the
+    float64 guesses."""
+    mids = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    blocks = [[2688.0] + [0.0] * 15]  # t = 2688 / (6 * 448) = 1 exactly
+    for s in (1.0, 0.125, 1.5, 2.0**-9, 1.0625, 0.0703125):
+        for lo in (0, 7):  # two blocks per scale: the midpoints, and their ulp neighbours
+            v = [6.0 * s]
+            for m in mids:
+                m32 = np.float32(m * s)
+                v += [m32] if lo == 0 else [np.nextafter(m32, np.float32(0)),
+                                            np.nextafter(m32, np.float32(9))]
+            v = v[:16]
+            v += [-x for x in v[1:16 - len(v) + 1]][:16 - len(v)]
+            blocks.append(v + [0.0] * (16 - len(v)))
+    x = np.array(blocks, np.float32).reshape(-1)
+    for r in fs.Rounding:
+        want = block_oracle(x.astype(np.float64), fs.NVFP4, r, 5, None)[0]
+        assert_same_bits(fs.quantize(x, fs.NVFP4, r, seed=5), want, repr(r))
+    # ties are there: nearest even and nearest away differ only on them
+    rne, rna = (fs.quantize(x, fs.NVFP4, r) for r in ("nearest_even", "nearest_away"))
+    assert (rne != rna).sum() >= 20

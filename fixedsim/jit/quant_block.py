@@ -207,3 +207,166 @@ def mx_from_f32(xb, out, kout, block, mode, rule, emax, prec, mmax_n, k_lo, emin
         stats[c, 0] = nnan
         stats[c, 1] = kmax
     return stats[:, 0].sum(), stats[:, 1].max()
+
+
+# -- NVFP4 and other "nearest" scales: any value of the scale format, times a tensor scale ------
+
+
+@jit_parallel
+def block_amax_f32(xb, block, amax, fmax):
+    """Per block of float32 bits ``xb``: ``amax[b]`` the largest magnitude's bits (at least
+    ``0x7F800000`` where the block holds NaN or an infinity), ``fmax[b]`` the largest finite
+    magnitude's bits (for a per-tensor scale, which NaN blocks take part in)."""
+    for b in prange(xb.size // block):
+        m = np.uint32(0)
+        f = np.uint32(0)
+        for j in range(b * block, (b + 1) * block):
+            a = xb[j] & np.uint32(0x7FFFFFFF)
+            m = a if a > m else m
+            if a < np.uint32(0x7F800000) and a > f:
+                f = a
+        amax[b] = m
+        fmax[b] = f
+
+
+@jit_inline
+def _fraction_bits(A, d, Sg):
+    """The 64 bits below the binary point of ``A * 2**d / Sg`` (``A`` < 2**24, ``Sg`` odd and
+    < 2**31, all exact integers), and whether anything is left below them: a long division
+    that shifts in 32 bits at a time (``r < Sg``: ``r << 32`` fits)."""
+    s2 = d + 64
+    if s2 < 0:  # A * 2**d / Sg < 2**-64 * 2**24 / 1: only the shifted-out part, all below
+        k = -s2
+        t = (A >> np.uint64(k)) // Sg if k < 64 else np.uint64(0)
+        return t, True
+    t = A // Sg
+    r = A % Sg
+    while s2 > 0:
+        c = s2 if s2 < 32 else 32
+        r = r << np.uint64(c)
+        t = (t << np.uint64(c)) | (r // Sg)  # modulo 2**64: the fraction's bits stay
+        r = r % Sg
+        s2 -= c
+    return t, r != 0
+
+
+@jit_inline
+def scaled_value(b, S, iS, Sg, eS, MODE, emin, man_bits, big_el, neg_zero, rbits, key, i):
+    """The value ``element * S`` (float64) of float32 bits ``b`` (int64, finite) in a block
+    whose scale is ``S`` (float64, > 0, ``S = Sg * 2**eS`` with ``Sg`` odd, < 2**31; ``iS``
+    about ``1 / S``): ``x / S`` rounded into a float element (``emin``, ``man_bits``, largest
+    value ``big_el``; ``neg_zero``: it has -0) in mode ``MODE``, saturating, times ``S``.
+
+    Exact without dividing exactly: the element exponent ``E`` of ``x / S`` and the count
+    ``n`` of quanta ``Q = 2**(max(E, emin) - man_bits) * S`` below ``|x|`` are guessed in
+    float64 (multiplying by ``iS``: off by at most one) and then fixed by exact comparisons
+    (``2**E * S``, ``n * Q`` and ``(n + 1/2) * Q`` have at most ``man_bits + 2 + 31``
+    significant bits: exact in float64 for the elements the caller admits); the remainder
+    ``|x| - n Q`` is then exact too, and decides every deterministic mode. Stochastic
+    rounding draws against the fraction's top ``rbits`` bits from :func:`_fraction_bits`
+    (exact integers): the same draw and rule as :func:`fixedsim.reference.round_to_format`'s."""
+    x = np.float64(f32_from_bits(np.uint32(b)))
+    neg = (b & _SIGN32) != 0
+    a = abs(x)
+    if a == 0.0:
+        return -0.0 if (neg and neg_zero) else 0.0
+    y = a * iS
+    E = ((f64_bits(y) >> 52) & 0x7FF) - 1023  # y is a normal float64 (caller's range)
+    if f64_from_bits((E + 1023) << 52) * S > a:
+        E -= 1
+    elif f64_from_bits((E + 1024) << 52) * S <= a:
+        E += 1
+    qe = (E if E > emin else emin) - man_bits
+    Q = f64_from_bits((qe + 1023) << 52) * S
+    n = np.floor(a * (f64_from_bits((1023 - qe) << 52) * iS))
+    if n * Q > a:
+        n -= 1.0
+    elif (n + 1.0) * Q <= a:
+        n += 1.0
+    R = a - n * Q  # exact, 0 <= R < Q
+    if MODE == RNE:
+        up = R + R > Q or (R + R == Q and (np.int64(n) & 1) == 1)
+    elif MODE == RNA:
+        up = R + R >= Q
+    elif MODE == RTZ:
+        up = False
+    elif MODE == RDN:
+        up = neg and R != 0.0
+    elif MODE == RUP:
+        up = (not neg) and R != 0.0
+    elif MODE == ODD:
+        up = R != 0.0 and (np.int64(n) & 1) == 0
+    else:  # SR: |x| / Q = A * 2**d / Sg, A the significand of x, d = ea - eS - qe
+        ef = (b >> 23) & 0xFF
+        A = np.uint64((b & 0x7FFFFF) | (0x800000 if ef else 0))
+        ea = (ef if ef else 1) - 150
+        F, _ = _fraction_bits(A, ea - eS - qe, Sg)
+        draw = random_u64(key, np.uint64(i)) >> np.uint64(64 - rbits)
+        up = draw < (F >> np.uint64(64 - rbits))
+    mag = (n + (1.0 if up else 0.0)) * Q
+    top = big_el * S
+    mag = mag if mag < top else top
+    if mag == 0.0:
+        return -0.0 if (neg and neg_zero) else 0.0
+    return -mag if neg else mag
+
+
+@jit_inline
+def _odd_significand(S):
+    """``(Sg, eS)`` with ``S = Sg * 2**eS`` and ``Sg`` odd (``S`` a positive normal float64)."""
+    bits = f64_bits(S)
+    m = (bits & 0xFFFFFFFFFFFFF) | (1 << 52)
+    e = ((bits >> 52) & 0x7FF) - 1075
+    while (m & 1) == 0:
+        m >>= 1
+        e += 1
+    return np.uint64(m), e
+
+
+@jit_inline
+def _scaled_run(xb, out, amax, sout, D, t, block, b0, b1, MODE, emin, man_bits, big_el,
+                neg_zero, rbits, key, s_emin, s_man, s_small):
+    """Blocks ``b0 .. b1 - 1``: each block's scale ``s`` (``amax / D`` to nearest even in the
+    scale format, at least ``s_small``; ``sout``), then its elements at ``S = s * t``."""
+    for bl in range(b0, b1):
+        if amax[bl] >= 0x7F800000:  # a NaN block
+            sout[bl] = np.nan
+            for j in range(bl * block, (bl + 1) * block):
+                out[j] = np.nan
+            continue
+        sc = scaled_value(np.int64(amax[bl]), D, 1.0 / D, np.uint64(1), 0, RNE, s_emin, s_man,
+                          np.inf, False, 64, np.uint64(0), 0) / D  # exact: a multiple of D
+        sc = sc if sc > s_small else s_small
+        sout[bl] = sc
+        S = sc * t  # exact (the caller's bound on the significant bits)
+        g, e = _odd_significand(S)
+        iS = 1.0 / S
+        for j in range(bl * block, (bl + 1) * block):
+            out[j] = scaled_value(np.int64(xb[j]), S, iS, g, e, MODE, emin, man_bits, big_el,
+                                  neg_zero, rbits, key, j)
+
+
+@jit_parallel
+def scaled_from_f32(xb, out, amax, sout, D, t, block, mode, emin, man_bits, big_el, neg_zero,
+                    rbits, key, s_emin, s_man, s_small):
+    """Quantize float32 bits ``xb`` (flat, blocks of ``block`` consecutive elements) under
+    the "nearest" rule into the float64 values ``out``. Per block, from its largest magnitude's
+    bits ``amax`` (:func:`block_amax_f32`; NaN or an infinity: a NaN block, all its values
+    NaN, its scale NaN): the scale ``s = amax / D`` rounded to nearest even into the scale
+    format (``s_emin``, ``s_man``; no largest value: the caller checks ``sout`` against it),
+    at least ``s_small``, into ``sout``; ``D = element max * t`` and the tensor scale ``t``
+    float64s, exact. Then each element by :func:`scaled_value` at ``S = s * t``."""
+    nb = xb.size // block
+    nch = (nb + BLOCKS_PER_CHUNK - 1) // BLOCKS_PER_CHUNK
+    for c in prange(nch):
+        b0 = c * BLOCKS_PER_CHUNK
+        b1 = min(nb, b0 + BLOCKS_PER_CHUNK)
+        if mode == RNE:
+            _scaled_run(xb, out, amax, sout, D, t, block, b0, b1, RNE, emin, man_bits, big_el,
+                        neg_zero, rbits, key, s_emin, s_man, s_small)
+        elif mode == SR:
+            _scaled_run(xb, out, amax, sout, D, t, block, b0, b1, SR, emin, man_bits, big_el,
+                        neg_zero, rbits, key, s_emin, s_man, s_small)
+        else:
+            _scaled_run(xb, out, amax, sout, D, t, block, b0, b1, mode, emin, man_bits,
+                        big_el, neg_zero, rbits, key, s_emin, s_man, s_small)
