@@ -200,19 +200,22 @@ def rate(r):
     return "n/a" if r is None else (f"{r:.1f}" if r < 100 else f"{r:.0f}")
 
 
-# -- block formats (MXFP8, MXFP4) -------------------------------------------------------------
+# -- block formats (MXFP8, MXFP4, NVFP4) ------------------------------------------------------
 BLOCK_CASES = [("MXFP8 E4M3 RNE", fs.MXFP8_E4M3, RNE), ("MXFP8 E4M3 SR", fs.MXFP8_E4M3, SR),
-               ("MXFP4 RNE", fs.MXFP4, RNE), ("MXFP4 SR", fs.MXFP4, SR)]
+               ("MXFP4 RNE", fs.MXFP4, RNE), ("MXFP4 SR", fs.MXFP4, SR),
+               ("NVFP4 RNE", fs.NVFP4, RNE), ("NVFP4 SR", fs.NVFP4, SR)]
 BLOCK_OTHERS = ("gfloat", "torchao")
 gfloat, torch = optional("gfloat"), optional("torch")
 torchao_mx = optional("torchao.prototype.mx_formats.mx_tensor")
+torchao_nv = optional("torchao.prototype.mx_formats.nvfp4_tensor")
+torchao_kernels = optional("torchao.prototype.mx_formats.kernels")
 
 
 def gfloat_block_fn(fmt, rounding):
     """gfloat at its fastest: the OCP scale of every block as gfloat's compute_scale_amax
     computes it (floor(log2(amax)) - emax, clipped to [-127, 127]; 2**-127 for zero blocks),
     then one vectorised round_ndarray of all scaled elements (saturating)."""
-    if gfloat is None or rounding is not RNE:
+    if gfloat is None or rounding is not RNE or fmt.scale_rule != "ocp":
         return None  # gfloat's stochastic modes take caller-supplied random bits: not compared
     from gfloat import formats as gf
 
@@ -231,9 +234,23 @@ def gfloat_block_fn(fmt, rounding):
 
 
 def torchao_block_fn(fmt, rounding):
-    """torchao's to_mx (FLOOR) and to_dtype back to float32, on the CPU."""
+    """torchao's to_mx (FLOOR) and to_dtype back to float32, on the CPU; NVFP4: its
+    per_tensor_amax_to_scale and nvfp4_quantize, the elements unpacked and multiplied back."""
     if torchao_mx is None or rounding is not RNE:
         return None  # torchao's MX recipe rounds to nearest even only
+    if fmt.scale_rule == "nearest":
+        if torchao_nv is None or torchao_kernels is None:
+            return None
+        k = torchao_kernels
+
+        def run_nv(x):
+            xt = torch.from_numpy(x.reshape(-1, 256))
+            t = torchao_nv.per_tensor_amax_to_scale(xt.abs().max())
+            s, d = torchao_nv.nvfp4_quantize(xt, 16, t)
+            e = k.f4_unpacked_to_f32(k.unpack_uint4(d.view(torch.uint8))).double()
+            v = e.reshape(-1, 16) * s.double().reshape(-1, 1) * t.double()
+            return v.numpy().reshape(x.shape)
+        return run_nv
     dt = {fs.FP8_E4M3: torch.float8_e4m3fn, fs.FP4_E2M1: torch.float4_e2m1fn_x2}[fmt.element]
 
     def run(x):
@@ -268,9 +285,14 @@ def block_table(args):
         checks = []
         for lib in BLOCK_OTHERS:
             if lib in outs:
-                bad = int(np.count_nonzero(outs[lib].view(np.uint64)
-                                           != outs["fixedsim"].view(np.uint64)))
-                checks.append(f"{lib} {'bit-exact' if not bad else f'{bad} differ'}")
+                diff = outs[lib].view(np.uint64) != outs["fixedsim"].view(np.uint64)
+                note = ""
+                if fmt.scale_rule == "nearest" and lib == "torchao":  # the designed difference
+                    sub = fs.from_bits(fs.to_bits(x, fmt).scales, fmt.scale) < 2.0**-6
+                    diff &= ~np.repeat(sub.reshape(-1), fmt.block)
+                    note = f" outside {int(sub.sum())} blocks of scale < 2**-6"
+                bad = int(np.count_nonzero(diff))
+                checks.append(f"{lib} {'bit-exact' if not bad else f'{bad} differ'}{note}")
                 if bad:
                     failures.append(f"{name}: {bad} values differ from {lib}")
         if rounding is SR:
@@ -291,6 +313,10 @@ def block_table(args):
         "gfloat: its OCP scale rule vectorised over blocks (as compute_scale_amax) and one "
         "round_ndarray call; torchao: to_mx (FLOOR) + to_dtype on the CPU. Neither has a "
         "seeded stochastic MX path to compare: n/a under SR.",
+        "NVFP4: torchao's per_tensor_amax_to_scale + nvfp4_quantize, the E2M1 codes unpacked "
+        "and multiplied back in float64; gfloat has no NVFP4. torchao raises a block scale "
+        "below 2**-6 (E4M3's smallest normal) to 2**-6 where fixedsim keeps E4M3's subnormal "
+        "scales (docs/block_formats.md): the values of such blocks differ by design.",
     ]
     return rows, notes, failures
 
@@ -323,7 +349,7 @@ def main(argv=None):
     ap.add_argument("--markdown", metavar="PATH", help="also write the table as Markdown")
     ap.add_argument("--quick", action="store_true", help="n=1,000,000 and 3 repeats")
     ap.add_argument("--blocks-only", action="store_true",
-                    help="only the block formats (MXFP8, MXFP4) beside gfloat and torchao")
+                    help="only the block formats (MXFP8, MXFP4, NVFP4) beside gfloat and torchao")
     ap.add_argument("--cpu-time", action="store_true",
                     help="time with the process's CPU time (robust on a busy machine; use "
                          "with --threads 1)")
