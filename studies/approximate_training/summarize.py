@@ -1,0 +1,67 @@
+"""Summary of the approximate-training study: accuracy against MACs against wall time, one row
+per (model, policy, method).
+
+    python studies/approximate_training/summarize.py [RESULTS_DIR]
+
+RESULTS_DIR (default ``studies/approximate_training/results``) holds one folder per study file
+(``fixedsim sweep studies/approximate_training/<name>.toml``). MACs are every matrix product
+the run performed (training and the per-epoch evaluations, all layers, from the per-epoch
+counters), relative to the dense run of the same model and policy (the ``sampling`` study's
+``approx = ""``); the time is the run's training time, also relative to dense. Writes
+``RESULTS_DIR/summary.md``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+import sys
+
+HERE = pathlib.Path(__file__).resolve().parent
+KEYS = ("approx", "grad_approx", "rescale", "reuse")
+
+
+def _runs(root):
+    for study in sorted(p for p in root.iterdir() if (p / "results.csv").exists()):
+        with open(study / "results.csv", newline="") as f:
+            for r in csv.DictReader(f):
+                hist = None
+                if r["status"] == "ok":
+                    with open(study / "runs" / r["run_id"] / "history.csv", newline="") as h:
+                        hist = list(csv.DictReader(h))
+                yield study.name, r, hist
+
+
+def main(argv):
+    root = pathlib.Path(argv[0]) if argv else HERE / "results"
+    rows = []
+    for study, r, hist in _runs(root):
+        tr = json.loads(r["config"]).get("train", {})
+        method = "; ".join(f"{k} {tr[k]}" for k in KEYS if tr.get(k)) or "dense"
+        macs = sum(float(h["macs"]) for h in hist) if hist else None
+        rows.append(dict(model=r["model"], policy=r["policy_name"], method=method, study=study,
+                         acc=float(r["final_test_acc"]) if hist else None,
+                         best=float(r["best_test_acc"]) if hist else None,
+                         macs=macs, sec=float(r["seconds"]) if hist else None,
+                         status=r["status"]))
+    dense = {(x["model"], x["policy"]): x for x in rows if x["method"] == "dense" and x["acc"]}
+    lines = ["| model | policy | method | final test acc | best | MACs vs dense | time vs dense |",
+             "|---|---|---|---|---|---|---|"]
+    for x in sorted(rows, key=lambda x: (x["model"], x["policy"], x["study"], x["method"])):
+        d = dense.get((x["model"], x["policy"]))
+        if x["acc"] is None:
+            lines.append(f"| {x['model']} | {x['policy']} | {x['method']} | {x['status']} | "
+                         "- | - | - |")
+            continue
+        rel = f"{x['macs'] / d['macs']:.2f}" if d else "-"
+        tim = f"{x['sec'] / d['sec']:.2f}" if d else "-"
+        lines.append(f"| {x['model']} | {x['policy']} | {x['method']} | {x['acc']:.1%} | "
+                     f"{x['best']:.1%} | {rel} | {tim} |")
+    text = "\n".join(lines) + "\n"
+    (root / "summary.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
