@@ -324,25 +324,20 @@ def _odd_significand(S):
 
 
 @jit_inline
-def _scaled_run(xb, out, amax, sout, D, t, block, b0, b1, MODE, emin, man_bits, big_el,
-                neg_zero, rbits, key, s_emin, s_man, s_small):
-    """Blocks ``b0 .. b1 - 1``: each block's scale ``s`` (``amax / D`` to nearest even in the
-    scale format, at least ``s_small``; ``sout``), then its elements at ``S = s * t``."""
+def _scaled_run(xb, out, S, block, b0, b1, MODE, emin, man_bits, big_el, neg_zero, rbits,
+                key):
+    """The elements of blocks ``b0 .. b1 - 1`` at their blocks' scales ``S`` (NaN: a NaN
+    block, its values NaN)."""
     for bl in range(b0, b1):
-        if amax[bl] >= 0x7F800000:  # a NaN block
-            sout[bl] = np.nan
+        sc = S[bl]
+        if sc != sc:
             for j in range(bl * block, (bl + 1) * block):
                 out[j] = np.nan
             continue
-        sc = scaled_value(np.int64(amax[bl]), D, 1.0 / D, np.uint64(1), 0, RNE, s_emin, s_man,
-                          np.inf, False, 64, np.uint64(0), 0) / D  # exact: a multiple of D
-        sc = sc if sc > s_small else s_small
-        sout[bl] = sc
-        S = sc * t  # exact (the caller's bound on the significant bits)
-        g, e = _odd_significand(S)
-        iS = 1.0 / S
+        g, e = _odd_significand(sc)
+        iS = 1.0 / sc
         for j in range(bl * block, (bl + 1) * block):
-            out[j] = scaled_value(np.int64(xb[j]), S, iS, g, e, MODE, emin, man_bits, big_el,
+            out[j] = scaled_value(np.int64(xb[j]), sc, iS, g, e, MODE, emin, man_bits, big_el,
                                   neg_zero, rbits, key, j)
 
 
@@ -355,18 +350,28 @@ def scaled_from_f32(xb, out, amax, sout, D, t, block, mode, emin, man_bits, big_
     NaN, its scale NaN): the scale ``s = amax / D`` rounded to nearest even into the scale
     format (``s_emin``, ``s_man``; no largest value: the caller checks ``sout`` against it),
     at least ``s_small``, into ``sout``; ``D = element max * t`` and the tensor scale ``t``
-    float64s, exact. Then each element by :func:`scaled_value` at ``S = s * t``."""
+    float64s, exact. Then each element by :func:`scaled_value` at ``S = s * t`` (exact: the
+    caller's bound on the significant bits)."""
     nb = xb.size // block
+    S = np.empty(nb, np.float64)
+    iD = 1.0 / D
+    for bl in prange(nb):
+        if amax[bl] >= 0x7F800000:  # a NaN block
+            sout[bl] = np.nan
+            S[bl] = np.nan
+            continue
+        sc = scaled_value(np.int64(amax[bl]), D, iD, np.uint64(1), 0, RNE, s_emin, s_man,
+                          np.inf, False, 64, np.uint64(0), 0) / D  # exact: a multiple of D
+        sc = sc if sc > s_small else s_small
+        sout[bl] = sc
+        S[bl] = sc * t
     nch = (nb + BLOCKS_PER_CHUNK - 1) // BLOCKS_PER_CHUNK
     for c in prange(nch):
         b0 = c * BLOCKS_PER_CHUNK
         b1 = min(nb, b0 + BLOCKS_PER_CHUNK)
-        if mode == RNE:
-            _scaled_run(xb, out, amax, sout, D, t, block, b0, b1, RNE, emin, man_bits, big_el,
-                        neg_zero, rbits, key, s_emin, s_man, s_small)
-        elif mode == SR:
-            _scaled_run(xb, out, amax, sout, D, t, block, b0, b1, SR, emin, man_bits, big_el,
-                        neg_zero, rbits, key, s_emin, s_man, s_small)
-        else:
-            _scaled_run(xb, out, amax, sout, D, t, block, b0, b1, mode, emin, man_bits,
-                        big_el, neg_zero, rbits, key, s_emin, s_man, s_small)
+        if mode == RNE:  # the common mode compiled with the mode a constant
+            _scaled_run(xb, out, S, block, b0, b1, RNE, emin, man_bits, big_el, neg_zero,
+                        rbits, key)
+        else:  # one more copy, not seven
+            _scaled_run(xb, out, S, block, b0, b1, mode, emin, man_bits, big_el, neg_zero,
+                        rbits, key)
