@@ -400,6 +400,41 @@ def _scaled(arr, fmt: BlockFormat, rounding, rbits, key, ax, out=None):
     return out.reshape(-1, fmt.block), s, s * float(tf), t, bad
 
 
+def _fused_parts(arr, fmt: BlockFormat, rounding, rbits, key, ax, out, parts):
+    """:func:`_quantize_parts`' result from a fused kernel (:func:`_fused` for the power-of-two
+    rules, :func:`_scaled` for "nearest"), or None where neither serves the call."""
+    direct = out is not None and ax == arr.ndim - 1 and not np.shares_memory(out, arr)
+    into = out if direct else None
+    if _fused_applies(arr, fmt):
+        vals, k, bad = _fused(arr, fmt, rounding, rbits, key, ax, into)
+        t, scales = None, np.ldexp(1.0, k)
+        def elements():
+            return np.ldexp(vals, -k[:, None])  # exact: the values are element * 2**k
+    elif _scaled_applies(arr, fmt):
+        done = _scaled(arr, fmt, rounding, rbits, key, ax, into)
+        if done is None:
+            return None
+        vals, scales, total, t, bad = done
+        def elements():
+            with np.errstate(invalid="ignore"):
+                return vals / total[:, None]  # exact: the values are element * total
+    else:
+        return None
+    if out is not None and not direct:
+        out[...] = _unblocked(vals.reshape(-1), arr.shape, ax)
+    if out is not None and not parts:
+        return out, None, None, None, ax
+    values = _unblocked(vals.reshape(-1), arr.shape, ax)
+    if not parts:
+        return values, None, None, None, ax
+    elems = elements()
+    elems[bad] = 0.0
+    sshape = list(arr.shape)
+    sshape[ax] //= fmt.block
+    return (values, _unblocked(elems.reshape(-1), arr.shape, ax),
+            _unblocked(np.where(bad, np.nan, scales), sshape, ax), t, ax)
+
+
 def _quantize_parts(x, fmt: BlockFormat, rounding, overflow, seed, random_bits, axis,
                     parts=True, out=None):
     """(values, elements, scales as float64 (NaN for NaN blocks), tensor scale, axis): the
@@ -421,44 +456,10 @@ def _quantize_parts(x, fmt: BlockFormat, rounding, overflow, seed, random_bits, 
                              f"{arr.shape} for the block format {fmt!r}, got "
                              f"{getattr(out, 'shape', type(out).__name__)}, "
                              f"{getattr(out, 'dtype', '')}")
-    if exact is None and _fused_applies(arr, fmt):
-        direct = out is not None and ax == arr.ndim - 1 and not np.shares_memory(out, arr)
-        vals, k, bad = _fused(arr, fmt, rounding, rbits, key, ax, out if direct else None)
-        if out is not None and not direct:
-            out[...] = _unblocked(vals.reshape(-1), arr.shape, ax)
-        if out is not None and not parts:
-            return out, None, None, None, ax
-        shape = arr.shape
-        values = _unblocked(vals.reshape(-1), shape, ax)
-        if not parts:
-            return values, None, None, None, ax
-        elems = np.ldexp(vals, -k[:, None])  # exact: the values are element * 2**k
-        elems[bad] = 0.0
-        sshape = list(shape)
-        sshape[ax] //= fmt.block
-        scales = np.where(bad, np.nan, np.ldexp(1.0, k))
-        return (values, _unblocked(elems.reshape(-1), shape, ax), _unblocked(scales, sshape, ax),
-                None, ax)
-    done = None
-    if exact is None and _scaled_applies(arr, fmt):
-        direct = out is not None and ax == arr.ndim - 1 and not np.shares_memory(out, arr)
-        done = _scaled(arr, fmt, rounding, rbits, key, ax, out if direct else None)
-    if done is not None:
-        vals, s, total, t, bad = done
-        if out is not None and not direct:
-            out[...] = _unblocked(vals.reshape(-1), arr.shape, ax)
-        if out is not None and not parts:
-            return out, None, None, None, ax
-        values = _unblocked(vals.reshape(-1), arr.shape, ax)
-        if not parts:
-            return values, None, None, None, ax
-        with np.errstate(invalid="ignore"):
-            elems = vals / total[:, None]  # exact: every value is element * total
-        elems[bad] = 0.0
-        sshape = list(arr.shape)
-        sshape[ax] //= fmt.block
-        return (values, _unblocked(elems.reshape(-1), arr.shape, ax),
-                _unblocked(np.where(bad, np.nan, s), sshape, ax), t, ax)
+    if exact is None:
+        done = _fused_parts(arr, fmt, rounding, rbits, key, ax, out, parts)
+        if done is not None:
+            return done
     el_small = el.smallest if isinstance(el, FloatFormat) else el.eps
     pow2 = fmt.scale_rule in POW2_RULES
     use_oracle = exact is not None or el_small < 2.0**-950 or (
