@@ -123,6 +123,21 @@ def test_bad_model_options_caught_before_running(tmp_path):
         load_study(path)
 
 
+def test_rescale_the_model_cannot_take_caught_before_running(tmp_path):
+    """A kernel rescaling the model does not scale by (LeNet's 5x5 kernels by 2) is refused
+    when the study loads, naming the grid point, not when its run starts; 4x4 kernels pass."""
+    lenet = TRAIN.replace('model = "mlp"\nmodel_options = { hidden = [8] }',
+                          'model = "lenet"')
+    path = write(tmp_path, lenet + '[grid]\n"train.rescale" = ["", "2:1"]\n')
+    with pytest.raises(StudyError) as info:
+        load_study(path)
+    msg = str(info.value)
+    assert "train.rescale = '2:1'" in msg and "does not scale by 2" in msg, msg
+    ok = lenet.replace('model = "lenet"', 'model = "lenet"\nmodel_options = { kernel = 4 }')
+    assert len(load_study(write(tmp_path, ok + '[grid]\n"train.rescale" = ["", "2:1"]\n',
+                                "ok.toml")).runs) == 2
+
+
 def test_cli_rejects_bad_study_and_runs_nothing(tmp_path, capsys):
     path = write(tmp_path, TRAIN + '[grid]\npolicy = ["float32", "fixed:99:2"]\n')
     out = tmp_path / "out"

@@ -177,10 +177,11 @@ class Study:
             A data set is missing (the message says where it looked and how to install it)
             or a model cannot be built with its options on that data.
         """
+        from ..approx.rescale import low_resolution_model, parse_rescale
         from ..nn import build
 
         where = self.path if self.path is not None else "study"
-        seen_data, seen_model = {}, set()
+        seen_data, seen_model = {}, {}
         for run in self.runs:
             name = run.train["data"]
             if name not in seen_data:
@@ -192,16 +193,26 @@ class Study:
             ds = seen_data[name]
             key = (name, run.train["model"], json.dumps(run.train["model_options"],
                                                          sort_keys=True))
-            if key in seen_model:
-                continue
-            seen_model.add(key)
-            try:
-                build(run.train["model"], seed=0, in_shape=ds.x_train.shape[1:],
-                      classes=len(ds.classes), **run.train["model_options"])
-            except (TypeError, ValueError) as err:
-                raise StudyError(f"{where}: train.model = {run.train['model']!r} with "
-                                 f"model_options {run.train['model_options']!r} on data "
-                                 f"{name!r}: {err}") from None
+            if key not in seen_model:
+                try:
+                    seen_model[key] = build(run.train["model"], seed=0,
+                                            in_shape=ds.x_train.shape[1:],
+                                            classes=len(ds.classes),
+                                            **run.train["model_options"])
+                except (TypeError, ValueError) as err:
+                    raise StudyError(f"{where}: train.model = {run.train['model']!r} with "
+                                     f"model_options {run.train['model_options']!r} on data "
+                                     f"{name!r}: {err}") from None
+            rescale = run.train.get("rescale")
+            if rescale and (key, rescale) not in seen_model:  # the model must scale by it
+                seen_model[(key, rescale)] = True
+                try:
+                    low_resolution_model(seen_model[key], ds.x_train.shape[1:],
+                                         parse_rescale(rescale).factor)
+                except ValueError as err:
+                    raise StudyError(f"{where}: train.rescale = {rescale!r} with "
+                                     f"train.model = {run.train['model']!r}, model_options "
+                                     f"{run.train['model_options']!r}: {err}") from None
         self.data_checked = True
 
     def describe(self) -> str:

@@ -7,8 +7,12 @@ RESULTS_DIR (default ``studies/approximate_training/results``) holds one folder 
 (``fixedsim sweep studies/approximate_training/<name>.toml``). MACs are every matrix product
 the run performed (training and the per-epoch evaluations, all layers, from the per-epoch
 counters), relative to the dense run of the same model and policy (the ``sampling`` study's
-``approx = ""``); the time is the run's training time, also relative to dense. Writes
-``RESULTS_DIR/summary.md``.
+``approx = ""``, or a dense run in the same study file); "approximated products kept" is, over
+the products an approximation touched, the MACs it kept against their dense count (sampling:
+the forward products and their backward; gradient approximation: the backward products of
+the sparsified errors, which the emulation still runs densely, so that only this column shows
+their saving; deep reuse: the reused convolutions). The time is the run's training time,
+relative to dense. Writes ``RESULTS_DIR/summary.md``.
 """
 
 from __future__ import annotations
@@ -40,24 +44,38 @@ def main(argv):
         tr = json.loads(r["config"]).get("train", {})
         method = "; ".join(f"{k} {tr[k]}" for k in KEYS if tr.get(k)) or "dense"
         macs = sum(float(h["macs"]) for h in hist) if hist else None
+        kept = None
+        for pre in ("approx", "reuse"):
+            num = sum(float(h.get(f"{pre}.macs") or 0) + float(h.get(f"{pre}.backward_macs") or 0)
+                      for h in hist or [])
+            den = sum(float(h.get(f"{pre}.dense_macs") or 0)
+                      + float(h.get(f"{pre}.backward_dense_macs") or 0) for h in hist or [])
+            if den:
+                kept = num / den
         rows.append(dict(model=r["model"], policy=r["policy_name"], method=method, study=study,
                          acc=float(r["final_test_acc"]) if hist else None,
                          best=float(r["best_test_acc"]) if hist else None,
-                         macs=macs, sec=float(r["seconds"]) if hist else None,
+                         macs=macs, kept=kept, sec=float(r["seconds"]) if hist else None,
                          status=r["status"]))
-    dense = {(x["model"], x["policy"]): x for x in rows if x["method"] == "dense" and x["acc"]}
-    lines = ["| model | policy | method | final test acc | best | MACs vs dense | time vs dense |",
-             "|---|---|---|---|---|---|---|"]
+    dense = {}
+    for x in rows:  # a dense run of the same study file first, else the sampling study's
+        if x["method"] == "dense" and x["acc"]:
+            dense[(x["model"], x["policy"], x["study"])] = x
+            dense.setdefault((x["model"], x["policy"]), x)
+    lines = ["| model | policy | method | final test acc | best | MACs vs dense | approximated "
+             "products kept | time vs dense |", "|---|---|---|---|---|---|---|---|"]
     for x in sorted(rows, key=lambda x: (x["model"], x["policy"], x["study"], x["method"])):
-        d = dense.get((x["model"], x["policy"]))
+        d = dense.get((x["model"], x["policy"], x["study"])) or dense.get((x["model"],
+                                                                            x["policy"]))
         if x["acc"] is None:
             lines.append(f"| {x['model']} | {x['policy']} | {x['method']} | {x['status']} | "
-                         "- | - | - |")
+                         "- | - | - | - |")
             continue
         rel = f"{x['macs'] / d['macs']:.2f}" if d else "-"
         tim = f"{x['sec'] / d['sec']:.2f}" if d else "-"
+        kept = "-" if x["kept"] is None else f"{x['kept']:.2f}"
         lines.append(f"| {x['model']} | {x['policy']} | {x['method']} | {x['acc']:.1%} | "
-                     f"{x['best']:.1%} | {rel} | {tim} |")
+                     f"{x['best']:.1%} | {rel} | {kept} | {tim} |")
     text = "\n".join(lines) + "\n"
     (root / "summary.md").write_text(text)
     print(text)
