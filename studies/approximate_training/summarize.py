@@ -53,6 +53,7 @@ def main(argv):
             if den:
                 kept = num / den
         rows.append(dict(model=r["model"], policy=r["policy_name"], method=method, study=study,
+                         lr=tr.get("lr"),
                          acc=float(r["final_test_acc"]) if hist else None,
                          best=float(r["best_test_acc"]) if hist else None,
                          macs=macs, kept=kept, sec=float(r["seconds"]) if hist else None,
@@ -62,20 +63,25 @@ def main(argv):
         if x["method"] == "dense" and x["acc"]:
             dense[(x["model"], x["policy"], x["study"])] = x
             dense.setdefault((x["model"], x["policy"]), x)
-    lines = ["| model | policy | method | final test acc | best | MACs vs dense | approximated "
-             "products kept | time vs dense |", "|---|---|---|---|---|---|---|---|"]
-    for x in sorted(rows, key=lambda x: (x["model"], x["policy"], x["study"], x["method"])):
+    lines = ["| file | model | policy | lr | method | final test acc | best | MACs vs dense | "
+             "approximated products kept | time vs dense |", "|---" * 10 + "|"]
+    order = ["sampling", "crs-mixing", "gradient", "rescaling", "reuse", "q16-sampling",
+             "q16-backward"]
+    rank = {name: i for i, name in enumerate(order)}
+    for x in sorted(rows, key=lambda x: (rank.get(x["study"], 99), x["model"], x["policy"],
+                                         x["method"] != "dense", x["method"])):
         d = dense.get((x["model"], x["policy"], x["study"])) or dense.get((x["model"],
                                                                             x["policy"]))
         if x["acc"] is None:
-            lines.append(f"| {x['model']} | {x['policy']} | {x['method']} | {x['status']} | "
-                         "- | - | - | - |")
+            lines.append(f"| {x['study']} | {x['model']} | {x['policy']} | {x['lr']} | "
+                         f"{x['method']} | {x['status']} | - | - | - | - |")
             continue
         rel = f"{x['macs'] / d['macs']:.2f}" if d else "-"
         tim = f"{x['sec'] / d['sec']:.2f}" if d else "-"
         kept = "-" if x["kept"] is None else f"{x['kept']:.2f}"
-        lines.append(f"| {x['model']} | {x['policy']} | {x['method']} | {x['acc']:.1%} | "
-                     f"{x['best']:.1%} | {rel} | {kept} | {tim} |")
+        lines.append(f"| {x['study']} | {x['model']} | {x['policy']} | {x['lr']} | "
+                     f"{x['method']} | {x['acc']:.1%} | {x['best']:.1%} | {rel} | {kept} | "
+                     f"{tim} |")
     text = "\n".join(lines) + "\n"
     (root / "summary.md").write_text(text)
     print(text)
