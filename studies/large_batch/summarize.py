@@ -64,11 +64,11 @@ def main(argv):
     groups = {}
     for study, r, hist in _runs(root):
         b, name, lr = _setting(study, r)
-        groups.setdefault((b, name), {"lr": lr, "runs": []})["runs"].append((r, hist))
+        groups.setdefault((b, name, lr), {"lr": lr, "runs": []})["runs"].append((r, hist))
     lines = ["| setting | lr | n | final test acc | best | train - test | "
              + " | ".join(f"epochs (steps) to {t:.0%}" for t in TARGETS) + " | s/run |",
              "|---|---|---|---|---|---|" + "---|" * len(TARGETS) + "---|"]
-    for (_b, name), g in sorted(groups.items()):
+    for (_b, name, _lr), g in sorted(groups.items()):
         ok = [(r, h) for r, h in g["runs"] if h]
         failed = len(g["runs"]) - len(ok)
         if not ok:
