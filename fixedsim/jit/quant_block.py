@@ -232,13 +232,11 @@ def block_amax_f32(xb, block, amax, fmax):
 @jit_inline
 def _fraction_bits(A, d, Sg):
     """The 64 bits below the binary point of ``A * 2**d / Sg`` (``A`` < 2**24, ``Sg`` odd and
-    < 2**31, all exact integers), and whether anything is left below them: a long division
-    that shifts in 32 bits at a time (``r < Sg``: ``r << 32`` fits)."""
-    s2 = d + 64
-    if s2 < 0:  # A * 2**d / Sg < 2**-64 * 2**24 / 1: only the shifted-out part, all below
-        k = -s2
-        t = (A >> np.uint64(k)) // Sg if k < 64 else np.uint64(0)
-        return t, True
+    < 2**31, all exact integers), truncated: a long division that shifts in 32 bits at a time
+    (``r < Sg``: ``r << 32`` fits)."""
+    s2 = d + 64  # the bits wanted: floor(A * 2**s2 / Sg) modulo 2**64
+    if s2 < 0:  # floor(A * 2**s2 / Sg) = floor(floor(A / 2**-s2) / Sg), below 2**24
+        return (A >> np.uint64(-s2)) // Sg if s2 > -64 else np.uint64(0)
     t = A // Sg
     r = A % Sg
     while s2 > 0:
@@ -247,7 +245,7 @@ def _fraction_bits(A, d, Sg):
         t = (t << np.uint64(c)) | (r // Sg)  # modulo 2**64: the fraction's bits stay
         r = r % Sg
         s2 -= c
-    return t, r != 0
+    return t
 
 
 @jit_inline
@@ -300,7 +298,7 @@ def scaled_value(b, S, iS, Sg, eS, MODE, emin, man_bits, big_el, neg_zero, rbits
         ef = (b >> 23) & 0xFF
         A = np.uint64((b & 0x7FFFFF) | (0x800000 if ef else 0))
         ea = (ef if ef else 1) - 150
-        F, _ = _fraction_bits(A, ea - eS - qe, Sg)
+        F = _fraction_bits(A, ea - eS - qe, Sg)
         draw = random_u64(key, np.uint64(i)) >> np.uint64(64 - rbits)
         up = draw < (F >> np.uint64(64 - rbits))
     mag = (n + (1.0 if up else 0.0)) * Q
