@@ -305,6 +305,14 @@ def _fused_applies(arr: np.ndarray, fmt: BlockFormat) -> bool:
             and el.emin - el.man_bits + lo >= -149)
 
 
+def _refuse_nan_blocks(bad: np.ndarray, fmt: BlockFormat) -> None:
+    """ValueError where a block holds NaN or an infinity (``bad``) and the scale format has no
+    NaN to give it."""
+    if not fmt.scale.has_nan and bad.any():
+        raise ValueError(f"x holds NaN or an infinity (block {int(np.argmax(bad))}), which "
+                         f"needs a NaN scale, and {fmt.scale!r} has no NaN")
+
+
 def _fused(arr, fmt: BlockFormat, rounding, rbits, key, ax, out=None):
     """(values, exponents k per block, NaN-block mask) by the fused kernel, shaped as blocks;
     ``out``: a float64 C-contiguous array of ``arr.size`` to write the values into (the blocks
@@ -330,9 +338,7 @@ def _fused(arr, fmt: BlockFormat, rounding, rbits, key, ax, out=None):
         2.0**rbits, rbits, key)
     vals = out.reshape(-1, fmt.block)
     bad = k == _qb.NAN_BLOCK if nnan else np.zeros(k.size, bool)
-    if nnan and not fmt.scale.has_nan:
-        raise ValueError(f"x holds NaN or an infinity (block {int(np.argmax(bad))}), which "
-                         f"needs a NaN scale, and {fmt.scale!r} has no NaN")
+    _refuse_nan_blocks(bad, fmt)
     if nnan:
         k[bad] = lo
     if kmax > hi:
@@ -377,9 +383,7 @@ def _scaled(arr, fmt: BlockFormat, rounding, rbits, key, ax, out=None):
     am, fm = np.empty(nb, np.uint32), np.empty(nb, np.uint32)
     _qb.block_amax_f32(xb, fmt.block, am, fm)
     bad = am >= np.uint32(0x7F800000)
-    if bad.any() and not sc.has_nan:
-        raise ValueError(f"x holds NaN or an infinity (block {int(np.argmax(bad))}), which "
-                         f"needs a NaN scale, and {sc!r} has no NaN")
+    _refuse_nan_blocks(bad, fmt)
     t = None
     if fmt.tensor_scale is not None:  # the largest finite magnitude, NaN blocks included
         amax_t = float(np.array([fm.max(initial=0)], np.uint32).view(np.float32)[0])
@@ -471,9 +475,7 @@ def _quantize_parts(x, fmt: BlockFormat, rounding, overflow, seed, random_bits, 
     with np.errstate(invalid="ignore"):
         amax = np.max(np.abs(blocks), axis=1) if blocks.size else np.zeros(0)
     bad = ~np.isfinite(amax)
-    if bad.any() and not fmt.scale.has_nan:
-        raise ValueError(f"x holds NaN or an infinity (block {int(np.argmax(bad))}), which "
-                         f"needs a NaN scale, and {fmt.scale!r} has no NaN")
+    _refuse_nan_blocks(bad, fmt)
     t = None
     if fmt.tensor_scale is not None:  # the largest finite magnitude, NaN blocks included
         fin = np.abs(blocks[bad])

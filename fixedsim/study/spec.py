@@ -181,7 +181,7 @@ class Study:
         from ..nn import build
 
         where = self.path if self.path is not None else "study"
-        seen_data, seen_model = {}, {}
+        seen_data, seen_model, seen_rescale = {}, {}, set()
         for run in self.runs:
             name = run.train["data"]
             if name not in seen_data:
@@ -204,8 +204,8 @@ class Study:
                                      f"model_options {run.train['model_options']!r} on data "
                                      f"{name!r}: {err}") from None
             rescale = run.train.get("rescale")
-            if rescale and (key, rescale) not in seen_model:  # the model must scale by it
-                seen_model[(key, rescale)] = True
+            if rescale and (key, rescale) not in seen_rescale:  # the model must scale by it
+                seen_rescale.add((key, rescale))
                 try:
                     low_resolution_model(seen_model[key], ds.x_train.shape[1:],
                                          parse_rescale(rescale).factor)
