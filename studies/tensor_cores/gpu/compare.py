@@ -18,6 +18,7 @@ import io
 import os
 
 import numpy as np
+from make_inputs import decode  # beside this file: values of the input formats
 
 import fixedsim as fs
 from fixedsim import hardware
@@ -27,13 +28,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 KI = {"fp16": 16, "bf16": 16, "tf32": 8, "e4m3": 32, "e5m2": 32}
 _FMT = {"fp16": fs.FP16, "bf16": fs.BF16, "tf32": fs.TF32, "e4m3": fs.FP8_E4M3,
         "e5m2": fs.FP8_E5M2}
-
-
-def decode(fmt, bits):
-    """Values (float64) of the bit patterns of an input format (tf32 as FP32 patterns)."""
-    from make_inputs import decode as _decode
-
-    return _decode(fmt, bits)
 
 
 def out_values(out, bits):

@@ -16,6 +16,7 @@ import sys
 import time
 
 import numpy as np
+from make_inputs import decode  # beside this file
 
 COMBOS = ("fp16_fp32", "fp16_fp16", "bf16_fp32", "tf32_fp32", "e4m3_fp32", "e5m2_fp32",
           "e4m3_fp16", "e5m2_fp16")
@@ -42,13 +43,6 @@ def harness(exe, combo, a, b, c, tag):
                                                           fin, fout]
 
 
-def _f64(fmt, bits):
-    import ml_dtypes
-    dt = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16, "e4m3": ml_dtypes.float8_e4m3fn,
-          "e5m2": ml_dtypes.float8_e5m2, "tf32": np.float32}[fmt]
-    return bits.view(dt).astype(np.float64)
-
-
 def mma_part(inp, exe, res, runs):
     for combo in COMBOS:
         fmt, out = combo.split("_")
@@ -57,7 +51,7 @@ def mma_part(inp, exe, res, runs):
             c = inp[f"probe/{fmt}/c_{out}"]
             d, _ = harness(exe, combo, a, b, c, f"probe_{combo}")
             cf = c.view(np.float32 if out == "fp32" else np.float16).astype(np.float64)
-            want = cf + np.einsum("tik,tjk->tij", _f64(fmt, a), _f64(fmt, b))
+            want = cf + np.einsum("tik,tjk->tij", decode(fmt, a), decode(fmt, b))
             got = d.view(np.float32 if out == "fp32" else np.float16).astype(np.float64)
             log(f"probe {combo}: {int((got != want).sum())} of {got.size} differ"
                 + ("" if (got == want).all() else f" (first got {got.ravel()[:4]}, want "

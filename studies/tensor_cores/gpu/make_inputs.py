@@ -84,15 +84,15 @@ def _special(fmt):
 
 def decode(fmt, bits):
     """Values (float64) of bit patterns of an input format."""
+    return np.asarray(bits).astype(_dtype(fmt)).view(_value_dtype(fmt)).astype(np.float64)
+
+
+def _value_dtype(fmt):
+    """The NumPy type whose values are those of ``fmt`` (tf32: float32, its low 13 bits 0)."""
     import ml_dtypes
 
-    bits = np.asarray(bits)
-    if fmt == "tf32":
-        return bits.astype(np.uint32).view(np.float32).astype(np.float64)
-    dt = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16, "e4m3": ml_dtypes.float8_e4m3fn,
-          "e5m2": ml_dtypes.float8_e5m2}[fmt]
-    return bits.astype(np.uint8 if fmt in ("e4m3", "e5m2") else np.uint16).view(dt) \
-        .astype(np.float64)
+    return {"fp16": np.float16, "bf16": ml_dtypes.bfloat16, "tf32": np.float32,
+            "e4m3": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2}[fmt]
 
 
 def _dtype(fmt):
@@ -121,8 +121,6 @@ def _tile(rng, fmt, K):
 
 def _addend(rng, exact, out):
     """Addends (float64 values exactly representable in ``out``) for exact sums ``exact``."""
-    import ml_dtypes  # noqa: F401  (float16 is numpy's own)
-
     dt = np.float32 if out == "fp32" else np.float16
     big = 60 if out == "fp32" else 6
     with np.errstate(all="ignore"):
@@ -181,14 +179,7 @@ def _draw_row(rng, fmt, K):
 
 def encode(fmt, values):
     """Bit patterns of float64 values exactly representable in ``fmt``."""
-    import ml_dtypes
-
-    v = np.asarray(values, np.float64)
-    if fmt == "tf32":
-        return v.astype(np.float32).view(np.uint32)
-    dt = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16, "e4m3": ml_dtypes.float8_e4m3fn,
-          "e5m2": ml_dtypes.float8_e5m2}[fmt]
-    return v.astype(dt).view(_dtype(fmt))
+    return np.asarray(values, np.float64).astype(_value_dtype(fmt)).view(_dtype(fmt))
 
 
 def main(argv):
