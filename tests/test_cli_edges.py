@@ -261,13 +261,21 @@ def test_ctrl_c_without_out_says_nothing_was_saved(capsys, monkeypatch):
     assert rc == 130 and "nothing was saved" in err and "--out RUN_DIR" in err
 
 
+def _sigint_default():
+    """In the child: SIGINT back to Python's default. A test run started in the background
+    of a non-interactive shell (``pytest &``) has SIGINT ignored, and a child inherits that, so
+    it would never see the Ctrl-C this test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_to_a_real_train_process(tmp_path):
     """A real SIGINT (Ctrl-C) to ``fixedsim train`` mid-run: exit 130, the hint, no trace."""
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     p = subprocess.Popen([sys.executable, "-m", "fixedsim.cli", "train", *TINY[:-1],
                           "--epochs", "500", "--out", str(out), "--quiet"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=_sigint_default)
     for line in p.stdout:  # wait until an epoch is checkpointed
         if line.startswith("epoch 2/500"):
             break
