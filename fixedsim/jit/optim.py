@@ -27,7 +27,7 @@ from numba import prange
 
 from .arith import OP_ADD, _grid_add_one, arith_one, two_sum
 from .bits import f64_bits, f64_from_bits
-from .options import jit_inline, jit_parallel
+from .options import jit, jit_inline, jit_parallel
 from .quant import (
     CHUNK,
     F_INEXACT,
@@ -185,26 +185,18 @@ def _grid_sub_small(x, s, MODE, up, down, cmax, cmin, rbits, key, idx):
             np.int64(n == 0.0))
 
 
-@jit_inline
-def _weights_fixed(ws, sbuf, wo, lo_i, mode, rbits, g, key, P, Psr, U, D):
-    """``wo[j] = ws[j] - sbuf[j]`` rounded once into a saturating fixed-point format, as
-    :func:`fixedsim.jit.arith.add_fixed_grid` rounds it: the grid-aligned
-    :func:`fixedsim.jit.arith._grid_add_one` first, :func:`fixedsim.jit.arith.arith_one` in a
-    second loop for the sums it declines (a call in the first loop would slow it down for
-    every element). Returns ``(inexact, up, overflow, underflow, subnormal, left)``."""
+@jit
+def _weights_fixed_rest(ws, sbuf, wo, ok, lo_i, mode, rbits, g, key, P, Psr, U, D):
+    """The second loop of :func:`_weights_fixed`: the differences ``ws[j] - sbuf[j]`` that
+    :func:`fixedsim.jit.arith._grid_add_one` declined (``ok[j] == 0``), by
+    :func:`_grid_sub_small` or else :func:`fixedsim.jit.arith.arith_one`. Returns the events
+    and ``left`` as :func:`_weights_fixed` does.
+
+    A called function, not inlined: the loop runs only for the rare declined sums, and
+    inlined into :func:`sgd_step` it took about 30 of the kernel's 104 s of compiling (from an
+    empty cache, one process, idle) for no gain in speed."""
     c0 = c1 = c2 = c3 = c4 = np.int64(0)
     ns = 0
-    ok = np.empty(ws.size, np.uint8)
-    for j in range(ws.size):
-        wn, k, e0, e1, e2, e3 = _grid_add_one(np.float64(ws[j]), -sbuf[j], mode, g[G_UP],
-                                              g[G_DOWN], g[G_CMAX], g[G_CMIN], rbits, key,
-                                              np.uint64(lo_i + j))
-        wo[j] = wn
-        ok[j] = k
-        c0 += e0 & k
-        c1 += e1 & k
-        c2 += e2 & k
-        c3 += e3 & k
     for j in range(ws.size):
         if ok[j] != 0:
             continue
@@ -230,6 +222,39 @@ def _weights_fixed(ws, sbuf, wo, lo_i, mode, rbits, g, key, P, Psr, U, D):
         c2 += (fl >> F_OVERFLOW) & 1
         c3 += (fl >> F_UNDERFLOW) & 1
         c4 += (fl >> F_SUBNORMAL) & 1
+    return c0, c1, c2, c3, c4, ns
+
+
+@jit_inline
+def _weights_fixed(ws, sbuf, wo, lo_i, mode, rbits, g, key, P, Psr, U, D):
+    """``wo[j] = ws[j] - sbuf[j]`` rounded once into a saturating fixed-point format, as
+    :func:`fixedsim.jit.arith.add_fixed_grid` rounds it: the grid-aligned
+    :func:`fixedsim.jit.arith._grid_add_one` first, then :func:`_weights_fixed_rest` for the
+    sums it declines, only when there are any (a call in the first loop would slow it down for
+    every element). Returns ``(inexact, up, overflow, underflow, subnormal, left)``."""
+    c0 = c1 = c2 = c3 = c4 = np.int64(0)
+    ns = 0
+    ok = np.empty(ws.size, np.uint8)
+    c_ok = 0
+    for j in range(ws.size):
+        wn, k, e0, e1, e2, e3 = _grid_add_one(np.float64(ws[j]), -sbuf[j], mode, g[G_UP],
+                                              g[G_DOWN], g[G_CMAX], g[G_CMIN], rbits, key,
+                                              np.uint64(lo_i + j))
+        wo[j] = wn
+        ok[j] = k
+        c_ok += k
+        c0 += e0 & k
+        c1 += e1 & k
+        c2 += e2 & k
+        c3 += e3 & k
+    if c_ok < ws.size:
+        r = _weights_fixed_rest(ws, sbuf, wo, ok, lo_i, mode, rbits, g, key, P, Psr, U, D)
+        c0 += r[0]
+        c1 += r[1]
+        c2 += r[2]
+        c3 += r[3]
+        c4 += r[4]
+        ns += r[5]
     return c0, c1, c2, c3, c4, ns
 
 
