@@ -195,15 +195,20 @@ def _apply(op, operands, fmt, rounding, overflow, seed, random_bits, stats, nega
         wrap_lim = (math.ldexp(1.0, 51 - fmt.frac_length) if 51 - fmt.frac_length < 1024
                     else math.inf) if fmt.kind == "fixed" else 0.0
         grid = _grid_params(op, fmt, overflow)
+        # the kernels write float64 only (one compiled signature each, not one per container
+        # dtype); a format held in float32 takes its values back exactly
+        o64 = oflat if oflat.dtype == np.float64 else np.zeros(oflat.shape, np.float64)
         if grid is not None:  # a weight plus a step, say: see _ka.add_fixed_grid
             x, y = flat[0], flat[1]
             if _on_grid(y[:64], grid[0]) > _on_grid(x[:64], grid[0]):
                 x, y = y, x  # the kernel wants the grid operand first (a sum commutes)
-            counts, slow = _ka.add_fixed_grid(x, y, oflat, P, Psr, U, D, int(rounding), rbits,
+            counts, slow = _ka.add_fixed_grid(x, y, o64, P, Psr, U, D, int(rounding), rbits,
                                               *grid, wrap_lim)
         else:
-            counts, slow = _ka.arith(_OPS[op], *flat, oflat, P, Psr, U, D, int(rounding),
+            counts, slow = _ka.arith(_OPS[op], *flat, o64, P, Psr, U, D, int(rounding),
                                      rbits, wrap_lim)
+        if o64 is not oflat:
+            oflat[...] = o64
         c = counts.sum(axis=0)
         slow_idx = np.flatnonzero(slow)
     else:  # more than 51 significant bits: no room for round-to-odd; exact arithmetic

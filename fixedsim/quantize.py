@@ -16,6 +16,7 @@ import numpy as np
 
 from . import reference
 from .blockformats import BlockFormat
+from .compiling import read_only
 from .formats import FixedFormat, FloatFormat, _to_float_toward_zero
 from .jit import quant as _q
 from .jit import quant_fast as _qf
@@ -523,9 +524,14 @@ def _run(arr, fmt, rounding, overflow, rbits, key, want_stats, out=None):
             codes = np.empty(flat.shape, np.float64)
             first = _qf.fixed_from_float(flat, codes, mode, 2.0**f, 1.0, np.inf, -np.inf,
                                          rbits, key)
-            counts = _qf.wrap_codes(flat, codes, oflat, np.uint64((1 << fmt.word_length) - 1),
-                                    fmt.word_length, fmt.signed, 2.0**-f,
-                                    float(fmt.max_code), float(fmt.min_code))
+            # float64 in and out (exact both ways): one compiled signature, not four
+            o64 = oflat if oflat.dtype == np.float64 else np.empty(oflat.shape, np.float64)
+            counts = _qf.wrap_codes(read_only(flat, np.float64), codes, o64,
+                                    np.uint64((1 << fmt.word_length) - 1), fmt.word_length,
+                                    fmt.signed, 2.0**-f, float(fmt.max_code),
+                                    float(fmt.min_code))
+            if o64 is not oflat:
+                oflat[...] = o64
             counts[_q.F_INVALID] += first[_q.F_INVALID]  # NaN inputs; the rest counts the wrap
         else:
             counts = _qf.fixed_from_float(flat, oflat, mode, 2.0**f, 2.0**-f, fmt.max * 2.0**f,
@@ -536,10 +542,16 @@ def _run(arr, fmt, rounding, overflow, rbits, key, want_stats, out=None):
         U = U.copy()
         U[_q.U_KEY] = key
         U.setflags(write=False)  # read-only as the cached ones: one compiled signature
-    if flat.dtype == np.float32:
-        counts = _q.quantize_bits(flat, flat.view(np.uint32), oflat, P, U, D, 23, 8)
-    else:
-        counts = _q.quantize_bits(flat, flat.view(np.uint64), oflat, P, U, D, 52, 11)
+    # The general kernel runs in float64 only (one compiled signature, not one per input and
+    # container dtype: about 20-40 s of compiling each). Both conversions are exact: a float32
+    # input is a float64 of the same value (a NaN made quiet, which the kernel returns as
+    # its own float64 conversion anyway), and every value of a format held in float32 is a
+    # float32.
+    x64 = read_only(flat, np.float64)
+    o64 = oflat if oflat.dtype == np.float64 else np.empty(oflat.shape, np.float64)
+    counts = _q.quantize_bits(x64, x64.view(np.uint64), o64, P, U, D, 52, 11)
+    if o64 is not oflat:
+        oflat[...] = o64
     return out, counts.sum(axis=0)
 
 

@@ -293,6 +293,11 @@ def test_weight_gradient_reuses_the_forward_im2col_bit_for_bit(spec):
     assert_same_bits(g1, g0)
     assert cy1 == cy0 and cg1 == cg0
     assert_same_bits(cols, fresh)  # not written by the products
+    # a float32 matrix that reaches the general kernel is taken in float64 (exact): the
+    # kernel keeps one compiled signature
+    from fixedsim.jit.gemm_general import gemm_general
+    assert all(str(sig[0].dtype) == str(sig[1].dtype) == "float64"
+               for sig in gemm_general.signatures), gemm_general.signatures
 
 
 def test_im2col_memo_sees_an_operand_changed_in_place():

@@ -285,7 +285,8 @@ def quantize_bits(x, xb, out, P, U, D, in_m, in_e):
     """Quantize float ``x`` (``xb`` its unsigned bit view) into ``out``; return per-chunk counts.
 
     ``in_m``, ``in_e``: mantissa and exponent bits of the input (23, 8 for float32; 52, 11 for
-    float64). The fields are read in uint64 whatever the input width.
+    float64). The fields are read in uint64 whatever the input width. :mod:`fixedsim.quantize`
+    calls it with float64 arrays only (one compiled signature).
     """
     n = x.size
     nch = (n + CHUNK - 1) // CHUNK

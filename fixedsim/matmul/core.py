@@ -379,14 +379,16 @@ def _general(A, B, spec, ba, bb, keys, rb, c, C=None):
             c.output += _counters.StageCounts.from_flags(tot[2], R * N)
         return out.astype(spec.result_format.dtype)
     args = _general_args(spec, ba, bb, keys, rb)
+    # the operands in float64 (exact): one compiled signature of each kernel, not one per
+    # operand dtype (about 20 s of compiling each)
+    A, Bt = read_only(A, np.float64), read_only(B.T, np.float64)
     if getattr(acc, "structured", False):  # lanes, order, addend: fixedsim.jit.gemm_lanes
         counts, slow = _gl.gemm_lanes(
-            read_only(A), read_only(B.T), read_only(C0), out, 0,
+            A, Bt, read_only(C0), out, 0,
             *args[:7], args[7], args[10], acc.block, acc.lanes or 0,
             acc.order == "descending", acc.combine == "tree", acc.addend == "last")
     else:
-        counts, slow = _gg.gemm_general(read_only(A), read_only(B.T), read_only(C0), out, 0,
-                                       *args)
+        counts, slow = _gg.gemm_general(A, Bt, read_only(C0), out, 0, *args)
     tot = counts.sum(axis=0)
     if tot[:, _q.F_INVALID].any():
         raise ValueError("matmul: a NaN or infinity reached a fixed-point format of the spec "
