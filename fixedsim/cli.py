@@ -196,7 +196,7 @@ def _interrupted(err: BaseException) -> bool:
 def _cmd_train(args) -> int:
     import pathlib
 
-    from .compiling import notice_text
+    from .compiling import notice_once
     from .nn.train import TrainConfig, TrainingDiverged, load_run, train
 
     out = pathlib.Path(args.out) if args.out else None
@@ -218,15 +218,18 @@ def _cmd_train(args) -> int:
     print(f"fixedsim train: {config.model} on {config.data}, {config.epochs} epoch(s), "
           f"batch {config.batch_size}, {config.optimizer} lr {config.lr:g} ({config.schedule}), "
           f"seed {config.seed}")
-    print(policy.describe())
+    print(policy.describe(), flush=True)
+    # one notice, before the first compile pause: measuring the expected time compiles what
+    # the run needs, the run itself the rest
+    notice = notice_once("train")
     if args.estimate:
-        _print_expected_epoch(config, policy, resumed=bool(args.resume))
+        _print_expected_epoch(config, policy, resumed=bool(args.resume), notice=notice)
     from . import counters
 
     try:
         with counters.record(steps=args.count_steps):
             res = train(config, policy, out, resume=bool(args.resume), progress=not args.quiet,
-                        log=print, compile_notice=notice_text("train"))
+                        log=print, compile_notice=notice)
     except TrainingDiverged as err:
         print(f"fixedsim train: {err}", file=sys.stderr)
         return 3
@@ -275,12 +278,13 @@ def _estimate_errors():
     return (CountError, ValueError, TypeError, OSError, ImportError, KeyError)
 
 
-def _print_expected_epoch(config, policy, resumed=False) -> None:
-    """The expected time of a training run, from fixedsim's own cost model (docs/cost.md)."""
+def _print_expected_epoch(config, policy, resumed=False, notice=None) -> None:
+    """The expected time of a training run, from fixedsim's own cost model (docs/cost.md)
+    (``notice``: printed or called before measuring compiles a kernel)."""
     from .cost.selfmodel import expect_run
 
     try:
-        e = expect_run(config, policy)
+        e = expect_run(config, policy, notice=notice)
     except _estimate_errors() as err:
         print(f"expected time: not estimated ({err})")
         return
@@ -295,8 +299,9 @@ def _compiled(e) -> str:
             if e["compile_s"] >= 0.05 else "")
 
 
-def _print_expected_sweep(study, workers, numba_threads) -> None:
-    """Each run's expected time and the sweep's, from fixedsim's own cost model."""
+def _print_expected_sweep(study, workers, numba_threads, notice=None) -> None:
+    """Each run's expected time and the sweep's, from fixedsim's own cost model (``notice``:
+    printed or called before measuring compiles a kernel)."""
     import numba
 
     from .cost.selfmodel import expect_run
@@ -313,7 +318,7 @@ def _print_expected_sweep(study, workers, numba_threads) -> None:
         for run in study.runs:
             config = run.config()
             e = expect_run(config, Policy.from_dict(run.policy),
-                           _load_dataset(config.data), cache=cache)
+                           _load_dataset(config.data), cache=cache, notice=notice)
             for k in spent:
                 spent[k] += e[k]
             times.append(e["run_s"])
@@ -331,7 +336,7 @@ def _print_expected_sweep(study, workers, numba_threads) -> None:
 
 
 def _cmd_sweep(args) -> int:
-    from .compiling import notice_text
+    from .compiling import notice_once, notice_text
     from .study import StudyError, load_study, run_study
 
     try:
@@ -344,7 +349,8 @@ def _cmd_sweep(args) -> int:
         for run in study.runs:
             print(f"  {run.run_id}  seed {run.seed:>10}  {run.label}")
         if args.estimate:
-            _print_expected_sweep(study, args.workers, args.numba_threads)
+            _print_expected_sweep(study, args.workers, args.numba_threads,
+                                  notice=notice_once("sweep"))
         print(f"dry run: {len(study.runs)} run(s) validated, data loads; no run was trained")
         return 0
     try:

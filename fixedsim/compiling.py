@@ -31,7 +31,7 @@ import time
 import numpy as np
 from numba.core import event as _event
 
-__all__ = ["CompileWatch", "NOTICE", "COLD_SECONDS", "notice_text", "read_only"]
+__all__ = ["CompileWatch", "NOTICE", "COLD_SECONDS", "notice_text", "notice_once", "read_only"]
 
 #: Seconds of compiling from an empty Numba cache, measured on the 2-core development machine
 #: (Intel Xeon with AVX-512): a first ``fixedsim train`` (LeNet under float32: 184 s on the
@@ -50,6 +50,20 @@ NOTICE = ("fixedsim: compiling kernels (once per install, about {seconds} s); "
 def notice_text(kind: str = "train") -> str:
     """:data:`NOTICE` with the estimate for ``kind`` (a key of :data:`COLD_SECONDS`)."""
     return NOTICE.format(seconds=COLD_SECONDS.get(kind, max(COLD_SECONDS.values())))
+
+
+def notice_once(kind: str = "train"):
+    """A callable that prints :func:`notice_text` ``(kind)`` to stderr at its first call only:
+    the notice of a command whose compilations happen under more than one
+    :class:`CompileWatch` (the measurement of the expected time, then the run), so that the
+    first pause is announced and none twice."""
+    done = []
+
+    def notice():
+        if not done:
+            done.append(True)
+            print(notice_text(kind), file=sys.stderr, flush=True)
+    return notice
 
 
 class CompileWatch:

@@ -464,6 +464,42 @@ def test_compile_time_is_kept_out_of_the_epoch_seconds(monkeypatch, capsys):
     assert capsys.readouterr().err.count("NOTICE-LINE") == 1
 
 
+def test_train_announces_the_compile_pause_of_its_estimate_once(monkeypatch, capsys):
+    """On an empty cache the expected-time measurement is where ``fixedsim train`` first
+    compiles: the notice comes before that pause, and not again when the run compiles the
+    rest."""
+    from fixedsim import compiling
+    from fixedsim.cost import selfmodel
+
+    @numba.njit
+    def first(x):
+        return x + 1
+
+    @numba.njit
+    def second(x):
+        return x + 2
+
+    monkeypatch.setattr(compiling, "notice_text", lambda kind="train": "NOTICE-LINE")
+    seen = []
+    real_measure, real_evaluate = selfmodel.measure, train_mod.evaluate
+
+    def measure(*a, **k):
+        first(np.int64(1))  # a kernel compiled while measuring
+        seen.append(capsys.readouterr().err.count("NOTICE-LINE"))
+        return real_measure(*a, **k)
+
+    def evaluate(*a, **k):
+        second(np.int64(1))  # and one more in the run
+        return real_evaluate(*a, **k)
+
+    monkeypatch.setattr(selfmodel, "measure", measure)
+    monkeypatch.setattr(train_mod, "evaluate", evaluate)
+    rc, out, err = _train(capsys, *TINY, "--epochs", "1", "--estimate")
+    assert rc == 0 and "expected time: about" in out
+    assert seen == [1]  # printed by the time the measurement's compilation ended
+    assert "NOTICE-LINE" not in err  # and not again
+
+
 # -- summary warnings ---------------------------------------------------------------------------
 def test_chance_warning_threshold():
     at = {"test_acc": 0.1 + CHANCE_MARGIN}

@@ -158,7 +158,7 @@ def predict_self(model, policy, batch: int, images: int, in_shape=None, *,
 
 
 def expect_run(config, policy, data=None, *, epochs: int | None = None,
-               cache: dict | None = None) -> dict:
+               cache: dict | None = None, notice=None) -> dict:
     """fixedsim's expected time for the run ``config`` (a :class:`~fixedsim.nn.TrainConfig`)
     under ``policy`` on this machine, from :func:`measure` and :func:`predict_self`.
 
@@ -174,6 +174,10 @@ def expect_run(config, policy, data=None, *, epochs: int | None = None,
     cache : dict, optional
         Measured profiles by model, input shape, policy and optimizer: runs that share them
         are measured once (a sweep passes one dict for all its runs).
+    notice : str or callable, optional
+        Printed (or called) when measuring starts compiling a kernel
+        (:class:`~fixedsim.compiling.CompileWatch`): on an empty cache the measurement is
+        where a command's first compile pause falls.
 
     The layers are measured at the run's batch size ``B`` and at ``B // 4`` (least of two
     timed steps each, after a warm-up step): a training step's time is then read, not
@@ -208,7 +212,7 @@ def expect_run(config, policy, data=None, *, epochs: int | None = None,
     measure_s = compile_s = 0.0
     if key not in cache:
         t0 = time.perf_counter()
-        with CompileWatch() as watch:
+        with CompileWatch(notice=notice) as watch:
             cache[key] = measure(policy, model, in_shape, _batches(config.batch_size),
                                  optimizer=config.optimizer, momentum=config.momentum,
                                  classes=len(ds.classes), reps=2)
