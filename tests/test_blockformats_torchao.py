@@ -4,11 +4,14 @@ torchao's ``to_mx`` with ScaleCalculationMode FLOOR, CEIL, EVEN and RCEIL is fix
 ``scale_rule`` "ocp", "ceil", "even" and "rceil"; its ``nvfp4_quantize`` with
 ``per_tensor_amax_to_scale`` is :data:`fixedsim.NVFP4`. Values are compared bit for bit on
 random blocks and on block maxima at and next to ``element.max * 2**k`` and powers of two.
-The one designed difference is pinned: torchao raises an NVFP4 block scale below E4M3's
-smallest *normal* (2**-6) to it, fixedsim keeps E4M3's subnormal scales (down to 2**-9).
+The differences are pinned: torchao raises an NVFP4 block scale below E4M3's smallest
+*normal* (2**-6) to it, fixedsim keeps E4M3's subnormal scales (down to 2**-9); torchao
+scales an NVFP4 element in float32 before rounding it (a double rounding, rare: 2 of 10 M
+random values), fixedsim rounds the exact quotient; torchao's RCEIL rounds its ``log2``.
 """
 
 import warnings
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -111,3 +114,30 @@ def test_nvfp4_small_block_scale_differs():
     ours = fs.quantize(x, fs.NVFP4)
     assert fs.to_bits(x, fs.NVFP4).scales[0, 1] == 0x01
     assert ours[0, 16] == 0.01171875 and ours[0, 17] == 0.00390625
+
+
+def test_nvfp4_torchao_rounds_a_scaled_element_twice():
+    """torchao scales an element as ``x * ((1 / t) / s)`` in float32 and then rounds that into
+    E2M1: a double rounding. Here (found by ``benchmarks/quantize.py`` on 10 M values) the
+    block scale is ``s = 0.03515625``, the tensor scale ``t = 607.7454... / 2688``, and
+    ``x = 0.009935849...``: ``x / (s t)`` is 1.2500000330 (above the tie, so 1.5), torchao's
+    float32 quotient is 1.25 exactly, a tie it rounds to even, 1.0. fixedsim and the oracle
+    round the exact quotient."""
+    def f32(code):
+        return np.array([code], np.uint32).view(np.float32)[0]
+    x = np.zeros((1, 32), np.float32)
+    x[0, 0], x[0, 16], x[0, 17] = f32(0x4417EFB5), f32(0x3C22C9F9), f32(0x3D4D5651)
+    theirs, scales, t = torchao_nvfp4(x)
+    codes = fs.to_bits(x, fs.NVFP4)
+    np.testing.assert_array_equal(codes.scales, scales.reshape(codes.scales.shape))
+    s = float(fs.from_bits(codes.scales, fs.NVFP4.scale).reshape(-1)[1])
+    assert s == 0.03515625 and float(fs.from_bits(codes.tensor_scale, fs.FP32)) == t
+    exact = Fraction(float(x[0, 16])) / (Fraction(s) * Fraction(t))
+    assert Fraction(5, 4) < exact < Fraction(5, 4) + Fraction(1, 2**24)
+    scaled = x[0, 16] * ((np.float32(1) / np.float32(t)) / np.float32(s))  # torchao's, float32
+    assert scaled == np.float32(1.25)
+    ours = fs.quantize(x, fs.NVFP4)
+    oracle = reference.block_quantize(x.astype(np.float64), fs.NVFP4, fs.Rounding.NEAREST_EVEN)
+    assert ours[0, 16] == oracle[0][0, 16] == 1.5 * s * t
+    assert theirs[0, 16] == 1.0 * s * t
+    np.testing.assert_array_equal(np.delete(ours, 16), np.delete(theirs, 16))
