@@ -44,6 +44,8 @@ ROW_CASES = {
     "float_chain64": (fs.MatmulSpec(input=fs.FP16,
                                     accumulator=fs.Accumulator(fs.FP16, "stochastic", block=4),
                                     seed=5), np.float64),
+    "float_chain64_scaled": (fs.MatmulSpec(accumulator=fs.Accumulator(fs.FP32, block=16)),
+                             "scaled"),
     "rounded_products": (fs.MatmulSpec(input=fs.FP16, product=fs.FP16, accumulator=fs.FP16),
                          np.float64),
     "general": (fs.MatmulSpec(input=fs.FP16, accumulator=fs.Accumulator(fs.FP16, "down",
@@ -58,8 +60,11 @@ def row_case(name, kind, shape=(9, 40, 7), seed=0):
     a, b = ordinary(kind, (R, K), rng), ordinary(kind, (K, N), rng)
     if kind == "errors" and isinstance(spec.input, fs.FixedFormat):
         a, b = a * 200, b * 200  # errors scaled into the fixed-point range, as loss scaling does
-    if isinstance(data, str):  # a dead layer: every activation zero, of both signs
+    if data == "zeros":  # a dead layer: every activation zero, of both signs
         a = np.where(rng.random((R, K)) < 0.5, -0.0, 0.0)
+    elif data == "scaled":  # BF16 values times an odd 24-bit factor each, as a tensor scale
+        a = fs.quantize(a, fs.BF16).astype(np.float64) * (0x9CD6AB * 2.0**-24)
+        b = fs.quantize(b, fs.BF16).astype(np.float64) * (0xBE0D15 * 2.0**-24)
     else:
         a, b = a.astype(data), b.astype(data)
     return spec, a, b

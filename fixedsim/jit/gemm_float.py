@@ -448,3 +448,113 @@ def gemm_chain_f64(A, B, out, base, block, mode, sh0, lim, qbits, maxbits, minno
                 counts[r, F_SUBNORMAL] += c2[j] >> 32
             out[r, j] = acc[j]
     return counts, bad
+
+
+#: Block sums ``T * s`` outside these magnitudes are left to the caller (TwoProd's error term
+#: must not underflow, the running sum must stay finite).
+_TINY_P = 2.0**-960
+_HUGE_P = 2.0**1000
+
+
+@jit_inline
+def _ro_sum3(acc, p, q):
+    """The float64 rounded to odd of the exact ``acc + p + q`` (``p + q`` a product split by
+    TwoProd: ``|q| <= ulp(p) / 2``), or NaN where this function cannot show it.
+
+    ``acc + p = s + e`` and ``e + q = u + w`` and ``s + u = v + d`` by TwoSum, all exact, so
+    ``x = v + d + w``. ``r = fl(d + w)`` is zero exactly when ``d + w`` is, with its sign. If
+    ``r`` is zero, ``x = v``, a float64 (its zero sign is IEEE's for ``acc + p``, or ``+0``
+    for a cancellation, the model's in every mode but DOWN). Otherwise, when ``|r|`` is at
+    most half the gap from ``v`` to its neighbour ``n`` on ``r``'s side (a gap of at least
+    ``2**-1000``), ``x`` lies strictly between ``v`` and ``n`` (``|d + w| <= |r| / (1 -
+    2**-53)``, below the gap; half the gap is a tie at 53 bits, common), and the one of the
+    two whose last significand bit is set is the rounding to odd. Else NaN: the caller
+    recomputes the element (a zero ``v`` with ``x`` nonzero, non-finite values, or a tail
+    wider than that, which the TwoSum bounds make impossible for finite sums of this shape).
+    """
+    s, e = two_sum(acc, p)
+    if q == 0.0:
+        v, r = s, e
+    else:
+        u, w = two_sum(e, q)
+        v, d = two_sum(s, u)
+        r = d + w
+    if r == 0.0:
+        return v
+    b = f64_bits(v)
+    mag = b & _MAG64
+    if mag == 0 or mag >= 0x7FF0000000000000:
+        return np.nan
+    nb = b + 1 if (r > 0.0) == (v > 0.0) else b - 1  # the neighbour on x's side
+    gap = abs(f64_from_bits(nb) - v)  # exact: two neighbours
+    if not (2.0 * abs(r) <= gap and gap >= 2.0**-1000):
+        return np.nan
+    return v if (b & 1) == 1 else f64_from_bits(nb)
+
+
+@jit_parallel
+def gemm_chain_f64_scaled(A, B, T, out, block, mode, sh0, lim, qbits, maxbits, minnorm,
+                          saturate):
+    """Accumulation into a float format in a deterministic mode but DOWN of the product of
+    ``T A`` and ``B``: ``acc[j] = round(acc[j] + T * (sum of the block's products of A and
+    B))`` for each block of ``block`` consecutive ``k`` in order, vectorised over ``j``.
+
+    ``A`` and ``B`` have products exact in float64; ``T`` is a positive float64 (the common
+    factors taken out of the operands). Each block sum ``s`` is a float64 sum whose exactness
+    TwoSum checks (as :func:`gemm_chain_f64`); ``T s = p + q`` exactly (``p = fl(T s)``, ``q``
+    by the FMA); ``acc + p + q`` is rounded to odd at 53 bits (:func:`_ro_sum3`) and then
+    into the format on its bits (:func:`_chain64_step` with a zero addend): the one rounding
+    of the exact sum, since a rounding to odd at 53 bits followed by one into at most 51
+    significand bits is the direct rounding (the caller keeps the format within that).
+    Returns per-row counts and the mask of elements left to the caller (a block sum not
+    exact in float64, ``T s`` beyond ``[_TINY_P, _HUGE_P]`` in magnitude, a sum
+    :func:`_ro_sum3` cannot round, an overflow to infinity): their values in ``out`` are
+    meaningless."""
+    R, K = A.shape
+    N = B.shape[1]
+    nb = (K + block - 1) // block
+    counts = np.zeros((R, N_FLAGS), np.int64)
+    bad = np.zeros((R, N), np.uint8)
+    lo32 = np.int64(0xFFFFFFFF)
+    for r in prange(R):
+        acc = np.zeros(N)
+        bs = np.empty(N)
+        c1 = np.zeros(N, np.int64)
+        c2 = np.zeros(N, np.int64)
+        for t in range(nb):
+            k0 = t * block
+            k1 = min(K, k0 + block)
+            x = A[r, k0]
+            bk = B[k0]
+            for j in range(N):
+                bs[j] = x * bk[j]
+            for k in range(k0 + 1, k1):
+                x = A[r, k]
+                bk = B[k]
+                for j in range(N):  # a block sum that is not exact poisons the sum: NaN
+                    sj, e = two_sum(bs[j], x * bk[j])
+                    bs[j] = sj if e == 0.0 else np.nan
+            for j in range(N):
+                s = bs[j]
+                p = T * s  # a zero block sum keeps its sign (T > 0)
+                q = fma(T, s, -p) if s != 0.0 else 0.0
+                ap = abs(p)
+                if not ((ap >= _TINY_P or s == 0.0) and ap <= _HUGE_P):
+                    z = np.nan  # NaN s too
+                else:
+                    z = _ro_sum3(acc[j], p, q)
+                v, f1, f2 = _chain64_step(z, -0.0, False, mode, sh0, lim, qbits, maxbits,
+                                          minnorm, saturate, 64, np.uint64(0))
+                acc[j] = v
+                c1[j] += f1
+                c2[j] += f2
+        for j in range(N):
+            if acc[j] != acc[j]:
+                bad[r, j] = 1
+            else:
+                counts[r, F_INEXACT] += c1[j] & lo32
+                counts[r, F_OVERFLOW] += c1[j] >> 32
+                counts[r, F_UNDERFLOW] += c2[j] & lo32
+                counts[r, F_SUBNORMAL] += c2[j] >> 32
+            out[r, j] = acc[j]
+    return counts, bad

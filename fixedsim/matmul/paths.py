@@ -38,6 +38,7 @@ from . import blockfma as _blockfma
 from . import exact64 as _exact64
 from . import filtered as _filtered
 from . import products as _products
+from . import scaled as _scaled
 from .core import (
     _Bits,
     _chain_result,
@@ -562,8 +563,8 @@ _EXACT = "exact accumulation"
 
 def _row(module) -> Path:
     """The row a module of its own defines (``NAME``, ``COMPUTES``, ``PROOF``, ``declines``,
-    ``run``, optionally ``TAKES``: :mod:`.exact64`, :mod:`.filtered`, :mod:`.products`,
-    :mod:`.blockfma`)."""
+    ``run``, optionally ``TAKES``: :mod:`.exact64`, :mod:`.filtered`, :mod:`.scaled`,
+    :mod:`.products`, :mod:`.blockfma`)."""
     return Path(module.NAME, module.COMPUTES, module.PROOF, module.declines, module.run,
                 frozenset(getattr(module, "TAKES", ())))
 
@@ -618,6 +619,7 @@ PATHS: tuple[Path, ...] = (
          "TwoSum proves each sum exact (elements where it is not are recomputed by the general "
          "kernel), and the exact sum is rounded on its bits as the quantizer does",
          _float_chain64_declines, _float_chain64),
+    _row(_scaled),
     _row(_products),
     _row(_blockfma),
     Path("general",
