@@ -18,7 +18,8 @@ How, and why it is exact
 1. **The factors.** For each operand, ``g`` is the greatest common divisor of the odd parts
    of the significands of its nonzero values (:func:`common_odd_factor`; 1 when they share
    none). ``A' = A / g_a`` is exact (each quotient is an integer times a power of two with a
-   significand of fewer bits; checked: ``A' * g_a == A``). The row applies when the products
+   significand of fewer bits, a normal float64 where every nonzero ``|a| >= 2**lsb`` has
+   ``lsb - bitlen(g_a) >= -1022``, which the row checks). The row applies when the products
    of ``A'`` and ``B'`` are exact in float64 (the scans of ``A'`` and ``B'``) and ``T = g_a
    g_b`` is exact (below ``2**53``). Then ``a_k b_k = T a'_k b'_k`` exactly.
 2. **Block sums.** Each block's sum ``s`` of ``a'_k b'_k`` is a float64 sum whose every
@@ -101,9 +102,11 @@ def _factor(p):
     ga, gb = common_odd_factor(A), common_odd_factor(B)
     if ga * gb >= 2**53 or ga * gb == 1:
         return None
+    # every odd part is a multiple of g, so each quotient is exact where it is a normal
+    # float64: every nonzero |value| >= 2**lsb, its quotient >= 2**(lsb - bitlen(g))
+    if (p.ba.lsb - ga.bit_length() < -1022 or p.bb.lsb - gb.bit_length() < -1022):
+        return None
     A2, B2 = A / ga, B / gb
-    if not (np.array_equal(A2 * ga, A) and np.array_equal(B2 * gb, B)):
-        return None  # a quotient below float64's normal range
     if not _f64_products_exact(_Bits.of(A2), _Bits.of(B2)):
         return None
     return A2, B2, float(ga * gb)
