@@ -162,7 +162,8 @@ def run(p):
     if bad.any():
         rows, cols = np.nonzero(bad)
         A = np.ascontiguousarray(p.A, np.float64)
-        flags = flags + _general_at(A, p.B, MatmulSpec(accumulator=acc), p.ba, p.bb, p.keys,
+        B = np.ascontiguousarray(p.B, np.float64)
+        flags = flags + _general_at(A, B, MatmulSpec(accumulator=acc), p.ba, p.bb, p.keys,
                                     p.rb, rows, cols, vals, p.c)[1]
         p.count(NAME + "_general", rows.size)
     return _chain_result(vals.astype(f.dtype), flags[None, :], NAME, p.spec, p.keys, p.rb,
