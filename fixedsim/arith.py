@@ -153,7 +153,8 @@ def _operands(op, operands, negate_b, fmt):
         raise ValueError(f"{op}: operands do not broadcast together: shapes {shapes}") from None
     flat = []
     for a in arrs:  # read-only views, so read-only operands take the compiled signatures
-        f = np.ascontiguousarray(np.broadcast_to(a, shape), dtype=np.float64).reshape(-1)
+        with np.errstate(invalid="ignore"):  # a signaling NaN made quiet: still a NaN
+            f = np.ascontiguousarray(np.broadcast_to(a, shape), dtype=np.float64).reshape(-1)
         f = f.view()
         f.setflags(write=False)
         flat.append(f)

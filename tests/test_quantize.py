@@ -2,6 +2,7 @@
 
 import importlib
 import math
+import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -538,3 +539,21 @@ def test_general_and_wrap_kernels_run_in_float64():
     for kernel in (_q.quantize_bits, _qf.wrap_codes):
         assert all(str(sig[0].dtype) == str(sig[2].dtype) == "float64"
                    for sig in kernel.signatures), kernel.signatures
+
+
+def test_signaling_nans_give_nan_without_a_warning():
+    """float32 and float64 signaling NaNs (numpy flags their quieting in a cast as "invalid")
+    come out NaN from quantize, the arithmetic and matmul, with no RuntimeWarning: the cast is
+    not an event of the model. `fixedsim verify` feeds every float32 pattern, these included."""
+    s32 = np.array([0x7F800001, 0xFF800001, 0x3F800000], np.uint32).view(np.float32)
+    s64 = np.array([0x7FF0000000000001, 0xFFF0000000000001, 0x3FF0000000000000],
+                   np.uint64).view(np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for x in (s32, s64):
+            for fmt in (fs.FP16, fs.FP8_E4M3, fs.BF16):
+                y = fs.quantize(x, fmt, "toward_zero")
+                assert np.isnan(y[:2]).all() and y[2] == 1.0
+            assert np.isnan(fs.add(x, x, fs.FP16)[:2]).all()
+            y = fs.matmul(x.reshape(1, 3), np.ones((3, 1)), fs.MatmulSpec(output=fs.FP32))
+            assert np.isnan(y).all()

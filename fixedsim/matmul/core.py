@@ -189,7 +189,8 @@ def block_operands(A, B, spec, rb, keys, c):
 
 def _quantize_input(x, fmt, rounding, rbits, key, counts):
     if fmt is None or isinstance(fmt, BlockFormat):  # block formats: by block_operands
-        return np.ascontiguousarray(x, dtype=np.float64)
+        with np.errstate(invalid="ignore"):  # a signaling NaN made quiet: still a NaN
+            return np.ascontiguousarray(x, dtype=np.float64)
     arr = np.ascontiguousarray(x)
     out, c = _run(arr, fmt, rounding, resolve_overflow(fmt, None), rbits, key, True)
     counts += _counters.StageCounts.from_flags(c, arr.size)
