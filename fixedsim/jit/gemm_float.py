@@ -360,6 +360,38 @@ def _chain64_step(a0, p, STOCH, mode, sh0, lim, qbits, maxbits, minnorm, saturat
 
 
 @jit_inline
+def _block_sums(A, B, r, bs, k0, k1):
+    """``bs[j]``: the float64 sum of ``A[r, k] * B[k, j]`` over ``k0 <= k < k1`` (products
+    exact in float64), NaN where an addition is not exact (TwoSum's error nonzero)."""
+    x = A[r, k0]
+    bk = B[k0]
+    for j in range(bs.size):
+        bs[j] = x * bk[j]
+    for k in range(k0 + 1, k1):
+        x = A[r, k]
+        bk = B[k]
+        for j in range(bs.size):  # a block sum that is not exact poisons the sum: NaN
+            sj, e = two_sum(bs[j], x * bk[j])
+            bs[j] = sj if e == 0.0 else np.nan
+
+
+@jit_inline
+def _finish_row(r, acc, c1, c2, counts, bad, out):
+    """Row ``r`` of a float64 chain kernel's results: ``out[r] = acc``, NaN elements marked in
+    ``bad`` (left to the caller), the others' packed step counters added to ``counts[r]``."""
+    lo32 = np.int64(0xFFFFFFFF)
+    for j in range(acc.size):
+        if acc[j] != acc[j]:
+            bad[r, j] = 1
+        else:
+            counts[r, F_INEXACT] += c1[j] & lo32
+            counts[r, F_OVERFLOW] += c1[j] >> 32
+            counts[r, F_UNDERFLOW] += c2[j] & lo32
+            counts[r, F_SUBNORMAL] += c2[j] >> 32
+        out[r, j] = acc[j]
+
+
+@jit_inline
 def _chain64_blocks(A, B, r, acc, bs, c1, c2, zr, block, STOCH, COUNT, mode, sh0, lim, qbits,
                     maxbits, minnorm, saturate, rbits):
     """One row of :func:`gemm_chain_f64` (``STOCH`` and ``COUNT`` literals; uncounted, the
@@ -382,14 +414,7 @@ def _chain64_blocks(A, B, r, acc, bs, c1, c2, zr, block, STOCH, COUNT, mode, sh0
                     c1[j] += f1
                     c2[j] += f2
             continue
-        for j in range(N):
-            bs[j] = x * bk[j]
-        for k in range(k0 + 1, k1):
-            x = A[r, k]
-            bk = B[k]
-            for j in range(N):  # a block sum that is not exact poisons the sum: NaN
-                sj, e = two_sum(bs[j], x * bk[j])
-                bs[j] = sj if e == 0.0 else np.nan
+        _block_sums(A, B, r, bs, k0, k1)
         for j in range(N):
             v, f1, f2 = _chain64_step(acc[j], bs[j], STOCH, mode, sh0, lim, qbits, maxbits,
                                       minnorm, saturate, rbits, zr[j] + tg)
@@ -420,7 +445,6 @@ def gemm_chain_f64(A, B, out, base, block, mode, sh0, lim, qbits, maxbits, minno
     nb = (K + block - 1) // block
     counts = np.zeros((R, N_FLAGS), np.int64)
     bad = np.zeros((R, N), np.uint8)
-    lo32 = np.int64(0xFFFFFFFF)
     for r in prange(R):
         acc = np.zeros(N)
         bs = np.zeros(N)
@@ -438,15 +462,7 @@ def gemm_chain_f64(A, B, out, base, block, mode, sh0, lim, qbits, maxbits, minno
         else:
             _chain64_blocks(A, B, r, acc, bs, c1, c2, zr, block, False, True, mode, sh0, lim,
                             qbits, maxbits, minnorm, saturate, rbits)
-        for j in range(N):
-            if acc[j] != acc[j]:
-                bad[r, j] = 1
-            else:
-                counts[r, F_INEXACT] += c1[j] & lo32
-                counts[r, F_OVERFLOW] += c1[j] >> 32
-                counts[r, F_UNDERFLOW] += c2[j] & lo32
-                counts[r, F_SUBNORMAL] += c2[j] >> 32
-            out[r, j] = acc[j]
+        _finish_row(r, acc, c1, c2, counts, bad, out)
     return counts, bad
 
 
@@ -515,25 +531,13 @@ def gemm_chain_f64_scaled(A, B, T, out, block, mode, sh0, lim, qbits, maxbits, m
     nb = (K + block - 1) // block
     counts = np.zeros((R, N_FLAGS), np.int64)
     bad = np.zeros((R, N), np.uint8)
-    lo32 = np.int64(0xFFFFFFFF)
     for r in prange(R):
         acc = np.zeros(N)
         bs = np.empty(N)
         c1 = np.zeros(N, np.int64)
         c2 = np.zeros(N, np.int64)
         for t in range(nb):
-            k0 = t * block
-            k1 = min(K, k0 + block)
-            x = A[r, k0]
-            bk = B[k0]
-            for j in range(N):
-                bs[j] = x * bk[j]
-            for k in range(k0 + 1, k1):
-                x = A[r, k]
-                bk = B[k]
-                for j in range(N):  # a block sum that is not exact poisons the sum: NaN
-                    sj, e = two_sum(bs[j], x * bk[j])
-                    bs[j] = sj if e == 0.0 else np.nan
+            _block_sums(A, B, r, bs, t * block, min(K, t * block + block))
             for j in range(N):
                 s = bs[j]
                 p = T * s  # a zero block sum keeps its sign (T > 0)
@@ -548,13 +552,5 @@ def gemm_chain_f64_scaled(A, B, T, out, block, mode, sh0, lim, qbits, maxbits, m
                 acc[j] = v
                 c1[j] += f1
                 c2[j] += f2
-        for j in range(N):
-            if acc[j] != acc[j]:
-                bad[r, j] = 1
-            else:
-                counts[r, F_INEXACT] += c1[j] & lo32
-                counts[r, F_OVERFLOW] += c1[j] >> 32
-                counts[r, F_UNDERFLOW] += c2[j] & lo32
-                counts[r, F_SUBNORMAL] += c2[j] >> 32
-            out[r, j] = acc[j]
+        _finish_row(r, acc, c1, c2, counts, bad, out)
     return counts, bad
