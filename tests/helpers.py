@@ -20,7 +20,8 @@ def float_toward_zero(v):
 
 def canonical_bits(a, nan_sign=True) -> np.ndarray:
     """float64 bit patterns of ``a`` with every NaN replaced by the quiet NaN of its sign."""
-    a = np.asarray(a, dtype=np.float64)
+    with np.errstate(invalid="ignore"):  # a float32 signaling NaN made quiet: still a NaN
+        a = np.asarray(a, dtype=np.float64)
     bits = a.view(np.uint64).copy()
     nan = np.isnan(a)
     neg = np.signbit(a[nan]) & nan_sign
