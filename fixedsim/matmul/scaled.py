@@ -34,7 +34,9 @@ How, and why it is exact
    sums: proved algorithms using rounding to odd", IEEE TC 2008: 53 >= 51 + 2), its
    events (inexact, overflow, underflow, subnormal) included, since the rounded-to-odd value
    lies in the same open interval between the format's values and midpoints as the exact
-   one, and is inexact exactly when it is odd. The rounding into the format is the one the
+   one, and is a value of the format exactly when the exact one is (an inexact rounding to
+   odd sets the last of 53 bits, which no value of the format has). The rounding into the
+   format is the one the
    ``float_chain64`` row uses (on the float64's bits).
 4. **What is left** to the general kernel, element by element: a block sum that is not
    exact in float64, ``|T s|`` beyond ``[2**-960, 2**1000]``, a sum the rounding to odd
