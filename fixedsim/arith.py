@@ -18,6 +18,7 @@ from fractions import Fraction
 import numpy as np
 
 from . import reference
+from .compiling import float64_out
 from .formats import _to_float_toward_zero
 from .jit import arith as _ka
 from .jit import quant as _q
@@ -198,18 +199,16 @@ def _apply(op, operands, fmt, rounding, overflow, seed, random_bits, stats, nega
         grid = _grid_params(op, fmt, overflow)
         # the kernels write float64 only (one compiled signature each, not one per container
         # dtype); a format held in float32 takes its values back exactly
-        o64 = oflat if oflat.dtype == np.float64 else np.zeros(oflat.shape, np.float64)
-        if grid is not None:  # a weight plus a step, say: see _ka.add_fixed_grid
-            x, y = flat[0], flat[1]
-            if _on_grid(y[:64], grid[0]) > _on_grid(x[:64], grid[0]):
-                x, y = y, x  # the kernel wants the grid operand first (a sum commutes)
-            counts, slow = _ka.add_fixed_grid(x, y, o64, P, Psr, U, D, int(rounding), rbits,
-                                              *grid, wrap_lim)
-        else:
-            counts, slow = _ka.arith(_OPS[op], *flat, o64, P, Psr, U, D, int(rounding),
-                                     rbits, wrap_lim)
-        if o64 is not oflat:
-            oflat[...] = o64
+        with float64_out(oflat) as o64:
+            if grid is not None:  # a weight plus a step, say: see _ka.add_fixed_grid
+                x, y = flat[0], flat[1]
+                if _on_grid(y[:64], grid[0]) > _on_grid(x[:64], grid[0]):
+                    x, y = y, x  # the kernel wants the grid operand first (a sum commutes)
+                counts, slow = _ka.add_fixed_grid(x, y, o64, P, Psr, U, D, int(rounding),
+                                                  rbits, *grid, wrap_lim)
+            else:
+                counts, slow = _ka.arith(_OPS[op], *flat, o64, P, Psr, U, D, int(rounding),
+                                         rbits, wrap_lim)
         c = counts.sum(axis=0)
         slow_idx = np.flatnonzero(slow)
     else:  # more than 51 significant bits: no room for round-to-odd; exact arithmetic

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import reference
 from .blockformats import BlockFormat
-from .compiling import read_only
+from .compiling import float64_out, read_only
 from .formats import FixedFormat, FloatFormat, _to_float_toward_zero
 from .jit import quant as _q
 from .jit import quant_fast as _qf
@@ -525,13 +525,11 @@ def _run(arr, fmt, rounding, overflow, rbits, key, want_stats, out=None):
             first = _qf.fixed_from_float(flat, codes, mode, 2.0**f, 1.0, np.inf, -np.inf,
                                          rbits, key)
             # float64 in and out (exact both ways): one compiled signature, not four
-            o64 = oflat if oflat.dtype == np.float64 else np.empty(oflat.shape, np.float64)
-            counts = _qf.wrap_codes(read_only(flat, np.float64), codes, o64,
-                                    np.uint64((1 << fmt.word_length) - 1), fmt.word_length,
-                                    fmt.signed, 2.0**-f, float(fmt.max_code),
-                                    float(fmt.min_code))
-            if o64 is not oflat:
-                oflat[...] = o64
+            with float64_out(oflat) as o64:
+                counts = _qf.wrap_codes(read_only(flat, np.float64), codes, o64,
+                                        np.uint64((1 << fmt.word_length) - 1), fmt.word_length,
+                                        fmt.signed, 2.0**-f, float(fmt.max_code),
+                                        float(fmt.min_code))
             counts[_q.F_INVALID] += first[_q.F_INVALID]  # NaN inputs; the rest counts the wrap
         else:
             counts = _qf.fixed_from_float(flat, oflat, mode, 2.0**f, 2.0**-f, fmt.max * 2.0**f,
@@ -551,11 +549,8 @@ def _run(arr, fmt, rounding, overflow, rbits, key, want_stats, out=None):
     # the rounding, and the value is a NaN either way)
     with np.errstate(invalid="ignore"):
         x64 = read_only(flat, np.float64)
-    o64 = oflat if oflat.dtype == np.float64 else np.empty(oflat.shape, np.float64)
-    counts = _q.quantize_bits(x64, x64.view(np.uint64), o64, P, U, D, 52, 11)
-    if o64 is not oflat:
-        with np.errstate(invalid="ignore"):
-            oflat[...] = o64
+    with float64_out(oflat) as o64:
+        counts = _q.quantize_bits(x64, x64.view(np.uint64), o64, P, U, D, 52, 11)
     return out, counts.sum(axis=0)
 
 

@@ -13,7 +13,7 @@ from .. import counters as _counters
 from .. import reference
 from ..blockformats import BlockFormat
 from ..compiling import read_only
-from ..formats import FP64, FixedFormat, _to_float_toward_zero
+from ..formats import FP64, FixedFormat, FloatFormat, _to_float_toward_zero
 from ..jit import gemm_exact as _gx
 from ..jit import gemm_general as _gg
 from ..jit import gemm_lanes as _gl
@@ -265,6 +265,53 @@ def _f32_chain_safe(ba, bb, K) -> bool:
     if ba.top == -1075 or bb.top == -1075:
         return True
     return ba.lsb + bb.lsb >= -126 and ba.top + bb.top + int(K).bit_length() <= 126
+
+
+def _plain(p) -> str | None:
+    """The condition every row but ``general`` shares: exact, finite products."""
+    if p.spec.product is not None:
+        return "products are rounded (spec.product is set)"
+    if not (p.ba.finite and p.bb.finite):
+        return "an operand holds an infinity or a NaN"
+    if getattr(p.acc, "structured", False):
+        return "the accumulator has lanes, an order or an addend (the general kernel's case)"
+    return None
+
+
+def _first(*checks) -> str | None:
+    """The first reason of ``(condition, reason)`` pairs whose condition holds."""
+    for cond, reason in checks:
+        if cond:
+            return reason
+    return None
+
+
+def _chain_declines(p, fmt_ok, what):
+    """The conditions every chain row of the path table shares (an accumulator, no ``via``),
+    then ``fmt_ok(acc)``'s reason."""
+    acc = p.acc
+    return _plain(p) or _first(
+        (acc is None, "there is no accumulator (exact accumulation)"),
+        (acc is not None and acc.via is not None,
+         "the accumulator passes through a `via` register")) or (
+        None if fmt_ok(acc) else f"the accumulator is not {what}")
+
+
+def _float64_chain_declines(p, max_man_bits, modes, modes_why) -> str | None:
+    """The conditions of the rows that keep a float accumulator's running sum in float64
+    (``float_chain64``, ``float_chain64_scaled``): the chain rows' conditions, a float format
+    with subnormals within float64's exponent range and of at most ``max_man_bits`` fraction
+    bits, a rounding not in ``modes`` (``modes_why`` says why)."""
+    why = _chain_declines(p, lambda a: isinstance(a.fmt, FloatFormat), "a float format")
+    if why:
+        return why
+    f = p.acc.fmt
+    return _first(
+        (p.acc.rounding in modes, modes_why),
+        (not f.subnormals, "the accumulator flushes subnormals"),
+        (f.man_bits > max_man_bits, f"the accumulator has more than {max_man_bits} fraction "
+                                    "bits"),
+        (f.emin < -1021 or f.emax > 1023, "the accumulator's exponent range exceeds float64's"))
 
 
 def _f64_products_exact(ba, bb) -> bool:

@@ -41,14 +41,18 @@ from . import products as _products
 from . import scaled as _scaled
 from .core import (
     _Bits,
+    _chain_declines,
     _chain_result,
     _f32_chain_safe,
     _f32_exact,
     _f32_products_exact,
     _f64_products_exact,
+    _first,
+    _float64_chain_declines,
     _general,
     _general_at,
     _narrow_params,
+    _plain,
     _round_output,
 )
 from .spec import MatmulSpec
@@ -185,25 +189,6 @@ def declines(row: Path, p: Product) -> str | None:
     return row.declines(p)
 
 
-def _plain(p) -> str | None:
-    """The condition every row but ``general`` shares: exact, finite products."""
-    if p.spec.product is not None:
-        return "products are rounded (spec.product is set)"
-    if not (p.ba.finite and p.bb.finite):
-        return "an operand holds an infinity or a NaN"
-    if getattr(p.acc, "structured", False):
-        return "the accumulator has lanes, an order or an addend (the general kernel's case)"
-    return None
-
-
-def _first(*checks) -> str | None:
-    """The first reason of ``(condition, reason)`` pairs whose condition holds."""
-    for cond, reason in checks:
-        if cond:
-            return reason
-    return None
-
-
 # -- exact_blas ----------------------------------------------------------------------------------
 def _exact_blas_declines(p):
     acc, ba, bb, K = p.acc, p.ba, p.bb, p.K
@@ -317,16 +302,6 @@ def _zero_products(p):
 
 
 # -- the FMA chains (block 1) --------------------------------------------------------------------
-def _chain_declines(p, fmt_ok, what):
-    """The conditions every FMA-chain row shares, then ``fmt_ok(acc)``'s reason."""
-    acc = p.acc
-    return _plain(p) or _first(
-        (acc is None, "there is no accumulator (exact accumulation)"),
-        (acc is not None and acc.via is not None,
-         "the accumulator passes through a `via` register")) or (
-        None if fmt_ok(acc) else f"the accumulator is not {what}")
-
-
 def _fp32_chain_declines(p):
     acc = p.acc
     return _chain_declines(p, lambda a: a.fmt == FP32, "FP32") or _first(
@@ -510,17 +485,8 @@ def _fixed_chain(p):
 
 # -- float_chain64: float accumulators, any block -------------------------------------------------
 def _float_chain64_declines(p):
-    acc = p.acc
-    why = _chain_declines(p, lambda a: isinstance(a.fmt, FloatFormat), "a float format")
-    if why:
-        return why
-    f = acc.fmt
-    return _first(
-        (acc.rounding is Rounding.DOWN, "the accumulator rounds DOWN (the sign of a zero "
-                                        "sum would need more state)"),
-        (not f.subnormals, "the accumulator flushes subnormals"),
-        (f.man_bits > 51, "the accumulator has more than 51 fraction bits"),
-        (f.emin < -1021 or f.emax > 1023, "the accumulator's exponent range exceeds float64's"),
+    return _float64_chain_declines(p, 51, (Rounding.DOWN,), (
+        "the accumulator rounds DOWN (the sign of a zero sum would need more state)")) or _first(
         (not _f64_products_exact(p.ba, p.bb), "a product may be inexact in float64"),
         (p.K >= 2**31, "K >= 2**31"))
 

@@ -51,11 +51,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..formats import FloatFormat
 from ..jit import gemm_float as _gf
 from ..quantize import _f64_bits
 from ..rounding import Overflow, Rounding
-from .core import _Bits, _chain_result, _f64_products_exact, _general_at
+from .core import (
+    _Bits,
+    _chain_result,
+    _f64_products_exact,
+    _first,
+    _float64_chain_declines,
+    _general_at,
+)
 from .spec import MatmulSpec
 
 NAME = "float_chain64_scaled"
@@ -116,37 +122,13 @@ def _factor(p):
 
 def declines(p) -> str | None:
     """None when this row applies to ``p``, else the first condition it fails."""
-    acc = p.acc
-    spec = p.spec
-    checks = (
-        (spec.product is not None, "products are rounded (spec.product is set)"),
-        (not (p.ba.finite and p.bb.finite), "an operand holds an infinity or a NaN"),
-        (acc is None, "there is no accumulator (exact accumulation)"),
-        (acc is not None and (getattr(acc, "structured", False) or acc.via is not None),
-         "the accumulator has lanes, an order, an addend or a `via` register"),
-        (acc is not None and not isinstance(acc.fmt, FloatFormat),
-         "the accumulator is not a float format"),
-    )
-    for cond, why in checks:
-        if cond:
-            return why
-    f = acc.fmt
-    checks = (
-        (acc.rounding in (Rounding.DOWN, Rounding.STOCHASTIC),
-         "the accumulator rounds DOWN or stochastically"),
-        (not f.subnormals, "the accumulator flushes subnormals"),
-        (f.man_bits > 50, "the accumulator has more than 50 fraction bits"),
-        (f.emin < -1021 or f.emax > 1023, "the accumulator's exponent range exceeds float64's"),
+    return _float64_chain_declines(p, 50, (Rounding.DOWN, Rounding.STOCHASTIC),
+                                   "the accumulator rounds DOWN or stochastically") or _first(
         (p.K >= 2**31, "K >= 2**31"),
         (_f64_products_exact(p.ba, p.bb), "the products are exact in float64 (float_chain64 "
                                           "takes them)"),
         (_factored(p) is None, "the operands share no common factor that makes their "
-                               "products exact in float64"),
-    )
-    for cond, why in checks:
-        if cond:
-            return why
-    return None
+                               "products exact in float64"))
 
 
 def run(p):
