@@ -383,3 +383,48 @@ def test_grad_input_fp32_chain_without_the_zero_grid(kind, seed, sp):
     assert_same_bits(gx, gs)
     if kind == "tiny":  # the signed zeros of underflowing sums, against the definition
         assert_grad_input_is_the_modelled_dot(gx, gy, w, x_shape, s, p, spec, 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 3), st.integers(1, 3), st.integers(1, 20),
+       st.integers(1, 4), st.integers(1, 4), st.integers(1, 3), st.integers(0, 3),
+       st.integers(0, 3), st.booleans(), st.booleans())
+def test_grad_input_fp32_chain_flat_kernel(seed, N, O, C, kh, kw, sh, ph, pw, zeros, half):
+    """With the grid's zeros left out and a column stride of 1, the FP32 FMA chain of the
+    input gradient runs ``conv_t_f32_flat`` (a row's outputs side by side, one loop over
+    their ``(w, c)``): the same bits as the chain on the built matrix (counted steps), for
+    channel counts around the vector width (16, 17), row strides 1-3, paddings up to and
+    beyond the kernel, sums of zeros and signed zeros, FP16 operands (exact products) and
+    FP32 ones (the FMA's one rounding); the flat kernel really ran."""
+    from fixedsim.jit import gemm_fp32 as _g32
+
+    rng = np.random.default_rng(seed)
+    H, W = int(rng.integers(kh, kh + 6)), int(rng.integers(kw, kw + 6))
+    x_shape = (N, C, H, W)
+    Ho, Wo = (H + 2 * ph - kh) // sh + 1, W + 2 * pw - kw + 1
+    w = rng.standard_normal((O, C, kh, kw)).astype(np.float32)
+    gy = rng.standard_normal((N, O, Ho, Wo)).astype(np.float32)
+    if half:
+        w, gy = fs.quantize(w, fs.FP16), fs.quantize(gy, fs.FP16)
+    if zeros:
+        gy[rng.random(gy.shape) < 0.6] = 0.0
+        gy[0, 0, 0, 0] = -0.0
+    spec = fs.MatmulSpec(accumulator=fs.FP32)
+    ran = []
+    orig = _g32.conv_t_f32_flat
+
+    def spy(*args):
+        ran.append(True)
+        return orig(*args)
+
+    _g32.conv_t_f32_flat = spy
+    try:
+        gx, c = fs.conv2d_grad_input(gy, w, x_shape, spec, stride=(sh, 1), padding=(ph, pw),
+                                     stats=True)
+    finally:
+        _g32.conv_t_f32_flat = orig
+    assert ran and c.paths == {"fp32_chain" if half else "fp32_fma": 1}
+    gs, cs = fs.conv2d_grad_input(gy, w, x_shape, spec, stride=(sh, 1), padding=(ph, pw),
+                                  stats="steps")
+    assert cs.paths == {"fp32_chain" if half else "fp32_fma": 1}
+    assert_same_bits(gx, gs)

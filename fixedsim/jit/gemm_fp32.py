@@ -444,6 +444,67 @@ def gemm_fma32(A, B, B64, out, ovp, ovn):
     return counts
 
 
+#: :func:`conv_t_f32_flat` runs when its tiled copies (``B``'s rows ``W`` times, an image's
+#: gradient values ``C`` times) have at most this many float32 elements each (8 MB).
+CONV_T_FLAT = 2**21
+
+
+@jit_parallel
+def conv_t_f32_flat(G, B, kh, kw, sh, r0, q0, H, W, out):
+    """:func:`conv_t_f32_chain` with ``skip`` and a column stride ``sw`` of 1, the same steps
+    in the same order, so the same bits, laid out for the vector unit: the ``W`` outputs of
+    an image row take step ``(o, i, j)`` side by side (independent chains, so the FMA's
+    latency overlaps), and with ``sw = 1`` the outputs ``w`` whose ``w + j - q0`` falls on
+    the grid are a range of the row, ``w`` from ``max(d, 0)`` to ``min(W, Wo + d)`` with ``d
+    = q0 - j``: one loop over that range's ``(w, c)``, against the gradient row with each
+    value repeated ``C`` times and ``B``'s row repeated ``W`` times (a loop over the ``C``
+    channels alone is too short for the vector unit when ``C`` is 16: 2x slower on the
+    LeNet's second convolution). The caller keeps both copies within :data:`CONV_T_FLAT`."""
+    N, O, Ho, Wo = G.shape
+    K, C = B.shape
+    L = W * C
+    Bt = np.empty((K, L), np.float32)
+    for k in range(K):
+        for w in range(W):
+            for c in range(C):
+                Bt[k, w * C + c] = B[k, c]
+    for n in prange(N):
+        acc = np.empty(L, np.float32)
+        xe = np.empty((O, Ho, Wo * C), np.float32)
+        for o in range(O):
+            for ho in range(Ho):
+                for wo in range(Wo):
+                    g = G[n, o, ho, wo]
+                    for c in range(C):
+                        xe[o, ho, wo * C + c] = g
+        ii = np.empty(kh, np.int64)  # the kernel rows that meet a gradient row, and its row
+        hh = np.empty(kh, np.int64)
+        for h in range(H):
+            ni = 0
+            for i in range(kh):
+                t = h + i - r0
+                ho = t // sh
+                if t >= 0 and t - ho * sh == 0 and ho < Ho:
+                    ii[ni] = i
+                    hh[ni] = ho
+                    ni += 1
+            acc[:] = np.float32(0.0)
+            for o in range(O):
+                for p in range(ni):
+                    for j in range(kw):
+                        d = q0 - j
+                        w0 = max(d, 0)
+                        ln = (min(W, Wo + d) - w0) * C
+                        if ln <= 0:
+                            continue
+                        av = acc[w0 * C:w0 * C + ln]
+                        xv = xe[o, hh[p], (w0 - d) * C:(w0 - d) * C + ln]
+                        bv = Bt[(o * kh + ii[p]) * kw + j]
+                        for m in range(ln):  # vectorised over (w, c)
+                            av[m] = fma(xv[m], bv[m], av[m])
+            out[(n * H + h) * W:(n * H + h + 1) * W] = acc.reshape(W, C)
+
+
 @jit_parallel
 def conv_t_f32_chain(G, B, kh, kw, sh, sw, r0, q0, H, W, skip, out):
     """:func:`gemm_f32_chain`'s uncounted FMA chain (``F32_UNCOUNTED``) for a transposed

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import numbers
 
 import numpy as np
@@ -428,15 +429,20 @@ def conv2d_grad_input(grad_y, w, x_shape, spec: MatmulSpec | None = None, stride
         raise ValueError(f"{op}: grad_y must have shape {(N, O, Ho, Wo)}, got {gy.shape}")
     spec, keys, rb, c = _setup(op, spec, seed, stats)
     gq, wq = _quantize_pair(op, spec, gy, w, ("grad_y", "w"), keys, rb, c)
-    # Zp[n, o, ho*s + kh-1-p, wo*s + kw-1-p] = grad_y: the zero-spread, padded gradient
-    Zp = np.zeros((N, O, H + kh - 1, W + kw - 1))
     r0, q0 = kh - 1 - ph, kw - 1 - pw
     hos = [ho for ho in range(Ho) if 0 <= ho * sh + r0 < H + kh - 1]
     wos = [wo for wo in range(Wo) if 0 <= wo * sw + q0 < W + kw - 1]
-    if hos and wos:
-        Zp[:, :, hos[0] * sh + r0:hos[-1] * sh + r0 + 1:sh,
-           wos[0] * sw + q0:wos[-1] * sw + q0 + 1:sw] = \
-            gq[:, :, hos[0]:hos[-1] + 1, wos[0]:wos[-1] + 1]
+
+    @functools.cache
+    def zp():
+        """``Zp[n, o, ho*s + kh-1-p, wo*s + kw-1-p] = grad_y``: the zero-spread, padded
+        gradient, made on first use (the FMA chain and the BLAS product do without it)."""
+        Zp = np.zeros((N, O, H + kh - 1, W + kw - 1))
+        if hos and wos:
+            Zp[:, :, hos[0] * sh + r0:hos[-1] * sh + r0 + 1:sh,
+               wos[0] * sw + q0:wos[-1] * sw + q0 + 1:sw] = \
+                gq[:, :, hos[0]:hos[-1] + 1, wos[0]:wos[-1] + 1]
+        return Zp
     wf = np.ascontiguousarray(wq.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
     R, K = N * H * W, O * kh * kw
     c.macs = R * C * K
@@ -463,14 +469,14 @@ def conv2d_grad_input(grad_y, w, x_shape, spec: MatmulSpec | None = None, stride
     def a_rows(rows):
         """Rows of the im2col matrix of ``Zp`` alone."""
         out = np.empty((rows.size, K))
-        _conv.im2col_rows(Zp, kh, kw, H, W, rows, out)
+        _conv.im2col_rows(zp(), kh, kw, H, W, rows, out)
         return out
 
     def a_norms():
         """The norms of its rows: each a float64 sum of its K squares (the channels' sums
         at each pixel, then the window's), one square root."""
         na = np.empty(R)
-        _conv.patch_norms(Zp, kh, kw, H, W, na)
+        _conv.patch_norms(zp(), kh, kw, H, W, na)
         return na
 
     def a_fma32(B32, out):
@@ -480,13 +486,17 @@ def conv2d_grad_input(grad_y, w, x_shape, spec: MatmulSpec | None = None, stride
         (no partial sum is then ``-0.0``)."""
         bw = _Bits.of(B32)
         skip = ga.top == -1075 or bw.top == -1075 or ga.lsb + bw.lsb >= -149
-        _g32.conv_t_f32_chain(np.ascontiguousarray(G, np.float32), B32, kh, kw, sh, sw, r0,
-                              q0, H, W, skip, out)
+        G32 = np.ascontiguousarray(G, np.float32)
+        if (skip and sw == 1 and K * W * C <= _g32.CONV_T_FLAT
+                and O * Ho * Wo * C <= _g32.CONV_T_FLAT):
+            _g32.conv_t_f32_flat(G32, B32, kh, kw, sh, r0, q0, H, W, out)
+        else:
+            _g32.conv_t_f32_chain(G32, B32, kh, kw, sh, sw, r0, q0, H, W, skip, out)
 
     ga = _Bits.of(gq)
 
     # every nonzero value of the zero-spread Zp is one of gq's: its scan bounds them
-    res = _product(((R, K), lambda: _im2col(Zp, kh, kw, (1, 1), (0, 0), H, W)),
+    res = _product(((R, K), lambda: _im2col(zp(), kh, kw, (1, 1), (0, 0), H, W)),
                    np.ascontiguousarray(wf.reshape(C, -1).T), spec, keys, rb, c, mm=mm,
                    ba=ga, a_rows=a_rows, a_norms=a_norms, a_fma32=a_fma32)
     return _done(np.ascontiguousarray(res.reshape(N, H, W, C).transpose(0, 3, 1, 2)), c, stats)
