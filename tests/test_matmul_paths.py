@@ -247,3 +247,31 @@ def test_rows_that_do_not_take_blockfma_decline_it(name):
     a, b = np.ones((2, 8)), np.ones((8, 2))
     with pytest.raises(ValueError, match="BlockFMA"):
         fs.matmul(a, b, spec, path=name)
+
+
+@pytest.mark.parametrize("name", [r.name for r in PATHS])
+def test_float32_operands_give_the_bits_of_their_float64_copies(name, monkeypatch):
+    """Operands that come as float32 stay float32 in the product (widened to float64 only
+    when a row asks): every row gives the same bits and counts for float32 operands as for
+    their float64 copies, and the FP32 chains, uncounted, read them without any float64
+    copy."""
+    from fixedsim.matmul import paths as _paths
+
+    spec, a, b = row_case(name, "normal")
+    a32, b32 = a.astype(np.float32), b.astype(np.float32)
+    if name in ("float_chain64_scaled", "zero_products") or not (
+            np.array_equal(a32, a) and np.array_equal(b32, b)):
+        a, b = a32.astype(np.float64), b32.astype(np.float64)  # the float32 values
+    path = None if name == "float_chain64_scaled" else name  # float32 data: float_chain64
+    got, c = fs.matmul(a32, b32, spec, stats="steps", path=path)
+    widened = []
+    orig = _paths._widen
+    monkeypatch.setattr(_paths, "_widen", lambda x: widened.append(x.shape) or orig(x))
+    unread = fs.matmul(a32, b32, spec, path=path)
+    if name in ("fp32_chain", "fp32_fma"):  # uncounted: the FMA instruction on float32
+        assert widened == []
+    want, cw = fs.matmul(a, b, spec, stats="steps", path=path)
+    for y in (got, unread):
+        assert_same_bits(y.astype(np.float64), want.astype(np.float64), err_msg=name)
+    for stage in ("input", "product", "accumulator", "output"):
+        assert getattr(c, stage) == getattr(cw, stage), stage

@@ -104,8 +104,10 @@ def matmul(a, b, spec: MatmulSpec | None = None, c=None, *, seed=None, stats=Fal
     if isinstance(spec.input, BlockFormat):  # whole operands, in blocks along K
         aq, bq, spec = block_operands(a, b, spec, rb, keys, cnt)
     else:
-        aq = _quantize_input(a, spec.input, spec.input_rounding, rb, keys[0], cnt.input)
-        bq = _quantize_input(b, spec.input, spec.input_rounding, rb, keys[1], cnt.input)
+        aq = _quantize_input(a, spec.input, spec.input_rounding, rb, keys[0], cnt.input,
+                             keep32=True)
+        bq = _quantize_input(b, spec.input, spec.input_rounding, rb, keys[1], cnt.input,
+                             keep32=True)
     cnt.macs = int(np.prod(batch, dtype=np.int64)) * M * N * K
     if b.ndim == 2:  # one 2-D product: the batch of a stacked into rows
         R = int(np.prod(batch, dtype=np.int64)) * M
@@ -173,8 +175,10 @@ def explain(a, b, spec: MatmulSpec | None = None, c=None, *, seed=None):
     if isinstance(spec.input, BlockFormat):
         aq, bq, spec = block_operands(a, b, spec, rb, keys, cnt)
     else:
-        aq = _quantize_input(a, spec.input, spec.input_rounding, rb, keys[0], cnt.input)
-        bq = _quantize_input(b, spec.input, spec.input_rounding, rb, keys[1], cnt.input)
+        aq = _quantize_input(a, spec.input, spec.input_rounding, rb, keys[0], cnt.input,
+                             keep32=True)
+        bq = _quantize_input(b, spec.input, spec.input_rounding, rb, keys[1], cnt.input,
+                             keep32=True)
     A = aq.reshape(-1, aq.shape[-1])
     C = None if c is None else _check_addend(c, (*a.shape[:-1], b.shape[1]), spec, "explain")
     return explain_product(Product(A, bq, spec, keys, rb, cnt,

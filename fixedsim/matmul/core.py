@@ -187,14 +187,18 @@ def block_operands(A, B, spec, rb, keys, c):
     return Aq, Bq, inner
 
 
-def _quantize_input(x, fmt, rounding, rbits, key, counts):
+def _quantize_input(x, fmt, rounding, rbits, key, counts, keep32=False):
+    """``x`` rounded into ``fmt`` (None: as it is), float64; with ``keep32`` values that
+    come as float32 or that ``fmt``'s float32 container holds stay float32 (the same values:
+    for :class:`~fixedsim.matmul.paths.Product`, which widens them when a row asks)."""
     if fmt is None or isinstance(fmt, BlockFormat):  # block formats: by block_operands
+        dt = np.float32 if keep32 and np.asarray(x).dtype == np.float32 else np.float64
         with np.errstate(invalid="ignore"):  # a signaling NaN made quiet: still a NaN
-            return np.ascontiguousarray(x, dtype=np.float64)
+            return np.ascontiguousarray(x, dtype=dt)
     arr = np.ascontiguousarray(x)
     out, c = _run(arr, fmt, rounding, resolve_overflow(fmt, None), rbits, key, True)
     counts += _counters.StageCounts.from_flags(c, arr.size)
-    return out.astype(np.float64, copy=False)
+    return out if keep32 and out.dtype == np.float32 else out.astype(np.float64, copy=False)
 
 
 

@@ -172,8 +172,11 @@ def declines(p) -> str | None:
     """None when this row applies to ``p``; otherwise the first rule it fails, in words."""
     spec, ba, bb = p.spec, p.ba, p.bb
     f = spec.output
-    R, K = p.A.shape if not hasattr(p, "R") else (p.R, p.K)
-    N = p.B.shape[1]
+    if hasattr(p, "K"):  # a Product (a lazily made A not built, a float32 B not widened)
+        R, K, N = p.R, p.K, p.N
+    else:
+        R, K = p.A.shape if not hasattr(p, "R") else (p.R, p.B.shape[0])
+        N = p.B.shape[1]
     checks = (
         (spec.product is not None, "products are rounded (spec.product is set)"),
         (spec.accumulator is not None, "there is an accumulator"),

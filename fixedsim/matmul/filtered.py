@@ -144,10 +144,11 @@ _CERTIFY_FROM = 64
 
 
 def _dims(p):
-    """(R, K, N) without building a lazily made ``A``."""
+    """(R, K, N) without building a lazily made ``A`` or widening a float32 ``B``."""
+    if hasattr(p, "K"):  # a Product
+        return p.R, p.K, p.N
     K, N = p.B.shape
-    R = p.R if hasattr(p, "R") else p.A.shape[0]
-    return R, K, N
+    return (p.R if hasattr(p, "R") else p.A.shape[0]), K, N
 
 
 def declines(p) -> str | None:

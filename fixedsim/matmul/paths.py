@@ -67,7 +67,9 @@ class Product:
     ----------
     spec : MatmulSpec
     B : numpy.ndarray, shape (K, N)
-        The second operand, quantized to ``spec.input``.
+        The second operand, quantized to ``spec.input``, float64 (:attr:`A` and :attr:`B` are
+        widened on first use when they came as float32; :attr:`A32` and :attr:`B32` read
+        them as they came).
     ba, bb : _Bits
         Scans of ``A`` and ``B`` (sizes that bound every value).
     keys : numpy.ndarray
@@ -103,25 +105,55 @@ class Product:
 
     def __init__(self, A, B, spec, keys, rb, c, mm=None, ba=None, C=None, bb=None,
                  a_rows=None, a_norms=None, a_fma32=None):
+        self._A32 = self._B32 = None
         if isinstance(A, tuple):  # ((R, K), make): A is built only if a row reads it
             (self.R, self.K), self._make = A
             self._A = None
+        elif A.dtype == np.float32:  # float64 on first use; float32 rows read it as it is
+            self.R, self.K = A.shape
+            self._A32, self._A = A, None
+            self._make = lambda: _widen(A)
         else:
             self.R, self.K = A.shape
             self._make, self._A = None, A
-        self.B, self.spec, self.keys, self.rb, self.c, self.mm = B, spec, keys, rb, c, mm
+        if B.dtype == np.float32:
+            self._B32, self._B = B, None
+        else:
+            self._B = B
+        self.spec, self.keys, self.rb, self.c, self.mm = spec, keys, rb, c, mm
         self.C = C
         self.N = B.shape[1]
-        self.ba = _Bits.of(self.A) if ba is None else ba
+        self.ba = _Bits.of(A if self._A32 is not None else self.A) if ba is None else ba
         self.bb = _Bits.of(B) if bb is None else bb
         self._a_rows, self._a_norms, self._a_fma32 = a_rows, a_norms, a_fma32
 
     @property
     def A(self) -> np.ndarray:
-        """The first operand, shape (R, K), quantized to ``spec.input`` (built on first use)."""
+        """The first operand, shape (R, K), quantized to ``spec.input``, float64 (built or
+        widened on first use)."""
         if self._A is None:
             self._A = self._make()
         return self._A
+
+    @property
+    def B(self) -> np.ndarray:
+        """The second operand, shape (K, N), quantized to ``spec.input``, float64 (widened on
+        first use when it came as float32)."""
+        if self._B is None:
+            self._B = _widen(self._B32)
+        return self._B
+
+    @property
+    def A32(self) -> np.ndarray:
+        """``A`` in float32, C-contiguous and writable (one compiled signature), for rows
+        whose operands are float32 values (they check it): the operand as it came when it
+        came as float32, without a float64 copy."""
+        return _f32_operand(self._A32 if self._A32 is not None else self.A)
+
+    @property
+    def B32(self) -> np.ndarray:
+        """``B`` in float32, as :attr:`A32`."""
+        return _f32_operand(self._B32 if self._B32 is not None else self.B)
 
     @property
     def lazy(self) -> bool:
@@ -142,6 +174,18 @@ class Product:
     def count(self, name, n=1):
         """Add ``n`` to ``c.paths[name]``."""
         self.c.paths[name] = self.c.paths.get(name, 0) + n
+
+
+def _widen(x) -> np.ndarray:
+    """float32 ``x`` as float64 (a signaling NaN made quiet without numpy's warning)."""
+    with np.errstate(invalid="ignore"):
+        return x.astype(np.float64)
+
+
+def _f32_operand(x) -> np.ndarray:
+    """``x`` as a C-contiguous, writable float32 array (copied only where it is not one)."""
+    x = np.ascontiguousarray(x, np.float32)
+    return x if x.flags.writeable else x.copy()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,11 +365,11 @@ def _fp32_chain(p):
     """
     out = np.empty((p.R, p.N), np.float32)
     how = _f32_chain_how(p.c, _f32_chain_safe(p.ba, p.bb, p.K))
-    B32 = np.ascontiguousarray(p.B, np.float32)
+    B32 = p.B32
     if how == _g32.F32_UNCOUNTED:
         flags = _f32_uncounted(p, B32, out)
     else:
-        flags = _g32.gemm_f32_chain(p.A.astype(np.float32), B32, out, how)
+        flags = _g32.gemm_f32_chain(p.A32, B32, out, how)
     return _chain_result(out, flags, "fp32_chain", p.spec, p.keys, p.rb, p.c)
 
 
@@ -335,8 +379,7 @@ def _f32_uncounted(p, B32, out):
     if p._A is None and p._a_fma32 is not None:
         p._a_fma32(B32, out)
         return np.zeros((1, _q.N_FLAGS), np.int64)
-    return _g32.gemm_f32_chain(np.ascontiguousarray(p.A, np.float32), B32, out,
-                               _g32.F32_UNCOUNTED)
+    return _g32.gemm_f32_chain(p.A32, B32, out, _g32.F32_UNCOUNTED)
 
 
 def _f32_chain_how(c, safe) -> int:
@@ -371,12 +414,12 @@ def _fp32_fma(p):
     model's step. Unread, the instruction alone; counted, with each step's events found
     from a float64 TwoSum of the exact product (:func:`fixedsim.jit.gemm_fp32.gemm_fma32`)."""
     out = np.empty((p.R, p.N), np.float32)
-    B32 = np.ascontiguousarray(p.B, np.float32)
+    B32 = p.B32
     if not p.c._steps:  # nothing reads the steps' events: the instruction alone
         flags = _f32_uncounted(p, B32, out)
     else:
         _, _, _, _, ovp, ovn, _ = _fast_float_params(FP32, p.acc.rounding, p.acc.overflow)
-        flags = _g32.gemm_fma32(np.ascontiguousarray(p.A, np.float32), B32,
+        flags = _g32.gemm_fma32(p.A32, B32,
                                 np.ascontiguousarray(p.B, np.float64), out, ovp, ovn)
     return _chain_result(out, flags, "fp32_fma", p.spec, p.keys, p.rb, p.c)
 
