@@ -47,18 +47,48 @@ def _model(name, seed, in_shape):
     return nn.build(name, seed, in_shape=in_shape)
 
 
-def run_fixedsim(policy_name, x, y, batches, seed=0, model_name="lenet"):
+class _Trainer:
+    """One implementation's epoch, run a chunk of batches at a time (``run(chunk)`` returns
+    the chunk's seconds), so that implementations can take turns (``--interleave``): on a
+    shared machine whose speed changes over minutes, each then sees the same machine."""
+
+    def __init__(self, step, after=None):
+        self._step, self._after = step, after
+        self.seconds, self.losses, self.counters, self.i = 0.0, [], {}, 0
+
+    def run(self, chunk) -> float:
+        t0 = _clock()
+        for idx in chunk:
+            self.losses.append(self._step(self.i, idx, self.counters))
+            self.i += 1
+        dt = _clock() - t0
+        self.seconds += dt
+        return dt
+
+    @property
+    def loss(self) -> float:
+        return float(np.mean(self.losses[-20:]))
+
+
+def fixedsim_trainer(policy_name, x, y, batches, seed=0, model_name="lenet"):
+    """A :class:`_Trainer` of the fixedsim policy (warmed up on the first batch, then
+    restarted from the initial weights)."""
     import fixedsim.nn as nn
     from fixedsim.nn.optim import SGD
     from fixedsim.nn.train import _init_weights
 
     policy = nn.Policy.parse(policy_name)
-    model = _model(model_name, seed, x.shape[1:])
-    _init_weights(model, policy, seed)
-    opt = SGD(model.named_parameters(), lr=0.02, momentum=0.9)
     lossf = nn.SoftmaxCrossEntropy()
 
+    def fresh():
+        model = _model(model_name, seed, x.shape[1:])
+        _init_weights(model, policy, seed)
+        return model, SGD(model.named_parameters(), lr=0.02, momentum=0.9)
+
+    state = {}
+
     def step(i, idx, counters):
+        model, opt = state["model"], state["opt"]
         ctx = nn.Context(policy, seed=seed, step=i)
         logits = model.forward(x[idx], ctx)
         loss = lossf(logits, y[idx], ctx)
@@ -72,19 +102,33 @@ def run_fixedsim(policy_name, x, y, batches, seed=0, model_name="lenet"):
                 counters[name] = (f + lc.forward_seconds, b + lc.backward_seconds)
         return loss
 
-    step(0, batches[0], {})  # warm-up, not timed; the epoch below starts afresh
-    model = _model(model_name, seed, x.shape[1:])
-    _init_weights(model, policy, seed)
-    opt = SGD(model.named_parameters(), lr=0.02, momentum=0.9)
-    counters, losses = {}, []
-    t0 = _clock()
-    for i, idx in enumerate(batches):
-        losses.append(step(i, idx, counters))
-    total = _clock() - t0
-    return total, float(np.mean(losses[-20:])), counters
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):  # as fixedsim.nn.train does
+        state["model"], state["opt"] = fresh()
+        step(0, batches[0], {})  # warm-up, not timed; the epoch starts afresh
+    state["model"], state["opt"] = fresh()
+    trainer = _Trainer(step)
+    run = trainer.run
+
+    def run_one_blas_thread(chunk):
+        with threadpool_limits(limits=1, user_api="blas"):
+            return run(chunk)
+
+    trainer.run = run_one_blas_thread
+    return trainer
 
 
-def run_torch(x, y, batches, seed=0, threads=None, model_name="lenet"):
+def run_fixedsim(policy_name, x, y, batches, seed=0, model_name="lenet"):
+    """``(seconds, mean loss of the last 20 batches, per-layer seconds)`` of one epoch."""
+    t = fixedsim_trainer(policy_name, x, y, batches, seed, model_name)
+    t.run(batches)
+    return t.seconds, t.loss, t.counters
+
+
+def torch_trainer(x, y, batches, seed=0, threads=None, model_name="lenet"):
+    """A :class:`_Trainer` of the same network in PyTorch (float32, its CPU kernels), from
+    the same initial weights; ``trainer.version`` is PyTorch's."""
     import torch
 
     import fixedsim.nn as nn
@@ -112,25 +156,32 @@ def run_torch(x, y, batches, seed=0, threads=None, model_name="lenet"):
         layers.append(t)
     net = torch.nn.Sequential(*layers)
     init = {k: v.clone() for k, v in net.state_dict().items()}
-    opt = torch.optim.SGD(net.parameters(), lr=0.02, momentum=0.9)
     lossf = torch.nn.CrossEntropyLoss()
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    state = {"opt": torch.optim.SGD(net.parameters(), lr=0.02, momentum=0.9)}
 
-    def step(idx):
+    def step(i, idx, counters):
+        opt = state["opt"]
+        idx = torch.from_numpy(idx)
         opt.zero_grad()
         loss = lossf(net(xt[idx]), yt[idx])
         loss.backward()
         opt.step()
         return float(loss.detach())
 
-    step(torch.from_numpy(batches[0]))  # warm-up
+    step(0, batches[0], {})  # warm-up
     net.load_state_dict(init)
-    opt = torch.optim.SGD(net.parameters(), lr=0.02, momentum=0.9)
-    losses = []
-    t0 = _clock()
-    for idx in batches:
-        losses.append(step(torch.from_numpy(idx)))
-    return _clock() - t0, float(np.mean(losses[-20:])), torch.__version__
+    state["opt"] = torch.optim.SGD(net.parameters(), lr=0.02, momentum=0.9)
+    trainer = _Trainer(step)
+    trainer.version = torch.__version__
+    return trainer
+
+
+def run_torch(x, y, batches, seed=0, threads=None, model_name="lenet"):
+    """``(seconds, mean loss of the last 20 batches, PyTorch's version)`` of one epoch."""
+    t = torch_trainer(x, y, batches, seed, threads, model_name)
+    t.run(batches)
+    return t.seconds, t.loss, t.version
 
 
 def blas_floor(model_name, in_shape, batch_size, threads, repeats=5, seed=0):
@@ -185,13 +236,17 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu-time", action="store_true",
                     help="time with process CPU time (use with --threads 1 on a busy machine)")
     ap.add_argument("--markdown", metavar="PATH", help="also write the report as Markdown")
+    ap.add_argument("--interleave", type=int, default=0, metavar="STEPS",
+                    help="run the implementations in turns, STEPS batches each (default 0: "
+                         "each its whole epoch, one after the other); on a shared machine "
+                         "whose speed changes over minutes, turns give every implementation "
+                         "the same machine")
     ap.add_argument("--floor", action="store_true",
                     help="also time the step's products as plain float64 and float32 BLAS "
                          "calls (what an exact float32 step cannot go below), per epoch")
     args = ap.parse_args(argv)
 
     import numba
-    from threadpoolctl import threadpool_limits
 
     import fixedsim
     from fixedsim import data as fdata
@@ -213,26 +268,33 @@ def main(argv=None) -> int:
              f"machine: {platform.node()}, {os.cpu_count()} CPUs, load before start "
              f"{os.getloadavg()[0]:.2f}; fixedsim {fixedsim.__version__}, numpy {np.__version__}, "
              f"numba {numba.__version__} ({numba.get_num_threads()} threads); "
-             f"{'process CPU time' if args.cpu_time else 'wall time'}", ""]
-    rows, breakdowns = [], []
-    torch_s = None
+             f"{'process CPU time' if args.cpu_time else 'wall time'}"
+             + (f"; in turns of {args.interleave} batches" if args.interleave else ""), ""]
+    trainers = []  # (name, policy or None, trainer)
     if not args.no_torch:
         try:
-            secs, loss, ver = run_torch(x, y, batches, threads=args.threads,
-                                        model_name=args.model)
-            torch_s = secs
-            rows.append((f"PyTorch {ver} float32 (CPU)", secs, loss))
+            t = torch_trainer(x, y, batches, threads=args.threads, model_name=args.model)
+            trainers.append((f"PyTorch {t.version} float32 (CPU)", None, t))
         except ModuleNotFoundError:
             lines.append("PyTorch is not installed (`pip install torch==2.13.0`): no yardstick.")
-    f32_s = None
     for pol in args.policies:
-        with threadpool_limits(limits=1, user_api="blas"):  # as fixedsim.nn.train does
-            secs, loss, counters = run_fixedsim(pol, x, y, batches, model_name=args.model)
-        rows.append((f"fixedsim {pol}", secs, loss))
+        trainers.append((f"fixedsim {pol}", pol, fixedsim_trainer(pol, x, y, batches,
+                                                                  model_name=args.model)))
+    chunk = args.interleave or len(batches)
+    for start in range(0, len(batches), chunk):  # in turns: each sees the same machine
+        for _, _, t in trainers:
+            t.run(batches[start:start + chunk])
+    rows, breakdowns = [], []
+    torch_s = f32_s = None
+    for name, pol, t in trainers:
+        rows.append((name, t.seconds, t.loss))
+        if pol is None:
+            torch_s = t.seconds
+            continue
         if pol == "float32":
-            f32_s = secs
-        breakdowns.append((pol, secs, counters))
-        print(f"{pol}: {secs:.1f} s", file=sys.stderr)
+            f32_s = t.seconds
+        breakdowns.append((pol, t.seconds, t.counters))
+        print(f"{pol}: {t.seconds:.1f} s", file=sys.stderr)
     lines += ["| implementation | seconds / epoch | images / s | vs PyTorch | vs fixedsim float32 "
               "| mean loss, last 20 batches |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, secs, loss in rows:
