@@ -185,11 +185,11 @@ def gemm_f32_chain(A, B, out, how):
       without those checks.
     - ``F32_UNCOUNTED`` runs the FMA instruction (:func:`fixedsim.jit.bits.fma`), one
       correct IEEE 754 rounding per step whatever the products, in :func:`_f32_rows4`, and
-      returns zero counts: for a caller whose counts nobody reads.
+      returns one row of zero counts: for a caller whose counts nobody reads.
     """
     R, K = A.shape
     N = B.shape[1]
-    counts = np.zeros((R, N_FLAGS), np.int64)
+    counts = np.zeros((1 if how == F32_UNCOUNTED else R, N_FLAGS), np.int64)
     for g in prange((R + 3) // 4):
         rows, n = _group_rows(g, R)
         acc = np.zeros((4, N), np.float32)
