@@ -35,12 +35,14 @@ def maxpool_forward(x, kh, kw, sh, sw, out, arg):
 
 @jit_parallel
 def maxpool_route(g, arg, kw, sh, sw, dx):
-    """Non-overlapping windows: ``dx`` (zeros on entry) receives each window's error at its
-    argument, plus ``+0.0`` (as a sum onto a zero grid gives: ``-0.0`` becomes ``+0.0``)."""
+    """Non-overlapping windows: ``dx`` (``g``'s dtype; its values on entry do not matter) is
+    zeroed, then receives each window's error at its argument, plus ``+0.0`` (as a sum onto a
+    zero grid gives: ``-0.0`` becomes ``+0.0``). Parallel over (image, channel)."""
     N, C, Ho, Wo = g.shape
     for nc in prange(N * C):
         n = nc // C
         c = nc - n * C
+        dx[n, c] = 0.0
         for ho in range(Ho):
             for wo in range(Wo):
                 a = arg[n, c, ho, wo]

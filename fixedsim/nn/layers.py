@@ -597,11 +597,11 @@ class MaxPool2d(_Pool):
 
         grad_y = _grad_in(self, grad_y)
         kh, kw = self.kernel_size
-        if not self._overlap:
-            dx = np.zeros(self._shape, np.float64)
-            maxpool_route(np.ascontiguousarray(grad_y, np.float64), self._arg, kw, *self.stride,
-                          dx)
-            return dx.astype(grad_y.dtype)
+        if not self._overlap:  # in grad_y's float dtype (each value exact in it)
+            dt = grad_y.dtype if grad_y.dtype in (np.float32, np.float64) else np.float64
+            dx = np.empty(self._shape, dt)
+            maxpool_route(np.ascontiguousarray(grad_y, dt), self._arg, kw, *self.stride, dx)
+            return dx.astype(grad_y.dtype, copy=False)
         g = np.zeros((*grad_y.shape, kh * kw), np.float64)
         np.put_along_axis(g, self._arg[..., None], grad_y[..., None], -1)
         dx = self._spread(g.reshape(*grad_y.shape, kh, kw), self._shape, grad_y.dtype)
