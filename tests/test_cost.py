@@ -322,6 +322,9 @@ bandwidth = 1e9
     (GOOD + "[efficiency]\npoints = [[64, 0.5], [8, 1.0]]\n", "dims >= 1 increasing"),
     (GOOD + "[efficiency]\nbf16 = [[8, 1.5]]\n", r"bf16 must be .*fractions in \(0, 1\]"),
     (GOOD + "[efficiency]\nfp17 = [[8, 1.0]]\n", r"\[efficiency\] has unknown key\(s\) 'fp17'"),
+    (GOOD + "[kind_bandwidth]\n'MaxPool2d.forward' = 0\n",
+     r"MaxPool2d.forward must be a finite number > 0"),
+    ("kind_bandwidth = 3\n" + GOOD, r"\[kind_bandwidth\] must be a table"),
     ("name = [rates\n", "not valid TOML"),
     ("[rates]\nfp32 = 1.0\n[memory]\nbandwidth = 1.0\n", "'name' must be a non-empty string"),
 ])
@@ -446,6 +449,26 @@ def test_validate_pairs_every_row_with_a_measurement():
     assert "median |error|" in v.table()
 
 
+def test_a_measured_pass_moves_its_bytes_at_its_own_rate(tmp_path):
+    """``kind_bandwidth``: the rows of one pass of one kind of layer move their bytes at the
+    machine's measured rate for it, every other row at the memory's; the profile keeps it
+    through its TOML file."""
+    prof = Profile(name="toy", rates={"fp32": 1e6}, bandwidth=1e3,
+                   kind_bandwidth={"MaxPool2d.forward": 10.0})
+    model = L.Sequential(L.ReLU(), L.MaxPool2d(2), L.Flatten(), L.Linear(4, 2, rng=0))
+    p = predict(model, Policy.float32(), prof, batch=8, images=16, in_shape=(1, 4, 4))
+    rows = {(r["layer"], r["product"]): r for r in p.rows}
+    f, b = rows[("1.maxpool2d", "forward")], rows[("1.maxpool2d", "grad_input")]
+    assert f["bytes"] and b["bytes"]
+    assert f["memory_s"] == pytest.approx(f["bytes"] / 10.0)
+    assert b["memory_s"] == pytest.approx(b["bytes"] / 1e3)
+    assert rows[("0.relu", "forward")]["memory_s"] == pytest.approx(
+        rows[("0.relu", "forward")]["bytes"] / 1e3)
+    path = tmp_path / "toy.toml"
+    prof.save(path)
+    assert load_profile(path) == prof
+
+
 def test_calibrate_writes_a_profile_that_loads_back(tmp_path, monkeypatch):
     """A quick calibration: every rate has its source, the file loads back equal, and
     --machine this reads it (values are not asserted: they depend on the machine's load)."""
@@ -458,6 +481,14 @@ def test_calibrate_writes_a_profile_that_loads_back(tmp_path, monkeypatch):
         assert p.sources[f"rates.{k}"].startswith("measured: ")
         assert p.rates[k] > 0 and 0 < p.gemm_efficiency(1, 1, 1, k) <= 1
     assert p.bandwidth > 0 and p.per_call_s > 0 and p.measured["threads"] == 1
+    try:
+        import torch  # noqa: F401
+    except ModuleNotFoundError:
+        assert p.kind_bandwidth == {}
+    else:  # PyTorch's max pooling, by pass
+        assert set(p.kind_bandwidth) == {"MaxPool2d.forward", "MaxPool2d.grad_input"}
+        for k, v in p.kind_bandwidth.items():
+            assert v > 0 and p.sources[f"kind_bandwidth.{k}"].startswith("measured: ")
     assert load_profile(path) == p
     assert predict("mlp", "float32", "this", images=64).epoch_s > 0
     with pytest.raises(ProfileError, match="threads must be an int >= 1"):

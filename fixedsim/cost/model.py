@@ -4,7 +4,8 @@ For each row of :mod:`fixedsim.cost.counts` (a layer's forward, input-gradient o
 weight-gradient pass, in one step) on a machine :class:`~fixedsim.cost.profiles.Profile`::
 
     compute  = sum over its products of  M N K / (rate[c] * efficiency[c](min(M, N, K)))
-    memory   = bytes read and written / bandwidth   (the cache's when they fit in it)
+    memory   = bytes read and written / bandwidth   (the cache's when they fit in it; the
+               machine's own rate for a kind of layer it measured, ``kind_bandwidth``)
     overhead = native operations launched * per_call (backward_call in backward passes)
     time     = max(compute, memory) + overhead
 
@@ -50,7 +51,7 @@ def _row_time(row, prof):
         natives.append(cls)
         compute += M * N * K / (prof.rates[cls] * prof.gemm_efficiency(M, N, K, cls))
     nbytes = row.bytes
-    memory = nbytes / prof.memory_rate(nbytes) if nbytes else 0.0
+    memory = nbytes / prof.memory_rate(nbytes, f"{row.kind}.{row.product}") if nbytes else 0.0
     per = prof.per_call_s
     if row.product in ("grad_input", "grad_weight") and prof.backward_call_s is not None:
         per = prof.backward_call_s

@@ -51,7 +51,7 @@ _DIR = pathlib.Path(__file__).parent / "profiles"
 PUBLISHED = tuple(sorted(p.stem for p in _DIR.glob("*.toml")))
 
 _SECTIONS = {"name", "description", "kind", "rates", "memory", "overhead", "efficiency",
-             "sources", "array", "measured"}
+             "kind_bandwidth", "sources", "array", "measured"}
 
 
 class ProfileError(ValueError):
@@ -125,6 +125,12 @@ class Profile:
         Fraction of the peak rate a matrix product reaches, by its smallest dimension,
         interpolated in log2; per native format, ``"points"`` for the others (empty: the
         peak always).
+    kind_bandwidth : dict of str to float
+        Bytes per second of the machine's own kernel for one pass of a kind of layer
+        (``"MaxPool2d.forward"``: a row's ``kind.product``), measured on a shape of its own:
+        those rows move their bytes at this rate instead of the memory's (a framework's CPU
+        max pooling runs far below the bandwidth, its forward pass 10-20x below its
+        backward).
     sources : dict of str to str
         Where each number comes from (``"rates.fp16"``: "...").
     measured : dict
@@ -139,6 +145,7 @@ class Profile:
     cache_bytes: float | None = None
     cache_bandwidth: float | None = None
     efficiency: dict = dataclasses.field(default_factory=dict)
+    kind_bandwidth: dict = dataclasses.field(default_factory=dict)
     description: str = ""
     kind: str = "published"
     sources: dict = dataclasses.field(default_factory=dict)
@@ -165,8 +172,11 @@ class Profile:
                 return e0 + t * (e1 - e0)
         return pts[-1][1]
 
-    def memory_rate(self, nbytes: float) -> float:
-        """Bytes per second for a row moving ``nbytes``."""
+    def memory_rate(self, nbytes: float, kind: str = "") -> float:
+        """Bytes per second for a row moving ``nbytes`` (``kind``: the row's
+        ``"Kind.product"``, looked up in :attr:`kind_bandwidth`)."""
+        if kind in self.kind_bandwidth:
+            return self.kind_bandwidth[kind]
         if self.cache_bandwidth and self.cache_bytes and nbytes <= self.cache_bytes:
             return self.cache_bandwidth
         return self.bandwidth
@@ -193,6 +203,9 @@ class Profile:
             for k, table in self.efficiency.items():
                 pts = ", ".join(f"[{int(d)}, {float(e)!r}]" for d, e in table)
                 out.append(f"{k} = [{pts}]")
+        if self.kind_bandwidth:
+            out += ["", "[kind_bandwidth]"]
+            out += [f"{q(k)} = {float(v)!r}" for k, v in self.kind_bandwidth.items()]
         if self.array:
             out += ["", "[array]"] + [f"{k} = {v!r}" for k, v in self.array.items()]
         if self.measured:
@@ -277,6 +290,11 @@ def profile_from_dict(d: dict, where: str = "profile") -> Profile:
             raise ProfileError(f"{where}: [efficiency] {key} must be [[dim, fraction], ...] "
                                f"with dims >= 1 increasing and fractions in (0, 1], got {raw!r}")
         pts[key] = tuple((int(a), float(b)) for a, b in raw)
+    kb = d.get("kind_bandwidth", {})
+    if not isinstance(kb, dict):
+        raise ProfileError(f"{where}: [kind_bandwidth] must be a table of layer passes "
+                           "(\"MaxPool2d.forward\") to bytes/s")
+    kb = {k: _number(kb, k, f"{where} [kind_bandwidth]") for k in kb}
     kind = d.get("kind", "published")
     if kind not in ("published", "measured"):
         raise ProfileError(f"{where}: kind must be 'published' or 'measured', got {kind!r}")
@@ -291,7 +309,8 @@ def profile_from_dict(d: dict, where: str = "profile") -> Profile:
                            required=False) or 0.0,
         backward_call_s=_number(over, "backward_call_s", f"{where} [overhead]", strict=False,
                                 required=False),
-        efficiency=pts, description=str(d.get("description", "")), kind=kind,
+        efficiency=pts, kind_bandwidth=kb, description=str(d.get("description", "")),
+        kind=kind,
         sources=dict(sources), measured=dict(d.get("measured", {})),
         array=dict(d.get("array", {})))
 
@@ -504,15 +523,52 @@ def _calibrate(quick, log, threads) -> Profile:
         src["overhead.per_call_s"] = "measured: numpy.add on one-element arrays"
     log(f"per call: {over * 1e6:.2f} us" + ("" if back is None else
                                             f", per backward call {back * 1e6:.2f} us"))
+    kb = _pool_bandwidth(torch, mt) if torch is not None else {}
+    for k, v in kb.items():
+        meas[f"kind.{k}"] = v
+        src[f"kind_bandwidth.{k}"] = (
+            f"measured: torch max_pool2d 2x2, {k.split('.')[1]} pass, on {_POOL_SHAPE}, "
+            "float32: the bytes fixedsim.cost counts for it over its time")
+    if kb:
+        log("max pooling: " + ", ".join(f"{k.split('.')[1]} {v / 1e9:.2f} GB/s"
+                                        for k, v in kb.items()) + " of counted bytes")
     return Profile(name="this", description=_cpu_name(), kind="measured", rates=rates,
                    bandwidth=bw, cache_bytes=cache, cache_bandwidth=cbw, per_call_s=over,
-                   backward_call_s=back, efficiency=eff, sources=src,
+                   backward_call_s=back, efficiency=eff, kind_bandwidth=kb, sources=src,
                    measured={"date": time.strftime("%Y-%m-%d %H:%M"),
                              "clock": "process CPU time" if threads == 1 else "wall time",
                              "load_average": os.getloadavg()[0],
                              "threads": threads if threads is not None else (
                                  torch.get_num_threads() if torch is not None
                                  else os.cpu_count()), **meas})
+
+
+#: The shape :func:`_pool_bandwidth` pools: (N, C, H, W), none of the networks' own.
+_POOL_SHAPE = (32, 32, 32, 32)
+
+
+def _pool_bandwidth(torch, min_time) -> dict:
+    """Bytes per second of PyTorch's 2x2 max pooling in training, float32, on
+    :data:`_POOL_SHAPE`, by pass: ``{"MaxPool2d.forward": ..., "MaxPool2d.grad_input":
+    ...}``, each the bytes :func:`~fixedsim.cost.counts.count_step` counts for that pass of
+    such a layer over its least time (the forward keeps the indices, as in training)."""
+    from ..nn import Flatten, Linear, MaxPool2d, Policy, ReLU, Sequential
+    from .counts import count_step
+
+    N, C, H, W = _POOL_SHAPE
+    # not first: a network's first layer has no input gradient
+    model = Sequential(ReLU(), MaxPool2d(2), Flatten(), Linear(C * (H // 2) * (W // 2), 10,
+                                                                rng=0))
+    rows = {r.product: r.bytes for r in count_step(model, Policy.float32(), N, (C, H, W)).rows
+            if r.kind == "MaxPool2d"}
+    x = torch.randn(*_POOL_SHAPE, requires_grad=True)
+    g = torch.randn(N, C, H // 2, W // 2)
+    pool = torch.nn.MaxPool2d(2)
+    y = pool(x)
+    times = {"forward": _best(lambda: pool(x), min_time=min_time),
+             "grad_input": _best(lambda: torch.autograd.grad(y, x, g, retain_graph=True),
+                                 min_time=min_time)}
+    return {f"MaxPool2d.{k}": rows[k] / t for k, t in times.items()}
 
 
 def _cpu_name() -> str:
