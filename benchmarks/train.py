@@ -23,6 +23,7 @@ breakdown of fixedsim's time (forward and backward of each layer, measured by Se
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shlex
@@ -52,16 +53,17 @@ class _Trainer:
     the chunk's seconds), so that implementations can take turns (``--interleave``): on a
     shared machine whose speed changes over minutes, each then sees the same machine."""
 
-    def __init__(self, step, after=None):
-        self._step, self._after = step, after
+    def __init__(self, step, context=contextlib.nullcontext):
+        self._step, self._context = step, context  # context(): entered around each chunk
         self.seconds, self.losses, self.counters, self.i = 0.0, [], {}, 0
 
     def run(self, chunk) -> float:
-        t0 = _clock()
-        for idx in chunk:
-            self.losses.append(self._step(self.i, idx, self.counters))
-            self.i += 1
-        dt = _clock() - t0
+        with self._context():
+            t0 = _clock()
+            for idx in chunk:
+                self.losses.append(self._step(self.i, idx, self.counters))
+                self.i += 1
+            dt = _clock() - t0
         self.seconds += dt
         return dt
 
@@ -104,19 +106,14 @@ def fixedsim_trainer(policy_name, x, y, batches, seed=0, model_name="lenet"):
 
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=1, user_api="blas"):  # as fixedsim.nn.train does
+    def one_blas_thread():  # as fixedsim.nn.train does
+        return threadpool_limits(limits=1, user_api="blas")
+
+    with one_blas_thread():
         state["model"], state["opt"] = fresh()
         step(0, batches[0], {})  # warm-up, not timed; the epoch starts afresh
     state["model"], state["opt"] = fresh()
-    trainer = _Trainer(step)
-    run = trainer.run
-
-    def run_one_blas_thread(chunk):
-        with threadpool_limits(limits=1, user_api="blas"):
-            return run(chunk)
-
-    trainer.run = run_one_blas_thread
-    return trainer
+    return _Trainer(step, one_blas_thread)
 
 
 def run_fixedsim(policy_name, x, y, batches, seed=0, model_name="lenet"):

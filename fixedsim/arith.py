@@ -18,7 +18,7 @@ from fractions import Fraction
 import numpy as np
 
 from . import reference
-from .compiling import float64_out
+from .compiling import float64_out, read_only
 from .formats import _to_float_toward_zero
 from .jit import arith as _ka
 from .jit import quant as _q
@@ -154,11 +154,7 @@ def _operands(op, operands, negate_b, fmt):
         raise ValueError(f"{op}: operands do not broadcast together: shapes {shapes}") from None
     flat = []
     for a in arrs:  # read-only views, so read-only operands take the compiled signatures
-        with np.errstate(invalid="ignore"):  # a signaling NaN made quiet: still a NaN
-            f = np.ascontiguousarray(np.broadcast_to(a, shape), dtype=np.float64).reshape(-1)
-        f = f.view()
-        f.setflags(write=False)
-        flat.append(f)
+        flat.append(read_only(np.broadcast_to(a, shape), np.float64).reshape(-1))
     if len(flat) == 2:
         flat.append(flat[1])
         exacts.append(exacts[1])

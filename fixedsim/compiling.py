@@ -33,7 +33,7 @@ import numpy as np
 from numba.core import event as _event
 
 __all__ = ["CompileWatch", "NOTICE", "COLD_SECONDS", "notice_text", "notice_once", "read_only",
-           "float64_out"]
+           "contiguous", "float64_out"]
 
 #: Seconds of compiling from an empty Numba cache, measured on the 2-core development machine
 #: (Intel Xeon with AVX-512): a first ``fixedsim train`` (LeNet under float32: 184 s on the
@@ -142,6 +142,13 @@ class _Listener(_event.Listener):
         self._watch._end(event)
 
 
+def contiguous(a, dtype=None) -> np.ndarray:
+    """``np.ascontiguousarray(a, dtype)``, a signaling NaN made quiet by the cast without
+    numpy's "invalid" warning (not an event of any model: it is a NaN either way)."""
+    with np.errstate(invalid="ignore"):
+        return np.ascontiguousarray(a, dtype)
+
+
 def read_only(a, dtype=None):
     """``a`` as a read-only C-contiguous view (converted to ``dtype`` when given), the way every
     kernel input is passed.
@@ -149,9 +156,10 @@ def read_only(a, dtype=None):
     Numba compiles one signature per combination of its arguments' writeable flags, so a
     kernel called with a caller's writable array one time and a read-only one the next
     compiles twice (30 s for the BlockFMA kernel). Passing inputs through this function keeps
-    one signature whatever the caller's flags.
+    one signature whatever the caller's flags. A signaling NaN is made quiet without a
+    warning (:func:`contiguous`).
     """
-    v = np.ascontiguousarray(a, dtype).view()
+    v = contiguous(a, dtype).view()
     v.setflags(write=False)
     return v
 

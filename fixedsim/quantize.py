@@ -545,10 +545,7 @@ def _run(arr, fmt, rounding, overflow, rbits, key, want_stats, out=None):
     # input is a float64 of the same value (a NaN made quiet, which the kernel returns as
     # its own float64 conversion anyway), and every value of a format held in float32 is a
     # float32.
-    # (numpy flags a signaling NaN it makes quiet in a cast as "invalid": not an event of
-    # the rounding, and the value is a NaN either way)
-    with np.errstate(invalid="ignore"):
-        x64 = read_only(flat, np.float64)
+    x64 = read_only(flat, np.float64)  # a signaling NaN made quiet without a warning
     with float64_out(oflat) as o64:
         counts = _q.quantize_bits(x64, x64.view(np.uint64), o64, P, U, D, 52, 11)
     return out, counts.sum(axis=0)

@@ -264,9 +264,10 @@ def test_float32_operands_give_the_bits_of_their_float64_copies(name, monkeypatc
         a, b = a32.astype(np.float64), b32.astype(np.float64)  # the float32 values
     path = None if name == "float_chain64_scaled" else name  # float32 data: float_chain64
     got, c = fs.matmul(a32, b32, spec, stats="steps", path=path)
-    widened = []
-    orig = _paths._widen
-    monkeypatch.setattr(_paths, "_widen", lambda x: widened.append(x.shape) or orig(x))
+    widened = []  # the Product's widenings of A and B to float64
+    orig = _paths.contiguous
+    monkeypatch.setattr(_paths, "contiguous",
+                        lambda x, dt=None: widened.append(x.shape) or orig(x, dt))
     unread = fs.matmul(a32, b32, spec, path=path)
     if name in ("fp32_chain", "fp32_fma"):  # uncounted: the FMA instruction on float32
         assert widened == []

@@ -444,6 +444,25 @@ def gemm_fma32(A, B, B64, out, ovp, ovn):
     return counts
 
 
+@jit_inline
+def _kernel_rows(h, kh, r0, sh, Ho, skip, ii, hh):
+    """The kernel rows ``i`` that output row ``h`` of a transposed convolution steps through,
+    in order, into ``ii``, with the gradient row each meets (``h + i - r0 = ho * sh``) into
+    ``hh``; with ``skip`` only those that meet one, else all, ``-1`` marking the grid's
+    ``+0.0``. Returns how many. The kernel columns of an output column likewise (``w, kw,
+    q0, sw, Wo``)."""
+    ni = 0
+    for i in range(kh):
+        t = h + i - r0
+        ho = t // sh
+        on = t >= 0 and t - ho * sh == 0 and ho < Ho
+        if on or not skip:
+            ii[ni] = i
+            hh[ni] = ho if on else -1
+            ni += 1
+    return ni
+
+
 #: :func:`conv_t_f32_flat` runs when its tiled copies (``B``'s rows ``W`` times, an image's
 #: gradient values ``C`` times) have at most this many float32 elements each (8 MB).
 CONV_T_FLAT = 2**21
@@ -480,14 +499,7 @@ def conv_t_f32_flat(G, B, kh, kw, sh, r0, q0, H, W, out):
         ii = np.empty(kh, np.int64)  # the kernel rows that meet a gradient row, and its row
         hh = np.empty(kh, np.int64)
         for h in range(H):
-            ni = 0
-            for i in range(kh):
-                t = h + i - r0
-                ho = t // sh
-                if t >= 0 and t - ho * sh == 0 and ho < Ho:
-                    ii[ni] = i
-                    hh[ni] = ho
-                    ni += 1
+            ni = _kernel_rows(h, kh, r0, sh, Ho, True, ii, hh)
             acc[:] = np.float32(0.0)
             for o in range(O):
                 for p in range(ni):
@@ -533,23 +545,9 @@ def conv_t_f32_chain(G, B, kh, kw, sh, sw, r0, q0, H, W, skip, out):
         jj = np.empty(kw, np.int64)
         ww = np.empty(kw, np.int64)
         for h in range(H):
-            ni = 0  # the kernel rows i that meet a gradient row ho, in order
-            for i in range(kh):
-                t = h + i - r0
-                ho = t // sh
-                if (t >= 0 and t - ho * sh == 0 and ho < Ho) or not skip:
-                    ii[ni] = i
-                    hh[ni] = ho if t >= 0 and t - ho * sh == 0 and ho < Ho else -1
-                    ni += 1
+            ni = _kernel_rows(h, kh, r0, sh, Ho, skip, ii, hh)
             for w in range(W):
-                nj = 0
-                for j in range(kw):
-                    u = w + j - q0
-                    wo = u // sw
-                    if (u >= 0 and u - wo * sw == 0 and wo < Wo) or not skip:
-                        jj[nj] = j
-                        ww[nj] = wo if u >= 0 and u - wo * sw == 0 and wo < Wo else -1
-                        nj += 1
+                nj = _kernel_rows(w, kw, q0, sw, Wo, skip, jj, ww)  # and columns alike
                 acc[:] = zero
                 for o in range(O):
                     for p in range(ni):

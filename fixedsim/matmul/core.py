@@ -12,7 +12,7 @@ import numpy as np
 from .. import counters as _counters
 from .. import reference
 from ..blockformats import BlockFormat
-from ..compiling import read_only
+from ..compiling import contiguous, read_only
 from ..formats import FP64, FixedFormat, FloatFormat, _to_float_toward_zero
 from ..jit import gemm_exact as _gx
 from ..jit import gemm_general as _gg
@@ -193,8 +193,7 @@ def _quantize_input(x, fmt, rounding, rbits, key, counts, keep32=False):
     for :class:`~fixedsim.matmul.paths.Product`, which widens them when a row asks)."""
     if fmt is None or isinstance(fmt, BlockFormat):  # block formats: by block_operands
         dt = np.float32 if keep32 and np.asarray(x).dtype == np.float32 else np.float64
-        with np.errstate(invalid="ignore"):  # a signaling NaN made quiet: still a NaN
-            return np.ascontiguousarray(x, dtype=dt)
+        return contiguous(x, dt)
     arr = np.ascontiguousarray(x)
     out, c = _run(arr, fmt, rounding, resolve_overflow(fmt, None), rbits, key, True)
     counts += _counters.StageCounts.from_flags(c, arr.size)
@@ -269,6 +268,16 @@ def _f32_chain_safe(ba, bb, K) -> bool:
     if ba.top == -1075 or bb.top == -1075:
         return True
     return ba.lsb + bb.lsb >= -126 and ba.top + bb.top + int(K).bit_length() <= 126
+
+
+def _dims(p):
+    """``(R, K, N)`` of a product without building a lazily made ``A`` or widening a float32
+    ``B``: a :class:`~fixedsim.matmul.paths.Product`'s own, else (the tests' stand-ins, which
+    carry the operands and perhaps ``R``) read from the operands' shapes."""
+    if hasattr(p, "K"):  # a Product
+        return p.R, p.K, p.N
+    K, N = p.B.shape
+    return (p.R if hasattr(p, "R") else p.A.shape[0]), K, N
 
 
 def _plain(p) -> str | None:

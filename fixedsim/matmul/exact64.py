@@ -113,7 +113,7 @@ from ..formats import FP64, FloatFormat
 from ..jit import gemm_exact64 as _gz
 from ..jit import quant as _q
 from ..rounding import Rounding
-from .core import _general_at
+from .core import _dims, _general_at
 
 NAME = "exact_ozaki"
 
@@ -172,11 +172,7 @@ def declines(p) -> str | None:
     """None when this row applies to ``p``; otherwise the first rule it fails, in words."""
     spec, ba, bb = p.spec, p.ba, p.bb
     f = spec.output
-    if hasattr(p, "K"):  # a Product (a lazily made A not built, a float32 B not widened)
-        R, K, N = p.R, p.K, p.N
-    else:
-        R, K = p.A.shape if not hasattr(p, "R") else (p.R, p.B.shape[0])
-        N = p.B.shape[1]
+    R, K, N = _dims(p)
     checks = (
         (spec.product is not None, "products are rounded (spec.product is set)"),
         (spec.accumulator is not None, "there is an accumulator"),

@@ -110,7 +110,7 @@ from ..jit import gemm_filtered as _gk
 from ..jit import quant as _q
 from ..quantize import _kernel_params, resolve_overflow
 from ..rounding import Overflow, Rounding
-from .core import _general_at
+from .core import _dims, _general_at
 
 NAME = "exact_filtered"
 COMPUTES = ("exact accumulation rounded once into a float output of at most 50 fraction bits "
@@ -141,14 +141,6 @@ _CHUNK = 256
 #: elements; fewer go to the general kernel as before it (each costs it ~10 us at K = 512).
 #: On BF16 data into FP32 at n = 512, 6% of the elements are exact sums: 98 ms -> 20 ms.
 _CERTIFY_FROM = 64
-
-
-def _dims(p):
-    """(R, K, N) without building a lazily made ``A`` or widening a float32 ``B``."""
-    if hasattr(p, "K"):  # a Product
-        return p.R, p.K, p.N
-    K, N = p.B.shape
-    return (p.R if hasattr(p, "R") else p.A.shape[0]), K, N
 
 
 def declines(p) -> str | None:

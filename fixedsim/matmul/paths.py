@@ -27,6 +27,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .. import counters as _counters
+from ..compiling import contiguous
 from ..formats import FP32, FP64, FixedFormat, FloatFormat
 from ..jit import gemm_fixed as _gi
 from ..jit import gemm_float as _gf
@@ -112,7 +113,7 @@ class Product:
         elif A.dtype == np.float32:  # float64 on first use; float32 rows read it as it is
             self.R, self.K = A.shape
             self._A32, self._A = A, None
-            self._make = lambda: _widen(A)
+            self._make = lambda: contiguous(A, np.float64)
         else:
             self.R, self.K = A.shape
             self._make, self._A = None, A
@@ -140,7 +141,7 @@ class Product:
         """The second operand, shape (K, N), quantized to ``spec.input``, float64 (widened on
         first use when it came as float32)."""
         if self._B is None:
-            self._B = _widen(self._B32)
+            self._B = contiguous(self._B32, np.float64)
         return self._B
 
     @property
@@ -174,12 +175,6 @@ class Product:
     def count(self, name, n=1):
         """Add ``n`` to ``c.paths[name]``."""
         self.c.paths[name] = self.c.paths.get(name, 0) + n
-
-
-def _widen(x) -> np.ndarray:
-    """float32 ``x`` as float64 (a signaling NaN made quiet without numpy's warning)."""
-    with np.errstate(invalid="ignore"):
-        return x.astype(np.float64)
 
 
 def _f32_operand(x) -> np.ndarray:
