@@ -966,6 +966,23 @@ def test_operand_scan_large_and_chunked():
     assert mcore._Bits.of(x32) == bits_numpy(x32)
 
 
+@settings(max_examples=200)
+@given(st.one_of(st.integers(0, 2**52), st.integers(0, 52).map(lambda e: 2**e),
+                 st.integers(1, 52).map(lambda e: 2**e - 1)))
+def test_small_f64_and_log2_by_bits(n):
+    """The conversions the scan and the filter use instead of int64 -> float64 (which AVX2
+    lacks): exact for every ``0 <= n <= 2**52``, the top included (``2**52``, whose bit
+    pattern an OR with ``2**52``'s would not change)."""
+    from numba import njit
+
+    from fixedsim.jit.bits import small_f64, small_log2
+
+    f = njit(lambda v: (small_f64(v), small_log2(v)))
+    val, lg = f(np.int64(n))
+    assert val == float(n)
+    assert lg == (n.bit_length() - 1 if n else -1023)
+
+
 @st.composite
 def bf16_scaled_matrices(draw, max_k=12):
     """BF16-like values (8 significant bits) on scales where FP32 sums overflow or become

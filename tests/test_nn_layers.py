@@ -755,3 +755,29 @@ def test_bad_backward_and_constructor_arguments():
         nn.build("resnet")
     with pytest.raises(ValueError, match="too small"):
         nn.lenet(0, in_shape=(1, 8, 8))
+
+
+def test_lenet_batchnorm_variant():
+    """``lenet(batchnorm=True)``: conv (no bias) - BatchNorm - ReLU - pool twice, with the
+    weights of the plain LeNet of the same seed; built by name with the option (as
+    ``model_options``); a bad flag is refused."""
+    plain, bn = nn.lenet(5, channels=(3, 4), hidden=8), nn.lenet(5, channels=(3, 4), hidden=8,
+                                                                  batchnorm=True)
+    kinds = [type(m).__name__ for m in bn.layers]
+    assert kinds == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d", "Conv2d", "BatchNorm2d",
+                     "ReLU", "MaxPool2d", "Flatten", "Linear", "ReLU", "Linear"]
+    assert bn.layers[0].bias is None and bn.layers[4].bias is None
+    pw = [p.value for k, p in plain.named_parameters().items() if k.endswith("weight")]
+    bw = [p.value for k, p in bn.named_parameters().items() if k.endswith("weight")]
+    assert len(pw) == len(bw) == 4
+    assert all(np.array_equal(a, b) for a, b in zip(pw, bw))
+    x = np.random.default_rng(0).standard_normal((6, 1, 28, 28))
+    y = bn.forward(x, nn.Context(nn.Policy.exact()))
+    # in training mode each BatchNorm output channel has mean 0 over (N, H, W)
+    h = bn.layers[1].forward(bn.layers[0].forward(x, nn.Context(nn.Policy.exact())),
+                             nn.Context(nn.Policy.exact()))
+    assert np.abs(h.mean(axis=(0, 2, 3))).max() < 1e-12
+    ref = nn.build("lenet", 5, channels=(3, 4), hidden=8, batchnorm=True)
+    assert np.array_equal(ref.forward(x, nn.Context(nn.Policy.exact())), y)
+    with pytest.raises(ValueError, match="batchnorm must be true or false"):
+        nn.lenet(0, batchnorm="yes")

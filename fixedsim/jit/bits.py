@@ -67,3 +67,22 @@ def f64_bits(v):
 def f64_from_bits(b):
     """The float64 whose bit pattern is the int64 ``b``."""
     return np.int64(b).view(np.float64)
+
+
+_MAGIC = 0x4330000000000000  # the bits of 2.0**52
+_TWO52 = 2.0**52
+
+
+@jit_inline
+def small_f64(n):
+    """``float64(n)``, exactly, for an int64 ``0 <= n <= 2**52``: the float64 whose bits are
+    those of ``2**52`` plus ``n`` (``2**52 + n``) less ``2**52``. Written so because AVX2 has
+    no instruction that converts 64-bit integers: ``np.float64(n)`` leaves a loop scalar there."""
+    return f64_from_bits(n + _MAGIC) - _TWO52
+
+
+@jit_inline
+def small_log2(n):
+    """``floor(log2(n))`` for an int64 ``1 <= n <= 2**52``, exactly (the exponent field of
+    :func:`small_f64`): ``-1023`` for ``n == 0``."""
+    return (f64_bits(small_f64(n)) >> 52) - 1023

@@ -13,7 +13,7 @@ import numpy as np
 from numba import prange
 
 from .arith import two_sum
-from .bits import f64_bits, f64_from_bits
+from .bits import f64_bits, f64_from_bits, small_f64
 from .options import jit, jit_inline, jit_parallel
 from .quant import (
     F_INEXACT,
@@ -86,18 +86,6 @@ def _cell(x, lo_b, shift_b, d0):
     v = ab & (2 * half - 1)
     scale = f64_from_bits((2098 - Eb) << 52)  # 2**(52 - E)
     return neg, ab, inr, d, half, v, scale
-
-
-_MAGIC = 0x4330000000000000  # the bits of 2.0**52
-_TWO52 = 2.0**52
-
-
-@jit_inline
-def _small_f64(n):
-    """``float64(n)``, exactly, for an int64 ``0 <= n < 2**52``: the float64 ``2**52 + n``
-    (its fraction bits are ``n``) less ``2**52``. Written so because AVX2 has no instruction
-    that converts 64-bit integers: ``np.float64(n)`` made the filter's loops scalar there."""
-    return f64_from_bits(n | _MAGIC) - _TWO52
 
 
 @jit_inline
@@ -193,8 +181,8 @@ def filter_round(S, A, B, c, pi, pd, out, fail, counts, na, nb, marks, given):
             for j in range(N):
                 neg, ab, inr, d, half, v, scale = _cell(srow[j], lo_b, shift_b, d0)
                 w = (cr * nb[j]) * scale + _PAD
-                vf = _small_f64(v)
-                hf = _small_f64(half)
+                vf = small_f64(v)
+                hf = small_f64(half)
                 ok = inr & (abs(vf - hf) > w) & (vf + 0.5 * hf > w)
                 zero = zrow | (zdec & (nb[j] == 0.0))
                 val = _rounded(neg, ab, d, half, v, near, up_neg, up_pos, odd, pd)[0]
@@ -206,8 +194,8 @@ def filter_round(S, A, B, c, pi, pd, out, fail, counts, na, nb, marks, given):
             for j in range(N):
                 neg, ab, inr, d, half, v, scale = _cell(srow[j], lo_b, shift_b, d0)
                 w = (cr * nb[j]) * scale + _PAD
-                vhf = _small_f64(v & (half - 1))
-                ok = inr & (vhf > w) & (vhf + w < _small_f64(half))
+                vhf = small_f64(v & (half - 1))
+                ok = inr & (vhf > w) & (vhf + w < small_f64(half))
                 zero = zrow | (zdec & (nb[j] == 0.0))
                 val, over, sub = _rounded(neg, ab, d, half, v, near, up_neg, up_pos, odd, pd)
                 orow[j] = 0.0 if zero else val

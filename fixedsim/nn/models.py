@@ -31,13 +31,17 @@ def mlp(seed: int = 0, in_features: int = 784, hidden=(1000, 1000), classes: int
 
 
 def lenet(seed: int = 0, in_shape=(1, 28, 28), channels=(16, 32), hidden: int = 128,
-          classes: int = 10, kernel: int = 5) -> Sequential:
+          classes: int = 10, kernel: int = 5, batchnorm: bool = False) -> Sequential:
     """LeNet-style CNN: two 5x5 convolutions, each with ReLU and 2x2 max-pooling, one hidden
     fully connected layer.
 
     For 28x28 inputs: conv 5x5 (16) -> 24x24 -> pool -> 12x12 -> conv 5x5 (32) -> 8x8 -> pool ->
     4x4 -> 512 -> 128 -> 10. ``kernel`` sets the size of both kernels (an even size, such as
-    4, lets kernel rescaling by 2 halve the first one: docs/approx.md).
+    4, lets kernel rescaling by 2 halve the first one: docs/approx.md). ``batchnorm``: a
+    :class:`~fixedsim.nn.BatchNorm2d` after each convolution, which then has no bias (the
+    normalisation removes it): conv - BatchNorm - ReLU - pool, as cifarnet's stages. The
+    weights are those of the plain LeNet of the same seed (neither a bias nor BatchNorm
+    draws from the generator).
     """
     rng = np.random.default_rng(seed)
     C, H, W = in_shape
@@ -50,11 +54,17 @@ def lenet(seed: int = 0, in_shape=(1, 28, 28), channels=(16, 32), hidden: int = 
     if h < 1 or w < 1:
         raise ValueError(f"lenet: input {in_shape} too small for two {kernel}x{kernel} conv + "
                          f"pool stages")
-    return Sequential(
-        Conv2d(C, c1, kernel, rng=rng), ReLU(), MaxPool2d(2),
-        Conv2d(c1, c2, kernel, rng=rng), ReLU(), MaxPool2d(2),
-        Flatten(), Linear(c2 * h * w, hidden, rng=rng), ReLU(),
-        Linear(hidden, classes, rng=rng))
+    if not isinstance(batchnorm, bool):
+        raise ValueError(f"lenet: batchnorm must be true or false, got {batchnorm!r}")
+    layers, cin = [], C
+    for c in (c1, c2):
+        layers.append(Conv2d(cin, c, kernel, bias=not batchnorm, rng=rng))
+        if batchnorm:
+            layers.append(BatchNorm2d(c))
+        layers += [ReLU(), MaxPool2d(2)]
+        cin = c
+    return Sequential(*layers, Flatten(), Linear(c2 * h * w, hidden, rng=rng), ReLU(),
+                      Linear(hidden, classes, rng=rng))
 
 
 def cifarnet(seed: int = 0, in_shape=(3, 32, 32), channels=(16, 32, 64), hidden: int = 128,

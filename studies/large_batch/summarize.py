@@ -41,6 +41,8 @@ def _setting(study, r):
     b = tr.get("batch_size")
     opt = tr.get("optimizer")
     bits = [f"batch {b}", opt]
+    if (tr.get("model_options") or {}).get("batchnorm"):
+        bits.append("BatchNorm")
     if opt == "kfac" and float(tr.get("damping", 0.1)) != 0.1:  # 0.1: the study's usual
         bits.append(f"damping {tr['damping']}")
     if float(tr.get("smoothing_sigma") or 0):
