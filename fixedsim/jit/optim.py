@@ -43,6 +43,7 @@ from .quant import (
     RNE,
     RTZ,
     RUP,
+    tally,
 )
 from .quant_fast import _event_counts, _fixed_one
 from .rng import random_u64
@@ -118,19 +119,18 @@ def _weights_f32(ws, sbuf, wo):
     """``wo[j] = ws[j] - sbuf[j]`` rounded once into FP32 (round to odd at 53 bits from the
     exact TwoSum, then the float32 conversion, as :func:`fixedsim.add` rounds): ``(inexact,
     up, overflow, underflow, subnormal, left)``, ``left`` the sums beyond float64."""
-    c0 = c1 = c2 = c3 = c4 = np.int64(0)
-    ns = 0
+    c0 = c1 = c2 = c3 = c4 = ns = np.int32(0)  # counts of one chunk: tally's int32 lanes
     for j in range(ws.size):
         hi, lo = two_sum(np.float64(ws[j]), -sbuf[j])  # hi: w + (-s), its zero sign IEEE's
         # a sum beyond float64 is counted, not skipped (the caller then discards the chunk):
         # no branch in the loop, which vectorises
-        ns += np.int64(not _finite(hi))
+        ns = tally(ns, np.int64(not _finite(hi)))
         wn = np.float64(np.float32(_round_to_odd(hi, lo)))
-        c0 += np.int64(wn != hi) | np.int64(lo != 0.0)
-        c1 += np.int64(wn > hi) | (np.int64(wn == hi) & np.int64(lo < 0.0))
-        c2 += np.int64(abs(wn) == np.inf)
-        c3 += np.int64(wn == 0.0) & (np.int64(hi != 0.0) | np.int64(lo != 0.0))
-        c4 += np.int64(wn != 0.0) & np.int64(abs(wn) < _F32_MINNORM)
+        c0 = tally(c0, np.int64(wn != hi) | np.int64(lo != 0.0))
+        c1 = tally(c1, np.int64(wn > hi) | (np.int64(wn == hi) & np.int64(lo < 0.0)))
+        c2 = tally(c2, np.int64(abs(wn) == np.inf))
+        c3 = tally(c3, np.int64(wn == 0.0) & (np.int64(hi != 0.0) | np.int64(lo != 0.0)))
+        c4 = tally(c4, np.int64(wn != 0.0) & np.int64(abs(wn) < _F32_MINNORM))
         wo[j] = wn
     return c0, c1, c2, c3, c4, ns
 
@@ -231,29 +231,27 @@ def _weights_fixed(ws, sbuf, wo, lo_i, mode, rbits, g, key, P, Psr, U, D):
     :func:`fixedsim.jit.arith._grid_add_one` first, then :func:`_weights_fixed_rest` for the
     sums it declines, only when there are any (a call in the first loop would slow it down for
     every element). Returns ``(inexact, up, overflow, underflow, subnormal, left)``."""
-    c0 = c1 = c2 = c3 = c4 = np.int64(0)
-    ns = 0
+    c0 = c1 = c2 = c3 = c4 = ns = c_ok = np.int32(0)  # counts of one chunk: tally's lanes
     ok = np.empty(ws.size, np.uint8)
-    c_ok = 0
     for j in range(ws.size):
         wn, k, e0, e1, e2, e3 = _grid_add_one(np.float64(ws[j]), -sbuf[j], mode, g[G_UP],
                                               g[G_DOWN], g[G_CMAX], g[G_CMIN], rbits, key,
                                               np.uint64(lo_i + j))
         wo[j] = wn
         ok[j] = k
-        c_ok += k
-        c0 += e0 & k
-        c1 += e1 & k
-        c2 += e2 & k
-        c3 += e3 & k
+        c_ok = tally(c_ok, k)
+        c0 = tally(c0, e0 & k)
+        c1 = tally(c1, e1 & k)
+        c2 = tally(c2, e2 & k)
+        c3 = tally(c3, e3 & k)
     if c_ok < ws.size:
         r = _weights_fixed_rest(ws, sbuf, wo, ok, lo_i, mode, rbits, g, key, P, Psr, U, D)
-        c0 += r[0]
-        c1 += r[1]
-        c2 += r[2]
-        c3 += r[3]
-        c4 += r[4]
-        ns += r[5]
+        c0 = tally(c0, r[0])
+        c1 = tally(c1, r[1])
+        c2 = tally(c2, r[2])
+        c3 = tally(c3, r[3])
+        c4 = tally(c4, r[4])
+        ns = tally(ns, r[5])
     return c0, c1, c2, c3, c4, ns
 
 
@@ -272,9 +270,8 @@ def _steps(gr, ws, vs, vo_, sbuf, lo_i, hyper, flags, KM, mm, rm, gm0, gm1, gm2,
     nesterov = flags[2] != 0
     # events kept in registers: inexact, up, overflow, underflow, subnormal of the momentum
     # (a*) and of the step (b*)
-    a0 = a1 = a2 = a3 = a4 = np.int64(0)
-    b0 = b1 = b2 = b3 = b4 = np.int64(0)
-    ns = 0
+    a0 = a1 = a2 = a3 = a4 = np.int32(0)  # counts of one chunk: tally's int32 lanes
+    b0 = b1 = b2 = b3 = b4 = ns = np.int32(0)
     # No branch on the data: a value that is not finite is counted in ns (the caller then
     # discards the chunk) and rounded as 0.0 in its place, so that the loop vectorises
     # (twice as fast on AVX2, measured)
@@ -290,11 +287,11 @@ def _steps(gr, ws, vs, vo_, sbuf, lo_i, hyper, flags, KM, mm, rm, gm0, gm1, gm2,
             fm = _finite(xm)
             vn, e0, e1, e2, e3, e4 = _round_role(xm if fm else 0.0, KM, mm, rm, gm0, gm1, gm2,
                                                  gm3, keym, ui)
-            a0 += e0
-            a1 += e1
-            a2 += e2
-            a3 += e3
-            a4 += e4
+            a0 = tally(a0, e0)
+            a1 = tally(a1, e1)
+            a2 = tally(a2, e2)
+            a3 = tally(a3, e3)
+            a4 = tally(a4, e4)
             vo_[j] = vn
             d = g + mu * vn if nesterov else vn
         else:
@@ -304,14 +301,14 @@ def _steps(gr, ws, vs, vo_, sbuf, lo_i, hyper, flags, KM, mm, rm, gm0, gm1, gm2,
         fu = _finite(xu)
         st, e0, e1, e2, e3, e4 = _round_role(xu if fu else 0.0, KU, mu_, ru, gu0, gu1, gu2, gu3,
                                              keyu, ui)
-        b0 += e0
-        b1 += e1
-        b2 += e2
-        b3 += e3
-        b4 += e4
+        b0 = tally(b0, e0)
+        b1 = tally(b1, e1)
+        b2 = tally(b2, e2)
+        b3 = tally(b3, e3)
+        b4 = tally(b4, e4)
         # finite intermediates, a finite step and weight (an FP32 step of a finite value may
         # overflow)
-        ns += np.int64(not (fm & fu & _finite(st) & _finite(w)))
+        ns = tally(ns, np.int64(not (fm & fu & _finite(st) & _finite(w))))
         sbuf[j] = st
     return a0, a1, a2, a3, a4, b0, b1, b2, b3, b4, ns
 

@@ -50,6 +50,7 @@ from .quant import (
     RUP,
     SR,
     sr_limit,
+    tally,
     u64_to_f64_rtz,
 )
 from .rng import random_u64
@@ -140,12 +141,7 @@ def _float_events(xs, os, ov, minnorm, counts, c, value):
     largest value, or an infinite one saturated), underflow (a nonzero input rounded to zero),
     subnormal (a nonzero result below the smallest normal ``minnorm``, as bits) and NaN
     inputs. Branch-free 0/1 integers."""
-    n_inexact = 0
-    n_up = 0
-    n_over = 0
-    n_under = 0
-    n_sub = 0
-    n_nan = 0
+    n_inexact = n_up = n_over = n_under = n_sub = n_nan = np.int32(0)
     for j in range(xs.size):
         x = value(xs[j])
         r = np.int64(os[j])
@@ -154,15 +150,15 @@ def _float_events(xs, os, ov, minnorm, counts, c, value):
         nan_in = np.int64(x != x)
         fin = np.int64(abs(x) < np.inf)
         inexact = np.int64(v != x) & (1 - nan_in)
-        n_inexact += inexact
-        n_up += np.int64(v > x)  # implies inexact (and no NaN)
+        n_inexact = tally(n_inexact, inexact)
+        n_up = tally(n_up, np.int64(v > x))  # implies inexact (and no NaN)
         # beyond float32's range (float64 inputs) the value rounded to odd is float32's max,
         # whose rounding may stay in range (to zero): every rounding of |x| >= 2**128 overflows
-        n_over += (fin & (np.int64(ov[j]) | np.int64(abs(x) >= _TWO128))) | (
-            (1 - fin - nan_in) & inexact)
-        n_under += fin & np.int64(x != 0.0) & np.int64(ra == 0)
-        n_sub += np.int64(ra != 0) & np.int64(ra < minnorm)
-        n_nan += nan_in
+        n_over = tally(n_over, (fin & (np.int64(ov[j]) | np.int64(abs(x) >= _TWO128))) | (
+            (1 - fin - nan_in) & inexact))
+        n_under = tally(n_under, fin & np.int64(x != 0.0) & np.int64(ra == 0))
+        n_sub = tally(n_sub, np.int64(ra != 0) & np.int64(ra < minnorm))
+        n_nan = tally(n_nan, nan_in)
     counts[c, F_INEXACT] = n_inexact
     counts[c, F_UP] = n_up
     counts[c, F_OVERFLOW] = n_over
@@ -324,19 +320,16 @@ def _fixed_chunk(x, out, lo, hi, MODE, up_scale, down_scale, cmax, cmin, rbits, 
                  c):
     xs = x[lo:hi]  # slices: indices from 0 let the loop vectorise
     os = out[lo:hi]
-    n_inexact = 0
-    n_up = 0
-    n_over = 0
-    n_under = 0
+    n_inexact = n_up = n_over = n_under = np.int32(0)
     for j in range(xs.size):
         xv = np.float64(xs[j])
         v, ovf = _fixed_one(xv, MODE, up_scale, down_scale, cmax, cmin, rbits, key, lo + j)
         os[j] = v
         i0, u0, z0 = _event_counts(xv, v)
-        n_inexact += i0
-        n_up += u0
-        n_under += z0
-        n_over += ovf
+        n_inexact = tally(n_inexact, i0)
+        n_up = tally(n_up, u0)
+        n_under = tally(n_under, z0)
+        n_over = tally(n_over, ovf)
     counts[c, F_INEXACT] = n_inexact
     counts[c, F_UP] = n_up
     counts[c, F_OVERFLOW] = n_over
@@ -429,16 +422,13 @@ def wrap_codes(x, r, out, mask, w, signed, down_scale, cmax, cmin):
                 else:
                     v = u64_to_f64_rtz(code)
                 os[j] = v * down_scale + 0.0
-        n_inexact = 0
-        n_up = 0
-        n_over = 0
-        n_under = 0
+        n_inexact = n_up = n_over = n_under = np.int32(0)
         for j in range(xs.size):
             i0, u0, z0 = _event_counts(np.float64(xs[j]), np.float64(os[j]))
-            n_inexact += i0
-            n_up += u0
-            n_under += z0
-            n_over += np.int64(rs[j] > cmax) | np.int64(rs[j] < cmin)
+            n_inexact = tally(n_inexact, i0)
+            n_up = tally(n_up, u0)
+            n_under = tally(n_under, z0)
+            n_over = tally(n_over, np.int64(rs[j] > cmax) | np.int64(rs[j] < cmin))
         counts[c, F_INEXACT] = n_inexact
         counts[c, F_UP] = n_up
         counts[c, F_OVERFLOW] = n_over
