@@ -781,3 +781,36 @@ def test_lenet_batchnorm_variant():
     assert np.array_equal(ref.forward(x, nn.Context(nn.Policy.exact())), y)
     with pytest.raises(ValueError, match="batchnorm must be true or false"):
         nn.lenet(0, batchnorm="yes")
+
+
+@pytest.mark.parametrize("policy", ["fp16", "float32", "fixed:16:14:stochastic"])
+def test_linear_scans_each_operand_once(policy, monkeypatch):
+    """A Linear step scans the input and the weights once in its forward pass and the error
+    once in its backward pass, for its four products (forward, weight and bias gradients,
+    input gradient), and computes what the products compute when each scans its own
+    operands (the layer's gradients and output, bit for bit)."""
+    from fixedsim.matmul import core as mcore
+
+    def step(layer, scans_given):
+        ctx = nn.Context(nn.Policy.parse(policy), seed=3, step=0)
+        y = layer.forward(x, ctx)
+        if not scans_given:  # the backward products scan their operands themselves
+            layer._scans = None
+        dx = layer.backward(g, ctx)
+        return y, dx, layer.weight.grad.copy(), layer.bias.grad.copy()
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 40)).astype(np.float32)
+    g = (rng.standard_normal((6, 30)) * 0.1).astype(np.float32)
+    layer = nn.Linear(40, 30, rng=1)
+    sizes = []
+    real = mcore._Bits.of.__func__
+    monkeypatch.setattr(mcore._Bits, "of", classmethod(
+        lambda cls, a: sizes.append(np.size(a)) or real(cls, a)))
+    got = step(layer, True)
+    assert sizes.count(40 * 30) == 1 and sizes.count(6 * 40) == 1 and sizes.count(6 * 30) == 1
+    sizes.clear()
+    want = step(layer, False)
+    assert sizes.count(40 * 30) == 2  # the layer's (forward) and grad_input's own
+    for a, b in zip(got, want):
+        assert np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))

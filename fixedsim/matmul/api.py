@@ -94,6 +94,15 @@ def matmul(a, b, spec: MatmulSpec | None = None, c=None, *, seed=None, stats=Fal
     >>> fs.matmul(a, b, fs.MatmulSpec(accumulator=fs.Accumulator(fs.FP16, block=4)))
     array([[1.0009766]], dtype=float32)
     """
+    return _matmul(a, b, spec, c, seed=seed, stats=stats, path=path)
+
+
+def _matmul(a, b, spec, c=None, *, seed=None, stats=False, path=None, scans=(None, None)):
+    """:func:`matmul`; ``scans``: the operand scans (:class:`~fixedsim.matmul.core._Bits`) of
+    ``a`` and ``b`` where the caller holds them, else None. A layer scans the operands it
+    keeps for its backward pass once and gives the scans to its three products (``a`` and,
+    transposed, the same values). They are read only where the operands reach the product as
+    they are: no ``spec.input`` rounding, ``b`` 2-D."""
     spec, keys, rb, cnt = _setup("matmul", spec, seed, stats)
     a, b = _check_operands(a, b, batch_b=True)
     _check_finite_for_fixed(spec, a, b)
@@ -111,8 +120,9 @@ def matmul(a, b, spec: MatmulSpec | None = None, c=None, *, seed=None, stats=Fal
     cnt.macs = int(np.prod(batch, dtype=np.int64)) * M * N * K
     if b.ndim == 2:  # one 2-D product: the batch of a stacked into rows
         R = int(np.prod(batch, dtype=np.int64)) * M
+        ba, bb = scans if spec.input is None else (None, None)
         res = _product(aq.reshape(R, K), bq, spec, keys, rb, cnt, path=path,
-                       C=None if C is None else C.reshape(R, N))
+                       C=None if C is None else C.reshape(R, N), ba=ba, bb=bb)
         out = res.reshape(*batch, M, N)
     else:
         if _stochastic_after_input(spec):

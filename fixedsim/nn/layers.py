@@ -22,8 +22,9 @@ import time
 import numpy as np
 
 from ..blockformats import BlockFormat
-from ..matmul import MatmulSpec, conv2d, conv2d_grad_input, conv2d_grad_weight, matmul
-from ..matmul.api import reuse_im2col
+from ..matmul import MatmulSpec, conv2d, conv2d_grad_input, conv2d_grad_weight
+from ..matmul.api import _matmul, reuse_im2col
+from ..matmul.core import _Bits
 from ..matmul.engine import im2col as _im2col
 from ..rounding import Rounding
 from .core import Context, Module, Parameter
@@ -103,6 +104,7 @@ class _Product(Module):
         self.bias = Parameter("bias", np.zeros(weight_shape[0] if len(weight_shape) == 4
                                                else weight_shape[1])) if bias else None
         self._cache = None
+        self._scans = None  # a Linear forward pass's operand scans (its backward reads them)
 
     def parameters(self):
         return [self.weight] + ([self.bias] if self.bias is not None else [])
@@ -282,11 +284,13 @@ class _Product(Module):
             return ctx.round("activations", z, self.name)
         return ctx.add_into("activations", z, bias_view, self.name, "activations")
 
-    def _bias_grad(self, g2d, ctx):
+    def _bias_grad(self, g2d, ctx, scan=None):
         """Bias gradient: the column sums of ``g2d`` as a product with a row of ones, so they
-        pass through the weight-gradient accumulator like every other gradient."""
+        pass through the weight-gradient accumulator like every other gradient (``scan``:
+        ``g2d``'s operand scan, when the caller holds it)."""
         ones = np.ones((1, g2d.shape[0]))
-        db = ctx.product(matmul, ctx.policy.grad_weight, self.name, "grad_bias", ones, g2d)
+        db = ctx.product(_matmul, ctx.policy.grad_weight, self.name, "grad_bias", ones, g2d,
+                         scans=(None, scan))
         self.bias.grad = ctx.round("weight_grads", db.reshape(-1), self.name, "grad_bias")
 
 
@@ -316,6 +320,7 @@ class Linear(_Product):
                              f"got shape {x.shape}")
         xq, wq, spec = self._forward_operands(x, ctx)
         self._reused = self.reuse  # the setting of this forward pass, for its backward
+        self._scans = None
         ap = self._approx_setting(ctx)
         if self._reused:
             z = self._reuse_forward(xq, wq, spec, ctx, np.arange(len(xq)))
@@ -324,7 +329,10 @@ class Linear(_Product):
 
             z = linear_forward(self, xq, wq, spec, ctx)
         else:
-            z = ctx.product(matmul, spec, self.name, "forward", xq, wq)
+            # the operands are kept for the backward pass: each is scanned once, here, for
+            # the three products (the scan of a transpose is the scan of its array)
+            self._scans = (_Bits.of(xq), _Bits.of(wq))
+            z = ctx.product(_matmul, spec, self.name, "forward", xq, wq, scans=self._scans)
         self._cache = (xq, wq)
         self._out_shape = z.shape
         return self._finish_forward(z, None if self.bias is None else self.bias.value, ctx)
@@ -337,6 +345,7 @@ class Linear(_Product):
         p = ctx.policy
         dx = None
         grad_y = self._approx_error(grad_y, ctx)
+        bx = bw = bg = None  # operand scans: of the forward pass's operands, of the error
         if self._reused:
             dw, dx = self._reuse_backward(grad_y, wq, ctx, need_input_grad)
         elif self._approxed is not None:
@@ -344,18 +353,23 @@ class Linear(_Product):
 
             dw, dx = linear_backward(self, grad_y, xq, wq, ctx, need_input_grad)
         else:
-            self._weight_grad(lambda: ctx.product(matmul, p.grad_weight, self.name,
-                                                  "grad_weight", xq.T, grad_y),
+            if self._scans is not None:
+                bx, bw = self._scans
+                bg = _Bits.of(grad_y)  # the error's scan, for its three products
+            self._weight_grad(lambda: ctx.product(_matmul, p.grad_weight, self.name,
+                                                  "grad_weight", xq.T, grad_y,
+                                                  scans=(bx, bg)),
                               ctx, self.in_features, grad_y.size, need_input_grad)
             dw = None
         if dw is not None:
             self.weight.grad = ctx.round("weight_grads", dw, self.name)
         if self.bias is not None:
-            self._bias_grad(grad_y, ctx)
+            self._bias_grad(grad_y, ctx, bg)
         if not need_input_grad:
             return None
         if dx is None:
-            dx = ctx.product(matmul, p.grad_input, self.name, "grad_input", grad_y, wq.T)
+            dx = ctx.product(_matmul, p.grad_input, self.name, "grad_input", grad_y, wq.T,
+                             scans=(bg, bw))
         return ctx.round("errors", dx, self.name)
 
 
