@@ -331,6 +331,41 @@ def test_out_with_results_needs_resume(tiny):
         run_study(study, res.out, workers=1, progress=False, log=quiet)
 
 
+def test_resume_adds_seeds_to_a_table_only_folder(tiny, tmp_path):
+    """A folder kept as its results.csv and the runs' histories (as the studies commit them,
+    without results/*.json): a resumed sweep of the study with more replicates adopts the
+    table's runs, runs only the new replicates, and rewrites the table with every run, the
+    adopted rows as they were."""
+    import shutil
+
+    study, res, _ = tiny
+    old = [r for r in study.runs if r.replicate == 0]
+    kept = tmp_path / "kept"
+    (kept / "runs").mkdir(parents=True)
+    rows = read_csv(res.out / "results.csv")
+    header = (res.out / "results.csv").read_text().splitlines()[0]
+    with open(kept / "results.csv", "w") as f:  # the replicate-0 rows only
+        f.write(header + "\n")
+        for line in (res.out / "results.csv").read_text().splitlines()[1:]:
+            if line.split(",")[0] in {r.run_id for r in old}:
+                f.write(line + "\n")
+    for r in old:
+        (kept / "runs" / r.run_id).mkdir()
+        shutil.copy(res.out / "runs" / r.run_id / "history.csv", kept / "runs" / r.run_id)
+    with pytest.raises(StudyError, match="--resume"):  # still refused without --resume
+        run_study(study, kept, workers=1, progress=False, log=quiet)
+    again = run_study(study, kept, workers=1, resume=True, progress=False, log=quiet)
+    assert sorted(again.skipped) == sorted(r.run_id for r in old)
+    assert sorted(again.ran) == sorted(r.run_id for r in study.runs if r.replicate == 1)
+    assert (kept / "results.csv").read_text().splitlines()[0] == header
+    new_rows = {r["run_id"]: r for r in read_csv(kept / "results.csv")}
+    assert sorted(new_rows) == sorted(r.run_id for r in study.runs)
+    for row in rows:  # every row as the first sweep wrote it, the new ones rerun the same
+        assert new_rows[row["run_id"]]["final_test_acc"] == row["final_test_acc"]
+        if row["run_id"] in {r.run_id for r in old}:
+            assert new_rows[row["run_id"]] == row
+
+
 def _subset(study, n):
     return dataclasses.replace(study, runs=study.runs[:n])
 

@@ -14,7 +14,10 @@ import math
 import pathlib
 import re
 
-from .runner import _atomic_write_text, _ordered, load_records
+from .runner import _DERIVED as _RUN_DERIVED
+from .runner import _METRICS as _RUN_METRICS
+from .runner import _TAIL as _RUN_TAIL
+from .runner import RESULT_COLUMNS, _atomic_write_text, _ordered, load_records
 from .spec import StudyError
 
 __all__ = ["report", "Report", "load_results"]
@@ -110,16 +113,15 @@ def _records_from_csv(out: pathlib.Path) -> list:
         with open(out / "histories.csv", newline="") as f:
             for h in csv.DictReader(f):
                 hist.setdefault(h["run_id"], []).append({k: _num(v) for k, v in h.items()})
-    fixed = {"run_id", "status", *DERIVED, "config", "error", "error_type", "best_epoch",
-             "epochs_done", "resumed_from_epoch", "seed", "study_seed", "study", "index",
-             "fixedsim_version", "git_commit", "python", "numpy", "numba", "numba_threads",
-             "blas_threads", "machine", "platform", "pid", "executor", "started", "finished",
-             *METRICS}
+    # every column results.csv has besides the axes (runner.result_rows writes them)
+    fixed = {*RESULT_COLUMNS, *_RUN_DERIVED, *_RUN_METRICS, *_RUN_TAIL, *DERIVED, *METRICS}
     recs = []
     for row in rows:
         rec = {k: _num(v) for k, v in row.items() if k in fixed}
         rec["run_id"], rec["status"] = row["run_id"], row["status"]
         rec["axes"] = {k: _num(v) for k, v in row.items() if k not in fixed}
+        if rec.get("replicate") is not None:  # an axis of the run, as its record has it
+            rec["axes"]["replicate"] = rec["replicate"]
         rec["history"] = hist.get(row["run_id"], [])
         recs.append(rec)
     return recs

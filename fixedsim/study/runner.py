@@ -266,6 +266,31 @@ def load_records(out) -> dict:
     return records
 
 
+def _adopt_table(out, records) -> dict:
+    """The runs of ``OUT/results.csv`` that have no record in ``OUT/results/`` (a folder kept
+    as its table and histories, as the studies commit them), as records written there: a
+    resumed sweep then skips them and rewrites the table with them, so raising ``replicates``
+    and resuming adds seeds to such a folder."""
+    if not (pathlib.Path(out) / "results.csv").is_file():
+        return {}
+    from .report import _records_from_csv
+
+    adopted = {}
+    for rec in _records_from_csv(pathlib.Path(out)):
+        if rec["run_id"] in records:
+            continue
+        if isinstance(rec.get("config"), str):
+            try:
+                rec["config"] = json.loads(rec["config"])
+            except ValueError:
+                pass
+        (pathlib.Path(out) / "results").mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(pathlib.Path(out) / "results" / f"{rec['run_id']}.json",
+                           json.dumps(rec, indent=1, default=str) + "\n")
+        adopted[rec["run_id"]] = rec
+    return adopted
+
+
 def _ordered(records) -> list:
     return sorted(records, key=lambda r: (r.get("index") if r.get("index") is not None
                                           else 1 << 60, r["run_id"]))
@@ -402,6 +427,8 @@ def run_study(study: Study, out=None, *, workers: int | None = None, scheduler=N
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise StudyError(f"workers must be an integer >= 1, got {workers!r}")
     records = load_records(out)
+    if resume:
+        records.update(_adopt_table(out, records))
     runs_dir = out / "runs"
     started_runs = [p.name for p in runs_dir.iterdir()] if runs_dir.is_dir() else []
     if (records or started_runs) and not resume:
