@@ -202,6 +202,37 @@ def test_fp32_chain_path_matches_general(inp, out):
     assert both_paths(a, b, spec) == {"fp32_chain": 1}
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(17, 90), st.integers(1, 40), st.integers(1, 15),
+       st.sampled_from([fs.FP16, fs.BF16]), st.integers(0, 2**32 - 1))
+def test_fp32_chain_narrow_outputs_run_transposed(R, K, N, inp, seed):
+    """An uncounted FP32 chain with fewer than 16 outputs a row and more rows runs as
+    ``(B^T A^T)^T`` (vectorised over the rows): the general kernel's bits (and, counted, its
+    counts, on the untransposed kernel)."""
+    import sys
+
+    rng = np.random.default_rng(seed)
+    a = rng.normal(0, 1, (R, K)) * np.exp2(rng.integers(-20, 8, (R, K)))  # finite in FP16
+    b = rng.normal(0, 1, (K, N)) * np.exp2(rng.integers(-8, 8, (K, N)))
+    a[rng.random((R, K)) < 0.1] = 0.0
+    b[rng.random((K, N)) < 0.1] = -0.0
+    spec = fs.MatmulSpec(input=inp, accumulator=fs.FP32)
+    paths = sys.modules["fixedsim.matmul.paths"]
+    seen = []
+    real = paths._g32.gemm_f32_chain
+
+    def spy(A, B, out, how):
+        seen.append((A.shape, how))
+        return real(A, B, out, how)
+
+    paths._g32.gemm_f32_chain = spy
+    try:
+        assert both_paths(a, b, spec) == {"fp32_chain": 1}
+    finally:
+        paths._g32.gemm_f32_chain = real
+    assert ((N, K), gemm_fp32.F32_UNCOUNTED) in seen  # the unread call ran transposed
+
+
 def test_fp32_chain_overflow_and_subnormal_counts():
     a = np.array([[6e4, 6e4, -6e4, 2.0**-24, 2.0**-24]])
     b = np.array([[6e4], [6e4], [6e4], [2.0**-24], [-2.0**-24]])
