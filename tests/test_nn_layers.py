@@ -770,7 +770,7 @@ def test_lenet_batchnorm_variant():
     pw = [p.value for k, p in plain.named_parameters().items() if k.endswith("weight")]
     bw = [p.value for k, p in bn.named_parameters().items() if k.endswith("weight")]
     assert len(pw) == len(bw) == 4
-    assert all(np.array_equal(a, b) for a, b in zip(pw, bw))
+    assert all(np.array_equal(a, b) for a, b in zip(pw, bw, strict=True))
     x = np.random.default_rng(0).standard_normal((6, 1, 28, 28))
     y = bn.forward(x, nn.Context(nn.Policy.exact()))
     # in training mode each BatchNorm output channel has mean 0 over (N, H, W)
@@ -812,5 +812,5 @@ def test_linear_scans_each_operand_once(policy, monkeypatch):
     sizes.clear()
     want = step(layer, False)
     assert sizes.count(40 * 30) == 2  # the layer's (forward) and grad_input's own
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         assert np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
