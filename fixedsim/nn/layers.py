@@ -330,9 +330,12 @@ class Linear(_Product):
             z = linear_forward(self, xq, wq, spec, ctx)
         else:
             # the operands are kept for the backward pass: each is scanned once, here, for
-            # the three products (the scan of a transpose is the scan of its array)
-            self._scans = (_Bits.of(xq), _Bits.of(wq))
-            z = ctx.product(_matmul, spec, self.name, "forward", xq, wq, scans=self._scans)
+            # the three products (the scan of a transpose is the scan of its array), where
+            # the products read scans (operands as they are, not rounded in blocks)
+            if spec.input is None:
+                self._scans = (_Bits.of(xq), _Bits.of(wq))
+            z = ctx.product(_matmul, spec, self.name, "forward", xq, wq,
+                            scans=self._scans or (None, None))
         self._cache = (xq, wq)
         self._out_shape = z.shape
         return self._finish_forward(z, None if self.bias is None else self.bias.value, ctx)
@@ -355,7 +358,8 @@ class Linear(_Product):
         else:
             if self._scans is not None:
                 bx, bw = self._scans
-                bg = _Bits.of(grad_y)  # the error's scan, for its three products
+                if p.grad_weight.input is None or p.grad_input.input is None:  # read there
+                    bg = _Bits.of(grad_y)  # the error's scan, for its three products
             self._weight_grad(lambda: ctx.product(_matmul, p.grad_weight, self.name,
                                                   "grad_weight", xq.T, grad_y,
                                                   scans=(bx, bg)),

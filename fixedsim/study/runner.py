@@ -271,23 +271,22 @@ def _adopt_table(out, records) -> dict:
     as its table and histories, as the studies commit them), as records written there: a
     resumed sweep then skips them and rewrites the table with them, so raising ``replicates``
     and resuming adds seeds to such a folder."""
-    if not (pathlib.Path(out) / "results.csv").is_file():
+    out = pathlib.Path(out)
+    if not (out / "results.csv").is_file():
         return {}
     from .report import _records_from_csv
 
-    adopted = {}
-    for rec in _records_from_csv(pathlib.Path(out)):
-        if rec["run_id"] in records:
-            continue
+    adopted = {r["run_id"]: r for r in _records_from_csv(out) if r["run_id"] not in records}
+    if adopted:
+        (out / "results").mkdir(parents=True, exist_ok=True)
+    for rec in adopted.values():
         if isinstance(rec.get("config"), str):
             try:
                 rec["config"] = json.loads(rec["config"])
             except ValueError:
                 pass
-        (pathlib.Path(out) / "results").mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(pathlib.Path(out) / "results" / f"{rec['run_id']}.json",
+        _atomic_write_text(out / "results" / f"{rec['run_id']}.json",
                            json.dumps(rec, indent=1, default=str) + "\n")
-        adopted[rec["run_id"]] = rec
     return adopted
 
 
