@@ -512,6 +512,34 @@ def test_fixedsim_as_the_machine_fits_every_layer_and_pass():
     assert p["epoch_s"] > 0 and {k[0] for k in p["rows"]} == {"train", "eval"}
 
 
+def test_fixedsim_as_the_machine_measures_the_step_training_runs(monkeypatch):
+    """The self model times the layers as training runs them: weights held in the policy's
+    weights role (unrounded ones sent products of this model to the Ozaki path) and BLAS on
+    one thread (a multi-threaded BLAS on busy cores made a LeNet step up to 100x slower); the
+    caller's model keeps its weights."""
+    from threadpoolctl import threadpool_info
+
+    from fixedsim.cost import selfmodel
+
+    model = fs.nn.mlp(in_shape=(1, 6, 6), hidden=(7,), classes=4)
+    before = {n: p.value.copy() for n, p in model.named_parameters().items()}
+    threads = []
+    timed = selfmodel._timed_step
+
+    def spy(*a, **kw):
+        threads.extend(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+        return timed(*a, **kw)
+
+    monkeypatch.setattr(selfmodel, "_timed_step", spy)
+    with fs.counters.record() as c:
+        selfmodel.measure(Policy.fixed(16, 12), model, (1, 6, 6), batches=(2, 4), classes=4,
+                          reps=1)
+    assert set(c.paths) == {"exact_blas"} and c.paths["exact_blas"] == c.calls
+    assert threads and set(threads) == {1}
+    for n, p in model.named_parameters().items():
+        np.testing.assert_array_equal(p.value, before[n])
+
+
 def test_instruction_model_fits_and_checks_callgrind_profiles(tmp_path):
     """analyse() reads callgrind dumps (the case name from the client request, the totals),
     fits i0 + i_mac MACs + i_out outputs per kernel on the fit cases and checks the others:

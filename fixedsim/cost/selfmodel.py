@@ -98,14 +98,53 @@ def _timed_step(model, policy, x, y, training, optimizer, momentum, step):
 
 
 def measure(policy, model=None, in_shape=None, batches=(8, 32), *, optimizer: str = "sgd",
-            momentum: float = 0.9, classes: int = 10, reps: int = 3) -> SelfProfile:
+            momentum: float = 0.9, classes: int = 10, reps: int = 3,
+            blas_threads: int | None = 1) -> SelfProfile:
     """Time fixedsim's layers for ``policy`` at two batch sizes and fit ``t = t0 + s * w``
-    per layer and pass (the least of ``reps`` timed steps after a warm-up step)."""
+    per layer and pass (the least of ``reps`` timed steps after a warm-up step).
+
+    The model's parameters are first rounded into the policy's ``weights`` role, and BLAS is
+    limited to ``blas_threads`` threads (None: unchanged), as :func:`fixedsim.nn.train.train`
+    runs (one thread by default): unrounded weights can take slower kernels, and a
+    multi-threaded BLAS on cores that other work holds made a step up to 100 times slower.
+    """
+    import contextlib
+
+    from threadpoolctl import threadpool_limits
+
+    with (contextlib.nullcontext() if blas_threads is None
+          else threadpool_limits(limits=blas_threads, user_api="blas")):
+        return _measure(policy, model, in_shape, batches, optimizer, momentum, classes, reps)
+
+
+def _measure(policy, model, in_shape, batches, optimizer, momentum, classes, reps):
     from ..nn.models import lenet
+    from ..nn.train import _init_weights
 
     model = model if model is not None else lenet()
     if in_shape is None:
         in_shape = (1, 28, 28)
+    params = model.named_parameters()
+    saved = {name: p.value for name, p in params.items()}
+    _init_weights(model, policy, 0)  # off the format's grid, products take other kernels
+    try:
+        obs = _observe(model, policy, in_shape, batches, optimizer, momentum, classes, reps)
+    finally:
+        for name, p in params.items():  # the caller's model as it was given
+            p.value = saved[name]
+    fits = {}
+    for key, pts in obs.items():
+        (w0, t0), (w1, t1) = pts[0], pts[-1]
+        if w1 == w0:  # work that does not grow with the batch (the optimizer): a constant
+            fits[key] = (min(t0, t1), 0.0)
+            continue
+        s = max((t1 - t0) / (w1 - w0), 0.0)
+        fits[key] = (max(t0 - s * w0, 0.0), s)
+    return SelfProfile(fits=fits, batches=tuple(batches))
+
+
+def _observe(model, policy, in_shape, batches, optimizer, momentum, classes, reps):
+    """{(phase, layer, pass): [(work, least seconds) per batch size]}."""
     rng = np.random.default_rng(0)
     obs: dict = {}
     for b in batches:
@@ -125,15 +164,7 @@ def measure(policy, model=None, in_shape=None, batches=(8, 32), *, optimizer: st
             for (layer, pss), v in best.items():
                 key = (phase, layer, pss)
                 obs.setdefault(key, []).append((work.get(key, 0), v))
-    fits = {}
-    for key, pts in obs.items():
-        (w0, t0), (w1, t1) = pts[0], pts[-1]
-        if w1 == w0:  # work that does not grow with the batch (the optimizer): a constant
-            fits[key] = (min(t0, t1), 0.0)
-            continue
-        s = max((t1 - t0) / (w1 - w0), 0.0)
-        fits[key] = (max(t0 - s * w0, 0.0), s)
-    return SelfProfile(fits=fits, batches=tuple(batches))
+    return obs
 
 
 def predict_self(model, policy, batch: int, images: int, in_shape=None, *,
