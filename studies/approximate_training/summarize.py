@@ -1,5 +1,6 @@
 """Summary of the approximate-training study: accuracy against MACs against wall time, one row
-per (study file, model, policy, method), mean ± standard deviation over its replicates.
+per (study file, model, policy, method), mean ± standard deviation over its replicates (and
+each replicate's final accuracy).
 
     python studies/approximate_training/summarize.py [RESULTS_DIR]
 
@@ -102,8 +103,8 @@ def main(argv):
         groups.setdefault((x["study"], x["model"], x["policy"], x["lr"], x["method"]),
                           []).append(x)
     lines = ["| file | model | policy | lr | training images | method | n | final test acc | "
-             "best | MACs vs dense | approximated products kept | time vs dense |",
-             "|---" * 12 + "|"]
+             "each seed | best | MACs vs dense | approximated products kept | time vs dense |",
+             "|---" * 13 + "|"]
     rank = {name: i for i, name in enumerate(ORDER)}
     for key in sorted(groups, key=lambda k: (rank.get(k[0], 99), k[1], k[2], k[3],
                                              k[4] != "dense", k[4])):
@@ -114,13 +115,15 @@ def main(argv):
         n = f"{len(ok)}" + (f" ({len(xs) - len(ok)} failed)" if len(ok) < len(xs) else "")
         head = f"| {study} | {model} | {policy} | {lr} | {size:,} | {method} | {n} |"
         if not ok:
-            lines.append(head + " " + " | ".join([xs[0]["status"]] + ["-"] * 4) + " |")
+            lines.append(head + " " + " | ".join([xs[0]["status"]] + ["-"] * 5) + " |")
             continue
         base = _dense_for(ok[0], dense)
         macs = _pm([_ratio(x, base, "macs") for x in ok], "{:.2f}") if base else "-"
         tim = _pm([_ratio(x, base, "sec") for x in ok], "{:.2f}") if base else "-"
         kept = _pm([x["kept"] for x in ok if x["kept"] is not None], "{:.2f}")
-        lines.append(head + f" {_pm([100 * x['acc'] for x in ok], '{:.1f}')}% | "
+        seeds = ", ".join(f"{100 * x['acc']:.1f}" for x in sorted(ok, key=lambda x:
+                                                                 x["replicate"]))
+        lines.append(head + f" {_pm([100 * x['acc'] for x in ok], '{:.1f}')}% | {seeds} | "
                      f"{_pm([100 * x['best'] for x in ok], '{:.1f}')}% | {macs} | {kept} | "
                      f"{tim} |")
     text = "\n".join(lines) + "\n"
