@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import zipfile
 
 import numba
@@ -330,6 +331,74 @@ batch_size = 32
 [grid]
 policy = ["float32", "fixed:16:8:stochastic"]
 """
+
+
+def _children(pid):
+    """The pids of ``pid``'s child processes that are multiprocessing workers (Linux /proc)."""
+    try:
+        kids = pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    out = []
+    for k in kids:
+        try:
+            cmd = pathlib.Path(f"/proc/{k}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmd:
+            out.append(int(k))
+    return out
+
+
+def _alive(pid):
+    try:
+        state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc, uses prctl")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_killed_sweep_leaves_no_worker_running(tmp_path, sig):
+    """SIGTERM (what kill and pkill send) or SIGKILL to ``fixedsim sweep --workers 2`` while
+    its workers train: the workers stop with it. Before, they went on with the runs queued to
+    them, writing into the study folder, and then waited forever. SIGTERM: exit 143 and the
+    message; SIGKILL: the kernel stops the workers (their parent-death signal)."""
+    study = tmp_path / "s.toml"
+    study.write_text(STUDY.replace("epochs = 1", "epochs = 100000").replace(
+        "seed = 1\n", "seed = 1\nreplicates = 2\n"))
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FIXEDSIM_ESTIMATE": "0"}
+    p = subprocess.Popen([sys.executable, "-m", "fixedsim.cli", "sweep", str(study),
+                          "--workers", "2", "--out", str(out), "--quiet"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    workers = []
+    try:
+        for _ in range(1200):  # until both workers have trained an epoch of a run
+            histories = list(out.glob("runs/*/history.csv"))
+            workers = _children(p.pid)
+            if len(histories) >= 2 and len(workers) >= 2:
+                break
+            assert p.poll() is None, p.stderr.read()
+            time.sleep(0.25)
+        assert len(workers) >= 2
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=120)
+        if sig == signal.SIGTERM:
+            assert p.returncode == 143, err
+            assert "terminated" in err and "--resume" in err and "Traceback" not in err
+        for _ in range(240):
+            if not any(_alive(w) for w in workers):
+                break
+            time.sleep(0.25)
+        assert not any(_alive(w) for w in workers)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
 
 
 def test_sweep_and_report_edges(capsys, tmp_path):

@@ -238,7 +238,38 @@ def _jsonable(row: dict) -> dict:
 
 
 def _init_pool_worker(numba_threads):  # pragma: no cover - runs in the worker processes
+    _die_with_parent()
     _set_numba_threads(numba_threads)
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel send this process SIGTERM when the sweep that spawned it dies,
+    however it dies (SIGKILL included). Without it a worker of a killed sweep went on with
+    the runs queued to it, writing into the study folder beside a resumed sweep, and then
+    waited forever. Elsewhere nothing (the sweep's SIGTERM handler still stops its workers)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - a libc without prctl
+        return
+    if os.getppid() == 1:  # the parent died before the call: nothing will signal us
+        os._exit(1)
+
+
+class SweepTerminated(SystemExit):
+    """SIGTERM reached a sweep that runs its runs in worker processes: the workers are
+    stopped, the finished runs are on disk (``--resume`` goes on), exit status 143."""
+
+
+def _on_sigterm(signum, frame):
+    print("\nfixedsim sweep: terminated (SIGTERM): the workers are stopped; the runs finished "
+          "so far are recorded, and the sweep goes on with --resume", file=sys.stderr)
+    raise SweepTerminated(128 + signum)
 
 
 # -- records and tables -------------------------------------------------------------------------
@@ -527,6 +558,16 @@ def _failed_record(task: dict, err: BaseException) -> dict:
     return rec
 
 
+def _sigterm_handler(handler):
+    """Install ``handler`` for SIGTERM (main thread only; None leaves it); the previous one."""
+    import signal
+    import threading
+
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
+
+
 def _run_pool(study, todo, out, resume, threads, workers, finished):
     import concurrent.futures as cf
     import multiprocessing
@@ -537,6 +578,7 @@ def _run_pool(study, todo, out, resume, threads, workers, finished):
     pool = cf.ProcessPoolExecutor(max_workers=workers,
                                   mp_context=multiprocessing.get_context("spawn"),
                                   initializer=_init_pool_worker, initargs=(threads,))
+    previous = _sigterm_handler(_on_sigterm)
     try:
         futures = {}
         for run in todo:
@@ -548,7 +590,7 @@ def _run_pool(study, todo, out, resume, threads, workers, finished):
             except Exception as err:  # BrokenProcessPool and the like
                 rec = _failed_record(futures[fut], err)
             finished(rec)
-    except BaseException:  # Ctrl-C: stop the workers now; finished runs are on disk
+    except BaseException:  # Ctrl-C, SIGTERM: stop the workers now; finished runs are on disk
         procs = list((getattr(pool, "_processes", None) or {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
         for p in procs:
@@ -557,6 +599,7 @@ def _run_pool(study, todo, out, resume, threads, workers, finished):
     else:
         pool.shutdown(wait=True)
     finally:
+        _sigterm_handler(previous)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
