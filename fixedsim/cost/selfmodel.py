@@ -108,12 +108,9 @@ def measure(policy, model=None, in_shape=None, batches=(8, 32), *, optimizer: st
     runs (one thread by default): unrounded weights can take slower kernels, and a
     multi-threaded BLAS on cores that other work holds made a step up to 100 times slower.
     """
-    import contextlib
+    from ..nn.train import blas_limit
 
-    from threadpoolctl import threadpool_limits
-
-    with (contextlib.nullcontext() if blas_threads is None
-          else threadpool_limits(limits=blas_threads, user_api="blas")):
+    with blas_limit(blas_threads):
         return _measure(policy, model, in_shape, batches, optimizer, momentum, classes, reps)
 
 

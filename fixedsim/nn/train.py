@@ -780,19 +780,25 @@ def train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = False
     FileExistsError
         ``out`` holds a run and ``resume`` is False.
     """
-    import contextlib
-
-    from threadpoolctl import threadpool_limits
-
     from ..compiling import CompileWatch
 
-    limits = (contextlib.nullcontext() if blas_threads is None
-              else threadpool_limits(limits=blas_threads, user_api="blas"))
-    with limits, CompileWatch(notice=compile_notice) as watch:
+    with blas_limit(blas_threads), CompileWatch(notice=compile_notice) as watch:
         res = _train(config, policy, out, resume=resume, progress=progress, data=data,
                      log=log, stop_after_epoch=stop_after_epoch, watch=watch)
     res.compile_seconds = watch.seconds
     return res
+
+
+def blas_limit(blas_threads: int | None):
+    """A context manager limiting the BLAS thread pool to ``blas_threads`` threads
+    (threadpoolctl; None: a context that changes nothing), as :func:`train` runs."""
+    import contextlib
+
+    from threadpoolctl import threadpool_limits
+
+    if blas_threads is None:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=blas_threads, user_api="blas")
 
 
 def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = False,
