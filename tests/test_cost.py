@@ -136,12 +136,14 @@ def test_each_product_counted_apart():
     contexts): forward only; backward without the input gradient; backward with it."""
     pol = _custom_policy()
     layer = L.Conv2d(2, 3, 3, stride=2, padding=1, rng=0)
-    model = L.Sequential(L.ReLU(), layer)  # the conv is not first: it has an input gradient
+    # a trained layer before the conv: it has an input gradient (a ReLU alone would not
+    # give it one: the backward pass stops at the first layer with parameters)
+    model = L.Sequential(L.Conv2d(2, 2, 1, rng=1), layer)
     layer_name = layer.name
     shape = (2, 7, 7)
     rows = {(r.layer, r.product): r for r in count_step(
-        L.Sequential(L.ReLU(), L.Conv2d(2, 3, 3, stride=2, padding=1, rng=0), L.Flatten()),
-        pol, 2, shape).rows}
+        L.Sequential(L.Conv2d(2, 2, 1, rng=1), L.Conv2d(2, 3, 3, stride=2, padding=1, rng=0),
+                     L.Flatten()), pol, 2, shape).rows}
     x = np.random.default_rng(0).uniform(-1, 1, (2, *shape))
     c1 = Context(pol, seed=3)
     y = model.forward(x, c1)
@@ -455,15 +457,17 @@ def test_a_measured_pass_moves_its_bytes_at_its_own_rate(tmp_path):
     through its TOML file."""
     prof = Profile(name="toy", rates={"fp32": 1e6}, bandwidth=1e3,
                    kind_bandwidth={"MaxPool2d.forward": 10.0})
-    model = L.Sequential(L.ReLU(), L.MaxPool2d(2), L.Flatten(), L.Linear(4, 2, rng=0))
+    # after a layer with parameters, so that the pool has an input gradient
+    model = L.Sequential(L.Conv2d(1, 1, 1, rng=0), L.MaxPool2d(2), L.Flatten(),
+                         L.Linear(4, 2, rng=0))
     p = predict(model, Policy.float32(), prof, batch=8, images=16, in_shape=(1, 4, 4))
     rows = {(r["layer"], r["product"]): r for r in p.rows}
     f, b = rows[("1.maxpool2d", "forward")], rows[("1.maxpool2d", "grad_input")]
     assert f["bytes"] and b["bytes"]
     assert f["memory_s"] == pytest.approx(f["bytes"] / 10.0)
     assert b["memory_s"] == pytest.approx(b["bytes"] / 1e3)
-    assert rows[("0.relu", "forward")]["memory_s"] == pytest.approx(
-        rows[("0.relu", "forward")]["bytes"] / 1e3)
+    assert rows[("0.conv2d", "forward")]["memory_s"] == pytest.approx(
+        rows[("0.conv2d", "forward")]["bytes"] / 1e3)
     path = tmp_path / "toy.toml"
     prof.save(path)
     assert load_profile(path) == prof

@@ -1014,6 +1014,69 @@ def test_small_f64_and_log2_by_bits(n):
     assert lg == (n.bit_length() - 1 if n else -1023)
 
 
+@settings(max_examples=200)
+@given(st.one_of(st.integers(0, 2**52 - 1), st.integers(0, 51).map(lambda e: 2**e),
+                 st.integers(1, 52).map(lambda e: 2**e - 1)))
+def test_small_int_by_bits(n):
+    """float64 -> int64 for the integers below ``2**52`` by bits (AVX2 has no instruction for
+    it either): exact, the inverse of ``small_f64``."""
+    from numba import njit
+
+    from fixedsim.jit.bits import small_f64, small_int
+
+    f = njit(lambda x: small_int(x))
+    assert f(float(n)) == n
+    assert njit(lambda v: small_int(small_f64(v)))(np.int64(n)) == n
+
+
+def _sr_limit_rule(frac, neg, draw, rbits):
+    """Stochastic rounding's rule as :func:`fixedsim.jit.quant.sr_limit` states it, in
+    Python's integers and fractions: floor and ceil of ``frac * 2**rbits``, then the limit."""
+    import fractions
+    import math
+
+    z = fractions.Fraction(frac) * 2**rbits
+    t, c = math.floor(z), math.ceil(z)
+    if neg:
+        return int(draw >= (2**rbits - c) % 2**64)
+    return int(draw < t)
+
+
+@settings(max_examples=400)
+@given(st.integers(1, 64), st.booleans(), st.data())
+def test_sr_up_is_sr_limits_rule(rbits, neg, data):
+    """``sr_up`` (no float64 <-> uint64 conversion, so that loops vectorise on AVX2) decides
+    as ``sr_limit`` does, for every number of random bits and both signs: draws at, just
+    below and just above ``floor``/``ceil`` of ``frac * 2**rbits`` and its complement,
+    fractions with 53 significant bits, tiny ones, zero, dyadic ones (``z`` an integer)."""
+    from numba import njit
+
+    from fixedsim.jit import quant as q
+
+    frac = data.draw(st.one_of(
+        st.floats(0.0, 1.0, exclude_max=True),
+        st.integers(0, 2**53 - 1).map(lambda m: m / 2**53),
+        st.integers(0, 2**rbits - 1).map(lambda m: m / 2**rbits),
+        st.integers(1, 1074).map(lambda e: 2.0**-e)))
+    import math
+
+    z = frac * 2.0**rbits
+    top = 2**rbits - 1
+    near = [math.floor(z), math.ceil(z), top - math.floor(z), top - math.ceil(z)]
+    draws = {min(max(v + d, 0), top) for v in near for d in (-1, 0, 1)}
+    draws.add(data.draw(st.integers(0, top)))
+    sr_up = njit(lambda f, n, dr, r: q.sr_up(f, n, dr, r))
+    limit = njit(lambda t, c, r, n: q.sr_limit(t, c, r, n, True))
+    for draw in sorted(draws):
+        want = _sr_limit_rule(frac, neg, draw, rbits)
+        got = sr_up(frac, np.int64(neg), np.uint64(draw), np.int64(rbits))
+        assert got == want, (frac, neg, draw, rbits)
+        if frac:  # the kernel's own rule, by its uint64 limit, agrees as well
+            t, c = np.uint64(math.floor(z)), np.uint64(math.ceil(z))
+            lim, below = limit(t, c, np.int64(rbits), neg)
+            assert want == int((draw < lim) if below else (draw >= lim))
+
+
 @st.composite
 def bf16_scaled_matrices(draw, max_k=12):
     """BF16-like values (8 significant bits) on scales where FP32 sums overflow or become

@@ -175,12 +175,12 @@ def test_chunked_sum_and_its_bound():
 @contextlib.contextmanager
 def zero_pairs(on=True):
     """The nonzero-pair count for the zero sums always (``on``) or never."""
-    old = filtered._ZERO_GEMM
-    filtered._ZERO_GEMM = 2**62 if on else 0
+    old = filtered._ZERO_MASKS
+    filtered._ZERO_MASKS = 2**40 if on else 0
     try:
         yield
     finally:
-        filtered._ZERO_GEMM = old
+        filtered._ZERO_MASKS = old
 
 
 @st.composite
@@ -211,31 +211,62 @@ def test_sums_of_zero_products_found_by_their_pairs(rnd, out, ab):
         same_as_oracle(*ab, spec)
 
 
+def _zero_sums(A, B, S, marked, every=2**40):
+    """:func:`zero_sums` on the marked elements ``marked`` (a list of ``(r, j)``): ``(out,
+    fail, counts, marks, dropped)``, ``out`` NaN where nothing was written."""
+    R, N = S.shape
+    out = np.full((R, N), np.nan, np.float32)
+    fail = np.zeros((R, N), np.uint8)
+    counts = np.zeros((R, gk.N_C), np.int64)
+    marks = np.full((R, filtered._MARKS), -1, np.int64)
+    for r, j in sorted(marked):  # as the filter lists them: row by row, in column order
+        fail[r, j] = 1
+        marks[r, counts[r, gk.C_MARKED]] = j
+        counts[r, gk.C_MARKED] += 1
+    dropped = gk.zero_sums(S, np.ascontiguousarray(A, np.float64),
+                           np.ascontiguousarray(B, np.float64), out, fail, counts, marks, every)
+    return out, fail, counts, marks, dropped
+
+
 def test_zero_products_and_a_cancellation():
     """A row meeting no nonzero pair is +0 without a second look; a sum that cancels to zero
-    (two nonzero pairs) is left to it, and is an exact +0 too; a row whose one pair gives a
-    value stays as it is."""
+    (two nonzero pairs) stays marked, and is an exact +0 too; a row whose one pair gives a
+    value stays as it is; the counts and the marks follow."""
     a = np.array([[0.0, 1.0, 0.0], [1.0, -1.0, 0.0], [0.0, 0.0, -3.0],
                   [1.0, 2.0**-80, -1.0]], np.float32)
     b = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]], np.float32)
-    b3 = np.ones((3, 2), np.float32)
-    spec = fs.MatmulSpec(output=fs.FP32)
-    p = make(a, b, spec, True)
-    S = p.A @ p.B
-    fr, fj = np.array([0, 1, 2, 1]), np.array([0, 1, 0, 0])
-    out = np.full((4, 2), np.nan, np.float32)
-    with zero_pairs():
-        kept = filtered._drop_zero_products(p.A, p.B, S, fr, fj, out)
-        assert [tuple(v) for v in np.transpose(kept)] == [(1, 1), (1, 0)]
-        assert out[0, 0] == 0 and not np.signbit(out[0, 0]) and out[2, 0] == 0
-        assert np.isnan(out[1]).all()
-        # (1 + 2**-80) - 1 = 0 in float64, but 2**-80 exactly: three pairs, left to be seen
-        S3 = np.zeros((4, 2))
-        kept = filtered._drop_zero_products(p.A, b3.astype(np.float64), S3, np.array([3]),
-                                            np.array([1]), out)
-        assert kept[0].tolist() == [3] and np.isnan(out[3, 1])
-    with zero_pairs(False):  # as if the count cost more than the second look
-        assert filtered._drop_zero_products(p.A, p.B, S, fr, fj, out)[0].size == 4
+    S = a.astype(np.float64) @ b.astype(np.float64)
+    marked = [(0, 0), (0, 1), (1, 1), (2, 0), (1, 0)]
+    out, fail, counts, marks, dropped = _zero_sums(a, b, S, marked)
+    assert dropped == 2
+    assert out[0, 0] == 0 and not np.signbit(out[0, 0]) and out[2, 0] == 0
+    assert np.isnan(out[1]).all() and fail[1].tolist() == [1, 1] and np.isnan(out[0, 1])
+    assert fail[0].tolist() == [0, 1] and fail[2, 0] == 0
+    assert counts[:, gk.C_MARKED].tolist() == [1, 2, 0, 0]
+    assert marks[0, 0] == 1  # the row's marks rebuilt: its one marked column left
+    # (1 + 2**-80) - 1 = 0 in float64, but 2**-80 exactly: three pairs, left to be seen
+    S3 = np.zeros((4, 2))
+    out, fail, counts, _, dropped = _zero_sums(a, np.ones((3, 2), np.float32), S3, [(3, 1)])
+    assert dropped == 0 and fail[3, 1] == 1 and np.isnan(out[3, 1])
+    # as if the masks cost more than the second look: nothing is unmarked
+    out, fail, _, _, dropped = _zero_sums(a, b, S, marked, every=0)
+    assert dropped == 0 and fail.sum() == 5 and np.isnan(out).all()
+
+
+def test_zero_products_over_many_words():
+    """K beyond one 64-bit word: a pair in the last word alone is found, so is one in the
+    first word alone, and a sum meeting none in any word is +0."""
+    K = 150
+    a = np.zeros((3, K), np.float32)
+    b = np.zeros((K, 1), np.float32)
+    a[0, 149] = 1.0  # meets b at 149 only: the third word
+    a[1, 3] = 1.0  # meets b at 3: the first word
+    a[2, 100] = 1.0  # meets nothing
+    b[149, 0] = b[3, 0] = -2.0
+    b[64, 0] = 5.0
+    S = np.zeros((3, 1))  # as if every sum were zero
+    out, fail, _, _, dropped = _zero_sums(a, b, S, [(0, 0), (1, 0), (2, 0)])
+    assert dropped == 1 and fail[:, 0].tolist() == [1, 1, 0] and out[2, 0] == 0.0
 
 
 @pytest.mark.parametrize("read", [True, False])

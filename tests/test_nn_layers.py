@@ -814,3 +814,30 @@ def test_linear_scans_each_operand_once(policy, monkeypatch):
     assert sizes.count(40 * 30) == 2  # the layer's (forward) and grad_input's own
     for a, b in zip(got, want, strict=True):
         assert np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+
+
+@pytest.mark.parametrize("policy", ["float32", "fixed:16:12:stochastic"])
+def test_backward_stops_at_the_first_trained_layer(policy):
+    """The MLP begins with a Flatten: its first Linear computes no input gradient (nothing
+    needs it) unless the model's input gradient is asked for; the parameter gradients are the
+    same either way, bit for bit, and the MACs counted are those of the products run."""
+    model = nn.build("mlp", 0, in_shape=(1, 6, 5), hidden=(7, 4))
+    assert model.first_trained == 1
+    assert nn.Sequential(nn.ReLU(), nn.Flatten()).first_trained == 2
+    rng = np.random.default_rng(2)
+    x = rng.random((3, 1, 6, 5)).astype(np.float32)
+    y = np.array([0, 3, 9])
+    lossf = nn.SoftmaxCrossEntropy()
+    grads, macs = [], []
+    for need in (False, True):
+        ctx = nn.Context(nn.Policy.parse(policy), seed=1, step=0)
+        lossf(model.forward(x, ctx), y, ctx)
+        gx = model.backward(lossf.backward(ctx), ctx, need_input_grad=need)
+        assert (gx is None) if not need else gx.shape == x.shape
+        grads.append({k: p.grad.copy() for k, p in model.named_parameters().items()})
+        macs.append(ctx.layer_counters("1.linear").products.macs)
+    for k, g in grads[0].items():
+        assert np.array_equal(g.view(np.uint8), grads[1][k].view(np.uint8)), k
+    n, i, o = 3, 30, 7
+    assert macs[0] == n * i * o + i * o * n + n * o  # forward, weight and bias gradients
+    assert macs[1] == macs[0] + n * o * i  # and the input gradient

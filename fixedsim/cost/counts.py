@@ -368,9 +368,10 @@ def count_step(model, policy, batch: int, in_shape=None, *, optimizer: str = "sg
     inp.launches = 1 if act is not None else 0
     inp.elementwise = n_in if act is not None else 0
     fwd_rows, bwd_rows = [inp], []
+    first = model.first_trained  # the backward pass stops there (Sequential.backward)
     for i, layer in enumerate(layers):
         name, kind = layer.name, type(layer).__name__
-        need_in = i > 0
+        need_in = i > first
         f = Row(name, kind, "forward")
         gi = Row(name, kind, "grad_input")
         gw = None
@@ -534,7 +535,7 @@ def count_step(model, policy, batch: int, in_shape=None, *, optimizer: str = "sg
             raise CountError(f"cost: cannot count layer {name} ({kind}); the cost model counts "
                              "Linear, Conv2d, ReLU, Flatten, MaxPool2d, AvgPool2d, Dropout and "
                              "BatchNorm2d")
-        if not need_in:  # the network input's gradient: no native library computes it
+        if not need_in:  # nothing before it needs its input gradient: not computed
             gi.reads.clear()
             gi.writes.clear()
             gi.launches = gi.elementwise = 0

@@ -552,13 +552,14 @@ def _pool_bandwidth(torch, min_time) -> dict:
     :data:`_POOL_SHAPE`, by pass: ``{"MaxPool2d.forward": ..., "MaxPool2d.grad_input":
     ...}``, each the bytes :func:`~fixedsim.cost.counts.count_step` counts for that pass of
     such a layer over its least time (the forward keeps the indices, as in training)."""
-    from ..nn import Flatten, Linear, MaxPool2d, Policy, ReLU, Sequential
+    from ..nn import Conv2d, Flatten, Linear, MaxPool2d, Policy, Sequential
     from .counts import count_step
 
     N, C, H, W = _POOL_SHAPE
-    # not first: a network's first layer has no input gradient
-    model = Sequential(ReLU(), MaxPool2d(2), Flatten(), Linear(C * (H // 2) * (W // 2), 10,
-                                                                rng=0))
+    # after a layer with parameters: the backward pass stops at the first of them, so a pool
+    # before it has no input gradient
+    model = Sequential(Conv2d(C, C, 1, rng=0), MaxPool2d(2), Flatten(),
+                       Linear(C * (H // 2) * (W // 2), 10, rng=0))
     rows = {r.product: r.bytes for r in count_step(model, Policy.float32(), N, (C, H, W)).rows
             if r.kind == "MaxPool2d"}
     x = torch.randn(*_POOL_SHAPE, requires_grad=True)

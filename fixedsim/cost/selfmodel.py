@@ -52,12 +52,15 @@ class SelfProfile:
 
 
 def _work(step):
-    """{(phase, layer, pass): MACs + roundings} of a step's rows."""
+    """{(phase, layer, pass): MACs + roundings} of a step's rows (not of the rows where
+    nothing runs: the backward pass of a layer before the first with parameters)."""
     phase = "train" if step.training else "eval"
     out = {}
     for r in step.rows:
-        key = (phase, r.layer, _PASS[r.product])
-        out[key] = out.get(key, 0) + r.macs + sum(r.roundings.values()) + r.elementwise
+        w = r.macs + sum(r.roundings.values()) + r.elementwise
+        if w or r.launches:
+            key = (phase, r.layer, _PASS[r.product])
+            out[key] = out.get(key, 0) + w
     return out
 
 
@@ -83,10 +86,11 @@ def _timed_step(model, policy, x, y, training, optimizer, momentum, step):
     t0 = time.perf_counter()
     g = lossf.backward(ctx, 1.0)
     times[("loss", "backward")] = time.perf_counter() - t0
-    for i in range(len(model.layers) - 1, -1, -1):
+    first = model.first_trained  # where Sequential.backward stops
+    for i in range(len(model.layers) - 1, first - 1, -1):
         layer = model.layers[i]
         t0 = time.perf_counter()
-        g = layer.backward(g, ctx, need_input_grad=i > 0)
+        g = layer.backward(g, ctx, need_input_grad=i > first)
         times[(layer.name, "backward")] = time.perf_counter() - t0
     params = model.named_parameters()
     opt = (Adam(params, lr=0.0) if optimizer == "adam"

@@ -132,6 +132,7 @@ def measure(model, policy_name: str, batch: int, in_shape, *, images: int = 0,
     pdt, adt = native_dtype(policy_name)
     cast = getattr(torch, adt) if adt else None
     twin = _twin(model, torch)
+    first = model.first_trained  # no input gradient there and before (as Sequential.backward)
     gen = torch.Generator().manual_seed(0)
 
     def ctx():
@@ -150,7 +151,7 @@ def measure(model, policy_name: str, batch: int, in_shape, *, images: int = 0,
         inputs = []
         for i, (name, m) in enumerate(twin):
             m.train(training)
-            xi = x.detach().requires_grad_(training and i > 0)
+            xi = x.detach().requires_grad_(training and i > first)
             with ctx():
                 rows[(phase, name, "forward")] = _time(lambda m=m, xi=xi: m(xi), reps)
                 y = m(xi)
@@ -172,7 +173,7 @@ def measure(model, policy_name: str, batch: int, in_shape, *, images: int = 0,
                 rows[(phase, name, "grad_weight")] = _time(
                     lambda y=y, g=g, params=params: torch.autograd.grad(
                         y, params, g, retain_graph=True), reps)
-            if i > 0 and y.grad_fn is not None:
+            if i > first and y.grad_fn is not None:
                 rows[(phase, name, "grad_input")] = _time(
                     lambda y=y, g=g, xi=xi: torch.autograd.grad(y, xi, g, retain_graph=True),
                     reps)

@@ -55,6 +55,7 @@ from .quant import (
     U_KEY,
     quantize_value,
     sr_limit,
+    sr_up,
 )
 from .rng import random_u64
 
@@ -306,7 +307,6 @@ def arith(op, a, b, c, out, P, Psr, U, D, mode, rbits, wrap_lim):
 
 
 _TWO52 = 4503599627370496.0
-_TWO64 = 18446744073709551616.0
 
 
 @jit_inline
@@ -343,13 +343,9 @@ def _grid_add_one(x, y, MODE, up, down, cmax, cmin, rbits, key, idx):
         up_ = np.int64(phi > 0.0)
     elif MODE == ODD:
         up_ = np.int64(phi > 0.0) & (1 - (np.int64(N) & 1))
-    else:  # SR
-        z = phi * (2.0**rbits if rbits < 64 else _TWO64)  # exact: a power-of-two scaling
-        lim = np.floor(z)
-        big = np.int64(lim >= 9223372036854775808.0)
-        limit = np.uint64(lim - np.float64(big) * 9223372036854775808.0) + (np.uint64(big) << 63)
+    else:  # SR: up iff the draw is below floor(phi * 2**rbits) (quant.sr_up)
         draw = random_u64(key, idx) >> np.uint64(64 - rbits)
-        up_ = np.int64(draw < limit)
+        up_ = sr_up(phi, np.int64(0), draw, rbits)
     n0 = N + np.float64(up_)
     n = min(max(n0, cmin), cmax)
     # an exact zero sum is +0 in a fixed format, with no event

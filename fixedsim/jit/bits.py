@@ -82,6 +82,14 @@ def small_f64(n):
 
 
 @jit_inline
+def small_int(x):
+    """``int64(x)``, exactly, for an integer-valued float64 ``0 <= x < 2**52``: the bits of
+    ``x + 2**52`` less those of ``2**52`` (the inverse of :func:`small_f64`; AVX2 has no
+    instruction that converts a float64 to a 64-bit integer either)."""
+    return f64_bits(x + _TWO52) - _MAGIC
+
+
+@jit_inline
 def small_log2(n):
     """``floor(log2(n))`` for an int64 ``1 <= n <= 2**52``, exactly (the exponent field of
     :func:`small_f64`): ``-1023`` for ``n == 0``."""

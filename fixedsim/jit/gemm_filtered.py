@@ -6,6 +6,8 @@ once into a float format (the proof is in :mod:`fixedsim.matmul.filtered`).
   that rounding and its events, or a mark (vectorised, on the bits).
 * :func:`filter_round_at`: the same decision for listed values, by rounding both ends of the
   interval with the general scalar quantizer (any float format, any range).
+* :func:`zero_sums`: the marked sums whose products are all zero, by the operands' nonzero
+  patterns.
 * :func:`gather_columns`, :func:`dot2_at`: compensated dot products of listed elements.
 """
 
@@ -220,6 +222,80 @@ def filter_round(S, A, B, c, pi, pd, out, fail, counts, na, nb, marks, given):
         for k in range(N_C):
             tot[k] += counts[r, k]
     return tot
+
+
+@jit
+def zero_sums(S, A, B, out, fail, counts, marks, every):
+    """Unmark the marked sums of :func:`filter_round` whose products are all zero: exact
+    zeros, written to ``out`` as ``+0`` (no event; the caller's rounding is not DOWN).
+
+    Such a sum has ``S[r, j] == 0`` (BLAS added zeros) and no nonzero pair ``A[r, k] != 0 !=
+    B[k, j]``: the nonzero patterns of ``A``'s row and ``B``'s column, as bit masks of ``K``
+    bits (``ceil(K / 64)`` words), share no bit; every product is exact in float64, so a
+    product is zero exactly when one of its factors is. The masks cost a pass over ``A`` and
+    ``B``; they are built only when at least ``(R + N) / every`` marked sums are zero
+    (``every`` 0: never). Updates ``fail``, ``counts[:, C_MARKED]`` and the rows' ``marks``;
+    returns the number of sums unmarked. Serial: it runs right after a BLAS call, as the
+    filter does."""
+    R, N = S.shape
+    K = A.shape[1]
+    n = 0
+    for r in range(R):
+        if counts[r, C_MARKED] != 0:
+            sr = S[r]
+            fr = fail[r]
+            for j in range(N):
+                n += np.int64(fr[j] != 0) & np.int64(sr[j] == 0.0)
+    if n == 0 or n * every < R + N:
+        return 0
+    W = (K + 63) // 64
+    ma = np.zeros((R, W), np.uint64)
+    for r in range(R):
+        ar = A[r]
+        for k in range(K):
+            ma[r, k >> 6] |= np.uint64(ar[k] != 0.0) << np.uint64(k & 63)
+    mb = np.zeros((W, N), np.uint64)  # word-major: the loop over j runs along a row
+    for k in range(K):
+        bk = B[k]
+        mw = mb[k >> 6]
+        sh = np.uint64(k & 63)
+        for j in range(N):
+            mw[j] |= np.uint64(bk[j] != 0.0) << sh
+    dropped = 0
+    for r in range(R):
+        if counts[r, C_MARKED] == 0:
+            continue
+        sr = S[r]
+        fr = fail[r]
+        orow = out[r]
+        q = 0
+        if W == 1:  # K <= 64 (a Linear layer's weight gradient): no branch, vectorised
+            m0 = ma[r, 0]
+            mb0 = mb[0]
+            for j in range(N):
+                z = np.uint8(fr[j] != 0) & np.uint8(sr[j] == 0.0) & np.uint8((m0 & mb0[j]) == 0)
+                orow[j] = 0.0 if z else orow[j]
+                fr[j] = fr[j] & (np.uint8(1) - z)
+                q += np.int64(z)
+        else:
+            for j in range(N):
+                if fr[j] != 0 and sr[j] == 0.0:
+                    meet = np.uint64(0)
+                    for w in range(W):
+                        meet |= ma[r, w] & mb[w, j]
+                    if meet == 0:
+                        orow[j] = 0.0
+                        fr[j] = 0
+                        q += 1
+        if q:
+            counts[r, C_MARKED] -= q
+            dropped += q
+            q = 0
+            for j in range(N):  # the row's first marked columns again
+                if fr[j] != 0 and q < marks.shape[1]:
+                    marks[r, q] = j
+                    q += 1
+    return dropped
 
 
 _KEEP = (1 << F_OVERFLOW) | (1 << F_UNDERFLOW) | (1 << F_SUBNORMAL) | (1 << F_NAN)

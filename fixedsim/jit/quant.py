@@ -23,6 +23,7 @@ import math
 import numpy as np
 from numba import prange
 
+from .bits import f64_from_bits, small_int
 from .options import jit, jit_inline, jit_parallel
 from .rng import random_u64
 
@@ -84,6 +85,41 @@ def sr_limit(t, c, rbits, neg, value_based):
         full = _U0 if rbits == 64 else (_U1 << np.uint64(rbits))
         return full - c, False
     return t, True
+
+
+_M32 = np.uint64(0xFFFFFFFF)
+_ALL = np.uint64(0xFFFFFFFFFFFFFFFF)
+_TWO32 = 4294967296.0
+
+
+@jit_inline
+def sr_up(frac, neg, draw, rbits):
+    """Stochastic rounding's decision as :func:`sr_limit` makes it, with no conversion
+    between float64 and 64-bit integers (AVX2 has none, and one left the callers' loops
+    scalar): does the magnitude move up? Returns 0/1 (int64).
+
+    ``frac`` is the exact distance, in ``[0, 1)``, from the smaller-magnitude neighbour in
+    quanta; ``draw`` the ``rbits`` random bits (uint64 below ``2**rbits``); ``neg`` 1 for a
+    negative value of a two's-complement (value-based) format, else 0. With ``z = frac *
+    2**rbits`` (exact: a power-of-two scaling below ``2**64``), :func:`sr_limit`'s rules are
+    ``draw < floor(z)``, i.e. ``floor(z) > draw``, and, for ``neg``, ``draw >= 2**rbits -
+    ceil(z)``, i.e. ``z > c`` with ``c = 2**rbits - 1 - draw`` (``draw``'s low ``rbits`` bits
+    complemented): ``floor(z) > c``, or ``floor(z) == c`` and ``z`` not an integer. The
+    integer ``floor(z) < 2**64`` is compared in two 32-bit halves, each exact in float64 and
+    read off its bits (:func:`fixedsim.jit.bits.small_int`). ``frac == 0`` gives 0 (no
+    move) in both rules."""
+    z = frac * f64_from_bits(np.int64(1023 + rbits) << 52)  # 2**rbits, from its bits
+    zi = np.floor(z)
+    zh = np.floor(zi * (1.0 / _TWO32))
+    zl = zi - zh * _TWO32  # exact: an integer below 2**32
+    h = small_int(zh)
+    lo = small_int(zl)
+    c = draw ^ ((_ALL >> np.uint64(64 - rbits)) * np.uint64(neg))  # neg: the complement
+    ch = np.int64(c >> np.uint64(32))
+    cl = np.int64(c & _M32)
+    same = np.int64(h == ch) & np.int64(lo == cl)
+    return (np.int64(h > ch) | (np.int64(h == ch) & np.int64(lo > cl))
+            | (same & np.int64(neg) & np.int64(z != zi)))
 
 
 @jit_inline

@@ -49,7 +49,7 @@ from .quant import (
     RTZ,
     RUP,
     SR,
-    sr_limit,
+    sr_up,
     tally,
     u64_to_f64_rtz,
 )
@@ -289,18 +289,12 @@ def _fixed_one(xv, MODE, up_scale, down_scale, cmax, cmin, rbits, key, i):
     elif MODE == ODD:
         fl = np.floor(y)
         r = y if fl == y else (fl if fl - 2.0 * np.floor(0.5 * fl) != 0.0 else fl + 1.0)
-    else:  # SR, value-based (two's complement): see quant.sr_limit
+    else:  # SR, value-based (two's complement): quant.sr_limit's rule, by quant.sr_up
         ay = abs(y)
         fa = np.floor(ay)
-        z = (ay - fa) * 2.0**rbits if rbits < 64 else (ay - fa) * 18446744073709551616.0
-        t = np.uint64(np.floor(z))
-        cc = np.uint64(np.ceil(z))
         draw = random_u64(key, np.uint64(i)) >> np.uint64(64 - rbits)
-        limit, below = sr_limit(t, cc, rbits, y < 0.0, True)
-        upm = (draw < limit) if below else (draw >= limit)
-        if fa == ay:
-            upm = False
-        r = np.copysign(fa + (1.0 if upm else 0.0), y)
+        upm = sr_up(ay - fa, np.int64(y < 0.0), draw, rbits)  # 0 when ay is an integer
+        r = np.copysign(fa + np.float64(upm), y)
     rc = min(max(r, cmin), cmax)
     return rc * down_scale + 0.0, np.int64(rc != r)
 

@@ -824,7 +824,9 @@ class Sequential(Module):
     """Layers applied in order; names them ``"0.conv2d"``, ``"1.relu"``, ...
 
     The input is rounded into ``activations`` first. ``backward`` runs the layers in reverse
-    and skips the input gradient of the first layer (nothing needs it).
+    down to the first layer with parameters (:attr:`first_trained`) and skips that layer's
+    input gradient: nothing needs it (an MLP's first Linear after a Flatten computes no input
+    gradient), unless the caller asks for the model's input gradient.
     """
 
     def __init__(self, *layers: Module):
@@ -836,6 +838,14 @@ class Sequential(Module):
 
     def parameters(self):
         return [p for layer in self.layers for p in layer.parameters()]
+
+    @property
+    def first_trained(self) -> int:
+        """The index of the first layer with parameters (the number of layers when none has
+        any): a backward pass that does not return the model's input gradient stops there,
+        without that layer's input gradient."""
+        return next((i for i, layer in enumerate(self.layers) if layer.parameters()),
+                    len(self.layers))
 
     def named_parameters(self) -> dict:
         return {f"{layer.name}.{p.name}": p for layer in self.layers
@@ -855,10 +865,11 @@ class Sequential(Module):
 
     def backward(self, grad_y, ctx: Context, need_input_grad: bool = False):
         g = grad_y
-        for i in range(len(self.layers) - 1, -1, -1):
+        first = 0 if need_input_grad else self.first_trained
+        for i in range(len(self.layers) - 1, first - 1, -1):
             t0 = time.perf_counter()
             layer = self.layers[i]
-            g = layer.backward(g, ctx, need_input_grad=need_input_grad or i > 0)
+            g = layer.backward(g, ctx, need_input_grad=need_input_grad or i > first)
             ctx.layer_counters(layer.name).backward_seconds += time.perf_counter() - t0
         return g
 
