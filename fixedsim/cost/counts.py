@@ -325,7 +325,10 @@ def count_step(model, policy, batch: int, in_shape=None, *, optimizer: str = "sg
     >>> s = count_step(m, fs.nn.Policy.fp16_mixed(), batch=2)
     >>> [(r.layer, r.product, r.macs) for r in s.rows if r.macs]
     [('1.linear', 'forward', 64), ('3.linear', 'forward', 48), ('3.linear', 'grad_weight', 54), \
-('3.linear', 'grad_input', 48), ('1.linear', 'grad_weight', 80), ('1.linear', 'grad_input', 64)]
+('3.linear', 'grad_input', 48), ('1.linear', 'grad_weight', 80)]
+
+    The first Linear (after the Flatten) has no input gradient: the backward pass stops at the
+    first layer with parameters.
     """
     from ..nn.layers import (
         AvgPool2d,
