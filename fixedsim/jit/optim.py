@@ -44,6 +44,7 @@ from .quant import (
     RTZ,
     RUP,
     SR,
+    sr_up,
     tally,
 )
 from .quant_fast import _event_counts, _fixed_one
@@ -67,8 +68,6 @@ H_LR, H_MU, H_WD, H_SCALE = range(4)
 
 _F32_MINNORM = 2.0**-126
 _TWO52 = 4503599627370496.0
-_TWO63 = 9223372036854775808.0
-_TWO64 = 18446744073709551616.0
 
 
 @jit_inline
@@ -170,15 +169,9 @@ def _grid_sub_small(x, s, MODE, up, down, cmax, cmin, rbits, key, idx):
         up_ = True
     elif MODE == ODD:
         up_ = (Ni & 1) == 0
-    else:  # SR
-        z = a * (2.0**rbits if rbits < 64 else _TWO64)  # exact, below 2**rbits
-        c = np.ceil(z)  # >= 1: a > 0
-        big = c >= _TWO63
-        cu = np.uint64(c - _TWO63) + (np.uint64(1) << np.uint64(63)) if big else np.uint64(c)
-        full = np.uint64(0) if rbits == 64 else np.uint64(1) << np.uint64(rbits)
-        limit = full - cu  # 2**r - ceil(a * 2**r), wrapping at 2**64 for r = 64
+    else:  # SR: up iff draw < 2**r - ceil(a * 2**r), sr_up's rule for a negative value, negated
         draw = random_u64(key, idx) >> np.uint64(64 - rbits)
-        up_ = draw < limit
+        up_ = sr_up(a, np.int64(1), draw, rbits) == 0
     n0 = N + (1.0 if up_ else 0.0)
     n = min(max(n0, cmin), cmax)
     return (n * down + 0.0, True, np.int64(1), np.int64(n > N), np.int64(n != n0),
