@@ -202,13 +202,15 @@ def test_conv_bad_input():
 @settings(max_examples=30, deadline=None)
 @given(st.sampled_from([r for r in fs.Rounding if r is not fs.Rounding.STOCHASTIC]),
        st.sampled_from(["normal", "eighths", "sparse"]), st.integers(0, 2**32 - 1),
-       st.sampled_from([(1, 0), (1, 1), (2, 0)]))
-def test_grad_input_exact_filtered_without_the_zero_grid(rnd, kind, seed, sp):
+       st.sampled_from([(1, 0), (1, 1), (2, 0)]), st.booleans())
+def test_grad_input_exact_filtered_without_the_zero_grid(rnd, kind, seed, sp, flip):
     """FP32 data rounded once into FP32 (the float32 policy's input gradient): the
     ``exact_filtered`` row takes the product from grad_y @ w and col2im, the row norms from
     the image (patch_norms) and the rows a second look needs from im2col_rows, never
     building the zero-spread matrix; bits as the modelled dot product of every element, and
-    bits and counts as the same row on the built matrix."""
+    bits and counts as the same row on the built matrix; filtered transposed (``S.T``: three
+    channels, 50 pixels) or not."""
+    from fixedsim.matmul import filtered
     from fixedsim.matmul import paths as _paths
 
     s, p = sp
@@ -231,20 +233,25 @@ def test_grad_input_exact_filtered_without_the_zero_grid(rnd, kind, seed, sp):
         built.append(self.lazy)
         return orig(self, rows)
 
+    flips = filtered._FLIP_BELOW
     try:
         _paths.Product.rows_of_A = spy
+        filtered._FLIP_BELOW = flips if flip else 0
         gx, c = fs.conv2d_grad_input(gy, w, x_shape, spec, stride=s, padding=p, stats=True)
     finally:
         _paths.Product.rows_of_A = orig
+        filtered._FLIP_BELOW = flips
     assert c.paths.get("exact_filtered") == 1, c.paths
     assert all(built)
     assert_grad_input_is_the_modelled_dot(gx, gy, w, x_shape, s, p, spec, 0)
     lazy = _paths.Product.lazy
     try:
         _paths.Product.lazy = property(lambda self: False)
+        filtered._FLIP_BELOW = flips if flip else 0
         gx2, c2 = fs.conv2d_grad_input(gy, w, x_shape, spec, stride=s, padding=p, stats=True)
     finally:
         _paths.Product.lazy = lazy
+        filtered._FLIP_BELOW = flips
     assert gx.tobytes() == gx2.tobytes() and c.output == c2.output
 
 

@@ -75,6 +75,18 @@ def certify(on=True):
         filtered._CERTIFY_FROM = old
 
 
+@contextlib.contextmanager
+def flipped(on=True):
+    """Every product filtered transposed (``on``; where ``A @ B`` is summed in one call or by
+    an ``mm``), or none."""
+    old = filtered._FLIP_BELOW, filtered._FLIP_RATIO
+    filtered._FLIP_BELOW, filtered._FLIP_RATIO = (2**62, 0) if on else (0, 0)
+    try:
+        yield
+    finally:
+        filtered._FLIP_BELOW, filtered._FLIP_RATIO = old
+
+
 def same_as_oracle(a, b, spec):
     got, _ = run_row(a, b, spec)
     want = reference.matmul(np.asarray(a), np.asarray(b), spec)
@@ -123,12 +135,14 @@ def f32_matrices(draw, max_k=12):
 
 # -- every element, every count -----------------------------------------------------------------
 @settings(max_examples=80, deadline=None)
-@given(st.sampled_from(DETERMINISTIC), st.sampled_from(OUTPUTS), f32_matrices(), st.booleans())
-def test_matches_general_kernel_and_oracle(rnd, out, ab, cert):
+@given(st.sampled_from(DETERMINISTIC), st.sampled_from(OUTPUTS), f32_matrices(), st.booleans(),
+       st.booleans())
+def test_matches_general_kernel_and_oracle(rnd, out, ab, cert, flip):
     """Bits (counts read and unread) and output counts equal the general kernel's; bits the
-    oracle's; with Dot2's exactness certificate or without (few elements)."""
+    oracle's; with Dot2's exactness certificate or without (few elements); filtered as it is
+    or transposed."""
     spec = fs.MatmulSpec(output=out, output_rounding=rnd)
-    with certify(cert):
+    with certify(cert), flipped(flip):
         paths = same_as_general(*ab, spec)
         assert set(paths) <= {"exact_filtered", "exact_filtered_general", "reference"}, paths
         same_as_oracle(*ab, spec)
@@ -324,10 +338,11 @@ def test_ordinary_data_matches_general(rnd, out):
         {"exact_filtered": 1}
 
 
+@pytest.mark.parametrize("flip", [False, True])
 @pytest.mark.parametrize("cert", [False, True])
 @pytest.mark.parametrize("rnd", DETERMINISTIC)
 @pytest.mark.parametrize("out", [fs.FP32, fs.FP16, fs.BF16, fs.FP8_E5M2])
-def test_undecided_elements_are_recomputed(rnd, out, cert):
+def test_undecided_elements_are_recomputed(rnd, out, cert, flip):
     """Exact ties and exact values of the output, all-zero products (signed zeros), a sum that
     cancels (-0 under DOWN), overflow, sums beyond the vectorised filter's range: each equals
     the general kernel. With the certificate, the compensated sum finds the ties, the exact
@@ -335,7 +350,7 @@ def test_undecided_elements_are_recomputed(rnd, out, cert):
     exactly and that lie within its error bound of a boundary go to the general kernel: row
     1's two, 2**-60 off a tie, and row 7's first, 2**-100 above 2**60 (a boundary when the
     counts are read). Without it (few elements, the default), the ties and exact values go
-    there too."""
+    there too. Filtered as it is or transposed."""
     m = out.man_bits
     big = float(np.float32(out.max))
     a = np.array([[1.0, 2.0**-(m + 1), 0.0, 0.0],  # a tie of the output format
@@ -351,7 +366,7 @@ def test_undecided_elements_are_recomputed(rnd, out, cert):
                   [1.0, 1.0, 2.0**-24],
                   [1.0, -0.0, 3.0]], np.float32)
     spec = fs.MatmulSpec(output=out, output_rounding=rnd)
-    with certify(cert):
+    with certify(cert), flipped(flip):
         paths = same_as_general(a, b, spec)
         same_as_oracle(a, b, spec)
     general = paths.get("exact_filtered_general", 0)
@@ -397,6 +412,27 @@ def test_marked_elements_listed_whichever_rows_overflow(full_rows):
     fr, fj = filtered._marked(per_row, marks, fail)
     got = sorted(zip(fr.tolist(), fj.tolist(), strict=True))
     assert got == sorted(zip(*(v.tolist() for v in np.nonzero(fail)), strict=True))
+
+
+@pytest.mark.parametrize("shape, flips", [((40, 7, 8), True), ((40, 7, 64), False),
+                                           ((15, 7, 8), False), ((16, 7, 8), True)])
+def test_narrow_products_filtered_transposed(shape, flips, monkeypatch):
+    """A product with fewer than 64 columns and at least twice as many rows is filtered on
+    ``S.T`` (the filter sees ``N`` rows), with the bits and counts of the general kernel."""
+    R, K, N = shape
+    rng = np.random.default_rng(R + N)
+    a = rng.standard_normal((R, K)).astype(np.float32)
+    b = rng.standard_normal((K, N)).astype(np.float32)
+    a[3] = 0.0  # a zero row: a zero column of S.T
+    a[5, :3] = [1.0, 2.0**-24, 0.0]
+    b[:3, 1] = [1.0, 1.0, 1.0]  # ... and a sum on an FP32 midpoint (a second look)
+    a[5, 3:] = b[3:, 1] = 0.0
+    seen = []
+    real = gk.filter_round
+    monkeypatch.setattr(gk, "filter_round", lambda S, *rest: (seen.append(S.shape),
+                                                               real(S, *rest))[1])
+    same_as_general(a, b, fs.MatmulSpec(output=fs.FP32))
+    assert seen and set(seen) == {(N, R) if flips else (R, N)}
 
 
 def test_exact_values_decided_when_unread():
@@ -454,9 +490,11 @@ def test_parallel_filter_same_bits_and_counts(monkeypatch):
     same_as_general(a, b, spec)
 
 
-def test_mm_replaces_the_product():
+@pytest.mark.parametrize("flip", [False, True])
+def test_mm_replaces_the_product(flip):
     """A product's ``mm`` (another summation order of the same exact products, as a
-    convolution's or a reuse layer's) is used instead of ``A @ B``."""
+    convolution's or a reuse layer's) is used instead of ``A @ B``, filtered as it is or
+    transposed."""
     rng = np.random.default_rng(8)
     a = rng.standard_normal((6, 20)).astype(np.float32)
     b = rng.standard_normal((20, 5)).astype(np.float32)
@@ -468,14 +506,16 @@ def test_mm_replaces_the_product():
         calls.append((scale, k0, k1))
         return p.A[:, k0:10] @ Bs[k0:10] + p.A[:, 10:k1] @ Bs[10:k1]  # two halves summed
     p.mm = mm
-    out = filtered.run(p)
+    with flipped(flip):
+        out = filtered.run(p)
     assert calls == [(0, 0, 20)]
     assert_same_bits(out.astype(np.float64), reference.matmul(a, b, spec))
 
 
+@pytest.mark.parametrize("flip", [False, True])
 @pytest.mark.parametrize("read", [True, False])
 @pytest.mark.parametrize("side", [1.0, -1.0])
-def test_a_blas_error_as_large_as_the_bound(read, side):
+def test_a_blas_error_as_large_as_the_bound(read, side, flip):
     """A product ``mm`` off by as much as ``gamma(K) * sum|a_k b_k|`` (what a BLAS may do;
     K = 4), on the other side of an FP32 midpoint than the exact sum, 2**-51 from it: the
     filter must not decide there (a bound 0.58 times as large would, wrongly); the result is
@@ -488,7 +528,8 @@ def test_a_blas_error_as_large_as_the_bound(read, side):
     p.mm = lambda scale, Bs, k0, k1: np.array([[s]])
     gamma = 4 * 2.0**-53 / (1 - 4 * 2.0**-53)
     assert 2.0**-51 + 2.0**-80 <= gamma * (1.0 + 2.0**-24)  # |s - exact| within the bound
-    out = filtered.run(p)
+    with flipped(flip):
+        out = filtered.run(p)
     assert_same_bits(out.astype(np.float64), reference.matmul(a, b, spec))
 
 
@@ -576,7 +617,7 @@ def test_a_decided_interval_rounds_as_one(case):
     counts = np.empty((1, gk.N_C), np.int64)
     pi, pd = filtered._params(fmt, rnd, relax, not relax)
     gk.filter_round(S, np.ones((1, 1)), np.ones((1, 1)), e, pi, pd, out, fail, counts,
-                    np.empty(1), np.empty(1), np.empty((1, 1), np.int64), False)
+                    np.empty(1), np.empty(1), np.empty((1, 1), np.int64), 0)
     if fail[0, 0]:
         return
     v = float(out[0, 0])
@@ -603,7 +644,7 @@ def test_decisions_are_not_vacuous():
             pi, pd = filtered._params(fmt, rnd, False, True)
             gk.filter_round(S, np.ones((1, 1)), np.ones((1, 3)), q / 64, pi, pd, out, fail,
                             np.empty((1, gk.N_C), np.int64), np.empty(1), np.empty(3),
-                            np.empty((1, 3), np.int64), False)
+                            np.empty((1, 3), np.int64), 0)
             assert fail.tolist() == [[0, 0, 1]]  # 0.3 q: beyond the kernel's range
             want = [reference.round_to_format(float(x), fmt, rnd) for x in S[0, :2]]
             assert out[0, :2].tolist() == [float(w) for w in want]
@@ -619,7 +660,7 @@ def test_kernel_marks_what_it_cannot_decide():
     pi, pd = filtered._params(fs.FP16, fs.Rounding.NEAREST_EVEN, False, True)
     na, nb, marks = np.empty(1), np.empty(6), np.full((1, 3), -1)
     gk.filter_round(S, np.ones((1, 1)), np.ones((1, 6)), 2.0**-40, pi, pd, out, fail, counts,
-                    na, nb, marks, False)
+                    na, nb, marks, 0)
     assert na.tolist() == [1.0] and nb.tolist() == [1.0] * 6
     assert marks.tolist() == [[0, 1, 2]]  # the first three marked columns
     assert fail.tolist() == [[1, 1, 1, 1, 1, 0]]

@@ -48,6 +48,9 @@ _FRAC = (1 << 52) - 1
 _PAD = 2.0**-1000  # added to a scaled bound: covers its rounding if it underflowed
 
 
+#: bits of :func:`filter_round`'s ``given``: the norms of ``A``'s rows, of ``B``'s columns
+GIVEN_A, GIVEN_B = 1, 2
+
 #: columns of ``B`` per task of :func:`filter_round`'s column norms
 _NB_CHUNK = 256
 
@@ -112,8 +115,9 @@ def filter_round(S, A, B, c, pi, pd, out, fail, counts, na, nb, marks, given):
     """Round the exact sums ``x[r, j] = A[r] . B[:, j]``, known only to lie within ``e = c *
     na[r] * nb[j]`` of ``S[r, j]``, into a float format, wherever that bound decides the
     rounding; ``na[r] = ||A[r]||`` and ``nb[j] = ||B[:, j]||`` are computed here first (in
-    float64: sums of squares in some order, one square root), and kept; with ``given`` the
-    caller computed ``na`` so (``A`` is then not read).
+    float64: sums of squares in some order, one square root), and kept; the caller computed
+    ``na`` so when ``given & GIVEN_A`` (``A`` is then not read), ``nb`` when ``given &
+    GIVEN_B`` (``B`` is then not read).
 
     A zero norm (every square of a nonzero value is normal and nonzero: the caller checks the
     range) means a row or column of signed zeros: every product is zero and so is the exact
@@ -140,7 +144,8 @@ def filter_round(S, A, B, c, pi, pd, out, fail, counts, na, nb, marks, given):
     """
     R, N = S.shape
     K = B.shape[0]
-    for t in prange((N + _NB_CHUNK - 1) // _NB_CHUNK):  # column norms, vectorised over j
+    n_tasks = 0 if given & GIVEN_B else (N + _NB_CHUNK - 1) // _NB_CHUNK
+    for t in prange(n_tasks):  # column norms, vectorised over j
         j0 = t * _NB_CHUNK
         j1 = min(N, j0 + _NB_CHUNK)
         acc = np.zeros(j1 - j0)
@@ -165,7 +170,7 @@ def filter_round(S, A, B, c, pi, pd, out, fail, counts, na, nb, marks, given):
     odd = np.int64(mode == ODD)
     zdec = mode != RDN
     for r in prange(R):
-        if not given:
+        if (given & GIVEN_A) == 0:
             na[r] = _row_norm(A[r])
         cr = c * na[r]
         zrow = zdec & (na[r] == 0.0)
@@ -222,6 +227,14 @@ def filter_round(S, A, B, c, pi, pd, out, fail, counts, na, nb, marks, given):
         for k in range(N_C):
             tot[k] += counts[r, k]
     return tot
+
+
+@jit
+def row_norms(A, na):
+    """``na[r] = ||A[r]||``, as :func:`filter_round` computes it (the same float64 bound).
+    Serial: it runs right after a BLAS call, as the filter does."""
+    for r in range(A.shape[0]):
+        na[r] = _row_norm(A[r])
 
 
 @jit
