@@ -321,12 +321,22 @@ bandwidth = 1e9
     ("name = 'x'\n[rates]\nfp32 = 1.0\n[memory]\ncache_bytes = 1.0\n", r"missing 'bandwidth'"),
     ("colour = 'red'\n" + GOOD, r"unknown key\(s\) 'colour'"),
     (GOOD + "cache_byte = 1e6\n", r"\[memory\] has unknown key\(s\) 'cache_byte'"),
+    (GOOD + "llc_bytes = -1\n", r"llc_bytes must be a finite number > 0"),
     (GOOD + "[efficiency]\npoints = [[64, 0.5], [8, 1.0]]\n", "dims >= 1 increasing"),
     (GOOD + "[efficiency]\nbf16 = [[8, 1.5]]\n", r"bf16 must be .*fractions in \(0, 1\]"),
     (GOOD + "[efficiency]\nfp17 = [[8, 1.0]]\n", r"\[efficiency\] has unknown key\(s\) 'fp17'"),
     (GOOD + "[kind_bandwidth]\n'MaxPool2d.forward' = 0\n",
      r"MaxPool2d.forward must be a finite number > 0"),
     ("kind_bandwidth = 3\n" + GOOD, r"\[kind_bandwidth\] must be a table"),
+    (GOOD + "[conv_efficiency]\nbackward = [[1, 0.5]]\n",
+     r"\[conv_efficiency\] has unknown key\(s\) 'backward'"),
+    (GOOD + "[conv_efficiency]\nforward = [[4, 0.5], [1, 0.1]]\n",
+     r"\[conv_efficiency\] forward must be \[\[channels, fraction\].*increasing"),
+    (GOOD + "[conv_efficiency]\ngrad_weight = [[1, 0]]\n", r"fractions in \(0, 4\]"),
+    (GOOD + "[conv_efficiency]\n'fp17.forward' = [[1, 0.5]]\n", r"unknown key\(s\) 'fp17.forward'"),
+    (GOOD + "[linear_efficiency]\n'bf16.grad_input' = -1\n",
+     r"bf16.grad_input must be a finite number > 0"),
+    ("conv_efficiency = 2\n" + GOOD, r"\[conv_efficiency\] must be a table of passes"),
     ("name = [rates\n", "not valid TOML"),
     ("[rates]\nfp32 = 1.0\n[memory]\nbandwidth = 1.0\n", "'name' must be a non-empty string"),
 ])
@@ -473,6 +483,118 @@ def test_a_measured_pass_moves_its_bytes_at_its_own_rate(tmp_path):
     assert load_profile(path) == prof
 
 
+def test_bytes_move_at_the_rate_of_the_smallest_level_that_holds_them(tmp_path):
+    """A row's bytes move at the core's cache's rate when they fit in it, else at the shared
+    last-level cache's when they fit in that, else at main memory's; a measured pass of a
+    kind of layer at its own rate whatever its size."""
+    prof = Profile(name="toy", rates={"fp32": 1e9}, bandwidth=1.0, cache_bytes=100.0,
+                   cache_bandwidth=3.0, llc_bytes=1000.0, llc_bandwidth=2.0,
+                   kind_bandwidth={"MaxPool2d.forward": 5.0})
+    assert [prof.memory_rate(n) for n in (1, 100, 101, 1000, 1001)] == [3.0, 3.0, 2.0, 2.0, 1.0]
+    assert prof.memory_rate(10**6, "MaxPool2d.forward") == 5.0
+    no_llc = Profile(name="toy", rates={"fp32": 1e9}, bandwidth=1.0, cache_bytes=100.0,
+                     cache_bandwidth=3.0)
+    assert no_llc.memory_rate(500) == 1.0
+    path = tmp_path / "toy.toml"
+    prof.save(path)
+    assert load_profile(path) == prof
+
+
+def test_a_convolution_runs_at_the_machines_convolution_efficiency(tmp_path):
+    """``conv_efficiency``: a convolution's own product of each pass is computed at the
+    machine's fraction of the peak for its input channels (interpolated in log2), its bias
+    gradient's and every Linear product at the GEMM's; without a table for a pass, the GEMM's;
+    the profile keeps it through its TOML file."""
+    table = {"forward": ((1, 0.1), (4, 0.4)), "grad_weight": ((1, 0.2), (16, 0.6))}
+    prof = Profile(name="toy", rates={"fp32": 1e9}, bandwidth=1e15, conv_efficiency=table)
+    assert prof.conv_efficiency_at("forward", 2) == pytest.approx(0.25)
+    assert prof.conv_efficiency_at("forward", 64) == 0.4  # the ends held
+    assert prof.conv_efficiency_at("grad_input", 2) is None
+    plain = Profile(name="toy", rates={"fp32": 1e9}, bandwidth=1e15)
+    model = L.Sequential(L.Conv2d(2, 3, 3, rng=0), L.ReLU(), L.Conv2d(3, 2, 3, rng=0),
+                         L.Flatten(), L.Linear(2 * 4 * 4, 5, rng=0))
+    kw = dict(batch=8, images=8, in_shape=(2, 8, 8))
+    got = {(r["layer"], r["product"]): r for r in predict(model, Policy.float32(), prof,
+                                                          **kw).rows}
+    want = {(r["layer"], r["product"]): r for r in predict(model, Policy.float32(), plain,
+                                                           **kw).rows}
+    steps = count_step(model, Policy.float32(), 8, (2, 8, 8))
+    by = {(r.layer, r.product): r for r in steps.rows}
+    assert by[("0.conv2d", "forward")].channels == 2 and by[("4.linear", "forward")].channels == 0
+    for layer, C in (("0.conv2d", 2), ("2.conv2d", 3)):
+        f = by[(layer, "forward")]
+        (M, N, K, *_), = f.gemm
+        assert got[(layer, "forward")]["compute_s"] == pytest.approx(
+            M * N * K / (1e9 * prof.conv_efficiency_at("forward", C)))
+        gw = by[(layer, "grad_weight")]
+        (M, N, K, *_), (Mb, Nb, Kb, *_) = gw.gemm  # the weights', then the bias's
+        assert got[(layer, "grad_weight")]["compute_s"] == pytest.approx(
+            M * N * K / (1e9 * prof.conv_efficiency_at("grad_weight", C)) + Mb * Nb * Kb / 1e9)
+    assert got[("2.conv2d", "grad_input")]["compute_s"] == pytest.approx(
+        want[("2.conv2d", "grad_input")]["compute_s"])  # no table for that pass
+    for product in ("forward", "grad_weight", "grad_input"):
+        assert got[("4.linear", product)]["compute_s"] == want[("4.linear", product)]["compute_s"]
+    path = tmp_path / "toy.toml"
+    prof.save(path)
+    assert load_profile(path) == prof
+
+
+def test_a_format_s_own_tables_come_first(tmp_path):
+    """A format's convolution table and Linear factors are taken before the tables of any
+    format; a Linear layer's pass runs at the GEMM's efficiency times its factor, its bias
+    gradient at the GEMM's."""
+    prof = Profile(name="toy", rates={"fp32": 1e9, "bf16": 1e9}, bandwidth=1e15,
+                   conv_efficiency={"forward": ((1, 0.5),), "bf16.forward": ((1, 0.25),)},
+                   linear_efficiency={"grad_input": 0.5, "bf16.grad_input": 0.1})
+    assert prof.conv_efficiency_at("forward", 3, "bf16") == 0.25
+    assert prof.conv_efficiency_at("forward", 3, "fp32") == 0.5
+    assert prof.linear_factor("grad_input", "bf16") == 0.1
+    assert prof.linear_factor("grad_input", "fp32") == 0.5
+    assert prof.linear_factor("grad_weight", "bf16") == 1.0
+    model = L.Sequential(L.Conv2d(1, 2, 3, rng=0), L.Flatten(), L.Linear(2 * 4 * 4, 5, rng=0),
+                         L.ReLU(), L.Linear(5, 3, rng=0))
+    kw = dict(batch=4, images=4, in_shape=(1, 6, 6))
+    plain = Profile(name="toy", rates={"fp32": 1e9, "bf16": 1e9}, bandwidth=1e15)
+    for pol in (Policy.float32(), Policy.bf16()):
+        got = {(r["layer"], r["product"]): r for r in predict(model, pol, prof, **kw).rows}
+        want = {(r["layer"], r["product"]): r for r in predict(model, pol, plain, **kw).rows}
+        rows = {(r.layer, r.product): r for r in count_step(model, pol, 4, (1, 6, 6)).rows}
+        row = rows[("4.linear", "grad_input")]
+        (M, N, K, _, _, fa, fb), = row.gemm
+        cls = got[("4.linear", "grad_input")]["native"]
+        assert got[("4.linear", "grad_input")]["compute_s"] == pytest.approx(
+            want[("4.linear", "grad_input")]["compute_s"] / prof.linear_factor("grad_input", cls))
+        assert got[("2.linear", "grad_weight")]["compute_s"] == pytest.approx(
+            want[("2.linear", "grad_weight")]["compute_s"])
+        (M, N, K, *_), = rows[("0.conv2d", "forward")].gemm
+        cls = got[("0.conv2d", "forward")]["native"]
+        assert got[("0.conv2d", "forward")]["compute_s"] == pytest.approx(
+            M * N * K / (1e9 * prof.conv_efficiency_at("forward", 1, cls)))
+    path = tmp_path / "toy.toml"
+    prof.save(path)
+    assert load_profile(path) == prof
+
+
+def test_calibration_multiplies_as_the_layers_do():
+    """calibrate's libraries: each product is ``(M, K) @ (K, N)``, its result the float64
+    product's; PyTorch's float formats through ``linear`` with an ``(N, K)`` weight, as a
+    Linear layer calls it."""
+    from fixedsim.cost.profiles import _gemm_libraries
+
+    libs, torch = _gemm_libraries()
+    for cls, (name, mm, make_a, make_b) in libs.items():
+        a, b = make_a(3, 5), make_b(5, 4)
+        got = np.asarray((mm(a, b).float() if torch is not None and hasattr(a, "float")
+                          else mm(a, b)), np.float64)
+        a64, b64 = (np.asarray(v.float() if hasattr(v, "float") else v, np.float64)
+                    for v in (a, b))
+        if name.endswith("linear"):
+            assert tuple(b.shape) == (4, 5) and b.is_contiguous()
+            b64 = b64.T
+        assert got.shape == (3, 4)
+        assert np.allclose(got, a64 @ b64, rtol=1e-2, atol=1e-2), cls
+
+
 def test_calibrate_writes_a_profile_that_loads_back(tmp_path, monkeypatch):
     """A quick calibration: every rate has its source, the file loads back equal, and
     --machine this reads it (values are not asserted: they depend on the machine's load)."""
@@ -485,6 +607,9 @@ def test_calibrate_writes_a_profile_that_loads_back(tmp_path, monkeypatch):
         assert p.sources[f"rates.{k}"].startswith("measured: ")
         assert p.rates[k] > 0 and 0 < p.gemm_efficiency(1, 1, 1, k) <= 1
     assert p.bandwidth > 0 and p.per_call_s > 0 and p.measured["threads"] == 1
+    if fs.cost.profiles._cache_bytes(3):  # a CPU with an L3: its share and its rate
+        assert p.llc_bytes == fs.cost.profiles._cache_bytes(3) / 2 and p.llc_bandwidth > 0
+        assert p.sources["memory.llc_bandwidth"].startswith("measured: ")
     try:
         import torch  # noqa: F401
     except ModuleNotFoundError:
@@ -493,6 +618,19 @@ def test_calibrate_writes_a_profile_that_loads_back(tmp_path, monkeypatch):
         assert set(p.kind_bandwidth) == {"MaxPool2d.forward", "MaxPool2d.grad_input"}
         for k, v in p.kind_bandwidth.items():
             assert v > 0 and p.sources[f"kind_bandwidth.{k}"].startswith("measured: ")
+        # PyTorch's convolutions by format, pass and input channels; its Linear layer's
+        # backward passes against its forward
+        passes = ("forward", "grad_input", "grad_weight")
+        torch_floats = [c for c in ("fp32", "bf16", "fp16") if c in p.rates]
+        assert set(p.conv_efficiency) == {f"{c}.{q}" for c in torch_floats for q in passes}
+        for k, table in p.conv_efficiency.items():
+            assert [c for c, _ in table] == list(fs.cost.profiles.CONV_CHANNELS)
+            assert all(0 < e <= 4 for _, e in table)
+            assert p.sources[f"conv_efficiency.{k}"].startswith("measured: ")
+        assert set(p.linear_efficiency) == {f"{c}.{q}" for c in torch_floats
+                                            for q in passes[1:]}
+        for k, v in p.linear_efficiency.items():
+            assert v > 0 and p.sources[f"linear_efficiency.{k}"].startswith("measured: ")
     assert load_profile(path) == p
     assert predict("mlp", "float32", "this", images=64).epoch_s > 0
     with pytest.raises(ProfileError, match="threads must be an int >= 1"):

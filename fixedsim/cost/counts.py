@@ -124,6 +124,9 @@ class Row:
         overhead of a machine profile).
     operands : str
         The operand formats of the row's products (``""`` when it has none).
+    channels : int
+        A convolution's input channels (0 for other layers): a machine's
+        ``conv_efficiency`` is looked up by them.
     """
 
     layer: str
@@ -143,6 +146,7 @@ class Row:
     elementwise: int = 0
     launches: int = 0
     operands: str = ""
+    channels: int = 0
 
     @property
     def bytes_read(self) -> int:
@@ -412,6 +416,7 @@ def count_step(model, policy, batch: int, in_shape=None, *, optimizer: str = "sg
                     raise CountError(f"cost: layer {name} (Conv2d): a {kh}x{kw} kernel does "
                                      f"not fit the {H}x{W} input")
                 out_shape = (N, O, Ho, Wo)
+                f.channels = gw.channels = gi.channels = C
                 K = C * kh * kw
                 fw = (N * Ho * Wo, O, K)
                 gwm = (O, K, N * Ho * Wo)

@@ -4,6 +4,9 @@ For each row of :mod:`fixedsim.cost.counts` (a layer's forward, input-gradient o
 weight-gradient pass, in one step) on a machine :class:`~fixedsim.cost.profiles.Profile`::
 
     compute  = sum over its products of  M N K / (rate[c] * efficiency[c](min(M, N, K)))
+               (a convolution's own product: conv_efficiency[c.pass](input channels)
+               instead, and a Linear layer's times linear_efficiency[c.pass], when the
+               machine's profile has them)
     memory   = bytes read and written / bandwidth   (the cache's when they fit in it; the
                machine's own rate for a kind of layer it measured, ``kind_bandwidth``)
     overhead = native operations launched * per_call (backward_call in backward passes)
@@ -41,7 +44,7 @@ def _widest(classes):
 
 def _row_time(row, prof):
     compute, natives, nmacs = 0.0, [], 0
-    for M, N, K, _lab, _acc, fa, fb in row.gemm:
+    for i, (M, N, K, _lab, _acc, fa, fb) in enumerate(row.gemm):
         nmacs += M * N * K
         try:
             cls = _widest([native_class(fa, prof.rates), native_class(fb, prof.rates)])
@@ -49,7 +52,13 @@ def _row_time(row, prof):
             raise ProfileError(f"machine {prof.name!r} cannot run layer {row.layer} "
                                f"({row.product}): {err}") from None
         natives.append(cls)
-        compute += M * N * K / (prof.rates[cls] * prof.gemm_efficiency(M, N, K, cls))
+        eff = prof.gemm_efficiency(M, N, K, cls)
+        if i == 0 and row.kind == "Conv2d":  # the layer's own product (a bias's follows)
+            conv = prof.conv_efficiency_at(row.product, row.channels, cls)
+            eff = eff if conv is None else conv
+        elif i == 0 and row.kind == "Linear":
+            eff *= prof.linear_factor(row.product, cls)
+        compute += M * N * K / (prof.rates[cls] * eff)
     nbytes = row.bytes
     memory = nbytes / prof.memory_rate(nbytes, f"{row.kind}.{row.product}") if nbytes else 0.0
     per = prof.per_call_s

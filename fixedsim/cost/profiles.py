@@ -11,8 +11,10 @@ A profile is a TOML file (see docs/cost.md)::
     fp16 = 494.7e12
     [memory]
     bandwidth = 3.35e12           # bytes per second
-    cache_bytes = 52428800        # optional: last-level cache
+    cache_bytes = 52428800        # optional: a core's cache (a GPU's L2, a CPU's L2)
     cache_bandwidth = 1e13        # optional: bytes per second when a row's bytes fit in it
+    llc_bytes = 16777216          # optional: a CPU's shared last-level cache (its share)
+    llc_bandwidth = 5e10          # optional: bytes per second when they fit in that
     [overhead]
     per_call_s = 5e-6             # per native operation launched
     backward_call_s = 5e-6        # optional: per operation of a backward pass (default
@@ -51,7 +53,11 @@ _DIR = pathlib.Path(__file__).parent / "profiles"
 PUBLISHED = tuple(sorted(p.stem for p in _DIR.glob("*.toml")))
 
 _SECTIONS = {"name", "description", "kind", "rates", "memory", "overhead", "efficiency",
-             "kind_bandwidth", "sources", "array", "measured"}
+             "conv_efficiency", "linear_efficiency", "kind_bandwidth", "sources", "array",
+             "measured"}
+
+#: The passes of a layer a profile's ``[conv_efficiency]`` and ``[linear_efficiency]`` name.
+CONV_PASSES = ("forward", "grad_input", "grad_weight")
 
 
 class ProfileError(ValueError):
@@ -115,8 +121,14 @@ class Profile:
     bandwidth : float
         Bytes per second to and from main memory.
     cache_bytes, cache_bandwidth : float or None
-        Last-level cache size and its bandwidth: a row whose bytes fit in the cache moves them
-        at ``cache_bandwidth`` (when given).
+        A cache's size and bandwidth (a GPU's L2; a CPU core's L2): a row whose bytes fit in
+        it moves them at ``cache_bandwidth`` (when given).
+    llc_bytes, llc_bandwidth : float or None
+        A CPU's shared last-level cache (the share a core can hold: :func:`calibrate`
+        takes half the L3) and its bandwidth: a row whose bytes exceed ``cache_bytes`` but
+        fit in it moves them at ``llc_bandwidth`` (when given). The activations of a small
+        network stay there between layers: without this level their elementwise passes
+        were predicted at main memory's rate, 2-3x too slow.
     per_call_s : float
         Seconds per native operation launched (framework and launch overhead).
     backward_call_s : float or None
@@ -125,6 +137,22 @@ class Profile:
         Fraction of the peak rate a matrix product reaches, by its smallest dimension,
         interpolated in log2; per native format, ``"points"`` for the others (empty: the
         peak always).
+    conv_efficiency : dict of str to tuple of (int, float)
+        Fraction of a native format's peak rate a framework's convolution reaches, by its
+        input channels, interpolated in log2, per pass: keys ``"fp32.forward"`` (format and
+        pass; :func:`calibrate` measures each PyTorch float format on convolutions of its
+        own) or ``"forward"`` (any format); passes ``forward``, ``grad_input``,
+        ``grad_weight``. A convolution's product takes it instead of :attr:`efficiency` (a
+        CPU library's convolution with one input channel runs 5-15x below the GEMM of the
+        same M, N, K: it does not take the GEMM path); absent, the GEMM's. Fractions up to
+        4: a library's convolution in a format without native arithmetic may run above the
+        GEMM rate measured for that format.
+    linear_efficiency : dict of str to float
+        A Linear layer's backward pass against its forward product of the same M, N, K, per
+        native format: ``"bf16.grad_input"`` (format and pass) or ``"grad_input"`` (any);
+        the pass's product runs at :attr:`efficiency` times it (1 absent). On a CPU without
+        BF16 or FP16 arithmetic the input gradient's product (the weight not transposed)
+        runs several times slower than the forward's.
     kind_bandwidth : dict of str to float
         Bytes per second of the machine's own kernel for one pass of a kind of layer
         (``"MaxPool2d.forward"``: a row's ``kind.product``), measured on a shape of its own:
@@ -144,8 +172,12 @@ class Profile:
     backward_call_s: float | None = None
     cache_bytes: float | None = None
     cache_bandwidth: float | None = None
+    llc_bytes: float | None = None
+    llc_bandwidth: float | None = None
     efficiency: dict = dataclasses.field(default_factory=dict)
     kind_bandwidth: dict = dataclasses.field(default_factory=dict)
+    conv_efficiency: dict = dataclasses.field(default_factory=dict)
+    linear_efficiency: dict = dataclasses.field(default_factory=dict)
     description: str = ""
     kind: str = "published"
     sources: dict = dataclasses.field(default_factory=dict)
@@ -161,16 +193,20 @@ class Profile:
         """Fraction of the peak a ``(M, K) @ (K, N)`` product on native format ``cls`` reaches
         (1.0 without a table)."""
         pts = self.efficiency.get(cls) or self.efficiency.get("points", ())
-        if not pts:
-            return 1.0
-        d = max(1, min(M, N, K))
-        if d <= pts[0][0]:
-            return pts[0][1]
-        for (d0, e0), (d1, e1) in zip(pts, pts[1:], strict=False):
-            if d <= d1:
-                t = (math.log2(d) - math.log2(d0)) / (math.log2(d1) - math.log2(d0))
-                return e0 + t * (e1 - e0)
-        return pts[-1][1]
+        return _log2_interp(pts, min(M, N, K)) if pts else 1.0
+
+    def conv_efficiency_at(self, product: str, channels: int, cls: str = "") -> float | None:
+        """Fraction of native format ``cls``'s peak of a convolution's ``product`` pass with
+        ``channels`` input channels (:attr:`conv_efficiency`: the format's table, else the
+        pass's); None without a table."""
+        pts = self.conv_efficiency.get(f"{cls}.{product}") or self.conv_efficiency.get(product)
+        return _log2_interp(pts, channels) if pts else None
+
+    def linear_factor(self, product: str, cls: str = "") -> float:
+        """A Linear layer's ``product`` pass against its forward product on native format
+        ``cls`` (:attr:`linear_efficiency`; 1.0 when not given)."""
+        t = self.linear_efficiency
+        return t.get(f"{cls}.{product}", t.get(product, 1.0))
 
     def memory_rate(self, nbytes: float, kind: str = "") -> float:
         """Bytes per second for a row moving ``nbytes`` (``kind``: the row's
@@ -179,6 +215,8 @@ class Profile:
             return self.kind_bandwidth[kind]
         if self.cache_bandwidth and self.cache_bytes and nbytes <= self.cache_bytes:
             return self.cache_bandwidth
+        if self.llc_bandwidth and self.llc_bytes and nbytes <= self.llc_bytes:
+            return self.llc_bandwidth
         return self.bandwidth
 
     # -- files ----------------------------------------------------------------------------
@@ -195,6 +233,9 @@ class Profile:
             out.append(f"cache_bytes = {float(self.cache_bytes)!r}")
         if self.cache_bandwidth is not None:
             out.append(f"cache_bandwidth = {float(self.cache_bandwidth)!r}")
+        for k in ("llc_bytes", "llc_bandwidth"):
+            if getattr(self, k) is not None:
+                out.append(f"{k} = {float(getattr(self, k))!r}")
         out += ["", "[overhead]", f"per_call_s = {float(self.per_call_s)!r}"]
         if self.backward_call_s is not None:
             out.append(f"backward_call_s = {float(self.backward_call_s)!r}")
@@ -203,6 +244,14 @@ class Profile:
             for k, table in self.efficiency.items():
                 pts = ", ".join(f"[{int(d)}, {float(e)!r}]" for d, e in table)
                 out.append(f"{k} = [{pts}]")
+        if self.conv_efficiency:
+            out += ["", "[conv_efficiency]"]
+            for k, table in self.conv_efficiency.items():
+                pts = ", ".join(f"[{int(d)}, {float(e)!r}]" for d, e in table)
+                out.append(f"{q(k)} = [{pts}]")
+        if self.linear_efficiency:
+            out += ["", "[linear_efficiency]"]
+            out += [f"{q(k)} = {float(v)!r}" for k, v in self.linear_efficiency.items()]
         if self.kind_bandwidth:
             out += ["", "[kind_bandwidth]"]
             out += [f"{q(k)} = {float(v)!r}" for k, v in self.kind_bandwidth.items()]
@@ -217,6 +266,19 @@ class Profile:
 
     def save(self, path) -> None:
         pathlib.Path(path).write_text(self.to_toml())
+
+
+def _log2_interp(pts, d) -> float:
+    """``pts`` (``(x, y)``, ``x`` increasing) at ``x = d``: interpolated in ``log2(x)``, the
+    ends held beyond them."""
+    d = max(1, d)
+    if d <= pts[0][0]:
+        return pts[0][1]
+    for (d0, e0), (d1, e1) in zip(pts, pts[1:], strict=False):
+        if d <= d1:
+            t = (math.log2(d) - math.log2(d0)) / (math.log2(d1) - math.log2(d0))
+            return e0 + t * (e1 - e0)
+    return pts[-1][1]
 
 
 def _toml(text: str, where: str) -> dict:
@@ -241,6 +303,19 @@ def _number(d, key, where, *, low=0, strict=True, required=True):
         raise ProfileError(f"{where}: {key} must be a finite number "
                            f"{'>' if strict else '>='} {low}, got {v!r}")
     return float(v)
+
+
+def _points(raw, what: str, x: str, xs: str, top: float = 1.0) -> tuple:
+    """``((x, fraction), ...)`` from a TOML list ``[[x, fraction], ...]``: ``x >= 1``
+    increasing, fractions in (0, top]."""
+    ok = isinstance(raw, list) and raw and all(
+        isinstance(p, list) and len(p) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)
+        and p[0] >= 1 and 0 < p[1] <= top for p in raw)
+    if not ok or [p[0] for p in raw] != sorted({p[0] for p in raw}):
+        raise ProfileError(f"{what} must be [[{x}, fraction], ...] with {xs} >= 1 increasing "
+                           f"and fractions in (0, {top:g}], got {raw!r}")
+    return tuple((int(a), float(b)) for a, b in raw)
 
 
 def profile_from_dict(d: dict, where: str = "profile") -> Profile:
@@ -270,7 +345,8 @@ def profile_from_dict(d: dict, where: str = "profile") -> Profile:
     if not isinstance(over, dict):
         raise ProfileError(f"{where}: [overhead] must be a table")
     eff = d.get("efficiency", {})
-    for table, t, allowed in (("memory", mem, {"bandwidth", "cache_bytes", "cache_bandwidth"}),
+    for table, t, allowed in (("memory", mem, {"bandwidth", "cache_bytes", "cache_bandwidth",
+                                               "llc_bytes", "llc_bandwidth"}),
                               ("overhead", over, {"per_call_s", "backward_call_s"}),
                               ("efficiency", eff, {"points", *NATIVE})):
         extra = sorted(set(t) - allowed) if isinstance(t, dict) else []
@@ -280,16 +356,27 @@ def profile_from_dict(d: dict, where: str = "profile") -> Profile:
                                f"{', '.join(sorted(allowed))}")
     if not isinstance(eff, dict):
         raise ProfileError(f"{where}: [efficiency] must be a table")
-    pts = {}
-    for key, raw in eff.items():
-        ok = isinstance(raw, list) and raw and all(
-            isinstance(p, list) and len(p) == 2 and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)
-            and p[0] >= 1 and 0 < p[1] <= 1 for p in raw)
-        if not ok or [p[0] for p in raw] != sorted({p[0] for p in raw}):
-            raise ProfileError(f"{where}: [efficiency] {key} must be [[dim, fraction], ...] "
-                               f"with dims >= 1 increasing and fractions in (0, 1], got {raw!r}")
-        pts[key] = tuple((int(a), float(b)) for a, b in raw)
+    pts = {key: _points(raw, f"{where}: [efficiency] {key}", "dim", "dims")
+           for key, raw in eff.items()}
+    keys = set(CONV_PASSES) | {f"{c}.{p}" for c in NATIVE for p in CONV_PASSES}
+    tables = {}
+    for section in ("conv_efficiency", "linear_efficiency"):
+        t = d.get(section, {})
+        if not isinstance(t, dict):
+            raise ProfileError(f"{where}: [{section}] must be a table of passes "
+                               f"({', '.join(CONV_PASSES)}, or 'fp32.forward' ...)")
+        extra = sorted(set(t) - keys)
+        if extra:
+            raise ProfileError(f"{where}: [{section}] has unknown key(s) "
+                               f"{', '.join(map(repr, extra))}; allowed: a pass "
+                               f"({', '.join(CONV_PASSES)}) or a native format and a pass "
+                               f"('bf16.grad_input')")
+        tables[section] = t
+    conv = {key: _points(raw, f"{where}: [conv_efficiency] {key}", "channels", "channels",
+                         top=4.0)
+            for key, raw in tables["conv_efficiency"].items()}
+    lin = {key: _number(tables["linear_efficiency"], key, f"{where} [linear_efficiency]")
+           for key in tables["linear_efficiency"]}
     kb = d.get("kind_bandwidth", {})
     if not isinstance(kb, dict):
         raise ProfileError(f"{where}: [kind_bandwidth] must be a table of layer passes "
@@ -305,11 +392,14 @@ def profile_from_dict(d: dict, where: str = "profile") -> Profile:
         name=name, rates=rates, bandwidth=_number(mem, "bandwidth", f"{where} [memory]"),
         cache_bytes=_number(mem, "cache_bytes", f"{where} [memory]", required=False),
         cache_bandwidth=_number(mem, "cache_bandwidth", f"{where} [memory]", required=False),
+        llc_bytes=_number(mem, "llc_bytes", f"{where} [memory]", required=False),
+        llc_bandwidth=_number(mem, "llc_bandwidth", f"{where} [memory]", required=False),
         per_call_s=_number(over, "per_call_s", f"{where} [overhead]", strict=False,
                            required=False) or 0.0,
         backward_call_s=_number(over, "backward_call_s", f"{where} [overhead]", strict=False,
                                 required=False),
-        efficiency=pts, kind_bandwidth=kb, description=str(d.get("description", "")),
+        efficiency=pts, kind_bandwidth=kb, conv_efficiency=conv, linear_efficiency=lin,
+        description=str(d.get("description", "")),
         kind=kind,
         sources=dict(sources), measured=dict(d.get("measured", {})),
         array=dict(d.get("array", {})))
@@ -384,25 +474,33 @@ def _best(fn, min_time=0.15, reps=3) -> float:
 
 
 def _gemm_libraries():
-    """``{class: (library name, matmul, make(m, k))}``: the fastest native library this
-    machine has for each native format (PyTorch where installed, else numpy)."""
+    """``{class: (library name, matmul, make_a(M, K), make_b(K, N))}``: the fastest native
+    library this machine has for each native format (PyTorch where installed, else numpy);
+    ``matmul(make_a(M, K), make_b(K, N))`` is an ``(M, K) @ (K, N)`` product. PyTorch's
+    float formats multiply as a ``Linear`` layer does, by ``torch.nn.functional.linear``
+    with a contiguous ``(N, K)`` weight: on a CPU without native BF16 or FP16 arithmetic
+    (AVX2), ``torch.matmul`` on those dtypes, or a weight passed transposed, runs 6-8x
+    slower than the layer's kernel (0.6 against 4.0-5.1 GMAC/s at 512^3 on an AMD EPYC Zen
+    3), and a calibration on it predicted the networks' BF16 epochs 4-6x too long."""
     import numpy as np
 
     rng = np.random.default_rng(0)
-    libs = {"fp64": ("numpy float64", np.matmul,
-                     lambda m, k: rng.standard_normal((m, k))),
-            "fp32": ("numpy float32", np.matmul,
-                     lambda m, k: rng.standard_normal((m, k)).astype(np.float32))}
+    f64 = lambda m, k: rng.standard_normal((m, k))  # noqa: E731
+    f32 = lambda m, k: rng.standard_normal((m, k)).astype(np.float32)  # noqa: E731
+    libs = {"fp64": ("numpy float64", np.matmul, f64, f64),
+            "fp32": ("numpy float32", np.matmul, f32, f32)}
     try:
         import torch
     except ImportError:
         return libs, None
     for cls, name, dt in (("fp32", "float32", torch.float32), ("bf16", "bfloat16", torch.bfloat16),
                           ("fp16", "float16", torch.float16)):
-        libs[cls] = (f"torch {name}", torch.matmul, lambda m, k, dt=dt: torch.randn(m, k).to(dt))
+        libs[cls] = (f"torch {name} linear", torch.nn.functional.linear,
+                     lambda m, k, dt=dt: torch.randn(m, k).to(dt),
+                     lambda k, n, dt=dt: torch.randn(n, k).to(dt))  # the (N, K) weight
     if hasattr(torch, "_int_mm"):
-        libs["int8"] = ("torch._int_mm int8", torch._int_mm, lambda m, k: torch.randint(
-            -100, 100, (m, k), dtype=torch.int8))
+        i8 = lambda m, k: torch.randint(-100, 100, (m, k), dtype=torch.int8)  # noqa: E731
+        libs["int8"] = ("torch._int_mm int8", torch._int_mm, i8, i8)
     return libs, torch
 
 
@@ -410,8 +508,8 @@ def _gemm_libraries():
 EFFICIENCY_DIMS = (1, 4, 16, 64)
 
 
-def _rate(mm, make, M, N, K, min_time):
-    a, b = make(M, K), make(K, N)
+def _rate(mm, make_a, make_b, M, N, K, min_time):
+    a, b = make_a(M, K), make_b(K, N)
     return M * N * K / _best(lambda: mm(a, b), min_time=min_time)
 
 
@@ -419,15 +517,20 @@ def calibrate(*, quick: bool = False, threads: int | None = None, log=None) -> P
     """Measure this machine: native GEMM rate per dtype, memory bandwidth, per-call overhead.
 
     - GEMM: for each native format, the fastest library installed (numpy float64; PyTorch
-      float32, bfloat16, float16 and int8 through ``torch._int_mm`` where installed, else
-      numpy float32) at n = 512, the best of three rounds; and the efficiency of products
+      float32, bfloat16 and float16 through ``torch.nn.functional.linear`` as a ``Linear``
+      layer calls it, and int8 through ``torch._int_mm``, where installed, else numpy
+      float32) at n = 512, the best of three rounds; and the efficiency of products
       whose smallest dimension d is 1, 4, 16 and 64 (the mean rate of ``(d, 256, 256)``,
       ``(256, d, 256)`` and ``(256, 256, d)``, over the square rate) per format;
     - memory: a STREAM-like add ``c = a + b`` over 3 x 64 MiB (main memory) and over 3 x 256
       KiB (cache), bytes read and written per second;
     - overhead: the seconds of a PyTorch operation on a one-element tensor recorded by
       autograd, and of its gradient through ``torch.autograd.grad`` (the backward calls); a
-      numpy operation's when PyTorch is not installed.
+      numpy operation's when PyTorch is not installed;
+    - with PyTorch: its 2x2 max pooling's bytes per second by pass (``kind_bandwidth``);
+      for each float format, its convolutions' fraction of the format's GEMM rate by input
+      channels and pass (``conv_efficiency``, :data:`CONV_CHANNELS`), and a Linear layer's
+      backward passes against its forward (``linear_efficiency``).
 
     Takes 10 to 40 seconds (``quick``: a few). The best of several rounds is kept (other
     processes on a shared machine only ever slow a round down); the load average is recorded.
@@ -469,19 +572,19 @@ def _calibrate(quick, log, threads) -> Profile:
     for cls in NATIVE:
         if cls not in libs:
             continue
-        name, mm, make = libs[cls]
+        name, mm, make_a, make_b = libs[cls]
         try:
-            r = _rate(mm, make, n, n, n, mt)
+            r = _rate(mm, make_a, make_b, n, n, n, mt)
         except RuntimeError as err:  # a dtype this build does not multiply
             log(f"{name}: skipped ({err})")
             continue
         rates[cls] = r
-        src[f"rates.{cls}"] = f"measured: {name} matmul {n}^3"
+        src[f"rates.{cls}"] = f"measured: {name}, {n}^3"
         meas[f"gemm.{cls}"] = r
         pts = []
         for d in EFFICIENCY_DIMS:
             m = 128 if quick else 256
-            rs = [_rate(mm, make, *shape, mt / 3) for shape in
+            rs = [_rate(mm, make_a, make_b, *shape, mt / 3) for shape in
                   ((d, m, m), (m, d, m), (m, m, d))]
             pts.append((d, min(1.0, sum(rs) / 3 / r)))
         pts.append((n, 1.0))
@@ -500,10 +603,22 @@ def _calibrate(quick, log, threads) -> Profile:
     meas["stream.64MiB"], meas["stream.256KiB"] = bw, cbw
     src["memory.bandwidth"] = "measured: numpy add c = a + b over 3 x 64 MiB float64"
     src["memory.cache_bandwidth"] = "measured: numpy add c = a + b over 3 x 256 KiB float64"
-    cache = _llc_bytes()
+    cache = _cache_bytes(2)
     if cache:
-        src["memory.cache_bytes"] = "read: the L2 cache of cpu0 (sysfs cache/index2/size)"
-    log(f"memory: {bw / 1e9:.1f} GB/s (64 MiB), {cbw / 1e9:.1f} GB/s (256 KiB)")
+        src["memory.cache_bytes"] = "read: the L2 cache of cpu0 (sysfs cache/index*/size)"
+    l3 = _cache_bytes(3)
+    llc = lbw = None
+    if l3 and (cache is None or l3 / 2 > cache):
+        llc = l3 / 2
+        lbw = stream(int(llc / 8) // 8 * 8)  # 3 arrays in 3/8 of the L3
+        meas["stream.llc"] = lbw
+        src["memory.llc_bytes"] = ("read: half the L3 cache of cpu0 (sysfs cache/index*/size; "
+                                   "shared with the other cores)")
+        src["memory.llc_bandwidth"] = (f"measured: numpy add c = a + b over 3 x "
+                                       f"{llc / 8 / 2**20:.0f} MiB float64")
+    log(f"memory: {bw / 1e9:.1f} GB/s (64 MiB), {cbw / 1e9:.1f} GB/s (256 KiB)"
+        + ("" if llc is None else f", {lbw / 1e9:.1f} GB/s (3 x {llc / 8 / 2**20:.0f} MiB, "
+           f"in the L3)"))
     # overhead
     if torch is not None:
         x = torch.zeros(1, requires_grad=True)
@@ -532,9 +647,32 @@ def _calibrate(quick, log, threads) -> Profile:
     if kb:
         log("max pooling: " + ", ".join(f"{k.split('.')[1]} {v / 1e9:.2f} GB/s"
                                         for k, v in kb.items()) + " of counted bytes")
+    conv, lin = {}, {}
+    if torch is not None:
+        conv = _conv_efficiency(torch, rates, mt / 3)
+        N, H, k, O = _CONV_GEOMETRY
+        for key, table in conv.items():
+            meas.update({f"conv.{key}.{c}": e for c, e in table})
+            src[f"conv_efficiency.{key}"] = (
+                f"measured: torch conv2d {k}x{k}, {O} outputs, no bias, on ({N}, C, {H}, {H}) "
+                f"{key.split('.')[0]} data, {key.split('.')[1]} pass, C in {CONV_CHANNELS}: "
+                f"its MAC rate over rates.{key.split('.')[0]}")
+        log("convolutions (fraction of the GEMM rate, by input channels): " + "; ".join(
+            f"{key} " + ", ".join(f"{c}: {e:.2f}" for c, e in table)
+            for key, table in conv.items()))
+        lin = _linear_efficiency(torch, rates, mt / 3)
+        for key, v in lin.items():
+            meas[f"linear.{key}"] = v
+            src[f"linear_efficiency.{key}"] = (
+                f"measured: torch linear {_LINEAR_SHAPE}, {key.split('.')[0]} data: the "
+                f"forward's time over the {key.split('.')[1]} pass's (torch.autograd.grad)")
+        log("Linear passes against the forward: " + ", ".join(
+            f"{key} {v:.2f}" for key, v in lin.items()))
     return Profile(name="this", description=_cpu_name(), kind="measured", rates=rates,
-                   bandwidth=bw, cache_bytes=cache, cache_bandwidth=cbw, per_call_s=over,
-                   backward_call_s=back, efficiency=eff, kind_bandwidth=kb, sources=src,
+                   bandwidth=bw, cache_bytes=cache, cache_bandwidth=cbw, llc_bytes=llc,
+                   llc_bandwidth=lbw, per_call_s=over,
+                   backward_call_s=back, efficiency=eff, kind_bandwidth=kb,
+                   conv_efficiency=conv, linear_efficiency=lin, sources=src,
                    measured={"date": time.strftime("%Y-%m-%d %H:%M"),
                              "clock": "process CPU time" if threads == 1 else "wall time",
                              "load_average": os.getloadavg()[0],
@@ -572,6 +710,69 @@ def _pool_bandwidth(torch, min_time) -> dict:
     return {f"MaxPool2d.{k}": rows[k] / t for k, t in times.items()}
 
 
+#: Input channels at which :func:`_conv_efficiency` measures.
+CONV_CHANNELS = (1, 2, 4, 8, 16, 32)
+#: Its convolutions: batch, image side, kernel side, output channels (none of the networks').
+_CONV_GEOMETRY = (32, 20, 5, 16)
+#: PyTorch's float formats calibrate measures the layers of, by native class.
+_TORCH_FLOATS = (("fp32", "float32"), ("bf16", "bfloat16"), ("fp16", "float16"))
+
+
+def _conv_efficiency(torch, rates, min_time) -> dict:
+    """PyTorch's convolution (no bias) on :data:`_CONV_GEOMETRY` with each of
+    :data:`CONV_CHANNELS` input channels, in each float format of ``rates``: ``{"fp32.forward":
+    ((C, fraction), ...), ...}``, the fraction its MACs per second (``N Ho Wo O C kh kw``,
+    the GEMM's of every pass) are of the format's rate, at most 4; the input gradient
+    through ``torch.autograd.grad`` as a backward pass computes it."""
+    N, H, k, O = _CONV_GEOMETRY
+    out = {}
+    for cls, name in _TORCH_FLOATS:
+        if cls not in rates:
+            continue
+        dt = getattr(torch, name)
+        for C in CONV_CHANNELS:
+            x = torch.randn(N, C, H, H).to(dt).requires_grad_(True)
+            w = torch.randn(O, C, k, k).to(dt).requires_grad_(True)
+            y = torch.nn.functional.conv2d(x, w)
+            g = torch.randn(y.shape).to(dt)
+            macs = y.numel() * C * k * k
+            times = {"forward": _best(lambda x=x, w=w: torch.nn.functional.conv2d(x, w),
+                                      min_time=min_time),
+                     "grad_input": _best(lambda y=y, x=x, g=g: torch.autograd.grad(
+                         y, x, g, retain_graph=True), min_time=min_time),
+                     "grad_weight": _best(lambda y=y, w=w, g=g: torch.autograd.grad(
+                         y, w, g, retain_graph=True), min_time=min_time)}
+            for p, t in times.items():
+                out.setdefault(f"{cls}.{p}", []).append((C, min(4.0, macs / t / rates[cls])))
+    return {key: tuple(v) for key, v in out.items()}
+
+
+#: calibrate's Linear layer: (batch, in features, out features).
+_LINEAR_SHAPE = (64, 512, 512)
+
+
+def _linear_efficiency(torch, rates, min_time) -> dict:
+    """A PyTorch Linear layer (no bias) of :data:`_LINEAR_SHAPE`, in each float format of
+    ``rates``: ``{"bf16.grad_input": factor, ...}``, the forward product's time over the
+    pass's (the same MACs), each pass as a backward pass computes it."""
+    B, I, O = _LINEAR_SHAPE
+    out = {}
+    for cls, name in _TORCH_FLOATS:
+        if cls not in rates:
+            continue
+        dt = getattr(torch, name)
+        x = torch.randn(B, I).to(dt).requires_grad_(True)
+        w = torch.randn(O, I).to(dt).requires_grad_(True)
+        y = torch.nn.functional.linear(x, w)
+        g = torch.randn(y.shape).to(dt)
+        fwd = _best(lambda x=x, w=w: torch.nn.functional.linear(x, w), min_time=min_time)
+        for p, v in (("grad_input", x), ("grad_weight", w)):
+            t = _best(lambda v=v, y=y, g=g: torch.autograd.grad(y, v, g, retain_graph=True),
+                      min_time=min_time)
+            out[f"{cls}.{p}"] = fwd / t
+    return out
+
+
 def _cpu_name() -> str:
     try:
         for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
@@ -584,15 +785,20 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _llc_bytes():
-    """The cache a core's working set may use: L2 per core (sysfs index2), else None."""
-    p = pathlib.Path("/sys/devices/system/cpu/cpu0/cache/index2/size")
-    try:
-        t = p.read_text().strip()
-    except OSError:
-        return None
-    mult = {"K": 1024, "M": 1024 ** 2}.get(t[-1:], 1)
-    try:
-        return float(int(t.rstrip("KM")) * mult)
-    except ValueError:
-        return None
+def _cache_bytes(level: int):
+    """The size of cpu0's unified or data cache of ``level`` (sysfs), else None."""
+    base = pathlib.Path("/sys/devices/system/cpu/cpu0/cache")
+    for d in sorted(base.glob("index*")):
+        try:
+            if (int((d / "level").read_text()) != level
+                    or (d / "type").read_text().strip() == "Instruction"):
+                continue
+            t = (d / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        mult = {"K": 1024, "M": 1024 ** 2}.get(t[-1:], 1)
+        try:
+            return float(int(t.rstrip("KM")) * mult)
+        except ValueError:
+            return None
+    return None
