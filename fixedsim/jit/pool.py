@@ -4,20 +4,51 @@ one pass each."""
 
 from numba import prange
 
-from .options import jit, jit_parallel
+from .options import jit, jit_inline, jit_parallel
+
+
+@jit_inline
+def _later_wins(best, v):
+    """Does ``v``, later in the window, replace ``best``: ``best`` is not NaN and ``v`` is NaN
+    or larger (the first NaN, else the first maximum; ``-0.0`` and ``+0.0`` tie)."""
+    return (best == best) & ((v != v) | (v > best))
 
 
 @jit_parallel
 def maxpool_forward(x, kh, kw, sh, sw, out, arg):
     """``out[n, c, ho, wo]`` = the maximum of the window at ``(ho*sh, wo*sw)``; ``arg`` its
     index ``i*kw + j`` in the window: the first NaN if there is one, else the first maximum
-    (``-0.0`` and ``+0.0`` tie). Parallel over (image, channel)."""
+    (``-0.0`` and ``+0.0`` tie). Parallel over (image, channel). 2x2 windows of stride 2
+    (the networks' pools) take a loop of their own without branches: 3.2 -> 2.0 ms for a
+    LeNet's first pool at batch 64, one thread."""
     N, C = x.shape[:2]
     Ho, Wo = out.shape[2:]
+    two = kh == 2 and kw == 2 and sh == 2 and sw == 2
     for nc in prange(N * C):
         n = nc // C
         c = nc - n * C
         for ho in range(Ho):
+            if two:
+                x0 = x[n, c, 2 * ho]
+                x1 = x[n, c, 2 * ho + 1]
+                orow = out[n, c, ho]
+                arow = arg[n, c, ho]
+                for wo in range(Wo):
+                    best = x0[2 * wo]
+                    bi = 0
+                    v = x0[2 * wo + 1]
+                    t = _later_wins(best, v)
+                    best = v if t else best
+                    bi = 1 if t else bi
+                    v = x1[2 * wo]
+                    t = _later_wins(best, v)
+                    best = v if t else best
+                    bi = 2 if t else bi
+                    v = x1[2 * wo + 1]
+                    t = _later_wins(best, v)
+                    orow[wo] = v if t else best
+                    arow[wo] = 3 if t else bi
+                continue
             for wo in range(Wo):
                 h0 = ho * sh
                 w0 = wo * sw
