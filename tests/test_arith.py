@@ -289,6 +289,35 @@ def test_grid_aligned_sum_decisions():
     assert s.overflow == 1 and s.rounded_up == 5  # 31.875 rounds up to 32: saturates to 31.75
 
 
+@pytest.mark.parametrize("fmt", [fs.FixedFormat(16, 14), fs.FixedFormat(8, 2)])
+def test_grid_sums_below_one_quantum_decided_on_the_grid(fmt):
+    """``x`` on the grid, ``y = -a q`` with ``0 < a < 1`` whose ``1 - a`` float64 cannot hold
+    (an optimizer's step below one quantum): the grid kernel decides every mode itself (``ok``,
+    no general path), from TwoSum's exact ``phi`` or, for stochastic rounding, from ``a``;
+    values and counts as the oracle's with the same draws. Around the midpoint (``a`` just
+    below 1/2: ``phi`` rounds to 1/2), near a whole quantum (``phi`` rounds to 1) and far
+    below it."""
+    from fixedsim.jit import arith as _ka
+
+    q = fmt.ulp
+    xs = [0.0, q, -q, 5 * q, -6 * q, fmt.max, fmt.min]
+    As = [0.5 - 2.0**-54, 0.25 + 2.0**-54, 0.125 + 2.0**-55, 0.3, 2.0**-60, 2.0**-1000]
+    x = np.array([v for v in xs for _ in As])
+    y = np.array([-a * q for _ in xs for a in As])
+    assert all(1.0 - a != Fraction(1) - Fraction(a) for a in As)  # none exact in float64
+    up, down, cmax, cmin = 2.0**fmt.frac_length, q, fmt.max / q, fmt.min / q
+    for rounding in fs.Rounding:
+        for i in range(x.size):
+            ok = _ka._grid_add_one(x[i], y[i], int(rounding), up, down, cmax, cmin, 64,
+                                   np.uint64(7), np.uint64(i))[1]
+            assert ok == 1, (rounding, x[i], y[i])
+        for seed in (0, 1, 2) if rounding is fs.Rounding.STOCHASTIC else (None,):
+            got, s = fs.add(x, y, fmt, rounding, seed=seed, stats=True)
+            exp = expected("add", [x, y], fmt, rounding, fs.Overflow.SATURATE, seed, None)
+            assert_same_bits(got, exp, f"{fmt} {rounding} {seed}")
+            assert s.inexact == x.size
+
+
 def test_kernels_write_float64():
     """The elementwise kernels write float64 whatever the format's container (one compiled
     signature each); a format held in float32 gets the oracle's bits back."""

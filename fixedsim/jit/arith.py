@@ -315,26 +315,36 @@ def _grid_add_one(x, y, MODE, up, down, cmax, cmin, rbits, key, idx):
     2**f``; codes in ``[cmin, cmax]``) when ``x`` lies on the grid: ``(value, ok, inexact,
     rounded_up, overflow, underflow)``, the last five 0/1 integers.
 
-    With ``x = X q`` (``X`` an integer) and ``y/q = T + phi`` (``T = floor(y/q)``, ``0 <= phi
-    < 1``, both exact in float64 while ``|y/q| < 2**52``), the exact sum is ``(N + phi) q``
-    with the integer ``N = X + T``: every rounding mode decides from ``N``'s parity and sign
-    and ``phi`` alone (STOCHASTIC: up iff the draw is below ``floor(phi * 2**rbits)``, the
-    rule of :func:`round_exact`). ``ok`` is 0 when ``x`` is off the grid, a scaling is
-    inexact or ``phi`` is (``t`` negative and far below the quantum: ``1 - 2**-1074``); the
-    caller then takes the general path. Branch-free, so that a loop of it vectorises.
+    With ``x = X q`` (``X`` an integer) and ``y/q = t``, ``T = floor(t)``, the exact sum is
+    ``(N + phi) q`` with the integer ``N = X + T`` and ``phi = t - T`` in ``[0, 1)``: every
+    rounding mode decides from ``N``'s parity and sign and ``phi`` alone (STOCHASTIC: up iff
+    the draw is below ``floor(phi * 2**rbits)``, the rule of :func:`round_exact`). ``phi`` is
+    ``hi + e`` exactly (TwoSum); ``e`` is nonzero only for ``-1 < t < 0`` (for ``|t| >= 1``,
+    ``t - T`` is exact by Sterbenz's lemma), where ``phi = 1 - a``, ``a = -t`` exact, and the
+    decisions are made from ``hi`` and ``e`` exactly (``phi > 1/2`` iff ``hi > 1/2`` or ``hi
+    = 1/2`` and ``e > 0``; a tie needs ``e = 0``) or, for STOCHASTIC, from ``a``: up iff
+    ``draw < 2**r - ceil(a 2**r)``, :func:`fixedsim.jit.quant.sr_up`'s rule for a negative
+    value, negated (``a 2**r`` exact, a power-of-two scaling). Such sums are an optimizer's
+    steps below one quantum, about half of a fixed-point network's weights. ``ok`` is 0 when
+    ``x`` is off the grid, ``|t| >= 2**52`` or a scaling is inexact; the caller then takes
+    the general path. Branch-free, so that a loop of it vectorises.
     """
     X = x * up
     t = y * up
     T = np.floor(t)
     phi, e = two_sum(t, -T)
     ok = (np.int64(abs(X) <= _TWO52) & np.int64(X == np.floor(X)) & np.int64(X * down == x)
-          & np.int64(abs(t) < _TWO52) & np.int64(t * down == y) & np.int64(e == 0.0))
+          & np.int64(abs(t) < _TWO52) & np.int64(t * down == y))
     N = X + T if ok != 0 else 0.0  # no NaN reaches the integer conversions below
     phi = phi if ok != 0 else 0.0
+    e = e if ok != 0 else 0.0
+    # phi > 1/2 and phi == 1/2 exactly, from hi and e
+    above = np.int64(phi > 0.5) | (np.int64(phi == 0.5) & np.int64(e > 0.0))
+    tie = np.int64(phi == 0.5) & np.int64(e == 0.0)
     if MODE == RNE:
-        up_ = np.int64(phi > 0.5) | (np.int64(phi == 0.5) & (np.int64(N) & 1))
+        up_ = above | (tie & (np.int64(N) & 1))
     elif MODE == RNA:
-        up_ = np.int64(phi > 0.5) | (np.int64(phi == 0.5) & np.int64(N >= 0.0))
+        up_ = above | (tie & np.int64(N >= 0.0))
     elif MODE == RTZ:
         up_ = np.int64(phi > 0.0) & np.int64(N < 0.0)
     elif MODE == RDN:
@@ -343,9 +353,11 @@ def _grid_add_one(x, y, MODE, up, down, cmax, cmin, rbits, key, idx):
         up_ = np.int64(phi > 0.0)
     elif MODE == ODD:
         up_ = np.int64(phi > 0.0) & (1 - (np.int64(N) & 1))
-    else:  # SR: up iff the draw is below floor(phi * 2**rbits) (quant.sr_up)
+    else:  # SR: up iff the draw is below floor(phi * 2**rbits) (quant.sr_up); from a = -t
+        # when phi is not exact (the rule for a negative value, negated)
         draw = random_u64(key, idx) >> np.uint64(64 - rbits)
-        up_ = sr_up(phi, np.int64(0), draw, rbits)
+        small = np.int64(e != 0.0)
+        up_ = sr_up(-t if small else phi, small, draw, rbits) ^ small
     n0 = N + np.float64(up_)
     n = min(max(n0, cmin), cmax)
     # an exact zero sum is +0 in a fixed format, with no event

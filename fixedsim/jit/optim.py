@@ -37,18 +37,10 @@ from .quant import (
     F_SUBNORMAL,
     F_UNDERFLOW,
     F_UP,
-    ODD,
-    RDN,
-    RNA,
-    RNE,
-    RTZ,
-    RUP,
     SR,
-    sr_up,
     tally,
 )
 from .quant_fast import _event_counts, _fixed_one
-from .rng import random_u64
 
 #: Role kinds: keep the float64 value; IEEE binary32 nearest even (the float32 conversion);
 #: a saturating fixed-point format (any rounding mode).
@@ -67,7 +59,6 @@ G_UP, G_DOWN, G_CMAX, G_CMIN = range(4)
 H_LR, H_MU, H_WD, H_SCALE = range(4)
 
 _F32_MINNORM = 2.0**-126
-_TWO52 = 4503599627370496.0
 
 
 @jit_inline
@@ -135,54 +126,11 @@ def _weights_f32(ws, sbuf, wo):
     return c0, c1, c2, c3, c4, ns
 
 
-@jit_inline
-def _grid_sub_small(x, s, MODE, up, down, cmax, cmin, rbits, key, idx):
-    """``x - s`` into a saturating fixed-point format of quantum ``q = down = 2**-f`` where
-    :func:`fixedsim.jit.arith._grid_add_one` declines it because its fraction is inexact: ``x
-    = X q`` on the grid and ``0 < s/q < 1`` (a step below one quantum). Returns ``(value, ok,
-    inexact, rounded_up, overflow, underflow)``; ``ok`` 0 outside that case.
-
-    With ``a = s/q`` (exact), the exact difference is ``(N + phi) q`` with ``N = X - 1`` and
-    ``phi = 1 - a``, which float64 may not hold; every mode decides from ``a`` exactly:
-    ``phi > 1/2`` iff ``a < 1/2``, ``phi = 1/2`` iff ``a = 1/2``, ``phi > 0`` always; and
-    STOCHASTIC's limit ``floor(phi * 2**r) = 2**r - ceil(a * 2**r)`` (``a * 2**r`` exact: a
-    power-of-two scaling), compared with the same draw, as :func:`fixedsim.jit.arith.round_exact`
-    decides from the exact fraction.
-    """
-    X = x * up
-    a = s * up
-    ok = (abs(X) <= _TWO52 and X == np.floor(X) and X * down == x and 0.0 < a < 1.0
-          and a * down == s)
-    if not ok:
-        return 0.0, False, np.int64(0), np.int64(0), np.int64(0), np.int64(0)
-    N = X - 1.0
-    Ni = np.int64(N)
-    if MODE == RNE:
-        up_ = a < 0.5 or (a == 0.5 and (Ni & 1) != 0)
-    elif MODE == RNA:
-        up_ = a < 0.5 or (a == 0.5 and N >= 0.0)
-    elif MODE == RTZ:
-        up_ = N < 0.0
-    elif MODE == RDN:
-        up_ = False
-    elif MODE == RUP:
-        up_ = True
-    elif MODE == ODD:
-        up_ = (Ni & 1) == 0
-    else:  # SR: up iff draw < 2**r - ceil(a * 2**r), sr_up's rule for a negative value, negated
-        draw = random_u64(key, idx) >> np.uint64(64 - rbits)
-        up_ = sr_up(a, np.int64(1), draw, rbits) == 0
-    n0 = N + (1.0 if up_ else 0.0)
-    n = min(max(n0, cmin), cmax)
-    return (n * down + 0.0, True, np.int64(1), np.int64(n > N), np.int64(n != n0),
-            np.int64(n == 0.0))
-
-
 @jit
-def _weights_fixed_rest(ws, sbuf, wo, ok, lo_i, mode, rbits, g, key, P, Psr, U, D):
+def _weights_fixed_rest(ws, sbuf, wo, ok, lo_i, mode, P, Psr, U, D):
     """The second loop of :func:`_weights_fixed`: the differences ``ws[j] - sbuf[j]`` that
-    :func:`fixedsim.jit.arith._grid_add_one` declined (``ok[j] == 0``), by
-    :func:`_grid_sub_small` or else :func:`fixedsim.jit.arith.arith_one`. Returns the events
+    :func:`fixedsim.jit.arith._grid_add_one` declined (``ok[j] == 0``: a weight off the grid,
+    a scaling that is not exact), by :func:`fixedsim.jit.arith.arith_one`. Returns the events
     and ``left`` as :func:`_weights_fixed` does.
 
     A called function, not inlined: the loop runs only for the rare declined sums, and
@@ -194,16 +142,6 @@ def _weights_fixed_rest(ws, sbuf, wo, ok, lo_i, mode, rbits, g, key, P, Psr, U, 
         if ok[j] != 0:
             continue
         s = sbuf[j]
-        wn, k, e0, e1, e2, e3 = _grid_sub_small(np.float64(ws[j]), s, mode, g[G_UP], g[G_DOWN],
-                                                g[G_CMAX], g[G_CMIN], rbits, key,
-                                                np.uint64(lo_i + j))
-        if k:
-            wo[j] = wn
-            c0 += e0
-            c1 += e1
-            c2 += e2
-            c3 += e3
-            continue
         wn, fl, sl = arith_one(np.int64(OP_ADD), np.float64(ws[j]), -s, -s, np.uint64(lo_i + j),
                                P, Psr, U, D, np.int64(mode), np.bool_(False), 0.0)
         if sl or (fl >> F_NAN) & 1 or (fl >> F_INVALID) & 1:
@@ -239,7 +177,7 @@ def _weights_fixed(ws, sbuf, wo, lo_i, mode, rbits, g, key, P, Psr, U, D):
         c2 = tally(c2, e2 & k)
         c3 = tally(c3, e3 & k)
     if c_ok < ws.size:
-        r = _weights_fixed_rest(ws, sbuf, wo, ok, lo_i, mode, rbits, g, key, P, Psr, U, D)
+        r = _weights_fixed_rest(ws, sbuf, wo, ok, lo_i, mode, P, Psr, U, D)
         c0 = tally(c0, r[0])
         c1 = tally(c1, r[1])
         c2 = tally(c2, r[2])
