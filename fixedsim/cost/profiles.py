@@ -523,7 +523,9 @@ def calibrate(*, quick: bool = False, threads: int | None = None, log=None) -> P
       whose smallest dimension d is 1, 4, 16 and 64 (the mean rate of ``(d, 256, 256)``,
       ``(256, d, 256)`` and ``(256, 256, d)``, over the square rate) per format;
     - memory: a STREAM-like add ``c = a + b`` over 3 x 64 MiB (main memory) and over 3 x 256
-      KiB (cache), bytes read and written per second;
+      KiB (cache), bytes read and written per second; where the CPU has an L3, half of it
+      as a core's share (``llc_bytes``) and the same add over three arrays of an eighth of
+      it (``llc_bandwidth``);
     - overhead: the seconds of a PyTorch operation on a one-element tensor recorded by
       autograd, and of its gradient through ``torch.autograd.grad`` (the backward calls); a
       numpy operation's when PyTorch is not installed;
