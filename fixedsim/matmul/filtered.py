@@ -29,7 +29,9 @@ How, and why it is exact
    fewer than ``d = k_c + n_c + 1`` in all, so ``|S - x| <= gamma(d) * T``: the bound below
    holds with ``d`` in place of ``K`` (``d`` is 401 instead of 36,864 for the first
    convolution's weight gradient in a LeNet at batch 64, so about 90 times fewer sums are
-   left undecided).
+   left undecided). A product with few columns and many rows (:data:`_FLIP_BELOW`) is
+   filtered transposed: ``S.T = B.T @ A.T``, the same exact terms summed in another order,
+   so the same bound holds element by element, with the roles of rows and columns swapped.
 2. The bound, per row and column: ``T <= ||a|| ||b||`` (Cauchy-Schwarz). The norms are
    computed in float64 (in :func:`fixedsim.jit.gemm_filtered.filter_round`, squares normal and
    finite by the range conditions): ``fl(sum a_k^2) >= (1 - gamma(K + 1)) ||a||^2`` and the
@@ -70,10 +72,10 @@ How, and why it is exact
    format; zeros; sums beyond the kernel's range; every element when the operands' squares
    leave float64's normal range, which skips the norms) go through:
 
-   0. when many undecided sums are zero and the rounding is not DOWN: those whose products
-      are all zero, found by the operands' nonzero patterns (bit masks of each row of ``A``
-      and column of ``B`` that share no bit, :func:`fixedsim.jit.gemm_filtered.zero_sums`),
-      are exact zeros, ``+0``;
+   0. when many undecided sums are zero, the rounding is not DOWN and the product is not
+      filtered transposed: those whose products are all zero, found by the operands'
+      nonzero patterns (bit masks of each row of ``A`` and column of ``B`` that share no
+      bit, :func:`fixedsim.jit.gemm_filtered.zero_sums`), are exact zeros, ``+0``;
    a. the interval test by the general scalar quantizer
       (:func:`fixedsim.jit.gemm_filtered.filter_round_at`: both ends of ``[S - e, S + e]``,
       widened by one float64 ulp, round to one value with the same events, zero and
