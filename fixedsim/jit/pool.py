@@ -57,7 +57,7 @@ def maxpool_forward(x, kh, kw, sh, sw, out, arg):
                 for i in range(kh):
                     for j in range(kw):
                         v = x[n, c, h0 + i, w0 + j]
-                        if best == best and (v != v or v > best):
+                        if _later_wins(best, v):
                             best = v
                             bi = i * kw + j
                 out[n, c, ho, wo] = best
