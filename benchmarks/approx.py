@@ -1,10 +1,12 @@
 """Column-row sampling, side by side: a sampled Linear / Conv2d layer against the same layer dense.
 
     python benchmarks/approx.py [--setting METHOD:KEEP[:PRODUCTS]] [--policies P ...]
-                                [--repeats R] [--cpu-time]
+                                [--repeats R] [--cpu-time] [--large]
 
-For each policy and each layer size, one training forward and one backward pass (weight, bias
-and input gradients) of the layer are timed dense and with the sampling setting (default
+For each policy and each layer size (three Linear and three Conv2d layers of the LeNet's and
+the MLP's scale; ``--large``: two of each whose products dominate their time), one training
+forward and one backward pass (weight, bias and input gradients) of the layer are timed dense
+and with the sampling setting (default
 ``crs:0.5:forward``: half the input features / channels per draw; the backward pass is then the
 gradient of the sampled forward, over the kept pairs). The sampled time includes everything the
 layer does: the norms, the draws, gathering and scaling the kept pairs, rounding the scaled
@@ -49,6 +51,9 @@ import numpy as np  # noqa: E402
 
 LINEAR = [(64, 784, 256), (64, 256, 128), (256, 1024, 512)]     # (batch, in, out)
 CONV = [(16, 6, 16, 12, 5), (16, 16, 32, 12, 5), (16, 32, 64, 8, 3)]  # (batch, C, O, HW, k)
+#: ``--large``: layers whose products dominate their time (where the gain can show).
+LINEAR_LARGE = [(256, 2048, 1024), (512, 4096, 2048)]
+CONV_LARGE = [(32, 64, 64, 16, 3), (32, 128, 128, 8, 3)]
 
 
 def cpu_model() -> str:
@@ -151,6 +156,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cpu-time", action="store_true",
                     help="time process CPU time (Numba on one thread) instead of wall time")
+    ap.add_argument("--large", action="store_true",
+                    help="larger layers (Linear 2048->1024 and 4096->2048, 3x3 convolutions "
+                    "of 64 and 128 channels) instead of the default sizes")
     args = ap.parse_args(argv)
     global CLOCK
     if args.cpu_time:
@@ -174,7 +182,7 @@ def main(argv=None) -> int:
     for pname in args.policies:
         policy = _policy(pname)
         rows = []
-        for B, fin, fout in LINEAR:
+        for B, fin, fout in (LINEAR_LARGE if args.large else LINEAR):
             x = rng.standard_normal((B, fin)) * 0.5
 
             def make(fin=fin, fout=fout):
@@ -183,7 +191,7 @@ def main(argv=None) -> int:
                 return layer
 
             rows.append((f"Linear {fin}->{fout}, batch {B}", make, x))
-        for B, C, O, HW, k in CONV:
+        for B, C, O, HW, k in (CONV_LARGE if args.large else CONV):
             x = rng.standard_normal((B, C, HW, HW)) * 0.5
 
             def make(C=C, O=O, k=k):
