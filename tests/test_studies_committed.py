@@ -34,10 +34,10 @@ EARLIER = {
 }
 
 
-def _study_files():
-    return sorted(p for p in STUDIES.rglob("*.toml")
-                  if "runs" not in p.relative_to(STUDIES).parts
-                  and "study" in tomllib.loads(p.read_text()))
+#: Every study file (a TOML with a ``[study]`` table) outside the runs' folders.
+STUDY_FILES = sorted(p for p in STUDIES.rglob("*.toml")
+                     if "runs" not in p.relative_to(STUDIES).parts
+                     and "study" in tomllib.loads(p.read_text()))
 
 
 def _results_folders():
@@ -49,14 +49,14 @@ def _results_folders():
 def runs_by_name():
     """``{study name: [(file, {run ids})]}`` of every study file."""
     out = collections.defaultdict(list)
-    for path in _study_files():
-        name = tomllib.loads(path.read_text())["study"].get("name")
-        out[name].append((path, {r.run_id for r in load_study(path, check_data=False).runs}))
+    for path in STUDY_FILES:
+        study = load_study(path, check_data=False)
+        out[study.name].append((path, {r.run_id for r in study.runs}))
     return out
 
 
 def test_every_study_file_validates(runs_by_name):
-    assert sum(len(v) for v in runs_by_name.values()) == len(_study_files()) > 50
+    assert sum(len(v) for v in runs_by_name.values()) == len(STUDY_FILES) > 50
 
 
 @pytest.mark.parametrize("folder", _results_folders(),
