@@ -578,6 +578,22 @@ def test_chance_warning_threshold():
     assert summary_warnings([{"test_acc": 0.55}], 2)  # chance 50 % for two classes
 
 
+def test_fell_to_chance_warning():
+    """A run that learnt and then collapsed (a divergence under max_loss, as SGD's third seed
+    at batch 4,096 in studies/large_batch) is told apart from one that never learnt."""
+    rows = [{"epoch": 1, "test_acc": 0.4923, "train_loss": 2.09},
+            {"epoch": 2, "test_acc": 0.1, "train_loss": 8.008},
+            {"epoch": 3, "test_acc": 0.1 + CHANCE_MARGIN, "train_loss": 2.303}]
+    assert summary_warnings(rows, 10) == [
+        "test accuracy fell to chance: 15.00% in the last epoch after a best of 49.23% in "
+        "epoch 1, chance is 10.00%; highest training loss 8.008 in epoch 2"]
+    rows[-1]["test_acc"] = np.nextafter(0.1 + CHANCE_MARGIN, 1)
+    assert summary_warnings(rows, 10) == []  # the last epoch above chance: no collapse
+    assert summary_warnings([{"test_acc": 0.9}, {"test_acc": 0.1}], 10) == [
+        "test accuracy fell to chance: 10.00% in the last epoch after a best of 90.00% in "
+        "epoch ?, chance is 10.00%"]  # rows without epoch or loss (a hand-made history)
+
+
 def test_saturation_dominates_threshold():
     n = 1000
     row = {"test_acc": 0.9, "errors.roundings": n, "errors.overflow": int(SATURATION_SHARE * n),

@@ -389,8 +389,8 @@ class TrainResult:
         Wall time this call spent compiling Numba kernels (0 once they are in Numba's cache),
         left out of every epoch's ``seconds``.
     warnings : list of str
-        :func:`summary_warnings` of the history: accuracy at chance, saturation dominating a
-        role.
+        :func:`summary_warnings` of the history: accuracy at chance or fallen to it,
+        saturation dominating a role.
     """
 
     history: list
@@ -1033,6 +1033,10 @@ def summary_warnings(history, classes: int, policy: Policy | None = None) -> lis
 
     - **accuracy at chance**: the best test accuracy of all epochs is at most
       ``1 / classes + CHANCE_MARGIN`` (the model has learnt nothing it can show);
+    - **accuracy fell to chance**: an epoch was above that, the last one is not (the run
+      learnt, then collapsed: a divergence whose loss stayed under ``TrainConfig.max_loss``,
+      or a format that saturated); the message gives the best epoch and the highest training
+      loss;
     - **saturation dominates a role**: in the last epoch, at least :data:`SATURATION_SHARE`
       of the values rounded into a role (``weights``, ``activations``, ``errors``,
       ``weight_grads``, ``update``, ``momentum``) or into a product stage
@@ -1070,6 +1074,15 @@ def summary_warnings(history, classes: int, policy: Policy | None = None) -> lis
         out.append(f"test accuracy stayed at chance: best {100 * best:.2f}% over "
                    f"{len(history)} epoch(s), chance is {100 * chance:.2f}% (1 of {classes} "
                    f"classes)")
+    elif float(history[-1]["test_acc"]) <= chance + CHANCE_MARGIN:
+        top = max(history, key=lambda r: float(r["test_acc"]))
+        losses = [r for r in history if r.get("train_loss") not in (None, "")]
+        worst = max(losses, key=lambda r: float(r["train_loss"])) if losses else None
+        out.append(f"test accuracy fell to chance: {100 * float(history[-1]['test_acc']):.2f}% "
+                   f"in the last epoch after a best of {100 * best:.2f}% in epoch "
+                   f"{top.get('epoch', '?')}, chance is {100 * chance:.2f}%"
+                   + (f"; highest training loss {float(worst['train_loss']):.4g} in epoch "
+                      f"{worst.get('epoch', '?')}" if worst else ""))
     last = history[-1]
     roles = [k[:-len(".roundings")] for k in last if k.endswith(".roundings")]
     for role in roles:

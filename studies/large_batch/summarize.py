@@ -8,7 +8,9 @@ RESULTS_DIR (default ``studies/large_batch/results``) holds one folder per study
 (mean ± standard deviation over the replicates, n of them), the epochs and optimizer steps to
 reach 80% and 85% test accuracy (the first epoch whose evaluation reaches it; "-" never), the
 generalization gap (final train minus final test accuracy) and the wall time per run.
-Writes ``RESULTS_DIR/summary.md``.
+A run whose test accuracy ended at chance (``summary_warnings``: it stayed there or fell to
+it, as a divergence under ``max_loss`` does) is left out of the means and counted beside n
+("+1 at chance"), as a failed run is. Writes ``RESULTS_DIR/summary.md``.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ import sys
 
 import numpy as np
 
+from fixedsim.nn.train import summary_warnings
+
 HERE = pathlib.Path(__file__).resolve().parent
 TARGETS = (0.80, 0.85)
+CLASSES = 10  # Fashion-MNIST
 
 
 def _runs(root):
@@ -63,6 +68,12 @@ def _reach(hist, target, steps_per_epoch):
     return None
 
 
+def _at_chance(hist):
+    """The run's test accuracy ended at chance (it never left it, or fell back to it)."""
+    return any(w.startswith(("test accuracy stayed at chance", "test accuracy fell to chance"))
+               for w in summary_warnings(hist, CLASSES))
+
+
 def main(argv):
     root = pathlib.Path(argv[0]) if argv else HERE / "results"
     groups = {}
@@ -73,10 +84,13 @@ def main(argv):
              + " | ".join(f"epochs (steps) to {t:.0%}" for t in TARGETS) + " | s/run |",
              "|---|---|---|---|---|---|" + "---|" * len(TARGETS) + "---|"]
     for (_b, name, _lr), g in sorted(groups.items()):
-        ok = [(r, h) for r, h in g["runs"] if h]
-        failed = len(g["runs"]) - len(ok)
+        done = [(r, h) for r, h in g["runs"] if h]
+        ok = [(r, h) for r, h in done if not _at_chance(h)]
+        aside = (f"{len(g['runs']) - len(done)} failed" if len(done) < len(g["runs"]) else "",
+                 f"{len(done) - len(ok)} at chance" if len(ok) < len(done) else "")
+        aside = ", ".join(a for a in aside if a)
         if not ok:
-            lines.append(f"| {name} | {g['lr']} | 0 ({failed} failed) | - | - | - |"
+            lines.append(f"| {name} | {g['lr']} | 0 ({aside}) | - | - | - |"
                          + " - |" * len(TARGETS) + " - |")
             continue
         fin = np.array([float(r["final_test_acc"]) for r, _ in ok])
@@ -92,7 +106,7 @@ def main(argv):
                          + ("" if len(got) == len(hits) else f" [{len(got)}/{len(hits)}]"))
         sec = np.mean([float(r["seconds"]) for r, _ in ok])
         sd = f" ± {fin.std(ddof=1):.1%}" if fin.size > 1 else ""
-        lines.append(f"| {name} | {g['lr']} | {fin.size}{f' (+{failed} failed)' if failed else ''}"
+        lines.append(f"| {name} | {g['lr']} | {fin.size}{f' (+{aside})' if aside else ''}"
                      f" | {fin.mean():.1%}{sd} | {best.mean():.1%} | {gap.mean():+.1%} | "
                      + " | ".join(reach) + f" | {sec:.0f} |")
     text = "\n".join(lines) + "\n"
