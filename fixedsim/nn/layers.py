@@ -762,9 +762,15 @@ class BatchNorm2d(Module):
 
 
 class SoftmaxCrossEntropy(Module):
-    """Mean softmax cross-entropy of logits ``(N, classes)`` against integer labels.
+    """Mean softmax cross-entropy of logits ``(N, classes)`` against integer labels or target
+    distributions.
 
     The loss and the softmax are computed in float64 (log-sum-exp shifted by the row maximum).
+    The labels are ``N`` integers in ``[0, classes)`` or an ``(N, classes)`` float array of
+    target distributions (soft targets: each row non-negative, summing to 1 within 1e-9;
+    :func:`fixedsim.nn.mixup.mix_batch` makes them), for which the loss is ``-sum(target *
+    log softmax)`` and the error ``softmax - target``; one-hot rows give the integer labels'
+    loss and error bit for bit (without label smoothing; with it, to the last bits).
     ``backward`` returns ``loss_scale * (softmax - onehot) / N`` rounded into ``errors``;
     ``backward(ctx, scale, batch=B)`` divides by ``B`` instead of the rows of this batch (a
     data-parallel worker's shard of a global batch of ``B``: its error is its share of the
@@ -775,7 +781,8 @@ class SoftmaxCrossEntropy(Module):
     label_smoothing : float, default 0.0
         ``eps`` in [0, 1): the target is ``(1 - eps) * onehot + eps / classes`` (Szegedy et
         al., CVPR 2016), so the loss is ``-sum(target * log softmax)`` and the error
-        ``softmax - target``; 0 is the plain cross-entropy, computed as before.
+        ``softmax - target``; 0 is the plain cross-entropy, computed as before. With soft
+        targets ``T`` the target is ``(1 - eps) * T + eps / classes``.
     """
 
     name = "loss"
@@ -790,10 +797,14 @@ class SoftmaxCrossEntropy(Module):
     def forward(self, logits, labels, ctx: Context) -> float:
         z = _check_x(logits, 2, "SoftmaxCrossEntropy").astype(np.float64)
         labels = np.asarray(labels)
-        if labels.shape != (z.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"SoftmaxCrossEntropy: labels must be {z.shape[0]} integers, "
-                             f"got {labels.dtype} of shape {labels.shape}")
-        if labels.size and (labels.min() < 0 or labels.max() >= z.shape[1]):
+        soft = labels.ndim == 2
+        if soft:
+            labels = _check_targets(labels, z.shape)
+        elif labels.shape != (z.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"SoftmaxCrossEntropy: labels must be {z.shape[0]} integers or a "
+                             f"({z.shape[0]}, {z.shape[1]}) float array of target "
+                             f"distributions, got {labels.dtype} of shape {labels.shape}")
+        elif labels.size and (labels.min() < 0 or labels.max() >= z.shape[1]):
             raise ValueError(f"SoftmaxCrossEntropy: labels must lie in [0, {z.shape[1]})")
         zmax = z.max(axis=1, keepdims=True)
         e = np.exp(z - zmax)
@@ -802,6 +813,9 @@ class SoftmaxCrossEntropy(Module):
         self._p = e / s
         self._labels = labels
         ls = self.label_smoothing
+        if soft:
+            target = (1.0 - ls) * labels + ls / z.shape[1] if ls else labels
+            return float(-(target * logp).sum(axis=1).mean())
         if ls:
             return float(-((1.0 - ls) * logp[np.arange(z.shape[0]), labels]
                            + ls * logp.mean(axis=1)).mean())
@@ -814,10 +828,29 @@ class SoftmaxCrossEntropy(Module):
         if getattr(self, "_p", None) is None:
             raise RuntimeError("SoftmaxCrossEntropy: backward before forward")
         ls = self.label_smoothing
-        g = self._p - ls / self._p.shape[1] if ls else self._p.copy()
-        g[np.arange(g.shape[0]), self._labels] -= 1.0 - ls
+        if self._labels.ndim == 2:  # target distributions
+            T = self._labels
+            g = self._p - ((1.0 - ls) * T + ls / T.shape[1] if ls else T)
+        else:
+            g = self._p - ls / self._p.shape[1] if ls else self._p.copy()
+            g[np.arange(g.shape[0]), self._labels] -= 1.0 - ls
         return ctx.round("errors", g * (scale / (g.shape[0] if batch is None else batch)),
                          self.name)
+
+
+def _check_targets(T, shape) -> np.ndarray:
+    """Soft targets as float64 ``shape`` rows of non-negative numbers summing to 1 (1e-9),
+    else ValueError saying which rule the first bad row breaks."""
+    if T.shape != tuple(shape) or not np.issubdtype(T.dtype, np.floating):
+        raise ValueError(f"SoftmaxCrossEntropy: target distributions must be a {shape} float "
+                         f"array, got {T.dtype} of shape {T.shape}")
+    T = np.asarray(T, np.float64)
+    bad = ~np.isfinite(T).all(axis=1) | (T < 0).any(axis=1) | (np.abs(T.sum(axis=1) - 1) > 1e-9)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"SoftmaxCrossEntropy: target row {i} is not a distribution (finite, "
+                         f">= 0, summing to 1): {T[i].tolist()}")
+    return T
 
 
 class Sequential(Module):

@@ -492,7 +492,8 @@ def data_parallel_pass(model, lossf, x, y, ctx: Context, workers: int,
     model : fixedsim.nn.Sequential
     lossf : fixedsim.nn.SoftmaxCrossEntropy
     x, y : numpy.ndarray
-        The global batch and its labels.
+        The global batch and its labels (integers, or the target distributions of a mixed
+        batch: :func:`fixedsim.nn.mixup.mix_batch`), split by rows.
     ctx : Context
         The step's context (seed, step, policy).
     workers : int

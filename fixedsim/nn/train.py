@@ -32,6 +32,7 @@ from ..reuse.schedules import parse_reuse
 from .core import Context, LayerCounters, Parameter, merge_counters
 from .kfac import KFAC, check_kfac_settings
 from .layers import Conv2d, Linear, SoftmaxCrossEntropy
+from .mixup import check_alpha, mix_batch
 from .models import MODELS, build
 from .optim import SGD, Adam, parse_schedule, spans_run
 from .parallel import data_parallel_pass, parse_allreduce
@@ -178,6 +179,11 @@ class TrainConfig:
         Gaussian smoothing of the objective (>= 0; docs/kfac.md): each step's forward and
         backward run at weights ``w + sigma * eps`` (seeded, rounded into ``weights``,
         :func:`fixedsim.nn.smoothing.perturb_weights`), and the step updates ``w``.
+    mixup : float
+        Mixup's ``alpha`` (>= 0; 0: off): each training batch is mixed with a permutation of
+        itself, ``lam ~ Beta(alpha, alpha)`` drawn per step (seeded), and trained against the
+        mixed one-hot labels (:func:`fixedsim.nn.mixup.mix_batch`); the epoch's training
+        accuracy is then the mean weight the mixed targets give the predicted class.
     """
 
     model: str = "lenet"
@@ -214,6 +220,7 @@ class TrainConfig:
     allreduce: str = ""
     label_smoothing: float = 0.0
     smoothing_sigma: float = 0.0
+    mixup: float = 0.0
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -316,6 +323,7 @@ class TrainConfig:
         try:
             SoftmaxCrossEntropy(label_smoothing=self.label_smoothing)
             check_sigma(self.smoothing_sigma)
+            check_alpha(self.mixup)
         except ValueError as err:
             raise ValueError(f"TrainConfig {err}") from None
         self.make_optimizer({"check": Parameter("check", np.zeros(1))})  # validates lr, ...
@@ -943,16 +951,19 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
             idx = order[i * config.batch_size:(i + 1) * config.batch_size]
             xb, yb = xtr_e[idx], ytr[idx]
             ctx = Context(policy, seed=config.seed, step=step, training=True)
+            tb = yb  # the loss's labels: yb, or mixup's target distributions
+            if config.mixup:
+                xb, tb, _ = mix_batch(xb, yb, len(ds.classes), config.mixup, ctx)
             scale = scaler.scale
             saved = perturb_weights(params, ctx, config.smoothing_sigma)  # None at sigma 0
             if parallel:  # forward and backward per worker, gradients all-reduced
                 logits, loss, sent = data_parallel_pass(
-                    model, lossf, xb, yb, ctx, config.workers, allreduce, scale,
+                    model, lossf, xb, tb, ctx, config.workers, allreduce, scale,
                     kfac=opt if config.optimizer == "kfac" else None)
                 sent_bytes += sent
             else:
                 logits = model.forward(xb, ctx)
-                loss = lossf(logits, yb, ctx)
+                loss = lossf(logits, tb, ctx)
             if not math.isfinite(loss) or loss > config.max_loss:
                 bar.close()
                 merge_counters(counters, ctx.counters)
@@ -988,7 +999,9 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
                         layer.set_reuse(reuse_sched.current())
                     log(f"step {step}: reuse now {reuse_sched.current() or 'dense'}")
             tot_loss += loss * len(yb)
-            correct += int((np.asarray(logits).argmax(axis=1) == yb).sum())
+            pred = np.asarray(logits).argmax(axis=1)
+            correct += (int((pred == yb).sum()) if tb is yb
+                        else float(tb[np.arange(len(yb)), pred].sum()))
             seen += len(yb)
             step += 1
             bar.set_postfix(loss=f"{tot_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
