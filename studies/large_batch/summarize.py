@@ -1,4 +1,4 @@
-"""Summary of the large-batch study: one row per setting (batch, optimizer, smoothing,
+"""Summary of the large-batch study: one row per setting (batch, optimizer, smoothing, mixup,
 curvature or all-reduce format), mean and spread over its replicates.
 
     python studies/large_batch/summarize.py [RESULTS_DIR]
@@ -52,6 +52,8 @@ def _setting(study, r):
         bits.append(f"damping {tr['damping']}")
     if float(tr.get("smoothing_sigma") or 0):
         bits.append(f"smoothing {tr['smoothing_sigma']}")
+    if float(tr.get("mixup") or 0):
+        bits.append(f"mixup {tr['mixup']}")
     cur = cfg.get("policy", {}).get("curvature")
     if cur:
         bits.append(f"curvature {cur['format']}")
