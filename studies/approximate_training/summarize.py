@@ -30,8 +30,8 @@ import numpy as np
 HERE = pathlib.Path(__file__).resolve().parent
 KEYS = ("approx", "grad_approx", "rescale", "reuse")
 ORDER = ["full-sampling", "full-mlp", "full-gradient", "full-fixed", "full-fixed-ratios",
-         "full-fixed-gradient", "full-rescaling", "full-reuse", "sampling", "crs-mixing", "gradient",
-         "rescaling", "reuse", "q16-sampling", "q16-backward"]
+         "full-fixed-gradient", "full-rescaling", "full-reuse", "sampling", "crs-mixing",
+         "gradient", "rescaling", "reuse", "q16-sampling", "q16-backward"]
 
 
 def _runs(root):

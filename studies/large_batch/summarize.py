@@ -6,7 +6,8 @@ curvature or all-reduce format), mean and spread over its replicates.
 RESULTS_DIR (default ``studies/large_batch/results``) holds one folder per study file
 (``fixedsim sweep studies/large_batch/<name>.toml``). Columns: final and best test accuracy
 (mean ± standard deviation over the replicates, n of them), the epochs and optimizer steps to
-reach 80% and 85% test accuracy (the first epoch whose evaluation reaches it; "-" never), the
+reach 80% and 85% test accuracy (the first epoch whose evaluation reaches it; "-" never), each
+replicate's final test accuracy in replicate order (those at chance included, marked *), the
 generalization gap (final train minus final test accuracy) and the wall time per run.
 A run whose test accuracy ended at chance (``summary_warnings``: it stayed there or fell to
 it, as a divergence under ``max_loss`` does) is left out of the means and counted beside n
@@ -83,17 +84,21 @@ def main(argv):
         b, name, lr = _setting(study, r)
         groups.setdefault((b, name, lr), {"lr": lr, "runs": []})["runs"].append((r, hist))
     lines = ["| setting | lr | n | final test acc | best | train - test | "
-             + " | ".join(f"epochs (steps) to {t:.0%}" for t in TARGETS) + " | s/run |",
-             "|---|---|---|---|---|---|" + "---|" * len(TARGETS) + "---|"]
+             + " | ".join(f"epochs (steps) to {t:.0%}" for t in TARGETS)
+             + " | each seed | s/run |",
+             "|---|---|---|---|---|---|" + "---|" * len(TARGETS) + "---|---|"]
     for (_b, name, _lr), g in sorted(groups.items()):
         done = [(r, h) for r, h in g["runs"] if h]
         ok = [(r, h) for r, h in done if not _at_chance(h)]
         aside = (f"{len(g['runs']) - len(done)} failed" if len(done) < len(g["runs"]) else "",
                  f"{len(done) - len(ok)} at chance" if len(ok) < len(done) else "")
         aside = ", ".join(a for a in aside if a)
+        seeds = ", ".join(f"{100 * float(r['final_test_acc']):.2f}"
+                          + ("*" if _at_chance(h) else "")
+                          for r, h in sorted(done, key=lambda d: int(d[0]["replicate"])))
         if not ok:
             lines.append(f"| {name} | {g['lr']} | 0 ({aside}) | - | - | - |"
-                         + " - |" * len(TARGETS) + " - |")
+                         + " - |" * len(TARGETS) + f" {seeds or '-'} | - |")
             continue
         fin = np.array([float(r["final_test_acc"]) for r, _ in ok])
         best = np.array([float(r["best_test_acc"]) for r, _ in ok])
@@ -110,7 +115,7 @@ def main(argv):
         sd = f" ± {fin.std(ddof=1):.1%}" if fin.size > 1 else ""
         lines.append(f"| {name} | {g['lr']} | {fin.size}{f' (+{aside})' if aside else ''}"
                      f" | {fin.mean():.1%}{sd} | {best.mean():.1%} | {gap.mean():+.1%} | "
-                     + " | ".join(reach) + f" | {sec:.0f} |")
+                     + " | ".join(reach) + f" | {seeds} | {sec:.0f} |")
     text = "\n".join(lines) + "\n"
     (root / "summary.md").write_text(text)
     print(text)
