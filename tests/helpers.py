@@ -102,6 +102,24 @@ def tiny_lenet_config(**kw):
     return TrainConfig(**base)
 
 
+def whole_and_resumed(cfg, policy, data, folder):
+    """``(whole, resumed)``: the run of ``cfg`` trained in one go, and the same run stopped
+    after its first epoch and resumed from its checkpoint (run folders under ``folder``)."""
+    from fixedsim.nn.train import train
+
+    whole = train(cfg, policy, folder / "whole", progress=False, data=data)
+    train(cfg, policy, folder / "split", progress=False, data=data, stop_after_epoch=1)
+    resumed = train(cfg, policy, folder / "split", resume=True, progress=False, data=data)
+    return whole, resumed
+
+
+def same_weights(a, b) -> bool:
+    """Do two trained models hold the same bits in every parameter?"""
+    pa, pb = a.named_parameters(), b.named_parameters()
+    return pa.keys() == pb.keys() and all(pa[k].value.tobytes() == pb[k].value.tobytes()
+                                          for k in pa)
+
+
 def assert_policy_round_trips(policy, folder):
     """``policy`` equals itself through its dict and through a TOML and a JSON file written
     into ``folder``."""

@@ -7,6 +7,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from helpers import same_weights, whole_and_resumed
 
 import fixedsim as fs
 from fixedsim import data as fdata
@@ -458,14 +459,10 @@ def test_smoothing_in_training_resumes_bit_for_bit_and_changes_the_run(tmp_path)
                 seed=5, optimizer="kfac", damping=0.01, inv_interval=2)
     pol = Policy.fixed(16, 10, "stochastic")
     cfg = TrainConfig(**base, label_smoothing=0.1, smoothing_sigma=0.02)
-    whole = train(cfg, pol, tmp_path / "whole", progress=False, data=tiny)
-    train(cfg, pol, tmp_path / "split", progress=False, data=tiny, stop_after_epoch=1)
-    rest = train(cfg, pol, tmp_path / "split", resume=True, progress=False, data=tiny)
+    whole, rest = whole_and_resumed(cfg, pol, tiny, tmp_path)
     plain = train(TrainConfig(**base), pol, progress=False, data=tiny)
-    p1, p2 = whole.model.named_parameters(), rest.model.named_parameters()
-    p0 = plain.model.named_parameters()
-    assert all(p1[k].value.tobytes() == p2[k].value.tobytes() for k in p1)
-    assert any(p1[k].value.tobytes() != p0[k].value.tobytes() for k in p1)
+    assert same_weights(whole.model, rest.model)
+    assert not same_weights(whole.model, plain.model)
     with pytest.raises(ValueError, match="TrainConfig smoothing_sigma must be >= 0.0"):
         TrainConfig(smoothing_sigma=-0.1)
     with pytest.raises(ValueError, match=r"TrainConfig label_smoothing must be a number in "

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers import numeric_grad, same_weights, whole_and_resumed
 from scipy import stats
 
 from fixedsim import data as fdata
@@ -51,12 +52,8 @@ def test_soft_targets_loss_and_error():
             eps)(z, yb, ctx)
         assert f(z, T, ctx) == pytest.approx(mixed, rel=1e-14)
         g = f.backward(ctx)
-        num = np.zeros_like(z)
-        for i in np.ndindex(z.shape):
-            d = np.zeros_like(z)
-            d[i] = 1e-6
-            num[i] = (f(z + d, T, ctx) - f(z - d, T, ctx)) / 2e-6
-        np.testing.assert_allclose(g, num, atol=1e-8)
+        num = numeric_grad(lambda f=f: f(z, T, ctx), z)
+        np.testing.assert_allclose(g.reshape(-1), [num[i] for i in range(z.size)], atol=1e-8)
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -136,15 +133,10 @@ def test_mixup_in_training_resumes_bit_for_bit_and_changes_the_run(tmp_path, ext
     base = dict(model="mlp", model_options={"hidden": [8]}, epochs=2, batch_size=32, lr=0.05,
                 seed=5, **extra)
     pol = Policy.fixed(16, 10, "stochastic")
-    cfg = TrainConfig(**base, mixup=0.4)
-    whole = train(cfg, pol, tmp_path / "whole", progress=False, data=tiny)
-    train(cfg, pol, tmp_path / "split", progress=False, data=tiny, stop_after_epoch=1)
-    rest = train(cfg, pol, tmp_path / "split", resume=True, progress=False, data=tiny)
+    whole, rest = whole_and_resumed(TrainConfig(**base, mixup=0.4), pol, tiny, tmp_path)
     plain = train(TrainConfig(**base), pol, progress=False, data=tiny)
-    p1, p2 = whole.model.named_parameters(), rest.model.named_parameters()
-    p0 = plain.model.named_parameters()
-    assert all(p1[k].value.tobytes() == p2[k].value.tobytes() for k in p1)
-    assert any(p1[k].value.tobytes() != p0[k].value.tobytes() for k in p1)
+    assert same_weights(whole.model, rest.model)
+    assert not same_weights(whole.model, plain.model)
     timeless = [[{k: v for k, v in r.items() if "seconds" not in k} for r in run.history]
                 for run in (whole, rest)]
     assert timeless[0] == timeless[1]
