@@ -6,7 +6,7 @@ For a batch ``(x, y)`` of ``N`` examples one weight ``lam ~ Beta(alpha, alpha)``
 permutation ``pi`` of the batch are drawn, and the step trains on ``lam * x + (1 - lam) *
 x[pi]`` against the target distributions ``lam * onehot(y) + (1 - lam) * onehot(y[pi])``
 (:class:`~fixedsim.nn.SoftmaxCrossEntropy` with soft targets). It is part of the large-batch
-recipe of Osawa et al. (CVPR 2019; their public configurations use ``alpha`` from 0.4 to 1.0),
+recipe of Osawa et al. (CVPR 2019; their public training code uses ``alpha`` from 0.4 to 1.0),
 which restores some of the regularization a large batch loses (docs/kfac.md).
 
 The mixed inputs are computed in float64 and rounded once, into ``activations``, by the
