@@ -811,11 +811,11 @@ class SoftmaxCrossEntropy(Module):
         s = e.sum(axis=1, keepdims=True)
         logp = z - zmax - np.log(s)
         self._p = e / s
-        self._labels = labels
         ls = self.label_smoothing
-        if soft:
-            target = (1.0 - ls) * labels + ls / z.shape[1] if ls else labels
-            return float(-(target * logp).sum(axis=1).mean())
+        if soft:  # kept smoothed: backward's error is softmax - target
+            self._labels = (1.0 - ls) * labels + ls / z.shape[1] if ls else labels
+            return float(-(self._labels * logp).sum(axis=1).mean())
+        self._labels = labels
         if ls:
             return float(-((1.0 - ls) * logp[np.arange(z.shape[0]), labels]
                            + ls * logp.mean(axis=1)).mean())
@@ -828,9 +828,8 @@ class SoftmaxCrossEntropy(Module):
         if getattr(self, "_p", None) is None:
             raise RuntimeError("SoftmaxCrossEntropy: backward before forward")
         ls = self.label_smoothing
-        if self._labels.ndim == 2:  # target distributions
-            T = self._labels
-            g = self._p - ((1.0 - ls) * T + ls / T.shape[1] if ls else T)
+        if self._labels.ndim == 2:  # target distributions, label smoothing applied
+            g = self._p - self._labels
         else:
             g = self._p - ls / self._p.shape[1] if ls else self._p.copy()
             g[np.arange(g.shape[0]), self._labels] -= 1.0 - ls

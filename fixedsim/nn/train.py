@@ -1081,22 +1081,22 @@ def summary_warnings(history, classes: int, policy: Policy | None = None) -> lis
     out = []
     if not history:
         return out
-    best = max(float(r["test_acc"]) for r in history)
+    last = history[-1]
+    top = max(history, key=lambda r: float(r["test_acc"]))
+    best = float(top["test_acc"])
     chance = 1.0 / classes
     if best <= chance + CHANCE_MARGIN:
         out.append(f"test accuracy stayed at chance: best {100 * best:.2f}% over "
                    f"{len(history)} epoch(s), chance is {100 * chance:.2f}% (1 of {classes} "
                    f"classes)")
-    elif float(history[-1]["test_acc"]) <= chance + CHANCE_MARGIN:
-        top = max(history, key=lambda r: float(r["test_acc"]))
+    elif float(last["test_acc"]) <= chance + CHANCE_MARGIN:
         losses = [r for r in history if r.get("train_loss") not in (None, "")]
         worst = max(losses, key=lambda r: float(r["train_loss"])) if losses else None
-        out.append(f"test accuracy fell to chance: {100 * float(history[-1]['test_acc']):.2f}% "
+        out.append(f"test accuracy fell to chance: {100 * float(last['test_acc']):.2f}% "
                    f"in the last epoch after a best of {100 * best:.2f}% in epoch "
                    f"{top.get('epoch', '?')}, chance is {100 * chance:.2f}%"
                    + (f"; highest training loss {float(worst['train_loss']):.4g} in epoch "
                       f"{worst.get('epoch', '?')}" if worst else ""))
-    last = history[-1]
     roles = [k[:-len(".roundings")] for k in last if k.endswith(".roundings")]
     for role in roles:
         n, o = last.get(f"{role}.roundings"), last.get(f"{role}.overflow")

@@ -88,14 +88,13 @@ def main(argv):
              + " | each seed | s/run |",
              "|---|---|---|---|---|---|" + "---|" * len(TARGETS) + "---|---|"]
     for (_b, name, _lr), g in sorted(groups.items()):
-        done = [(r, h) for r, h in g["runs"] if h]
-        ok = [(r, h) for r, h in done if not _at_chance(h)]
+        done = [(r, h, _at_chance(h)) for r, h in g["runs"] if h]
+        ok = [(r, h) for r, h, chanced in done if not chanced]
         aside = (f"{len(g['runs']) - len(done)} failed" if len(done) < len(g["runs"]) else "",
                  f"{len(done) - len(ok)} at chance" if len(ok) < len(done) else "")
         aside = ", ".join(a for a in aside if a)
-        seeds = ", ".join(f"{100 * float(r['final_test_acc']):.2f}"
-                          + ("*" if _at_chance(h) else "")
-                          for r, h in sorted(done, key=lambda d: int(d[0]["replicate"])))
+        seeds = ", ".join(f"{100 * float(r['final_test_acc']):.2f}" + ("*" if chanced else "")
+                          for r, _, chanced in sorted(done, key=lambda d: int(d[0]["replicate"])))
         if not ok:
             lines.append(f"| {name} | {g['lr']} | 0 ({aside}) | - | - | - |"
                          + " - |" * len(TARGETS) + f" {seeds or '-'} | - |")
