@@ -741,3 +741,101 @@ def test_sparse_second_stage_matches_general():
             for rnd in DETERMINISTIC:
                 paths = same_as_general(a, b, fs.MatmulSpec(output=fs.FP16, output_rounding=rnd))
                 assert paths["exact_filtered"] == 1
+
+
+# -- Gram products: x.T @ x from x alone ----------------------------------------------------------
+@contextlib.contextmanager
+def gram_chunks(size):
+    """A Gram product summed in chunks of ``size`` rows from ``K = 2 * size`` on (on short
+    ``K``: the default chunks start at 2,048 rows)."""
+    old = filtered._GRAM_CHUNK
+    filtered._GRAM_CHUNK = size
+    try:
+        yield
+    finally:
+        filtered._GRAM_CHUNK = old
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(DETERMINISTIC), st.sampled_from(OUTPUTS), f32_matrices(),
+       st.integers(1, 4), st.booleans())
+def test_gram_products_match_general_kernel_and_oracle(rnd, out, ab, size, left):
+    """``x.T @ x`` and ``x @ x.T`` (``x`` the first operand of the drawn pair, the other
+    operand its transpose in memory), summed from ``x`` alone in chunks of 1 to 4 rows or in
+    one call: the bits and counts of the general kernel on a copy, and the oracle's bits."""
+    x = ab[0]
+    a, b = (x, x.T) if left else (x.T, x)
+    copy = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    spec = fs.MatmulSpec(output=out, output_rounding=rnd)
+    with gram_chunks(size):
+        got, c = fs.matmul(a, b, spec, stats=True, path=filtered.NAME)
+        unread = fs.matmul(a, b, spec, path=filtered.NAME)
+    want, cw = fs.matmul(*copy, spec, stats=True, path="general")
+    assert_same_bits(got.astype(np.float64), want.astype(np.float64), err_msg=repr(spec))
+    assert_same_bits(unread.astype(np.float64), want.astype(np.float64), err_msg=repr(spec))
+    assert c.output == cw.output, (c.output, cw.output)
+    assert_same_bits(got.astype(np.float64), reference.matmul(*copy, spec))
+
+
+def test_gram_chunked_sum_and_its_bound():
+    """The Gram sum is the sum of the chunks' products ``c.T @ c`` of consecutive rows of
+    ``B`` (``k_c = max(_GRAM_CHUNK, isqrt(K))``), in order, and ``d = k_c + n_c + 1``; below
+    ``K = 2 k_c`` one BLAS call, ``d = K``."""
+    rng = np.random.default_rng(5)
+    B = rng.standard_normal((10, 3))
+    with gram_chunks(4):  # k_c = 4: chunks 0-3, 4-7, 8-9
+        S, d = filtered._gram_chunked(B)
+        assert d == 4 + 3 + 1
+        want = B[:4].T @ B[:4]
+        want += B[4:8].T @ B[4:8]
+        want += B[8:].T @ B[8:]
+        assert_same_bits(S, want)
+        S, d = filtered._gram_chunked(B[:7])
+        assert d == 7 and S.shape == (3, 3)
+    with gram_chunks(1):  # k_c = isqrt(10) = 3
+        assert filtered._gram_chunked(B)[1] == 3 + 4 + 1
+
+
+@pytest.mark.parametrize("read", [True, False])
+@pytest.mark.parametrize("side", [1.0, -1.0])
+def test_a_gram_error_as_large_as_its_bound(read, side, monkeypatch):
+    """A Gram sum off by as much as ``gamma(d) * sum|a_k b_k|`` (d = 4, K = 4), on the other
+    side of an FP32 midpoint than the exact sum, 2**-51 from it, with the norms taken from
+    that sum's own diagonal: the filter must not decide there; the result is the oracle's."""
+    x = np.array([[1.0, 1.0], [2.0**-12, 2.0**-12], [2.0**-40, side * 2.0**-40], [0.0, 0.0]],
+                 np.float32)
+    spec = fs.MatmulSpec(output=fs.FP32)
+    exact = reference.matmul(x.T, x, fs.MatmulSpec())  # S01 = 1 + 2**-24 + side * 2**-80
+    s = 1.0 + 2.0**-24 - side * 2.0**-51
+    gamma = 4 * 2.0**-53 / (1 - 4 * 2.0**-53)
+    assert 2.0**-51 + 2.0**-80 <= gamma * (1.0 + 2.0**-24)  # |s - exact| within the bound
+    S = exact.copy()
+    S[0, 1] = S[1, 0] = s
+    calls = []
+    monkeypatch.setattr(filtered, "_gram_chunked",
+                        lambda B: calls.append(B.shape) or (S.copy(), 4))
+    out = fs.matmul(x.T, x, spec, stats=read)
+    out = out[0] if read else out
+    assert calls == [(4, 2)]
+    assert_same_bits(out.astype(np.float64), reference.matmul(x.T, x, spec))
+
+
+def test_gram_pairs_recognised():
+    """A Gram product is recognised where the first operand is the second transposed in
+    memory, and only there."""
+    x = np.arange(12.0).reshape(4, 3)
+    x32 = x.astype(np.float32)
+    assert core._is_gram(x.T, x) and core._is_gram(x, x.T) and core._is_gram(x32.T, x32)
+    f = np.asfortranarray(x)
+    assert core._is_gram(f.T, f) and core._is_gram(x.T[:, ::-1], x[::-1])  # any strides
+    y = np.arange(20.0).reshape(5, 4)
+    for a, b in ((np.ascontiguousarray(x.T), x),  # equal values, other memory
+                 (y[1:].T, y[:-1]),  # the same shape, shifted by a row
+                 (y[:, 1:].T, y[:, :3]),  # shifted by a column
+                 (x.T[:, ::-1], x),  # the rows of one reversed
+                 (x.T.astype(np.float32), x32),  # float32 values of a float64 array
+                 (x32.T, x32.view(np.int32)),  # the same bits read as integers
+                 (x.T.tolist(), x),
+                 (x.astype(">f8").T, x.astype(">f8")),  # not native: converted
+                 (x.T[None], x)):  # not 2-D
+        assert not core._is_gram(a, b), (a, b)

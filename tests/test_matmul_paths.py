@@ -276,3 +276,50 @@ def test_float32_operands_give_the_bits_of_their_float64_copies(name, monkeypatc
         assert_same_bits(y.astype(np.float64), want.astype(np.float64), err_msg=name)
     for stage in ("input", "product", "accumulator", "output"):
         assert getattr(c, stage) == getattr(cw, stage), stage
+
+
+def _gram_case(name, kind):
+    """Row ``name``'s case as a Gram product ``x @ x.T`` (``x`` its first operand), the input
+    rounding done beforehand (a Gram product is recognised only without one)."""
+    import dataclasses
+
+    spec, a, _ = row_case(name, kind)
+    if spec.input is not None:
+        a = fs.quantize(a, spec.input, spec.input_rounding).astype(a.dtype)
+        spec = dataclasses.replace(spec, input=None)
+    return spec, a
+
+
+@pytest.mark.parametrize("kind", ["normal", "relu"])
+@pytest.mark.parametrize("name", [r.name for r in PATHS])
+def test_gram_products_give_the_bits_of_a_copy(name, kind, monkeypatch):
+    """``x @ x.T`` and ``x.T @ x`` (the first operand the second transposed in memory: a
+    Gram product, built from one operand, scanned once) give the bits, the counts and the
+    path of the same product on a transposed copy, by whichever row runs and by the row of
+    each case forced; the operands are scanned once, not twice."""
+    from fixedsim.matmul import core as _core
+
+    spec, x = _gram_case(name, kind)
+    xt = np.ascontiguousarray(x.T)
+    scans = []
+    orig = _core._Bits.of
+    monkeypatch.setattr(_core._Bits, "of", lambda arr: scans.append(arr.shape) or orig(arr))
+    for a, b, copy in ((x, x.T, (x, xt)), (xt.T, xt, (x, xt))):
+        scans.clear()
+        got, c = fs.matmul(a, b, spec, stats="steps")
+        n_gram = len(scans)
+        scans.clear()
+        want, cw = fs.matmul(*copy, spec, stats="steps")
+        assert n_gram == len(scans) - 1, (n_gram, scans)  # (a row may scan data it makes)
+        assert_same_bits(got.astype(np.float64), want.astype(np.float64), err_msg=name)
+        for stage in ("input", "product", "accumulator", "output"):
+            assert getattr(c, stage) == getattr(cw, stage), stage
+        assert c.paths == cw.paths
+        try:
+            forced = fs.matmul(*copy, spec, path=name)
+        except ValueError:  # the row does not apply to the Gram data: nor to the Gram product
+            with pytest.raises(ValueError, match="does not apply"):
+                fs.matmul(a, b, spec, path=name)
+        else:
+            assert_same_bits(fs.matmul(a, b, spec, path=name).astype(np.float64),
+                             forced.astype(np.float64), err_msg=name)

@@ -25,6 +25,7 @@ from .core import (
     _check_finite_for_fixed,
     _check_operands,
     _f32_exact,
+    _is_gram,
     _quantize_input,
     _setup,
     block_operands,
@@ -104,13 +105,20 @@ def _matmul(a, b, spec, c=None, *, seed=None, stats=False, path=None, scans=(Non
     transposed, the same values). They are read only where the operands reach the product as
     they are: no ``spec.input`` rounding, ``b`` 2-D."""
     spec, keys, rb, cnt = _setup("matmul", spec, seed, stats)
-    a, b = _check_operands(a, b, batch_b=True)
+    gram = spec.input is None and _is_gram(a, b)
+    if gram:  # a is b.T (x.T @ x): b alone is converted and scanned, a stays a view of it
+        b = _as_float_array(b, "b")
+        a = b.T
+    else:
+        a, b = _check_operands(a, b, batch_b=True)
     _check_finite_for_fixed(spec, a, b)
     M, K = a.shape[-2:]
     N = b.shape[-1]
     batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     C = None if c is None else _check_addend(c, (*batch, M, N), spec)
-    if isinstance(spec.input, BlockFormat):  # whole operands, in blocks along K
+    if gram:  # no input rounding: b as converted (float32 kept), a its transpose
+        aq, bq = a, b
+    elif isinstance(spec.input, BlockFormat):  # whole operands, in blocks along K
         aq, bq, spec = block_operands(a, b, spec, rb, keys, cnt)
     else:
         aq = _quantize_input(a, spec.input, spec.input_rounding, rb, keys[0], cnt.input,
@@ -120,9 +128,9 @@ def _matmul(a, b, spec, c=None, *, seed=None, stats=False, path=None, scans=(Non
     cnt.macs = int(np.prod(batch, dtype=np.int64)) * M * N * K
     if b.ndim == 2:  # one 2-D product: the batch of a stacked into rows
         R = int(np.prod(batch, dtype=np.int64)) * M
-        ba, bb = scans if spec.input is None else (None, None)
-        res = _product(aq.reshape(R, K), bq, spec, keys, rb, cnt, path=path,
-                       C=None if C is None else C.reshape(R, N), ba=ba, bb=bb)
+        ba, bb = scans if spec.input is None and not gram else (None, None)
+        res = _product(None if gram else aq.reshape(R, K), bq, spec, keys, rb, cnt, path=path,
+                       C=None if C is None else C.reshape(R, N), ba=ba, bb=bb, gram=gram)
         out = res.reshape(*batch, M, N)
     else:
         if _stochastic_after_input(spec):
@@ -196,7 +204,7 @@ def explain(a, b, spec: MatmulSpec | None = None, c=None, *, seed=None):
 
 
 def _product(A, B, spec, keys, rb, c, mm=None, ba=None, path=None, C=None, bb=None,
-             a_rows=None, a_norms=None, a_fma32=None):
+             a_rows=None, a_norms=None, a_fma32=None, gram=False):
     """``(R, N)`` result of the 2-D product in the result format's container; counts into c.
 
     ``A`` may be given as a ``((R, K), make)`` pair, ``make()`` building it only when a path
@@ -206,14 +214,15 @@ def _product(A, B, spec, keys, rb, c, mm=None, ba=None, path=None, C=None, bb=No
     image an im2col matrix is made of): the scans are bounds, and every row reads them as
     bounds.
     ``path``: a row of the table by name (None: the first that applies). ``C``: the addend,
-    shape (R, N), or None.
+    shape (R, N), or None. ``gram``: ``A`` is None and stands for ``B.T`` (a Gram product,
+    ``spec.input`` None: :class:`~fixedsim.matmul.paths.Product`).
     """
     if isinstance(spec.input, BlockFormat):  # a convolution's lowered operands, along K
         A = A[1]() if isinstance(A, tuple) else A
         A, B, spec = block_operands(A, B, spec, rb, keys, c)
         mm = ba = bb = a_rows = a_norms = a_fma32 = None
     p = Product(A, B, spec, keys, rb, c, mm=mm, ba=ba, C=C, bb=bb, a_rows=a_rows,
-                a_norms=a_norms, a_fma32=a_fma32)
+                a_norms=a_norms, a_fma32=a_fma32, gram=gram)
     acc = spec.accumulator
     if acc is not None:
         c.accumulator.roundings += p.R * p.N * (acc.roundings(p.K) if hasattr(acc, "roundings")

@@ -89,6 +89,18 @@ def _setup(op, spec, seed, stats):
     return spec, keys, rb, c
 
 
+def _is_gram(a, b) -> bool:
+    """Is ``a`` the transpose of ``b`` in memory (``a = b.T``, as in ``x.T @ x`` or ``x @
+    x.T``), both 2-D arrays of native float32 or float64? Their product is then a Gram
+    matrix, which the path table computes from ``b`` alone (no transposed copy of ``a``, one
+    scan: :class:`~fixedsim.matmul.paths.Product`'s ``gram``)."""
+    return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.ndim == b.ndim == 2
+            and a.dtype == b.dtype and a.dtype.type in (np.float32, np.float64)
+            and a.dtype.isnative and a.shape == b.shape[::-1]
+            and a.strides == b.strides[::-1]
+            and a.__array_interface__["data"][0] == b.__array_interface__["data"][0])
+
+
 def _check_operands(a, b, batch_b=False):
     """Both operands as float arrays of matching shapes: ``a`` (..., M, K), ``b`` (K, N), or
     with ``batch_b`` (..., K, N) with batch dimensions that broadcast against ``a``'s."""
@@ -369,15 +381,20 @@ def _narrow_params(f):
 
 
 
-def _general_at(A, B, spec, ba, bb, keys, rb, rows, cols, out, c, BT=None):
+def _general_at(A, B, spec, ba, bb, keys, rb, rows, cols, out, c, BT=None, bt_cols=None):
     """The general kernel on the output elements ``(rows[i], cols[i])`` alone (the oracle
     where it cannot prove one): their values into ``out``, their counts returned (stages x
-    flags). ``A`` float64, C-contiguous; ``BT`` the transposed ``B`` if already made."""
+    flags). ``A`` float64, C-contiguous; ``BT`` the transposed ``B`` if already made, or,
+    with ``bt_cols``, the gathered columns of ``B`` (``BT[bt_cols[i]]`` is ``B[:,
+    cols[i]]``; the kernel's draw index then is not the element's: specs without random
+    draws only)."""
+    assert bt_cols is None or not spec.stochastic, "gathered columns: no draws"
     rows = np.ascontiguousarray(rows, np.int64)
     cols = np.ascontiguousarray(cols, np.int64)
     BT = B.T if BT is None else BT
     vals = np.empty(rows.size)
-    counts, slow = _gg.gemm_general_at(read_only(A), read_only(BT), rows, cols, vals,
+    kc = cols if bt_cols is None else np.ascontiguousarray(bt_cols, np.int64)
+    counts, slow = _gg.gemm_general_at(read_only(A), read_only(BT), rows, kc, vals,
                                       *_general_args(spec, ba, bb, keys, rb))
     tot = counts.sum(axis=0)
     out[rows, cols] = vals

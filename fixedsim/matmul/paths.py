@@ -94,19 +94,32 @@ class Product:
         For an ``A`` built only on use: ``a_rows(rows)`` returns ``A[rows]`` (float64,
         C-contiguous) without building the rest, ``a_norms()`` the Euclidean norms of the rows
         of ``A`` as a float64 sum of the squares in some order, then one square root (what
-        the ``exact_filtered`` row's bound needs). :meth:`rows_of_A` and :meth:`row_norms`
-        use them while ``A`` is not built.
+        the ``exact_filtered`` row's bound needs). :meth:`rows_of_A` and the
+        ``exact_filtered`` row use them while ``A`` is not built.
     a_fma32 : callable or None
         For an ``A`` built only on use, of float32 values: ``a_fma32(B32, out)`` writes
         into ``out`` (float32, ``(R, N)``) the uncounted FP32 FMA chain of ``A @ B32``
         (float32 ``B``), the same steps in the same order as
         :func:`fixedsim.jit.gemm_fp32.gemm_f32_chain` on the built ``A``, without building it
         (the ``fp32_chain`` and ``fp32_fma`` rows, when nothing reads their steps' events).
+    gram : bool
+        ``A`` is ``B`` transposed (the Gram product ``B.T @ B`` of ``x.T @ x``, given as
+        ``A=None``): ``A`` and ``A32`` are built from ``B`` only where a row reads them,
+        ``a_rows`` and ``a_norms`` read ``B``'s columns, and ``ba`` is ``bb`` (one scan).
+        The ``exact_filtered`` and ``exact_blas`` rows sum ``B.T @ B`` from ``B`` alone
+        (:func:`fixedsim.matmul.filtered._gram_chunked`, ``_gram_mm``).
     """
 
     def __init__(self, A, B, spec, keys, rb, c, mm=None, ba=None, C=None, bb=None,
-                 a_rows=None, a_norms=None, a_fma32=None):
+                 a_rows=None, a_norms=None, a_fma32=None, gram=False):
         self._A32 = self._B32 = None
+        self.gram = bool(gram)
+        if self.gram:  # A = B.T, built (C-contiguous, float64) only if a row reads it
+            bb = _Bits.of(B) if bb is None else bb
+            ba = bb if ba is None else ba
+            A = ((B.shape[1], B.shape[0]), lambda: contiguous(self.B.T, np.float64))
+            a_rows = a_rows or (lambda rows: np.ascontiguousarray(self.B[:, rows].T))
+            a_norms = a_norms or (lambda: _column_norms(self.B))
         if isinstance(A, tuple):  # ((R, K), make): A is built only if a row reads it
             (self.R, self.K), self._make = A
             self._A = None
@@ -148,7 +161,9 @@ class Product:
     def A32(self) -> np.ndarray:
         """``A`` in float32, C-contiguous and writable (one compiled signature), for rows
         whose operands are float32 values (they check it): the operand as it came when it
-        came as float32, without a float64 copy."""
+        came as float32, without a float64 copy (a Gram product's: ``B32`` transposed)."""
+        if self._A32 is None and self._A is None and self.gram:
+            self._A32 = _f32_operand(self.B32.T)
         return _f32_operand(self._A32 if self._A32 is not None else self.A)
 
     @property
@@ -158,7 +173,7 @@ class Product:
 
     @property
     def lazy(self) -> bool:
-        """Is ``A`` still unbuilt, with :meth:`rows_of_A` and :meth:`row_norms` able to work
+        """Is ``A`` still unbuilt, with :meth:`rows_of_A` and ``a_norms`` able to work
         without building it?"""
         return self._A is None and self._a_rows is not None and self._a_norms is not None
 
@@ -175,6 +190,12 @@ class Product:
     def count(self, name, n=1):
         """Add ``n`` to ``c.paths[name]``."""
         self.c.paths[name] = self.c.paths.get(name, 0) + n
+
+
+def _column_norms(B) -> np.ndarray:
+    """The Euclidean norms of the columns of ``B`` (float64, ``(K, N)``): each a float64 sum
+    of its squares, then one square root (the rows of a Gram product's ``A = B.T``)."""
+    return np.sqrt(np.einsum("kj,kj->j", B, B))
 
 
 def _f32_operand(x) -> np.ndarray:
@@ -272,7 +293,7 @@ def _exact_blas(p):
     time decline: the int64 total reaches 2**53 (not exact in float64).
     """
     spec, acc, ba, bb, R, K, N = p.spec, p.acc, p.ba, p.bb, p.R, p.K, p.N
-    mm = p.mm or _dense_mm(p.A)
+    mm = p.mm or (_gram_mm(p.B) if getattr(p, "gram", False) else _dense_mm(p.A))
     bound_bits = ba.span + bb.span
     kc = max(1, int(2.0**53 // 2.0**bound_bits))
     if kc >= K:
@@ -309,6 +330,15 @@ def _dense_mm(A):
         X = A[:, k0:k1]
         X = np.ldexp(X, scale) if scale else X.astype(np.float64, copy=False)
         return X @ Bs[k0:k1]
+    return mm
+
+
+def _gram_mm(B):
+    """The ``mm`` of a Gram product (``A = B.T``), from ``B`` alone (no transposed copy)."""
+    def mm(scale, Bs, k0, k1):
+        X = B[k0:k1]
+        X = np.ldexp(X, scale) if scale else X.astype(np.float64, copy=False)
+        return X.T @ Bs[k0:k1]
     return mm
 
 
