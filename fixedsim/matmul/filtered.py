@@ -32,6 +32,10 @@ How, and why it is exact
    left undecided). A product with few columns and many rows (:data:`_FLIP_BELOW`) is
    filtered transposed: ``S.T = B.T @ A.T``, the same exact terms summed in another order,
    so the same bound holds element by element, with the roles of rows and columns swapped.
+   A Gram product (``A = B.T``, :func:`_gram_chunked`) is summed from ``B`` alone, in
+   chunks of ``k_c`` consecutive rows of ``B`` whose products ``c.T @ c`` are added in
+   order: ``d = k_c + n_c + 1`` again (at most ``K``: chunks are used from ``K = 2 k_c``
+   on).
 2. The bound, per row and column: ``T <= ||a|| ||b||`` (Cauchy-Schwarz). The norms are
    computed in float64 (in :func:`fixedsim.jit.gemm_filtered.filter_round`, squares normal and
    finite by the range conditions): ``fl(sum a_k^2) >= (1 - gamma(K + 1)) ||a||^2`` and the
@@ -41,7 +45,10 @@ How, and why it is exact
    2**-23``: the factor ``1 + 2**-16`` exceeds every ``1/(1 - ...)`` and ``(1 - u)^-k``
    above by far), hence ``e >= gamma(d) T >= |S - x|``. Per
    element it costs one multiplication (Cauchy-Schwarz is tighter than the max-times-sum
-   bounds on dense data, and far cheaper than ``|A| @ |B|``, a second GEMM).
+   bounds on dense data, and far cheaper than ``|A| @ |B|``, a second GEMM). A Gram
+   product's norms are the square roots of ``S``'s diagonal: each a float64 sum of the same
+   exact squares, through at most ``d <= K`` additions, so ``fl(sum a_k^2) >= (1 -
+   gamma(K + 1)) ||a||^2`` holds for it too.
 3. The decision (:func:`fixedsim.jit.gemm_filtered.filter_round`), on the bits of ``|S|``
    (binade ``E``, ulp ``2**(E - 52)``). Let ``h = 2**d`` ulps be half the format's quantum
    there, ``d = 51 - m + max(emin - E, 0)`` (``m`` fraction bits; no ``max`` without
