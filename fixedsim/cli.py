@@ -447,7 +447,7 @@ _TRAIN_OPTIONS = ("data", "train_size", "test_size", "epochs", "batch_size", "op
                   "grad_approx_layers", "rescale", "damping", "stat_decay", "inv_interval",
                   "stat_interval", "refresh", "refresh_threshold", "damping_schedule",
                   "label_smoothing",
-                  "smoothing_sigma", "mixup", "workers", "allreduce")
+                  "smoothing_sigma", "mixup", "random_erasing", "workers", "allreduce")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -584,6 +584,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixup: train on convex combinations of a batch's examples and "
                    "labels, the weight drawn from Beta(ALPHA, ALPHA) per step, seeded "
                    "(default 0: none; docs/kfac.md)")
+    t.add_argument("--random-erasing", type=float, default=None, metavar="P",
+                   help="random erasing: give each training image, with probability P, a "
+                   "rectangle of random values (2%%-40%% of the image), seeded (default 0: "
+                   "none; docs/kfac.md)")
     t.add_argument("--count-steps", action="store_true",
                    help="count the per-step events of every product in counters.csv (an "
                         "accumulator's inexact, overflowing, subnormal steps); costs time")

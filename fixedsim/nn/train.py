@@ -30,6 +30,7 @@ from ..approx import parse_approx, parse_grad_approx
 from ..approx.rescale import parse_rescale
 from ..reuse.schedules import parse_reuse
 from .core import Context, LayerCounters, Parameter, merge_counters
+from .erasing import check_probability, erase_batch
 from .kfac import KFAC, check_kfac_settings
 from .layers import Conv2d, Linear, SoftmaxCrossEntropy
 from .mixup import check_alpha, mix_batch
@@ -184,6 +185,10 @@ class TrainConfig:
         itself, ``lam ~ Beta(alpha, alpha)`` drawn per step (seeded), and trained against the
         mixed one-hot labels (:func:`fixedsim.nn.mixup.mix_batch`); the epoch's training
         accuracy is then the mean weight the mixed targets give the predicted class.
+    random_erasing : float
+        Random erasing's probability ``p`` in [0, 1] (0: off): each training image is, with
+        probability ``p``, given a rectangle of random values (2% to 40% of the image,
+        seeded; :func:`fixedsim.nn.erasing.erase_batch`), before mixup when both are on.
     """
 
     model: str = "lenet"
@@ -221,6 +226,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     smoothing_sigma: float = 0.0
     mixup: float = 0.0
+    random_erasing: float = 0.0
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -324,6 +330,7 @@ class TrainConfig:
             SoftmaxCrossEntropy(label_smoothing=self.label_smoothing)
             check_sigma(self.smoothing_sigma)
             check_alpha(self.mixup)
+            check_probability(self.random_erasing)
         except ValueError as err:
             raise ValueError(f"TrainConfig {err}") from None
         self.make_optimizer({"check": Parameter("check", np.zeros(1))})  # validates lr, ...
@@ -952,6 +959,8 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
             xb, yb = xtr_e[idx], ytr[idx]
             ctx = Context(policy, seed=config.seed, step=step, training=True)
             tb = yb  # the loss's labels: yb, or mixup's target distributions
+            if config.random_erasing:
+                xb, _ = erase_batch(xb, config.random_erasing, ctx)
             if config.mixup:
                 xb, tb, _ = mix_batch(xb, yb, len(ds.classes), config.mixup, ctx)
             scale = scaler.scale
