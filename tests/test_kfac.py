@@ -127,6 +127,35 @@ def test_factors_equal_their_definition_bit_for_bit(make, shape):
         np.testing.assert_array_equal(opt.G[name], G)
 
 
+@pytest.mark.parametrize("quarters", [False, True], ids=["normal", "quarters"])
+@pytest.mark.parametrize("policy", [Policy.float32(), Policy.parse("bf16"),
+                                    Policy.fixed(16, 8, "stochastic")],
+                         ids=["float32", "bf16", "fixed-stochastic"])
+def test_batch_factors_are_products_of_the_rows_on_copies(policy, quarters):
+    """The factor products ``a^T a`` and ``e^T e`` (Gram products from ``a`` alone, ``a``'s
+    values bounded by the scan of the layer's input and 1) give the bits of fs.matmul on a
+    transposed copy of the rows, under an exact sum rounded once (float32), an FP32 FMA
+    chain (bf16) and stochastic rounding (its draws keyed as K-FAC keys them); on normal
+    data and on multiples of 1/4 (fixed-point-like: the scaled-integer row, which reads the
+    scan's last bit)."""
+    model = _conv_model()
+    opt = KFAC(model, lr=0.0, damping=0.1)
+    x, y = _data((2, 4, 4), n=5)
+    x = np.maximum(x, 0) * 8
+    ctx = _batch(model, np.round(x * 4) / 4 if quarters else x, y, policy)
+    got = opt.batch_factors(ctx)
+    spec = policy.curvature_spec()
+    for lname, layer in opt.layers.items():
+        a, e, N = opt._rows(layer)
+        assert np.array_equal(a, _rows(layer)[0])
+        for f, m in (("A", a), ("G", e)):
+            seed = ctx.key(f"optim.{lname}", f"kfac.{f}") if spec.stochastic else 0
+            want = np.asarray(fs.matmul(np.ascontiguousarray(m.T), m, spec, seed=seed),
+                              np.float64)
+            want = want / len(a) if f == "A" else want * float(N)
+            assert got[f"{f}.{lname}"].tobytes() == want.tobytes(), (lname, f)
+
+
 def _kronecker(A, G, grad_out_in, lam):
     """(G + sqrt(lam)/pi I)^-1 grad (A + pi sqrt(lam) I)^-1 in float64 with numpy."""
     pi = np.sqrt((np.trace(A) / len(A)) / (np.trace(G) / len(G)))

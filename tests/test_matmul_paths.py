@@ -323,3 +323,19 @@ def test_gram_products_give_the_bits_of_a_copy(name, kind, monkeypatch):
         else:
             assert_same_bits(fs.matmul(a, b, spec, path=name).astype(np.float64),
                              forced.astype(np.float64), err_msg=name)
+
+
+def test_union_of_scans_is_the_scan_of_the_values_together():
+    """``_Bits.union`` of two arrays' scans equals the scan of their values together (what
+    K-FAC gives its Gram products for an im2col matrix with a column of ones), with zeros,
+    an all-zero array and a non-finite value."""
+    from fixedsim.matmul.core import _Bits
+
+    rng = np.random.default_rng(3)
+    arrays = [rng.standard_normal(7), np.round(rng.standard_normal(5) * 16) / 4,
+              np.zeros(3), np.ones(1), np.array([0.0, 2.0**-30, -(2.0**12)]),
+              np.array([1.5, np.inf]), rng.standard_normal(4).astype(np.float32)]
+    for x in arrays:
+        for y in arrays:
+            together = np.concatenate([x.astype(np.float64), y.astype(np.float64)])
+            assert _Bits.of(x).union(_Bits.of(y)) == _Bits.of(together), (x, y)

@@ -103,7 +103,10 @@ def _matmul(a, b, spec, c=None, *, seed=None, stats=False, path=None, scans=(Non
     ``a`` and ``b`` where the caller holds them, else None. A layer scans the operands it
     keeps for its backward pass once and gives the scans to its three products (``a`` and,
     transposed, the same values). They are read only where the operands reach the product as
-    they are: no ``spec.input`` rounding, ``b`` 2-D."""
+    they are: no ``spec.input`` rounding, ``b`` 2-D; a Gram product reads ``b``'s alone. A
+    scan may bound the values more loosely (the scan of the values an operand is made of:
+    :meth:`~fixedsim.matmul.core._Bits.union`); the bits are the same, only the row that
+    computes them may differ."""
     spec, keys, rb, cnt = _setup("matmul", spec, seed, stats)
     gram = spec.input is None and _is_gram(a, b)
     if gram:  # a is b.T (x.T @ x): b alone is converted and scanned, a stays a view of it
@@ -128,7 +131,7 @@ def _matmul(a, b, spec, c=None, *, seed=None, stats=False, path=None, scans=(Non
     cnt.macs = int(np.prod(batch, dtype=np.int64)) * M * N * K
     if b.ndim == 2:  # one 2-D product: the batch of a stacked into rows
         R = int(np.prod(batch, dtype=np.int64)) * M
-        ba, bb = scans if spec.input is None and not gram else (None, None)
+        ba, bb = scans if spec.input is None else (None, None)
         res = _product(None if gram else aq.reshape(R, K), bq, spec, keys, rb, cnt, path=path,
                        C=None if C is None else C.reshape(R, N), ba=ba, bb=bb, gram=gram)
         out = res.reshape(*batch, M, N)

@@ -57,6 +57,16 @@ class _Bits:
             return cls(nonfinite == 0, 0, 0, -1075, 0)
         return cls(nonfinite == 0, int(sig), int(lsb), int(top), int(top - lsb))
 
+    def union(self, other: _Bits) -> _Bits:
+        """A scan that bounds the values of both scanned arrays: of an array made of their
+        values (an im2col matrix of an image with a column of ones appended)."""
+        finite = self.finite and other.finite
+        if other.top == -1075 or self.top == -1075:  # no finite nonzero value in one
+            kept = self if other.top == -1075 else other
+            return dataclasses.replace(kept, finite=finite)
+        lsb, top = min(self.lsb, other.lsb), max(self.top, other.top)
+        return _Bits(finite, max(self.sig, other.sig), lsb, top, top - lsb)
+
 
 def _stage_params(fmt, rounding, overflow, rbits, key):
     P, U, D = _kernel_params(fmt, rounding, overflow, rbits)
