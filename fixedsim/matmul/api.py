@@ -316,10 +316,17 @@ def _cols_dtype(spec, bits: _Bits) -> type:
     return np.float32 if chain32 and _f32_exact(bits) else np.float64
 
 
-def _im2col(x, kh, kw, stride, padding, Ho, Wo, memo=False, dtype=np.float64):
+def _im2col(x, kh, kw, stride, padding, Ho, Wo, memo=False, dtype=np.float64, ones=False):
     """The im2col matrix of ``x`` (``dtype``: float64, or float32 for float32 values); with
     ``memo`` from the active :func:`reuse_im2col` memo when it holds the one of these bits,
-    geometry and dtype."""
+    geometry and dtype; with ``ones`` (no memo), followed by a column of ones (a bias's
+    input, as K-FAC's rows have it), written in the same pass."""
+    if ones:
+        N, C = x.shape[:2]
+        cols = np.empty((N * Ho * Wo, C * kh * kw + 1), dtype)
+        cols[:, -1] = 1.0
+        _conv.im2col(np.ascontiguousarray(x, dtype), kh, kw, *stride, *padding, cols)
+        return cols
     book = _COLS_MEMO.get() if memo else None
     key = (x.shape, x.dtype.str, kh, kw, tuple(stride), tuple(padding), np.dtype(dtype).str)
     if book is not None:

@@ -19,9 +19,15 @@ A call runs in four steps, as :func:`fixedsim.matmul` does:
    products) that the exact-accumulation rows use instead of ``A``; an ``mm`` with a
    ``reset()`` method is reset when a row that used it declines at run time. Then
    ``fixedsim.counters._publish(c)``.
+
+``matmul(a, b, spec, c=None, *, seed=None, stats=False, scans=(ba, bb))`` is
+:func:`fixedsim.matmul` with the scans of the operands' values where the caller holds them
+(bounds; ``None`` each where not): K-FAC's factor products, whose rows are an im2col matrix
+of an input it has scanned.
 """
 
 from .api import _im2col as im2col
+from .api import _matmul as matmul
 from .api import _product as product
 from .core import _Bits as Bits
 from .core import _check_finite_for_fixed as check_finite_for_fixed
@@ -30,4 +36,4 @@ from .core import _quantize_input as quantize_operand
 from .core import _setup as setup
 
 __all__ = ["Bits", "setup", "check_operands", "check_finite_for_fixed", "quantize_operand",
-           "product", "im2col"]
+           "product", "im2col", "matmul"]

@@ -63,9 +63,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ..matmul.api import _matmul
-from ..matmul.core import _Bits
+from ..matmul.engine import Bits as _Bits
 from ..matmul.engine import im2col as _im2col
+from ..matmul.engine import matmul as _matmul
 from .core import Context, Module
 from .layers import BatchNorm2d, Conv2d, Linear, Sequential, _pair
 from .optim import COUNTER_KEY, SGD, _number
@@ -319,12 +319,13 @@ class KFAC(SGD):
                                                                        "padding", 0)
             kh, kw = layer.kernel_size
             Ho, Wo = err.shape[2], err.shape[3]
-            a = _im2col(np.ascontiguousarray(xq), kh, kw, (sh, sw), (ph, pw), Ho, Wo)
+            a = _im2col(np.ascontiguousarray(xq), kh, kw, (sh, sw), (ph, pw), Ho, Wo,
+                        ones=layer.bias is not None)  # the bias column in the same pass
             e = err.transpose(0, 2, 3, 1).reshape(-1, err.shape[1])
         else:
             a, e = xq, err
-        if layer.bias is not None:
-            a = np.concatenate([a, np.ones((a.shape[0], 1), a.dtype)], axis=1)
+            if layer.bias is not None:
+                a = np.concatenate([a, np.ones((a.shape[0], 1), a.dtype)], axis=1)
         return np.ascontiguousarray(a), np.ascontiguousarray(e), N
 
     @staticmethod
