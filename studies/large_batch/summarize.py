@@ -1,5 +1,5 @@
 """Summary of the large-batch study: one row per setting (batch, optimizer, smoothing, mixup,
-curvature or all-reduce format), mean and spread over its replicates.
+random erasing, curvature or all-reduce format), mean and spread over its replicates.
 
     python studies/large_batch/summarize.py [RESULTS_DIR]
 
@@ -55,6 +55,8 @@ def _setting(study, r):
         bits.append(f"smoothing {tr['smoothing_sigma']}")
     if float(tr.get("mixup") or 0):
         bits.append(f"mixup {tr['mixup']}")
+    if float(tr.get("random_erasing") or 0):
+        bits.append(f"random erasing {tr['random_erasing']}")
     cur = cfg.get("policy", {}).get("curvature")
     if cur:
         bits.append(f"curvature {cur['format']}")
