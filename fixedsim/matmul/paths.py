@@ -105,9 +105,10 @@ class Product:
     gram : bool
         ``A`` is ``B`` transposed (the Gram product ``B.T @ B`` of ``x.T @ x``, given as
         ``A=None``): ``A`` and ``A32`` are built from ``B`` only where a row reads them,
-        ``a_rows`` and ``a_norms`` read ``B``'s columns, and ``ba`` is ``bb`` (one scan).
-        The ``exact_filtered`` and ``exact_blas`` rows sum ``B.T @ B`` from ``B`` alone
-        (:func:`fixedsim.matmul.filtered._gram_chunked`, ``_gram_mm``).
+        ``a_rows`` reads ``B``'s columns, and ``ba`` is ``bb`` (one scan). The
+        ``exact_filtered`` and ``exact_blas`` rows sum ``B.T @ B`` from ``B`` alone
+        (:func:`fixedsim.matmul.filtered._gram_chunked`, ``_gram_mm``); the former takes
+        its norms from the sum's diagonal.
     """
 
     def __init__(self, A, B, spec, keys, rb, c, mm=None, ba=None, C=None, bb=None,
@@ -119,7 +120,6 @@ class Product:
             ba = bb if ba is None else ba
             A = ((B.shape[1], B.shape[0]), lambda: contiguous(self.B.T, np.float64))
             a_rows = a_rows or (lambda rows: np.ascontiguousarray(self.B[:, rows].T))
-            a_norms = a_norms or (lambda: _column_norms(self.B))
         if isinstance(A, tuple):  # ((R, K), make): A is built only if a row reads it
             (self.R, self.K), self._make = A
             self._A = None
@@ -173,9 +173,10 @@ class Product:
 
     @property
     def lazy(self) -> bool:
-        """Is ``A`` still unbuilt, with :meth:`rows_of_A` and ``a_norms`` able to work
-        without building it?"""
-        return self._A is None and self._a_rows is not None and self._a_norms is not None
+        """Is ``A`` still unbuilt, with :meth:`rows_of_A` and ``a_norms`` (a Gram product:
+        the ``exact_filtered`` row's diagonal) able to work without building it?"""
+        return (self._A is None and self._a_rows is not None
+                and (self._a_norms is not None or self.gram))
 
     def rows_of_A(self, rows) -> np.ndarray:
         """``A[rows]`` as float64, C-contiguous (without building ``A`` when :attr:`lazy`)."""
@@ -190,12 +191,6 @@ class Product:
     def count(self, name, n=1):
         """Add ``n`` to ``c.paths[name]``."""
         self.c.paths[name] = self.c.paths.get(name, 0) + n
-
-
-def _column_norms(B) -> np.ndarray:
-    """The Euclidean norms of the columns of ``B`` (float64, ``(K, N)``): each a float64 sum
-    of its squares, then one square root (the rows of a Gram product's ``A = B.T``)."""
-    return np.sqrt(np.einsum("kj,kj->j", B, B))
 
 
 def _f32_operand(x) -> np.ndarray:
