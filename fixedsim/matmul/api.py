@@ -321,20 +321,16 @@ def _im2col(x, kh, kw, stride, padding, Ho, Wo, memo=False, dtype=np.float64, on
     ``memo`` from the active :func:`reuse_im2col` memo when it holds the one of these bits,
     geometry and dtype; with ``ones`` (no memo), followed by a column of ones (a bias's
     input, as K-FAC's rows have it), written in the same pass."""
-    if ones:
-        N, C = x.shape[:2]
-        cols = np.empty((N * Ho * Wo, C * kh * kw + 1), dtype)
-        cols[:, -1] = 1.0
-        _conv.im2col(np.ascontiguousarray(x, dtype), kh, kw, *stride, *padding, cols)
-        return cols
-    book = _COLS_MEMO.get() if memo else None
+    book = _COLS_MEMO.get() if memo and not ones else None
     key = (x.shape, x.dtype.str, kh, kw, tuple(stride), tuple(padding), np.dtype(dtype).str)
     if book is not None:
         kept = book.get(key)
         if kept is not None and _same_bits(kept[0], x):
             return kept[1]
     N, C = x.shape[:2]
-    cols = np.empty((N * Ho * Wo, C * kh * kw), dtype)
+    cols = np.empty((N * Ho * Wo, C * kh * kw + int(ones)), dtype)
+    if ones:  # the kernel writes the first C kh kw columns of each row
+        cols[:, -1] = 1.0
     _conv.im2col(np.ascontiguousarray(x, dtype), kh, kw, *stride, *padding, cols)
     if book is not None:
         book[key] = (np.array(x, copy=True), cols)

@@ -256,20 +256,19 @@ def run(p):
                          not read and spec.output_rounding in _NEAREST, read)
         if gram:  # A's row norms are B's column norms: sums of squares, S's diagonal
             na = nb = np.sqrt(np.diagonal(S).copy())
+            tot, out, fail, counts, marks = _filter(S, None, None, cf, pi, pd, f, na, nb,
+                                                    _gk.GIVEN_A | _gk.GIVEN_B)
         else:
             na = p._a_norms() if lazy else np.empty(R)
             nb = np.empty(N)
-        if gram:
-            tot, out, fail, counts, marks = _filter(S, None, None, cf, pi, pd, f, na, nb,
-                                                    _gk.GIVEN_A | _gk.GIVEN_B)
-        elif flip:  # the transposed problem S.T = B.T A.T: its rows are the N columns
-            if not lazy:
-                _gk.row_norms(A, na)
-            tot, out, fail, counts, marks = _filter(S, np.ascontiguousarray(B.T), None, cf, pi,
-                                                    pd, f, nb, na, _gk.GIVEN_B)
-        else:
-            tot, out, fail, counts, marks = _filter(S, None if lazy else A, B, cf, pi, pd, f,
-                                                    na, nb, _gk.GIVEN_A if lazy else 0)
+            if flip:  # the transposed problem S.T = B.T A.T: its rows are the N columns
+                if not lazy:
+                    _gk.row_norms(A, na)
+                tot, out, fail, counts, marks = _filter(S, np.ascontiguousarray(B.T), None, cf,
+                                                        pi, pd, f, nb, na, _gk.GIVEN_B)
+            else:
+                tot, out, fail, counts, marks = _filter(S, None if lazy else A, B, cf, pi, pd,
+                                                        f, na, nb, _gk.GIVEN_A if lazy else 0)
         marked = int(tot[_gk.C_MARKED])
         if marked and not (lazy or flip) and spec.output_rounding is not Rounding.DOWN:
             marked -= _gk.zero_sums(S, A, B, out, fail, counts, marks, _ZERO_MASKS)
@@ -373,6 +372,15 @@ def _gram_chunked(B):
     return np.ascontiguousarray(S), k_c + -(-K // k_c) + 1
 
 
+def _gathered(B, fj):
+    """``(ui, BT)``: the columns of ``B`` that ``fj`` names, each once and in ascending order,
+    as the rows of ``BT``, and each entry of ``fj``'s index among them."""
+    cols, ui = np.unique(fj, return_inverse=True)
+    BT = np.empty((cols.size, B.shape[0]))
+    _gk.gather_columns(B, cols, BT)
+    return ui.reshape(-1), BT
+
+
 #: :func:`fixedsim.jit.gemm_filtered.dot2_sparse_at` runs when at most this share of the
 #: listed rows' entries is nonzero (it reads ``B`` in place, one cache line per product).
 _SPARSE = 0.5
@@ -442,13 +450,11 @@ def _second_stage(A, B, S, p, fr, fj, out, cf, na, nb, strict):
     else:
         fr_full = fr
     hi, lo, T, exact = np.empty(n), np.empty(n), np.empty(n), np.empty(n, np.uint8)
-    BT = cols = None
+    BT = None
     if _sparse_rows(A, fr):  # most products zero: over the nonzero a_k alone, B in place
         _gk.dot2_sparse_at(A, B, fr, fj, hi, lo, T, exact)
     else:
-        cols, ui = np.unique(fj, return_inverse=True)
-        BT = np.empty((cols.size, K))
-        _gk.gather_columns(B, cols, BT)
+        ui, BT = _gathered(B, fj)
         _gk.dot2_at(A, BT, fr, ui, hi, lo, T, exact)
     zero = T == 0.0  # every product a signed zero: the sum is an exact zero
     if zero.any():
@@ -488,12 +494,9 @@ def _second_stage(A, B, S, p, fr, fj, out, cf, na, nb, strict):
     if left.any():  # the general kernel reads the gathered columns (gathered here if not yet)
         fjl = fj[left]
         if BT is None:
-            cols, ui = np.unique(fjl, return_inverse=True)
-            BT = np.empty((cols.size, K))
-            _gk.gather_columns(B, cols, BT)
-            uil = ui.reshape(-1)
+            uil, BT = _gathered(B, fjl)
         else:
-            uil = ui.reshape(-1)[left]
+            uil = ui[left]
         flags += _general_at(A, B, spec, p.ba, p.bb, p.keys, p.rb, fr[left], fjl, out, c, BT,
                              bt_cols=uil)[2]
         c.paths[NAME + "_general"] = c.paths.get(NAME + "_general", 0) + int(left.sum())

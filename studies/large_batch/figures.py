@@ -34,11 +34,13 @@ STYLE = {("sgd", False): ("tab:blue", "o", "-", "SGD"),
 
 
 def _base(name):
-    """``(optimizer, batchnorm)`` of a base setting's name, else None."""
-    parts = name.split(", ")[1:]
-    bn = "BatchNorm" in parts
-    rest = [p for p in parts[1:] if p != "BatchNorm" and p != "damping 0.3"]
-    return None if rest else (parts[0], bn)
+    """``(optimizer, batchnorm)`` of a base setting's name, else None (K-FAC at 8,192: the
+    setting with damping 0.3, the one that trains)."""
+    batch, opt, *parts = name.split(", ")
+    if opt == "kfac" and batch == "batch 8192" and "damping 0.3" not in parts:
+        return None
+    rest = [p for p in parts if p not in ("BatchNorm", "damping 0.3")]
+    return None if rest else (opt, "BatchNorm" in parts)
 
 
 def _groups(root):
@@ -56,8 +58,7 @@ def accuracy_vs_batch(groups, plt, path):
     for (opt, bn), (color, marker, ls, label) in STYLE.items():
         xs, means, gaps = [], [], []
         for (b, name), runs in sorted(groups.items()):
-            if _base(name) != (opt, bn) or (opt == "kfac" and b == 8192
-                                            and "damping 0.3" not in name):
+            if _base(name) != (opt, bn):
                 continue
             ok = [(r, h) for r, h, chance in runs if not chance]
             for r, _, chance in runs:
@@ -94,8 +95,7 @@ def test_acc_vs_epoch(groups, plt, path):
     for ax, b in zip(np.atleast_1d(axes), batches, strict=True):
         for (bb, name), runs in groups.items():
             base = _base(name)
-            if bb != b or base is None or base[1] or (base[0] == "kfac" and b == 8192
-                                                      and "damping 0.3" not in name):
+            if bb != b or base is None or base[1]:
                 continue
             color, _, _, label = STYLE[base]
             for i, (_, hist, _) in enumerate(runs):
