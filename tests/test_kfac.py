@@ -631,8 +631,15 @@ def test_workers_factors_are_the_ring_of_the_shard_factors(make, shape, workers,
                     np.stack([_gram_oracle(v[:, c]) for c in range(v.shape[1])]) / B)
     for k, arr in got.items():
         assert arr.dtype == np.float64
-        assert arr.tobytes() == _ring_sum64(parts[k]).tobytes(), k
-    sizes = [p.value.size for p in model.parameters()] + [a.size for a in got.values()]
+        n = arr.shape[-1]
+        rows, cols = np.triu_indices(n)  # only the upper triangles travel, row by row
+        upper = _ring_sum64([p[..., rows, cols] for p in parts[k]])
+        want = np.zeros(arr.shape)
+        want[..., rows, cols] = upper
+        want[..., cols, rows] = upper
+        assert arr.tobytes() == want.tobytes(), k
+    sizes = ([p.value.size for p in model.parameters()]
+             + [a.size // a.shape[-1] * (a.shape[-1] + 1) // 2 for a in got.values()])
     assert sent == sum(
         fs.nn.parallel.ring_allreduce([np.zeros(s)] * workers, None)[1].bytes_per_worker
         for s in sizes)
@@ -654,8 +661,8 @@ def test_workers_factors_are_the_ring_of_the_shard_factors(make, shape, workers,
 def test_workers_factors_in_bf16_enter_the_average_on_statistics_steps_only():
     """BF16 all-reduce: the reduced factors are BF16 values and are what the running average
     takes (stat_decay 0, FP32 curvature: they pass unchanged); the layer's "allreduce" role
-    counts 2 casts and 1 addition per factor element on statistics steps, and the bytes
-    include them then; on other steps only the gradients travel."""
+    counts 2 casts and 1 addition per element of a factor's upper triangle on statistics
+    steps, and the bytes include them then; on other steps only the gradients travel."""
     from fixedsim.nn.parallel import AllReduce, data_parallel_pass, ring_allreduce
 
     pol = Policy.float32()
@@ -665,9 +672,12 @@ def test_workers_factors_in_bf16_enter_the_average_on_statistics_steps_only():
     params = model.named_parameters()
     ar = AllReduce(fs.BF16)
 
-    def nbytes(arrays):
-        return sum(ring_allreduce([np.zeros(a.size)] * 2, fs.BF16)[1].bytes_per_worker
-                   for a in arrays)
+    def nbytes(arrays, triangles=False):
+        return sum(ring_allreduce([np.zeros(upper(a) if triangles else a.size)] * 2,
+                                  fs.BF16)[1].bytes_per_worker for a in arrays)
+
+    def upper(a):  # the elements of a factor's upper triangles
+        return a.size // a.shape[-1] * (a.shape[-1] + 1) // 2
 
     gathered = []
     for step in range(3):
@@ -685,12 +695,13 @@ def test_workers_factors_in_bf16_enter_the_average_on_statistics_steps_only():
                 assert ctx.counters[lname].roles["allreduce"].roundings == 3 * n
             opt.step(ctx)
             continue
-        assert sent == nbytes(grads) + nbytes(red.values())
+        assert sent == nbytes(grads) + nbytes(red.values(), triangles=True)
         for k, v in red.items():
             assert np.array_equal(np.asarray(fs.quantize(v, fs.BF16), np.float64), v), k
+            assert np.array_equal(v, np.swapaxes(v, -1, -2)), k
         for lname, layer in opt.layers.items():
             n = sum(p.value.size for p in layer.parameters())
-            n += red[f"A.{lname}"].size + red[f"G.{lname}"].size
+            n += upper(red[f"A.{lname}"]) + upper(red[f"G.{lname}"])
             assert ctx.counters[lname].roles["allreduce"].roundings == 3 * n
         opt.step(ctx)
         assert opt.reduced_factors is None
@@ -743,9 +754,10 @@ def test_workers_one_is_the_run_of_old_and_workers_two_resume_bit_for_bit(tmp_pa
     opt = KFAC(whole.model, lr=0.1)
     grads = sum(nbytes(p.value.size) for p in whole.model.parameters())
     factors = 0
-    for layer in opt.layers.values():
+    for layer in opt.layers.values():  # the upper triangles of A and G
         n_in = layer.weight.value.shape[0] + (layer.bias is not None)  # Linear: (in, out)
-        factors += nbytes(n_in * n_in) + nbytes(layer.weight.value.shape[1] ** 2)
+        n_out = layer.weight.value.shape[1]
+        factors += nbytes(n_in * (n_in + 1) // 2) + nbytes(n_out * (n_out + 1) // 2)
     for row in whole.history:
         assert row["allreduce.bytes_per_worker"] == 2 * grads + factors
 
@@ -764,8 +776,8 @@ def test_workers_with_empty_shards_and_batchnorm():
     """34 images in batches of 32 over 4 workers: the last batch of 2 leaves two workers
     without images, which send zero factors; BatchNorm's unit-wise Fisher travels too. Both
     steps gather statistics (stat_interval 1): 4 casts and 3 additions for each of the 250
-    parameters and 1,302 factor entries (conv 10^2 + 2^2, BatchNorm 2 x 2 x 2, Linear 33^2 +
-    6^2 and 7^2 + 4^2)."""
+    parameters and the 684 entries of the factors' upper triangles (n (n + 1) / 2 of an
+    n x n factor: conv 55 + 3, BatchNorm 2 x 3, Linear 561 + 21 and 28 + 10)."""
     short = fdata.synthetic(n_train=34, n_test=8, shape=(1, 8, 8), classes=4, seed=3)
     r = train(TrainConfig(model="cifarnet", model_options={"channels": [2], "hidden": 6},
                           epochs=1, batch_size=32, lr=0.05, seed=5, optimizer="kfac",
@@ -774,4 +786,4 @@ def test_workers_with_empty_shards_and_batchnorm():
     row = r.history[0]
     assert row["steps"] == 2 and np.isfinite(row["train_loss"]) and row["skipped_steps"] == 0
     assert sum(p.value.size for p in r.model.parameters()) == 250
-    assert row["allreduce.roundings"] == 2 * 7 * (250 + 1302)
+    assert row["allreduce.roundings"] == 2 * 7 * (250 + 684)

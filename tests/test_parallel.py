@@ -16,8 +16,10 @@ from fixedsim.nn.parallel import (
     AllReduce,
     WorkerContext,
     chunk_bounds,
+    from_upper_triangle,
     parse_allreduce,
     ring_allreduce,
+    upper_triangle,
 )
 from fixedsim.quantize import child_seed, random_key
 
@@ -240,3 +242,50 @@ def test_sums_float64_cannot_hold(rounding):
     want, flags = oracle(xs, fs.BF16, rounding, seed=9)
     assert_same_bits(got, want)
     assert {k: getattr(stats, k) for k in FLAGS} == flags
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 9), stack=st.sampled_from([(), (3,), (2, 2)]),
+       seed=st.integers(0, 2**32 - 1))
+def test_upper_triangle_packs_row_by_row_and_mirrors_back(n, stack, seed):
+    """upper_triangle lists m[i, j] for i <= j row by row (written out here as loops);
+    from_upper_triangle puts every value back in both of its places, so a symmetric matrix
+    comes back bit for bit."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(stack + (n, n))
+    sym = x + np.swapaxes(x, -1, -2)
+    t = upper_triangle(sym)
+    assert t.shape == stack + (n * (n + 1) // 2,)
+    for idx in np.ndindex(*stack):
+        want = [sym[idx][i, j] for i in range(n) for j in range(i, n)]
+        assert t[idx].tolist() == want
+    assert from_upper_triangle(t, n).tobytes() == sym.tobytes()
+    back = from_upper_triangle(upper_triangle(x), n)  # an asymmetric matrix: its upper half
+    assert np.array_equal(back, np.swapaxes(back, -1, -2))
+    assert np.array_equal(np.triu(back), np.triu(x))
+
+
+def test_upper_triangle_bad_shapes():
+    with pytest.raises(ValueError, match="square matrices on the last two axes"):
+        upper_triangle(np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="square matrices on the last two axes"):
+        upper_triangle(np.zeros(4))
+    with pytest.raises(ValueError, match=r"n \(n \+ 1\) / 2 = 6 values for n = 3"):
+        from_upper_triangle(np.zeros(5), 3)
+
+
+def test_whole_symmetric_matrices_lose_symmetry_in_a_rounded_ring():
+    """Why K-FAC's factors travel as triangles: the ring sums entries (i, j) and (j, i) in
+    different chunks, so in different orders, and in BF16 they round apart; the triangle's
+    ring, mirrored, is symmetric and rounds the same values of the upper half."""
+    rng = np.random.default_rng(0)
+    parts = []
+    for _ in range(4):
+        a = rng.standard_normal((64, 24))
+        parts.append(a.T @ a / 256)
+    whole = np.asarray(ring_allreduce(parts, fs.BF16)[0])
+    assert np.count_nonzero(whole != whole.T) > 0
+    tri, stats = ring_allreduce([upper_triangle(p) for p in parts], fs.BF16)
+    sym = from_upper_triangle(np.asarray(tri), 24)
+    assert np.array_equal(sym, sym.T)
+    assert stats.roundings == 7 * 300  # 4 casts and 3 additions of each of 24 * 25 / 2

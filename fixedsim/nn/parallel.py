@@ -49,6 +49,7 @@ from ..rounding import Overflow, Rounding
 from .core import Context, merge_counters
 
 __all__ = ["AllReduce", "AllReduceStats", "ring_allreduce", "parse_allreduce", "chunk_bounds",
+           "upper_triangle", "from_upper_triangle",
            "WorkerContext", "data_parallel_pass", "worker_pass"]
 
 
@@ -506,10 +507,12 @@ def data_parallel_pass(model, lossf, x, y, ctx: Context, workers: int,
         Kronecker factors right after its backward pass (:meth:`~fixedsim.nn.KFAC.
         batch_factors` with the global ``B``: each weighted by ``shard / B``, so that their
         sum is the global batch's factor), under a :class:`WorkerContext` of its own; the
-        factors are summed by the same ``allreduce`` (seeded by ``ctx.key("kfac.<factor>",
-        "allreduce")``, counted in the layer's ``"allreduce"`` role and in the bytes) and
-        set as the optimizer's :attr:`~fixedsim.nn.KFAC.reduced_factors`, which its next
-        step folds into the running averages. On other steps nothing is sent and
+        factors' upper triangles (:func:`upper_triangle`, as SP-NGD sends them) are summed
+        by the same ``allreduce`` (seeded by ``ctx.key("kfac.<factor>", "allreduce")``,
+        counted in the layer's ``"allreduce"`` role and in the bytes), mirrored into
+        symmetric matrices (:func:`from_upper_triangle`) and set as the optimizer's
+        :attr:`~fixedsim.nn.KFAC.reduced_factors`, which its next step folds into the
+        running averages. On other steps nothing is sent and
         ``reduced_factors`` is None.
 
     Returns
@@ -577,16 +580,48 @@ def _count(ctx: Context, layer: str, st: AllReduceStats) -> int:
     return st.bytes_per_worker
 
 
+def upper_triangle(m) -> np.ndarray:
+    """The upper triangles (diagonal included) of the square matrices on the last two axes of
+    ``m``, row by row: shape ``(..., n (n + 1) / 2)``, ``[m00, m01, .., m0n-1, m11, ..]``.
+
+    What a symmetric Kronecker factor sends in SP-NGD's all-reduce (docs/parallel.md): half
+    the elements, and a result symmetric by construction (:func:`from_upper_triangle`)."""
+    m = np.asarray(m)
+    if m.ndim < 2 or m.shape[-1] != m.shape[-2]:
+        raise ValueError(f"upper_triangle: square matrices on the last two axes are needed, "
+                         f"got shape {m.shape}")
+    rows, cols = np.triu_indices(m.shape[-1])
+    return m[..., rows, cols]
+
+
+def from_upper_triangle(t, n: int) -> np.ndarray:
+    """The symmetric ``n x n`` matrices whose upper triangles :func:`upper_triangle` packed
+    into the last axis of ``t``; each off-diagonal value is written to both of its places."""
+    t = np.asarray(t)
+    rows, cols = np.triu_indices(n)
+    if t.shape[-1:] != rows.shape:
+        raise ValueError(f"from_upper_triangle: the last axis must hold n (n + 1) / 2 = "
+                         f"{rows.size} values for n = {n}, got shape {t.shape}")
+    out = np.empty(t.shape[:-1] + (n, n), t.dtype)
+    out[..., rows, cols] = t
+    out[..., cols, rows] = t
+    return out
+
+
 def _reduce_factors(kfac, factors, ar: AllReduce, ctx: Context) -> int:
     """Sum the workers' K-FAC factors (``factors[w]``: :meth:`KFAC.batch_factors` of worker
     ``w``, None for an empty shard: zeros) by ``ar``, key by key in :meth:`batch_factors`'
-    order; set them as ``kfac.reduced_factors``; the bytes the busiest worker sent."""
+    order, each as its packed upper triangles (:func:`upper_triangle`; the factors are
+    symmetric, and SP-NGD sends only the triangle); set the symmetric results as
+    ``kfac.reduced_factors``; return the bytes the busiest worker sent."""
     some = next(f for f in factors if f is not None)
     reduced, sent = {}, 0
     for key, first in some.items():
-        parts = [np.zeros(first.shape) if f is None else f[key] for f in factors]
+        n = first.shape[-1]
+        parts = [np.zeros(first.shape[:-2] + (n * (n + 1) // 2,)) if f is None
+                 else upper_triangle(f[key]) for f in factors]
         out, st = ar.reduce(parts, seed=ctx.key(f"kfac.{key}", "allreduce"))
-        reduced[key] = np.asarray(out, np.float64)
+        reduced[key] = from_upper_triangle(np.asarray(out, np.float64), n)
         sent += _count(ctx, key.partition(".")[2], st)
     kfac.reduced_factors = reduced
     return sent
