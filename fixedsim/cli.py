@@ -447,7 +447,8 @@ _TRAIN_OPTIONS = ("data", "train_size", "test_size", "epochs", "batch_size", "op
                   "grad_approx_layers", "rescale", "damping", "stat_decay", "inv_interval",
                   "stat_interval", "refresh", "refresh_threshold", "damping_schedule",
                   "label_smoothing",
-                  "smoothing_sigma", "mixup", "random_erasing", "workers", "allreduce")
+                  "smoothing_sigma", "mixup", "random_erasing", "weight_norm_cap", "workers",
+                  "allreduce")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -588,6 +589,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random erasing: give each training image, with probability P, a "
                    "rectangle of random values (2%%-40%% of the image), seeded (default 0: "
                    "none; docs/kfac.md)")
+    t.add_argument("--weight-norm-cap", type=float, default=None, metavar="C",
+                   help="SP-NGD's weight-norm cap: after every update, scale each Linear and "
+                   "Conv2d weight whose norm exceeds sqrt(C * output units) back to it "
+                   "(SP-NGD: 2; default 0: none; docs/kfac.md)")
     t.add_argument("--count-steps", action="store_true",
                    help="count the per-step events of every product in counters.csv (an "
                         "accumulator's inexact, overflowing, subnormal steps); costs time")

@@ -35,6 +35,7 @@ from .kfac import KFAC, check_kfac_settings
 from .layers import Conv2d, Linear, SoftmaxCrossEntropy
 from .mixup import check_alpha, mix_batch
 from .models import MODELS, build
+from .normcap import cap_weight_norms, check_cap
 from .optim import SGD, Adam, parse_schedule, spans_run
 from .parallel import data_parallel_pass, parse_allreduce
 from .policy import Policy, _build, _check_keys
@@ -189,6 +190,12 @@ class TrainConfig:
         Random erasing's probability ``p`` in [0, 1] (0: off): each training image is, with
         probability ``p``, given a rectangle of random values (2% to 40% of the image,
         seeded; :func:`fixedsim.nn.erasing.erase_batch`), before mixup when both are on.
+    weight_norm_cap : float
+        SP-NGD's weight-norm cap's constant ``c`` (>= 0; 0: off; SP-NGD uses 2): after every
+        update, a Linear or Conv2d weight whose norm exceeds ``sqrt(c * out_units)`` is
+        scaled back to it and rounded into ``weights``
+        (:func:`fixedsim.nn.normcap.cap_weight_norms`); the history counts the scalings
+        (``weight_norm.capped``).
     """
 
     model: str = "lenet"
@@ -227,6 +234,7 @@ class TrainConfig:
     smoothing_sigma: float = 0.0
     mixup: float = 0.0
     random_erasing: float = 0.0
+    weight_norm_cap: float = 0.0
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -331,6 +339,7 @@ class TrainConfig:
             check_sigma(self.smoothing_sigma)
             check_alpha(self.mixup)
             check_probability(self.random_erasing)
+            check_cap(self.weight_norm_cap)
         except ValueError as err:
             raise ValueError(f"TrainConfig {err}") from None
         self.make_optimizer({"check": Parameter("check", np.zeros(1))})  # validates lr, ...
@@ -951,7 +960,7 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
             xtr_e, xte_e = xtr, xte
         order = np.random.default_rng(np.random.SeedSequence([config.seed, 1, epoch])) \
             .permutation(n)
-        tot_loss, correct, skipped, seen, sent_bytes = 0.0, 0, 0, 0, 0
+        tot_loss, correct, skipped, seen, sent_bytes, capped = 0.0, 0, 0, 0, 0, 0
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
                    disable=not progress, file=sys.stderr, leave=False, unit="batch")
         for i in range(steps_per_epoch):
@@ -997,6 +1006,7 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
                 if config.optimizer == "kfac":
                     opt.damping = damping_schedule(config.damping, at)
                 opt.step(ctx, grad_scale=scale)
+                capped += cap_weight_norms(model.layers, ctx, config.weight_norm_cap)
             else:
                 skipped += 1
             merge_counters(counters, ctx.counters)
@@ -1027,6 +1037,8 @@ def _train(config: TrainConfig, policy: Policy, out=None, *, resume: bool = Fals
         if rescale is not None:
             row["rescale.factor"] = rescale.factor if model is low_model else 1
         row.update(_totals(counters))
+        if config.weight_norm_cap:
+            row["weight_norm.capped"] = capped
         if parallel:
             row["allreduce.bytes_per_worker"] = sent_bytes
         history.append(row)
