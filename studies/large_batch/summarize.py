@@ -57,6 +57,8 @@ def _setting(study, r):
         bits.append(f"mixup {tr['mixup']}")
     if float(tr.get("random_erasing") or 0):
         bits.append(f"random erasing {tr['random_erasing']}")
+    if float(tr.get("weight_norm_cap") or 0):
+        bits.append(f"weight-norm cap {tr['weight_norm_cap']}")
     cur = cfg.get("policy", {}).get("curvature")
     if cur:
         bits.append(f"curvature {cur['format']}")
