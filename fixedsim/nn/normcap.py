@@ -64,7 +64,8 @@ def cap_weight_norms(layers, ctx: Context, c: float) -> int:
         The step's context: the ``weights`` role the scaled weight is rounded into, and its
         counters.
     c : float
-        The cap's constant (> 0; SP-NGD's 2): the norm is held to ``sqrt(c * out_units)``.
+        The cap's constant (>= 0; 0: no cap; SP-NGD's 2): the norm is held to
+        ``sqrt(c * out_units)``.
 
     Examples
     --------
