@@ -44,10 +44,9 @@ def check_cap(c) -> float:
 
 
 def weight_norm_limit(layer, c: float) -> float:
-    """``sqrt(c * out_units)`` of a Linear (``weight`` of shape ``(in, out)``) or Conv2d
-    (``(out, in, kh, kw)``) layer: the largest norm its weight keeps after an update."""
-    w = layer.weight.value
-    out = w.shape[1] if isinstance(layer, Linear) else w.shape[0]
+    """``sqrt(c * out_units)`` of a Linear (``out_features``) or Conv2d (``out_channels``)
+    layer: the largest norm its weight keeps after an update."""
+    out = layer.out_features if isinstance(layer, Linear) else layer.out_channels
     return math.sqrt(c * out)
 
 
