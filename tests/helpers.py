@@ -148,3 +148,27 @@ def block_oracle(x, fmt, rounding, seed=None, random_bits=None, axis=None):
             return int(random_u64_array(key, i, 1)[0] >> shift)
     return reference.block_quantize(x, fmt, rounding, draws=draws, random_bits=random_bits,
                                      axis=axis)
+
+
+def assert_train_setting_checked(tmp_path, key, good, bad, bad_cli, *args):
+    """``TrainConfig`` refuses each value of ``bad`` for ``key``, naming it; ``fixedsim train
+    --KEY good`` (``args`` added to a one-epoch run on 64 synthetic images) runs and records
+    ``good`` in its run.json; ``--KEY bad_cli`` exits with status 2. Returns the run folder."""
+    import json
+
+    import pytest
+
+    from fixedsim.cli import main
+    from fixedsim.nn.train import TrainConfig
+
+    for value in bad:
+        with pytest.raises(ValueError, match=f"TrainConfig {key} must be"):
+            TrainConfig(**{key: value})
+    option = "--" + key.replace("_", "-")
+    out = tmp_path / "run"
+    assert main(["train", *args, "--data", "synthetic", "--train-size", "64", "--test-size",
+                 "32", "--batch-size", "32", "--epochs", "1", option, str(good), "--quiet",
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "run.json").read_text())["config"][key] == good
+    assert main(["train", "--data", "synthetic", option, str(bad_cli), "--quiet"]) == 2
+    return out

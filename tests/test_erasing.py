@@ -2,15 +2,13 @@
 distribution) and random erasing in training (resumed bit for bit, with emulated workers and
 mixup, from the CLI)."""
 
-import json
 
 import numpy as np
 import pytest
-from helpers import same_weights, whole_and_resumed
+from helpers import assert_train_setting_checked, same_weights, whole_and_resumed
 from scipy import stats
 
 from fixedsim import data as fdata
-from fixedsim.cli import main
 from fixedsim.nn import Context, Policy
 from fixedsim.nn.erasing import AREA, ASPECT, erase_batch
 from fixedsim.nn.train import TrainConfig, train
@@ -127,12 +125,5 @@ def test_erasing_in_training_resumes_bit_for_bit_and_changes_the_run(tmp_path, e
 
 
 def test_erasing_setting_is_checked_and_reaches_the_cli(tmp_path):
-    for bad in (-0.1, 1.01, float("nan"), "0.2", True):
-        with pytest.raises(ValueError, match="TrainConfig random_erasing must be"):
-            TrainConfig(random_erasing=bad)
-    out = tmp_path / "run"
-    assert main(["train", "--data", "synthetic", "--train-size", "64", "--test-size", "32",
-                 "--batch-size", "32", "--epochs", "1", "--random-erasing", "0.5", "--quiet",
-                 "--out", str(out)]) == 0
-    assert json.loads((out / "run.json").read_text())["config"]["random_erasing"] == 0.5
-    assert main(["train", "--data", "synthetic", "--random-erasing", "2", "--quiet"]) == 2
+    assert_train_setting_checked(tmp_path, "random_erasing", 0.5,
+                                 (-0.1, 1.01, float("nan"), "0.2", True), 2)

@@ -1,15 +1,13 @@
 """Mixup: soft targets in the loss, the seeded mix of a batch, and mixup in training (resumed
 bit for bit, with emulated workers, from the CLI)."""
 
-import json
 
 import numpy as np
 import pytest
-from helpers import numeric_grad, same_weights, whole_and_resumed
+from helpers import assert_train_setting_checked, numeric_grad, same_weights, whole_and_resumed
 from scipy import stats
 
 from fixedsim import data as fdata
-from fixedsim.cli import main
 from fixedsim.nn import Context, Policy, SoftmaxCrossEntropy
 from fixedsim.nn.mixup import mix_batch
 from fixedsim.nn.train import TrainConfig, train
@@ -147,12 +145,5 @@ def test_mixup_in_training_resumes_bit_for_bit_and_changes_the_run(tmp_path, ext
 
 
 def test_mixup_setting_is_checked_and_reaches_the_cli(tmp_path):
-    for bad in (-0.1, float("nan"), "0.2", True):
-        with pytest.raises(ValueError, match="TrainConfig mixup must be"):
-            TrainConfig(mixup=bad)
-    out = tmp_path / "run"
-    assert main(["train", "--model", "mlp", "--model-options", '{"hidden": [8]}', "--data",
-                 "synthetic", "--train-size", "64", "--test-size", "32", "--batch-size", "32",
-                 "--epochs", "1", "--mixup", "0.3", "--quiet", "--out", str(out)]) == 0
-    assert json.loads((out / "run.json").read_text())["config"]["mixup"] == 0.3
-    assert main(["train", "--data", "synthetic", "--mixup", "-1", "--quiet"]) == 2
+    assert_train_setting_checked(tmp_path, "mixup", 0.3, (-0.1, float("nan"), "0.2", True), -1,
+                                 "--model", "mlp", "--model-options", '{"hidden": [8]}')

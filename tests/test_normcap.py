@@ -1,19 +1,17 @@
 """SP-NGD's weight-norm cap: the scaling against an exact oracle, what it leaves alone, and the
 cap in training (resumed bit for bit, binding or not, from the CLI)."""
 
-import json
 import math
 from fractions import Fraction
 
 import numpy as np
 import pytest
-from helpers import same_weights, whole_and_resumed
+from helpers import assert_train_setting_checked, same_weights, whole_and_resumed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fixedsim as fs
 from fixedsim import data as fdata
-from fixedsim.cli import main
 from fixedsim.nn import Context, Policy
 from fixedsim.nn.normcap import EPS, cap_weight_norms, weight_norm_limit
 from fixedsim.nn.train import TrainConfig, train
@@ -130,13 +128,6 @@ def test_cap_in_training_resumes_bit_for_bit(tmp_path, extra):
 
 
 def test_cap_setting_is_checked_and_reaches_the_cli(tmp_path):
-    for bad in (-0.1, float("nan"), float("inf"), "2", True):
-        with pytest.raises(ValueError, match="TrainConfig weight_norm_cap must be"):
-            TrainConfig(weight_norm_cap=bad)
-    out = tmp_path / "run"
-    assert main(["train", "--data", "synthetic", "--train-size", "64", "--test-size", "32",
-                 "--batch-size", "32", "--epochs", "1", "--weight-norm-cap", "2", "--quiet",
-                 "--out", str(out)]) == 0
-    assert json.loads((out / "run.json").read_text())["config"]["weight_norm_cap"] == 2.0
+    out = assert_train_setting_checked(
+        tmp_path, "weight_norm_cap", 2.0, (-0.1, float("nan"), float("inf"), "2", True), -1)
     assert "weight_norm.capped" in (out / "history.csv").read_text()
-    assert main(["train", "--data", "synthetic", "--weight-norm-cap", "-1", "--quiet"]) == 2
