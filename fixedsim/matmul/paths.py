@@ -105,7 +105,7 @@ class Product:
     gram : bool
         ``A`` is ``B`` transposed (the Gram product ``B.T @ B`` of ``x.T @ x``, given as
         ``A=None``): ``A`` and ``A32`` are built from ``B`` only where a row reads them,
-        ``a_rows`` reads ``B``'s columns, and ``ba`` is ``bb`` (one scan). The
+        :meth:`rows_of_A` reads ``B``'s columns, and ``ba`` is ``bb`` (one scan). The
         ``exact_filtered`` and ``exact_blas`` rows sum ``B.T @ B`` from ``B`` alone
         (:func:`fixedsim.matmul.filtered._gram_chunked`, ``_gram_mm``); the former takes
         its norms from the sum's diagonal.
@@ -118,8 +118,10 @@ class Product:
         if self.gram:  # A = B.T, built (C-contiguous, float64) only if a row reads it
             bb = _Bits.of(B) if bb is None else bb
             ba = bb if ba is None else ba
-            A = ((B.shape[1], B.shape[0]), lambda: contiguous(self.B.T, np.float64))
-            a_rows = a_rows or (lambda rows: np.ascontiguousarray(self.B[:, rows].T))
+            # built by :attr:`A` and :meth:`rows_of_A` from ``self.B``: a closure over
+            # ``self`` stored on ``self`` would be a reference cycle, which keeps the
+            # operands alive until the cyclic collector runs (gigabytes at a large batch)
+            A = ((B.shape[1], B.shape[0]), None)
         if isinstance(A, tuple):  # ((R, K), make): A is built only if a row reads it
             (self.R, self.K), self._make = A
             self._A = None
@@ -146,7 +148,7 @@ class Product:
         """The first operand, shape (R, K), quantized to ``spec.input``, float64 (built or
         widened on first use)."""
         if self._A is None:
-            self._A = self._make()
+            self._A = contiguous(self.B.T, np.float64) if self.gram else self._make()
         return self._A
 
     @property
@@ -175,13 +177,16 @@ class Product:
     def lazy(self) -> bool:
         """Is ``A`` still unbuilt, with :meth:`rows_of_A` and ``a_norms`` (a Gram product:
         the ``exact_filtered`` row's diagonal) able to work without building it?"""
-        return (self._A is None and self._a_rows is not None
-                and (self._a_norms is not None or self.gram))
+        return self._A is None and (self.gram or (self._a_rows is not None
+                                                  and self._a_norms is not None))
 
     def rows_of_A(self, rows) -> np.ndarray:
         """``A[rows]`` as float64, C-contiguous (without building ``A`` when :attr:`lazy`)."""
         if self.lazy:
-            return self._a_rows(np.asarray(rows, np.int64))
+            rows = np.asarray(rows, np.int64)
+            if self.gram and self._a_rows is None:  # A = B.T: B's columns
+                return np.ascontiguousarray(self.B[:, rows].T)
+            return self._a_rows(rows)
         return np.ascontiguousarray(self.A[rows], np.float64)
 
     @property
