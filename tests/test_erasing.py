@@ -2,7 +2,6 @@
 distribution) and random erasing in training (resumed bit for bit, with emulated workers and
 mixup, from the CLI)."""
 
-
 import numpy as np
 import pytest
 from helpers import assert_train_setting_checked, same_weights, whole_and_resumed

@@ -1,7 +1,6 @@
 """Mixup: soft targets in the loss, the seeded mix of a batch, and mixup in training (resumed
 bit for bit, with emulated workers, from the CLI)."""
 
-
 import numpy as np
 import pytest
 from helpers import assert_train_setting_checked, numeric_grad, same_weights, whole_and_resumed
